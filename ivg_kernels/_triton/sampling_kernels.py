@@ -1,0 +1,491 @@
+"""Fused guided sampling in Triton: combine 1+G logit rows, warp, draw, one pass.
+
+Memory traffic per call: each input row ``[:V]`` is read once by stage 1
+(``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / BLOCK * (1+G+C))``
+words of partials and stage 2 reads them back. Only a row whose top-p/top-k/min-p
+kept set is not proven to lie in the candidate lists reads its inputs again
+(the exact fallback: bisection passes over the row).
+
+Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices per row, so N=1 still
+fills the GPU): per slice, each input's max and sum-exp, the combined score
+``x = (x_0 + sum w_i x_i) / T``, its max and sum-exp, the Gumbel-max winner over
+the slice, and (when filters may be active) the slice's top-C of ``x`` packed
+with the token id in an int64 key.
+
+Stage 2, grid ``N``: merges the partials, finds the thresholds by bisection on
+the float's ordered integer key over the candidates, proves the kept set lies in
+the candidates (every threshold above every slice's C-th value) or falls back
+to exact full-row passes, then draws and gathers the per-input values at the
+token. The maths is ivg_kernels/reference/sampling.py; the random stream is
+ivg_kernels/reference/philox.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_MIN = tl.constexpr(-2147483648)
+INT32_MAX = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _float_key(x):
+    """float32 -> int32 whose signed order is the float order."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_float(k):
+    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 values (see reference/philox.py)."""
+    for _ in tl.static_range(10):
+        hi_b = tl.umulhi(c2, 0xCD9E8D57)
+        lo_b = c2 * 0xCD9E8D57
+        hi_a = tl.umulhi(c0, 0xD2511F53)
+        lo_a = c0 * 0xD2511F53
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _gumbel_from_word(w):
+    u = ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # (2 * (w >> 9) + 1) * 2**-24
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _gumbel_tile(seed, offset, start, BLOCK: tl.constexpr):
+    """Gumbel noise for tokens start .. start+BLOCK-1 (start a multiple of 4): one Philox call per 4 tokens."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    q = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    zero = q * 0
+    w0, w1, w2, w3 = _philox4x32(q, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK])  # token 4i+j takes word j
+    return _gumbel_from_word(w)
+
+
+@triton.jit
+def _gumbel_at(seed, offset, idx):
+    """Gumbel noise at arbitrary token ids ``idx`` (int64, >= 0)."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    q = (idx >> 2).to(tl.uint32)
+    zero = q * 0
+    w0, w1, w2, w3 = _philox4x32(q, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    lane = idx & 3
+    w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    return _gumbel_from_word(w)
+
+
+@triton.jit
+def _row_param(ptr, value, row, IS_TENSOR: tl.constexpr, DT: tl.constexpr):
+    if IS_TENSOR:
+        return tl.load(ptr + row).to(DT)
+    else:
+        return tl.cast(value, DT)
+
+
+@triton.jit
+def _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN: tl.constexpr, W_TENSOR: tl.constexpr):
+    """z = x_0 + sum_i w_i x_i at ``cols`` of ``row`` in float32 (masked lanes are 0)."""
+    z = tl.load(inputs[0] + row * strides[0] + cols, mask=mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(1, NIN):
+        v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
+        if W_TENSOR:
+            w = tl.load(w_ptr + row * w_stride + (i - 1))
+        else:
+            w = w_vals[i - 1]
+        z = z + w * v
+    return z
+
+
+@triton.jit
+def _stage1_kernel(
+    inputs, strides, w_vals, w_ptr, w_stride,
+    t_ptr, t_val, seed_ptr, seed_val, off_ptr, off_val,
+    part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+    V, S,
+    NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
+    SEED_TENSOR: tl.constexpr, OFF_TENSOR: tl.constexpr,
+    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One slice of one row: per-input stats, combined stats, Gumbel winner, top-C candidates."""
+    pid = tl.program_id(0)
+    row = pid // S
+    sl = pid % S
+    start = sl * BLOCK
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < V
+    part = row.to(tl.int64) * S + sl
+    NEG_INF: tl.constexpr = float("-inf")
+    POS_INF: tl.constexpr = float("inf")
+
+    nbad = 0
+    for i in tl.static_range(NIN):
+        v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
+        nbad += tl.sum(((v != v) | (v == POS_INF)) & mask, 0)
+        vm = tl.where(mask, v, NEG_INF)
+        m = tl.max(vm, 0)
+        m_safe = tl.where(m == NEG_INF, 0.0, m)
+        tl.store(part_m + part * (NIN + 1) + i, m)
+        tl.store(part_s + part * (NIN + 1) + i, tl.sum(tl.exp(vm - m_safe), 0))
+    z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN, W_TENSOR)
+
+    t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
+    sampling = t > 0
+    x = z / tl.where(sampling, t, 1.0)
+    nbad += tl.sum(((x != x) | (x == POS_INF)) & mask, 0)
+    x = tl.where(mask, x, NEG_INF)
+    mx = tl.max(x, 0)
+    mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
+    tl.store(part_m + part * (NIN + 1) + NIN, mx)
+    tl.store(part_s + part * (NIN + 1) + NIN, tl.sum(tl.exp(x - mx_safe), 0))
+    tl.store(part_bad + part, nbad)
+
+    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
+    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
+    g = _gumbel_tile(seed, offset, start, BLOCK)
+    y = tl.where(sampling, x + g, x)
+    best = tl.max(y, 0)
+    bidx = tl.min(tl.where((y == best) & mask, cols, INT32_MAX), 0)
+    tl.store(part_best + part, best)
+    tl.store(part_bidx + part, bidx)
+
+    if FILTER:
+        key = (_float_key(x).to(tl.int64) << 32) | ((0 - cols) + INT32_MAX).to(tl.int64)  # ties: lower id first
+        top = tl.topk(key, C)  # [C], descending
+        tl.store(part_cand + part * C + tl.arange(0, C), top)
+        n_valid = tl.minimum(V - start, BLOCK)
+        smallest = tl.min(top, 0)
+        cut = tl.where(n_valid > C, (smallest >> 32).to(tl.int32), INT32_MIN)
+        tl.store(part_cut + part, cut)
+
+
+@triton.jit
+def _merged_lse(part_m, part_s, base, s, smask, j, NIN: tl.constexpr):
+    """(max, sum of exp(v - max), logsumexp) of stat column j, merged over a row's slices."""
+    m = tl.load(part_m + (base + s) * (NIN + 1) + j, mask=smask, other=float("-inf"))
+    sm = tl.load(part_s + (base + s) * (NIN + 1) + j, mask=smask, other=0.0)
+    mmax = tl.max(m, 0)
+    m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    tot = tl.sum(sm * tl.exp(m - m_safe), 0)
+    return mmax, tot, m_safe + tl.log(tot)
+
+
+@triton.jit
+def _bisect_count(keys, valid, target):
+    """Largest int32 key t with count(valid & keys >= t) >= target."""
+    lo = tl.full([], INT32_MIN, tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        hit = tl.sum((valid & (keys >= mid)).to(tl.int32), 0) >= target
+        lo = tl.where(hit, mid, lo)
+        hi = tl.where(hit, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _bisect_mass(keys, mass, target):
+    """Largest int32 key t with sum(mass[keys >= t]) >= target (mass is 0 where invalid)."""
+    lo = tl.full([], INT32_MIN, tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        hit = tl.sum(tl.where(keys >= mid, mass, 0.0), 0) >= target
+        lo = tl.where(hit, mid, lo)
+        hi = tl.where(hit, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+            NIN: tl.constexpr, W_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    cols = v0 + tl.arange(0, BLOCK)
+    mask = cols < V
+    z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN, W_TENSOR)
+    return cols, mask, tl.where(mask, z / t, float("-inf"))
+
+
+@triton.jit
+def _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, target,
+                    NIN: tl.constexpr, W_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Exact top-k threshold key by bisection, one full pass over the row per step."""
+    lo = tl.full([], INT32_MIN, tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        cnt = 0
+        for v0 in range(0, V, BLOCK):
+            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
+            cnt += tl.sum((mask & (_float_key(x) >= mid)).to(tl.int32), 0)
+        hit = cnt >= target
+        lo = tl.where(hit, mid, lo)
+        hi = tl.where(hit, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_key, mx, target,
+                   NIN: tl.constexpr, W_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Exact top-p threshold key over tokens with key >= floor_key, one full pass per step."""
+    lo = tl.full([], INT32_MIN, tl.int64)
+    hi = tl.full([], INT32_MAX, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        acc = 0.0
+        for v0 in range(0, V, BLOCK):
+            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
+            key = _float_key(x)
+            acc += tl.sum(tl.where((key >= mid) & (key >= floor_key), tl.exp(x - mx), 0.0), 0)
+        hit = acc >= target
+        lo = tl.where(hit, mid, lo)
+        hi = tl.where(hit, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _stage2_kernel(
+    inputs, strides, w_vals, w_ptr, w_stride,
+    t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, mp_ptr, mp_val, seed_ptr, seed_val, off_ptr, off_val,
+    part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+    out_tokens, out_logprob, out_lse, out_in_logprobs, out_in_logits, out_ok,
+    V, S,
+    NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr, K_TENSOR: tl.constexpr,
+    P_TENSOR: tl.constexpr, MP_TENSOR: tl.constexpr, SEED_TENSOR: tl.constexpr, OFF_TENSOR: tl.constexpr,
+    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """One row: merge the slices, apply the filters, draw, gather per-input values at the token."""
+    row = tl.program_id(0)
+    s = tl.arange(0, S_PAD)
+    smask = s < S
+    base = row.to(tl.int64) * S
+    NEG_INF: tl.constexpr = float("-inf")
+
+    mx, tot_x, lse_x = _merged_lse(part_m, part_s, base, s, smask, NIN, NIN)
+    bv = tl.load(part_best + base + s, mask=smask, other=NEG_INF)
+    bi = tl.load(part_bidx + base + s, mask=smask, other=INT32_MAX)
+    best = tl.max(bv, 0)
+    tok = tl.min(tl.where(bv == best, bi, INT32_MAX), 0).to(tl.int64)
+    nbad = tl.sum(tl.load(part_bad + base + s, mask=smask, other=0), 0)
+
+    t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
+    p = _row_param(p_ptr, p_val, row, P_TENSOR, tl.float32)
+    mp = _row_param(mp_ptr, mp_val, row, MP_TENSOR, tl.float32)
+    ok = (nbad == 0) & (t >= 0) & (p > 0) & (p <= 1) & (mp >= 0) & (mp <= 1) & (best > NEG_INF)
+    sampling = t > 0
+    lse_draw = lse_x
+
+    if FILTER:
+        k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
+        k_on = (k > 0) & (k < V)
+        p_on = p < 1
+        m_on = mp > 0
+        if ok & sampling & (k_on | p_on | m_on):
+            seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
+            offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
+            cs = tl.arange(0, S_PAD * C)
+            cmask = (cs // C) < S
+            cand = tl.load(part_cand + base * C + cs, mask=cmask, other=0)
+            ckey = (cand >> 32).to(tl.int32)
+            cidx = ((0 - cand.to(tl.int32)) + INT32_MAX).to(tl.int64)
+            cx = _key_float(ckey)
+            cut = tl.max(tl.load(part_cut + base + s, mask=smask, other=INT32_MIN), 0).to(tl.int64)
+
+            tau_k = tl.full([], INT32_MIN, tl.int64)
+            if k_on:
+                tau_k = _bisect_count(ckey, cmask, k)
+            e = tl.where(cmask & (ckey >= tau_k), tl.exp(cx - mx), 0.0)
+            total = tl.where(k_on, tl.sum(e, 0), tot_x)
+            tau_p = tl.full([], INT32_MIN, tl.int64)
+            if p_on:
+                tau_p = _bisect_mass(ckey, e, p * total)
+            tau_m = tl.full([], INT32_MIN, tl.int64)
+            if m_on:
+                tau_m = _float_key(mx + tl.log(mp)).to(tl.int64)
+            tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
+            valid_k = tl.where(k_on, tau_k > cut, True)
+            valid_p = tl.where(p_on, tau_p > cut, True)
+            exact = (cut == INT32_MIN) | (valid_k & valid_p & (tau > cut))
+            if exact:
+                kept = cmask & (ckey >= tau)
+                y = tl.where(kept, cx + _gumbel_at(seed, offset, cidx), NEG_INF)
+                yb = tl.max(y, 0)
+                tok = tl.min(tl.where(kept & (y == yb), cidx, INT32_MAX), 0)
+                xk = tl.where(kept, cx, NEG_INF)
+                lse_draw = mx + tl.log(tl.sum(tl.exp(xk - mx), 0))
+            else:
+                # Exact fallback: thresholds by bisection over full passes, then one drawing pass.
+                tau_k = tl.full([], INT32_MIN, tl.int64)
+                if k_on:
+                    tau_k = _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, k,
+                                            NIN, W_TENSOR, BLOCK)
+                tau_p = tl.full([], INT32_MIN, tl.int64)
+                if p_on:
+                    total = tot_x
+                    if k_on:
+                        total = 0.0
+                        for v0 in range(0, V, BLOCK):
+                            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                                    NIN, W_TENSOR, BLOCK)
+                            total += tl.sum(tl.where(_float_key(x) >= tau_k, tl.exp(x - mx), 0.0), 0)
+                    tau_p = _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
+                                           p * total, NIN, W_TENSOR, BLOCK)
+                tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
+                run_best = tl.full([], NEG_INF, tl.float32)
+                run_tok = tl.full([], INT32_MAX, tl.int64)
+                run_sum = 0.0
+                for v0 in range(0, V, BLOCK):
+                    cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                            NIN, W_TENSOR, BLOCK)
+                    kept = mask & (_float_key(x) >= tau)
+                    y = tl.where(kept, x + _gumbel_tile(seed, offset, v0, BLOCK), NEG_INF)
+                    yb = tl.max(y, 0)
+                    yi = tl.min(tl.where(kept & (y == yb), cols, INT32_MAX), 0).to(tl.int64)
+                    take = yb > run_best
+                    run_tok = tl.where(take, yi, run_tok)
+                    run_best = tl.where(take, yb, run_best)
+                    run_sum += tl.sum(tl.where(kept, tl.exp(x - mx), 0.0), 0)
+                tok = run_tok
+                lse_draw = mx + tl.log(run_sum)
+
+    tok_safe = tl.where(ok, tok, 0)
+    z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, tok_safe, True, NIN, W_TENSOR)
+    x_tok = z / tl.where(sampling, t, 1.0)
+    logprob = tl.where(sampling, x_tok - lse_draw, 0.0)
+    NAN: tl.constexpr = float("nan")
+    tl.store(out_tokens + row, tl.where(ok, tok, -1))
+    tl.store(out_logprob + row, tl.where(ok, logprob, NAN))
+    tl.store(out_ok + row, ok)
+    for i in tl.static_range(NIN):
+        mi, toti, lse_i = _merged_lse(part_m, part_s, base, s, smask, i, NIN)
+        v = tl.load(inputs[i] + row * strides[i] + tok_safe).to(tl.float32)
+        tl.store(out_lse + row * NIN + i, tl.where(ok, lse_i, NAN))
+        tl.store(out_in_logits + row * NIN + i, tl.where(ok, v, NAN))
+        tl.store(out_in_logprobs + row * NIN + i, tl.where(ok, v - lse_i, NAN))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher and torch.library registration
+# ----------------------------------------------------------------------------------------------
+MAX_CANDIDATES = 16
+_MIN_PROGRAMS = 264  # two waves of a 132-SM H100: keep N=1 from running on a few SMs
+
+
+def pick_block(n: int, v: int) -> int:
+    """Slice width: the widest that still gives enough programs to fill the GPU."""
+    for block in (4096, 2048, 1024):
+        if n * triton.cdiv(v, block) >= _MIN_PROGRAMS:
+            return block
+    return max(16, min(1024, triton.next_power_of_2(v)))
+
+
+def _param(t, scalar, dtype):
+    """(pointer tensor or None, scalar value, is_tensor) for a row parameter."""
+    if t is not None:
+        return t.to(dtype).contiguous(), 0, True
+    return None, scalar, False
+
+
+@torch.library.triton_op("ivg_kernels::guided_sample", mutates_args=())
+def guided_sample_op(
+    logits: torch.Tensor,
+    guides: list[torch.Tensor],
+    weight_scalars: list[float],
+    weight_rows: torch.Tensor | None,
+    temperature: torch.Tensor | None,
+    temperature_s: float,
+    top_k: torch.Tensor | None,
+    top_k_s: int,
+    top_p: torch.Tensor | None,
+    top_p_s: float,
+    min_p: torch.Tensor | None,
+    min_p_s: float,
+    seed: torch.Tensor | None,
+    seed_s: int,
+    offset: torch.Tensor | None,
+    offset_s: int,
+    vocab_size: int,
+    filters: bool,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused sampler as a torch op (composes with torch.compile and CUDA graphs).
+
+    Scalars are passed by value, tensors ``[N]`` by pointer; ``weight_rows`` is an optional
+    float32 ``[N, G]`` that replaces ``weight_scalars``.
+    """
+    from torch.library import wrap_triton
+
+    n, dev = logits.shape[0], logits.device
+    inputs = tuple([logits] + list(guides))
+    nin = len(inputs)
+    strides = tuple(x.stride(0) for x in inputs)
+    v = vocab_size
+    if block <= 0:
+        block = pick_block(n, v)
+    c = min(MAX_CANDIDATES, block)
+    s = triton.cdiv(v, block)
+    w_vals = tuple(list(weight_scalars) + [0.0] * (6 - len(weight_scalars)))
+    dummy = logits
+    w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
+    t_ptr, t_val, t_ten = _param(temperature, temperature_s, torch.float32)
+    k_ptr, k_val, k_ten = _param(top_k, top_k_s, torch.int64)
+    p_ptr, p_val, p_ten = _param(top_p, top_p_s, torch.float32)
+    m_ptr, m_val, m_ten = _param(min_p, min_p_s, torch.float32)
+    sd_ptr, sd_val, sd_ten = _param(seed, seed_s, torch.int64)
+    of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
+
+    f32 = torch.float32
+    part_m = torch.empty((n * s, nin + 1), dtype=f32, device=dev)
+    part_s = torch.empty((n * s, nin + 1), dtype=f32, device=dev)
+    part_best = torch.empty((n * s,), dtype=f32, device=dev)
+    part_bidx = torch.empty((n * s,), dtype=torch.int32, device=dev)
+    part_cand = torch.empty((n * s * c if filters else 1,), dtype=torch.int64, device=dev)
+    part_cut = torch.empty((n * s if filters else 1,), dtype=torch.int32, device=dev)
+    part_bad = torch.empty((n * s,), dtype=torch.int32, device=dev)
+    tokens = torch.empty((n,), dtype=torch.int64, device=dev)
+    logprob = torch.empty((n,), dtype=f32, device=dev)
+    lse = torch.empty((n, nin), dtype=f32, device=dev)
+    in_logprobs = torch.empty((n, nin), dtype=f32, device=dev)
+    in_logits = torch.empty((n, nin), dtype=f32, device=dev)
+    ok = torch.empty((n,), dtype=torch.bool, device=dev)
+    if n == 0:
+        return tokens, logprob, lse, in_logprobs, in_logits, ok
+
+    def ptr(x):
+        return dummy if x is None else x
+
+    wrap_triton(_stage1_kernel)[(n * s,)](
+        inputs, strides, w_vals, w_ptr, w_stride,
+        ptr(t_ptr), t_val, ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
+        part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+        v, s,
+        NIN=nin, W_TENSOR=weight_rows is not None, T_TENSOR=t_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
+        FILTER=filters, C=c, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )
+    wrap_triton(_stage2_kernel)[(n,)](
+        inputs, strides, w_vals, w_ptr, w_stride,
+        ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
+        ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
+        part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+        tokens, logprob, lse, in_logprobs, in_logits, ok,
+        v, s,
+        NIN=nin, W_TENSOR=weight_rows is not None, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
+        MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
+        FILTER=filters, C=c, BLOCK=block, S_PAD=triton.next_power_of_2(s), num_warps=4,
+    )
+    return tokens, logprob, lse, in_logprobs, in_logits, ok

@@ -1,0 +1,91 @@
+"""The random stream of every sampler in the library, written down in plain torch.
+
+Each draw is a pure function of ``(seed, offset, token_id)``; no generator state
+lives anywhere, so a CUDA graph can replay a step by changing the seed/offset
+tensors, and every backend draws the same token for the same key.
+
+The stream is Philox4x32-10 (Salmon et al., SC'11), the generator of cuRAND and
+of ``tl.randint``:
+
+* key     ``(k0, k1) = (seed mod 2**32, (seed >> 32) mod 2**32)``, ``seed`` an int64
+  read as its two's-complement uint64;
+* counter ``(c0, c1, c2, c3) = (token_id >> 2, offset mod 2**32,
+  (offset >> 32) mod 2**32, 0)``;
+* one Philox call gives four 32-bit words; token ``v`` takes word ``v & 3``, so four
+  neighbouring tokens share one call;
+* the word ``w`` becomes a uniform in the open interval (0, 1), exactly
+  representable in float32: ``u = (2 * (w >> 9) + 1) * 2**-24``;
+* the Gumbel noise is ``g = -log(-log(u))``, computed in float32.
+
+Torch has no uint32 arithmetic, so this reference works in int64 and splits the
+32x32-bit products into 16-bit halves to stay exact.
+"""
+from __future__ import annotations
+
+import torch
+
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product ``a * m``; ``a`` holds uint32 in int64."""
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    p_lo = a_lo * m  # < 2**48
+    p_hi = a_hi * m  # < 2**48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    lo = mid & _MASK32
+    hi = (p_hi >> 16) + (mid >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values (broadcasting)."""
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), float32, for every (row, token).
+
+    Parameters
+    ----------
+    seed, offset : int64 tensors of shape ``[N]``
+    token_ids : int64 tensor of shape ``[N, M]`` or ``[M]`` (token ids, >= 0)
+
+    Returns
+    -------
+    float32 tensor ``[N, M]``
+    """
+    seed = seed.to(torch.int64).reshape(-1, 1)
+    offset = offset.to(torch.int64).reshape(-1, 1)
+    token_ids = token_ids.to(torch.int64)
+    if token_ids.dim() == 1:
+        token_ids = token_ids.unsqueeze(0)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = token_ids >> 2
+    c1 = offset & _MASK32
+    c2 = (offset >> 32) & _MASK32
+    c3 = torch.zeros_like(c0)
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    words = philox4x32(c0, c1, c2, c3, k0, k1)
+    lane = token_ids & 3
+    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    return ((word >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
+
+
+def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``-log(-log(u))`` in float32, ``[N, M]``."""
+    u = philox_uniform(seed, offset, token_ids)
+    return -torch.log(-torch.log(u))

@@ -1,0 +1,104 @@
+"""Guided sampling in plain torch: the specification, the CPU path and the test oracle.
+
+For each row (``V`` columns, inputs ``x_0 = logits`` and guides ``x_i`` with weights ``w_i``):
+
+1. ``z = x_0[:V] + w_1 * x_1[:V] + ... + w_G * x_G[:V]`` in float32 (float64 for float64
+   logits), added in that order.
+2. Temperature ``T``: ``T == 0`` is greedy: the first index of ``max z``. Otherwise ``x = z / T``.
+3. Filters, each a threshold on ``x`` (a token is kept iff ``x >= tau``; ties are kept together):
+
+   * top-k (``0 < k < V``): ``tau_k`` = the k-th largest ``x``;
+   * top-p (``p < 1``): over the tokens kept by top-k, with masses ``exp(x - max x)``,
+     ``tau_p`` = the largest value ``s`` with ``mass(x >= s) >= p * mass(all kept)``, i.e. a
+     token is kept iff the tokens strictly more likely than it hold less than ``p``;
+   * min-p (``m > 0``): ``tau_m = max x + log(m)``;
+   * ``tau = max(tau_k, tau_p, tau_m)``.
+
+   This is Hugging Face's ``TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
+   MinPLogitsWarper`` chain, except that tokens tied at a threshold are always kept together.
+4. Draw: Gumbel-max, ``argmax over kept v of x[v] + g(seed, offset, v)`` (first index on ties),
+   with ``g`` from :mod:`ivg_kernels.reference.philox`.
+5. ``logprob = x[y] - logsumexp(x[kept])`` (0 for greedy rows).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._args import prepare_sample_args, row_tensor
+from .._types import SampleOutput
+from .philox import gumbel_noise
+
+
+def _kth_largest(x_sorted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    idx = (k.clamp(min=1, max=x_sorted.shape[1]) - 1).unsqueeze(1)
+    return x_sorted.gather(1, idx).squeeze(1)
+
+
+def guided_sample_ref(
+    logits, guides=(), *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed, offset, vocab_size=None
+) -> SampleOutput:
+    """Plain-torch :func:`ivg_kernels.guided_sample`; same arguments, same result."""
+    a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
+    return _guided_sample_ref(a)
+
+
+def _guided_sample_ref(a) -> SampleOutput:
+    n, v, dev = a.num_rows, a.vocab_size, a.logits.device
+    cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
+    inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
+    z = inputs[0]
+    for x_i, w in zip(inputs[1:], a.weights):
+        w = row_tensor(w, n, cdt, dev).unsqueeze(1)  # [N, 1]
+        z = z + w * x_i  # [N, V]
+
+    t = row_tensor(a.temperature, n, cdt, dev)
+    k = row_tensor(a.top_k, n, torch.int64, dev)
+    p = row_tensor(a.top_p, n, cdt, dev)
+    m = row_tensor(a.min_p, n, cdt, dev)
+    seed = row_tensor(a.seed, n, torch.int64, dev)
+    offset = row_tensor(a.offset, n, torch.int64, dev)
+
+    def bad_values(x):
+        return (torch.isnan(x) | (x == math.inf)).any(dim=1)
+
+    greedy = t == 0
+    x = z / torch.where(greedy, torch.ones_like(t), t).unsqueeze(1)  # [N, V]
+    ok = ~(bad_values(torch.stack(inputs, 0).transpose(0, 1).reshape(n, -1)) | bad_values(x))
+    ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
+    x_max = x.max(dim=1).values  # [N]
+    ok &= x_max > -math.inf
+
+    neg_inf = torch.full_like(x_max, -math.inf)
+    x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
+    k_on = (k > 0) & (k < v)
+    tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
+    mass = torch.exp(x_sorted - x_max.unsqueeze(1)) * (x_sorted >= tau_k.unsqueeze(1))  # [N, V]
+    cum = mass.cumsum(dim=1)
+    first = (cum >= (p * cum[:, -1]).unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching p
+    tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
+    tau_m = torch.where(m > 0, x_max + torch.log(m), neg_inf)
+    tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
+    tau = torch.where(greedy, neg_inf, tau)
+    kept = x >= tau.unsqueeze(1)  # [N, V]
+
+    g = gumbel_noise(seed, offset, torch.arange(v, device=dev)).to(cdt)  # [N, V]
+    score = torch.where(greedy.unsqueeze(1), x, torch.where(kept, x + g, -math.inf))
+    tokens = score.argmax(dim=1)  # first maximum
+    x_tok = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    lse_kept = torch.where(kept, x, -math.inf).logsumexp(dim=1)
+    logprob = torch.where(greedy, torch.zeros_like(x_tok), x_tok - lse_kept)
+
+    lse = torch.stack([x_i.logsumexp(dim=1) for x_i in inputs], dim=1)  # [N, 1+G]
+    input_logits = torch.stack([x_i.gather(1, tokens.unsqueeze(1)).squeeze(1) for x_i in inputs], dim=1)
+    input_logprobs = input_logits - lse
+
+    nan = torch.tensor(math.nan, dtype=cdt, device=dev)
+    tokens = torch.where(ok, tokens, -1)
+    logprob = torch.where(ok, logprob, nan)
+    okc = ok.unsqueeze(1)
+    return SampleOutput(
+        tokens, logprob, torch.where(okc, lse, nan), torch.where(okc, input_logprobs, nan),
+        torch.where(okc, input_logits, nan), ok,
+    )

@@ -1,0 +1,98 @@
+"""Fused guided sampling: combine the base logits with weighted guide logits, warp, draw.
+
+The public function dispatches to the plain-torch reference
+(:mod:`ivg_kernels.reference.sampling`, which defines the maths) or to the fused
+Triton kernel (:mod:`ivg_kernels._triton.sampling_kernels`, registered as the torch
+op ``torch.ops.ivg_kernels.guided_sample``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._args import SampleArgs, prepare_sample_args
+from ._backend import resolve_backend
+from ._types import SampleOutput
+from .reference.sampling import _guided_sample_ref
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def guided_sample(
+    logits,
+    guides=(),
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed,
+    offset,
+    vocab_size=None,
+    backend="auto",
+) -> SampleOutput:
+    """Draw one token per row from ``z = logits + sum_i w_i * guide_i``, warped.
+
+    Parameters
+    ----------
+    logits : float tensor ``[N, V_b]`` (float32, bfloat16, float16; float64 on the reference)
+        Base model logits at the last position.
+    guides : sequence of ``(tensor [N, V_i], weight)``, at most 6
+        Guide logits and their weights; a weight is a float or a float tensor ``[N]``.
+        An EFT guide pair with strength ``beta`` is ``[(tuned, beta), (ref, -beta)]``.
+    temperature : float or float tensor ``[N]``
+        ``0`` is greedy (ties to the lowest id).
+    top_k : int or int tensor ``[N]``
+        Keep the ``top_k`` highest scores (ties kept); ``0`` disables.
+    top_p : float or float tensor ``[N]``
+        Nucleus mass in ``(0, 1]``; ``1`` disables. Always exact.
+    min_p : float or float tensor ``[N]``
+        Keep tokens with probability ``>= min_p * max probability``; ``0`` disables.
+    seed, offset : int or int64 tensor ``[N]``
+        Key of the counter-based random stream; the same key draws the same token on
+        every backend. Advance ``offset`` every step.
+    vocab_size : int, optional
+        Columns to use (``V``); default the narrowest input. Padded columns are ignored.
+    backend : ``"auto"``, ``"reference"`` or ``"triton"``
+        ``"auto"`` honours the ``IVG_BACKEND`` environment variable.
+
+    Returns
+    -------
+    SampleOutput
+        ``tokens``, ``logprob``, ``logsumexp``, ``input_logprobs``, ``input_logits``, ``ok``.
+        Rows with NaN/``+inf`` or no finite candidate are flagged ``ok=False`` with token
+        ``-1`` (never raised here: that would synchronise); ``SampleOutput.check()`` raises.
+
+    Raises
+    ------
+    ValueError
+        On a wrong shape, dtype, device or out-of-range scalar, naming the argument.
+    """
+    a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
+    if resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES) == "reference":
+        return _guided_sample_ref(a)
+    return _guided_sample_triton(a)
+
+
+def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
+    from ._triton import sampling_kernels  # noqa: F401  (registers the op)
+
+    n = a.num_rows
+
+    def split(value):
+        return (value, 0) if isinstance(value, torch.Tensor) else (None, value)
+
+    if any(isinstance(w, torch.Tensor) for w in a.weights):
+        weight_rows = torch.stack(
+            [w.float() if isinstance(w, torch.Tensor) else torch.full((n,), w, device=a.logits.device) for w in a.weights],
+            dim=1,
+        )  # [N, G]
+        weight_scalars = []
+    else:
+        weight_rows, weight_scalars = None, [float(w) for w in a.weights]
+    out = torch.ops.ivg_kernels.guided_sample(
+        a.logits, a.guides, weight_scalars, weight_rows,
+        *split(a.temperature), *split(a.top_k), *split(a.top_p), *split(a.min_p),
+        *split(a.seed), *split(a.offset),
+        a.vocab_size, a.any_filter_possible, block,
+    )
+    return SampleOutput(*out)
