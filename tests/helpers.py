@@ -1,0 +1,39 @@
+"""Shared test helpers: one tolerance table, a verbose allclose, triton availability."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+# (atol, rtol) for values computed in float32 from inputs of each dtype.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),  # inputs are upcast exactly; the arithmetic is float32 either way
+    torch.float16: (1e-5, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+}
+
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32, what: str = "", scale: float = 1.0):
+    """allclose that reports the worst element and treats NaN/inf mismatches as failures."""
+    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = atol * scale, rtol * scale
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN at {nan_a.nonzero().tolist()[:5]} vs {nan_e.nonzero().tolist()[:5]}"
+    inf_a, inf_e = torch.isinf(actual), torch.isinf(expected)
+    assert torch.equal(inf_a, inf_e) and torch.equal(actual[inf_a], expected[inf_e]), f"{what}: inf positions differ"
+    fin = ~(nan_a | inf_a)
+    diff = (actual[fin] - expected[fin]).abs()
+    bound = atol + rtol * expected[fin].abs()
+    if diff.numel() and (diff > bound).any():
+        i = int((diff - bound).argmax())
+        raise AssertionError(
+            f"{what}: max excess at flat {i}: actual {actual[fin][i].item()!r} expected {expected[fin][i].item()!r} "
+            f"(|diff| {diff[i].item():.3e} > {bound[i].item():.3e})"
+        )

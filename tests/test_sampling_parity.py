@@ -1,0 +1,148 @@
+"""Triton kernel (interpreter on CPU) against the plain-torch reference: same tokens, same values."""
+import itertools
+
+import pytest
+import torch
+
+from ivg_kernels._args import prepare_sample_args
+from ivg_kernels.reference.sampling import _guided_sample_ref
+
+from .helpers import assert_close, requires_triton
+
+pytestmark = requires_triton
+
+
+def _inputs(n, v, g, dtype, gen, pad=3):
+    """Base logits and g guides of varied widths (padded vocabularies) in ``dtype``."""
+    logits = (torch.randn(n, v + pad, generator=gen) * 2.5).to(dtype)
+    guides = [(torch.randn(n, v + (i % 3), generator=gen) * 1.5).to(dtype) for i in range(g)]
+    return logits, guides
+
+
+def _compare(a, block=0):
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    ref = _guided_sample_ref(a)
+    tri = _guided_sample_triton(a, block)
+    assert torch.equal(ref.ok, tri.ok), (ref.ok, tri.ok)
+    assert torch.equal(ref.tokens, tri.tokens), f"tokens differ: ref {ref.tokens.tolist()} triton {tri.tokens.tolist()}"
+    dtype = a.logits.dtype
+    for name in ("logprob", "logsumexp", "input_logprobs", "input_logits"):
+        assert_close(getattr(tri, name), getattr(ref, name), dtype, name, scale=10.0)
+    return ref
+
+
+def _row_params(n, gen, per_row):
+    if not per_row:
+        return dict(temperature=0.8, seed=1234, offset=7)
+    return dict(
+        temperature=torch.rand(n, generator=gen) * 1.5 + 0.2,
+        seed=torch.randint(-(1 << 62), 1 << 62, (n,), generator=gen),
+        offset=torch.randint(0, 1 << 40, (n,), generator=gen),
+    )
+
+
+CASES = [
+    (v, dtype, g)
+    for (v, dtype), g in zip(
+        itertools.product([1, 7, 111, 1000, 50257], [torch.float32, torch.bfloat16, torch.float16]),
+        itertools.cycle([0, 1, 2, 3, 4, 5, 6]),
+    )
+]
+
+
+@pytest.mark.parametrize("v,dtype,g", CASES, ids=[f"V{v}-{str(d)[6:]}-G{g}" for v, d, g in CASES])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+def test_plain_sampling_matches_reference(v, dtype, g, per_row):
+    gen = torch.Generator().manual_seed(v * 31 + g)
+    n = 2 if v > 10_000 else 5
+    logits, guides = _inputs(n, v, g, dtype, gen)
+    if per_row:
+        guides = [(x, torch.randn(n, generator=gen)) if i % 2 else (x, 0.5) for i, x in enumerate(guides)]
+    else:
+        guides = [(x, 0.3 * (i + 1) * (-1) ** i) for i, x in enumerate(guides)]
+    p = _row_params(n, gen, per_row)
+    a = prepare_sample_args(logits, guides, p["temperature"], 0, 1.0, 0.0, p["seed"], p["offset"], v)
+    ref = _compare(a)
+    assert ref.ok.all()
+    assert ((ref.tokens >= 0) & (ref.tokens < v)).all()
+
+
+FILTERS = [
+    dict(top_k=1),
+    dict(top_k=5),
+    dict(top_k=50),
+    dict(top_k=999),
+    dict(top_p=0.5),
+    dict(top_p=0.95),
+    dict(top_k=40, top_p=0.8),
+    dict(min_p=0.1),
+    dict(top_k=20, top_p=0.9, min_p=0.02),
+    # Flat rows at a high temperature: the kept set leaves the candidate lists (exact fallback).
+    dict(top_p=0.99, temperature=4.0),
+    dict(top_k=300, temperature=4.0),
+    dict(top_k=300, top_p=0.97, temperature=4.0),
+    dict(min_p=0.002, temperature=4.0),
+]
+
+
+@pytest.mark.parametrize("f", FILTERS, ids=[",".join(f"{k}={v}" for k, v in f.items()) for f in FILTERS])
+def test_filters_match_reference_across_slices(f):
+    """Small slices (64 columns, 16 candidates each) exercise the merge and the exact fallback."""
+    gen = torch.Generator().manual_seed(len(str(f)))
+    n, v = 3, 1000
+    logits, guides = _inputs(n, v, 2, torch.float32, gen)
+    guides = [(guides[0], 0.7), (guides[1], -0.7)]
+    a = prepare_sample_args(
+        logits, guides, f.get("temperature", 1.0), f.get("top_k", 0), f.get("top_p", 1.0), f.get("min_p", 0.0),
+        99, torch.arange(n), None,
+    )
+    _compare(a, block=64)
+
+
+def test_per_row_filters_and_greedy_rows_match_reference():
+    gen = torch.Generator().manual_seed(5)
+    n, v = 6, 700
+    logits, guides = _inputs(n, v, 3, torch.bfloat16, gen)
+    guides = [(x, torch.randn(n, generator=gen)) for x in guides]
+    a = prepare_sample_args(
+        logits, guides,
+        torch.tensor([0.0, 0.7, 1.0, 0.0, 2.0, 1.3]),
+        torch.tensor([0, 5, 0, 3, 100, 699], dtype=torch.int32),
+        torch.tensor([1.0, 0.9, 0.5, 0.3, 1.0, 0.99]),
+        torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.01]),
+        torch.arange(n) * 1000, torch.full((n,), 3), None,
+    )
+    _compare(a, block=128)
+
+
+@pytest.mark.parametrize("v", [50257, 151936])
+def test_large_vocab_filters_default_blocks(v):
+    gen = torch.Generator().manual_seed(v)
+    logits, guides = _inputs(1, v, 2, torch.bfloat16, gen)
+    a = prepare_sample_args(logits, [(guides[0], 1.0), (guides[1], -1.0)], 0.7, 50, 0.9, 0.0, 3, 4, None)
+    _compare(a)
+
+
+def test_flagged_rows_match_reference():
+    logits = torch.randn(4, 33)
+    logits[0, 5] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, :30] = float("-inf")  # only three candidates
+    guide = torch.randn(4, 33)
+    guide[3, 7] = float("inf")
+    a = prepare_sample_args(logits, [(guide, 0.5)], 1.0, 0, 0.9, 0.0, 0, 0, None)
+    ref = _compare(a, block=16)
+    assert ref.ok.tolist() == [False, False, True, False]
+    assert ref.tokens[2] >= 30
+
+
+def test_bad_tensor_parameters_are_flagged_not_drawn():
+    logits = torch.randn(5, 40)
+    a = prepare_sample_args(
+        logits, (), torch.tensor([-1.0, float("nan"), 1.0, 1.0, 1.0]), 0,
+        torch.tensor([1.0, 1.0, 0.0, 1.5, 0.9]), torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0]), 1, 2, None,
+    )
+    ref = _compare(a, block=16)
+    assert not ref.ok.any()
+    assert (ref.tokens == -1).all()
