@@ -14,6 +14,8 @@ TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
 }
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
@@ -37,3 +39,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float
             f"{what}: max excess at flat {i}: actual {actual[fin][i].item()!r} expected {expected[fin][i].item()!r} "
             f"(|diff| {diff[i].item():.3e} > {bound[i].item():.3e})"
         )
+
+
+def args_to(a, device=DEVICE):
+    """A copy of a SampleArgs with every tensor moved to ``device``."""
+    import dataclasses
+
+    def mv(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, list):
+            return [mv(y) for y in x]
+        return x
+
+    return dataclasses.replace(a, **{f.name: mv(getattr(a, f.name)) for f in dataclasses.fields(a)})

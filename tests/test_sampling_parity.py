@@ -7,7 +7,7 @@ import torch
 from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
-from .helpers import assert_close, requires_triton
+from .helpers import args_to, assert_close, requires_triton
 
 pytestmark = requires_triton
 
@@ -22,6 +22,7 @@ def _inputs(n, v, g, dtype, gen, pad=3):
 def _compare(a, block=0):
     from ivg_kernels.sampling import _guided_sample_triton
 
+    a = args_to(a)  # CUDA when there is a GPU, else the interpreter on the CPU
     ref = _guided_sample_ref(a)
     tri = _guided_sample_triton(a, block)
     assert torch.equal(ref.ok, tri.ok), (ref.ok, tri.ok)
@@ -116,7 +117,7 @@ def test_per_row_filters_and_greedy_rows_match_reference():
     _compare(a, block=128)
 
 
-@pytest.mark.parametrize("v", [50257, 151936])
+@pytest.mark.parametrize("v", [50257])
 def test_large_vocab_filters_default_blocks(v):
     gen = torch.Generator().manual_seed(v)
     logits, guides = _inputs(1, v, 2, torch.bfloat16, gen)

@@ -65,7 +65,7 @@ def _guided_sample_ref(a) -> SampleOutput:
 
     greedy = t == 0
     x = z / torch.where(greedy, torch.ones_like(t), t).unsqueeze(1)  # [N, V]
-    ok = ~(bad_values(torch.stack(inputs, 0).transpose(0, 1).reshape(n, -1)) | bad_values(x))
+    ok = ~(torch.stack([bad_values(x_i) for x_i in inputs] + [bad_values(x)]).any(dim=0))
     ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
     x_max = x.max(dim=1).values  # [N]
     ok &= x_max > -math.inf
