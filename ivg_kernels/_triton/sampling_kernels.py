@@ -401,8 +401,7 @@ def _param(t, scalar, dtype):
     return None, scalar, False
 
 
-@torch.library.triton_op("ivg_kernels::guided_sample", mutates_args=())
-def guided_sample_op(
+def launch_guided_sample(
     logits: torch.Tensor,
     guides: list[torch.Tensor],
     weight_scalars: list[float],
@@ -423,10 +422,11 @@ def guided_sample_op(
     filters: bool,
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused sampler as a torch op (composes with torch.compile and CUDA graphs).
+    """Launch the two stages; registered below as ``torch.ops.ivg_kernels.guided_sample``.
 
     Scalars are passed by value, tensors ``[N]`` by pointer; ``weight_rows`` is an optional
-    float32 ``[N, G]`` that replaces ``weight_scalars``.
+    float32 ``[N, G]`` that replaces ``weight_scalars``. ``filters`` False skips the candidate
+    lists (no row can have top-k/top-p/min-p active); ``block`` 0 picks the slice width.
     """
     from torch.library import wrap_triton
 
@@ -489,3 +489,8 @@ def guided_sample_op(
         FILTER=filters, C=c, BLOCK=block, S_PAD=triton.next_power_of_2(s), num_warps=4,
     )
     return tokens, logprob, lse, in_logprobs, in_logits, ok
+
+
+# The op composes with torch.compile(fullgraph=True) and CUDA-graph capture; the plain function
+# above stays callable for measuring the dispatch overhead (benchmarks/bench_sampling.py).
+guided_sample_op = torch.library.triton_op("ivg_kernels::guided_sample", mutates_args=())(launch_guided_sample)

@@ -74,14 +74,23 @@ def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Te
         token_ids = token_ids.unsqueeze(0)
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
-    c0 = token_ids >> 2
     c1 = offset & _MASK32
     c2 = (offset >> 32) & _MASK32
-    c3 = torch.zeros_like(c0)
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
-    words = philox4x32(c0, c1, c2, c3, k0, k1)
-    lane = token_ids & 3
-    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    m = token_ids.shape[1]
+    contiguous_range = token_ids.shape[0] == 1 and m > 0 and bool(
+        (token_ids[0, 0] % 4 == 0) and torch.equal(token_ids[0], token_ids[0, 0] + torch.arange(m, device=token_ids.device))
+    )
+    if contiguous_range:  # one Philox call per 4 consecutive tokens
+        c0 = (token_ids[:, 0:1] >> 2) + torch.arange((m + 3) // 4, device=token_ids.device)  # [1, ceil(M/4)]
+        c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
+        words = philox4x32(c0, c1, c2, torch.zeros_like(c0), k0, k1)
+        word = torch.stack(words, dim=-1).flatten(-2)[:, :m]  # token 4i+j takes word j
+    else:
+        c0 = token_ids >> 2
+        c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
+        words = philox4x32(c0, c1, c2, torch.zeros_like(c0), k0, k1)
+        lane = (token_ids & 3).expand_as(c0)
+        word = torch.stack(words, dim=-1).gather(-1, lane.unsqueeze(-1)).squeeze(-1)
     return ((word >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
 
 

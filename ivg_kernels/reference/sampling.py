@@ -71,16 +71,19 @@ def _guided_sample_ref(a) -> SampleOutput:
     ok &= x_max > -math.inf
 
     neg_inf = torch.full_like(x_max, -math.inf)
-    x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
-    k_on = (k > 0) & (k < v)
-    tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
-    mass = torch.exp(x_sorted - x_max.unsqueeze(1)) * (x_sorted >= tau_k.unsqueeze(1))  # [N, V]
-    cum = mass.cumsum(dim=1)
-    first = (cum >= (p * cum[:, -1]).unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching p
-    tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
-    tau_m = torch.where(m > 0, x_max + torch.log(m), neg_inf)
-    tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
-    tau = torch.where(greedy, neg_inf, tau)
+    if a.any_filter_possible:
+        x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
+        k_on = (k > 0) & (k < v)
+        tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
+        mass = torch.exp(x_sorted - x_max.unsqueeze(1)) * (x_sorted >= tau_k.unsqueeze(1))  # [N, V]
+        cum = mass.cumsum(dim=1)
+        first = (cum >= (p * cum[:, -1]).unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching p
+        tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
+        tau_m = torch.where(m > 0, x_max + torch.log(m), neg_inf)
+        tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
+        tau = torch.where(greedy, neg_inf, tau)
+    else:
+        tau = neg_inf
     kept = x >= tau.unsqueeze(1)  # [N, V]
 
     g = gumbel_noise(seed, offset, torch.arange(v, device=dev)).to(cdt)  # [N, V]

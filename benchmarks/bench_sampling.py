@@ -1,0 +1,168 @@
+"""Benchmark of the fused guided sampler against the torch composition the published code runs.
+
+    python benchmarks/bench_sampling.py            # full grid (GPU)
+    python benchmarks/bench_sampling.py --quick    # small grid, fine on a CPU
+    python benchmarks/bench_sampling.py --record   # also append to results.csv and render RESULTS.md
+
+Providers:
+  torch-composition  log-softmax of each input, weighted sum, HF warpers, softmax, multinomial,
+                     plus the per-input log-probs at the token (what the published code does)
+  reference          ivg_kernels.reference (plain torch)
+  triton             ivg_kernels.guided_sample(backend="triton"), the public API (GPU only)
+  triton-op          torch.ops.ivg_kernels.guided_sample, no argument checks (GPU only)
+  triton-launch      the launcher without torch.library dispatch (GPU only)
+  flashinfer         flashinfer top_k_top_p_sampling_from_logits on the base logits alone, if importable
+
+Bytes counted: the three bf16 input rows [N, V] read once. GB/s is compared with a measured
+device copy (read + write).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import harness  # noqa: E402
+from ivg_kernels._args import prepare_sample_args  # noqa: E402
+from ivg_kernels.reference.sampling import _guided_sample_ref  # noqa: E402
+
+CONFIGS = {
+    # Published IVG settings: IMDB sentiment (T=0.7, no top-k) and AlpacaEval (T=0.7, top-k 50).
+    "imdb": dict(temperature=0.7, top_k=0, top_p=1.0),
+    "alpaca": dict(temperature=0.7, top_k=50, top_p=1.0),
+}
+FULL_N = [1, 16, 64, 256]
+FULL_V = [32000, 50257, 128256, 151936]
+
+
+def torch_composition(base, tune, ref, beta, cfg, gen):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    lp = [x.float().log_softmax(-1) for x in (base, tune, ref)]
+    scores = lp[0] + beta * (lp[1] - lp[2])
+    scores = TemperatureLogitsWarper(cfg["temperature"])(None, scores)
+    if cfg["top_k"]:
+        scores = TopKLogitsWarper(cfg["top_k"])(None, scores)
+    if cfg["top_p"] < 1:
+        scores = TopPLogitsWarper(cfg["top_p"])(None, scores)
+    tok = torch.multinomial(scores.softmax(-1), 1, generator=gen)
+    return tok, [x.gather(1, tok) for x in lp]
+
+
+def providers(device, wanted):
+    out = {}
+    try:
+        import transformers  # noqa: F401
+
+        out["torch-composition"] = "composition"
+    except ImportError:
+        print("torch-composition: transformers not importable, skipped", file=sys.stderr)
+    out["reference"] = "reference"
+    if device.type == "cuda":
+        out["triton"] = "triton"
+        out["triton-op"] = "op"
+        out["triton-launch"] = "launch"
+        try:
+            import flashinfer.sampling  # noqa: F401
+
+            out["flashinfer"] = "flashinfer"
+        except ImportError:
+            print("flashinfer: not importable, skipped", file=sys.stderr)
+    else:
+        print("triton providers: no CUDA device (the interpreter is not a speed measurement), skipped",
+              file=sys.stderr)
+    return {k: v for k, v in out.items() if not wanted or k in wanted}
+
+
+def make_fn(kind, base, tune, ref, cfg, device):
+    n = base.shape[0]
+    seed = torch.arange(n, device=device)
+    offset = torch.zeros(n, dtype=torch.int64, device=device)
+    guides = [(tune, 1.0), (ref, -1.0)]
+    if kind == "composition":
+        gen = torch.Generator(device=device).manual_seed(0)
+        return lambda: torch_composition(base, tune, ref, 1.0, cfg, gen)
+    if kind == "reference":
+        a = prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"], 0.0, seed, offset, None)
+        return lambda: _guided_sample_ref(a)
+    if kind == "triton":
+        import ivg_kernels
+
+        return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
+    if kind in ("op", "launch"):
+        from ivg_kernels._triton import sampling_kernels as sk
+
+        fn = torch.ops.ivg_kernels.guided_sample if kind == "op" else sk.launch_guided_sample
+        filters = cfg["top_k"] > 0 or cfg["top_p"] < 1
+        args = (base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"], None,
+                cfg["top_p"], None, 0.0, seed, 0, offset, 0, base.shape[1], filters, 0)
+        return lambda: fn(*args)
+    if kind == "flashinfer":
+        import flashinfer.sampling as fs
+
+        k = cfg["top_k"] or base.shape[1]
+        return lambda: fs.top_k_top_p_sampling_from_logits(base, k, cfg["top_p"])
+    raise ValueError(kind)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N in {1, 16}, V in {32000, 50257}, imdb only")
+    ap.add_argument("--n", type=int, nargs="*", help="batch sizes (default: full grid)")
+    ap.add_argument("--v", type=int, nargs="*", help="vocabulary sizes (default: full grid)")
+    ap.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="warper settings")
+    ap.add_argument("--providers", nargs="*", help="subset of providers")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--record", action="store_true", help="append to benchmarks/results.csv, render RESULTS.md")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    ns = args.n or ([1, 16] if args.quick else FULL_N)
+    vs = args.v or ([32000, 50257] if args.quick else FULL_V)
+    cfgs = args.configs or (["imdb"] if args.quick else list(CONFIGS))
+    provs = providers(device, args.providers)
+    copy_gbps = harness.copy_bandwidth_gbps(device)
+    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
+    print(f"# bench_sampling on {dev_name}, torch {torch.__version__}, commit {sha}; "
+          f"measured copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
+
+    rows = []
+    for cfg_name in cfgs:
+        cfg = CONFIGS[cfg_name]
+        for v in vs:
+            for n in ns:
+                gen = torch.Generator(device=device).manual_seed(n * v)
+                base, tune, ref = (torch.randn(n, v, device=device, generator=gen).to(torch.bfloat16) for _ in range(3))
+                nbytes = 3 * n * v * base.element_size()
+                shape = f"{cfg_name},N={n},V={v},inputs=3"
+                base_us, group = None, []
+                for name, kind in provs.items():
+                    try:
+                        us = harness.time_us(make_fn(kind, base, tune, ref, cfg, device), device)
+                    except Exception as e:  # a provider that cannot run a shape is reported, not fatal
+                        print(f"{name} {shape}: {type(e).__name__}: {e}", file=sys.stderr)
+                        continue
+                    if kind == "composition":
+                        base_us = us
+                    read = nbytes if kind != "flashinfer" else n * v * base.element_size()
+                    group.append(dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider=name,
+                                      shape=shape, dtype="bf16", median_us=f"{us:.1f}",
+                                      gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us))
+                for r in group:
+                    r["speedup"] = f"{base_us / r.pop('_us'):.2f}" if base_us else ""
+                harness.print_table(group, copy_gbps)
+                rows += group
+    if args.record:
+        copy_row = dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider="device-copy",
+                        shape="copy", dtype="u8", median_us="", gbps=f"{copy_gbps:.1f}", speedup="")
+        harness.append_results([copy_row] + rows)
+        print(f"appended {len(rows) + 1} rows to {harness.RESULTS_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Shared benchmark harness: timing, copy bandwidth, results.csv and RESULTS.md.
+
+Every benchmark of the project appends rows to ``benchmarks/results.csv`` with the columns
+``date,commit,device,benchmark,provider,shape,dtype,median_us,gbps,speedup`` and re-renders
+``benchmarks/RESULTS.md`` from it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS_CSV = HERE / "results.csv"
+RESULTS_MD = HERE / "RESULTS.md"
+COLUMNS = ["date", "commit", "device", "benchmark", "provider", "shape", "dtype", "median_us", "gbps", "speedup"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def time_us(fn, device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200) -> float:
+    """Median microseconds of ``fn()``: triton's do_bench on CUDA, repeated wall-clock runs on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Measured device-to-device copy: bytes read + written per second, in GB/s."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def append_results(rows: list[dict]) -> None:
+    new = not RESULTS_CSV.exists()
+    with RESULTS_CSV.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    render_markdown()
+
+
+def render_markdown() -> None:
+    """RESULTS.md: one table per (date, commit, device, benchmark), newest first."""
+    if not RESULTS_CSV.exists():
+        return
+    with RESULTS_CSV.open() as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["date"], r["commit"], r["device"], r["benchmark"]), []).append(r)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Rendered from `results.csv` by `benchmarks/harness.py`; do not edit by hand.",
+        "GPU numbers count for the GPU targets; CPU numbers only for CPU targets.",
+        "",
+    ]
+    for (date, sha, dev, bench), rs in sorted(groups.items(), key=lambda kv: kv[0][0], reverse=True):
+        lines += [f"## {bench} — {dev} — {date} — commit {sha}", ""]
+        lines += ["| provider | shape | dtype | median us | GB/s | speed-up |", "|---|---|---|---:|---:|---:|"]
+        for r in rs:
+            lines.append(f"| {r['provider']} | {r['shape']} | {r['dtype']} | {r['median_us']} | {r['gbps']} | {r['speedup']} |")
+        lines.append("")
+    RESULTS_MD.write_text("\n".join(lines))
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def print_table(rows: list[dict], copy_gbps: float) -> None:
+    print(f"{'provider':<18} {'shape':<34} {'median us':>10} {'GB/s':>8} {'%copy':>6} {'speed-up':>9}")
+    for r in rows:
+        frac = f"{100 * float(r['gbps']) / copy_gbps:5.1f}" if r["gbps"] != "" else ""
+        print(f"{r['provider']:<18} {r['shape']:<34} {r['median_us']:>10} {r['gbps']:>8} {frac:>6} {r['speedup']:>9}")
