@@ -125,7 +125,7 @@ def _stage1_kernel(
 ):
     """One slice of one row: per-input stats, combined stats, Gumbel winner, top-C candidates."""
     pid = tl.program_id(0)
-    row = pid // S
+    row = (pid // S).to(tl.int64)
     sl = pid % S
     start = sl * BLOCK
     cols = start + tl.arange(0, BLOCK)
@@ -270,7 +270,7 @@ def _stage2_kernel(
     FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
 ):
     """One row: merge the slices, apply the filters, draw, gather per-input values at the token."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, S_PAD)
     smask = s < S
     base = row.to(tl.int64) * S
