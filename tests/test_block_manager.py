@@ -1,0 +1,170 @@
+"""BlockManager: hypothesis state machine over new/append/fork/free, exhaustion, copy-on-write bounds."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ivg_kernels.block_manager import BlockManager, KVCacheExhausted
+
+NUM_BLOCKS, BLOCK_SIZE = 24, 4
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Shadow KV: a distinct value per written token; each live sequence must read back its own history."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+        self.kv = np.full(NUM_BLOCKS * BLOCK_SIZE, -1, dtype=np.int64)
+        self.history: dict[int, list[int]] = {}
+        self.counter = 0
+
+    def _write(self, seq_ids, counts):
+        snapshot = (self.bm.num_free_blocks, {s: self.bm.seq_len(s) for s in self.history})
+        try:
+            slots = self.bm.append(seq_ids, counts)
+        except KVCacheExhausted:
+            assert (self.bm.num_free_blocks, {s: self.bm.seq_len(s) for s in self.history}) == snapshot
+            return
+        for src, dst in self.bm.take_copies():
+            self.kv[dst * BLOCK_SIZE:(dst + 1) * BLOCK_SIZE] = self.kv[src * BLOCK_SIZE:(src + 1) * BLOCK_SIZE]
+        i = 0
+        for s, c in zip(seq_ids, counts):
+            for _ in range(c):
+                self.kv[slots[i]] = self.counter
+                self.history[s].append(self.counter)
+                self.counter += 1
+                i += 1
+        assert i == len(slots)
+
+    @rule(prompt=st.integers(0, 9))
+    def new(self, prompt):
+        s = self.bm.new_sequence()
+        self.history[s] = []
+        self._write([s], [prompt])
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data())
+    def append(self, data):
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.history)), min_size=1, max_size=4, unique=True))
+        counts = data.draw(st.lists(st.integers(0, 6), min_size=len(ids), max_size=len(ids)))
+        self._write(ids, counts)
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data(), n=st.integers(0, 3), prune_parent=st.booleans())
+    def fork(self, data, n, prune_parent):
+        parents = data.draw(st.lists(st.sampled_from(sorted(self.history)), min_size=1, max_size=2, unique=True))
+        copied = self.bm.blocks_copied
+        kids = self.bm.fork_many(parents, n)
+        assert self.bm.blocks_copied == copied and self.bm.take_copies() == [], "a fork must copy nothing"
+        for p, ks in zip(parents, kids):
+            for k in ks:
+                self.history[k] = list(self.history[p])
+        if prune_parent:
+            self.bm.free_many(parents)
+            for p in parents:
+                del self.history[p]
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data())
+    def free(self, data):
+        s = data.draw(st.sampled_from(sorted(self.history)))
+        self.bm.free(s)
+        del self.history[s]
+
+    @invariant()
+    def consistent(self):
+        self.bm.check_invariants()
+        assert self.bm.num_free_blocks + self.bm.num_used_blocks == NUM_BLOCKS
+        for s, hist in self.history.items():
+            assert self.bm.seq_len(s) == len(hist)
+            if not hist:
+                continue
+            table = self.bm.block_table([s])[0]
+            pos = torch.arange(len(hist))
+            slots = table[pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+            assert self.kv[slots.numpy()].tolist() == hist, f"seq {s} reads back another history"
+
+    def teardown(self):
+        self.bm.free_many(list(self.history))
+        assert self.bm.num_free_blocks == NUM_BLOCKS, "blocks leaked"
+
+
+TestBlockManagerMachine = BlockManagerMachine.TestCase
+TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_slot_mapping_layout():
+    bm = BlockManager(8, 4)
+    a, b = bm.new_sequences(2)
+    slots = bm.append([a, b], [6, 3])
+    ta, tb = bm.blocks_of(a), bm.blocks_of(b)
+    expected = [ta[p // 4] * 4 + p % 4 for p in range(6)] + [tb[0] * 4 + p for p in range(3)]
+    assert slots.tolist() == expected and slots.dtype == torch.int64
+    table = bm.block_table([a, b])
+    assert table.dtype == torch.int32 and table.tolist() == [ta, tb + [0]]
+    assert bm.seq_lens([a, b]).tolist() == [6, 3]
+
+
+def test_exhaustion_names_the_numbers_and_changes_nothing():
+    bm = BlockManager(4, 4)
+    a, b = bm.new_sequences(2)
+    bm.append([a], 10)  # 3 blocks
+    before = (bm.num_free_blocks, bm.seq_len(a), bm.seq_len(b), bm.blocks_of(a))
+    with pytest.raises(KVCacheExhausted, match="3 blocks needed, 1 free of 4"):
+        bm.append([a, b], [3, 8])  # a: 13 tokens -> one more block; b: two blocks
+    with pytest.raises(KVCacheExhausted, match="2 blocks needed, 1 free"):
+        bm.append([b], 5)
+    assert (bm.num_free_blocks, bm.seq_len(a), bm.seq_len(b), bm.blocks_of(a)) == before
+    bm.check_invariants()
+
+
+def test_fork_then_append_copies_at_most_one_block_per_child():
+    bm = BlockManager(64, 16)
+    parent = bm.new_sequence()
+    bm.append([parent], 100)  # 7 blocks, the last one partly filled
+    kids = bm.fork(parent, 8)
+    bm.free(parent)
+    bm.append(kids, 1)
+    copies = bm.take_copies()
+    assert len(copies) == 7, "the last child owns the shared block alone and writes in place"
+    assert all(src == bm.blocks_of(kids[-1])[-1] for src, _ in copies)
+    assert bm.blocks_copied == 7
+    for k in kids:
+        assert bm.blocks_of(k)[:6] == bm.blocks_of(kids[0])[:6]
+    bm.append(kids, 1)
+    assert bm.take_copies() == [], "after the copy each child owns its last block"
+
+
+def test_fork_at_a_block_boundary_copies_nothing():
+    bm = BlockManager(16, 4)
+    p = bm.new_sequence()
+    bm.append([p], 8)
+    kids = bm.fork(p, 3)
+    bm.append(kids + [p], 1)
+    assert bm.take_copies() == []
+
+
+def test_fork_many_counts_and_bad_ids():
+    bm = BlockManager(16, 4)
+    a, b = bm.new_sequences(2)
+    bm.append([a, b], 5)
+    kids = bm.fork_many([a, b], [2, 0])
+    assert len(kids[0]) == 2 and kids[1] == []
+    assert bm.ref_count(bm.blocks_of(a)[0]) == 3
+    with pytest.raises(ValueError, match="seq_ids: 99 is not a live sequence"):
+        bm.fork_many([99], 1)
+    with pytest.raises(ValueError, match="seq_ids"):
+        bm.append([a, a], 1)
+    with pytest.raises(ValueError, match="num_tokens"):
+        bm.append([a], -1)
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 4)
+    with pytest.raises(ValueError, match="width"):
+        bm.block_table([a], width=1)
+    bm.free(a)
+    with pytest.raises(ValueError, match="not a live sequence"):
+        bm.free(a)
+    bm.check_invariants()
