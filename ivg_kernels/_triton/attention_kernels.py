@@ -1,0 +1,253 @@
+"""Paged KV writes and paged attention in Triton (decode with a split over the KV length; ragged prefill).
+
+Memory traffic per call: ``write_kv`` reads and writes 2 * T * H_kv * D elements. Decode reads each
+row's K and V once (2 * seq_len * H_kv * D elements; a program serves all query heads of one KV head,
+so grouped-query attention does not re-read) plus q and a float32 partial per split. Prefill reads,
+per query tile of BLOCK_M tokens, the K/V of the positions that tile may see.
+References: ivg_kernels/reference/attention.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(key, value, k_cache, v_cache, slots, stride_kt, stride_kh, stride_vt, stride_vh,
+                     H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """One token: copy its H_kv x D keys and values into its slot."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots + t).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < H * D
+        h = offs // D
+        d = offs % D
+        k = tl.load(key + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(value + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(k_cache + slot * (H * D) + offs, k.to(k_cache.dtype.element_ty), mask=mask)
+        tl.store(v_cache + slot * (H * D) + offs, v.to(v_cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.constexpr, D: tl.constexpr,
+               BS: tl.constexpr):
+    """[len(pos), DP] rows of one KV head at token positions ``pos`` of a sequence."""
+    page = tl.load(block_table_row + pos // BS, mask=pmask, other=0).to(tl.int64)
+    slot = page * BS + pos % BS
+    return tl.load(cache + slot[:, None] * (H_KV * D) + kvh * D + d[None, :], mask=pmask[:, None] & dmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
+                         stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS,
+                         H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                         DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One (row, KV head, split): unnormalised attention of the GROUP query heads over a KV range."""
+    n = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    length = tl.load(seq_lens + n).to(tl.int32)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, length)
+    if window > 0:
+        lo = tl.maximum(lo, length - window)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    gmask = g < GROUP
+    dmask = d < D
+    heads = kvh * GROUP + g
+    qt = tl.load(q + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                 other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    bt_row = block_table + n * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pmask = pos < hi
+        k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+        v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+        if IEEE:
+            s = tl.dot(qt, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(qt, tl.trans(k))
+        s = tl.where(pmask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    base = (n * (H_KV * GROUP) + heads) * SPLITS + sp  # [GP]
+    tl.store(part_o + base[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+    tl.store(part_m + base, m_i, mask=gmask)
+    tl.store(part_l + base, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o, part_m, part_l, out, stride_on, stride_oh, H, SPLITS,
+                          D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
+    """Merge a (row, head)'s splits: softmax-weighted sum of the partial outputs."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // H
+    h = pid % H
+    s = tl.arange(0, SP)
+    smask = s < SPLITS
+    d = tl.arange(0, DP)
+    dmask = d < D
+    m = tl.load(part_m + pid * SPLITS + s, mask=smask, other=float("-inf"))
+    l = tl.load(part_l + pid * SPLITS + s, mask=smask, other=0.0)
+    o = tl.load(part_o + (pid * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    mmax = tl.max(m, 0)
+    m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    w = tl.exp(m - m_safe)
+    total = tl.sum(l * w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + n * stride_on + h * stride_oh + d, res.to(out.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window,
+                    H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One (sequence, query head, tile of BLOCK_M new tokens): causal attention over the cached prefix and itself."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    mt = tl.program_id(2)
+    q_start = tl.load(cu_seqlens + b).to(tl.int64)
+    m_len = (tl.load(cu_seqlens + b + 1) - q_start).to(tl.int32)
+    if mt * BLOCK_M < m_len:
+        length = tl.load(seq_lens + b).to(tl.int32)
+        prefix = length - m_len
+        kvh = h // GROUP
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < m_len
+        d = tl.arange(0, DP)
+        dmask = d < D
+        qt = tl.load(q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        q_pos = prefix + rows
+        hi = prefix + tl.minimum(m_len, (mt + 1) * BLOCK_M)
+        lo = 0
+        if window > 0:
+            lo = tl.maximum(0, prefix + mt * BLOCK_M - window + 1)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DP], tl.float32)
+        bt_row = block_table + b * stride_bt
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            pmask = pos < hi
+            k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+            v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+            if IEEE:
+                s = tl.dot(qt, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(qt, tl.trans(k))
+            allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
+            if window > 0:
+                allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+            s = tl.where(allowed, s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 res.to(out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers, registered as torch ops
+# ----------------------------------------------------------------------------------------------
+_TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
+
+
+@torch.library.triton_op("ivg_kernels::write_kv", mutates_args={"k_cache", "v_cache"})
+def write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    from torch.library import wrap_triton
+
+    t, h, d = key.shape
+    if t == 0:
+        return
+    wrap_triton(_write_kv_kernel)[(t,)](
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        H=h, D=d, BLOCK=triton.next_power_of_2(h * d),
+    )
+
+
+def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
+    """Split the KV length until the grid fills the GPU, keeping at least 4 tiles per split."""
+    tiles = triton.cdiv(max(max_len, 1), block_n)
+    want = triton.cdiv(_TARGET_PROGRAMS, max(n * h_kv, 1))
+    return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
+
+
+@torch.library.triton_op("ivg_kernels::paged_decode_attention", mutates_args=())
+def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
+                              num_splits: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    n, h, d = q.shape
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    group = h // h_kv
+    block_n = 64 if bs >= 64 else max(16, bs)
+    max_len = block_table.shape[1] * bs
+    splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
+    chunk = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
+    part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
+    dp = max(16, triton.next_power_of_2(d))
+    wrap_triton(_decode_split_kernel)[(n, h_kv, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
+        H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+    )
+    wrap_triton(_decode_reduce_kernel)[(n * h,)](
+        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
+        D=d, DP=dp, SP=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
+@torch.library.triton_op("ivg_kernels::paged_prefill_attention", mutates_args=())
+def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               max_seqlen_q: int, scale: float, window: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    t, h, d = q.shape
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    b = block_table.shape[0]
+    if t == 0 or b == 0:
+        return out
+    block_m = 16
+    wrap_triton(_prefill_kernel)[(b, h, triton.cdiv(max(max_seqlen_q, 1), block_m))](
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
+        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
+        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32,
+    )
+    return out

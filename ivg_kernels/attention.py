@@ -1,0 +1,158 @@
+"""Paged KV writes and paged attention: public functions with argument checks and backend dispatch.
+
+Cache per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V. The maths is
+in :mod:`ivg_kernels.reference.attention`; the Triton kernels in
+:mod:`ivg_kernels._triton.attention_kernels` (torch ops ``ivg_kernels::write_kv``,
+``ivg_kernels::paged_decode_attention``, ``ivg_kernels::paged_prefill_attention``).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ._backend import resolve_backend
+from .reference import attention as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(name, value, expected):
+    if isinstance(value, torch.Tensor):
+        value = f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
+    raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def _check_cache(k_cache, v_cache):
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4:
+            _fail(name, c, "a 4-D tensor [num_blocks, block_size, num_kv_heads, head_dim]")
+        if c.dtype not in _DTYPES:
+            _fail(name, c, "dtype float32, bfloat16 or float16")
+        if not c.is_contiguous():
+            _fail(name, c, "a contiguous tensor")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.device != v_cache.device:
+        _fail("v_cache", v_cache, f"the shape, dtype and device of k_cache {tuple(k_cache.shape)}")
+
+
+def _check_rows(name, t, n, device, dtypes=(torch.int32, torch.int64), dim=1):
+    if not isinstance(t, torch.Tensor) or t.dim() != dim or (n is not None and t.shape[0] != n):
+        _fail(name, t, f"a {dim}-D integer tensor with {n} rows")
+    if t.dtype not in dtypes:
+        _fail(name, t, f"dtype in {dtypes}")
+    if t.device != device:
+        _fail(name, t, f"a tensor on {device}")
+
+
+def _check_q(q, k_cache, rank):
+    if not isinstance(q, torch.Tensor) or q.dim() != rank:
+        _fail("q", q, "a 3-D tensor [N, num_heads, head_dim]" if rank == 3 else "a 3-D tensor")
+    if q.dtype != k_cache.dtype:
+        _fail("q", q, f"dtype {k_cache.dtype}, like the cache")
+    if q.device != k_cache.device:
+        _fail("q", q, f"a tensor on {k_cache.device}, like the cache")
+    if q.shape[2] != k_cache.shape[3]:
+        _fail("q", q, f"head_dim {k_cache.shape[3]}, like the cache")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        _fail("q", q, f"num_heads a multiple of num_kv_heads {k_cache.shape[2]}")
+    if q.stride(2) != 1:
+        _fail("q", q, "unit stride along head_dim")
+
+
+def _check_scale_window(scale, sliding_window):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+        _fail("scale", scale, "a positive float")
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window < 1
+    ):
+        _fail("sliding_window", sliding_window, "None or a positive int")
+    return float(scale), int(sliding_window or 0)
+
+
+def _triton_ops():
+    from ._triton import attention_kernels  # noqa: F401  (registers the ops)
+
+    return torch.ops.ivg_kernels
+
+
+def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> None:
+    """Store new keys/values in their slots.
+
+    Parameters
+    ----------
+    k_cache, v_cache : ``[num_blocks, block_size, num_kv_heads, head_dim]``
+    key, value : ``[T, num_kv_heads, head_dim]`` (any strides with unit stride on head_dim)
+    slot_mapping : int ``[T]``; slot ``block * block_size + offset``; negative slots are skipped
+    """
+    _check_cache(k_cache, v_cache)
+    shape = (k_cache.shape[2], k_cache.shape[3])
+    for name, x in (("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != shape:
+            _fail(name, x, f"a tensor [T, {shape[0]}, {shape[1]}]")
+        if x.device != k_cache.device or x.stride(2) != 1:
+            _fail(name, x, f"a tensor on {k_cache.device} with unit stride on head_dim")
+    if value.shape[0] != key.shape[0]:
+        _fail("value", value, f"{key.shape[0]} tokens, like key")
+    _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
+    if resolve_backend(backend, k_cache) == "reference":
+        return ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
+    _triton_ops().write_kv(k_cache, v_cache, key, value, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
+                           num_splits=0, backend="auto") -> torch.Tensor:
+    """Attention of one new token per row over its paged history (the token itself included).
+
+    Parameters
+    ----------
+    q : ``[N, num_heads, head_dim]``, the cache's dtype; ``num_heads`` a multiple of ``num_kv_heads``
+    k_cache, v_cache : ``[num_blocks, block_size, num_kv_heads, head_dim]``
+    block_table : int32 ``[N, max_blocks]``
+    seq_lens : int ``[N]``, tokens in the cache per row (the query sits at ``seq_lens - 1``)
+    scale : float, usually ``head_dim ** -0.5``
+    sliding_window : int, optional; keys with ``q_pos - k_pos < sliding_window`` only
+    num_splits : int, splits of the KV length (0 chooses from the shapes)
+
+    Returns
+    -------
+    ``[N, num_heads, head_dim]`` in q's dtype
+    """
+    _check_cache(k_cache, v_cache)
+    _check_q(q, k_cache, 3)
+    _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
+    _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
+    scale, window = _check_scale_window(scale, sliding_window)
+    if resolve_backend(backend, q) == "reference":
+        return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
+                                              sliding_window=sliding_window)
+    return _triton_ops().paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window,
+                                                int(num_splits))
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,
+                            sliding_window=None, backend="auto") -> torch.Tensor:
+    """Causal attention of a ragged batch of new tokens over their cached prefix and themselves.
+
+    Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``: its last tokens, already written
+    to the cache, so its total length is ``seq_lens[b]``. Serves prompt prefill and multi-token chunks.
+
+    Parameters
+    ----------
+    q : ``[T, num_heads, head_dim]``
+    block_table : int32 ``[B, max_blocks]``; seq_lens : int ``[B]``; cu_seqlens_q : int ``[B + 1]``
+    max_seqlen_q : int, the longest query run (a host int, so no synchronisation is needed)
+    """
+    _check_cache(k_cache, v_cache)
+    _check_q(q, k_cache, 3)
+    b = block_table.shape[0] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else None
+    _check_rows("block_table", block_table, b, q.device, dtypes=(torch.int32,), dim=2)
+    _check_rows("seq_lens", seq_lens, b, q.device)
+    _check_rows("cu_seqlens_q", cu_seqlens_q, b + 1, q.device)
+    if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
+        _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
+    scale, window = _check_scale_window(scale, sliding_window)
+    if resolve_backend(backend, q) == "reference":
+        return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                               scale=scale, sliding_window=sliding_window)
+    return _triton_ops().paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                                 int(max_seqlen_q), scale, window)
