@@ -31,6 +31,19 @@ def _write_kv_kernel(key, value, k_cache, v_cache, slots, stride_kt, stride_kh, 
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr, F32: tl.constexpr):
+    """a @ b with float32 accumulation. F32 upcasts the operands (Triton 3.6's interpreter
+    computes bfloat16 dots wrongly); IEEE keeps float32 operands out of TF32."""
+    if F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.constexpr, D: tl.constexpr,
                BS: tl.constexpr):
     """[len(pos), DP] rows of one KV head at token positions ``pos`` of a sequence."""
@@ -44,7 +57,8 @@ def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.const
 def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
                          stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS,
                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                         DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                         F32: tl.constexpr):
     """One (row, KV head, split): unnormalised attention of the GROUP query heads over a KV range."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -70,20 +84,14 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
         pmask = pos < hi
         k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
         v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-        if IEEE:
-            s = tl.dot(qt, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(qt, tl.trans(k))
+        s = _dot(qt, tl.trans(k), IEEE, F32)
         s = tl.where(pmask[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
         m_i = m_new
     base = (n * (H_KV * GROUP) + heads) * SPLITS + sp  # [GP]
     tl.store(part_o + base[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
@@ -117,7 +125,8 @@ def _decode_reduce_kernel(part_o, part_m, part_l, out, stride_on, stride_oh, H, 
 def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window,
                     H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                    F32: tl.constexpr):
     """One (sequence, query head, tile of BLOCK_M new tokens): causal attention over the cached prefix and itself."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -148,10 +157,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
             pmask = pos < hi
             k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-            if IEEE:
-                s = tl.dot(qt, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(qt, tl.trans(k))
+            s = _dot(qt, tl.trans(k), IEEE, F32)
             allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
             if window > 0:
                 allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
@@ -161,10 +167,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
             m_i = m_new
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
@@ -175,6 +178,12 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
 # Launchers, registered as torch ops
 # ----------------------------------------------------------------------------------------------
 _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
+
+
+def _interpreted_bf16(q: torch.Tensor) -> bool:
+    from .._backend import triton_interpreted
+
+    return q.dtype == torch.bfloat16 and triton_interpreted()
 
 
 @torch.library.triton_op("ivg_kernels::write_kv", mutates_args={"k_cache", "v_cache"})
@@ -222,7 +231,7 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
     )
     wrap_triton(_decode_reduce_kernel)[(n * h,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
@@ -248,6 +257,6 @@ def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
         H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
-        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
     )
     return out

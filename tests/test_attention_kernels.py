@@ -1,0 +1,167 @@
+"""Paged attention and KV writes: Triton (interpreter on CPU, CUDA on a GPU) against the references,
+and the references against dense causal attention."""
+import pytest
+import torch
+
+from ivg_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from ivg_kernels.block_manager import BlockManager
+
+from .helpers import DEVICE, assert_close, requires_triton
+
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _setup(lens, h_kv, d, bs, dtype, num_blocks=None, shuffle=True, seed=0):
+    """A block manager with ragged sequences, caches filled through write_kv (reference), and the dense K/V."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = num_blocks or sum(-(-n // bs) for n in lens) + 3
+    bm = BlockManager(num_blocks, bs)
+    if shuffle:  # scatter the free list so that tables are not contiguous
+        bm._free = torch.randperm(num_blocks, generator=gen).tolist()
+    seqs = bm.new_sequences(len(lens))
+    slots = bm.append(seqs, lens)
+    t = sum(lens)
+    k = torch.randn(t, h_kv, d, generator=gen).to(dtype)
+    v = torch.randn(t, h_kv, d, generator=gen).to(dtype)
+    kc = torch.zeros(num_blocks, bs, h_kv, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    write_kv(kc, vc, k, v, slots, backend="reference")
+    return bm, seqs, kc, vc, k, v
+
+
+def _dense_causal(q, k, v, q_pos, scale, window):
+    """Plain attention for one sequence: q [M, H, D] at positions q_pos over k/v [L, Hkv, D]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = torch.einsum("mhd,lhd->hml", q.double(), k) * scale
+    kp = torch.arange(k.shape[0])
+    allowed = kp[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= q_pos[:, None] - kp[None, :] < window
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hml,lhd->mhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_references_match_dense_attention(window):
+    lens, h, h_kv, d, bs = [7, 1, 20], 4, 2, 8, 4
+    bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float32)
+    scale = d ** -0.5
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    q = torch.randn(sum(lens), h, d)
+    cu = torch.tensor([0, 7, 8, 28], dtype=torch.int32)
+    out = paged_prefill_attention(q, kc, vc, bt, sl, cu, max_seqlen_q=20, scale=scale, sliding_window=window,
+                                  backend="reference")
+    dec = paged_decode_attention(q[cu[1:] - 1], kc, vc, bt, sl, scale=scale, sliding_window=window, backend="reference")
+    for b, n in enumerate(lens):
+        s, e = cu[b].item(), cu[b + 1].item()
+        dense = _dense_causal(q[s:e], k[s:e], v[s:e], torch.arange(n), scale, window)
+        assert_close(out[s:e], dense, torch.float32, f"prefill seq {b}")
+        assert_close(dec[b], dense[-1], torch.float32, f"decode seq {b}")
+
+
+def test_write_kv_skips_negative_slots():
+    bm, seqs, kc, vc, k, v = _setup([3], 1, 4, 4, torch.float32)
+    before = kc.clone()
+    write_kv(kc, vc, torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.tensor([-1, -1]), backend="reference")
+    assert torch.equal(kc, before)
+
+
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,h_kv,d", [(4, 4, 16), (6, 2, 24), (8, 1, 64)])
+def test_write_kv_triton_matches_reference(dtype, h, h_kv, d):
+    gen = torch.Generator().manual_seed(1)
+    kc = torch.zeros(9, 4, h_kv, d, dtype=dtype, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    key = torch.randn(7, h_kv * 2, d, generator=gen).to(dtype).to(DEVICE)[:, ::2]  # strided heads
+    value = torch.randn(7, h_kv, d, generator=gen).to(dtype).to(DEVICE)
+    slots = torch.tensor([0, 5, 35, -1, 17, 3, 22], device=DEVICE)
+    kr, vr = kc.clone(), vc.clone()
+    write_kv(kr, vr, key, value, slots, backend="reference")
+    write_kv(kc, vc, key, value, slots, backend="triton")
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+DECODE_CASES = [
+    # lens, h, h_kv, d, block_size, window, num_splits
+    ([1, 7, 33], 4, 4, 16, 4, None, 0),
+    ([5, 50, 111], 6, 2, 24, 16, None, 3),
+    ([300, 17], 8, 1, 64, 16, None, 0),
+    ([64, 100, 9], 4, 2, 32, 8, 16, 0),
+    ([257], 2, 2, 8, 32, 100, 4),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"case{i}" for i in range(len(DECODE_CASES))])
+def test_decode_triton_matches_reference(case, dtype):
+    lens, h, h_kv, d, bs, window, splits = case
+    bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=len(lens))
+    q = torch.randn(len(lens), h, d).to(dtype)
+    args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
+    want = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, backend="reference")
+    got = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, num_splits=splits, backend="triton")
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+
+
+PREFILL_CASES = [
+    # lens, new tokens per sequence, h, h_kv, d, block_size, window
+    ([9, 1, 40], [9, 1, 40], 4, 2, 16, 4, None),  # prompt prefill
+    ([30, 21], [5, 1], 6, 3, 24, 8, None),  # chunks after a cached prefix
+    ([70], [33], 2, 1, 64, 16, 20),  # sliding window
+    ([17, 18, 19], [3, 17, 1], 8, 8, 8, 16, 4),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[f"case{i}" for i in range(len(PREFILL_CASES))])
+def test_prefill_triton_matches_reference(case, dtype):
+    lens, new, h, h_kv, d, bs, window = case
+    bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=sum(new))
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(new), h, d).to(dtype)
+    args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), cu)]
+    want = paged_prefill_attention(*args, max_seqlen_q=max(new), scale=d ** -0.5, sliding_window=window,
+                                   backend="reference")
+    got = paged_prefill_attention(*args, max_seqlen_q=max(new), scale=d ** -0.5, sliding_window=window,
+                                  backend="triton")
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_bad_inputs_name_the_argument():
+    kc = torch.zeros(4, 4, 2, 8)
+    bt = torch.zeros(1, 2, dtype=torch.int32)
+    sl = torch.ones(1, dtype=torch.int32)
+    q = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="q=.*multiple of num_kv_heads"):
+        paged_decode_attention(torch.zeros(1, 3, 8), kc, kc, bt, sl, scale=1.0)
+    with pytest.raises(ValueError, match="q=.*head_dim 8"):
+        paged_decode_attention(torch.zeros(1, 4, 6), kc, kc, bt, sl, scale=1.0)
+    with pytest.raises(ValueError, match="block_table=.*int32"):
+        paged_decode_attention(q, kc, kc, bt.long(), sl, scale=1.0)
+    with pytest.raises(ValueError, match="seq_lens=.*1 rows"):
+        paged_decode_attention(q, kc, kc, bt, torch.ones(2, dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match="scale="):
+        paged_decode_attention(q, kc, kc, bt, sl, scale=0.0)
+    with pytest.raises(ValueError, match="sliding_window="):
+        paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="v_cache="):
+        paged_decode_attention(q, kc, torch.zeros(4, 4, 2, 4), bt, sl, scale=1.0)
+    with pytest.raises(ValueError, match="k_cache="):
+        paged_decode_attention(q, torch.zeros(4, 4, 8), kc, bt, sl, scale=1.0)
+    with pytest.raises(ValueError, match="q=.*dtype"):
+        paged_decode_attention(q.half(), kc, kc, bt, sl, scale=1.0)
+    with pytest.raises(ValueError, match="cu_seqlens_q="):
+        paged_prefill_attention(q, kc, kc, bt, sl, torch.zeros(5, dtype=torch.int32), max_seqlen_q=1, scale=1.0)
+    with pytest.raises(ValueError, match="max_seqlen_q="):
+        paged_prefill_attention(q, kc, kc, bt, sl, torch.zeros(2, dtype=torch.int32), max_seqlen_q=-1, scale=1.0)
+    with pytest.raises(ValueError, match="key="):
+        write_kv(kc, kc.clone(), torch.zeros(2, 3, 8), torch.zeros(2, 2, 8), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="slot_mapping="):
+        write_kv(kc, kc.clone(), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8), torch.zeros(3, dtype=torch.int64))
