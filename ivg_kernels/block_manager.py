@@ -136,12 +136,11 @@ class BlockManager:
             self._free.extend(released[::-1].tolist())
 
     # ----------------------------------------------------------------- growth
-    def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
-        """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
+    def blocks_needed(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> int:
+        """Free blocks that ``append(seq_ids, num_tokens)`` would take (copies included); changes nothing."""
+        return self._plan(seq_ids, num_tokens)[1]
 
-        A shared, partly filled last block is first replaced by a fresh copy (queued for
-        :meth:`take_copies`). Raises :class:`KVCacheExhausted` with nothing changed when the pool is short.
-        """
+    def _plan(self, seq_ids, num_tokens):
         seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids={seq_ids!r}: expected no repeats")
@@ -153,7 +152,6 @@ class BlockManager:
                 raise ValueError(f"num_tokens: expected an int or {len(seq_ids)} counts, got {len(counts)}")
         if any(c < 0 for c in counts):
             raise ValueError(f"num_tokens={num_tokens!r}: expected counts >= 0")
-
         bs = self._block_size
         plan, needed, released = [], 0, {}
         for s, c in zip(seq_ids, counts):
@@ -168,13 +166,23 @@ class BlockManager:
             grow = -(-(length + c) // bs) - nb
             plan.append((s, c, cow, grow))
             needed += grow + int(cow)
+        return plan, needed
+
+    def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
+        """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
+
+        A shared, partly filled last block is first replaced by a fresh copy (queued for
+        :meth:`take_copies`). Raises :class:`KVCacheExhausted` with nothing changed when the pool is short.
+        """
+        plan, needed = self._plan(seq_ids, num_tokens)
+        bs = self._block_size
         if needed > len(self._free):
             raise KVCacheExhausted(
                 f"KV cache exhausted: {needed} blocks needed, {len(self._free)} free of {self._num_blocks} "
                 f"(block_size {bs}); free finished sequences or allocate more blocks"
             )
 
-        slots = np.empty(sum(counts), dtype=np.int64)
+        slots = np.empty(sum(c for _, c, _, _ in plan), dtype=np.int64)
         pos = 0
         for s, c, cow, grow in plan:
             table, nb, length = self._tables[s], self._nblocks[s], self._lens[s]
@@ -199,6 +207,23 @@ class BlockManager:
             self._lens[s] = length + c
             pos += c
         return torch.from_numpy(slots)
+
+    def truncate_many(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        """Shorten sequences to ``lengths`` (undoing appends), releasing blocks no longer needed."""
+        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
+        lengths = list(lengths)
+        if len(lengths) != len(seq_ids):
+            raise ValueError(f"lengths: expected {len(seq_ids)} lengths, got {len(lengths)}")
+        for s, n in zip(seq_ids, lengths):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= self._lens[s]:
+                raise ValueError(f"lengths: {n!r} for sequence {s}: expected 0 <= length <= {self._lens[s]}")
+        for s, n in zip(seq_ids, lengths):
+            keep = -(-int(n) // self._block_size)
+            dropped = self._tables[s][keep : self._nblocks[s]]
+            self._ref[dropped] -= 1
+            self._free.extend(dropped[self._ref[dropped] == 0][::-1].tolist())
+            self._nblocks[s] = keep
+            self._lens[s] = int(n)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The ``(src_block, dst_block)`` copies queued since the last call; run them before writing slots."""

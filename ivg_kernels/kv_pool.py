@@ -1,0 +1,119 @@
+"""KV storage on the device for paged sequences, and groups of models that fork and prune together.
+
+``KVPool`` holds one model's K and V for every layer in one tensor
+``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, so a batch of copy-on-write block
+copies is one indexed copy for all layers. ``KVCache`` pairs a pool with its ``BlockManager``.
+``KVCacheGroup`` holds one ``KVCache`` per model (base, guides, token reward model): one call forks,
+appends to or frees the same logical sequences in every model. Each model keeps its own block
+tables, so their lengths may differ (different prompt templates); sequence ids agree across models
+because every model's sequences are created through the group.
+
+Memory traffic: a fork moves no KV bytes; an append moves at most one block per forked child per
+model (copy-on-write of a shared, partly filled last block).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+
+from .block_manager import BlockManager, KVCacheExhausted
+
+
+class KVPool:
+    """K and V blocks of one model, all layers."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, *, dtype=torch.float32,
+                 device="cpu"):
+        for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected a positive int")
+        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                              device=device)  # (L, 2, B, S, Hkv, D)
+        self.bytes_copied = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.shape[0]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv[:, :, 0].numel() * self.kv.element_size()
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self.kv[i, 0], self.kv[i, 1]
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Run ``(src, dst)`` block copies for every layer (a destination is never a source here)."""
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], device=self.kv.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.kv.device)
+        self.kv[:, :, dst] = self.kv[:, :, src]
+        self.bytes_copied += len(copies) * self.bytes_per_block
+
+
+class KVCache:
+    """One model's paged cache: block metadata plus device storage."""
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, *, num_blocks, block_size, dtype=torch.float32,
+                 device="cpu"):
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.pool = KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.kv.device
+
+    def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
+        """Reserve slots, run the copy-on-write copies, return the slot mapping on the pool's device."""
+        slots = self.blocks.append(seq_ids, num_tokens)
+        self.pool.copy_blocks(self.blocks.take_copies())
+        return slots.to(self.device, non_blocking=True)
+
+
+class KVCacheGroup:
+    """Several models' caches that fork, grow and prune the same logical sequences together."""
+
+    def __init__(self, caches: Mapping[str, KVCache]):
+        if not caches:
+            raise ValueError("caches: expected at least one model's KVCache")
+        self.caches = dict(caches)
+
+    def __getitem__(self, name: str) -> KVCache:
+        return self.caches[name]
+
+    def _all(self, fn):
+        results = [fn(c.blocks) for c in self.caches.values()]
+        assert all(r == results[0] for r in results), "sequence ids diverged across models"
+        return results[0]
+
+    def new_sequences(self, n: int) -> list[int]:
+        return self._all(lambda bm: bm.new_sequences(n))
+
+    def fork_many(self, seq_ids: Sequence[int], n) -> list[list[int]]:
+        return self._all(lambda bm: bm.fork_many(seq_ids, n))
+
+    def free_many(self, seq_ids: Sequence[int]) -> None:
+        for c in self.caches.values():  # validate everywhere first: no half-freed state
+            for s in seq_ids:
+                c.blocks.seq_len(s)
+        for c in self.caches.values():
+            c.blocks.free_many(seq_ids)
+
+    def append(self, seq_ids: Sequence[int], num_tokens) -> dict[str, torch.Tensor]:
+        """Append in every model; ``num_tokens`` is shared or a ``{model: counts}`` mapping.
+
+        Checks every model's free blocks before changing any, so exhaustion leaves all of them as they were.
+        """
+        per_model = num_tokens if isinstance(num_tokens, Mapping) else {k: num_tokens for k in self.caches}
+        for name, cache in self.caches.items():
+            need = cache.blocks.blocks_needed(seq_ids, per_model[name])
+            if need > cache.blocks.num_free_blocks:
+                raise KVCacheExhausted(
+                    f"KV cache of model {name!r} exhausted: {need} blocks needed, "
+                    f"{cache.blocks.num_free_blocks} free of {cache.blocks.num_blocks}"
+                )
+        return {name: cache.append(seq_ids, per_model[name]) for name, cache in self.caches.items()}

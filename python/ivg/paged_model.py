@@ -1,0 +1,158 @@
+"""Hugging Face causal LMs on the paged KV cache: one forward over a ragged batch of sequences.
+
+The attention implementation ``"ivg_paged"`` is registered with transformers' ``AttentionInterface``.
+It writes each layer's new keys and values into the pages of ``module.layer_idx`` and attends through
+``ivg_kernels.paged_decode_attention`` (one new token per sequence) or
+``ivg_kernels.paged_prefill_attention`` (prompts and multi-token chunks). Batches are packed as one
+row of ``T`` tokens with explicit ``position_ids``; transformers builds no mask for an attention
+implementation it does not know, and none is needed.
+
+Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ivg_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from ivg_kernels.kv_pool import KVCache
+
+ATTN_IMPLEMENTATION = "ivg_paged"
+
+
+@dataclass
+class PagedBatch:
+    """What every attention layer needs for one forward (built once per step, shared by all layers)."""
+
+    cache: KVCache
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_table: torch.Tensor  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor  # int32 [B], lengths after this step
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    max_seqlen_q: int
+    is_decode: bool  # one new token per sequence
+    backend: str = "auto"
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, ivg_batch: PagedBatch | None = None, **kwargs):
+    """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` -> ``[1, T, H, D]``."""
+    if ivg_batch is None:
+        raise ValueError(
+            "ivg_batch=None: a model loaded with attn_implementation='ivg_paged' runs through ivg.PagedModel"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
+    b = ivg_batch
+    k_cache, v_cache = b.cache.pool.layer(module.layer_idx)
+    q = query[0].transpose(0, 1)  # (T, H, D)
+    write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), b.slot_mapping, backend=b.backend)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if b.is_decode:
+        out = paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
+                                     sliding_window=sliding_window, backend=b.backend)
+    else:
+        out = paged_prefill_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q,
+                                      max_seqlen_q=b.max_seqlen_q, scale=scale, sliding_window=sliding_window,
+                                      backend=b.backend)
+    return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a transformers config (GPT-2 or Llama-style names)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+def model_from_config(config, **kwargs):
+    """``AutoModelForCausalLM.from_config`` on the paged attention, leaving ``config`` untouched
+    (transformers' ``from_config(cfg, attn_implementation=...)`` edits ``cfg`` in place)."""
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+
+
+class PagedModel:
+    """A causal LM plus its paged KV cache.
+
+    Parameters
+    ----------
+    model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention.
+    num_blocks, block_size : pool size
+    cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one
+    backend : kernel backend, ``"auto"``, ``"reference"`` or ``"triton"``
+    """
+
+    def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
+                 backend: str = "auto"):
+        register_attention()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.model = model.eval()
+        param = next(model.parameters())
+        if cache is None:
+            layers, kv_heads, head_dim = kv_shape(model.config)
+            cache = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
+                            dtype=param.dtype, device=param.device)
+        self.cache = cache
+        self.backend = backend
+        self.device = param.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def blocks(self):
+        return self.cache.blocks
+
+    @torch.inference_mode()
+    def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``.
+
+        On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
+        """
+        seq_ids = list(seq_ids)
+        if len(tokens) != len(seq_ids):
+            raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
+        counts = [len(t) for t in tokens]
+        if any(c == 0 for c in counts):
+            raise ValueError("tokens: expected at least one new token per sequence")
+        flat = torch.as_tensor([int(x) for t in tokens for x in t], dtype=torch.long)
+        if flat.numel() and (flat.min() < 0 or flat.max() >= self.model.config.get_text_config().vocab_size):
+            raise ValueError(f"tokens: ids must lie in [0, {self.model.config.get_text_config().vocab_size})")
+        before = [self.blocks.seq_len(s) for s in seq_ids]
+        slots = self.cache.append(seq_ids, counts)
+        try:
+            positions = torch.cat([torch.arange(b, b + c) for b, c in zip(before, counts)])
+            cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+            cu[1:] = torch.tensor(counts).cumsum(0)
+            dev = self.device
+            batch = PagedBatch(
+                cache=self.cache, slot_mapping=slots,
+                block_table=self.blocks.block_table(seq_ids).to(dev),
+                seq_lens=self.blocks.seq_lens(seq_ids).to(dev),
+                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=max(counts) == 1,
+                backend=self.backend,
+            )
+            out = self.model(
+                input_ids=flat.to(dev).unsqueeze(0), position_ids=positions.to(dev).unsqueeze(0),
+                use_cache=False, logits_to_keep=(cu[1:] - 1).to(dev), ivg_batch=batch,
+            )
+            return out.logits[0]
+        except BaseException:
+            self.blocks.truncate_many(seq_ids, before)
+            raise
+
+    __call__ = forward
