@@ -1,0 +1,174 @@
+"""Hugging Face models on the paged cache against the same models with DynamicCache and from-scratch forwards."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from ivg.paged_model import PagedModel, kv_shape  # noqa: E402
+from ivg_kernels.block_manager import KVCacheExhausted  # noqa: E402
+from ivg_kernels.kv_pool import KVCache, KVCacheGroup  # noqa: E402
+
+from .helpers import DEVICE  # noqa: E402
+
+V = 101
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=V,
+             max_position_embeddings=256)
+CONFIGS = {
+    "gpt2": GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=V, n_positions=256, bos_token_id=0,
+                       eos_token_id=0),
+    "llama-gqa": LlamaConfig(num_key_value_heads=2, **SMALL),
+    "mistral-window": MistralConfig(num_key_value_heads=2, sliding_window=8, **SMALL),
+    "qwen2": Qwen2Config(num_key_value_heads=1, **SMALL),
+}
+BACKENDS = ["reference"] + (["triton"] if importlib.util.find_spec("triton") else [])
+
+
+def _pair(cfg, seed=0):
+    """The same random weights twice: a plain eager model (oracle) and a paged one."""
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(DEVICE)
+    paged = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(DEVICE)
+    paged.load_state_dict(ref.state_dict())
+    return ref, paged
+
+
+@torch.no_grad()
+def _scratch(model, tokens):
+    return model(torch.tensor([tokens], device=DEVICE)).logits[0, -1]
+
+
+def _close(a, b, what):
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-5, f"{what}: max |diff| {diff:.2e} > 1e-5"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_paged_matches_dynamic_cache_with_forks_and_prunes(family, backend):
+    ref, paged_hf = _pair(CONFIGS[family])
+    pm = PagedModel(paged_hf, num_blocks=256, block_size=4, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+    ids = pm.blocks.new_sequences(3)
+    history = dict(zip(ids, [list(p) for p in prompts]))
+
+    # The oracle for sequence ids[1]: the same model stepped with a DynamicCache.
+    dyn = DynamicCache(config=ref.config)
+    with torch.no_grad():
+        dyn_logits = ref(torch.tensor([prompts[1]], device=DEVICE), past_key_values=dyn, use_cache=True).logits[0, -1]
+
+    logits = pm(ids, prompts)  # one ragged prefill of all prompts
+    _close(logits[1], dyn_logits, "prefill vs DynamicCache")
+    for i, s in enumerate(ids):
+        _close(logits[i], _scratch(ref, history[s]), f"prefill seq {s}")
+
+    live = list(ids)
+    for step in range(64):
+        if step == 20:  # fork the first sequence into 3 children, prune the parent
+            bytes_before = pm.cache.pool.bytes_copied
+            kids = pm.blocks.fork(live[0], 3)
+            for k in kids:
+                history[k] = list(history[live[0]])
+            pm.blocks.free(live[0])
+            live = kids + live[1:]
+        if step == 41:  # prune a child, fork another mid-block into 2
+            pm.blocks.free(live[0])
+            twins = pm.blocks.fork(live[1], 2)
+            for k in twins:
+                history[k] = list(history[live[1]])
+            live = live[1:] + twins
+        new = [[int(torch.randint(0, V, (1,), generator=gen))] for _ in live]
+        logits = pm(live, new)
+        for s, t in zip(live, new):
+            history[s] += t
+        if ids[1] in live:
+            with torch.no_grad():
+                dyn_logits = ref(torch.tensor([new[live.index(ids[1])]], device=DEVICE), past_key_values=dyn,
+                                 position_ids=torch.tensor([[len(history[ids[1]]) - 1]], device=DEVICE),
+                                 use_cache=True).logits[0, -1]
+            _close(logits[live.index(ids[1])], dyn_logits, f"step {step} vs DynamicCache")
+        if step % 8 == 7 or step in (20, 21, 41, 42, 63):
+            for i, s in enumerate(live):
+                _close(logits[i], _scratch(ref, history[s]), f"step {step} seq {s} vs from-scratch")
+        if step == 20:
+            per_block = pm.cache.pool.bytes_per_block
+            assert pm.cache.pool.bytes_copied - bytes_before <= 3 * per_block, "a fork copied more than a block per child"
+    pm.blocks.free_many(live)
+    assert pm.blocks.num_free_blocks == pm.blocks.num_blocks, "blocks leaked"
+
+
+def test_multi_token_chunks_after_forks():
+    """Chunks of several tokens per child (prefill/extend kernel on a shared, cached prefix)."""
+    ref, paged_hf = _pair(CONFIGS["llama-gqa"], seed=3)
+    pm = PagedModel(paged_hf, num_blocks=64, block_size=4)
+    s = pm.blocks.new_sequence()
+    prompt = list(range(10, 19))
+    pm([s], [prompt])
+    kids = pm.blocks.fork(s, 4)
+    pm.blocks.free(s)
+    chunks = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11], [12, 13]]
+    logits = pm(kids, chunks)
+    for i, k in enumerate(kids):
+        _close(logits[i], _scratch(ref, prompt + chunks[i]), f"child {i}")
+
+
+def test_group_forks_models_with_different_prompt_lengths():
+    """Base and guide see different templates: per-model lengths, one fork and prune for both."""
+    ref_a, hf_a = _pair(CONFIGS["gpt2"], seed=4)
+    ref_b, hf_b = _pair(CONFIGS["qwen2"], seed=5)
+    caches = {}
+    for name, hf in (("base", hf_a), ("guide", hf_b)):
+        layers, kvh, hd = kv_shape(hf.config)
+        caches[name] = KVCache(layers, kvh, hd, num_blocks=64, block_size=4, device=DEVICE)
+    group = KVCacheGroup(caches)
+    base = PagedModel(hf_a, cache=group["base"])
+    guide = PagedModel(hf_b, cache=group["guide"])
+    (s,) = group.new_sequences(1)
+    prompt_a, prompt_b = [5, 6, 7], [9, 9, 5, 6, 7, 8, 1]  # the guide's template is longer
+    base([s], [prompt_a])
+    guide([s], [prompt_b])
+    kids = group.fork_many([s], 2)[0]
+    group.free_many([s])
+    for step in range(5):
+        toks = [[step + 1], [step + 20]]
+        la, lb = base(kids, toks), guide(kids, toks)
+        if step == 0:
+            prompt_a_hist = [prompt_a + t for t in toks]
+            prompt_b_hist = [prompt_b + t for t in toks]
+        else:
+            prompt_a_hist = [h + t for h, t in zip(prompt_a_hist, toks)]
+            prompt_b_hist = [h + t for h, t in zip(prompt_b_hist, toks)]
+        for i in range(2):
+            _close(la[i], _scratch(ref_a, prompt_a_hist[i]), "base")
+            _close(lb[i], _scratch(ref_b, prompt_b_hist[i]), "guide")
+    assert group["base"].blocks.seq_len(kids[0]) == 3 + 5 and group["guide"].blocks.seq_len(kids[0]) == 7 + 5
+
+
+def test_exhaustion_and_bad_tokens_leave_the_cache_unchanged():
+    ref, hf = _pair(CONFIGS["gpt2"])
+    pm = PagedModel(hf, num_blocks=3, block_size=4)
+    a, b = pm.blocks.new_sequences(2)
+    pm([a], [[1, 2, 3, 4, 5, 6]])
+    snapshot = (pm.blocks.num_free_blocks, pm.blocks.seq_len(a), pm.blocks.seq_len(b))
+    with pytest.raises(KVCacheExhausted, match="2 blocks needed, 1 free"):
+        pm([a, b], [[7], [1, 2, 3, 4, 5]])
+    with pytest.raises(ValueError, match="tokens"):
+        pm([a], [[V + 5]])
+    with pytest.raises(ValueError, match="tokens"):
+        pm([a, b], [[1]])
+    assert (pm.blocks.num_free_blocks, pm.blocks.seq_len(a), pm.blocks.seq_len(b)) == snapshot
+    pm.blocks.check_invariants()
+    _close(pm([a], [[7]])[0], _scratch(ref, [1, 2, 3, 4, 5, 6, 7]), "after the errors")
+
+
+def test_group_exhaustion_in_one_model_changes_no_model():
+    caches = {"a": KVCache(1, 1, 4, num_blocks=8, block_size=4), "b": KVCache(1, 1, 4, num_blocks=2, block_size=4)}
+    group = KVCacheGroup(caches)
+    (s,) = group.new_sequences(1)
+    with pytest.raises(KVCacheExhausted, match="model 'b'"):
+        group.append([s], 12)
+    assert group["a"].blocks.seq_len(s) == 0 and group["a"].blocks.num_free_blocks == 8
