@@ -18,7 +18,7 @@ V = 101
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=V,
              max_position_embeddings=256)
 CONFIGS = {
-    "gpt2": GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=V, n_positions=256, bos_token_id=0,
+    "gpt2": GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=256, bos_token_id=0,
                        eos_token_id=0),
     "llama-gqa": LlamaConfig(num_key_value_heads=2, **SMALL),
     "mistral-window": MistralConfig(num_key_value_heads=2, sliding_window=8, **SMALL),

@@ -54,12 +54,13 @@ def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.const
 
 
 @triton.jit
-def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
-                         stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS,
+def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
+                         stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, chunk, SPLITS,
                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         F32: tl.constexpr):
-    """One (row, KV head, split): unnormalised attention of the GROUP query heads over a KV range."""
+                         F32: tl.constexpr, DIRECT: tl.constexpr):
+    """One (row, KV head, split): attention of the GROUP query heads over a KV range; unnormalised
+    partials for the reduce kernel, or (DIRECT, a single split) the normalised output itself."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -93,6 +94,11 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
         m_i = m_new
+    if DIRECT:
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + n * stride_on + heads[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
+                 mask=gmask[:, None] & dmask[None, :])
+        return
     base = (n * (H_KV * GROUP) + heads) * SPLITS + sp  # [GP]
     tl.store(part_o + base[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
     tl.store(part_m + base, m_i, mask=gmask)
@@ -223,16 +229,20 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     max_len = block_table.shape[1] * bs
     splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
     chunk = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
-    part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    parts = 1 if direct else n * h * splits
+    part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
     dp = max(16, triton.next_power_of_2(d))
     wrap_triton(_decode_split_kernel)[(n, h_kv, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l,
-        q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
+        q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
+        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q), DIRECT=direct,
     )
+    if direct:
+        return out
     wrap_triton(_decode_reduce_kernel)[(n * h,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
         D=d, DP=dp, SP=max(2, triton.next_power_of_2(splits)),
