@@ -4,8 +4,25 @@ Imports without a GPU, a compiler, triton or transformers.
 """
 from ._backend import BACKENDS, triton_available
 from ._types import SampleOutput
+from .attention import paged_decode_attention, paged_prefill_attention, write_kv
+from .block_manager import BlockManager, KVCacheExhausted
+from .kv_pool import KVCache, KVCacheGroup, KVPool
 from .sampling import guided_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "SampleOutput", "guided_sample", "triton_available", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "BlockManager",
+    "KVCache",
+    "KVCacheExhausted",
+    "KVCacheGroup",
+    "KVPool",
+    "SampleOutput",
+    "guided_sample",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "triton_available",
+    "write_kv",
+    "__version__",
+]

@@ -69,6 +69,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
+    def truncate(self, data):
+        s = data.draw(st.sampled_from(sorted(self.history)))
+        n = data.draw(st.integers(0, len(self.history[s])))
+        self.bm.truncate_many([s], [n])
+        del self.history[s][n:]
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data())
     def free(self, data):
         s = data.draw(st.sampled_from(sorted(self.history)))
         self.bm.free(s)
