@@ -1,0 +1,151 @@
+"""Benchmark of forking and pruning beams on the paged cache against Hugging Face's cache reorder,
+and of paged decode attention against SDPA on a contiguous cache (GPU).
+
+    python benchmarks/bench_kv.py --quick     # CPU-friendly sizes
+    python benchmarks/bench_kv.py --record    # append to results.csv, render RESULTS.md
+
+Fork/prune, one chunk boundary of chunk-level beam search with W kept beams and K successors:
+  hf-reorder     DynamicCache.reorder_cache(beam_idx): index_select of every layer's K and V
+                 (what the published code and transformers' beam search do at every chunk)
+  paged          free the W*K - W pruned sequences, fork each kept one into K children, append one
+                 token to every child (running the copy-on-write copies on the pool)
+Reported: median microseconds and bytes of KV copied (in the `gbps` column's place: see `shape`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import harness  # noqa: E402
+from ivg_kernels.kv_pool import KVCache  # noqa: E402
+
+
+def _dims(device, quick):
+    if device.type == "cuda" and not quick:
+        return dict(layers=12, kv_heads=12, head_dim=64, dtype=torch.bfloat16)  # gpt2-sized guide
+    return dict(layers=2, kv_heads=4, head_dim=64, dtype=torch.float32)
+
+
+def bench_fork(device, lengths, w, k, block_size, quick):
+    dims = _dims(device, quick)
+    beams = w * k
+    rows = []
+    for length in lengths:
+        # Hugging Face: a DynamicCache of W*K rows of `length` tokens, reordered to keep W beams K times.
+        from transformers import DynamicCache
+
+        dyn = DynamicCache()
+        kv = torch.randn(beams, dims["kv_heads"], length, dims["head_dim"], dtype=dims["dtype"], device=device)
+        for layer in range(dims["layers"]):
+            dyn.update(kv.clone(), kv.clone(), layer)
+        beam_idx = torch.arange(w, device=device).repeat_interleave(k) * k  # keep beams 0, K, 2K, ...
+        hf_us = harness.time_us(lambda: dyn.reorder_cache(beam_idx), device)
+        hf_bytes = 2 * dims["layers"] * kv.numel() * kv.element_size()
+
+        # Paged: the same W*K beams of `length` tokens; each timed call is one chunk boundary and leaves
+        # W*K live beams one token longer, so repetitions measure the steady state.
+        num_blocks = (beams + beams) * (-(-(length + 1) // block_size) + 1)
+        cache = KVCache(dims["layers"], dims["kv_heads"], dims["head_dim"], num_blocks=num_blocks,
+                        block_size=block_size, dtype=dims["dtype"], device=device)
+        bm = cache.blocks
+        (root,) = bm.new_sequences(1)
+        cache.append([root], length - 1)
+        state = {"live": bm.fork(root, beams)}
+        bm.free(root)
+        cache.append(state["live"], 1)  # every beam owns its last block, as after a chunk of decoding
+
+        def boundary():
+            live = state["live"]
+            kept = live[::k][:w]
+            bm.free_many([s for s in live if s not in kept])
+            kids = [c for group in bm.fork_many(kept, k) for c in group]
+            bm.free_many(kept)
+            cache.append(kids, 1)
+            state["live"] = kids
+
+        copied0 = cache.pool.bytes_copied
+        calls = [0]
+
+        def counted():
+            boundary()
+            calls[0] += 1
+
+        paged_us = harness.time_us(counted, device)
+        paged_bytes = (cache.pool.bytes_copied - copied0) / max(calls[0], 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        shape = f"W={w},K={k},len={length},layers={dims['layers']},kv_heads={dims['kv_heads']},block={block_size}"
+        for name, us, nbytes in (("hf-reorder", hf_us, hf_bytes), ("paged", paged_us, paged_bytes)):
+            rows.append(dict(benchmark="kv-fork-prune", provider=name, shape=f"{shape},bytes_copied={int(nbytes)}",
+                             dtype=str(dims["dtype"]).replace("torch.", ""), median_us=f"{us:.1f}",
+                             gbps="", speedup=f"{hf_us / us:.2f}"))
+        del dyn, kv, cache
+    return rows
+
+
+def bench_decode(device, ns, lengths):
+    from ivg_kernels.attention import paged_decode_attention
+    from ivg_kernels.block_manager import BlockManager
+
+    h, h_kv, d, bs, dtype = 32, 8, 128, 16, torch.bfloat16
+    rows = []
+    for n in ns:
+        for length in lengths:
+            nb = n * (length // bs + 1)
+            kc = torch.randn(nb, bs, h_kv, d, dtype=dtype, device=device)
+            vc = torch.randn_like(kc)
+            bm = BlockManager(nb, bs)
+            bm._free = torch.randperm(nb).tolist()  # scattered pages
+            seqs = bm.new_sequences(n)
+            bm.append(seqs, length)
+            bt = bm.block_table(seqs).to(device)
+            sl = bm.seq_lens(seqs).to(device)
+            q = torch.randn(n, h, d, dtype=dtype, device=device)
+            k_dense = torch.randn(n, h_kv, length, d, dtype=dtype, device=device)
+            v_dense = torch.randn_like(k_dense)
+            nbytes = 2 * n * length * h_kv * d * 2
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                q.unsqueeze(2), k_dense, v_dense, enable_gqa=True)
+            paged = lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton")  # noqa: E731
+            base_us = harness.time_us(sdpa, device)
+            for name, fn in (("sdpa-contiguous", sdpa), ("paged-triton", paged)):
+                us = base_us if name.startswith("sdpa") else harness.time_us(fn, device)
+                rows.append(dict(benchmark="paged-decode-attention", provider=name,
+                                 shape=f"N={n},L={length},H={h},H_kv={h_kv},D={d},block={bs}", dtype="bf16",
+                                 median_us=f"{us:.1f}", gbps=f"{nbytes / (us * 1e-6) / 1e9:.1f}",
+                                 speedup=f"{base_us / us:.2f}"))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model dims; lengths 128..2048")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    lengths = [128, 512, 2048] if args.quick else [128, 512, 2048, 8192]
+    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
+    copy_gbps = harness.copy_bandwidth_gbps(device)
+    print(f"# bench_kv on {dev_name}, torch {torch.__version__}, commit {sha}; copy bandwidth {copy_gbps:.1f} GB/s")
+    rows = bench_fork(device, lengths, w=4, k=4, block_size=16, quick=args.quick)
+    if device.type == "cuda":
+        rows += bench_decode(device, [1, 16, 64], [1024, 4096, 16384])
+    else:
+        print("paged decode attention vs SDPA: GPU only, skipped", file=sys.stderr)
+    for r in rows:
+        r.update(date=date, commit=sha, device=dev_name)
+    harness.print_table(rows, copy_gbps)
+    if args.record:
+        harness.append_results(rows)
+        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
