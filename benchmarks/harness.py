@@ -90,6 +90,8 @@ def render_markdown() -> None:
         "GPU numbers count for the GPU targets; CPU numbers only for CPU targets.",
         "",
     ]
+    if all(r["device"].startswith("cpu") for r in rows):
+        lines[-1:-1] = ["No GPU run is recorded yet: every GPU target is still open."]
     for (date, sha, dev, bench), rs in sorted(groups.items(), key=lambda kv: kv[0][0], reverse=True):
         lines += [f"## {bench} — {dev} — {date} — commit {sha}", ""]
         lines += ["| provider | shape | dtype | median us | GB/s | speed-up |", "|---|---|---|---:|---:|---:|"]
