@@ -172,3 +172,13 @@ def test_group_exhaustion_in_one_model_changes_no_model():
     with pytest.raises(KVCacheExhausted, match="model 'b'"):
         group.append([s], 12)
     assert group["a"].blocks.seq_len(s) == 0 and group["a"].blocks.num_free_blocks == 8
+
+
+def test_model_from_config_leaves_the_config_untouched():
+    from ivg.paged_model import ATTN_IMPLEMENTATION, model_from_config
+
+    cfg = CONFIGS["llama-gqa"]
+    before = cfg._attn_implementation
+    model = model_from_config(cfg)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert cfg._attn_implementation == before

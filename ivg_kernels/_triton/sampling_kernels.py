@@ -100,16 +100,21 @@ def _row_param(ptr, value, row, IS_TENSOR: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _weight(w_vals, w_ptr, w_stride, row, i: tl.constexpr, W_TENSOR: tl.constexpr):
+    """Weight of guide i-1 (input i) for ``row``."""
+    if W_TENSOR:
+        return tl.load(w_ptr + row * w_stride + (i - 1))
+    else:
+        return w_vals[i - 1]
+
+
+@triton.jit
 def _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN: tl.constexpr, W_TENSOR: tl.constexpr):
     """z = x_0 + sum_i w_i x_i at ``cols`` of ``row`` in float32 (masked lanes are 0)."""
     z = tl.load(inputs[0] + row * strides[0] + cols, mask=mask, other=0.0).to(tl.float32)
     for i in tl.static_range(1, NIN):
         v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
-        if W_TENSOR:
-            w = tl.load(w_ptr + row * w_stride + (i - 1))
-        else:
-            w = w_vals[i - 1]
-        z = z + w * v
+        z = z + _weight(w_vals, w_ptr, w_stride, row, i, W_TENSOR) * v
     return z
 
 
@@ -130,11 +135,13 @@ def _stage1_kernel(
     start = sl * BLOCK
     cols = start + tl.arange(0, BLOCK)
     mask = cols < V
-    part = row.to(tl.int64) * S + sl
+    part = row * S + sl
     NEG_INF: tl.constexpr = float("-inf")
     POS_INF: tl.constexpr = float("inf")
 
+    # The only read of the inputs: per-input stats and the combined score from the same registers.
     nbad = 0
+    z = tl.zeros([BLOCK], tl.float32)
     for i in tl.static_range(NIN):
         v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
         nbad += tl.sum(((v != v) | (v == POS_INF)) & mask, 0)
@@ -143,7 +150,10 @@ def _stage1_kernel(
         m_safe = tl.where(m == NEG_INF, 0.0, m)
         tl.store(part_m + part * (NIN + 1) + i, m)
         tl.store(part_s + part * (NIN + 1) + i, tl.sum(tl.exp(vm - m_safe), 0))
-    z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN, W_TENSOR)
+        if i == 0:
+            z = v
+        else:
+            z = z + _weight(w_vals, w_ptr, w_stride, row, i, W_TENSOR) * v
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     sampling = t > 0
