@@ -14,7 +14,8 @@ import torch
 from ._backend import resolve_backend
 from .reference import attention as ref
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: reference backend only
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fail(name, value, expected):
@@ -28,7 +29,7 @@ def _check_cache(k_cache, v_cache):
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
             _fail(name, c, "a 4-D tensor [num_blocks, block_size, num_kv_heads, head_dim]")
         if c.dtype not in _DTYPES:
-            _fail(name, c, "dtype float32, bfloat16 or float16")
+            _fail(name, c, "dtype float32, bfloat16, float16 or float64")
         if not c.is_contiguous():
             _fail(name, c, "a contiguous tensor")
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.device != v_cache.device:
@@ -94,7 +95,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     if value.shape[0] != key.shape[0]:
         _fail("value", value, f"{key.shape[0]} tokens, like key")
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
-    if resolve_backend(backend, k_cache) == "reference":
+    if resolve_backend(backend, k_cache, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
     _triton_ops().write_kv(k_cache, v_cache, key, value, slot_mapping)
 
@@ -122,7 +123,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
     _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
     scale, window = _check_scale_window(scale, sliding_window)
-    if resolve_backend(backend, q) == "reference":
+    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
                                               sliding_window=sliding_window)
     return _triton_ops().paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window,
@@ -151,7 +152,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
         _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
     scale, window = _check_scale_window(scale, sliding_window)
-    if resolve_backend(backend, q) == "reference":
+    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                                scale=scale, sliding_window=sliding_window)
     return _triton_ops().paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,

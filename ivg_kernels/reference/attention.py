@@ -29,11 +29,12 @@ def _gather(cache, block_table, length):
 
 
 def _attend(q, k, v, allowed, scale):
-    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> [N, M, H, D] in float32."""
+    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> [N, M, H, D] in float32 (float64 for float64)."""
     group = q.shape[2] // k.shape[2]
-    k = k.float().repeat_interleave(group, dim=2)
-    v = v.float().repeat_interleave(group, dim=2)
-    scores = torch.einsum("nmhd,nlhd->nhml", q.float(), k) * scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k.to(acc).repeat_interleave(group, dim=2)
+    v = v.to(acc).repeat_interleave(group, dim=2)
+    scores = torch.einsum("nmhd,nlhd->nhml", q.to(acc), k) * scale
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key gives 0
     return torch.einsum("nhml,nlhd->nmhd", probs, v)

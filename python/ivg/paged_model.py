@@ -101,6 +101,7 @@ class PagedModel:
     def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
                  backend: str = "auto"):
         register_attention()
+        self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
         param = next(model.parameters())
@@ -116,6 +117,11 @@ class PagedModel:
     @property
     def blocks(self):
         return self.cache.blocks
+
+    def release(self) -> None:
+        """Give the model its previous attention implementation back (the cache stays as it is)."""
+        if self._previous_attn and self._previous_attn != ATTN_IMPLEMENTATION:
+            self.model.set_attn_implementation(self._previous_attn)
 
     @torch.inference_mode()
     def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:

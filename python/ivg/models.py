@@ -1,0 +1,149 @@
+"""The models of an IVG run: a base, guide pairs with their betas, an optional token reward model.
+
+A token reward model as published is a causal LM body with a ``score_head`` ``Linear(hidden, vocab)``:
+``Q(s_{t-1}, v)`` is the head's output at position t-1 for token v (:class:`TokenRewardModel`). Any
+causal LM whose logits serve as ``Q`` works too.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+SCORE_HEAD_FILE = "score_head.safetensors"
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class TokenRewardModel(torch.nn.Module):
+    """A transformer body plus ``score_head = Linear(hidden, vocab)``; ``forward(...).logits`` is ``Q``."""
+
+    def __init__(self, body, score_head: torch.nn.Linear):
+        super().__init__()
+        self.body = body
+        self.score_head = score_head
+        self.config = body.config
+
+    @classmethod
+    def from_body_config(cls, config, **kwargs):
+        from transformers import AutoModel
+
+        body = AutoModel.from_config(config, **kwargs)
+        return cls(body, torch.nn.Linear(config.get_text_config().hidden_size, config.get_text_config().vocab_size))
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A body saved with ``save_pretrained`` plus ``score_head.safetensors`` beside it."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        body = AutoModel.from_pretrained(path, **kwargs)
+        state = load_file(os.path.join(path, SCORE_HEAD_FILE))
+        weight = state["score_head.weight"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="score_head.bias" in state)
+        head.load_state_dict({k.removeprefix("score_head."): v for k, v in state.items()})
+        return cls(body, head.to(dtype=body.dtype, device=body.device))
+
+    def save_pretrained(self, path):
+        from safetensors.torch import save_file
+
+        self.body.save_pretrained(path)
+        save_file({f"score_head.{k}": v.contiguous() for k, v in self.score_head.state_dict().items()},
+                  os.path.join(path, SCORE_HEAD_FILE))
+
+    def set_attn_implementation(self, name):
+        self.body.set_attn_implementation(name)
+
+    @property
+    def generation_config(self):
+        return getattr(self.body, "generation_config", None)
+
+    def get_output_embeddings(self):
+        return self.score_head
+
+    def forward(self, input_ids=None, position_ids=None, logits_to_keep=0, **kwargs):
+        hidden = self.body(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        return _Logits(self.score_head(hidden))
+
+
+def is_token_rm_dir(path) -> bool:
+    return os.path.isdir(str(path)) and os.path.exists(os.path.join(str(path), SCORE_HEAD_FILE))
+
+
+def load_causal_lm(path, *, dtype=None, device="cpu"):
+    """A causal LM (or a token reward model directory) by local path or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if is_token_rm_dir(path):
+        model = TokenRewardModel.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device).eval()
+
+
+@dataclass
+class GuidePair:
+    tuned: torch.nn.Module
+    ref: torch.nn.Module
+    beta: float = 1.0
+
+
+@dataclass
+class IVGModels:
+    """Base, guide pairs, token reward model, and the shared tokenizer.
+
+    ``templates`` maps ``"base"``, ``"guide"`` and ``"token_rm"`` to a format string with ``{prompt}``:
+    models may see different prompt templates (the paged cache keeps per-model lengths).
+    """
+
+    base: torch.nn.Module
+    guides: list = field(default_factory=list)  # GuidePair
+    token_rm: Optional[torch.nn.Module] = None
+    token_rm_weight: float = 1.0
+    tokenizer: object = None
+    templates: dict = field(default_factory=dict)
+
+    def roles(self):
+        """(name, model, template role) of every model, base first."""
+        out = [("base", self.base, "base")]
+        for i, g in enumerate(self.guides):
+            out += [(f"tune{i}", g.tuned, "guide"), (f"ref{i}", g.ref, "guide")]
+        if self.token_rm is not None:
+            out.append(("rm", self.token_rm, "token_rm"))
+        return out
+
+    def prompt_ids(self, prompt, role: str) -> list[int]:
+        """Token ids of a prompt for a template role (token-id prompts pass through unchanged)."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise ValueError("prompts: text prompts need a tokenizer (or pass token id lists)")
+        text = self.templates.get(role, "{prompt}").format(prompt=prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_tokenizers(base_tok, other_tok, name: str) -> None:
+    """Same token-to-id map over the shared id range (sizes may differ: padded vocabularies are fine).
+
+    Checking only the vocabulary size is a known bug: Llama-2 and Mistral both have 32000 tokens.
+    """
+    a = {i: t for t, i in base_tok.get_vocab().items()}
+    b = {i: t for t, i in other_tok.get_vocab().items()}
+    shared = min(len(base_tok), len(other_tok))
+    diffs = [(i, a.get(i), b.get(i)) for i in range(shared) if a.get(i) != b.get(i)]
+    if diffs:
+        shown = ", ".join(f"id {i}: {x!r} vs {y!r}" for i, x, y in diffs[:3])
+        raise ValueError(
+            f"tokenizer of {name}: differs from the base tokenizer at {len(diffs)} of {shared} shared ids "
+            f"(first: {shown}); token-level guidance needs the same token-to-id map"
+        )

@@ -1,0 +1,132 @@
+"""The naive baseline: what the published IVG code does, with the same sampler and seeds.
+
+* one prompt at a time;
+* the prompt replicated W*K times and prefilled W*K times, a ``DynamicCache`` per model;
+* at every chunk boundary, every model's whole cache reordered with ``index_select``;
+* chunk scorers re-run from scratch over prompt + whole response (explicit: the token reward model's
+  Q at the last token; implicit: the guides' summed log-ratio over the response);
+* finished rows keep decoding (their tokens are ignored).
+
+It is the test oracle of the paged decoder and the baseline of ``benchmarks/bench_decode.py``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import ivg_kernels
+
+from .decoder import GenerationResult, RunStats, check_prompts, chunk_scores, default_eos, make_result
+from .models import IVGModels
+from .options import DecodeOptions
+from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset
+
+
+class NaiveDecoder:
+    def __init__(self, models: IVGModels, *, backend: str = "reference"):
+        self.models = models
+        self.backend = backend
+        self.last_stats = RunStats()
+
+    @torch.inference_mode()
+    def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
+        m = self.models
+        opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
+        roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
+                 or (r[0] == "rm" and opts.uses_token_rm)]
+        ids = check_prompts(m, prompts, opts, roles)
+        eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
+        stopper = StopChecker(m.tokenizer, opts.stop, eos)
+        stats = RunStats(prompts=len(ids))
+        start = time.perf_counter()
+        out = [self._one(prompts[i], ids[i], opts, roles, stopper, stats) for i in range(len(ids))]
+        stats.wall_s = time.perf_counter() - start
+        self.last_stats = stats
+        return out
+
+    def _one(self, prompt, ids, opts, roles, stopper, stats) -> GenerationResult:
+        from transformers import DynamicCache
+
+        m = self.models
+        names = [r[0] for r in roles]
+        model = {r[0]: r[1] for r in roles}
+        device = next(m.base.parameters()).device
+        guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
+        eft = "eft" in opts.tokenwise
+        w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
+        seed = prompt_seed(opts.seed, ids["base"])
+        rows = opts.width * opts.successors
+        caches = {n: DynamicCache(config=model[n].config) for n in names}
+        logits = {}
+        for n in names:  # the prompt, W*K times
+            x = torch.tensor([ids[n]] * rows, device=device)
+            logits[n] = self._forward(model[n], x, caches[n], 0)
+        stats.forwards += len(names)
+        vocab = min(logits[n].shape[-1] for n in names)
+        cands = [Beam(j, slot=j) for j in range(rows)]
+        chunk_start = 0
+        for t in range(opts.max_new_tokens):
+            sample = ivg_kernels.guided_sample(
+                logits["base"],
+                [pair for i, beta in guides for pair in ((logits[f"tune{i}"], beta if eft else 0.0),
+                                                         (logits[f"ref{i}"], -beta if eft else 0.0))]
+                + ([(logits["rm"], w_rm)] if "rm" in names else []),
+                temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
+                seed=seed, offset=torch.tensor([row_offset(t, b.cand) for b in cands], device=device),
+                vocab_size=vocab, backend=self.backend,
+            )
+            tokens = sample.tokens.tolist()
+            for r, b in enumerate(cands):
+                if b.finished:
+                    continue  # finished rows keep decoding; their draws are ignored
+                b.tokens.append(tokens[r])
+                b.logprob += float(sample.logprob[r])
+                b.finished = stopper.finished(b.tokens) or t + 1 == opts.max_new_tokens
+                stats.new_tokens += 1
+            alive = [b for b in cands if not b.finished]
+            at_chunk = opts.chunk_len is not None and (t + 1 - chunk_start) % opts.chunk_len == 0
+            if not alive or (rows > 1 and at_chunk):
+                self._rescore(ids, cands, opts, roles, model, device, vocab)
+                scores = chunk_scores(prompt, cands, opts, stopper)
+                order = rank(cands, scores, opts.keep)
+                if not alive:
+                    return make_result(prompt, [cands[i] for i in order], [scores[i] for i in order], opts,
+                                       stopper, m)
+                plan = expand([cands[i] for i in order[: opts.width]], opts.successors)
+                beam_idx = torch.tensor([par.slot for par, _ in plan], device=device)
+                for n in names:
+                    caches[n].reorder_cache(beam_idx)  # copies every layer of every cache
+                cands = [par.child(j, slot=j) for j, (par, _) in enumerate(plan)]
+                for n in names:
+                    logits[n] = logits[n].index_select(0, beam_idx)
+                chunk_start = t + 1
+            step_tokens = torch.tensor([[b.tokens[-1]] for b in cands], device=device)
+            for n in names:
+                logits[n] = self._forward(model[n], step_tokens, caches[n], len(ids[n]) + t)
+            stats.forwards += len(names)
+        raise AssertionError("unreachable: the last step finishes every beam")
+
+    @staticmethod
+    def _forward(model, input_ids, cache, past):
+        pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return model(input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    def _rescore(self, ids, beams, opts, roles, model, device, vocab):
+        """Recompute the values from scratch over prompt + whole response (what the published code does)."""
+        for b in beams:
+            if "rm" in model:
+                x = torch.tensor([ids["rm"] + b.tokens[:-1]], device=device)
+                b.explicit = float(model["rm"](input_ids=x).logits[0, -1, b.tokens[-1]])
+            if opts.uses_guides:
+                total = 0.0
+                for i, g in enumerate(self.models.guides):
+                    lp = {}
+                    for role in ("tune", "ref"):
+                        pre = ids[f"{role}{i}"]
+                        x = torch.tensor([pre + b.tokens], device=device)
+                        out = model[f"{role}{i}"](input_ids=x).logits[0, len(pre) - 1:-1, :vocab]
+                        logp = torch.log_softmax(out.double(), -1)
+                        lp[role] = logp.gather(1, torch.tensor(b.tokens, device=device)[:, None]).sum()
+                    total += g.beta * float(lp["tune"] - lp["ref"])
+                b.implicit = total

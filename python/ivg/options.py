@@ -1,0 +1,109 @@
+"""Decoding options: the modes of IVG.md as presets over one general setting.
+
+A setting is: which token-wise guidance is added to the base logits (``eft``: the guide pairs'
+log-ratios; ``tokenrm``: the token reward model's values), which chunk scorer ranks candidates
+(``explicit``, ``implicit``, or a Python callable on texts), and the beam shape W, K, L.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence, Union
+
+MODES = ("plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won")
+TextScorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Everything a decoder needs besides the models and the prompts.
+
+    Attributes
+    ----------
+    mode : one of ``plain, eft, tokenrm, cbs, ivg, bon, won`` (a preset; see :meth:`resolved`)
+    tokenwise : guidance added token by token, a subset of ``("eft", "tokenrm")``; None: from the mode
+    scorer : ``"explicit"``, ``"implicit"``, a callable ``(prompts, responses) -> scores``, or None
+    width, successors, chunk_len : W, K, L of chunk-level beam search (``chunk_len=None``: infinity)
+    n : N of best-of-N / worst-of-N
+    keep : ``"max"`` keeps the highest scores, ``"min"`` the lowest (worst-of-N)
+    temperature, top_k, top_p, min_p : the sampler's warpers (temperature 0: greedy)
+    seed : the run's seed; each prompt's random stream is keyed by (seed, prompt tokens)
+    max_new_tokens : response length limit
+    stop : stop strings; eos_token_ids : token ids that end a response (None: from the tokenizer/config)
+    num_return : beams returned per prompt (at most W for chunk search)
+    """
+
+    mode: str = "plain"
+    tokenwise: Optional[tuple] = None
+    scorer: Union[str, TextScorer, None] = None
+    width: int = 4
+    successors: int = 4
+    chunk_len: Optional[int] = 5
+    n: int = 16
+    keep: str = "max"
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop: tuple = field(default_factory=tuple)
+    eos_token_ids: Optional[tuple] = None
+    num_return: int = 1
+
+    def resolved(self, *, have_guides: bool, have_token_rm: bool) -> "DecodeOptions":
+        """The general setting of this mode, checked: W, K, L, token-wise guidance, scorer, keep."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("width", "successors", "n", "max_new_tokens", "num_return"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected an int >= 1")
+        if self.chunk_len is not None and (
+            isinstance(self.chunk_len, bool) or not isinstance(self.chunk_len, numbers.Integral) or self.chunk_len < 1
+        ):
+            raise ValueError(f"chunk_len={self.chunk_len!r}: expected an int >= 1 or None (infinity)")
+        if self.keep not in ("max", "min"):
+            raise ValueError(f"keep={self.keep!r}: expected 'max' or 'min'")
+        if isinstance(self.scorer, str) and self.scorer not in ("explicit", "implicit"):
+            raise ValueError(f"scorer={self.scorer!r}: expected 'explicit', 'implicit' or a callable")
+
+        mode, w, k, chunk, keep, scorer = self.mode, self.width, self.successors, self.chunk_len, self.keep, self.scorer
+        default_tokenwise = {"plain": (), "eft": ("eft",), "tokenrm": ("tokenrm",), "cbs": (), "ivg": ("eft",),
+                             "bon": (), "won": ()}[mode]
+        tokenwise = tuple(self.tokenwise) if self.tokenwise is not None else default_tokenwise
+        for tw in tokenwise:
+            if tw not in ("eft", "tokenrm"):
+                raise ValueError(f"tokenwise={self.tokenwise!r}: expected a subset of ('eft', 'tokenrm')")
+        if mode in ("plain", "eft", "tokenrm"):
+            w = k = 1
+            chunk = None
+        elif mode == "ivg" and scorer is None:
+            scorer = "explicit"
+        elif mode in ("bon", "won"):
+            w, k, chunk = 1, self.n, None
+            keep = "max" if mode == "bon" else "min"
+        if scorer is None and mode in ("cbs", "bon", "won"):
+            scorer = "explicit" if have_token_rm else "implicit" if have_guides else None
+            if scorer is None:
+                raise ValueError(f"mode={mode!r}: needs a scorer: a token reward model, a guide pair, or a callable")
+        if "eft" in tokenwise or scorer == "implicit":
+            if not have_guides:
+                raise ValueError(f"mode={mode!r}: needs at least one (tuned, ref) guide pair")
+        if "tokenrm" in tokenwise or scorer == "explicit":
+            if not have_token_rm:
+                raise ValueError(f"mode={mode!r}: needs a token reward model")
+        most = k if mode in ("bon", "won") else w  # best-of-N ranks all N; chunk search keeps W
+        if self.num_return > most:
+            raise ValueError(f"num_return={self.num_return}: expected at most {most} for mode {mode!r}")
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r}: expected >= 0")
+        return replace(self, tokenwise=tokenwise, scorer=scorer, width=w, successors=k, chunk_len=chunk, keep=keep)
+
+    @property
+    def uses_guides(self) -> bool:
+        return "eft" in self.tokenwise or self.scorer == "implicit"
+
+    @property
+    def uses_token_rm(self) -> bool:
+        return "tokenrm" in self.tokenwise or self.scorer == "explicit"

@@ -1,0 +1,89 @@
+"""Chunk-level beam search bookkeeping shared by the paged decoder and the naive baseline.
+
+Both decoders follow these rules, so their results can be compared token for token:
+* candidate ``j`` of a prompt draws token ``t`` with the key ``(prompt_seed, t * 2**16 + j)``;
+* at a chunk boundary the candidates are ranked by score (ties: lower ``j`` first), the top W kept,
+  each kept unfinished beam replaced by K children and each kept finished beam carried over, and the
+  new candidates numbered in that order.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+OFFSET_STRIDE = 1 << 16  # candidates per prompt and chunk stay below this
+
+
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """A 63-bit stream key from the run's seed and the prompt's tokens (not its place in the batch)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in prompt_ids))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def row_offset(t: int, j: int) -> int:
+    return t * OFFSET_STRIDE + j
+
+
+@dataclass
+class Beam:
+    """One candidate response of one prompt."""
+
+    cand: int  # j: its index among the prompt's candidates in the current chunk
+    tokens: list = field(default_factory=list)
+    implicit: float = 0.0  # sum over tokens of sum_i beta_i (log pi_tune_i - log pi_ref_i)
+    explicit: float = math.nan  # Q(s_{t-1}, y_t) at the last token
+    logprob: float = 0.0  # sum of the sampler's log-probs
+    finished: bool = False
+    slot: Optional[int] = None  # the decoder's handle: a KV sequence id or a cache row
+
+    def child(self, cand: int, slot=None) -> "Beam":
+        return Beam(cand, list(self.tokens), self.implicit, self.explicit, self.logprob, self.finished, slot)
+
+
+def rank(beams: Sequence[Beam], scores: Sequence[float], keep: str) -> list[int]:
+    """Indices of ``beams`` best first (highest score, or lowest for keep='min'); ties by candidate index."""
+    sign = -1.0 if keep == "max" else 1.0
+    return sorted(range(len(beams)), key=lambda i: (sign * scores[i], beams[i].cand))
+
+
+def expand(kept: Sequence[Beam], successors: int) -> list[tuple[Beam, bool]]:
+    """The next chunk's candidates, numbered in order: ``(parent, is_child)`` pairs."""
+    out = []
+    for b in kept:
+        if b.finished:
+            out.append((b, False))
+        else:
+            out.extend((b, True) for _ in range(successors))
+    return out
+
+
+class StopChecker:
+    """EOS ids and stop strings; a stop string may span tokens. Decodes only a short tail per step."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        if self.stop and tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer to decode the responses")
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.tail = max((len(s) for s in self.stop), default=0) + 2  # tokens: at least a char each, plus slack
+
+    def finished(self, tokens: Sequence[int]) -> bool:
+        if tokens and tokens[-1] in self.eos:
+            return True
+        if self.stop:
+            text = self.tokenizer.decode(tokens[-self.tail:], skip_special_tokens=True)
+            return any(s in text for s in self.stop)
+        return False
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """The response text, cut before the first stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text
