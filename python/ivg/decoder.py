@@ -117,18 +117,14 @@ class IVGDecoder:
         self.block_size = block_size
         self.backend = backend
         self.last_stats = RunStats()
-        self._verify_tokenizers()
+        self._group = None
+        models.check()
 
-    def _verify_tokenizers(self):
-        tok = self.models.tokenizer
-        if tok is None:
-            return
-        from .models import check_tokenizers
-
-        for name, model, _ in self.models.roles()[1:]:
-            other = getattr(model, "ivg_tokenizer", None)
-            if other is not None:
-                check_tokenizers(tok, other, name)
+    def kv_blocks_in_use(self) -> dict:
+        """Blocks in use per model after the last ``generate`` (0 unless something leaked)."""
+        if self._group is None:
+            return {}
+        return {name: c.blocks.num_used_blocks for name, c in self._group.caches.items()}
 
     def _paged_models(self, roles, num_blocks):
         caches, paged = {}, {}
@@ -158,6 +154,7 @@ class IVGDecoder:
             beams_per_prompt * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) for d in ids
         ) + len(ids)
         group, paged = self._paged_models(roles, num_blocks)
+        self._group = group
         start = time.perf_counter()
         stats = RunStats(prompts=len(ids))
         try:

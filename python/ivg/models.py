@@ -112,6 +112,15 @@ class IVGModels:
     token_rm_weight: float = 1.0
     tokenizer: object = None
     templates: dict = field(default_factory=dict)
+    other_tokenizers: dict = field(default_factory=dict)  # name ("tune0", "rm", ...) -> its own tokenizer
+
+    def check(self) -> None:
+        """Every model's tokenizer maps the shared id range like the base's (see check_tokenizers)."""
+        if self.tokenizer is None:
+            return
+        for name, tok in self.other_tokenizers.items():
+            if tok is not None:
+                check_tokenizers(self.tokenizer, tok, name)
 
     def roles(self):
         """(name, model, template role) of every model, base first."""

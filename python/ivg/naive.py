@@ -28,6 +28,7 @@ class NaiveDecoder:
         self.models = models
         self.backend = backend
         self.last_stats = RunStats()
+        models.check()
 
     @torch.inference_mode()
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):

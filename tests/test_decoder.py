@@ -1,0 +1,179 @@
+"""The paged IVG decoder against the naive baseline (float64, same seeds), and its contracts."""
+import pytest
+import torch
+
+from ivg.decoder import IVGDecoder
+from ivg.naive import NaiveDecoder
+from ivg.options import DecodeOptions
+
+from .decoder_fixtures import EOS, char_tokenizer, ivg_models
+
+PROMPTS = ["the movie was", "a", "it is a truly wonderful day, and"]  # ragged
+MODES = ["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"]
+
+
+def _opts(mode, **kw):
+    base = dict(mode=mode, width=2, successors=3, chunk_len=4, n=5, max_new_tokens=14, seed=11, temperature=1.0,
+                num_return=2 if mode in ("cbs", "ivg", "bon", "won") else 1)
+    base.update(kw)
+    return DecodeOptions(**base)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def models(request):
+    return ivg_models(request.param)
+
+
+def _same(a, b, tol=1e-9):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x.beams) == len(y.beams)
+        for bx, by in zip(x.beams, y.beams):
+            assert bx.tokens == by.tokens, f"{x.prompt!r}: {bx.tokens} != {by.tokens}"
+            assert bx.text == by.text
+            for f in ("score", "implicit_value", "explicit_value"):
+                u, v = getattr(bx, f), getattr(by, f)
+                assert (u is None) == (v is None), f
+                if u is not None:
+                    assert abs(u - v) <= tol * max(1.0, abs(v)), f"{f}: {u} vs {v}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_paged_matches_naive(models, mode):
+    opts = _opts(mode)
+    paged = IVGDecoder(models, backend="reference").generate(PROMPTS, opts)
+    naive = NaiveDecoder(models).generate(PROMPTS, opts)
+    _same(paged, naive)
+    assert all(r.beams[0].tokens for r in paged)
+
+
+def test_guidance_changes_the_output(models):
+    plain = IVGDecoder(models).generate(PROMPTS, _opts("plain"))
+    eft = IVGDecoder(models).generate(PROMPTS, _opts("eft"))
+    assert any(a.beams[0].tokens != b.beams[0].tokens for a, b in zip(plain, eft))
+
+
+def test_combination_tokenrm_inside_implicit_search(models):
+    opts = _opts("cbs", tokenwise=("tokenrm", "eft"), scorer="implicit")
+    _same(IVGDecoder(models).generate(PROMPTS, opts), NaiveDecoder(models).generate(PROMPTS, opts))
+
+
+def test_external_scorer_and_wrong_count(models):
+    def by_vowels(prompts, responses):
+        return [sum(c in "aeiou" for c in r) for r in responses]
+
+    opts = _opts("cbs", scorer=by_vowels)
+    _same(IVGDecoder(models).generate(PROMPTS, opts), NaiveDecoder(models).generate(PROMPTS, opts))
+    with pytest.raises(ValueError, match="scorer: returned 1 scores for 6 candidates"):
+        IVGDecoder(models).generate(PROMPTS, _opts("cbs", scorer=lambda p, r: [0.0]))
+
+
+@pytest.mark.parametrize("mode", ["ivg", "bon"])
+def test_batch_invariance(models, mode):
+    opts = _opts(mode)
+    together = IVGDecoder(models).generate(PROMPTS, opts)
+    alone = [IVGDecoder(models).generate([p], opts)[0] for p in PROMPTS]
+    _same(together, alone, tol=1e-12)
+    reordered = IVGDecoder(models).generate(PROMPTS[::-1], opts)[::-1]
+    _same(together, reordered, tol=1e-12)
+
+
+def test_values_equal_a_from_scratch_recomputation(models):
+    res = IVGDecoder(models).generate(PROMPTS, _opts("ivg"))  # eft token-wise, explicit scorer: both values
+    tok = models.tokenizer
+    g = models.guides[0]
+    for r in res:
+        prompt = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        y = r.beams[0].tokens
+        with torch.no_grad():
+            x = torch.tensor([prompt + y])
+            lt = torch.log_softmax(g.tuned(x).logits[0, len(prompt) - 1:-1].double(), -1)
+            lr = torch.log_softmax(g.ref(x).logits[0, len(prompt) - 1:-1].double(), -1)
+            idx = torch.tensor(y)[:, None]
+            implicit = g.beta * float((lt.gather(1, idx) - lr.gather(1, idx)).sum())
+            q = models.token_rm(input_ids=torch.tensor([prompt + y[:-1]])).logits[0, -1, y[-1]]
+        assert abs(r.beams[0].implicit_value - implicit) < 1e-9
+        assert abs(r.beams[0].explicit_value - float(q)) < 1e-9
+
+
+def test_eos_and_a_stop_string_spanning_two_tokens(models):
+    dec = IVGDecoder(models)
+    free = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=()))[0].beams[0]
+    toks = free.tokens
+    # EOS: end at the first occurrence of a token that the free run drew.
+    eos = toks[5]
+    cut = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=(eos,)))[0].beams[0]
+    assert cut.tokens == toks[: toks.index(eos) + 1]
+    # A stop string made of two drawn tokens (characters): the response stops at its second token.
+    tok = models.tokenizer
+    stop = tok.decode(toks[6:8])
+    first = free.text.find(stop)
+    assert len(stop) == 2 and first >= 0
+    stopped = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=(), stop=(stop,)))[0]
+    assert stopped.beams[0].tokens == toks[: first + 2]
+    assert stopped.beams[0].text == free.text[:first]
+
+
+def test_no_blocks_in_use_after_generate_and_after_an_error(models):
+    dec = IVGDecoder(models)
+    dec.generate(PROMPTS, _opts("ivg"))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+    calls = []
+
+    def flaky(prompts, responses):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("scorer failed")
+        return [0.0] * len(responses)
+
+    with pytest.raises(RuntimeError, match="scorer failed"):
+        dec.generate(PROMPTS, _opts("cbs", scorer=flaky))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+    assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mode="cbs", width=0), "width=0"),
+    (dict(mode="cbs", successors=0), "successors=0"),
+    (dict(mode="cbs", chunk_len=0), "chunk_len=0"),
+    (dict(mode="bon", n=0), "n=0"),
+    (dict(mode="nope"), "mode='nope'"),
+    (dict(mode="cbs", num_return=5), "num_return=5"),
+    (dict(mode="plain", max_new_tokens=0), "max_new_tokens=0"),
+])
+def test_bad_options(models, kw, match):
+    with pytest.raises(ValueError, match=match):
+        IVGDecoder(models).generate(PROMPTS, DecodeOptions(**kw))
+
+
+def test_bad_prompts(models):
+    dec = IVGDecoder(models)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: empty"):
+        dec.generate(["ok", ""], _opts("plain"))
+    with pytest.raises(ValueError, match="prompts: expected a non-empty list"):
+        dec.generate([], _opts("plain"))
+    with pytest.raises(ValueError, match=r"prompts\[0\]: .*exceed base's 96 positions"):
+        dec.generate(["a" * 90], _opts("plain", max_new_tokens=10))
+
+
+def test_mismatched_tokenizers_are_named():
+    vocab = char_tokenizer().get_vocab()
+    # Same size, different map: swap two characters' ids in a new tokenizer.
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    v2 = dict(vocab)
+    v2["a"], v2["b"] = vocab["b"], vocab["a"]
+    t = Tokenizer(tmodels.WordLevel(v2, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    t.decoder = decoders.Fuse()
+    swapped = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<eos>")
+    with pytest.raises(ValueError, match=r"tokenizer of tune0: differs .* id \d+: 'a' vs 'b'"):
+        IVGDecoder(ivg_models("gpt2", other_tokenizers={"tune0": swapped}))
+
+
+def test_eos_is_read_from_the_tokenizer(models):
+    res = IVGDecoder(models).generate(PROMPTS, _opts("bon", max_new_tokens=30))
+    for r in res:
+        for b in r.beams:
+            assert EOS not in b.tokens[:-1]
