@@ -10,4 +10,31 @@ def __getattr__(name):
         from . import paged_model
 
         return getattr(paged_model, name)
+    if name in ("IVGDecoder", "GenerationResult"):
+        from . import decoder
+
+        return getattr(decoder, name)
+    if name == "NaiveDecoder":
+        from .naive import NaiveDecoder
+
+        return NaiveDecoder
+    if name in ("IVGModels", "GuidePair", "TokenRewardModel"):
+        from . import models
+
+        return getattr(models, name)
+    if name == "DecodeOptions":
+        from .options import DecodeOptions
+
+        return DecodeOptions
+    if name == "IVGLogitsProcessor":
+        from .hf_processor import IVGLogitsProcessor
+
+        return IVGLogitsProcessor
     raise AttributeError(name)
+
+
+def generate(prompts, **kwargs):
+    """Decode prompts with IVG and its relatives; see :func:`ivg.api.generate`."""
+    from .api import generate as _generate
+
+    return _generate(prompts, **kwargs)

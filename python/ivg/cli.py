@@ -31,6 +31,91 @@ def _bench(args) -> int:
     return 0
 
 
+def _read_prompts(args) -> list:
+    import json
+    from pathlib import Path
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.exists():
+            raise ValueError(f"--prompts {path}: no such file")
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if path.suffix == ".jsonl":
+            for i, ln in enumerate(lines):
+                row = json.loads(ln)
+                if "prompt" not in row:
+                    raise ValueError(f"--prompts {path}: line {i + 1} has no \"prompt\" field")
+                prompts.append(row["prompt"])
+        else:
+            prompts += lines
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def _generate(args) -> int:
+    import json
+
+    from .api import generate
+
+    if len(args.tuned) != len(args.ref):
+        raise ValueError(f"--tuned/--ref: expected pairs, got {len(args.tuned)} --tuned and {len(args.ref)} --ref")
+    prompts = _read_prompts(args)
+    chunk = None if args.chunk_len in ("inf", "0") else int(args.chunk_len)
+    options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()), num_return=args.num_return)
+    if args.scorer:
+        options["scorer"] = args.scorer
+    results = generate(prompts, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
+                       token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, device=args.device,
+                       dtype=args.dtype, backend=args.backend, decoder=args.decoder, progress=True, **options)
+    lines = [json.dumps(r.as_dict(args.num_return > 1)) for r in results]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    st = generate.last_stats
+    print(f"ivg generate: {st.prompts} prompts, {st.new_tokens} new tokens, {st.tokens_per_s:.1f} tokens/s, "
+          f"{st.wall_s:.2f} s wall", file=sys.stderr)
+    return 0
+
+
+def _add_generate(sub):
+    g = sub.add_parser("generate", help="decode prompts with IVG and its relatives",
+                       description="Decode prompts: plain, EFT, token-RM guidance, chunk-level beam search, IVG, "
+                                   "best-of-N and worst-of-N. Output: one JSON line per prompt.")
+    g.add_argument("--base", required=True, help="base model: local path or hub id")
+    g.add_argument("--tuned", action="append", default=[], help="tuned guide (repeatable; pairs with --ref)")
+    g.add_argument("--ref", action="append", default=[], help="reference guide (repeatable; pairs with --tuned)")
+    g.add_argument("--beta", action="append", type=float, help="beta of each guide pair (repeatable; default 1)")
+    g.add_argument("--token-rm", help="token reward model: a directory with score_head.safetensors, or a causal LM")
+    g.add_argument("--token-rm-weight", type=float, default=1.0, help="w in z + w*Q for token-RM guidance")
+    g.add_argument("--mode", default="plain", choices=["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"])
+    g.add_argument("--scorer", help="explicit, implicit, or MODULE:FUNCTION taking (prompts, responses)")
+    g.add_argument("-W", "--width", type=int, default=4)
+    g.add_argument("-K", "--successors", type=int, default=4)
+    g.add_argument("-L", "--chunk-len", default="5", help="tokens per chunk, or inf")
+    g.add_argument("-N", type=int, default=16, help="N of best-of-N / worst-of-N")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
+    g.add_argument("--out", help="write JSON lines here instead of stdout")
+    g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="naive: the published algorithm")
+    g.set_defaults(fn=_generate)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ivg", description="Integrated Value Guidance: fast inference-time alignment")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,8 +124,13 @@ def main(argv=None) -> int:
     bench.add_argument("op", choices=["sampling", "kv"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (try --help)")
     bench.set_defaults(fn=_bench)
+    _add_generate(sub)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ValueError as e:  # bad input: one clear line, not a traceback
+        print(f"ivg {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
