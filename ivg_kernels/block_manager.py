@@ -202,8 +202,11 @@ class BlockManager:
                 table[nb : nb + grow] = new
                 self._ref[new] = 1
                 self._nblocks[s] = nb = nb + grow
-            p = np.arange(length, length + c)
-            slots[pos : pos + c] = table[p // bs].astype(np.int64) * bs + p % bs
+            if c == 1:  # a decode step
+                slots[pos] = int(table[length // bs]) * bs + length % bs
+            else:
+                p = np.arange(length, length + c)
+                slots[pos : pos + c] = table[p // bs].astype(np.int64) * bs + p % bs
             self._lens[s] = length + c
             pos += c
         return torch.from_numpy(slots)
@@ -272,6 +275,8 @@ class BlockManager:
         assert len(self._free) + int((self._ref > 0).sum()) == self._num_blocks
 
     def _check_seq(self, seq_id, name: str = "seq_id") -> int:
+        if type(seq_id) is int and seq_id in self._lens:  # the fast path of the decode loop
+            return seq_id
         if isinstance(seq_id, bool) or not isinstance(seq_id, numbers.Integral) or seq_id not in self._lens:
             raise ValueError(f"{name}: {seq_id!r} is not a live sequence")
         return int(seq_id)

@@ -25,19 +25,19 @@ def _gather(cache, block_table, length):
     bs = cache.shape[1]
     pos = torch.arange(length, device=cache.device)
     slots = block_table.long()[:, pos // bs] * bs + pos % bs  # [N, length]
-    return cache.view(-1, cache.shape[2], cache.shape[3])[slots]
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    return flat.index_select(0, slots.flatten()).view(*slots.shape, cache.shape[2], cache.shape[3])
 
 
 def _attend(q, k, v, allowed, scale):
     """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> [N, M, H, D] in float32 (float64 for float64)."""
-    group = q.shape[2] // k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = k.to(acc).repeat_interleave(group, dim=2)
-    v = v.to(acc).repeat_interleave(group, dim=2)
-    scores = torch.einsum("nmhd,nlhd->nhml", q.to(acc), k) * scale
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key gives 0
-    return torch.einsum("nhml,nlhd->nmhd", probs, v)
+    # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2),  # (N, H, M|L, D)
+        attn_mask=allowed.unsqueeze(1), scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2).nan_to_num(0.0)  # (N, M, H, D); a row with no allowed key gives 0
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None):

@@ -17,8 +17,10 @@ of ``tl.randint``:
   representable in float32: ``u = (2 * (w >> 9) + 1) * 2**-24``;
 * the Gumbel noise is ``g = -log(-log(u))``, computed in float32.
 
-Torch has no uint32 arithmetic, so this reference works in int64 and splits the
-32x32-bit products into 16-bit halves to stay exact.
+Torch has no uint32 arithmetic, so this reference works in int64: the 32x32-bit product wraps
+modulo 2**64 in int64 (two's complement, as torch's integer kernels do), and its high and low words
+are read back with an arithmetic shift and a mask. The known-answer tests of Random123 and the
+Triton parity test (true uint32 ``umulhi``) check it on every platform the tests run on.
 """
 from __future__ import annotations
 
@@ -34,14 +36,8 @@ _MASK32 = 0xFFFFFFFF
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of the 64-bit product ``a * m``; ``a`` holds uint32 in int64."""
-    a_lo = a & 0xFFFF
-    a_hi = a >> 16
-    p_lo = a_lo * m  # < 2**48
-    p_hi = a_hi * m  # < 2**48
-    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
-    lo = mid & _MASK32
-    hi = (p_hi >> 16) + (mid >> 32)
-    return hi & _MASK32, lo
+    p = a * m  # the unsigned 64-bit product, wrapped into int64
+    return (p >> 32) & _MASK32, p & _MASK32
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):

@@ -1,0 +1,108 @@
+"""Tokens per second of every decoding mode, the paged decoder against the naive baseline.
+
+    python benchmarks/bench_decode.py                 # CPU: tiny models
+    python benchmarks/bench_decode.py --preset gpt2xl # GPU: random-weight gpt2-xl base, gpt2 guides
+    python benchmarks/bench_decode.py --record        # append to results.csv, render RESULTS.md
+
+Setting: W=K=4, L=5, 64 new tokens, 16 prompts of 8 to 40 tokens, EOS ignored (weights are random, so
+only the speed means anything). New tokens count every token drawn for every candidate row.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+from benchmarks import harness  # noqa: E402
+
+PRESETS = {
+    # name: (base (layers, hidden, heads), guide (layers, hidden, heads), vocab, dtype)
+    "cpu-tiny": ((4, 128, 4), (2, 64, 2), 2048, torch.float32),
+    "gpt2xl": ((48, 1600, 25), (12, 768, 12), 50257, torch.bfloat16),
+}
+
+
+def _gpt2(layers, hidden, heads, vocab, seed, dtype, device):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=1024)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).to(dtype=dtype, device=device).eval()
+
+
+def build(preset, device):
+    from ivg.models import GuidePair, IVGModels, TokenRewardModel
+
+    (bl, bh, bn), (gl, gh, gn), vocab, dtype = PRESETS[preset]
+    base = _gpt2(bl, bh, bn, vocab, 0, dtype, device)
+    tune = _gpt2(gl, gh, gn, vocab, 1, dtype, device)
+    ref = _gpt2(gl, gh, gn, vocab, 2, dtype, device)
+    from transformers import GPT2Config
+
+    torch.manual_seed(3)
+    rm = TokenRewardModel.from_body_config(GPT2Config(n_layer=gl, n_embd=gh, n_head=gn, vocab_size=vocab,
+                                                      n_positions=1024)).to(dtype=dtype, device=device).eval()
+    return IVGModels(base, [GuidePair(tune, ref, 1.0)], rm, 1.0, None)
+
+
+def main(argv=None) -> int:
+    from ivg.decoder import IVGDecoder
+    from ivg.naive import NaiveDecoder
+    from ivg.options import DecodeOptions
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", nargs="*", default=["plain", "eft", "tokenrm", "cbs", "ivg", "bon"])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    preset = args.preset or ("gpt2xl" if device.type == "cuda" else "cpu-tiny")
+    models = build(preset, device)
+    vocab = PRESETS[preset][2]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
+               for n in torch.randint(8, 41, (args.prompts,), generator=gen)]
+    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
+    print(f"# bench_decode on {dev_name}, preset {preset}, torch {torch.__version__}, commit {sha}", flush=True)
+    rows = []
+    for mode in args.modes:
+        opts = DecodeOptions(mode=mode, width=4, successors=4, chunk_len=5, n=16, max_new_tokens=args.max_new_tokens,
+                             temperature=0.7, seed=0, eos_token_ids=())
+        result = {}
+        for name, dec in (("paged", IVGDecoder(models)), ("naive", NaiveDecoder(models, backend="auto"))):
+            if name == "naive" and args.skip_naive:
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dec.generate(prompts, opts)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            result[name] = (dec.last_stats.new_tokens / wall, wall)
+            print(f"{mode:<8} {name:<6} {result[name][0]:10.1f} tokens/s  {wall:8.2f} s", flush=True)
+        for name, (tps, wall) in result.items():
+            speed = tps / result["naive"][0] if "naive" in result else float("nan")
+            rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
+                             shape=f"{mode},{preset},W=K=4,L=5,new=64,prompts={args.prompts}",
+                             dtype=str(PRESETS[preset][3]).replace("torch.", ""),
+                             median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
+    if args.record:
+        harness.append_results(rows)
+        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
