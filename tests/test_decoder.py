@@ -76,6 +76,8 @@ def test_batch_invariance(models, mode):
     _same(together, alone, tol=1e-12)
     reordered = IVGDecoder(models).generate(PROMPTS[::-1], opts)[::-1]
     _same(together, reordered, tol=1e-12)
+    in_pairs = IVGDecoder(models, max_batch_prompts=2).generate(PROMPTS, opts)
+    _same(together, in_pairs, tol=1e-12)
 
 
 def test_values_equal_a_from_scratch_recomputation(models):

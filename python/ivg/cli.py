@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and the backends that will run").set_defaults(fn=_info)
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)")
-    bench.add_argument("op", choices=["sampling", "kv"], help="which benchmark")
+    bench.add_argument("op", choices=["sampling", "kv", "decode"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (try --help)")
     bench.set_defaults(fn=_bench)
     _add_generate(sub)

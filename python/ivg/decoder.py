@@ -110,12 +110,18 @@ class IVGDecoder:
     models : IVGModels
     block_size : tokens per KV block
     backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``)
+    max_batch_prompts : prompts decoded together (the KV pools are sized for one such batch); results
+        do not depend on it
     """
 
-    def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto"):
+    def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
+                 max_batch_prompts: int = 64):
+        if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
+            raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
         self.block_size = block_size
         self.backend = backend
+        self.max_batch_prompts = max_batch_prompts
         self.last_stats = RunStats()
         self._group = None
         models.check()
@@ -148,6 +154,17 @@ class IVGDecoder:
         ids = check_prompts(m, prompts, opts, roles)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
+        start = time.perf_counter()
+        stats = RunStats(prompts=len(ids))
+        results = []
+        step = self.max_batch_prompts
+        for lo in range(0, len(ids), step):
+            results += self._batch(prompts[lo:lo + step], ids[lo:lo + step], opts, roles, stopper, stats, progress)
+        stats.wall_s = time.perf_counter() - start
+        self.last_stats = stats
+        return results
+
+    def _batch(self, prompts, ids, opts, roles, stopper, stats, progress):
         beams_per_prompt = opts.width * opts.successors
         bs = self.block_size
         num_blocks = sum(
@@ -155,21 +172,16 @@ class IVGDecoder:
         ) + len(ids)
         group, paged = self._paged_models(roles, num_blocks)
         self._group = group
-        start = time.perf_counter()
-        stats = RunStats(prompts=len(ids))
         try:
-            results = self._run(prompts, ids, opts, roles, group, paged, stopper, stats, progress)
+            return self._run(prompts, ids, opts, roles, group, paged, stopper, stats, progress)
         finally:
             for pm in paged.values():
                 pm.release()
             for name, cache in group.caches.items():
-                stats.bytes_copied[name] = cache.pool.bytes_copied
+                stats.bytes_copied[name] = stats.bytes_copied.get(name, 0) + cache.pool.bytes_copied
                 live = cache.blocks.live_sequences
                 if live:
                     cache.blocks.free_many(live)
-        stats.wall_s = time.perf_counter() - start
-        self.last_stats = stats
-        return results
 
     def _run(self, prompts, ids, opts, roles, group, paged, stopper, stats, progress):
         names = [r[0] for r in roles]
