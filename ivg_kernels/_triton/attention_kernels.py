@@ -67,8 +67,7 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
     length = tl.load(seq_lens + n).to(tl.int32)
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, length)
-    if window > 0:
-        lo = tl.maximum(lo, length - window)
+    lo = tl.where(window > 0, tl.maximum(lo, length - window), lo)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gmask = g < GROUP
@@ -151,9 +150,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         q_pos = prefix + rows
         hi = prefix + tl.minimum(m_len, (mt + 1) * BLOCK_M)
-        lo = 0
-        if window > 0:
-            lo = tl.maximum(0, prefix + mt * BLOCK_M - window + 1)
+        lo = tl.where(window > 0, tl.maximum(0, prefix + mt * BLOCK_M - window + 1), 0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DP], tl.float32)
@@ -165,8 +162,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
             v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             s = _dot(qt, tl.trans(k), IEEE, F32)
             allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
-            if window > 0:
-                allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+            allowed = allowed & ((window <= 0) | (q_pos[:, None] - pos[None, :] < window))
             s = tl.where(allowed, s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

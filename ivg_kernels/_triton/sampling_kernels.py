@@ -140,7 +140,7 @@ def _stage1_kernel(
     POS_INF: tl.constexpr = float("inf")
 
     # The only read of the inputs: per-input stats and the combined score from the same registers.
-    nbad = 0
+    nbad = tl.zeros([], tl.int32)
     z = tl.zeros([BLOCK], tl.float32)
     for i in tl.static_range(NIN):
         v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
@@ -239,7 +239,7 @@ def _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, target,
     hi = tl.full([], INT32_MAX, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        cnt = 0
+        cnt = tl.zeros([], tl.int32)
         for v0 in range(0, V, BLOCK):
             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
             cnt += tl.sum((mask & (_float_key(x) >= mid)).to(tl.int32), 0)
@@ -257,7 +257,7 @@ def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_ke
     hi = tl.full([], INT32_MAX, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        acc = 0.0
+        acc = tl.zeros([], tl.float32)
         for v0 in range(0, V, BLOCK):
             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
             key = _float_key(x)
@@ -348,7 +348,7 @@ def _stage2_kernel(
                 if p_on:
                     total = tot_x
                     if k_on:
-                        total = 0.0
+                        total = tl.zeros([], tl.float32)
                         for v0 in range(0, V, BLOCK):
                             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                                     NIN, W_TENSOR, BLOCK)
@@ -358,7 +358,7 @@ def _stage2_kernel(
                 tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
                 run_best = tl.full([], NEG_INF, tl.float32)
                 run_tok = tl.full([], INT32_MAX, tl.int64)
-                run_sum = 0.0
+                run_sum = tl.zeros([], tl.float32)
                 for v0 in range(0, V, BLOCK):
                     cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                             NIN, W_TENSOR, BLOCK)
