@@ -179,3 +179,13 @@ def test_eos_is_read_from_the_tokenizer(models):
     for r in res:
         for b in r.beams:
             assert EOS not in b.tokens[:-1]
+
+
+def test_models_with_different_prompt_templates():
+    """Guides and token RM see their own template; per-model lengths differ on the paged cache."""
+    m = ivg_models("gpt2", templates={"guide": "review: {prompt}", "token_rm": "q? {prompt}"})
+    opts = _opts("ivg")
+    paged = IVGDecoder(m).generate(PROMPTS, opts)
+    _same(paged, NaiveDecoder(m).generate(PROMPTS, opts))
+    plain_templates = IVGDecoder(ivg_models("gpt2")).generate(PROMPTS, opts)
+    assert any(a.beams[0].tokens != b.beams[0].tokens for a, b in zip(paged, plain_templates))
