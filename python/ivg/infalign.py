@@ -1,0 +1,34 @@
+"""InfAlign's inference-time measures (arXiv 2412.19792), on rewards of samples per prompt.
+
+* calibrated reward: ``C(x, y) = P_{y' ~ pi_ref(.|x)}[ r(x, y') <= r(x, y) ]``, estimated with the
+  reference policy's samples for the same prompt;
+* inference-time win rate against the reference policy:
+  ``E_x E_{y ~ pi, y' ~ pi_ref}[ 1(r(y) > r(y')) + 1/2 * 1(r(y) = r(y')) ]``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def calibrated_reward(reward: float, reference_rewards: Sequence[float]) -> float:
+    """Fraction of the reference samples' rewards at or below ``reward``."""
+    if len(reference_rewards) == 0:
+        raise ValueError("reference_rewards: expected at least one reward of a reference sample")
+    return sum(r <= reward for r in reference_rewards) / len(reference_rewards)
+
+
+def win_rate(policy_rewards: Sequence[Sequence[float]], reference_rewards: Sequence[Sequence[float]]) -> float:
+    """Mean over prompts of P[policy beats reference], ties counting one half.
+
+    Both arguments hold, per prompt, the rewards of that prompt's samples.
+    """
+    if len(policy_rewards) != len(reference_rewards) or not policy_rewards:
+        raise ValueError(f"policy_rewards/reference_rewards: expected the same non-zero number of prompts, got "
+                         f"{len(policy_rewards)} and {len(reference_rewards)}")
+    total = 0.0
+    for i, (pol, ref) in enumerate(zip(policy_rewards, reference_rewards)):
+        if not pol or not ref:
+            raise ValueError(f"prompt {i}: expected at least one policy and one reference reward")
+        wins = sum((a > b) + 0.5 * (a == b) for a in pol for b in ref)
+        total += wins / (len(pol) * len(ref))
+    return total / len(policy_rewards)

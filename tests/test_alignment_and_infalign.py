@@ -1,0 +1,54 @@
+"""Alignment vectors and InfAlign's measures."""
+import pytest
+import torch
+
+from ivg.alignment_vectors import apply_alignment_vectors
+from ivg.infalign import calibrated_reward, win_rate
+
+from .decoder_fixtures import lm
+
+
+def test_lambda_zero_is_the_base_and_one_is_the_aligned_model():
+    base, aligned, ref = lm("gpt2", 1), lm("gpt2", 2), lm("gpt2", 1)
+    same = apply_alignment_vectors(base, [(aligned, ref, 0.0)])
+    for k, v in base.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v)
+    moved = apply_alignment_vectors(ref, [(aligned, ref, 1.0)])  # base + (aligned - base) = aligned
+    for k, v in aligned.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(moved.state_dict()[k], v, rtol=0, atol=1e-12)
+    assert not torch.equal(base.state_dict()["lm_head.weight"], moved.state_dict()["lm_head.weight"])
+
+
+def test_several_vectors_add_and_inplace():
+    base, a1, a2 = lm("gpt2", 1), lm("gpt2", 2), lm("gpt2", 3)
+    w = base.lm_head.weight.detach().clone()
+    out = apply_alignment_vectors(base, [(a1, base, 0.5), (a2, base, -0.25)], inplace=True)
+    assert out is base
+    expected = w + 0.5 * (a1.lm_head.weight - w) - 0.25 * (a2.lm_head.weight - w)
+    torch.testing.assert_close(base.lm_head.weight, expected, rtol=0, atol=1e-12)
+
+
+def test_mismatched_architectures_are_named():
+    gpt, llama = lm("gpt2", 1), lm("llama", 1)
+    with pytest.raises(ValueError, match="architecture 'llama' differs"):
+        apply_alignment_vectors(gpt, [(llama, gpt, 1.0)])
+    bigger = lm("gpt2", 1, layers=3)
+    state = dict(bigger.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"][:, :8]
+    with pytest.raises(ValueError, match="lm_head.weight has shape"):
+        apply_alignment_vectors(gpt, [(state, gpt, 1.0)])
+    with pytest.raises(ValueError, match="lambda"):
+        apply_alignment_vectors(gpt, [(gpt, gpt, "x")])
+
+
+def test_calibrated_reward_and_win_rate_by_hand():
+    ref = [0.1, 0.5, 0.5, 0.9]
+    assert calibrated_reward(0.5, ref) == 0.75  # 0.1, 0.5, 0.5 are <= 0.5
+    assert calibrated_reward(0.0, ref) == 0.0 and calibrated_reward(1.0, ref) == 1.0
+    # prompt 1: policy 0.5 vs ref [0.1, 0.5, 0.9] -> (1 + 0.5 + 0) / 3 = 0.5; prompt 2: 1.0 vs [0.2] -> 1
+    assert win_rate([[0.5], [1.0]], [[0.1, 0.5, 0.9], [0.2]]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="same non-zero number of prompts"):
+        win_rate([[1.0]], [])
+    with pytest.raises(ValueError, match="reference_rewards"):
+        calibrated_reward(0.3, [])
