@@ -33,7 +33,7 @@ EOS = "<|endoftext|>"
 @dataclass(frozen=True)
 class BuildConfig:
     corpus_size: int = 6000
-    vocab_size: int = 320
+    vocab_size: int = 800
     base: tuple = (4, 128, 4)  # layers, hidden, heads
     guide: tuple = (2, 64, 2)
     seq_len: int = 48
@@ -46,8 +46,9 @@ class BuildConfig:
     dpo_steps: int = 150
     dpo_beta: float = 0.2
     dpo_lr: float = 1e-3
-    rm_texts: int = 2000
-    rm_steps: int = 400
+    rm_texts: int = 1500
+    rm_alternatives: int = 7
+    rm_steps: int = 500
     max_new_tokens: int = 24
     seed: int = 0
 
@@ -57,8 +58,8 @@ class BuildConfig:
 
 
 REDUCED = BuildConfig(corpus_size=400, vocab_size=280, base=(2, 32, 2), guide=(1, 32, 2), seq_len=32, batch=8,
-                      base_steps=30, guide_steps=20, dpo_prompts=16, dpo_samples=2, dpo_steps=5, rm_texts=50,
-                      rm_steps=10, max_new_tokens=8)
+                      base_steps=30, guide_steps=20, dpo_prompts=16, dpo_samples=2, dpo_steps=5, rm_texts=50, rm_alternatives=2,
+                      rm_steps=20, max_new_tokens=8)
 
 
 class _Bar:
@@ -179,35 +180,54 @@ def _dpo(ref, tokenizer, gold, cfg, bar):
 
 
 def _token_rm(corpus, tokenizer, gold, cfg, bar):
-    """Train ``Q(s_{t-1}, y_t)`` to predict the gold reward of the text up to and including ``y_t``."""
+    """Train ``Q(s_{t-1}, v)`` to predict the gold reward of the text so far followed by ``v``.
+
+    Labels cover the token that the text has and ``rm_alternatives`` random other tokens per position,
+    so that ``Q`` ranks candidate next tokens (token-wise guidance), not only the observed ones.
+    """
     from ..models import TokenRewardModel
 
-    texts = corpus[: cfg.rm_texts]
-    rows, targets, masks = [], [], []
-    for text in texts:
+    rng = random.Random(cfg.seed + 9)
+    vocab = len(tokenizer)
+    rows, cand_rows, target_rows = [], [], []
+    for text in corpus[: cfg.rm_texts]:
         ids = tokenizer(text)["input_ids"][: cfg.seq_len]
-        rewards = [gold(tokenizer.decode(ids[: t + 1])) for t in range(len(ids))]
+        cands, targets = [], []
+        for t in range(1, len(ids)):
+            options = [ids[t]] + [rng.randrange(vocab) for _ in range(cfg.rm_alternatives)]
+            cands.append(options)
+            targets.append([gold(tokenizer.decode(ids[:t] + [v])) for v in options])
         rows.append(ids)
-        targets.append(rewards)
-        masks.append([1] * len(ids))
+        cand_rows.append(cands)
+        target_rows.append(targets)
     bar.step("reward model: labels", 1)
+    width = max(len(r) for r in rows)
+    k = cfg.rm_alternatives + 1
     ids_all = _pad(rows, tokenizer.eos_token_id)
-    tgt_all = _pad(targets, 0.0).float()
-    mask_all = _pad(masks, 0).float()
+    cand_all = torch.zeros(len(rows), width - 1, k, dtype=torch.long)
+    tgt_all = torch.zeros(len(rows), width - 1, k)
+    mask_all = torch.zeros(len(rows), width - 1)
+    for i, (cands, targets) in enumerate(zip(cand_rows, target_rows)):
+        if cands:
+            cand_all[i, : len(cands)] = torch.tensor(cands)
+            tgt_all[i, : len(cands)] = torch.tensor(targets)
+            mask_all[i, : len(cands)] = 1.0
     torch.manual_seed(cfg.seed + 7)
-    body = _lm(cfg.guide, len(tokenizer), cfg.seed + 7).transformer
-    rm = TokenRewardModel(body, torch.nn.Linear(cfg.guide[1], len(tokenizer))).train()
+    body = _lm(cfg.guide, vocab, cfg.seed + 7).transformer
+    rm = TokenRewardModel(body, torch.nn.Linear(cfg.guide[1], vocab)).train()
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.rm_steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed + 8)
     for _ in range(cfg.rm_steps):
         pick = torch.randint(0, len(rows), (cfg.batch,), generator=gen)
-        ids, tgt, mask = ids_all[pick], tgt_all[pick], mask_all[pick]
-        q = rm(input_ids=ids[:, :-1]).logits  # (B, T-1, V): Q(s_{t-1}, .)
-        chosen = q.gather(2, ids[:, 1:, None]).squeeze(2)  # Q(s_{t-1}, y_t)
-        loss = (((chosen - tgt[:, 1:]) ** 2) * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        q = rm(input_ids=ids_all[pick, :-1]).logits  # (B, T-1, V): Q(s_{t-1}, .)
+        chosen = q.gather(2, cand_all[pick])  # (B, T-1, K)
+        mask = mask_all[pick].unsqueeze(-1)
+        loss = (((chosen - tgt_all[pick]) ** 2) * mask).sum() / (mask.sum() * k)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         bar.step("reward model: training")
     return rm.eval()
 
@@ -218,6 +238,17 @@ def build(cfg: BuildConfig = BuildConfig(), *, root: Path | None = None, force: 
     out = (root or cache_root()) / cfg.key()
     if (out / "DONE").exists() and not force:
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(out.parent / f"{cfg.key()}.lock", "w") as lock:  # one builder per cache entry at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "DONE").exists() and not force:
+            return out
+        return _build(cfg, out, progress)
+
+
+def _build(cfg: BuildConfig, out: Path, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     total = cfg.base_steps + cfg.guide_steps + cfg.dpo_steps + cfg.rm_steps + 4
@@ -235,7 +266,11 @@ def build(cfg: BuildConfig = BuildConfig(), *, root: Path | None = None, force: 
     tuned = _dpo(ref, tokenizer, gold, cfg, bar)
     rm = _token_rm(corpus, tokenizer, gold, cfg, bar)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     for name, model in (("base", base), ("ref", ref), ("tuned", tuned), ("rm", rm)):
         model.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
