@@ -132,6 +132,17 @@ def _add_generate(sub):
     g.set_defaults(fn=_generate)
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory warnings from transformers on our console."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ivg", description="Integrated Value Guidance: fast inference-time alignment")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +162,8 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=_demo)
     args = parser.parse_args(argv)
+    if args.command in ("generate", "demo"):
+        _quiet_transformers()
     try:
         return args.fn(args)
     except ValueError as e:  # bad input: one clear line, not a traceback
