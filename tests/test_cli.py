@@ -71,3 +71,15 @@ def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     assert "width=0" in capsys.readouterr().err
     assert main(_args(model_dirs, out, "--mode", "cbs")) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_python_api_rejects_unknown_decoder_and_dtype(model_dirs):
+    from ivg.api import generate
+
+    with pytest.raises(ValueError, match="decoder='fast'"):
+        generate(["a"], base=model_dirs["base"], decoder="fast", max_new_tokens=2)
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        generate(["a"], base=model_dirs["base"], dtype="float8", max_new_tokens=2)
+    with pytest.raises(ValueError, match="beta: expected one beta per guide pair"):
+        generate(["a"], base=model_dirs["base"], tuned=[model_dirs["tuned"]] * 2, ref=[model_dirs["ref"]] * 2,
+                 beta=[1.0, 2.0, 3.0], max_new_tokens=2)

@@ -70,3 +70,10 @@ def test_sampling_adds_the_log_ratio():
         r = torch.log_softmax(g.ref(ids2).logits[:, -1].float(), -1)
         q = m.token_rm(input_ids=ids2).logits[:, -1].float()
     torch.testing.assert_close(got2, scores + g.beta * (t - r) + 0.5 * q, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_needs_a_guide():
+    import pytest
+
+    with pytest.raises(ValueError, match="guides: expected at least one"):
+        IVGLogitsProcessor([])
