@@ -34,7 +34,9 @@ def _gpt2(layers, hidden, heads, vocab, seed, dtype, device):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=1024)
-    return AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).to(dtype=dtype, device=device).eval()
+    with torch.device(device):  # initialise on the device: a 1.5B-parameter CPU init takes a minute
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))
+    return model.to(dtype=dtype).eval()
 
 
 def build(preset, device):
@@ -47,8 +49,10 @@ def build(preset, device):
     from transformers import GPT2Config
 
     torch.manual_seed(3)
-    rm = TokenRewardModel.from_body_config(GPT2Config(n_layer=gl, n_embd=gh, n_head=gn, vocab_size=vocab,
-                                                      n_positions=1024)).to(dtype=dtype, device=device).eval()
+    with torch.device(device):
+        rm = TokenRewardModel.from_body_config(GPT2Config(n_layer=gl, n_embd=gh, n_head=gn, vocab_size=vocab,
+                                                          n_positions=1024))
+    rm = rm.to(dtype=dtype).eval()
     return IVGModels(base, [GuidePair(tune, ref, 1.0)], rm, 1.0, None)
 
 

@@ -30,6 +30,10 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """Short hash of HEAD (``-dirty`` with uncommitted changes); ``IVG_BENCH_COMMIT`` overrides it where the
+    tree travels without its .git (a lent GPU machine)."""
+    if os.environ.get("IVG_BENCH_COMMIT"):
+        return os.environ["IVG_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
