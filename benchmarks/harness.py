@@ -20,6 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS_CSV = HERE / "results.csv"
 RESULTS_MD = HERE / "RESULTS.md"
+RESULTS_NOTES = HERE / "results_notes.md"  # hand-written context, rendered under the header
 COLUMNS = ["date", "commit", "device", "benchmark", "provider", "shape", "dtype", "median_us", "gbps", "speedup"]
 
 
@@ -96,6 +97,8 @@ def render_markdown() -> None:
     ]
     if all(r["device"].startswith("cpu") for r in rows):
         lines[-1:-1] = ["No GPU run is recorded yet: every GPU target is still open."]
+    if RESULTS_NOTES.exists():
+        lines += [RESULTS_NOTES.read_text().strip(), ""]
     for (date, sha, dev, bench), rs in sorted(groups.items(), key=lambda kv: kv[0][0], reverse=True):
         lines += [f"## {bench} — {dev} — {date} — commit {sha}", ""]
         lines += ["| provider | shape | dtype | median us | GB/s | speed-up |", "|---|---|---|---:|---:|---:|"]

@@ -7,7 +7,6 @@ replaces ``"auto"``, so tests and benchmarks can force either path; an explicit
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -17,9 +16,12 @@ BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "IVG_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (find_spec imports nothing): a plain bool is also what torch.compile can trace.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreted() -> bool:

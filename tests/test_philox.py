@@ -4,7 +4,7 @@ import torch
 
 from ivg_kernels.reference.philox import gumbel_noise, philox4x32, philox_uniform
 
-from .helpers import requires_triton
+from .helpers import DEVICE, requires_triton
 
 try:
     import triton
@@ -71,8 +71,9 @@ def test_stream_depends_on_every_key_part():
 def test_triton_stream_matches_reference(seed, offset):
     block, start = 64, 128
     ids = torch.randint(0, 1 << 20, (block,), dtype=torch.int64)
-    tile, at = torch.empty(block), torch.empty(block)
-    _noise_kernel[(1,)](tile, at, ids, seed, offset, START=start, BLOCK=block)
+    tile, at = torch.empty(block, device=DEVICE), torch.empty(block, device=DEVICE)
+    _noise_kernel[(1,)](tile, at, ids.to(DEVICE), seed, offset, START=start, BLOCK=block)
     s, o = torch.tensor([seed], dtype=torch.int64), torch.tensor([offset], dtype=torch.int64)
-    torch.testing.assert_close(tile, gumbel_noise(s, o, torch.arange(start, start + block))[0], rtol=0, atol=2e-6)
-    torch.testing.assert_close(at, gumbel_noise(s, o, ids)[0], rtol=0, atol=2e-6)
+    expect_tile = gumbel_noise(s, o, torch.arange(start, start + block))[0]
+    torch.testing.assert_close(tile.cpu(), expect_tile, rtol=0, atol=2e-6)
+    torch.testing.assert_close(at.cpu(), gumbel_noise(s, o, ids)[0], rtol=0, atol=2e-6)

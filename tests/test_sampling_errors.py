@@ -7,7 +7,7 @@ import torch
 import ivg_kernels
 from ivg_kernels import guided_sample
 
-from .helpers import requires_triton
+from .helpers import DEVICE, requires_triton
 
 L = torch.zeros(2, 10)
 
@@ -102,7 +102,7 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
 
 def test_triton_backend_rejects_float64():
     with pytest.raises(ValueError, match="float64"):
-        guided_sample(L.double(), seed=0, offset=0, backend="triton")
+        guided_sample(L.double().to(DEVICE), seed=0, offset=0, backend="triton")
 
 
 def test_auto_on_cpu_is_the_reference_without_triton_import(monkeypatch):
