@@ -3,9 +3,16 @@
     python benchmarks/bench_decode.py                 # CPU: tiny models
     python benchmarks/bench_decode.py --preset gpt2xl # GPU: random-weight gpt2-xl base, gpt2 guides
     python benchmarks/bench_decode.py --record        # append to results.csv, render RESULTS.md
+    python benchmarks/bench_decode.py --step-only     # GPU: the decode step, eager against CUDA graphs
 
-Setting: W=K=4, L=5, 64 new tokens, 16 prompts of 8 to 40 tokens, EOS ignored (weights are random, so
-only the speed means anything). New tokens count every token drawn for every candidate row.
+Setting: W=K=4, L=5, 64 new tokens (32 on a GPU), 16 prompts (8 on a GPU) of 8 to 40 tokens, EOS ignored
+(weights are random, so only the speed means anything). New tokens count every token drawn for every
+candidate row. Providers: naive (the published algorithm), paged (IVGDecoder), paged-graphs
+(IVGDecoder with cuda_graphs=True, GPU only).
+
+Decode step (GPU): one forward of one new token for each of 16 sequences of 128 cached tokens through
+a gpt2-sized guide (12 layers, 768 wide, bf16) on the paged cache, eager and replayed from a CUDA
+graph (median of 50 steps, host clock around a synchronised step).
 """
 from __future__ import annotations
 
@@ -56,6 +63,39 @@ def build(preset, device):
     return IVGModels(base, [GuidePair(tune, ref, 1.0)], rm, 1.0, None)
 
 
+def bench_step(device, batch=16, context=128, steps=50):
+    """Median time of one decode step of a gpt2-sized guide, eager and from a CUDA graph."""
+    from ivg.paged_model import PagedModel
+
+    model = _gpt2(12, 768, 12, 50257, 5, torch.bfloat16, device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50257, (context,), generator=gen).tolist() for _ in range(batch)]
+    blocks = batch * (-(-(context + 2 * steps + 8) // 16) + 1)
+    times = {}
+    for name, graphs in (("eager", False), ("cuda-graph", True)):
+        pm = PagedModel(model, num_blocks=blocks, block_size=16, cuda_graphs=graphs)
+        seqs = pm.blocks.new_sequences(batch)
+        pm(seqs, prompts)
+        tok = [[7]] * batch
+        for _ in range(3):  # warm-up (and the capture)
+            pm(seqs, tok)
+        per = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pm(seqs, tok)
+            torch.cuda.synchronize()
+            per.append(time.perf_counter() - t0)
+        per.sort()
+        times[name] = per[len(per) // 2] * 1e6
+        pm.blocks.free_many(seqs)
+        print(f"decode step {name:<10} {times[name]:9.1f} us  (batch {batch}, context {context}, gpt2-sized bf16)",
+              flush=True)
+    return [dict(benchmark="decode-step", provider=name, shape=f"gpt2-124M,batch={batch},context={context}",
+                 dtype="bfloat16", median_us=f"{us:.1f}", gbps="", speedup=f"{times['eager'] / us:.2f}")
+            for name, us in times.items()]
+
+
 def main(argv=None) -> int:
     from ivg.decoder import IVGDecoder
     from ivg.naive import NaiveDecoder
@@ -65,28 +105,43 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=list(PRESETS), default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", nargs="*", default=["plain", "eft", "tokenrm", "cbs", "ivg", "bon"])
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=None, help="default 16 on the CPU, 8 on a GPU")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 on the CPU, 32 on a GPU")
+    ap.add_argument("--step-only", action="store_true", help="only the decode-step benchmark (GPU)")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    preset = args.preset or ("gpt2xl" if device.type == "cuda" else "cpu-tiny")
+    gpu = device.type == "cuda"
+    preset = args.preset or ("gpt2xl" if gpu else "cpu-tiny")
+    args.prompts = args.prompts or (8 if gpu else 16)
+    args.max_new_tokens = args.max_new_tokens or (32 if gpu else 64)
+    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
+    rows = []
+    if gpu:
+        rows += bench_step(device)
+        for r in rows:
+            r.update(date=date, commit=sha, device=dev_name)
+        if args.step_only:
+            if args.record:
+                harness.append_results(rows)
+            return 0
     models = build(preset, device)
     vocab = PRESETS[preset][2]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
                for n in torch.randint(8, 41, (args.prompts,), generator=gen)]
-    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
     print(f"# bench_decode on {dev_name}, preset {preset}, torch {torch.__version__}, commit {sha}", flush=True)
-    rows = []
     for mode in args.modes:
         opts = DecodeOptions(mode=mode, width=4, successors=4, chunk_len=5, n=16, max_new_tokens=args.max_new_tokens,
                              temperature=0.7, seed=0, eos_token_ids=())
         result = {}
-        for name, dec in (("paged", IVGDecoder(models)), ("naive", NaiveDecoder(models, backend="auto"))):
-            if name == "naive" and args.skip_naive:
-                continue
+        decoders = [("paged", IVGDecoder(models))]
+        if gpu:
+            decoders.append(("paged-graphs", IVGDecoder(models, cuda_graphs=True)))
+        if not args.skip_naive:
+            decoders.append(("naive", NaiveDecoder(models, backend="auto")))
+        for name, dec in decoders:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -99,7 +154,7 @@ def main(argv=None) -> int:
         for name, (tps, wall) in result.items():
             speed = tps / result["naive"][0] if "naive" in result else float("nan")
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
-                             shape=f"{mode},{preset},W=K=4,L=5,new=64,prompts={args.prompts}",
+                             shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}",
                              dtype=str(PRESETS[preset][3]).replace("torch.", ""),
                              median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
     if args.record:

@@ -10,7 +10,9 @@ Providers:
   reference          ivg_kernels.reference (plain torch)
   triton             ivg_kernels.guided_sample(backend="triton"), the public API (GPU only)
   triton-op          torch.ops.ivg_kernels.guided_sample, no argument checks (GPU only)
-  triton-launch      the launcher without torch.library dispatch (GPU only)
+  cuda               ivg_kernels.guided_sample(backend="cuda"), csrc/guided_sample.cu (GPU only)
+  *-graph            the same call replayed from a CUDA graph: the kernels' own time, without the
+                     host's launch gaps (GPU only; speed-up against torch-composition-graph)
   flashinfer         flashinfer top_k_top_p_sampling_from_logits on the base logits alone, if importable
 
 Bytes counted: the three bf16 input rows [N, V] read once. GB/s is compared with a measured
@@ -39,7 +41,7 @@ FULL_N = [1, 16, 64, 256]
 FULL_V = [32000, 50257, 128256, 151936]
 
 
-def torch_composition(base, tune, ref, beta, cfg, gen):
+def torch_composition(base, tune, ref, beta, cfg, gen=None):
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     lp = [x.float().log_softmax(-1) for x in (base, tune, ref)]
@@ -61,11 +63,17 @@ def providers(device, wanted):
         out["torch-composition"] = "composition"
     except ImportError:
         print("torch-composition: transformers not importable, skipped", file=sys.stderr)
-    out["reference"] = "reference"
     if device.type == "cuda":
         out["triton"] = "triton"
         out["triton-op"] = "op"
-        out["triton-launch"] = "launch"
+        from ivg_kernels.build import cuda_backend_available
+
+        if cuda_backend_available():
+            out["cuda"] = "cuda"
+        else:
+            print("cuda: csrc/ could not be built, skipped", file=sys.stderr)
+        for name in [k for k in out if k in ("torch-composition", "triton", "cuda")]:
+            out[f"{name}-graph"] = out[name]
         try:
             import flashinfer.sampling  # noqa: F401
 
@@ -73,18 +81,19 @@ def providers(device, wanted):
         except ImportError:
             print("flashinfer: not importable, skipped", file=sys.stderr)
     else:
+        out["reference"] = "reference"  # on a GPU only a correctness oracle: not timed there
         print("triton providers: no CUDA device (the interpreter is not a speed measurement), skipped",
               file=sys.stderr)
     return {k: v for k, v in out.items() if not wanted or k in wanted}
 
 
-def make_fn(kind, base, tune, ref, cfg, device):
+def make_fn(kind, base, tune, ref, cfg, device, graph=False):
     n = base.shape[0]
     seed = torch.arange(n, device=device)
     offset = torch.zeros(n, dtype=torch.int64, device=device)
     guides = [(tune, 1.0), (ref, -1.0)]
     if kind == "composition":
-        gen = torch.Generator(device=device).manual_seed(0)
+        gen = None if graph else torch.Generator(device=device).manual_seed(0)  # graphs take the default one
         return lambda: torch_composition(base, tune, ref, 1.0, cfg, gen)
     if kind == "reference":
         a = prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"], 0.0, seed, offset, None)
@@ -93,14 +102,15 @@ def make_fn(kind, base, tune, ref, cfg, device):
         import ivg_kernels
 
         return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
-    if kind in ("op", "launch"):
-        from ivg_kernels._triton import sampling_kernels as sk
+    if kind == "cuda":
+        import ivg_kernels
 
-        fn = torch.ops.ivg_kernels.guided_sample if kind == "op" else sk.launch_guided_sample
+        return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="cuda", **cfg)
+    if kind == "op":
         filters = cfg["top_k"] > 0 or cfg["top_p"] < 1
         args = (base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"], None,
                 cfg["top_p"], None, 0.0, seed, 0, offset, 0, base.shape[1], filters, 0)
-        return lambda: fn(*args)
+        return lambda: torch.ops.ivg_kernels.guided_sample(*args)
     if kind == "flashinfer":
         import flashinfer.sampling as fs
 
@@ -139,21 +149,23 @@ def main(argv=None) -> int:
                 base, tune, ref = (torch.randn(n, v, device=device, generator=gen).to(torch.bfloat16) for _ in range(3))
                 nbytes = 3 * n * v * base.element_size()
                 shape = f"{cfg_name},N={n},V={v},inputs=3"
-                base_us, group = None, []
+                base_us, group = {}, []
                 for name, kind in provs.items():
+                    graph = name.endswith("-graph")
                     try:
-                        us = harness.time_us(make_fn(kind, base, tune, ref, cfg, device), device)
+                        us = harness.time_us(make_fn(kind, base, tune, ref, cfg, device, graph), device, graph=graph)
                     except Exception as e:  # a provider that cannot run a shape is reported, not fatal
                         print(f"{name} {shape}: {type(e).__name__}: {e}", file=sys.stderr)
                         continue
                     if kind == "composition":
-                        base_us = us
+                        base_us[graph] = us
                     read = nbytes if kind != "flashinfer" else n * v * base.element_size()
                     group.append(dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider=name,
                                       shape=shape, dtype="bf16", median_us=f"{us:.1f}",
-                                      gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us))
+                                      gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us, _graph=graph))
                 for r in group:
-                    r["speedup"] = f"{base_us / r.pop('_us'):.2f}" if base_us else ""
+                    ref_us = base_us.get(r.pop("_graph"))
+                    r["speedup"] = f"{ref_us / r.pop('_us'):.2f}" if ref_us else ""
                 harness.print_table(group, copy_gbps)
                 rows += group
     if args.record:

@@ -44,11 +44,17 @@ def commit() -> str:
         return "unknown"
 
 
-def time_us(fn, device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200) -> float:
-    """Median microseconds of ``fn()``: triton's do_bench on CUDA, repeated wall-clock runs on the CPU."""
+def time_us(fn, device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200, graph: bool = False) -> float:
+    """Median microseconds of ``fn()``: triton's do_bench on CUDA (``graph=True``: replays of a CUDA
+    graph of ``fn``, i.e. the kernels' time without the host's launch gaps), repeated wall-clock runs
+    on the CPU."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if graph:
+            fn()  # compile outside the capture
+            torch.cuda.synchronize()
+            return 1000.0 * do_bench_cudagraph(fn, rep=100, return_mode="median")
         return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()  # warm-up
     times, start = [], time.perf_counter()

@@ -1,7 +1,8 @@
-"""Which implementation runs an op: ``"reference"`` (plain torch) or ``"triton"``.
+"""Which implementation runs an op: ``"reference"`` (plain torch), ``"triton"`` or ``"cuda"`` (csrc/).
 
-``backend="auto"`` picks Triton for CUDA tensors when triton imports, else the
-reference. The environment variable ``IVG_BACKEND`` (``reference`` or ``triton``)
+``backend="auto"`` picks, for CUDA tensors, the CUDA kernel where :mod:`ivg_kernels._autotable`
+says it was measured faster at that shape, else Triton when triton imports; for CPU tensors the
+reference. The environment variable ``IVG_BACKEND`` (``reference``, ``triton`` or ``cuda``)
 replaces ``"auto"``, so tests and benchmarks can force either path; an explicit
 ``backend=`` argument always wins.
 """
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cuda")
 ENV_VAR = "IVG_BACKEND"
 
 
@@ -28,8 +29,33 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, *, triton_dtypes=None) -> str:
-    """The backend that will run, or a ValueError that says why the requested one can't."""
+_warned_cuda = False
+
+
+def _cuda_loads() -> bool:
+    global _warned_cuda
+    from .build import load
+
+    try:
+        load()
+        return True
+    except (RuntimeError, FileNotFoundError) as e:
+        if not _warned_cuda:
+            import warnings
+
+            warnings.warn(f"ivg_kernels: backend='auto' keeps Triton: the CUDA kernels are unavailable ({e})",
+                          stacklevel=3)
+            _warned_cuda = True
+        return False
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, *, triton_dtypes=None, cuda_dtypes=None, op=None,
+                    size=None) -> str:
+    """The backend that will run, or a ValueError that says why the requested one can't.
+
+    ``cuda_dtypes`` is None for an op with no CUDA kernel; ``op`` and ``size`` (rows, width) look the
+    shape up in the measured table for ``"auto"``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -38,6 +64,12 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, triton_dtypes=None) -
             raise ValueError(f"{ENV_VAR}={env!r}: expected one of {', '.join(BACKENDS)}")
         backend = env
     if backend == "auto":
+        if (tensor.is_cuda and cuda_dtypes is not None and tensor.dtype in cuda_dtypes and op is not None
+                and size is not None):
+            from ._autotable import prefers_cuda
+
+            if prefers_cuda(op, *size) and _cuda_loads():
+                return "cuda"
         usable = triton_available() and tensor.is_cuda
         if triton_dtypes is not None and tensor.dtype not in triton_dtypes:
             usable = False
@@ -52,4 +84,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, triton_dtypes=None) -
             )
         if triton_dtypes is not None and tensor.dtype not in triton_dtypes:
             raise ValueError(f"backend='triton': dtype {tensor.dtype} is not supported; expected one of {triton_dtypes}")
+    if backend == "cuda":
+        if cuda_dtypes is None:
+            raise ValueError("backend='cuda': this op has no CUDA kernel; expected 'auto', 'reference' or 'triton'")
+        if not tensor.is_cuda:
+            raise ValueError(f"backend='cuda': the inputs are on {tensor.device}; expected CUDA tensors")
+        if tensor.dtype not in cuda_dtypes:
+            raise ValueError(f"backend='cuda': dtype {tensor.dtype} is not supported; expected one of {cuda_dtypes}")
     return backend

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
+from ._backend import resolve_backend
 from .block_manager import BlockManager, KVCacheExhausted
 
 
@@ -45,13 +46,31 @@ class KVPool:
         """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
         return self.kv[i, 0], self.kv[i, 1]
 
-    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
-        """Run ``(src, dst)`` block copies for every layer (a destination is never a source here)."""
+    def copy_blocks(self, copies: Sequence[tuple[int, int]], backend: str = "auto") -> None:
+        """Run ``(src, dst)`` block copies for every layer (a destination is never a source here).
+
+        ``backend``: ``"reference"`` is one indexed torch copy; ``"cuda"`` one launch of
+        csrc/copy_blocks.cu; ``"auto"`` the CUDA kernel where measured faster, else the reference.
+        """
+        if backend == "triton":
+            raise ValueError("backend='triton': copy_blocks has no Triton kernel; expected 'auto', 'reference' or 'cuda'")
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], device=self.kv.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.kv.device)
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        which = resolve_backend(backend, self.kv, triton_dtypes=None, cuda_dtypes=(self.kv.dtype,), op="copy_blocks",
+                                size=(len(copies), self.bytes_per_block))
+        num_blocks = self.kv.shape[2]
+        for s, d in copies:
+            if not (0 <= s < num_blocks and 0 <= d < num_blocks):
+                raise ValueError(f"copies: block pair ({s}, {d}) out of range [0, {num_blocks})")
+        if which == "cuda":
+            from .build import load
+
+            pairs = torch.tensor(copies, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+            load().copy_blocks(self.kv, pairs)
+        else:
+            src = torch.tensor([c[0] for c in copies], device=self.kv.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.kv.device)
+            self.kv[:, :, dst] = self.kv[:, :, src]
         self.bytes_copied += len(copies) * self.bytes_per_block
 
 

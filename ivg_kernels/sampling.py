@@ -15,6 +15,7 @@ from ._types import SampleOutput
 from .reference.sampling import _guided_sample_ref
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_DTYPES = TRITON_DTYPES  # and every guide in the logits' dtype
 
 
 def guided_sample(
@@ -52,8 +53,10 @@ def guided_sample(
         every backend. Advance ``offset`` every step.
     vocab_size : int, optional
         Columns to use (``V``); default the narrowest input. Padded columns are ignored.
-    backend : ``"auto"``, ``"reference"`` or ``"triton"``
-        ``"auto"`` honours the ``IVG_BACKEND`` environment variable.
+    backend : ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
+        ``"auto"`` honours the ``IVG_BACKEND`` environment variable, then picks per shape
+        (see :mod:`ivg_kernels._autotable`). ``"cuda"`` builds csrc/ on first use and needs
+        every guide in the logits' dtype.
 
     Returns
     -------
@@ -68,9 +71,40 @@ def guided_sample(
         On a wrong shape, dtype, device or out-of-range scalar, naming the argument.
     """
     a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
-    if resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES) == "reference":
+    same_dtype = all(g.dtype == a.logits.dtype for g in a.guides)
+    which = resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES, cuda_dtypes=CUDA_DTYPES if same_dtype
+                            or backend != "auto" else None, op="guided_sample", size=(a.num_rows, a.vocab_size))
+    if which == "reference":
         return _guided_sample_ref(a)
+    if which == "cuda":
+        return _guided_sample_cuda(a)
     return _guided_sample_triton(a)
+
+
+def _guided_sample_cuda(a: SampleArgs) -> SampleOutput:
+    """The CUDA kernel of csrc/guided_sample.cu (built on first use)."""
+    from .build import load
+
+    ext = load()
+
+    def split(value):
+        return (value, 0) if isinstance(value, torch.Tensor) else (None, value)
+
+    if any(isinstance(w, torch.Tensor) for w in a.weights):
+        n = a.num_rows
+        weight_rows = torch.stack(
+            [w.float() if isinstance(w, torch.Tensor) else torch.full((n,), w, device=a.logits.device) for w in a.weights],
+            dim=1,
+        )
+        weight_vals = []
+    else:
+        weight_rows, weight_vals = None, [float(w) for w in a.weights]
+    out = ext.guided_sample(
+        [a.logits, *a.guides], weight_rows, weight_vals,
+        *split(a.temperature), *split(a.top_k), *split(a.top_p), *split(a.min_p),
+        *split(a.seed), *split(a.offset), a.vocab_size, a.any_filter_possible,
+    )
+    return SampleOutput(*out)
 
 
 def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:

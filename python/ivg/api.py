@@ -73,7 +73,7 @@ def import_scorer(spec: str):
 
 def generate(prompts, *, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
              device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", progress=False,
-             templates=None, **options):
+             templates=None, cuda_graphs=False, **options):
     """Decode ``prompts`` (strings or token id lists). ``options`` are :class:`DecodeOptions` fields.
 
     Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first.
@@ -85,7 +85,7 @@ def generate(prompts, *, base, tuned=(), ref=(), beta=(), token_rm=None, token_r
         options["scorer"] = import_scorer(scorer)
     opts = DecodeOptions(**options)
     if decoder == "paged":
-        dec = IVGDecoder(models, block_size=block_size, backend=backend)
+        dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs)
     elif decoder == "naive":
         dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     else:

@@ -112,16 +112,19 @@ class IVGDecoder:
     backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``)
     max_batch_prompts : prompts decoded together (the KV pools are sized for one such batch); results
         do not depend on it
+    cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`); on CUDA
+        only, captured once per batch of prompts and batch-size bucket
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
-                 max_batch_prompts: int = 64):
+                 max_batch_prompts: int = 64, cuda_graphs: bool = False):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
         self.block_size = block_size
         self.backend = backend
         self.max_batch_prompts = max_batch_prompts
+        self.cuda_graphs = bool(cuda_graphs)
         self.last_stats = RunStats()
         self._group = None
         models.check()
@@ -141,7 +144,7 @@ class IVGDecoder:
                                    dtype=param.dtype, device=param.device)
         group = KVCacheGroup(caches)
         for name, model, _ in roles:
-            paged[name] = PagedModel(model, cache=group[name], backend=self.backend)
+            paged[name] = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs)
         return group, paged
 
     @torch.inference_mode()

@@ -95,11 +95,13 @@ class PagedModel:
     model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention.
     num_blocks, block_size : pool size
     cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one
-    backend : kernel backend, ``"auto"``, ``"reference"`` or ``"triton"``
+    backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
+    cuda_graphs : replay decode steps (one new token per sequence) from CUDA graphs captured per
+        batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where every step runs eagerly
     """
 
     def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", cuda_graphs: bool = False):
         register_attention()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -113,6 +115,11 @@ class PagedModel:
         self.backend = backend
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     @property
     def blocks(self):
@@ -145,6 +152,11 @@ class PagedModel:
             cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
             cu[1:] = torch.tensor(counts).cumsum(0)
             dev = self.device
+            if self.graphs is not None and max(counts) == 1:
+                logits = self.graphs.run(flat.tolist(), before, slots, self.blocks.block_table(seq_ids),
+                                         self.blocks.seq_lens(seq_ids))
+                if logits is not None:
+                    return logits
             batch = PagedBatch(
                 cache=self.cache, slot_mapping=slots,
                 block_table=self.blocks.block_table(seq_ids).to(dev),

@@ -1,0 +1,125 @@
+"""CUDA graphs of the decode step: one captured forward per (batch-size bucket, block-table width).
+
+A decode step (one new token per sequence) of a small guide model is a few hundred short kernels;
+eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the whole forward of a
+:class:`~ivg.paged_model.PagedModel` once per bucket and replays it:
+
+* inputs live in static device buffers (token ids, positions, slots, block table, lengths), filled
+  with one host-to-device copy each before the replay; nothing in the replay synchronises;
+* the batch is padded to the next bucket (1, 2, 4, ..., 512) with rows whose slot is -1 (nothing
+  written) and whose length is 1, and their logits are dropped;
+* the block table's width is padded to a power of two, so the attention's grid is fixed per graph;
+* graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly.
+
+The kernels replayed are the eager ones, so a replay computes what the eager forward computes for
+the padded batch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket_for(n: int) -> int | None:
+    """The smallest bucket holding ``n`` rows, or None above the largest."""
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return None
+
+
+def width_for(blocks: int) -> int:
+    """Block-table width of the graph for sequences of up to ``blocks`` blocks: a power of two >= 4."""
+    w = 4
+    while w < blocks:
+        w *= 2
+    return w
+
+
+class _Captured:
+    def __init__(self, pm, rows: int, width: int, pool):
+        from .paged_model import PagedBatch
+
+        dev = pm.device
+        self.rows, self.width = rows, width
+        self.input_ids = torch.zeros(1, rows, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, rows, dtype=torch.long, device=dev)
+        self.slots = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        self.block_table = torch.zeros(rows, width, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        cu = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        keep = torch.arange(rows, device=dev)
+        batch = PagedBatch(cache=pm.cache, slot_mapping=self.slots, block_table=self.block_table,
+                           seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=1, is_decode=True,
+                           backend=pm.backend)
+
+        def run():
+            return pm.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
+                            logits_to_keep=keep, ivg_batch=batch).logits[0]
+
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compile Triton kernels, settle the allocator (slots are -1: no writes)
+                run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = run()
+
+    def replay(self, tokens, positions, slots, block_table, seq_lens) -> torch.Tensor:
+        n = len(tokens)
+        host_ids = torch.zeros(2, self.rows, dtype=torch.long)
+        host_ids[0, :n] = torch.as_tensor(tokens, dtype=torch.long)
+        host_ids[1, :n] = torch.as_tensor(positions, dtype=torch.long)
+        self.input_ids[0].copy_(host_ids[0], non_blocking=True)
+        self.positions[0].copy_(host_ids[1], non_blocking=True)
+        self.slots.fill_(-1)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        bt = torch.zeros(self.rows, self.width, dtype=torch.int32)
+        bt[:n, :block_table.shape[1]] = block_table
+        sl = torch.ones(self.rows, dtype=torch.int32)
+        sl[:n] = seq_lens
+        self.block_table.copy_(bt, non_blocking=True)
+        self.seq_lens.copy_(sl, non_blocking=True)
+        self.graph.replay()
+        return self.logits[:n].clone()  # the next replay overwrites the graph's output
+
+
+class DecodeGraphs:
+    """Captured decode forwards of one PagedModel, created on first use of each (bucket, width)."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._failed: set[tuple[int, int]] = set()
+        self._pool = None
+        self.replays = 0
+        self.captures = 0
+
+    def run(self, tokens, positions, slots, block_table, seq_lens):
+        """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies."""
+        rows = bucket_for(len(tokens))
+        if rows is None:
+            return None
+        key = (rows, width_for(block_table.shape[1]))
+        if key in self._failed:
+            return None
+        g = self._graphs.get(key)
+        if g is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                g = _Captured(self.pm, rows, key[1], self._pool)
+            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager for this bucket
+                warnings.warn(f"CUDA graph capture failed for batch {rows}, width {key[1]} ({type(e).__name__}: {e}); "
+                              "that bucket runs eagerly", stacklevel=3)
+                self._failed.add(key)
+                return None
+            self._graphs[key] = g
+            self.captures += 1
+        self.replays += 1
+        return g.replay(tokens, positions, slots, block_table, seq_lens)
