@@ -33,20 +33,20 @@ env_report() {
     command -v nvcc >/dev/null && nvcc --version | tail -1
 }
 
-GPU_TESTS="tests/test_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
+GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
-           tests/test_cuda_build_dispatch.py"
+           tests/test_cuda_build_dispatch.py}"
 
 run_build() {
     note "build csrc/"
-    timeout "${BUILD_TIMEOUT:-240}" "$PY" -m ivg_kernels.build 2>&1 | tee "$OUT/build.log" | tail -15
+    timeout "${BUILD_TIMEOUT:-180}" "$PY" -m ivg_kernels.build 2>&1 | tee "$OUT/build.log" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
 
 run_tests() {
     note "tests"
     # shellcheck disable=SC2086
-    timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -n 8 -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
+    timeout "${TESTS_TIMEOUT:-270}" "$PY" -m pytest -q -n 8 -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
         2>&1 | tee "$OUT/tests.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
@@ -55,7 +55,7 @@ run_sanitize() {
     note "compute-sanitizer"
     if [ -f tests/sanitize_cuda.py ] && command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
-            timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            timeout "${SANITIZE_TIMEOUT:-100}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
                 "$PY" tests/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1
             local rc=$?
             tail -3 "$OUT/sanitize_$tool.log"
