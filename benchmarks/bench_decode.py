@@ -122,10 +122,11 @@ def main(argv=None) -> int:
         rows += bench_step(device)
         for r in rows:
             r.update(date=date, commit=sha, device=dev_name)
+        if args.record:  # recorded as it goes: a run cut short keeps what it measured
+            harness.append_results(rows)
         if args.step_only:
-            if args.record:
-                harness.append_results(rows)
             return 0
+        rows = []
     models = build(preset, device)
     vocab = PRESETS[preset][2]
     gen = torch.Generator().manual_seed(0)
@@ -151,14 +152,17 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - t0
             result[name] = (dec.last_stats.new_tokens / wall, wall)
             print(f"{mode:<8} {name:<6} {result[name][0]:10.1f} tokens/s  {wall:8.2f} s", flush=True)
+        mode_rows = []
         for name, (tps, wall) in result.items():
             speed = tps / result["naive"][0] if "naive" in result else float("nan")
-            rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
+            mode_rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
                              shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}",
                              dtype=str(PRESETS[preset][3]).replace("torch.", ""),
                              median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
+        rows += mode_rows
+        if args.record:
+            harness.append_results(mode_rows)
     if args.record:
-        harness.append_results(rows)
         print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0
 

@@ -2,7 +2,7 @@
 # One-command GPU validation for a bare CUDA machine with no network (PyTorch, Triton and transformers
 # preinstalled; nothing is installed). Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh [check|tests|bench|all]     (default: all, about 10 minutes on an H100)
+#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|all]...   (default: all, about 10 minutes)
 #
 # Stages:
 #   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
@@ -21,7 +21,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
-STAGE="${1:-all}"
 STATUS=0
 
 note() { echo "== gpu_suite: $* ($(date -u +%H:%M:%S))"; }
@@ -46,7 +45,7 @@ run_build() {
 run_tests() {
     note "tests"
     # shellcheck disable=SC2086
-    timeout "${TESTS_TIMEOUT:-270}" "$PY" -m pytest -q -n 8 -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
+    timeout "${TESTS_TIMEOUT:-270}" "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" --dist loadfile -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
         2>&1 | tee "$OUT/tests.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
@@ -69,7 +68,7 @@ run_sanitize() {
 
 run_bench() {
     note "bench_sampling"
-    timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record 2>&1 | tee "$OUT/bench_sampling.log" | tail -40 || STATUS=1
+    timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/bench_sampling.log" | tail -40 || STATUS=1
     note "bench_kv"
     timeout "${KV_TIMEOUT:-120}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/bench_kv.log" | tail -30 || STATUS=1
     note "bench_decode"
@@ -81,11 +80,17 @@ run_bench() {
 }
 
 env_report 2>&1 | tee "$OUT/env.log"
-case "$STAGE" in
-    check) run_build; run_tests; run_sanitize ;;
-    bench) run_bench ;;
-    all) run_build; run_tests; run_sanitize; run_bench ;;
-    *) echo "usage: $0 [check|bench|all]" >&2; exit 2 ;;
-esac
+[ $# -eq 0 ] && set -- all
+for STAGE in "$@"; do
+    case "$STAGE" in
+        build) run_build ;;
+        tests) run_tests ;;
+        sanitize) run_sanitize ;;
+        check) run_build; run_tests; run_sanitize ;;
+        bench) run_bench ;;
+        all) run_build; run_tests; run_sanitize; run_bench ;;
+        *) echo "usage: $0 [build|tests|sanitize|check|bench|all]..." >&2; exit 2 ;;
+    esac
+done
 note "done, status $STATUS"
 exit $STATUS

@@ -85,6 +85,10 @@ def _guided_sample_cuda(a: SampleArgs) -> SampleOutput:
     """The CUDA kernel of csrc/guided_sample.cu (built on first use)."""
     from .build import load
 
+    for i, g in enumerate(a.guides):  # checked here: the launcher's own checks are the last line only
+        if g.dtype != a.logits.dtype:
+            raise ValueError(f"guides[{i}][0]: dtype {g.dtype} differs from the logits' {a.logits.dtype}; "
+                             "backend='cuda' needs one dtype (cast the guides, or use backend='triton')")
     ext = load()
 
     def split(value):

@@ -83,7 +83,7 @@ def test_cuda_sampler_frequencies_follow_the_softmax():
 
 def test_cuda_sampler_rejects_mixed_dtypes_and_cpu_tensors():
     base = torch.randn(2, 10, device="cuda")
-    with pytest.raises(ValueError, match=r"inputs\[1\].*dtype"):
+    with pytest.raises(ValueError, match=r"guides\[0\]\[0\]: dtype"):
         ivg_kernels.guided_sample(base, [(base.half(), 1.0)], seed=0, offset=0, backend="cuda")
     with pytest.raises(ValueError, match="backend='cuda'.*cpu"):
         ivg_kernels.guided_sample(base.cpu(), seed=0, offset=0, backend="cuda")

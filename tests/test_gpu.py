@@ -80,7 +80,11 @@ def test_decoder_on_cuda_matches_the_cpu_result(mode):
     _, gpu = _decode(_cuda_models(torch.float64), mode)
     for a, b in zip(cpu, gpu):
         assert a.beams[0].tokens == b.beams[0].tokens
-        assert abs(a.beams[0].score - b.beams[0].score) <= 1e-9 * max(1.0, abs(a.beams[0].score))
+        for f in ("score", "implicit_value", "explicit_value"):
+            u, v = getattr(a.beams[0], f), getattr(b.beams[0], f)
+            assert (u is None) == (v is None), f
+            if u is not None:
+                assert abs(u - v) <= 1e-9 * max(1.0, abs(u)), (f, u, v)
 
 
 def test_paged_model_graph_replay_matches_eager():

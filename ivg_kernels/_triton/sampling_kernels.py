@@ -501,6 +501,16 @@ def launch_guided_sample(
     return tokens, logprob, lse, in_logprobs, in_logits, ok
 
 
-# The op composes with torch.compile(fullgraph=True) and CUDA-graph capture; the plain function
-# above stays callable for measuring the dispatch overhead (benchmarks/bench_sampling.py).
-guided_sample_op = torch.library.triton_op("ivg_kernels::guided_sample", mutates_args=())(launch_guided_sample)
+# An opaque custom op: torch.compile(fullgraph=True) keeps it as one node with the fake below (inductor
+# cannot trace kernels that take tuples of tensors), and CUDA-graph capture records its two launches.
+guided_sample_op = torch.library.custom_op("ivg_kernels::guided_sample", mutates_args=())(launch_guided_sample)
+
+
+@guided_sample_op.register_fake
+def _guided_sample_fake(logits, guides, weight_scalars, weight_rows, temperature, temperature_s, top_k, top_k_s,
+                        top_p, top_p_s, min_p, min_p_s, seed, seed_s, offset, offset_s, vocab_size, filters, block):
+    n, nin = logits.shape[0], 1 + len(guides)
+    f32 = torch.float32
+    return (logits.new_empty((n,), dtype=torch.int64), logits.new_empty((n,), dtype=f32),
+            logits.new_empty((n, nin), dtype=f32), logits.new_empty((n, nin), dtype=f32),
+            logits.new_empty((n, nin), dtype=f32), logits.new_empty((n,), dtype=torch.bool))

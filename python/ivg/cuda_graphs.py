@@ -60,6 +60,8 @@ class _Captured:
             return pm.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
                             logits_to_keep=keep, ivg_batch=batch).logits[0]
 
+        # The graph reads these by address: they must live as long as the graph does.
+        self._keep, self._cu, self._batch, self._run = keep, cu, batch, run
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
