@@ -73,7 +73,7 @@ def import_scorer(spec: str):
 
 def generate(prompts, *, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
              device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", progress=False,
-             templates=None, cuda_graphs=False, **options):
+             templates=None, cuda_graphs=None, **options):
     """Decode ``prompts`` (strings or token id lists). ``options`` are :class:`DecodeOptions` fields.
 
     Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first.

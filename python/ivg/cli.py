@@ -71,7 +71,7 @@ def _generate(args) -> int:
     results = generate(prompts, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
                        token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, device=args.device,
                        dtype=args.dtype, backend=args.backend, decoder=args.decoder, progress=True,
-                       cuda_graphs=args.cuda_graphs, **options)
+                       cuda_graphs=False if args.no_cuda_graphs else None, **options)
     lines = [json.dumps(r.as_dict(args.num_return > 1)) for r in results]
     if args.out:
         with open(args.out, "w") as f:
@@ -129,7 +129,8 @@ def _add_generate(sub):
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
-    g.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (CUDA only)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly (by default CUDA models replay them from CUDA graphs)")
     g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="naive: the published algorithm")
     g.set_defaults(fn=_generate)
 
