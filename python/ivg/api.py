@@ -71,13 +71,10 @@ def import_scorer(spec: str):
     return fn
 
 
-def generate(prompts, *, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
-             device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", progress=False,
-             templates=None, cuda_graphs=None, **options):
-    """Decode ``prompts`` (strings or token id lists). ``options`` are :class:`DecodeOptions` fields.
-
-    Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first.
-    """
+def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
+                 device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
+                 cuda_graphs=None, **options):
+    """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s."""
     models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
                          tokenizer=tokenizer, device=device, dtype=dtype, templates=templates)
     scorer = options.get("scorer")
@@ -90,6 +87,18 @@ def generate(prompts, *, base, tuned=(), ref=(), beta=(), token_rm=None, token_r
         dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     else:
         raise ValueError(f"decoder={decoder!r}: expected 'paged' or 'naive'")
+    return dec, opts
+
+
+def generate(prompts, *, progress=False, **kwargs):
+    """Decode ``prompts`` (strings or token id lists). ``kwargs``: the models (``base``, ``tuned``, ``ref``,
+    ``beta``, ``token_rm``, ``token_rm_weight``, ``tokenizer``, ``templates``), where they run (``device``,
+    ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``) and :class:`DecodeOptions` fields.
+
+    Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first. Under ``torchrun``, see
+    :func:`ivg.distributed.generate_sharded`.
+    """
+    dec, opts = make_decoder(**kwargs)
     results = dec.generate(prompts, opts, progress=progress)
     generate.last_stats = dec.last_stats
     return results

@@ -55,32 +55,32 @@ def _read_prompts(args) -> list:
 
 
 def _generate(args) -> int:
-    import json
-
-    from .api import generate
-
     if len(args.tuned) != len(args.ref):
         raise ValueError(f"--tuned/--ref: expected pairs, got {len(args.tuned)} --tuned and {len(args.ref)} --ref")
     prompts = _read_prompts(args)
     chunk = None if args.chunk_len in ("inf", "0") else int(args.chunk_len)
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()), num_return=args.num_return)
+                   max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()))
     if args.scorer:
         options["scorer"] = args.scorer
-    results = generate(prompts, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
-                       token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, device=args.device,
-                       dtype=args.dtype, backend=args.backend, decoder=args.decoder, progress=True,
-                       cuda_graphs=False if args.no_cuda_graphs else None, **options)
-    lines = [json.dumps(r.as_dict(args.num_return > 1)) for r in results]
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    else:
+    from .distributed import finish, generate_sharded
+
+    try:
+        lines, st = generate_sharded(
+            prompts, out=args.out, num_return=args.num_return, save_every=args.save_every, overwrite=args.overwrite,
+            device=args.device, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
+            token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, dtype=args.dtype, backend=args.backend,
+            decoder=args.decoder, cuda_graphs=False if args.no_cuda_graphs else None, **options)
+    finally:
+        finish()
+    if lines is None:  # not rank 0
+        return 0
+    if not args.out:
         print("\n".join(lines))
-    st = generate.last_stats
-    print(f"ivg generate: {st.prompts} prompts, {st.new_tokens} new tokens, {st.tokens_per_s:.1f} tokens/s, "
-          f"{st.wall_s:.2f} s wall", file=sys.stderr)
+    print(f"ivg generate: {st.prompts} prompts decoded, {st.new_tokens} new tokens, {st.tokens_per_s:.1f} tokens/s, "
+          f"{st.wall_s:.2f} s wall" + (f"; wrote {len(lines)} lines to {args.out}" if args.out else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -126,6 +126,10 @@ def _add_generate(sub):
     g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
     g.add_argument("--out", help="write JSON lines here instead of stdout")
     g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first")
+    g.add_argument("--save-every", type=int, default=64,
+                   help="prompts per rank between appends to --out (a killed run loses at most this many)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start --out afresh (by default a rerun skips the prompts already in it)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])

@@ -1,0 +1,221 @@
+"""Data-parallel generation over prompts on torch.distributed, resumable through the output file.
+
+Under ``torchrun --nproc-per-node N -m ivg generate ...`` (or :func:`generate_sharded` from Python
+under torchrun) every rank loads the models on its own device (``cuda:LOCAL_RANK`` for ``--device
+cuda``), takes a share of the prompts balanced by length, and decodes it in rounds of
+``save_every`` prompts. After each round rank 0 gathers the finished results and appends them to the
+output file, so a killed run loses at most one round. A rerun reads the file, skips the prompts it
+already holds (a torn last line is ignored) and decodes the rest. At the end rank 0 rewrites the file
+in input order, one line per prompt, each with its ``index`` in the input and a ``run`` fingerprint of the
+models and options (a rerun with other settings refuses the file instead of mixing outputs). Values are
+written with 10 significant digits.
+
+NCCL on CUDA, gloo on the CPU. A prompt's result depends only on the prompt, the options and the seed
+(:class:`ivg.decoder.IVGDecoder`), so the output is the one a single process writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device: str) -> tuple[int, int, str]:
+    """Join the process group when launched by torchrun; returns (rank, world size, this rank's device)."""
+    rank, size, local = world()
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, size, str(dev)
+
+
+def shard_by_length(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
+    """Indices split into ``num_shards`` lists of about equal total length (longest first onto the least
+    loaded shard; ties to the lower shard), each list in input order. Deterministic."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards={num_shards!r}: expected an int >= 1")
+    loads = [0] * num_shards
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        s = min(range(num_shards), key=lambda j: (loads[j], j))
+        shards[s].append(i)
+        loads[s] += lengths[i] + 1
+    return [sorted(s) for s in shards]
+
+
+def _round(row: dict) -> dict:
+    """Values with 10 significant digits: the last bits of a float64 sum depend on how prompts were batched
+    (one process or several), and the file should not."""
+    for k in ("score", "implicit_value", "explicit_value"):
+        if isinstance(row.get(k), float):
+            row[k] = float(f"{row[k]:.10g}")
+    for b in row.get("beams", ()):
+        _round(b)
+    return row
+
+
+def _prompt_key(p) -> str:
+    return json.dumps(p)
+
+
+def run_id(config: dict) -> str:
+    """A short fingerprint of what decides the outputs (models, options, seed), stored on every line so that
+    a rerun with other settings does not resume a file it did not write."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+def read_done(path: Path, prompts: Sequence, run: Optional[str] = None) -> dict[int, str]:
+    """Lines of an earlier (possibly killed) run, by prompt index. A line whose prompt differs from the
+    input's at its index, or that another configuration wrote, is an error naming the line."""
+    done: dict[int, str] = {}
+    if not path.exists():
+        return done
+    for k, line in enumerate(path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill: decoded again
+        i = row.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(prompts):
+            raise ValueError(f"--out {path}: line {k + 1} has no valid \"index\" for these {len(prompts)} prompts; "
+                             "move the file away or pass --overwrite")
+        if _prompt_key(row.get("prompt")) != _prompt_key(prompts[i]):
+            raise ValueError(f"--out {path}: line {k + 1} holds another prompt for index {i} "
+                             f"({row.get('prompt')!r}); move the file away or pass --overwrite")
+        if run is not None and row.get("run") != run:
+            raise ValueError(f"--out {path}: line {k + 1} was written with other models or options (run "
+                             f"{row.get('run')!r}, now {run!r}); move the file away or pass --overwrite")
+        done[i] = json.dumps(row)
+    return done
+
+
+def _append(path: Path, lines: Sequence[str]) -> None:
+    with path.open("a") as f:
+        for ln in lines:
+            f.write(ln + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return: int = 1, save_every: int = 64,
+                     overwrite: bool = False, progress: bool = True, device: str = "cpu", **kwargs):
+    """Decode ``prompts`` over every torchrun rank (or in this process alone outside torchrun).
+
+    ``kwargs`` are :func:`ivg.api.make_decoder`'s. With ``out`` the results go to that JSON-lines file
+    (resumed if it exists, unless ``overwrite``). Returns, on rank 0, the output lines in input order
+    (JSON strings) and the summed run statistics; ``(None, None)`` on the other ranks.
+    """
+    from .api import make_decoder
+    from .decoder import RunStats
+
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
+    rank, size, dev = init(device)
+    run = run_id(dict(kwargs, num_return=num_return))
+    path = Path(out) if out else None
+    done: dict[int, str] = {}
+    error = None
+    if path is not None and rank == 0:
+        try:
+            if overwrite and path.exists():
+                path.unlink()
+            done = read_done(path, prompts, run)
+        except (ValueError, OSError) as e:
+            error = e
+        if done:
+            print(f"ivg generate: resuming, {len(done)} of {len(prompts)} prompts already in {path}", file=sys.stderr)
+    if size > 1:
+        import torch.distributed as dist
+
+        box = [(sorted(done), None if error is None else str(error))]
+        dist.broadcast_object_list(box, src=0)  # every rank learns what is done, or that rank 0 refused the file
+        done_idx, message = set(box[0][0]), box[0][1]
+        if message is not None and error is None:
+            error = ValueError(message)
+    else:
+        done_idx = set(done)
+    if error is not None:
+        raise error
+    todo = [i for i in range(len(prompts)) if i not in done_idx]
+    mine = shard_by_length([len(prompts[i]) for i in todo], size)[rank]
+    mine = [todo[j] for j in mine]
+    per_rank = [len(s) for s in shard_by_length([len(prompts[i]) for i in todo], size)]
+    rounds = -(-max(per_rank, default=0) // save_every)
+
+    dec, opts = make_decoder(device=dev, num_return=num_return, **kwargs)
+    stats = RunStats()
+    start = time.perf_counter()
+    finished = len(done_idx)
+    for r in range(rounds):
+        batch = mine[r * save_every:(r + 1) * save_every]
+        lines = []
+        if batch:
+            results = dec.generate([prompts[i] for i in batch], opts)
+            st = dec.last_stats
+            stats.prompts += st.prompts
+            stats.new_tokens += st.new_tokens
+            for i, res in zip(batch, results):
+                lines.append((i, json.dumps(_round(dict(index=i, run=run, **res.as_dict(num_return > 1))))))
+        if size > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * size if rank == 0 else None
+            dist.gather_object(lines, gathered, dst=0)
+            lines = [x for part in (gathered or []) for x in part]
+        if rank == 0:
+            for i, ln in lines:
+                done[i] = ln
+            if path is not None and lines:
+                _append(path, [ln for _, ln in lines])
+            finished += len(lines)
+            if progress:
+                rate = (finished - len(done_idx)) / max(time.perf_counter() - start, 1e-9)
+                print(f"ivg generate: {finished}/{len(prompts)} prompts ({rate:.2f} prompts/s, {size} ranks)",
+                      file=sys.stderr, flush=True)
+    if size > 1:
+        import torch.distributed as dist
+
+        box = [(stats.prompts, stats.new_tokens)]
+        parts = [None] * size if rank == 0 else None
+        dist.gather_object(box[0], parts, dst=0)
+        if rank == 0:
+            stats.prompts = sum(p for p, _ in parts)
+            stats.new_tokens = sum(t for _, t in parts)
+    stats.wall_s = time.perf_counter() - start
+    if rank != 0:
+        return None, None
+    ordered = [done[i] for i in range(len(prompts))]
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(ordered) + "\n")
+        os.replace(tmp, path)  # one line per prompt, in input order
+    return ordered, stats
+
+
+def finish() -> None:
+    """Leave the process group (a no-op outside torchrun)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

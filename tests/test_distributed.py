@@ -1,0 +1,116 @@
+"""Data-parallel `ivg generate` under torchrun (gloo, 2 CPU processes) and resuming a killed run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ivg.distributed import read_done, run_id, shard_by_length
+
+from .test_cli import model_dirs  # noqa: F401  (fixture)
+
+PROMPTS = ["the movie was", "a", "it is a truly wonderful day, and", "bad", "what a film", "i think",
+           "the end", "so so so", "never again", "a b c d e f g"]
+
+
+def _cmd(d, out, prompts, nproc, *extra):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return launcher + ["-m", "ivg", "generate", "--base", d["base"], "--tuned", d["tuned"], "--ref", d["ref"],
+                       "--beta", "1.5", "--token-rm", d["rm"], "--dtype", "float64", "--mode", "ivg", "-W", "2",
+                       "-K", "2", "-L", "3", "--temperature", "1.0", "--seed", "5", "--prompts", str(prompts),
+                       "--out", str(out), *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def test_shards_partition_and_balance():
+    lengths = [50, 3, 40, 7, 7, 30, 2, 60, 1, 10]
+    shards = shard_by_length(lengths, 3)
+    assert sorted(i for s in shards for i in s) == list(range(len(lengths)))
+    assert all(s == sorted(s) for s in shards)
+    loads = [sum(lengths[i] + 1 for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(lengths) + 1
+    assert shard_by_length(lengths, 3) == shards
+    assert shard_by_length([], 2) == [[], []]
+    with pytest.raises(ValueError, match="num_shards"):
+        shard_by_length(lengths, 0)
+
+
+def test_read_done_skips_a_torn_line_and_refuses_foreign_files(tmp_path):
+    run = run_id({"seed": 1})
+    f = tmp_path / "o.jsonl"
+    f.write_text(json.dumps(dict(index=1, run=run, prompt="b", text="x")) + "\n" + '{"index": 0, "run": "')
+    assert list(read_done(f, ["a", "b"], run)) == [1]
+    f.write_text(json.dumps(dict(index=0, run=run, prompt="zzz", text="x")) + "\n")
+    with pytest.raises(ValueError, match="line 1 holds another prompt"):
+        read_done(f, ["a", "b"], run)
+    f.write_text(json.dumps(dict(index=0, run="other", prompt="a", text="x")) + "\n")
+    with pytest.raises(ValueError, match="other models or options"):
+        read_done(f, ["a", "b"], run)
+    f.write_text(json.dumps(dict(prompt="a", text="x")) + "\n")
+    with pytest.raises(ValueError, match="no valid \"index\""):
+        read_done(f, ["a", "b"], run)
+
+
+def test_two_gloo_ranks_write_what_one_process_writes(model_dirs, tmp_path, prompt_file):  # noqa: F811
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    for out, n in ((one, 1), (two, 2)):
+        r = subprocess.run(_cmd(model_dirs, out, prompt_file, n, "--max-new-tokens", "8", "--save-every", "2"),
+                           env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert one.read_text() == two.read_text()
+    rows = _rows(two)
+    assert [r["index"] for r in rows] == list(range(len(PROMPTS)))
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert all(r["tokens"] for r in rows)
+
+
+def test_a_killed_run_resumes_without_duplicates_or_losses(model_dirs, tmp_path, prompt_file):  # noqa: F811
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    args = ("--max-new-tokens", "24", "--save-every", "1")
+    r = subprocess.run(_cmd(model_dirs, full, prompt_file, 1, *args), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(model_dirs, part, prompt_file, 2, *args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and len(part.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = len(part.read_text().splitlines())
+    assert 2 <= saved < len(PROMPTS)
+    r = subprocess.run(_cmd(model_dirs, part, prompt_file, 2, *args), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    assert part.read_text() == full.read_text()
+
+
+def test_every_rank_stops_when_rank_0_refuses_the_output_file(model_dirs, tmp_path, prompt_file):  # noqa: F811
+    out = tmp_path / "foreign.jsonl"
+    out.write_text(json.dumps(dict(index=0, run="someone-else", prompt=PROMPTS[0], text="x")) + "\n")
+    r = subprocess.run(_cmd(model_dirs, out, prompt_file, 2, "--max-new-tokens", "4"), env=_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert "other models or options" in r.stderr
+    assert out.read_text().count("\n") == 1, "the refused file is left as it was"
