@@ -114,3 +114,40 @@ def test_every_rank_stops_when_rank_0_refuses_the_output_file(model_dirs, tmp_pa
     assert r.returncode != 0
     assert "other models or options" in r.stderr
     assert out.read_text().count("\n") == 1, "the refused file is left as it was"
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory):
+    """A Llama base (4 heads, 2 KV heads: one per rank under 2-way tensor parallelism) and gpt2 guides."""
+    from .decoder_fixtures import char_tokenizer, lm, token_rm
+
+    root = tmp_path_factory.mktemp("tp_models")
+    tok = char_tokenizer()
+    dirs = {}
+    for name, model in (("base", lm("llama", 1, layers=2)), ("tuned", lm("gpt2", 2)), ("ref", lm("gpt2", 3)),
+                        ("rm", token_rm("gpt2", 4))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def test_tensor_parallel_base_writes_what_one_process_writes(llama_dirs, tmp_path, prompt_file):
+    pytest.importorskip("accelerate")  # transformers' tensor parallelism needs it
+    one, tp = tmp_path / "one.jsonl", tmp_path / "tp.jsonl"
+    for out, n, extra in ((one, 1, ()), (tp, 2, ("--tensor-parallel",))):
+        r = subprocess.run(_cmd(llama_dirs, out, prompt_file, n, "--max-new-tokens", "8", *extra), env=_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "tensor parallel" in r.stderr
+    assert [json.loads(x)["tokens"] for x in tp.read_text().splitlines()] == \
+        [json.loads(x)["tokens"] for x in one.read_text().splitlines()]
+    assert tp.read_text() == one.read_text()
+
+
+def test_tensor_parallel_refuses_a_base_without_a_plan(model_dirs, tmp_path, prompt_file):  # noqa: F811
+    pytest.importorskip("accelerate")
+    r = subprocess.run(_cmd(model_dirs, tmp_path / "o.jsonl", prompt_file, 2, "--max-new-tokens", "4",
+                            "--tensor-parallel"), env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert "GPT2LMHeadModel" in r.stderr and "tp_plan" in r.stderr

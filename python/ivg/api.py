@@ -32,8 +32,12 @@ def _tokenizer(path):
 
 
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,
-                token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None) -> IVGModels:
-    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map."""
+                token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None,
+                base_tp_plan=None) -> IVGModels:
+    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map.
+
+    ``base_tp_plan="auto"`` shards the base model over the process group's ranks (tensor parallel);
+    the guides and the token reward model stay whole on ``device``."""
     if len(tuned) != len(ref):
         raise ValueError(f"tuned/ref: expected pairs, got {len(tuned)} tuned and {len(ref)} ref models")
     betas = list(beta) if beta else [1.0] * len(tuned)
@@ -44,13 +48,15 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     dt = _dtype(dtype)
     tokenizers = {}
 
-    def load(x, name):
+    def load(x, name, tp_plan=None):
         if isinstance(x, torch.nn.Module):
+            if tp_plan is not None:
+                raise ValueError("base_tp_plan: pass the base model by path to shard it")
             return x.to(device=device, dtype=dt) if dt is not None else x.to(device)
         tokenizers[name] = _tokenizer(x)
-        return load_causal_lm(x, dtype=dt, device=device)
+        return load_causal_lm(x, dtype=dt, device=device, tp_plan=tp_plan)
 
-    base_model = load(base, "base")
+    base_model = load(base, "base", base_tp_plan)
     guides = [GuidePair(load(t, f"tune{i}"), load(r, f"ref{i}"), float(b))
               for i, (t, r, b) in enumerate(zip(tuned, ref, betas))]
     rm = load(token_rm, "rm") if token_rm is not None else None
@@ -73,10 +79,11 @@ def import_scorer(spec: str):
 
 def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
                  device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
-                 cuda_graphs=None, **options):
+                 cuda_graphs=None, base_tp_plan=None, **options):
     """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s."""
     models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
-                         tokenizer=tokenizer, device=device, dtype=dtype, templates=templates)
+                         tokenizer=tokenizer, device=device, dtype=dtype, templates=templates,
+                         base_tp_plan=base_tp_plan)
     scorer = options.get("scorer")
     if isinstance(scorer, str) and scorer not in ("explicit", "implicit"):
         options["scorer"] = import_scorer(scorer)

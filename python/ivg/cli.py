@@ -69,6 +69,7 @@ def _generate(args) -> int:
     try:
         lines, st = generate_sharded(
             prompts, out=args.out, num_return=args.num_return, save_every=args.save_every, overwrite=args.overwrite,
+            tensor_parallel=args.tensor_parallel,
             device=args.device, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
             token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, dtype=args.dtype, backend=args.backend,
             decoder=args.decoder, cuda_graphs=False if args.no_cuda_graphs else None, **options)
@@ -128,6 +129,9 @@ def _add_generate(sub):
     g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first")
     g.add_argument("--save-every", type=int, default=64,
                    help="prompts per rank between appends to --out (a killed run loses at most this many)")
+    g.add_argument("--tensor-parallel", action="store_true",
+                   help="under torchrun: shard the base model over the ranks (transformers' tp_plan='auto') instead of "
+                        "the prompts; guides and token RM stay whole on each rank")
     g.add_argument("--overwrite", action="store_true",
                    help="start --out afresh (by default a rerun skips the prompts already in it)")
     g.add_argument("--device", default="cpu")

@@ -22,7 +22,7 @@ from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
 from .models import IVGModels
 from .options import DecodeOptions
-from .paged_model import PagedModel, kv_shape
+from .paged_model import PagedModel, local_kv_shape
 from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset
 
 
@@ -144,7 +144,7 @@ class IVGDecoder:
     def _paged_models(self, roles, num_blocks):
         caches, paged = {}, {}
         for name, model, _ in roles:
-            layers, kv_heads, head_dim = kv_shape(model.config)
+            layers, kv_heads, head_dim = local_kv_shape(model)
             param = next(model.parameters())
             caches[name] = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=self.block_size,
                                    dtype=param.dtype, device=param.device)

@@ -118,8 +118,14 @@ def _append(path: Path, lines: Sequence[str]) -> None:
 
 
 def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return: int = 1, save_every: int = 64,
-                     overwrite: bool = False, progress: bool = True, device: str = "cpu", **kwargs):
+                     overwrite: bool = False, progress: bool = True, device: str = "cpu", tensor_parallel: bool = False,
+                     **kwargs):
     """Decode ``prompts`` over every torchrun rank (or in this process alone outside torchrun).
+
+    ``tensor_parallel``: instead of sharding the prompts, shard the base model over the ranks
+    (transformers' ``tp_plan="auto"``); every rank then decodes every prompt in lockstep (the guides
+    and the token reward model are whole on every rank, the logits are identical on all of them, so
+    are the draws) and rank 0 writes.
 
     ``kwargs`` are :func:`ivg.api.make_decoder`'s. With ``out`` the results go to that JSON-lines file
     (resumed if it exists, unless ``overwrite``). Returns, on rank 0, the output lines in input order
@@ -131,6 +137,7 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
     rank, size, dev = init(device)
+    tp = tensor_parallel and size > 1
     run = run_id(dict(kwargs, num_return=num_return))
     path = Path(out) if out else None
     done: dict[int, str] = {}
@@ -157,12 +164,11 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     if error is not None:
         raise error
     todo = [i for i in range(len(prompts)) if i not in done_idx]
-    mine = shard_by_length([len(prompts[i]) for i in todo], size)[rank]
-    mine = [todo[j] for j in mine]
-    per_rank = [len(s) for s in shard_by_length([len(prompts[i]) for i in todo], size)]
-    rounds = -(-max(per_rank, default=0) // save_every)
+    shards = [list(range(len(todo)))] if tp else shard_by_length([len(prompts[i]) for i in todo], size)
+    mine = [todo[j] for j in shards[0 if tp else rank]]
+    rounds = -(-max((len(s) for s in shards), default=0) // save_every)
 
-    dec, opts = make_decoder(device=dev, num_return=num_return, **kwargs)
+    dec, opts = make_decoder(device=dev, num_return=num_return, base_tp_plan="auto" if tp else None, **kwargs)
     stats = RunStats()
     start = time.perf_counter()
     finished = len(done_idx)
@@ -176,7 +182,7 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
             stats.new_tokens += st.new_tokens
             for i, res in zip(batch, results):
                 lines.append((i, json.dumps(_round(dict(index=i, run=run, **res.as_dict(num_return > 1))))))
-        if size > 1:
+        if size > 1 and not tp:
             import torch.distributed as dist
 
             gathered = [None] * size if rank == 0 else None
@@ -190,9 +196,10 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
             finished += len(lines)
             if progress:
                 rate = (finished - len(done_idx)) / max(time.perf_counter() - start, 1e-9)
-                print(f"ivg generate: {finished}/{len(prompts)} prompts ({rate:.2f} prompts/s, {size} ranks)",
+                print(f"ivg generate: {finished}/{len(prompts)} prompts ({rate:.2f} prompts/s, {size} ranks"
+                      f"{', tensor parallel' if tp else ''})",
                       file=sys.stderr, flush=True)
-    if size > 1:
+    if size > 1 and not tp:
         import torch.distributed as dist
 
         box = [(stats.prompts, stats.new_tokens)]

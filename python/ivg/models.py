@@ -79,11 +79,26 @@ def is_token_rm_dir(path) -> bool:
     return os.path.isdir(str(path)) and os.path.exists(os.path.join(str(path), SCORE_HEAD_FILE))
 
 
-def load_causal_lm(path, *, dtype=None, device="cpu"):
-    """A causal LM (or a token reward model directory) by local path or hub id."""
+def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
+    """A causal LM (or a token reward model directory) by local path or hub id.
+
+    ``tp_plan="auto"`` shards it over the ranks of the initialised process group with transformers'
+    tensor parallelism (the model's own plan; needs ``accelerate``); it stays where transformers puts it.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if tp_plan is not None:
+        if is_token_rm_dir(path):
+            raise ValueError("tp_plan: token reward models are not sharded (they stay on one device)")
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan=tp_plan, **kwargs)
+        if getattr(model, "tp_size", 1) in (None, 1) and tp_plan is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise ValueError(f"tp_plan={tp_plan!r}: {type(model).__name__} was not sharded (no tensor-parallel "
+                                 "plan for this architecture)")
+        return model.eval()
     if is_token_rm_dir(path):
         model = TokenRewardModel.from_pretrained(path, **kwargs)
     else:

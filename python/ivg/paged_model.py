@@ -78,6 +78,18 @@ def kv_shape(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def local_kv_shape(model) -> tuple[int, int, int]:
+    """:func:`kv_shape` of the KV heads this process holds: under transformers' tensor parallelism
+    (``model.tp_size`` ranks) each rank's attention sees ``num_kv_heads / tp_size`` heads."""
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    tp = getattr(model, "tp_size", None) or 1
+    if tp > 1:
+        if kv_heads % tp:
+            raise ValueError(f"tp_size={tp}: {kv_heads} KV heads do not split evenly over the ranks")
+        kv_heads //= tp
+    return layers, kv_heads, head_dim
+
+
 def model_from_config(config, **kwargs):
     """``AutoModelForCausalLM.from_config`` on the paged attention, leaving ``config`` untouched
     (transformers' ``from_config(cfg, attn_implementation=...)`` edits ``cfg`` in place)."""
@@ -108,7 +120,7 @@ class PagedModel:
         self.model = model.eval()
         param = next(model.parameters())
         if cache is None:
-            layers, kv_heads, head_dim = kv_shape(model.config)
+            layers, kv_heads, head_dim = local_kv_shape(model)
             cache = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
                             dtype=param.dtype, device=param.device)
         self.cache = cache
