@@ -65,3 +65,17 @@ def ivg_models(family: str = "gpt2", dtype=torch.float64, **kw) -> IVGModels:
         tokenizer=char_tokenizer(),
         **kw,
     )
+
+
+def save_model_dirs(root, base_family: str = "gpt2") -> dict:
+    """The test models saved to disk (base of ``base_family``, gpt2 guide pair and token RM), each with the
+    character tokenizer; returns their paths by role."""
+    tok = char_tokenizer()
+    dirs = {}
+    layers = 3 if base_family == "gpt2" else 2
+    for name, model in (("base", lm(base_family, 1, layers=layers)), ("tuned", lm("gpt2", 2)),
+                        ("ref", lm("gpt2", 3)), ("rm", token_rm("gpt2", 4))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs

@@ -7,21 +7,12 @@ import pytest
 
 from ivg.cli import main
 
-from .decoder_fixtures import char_tokenizer, lm, token_rm
+from .decoder_fixtures import save_model_dirs
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = char_tokenizer()
-    dirs = {}
-    for name, model in (("base", lm("gpt2", 1, layers=3)), ("tuned", lm("gpt2", 2)), ("ref", lm("gpt2", 3)),
-                        ("rm", token_rm("gpt2", 4))):
-        d = root / name
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        dirs[name] = str(d)
-    return dirs
+    return save_model_dirs(tmp_path_factory.mktemp("models"))
 
 
 def _args(d, out, *extra):

@@ -119,17 +119,9 @@ def test_every_rank_stops_when_rank_0_refuses_the_output_file(model_dirs, tmp_pa
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory):
     """A Llama base (4 heads, 2 KV heads: one per rank under 2-way tensor parallelism) and gpt2 guides."""
-    from .decoder_fixtures import char_tokenizer, lm, token_rm
+    from .decoder_fixtures import save_model_dirs
 
-    root = tmp_path_factory.mktemp("tp_models")
-    tok = char_tokenizer()
-    dirs = {}
-    for name, model in (("base", lm("llama", 1, layers=2)), ("tuned", lm("gpt2", 2)), ("ref", lm("gpt2", 3)),
-                        ("rm", token_rm("gpt2", 4))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        dirs[name] = str(root / name)
-    return dirs
+    return save_model_dirs(tmp_path_factory.mktemp("tp_models"), "llama")
 
 
 def test_tensor_parallel_base_writes_what_one_process_writes(llama_dirs, tmp_path, prompt_file):
