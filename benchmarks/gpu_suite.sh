@@ -74,6 +74,15 @@ run_bench() {
     note "bench_decode"
     timeout "${DECODE_TIMEOUT:-300}" "$PY" benchmarks/bench_decode.py --record 2>&1 | tee "$OUT/bench_decode.log" \
         | tail -20 || STATUS=1
+    local gpus
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+    if [ "$gpus" -gt 1 ]; then
+        note "bench_distributed on $gpus GPUs"
+        timeout "${DIST_TIMEOUT:-240}" "$PY" benchmarks/bench_distributed.py --device cuda --ranks "$gpus" --repeats 1 \
+            --record 2>&1 | tee "$OUT/bench_distributed.log" | tail -8 || STATUS=1
+    else
+        echo "bench_distributed: one GPU here, the multi-GPU scaling check was not run"
+    fi
     "$PY" benchmarks/plot_results.py || STATUS=1
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
     [ -f benchmarks/results.png ] && cp benchmarks/results.png "$OUT"/
