@@ -143,3 +143,16 @@ def test_tensor_parallel_refuses_a_base_without_a_plan(model_dirs, tmp_path, pro
                             "--tensor-parallel"), env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
     assert "GPT2LMHeadModel" in r.stderr and "tp_plan" in r.stderr
+
+
+def test_run_id_names_callables_by_import_path():
+    def make():
+        def scorer(prompts, responses):
+            return [0.0] * len(prompts)
+
+        return scorer
+
+    first, second = make(), make()  # two objects at two addresses, one import path: as in two processes
+    assert first is not second
+    assert run_id({"scorer": first, "seed": 1}) == run_id({"scorer": second, "seed": 1})
+    assert run_id({"scorer": first, "seed": 1}) != run_id({"scorer": first, "seed": 2})

@@ -81,7 +81,12 @@ def run_id(config: dict) -> str:
     a rerun with other settings does not resume a file it did not write."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+    def name(x):  # a callable by its import path: its repr holds a per-process address
+        if callable(x) and hasattr(x, "__qualname__"):
+            return f"{getattr(x, '__module__', '?')}:{x.__qualname__}"
+        return repr(x)
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=name).encode()).hexdigest()[:12]
 
 
 def read_done(path: Path, prompts: Sequence, run: Optional[str] = None) -> dict[int, str]:
@@ -214,7 +219,7 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     ordered = [done[i] for i in range(len(prompts))]
     if path is not None:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(ordered) + "\n")
+        tmp.write_text("".join(ln + "\n" for ln in ordered))
         os.replace(tmp, path)  # one line per prompt, in input order
     return ordered, stats
 
