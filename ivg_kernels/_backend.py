@@ -29,13 +29,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_warned_cuda = False
+_warned_cuda = False  # set once the CUDA build failed: "auto" stops trying (a failing build takes seconds)
 
 
 def _cuda_loads() -> bool:
     global _warned_cuda
     from .build import load
 
+    if _warned_cuda:
+        return False
     try:
         load()
         return True

@@ -63,6 +63,11 @@ def test_auto_keeps_triton_when_the_build_is_unavailable(monkeypatch):
         got = _backend.resolve_backend("auto", t, triton_dtypes=(torch.bfloat16,), cuda_dtypes=(torch.bfloat16,),
                                        op="guided_sample", size=(8, 100))
     assert got == "triton"
+    calls = []
+    monkeypatch.setattr(build, "load", lambda: calls.append(1))
+    assert _backend.resolve_backend("auto", t, triton_dtypes=(torch.bfloat16,), cuda_dtypes=(torch.bfloat16,),
+                                    op="guided_sample", size=(8, 100)) == "triton"
+    assert calls == [], "after one failed build, auto does not try again"
 
 
 def test_the_shipped_table_is_well_formed():

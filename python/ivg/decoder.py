@@ -109,13 +109,13 @@ class IVGDecoder:
     ----------
     models : IVGModels
     block_size : tokens per KV block
-    backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``)
+    backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``)
     max_batch_prompts : prompts decoded together (the KV pools are sized for one such batch); results
         do not depend on it
     cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`), captured
         once per batch of prompts and batch-size bucket. Default: on for models on CUDA (13x faster
         steps for a gpt2-sized model on an H100, benchmarks/RESULTS.md) unless the backend is the
-        reference or the models are float64; off the GPU it does nothing
+        reference, the models are float64 or the base is tensor-parallel; off the GPU it does nothing
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
@@ -129,7 +129,8 @@ class IVGDecoder:
         if cuda_graphs is None:  # on where the kernels that run are the graph-safe Triton ones
             param = next(models.base.parameters())
             cuda_graphs = (param.device.type == "cuda" and backend != "reference"
-                           and param.dtype in (torch.float32, torch.bfloat16, torch.float16))
+                           and param.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                           and (getattr(models.base, "tp_size", None) or 1) == 1)  # not proven with NCCL inside
         self.cuda_graphs = bool(cuda_graphs)
         self.last_stats = RunStats()
         self._group = None
