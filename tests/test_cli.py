@@ -74,3 +74,10 @@ def test_python_api_rejects_unknown_decoder_and_dtype(model_dirs):
     with pytest.raises(ValueError, match="beta: expected one beta per guide pair"):
         generate(["a"], base=model_dirs["base"], tuned=[model_dirs["tuned"]] * 2, ref=[model_dirs["ref"]] * 2,
                  beta=[1.0, 2.0, 3.0], max_new_tokens=2)
+
+
+def test_info_reports_backends_and_the_cuda_build(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "guided_sample backend for" in out
+    assert "CUDA kernels (csrc/)" in out and "measured shape ranges" in out

@@ -15,6 +15,14 @@ def _info(args) -> int:
     print(f"ivg-kernels {ivg_kernels.__version__}  torch {torch.__version__}  device {dev}")
     print(f"triton importable: {triton_available()}")
     print(f"guided_sample backend for {dev} tensors: {resolve_backend('auto', torch.empty(0, device=dev))}")
+    from ivg_kernels import build
+    from ivg_kernels._autotable import CUDA_WINS
+
+    nvcc = build.nvcc_path()
+    print(f"CUDA kernels (csrc/): nvcc {'at ' + nvcc if nvcc else 'not found'}; "
+          f"sources {'at ' + str(build.CSRC) if build.CSRC.is_dir() else 'missing'}; "
+          f"'auto' picks them at {sum(map(len, CUDA_WINS.values()))} measured shape ranges "
+          "(build with: python -m ivg_kernels.build)")
     return 0
 
 
