@@ -90,30 +90,15 @@ def _guided_sample_cuda(a: SampleArgs) -> SampleOutput:
             raise ValueError(f"guides[{i}][0]: dtype {g.dtype} differs from the logits' {a.logits.dtype}; "
                              "backend='cuda' needs one dtype (cast the guides, or use backend='triton')")
     ext = load()
-
-    def split(value):
-        return (value, 0) if isinstance(value, torch.Tensor) else (None, value)
-
-    if any(isinstance(w, torch.Tensor) for w in a.weights):
-        n = a.num_rows
-        weight_rows = torch.stack(
-            [w.float() if isinstance(w, torch.Tensor) else torch.full((n,), w, device=a.logits.device) for w in a.weights],
-            dim=1,
-        )
-        weight_vals = []
-    else:
-        weight_rows, weight_vals = None, [float(w) for w in a.weights]
-    out = ext.guided_sample(
-        [a.logits, *a.guides], weight_rows, weight_vals,
-        *split(a.temperature), *split(a.top_k), *split(a.top_p), *split(a.min_p),
-        *split(a.seed), *split(a.offset), a.vocab_size, a.any_filter_possible,
-    )
+    weight_rows, weight_scalars, params = _kernel_args(a)
+    out = ext.guided_sample([a.logits, *a.guides], weight_rows, weight_scalars, *params, a.vocab_size,
+                            a.any_filter_possible)
     return SampleOutput(*out)
 
 
-def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
-    from ._triton import sampling_kernels  # noqa: F401  (registers the op)
-
+def _kernel_args(a: SampleArgs):
+    """What both kernel launchers take: ``weight_rows`` (float32 ``[N, G]`` when any weight is a tensor,
+    else None), ``weight_scalars``, and each per-row parameter as a ``(tensor or None, scalar)`` pair."""
     n = a.num_rows
 
     def split(value):
@@ -127,10 +112,14 @@ def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
         weight_scalars = []
     else:
         weight_rows, weight_scalars = None, [float(w) for w in a.weights]
-    out = torch.ops.ivg_kernels.guided_sample(
-        a.logits, a.guides, weight_scalars, weight_rows,
-        *split(a.temperature), *split(a.top_k), *split(a.top_p), *split(a.min_p),
-        *split(a.seed), *split(a.offset),
-        a.vocab_size, a.any_filter_possible, block,
-    )
+    params = [x for v in (a.temperature, a.top_k, a.top_p, a.min_p, a.seed, a.offset) for x in split(v)]
+    return weight_rows, weight_scalars, params
+
+
+def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
+    from ._triton import sampling_kernels  # noqa: F401  (registers the op)
+
+    weight_rows, weight_scalars, params = _kernel_args(a)
+    out = torch.ops.ivg_kernels.guided_sample(a.logits, a.guides, weight_scalars, weight_rows, *params,
+                                              a.vocab_size, a.any_filter_possible, block)
     return SampleOutput(*out)

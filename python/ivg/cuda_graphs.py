@@ -75,8 +75,8 @@ class _Captured:
     def replay(self, tokens, positions, slots, block_table, seq_lens) -> torch.Tensor:
         n = len(tokens)
         host_ids = torch.zeros(2, self.rows, dtype=torch.long)
-        host_ids[0, :n] = torch.as_tensor(tokens, dtype=torch.long)
-        host_ids[1, :n] = torch.as_tensor(positions, dtype=torch.long)
+        host_ids[0, :n] = tokens  # CPU int64 [n]
+        host_ids[1, :n] = positions
         self.input_ids[0].copy_(host_ids[0], non_blocking=True)
         self.positions[0].copy_(host_ids[1], non_blocking=True)
         self.slots.fill_(-1)
@@ -103,7 +103,10 @@ class DecodeGraphs:
         self.captures = 0
 
     def run(self, tokens, positions, slots, block_table, seq_lens):
-        """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies."""
+        """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies.
+
+        ``tokens``, ``positions``: CPU int64 ``[B]``; ``slots``: the step's slot mapping on the device;
+        ``block_table``, ``seq_lens``: the block manager's CPU int32 tables."""
         rows = bucket_for(len(tokens))
         if rows is None:
             return None

@@ -165,7 +165,7 @@ class PagedModel:
             cu[1:] = torch.tensor(counts).cumsum(0)
             dev = self.device
             if self.graphs is not None and max(counts) == 1:
-                logits = self.graphs.run(flat.tolist(), before, slots, self.blocks.block_table(seq_ids),
+                logits = self.graphs.run(flat, positions, slots, self.blocks.block_table(seq_ids),
                                          self.blocks.seq_lens(seq_ids))
                 if logits is not None:
                     return logits
