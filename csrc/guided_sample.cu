@@ -6,11 +6,12 @@
 // writes x to a float32 workspace row; then
 //   * top-k: the k-th largest x by a 4-digit radix select over the order-preserving uint32 key of x
 //     (integer histograms in shared memory: exact and deterministic);
-//   * top-p: the largest kept value s with mass(x >= s) >= p * mass(kept), by the same radix
-//     descent over histograms of the masses exp(x - max) in 2^-40 fixed point (integer sums, so the
-//     threshold does not depend on the order of the atomics);
-//   * min-p: max x + log(m);
+//   * top-p: the largest kept value s with mass(x >= s) >= nucleus_target(p, mass(kept)), by the
+//     same radix descent over histograms of the integer masses mass_int(x - max) (portable.cuh:
+//     integer sums, so the threshold does not depend on the order of the atomics);
+//   * min-p: max x + plog(m);
 // and pass 2 over the workspace draws the Gumbel-max over the kept tokens and their logsumexp.
+// The Gumbel-max compares exact sums x + g (TwoSum pairs), so ties stay ties at any temperature.
 // Every block-level reduction runs in a fixed order, so a row's result is deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,13 +21,13 @@
 
 #include "ivg_kernels.h"
 #include "philox.cuh"
+#include "portable.cuh"
 
 namespace ivg {
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr float kMassScale = 1099511627776.0f;  // 2^40
 
 template <typename T> __device__ __forceinline__ float load_f(const T* p) { return static_cast<float>(*p); }
 template <> __device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(*p); }
@@ -64,14 +65,20 @@ __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
 __device__ __forceinline__ float lse_of(MaxSum a) { return a.m == -INFINITY ? -INFINITY : a.m + logf(a.s); }
 
 struct Best {
-  float score, x;
-  int64_t idx;  // -1: none yet
+  float score, err, x;  // score + err: the exact x + g (err 0 for greedy rows)
+  int64_t idx;          // -1: none yet
 };
 __device__ __forceinline__ bool better(const Best& a, const Best& b) {  // a beats b
   if (b.idx < 0) return a.idx >= 0;
   if (a.idx < 0) return false;
   if (a.score != b.score) return a.score > b.score;
+  if (a.err != b.err) return a.err > b.err;
   return a.idx < b.idx;  // ties go to the lowest index
+}
+__device__ __forceinline__ Best candidate(float x, float g, bool greedy, int64_t v) {
+  if (greedy) return {x, 0.f, x, v};
+  const ExactSum e = two_sum(x, g);
+  return {e.s, e.err, x, v};
 }
 
 // Block-wide reductions through shared scratch, in a fixed order (warp tree, then warp 0).
@@ -118,7 +125,7 @@ __device__ uint32_t radix_descend(const float* ws, int64_t V, float floor, float
       const uint32_t key = float_key(x);
       if ((key & mask) != prefix) continue;
       unsigned long long w = 1;
-      if (MASS) w = static_cast<unsigned long long>(__float2ull_rn(expf(x - xmax) * kMassScale));
+      if (MASS) w = mass_int(__fsub_rn(x, xmax));
       if (w) atomicAdd(&hist[(key >> shift) & 255u], w);
     }
     __syncthreads();
@@ -187,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
 #pragma unroll
   for (int i = 0; i < kMaxInputs; ++i) stats[i] = {-INFINITY, 0.f};
   MaxSum xs = {-INFINITY, 0.f};
-  Best best = {-INFINITY, -INFINITY, -1};
+  Best best = {-INFINITY, 0.f, -INFINITY, -1};
   int bad = 0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
     float z = 0.f;
@@ -206,8 +213,8 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
     if (row_filter) {
       ws[v] = x;
     } else {
-      const float score = greedy ? x : __fadd_rn(x, gumbel(static_cast<uint64_t>(v), o0, o1, k0, k1));
-      if (best.idx < 0 || score > best.score) best = {score, x, v};
+      const Best c = candidate(x, greedy ? 0.f : gumbel(static_cast<uint64_t>(v), o0, o1, k0, k1), greedy, v);
+      if (better(c, best)) best = c;
     }
   }
   bad = block_reduce(bad, [](int a, int b) { return a | b; }, scratch.flag);
@@ -218,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
   xs = block_reduce(xs, merge, scratch.ms);
   const bool ok = !bad && params_ok && xs.m > -INFINITY;
 
-  float lse_kept = lse_of(xs);
+  float log_kept = logf(xs.s);  // logsumexp of the kept x - max x
   if (row_filter && ok) {
     __syncthreads();  // workspace writes of pass 1 visible to the whole block
     float tau = -INFINITY, tau_k = -INFINITY;
@@ -230,16 +237,14 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
       unsigned long long total = 0;
       for (int64_t v = threadIdx.x; v < V; v += kThreads) {
         const float x = ws[v];
-        if (x >= tau_k) total += __float2ull_rn(expf(x - xs.m) * kMassScale);
+        if (x >= tau_k) total += mass_int(__fsub_rn(x, xs.m));
       }
       total = block_reduce(total, [](unsigned long long a, unsigned long long b) { return a + b; }, scratch.u64);
-      const double want = static_cast<double>(top_p) * static_cast<double>(total);
-      unsigned long long target = static_cast<unsigned long long>(ceil(want));
-      if (target == 0) target = 1;
+      const unsigned long long target = nucleus_target(top_p, total);
       const float tau_p = key_float(radix_descend<true>(ws, V, tau_k, xs.m, target, hist, &shared_sel, &shared_above));
       tau = fmaxf(tau, tau_p);
     }
-    if (min_p > 0.f) tau = fmaxf(tau, xs.m + logf(min_p));
+    if (min_p > 0.f) tau = fmaxf(tau, __fadd_rn(xs.m, plog(min_p)));
 
     // Pass 2: Gumbel-max and logsumexp over the kept tokens.
     MaxSum kept = {-INFINITY, 0.f};
@@ -247,10 +252,11 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
       const float x = ws[v];
       if (!(x >= tau)) continue;
       push(kept, x);
-      const float score = __fadd_rn(x, gumbel(static_cast<uint64_t>(v), o0, o1, k0, k1));
-      if (best.idx < 0 || score > best.score) best = {score, x, v};
+      const Best c = candidate(x, gumbel(static_cast<uint64_t>(v), o0, o1, k0, k1), false, v);
+      if (better(c, best)) best = c;
     }
-    lse_kept = lse_of(block_reduce(kept, merge, scratch.ms));
+    kept = block_reduce(kept, merge, scratch.ms);
+    log_kept = logf(kept.s) + (kept.m - xs.m);  // kept.m == xs.m: the maximum is always kept
   }
   best = block_reduce(best, [](Best a, Best b) { return better(b, a) ? b : a; }, scratch.best);
 
@@ -277,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
   if (threadIdx.x == 0) {
     p.ok[row] = ok;
     p.tokens[row] = ok ? tok : -1;
-    p.logprob[row] = ok ? (greedy ? 0.f : best.x - lse_kept) : NAN;
+    p.logprob[row] = ok ? (greedy ? 0.f : (best.x - xs.m) - log_kept) : NAN;
   }
 }
 

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "portable.cuh"
+
 namespace ivg {
 
 __device__ __forceinline__ uint32_t philox_word(uint64_t token, uint32_t o0, uint32_t o1, uint32_t k0, uint32_t k1) {
@@ -27,11 +29,11 @@ __device__ __forceinline__ uint32_t philox_word(uint64_t token, uint32_t o0, uin
   }
 }
 
-// -log(-log(u)), u = (2 * (w >> 9) + 1) * 2^-24 in (0, 1), in float32 with IEEE logf.
+// -plog(-plog(u)), u = (2 * (w >> 9) + 1) * 2^-24 in (0, 1), in float32 (plog: portable.cuh).
 __device__ __forceinline__ float gumbel(uint64_t token, uint32_t o0, uint32_t o1, uint32_t k0, uint32_t k1) {
   const uint32_t w = philox_word(token, o0, o1, k0, k1);
-  const float u = static_cast<float>((w >> 9) * 2u + 1u) * 5.9604644775390625e-08f;
-  return -logf(-logf(u));
+  const float u = __fmul_rn(static_cast<float>((w >> 9) * 2u + 1u), 5.9604644775390625e-08f);
+  return -plog(-plog(u));
 }
 
 }  // namespace ivg

@@ -117,9 +117,12 @@ def _kernel_args(a: SampleArgs):
 
 
 def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
-    from ._triton import sampling_kernels  # noqa: F401  (registers the op)
+    """Eager calls launch the kernels directly (two launches, no op dispatch); under torch.compile
+    the call goes through the registered op, which the compiler keeps as one opaque node."""
+    from ._triton import sampling_kernels
 
     weight_rows, weight_scalars, params = _kernel_args(a)
-    out = torch.ops.ivg_kernels.guided_sample(a.logits, a.guides, weight_scalars, weight_rows, *params,
-                                              a.vocab_size, a.any_filter_possible, block)
+    launch = (torch.ops.ivg_kernels.guided_sample if torch.compiler.is_compiling()
+              else sampling_kernels.launch_guided_sample)
+    out = launch(a.logits, a.guides, weight_scalars, weight_rows, *params, a.vocab_size, a.any_filter_possible, block)
     return SampleOutput(*out)

@@ -3,8 +3,8 @@
 Memory traffic per call: each input row ``[:V]`` is read once by stage 1
 (``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / BLOCK * (1+G+C))``
 words of partials and stage 2 reads them back. Only a row whose top-p/top-k/min-p
-kept set is not proven to lie in the candidate lists reads its inputs again
-(the exact fallback: bisection passes over the row).
+kept set (or top-p total mass) is not proven by the candidate lists reads its
+inputs again (the exact fallback: passes over the row).
 
 Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices per row, so N=1 still
 fills the GPU): per slice, each input's max and sum-exp, the combined score
@@ -14,10 +14,15 @@ with the token id in an int64 key.
 
 Stage 2, grid ``N``: merges the partials, finds the thresholds by bisection on
 the float's ordered integer key over the candidates, proves the kept set lies in
-the candidates (every threshold above every slice's C-th value) or falls back
-to exact full-row passes, then draws and gathers the per-input values at the
-token. The maths is ivg_kernels/reference/sampling.py; the random stream is
-ivg_kernels/reference/philox.py.
+the candidates (every threshold above every slice's C-th value, and the top-p
+total known exactly) or falls back to exact full-row passes, then draws and
+gathers the per-input values at the token.
+
+Every operation a token depends on is the reference's, bit for bit: products and
+sums rounded separately (both stages launch with ``enable_fp_fusion=False``),
+``div_rn``, the IEEE-only ``plog`` and ``mass_int`` of reference/portable.py, the
+Gumbel-max compared on the exact sum (TwoSum), and integer top-p masses. The maths
+is ivg_kernels/reference/sampling.py; the random stream ivg_kernels/reference/philox.py.
 """
 from __future__ import annotations
 
@@ -25,8 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import portable as _p
+
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
+_SQRT2 = tl.constexpr(_p.SQRT2)
+_LN2_HI = tl.constexpr(_p.LN2_HI)
+_LN2_LO = tl.constexpr(_p.LN2_LO)
+_L1 = tl.constexpr(_p.LOG_L1)
+_L2 = tl.constexpr(_p.LOG_L2)
+_L3 = tl.constexpr(_p.LOG_L3)
+_L4 = tl.constexpr(_p.LOG_L4)
+_LOG2E = tl.constexpr(_p.LOG2E)
+_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (tl.constexpr(c) for c in _p.EXP2_C)
+_MASS_SHIFT = tl.constexpr(_p.MASS_BITS - 23)
+_TAIL_ZERO = tl.constexpr(-30.0)  # x - max x below this has mass_int 0 (exp(-30) * 2**40 < 1)
 
 
 @triton.jit
@@ -57,9 +75,48 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _plog(x):
+    """log of positive normal float32 from IEEE operations only (reference/portable.py: plog)."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > _SQRT2
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e)
+    f = m - 1.0
+    s = tl.div_rn(f, 2.0 + f)
+    z = s * s
+    r = z * (_L1 + z * (_L2 + z * (_L3 + z * _L4)))
+    ef = e.to(tl.float32)
+    return ef * _LN2_HI + (ef * _LN2_LO + (s + s + s * r))
+
+
+@triton.jit
+def _mass_int(d):
+    """exp(d) * 2**40 rounded down, int64, for float32 d <= 0 (reference/portable.py: mass_int)."""
+    t = d * _LOG2E
+    t = tl.where(t >= -64.0, t, -64.0)
+    n = tl.floor(t)
+    r = t - n
+    q = 1.0 + r * (_E0 + r * (_E1 + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7)))))))
+    big_q = (q * 8388608.0).to(tl.int64)
+    shift = n.to(tl.int64) + _MASS_SHIFT
+    left = big_q << tl.maximum(shift, 0)
+    right = big_q >> tl.minimum(tl.maximum(-shift, 0), 63)
+    return tl.where(shift >= 0, left, right)
+
+
+@triton.jit
+def _nucleus_target(p, total):
+    """ceil(p * total * (1 - 2**-20)) in float64, at least 1 (reference/portable.py: nucleus_target)."""
+    want = (p.to(tl.float64) * total.to(tl.float64)) * 0.99999904632568359375
+    return tl.maximum(tl.ceil(want).to(tl.int64), 1)
+
+
+@triton.jit
 def _gumbel_from_word(w):
     u = ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # (2 * (w >> 9) + 1) * 2**-24
-    return -tl.log(-tl.log(u))
+    return -_plog(-_plog(u))
 
 
 @triton.jit
@@ -92,6 +149,28 @@ def _gumbel_at(seed, offset, idx):
 
 
 @triton.jit
+def _noisy(x, g, kept):
+    """(rounded x + g, its rounding error): the exact sum as a pair (TwoSum); (-inf, 0) where not kept."""
+    s = x + g
+    bb = s - x
+    err = (x - (s - bb)) + (g - bb)
+    s = tl.where(kept, s, float("-inf"))
+    return s, tl.where(kept & (s > float("-inf")), err, 0.0)
+
+
+@triton.jit
+def _argmax_exact(s, err, idx, valid):
+    """(s, err, idx) of the largest exact sum s + err over ``valid`` lanes; ties to the lowest idx."""
+    s = tl.where(valid, s, float("-inf"))
+    best = tl.max(s, 0)
+    top = valid & (s == best)
+    e = tl.where(top, err, float("-inf"))
+    best_e = tl.max(e, 0)
+    best_i = tl.min(tl.where(top & (e == best_e), idx, INT32_MAX), 0)
+    return best, best_e, best_i
+
+
+@triton.jit
 def _row_param(ptr, value, row, IS_TENSOR: tl.constexpr, DT: tl.constexpr):
     if IS_TENSOR:
         return tl.load(ptr + row).to(DT)
@@ -119,16 +198,25 @@ def _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN: tl
 
 
 @triton.jit
+def _scaled(z, t, sampling):
+    """x = z / T, correctly rounded (z itself for greedy rows)."""
+    return tl.where(sampling, tl.div_rn(z, tl.where(sampling, t, 1.0)), z)
+
+
+@triton.jit(do_not_specialize=["t_val", "seed_val", "off_val"])
 def _stage1_kernel(
     inputs, strides, w_vals, w_ptr, w_stride,
     t_ptr, t_val, seed_ptr, seed_val, off_ptr, off_val,
-    part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+    part_f, part_i, part_cand,
     V, S,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
     SEED_TENSOR: tl.constexpr, OFF_TENSOR: tl.constexpr,
     FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One slice of one row: per-input stats, combined stats, Gumbel winner, top-C candidates."""
+    """One slice of one row: per-input stats, combined stats, Gumbel winner, top-C candidates.
+
+    ``part_f[part]`` = (max_0..max_NIN, sumexp_0..sumexp_NIN, best sum, its error),
+    ``part_i[part]`` = (winner id, bad-value count, C-th candidate key)."""
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
@@ -136,6 +224,7 @@ def _stage1_kernel(
     cols = start + tl.arange(0, BLOCK)
     mask = cols < V
     part = row * S + sl
+    WF: tl.constexpr = 2 * (NIN + 1) + 2
     NEG_INF: tl.constexpr = float("-inf")
     POS_INF: tl.constexpr = float("inf")
 
@@ -148,8 +237,8 @@ def _stage1_kernel(
         vm = tl.where(mask, v, NEG_INF)
         m = tl.max(vm, 0)
         m_safe = tl.where(m == NEG_INF, 0.0, m)
-        tl.store(part_m + part * (NIN + 1) + i, m)
-        tl.store(part_s + part * (NIN + 1) + i, tl.sum(tl.exp(vm - m_safe), 0))
+        tl.store(part_f + part * WF + i, m)
+        tl.store(part_f + part * WF + (NIN + 1) + i, tl.sum(tl.exp(vm - m_safe), 0))
         if i == 0:
             z = v
         else:
@@ -157,23 +246,23 @@ def _stage1_kernel(
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     sampling = t > 0
-    x = z / tl.where(sampling, t, 1.0)
+    x = _scaled(z, t, sampling)
     nbad += tl.sum(((x != x) | (x == POS_INF)) & mask, 0)
     x = tl.where(mask, x, NEG_INF)
     mx = tl.max(x, 0)
     mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
-    tl.store(part_m + part * (NIN + 1) + NIN, mx)
-    tl.store(part_s + part * (NIN + 1) + NIN, tl.sum(tl.exp(x - mx_safe), 0))
-    tl.store(part_bad + part, nbad)
+    tl.store(part_f + part * WF + NIN, mx)
+    tl.store(part_f + part * WF + (NIN + 1) + NIN, tl.sum(tl.exp(x - mx_safe), 0))
+    tl.store(part_i + part * 3 + 1, nbad)
 
     seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
     offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
-    g = _gumbel_tile(seed, offset, start, BLOCK)
-    y = tl.where(sampling, x + g, x)
-    best = tl.max(y, 0)
-    bidx = tl.min(tl.where((y == best) & mask, cols, INT32_MAX), 0)
-    tl.store(part_best + part, best)
-    tl.store(part_bidx + part, bidx)
+    g = tl.where(sampling, _gumbel_tile(seed, offset, start, BLOCK), 0.0)
+    y, err = _noisy(x, g, mask)
+    best, best_e, bidx = _argmax_exact(y, err, cols, mask)
+    tl.store(part_f + part * WF + 2 * (NIN + 1), best)
+    tl.store(part_f + part * WF + 2 * (NIN + 1) + 1, best_e)
+    tl.store(part_i + part * 3, bidx)
 
     if FILTER:
         key = (_float_key(x).to(tl.int64) << 32) | ((0 - cols) + INT32_MAX).to(tl.int64)  # ties: lower id first
@@ -182,14 +271,15 @@ def _stage1_kernel(
         n_valid = tl.minimum(V - start, BLOCK)
         smallest = tl.min(top, 0)
         cut = tl.where(n_valid > C, (smallest >> 32).to(tl.int32), INT32_MIN)
-        tl.store(part_cut + part, cut)
+        tl.store(part_i + part * 3 + 2, cut)
 
 
 @triton.jit
-def _merged_lse(part_m, part_s, base, s, smask, j, NIN: tl.constexpr):
+def _merged_lse(part_f, base, s, smask, j, NIN: tl.constexpr):
     """(max, sum of exp(v - max), logsumexp) of stat column j, merged over a row's slices."""
-    m = tl.load(part_m + (base + s) * (NIN + 1) + j, mask=smask, other=float("-inf"))
-    sm = tl.load(part_s + (base + s) * (NIN + 1) + j, mask=smask, other=0.0)
+    WF: tl.constexpr = 2 * (NIN + 1) + 2
+    m = tl.load(part_f + (base + s) * WF + j, mask=smask, other=float("-inf"))
+    sm = tl.load(part_f + (base + s) * WF + (NIN + 1) + j, mask=smask, other=0.0)
     mmax = tl.max(m, 0)
     m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
     tot = tl.sum(sm * tl.exp(m - m_safe), 0)
@@ -211,12 +301,12 @@ def _bisect_count(keys, valid, target):
 
 @triton.jit
 def _bisect_mass(keys, mass, target):
-    """Largest int32 key t with sum(mass[keys >= t]) >= target (mass is 0 where invalid)."""
+    """Largest int32 key t with sum(mass[keys >= t]) >= target (int64 masses, 0 where invalid)."""
     lo = tl.full([], INT32_MIN, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        hit = tl.sum(tl.where(keys >= mid, mass, 0.0), 0) >= target
+        hit = tl.sum(tl.where(keys >= mid, mass, 0), 0) >= target
         lo = tl.where(hit, mid, lo)
         hi = tl.where(hit, hi, mid - 1)
     return lo
@@ -228,7 +318,7 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
     cols = v0 + tl.arange(0, BLOCK)
     mask = cols < V
     z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN, W_TENSOR)
-    return cols, mask, tl.where(mask, z / t, float("-inf"))
+    return cols, mask, tl.where(mask, tl.div_rn(z, t), float("-inf"))
 
 
 @triton.jit
@@ -257,22 +347,22 @@ def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_ke
     hi = tl.full([], INT32_MAX, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        acc = tl.zeros([], tl.float32)
+        acc = tl.zeros([], tl.int64)
         for v0 in range(0, V, BLOCK):
             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
             key = _float_key(x)
-            acc += tl.sum(tl.where((key >= mid) & (key >= floor_key), tl.exp(x - mx), 0.0), 0)
+            acc += tl.sum(tl.where((key >= mid) & (key >= floor_key), _mass_int(x - mx), 0), 0)
         hit = acc >= target
         lo = tl.where(hit, mid, lo)
         hi = tl.where(hit, hi, mid - 1)
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_val", "k_val", "p_val", "mp_val", "seed_val", "off_val"])
 def _stage2_kernel(
     inputs, strides, w_vals, w_ptr, w_stride,
     t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, mp_ptr, mp_val, seed_ptr, seed_val, off_ptr, off_val,
-    part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+    part_f, part_i, part_cand,
     out_tokens, out_logprob, out_lse, out_in_logprobs, out_in_logits, out_ok,
     V, S,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr, K_TENSOR: tl.constexpr,
@@ -284,21 +374,23 @@ def _stage2_kernel(
     s = tl.arange(0, S_PAD)
     smask = s < S
     base = row.to(tl.int64) * S
+    WF: tl.constexpr = 2 * (NIN + 1) + 2
     NEG_INF: tl.constexpr = float("-inf")
 
-    mx, tot_x, lse_x = _merged_lse(part_m, part_s, base, s, smask, NIN, NIN)
-    bv = tl.load(part_best + base + s, mask=smask, other=NEG_INF)
-    bi = tl.load(part_bidx + base + s, mask=smask, other=INT32_MAX)
-    best = tl.max(bv, 0)
-    tok = tl.min(tl.where(bv == best, bi, INT32_MAX), 0).to(tl.int64)
-    nbad = tl.sum(tl.load(part_bad + base + s, mask=smask, other=0), 0)
+    mx, tot_x, lse_x = _merged_lse(part_f, base, s, smask, NIN, NIN)
+    bv = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1), mask=smask, other=NEG_INF)
+    be = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1) + 1, mask=smask, other=0.0)
+    bi = tl.load(part_i + (base + s) * 3, mask=smask, other=INT32_MAX)
+    best, best_e, tok32 = _argmax_exact(bv, be, bi, smask)
+    tok = tok32.to(tl.int64)
+    nbad = tl.sum(tl.load(part_i + (base + s) * 3 + 1, mask=smask, other=0), 0)
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     p = _row_param(p_ptr, p_val, row, P_TENSOR, tl.float32)
     mp = _row_param(mp_ptr, mp_val, row, MP_TENSOR, tl.float32)
     ok = (nbad == 0) & (t >= 0) & (p > 0) & (p <= 1) & (mp >= 0) & (mp <= 1) & (best > NEG_INF)
     sampling = t > 0
-    lse_draw = lse_x
+    log_kept = tl.log(tot_x)  # logsumexp of the kept x - max x
 
     if FILTER:
         k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
@@ -314,75 +406,74 @@ def _stage2_kernel(
             ckey = (cand >> 32).to(tl.int32)
             cidx = ((0 - cand.to(tl.int32)) + INT32_MAX).to(tl.int64)
             cx = _key_float(ckey)
-            cut = tl.max(tl.load(part_cut + base + s, mask=smask, other=INT32_MIN), 0).to(tl.int64)
+            cut = tl.max(tl.load(part_i + (base + s) * 3 + 2, mask=smask, other=INT32_MIN), 0).to(tl.int64)
+            # Every token outside the candidates has x <= the largest C-th value: zero mass below this.
+            tail_zero = (cut == INT32_MIN) | (_key_float(cut.to(tl.int32)) - mx < _TAIL_ZERO)
 
             tau_k = tl.full([], INT32_MIN, tl.int64)
             if k_on:
                 tau_k = _bisect_count(ckey, cmask, k)
-            e = tl.where(cmask & (ckey >= tau_k), tl.exp(cx - mx), 0.0)
-            total = tl.where(k_on, tl.sum(e, 0), tot_x)
+            valid_k = tl.where(k_on, tau_k > cut, True)
+            mass = tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0)
+            total_known = (k_on & valid_k) | tail_zero
             tau_p = tl.full([], INT32_MIN, tl.int64)
-            if p_on:
-                tau_p = _bisect_mass(ckey, e, p * total)
+            if p_on & total_known:
+                tau_p = _bisect_mass(ckey, mass, _nucleus_target(p, tl.sum(mass, 0)))
             tau_m = tl.full([], INT32_MIN, tl.int64)
             if m_on:
-                tau_m = _float_key(mx + tl.log(mp)).to(tl.int64)
+                tau_m = _float_key(mx + _plog(mp)).to(tl.int64)
             tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
-            valid_k = tl.where(k_on, tau_k > cut, True)
-            valid_p = tl.where(p_on, tau_p > cut, True)
+            valid_p = tl.where(p_on, total_known & (tau_p > cut), True)
             exact = (cut == INT32_MIN) | (valid_k & valid_p & (tau > cut))
             if exact:
                 kept = cmask & (ckey >= tau)
-                y = tl.where(kept, cx + _gumbel_at(seed, offset, cidx), NEG_INF)
-                yb = tl.max(y, 0)
-                tok = tl.min(tl.where(kept & (y == yb), cidx, INT32_MAX), 0)
-                xk = tl.where(kept, cx, NEG_INF)
-                lse_draw = mx + tl.log(tl.sum(tl.exp(xk - mx), 0))
+                y, err = _noisy(cx, _gumbel_at(seed, offset, cidx), kept)
+                best, best_e, tok = _argmax_exact(y, err, cidx, kept)
+                log_kept = tl.log(tl.sum(tl.where(kept, tl.exp(cx - mx), 0.0), 0))
             else:
-                # Exact fallback: thresholds by bisection over full passes, then one drawing pass.
+                # Exact fallback: thresholds over full passes, then one drawing pass.
                 tau_k = tl.full([], INT32_MIN, tl.int64)
                 if k_on:
                     tau_k = _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, k,
                                             NIN, W_TENSOR, BLOCK)
                 tau_p = tl.full([], INT32_MIN, tl.int64)
                 if p_on:
-                    total = tot_x
-                    if k_on:
-                        total = tl.zeros([], tl.float32)
-                        for v0 in range(0, V, BLOCK):
-                            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
-                                                    NIN, W_TENSOR, BLOCK)
-                            total += tl.sum(tl.where(_float_key(x) >= tau_k, tl.exp(x - mx), 0.0), 0)
+                    total = tl.zeros([], tl.int64)
+                    for v0 in range(0, V, BLOCK):
+                        cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                                NIN, W_TENSOR, BLOCK)
+                        total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
                     tau_p = _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
-                                           p * total, NIN, W_TENSOR, BLOCK)
+                                           _nucleus_target(p, total), NIN, W_TENSOR, BLOCK)
                 tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
                 run_best = tl.full([], NEG_INF, tl.float32)
+                run_err = tl.zeros([], tl.float32)
                 run_tok = tl.full([], INT32_MAX, tl.int64)
                 run_sum = tl.zeros([], tl.float32)
                 for v0 in range(0, V, BLOCK):
                     cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                             NIN, W_TENSOR, BLOCK)
                     kept = mask & (_float_key(x) >= tau)
-                    y = tl.where(kept, x + _gumbel_tile(seed, offset, v0, BLOCK), NEG_INF)
-                    yb = tl.max(y, 0)
-                    yi = tl.min(tl.where(kept & (y == yb), cols, INT32_MAX), 0).to(tl.int64)
-                    take = yb > run_best
-                    run_tok = tl.where(take, yi, run_tok)
+                    y, err = _noisy(x, _gumbel_tile(seed, offset, v0, BLOCK), kept)
+                    yb, eb, yi = _argmax_exact(y, err, cols, kept)
+                    take = (yb > run_best) | ((yb == run_best) & (eb > run_err))  # tiles in id order
+                    run_tok = tl.where(take, yi.to(tl.int64), run_tok)
+                    run_err = tl.where(take, eb, run_err)
                     run_best = tl.where(take, yb, run_best)
                     run_sum += tl.sum(tl.where(kept, tl.exp(x - mx), 0.0), 0)
                 tok = run_tok
-                lse_draw = mx + tl.log(run_sum)
+                log_kept = tl.log(run_sum)
 
     tok_safe = tl.where(ok, tok, 0)
     z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, tok_safe, True, NIN, W_TENSOR)
-    x_tok = z / tl.where(sampling, t, 1.0)
-    logprob = tl.where(sampling, x_tok - lse_draw, 0.0)
+    x_tok = _scaled(z, t, sampling)
+    logprob = tl.where(sampling, (x_tok - mx) - log_kept, 0.0)
     NAN: tl.constexpr = float("nan")
     tl.store(out_tokens + row, tl.where(ok, tok, -1))
     tl.store(out_logprob + row, tl.where(ok, logprob, NAN))
     tl.store(out_ok + row, ok)
     for i in tl.static_range(NIN):
-        mi, toti, lse_i = _merged_lse(part_m, part_s, base, s, smask, i, NIN)
+        mi, toti, lse_i = _merged_lse(part_f, base, s, smask, i, NIN)
         v = tl.load(inputs[i] + row * strides[i] + tok_safe).to(tl.float32)
         tl.store(out_lse + row * NIN + i, tl.where(ok, lse_i, NAN))
         tl.store(out_in_logits + row * NIN + i, tl.where(ok, v, NAN))
@@ -432,16 +523,18 @@ def launch_guided_sample(
     filters: bool,
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the two stages; registered below as ``torch.ops.ivg_kernels.guided_sample``.
+    """Launch the two stages; also registered below as ``torch.ops.ivg_kernels.guided_sample``.
 
     Scalars are passed by value, tensors ``[N]`` by pointer; ``weight_rows`` is an optional
     float32 ``[N, G]`` that replaces ``weight_scalars``. ``filters`` False skips the candidate
     lists (no row can have top-k/top-p/min-p active); ``block`` 0 picks the slice width.
-    """
-    from torch.library import wrap_triton
 
+    The kernels are launched directly, never through ``wrap_triton``: torch's higher-order-op
+    path would cost about a millisecond per eager call and keep every call's arguments alive in
+    its side table. Eager calls come here without the op's dispatch (``sampling.py``).
+    """
     n, dev = logits.shape[0], logits.device
-    inputs = tuple([logits] + list(guides))
+    inputs = (logits, *guides)
     nin = len(inputs)
     strides = tuple(x.stride(0) for x in inputs)
     v = vocab_size
@@ -449,7 +542,7 @@ def launch_guided_sample(
         block = pick_block(n, v)
     c = min(MAX_CANDIDATES, block)
     s = triton.cdiv(v, block)
-    w_vals = tuple(list(weight_scalars) + [0.0] * (6 - len(weight_scalars)))
+    w_vals = (*weight_scalars, *([0.0] * (6 - len(weight_scalars))))
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
     t_ptr, t_val, t_ten = _param(temperature, temperature_s, torch.float32)
@@ -460,13 +553,9 @@ def launch_guided_sample(
     of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
 
     f32 = torch.float32
-    part_m = torch.empty((n * s, nin + 1), dtype=f32, device=dev)
-    part_s = torch.empty((n * s, nin + 1), dtype=f32, device=dev)
-    part_best = torch.empty((n * s,), dtype=f32, device=dev)
-    part_bidx = torch.empty((n * s,), dtype=torch.int32, device=dev)
+    part_f = torch.empty((n * s, 2 * (nin + 1) + 2), dtype=f32, device=dev)  # stats, winner (see stage 1)
+    part_i = torch.empty((n * s, 3), dtype=torch.int32, device=dev)
     part_cand = torch.empty((n * s * c if filters else 1,), dtype=torch.int64, device=dev)
-    part_cut = torch.empty((n * s if filters else 1,), dtype=torch.int32, device=dev)
-    part_bad = torch.empty((n * s,), dtype=torch.int32, device=dev)
     tokens = torch.empty((n,), dtype=torch.int64, device=dev)
     logprob = torch.empty((n,), dtype=f32, device=dev)
     lse = torch.empty((n, nin), dtype=f32, device=dev)
@@ -479,30 +568,31 @@ def launch_guided_sample(
     def ptr(x):
         return dummy if x is None else x
 
-    wrap_triton(_stage1_kernel)[(n * s,)](
+    w_ten = weight_rows is not None
+    _stage1_kernel[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+        part_f, part_i, part_cand,
         v, s,
-        NIN=nin, W_TENSOR=weight_rows is not None, T_TENSOR=t_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
+        FILTER=filters, C=c, BLOCK=block, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
     )
-    wrap_triton(_stage2_kernel)[(n,)](
+    _stage2_kernel[(n,)](
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
         ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        part_m, part_s, part_best, part_bidx, part_cand, part_cut, part_bad,
+        part_f, part_i, part_cand,
         tokens, logprob, lse, in_logprobs, in_logits, ok,
         v, s,
-        NIN=nin, W_TENSOR=weight_rows is not None, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
+        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
         MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, S_PAD=triton.next_power_of_2(s), num_warps=4,
+        FILTER=filters, C=c, BLOCK=block, S_PAD=triton.next_power_of_2(s), num_warps=4, enable_fp_fusion=False,
     )
     return tokens, logprob, lse, in_logprobs, in_logits, ok
 
 
-# An opaque custom op: torch.compile(fullgraph=True) keeps it as one node with the fake below (inductor
-# cannot trace kernels that take tuples of tensors), and CUDA-graph capture records its two launches.
+# An opaque custom op for torch.compile(fullgraph=True): one node with the fake below (inductor cannot
+# trace kernels that take tuples of tensors). CUDA-graph capture records its two launches either way.
 guided_sample_op = torch.library.custom_op("ivg_kernels::guided_sample", mutates_args=())(launch_guided_sample)
 
 

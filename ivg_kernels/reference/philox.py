@@ -15,7 +15,8 @@ of ``tl.randint``:
   neighbouring tokens share one call;
 * the word ``w`` becomes a uniform in the open interval (0, 1), exactly
   representable in float32: ``u = (2 * (w >> 9) + 1) * 2**-24``;
-* the Gumbel noise is ``g = -log(-log(u))``, computed in float32.
+* the Gumbel noise is ``g = -log(-log(u))`` in float32, with the IEEE-only ``plog`` of
+  :mod:`ivg_kernels.reference.portable` in place of ``log``, so every backend gets the same bits.
 
 Torch has no uint32 arithmetic, so this reference works in int64: the 32x32-bit product wraps
 modulo 2**64 in int64 (two's complement, as torch's integer kernels do), and its high and low words
@@ -25,6 +26,8 @@ Triton parity test (true uint32 ``umulhi``) check it on every platform the tests
 from __future__ import annotations
 
 import torch
+
+from .portable import gumbel_from_uniform
 
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -91,6 +94,5 @@ def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Te
 
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise ``-log(-log(u))`` in float32, ``[N, M]``."""
-    u = philox_uniform(seed, offset, token_ids)
-    return -torch.log(-torch.log(u))
+    """Gumbel(0, 1) noise ``-plog(-plog(u))`` in float32, ``[N, M]``."""
+    return gumbel_from_uniform(philox_uniform(seed, offset, token_ids))

@@ -8,17 +8,24 @@ For each row (``V`` columns, inputs ``x_0 = logits`` and guides ``x_i`` with wei
 3. Filters, each a threshold on ``x`` (a token is kept iff ``x >= tau``; ties are kept together):
 
    * top-k (``0 < k < V``): ``tau_k`` = the k-th largest ``x``;
-   * top-p (``p < 1``): over the tokens kept by top-k, with masses ``exp(x - max x)``,
-     ``tau_p`` = the largest value ``s`` with ``mass(x >= s) >= p * mass(all kept)``, i.e. a
-     token is kept iff the tokens strictly more likely than it hold less than ``p``;
-   * min-p (``m > 0``): ``tau_m = max x + log(m)``;
+   * top-p (``p < 1``): over the tokens kept by top-k, each with the integer mass
+     ``mass_int(x - max x)`` (``exp`` in units of ``2**-40``, :mod:`.portable`), ``tau_p`` = the
+     largest value ``s`` with ``mass(x >= s) >= nucleus_target(p, mass(all kept))``, i.e. a token is
+     kept iff the tokens strictly more likely than it hold less than ``p`` (within a relative
+     ``2**-20``; ``p`` rounded to float32). Integer sums make this the same on every backend;
+   * min-p (``m > 0``): ``tau_m = max x + plog(m)`` (``m`` rounded to float32);
    * ``tau = max(tau_k, tau_p, tau_m)``.
 
    This is Hugging Face's ``TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
    MinPLogitsWarper`` chain, except that tokens tied at a threshold are always kept together.
-4. Draw: Gumbel-max, ``argmax over kept v of x[v] + g(seed, offset, v)`` (first index on ties),
-   with ``g`` from :mod:`ivg_kernels.reference.philox`.
-5. ``logprob = x[y] - logsumexp(x[kept])`` (0 for greedy rows).
+4. Draw: Gumbel-max over the kept tokens, the token whose *exact* sum ``x[v] + g(seed, offset, v)``
+   is largest (first index on ties), with ``g`` from :mod:`ivg_kernels.reference.philox`. The sum is
+   compared as the pair (rounded sum, its rounding error), so tokens tied in ``x`` stay tied at any
+   temperature however large ``x`` is, and the noise decides between them.
+5. ``logprob = (x[y] - max x) - logsumexp(x[kept] - max x)`` (0 for greedy rows).
+
+Every operation the token depends on is correctly rounded (``+ - * /``) or built from such
+operations (:mod:`.portable`), so the kernels draw the same token for the same key.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
 from .philox import gumbel_noise
+from .portable import mass_int, nucleus_target, plog
 
 
 def _kth_largest(x_sorted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -75,11 +83,13 @@ def _guided_sample_ref(a) -> SampleOutput:
         x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
         k_on = (k > 0) & (k < v)
         tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
-        mass = torch.exp(x_sorted - x_max.unsqueeze(1)) * (x_sorted >= tau_k.unsqueeze(1))  # [N, V]
+        kept_k = x_sorted >= tau_k.unsqueeze(1)
+        mass = torch.where(kept_k, mass_int((x_sorted - x_max.unsqueeze(1)).float()), 0)  # int64 [N, V]
         cum = mass.cumsum(dim=1)
-        first = (cum >= (p * cum[:, -1]).unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching p
+        target = nucleus_target(p, cum[:, -1])
+        first = (cum >= target.unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching the target
         tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
-        tau_m = torch.where(m > 0, x_max + torch.log(m), neg_inf)
+        tau_m = torch.where(m > 0, x_max + plog(m.float().clamp(min=1e-30)).to(cdt), neg_inf)
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
         tau = torch.where(greedy, neg_inf, tau)
     else:
@@ -87,11 +97,19 @@ def _guided_sample_ref(a) -> SampleOutput:
     kept = x >= tau.unsqueeze(1)  # [N, V]
 
     g = gumbel_noise(seed, offset, torch.arange(v, device=dev)).to(cdt)  # [N, V]
-    score = torch.where(greedy.unsqueeze(1), x, torch.where(kept, x + g, -math.inf))
-    tokens = score.argmax(dim=1)  # first maximum
+    # Gumbel-max on the exact x + g: the rounded sum and its error (TwoSum), compared in that order.
+    s = x + g
+    bb = s - x
+    err = (x - (s - bb)) + (g - bb)
+    s = torch.where(greedy.unsqueeze(1), x, torch.where(kept, s, -math.inf))  # [N, V]
+    err = torch.where(greedy.unsqueeze(1) | ~torch.isfinite(s), 0.0, err)
+    on_top = s == s.max(dim=1, keepdim=True).values
+    err = torch.where(on_top, err, -math.inf)
+    tokens = (on_top & (err == err.max(dim=1, keepdim=True).values)).to(torch.int8).argmax(dim=1)  # first one
     x_tok = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    lse_kept = torch.where(kept, x, -math.inf).logsumexp(dim=1)
-    logprob = torch.where(greedy, torch.zeros_like(x_tok), x_tok - lse_kept)
+    # Relative to max x, so that a huge x (tiny temperature) loses no precision: -log(3) for three ties.
+    lse_kept = torch.where(kept, x - x_max.unsqueeze(1), -math.inf).logsumexp(dim=1)
+    logprob = torch.where(greedy, torch.zeros_like(x_tok), (x_tok - x_max) - lse_kept)
 
     lse = torch.stack([x_i.logsumexp(dim=1) for x_i in inputs], dim=1)  # [N, 1+G]
     input_logits = torch.stack([x_i.gather(1, tokens.unsqueeze(1)).squeeze(1) for x_i in inputs], dim=1)

@@ -1,0 +1,109 @@
+"""The two transcendentals a draw depends on, built from IEEE operations only.
+
+A token is a function of float32 values compared against each other, so "the same key gives
+the same token on every backend" needs every operation on the way to be the same on every
+backend. Division, addition and multiplication are correctly rounded everywhere (the kernels
+use ``div_rn`` and launch without fused multiply-add); ``log`` and ``exp`` are not, since each
+library rounds them its own way. These two are therefore written down here from integer and
+correctly rounded float32 operations, in a fixed order, and the Triton and CUDA kernels
+compute them with the same operations (``_triton/sampling_kernels.py``: ``_plog``,
+``_mass_int``; ``csrc/portable.cuh``):
+
+* :func:`plog` -- ``log(x)`` for positive normal float32 ``x`` (about 2 ulp): the Gumbel noise
+  ``-plog(-plog(u))`` and the min-p threshold ``max x + plog(min_p)``;
+* :func:`mass_int` -- ``exp(d)`` for ``d <= 0`` as an integer in units of ``2**-40``: the
+  masses that the top-p threshold sums. Integers add exactly in any order, so the nucleus
+  does not depend on how a backend splits the row.
+
+Every function takes and returns torch tensors and is meant to be read beside its kernel
+twins: each line here is one operation there.
+"""
+from __future__ import annotations
+
+import torch
+
+SQRT2 = 1.41421353816986083984375  # float32 just below sqrt(2)
+LN2_HI = 0.693145751953125  # ln 2 rounded to 16 bits: e * LN2_HI is exact for |e| < 256
+LN2_LO = 1.428606765330187045e-06  # ln 2 - LN2_HI, rounded to float32
+# log(1 + f) = 2 atanh(s), s = f / (2 + f): 2s + s * (z * (L1 + z * (L2 + z * (L3 + z * L4)))), z = s^2
+LOG_L1 = 0.666666686534881591796875  # 2/3
+LOG_L2 = 0.4000000059604644775390625  # 2/5
+LOG_L3 = 0.2857142984867095947265625  # 2/7
+LOG_L4 = 0.2222222238779067993164062  # 2/9
+LOG2E = 1.44269502162933349609375  # float32(1 / ln 2)
+# 2^r = exp(r ln 2) on [0, 1): Taylor coefficients (ln 2)^k / k!, k = 1..8, as float32
+EXP2_C = (
+    0.6931471824645996,
+    0.24022650718688965,
+    0.05550410971045494,
+    0.009618128649890423,
+    0.0013333557872101665,
+    0.0001540352968731895,
+    1.5252733646775596e-05,
+    1.3215486660556053e-06,
+)
+MASS_BITS = 40  # mass_int(0) == 2**40
+
+_F32 = torch.float32
+
+
+def _f(x: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(x, dtype=_F32, device=like.device)
+
+
+def plog(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` of positive normal float32 values, from IEEE operations only (float32 out)."""
+    x = x.to(_F32)
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 127  # int32 exponent
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(_F32)  # [1, 2)
+    big = m > _f(SQRT2, m)
+    m = torch.where(big, m * _f(0.5, m), m)  # (sqrt(1/2), sqrt(2)], exact
+    e = torch.where(big, e + 1, e)
+    f = m - _f(1.0, m)  # exact
+    s = f / (_f(2.0, m) + f)
+    z = s * s
+    r = z * (_f(LOG_L1, z) + z * (_f(LOG_L2, z) + z * (_f(LOG_L3, z) + z * _f(LOG_L4, z))))
+    ef = e.to(_F32)
+    return ef * _f(LN2_HI, ef) + (ef * _f(LN2_LO, ef) + (s + s + s * r))
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise ``-plog(-plog(u))`` of uniforms in (0, 1), float32."""
+    return -plog(-plog(u))
+
+
+def mass_int(d: torch.Tensor) -> torch.Tensor:
+    """``round_down(exp(d) * 2**40)`` for float32 ``d <= 0`` (``x - max x``), as int64.
+
+    ``t = d * LOG2E``; ``n = floor(t)``; ``r = t - n`` (exact); ``q = 2^r`` by the degree-8
+    polynomial ``EXP2_C`` in Horner form; ``Q = q * 2**23`` (an exact integer); the mass is
+    ``Q`` shifted by ``n + 17`` bits (left when ``n + 17 >= 0``, else right, rounding down).
+    ``d = -inf`` (or anything below about -29) gives 0; ``d = 0`` gives ``2**40``.
+    """
+    d = d.to(_F32)
+    t = d * _f(LOG2E, d)
+    t = torch.where(t >= -64.0, t, torch.full_like(t, -64.0))  # every mass below is 0 (NaN too)
+    n = torch.floor(t)
+    r = t - n
+    c = EXP2_C
+    q = _f(1.0, r) + r * (_f(c[0], r) + r * (_f(c[1], r) + r * (_f(c[2], r) + r * (_f(c[3], r) + r * (
+        _f(c[4], r) + r * (_f(c[5], r) + r * (_f(c[6], r) + r * _f(c[7], r))))))))
+    big_q = (q * _f(8388608.0, q)).to(torch.int64)  # q * 2^23: exact
+    shift = n.to(torch.int64) + (MASS_BITS - 23)
+    left = big_q << shift.clamp(min=0)
+    right = big_q >> (-shift).clamp(min=0, max=63)
+    return torch.where(shift >= 0, left, right)
+
+
+def nucleus_target(top_p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The integer mass the top-p nucleus must reach: ``ceil(p * total * (1 - 2**-20))`` in float64.
+
+    ``p`` is ``top_p`` rounded to float32; ``total`` the int64 mass of the candidates. The factor
+    ``1 - 2**-20`` makes a nucleus that reaches ``p`` in exact arithmetic count as reached
+    despite the rounding of ``p`` and of the masses (``log([0.3, 0.1, 0.1, 0.5])`` with
+    ``top_p=0.8`` keeps two tokens, as Hugging Face's warper does).
+    """
+    p = top_p.to(_F32).to(torch.float64)
+    want = (p * total.to(torch.float64)) * (1.0 - 2.0 ** -20)
+    return torch.ceil(want).to(torch.int64).clamp(min=1)
