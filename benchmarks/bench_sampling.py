@@ -13,10 +13,17 @@ Providers:
   cuda               ivg_kernels.guided_sample(backend="cuda"), csrc/guided_sample.cu (GPU only)
   *-graph            the same call replayed from a CUDA graph: the kernels' own time, without the
                      host's launch gaps (GPU only; speed-up against torch-composition-graph)
-  flashinfer         flashinfer top_k_top_p_sampling_from_logits on the base logits alone, if importable
+  flashinfer         FlashInfer on the base logits alone (one input), if importable:
+                     sampling_from_logits without filters, top_k_top_p_sampling_from_logits with
+                     top-k/top-p (min-p: min_p_sampling_from_probs on softmax(logits / T))
+  empty-op           one eager launch of a trivial torch op (x.add_(1) on one element): the floor
+                     an eager call's host cost is compared with (GPU only)
 
-Bytes counted: the three bf16 input rows [N, V] read once. GB/s is compared with a measured
-device copy (read + write).
+Rows: "flat" inputs are N(0, 1) logits (the nucleus of top-p 0.9 holds most of the vocabulary);
+"peaked" ones look like a language model's (N(0, 1) plus a Zipf-like head: a few dozen tokens
+hold most of the mass). Bytes counted: the three bf16 input rows [N, V] read once. GB/s is
+compared with a measured device copy (read + write). On a GPU each shape also prints the host
+overhead of the eager Triton call: its median minus the CUDA-graph median.
 """
 from __future__ import annotations
 
@@ -36,13 +43,31 @@ CONFIGS = {
     # Published IVG settings: IMDB sentiment (T=0.7, no top-k) and AlpacaEval (T=0.7, top-k 50).
     "imdb": dict(temperature=0.7, top_k=0, top_p=1.0),
     "alpaca": dict(temperature=0.7, top_k=50, top_p=1.0),
+    "top-p-0.9": dict(temperature=0.7, top_k=0, top_p=0.9),
+    "top-p-0.95": dict(temperature=0.7, top_k=0, top_p=0.95),
+    "min-p-0.05": dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.05),
 }
+
+
+def make_rows(kind, n, v, device, gen):
+    """Three bf16 input rows [N, V]: ``flat`` N(0, 1), or ``peaked`` (a Zipf-like head over random tokens)."""
+    out = []
+    for _ in range(3):
+        x = torch.randn(n, v, device=device, generator=gen)
+        if kind == "peaked":
+            head = torch.randint(0, v, (n, 64), device=device, generator=gen)
+            boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device=device, dtype=torch.float32))  # 12 .. 1.6
+            x.scatter_(1, head, boost.expand(n, 64))
+        out.append(x.to(torch.bfloat16))
+    return out
 FULL_N = [1, 16, 64, 256]
 FULL_V = [32000, 50257, 128256, 151936]
 
 
 def torch_composition(base, tune, ref, beta, cfg, gen=None):
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from transformers.generation.logits_process import MinPLogitsWarper
 
     lp = [x.float().log_softmax(-1) for x in (base, tune, ref)]
     scores = lp[0] + beta * (lp[1] - lp[2])
@@ -51,6 +76,8 @@ def torch_composition(base, tune, ref, beta, cfg, gen=None):
         scores = TopKLogitsWarper(cfg["top_k"])(None, scores)
     if cfg["top_p"] < 1:
         scores = TopPLogitsWarper(cfg["top_p"])(None, scores)
+    if cfg.get("min_p", 0) > 0:
+        scores = MinPLogitsWarper(cfg["min_p"])(None, scores)
     tok = torch.multinomial(scores.softmax(-1), 1, generator=gen)
     return tok, [x.gather(1, tok) for x in lp]
 
@@ -78,8 +105,10 @@ def providers(device, wanted):
             import flashinfer.sampling  # noqa: F401
 
             out["flashinfer"] = "flashinfer"
+            out["flashinfer-graph"] = "flashinfer"
         except ImportError:
             print("flashinfer: not importable, skipped", file=sys.stderr)
+        out["empty-op"] = "empty"
     else:
         out["reference"] = "reference"  # on a GPU only a correctness oracle: not timed there
         print("triton providers: no CUDA device (the interpreter is not a speed measurement), skipped",
@@ -107,15 +136,23 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
 
         return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="cuda", **cfg)
     if kind == "op":
-        filters = cfg["top_k"] > 0 or cfg["top_p"] < 1
+        filters = cfg["top_k"] > 0 or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
         args = (base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"], None,
-                cfg["top_p"], None, 0.0, seed, 0, offset, 0, base.shape[1], filters, 0)
+                cfg["top_p"], None, cfg.get("min_p", 0.0), seed, 0, offset, 0, base.shape[1], filters, 0)
         return lambda: torch.ops.ivg_kernels.guided_sample(*args)
     if kind == "flashinfer":
         import flashinfer.sampling as fs
 
-        k = cfg["top_k"] or base.shape[1]
-        return lambda: fs.top_k_top_p_sampling_from_logits(base, k, cfg["top_p"])
+        t = cfg["temperature"]
+        if cfg.get("min_p", 0) > 0:
+            return lambda: fs.min_p_sampling_from_probs((base.float() / t).softmax(-1), cfg["min_p"])
+        if cfg["top_k"] or cfg["top_p"] < 1:
+            k = cfg["top_k"] or base.shape[1]
+            return lambda: fs.top_k_top_p_sampling_from_logits(base.float() / t, k, cfg["top_p"])
+        return lambda: fs.sampling_from_logits(base.float() / t)
+    if kind == "empty":
+        one = torch.zeros(1, device=device)
+        return lambda: one.add_(1)
     raise ValueError(kind)
 
 
@@ -125,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="*", help="batch sizes (default: full grid)")
     ap.add_argument("--v", type=int, nargs="*", help="vocabulary sizes (default: full grid)")
     ap.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="warper settings")
+    ap.add_argument("--rows", nargs="*", choices=["flat", "peaked"], help="input rows (default: flat; with "
+                    "filters, both)")
     ap.add_argument("--providers", nargs="*", help="subset of providers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/results.csv, render RESULTS.md")
@@ -143,12 +182,14 @@ def main(argv=None) -> int:
     rows = []
     for cfg_name in cfgs:
         cfg = CONFIGS[cfg_name]
-        for v in vs:
-            for n in ns:
+        filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
+        for rows_kind, v, n in ((r, v, n) for r in (args.rows or (["flat", "peaked"] if filtered else ["flat"]))
+                                for v in vs for n in ns):
+            if True:
                 gen = torch.Generator(device=device).manual_seed(n * v)
-                base, tune, ref = (torch.randn(n, v, device=device, generator=gen).to(torch.bfloat16) for _ in range(3))
+                base, tune, ref = make_rows(rows_kind, n, v, device, gen)
                 nbytes = 3 * n * v * base.element_size()
-                shape = f"{cfg_name},N={n},V={v},inputs=3"
+                shape = f"{cfg_name},{rows_kind},N={n},V={v},inputs=3"
                 base_us, group = {}, []
                 for name, kind in provs.items():
                     graph = name.endswith("-graph")
@@ -159,14 +200,22 @@ def main(argv=None) -> int:
                         continue
                     if kind == "composition":
                         base_us[graph] = us
-                    read = nbytes if kind != "flashinfer" else n * v * base.element_size()
+                    read = {"flashinfer": n * v * base.element_size(), "empty": 0}.get(kind, nbytes)
                     group.append(dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider=name,
                                       shape=shape, dtype="bf16", median_us=f"{us:.1f}",
                                       gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us, _graph=graph))
+                times = {r["provider"]: r["_us"] for r in group}
                 for r in group:
                     ref_us = base_us.get(r.pop("_graph"))
                     r["speedup"] = f"{ref_us / r.pop('_us'):.2f}" if ref_us else ""
                 harness.print_table(group, copy_gbps)
+                if "triton" in times and "triton-graph" in times:
+                    host = times["triton"] - times["triton-graph"]
+                    empty = times.get("empty-op")
+                    print(f"host overhead of the eager triton call: {host:.1f} us"
+                          + (f" = {host / empty:.1f}x an empty op's eager launch ({empty:.1f} us)" if empty else ""))
+                    group.append(dict(group[0], provider="triton-host-overhead", median_us=f"{host:.1f}", gbps="",
+                                      speedup=f"{empty / host:.2f}" if empty and host > 0 else ""))
                 rows += group
     if args.record:
         copy_row = dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider="device-copy",
