@@ -3,8 +3,10 @@
 * one prompt at a time;
 * the prompt replicated W*K times and prefilled W*K times, a ``DynamicCache`` per model;
 * at every chunk boundary, every model's whole cache reordered with ``index_select``;
-* chunk scorers re-run from scratch over prompt + whole response (explicit: the token reward model's
-  Q at the last token; implicit: the guides' summed log-ratio over the response);
+* chunk scorers re-run from scratch over prompt + whole response, batched over the candidates (which
+  all have the same length), and only the value the ranking uses (explicit: the token reward model's
+  Q at the last token; implicit: the guides' summed log-ratio over the response); the values a
+  result reports are computed once more for the final candidates;
 * finished rows keep decoding (their tokens are ignored).
 
 It is the test oracle of the paged decoder and the baseline of ``benchmarks/bench_decode.py``.
@@ -88,7 +90,7 @@ class NaiveDecoder:
             alive = [b for b in cands if not b.finished]
             at_chunk = opts.chunk_len is not None and (t + 1 - chunk_start) % opts.chunk_len == 0
             if not alive or (rows > 1 and at_chunk):
-                self._rescore(ids, cands, opts, roles, model, device, vocab)
+                self._rescore(ids, cands, opts, model, device, vocab, final=not alive)
                 scores = chunk_scores(prompt, cands, opts, stopper)
                 order = rank(cands, scores, opts.keep)
                 if not alive:
@@ -113,21 +115,37 @@ class NaiveDecoder:
         pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return model(input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
 
-    def _rescore(self, ids, beams, opts, roles, model, device, vocab):
-        """Recompute the values from scratch over prompt + whole response (what the published code does)."""
-        for b in beams:
-            if "rm" in model:
-                x = torch.tensor([ids["rm"] + b.tokens[:-1]], device=device)
-                b.explicit = float(model["rm"](input_ids=x).logits[0, -1, b.tokens[-1]])
-            if opts.uses_guides:
-                total = 0.0
-                for i, g in enumerate(self.models.guides):
-                    lp = {}
-                    for role in ("tune", "ref"):
-                        pre = ids[f"{role}{i}"]
-                        x = torch.tensor([pre + b.tokens], device=device)
-                        out = model[f"{role}{i}"](input_ids=x).logits[0, len(pre) - 1:-1, :vocab]
-                        logp = torch.log_softmax(out.double(), -1)
-                        lp[role] = logp.gather(1, torch.tensor(b.tokens, device=device)[:, None]).sum()
-                    total += g.beta * float(lp["tune"] - lp["ref"])
-                b.implicit = total
+    def _rescore(self, ids, beams, opts, model, device, vocab, final):
+        """Recompute values from scratch over prompt + whole response, one batched forward per model (what
+        the published code does): the ranked value at every chunk, both values for the final candidates.
+        Rows are right-padded (finished candidates are shorter): causal models ignore what follows."""
+        explicit = "rm" in model and (final or opts.scorer == "explicit")
+        implicit = opts.uses_guides and (final or opts.scorer == "implicit")
+        lens = torch.tensor([len(b.tokens) for b in beams], device=device)  # [R], each >= 1
+        width = int(lens.max())
+        tokens = torch.tensor([b.tokens + [0] * (width - len(b.tokens)) for b in beams], device=device)  # [R, T]
+        rows = torch.arange(len(beams), device=device)
+
+        def padded(pre):  # [R, len(pre) + T]: the prefix, then the right-padded response
+            return torch.cat([torch.tensor(pre, device=device).expand(len(beams), -1), tokens], dim=1)
+
+        if explicit:
+            pre = ids["rm"]
+            q = model["rm"](input_ids=padded(pre)).logits  # Q(s_{t-1}, .) at every position
+            at = len(pre) + lens - 2  # the state before the last token
+            vals = q[rows, at].gather(1, tokens[rows, lens - 1][:, None]).squeeze(1)
+            for b, v in zip(beams, vals.tolist()):
+                b.explicit = v
+        if implicit:
+            mask = torch.arange(width, device=device)[None, :] < lens[:, None]  # [R, T]
+            total = torch.zeros(len(beams), dtype=torch.float64, device=device)
+            for i, g in enumerate(self.models.guides):
+                lp = {}
+                for role in ("tune", "ref"):
+                    pre = ids[f"{role}{i}"]
+                    out = model[f"{role}{i}"](input_ids=padded(pre)).logits[:, len(pre) - 1:-1, :vocab]
+                    logp = torch.log_softmax(out.double(), -1).gather(2, tokens[:, :, None]).squeeze(2)  # [R, T]
+                    lp[role] = (logp * mask).sum(1)
+                total += g.beta * (lp["tune"] - lp["ref"])
+            for b, v in zip(beams, total.tolist()):
+                b.implicit = v
