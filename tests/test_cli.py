@@ -81,3 +81,96 @@ def test_info_reports_backends_and_the_cuda_build(capsys):
     out = capsys.readouterr().out
     assert "guided_sample backend for" in out
     assert "CUDA kernels (csrc/)" in out and "measured shape ranges" in out
+
+
+def _tokens(path):
+    return [json.loads(x)["tokens"] for x in path.read_text().splitlines()]
+
+
+def _plain(d, out, *extra):
+    return ["generate", "--base", d["base"], "--dtype", "float64", "--mode", "plain", "--seed", "5", "--out",
+            str(out), *extra]
+
+
+def test_ignore_eos_runs_every_response_to_max_new_tokens(model_dirs, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt {c}" for c in "abcdefghijkl") + "\n")
+    args = ["--prompts", str(prompts), "--temperature", "3.0", "--max-new-tokens", "40"]
+    stops, runs = tmp_path / "eos.jsonl", tmp_path / "no-eos.jsonl"
+    assert main(_plain(model_dirs, stops, *args)) == 0
+    assert any(len(t) < 40 for t in _tokens(stops)), "precondition: some response ends at EOS by default"
+    assert main(_plain(model_dirs, runs, *args, "--ignore-eos")) == 0
+    assert all(len(t) == 40 for t in _tokens(runs))
+    assert any(1 in t for t in _tokens(runs)), "EOS (id 1) drawn and decoded past"
+
+
+def test_template_per_role_reaches_both_decoders(model_dirs, tmp_path):
+    from ivg.api import generate
+
+    common = ["--tuned", model_dirs["tuned"], "--ref", model_dirs["ref"], "--prompt", "the plot", "--temperature",
+              "1", "--max-new-tokens", "8"]
+    plain, templated, naive = (tmp_path / f"{n}.jsonl" for n in ("plain", "templated", "naive"))
+    assert main(_plain(model_dirs, plain, *common, "--mode", "eft")) == 0
+    assert main(_plain(model_dirs, templated, *common, "--mode", "eft", "--template", "base=so, {prompt}")) == 0
+    assert main(_plain(model_dirs, naive, *common, "--mode", "eft", "--template", "base=so, {prompt}",
+                       "--decoder", "naive")) == 0
+    assert _tokens(templated) != _tokens(plain), "precondition: the base's template changes the tokens"
+    assert _tokens(naive) == _tokens(templated)
+    api = generate(["the plot"], base=model_dirs["base"], tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]],
+                   dtype="float64", mode="eft", temperature=1.0, max_new_tokens=8, seed=5,
+                   templates={"base": "so, {prompt}"})
+    assert [api[0].beams[0].tokens] == _tokens(templated)
+
+
+def test_chat_template_wraps_each_models_prompt(model_dirs, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from ivg.api import generate
+
+    out = tmp_path / "o.jsonl"
+    assert main(_plain(model_dirs, out, "--prompt", "a", "--chat-template")) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    chat = tmp_path / "chat-base"
+    import shutil
+
+    shutil.copytree(model_dirs["base"], chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}!{% endif %}"
+    tok.save_pretrained(chat)
+    d = dict(model_dirs, base=str(chat))
+    assert main(_plain(d, out, "--prompt", "so", "--chat-template", "--temperature", "0", "--max-new-tokens", "6")) == 0
+    expect = generate(["so"], base=model_dirs["base"], dtype="float64", temperature=0.0, max_new_tokens=6, seed=5,
+                      templates={"base": "({prompt})!"})  # "(" and ")" are unknown characters: <unk> ids
+    assert _tokens(out) == [expect[0].beams[0].tokens]
+
+
+def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path):
+    from ivg.api import generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(_plain(model_dirs, a, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6")) == 0
+    assert main(_plain(model_dirs, b, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6",
+                       "--batch-prompts", "1")) == 0
+    assert _tokens(a) == _tokens(b)
+    api = generate(["one", "two", "three"], base=model_dirs["base"], dtype="float64", min_p=0.3, max_new_tokens=6,
+                   seed=5)
+    assert _tokens(a) == [r.beams[0].tokens for r in api]
+    other = generate(["one", "two", "three"], base=model_dirs["base"], dtype="float64", max_new_tokens=6, seed=5)
+    assert _tokens(a) != [r.beams[0].tokens for r in other], "precondition: min-p changes the draws"
+
+
+def test_a_missing_model_path_is_one_line_naming_the_flag(model_dirs, tmp_path, capsys):
+    from ivg.api import generate
+
+    assert main(["generate", "--base", "/nonexistent/model", "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("ivg generate: error: --base /nonexistent/model: no such directory; expected a local "
+                           "model folder or a hub id")
+    assert main(["generate", "--base", model_dirs["base"], "--token-rm", "./no/such/rm", "--prompt", "a"]) == 2
+    assert "--token-rm ./no/such/rm: no such directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"tuned\[0\]='/nope'"):
+        generate(["a"], base=model_dirs["base"], tuned=["/nope"], ref=[model_dirs["ref"]], max_new_tokens=2)
+    assert main(_plain(model_dirs, tmp_path / "o.jsonl", "--prompt", "a", "--template", "base=no prompt")) == 2
+    assert "{prompt}" in capsys.readouterr().err

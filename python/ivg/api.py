@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .decoder import IVGDecoder
-from .models import GuidePair, IVGModels, load_causal_lm
+from .models import GuidePair, IVGModels, load_causal_lm, model_path_problem
 from .naive import NaiveDecoder
 from .options import DecodeOptions
 
@@ -31,13 +31,33 @@ def _tokenizer(path):
         return None
 
 
+TEMPLATE_ROLES = ("base", "guide", "token_rm")
+
+
+def check_templates(templates) -> dict:
+    """``{role: format}`` with roles from TEMPLATE_ROLES, each format holding ``{prompt}`` once."""
+    out = dict(templates or {})
+    for role, fmt in out.items():
+        if role not in TEMPLATE_ROLES:
+            raise ValueError(f"templates[{role!r}]: expected a role among {', '.join(TEMPLATE_ROLES)}")
+        try:
+            ok = isinstance(fmt, str) and fmt.format(prompt="") is not None and "{prompt}" in fmt
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"templates[{role!r}]={fmt!r}: expected a format string with {{prompt}} and no other "
+                             "fields (write literal braces as {{ and }})")
+    return out
+
+
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,
                 token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None,
-                base_tp_plan=None) -> IVGModels:
+                base_tp_plan=None, chat_template: bool = False) -> IVGModels:
     """Models by local path or hub id (or already loaded), checked for a shared token-to-id map.
 
     ``base_tp_plan="auto"`` shards the base model over the process group's ranks (tensor parallel);
-    the guides and the token reward model stay whole on ``device``."""
+    the guides and the token reward model stay whole on ``device``. ``templates`` and ``chat_template``:
+    see :class:`ivg.models.IVGModels`."""
     if len(tuned) != len(ref):
         raise ValueError(f"tuned/ref: expected pairs, got {len(tuned)} tuned and {len(ref)} ref models")
     betas = list(beta) if beta else [1.0] * len(tuned)
@@ -46,24 +66,34 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     if len(betas) != len(tuned):
         raise ValueError(f"beta: expected one beta per guide pair ({len(tuned)}), got {len(betas)}")
     dt = _dtype(dtype)
+    templates = check_templates(templates)
+    args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
+    args += [(f"ref[{i}]", r) for i, r in enumerate(ref)] + ([("token_rm", token_rm)] if token_rm is not None else [])
+    for arg, x in args:  # before loading anything: a typo fails in a second, naming the argument
+        problem = None if isinstance(x, torch.nn.Module) else model_path_problem(x)
+        if problem:
+            raise ValueError(f"{arg}={str(x)!r}: {problem}")
     tokenizers = {}
 
-    def load(x, name, tp_plan=None):
+    def load(x, name, arg, tp_plan=None):
         if isinstance(x, torch.nn.Module):
             if tp_plan is not None:
                 raise ValueError("base_tp_plan: pass the base model by path to shard it")
             return x.to(device=device, dtype=dt) if dt is not None else x.to(device)
         tokenizers[name] = _tokenizer(x)
-        return load_causal_lm(x, dtype=dt, device=device, tp_plan=tp_plan)
+        try:
+            return load_causal_lm(x, dtype=dt, device=device, tp_plan=tp_plan)
+        except OSError as e:  # not found on the hub, no network, no weights in the folder, ...
+            raise ValueError(f"{arg}={str(x)!r}: could not be loaded: {str(e).splitlines()[0]}") from e
 
-    base_model = load(base, "base", base_tp_plan)
-    guides = [GuidePair(load(t, f"tune{i}"), load(r, f"ref{i}"), float(b))
+    base_model = load(base, "base", "base", base_tp_plan)
+    guides = [GuidePair(load(t, f"tune{i}", f"tuned[{i}]"), load(r, f"ref{i}", f"ref[{i}]"), float(b))
               for i, (t, r, b) in enumerate(zip(tuned, ref, betas))]
-    rm = load(token_rm, "rm") if token_rm is not None else None
+    rm = load(token_rm, "rm", "token_rm") if token_rm is not None else None
     tok = tokenizer if tokenizer is not None else tokenizers.pop("base", None)
     tokenizers.pop("base", None)
-    return IVGModels(base_model, guides, rm, float(token_rm_weight), tok, dict(templates or {}),
-                     {k: v for k, v in tokenizers.items() if v is not None})
+    return IVGModels(base_model, guides, rm, float(token_rm_weight), tok, templates,
+                     {k: v for k, v in tokenizers.items() if v is not None}, chat_template=bool(chat_template))
 
 
 def import_scorer(spec: str):
@@ -79,17 +109,18 @@ def import_scorer(spec: str):
 
 def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
                  device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
-                 cuda_graphs=None, base_tp_plan=None, **options):
+                 chat_template=False, cuda_graphs=None, base_tp_plan=None, max_batch_prompts=64, **options):
     """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s."""
     models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
                          tokenizer=tokenizer, device=device, dtype=dtype, templates=templates,
-                         base_tp_plan=base_tp_plan)
+                         base_tp_plan=base_tp_plan, chat_template=chat_template)
     scorer = options.get("scorer")
     if isinstance(scorer, str) and scorer not in ("explicit", "implicit"):
         options["scorer"] = import_scorer(scorer)
     opts = DecodeOptions(**options)
     if decoder == "paged":
-        dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs)
+        dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs,
+                         max_batch_prompts=max_batch_prompts)
     elif decoder == "naive":
         dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     else:
@@ -99,8 +130,9 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
 
 def generate(prompts, *, progress=False, **kwargs):
     """Decode ``prompts`` (strings or token id lists). ``kwargs``: the models (``base``, ``tuned``, ``ref``,
-    ``beta``, ``token_rm``, ``token_rm_weight``, ``tokenizer``, ``templates``), where they run (``device``,
-    ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``) and :class:`DecodeOptions` fields.
+    ``beta``, ``token_rm``, ``token_rm_weight``, ``tokenizer``, ``templates``, ``chat_template``), where they
+    run (``device``, ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``,
+    ``max_batch_prompts``) and :class:`DecodeOptions` fields (``eos_token_ids=()`` never stops at EOS).
 
     Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first. Under ``torchrun``, see
     :func:`ivg.distributed.generate_sharded`.

@@ -62,14 +62,58 @@ def _read_prompts(args) -> list:
     return prompts
 
 
+_TEMPLATE_ROLES = {"base": "base", "guide": "guide", "rm": "token_rm"}
+
+
+def _templates(specs) -> dict:
+    """``--template ROLE=FORMAT`` (repeatable) -> ``{"base"|"guide"|"token_rm": FORMAT}``."""
+    out = {}
+    for spec in specs or ():
+        role, sep, fmt = spec.partition("=")
+        if not sep or role not in _TEMPLATE_ROLES:
+            raise ValueError(f"--template {spec!r}: expected ROLE=FORMAT with ROLE one of base, guide, rm "
+                             "(for example base=\"Here is a movie review: {prompt}\")")
+        if _TEMPLATE_ROLES[role] in out:
+            raise ValueError(f"--template {spec!r}: a second template for {role}")
+        out[_TEMPLATE_ROLES[role]] = fmt
+    from .api import check_templates
+
+    try:
+        return check_templates(out)
+    except ValueError as e:
+        raise ValueError(f"--template: {e}") from None
+
+
+def _check_model_flags(args) -> None:
+    """A model flag that cannot name a model fails here, in one line, before anything loads."""
+    from .models import model_path_problem
+
+    flags = [("--base", args.base)] + [("--tuned", x) for x in args.tuned] + [("--ref", x) for x in args.ref]
+    flags += [("--token-rm", args.token_rm)] if args.token_rm else []
+    for flag, value in flags:
+        problem = model_path_problem(value)
+        if problem:
+            raise ValueError(f"{flag} {value}: {problem}")
+
+
 def _generate(args) -> int:
     if len(args.tuned) != len(args.ref):
         raise ValueError(f"--tuned/--ref: expected pairs, got {len(args.tuned)} --tuned and {len(args.ref)} --ref")
+    _check_model_flags(args)
+    templates = _templates(args.template)
     prompts = _read_prompts(args)
     chunk = None if args.chunk_len in ("inf", "0") else int(args.chunk_len)
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()))
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()))
+    if args.ignore_eos:
+        options["eos_token_ids"] = ()
+    if templates:
+        options["templates"] = templates
+    if args.chat_template:
+        options["chat_template"] = True
+    if args.batch_prompts != 64:
+        options["max_batch_prompts"] = args.batch_prompts
     if args.scorer:
         options["scorer"] = args.scorer
     from .distributed import finish, generate_sharded
@@ -128,9 +172,19 @@ def _add_generate(sub):
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with probability >= min_p * the largest")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never stop at an end-of-sequence token (responses run to --max-new-tokens or a --stop)")
+    g.add_argument("--template", action="append", metavar="ROLE=FORMAT",
+                   help="prompt template of one role: base, guide (tuned and ref) or rm, with {prompt}; repeatable, "
+                        "e.g. --template base=\"Here is a movie review: {prompt}\" (default: the bare prompt)")
+    g.add_argument("--chat-template", action="store_true",
+                   help="wrap each (templated) prompt as a user message in each model's own chat template")
+    g.add_argument("--batch-prompts", type=int, default=64,
+                   help="prompts decoded together by the paged decoder (KV pools are sized for one batch)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
     g.add_argument("--out", help="write JSON lines here instead of stdout")

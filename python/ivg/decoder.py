@@ -87,7 +87,7 @@ def check_prompts(models: IVGModels, prompts, options: DecodeOptions, roles) -> 
         raise ValueError("prompts: expected a non-empty list of strings or token id lists")
     out = []
     for i, p in enumerate(prompts):
-        ids = {name: models.prompt_ids(p, role) for name, _, role in roles}
+        ids = {name: models.prompt_ids(p, role, name) for name, _, role in roles}
         for name, model, _ in roles:
             n = len(ids[name])
             if n == 0:

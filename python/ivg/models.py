@@ -79,6 +79,18 @@ def is_token_rm_dir(path) -> bool:
     return os.path.isdir(str(path)) and os.path.exists(os.path.join(str(path), SCORE_HEAD_FILE))
 
 
+def model_path_problem(path) -> Optional[str]:
+    """Why ``path`` cannot name a model (a local folder or a hub id ``name`` / ``org/name``), or None."""
+    p = str(path)
+    if os.path.isdir(p):
+        return None
+    if os.path.exists(p):
+        return "is a file; expected a model folder (with config.json) or a hub id"
+    if p.startswith(("/", "./", "../", "~")) or p.count("/") > 1 or (os.sep != "/" and os.sep in p):
+        return "no such directory; expected a local model folder or a hub id"
+    return None
+
+
 def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
     """A causal LM (or a token reward model directory) by local path or hub id.
 
@@ -119,6 +131,8 @@ class IVGModels:
 
     ``templates`` maps ``"base"``, ``"guide"`` and ``"token_rm"`` to a format string with ``{prompt}``:
     models may see different prompt templates (the paged cache keeps per-model lengths).
+    ``chat_template``: the templated prompt becomes a user message in each model's own chat template
+    (its tokenizer's; the base tokenizer where a model has none of its own), generation prompt added.
     """
 
     base: torch.nn.Module
@@ -128,6 +142,7 @@ class IVGModels:
     tokenizer: object = None
     templates: dict = field(default_factory=dict)
     other_tokenizers: dict = field(default_factory=dict)  # name ("tune0", "rm", ...) -> its own tokenizer
+    chat_template: bool = False
 
     def check(self) -> None:
         """Every model's tokenizer maps the shared id range like the base's (see check_tokenizers)."""
@@ -146,14 +161,21 @@ class IVGModels:
             out.append(("rm", self.token_rm, "token_rm"))
         return out
 
-    def prompt_ids(self, prompt, role: str) -> list[int]:
-        """Token ids of a prompt for a template role (token-id prompts pass through unchanged)."""
+    def prompt_ids(self, prompt, role: str, name: str = "base") -> list[int]:
+        """Token ids of a prompt for model ``name`` in a template role (token-id prompts pass through)."""
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
         if self.tokenizer is None:
             raise ValueError("prompts: text prompts need a tokenizer (or pass token id lists)")
         text = self.templates.get(role, "{prompt}").format(prompt=prompt)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        tok = self.tokenizer
+        if self.chat_template:
+            tok = self.other_tokenizers.get(name) or self.tokenizer
+            if not getattr(tok, "chat_template", None):
+                raise ValueError(f"chat_template: the tokenizer of {name} has no chat template")
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def check_tokenizers(base_tok, other_tok, name: str) -> None:
