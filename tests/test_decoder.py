@@ -80,6 +80,24 @@ def test_batch_invariance(models, mode):
     _same(together, in_pairs, tol=1e-12)
 
 
+def test_continuous_batching_admits_waiting_prompts_without_changing_results(models):
+    """Prompts that end at different steps (EOS at a high temperature): with room for two prompts, a
+    waiting prompt takes the rows of one that finished; every result equals decoding it alone."""
+    prompts = ["a", "the movie was", "it is", "so", "what a day"]
+    opts = _opts("ivg", max_new_tokens=24, eos_token_ids=(5, 9), temperature=2.0, chunk_len=3)
+    alone, steps_alone = [], []
+    for p in prompts:
+        dec = IVGDecoder(models)
+        alone += dec.generate([p], opts)
+        steps_alone.append(dec.last_stats.steps)
+    assert len(set(steps_alone)) > 1, f"precondition: prompts end at different steps ({steps_alone})"
+    dec = IVGDecoder(models, max_batch_prompts=2)
+    _same(dec.generate(prompts, opts), alone, tol=1e-12)
+    static = sum(max(steps_alone[i:i + 2]) for i in range(0, len(prompts), 2))  # fixed pairs, each to its end
+    assert dec.last_stats.steps < static, (dec.last_stats.steps, static)
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
 def test_values_equal_a_from_scratch_recomputation(models):
     res = IVGDecoder(models).generate(PROMPTS, _opts("ivg"))  # eft token-wise, explicit scorer: both values
     tok = models.tokenizer

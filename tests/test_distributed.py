@@ -95,8 +95,10 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(model_dirs, tmp_path,
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; give it more work"
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher; torchrun starts each worker in a session of its own:
+    subprocess.run(["pkill", "-KILL", "-f", str(part)], check=False)  # every process writing this file
     proc.wait()
+    time.sleep(0.5)
     saved = len(part.read_text().splitlines())
     assert 2 <= saved < len(PROMPTS)
     r = subprocess.run(_cmd(model_dirs, part, prompt_file, 2, *args), env=_env(), capture_output=True, text=True,

@@ -6,24 +6,30 @@ weighted guide rows (weight 0 for models that only score), returning each input'
 value at the token; those update the implicit value (sum of beta * log-ratio) and the explicit value
 (the token reward model's Q at the token) with no extra pass. At a chunk boundary each prompt keeps
 its top W candidates; pruned rows free their blocks, kept ones fork K children that share every
-block. Finished beams free their blocks and stay candidates.
+block. Finished beams free their blocks and stay candidates. A step reads the device once (one
+packed copy of tokens, log-probs, values and flags).
+
+``IVGDecoder.generate`` is the loop: schedule (admit waiting prompts into free rows), run (the fused
+draw), update (tokens, values, flags), schedule (rank, prune, plan forks), run (one forward per model,
+then fork). The units and the run's state are in :mod:`ivg.decode_loop`.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-import ivg_kernels
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
+from .decode_loop import DecodeLoop, Request
 from .models import IVGModels
 from .options import DecodeOptions
 from .paged_model import PagedModel, local_kv_shape
-from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset
+from .search import StopChecker, prompt_seed
 
 
 @dataclass
@@ -110,10 +116,10 @@ class IVGDecoder:
     models : IVGModels
     block_size : tokens per KV block
     backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``)
-    max_batch_prompts : prompts decoded together (the KV pools are sized for one such batch); results
-        do not depend on it
+    max_batch_prompts : prompts decoded at once (the KV pools are sized for that many); when one
+        finishes, the next waiting prompt takes its rows (continuous batching). Results do not depend on it
     cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`), captured
-        once per batch of prompts and batch-size bucket. Default: on for models on CUDA (13x faster
+        once per ``generate`` call, batch-size bucket and block-table width. Default: on for models on CUDA (13x faster
         steps for a gpt2-sized model on an H100, benchmarks/RESULTS.md) unless the backend is the
         reference, the models are float64 or the base is tensor-parallel; off the GPU it does nothing
     """
@@ -156,7 +162,10 @@ class IVGDecoder:
 
     @torch.inference_mode()
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
-        """Decode every prompt; returns one :class:`GenerationResult` per prompt, in order."""
+        """Decode every prompt; returns one :class:`GenerationResult` per prompt, in order.
+
+        Up to ``max_batch_prompts`` prompts are decoded together; when one finishes, the next waiting
+        prompt is prefilled into the rows it freed (continuous batching)."""
         m = self.models
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
@@ -164,177 +173,38 @@ class IVGDecoder:
         ids = check_prompts(m, prompts, opts, roles)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
-        start = time.perf_counter()
         stats = RunStats(prompts=len(ids))
-        results = []
-        step = self.max_batch_prompts
-        for lo in range(0, len(ids), step):
-            results += self._batch(prompts[lo:lo + step], ids[lo:lo + step], opts, roles, stopper, stats, progress)
+        start = time.perf_counter()
+        capacity = min(len(ids), self.max_batch_prompts)
+        group, paged = self._paged_models(roles, self._pool_blocks(ids, opts, capacity))
+        self._group = group
+        loop = DecodeLoop(self, opts, roles, group, paged, stopper, stats)
+        waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
+        results: list = [None] * len(ids)
+        bar = _Progress(len(ids), enabled=progress)
+        try:
+            while waiting or loop.rows:
+                loop.admit(waiting, capacity)  # schedule: prefill waiting prompts into free rows
+                loop.record(loop.sample())  # run the fused draw; update tokens, values, finished flags
+                plans, finished = loop.prune()  # schedule: rank at chunk boundaries, free, plan forks
+                loop.feed(plans)  # run: one forward per model over the continuing rows, then fork
+                for req in finished:
+                    results[req.index] = req.result
+                bar.update(sum(r is not None for r in results))
+        finally:
+            bar.close()
+            loop.release(stats)
         stats.wall_s = time.perf_counter() - start
         self.last_stats = stats
         return results
 
-    def _batch(self, prompts, ids, opts, roles, stopper, stats, progress):
-        beams_per_prompt = opts.width * opts.successors
+    def _pool_blocks(self, ids, opts, capacity: int) -> int:
+        """KV blocks per model for ``capacity`` prompts at once: each prompt's W*K rows at full length,
+        one block more per row for copy-on-write, one for the prompt itself; sized for the longest."""
         bs = self.block_size
-        num_blocks = sum(
-            beams_per_prompt * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) for d in ids
-        ) + len(ids)
-        group, paged = self._paged_models(roles, num_blocks)
-        self._group = group
-        try:
-            return self._run(prompts, ids, opts, roles, group, paged, stopper, stats, progress)
-        finally:
-            for pm in paged.values():
-                pm.release()
-            for name, cache in group.caches.items():
-                stats.bytes_copied[name] = stats.bytes_copied.get(name, 0) + cache.pool.bytes_copied
-                live = cache.blocks.live_sequences
-                if live:
-                    cache.blocks.free_many(live)
-
-    def _run(self, prompts, ids, opts, roles, group, paged, stopper, stats, progress):
-        names = [r[0] for r in roles]
-        m = self.models
-        guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
-        eft = "eft" in opts.tokenwise
-        w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
-        device = paged["base"].device
-        n_prompts = len(ids)
-        seeds = [prompt_seed(opts.seed, d["base"]) for d in ids]
-        search = opts.width * opts.successors > 1
-
-        # Prefill every prompt once per model (one ragged forward each), then fork into W*K rows.
-        roots = group.new_sequences(n_prompts)
-        first = {name: paged[name](roots, [d[name] for d in ids]) for name in names}
-        stats.forwards += len(names)
-        kids = group.fork_many(roots, opts.width * opts.successors)
-        group.free_many(roots)
-        cands = [[Beam(j, slot=kids[p][j]) for j in range(len(kids[p]))] for p in range(n_prompts)]
-        live = [(p, b) for p in range(n_prompts) for b in cands[p]]
-        rows = torch.tensor([p for p, _ in live], device=device)
-        cur = {name: first[name].index_select(0, rows) for name in names}
-        chunk_start = [0] * n_prompts
-        done: list = [None] * n_prompts
-        bar = _Progress(opts.max_new_tokens, enabled=progress)
-
-        for t in range(opts.max_new_tokens):
-            if not live:
-                break
-            sample = ivg_kernels.guided_sample(
-                cur["base"],
-                [pair for i, beta in guides for pair in ((cur[f"tune{i}"], beta if eft else 0.0),
-                                                         (cur[f"ref{i}"], -beta if eft else 0.0))]
-                + ([(cur["rm"], w_rm)] if "rm" in cur else []),
-                temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
-                seed=torch.tensor([seeds[p] for p, _ in live], device=device),
-                offset=torch.tensor([row_offset(t, b.cand) for _, b in live], device=device),
-                backend=self.backend,
-            )
-            stats.steps += 1
-            ok = sample.ok.tolist()
-            if not all(ok):
-                bad = [i for i, v in enumerate(ok) if not v]
-                raise RuntimeError(f"step {t}: rows {bad[:8]} had NaN/inf logits or no finite candidate")
-            tokens = sample.tokens.tolist()
-            logprob = sample.logprob.tolist()
-            lp = sample.input_logprobs.double()
-            implicit = torch.zeros(len(live), dtype=torch.float64, device=lp.device)
-            for k, (i, beta) in enumerate(guides):
-                implicit += beta * (lp[:, 1 + 2 * k] - lp[:, 2 + 2 * k])
-            implicit = implicit.tolist()
-            explicit = sample.input_logits[:, -1].double().tolist() if "rm" in cur else None
-            for r, (p, b) in enumerate(live):
-                b.tokens.append(tokens[r])
-                b.logprob += logprob[r]
-                b.implicit += implicit[r]
-                if explicit is not None:
-                    b.explicit = explicit[r]
-                b.finished = stopper.finished(b.tokens) or t + 1 == opts.max_new_tokens
-            stats.new_tokens += len(live)
-
-            # Chunk boundaries: rank, prune, and plan the forks.
-            boundary = set()
-            for p in {p for p, _ in live}:
-                alive = [b for b in cands[p] if not b.finished]
-                at_chunk = opts.chunk_len is not None and (t + 1 - chunk_start[p]) % opts.chunk_len == 0
-                if not alive or (search and at_chunk):
-                    boundary.add(p)
-            plans = {}
-            to_free = []
-            for p in boundary:
-                scores = self._scores(prompts[p], cands[p], opts, stopper)
-                order = rank(cands[p], scores, opts.keep)
-                alive = [b for b in cands[p] if not b.finished]
-                if not alive:
-                    done[p] = self._result(prompts[p], [cands[p][i] for i in order], [scores[i] for i in order],
-                                           opts, stopper)
-                    continue
-                kept = [cands[p][i] for i in order[: opts.width]]
-                kept_ids = {id(b) for b in kept}
-                to_free += [b.slot for b in cands[p] if not b.finished and id(b) not in kept_ids]
-                plans[p] = expand(kept, opts.successors)
-                chunk_start[p] = t + 1
-            to_free += [b.slot for _, b in live if b.finished and b.slot is not None]
-            for _, b in live:
-                if b.finished:
-                    b.slot = None
-            if to_free:
-                group.free_many(to_free)
-
-            # Feed the new token of every continuing row: one forward per model.
-            feed = [(p, b) for p, b in live if not b.finished and (p not in boundary or any(
-                par is b for par, child in plans.get(p, []) if child))]
-            if not feed:
-                live = []
-                break
-            feed_seq = [b.slot for _, b in feed]
-            out = {name: paged[name](feed_seq, [[b.tokens[-1]] for _, b in feed]) for name in names}
-            stats.forwards += len(names)
-            index = {id(b): i for i, (_, b) in enumerate(feed)}
-
-            # Forks: each kept unfinished parent becomes K children sharing its blocks.
-            new_live, pick = [], []
-            parents = [b for p in plans for b, child in plans[p] if child]
-            unique_parents = list({id(b): b for b in parents}.values())
-            forks = dict(zip([id(b) for b in unique_parents],
-                             group.fork_many([b.slot for b in unique_parents], opts.successors)))
-            if unique_parents:
-                group.free_many([b.slot for b in unique_parents])
-            for p in range(n_prompts):
-                if done[p] is not None:
-                    continue
-                if p in plans:
-                    taken = {}
-                    new = []
-                    for j, (par, child) in enumerate(plans[p]):
-                        if child:
-                            k = taken.get(id(par), 0)
-                            taken[id(par)] = k + 1
-                            nb = par.child(j, slot=forks[id(par)][k])
-                            new_live.append((p, nb))
-                            pick.append(index[id(par)])
-                        else:
-                            nb = par.child(j, slot=None)
-                        new.append(nb)
-                    cands[p] = new
-                else:
-                    for q, b in feed:
-                        if q == p:
-                            new_live.append((p, b))
-                            pick.append(index[id(b)])
-            live = new_live
-            sel = torch.tensor(pick, device=device)
-            cur = {name: out[name].index_select(0, sel) for name in names}
-            bar.update(t + 1)
-        bar.close()
-        for p in range(n_prompts):
-            if done[p] is None:  # max_new_tokens ended the search
-                scores = self._scores(prompts[p], cands[p], opts, stopper)
-                order = rank(cands[p], scores, opts.keep)
-                done[p] = self._result(prompts[p], [cands[p][i] for i in order], [scores[i] for i in order],
-                                       opts, stopper)
-        return done
+        rows = opts.width * opts.successors
+        need = max(rows * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) + 1 for d in ids)
+        return capacity * need
 
     def _scores(self, prompt, beams, opts, stopper) -> list[float]:
         return chunk_scores(prompt, beams, opts, stopper)
@@ -382,7 +252,7 @@ class _Progress:
         if self.enabled:
             frac = n / max(self.total, 1)
             bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {n}/{self.total} tokens  {time.perf_counter() - self.start:.1f}s")
+            sys.stderr.write(f"\r[{bar:<30}] {n}/{self.total} prompts  {time.perf_counter() - self.start:.1f}s")
             sys.stderr.flush()
 
     def close(self):

@@ -230,4 +230,7 @@ def finish() -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:  # leave together: a rank that tears gloo down while a peer is still in it can abort the peer
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()

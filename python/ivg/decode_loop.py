@@ -1,0 +1,219 @@
+"""The state of a decoding run and the units of one step: admit, sample, record, prune, feed.
+
+``IVGDecoder.generate`` drives them (schedule, run, update); this module holds what they change:
+
+* ``Request``: one prompt being decoded: its candidates, its own step count and chunk start;
+* ``DecodeLoop``: the live rows (one per unfinished candidate holding a KV sequence), their current
+  logits per model, and the KV caches, with one method per unit of a step.
+
+Rows of different prompts share every sampler call and forward, and a prompt that finishes makes
+room for the next waiting one (continuous batching). A candidate's random key depends only on its
+prompt, its index and its prompt's step (``search.row_offset``), so results do not depend on which
+prompts were decoded together or when they started.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import ivg_kernels
+
+from .search import Beam, expand, rank, row_offset
+
+
+@dataclass
+class Request:
+    """One prompt: ``cands`` are its current candidates; ``t`` tokens drawn by each so far."""
+
+    index: int
+    prompt: object
+    ids: dict  # model name -> the prompt's token ids for that model
+    seed: int
+    cands: list = field(default_factory=list)  # Beam
+    t: int = 0
+    chunk_start: int = 0
+    result: Optional[object] = None  # GenerationResult once every candidate has finished
+
+
+class DecodeLoop:
+    """Live rows of every admitted prompt and the units of a decode step (see the module docstring)."""
+
+    def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
+        m = decoder.models
+        self.decoder, self.opts, self.group, self.paged, self.stopper, self.stats = (
+            decoder, opts, group, paged, stopper, stats)
+        self.names = [r[0] for r in roles]
+        self.guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
+        self.eft = "eft" in opts.tokenwise
+        self.w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
+        self.device = paged["base"].device
+        self.search = opts.width * opts.successors > 1
+        self.rows: list = []  # (Request, Beam) of every live row, in the order of ``cur``
+        self.cur: dict = {}  # model name -> logits [len(rows), V] at each row's last position
+        self.active: list = []  # admitted Requests not yet finished
+
+    # -- schedule --------------------------------------------------------------------------------
+    def admit(self, waiting, capacity: int) -> None:
+        """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
+        and fork each into W*K rows sharing its prompt blocks."""
+        new = []
+        while waiting and len(self.active) + len(new) < capacity:
+            new.append(waiting.popleft())
+        if not new:
+            return
+        roots = self.group.new_sequences(len(new))
+        first = {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.names}
+        self.stats.forwards += len(self.names)
+        kids = self.group.fork_many(roots, self.opts.width * self.opts.successors)
+        self.group.free_many(roots)
+        pick = []
+        for k, req in enumerate(new):
+            req.cands = [Beam(j, slot=kids[k][j]) for j in range(len(kids[k]))]
+            self.rows += [(req, b) for b in req.cands]
+            pick += [k] * len(req.cands)
+        sel = torch.tensor(pick, device=self.device)
+        for name in self.names:
+            rows = first[name].index_select(0, sel)
+            self.cur[name] = torch.cat([self.cur[name], rows]) if name in self.cur else rows
+        self.active += new
+
+    # -- run: the draw ---------------------------------------------------------------------------
+    def sample(self):
+        """One fused draw for every live row: base logits plus the weighted guide and token-RM rows."""
+        cur, opts = self.cur, self.opts
+        guides = [pair for i, beta in self.guides for pair in ((cur[f"tune{i}"], beta if self.eft else 0.0),
+                                                                (cur[f"ref{i}"], -beta if self.eft else 0.0))]
+        guides += [(cur["rm"], self.w_rm)] if "rm" in cur else []
+        self.stats.steps += 1
+        return ivg_kernels.guided_sample(
+            cur["base"], guides, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+            min_p=opts.min_p, seed=torch.tensor([r.seed for r, _ in self.rows], device=self.device),
+            offset=torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows], device=self.device),
+            backend=self.decoder.backend,
+        )
+
+    # -- update ----------------------------------------------------------------------------------
+    def record(self, sample) -> None:
+        """Append each row's token, add its log-prob and implicit value, set its explicit value and
+        finished flag. One read from the device for all of it."""
+        lp = sample.input_logprobs.double()
+        implicit = torch.zeros(len(self.rows), dtype=torch.float64, device=lp.device)
+        for k, (_, beta) in enumerate(self.guides):
+            implicit += beta * (lp[:, 1 + 2 * k] - lp[:, 2 + 2 * k])
+        explicit = sample.input_logits[:, -1].double() if "rm" in self.cur else torch.full_like(implicit, torch.nan)
+        host = torch.stack([sample.ok.double(), sample.tokens.double(), sample.logprob.double(), implicit,
+                            explicit], dim=1).tolist()  # [R, 5]: the step's one device-to-host read
+        bad = [i for i, h in enumerate(host) if not h[0]]
+        if bad:
+            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
+        for (req, b), (_, tok, logprob, imp, exp) in zip(self.rows, host):
+            b.tokens.append(int(tok))
+            b.logprob += logprob
+            b.implicit += imp
+            if "rm" in self.cur:
+                b.explicit = exp
+        for req in {id(r): r for r, _ in self.rows}.values():
+            req.t += 1
+        for req, b in self.rows:
+            b.finished = self.stopper.finished(b.tokens) or req.t == self.opts.max_new_tokens
+        self.stats.new_tokens += len(self.rows)
+
+    # -- schedule: chunk boundaries --------------------------------------------------------------
+    def prune(self) -> tuple[dict, list]:
+        """Rank the candidates of every prompt at a chunk boundary (or with no unfinished candidate),
+        free the pruned and the finished rows' blocks, and plan the forks. Returns ``(plans, finished)``:
+        per prompt at a boundary its ``[(parent, is_child)]`` plan, and the prompts that are done."""
+        opts, plans, finished, to_free = self.opts, {}, [], []
+        for req in {id(r): r for r, _ in self.rows}.values():
+            alive = [b for b in req.cands if not b.finished]
+            at_chunk = opts.chunk_len is not None and (req.t - req.chunk_start) % opts.chunk_len == 0
+            if alive and not (self.search and at_chunk):
+                continue
+            scores = self.decoder._scores(req.prompt, req.cands, opts, self.stopper)
+            order = rank(req.cands, scores, opts.keep)
+            if not alive:
+                req.result = self.decoder._result(req.prompt, [req.cands[i] for i in order],
+                                                  [scores[i] for i in order], opts, self.stopper)
+                finished.append(req)
+                continue
+            kept = [req.cands[i] for i in order[: opts.width]]
+            kept_ids = {id(b) for b in kept}
+            for b in req.cands:
+                if not b.finished and id(b) not in kept_ids:  # pruned
+                    to_free.append(b.slot)
+                    b.slot = None
+            plan = expand(kept, opts.successors)
+            req.chunk_start = req.t
+            if any(child for _, child in plan):
+                plans[id(req)] = plan
+                continue
+            # Every kept beam has finished: they are the prompt's last candidates, ranked once more.
+            req.cands = [par.child(j, slot=None) for j, (par, _) in enumerate(plan)]
+            scores = self.decoder._scores(req.prompt, req.cands, opts, self.stopper)
+            order = rank(req.cands, scores, opts.keep)
+            req.result = self.decoder._result(req.prompt, [req.cands[i] for i in order], [scores[i] for i in order],
+                                              opts, self.stopper)
+            finished.append(req)
+        for _, b in self.rows:
+            if b.finished and b.slot is not None:
+                to_free.append(b.slot)
+                b.slot = None
+        if to_free:
+            self.group.free_many(to_free)
+        self.active = [r for r in self.active if r.result is None]
+        return plans, finished
+
+    # -- run: the forwards -----------------------------------------------------------------------
+    def feed(self, plans: dict) -> None:
+        """One forward per model over every continuing row's new token; then each kept parent forks
+        into its K children, which share its blocks and take its logits."""
+        feed = [(req, b) for req, b in self.rows if b.slot is not None and (id(req) not in plans or any(
+            par is b and child for par, child in plans[id(req)]))]  # unfinished and unpruned
+        if not feed:
+            self.rows, self.cur = [], {}
+            return
+        out = {name: self.paged[name]([b.slot for _, b in feed], [[b.tokens[-1]] for _, b in feed])
+               for name in self.names}
+        self.stats.forwards += len(self.names)
+        index = {id(b): i for i, (_, b) in enumerate(feed)}
+        parents = list({id(b): b for req, _ in feed if id(req) in plans
+                        for b, child in plans[id(req)] if child}.values())
+        forks = dict(zip([id(b) for b in parents], self.group.fork_many([b.slot for b in parents],
+                                                                        self.opts.successors)))
+        if parents:
+            self.group.free_many([b.slot for b in parents])
+        rows, pick = [], []
+        for req in {id(r): r for r, _ in feed}.values():
+            if id(req) not in plans:
+                for q, b in feed:
+                    if q is req:
+                        rows.append((req, b))
+                        pick.append(index[id(b)])
+                continue
+            taken, new = {}, []
+            for j, (par, child) in enumerate(plans[id(req)]):
+                if child:
+                    k = taken.get(id(par), 0)
+                    taken[id(par)] = k + 1
+                    nb = par.child(j, slot=forks[id(par)][k])
+                    rows.append((req, nb))
+                    pick.append(index[id(par)])
+                else:
+                    nb = par.child(j, slot=None)
+                new.append(nb)
+            req.cands = new
+        self.rows = rows
+        sel = torch.tensor(pick, device=self.device)
+        self.cur = {name: out[name].index_select(0, sel) for name in self.names}
+
+    def release(self, stats) -> None:
+        """Free every sequence still held (after an error) and the models' paged state."""
+        for pm in self.paged.values():
+            pm.release()
+        for name, cache in self.group.caches.items():
+            stats.bytes_copied[name] = stats.bytes_copied.get(name, 0) + cache.pool.bytes_copied
+            live = cache.blocks.live_sequences
+            if live:
+                cache.blocks.free_many(live)
