@@ -68,14 +68,14 @@ def _guided_sample_ref(a) -> SampleOutput:
     seed = row_tensor(a.seed, n, torch.int64, dev)
     offset = row_tensor(a.offset, n, torch.int64, dev)
 
-    def bad_values(x):
-        return (torch.isnan(x) | (x == math.inf)).any(dim=1)
+    def bad(row_max):  # a row's max is NaN if it holds a NaN (max propagates it), else +inf if it holds +inf
+        return torch.isnan(row_max) | (row_max == math.inf)
 
     greedy = t == 0
     x = z / torch.where(greedy, torch.ones_like(t), t).unsqueeze(1)  # [N, V]
-    ok = ~(torch.stack([bad_values(x_i) for x_i in inputs] + [bad_values(x)]).any(dim=0))
+    x_max = x.amax(dim=1)  # [N]
+    ok = ~(torch.stack([bad(x_i.amax(dim=1)) for x_i in inputs] + [bad(x_max)]).any(dim=0))
     ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
-    x_max = x.max(dim=1).values  # [N]
     ok &= x_max > -math.inf
 
     neg_inf = torch.full_like(x_max, -math.inf)
