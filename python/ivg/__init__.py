@@ -1,35 +1,24 @@
-"""ivg: the Integrated Value Guidance decoder on top of ivg_kernels (the decoder is its own issue)."""
+"""ivg: the Integrated Value Guidance decoder on top of ivg_kernels (docs/api.md lists every public name)."""
 from ivg_kernels import guided_sample
 
 __version__ = "0.1.0"
-__all__ = ["guided_sample", "__version__"]
 
-# Hugging Face integration (needs transformers); imported lazily so `import ivg` stays light.
+# Hugging Face integration (needs transformers): imported on first use, so `import ivg` stays light.
+_LAZY = {
+    "PagedModel": "paged_model", "model_from_config": "paged_model", "register_attention": "paged_model",
+    "IVGDecoder": "decoder", "GenerationResult": "decoder", "NaiveDecoder": "naive",
+    "IVGModels": "models", "GuidePair": "models", "TokenRewardModel": "models",
+    "DecodeOptions": "options", "IVGLogitsProcessor": "hf_processor",
+}
+
+__all__ = ["guided_sample", "generate", *_LAZY, "__version__"]
+
+
 def __getattr__(name):
-    if name in ("PagedModel", "model_from_config", "register_attention"):
-        from . import paged_model
+    if name in _LAZY:
+        import importlib
 
-        return getattr(paged_model, name)
-    if name in ("IVGDecoder", "GenerationResult"):
-        from . import decoder
-
-        return getattr(decoder, name)
-    if name == "NaiveDecoder":
-        from .naive import NaiveDecoder
-
-        return NaiveDecoder
-    if name in ("IVGModels", "GuidePair", "TokenRewardModel"):
-        from . import models
-
-        return getattr(models, name)
-    if name == "DecodeOptions":
-        from .options import DecodeOptions
-
-        return DecodeOptions
-    if name == "IVGLogitsProcessor":
-        from .hf_processor import IVGLogitsProcessor
-
-        return IVGLogitsProcessor
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
