@@ -207,3 +207,11 @@ def test_models_with_different_prompt_templates():
     _same(paged, NaiveDecoder(m).generate(PROMPTS, opts))
     plain_templates = IVGDecoder(ivg_models("gpt2")).generate(PROMPTS, opts)
     assert any(a.beams[0].tokens != b.beams[0].tokens for a, b in zip(paged, plain_templates))
+
+
+def test_progress_is_a_tqdm_bar_over_prompts(models, capsys):
+    IVGDecoder(models).generate(PROMPTS, _opts("plain", max_new_tokens=4), progress=True)
+    err = capsys.readouterr().err
+    assert "ivg generate" in err and f"{len(PROMPTS)}/{len(PROMPTS)}" in err and "prompt" in err
+    IVGDecoder(models).generate(PROMPTS, _opts("plain", max_new_tokens=4))
+    assert capsys.readouterr().err == ""

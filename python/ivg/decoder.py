@@ -15,7 +15,6 @@ then fork). The units and the run's state are in :mod:`ivg.decode_loop`.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from .decode_loop import DecodeLoop, Request
 from .models import IVGModels
 from .options import DecodeOptions
 from .paged_model import PagedModel, local_kv_shape
+from .progress import progress_bar
 from .search import StopChecker, prompt_seed
 
 
@@ -181,7 +181,7 @@ class IVGDecoder:
         loop = DecodeLoop(self, opts, roles, group, paged, stopper, stats)
         waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
         results: list = [None] * len(ids)
-        bar = _Progress(len(ids), enabled=progress)
+        bar = progress_bar(len(ids), desc="ivg generate", unit="prompt", enabled=progress)
         try:
             while waiting or loop.rows:
                 loop.admit(waiting, capacity)  # schedule: prefill waiting prompts into free rows
@@ -190,7 +190,7 @@ class IVGDecoder:
                 loop.feed(plans)  # run: one forward per model over the continuing rows, then fork
                 for req in finished:
                     results[req.index] = req.result
-                bar.update(sum(r is not None for r in results))
+                bar.update(len(finished))
         finally:
             bar.close()
             loop.release(stats)
@@ -238,24 +238,3 @@ def make_result(prompt, beams, scores, opts, stopper, models) -> GenerationResul
             explicit_value=b.explicit if (models.token_rm is not None and opts.uses_token_rm) else None,
         ))
     return GenerationResult(prompt=prompt, beams=out)
-
-
-class _Progress:
-    """A one-line progress bar on a terminal (stderr); silent otherwise."""
-
-    def __init__(self, total, enabled):
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, n):
-        if self.enabled:
-            frac = n / max(self.total, 1)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {n}/{self.total} prompts  {time.perf_counter() - self.start:.1f}s")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-

@@ -138,6 +138,7 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     """
     from .api import make_decoder
     from .decoder import RunStats
+    from .progress import progress_bar
 
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
@@ -176,7 +177,9 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     dec, opts = make_decoder(device=dev, num_return=num_return, base_tp_plan="auto" if tp else None, **kwargs)
     stats = RunStats()
     start = time.perf_counter()
-    finished = len(done_idx)
+    bar = progress_bar(len(prompts), desc=f"ivg generate ({size} rank{'s' if size > 1 else ''}"
+                       f"{', tensor parallel' if tp else ''})", unit="prompt", enabled=progress and rank == 0)
+    bar.update(len(done_idx))
     for r in range(rounds):
         batch = mine[r * save_every:(r + 1) * save_every]
         lines = []
@@ -198,12 +201,8 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
                 done[i] = ln
             if path is not None and lines:
                 _append(path, [ln for _, ln in lines])
-            finished += len(lines)
-            if progress:
-                rate = (finished - len(done_idx)) / max(time.perf_counter() - start, 1e-9)
-                print(f"ivg generate: {finished}/{len(prompts)} prompts ({rate:.2f} prompts/s, {size} ranks"
-                      f"{', tensor parallel' if tp else ''})",
-                      file=sys.stderr, flush=True)
+            bar.update(len(lines))
+    bar.close()
     if size > 1 and not tp:
         import torch.distributed as dist
 

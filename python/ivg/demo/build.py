@@ -17,13 +17,12 @@ import hashlib
 import json
 import os
 import random
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..progress import progress_bar
 from .corpus import GoldReward, make_corpus, make_prompts
 
 VERSION = "demo-v1"
@@ -62,21 +61,18 @@ REDUCED = BuildConfig(corpus_size=400, vocab_size=280, base=(2, 32, 2), guide=(1
                       rm_steps=20, max_new_tokens=8)
 
 
-class _Bar:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.n, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+class _Steps:
+    """The build's bar: ``step(what, k)`` advances it by ``k`` and names the current stage."""
+
+    def __init__(self, bar):
+        self.bar = bar
 
     def step(self, what: str, k: int = 1):
-        self.n += k
-        if self.enabled:
-            frac = self.n / self.total
-            sys.stderr.write(f"\r[build {'#' * int(24 * frac):<24}] {100 * frac:5.1f}% {what:<28} "
-                             f"{time.perf_counter() - self.t0:5.1f}s")
-            sys.stderr.flush()
+        self.bar.set_postfix_str(what, refresh=False)
+        self.bar.update(k)
 
     def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def cache_root() -> Path:
@@ -252,7 +248,7 @@ def _build(cfg: BuildConfig, out: Path, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     total = cfg.base_steps + cfg.guide_steps + cfg.dpo_steps + cfg.rm_steps + 4
-    bar = _Bar(total, progress and sys.stderr.isatty())
+    bar = _Steps(progress_bar(total, desc="ivg demo: building models", unit="step", enabled=progress))
     gold = GoldReward()
     corpus = make_corpus(cfg.corpus_size, cfg.seed)
     tokenizer = _tokenizer(corpus, cfg)
