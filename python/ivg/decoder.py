@@ -199,12 +199,14 @@ class IVGDecoder:
         return results
 
     def _pool_blocks(self, ids, opts, capacity: int) -> int:
-        """KV blocks per model for ``capacity`` prompts at once: each prompt's W*K rows at full length,
-        one block more per row for copy-on-write, one for the prompt itself; sized for the longest."""
+        """KV blocks per model for any ``capacity`` prompts at once: a prompt needs its W*K rows at full
+        length, one block more per row for copy-on-write and one for the prompt itself; the pool holds
+        the ``capacity`` largest needs."""
         bs = self.block_size
         rows = opts.width * opts.successors
-        need = max(rows * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) + 1 for d in ids)
-        return capacity * need
+        needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) + 1
+                        for d in ids), reverse=True)
+        return sum(needs[:capacity])
 
     def _scores(self, prompt, beams, opts, stopper) -> list[float]:
         return chunk_scores(prompt, beams, opts, stopper)
