@@ -3,6 +3,9 @@ from ivg_kernels import guided_sample
 
 __version__ = "0.1.0"
 
+# The folder to pass as ``model.generate(..., custom_generate=CUSTOM_GENERATE, trust_remote_code=True)``.
+CUSTOM_GENERATE = __import__("os").path.join(__import__("os").path.dirname(__file__), "hf_custom_generate")
+
 # Hugging Face integration (needs transformers): imported on first use, so `import ivg` stays light.
 _LAZY = {
     "PagedModel": "paged_model", "model_from_config": "paged_model", "register_attention": "paged_model",
@@ -11,7 +14,7 @@ _LAZY = {
     "DecodeOptions": "options", "IVGLogitsProcessor": "hf_processor",
 }
 
-__all__ = ["guided_sample", "generate", *_LAZY, "__version__"]
+__all__ = ["guided_sample", "generate", "CUSTOM_GENERATE", *_LAZY, "__version__"]
 
 
 def __getattr__(name):

@@ -1,0 +1,70 @@
+"""IVG as a custom generation method of transformers' ``generate()`` (loaded from this folder by
+``model.generate(..., custom_generate=ivg.CUSTOM_GENERATE, trust_remote_code=True)``).
+
+The model ``generate`` is called on is the base. Extra keyword arguments: ``guides`` (a list of
+``(tuned, ref, beta)``), ``token_rm`` and ``token_rm_weight``, ``mode`` (default ``"ivg"`` with a token
+RM and guides, ``"eft"`` with guides only, ``"tokenrm"`` with a token RM only), ``width``,
+``successors``, ``chunk_len``, ``n``, ``scorer``, ``seed``; and from the usual ones ``max_new_tokens``,
+``temperature`` (``do_sample=False`` means greedy), ``top_k``, ``top_p``, ``min_p``, ``eos_token_id``,
+``pad_token_id``. Returns a LongTensor ``[B, prompt + new]``: each row's (left-padded) prompt followed by
+the best beam's tokens, right-padded with ``pad_token_id``. Limits: one sequence per prompt, no
+streamer, no logits processors or stopping criteria of transformers (use ``mode``/``stop`` semantics
+of the IVG decoder instead), no assistant model.
+"""
+import torch
+
+_UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+                "negative_prompt_ids", "negative_prompt_attention_mask")
+
+
+def generate(model, inputs=None, generation_config=None, **kwargs):
+    from ivg.decoder import IVGDecoder
+    from ivg.models import GuidePair, IVGModels
+    from ivg.options import DecodeOptions
+
+    for name in _UNSUPPORTED:
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(f"{name}: not supported by the IVG custom generation method")
+    kwargs.pop("synced_gpus", None)
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids: expected a LongTensor [batch, prompt length]")
+    mask = kwargs.pop("attention_mask", None)
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    cfg = generation_config if generation_config is not None else model.generation_config
+
+    def option(name, default=None):
+        value = kwargs.pop(name, None)
+        return value if value is not None else getattr(cfg, name, None) if getattr(cfg, name, None) is not None \
+            else default
+
+    guides = [GuidePair(t, r, float(b)) for t, r, b in kwargs.pop("guides", ())]
+    token_rm = kwargs.pop("token_rm", None)
+    rm_weight = float(kwargs.pop("token_rm_weight", 1.0))
+    mode = kwargs.pop("mode", None) or ("ivg" if guides and token_rm is not None else "eft" if guides else
+                                        "tokenrm" if token_rm is not None else "plain")
+    eos = kwargs.pop("eos_token_id") if "eos_token_id" in kwargs else cfg.eos_token_id  # an explicit None: no EOS
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    pad = option("pad_token_id", eos[0] if eos else 0)
+    do_sample = option("do_sample", True)
+    temperature = float(option("temperature", 1.0))
+    search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
+              if kwargs.get(k) is not None}
+    opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
+                         top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
+                         min_p=float(option("min_p", 0.0)), max_new_tokens=int(option("max_new_tokens", 20)),
+                         eos_token_ids=eos, **search)
+    for name in ("max_length", "num_beams", "num_return_sequences", "use_cache", "return_dict_in_generate",
+                 "output_scores", "output_logits", "tokenizer", "trust_remote_code"):
+        kwargs.pop(name, None)  # handled by the method itself or meaningless here
+    if kwargs:
+        raise ValueError(f"{', '.join(sorted(kwargs))}: not understood by the IVG custom generation method")
+    prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+    models = IVGModels(model, guides, token_rm, rm_weight)
+    results = IVGDecoder(models).generate(prompts, opts)
+    new = [r.beams[0].tokens for r in results]
+    width = max(len(t) for t in new)
+    tail = torch.full((len(new), width), int(pad), dtype=input_ids.dtype, device=input_ids.device)
+    for i, t in enumerate(new):
+        tail[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
+    return torch.cat([input_ids, tail], dim=1)

@@ -1,0 +1,49 @@
+"""IVG as transformers' custom generation method: model.generate(custom_generate=ivg.CUSTOM_GENERATE)."""
+import pytest
+import torch
+
+import ivg
+from ivg.decoder import IVGDecoder
+from ivg.options import DecodeOptions
+
+from .decoder_fixtures import ivg_models
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ivg_models("gpt2", dtype=torch.float32)
+
+
+def _call(m, **kw):
+    g = m.guides[0]
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # the first prompt is left-padded
+    args = dict(attention_mask=mask, custom_generate=ivg.CUSTOM_GENERATE, trust_remote_code=True,
+                guides=[(g.tuned, g.ref, g.beta)], token_rm=m.token_rm, width=2, successors=2, chunk_len=3,
+                max_new_tokens=6, temperature=0.9, do_sample=True, seed=4, eos_token_id=None, pad_token_id=0)
+    args.update(kw)
+    return ids, m.base.generate(ids, **args)
+
+
+def test_custom_generate_is_the_ivg_decoder(models):
+    ids, out = _call(models)
+    expect = IVGDecoder(models).generate(
+        [[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=6,
+                                                    temperature=0.9, seed=4, eos_token_ids=()))
+    assert out.shape == (2, 4 + 6)
+    assert torch.equal(out[:, :4], ids), "the prompts come back as given"
+    assert out[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
+
+
+def test_greedy_eft_through_custom_generate(models):
+    _, out = _call(models, token_rm=None, do_sample=False)  # guides only: mode eft; do_sample=False: greedy
+    expect = IVGDecoder(models).generate([[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(
+        mode="eft", temperature=0.0, max_new_tokens=6, eos_token_ids=()))
+    assert out[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
+
+
+def test_unsupported_arguments_are_named(models):
+    with pytest.raises(ValueError, match="logits_processor: not supported"):
+        _call(models, logits_processor=[lambda ids, scores: scores])
+    with pytest.raises(ValueError, match="widht: not understood"):
+        _call(models, widht=3)
