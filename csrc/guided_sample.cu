@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) guided_sample_kernel(const SamplePar
       const float tau_p = key_float(radix_descend<true>(ws, V, tau_k, xs.m, target, hist, &shared_sel, &shared_above));
       tau = fmaxf(tau, tau_p);
     }
-    if (min_p > 0.f) tau = fmaxf(tau, __fadd_rn(xs.m, plog(min_p)));
+    if (min_p > 0.f) tau = fmaxf(tau, __fadd_rn(xs.m, plog(fmaxf(min_p, 1.17549435082228750797e-38f))));
 
     // Pass 2: Gumbel-max and logsumexp over the kept tokens.
     MaxSum kept = {-INFINITY, 0.f};

@@ -44,6 +44,7 @@ _L4 = tl.constexpr(_p.LOG_L4)
 _LOG2E = tl.constexpr(_p.LOG2E)
 _E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (tl.constexpr(c) for c in _p.EXP2_C)
 _MASS_SHIFT = tl.constexpr(_p.MASS_BITS - 23)
+_FLT_MIN = tl.constexpr(_p.FLT_MIN)
 _TAIL_ZERO = tl.constexpr(-30.0)  # x - max x below this has mass_int 0 (exp(-30) * 2**40 < 1)
 
 
@@ -421,7 +422,7 @@ def _stage2_kernel(
                 tau_p = _bisect_mass(ckey, mass, _nucleus_target(p, tl.sum(mass, 0)))
             tau_m = tl.full([], INT32_MIN, tl.int64)
             if m_on:
-                tau_m = _float_key(mx + _plog(mp)).to(tl.int64)
+                tau_m = _float_key(mx + _plog(tl.maximum(mp, _FLT_MIN))).to(tl.int64)
             tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
             valid_p = tl.where(p_on, total_known & (tau_p > cut), True)
             exact = (cut == INT32_MIN) | (valid_k & valid_p & (tau > cut))

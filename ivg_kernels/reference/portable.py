@@ -43,6 +43,7 @@ EXP2_C = (
     1.3215486660556053e-06,
 )
 MASS_BITS = 40  # mass_int(0) == 2**40
+FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32: plog's arguments are clamped to it
 
 _F32 = torch.float32
 

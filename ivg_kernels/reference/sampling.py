@@ -13,7 +13,7 @@ For each row (``V`` columns, inputs ``x_0 = logits`` and guides ``x_i`` with wei
      largest value ``s`` with ``mass(x >= s) >= nucleus_target(p, mass(all kept))``, i.e. a token is
      kept iff the tokens strictly more likely than it hold less than ``p`` (within a relative
      ``2**-20``; ``p`` rounded to float32). Integer sums make this the same on every backend;
-   * min-p (``m > 0``): ``tau_m = max x + plog(m)`` (``m`` rounded to float32);
+   * min-p (``m > 0``): ``tau_m = max x + plog(max(m, FLT_MIN))`` (``m`` rounded to float32);
    * ``tau = max(tau_k, tau_p, tau_m)``.
 
    This is Hugging Face's ``TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
@@ -36,7 +36,7 @@ import torch
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
 from .philox import gumbel_noise
-from .portable import mass_int, nucleus_target, plog
+from .portable import FLT_MIN, mass_int, nucleus_target, plog
 
 
 def _kth_largest(x_sorted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _guided_sample_ref(a) -> SampleOutput:
         target = nucleus_target(p, cum[:, -1])
         first = (cum >= target.unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching the target
         tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
-        tau_m = torch.where(m > 0, x_max + plog(m.float().clamp(min=1e-30)).to(cdt), neg_inf)
+        tau_m = torch.where(m > 0, x_max + plog(m.float().clamp(min=FLT_MIN)).to(cdt), neg_inf)
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
         tau = torch.where(greedy, neg_inf, tau)
     else:
