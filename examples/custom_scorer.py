@@ -8,7 +8,12 @@ The scorer takes the prompts and the responses decoded so far (lists of strings,
 and returns one number per candidate. From the command line the same function is
 `ivg generate ... --mode cbs --scorer MODULE:FUNCTION` (MODULE importable, e.g. on PYTHONPATH).
 """
+import json
+import os
 import string
+import subprocess
+import sys
+import tempfile
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -48,6 +53,24 @@ def main():
         print(f"  sampled:              {s.beams[0].text!r} vowel share {vowel_share([p], [s.beams[0].text])[0]:.2f}")
         for b in c.beams:
             print(f"  searched (score {b.score:.2f}): {b.text!r}")
+
+    # The same search from the command line: the scorer as MODULE:FUNCTION, importable from PYTHONPATH.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                                           os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "ivg", "generate", "--base", tmp, "--mode", "cbs", "--scorer",
+               "custom_scorer:vowel_share", "-W", "2", "-K", "4", "-L", "4", "--max-new-tokens", "24",
+               "--temperature", "1.0", "--seed", "3", "--ignore-eos", "--prompt", prompts[0]]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    line = json.loads(res.stdout.splitlines()[0])
+    same = line["tokens"] == searched[0].beams[0].tokens
+    print(f"ivg generate --scorer custom_scorer:vowel_share: {line['text']!r} ({'same' if same else 'DIFFERENT'} "
+          "as the Python call)")
 
 
 if __name__ == "__main__":

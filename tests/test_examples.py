@@ -61,6 +61,7 @@ def test_custom_scorer_search_beats_sampling_on_its_own_score():
     assert len(sampled) == 2 and len(searched) == 4
     assert searched[0] > sampled[0] and searched[2] > sampled[1]
     assert searched[0] >= searched[1] and searched[2] >= searched[3], "beams come best first"
+    assert "--scorer custom_scorer:vowel_share" in out and "(same as the Python call)" in out
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
