@@ -185,12 +185,13 @@ class DecodeLoop:
         if parents:
             self.group.free_many([b.slot for b in parents])
         rows, pick = [], []
-        for req in {id(r): r for r, _ in feed}.values():
+        by_req: dict = {}  # id(request) -> its fed rows, in feed order
+        for i, (req, b) in enumerate(feed):
+            by_req.setdefault(id(req), (req, []))[1].append((b, i))
+        for req, fed in by_req.values():
             if id(req) not in plans:
-                for q, b in feed:
-                    if q is req:
-                        rows.append((req, b))
-                        pick.append(index[id(b)])
+                rows += [(req, b) for b, _ in fed]
+                pick += [i for _, i in fed]
                 continue
             taken, new = {}, []
             for j, (par, child) in enumerate(plans[id(req)]):
