@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .decoder import IVGDecoder
-from .models import GuidePair, IVGModels, load_causal_lm, model_path_problem
+from .models import GuidePair, IVGModels, check_model_paths, load_causal_lm
 from .naive import NaiveDecoder
 from .options import DecodeOptions
 
@@ -69,10 +69,7 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     templates = check_templates(templates)
     args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
     args += [(f"ref[{i}]", r) for i, r in enumerate(ref)] + ([("token_rm", token_rm)] if token_rm is not None else [])
-    for arg, x in args:  # before loading anything: a typo fails in a second, naming the argument
-        problem = None if isinstance(x, torch.nn.Module) else model_path_problem(x)
-        if problem:
-            raise ValueError(f"{arg}={str(x)!r}: {problem}")
+    check_model_paths([(f"{arg}={str(x)!r}", x) for arg, x in args])
     tokenizers = {}
 
     def load(x, name, arg, tp_plan=None):

@@ -86,14 +86,11 @@ def _templates(specs) -> dict:
 
 def _check_model_flags(args) -> None:
     """A model flag that cannot name a model fails here, in one line, before anything loads."""
-    from .models import model_path_problem
+    from .models import check_model_paths
 
     flags = [("--base", args.base)] + [("--tuned", x) for x in args.tuned] + [("--ref", x) for x in args.ref]
     flags += [("--token-rm", args.token_rm)] if args.token_rm else []
-    for flag, value in flags:
-        problem = model_path_problem(value)
-        if problem:
-            raise ValueError(f"{flag} {value}: {problem}")
+    check_model_paths([(f"{flag} {value}", value) for flag, value in flags])
 
 
 def _generate(args) -> int:

@@ -20,7 +20,7 @@ import torch
 
 import ivg_kernels
 
-from .search import Beam, expand, rank, row_offset
+from .search import Beam, expand, rank, row_offset, sampler_guides
 
 
 @dataclass
@@ -83,12 +83,9 @@ class DecodeLoop:
     def sample(self):
         """One fused draw for every live row: base logits plus the weighted guide and token-RM rows."""
         cur, opts = self.cur, self.opts
-        guides = [pair for i, beta in self.guides for pair in ((cur[f"tune{i}"], beta if self.eft else 0.0),
-                                                                (cur[f"ref{i}"], -beta if self.eft else 0.0))]
-        guides += [(cur["rm"], self.w_rm)] if "rm" in cur else []
         self.stats.steps += 1
         return ivg_kernels.guided_sample(
-            cur["base"], guides, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+            cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
             min_p=opts.min_p, seed=torch.tensor([r.seed for r, _ in self.rows], device=self.device),
             offset=torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows], device=self.device),
             backend=self.decoder.backend,
@@ -114,7 +111,7 @@ class DecodeLoop:
             b.implicit += imp
             if "rm" in self.cur:
                 b.explicit = exp
-        for req in {id(r): r for r, _ in self.rows}.values():
+        for req in self.active:  # every active prompt has rows: one without any has finished
             req.t += 1
         for req, b in self.rows:
             b.finished = self.stopper.finished(b.tokens) or req.t == self.opts.max_new_tokens
@@ -126,7 +123,7 @@ class DecodeLoop:
         free the pruned and the finished rows' blocks, and plan the forks. Returns ``(plans, finished)``:
         per prompt at a boundary its ``[(parent, is_child)]`` plan, and the prompts that are done."""
         opts, plans, finished, to_free = self.opts, {}, [], []
-        for req in {id(r): r for r, _ in self.rows}.values():
+        for req in self.active:
             alive = [b for b in req.cands if not b.finished]
             at_chunk = opts.chunk_len is not None and (req.t - req.chunk_start) % opts.chunk_len == 0
             if alive and not (self.search and at_chunk):
@@ -209,8 +206,9 @@ class DecodeLoop:
         sel = torch.tensor(pick, device=self.device)
         self.cur = {name: out[name].index_select(0, sel) for name in self.names}
 
-    def release(self, stats) -> None:
+    def release(self) -> None:
         """Free every sequence still held (after an error) and the models' paged state."""
+        stats = self.stats
         for pm in self.paged.values():
             pm.release()
         for name, cache in self.group.caches.items():

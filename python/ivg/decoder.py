@@ -193,7 +193,7 @@ class IVGDecoder:
                 bar.update(len(finished))
         finally:
             bar.close()
-            loop.release(stats)
+            loop.release()
         stats.wall_s = time.perf_counter() - start
         self.last_stats = stats
         return results

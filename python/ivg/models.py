@@ -91,6 +91,15 @@ def model_path_problem(path) -> Optional[str]:
     return None
 
 
+def check_model_paths(named) -> None:
+    """Raise ``ValueError("LABEL: why")`` for the first ``(label, path)`` that cannot name a model
+    (loaded modules pass): a typo fails at once, before anything loads."""
+    for label, path in named:
+        problem = None if isinstance(path, torch.nn.Module) else model_path_problem(path)
+        if problem:
+            raise ValueError(f"{label}: {problem}")
+
+
 def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
     """A causal LM (or a token reward model directory) by local path or hub id.
 

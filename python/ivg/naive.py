@@ -22,7 +22,7 @@ import ivg_kernels
 from .decoder import GenerationResult, RunStats, check_prompts, chunk_scores, default_eos, make_result
 from .models import IVGModels
 from .options import DecodeOptions
-from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset
+from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset, sampler_guides
 
 
 class NaiveDecoder:
@@ -72,9 +72,7 @@ class NaiveDecoder:
         for t in range(opts.max_new_tokens):
             sample = ivg_kernels.guided_sample(
                 logits["base"],
-                [pair for i, beta in guides for pair in ((logits[f"tune{i}"], beta if eft else 0.0),
-                                                         (logits[f"ref{i}"], -beta if eft else 0.0))]
-                + ([(logits["rm"], w_rm)] if "rm" in names else []),
+                sampler_guides(logits, guides, eft, w_rm),
                 temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
                 seed=seed, offset=torch.tensor([row_offset(t, b.cand) for b in cands], device=device),
                 vocab_size=vocab, backend=self.backend,

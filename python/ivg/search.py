@@ -28,6 +28,14 @@ def row_offset(t: int, j: int) -> int:
     return t * OFFSET_STRIDE + j
 
 
+def sampler_guides(logits: dict, guides, eft: bool, w_rm: float) -> list:
+    """The ``(rows, weight)`` pairs ``guided_sample`` takes besides ``logits["base"]``: each guide pair's
+    tuned and reference rows (``+-beta`` with EFT guidance, else 0: they only score) and the token RM's."""
+    pairs = [pair for i, beta in guides for pair in ((logits[f"tune{i}"], beta if eft else 0.0),
+                                                     (logits[f"ref{i}"], -beta if eft else 0.0))]
+    return pairs + ([(logits["rm"], w_rm)] if "rm" in logits else [])
+
+
 @dataclass
 class Beam:
     """One candidate response of one prompt."""
