@@ -185,38 +185,37 @@ def main(argv=None) -> int:
         filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
         for rows_kind, v, n in ((r, v, n) for r in (args.rows or (["flat", "peaked"] if filtered else ["flat"]))
                                 for v in vs for n in ns):
-            if True:
-                gen = torch.Generator(device=device).manual_seed(n * v)
-                base, tune, ref = make_rows(rows_kind, n, v, device, gen)
-                nbytes = 3 * n * v * base.element_size()
-                shape = f"{cfg_name},{rows_kind},N={n},V={v},inputs=3"
-                base_us, group = {}, []
-                for name, kind in provs.items():
-                    graph = name.endswith("-graph")
-                    try:
-                        us = harness.time_us(make_fn(kind, base, tune, ref, cfg, device, graph), device, graph=graph)
-                    except Exception as e:  # a provider that cannot run a shape is reported, not fatal
-                        print(f"{name} {shape}: {type(e).__name__}: {e}", file=sys.stderr)
-                        continue
-                    if kind == "composition":
-                        base_us[graph] = us
-                    read = {"flashinfer": n * v * base.element_size(), "empty": 0}.get(kind, nbytes)
-                    group.append(dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider=name,
-                                      shape=shape, dtype="bf16", median_us=f"{us:.1f}",
-                                      gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us, _graph=graph))
-                times = {r["provider"]: r["_us"] for r in group}
-                for r in group:
-                    ref_us = base_us.get(r.pop("_graph"))
-                    r["speedup"] = f"{ref_us / r.pop('_us'):.2f}" if ref_us else ""
-                harness.print_table(group, copy_gbps)
-                if "triton" in times and "triton-graph" in times:
-                    host = times["triton"] - times["triton-graph"]
-                    empty = times.get("empty-op")
-                    print(f"host overhead of the eager triton call: {host:.1f} us"
-                          + (f" = {host / empty:.1f}x an empty op's eager launch ({empty:.1f} us)" if empty else ""))
-                    group.append(dict(group[0], provider="triton-host-overhead", median_us=f"{host:.1f}", gbps="",
-                                      speedup=f"{empty / host:.2f}" if empty and host > 0 else ""))
-                rows += group
+            gen = torch.Generator(device=device).manual_seed(n * v)
+            base, tune, ref = make_rows(rows_kind, n, v, device, gen)
+            nbytes = 3 * n * v * base.element_size()
+            shape = f"{cfg_name},{rows_kind},N={n},V={v},inputs=3"
+            base_us, group = {}, []
+            for name, kind in provs.items():
+                graph = name.endswith("-graph")
+                try:
+                    us = harness.time_us(make_fn(kind, base, tune, ref, cfg, device, graph), device, graph=graph)
+                except Exception as e:  # a provider that cannot run a shape is reported, not fatal
+                    print(f"{name} {shape}: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                if kind == "composition":
+                    base_us[graph] = us
+                read = {"flashinfer": n * v * base.element_size(), "empty": 0}.get(kind, nbytes)
+                group.append(dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider=name,
+                                  shape=shape, dtype="bf16", median_us=f"{us:.1f}",
+                                  gbps=f"{read / (us * 1e-6) / 1e9:.1f}", _us=us, _graph=graph))
+            times = {r["provider"]: r["_us"] for r in group}
+            for r in group:
+                ref_us = base_us.get(r.pop("_graph"))
+                r["speedup"] = f"{ref_us / r.pop('_us'):.2f}" if ref_us else ""
+            harness.print_table(group, copy_gbps)
+            if "triton" in times and "triton-graph" in times:
+                host = times["triton"] - times["triton-graph"]
+                empty = times.get("empty-op")
+                print(f"host overhead of the eager triton call: {host:.1f} us"
+                      + (f" = {host / empty:.1f}x an empty op's eager launch ({empty:.1f} us)" if empty else ""))
+                group.append(dict(group[0], provider="triton-host-overhead", median_us=f"{host:.1f}", gbps="",
+                                  speedup=f"{empty / host:.2f}" if empty and host > 0 else ""))
+            rows += group
     if args.record:
         copy_row = dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider="device-copy",
                         shape="copy", dtype="u8", median_us="", gbps=f"{copy_gbps:.1f}", speedup="")
