@@ -378,7 +378,7 @@ def _stage2_kernel(
     WF: tl.constexpr = 2 * (NIN + 1) + 2
     NEG_INF: tl.constexpr = float("-inf")
 
-    mx, tot_x, lse_x = _merged_lse(part_f, base, s, smask, NIN, NIN)
+    mx, tot_x, _ = _merged_lse(part_f, base, s, smask, NIN, NIN)
     bv = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1), mask=smask, other=NEG_INF)
     be = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1) + 1, mask=smask, other=0.0)
     bi = tl.load(part_i + (base + s) * 3, mask=smask, other=INT32_MAX)
