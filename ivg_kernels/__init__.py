@@ -4,7 +4,7 @@ Imports without a GPU, a compiler, triton or transformers.
 """
 from ._backend import BACKENDS, triton_available
 from ._types import SampleOutput
-from .attention import paged_decode_attention, paged_prefill_attention, write_kv
+from .attention import paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention, write_kv
 from .block_manager import BlockManager, KVCacheExhausted
 from .kv_pool import KVCache, KVCacheGroup, KVPool
 from .sampling import guided_sample
@@ -22,6 +22,7 @@ __all__ = [
     "guided_sample",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "shared_prefix_decode_attention",
     "triton_available",
     "write_kv",
     "__version__",

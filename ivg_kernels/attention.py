@@ -3,7 +3,8 @@
 Cache per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V. The maths is
 in :mod:`ivg_kernels.reference.attention`; the Triton kernels in
 :mod:`ivg_kernels._triton.attention_kernels` (torch ops ``ivg_kernels::write_kv``,
-``ivg_kernels::paged_decode_attention``, ``ivg_kernels::paged_prefill_attention``).
+``ivg_kernels::paged_decode_attention``, ``ivg_kernels::paged_prefill_attention``,
+``ivg_kernels::shared_prefix_decode_attention``).
 """
 from __future__ import annotations
 
@@ -128,6 +129,53 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
                                               sliding_window=sliding_window)
     return _triton_ops().paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window,
                                                 int(num_splits))
+
+
+def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
+                                   max_group_rows, scale, sliding_window=None, num_splits=0,
+                                   backend="auto") -> torch.Tensor:
+    """:func:`paged_decode_attention` for beams that share the blocks of a prefix, reading it once per group.
+
+    Rows ``group_starts[g]:group_starts[g+1]`` form group ``g`` (consecutive, non-empty, covering every
+    row); each of them holds its first ``shared_lens[g]`` tokens in the same blocks (identical leading
+    ``block_table`` entries): the beams of one prompt, forked by reference. The shared tokens are read
+    once for the whole group, each row's later tokens once for that row, and the two attentions are
+    merged exactly by their log-sum-exp, so the result equals ``paged_decode_attention`` up to float
+    rounding. ``BlockManager.shared_prefix_groups(seq_ids)`` gives ``group_starts`` and ``shared_lens``.
+
+    Parameters
+    ----------
+    q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window : as :func:`paged_decode_attention`
+    group_starts : int ``[G + 1]``, row offsets of the groups, from 0 to N
+    shared_lens : int ``[G]``, shared tokens per group, at most its shortest row
+    max_group_rows : int, at least the largest group's row count (a host int: no synchronisation)
+    num_splits : int, splits of the shared prefix (0 chooses from the shapes)
+
+    The reference backend checks the group structure and raises ``ValueError`` if a row does not hold
+    the claimed tokens in its group's blocks; the Triton backend trusts it (no device read), and a wrong
+    claim gives a wrong result there.
+    """
+    _check_cache(k_cache, v_cache)
+    _check_q(q, k_cache, 3)
+    n = q.shape[0]
+    _check_rows("block_table", block_table, n, q.device, dtypes=(torch.int32,), dim=2)
+    _check_rows("seq_lens", seq_lens, n, q.device)
+    g = shared_lens.shape[0] if isinstance(shared_lens, torch.Tensor) and shared_lens.dim() == 1 else None
+    _check_rows("shared_lens", shared_lens, g, q.device)
+    _check_rows("group_starts", group_starts, None if g is None else g + 1, q.device)
+    if isinstance(max_group_rows, bool) or not isinstance(max_group_rows, numbers.Integral) or max_group_rows < 0:
+        _fail("max_group_rows", max_group_rows, "a non-negative int")
+    scale, window = _check_scale_window(scale, sliding_window)
+    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
+        starts = group_starts.tolist()
+        most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
+        if most > max_group_rows:
+            _fail("max_group_rows", max_group_rows, f"at least {most}, the largest group")
+        return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                                                      shared_lens, scale=scale, sliding_window=sliding_window)
+    return _triton_ops().shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                                                        shared_lens, int(max_group_rows), scale, window,
+                                                        int(num_splits))
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,

@@ -247,6 +247,29 @@ class BlockManager:
             out[i, :nb] = self._tables[s][:nb]
         return torch.from_numpy(out)
 
+    def shared_prefix_groups(self, seq_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The structure ``shared_prefix_decode_attention`` takes for rows ``seq_ids``: ``(group_starts,
+        shared_lens)``. A group is a run of consecutive sequences whose first block is the same physical
+        block (beams forked from one prompt); ``shared_lens[g]`` is how many leading tokens every member
+        holds in the same blocks (whole shared blocks, the last possibly partly filled, cut at the
+        shortest member). A sequence sharing nothing with its neighbours is a group of its own."""
+        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
+        starts, shared, shortest, head = [], [], [], None  # head: the table of the group's first sequence
+        for i, s in enumerate(seq_ids):
+            nb, table = self._nblocks[s], self._tables[s]
+            if head is not None and shared[-1] and nb and table[0] == head[0]:
+                c = min(shared[-1], nb)
+                differ = np.flatnonzero(table[:c] != head[:c])
+                shared[-1] = int(differ[0]) if len(differ) else c  # blocks every member so far shares
+                shortest[-1] = min(shortest[-1], self._lens[s])
+            else:
+                starts.append(i)
+                shared.append(nb)
+                shortest.append(self._lens[s])
+                head = table
+        tokens = [min(b * self._block_size, n) for b, n in zip(shared, shortest)]
+        return starts + [len(seq_ids)], tokens
+
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""
         return torch.tensor([self._lens[self._check_seq(s, "seq_ids")] for s in seq_ids], dtype=torch.int32)

@@ -61,6 +61,31 @@ def test_references_match_dense_attention(window):
         assert_close(dec[b], dense[-1], torch.float32, f"decode seq {b}")
 
 
+@pytest.mark.parametrize("budget", [1, 300, None])
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
+    """Extends (the last m of each sequence's tokens as queries, one sequence with none) give dense
+    attention however the reference groups the sequences into padded batches."""
+    from ivg_kernels.reference import attention as ref
+
+    if budget is not None:
+        monkeypatch.setattr(ref, "PREFILL_BATCH_ELEMENTS", budget)
+    lens, new, h, h_kv, d, bs = [7, 1, 20, 9, 12], [3, 1, 5, 0, 12], 4, 2, 8, 4
+    bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float32, seed=3)
+    starts = [sum(lens[:b]) for b in range(len(lens))]
+    q = torch.randn(sum(new), h, d)
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    out = paged_prefill_attention(q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), cu, max_seqlen_q=max(new),
+                                  scale=d ** -0.5, sliding_window=window, backend="reference")
+    for b, (n, m) in enumerate(zip(lens, new)):
+        s, e = cu[b].item(), cu[b + 1].item()
+        if m == 0:
+            continue
+        kb, vb = k[starts[b]:starts[b] + n], v[starts[b]:starts[b] + n]
+        dense = _dense_causal(q[s:e], kb, vb, torch.arange(n - m, n), d ** -0.5, window)
+        assert_close(out[s:e], dense, torch.float32, f"extend seq {b}")
+
+
 def test_write_kv_skips_negative_slots():
     bm, seqs, kc, vc, k, v = _setup([3], 1, 4, 4, torch.float32)
     before = kc.clone()

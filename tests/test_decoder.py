@@ -152,6 +152,37 @@ def test_no_blocks_in_use_after_generate_and_after_an_error(models):
     assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
 
 
+def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
+    """A second call reuses the first call's pools when they are large enough (same results as a fresh
+    decoder); a call that needs more, or other models, gets new ones; an error in between changes nothing."""
+    import ivg_kernels
+
+    dec = IVGDecoder(models)
+    first = dec.generate(PROMPTS, _opts("ivg"))
+    pools = {n: c.pool.kv for n, c in dec._group.caches.items()}
+    real, calls = ivg_kernels.guided_sample, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("sampler failed")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ivg_kernels, "guided_sample", flaky)
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            dec.generate(PROMPTS, _opts("ivg"))
+    again = dec.generate(PROMPTS[:2], _opts("ivg"))
+    assert all(dec._group.caches[n].pool.kv is kv for n, kv in pools.items()), "the fitting pools were not reused"
+    _same(again, first[:2])
+    longer = dec.generate(PROMPTS, _opts("ivg", max_new_tokens=40))
+    assert dec._group.caches["base"].pool.kv is not pools["base"], "a pool too small was reused"
+    _same(longer, IVGDecoder(models).generate(PROMPTS, _opts("ivg", max_new_tokens=40)))
+    plain = dec.generate(PROMPTS, _opts("plain"))  # base only: another set of models
+    assert set(dec._group.caches) == {"base"}
+    _same(plain, IVGDecoder(models).generate(PROMPTS, _opts("plain")))
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(mode="cbs", width=0), "width=0"),
     (dict(mode="cbs", successors=0), "successors=0"),

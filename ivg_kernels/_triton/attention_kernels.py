@@ -54,6 +54,21 @@ def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.const
 
 
 @triton.jit
+def _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr, F32: tl.constexpr):
+    """One tile of keys in the online softmax: scores of the queries ``qt`` against ``k`` where
+    ``allowed``, the running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` updated."""
+    s = _dot(qt, tl.trans(k), IEEE, F32)
+    s = tl.where(allowed, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
                          stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, chunk, SPLITS,
                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
@@ -84,15 +99,7 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
         pmask = pos < hi
         k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
         v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-        s = _dot(qt, tl.trans(k), IEEE, F32)
-        s = tl.where(pmask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32)
     if DIRECT:
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + n * stride_on + heads[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
@@ -160,20 +167,102 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
             pmask = pos < hi
             k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-            s = _dot(qt, tl.trans(k), IEEE, F32)
             allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
             allowed = allowed & ((window <= 0) | (q_pos[:, None] - pos[None, :] < window))
-            s = tl.where(allowed, s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, F32)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32)
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  res.to(out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _shared_prefix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m,
+                          part_l, stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS,
+                          H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                          F32: tl.constexpr):
+    """One (group, KV head x tile of BLOCK_M (row, query head) pairs, split): every query of the tile
+    over one range of the group's shared prefix, whose K/V is read once for the whole tile (from the
+    group's first row's blocks). Unnormalised partials per (row, head, split) for the suffix kernel."""
+    grp = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1) % H_KV
+    mt = tl.program_id(1) // H_KV
+    sp = tl.program_id(2)
+    r0 = tl.load(group_starts + grp).to(tl.int64)
+    nq = (tl.load(group_starts + grp + 1) - r0).to(tl.int32) * GROUP
+    if mt * BLOCK_M < nq:
+        shared = tl.load(shared_lens + grp).to(tl.int32)
+        mi = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = mi < nq
+        row = r0 + mi // GROUP
+        head = kvh * GROUP + mi % GROUP
+        d = tl.arange(0, DP)
+        dmask = d < D
+        qt = tl.load(q + row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                     mask=mmask[:, None] & dmask[None, :], other=0.0)
+        length = tl.load(seq_lens + row, mask=mmask, other=1).to(tl.int32)
+        first = tl.where(window > 0, length - window, 0)  # first key each query may see
+        lo = tl.maximum(sp * chunk, tl.min(tl.where(mmask, first, 2147483647), 0))
+        hi = tl.minimum(sp * chunk + chunk, shared)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DP], tl.float32)
+        bt_row = block_table + r0 * stride_bt
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            pmask = pos < hi
+            k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+            v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+            allowed = pmask[None, :] & (pos[None, :] >= first[:, None])
+            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32)
+        base = (row * (H_KV * GROUP) + head) * SPLITS + sp
+        tl.store(part_o + base[:, None] * D + d[None, :], acc, mask=mmask[:, None] & dmask[None, :])
+        tl.store(part_m + base, m_i, mask=mmask)
+        tl.store(part_l + base, l_i, mask=mmask)
+
+
+@triton.jit
+def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
+                          stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, SPLITS,
+                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                          F32: tl.constexpr):
+    """One (row, KV head): start from the merged partials of the shared prefix, continue the online
+    softmax over the row's own tokens after it, normalise and store."""
+    n = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    length = tl.load(seq_lens + n).to(tl.int32)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    gmask = g < GROUP
+    dmask = d < D
+    heads = kvh * GROUP + g
+    ph = (n * (H_KV * GROUP) + heads) * SPLITS  # [GP]
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    for sp in range(SPLITS):
+        m_i = tl.maximum(m_i, tl.load(part_m + ph + sp, mask=gmask, other=float("-inf")))
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for sp in range(SPLITS):
+        w = tl.exp(tl.load(part_m + ph + sp, mask=gmask, other=float("-inf")) - m_safe)
+        l_i += w * tl.load(part_l + ph + sp, mask=gmask, other=0.0)
+        acc += w[:, None] * tl.load(part_o + (ph + sp)[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                                    other=0.0)
+    qt = tl.load(q + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                 other=0.0)
+    lo = tl.load(row_shared + n).to(tl.int32)
+    lo = tl.where(window > 0, tl.maximum(lo, length - window), lo)
+    bt_row = block_table + n * stride_bt
+    for start in range(lo, length, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pmask = pos < length
+        k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+        v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
+        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32)
+    res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + n * stride_on + heads[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
+             mask=gmask[:, None] & dmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,5 +353,45 @@ def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
         H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
         BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
+    )
+    return out
+
+
+@torch.library.triton_op("ivg_kernels::shared_prefix_decode_attention", mutates_args=())
+def shared_prefix_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_table: torch.Tensor, seq_lens: torch.Tensor, group_starts: torch.Tensor,
+                                      shared_lens: torch.Tensor, max_group_rows: int, scale: float, window: int,
+                                      num_splits: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    n, h, d = q.shape
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    groups = shared_lens.shape[0]
+    if n == 0:
+        return out
+    group = h // h_kv
+    block_n = 64 if bs >= 64 else max(16, bs)
+    block_m = min(64, max(16, triton.next_power_of_2(max(max_group_rows, 1) * group)))
+    max_len = block_table.shape[1] * bs
+    m_tiles = triton.cdiv(max(max_group_rows, 1) * group, block_m)
+    splits = num_splits if num_splits > 0 else _num_splits(groups * m_tiles, h_kv, max_len, block_n)
+    chunk = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
+    part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
+    dp = max(16, triton.next_power_of_2(d))
+    ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
+    wrap_triton(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
+        H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
+    )
+    row_shared = shared_lens.repeat_interleave(group_starts[1:] - group_starts[:-1], output_size=n)
+    wrap_triton(_shared_suffix_kernel)[(n, h_kv)](
+        q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
+        H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
+        IEEE=ieee, F32=f32,
     )
     return out

@@ -55,24 +55,142 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
     return _attend(q.unsqueeze(1), k, v, allowed.unsqueeze(1), scale).squeeze(1).to(q.dtype)
 
 
+PREFILL_BATCH_ELEMENTS = 1 << 22  # padded query x key positions attended per batched call
+
+
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale,
                                 sliding_window=None):
     """Ragged queries: sequence b owns q rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, the last tokens of
-    its ``seq_lens[b]`` (already written to the cache). q ``[T, H, D]`` -> ``[T, H, D]``."""
+    its ``seq_lens[b]`` (already written to the cache). q ``[T, H, D]`` -> ``[T, H, D]``.
+
+    Consecutive sequences are attended together, padded to the longest of them, in groups of at most
+    ``PREFILL_BATCH_ELEMENTS`` padded (query, key) pairs; padding is masked out, so the grouping
+    changes nothing but the number of calls."""
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
-    for b in range(len(lens)):
-        m = cu[b + 1] - cu[b]
-        if m == 0:
-            continue
-        length = lens[b]
-        k = _gather(k_cache, block_table[b:b + 1], length)
-        v = _gather(v_cache, block_table[b:b + 1], length)
-        q_pos = torch.arange(length - m, length, device=q.device).unsqueeze(1)  # [M, 1]
-        k_pos = torch.arange(length, device=q.device).unsqueeze(0)  # [1, L]
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed &= q_pos - k_pos < sliding_window
-        out[cu[b]:cu[b + 1]] = _attend(q[cu[b]:cu[b + 1]].unsqueeze(0), k, v, allowed.unsqueeze(0), scale)[0].to(q.dtype)
+    todo = [b for b in range(len(lens)) if cu[b + 1] > cu[b]]
+    start = 0
+    while start < len(todo):
+        end, m_max, l_max = start, 0, 0
+        while end < len(todo):  # grow the group while its padded size stays within the budget
+            b = todo[end]
+            m2, l2 = max(m_max, cu[b + 1] - cu[b]), max(l_max, lens[b])
+            if end > start and (end + 1 - start) * m2 * l2 > PREFILL_BATCH_ELEMENTS:
+                break
+            m_max, l_max, end = m2, l2, end + 1
+        _prefill_group(out, q, k_cache, v_cache, block_table, todo[start:end], cu, lens, m_max, l_max, scale,
+                       sliding_window)
+        start = end
     return out
+
+
+def _prefill_group(out, q, k_cache, v_cache, block_table, seqs, cu, lens, m_max, l_max, scale, sliding_window):
+    """Attend the queries of sequences ``seqs`` as one padded batch ``[n, m_max]`` over ``l_max`` keys."""
+    dev = q.device
+    sel = torch.tensor(seqs, device=dev)
+    blocks = -(-l_max // k_cache.shape[1])
+    table = block_table.index_select(0, sel)[:, :blocks]
+    k, v = _gather(k_cache, table, l_max), _gather(v_cache, table, l_max)  # [n, l_max, Hkv, D]
+    m = torch.tensor([cu[b + 1] - cu[b] for b in seqs], device=dev)  # queries per sequence
+    length = torch.tensor([lens[b] for b in seqs], device=dev)
+    j = torch.arange(m_max, device=dev)
+    valid = j.unsqueeze(0) < m.unsqueeze(1)  # [n, m_max]
+    rows = (torch.tensor([cu[b] for b in seqs], device=dev).unsqueeze(1) + j).masked_select(valid)  # q rows
+    qp = q.new_zeros(len(seqs), m_max, q.shape[1], q.shape[2])
+    qp[valid] = q.index_select(0, rows)
+    q_pos = (length - m).unsqueeze(1) + j  # [n, m_max]: position of each (padded) query
+    k_pos = torch.arange(l_max, device=dev)
+    allowed = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)) & valid.unsqueeze(2)  # [n, m_max, l_max]
+    if sliding_window is not None:
+        allowed &= q_pos.unsqueeze(2) - k_pos.view(1, 1, -1) < sliding_window
+    out.index_copy_(0, rows, _attend(qp, k, v, allowed, scale)[valid].to(q.dtype))
+
+
+def _attend_lse(q, k, v, allowed, scale):
+    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> (out [N, M, H, D], lse [N, M, H]) in float32
+    (float64 for float64): the normalised attention and the log-sum-exp of the scaled scores over the
+    allowed keys (out 0 and lse -inf where none is allowed)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n, m, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.to(acc).reshape(n, m, hkv, h // hkv, d)
+    s = torch.einsum("nmkgd,nlkd->nmkgl", qg, k.to(acc)) * scale  # [N, M, Hkv, G, L]
+    s = s.masked_fill(~allowed[:, :, None, None, :], -torch.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows with lse = -inf give 0
+    out = torch.einsum("nmkgl,nlkd->nmkgd", p, v.to(acc))
+    return out.reshape(n, m, h, d), lse.reshape(n, m, h)
+
+
+def check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_size) -> None:
+    """Raise ``ValueError`` unless ``group_starts`` splits the rows into consecutive non-empty groups and
+    every row of group g holds its first ``shared_lens[g]`` tokens in the same blocks as the group's
+    first row (and has at least that many)."""
+    n = block_table.shape[0]
+    starts = group_starts.tolist()
+    if not starts or starts[0] != 0 or starts[-1] != n or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"group_starts={starts[:9]}: expected increasing offsets from 0 to the {n} rows")
+    shared = shared_lens.tolist()
+    lens = seq_lens.tolist()
+    for g, (a, b) in enumerate(zip(starts, starts[1:])):
+        s = shared[g]
+        if s < 0 or s > min(lens[a:b]):
+            raise ValueError(f"shared_lens[{g}]={s}: expected 0 to {min(lens[a:b])}, the shortest row of group {g}")
+        nb = -(-s // block_size)
+        if nb and not torch.equal(block_table[a:b, :nb], block_table[a:a + 1, :nb].expand(b - a, nb)):
+            raise ValueError(f"shared_lens[{g}]={s}: rows {a}..{b - 1} do not hold their first {s} tokens in the "
+                             "same blocks")
+
+
+def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
+                                       scale, sliding_window=None):
+    """:func:`paged_decode_attention_ref` for rows in groups that share the blocks of a prefix: the first
+    ``shared_lens[g]`` tokens of every row of group ``g`` (rows ``group_starts[g]:group_starts[g+1]``)
+    are read once for the whole group, each row's own tokens after them per row, and the two parts are
+    merged exactly by their log-sum-exp. q ``[N, H, D]`` -> ``[N, H, D]``."""
+    n = q.shape[0]
+    if n == 0:
+        return torch.zeros_like(q)
+    check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, k_cache.shape[1])
+    dev, bs = q.device, k_cache.shape[1]
+    starts = group_starts.long()
+    counts = starts[1:] - starts[:-1]
+    shared = shared_lens.long()
+    lens = seq_lens.long()
+    q_pos = lens - 1
+    lo = q_pos - sliding_window + 1 if sliding_window is not None else torch.zeros_like(lens)  # first key allowed
+    # The shared part: each group's queries [G, R] against its prefix, read once from its first row's blocks.
+    r_max, s_max = int(counts.max()), int(shared.max())
+    j = torch.arange(r_max, device=dev)
+    valid = j < counts.unsqueeze(1)  # [G, R]
+    rows = (starts[:-1].unsqueeze(1) + j).clamp(max=n - 1)  # [G, R], padding repeats the last row
+    o_p = torch.zeros(n, q.shape[1], q.shape[2], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=dev)
+    lse_p = torch.full(q.shape[:2], -torch.inf, dtype=o_p.dtype, device=dev)
+    if s_max > 0:
+        table = block_table.index_select(0, starts[:-1])
+        kp, vp = _gather(k_cache, table, s_max), _gather(v_cache, table, s_max)  # [G, S, Hkv, D]
+        k_pos = torch.arange(s_max, device=dev)
+        allowed = (k_pos < shared.view(-1, 1, 1)) & valid.unsqueeze(2) & (k_pos >= lo[rows].unsqueeze(2))
+        o, lse = _attend_lse(q[rows], kp, vp, allowed, scale)  # [G, R, H, D], [G, R, H]
+        o_p[rows[valid]], lse_p[rows[valid]] = o[valid], lse[valid]
+    # Each row's own part: positions shared .. len - 1 of its own blocks.
+    row_shared = shared.repeat_interleave(counts)
+    l_max = int((lens - row_shared).max())
+    if l_max == 0:
+        return o_p.to(q.dtype)
+    pos = row_shared.unsqueeze(1) + torch.arange(l_max, device=dev)  # [N, L]
+    col = (pos // bs).clamp(max=block_table.shape[1] - 1)
+    slots = block_table.long().gather(1, col) * bs + pos % bs
+    flat_k = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])
+    flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
+    ks = flat_k.index_select(0, slots.flatten()).view(n, l_max, *k_cache.shape[2:])
+    vs = flat_v.index_select(0, slots.flatten()).view(n, l_max, *v_cache.shape[2:])
+    allowed = (pos < lens.unsqueeze(1)) & (pos >= lo.unsqueeze(1))
+    o_s, lse_s = _attend_lse(q.unsqueeze(1), ks, vs, allowed.unsqueeze(1), scale)
+    o_s, lse_s = o_s.squeeze(1), lse_s.squeeze(1)
+    lse = torch.logaddexp(lse_p, lse_s)
+    w_p = torch.exp(lse_p - lse).nan_to_num(0.0).unsqueeze(2)  # both -inf: no key at all, the output is 0
+    w_s = torch.exp(lse_s - lse).nan_to_num(0.0).unsqueeze(2)
+    return (w_p * o_p + w_s * o_s).to(q.dtype)

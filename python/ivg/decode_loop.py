@@ -6,6 +6,11 @@
 * ``DecodeLoop``: the live rows (one per unfinished candidate holding a KV sequence), their current
   logits per model, and the KV caches, with one method per unit of a step.
 
+A token reward model that only scores (its sampler weight is 0: ``cbs``, ``ivg``, ``bon``) is not run
+every step: its value is the Q of a candidate's last token, needed only when the candidate is ranked
+or finishes, so it reads the tokens it has not seen then, in one ragged extend forward for every such
+candidate (``score_lazy_rm``). The value is the same Q the per-step path reads from the sampler.
+
 Rows of different prompts share every sampler call and forward, and a prompt that finishes makes
 room for the next waiting one (continuous batching). A candidate's random key depends only on its
 prompt, its index and its prompt's step (``search.row_offset``), so results do not depend on which
@@ -48,6 +53,9 @@ class DecodeLoop:
         self.guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
         self.eft = "eft" in opts.tokenwise
         self.w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
+        self.lazy_rm = "rm" in self.names and self.w_rm == 0.0
+        self.step_names = [n for n in self.names if not (self.lazy_rm and n == "rm")]  # run every step
+        self.vocab = min(paged[n].vocab_size for n in self.names)
         self.device = paged["base"].device
         self.search = opts.width * opts.successors > 1
         self.rows: list = []  # (Request, Beam) of every live row, in the order of ``cur``
@@ -64,17 +72,21 @@ class DecodeLoop:
         if not new:
             return
         roots = self.group.new_sequences(len(new))
-        first = {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.names}
-        self.stats.forwards += len(self.names)
+        first = {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.step_names}
+        self.stats.forwards += len(self.step_names)
+        rm_read = [len(r.ids["rm"]) - 1 if self.lazy_rm else 0 for r in new]
+        if any(rm_read):  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
+            self.paged["rm"]([s for s, n in zip(roots, rm_read) if n], [r.ids["rm"][:n] for r, n in zip(new, rm_read) if n])
+            self.stats.forwards += 1
         kids = self.group.fork_many(roots, self.opts.width * self.opts.successors)
         self.group.free_many(roots)
         pick = []
         for k, req in enumerate(new):
-            req.cands = [Beam(j, slot=kids[k][j]) for j in range(len(kids[k]))]
+            req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k]) for j in range(len(kids[k]))]
             self.rows += [(req, b) for b in req.cands]
             pick += [k] * len(req.cands)
         sel = torch.tensor(pick, device=self.device)
-        for name in self.names:
+        for name in self.step_names:
             rows = first[name].index_select(0, sel)
             self.cur[name] = torch.cat([self.cur[name], rows]) if name in self.cur else rows
         self.active += new
@@ -88,7 +100,7 @@ class DecodeLoop:
             cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
             min_p=opts.min_p, seed=torch.tensor([r.seed for r, _ in self.rows], device=self.device),
             offset=torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows], device=self.device),
-            backend=self.decoder.backend,
+            vocab_size=self.vocab, backend=self.decoder.backend,
         )
 
     # -- update ----------------------------------------------------------------------------------
@@ -123,11 +135,12 @@ class DecodeLoop:
         free the pruned and the finished rows' blocks, and plan the forks. Returns ``(plans, finished)``:
         per prompt at a boundary its ``[(parent, is_child)]`` plan, and the prompts that are done."""
         opts, plans, finished, to_free = self.opts, {}, [], []
-        for req in self.active:
+        ranked = [req for req in self.active if self._ranks_now(req)]
+        if self.lazy_rm:  # the ranked candidates, and those that finished now (their blocks go below)
+            self.score_lazy_rm([(req, b) for req in ranked for b in req.cands]
+                               + [(req, b) for req, b in self.rows if b.finished])
+        for req in ranked:
             alive = [b for b in req.cands if not b.finished]
-            at_chunk = opts.chunk_len is not None and (req.t - req.chunk_start) % opts.chunk_len == 0
-            if alive and not (self.search and at_chunk):
-                continue
             scores = self.decoder._scores(req.prompt, req.cands, opts, self.stopper)
             order = rank(req.cands, scores, opts.keep)
             if not alive:
@@ -162,6 +175,33 @@ class DecodeLoop:
         self.active = [r for r in self.active if r.result is None]
         return plans, finished
 
+    def _ranks_now(self, req) -> bool:
+        """At a chunk boundary of a search, or with no unfinished candidate left."""
+        if all(b.finished for b in req.cands):
+            return True
+        at_chunk = self.opts.chunk_len is not None and (req.t - req.chunk_start) % self.opts.chunk_len == 0
+        return self.search and at_chunk
+
+    def score_lazy_rm(self, pairs) -> None:
+        """Bring the lazy token RM up to date for ``(request, beam)`` pairs: each beam holding blocks feeds
+        the tokens it has not read up to its second-to-last, and its explicit value becomes Q at its last
+        token. One ragged forward for all of them; a beam already up to date is left as it is."""
+        todo = {}
+        for req, b in pairs:
+            seen = req.ids["rm"] + b.tokens
+            if b.slot is not None and b.rm_read < len(seen) - 1:
+                todo[id(b)] = (b, seen[b.rm_read:-1])
+        if not todo:
+            return
+        beams = [b for b, _ in todo.values()]
+        q = self.paged["rm"]([b.slot for b in beams], [new for _, new in todo.values()])
+        self.stats.forwards += 1
+        last = torch.tensor([b.tokens[-1] for b in beams], device=q.device)
+        values = q.gather(1, last.unsqueeze(1)).squeeze(1).double().tolist()
+        for (b, new), v in zip(todo.values(), values):
+            b.rm_read += len(new)
+            b.explicit = v
+
     # -- run: the forwards -----------------------------------------------------------------------
     def feed(self, plans: dict) -> None:
         """One forward per model over every continuing row's new token; then each kept parent forks
@@ -172,8 +212,8 @@ class DecodeLoop:
             self.rows, self.cur = [], {}
             return
         out = {name: self.paged[name]([b.slot for _, b in feed], [[b.tokens[-1]] for _, b in feed])
-               for name in self.names}
-        self.stats.forwards += len(self.names)
+               for name in self.step_names}
+        self.stats.forwards += len(self.step_names)
         index = {id(b): i for i, (_, b) in enumerate(feed)}
         parents = list({id(b): b for req, _ in feed if id(req) in plans
                         for b, child in plans[id(req)] if child}.values())
@@ -204,7 +244,7 @@ class DecodeLoop:
             req.cands = new
         self.rows = rows
         sel = torch.tensor(pick, device=self.device)
-        self.cur = {name: out[name].index_select(0, sel) for name in self.names}
+        self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
 
     def release(self) -> None:
         """Free every sequence still held (after an error) and the models' paged state."""

@@ -149,12 +149,33 @@ class IVGDecoder:
         return {name: c.blocks.num_used_blocks for name, c in self._group.caches.items()}
 
     def _paged_models(self, roles, num_blocks):
-        caches, paged = {}, {}
+        """One KV cache per model and the paged models over them. The previous call's caches are kept
+        (they stay allocated anyway, see ``kv_blocks_in_use``) and reused when every model's is large
+        enough and holds no sequence (sequence ids must agree across the group: all or none)."""
+        old = self._group.caches if self._group is not None else {}
+        shapes = {}
         for name, model, _ in roles:
-            layers, kv_heads, head_dim = local_kv_shape(model)
             param = next(model.parameters())
-            caches[name] = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=self.block_size,
-                                   dtype=param.dtype, device=param.device)
+            shapes[name] = (local_kv_shape(model), param.dtype, param.device)
+
+        def fits(name):
+            prev = old.get(name)
+            if prev is None or prev.blocks.live_sequences or prev.blocks.num_used_blocks:
+                return False
+            (layers, kv_heads, head_dim), dtype, device = shapes[name]
+            kv = prev.pool.kv
+            return (kv.shape[0] == layers and kv.shape[2] >= num_blocks and kv.dtype == dtype
+                    and tuple(kv.shape[3:]) == (self.block_size, kv_heads, head_dim) and kv.device == device)
+
+        if set(old) == set(shapes) and all(fits(name) for name in shapes):
+            caches = dict(old)
+            for cache in caches.values():
+                cache.pool.bytes_copied = 0
+        else:
+            self._group = old = None  # let the previous pools go before allocating
+            caches = {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype,
+                                    device=device) for name, (shape, dtype, device) in shapes.items()}
+        paged = {}
         group = KVCacheGroup(caches)
         for name, model, _ in roles:
             paged[name] = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs)

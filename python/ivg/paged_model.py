@@ -160,9 +160,11 @@ class PagedModel:
         before = [self.blocks.seq_len(s) for s in seq_ids]
         slots = self.cache.append(seq_ids, counts)
         try:
-            positions = torch.cat([torch.arange(b, b + c) for b, c in zip(before, counts)])
+            n_new = torch.tensor(counts)
             cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
-            cu[1:] = torch.tensor(counts).cumsum(0)
+            cu[1:] = n_new.cumsum(0)
+            # position of each new token: its sequence's old length plus its index among the new ones
+            positions = (torch.tensor(before) - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             dev = self.device
             if self.graphs is not None and max(counts) == 1:
                 logits = self.graphs.run(flat, positions, slots, self.blocks.block_table(seq_ids),

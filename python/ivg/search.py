@@ -47,9 +47,11 @@ class Beam:
     logprob: float = 0.0  # sum of the sampler's log-probs
     finished: bool = False
     slot: Optional[int] = None  # the decoder's handle: a KV sequence id or a cache row
+    rm_read: int = 0  # tokens (prompt, then response) a lazily fed token RM has read into its cache
 
     def child(self, cand: int, slot=None) -> "Beam":
-        return Beam(cand, list(self.tokens), self.implicit, self.explicit, self.logprob, self.finished, slot)
+        return Beam(cand, list(self.tokens), self.implicit, self.explicit, self.logprob, self.finished, slot,
+                    self.rm_read)
 
 
 def rank(beams: Sequence[Beam], scores: Sequence[float], keep: str) -> list[int]:

@@ -1,0 +1,145 @@
+"""Shared-prefix decode attention for beam groups: the group structure from the block manager, the
+reference against per-beam paged attention for random fork histories, the Triton kernels (interpreter
+on CPU) against the reference, and the errors."""
+import random
+
+import pytest
+import torch
+
+from ivg_kernels import BlockManager, KVCache, paged_decode_attention, shared_prefix_decode_attention
+
+from .helpers import DEVICE, assert_close, requires_triton
+
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _fork_history(prompts, h_kv, d, bs, dtype, seed, frees=True):
+    """Prompts forked into beams, grown and re-forked at random (copy-on-write of partly filled blocks
+    included), some beams freed; every slot written with random K/V as it is appended.
+
+    Returns the cache, the live sequences ordered by prompt (a group each), and each one's root."""
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(1, h_kv, d, num_blocks=600, block_size=bs, dtype=dtype)
+
+    def grow(seqs, counts):
+        slots = cache.append(seqs, counts)
+        t = sum(counts)
+        k, v = (torch.randn(t, h_kv, d, generator=gen).to(dtype) for _ in range(2))
+        kc, vc = cache.pool.layer(0)
+        kc.view(-1, h_kv, d)[slots] = k
+        vc.view(-1, h_kv, d)[slots] = v
+
+    bm = cache.blocks
+    roots = bm.new_sequences(len(prompts))
+    grow(roots, prompts)
+    beams = {r: [r] for r in roots}
+    for _ in range(3):  # chunks: fork every beam, grow the children, prune some
+        for r in roots:
+            kids = bm.fork_many(beams[r], rnd.randint(1, 3))
+            bm.free_many(beams[r])
+            beams[r] = [k for ks in kids for k in ks]
+            grow(beams[r], [rnd.randint(1, 2 * bs) for _ in beams[r]])
+            if frees and len(beams[r]) > 2:
+                drop = rnd.sample(beams[r], len(beams[r]) // 3)
+                bm.free_many(drop)
+                beams[r] = [b for b in beams[r] if b not in drop]
+    rows = [s for r in roots for s in beams[r]]
+    return cache, rows
+
+
+def _inputs(cache, rows, h, seed):
+    bm = cache.blocks
+    kc, vc = cache.pool.layer(0)
+    d = kc.shape[3]
+    q = torch.randn(len(rows), h, d, generator=torch.Generator().manual_seed(seed + 1)).to(kc.dtype)
+    starts, shared = bm.shared_prefix_groups(rows)
+    return (q, kc, vc, bm.block_table(rows), bm.seq_lens(rows), torch.tensor(starts, dtype=torch.int32),
+            torch.tensor(shared, dtype=torch.int32), max(b - a for a, b in zip(starts, starts[1:])))
+
+
+def test_groups_follow_the_forks():
+    bm = BlockManager(64, 4)
+    a, b = bm.new_sequences(2)
+    bm.append([a, b], [10, 3])  # a: blocks of 4, 4, 2 tokens
+    kids_a = bm.fork_many([a], 3)[0]
+    kids_b = bm.fork_many([b], 2)[0]
+    bm.free_many([a, b])
+    bm.append(kids_a, [1, 5, 0])  # the partly filled third block: copied for the first two children
+    rows = kids_a + kids_b
+    starts, shared = bm.shared_prefix_groups(rows)
+    assert starts == [0, 3, 5]
+    assert shared == [8, 3]  # a's two full blocks; b's children still share b's partly filled block
+    alone = bm.new_sequences(1)
+    bm.append(alone, 6)
+    assert bm.shared_prefix_groups([kids_a[0], *alone, kids_a[1]]) == ([0, 1, 2, 3], [11, 6, 15])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("h,h_kv,d,bs,window", [(4, 4, 8, 4, None), (6, 2, 16, 8, None), (4, 1, 8, 4, 7),
+                                               (2, 2, 8, 16, 40)])
+def test_reference_equals_per_beam_attention(dtype, h, h_kv, d, bs, window):
+    for seed in range(4):
+        cache, rows = _fork_history([23, 5, 40], h_kv, d, bs, dtype, seed)
+        q, kc, vc, bt, sl, starts, shared, most = _inputs(cache, rows, h, seed)
+        assert int(shared.max()) > 0
+        want = paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, sliding_window=window, backend="reference")
+        got = shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=most, scale=d ** -0.5,
+                                             sliding_window=window, backend="reference")
+        assert_close(got, want, dtype, f"seed {seed}")
+
+
+def test_a_window_inside_the_shared_part_and_rows_of_their_own():
+    """Windows that end inside the shared prefix, exclude it, or take all of it; groups of one row."""
+    cache, rows = _fork_history([30, 3], 2, 8, 4, torch.float64, 5)
+    q, kc, vc, bt, sl, _, _, _ = _inputs(cache, rows, 4, 5)
+    for window in (1, 2, 9, 31, 1000):
+        want = paged_decode_attention(q, kc, vc, bt, sl, scale=0.3, sliding_window=window, backend="reference")
+        for starts, shared in (_inputs(cache, rows, 4, 5)[5:7], (torch.arange(len(rows) + 1, dtype=torch.int32),
+                                                                 torch.zeros(len(rows), dtype=torch.int32))):
+            got = shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=len(rows),
+                                                 scale=0.3, sliding_window=window, backend="reference")
+            assert_close(got, want, torch.float64, f"window {window}")
+
+
+TRITON_CASES = [
+    # prompts, h, h_kv, d, block_size, window, num_splits
+    ([23, 5, 40], 4, 4, 16, 4, None, 0),
+    ([50, 9], 6, 2, 16, 8, None, 3),
+    ([70], 8, 1, 32, 16, 25, 2),
+    ([12, 33], 2, 2, 8, 4, 3, 0),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[f"case{i}" for i in range(len(TRITON_CASES))])
+def test_triton_matches_reference(case, dtype):
+    prompts, h, h_kv, d, bs, window, splits = case
+    cache, rows = _fork_history(prompts, h_kv, d, bs, dtype, len(prompts) + splits)
+    args = [x.to(DEVICE) for x in _inputs(cache, rows, h, 7)[:7]]
+    most = _inputs(cache, rows, h, 7)[7]
+    want = paged_decode_attention(*args[:5], scale=d ** -0.5, sliding_window=window, backend="reference")
+    got = shared_prefix_decode_attention(*args, max_group_rows=most, scale=d ** -0.5, sliding_window=window,
+                                         num_splits=splits, backend="triton")
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_errors_name_the_argument():
+    cache, rows = _fork_history([20, 20], 1, 8, 4, torch.float32, 1, frees=False)
+    q, kc, vc, bt, sl, starts, shared, most = _inputs(cache, rows, 2, 1)
+    call = dict(max_group_rows=most, scale=1.0, backend="reference")
+    with pytest.raises(ValueError, match=r"shared_lens\[0\]=.*do not hold"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, torch.tensor([0, len(rows)], dtype=torch.int32),
+                                       shared[:1] + 4, **dict(call, max_group_rows=len(rows)))  # two prompts
+    with pytest.raises(ValueError, match=r"shared_lens\[1\]=.*shortest row"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared + torch.tensor([0, 500], dtype=torch.int32),
+                                       **call)
+    with pytest.raises(ValueError, match="group_starts=.*increasing offsets"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, starts.flip(0), shared, **call)
+    with pytest.raises(ValueError, match="group_starts=.*3 rows"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, starts[:2], shared, **call)
+    with pytest.raises(ValueError, match="max_group_rows=1: expected at least"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, **dict(call, max_group_rows=1))
+    with pytest.raises(ValueError, match="shared_lens=.*dtype"):
+        shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared.float(), **call)
