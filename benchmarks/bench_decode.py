@@ -4,20 +4,26 @@
     python benchmarks/bench_decode.py --preset gpt2xl # GPU: random-weight gpt2-xl base, gpt2 guides
     python benchmarks/bench_decode.py --record        # append to results.csv, render RESULTS.md
     python benchmarks/bench_decode.py --step-only     # GPU: the decode step, eager against CUDA graphs
+    python benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg --skip-naive
+                                                      # beam groups with a long shared prompt
 
 Setting: W=K=4, L=5, 64 new tokens (32 on a GPU), 16 prompts (8 on a GPU) of 8 to 40 tokens, EOS ignored
 (weights are random, so only the speed means anything). New tokens count every token drawn for every
-candidate row. Providers: naive (the published algorithm), paged (IVGDecoder with cuda_graphs=False:
+candidate row; each decoder first decodes one prompt for two tokens, untimed. Providers: naive (the published algorithm), paged (IVGDecoder with cuda_graphs=False:
 every step eager), paged-graphs (IVGDecoder's default on a GPU: decode steps replayed from CUDA graphs).
 
 Decode step (GPU): one forward of one new token for each of 16 sequences of 128 cached tokens through
 a gpt2-sized guide (12 layers, 768 wide, bf16) on the paged cache, eager and replayed from a CUDA
 graph (median of 50 steps, host clock around a synchronised step).
+
+``--prompt-len N``: every prompt has N tokens; the paged decoder also runs with the shared-prefix
+attention forced off (``paged-per-beam``) and on (``paged-shared``, eager steps), beside its default.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -36,29 +42,29 @@ PRESETS = {
 }
 
 
-def _gpt2(layers, hidden, heads, vocab, seed, dtype, device):
+def _gpt2(layers, hidden, heads, vocab, seed, dtype, device, positions=1024):
     from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=1024)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=positions)
     with torch.device(device):  # initialise on the device: a 1.5B-parameter CPU init takes a minute
         model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))
     return model.to(dtype=dtype).eval()
 
 
-def build(preset, device):
+def build(preset, device, positions=1024):
     from ivg.models import GuidePair, IVGModels, TokenRewardModel
 
     (bl, bh, bn), (gl, gh, gn), vocab, dtype = PRESETS[preset]
-    base = _gpt2(bl, bh, bn, vocab, 0, dtype, device)
-    tune = _gpt2(gl, gh, gn, vocab, 1, dtype, device)
-    ref = _gpt2(gl, gh, gn, vocab, 2, dtype, device)
+    base = _gpt2(bl, bh, bn, vocab, 0, dtype, device, positions)
+    tune = _gpt2(gl, gh, gn, vocab, 1, dtype, device, positions)
+    ref = _gpt2(gl, gh, gn, vocab, 2, dtype, device, positions)
     from transformers import GPT2Config
 
     torch.manual_seed(3)
     with torch.device(device):
         rm = TokenRewardModel.from_body_config(GPT2Config(n_layer=gl, n_embd=gh, n_head=gn, vocab_size=vocab,
-                                                          n_positions=1024))
+                                                          n_positions=positions))
     rm = rm.to(dtype=dtype).eval()
     return IVGModels(base, [GuidePair(tune, ref, 1.0)], rm, 1.0, None)
 
@@ -109,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 on the CPU, 32 on a GPU")
     ap.add_argument("--step-only", action="store_true", help="only the decode-step benchmark (GPU)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--prompt-len", type=int, default=None, help="every prompt this many tokens (default 8 to 40)")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -127,22 +134,28 @@ def main(argv=None) -> int:
         if args.step_only:
             return 0
         rows = []
-    models = build(preset, device)
+    models = build(preset, device, max(1024, (args.prompt_len or 0) + args.max_new_tokens))
     vocab = PRESETS[preset][2]
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
-               for n in torch.randint(8, 41, (args.prompts,), generator=gen)]
+    lengths = torch.randint(8, 41, (args.prompts,), generator=gen)
+    if args.prompt_len:
+        lengths.fill_(args.prompt_len)
+    prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in lengths]
     print(f"# bench_decode on {dev_name}, preset {preset}, torch {torch.__version__}, commit {sha}", flush=True)
     for mode in args.modes:
         opts = DecodeOptions(mode=mode, width=4, successors=4, chunk_len=5, n=16, max_new_tokens=args.max_new_tokens,
                              temperature=0.7, seed=0, eos_token_ids=())
         result = {}
         decoders = [("paged", IVGDecoder(models, cuda_graphs=False))]
+        if args.prompt_len:
+            decoders += [("paged-per-beam", IVGDecoder(models, cuda_graphs=False, shared_prefix=False)),
+                         ("paged-shared", IVGDecoder(models, cuda_graphs=False, shared_prefix=True))]
         if gpu:
             decoders.append(("paged-graphs", IVGDecoder(models, cuda_graphs=True)))
         if not args.skip_naive:
             decoders.append(("naive", NaiveDecoder(models, backend="auto")))
         for name, dec in decoders:
+            dec.generate(prompts[:1], dataclasses.replace(opts, max_new_tokens=2))  # warm-up, not timed
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -156,7 +169,8 @@ def main(argv=None) -> int:
         for name, (tps, wall) in result.items():
             speed = tps / result["naive"][0] if "naive" in result else float("nan")
             mode_rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
-                             shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}",
+                             shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}"
+                                   + (f",prompt_len={args.prompt_len}" if args.prompt_len else ""),
                              dtype=str(PRESETS[preset][3]).replace("torch.", ""),
                              median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
         rows += mode_rows

@@ -10,6 +10,13 @@ Fork/prune, one chunk boundary of chunk-level beam search with W kept beams and 
   paged          free the W*K - W pruned sequences, fork each kept one into K children, append one
                  token to every child (running the copy-on-write copies on the pool)
 Reported: median microseconds and bytes of KV copied (in the `gbps` column's place: see `shape`).
+
+Beam-group decode attention (issue 13's shape: W*K=16 beams of one prompt of 2,048 tokens, each with
+64 tokens of its own, GQA 32/8, D=128, block 16; float32 on the CPU, bf16 on the GPU):
+  per-beam       paged_decode_attention: every beam reads the prompt's KV
+  shared-prefix  shared_prefix_decode_attention: the prompt's KV read once for the group
+On the GPU both are timed eagerly and as CUDA-graph replays (the kernels' own time). `gbps`: the
+bytes per-beam attention must read, over the time (so the two rows compare on one scale).
 """
 from __future__ import annotations
 
@@ -122,6 +129,45 @@ def bench_decode(device, ns, lengths):
     return rows
 
 
+def bench_beam_group(device, beams=16, prompt=2048, own=64):
+    from ivg_kernels import BlockManager, paged_decode_attention, shared_prefix_decode_attention
+
+    h, h_kv, d, bs = 32, 8, 128, 16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backend = "triton" if device.type == "cuda" else "reference"
+    nb = -(-prompt // bs) + beams * (-(-own // bs) + 1) + 1
+    bm = BlockManager(nb, bs)
+    bm._free = torch.randperm(nb).tolist()  # scattered pages
+    (root,) = bm.new_sequences(1)
+    bm.append([root], prompt)
+    rows_ = bm.fork(root, beams)
+    bm.free(root)
+    bm.append(rows_, own)
+    kc = torch.randn(nb, bs, h_kv, d, device=device).to(dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(beams, h, d, device=device).to(dtype)
+    bt, sl = bm.block_table(rows_).to(device), bm.seq_lens(rows_).to(device)
+    starts, shared = bm.shared_prefix_groups(rows_)
+    st, sh = torch.tensor(starts, dtype=torch.int32, device=device), torch.tensor(shared, dtype=torch.int32,
+                                                                                   device=device)
+    per_beam = lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend=backend)  # noqa: E731
+    grouped = lambda: shared_prefix_decode_attention(q, kc, vc, bt, sl, st, sh, max_group_rows=beams,  # noqa: E731
+                                                     scale=d ** -0.5, backend=backend)
+    err = (grouped().float() - per_beam().float()).abs().max().item()
+    nbytes = 2 * beams * (prompt + own) * h_kv * d * kc.element_size()
+    shape = f"beams={beams},prompt={prompt},own={own},H={h},H_kv={h_kv},D={d},block={bs},max_abs_diff={err:.1e}"
+    modes = [("eager", False)] + ([("graph", True)] if device.type == "cuda" else [])
+    rows = []
+    for mode, graph in modes:
+        base = harness.time_us(per_beam, device, graph=graph)
+        for name, fn in (("per-beam", per_beam), ("shared-prefix", grouped)):
+            us = base if name == "per-beam" else harness.time_us(fn, device, graph=graph)
+            rows.append(dict(benchmark="beam-group-attention", provider=f"{name}-{backend}-{mode}", shape=shape,
+                             dtype=str(dtype).replace("torch.", ""), median_us=f"{us:.1f}",
+                             gbps=f"{nbytes / (us * 1e-6) / 1e9:.1f}", speedup=f"{base / us:.2f}"))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model dims; lengths 128..2048")
@@ -134,6 +180,7 @@ def main(argv=None) -> int:
     copy_gbps = harness.copy_bandwidth_gbps(device)
     print(f"# bench_kv on {dev_name}, torch {torch.__version__}, commit {sha}; copy bandwidth {copy_gbps:.1f} GB/s")
     rows = bench_fork(device, lengths, w=4, k=4, block_size=16, quick=args.quick)
+    rows += bench_beam_group(device)
     if device.type == "cuda":
         rows += bench_decode(device, [1, 16, 64], [1024, 4096, 16384])
     else:

@@ -254,21 +254,21 @@ class BlockManager:
         holds in the same blocks (whole shared blocks, the last possibly partly filled, cut at the
         shortest member). A sequence sharing nothing with its neighbours is a group of its own."""
         seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
-        starts, shared, shortest, head = [], [], [], None  # head: the table of the group's first sequence
-        for i, s in enumerate(seq_ids):
-            nb, table = self._nblocks[s], self._tables[s]
-            if head is not None and shared[-1] and nb and table[0] == head[0]:
-                c = min(shared[-1], nb)
-                differ = np.flatnonzero(table[:c] != head[:c])
-                shared[-1] = int(differ[0]) if len(differ) else c  # blocks every member so far shares
-                shortest[-1] = min(shortest[-1], self._lens[s])
-            else:
-                starts.append(i)
-                shared.append(nb)
-                shortest.append(self._lens[s])
-                head = table
-        tokens = [min(b * self._block_size, n) for b, n in zip(shared, shortest)]
-        return starts + [len(seq_ids)], tokens
+        if not seq_ids:
+            return [0], []
+        nb = np.array([self._nblocks[s] for s in seq_ids])
+        lens = np.array([self._lens[s] for s in seq_ids])
+        tables = self.block_table(seq_ids).numpy()  # [N, W], 0-padded
+        first = np.where(nb > 0, tables[:, 0], -1 - np.arange(len(seq_ids)))  # an empty sequence shares nothing
+        starts = np.flatnonzero(np.concatenate([[True], first[1:] != first[:-1]]))
+        group = np.cumsum(np.isin(np.arange(len(seq_ids)), starts)) - 1
+        head = starts[group]  # each row's group's first row
+        cols = np.arange(tables.shape[1])
+        same = (tables == tables[head]) & (cols < np.minimum(nb, nb[head])[:, None])
+        common = np.cumprod(same, axis=1).sum(axis=1)  # leading blocks each row shares with its head
+        shared = np.minimum.reduceat(common, starts)
+        tokens = np.minimum(shared * self._block_size, np.minimum.reduceat(lens, starts))
+        return starts.tolist() + [len(seq_ids)], tokens.tolist()
 
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""

@@ -47,6 +47,24 @@ def test_paged_matches_naive(models, mode):
     assert all(r.beams[0].tokens for r in paged)
 
 
+@pytest.mark.parametrize("mode", ["ivg", "bon"])
+def test_shared_prefix_attention_matches_naive(models, mode, monkeypatch):
+    """Decode steps through shared-prefix attention (forced on, blocks of 4 tokens: the test prompts
+    are short) give the naive baseline's tokens and values; so does forcing it off."""
+    from ivg_kernels.reference import attention as ref
+
+    naive = NaiveDecoder(models).generate(PROMPTS, _opts(mode))
+    calls, real = [], ref.shared_prefix_decode_attention_ref
+    monkeypatch.setattr(ref, "shared_prefix_decode_attention_ref", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for shared in (True, False):
+        dec = IVGDecoder(models, backend="reference", block_size=4, shared_prefix=shared)
+        _same(dec.generate(PROMPTS, _opts(mode)), naive)
+        assert bool(calls) == shared, "the shared-prefix path was not taken" if shared else "it was taken"
+        calls.clear()
+    with pytest.raises(ValueError, match="shared_prefix='yes'"):
+        IVGDecoder(models, shared_prefix="yes")
+
+
 def test_guidance_changes_the_output(models):
     plain = IVGDecoder(models).generate(PROMPTS, _opts("plain"))
     eft = IVGDecoder(models).generate(PROMPTS, _opts("eft"))

@@ -75,6 +75,29 @@ def test_groups_follow_the_forks():
     assert bm.shared_prefix_groups([kids_a[0], *alone, kids_a[1]]) == ([0, 1, 2, 3], [11, 6, 15])
 
 
+def test_groups_equal_a_brute_force_over_random_histories():
+    for seed in range(6):
+        cache, rows = _fork_history([9, 30, 17, 4], 1, 4, 4, torch.float32, seed)
+        bm = cache.blocks
+        rnd = random.Random(seed)
+        rows = rows[:3] + rnd.sample(rows[3:], len(rows) - 3)  # some groups broken up
+        starts, shared = bm.shared_prefix_groups(rows)
+        want_starts, want_shared = [], []
+        for i, s in enumerate(rows):
+            blocks = bm.blocks_of(s)
+            if i and want_starts and blocks[:1] and blocks[:1] == bm.blocks_of(rows[want_starts[-1]])[:1]:
+                continue
+            want_starts.append(i)
+        want_starts.append(len(rows))
+        for a, b in zip(want_starts, want_starts[1:]):
+            tables = [bm.blocks_of(s) for s in rows[a:b]]
+            n = 0
+            while all(len(t) > n and t[n] == tables[0][n] for t in tables):
+                n += 1
+            want_shared.append(min([n * 4] + [bm.seq_len(s) for s in rows[a:b]]))
+        assert (starts, shared) == (want_starts, want_shared), f"seed {seed}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("h,h_kv,d,bs,window", [(4, 4, 8, 4, None), (6, 2, 16, 8, None), (4, 1, 8, 4, 7),
                                                (2, 2, 8, 16, 40)])

@@ -128,19 +128,27 @@ def check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_
     every row of group g holds its first ``shared_lens[g]`` tokens in the same blocks as the group's
     first row (and has at least that many)."""
     n = block_table.shape[0]
-    starts = group_starts.tolist()
-    if not starts or starts[0] != 0 or starts[-1] != n or any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ValueError(f"group_starts={starts[:9]}: expected increasing offsets from 0 to the {n} rows")
-    shared = shared_lens.tolist()
-    lens = seq_lens.tolist()
-    for g, (a, b) in enumerate(zip(starts, starts[1:])):
-        s = shared[g]
-        if s < 0 or s > min(lens[a:b]):
-            raise ValueError(f"shared_lens[{g}]={s}: expected 0 to {min(lens[a:b])}, the shortest row of group {g}")
-        nb = -(-s // block_size)
-        if nb and not torch.equal(block_table[a:b, :nb], block_table[a:a + 1, :nb].expand(b - a, nb)):
-            raise ValueError(f"shared_lens[{g}]={s}: rows {a}..{b - 1} do not hold their first {s} tokens in the "
-                             "same blocks")
+    starts = group_starts.long()
+    if (starts.numel() < 2 or int(starts[0]) != 0 or int(starts[-1]) != n
+            or bool((starts[1:] <= starts[:-1]).any())):
+        raise ValueError(f"group_starts={starts.tolist()[:9]}: expected increasing offsets from 0 to the {n} rows")
+    counts = starts[1:] - starts[:-1]
+    shared = shared_lens.long()
+    shortest = torch.segment_reduce(seq_lens.double(), "min", lengths=counts).long()
+    bad = (shared < 0) | (shared > shortest)
+    if bool(bad.any()):
+        g = int(bad.nonzero()[0])
+        raise ValueError(f"shared_lens[{g}]={int(shared[g])}: expected 0 to {int(shortest[g])}, the shortest row "
+                         f"of group {g}")
+    first = starts[:-1].repeat_interleave(counts)  # each row's group's first row
+    blocks = (-(-shared // block_size)).repeat_interleave(counts)
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    differ = ((block_table != block_table[first]) & (cols < blocks.unsqueeze(1))).any(dim=1)  # [N]
+    if bool(differ.any()):
+        r = int(differ.nonzero()[0])
+        g = int(torch.searchsorted(starts, torch.tensor(r, device=starts.device), right=True)) - 1
+        raise ValueError(f"shared_lens[{g}]={int(shared[g])}: rows {int(starts[g])}..{int(starts[g + 1]) - 1} do "
+                         f"not hold their first {int(shared[g])} tokens in the same blocks")
 
 
 def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,

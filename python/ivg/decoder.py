@@ -122,10 +122,13 @@ class IVGDecoder:
         once per ``generate`` call, batch-size bucket and block-table width. Default: on for models on CUDA (13x faster
         steps for a gpt2-sized model on an H100, benchmarks/RESULTS.md) unless the backend is the
         reference, the models are float64 or the base is tensor-parallel; off the GPU it does nothing
+    shared_prefix : decode attention reads the blocks a prompt's beams share once per prompt
+        (``ivg_kernels.shared_prefix_decode_attention``): ``True``, ``False``, or ``None`` for where it was
+        measured to pay (see ``ivg.PagedModel``)
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
-                 max_batch_prompts: int = 64, cuda_graphs: bool | None = None):
+                 max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
@@ -138,6 +141,9 @@ class IVGDecoder:
                            and param.dtype in (torch.float32, torch.bfloat16, torch.float16)
                            and (getattr(models.base, "tp_size", None) or 1) == 1)  # not proven with NCCL inside
         self.cuda_graphs = bool(cuda_graphs)
+        if shared_prefix not in (None, True, False):
+            raise ValueError(f"shared_prefix={shared_prefix!r}: expected None, True or False")
+        self.shared_prefix = shared_prefix
         self.last_stats = RunStats()
         self._group = None
         models.check()
@@ -178,7 +184,8 @@ class IVGDecoder:
         paged = {}
         group = KVCacheGroup(caches)
         for name, model, _ in roles:
-            paged[name] = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs)
+            paged[name] = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs,
+                                     shared_prefix=self.shared_prefix)
         return group, paged
 
     @torch.inference_mode()

@@ -17,10 +17,14 @@ from typing import Sequence
 
 import torch
 
-from ivg_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
+                                  write_kv)
 from ivg_kernels.kv_pool import KVCache
 
 ATTN_IMPLEMENTATION = "ivg_paged"
+# Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
+# the decoder (CPU, 2 cores, one thread; benchmarks/RESULTS.md): below it the per-row SDPA path wins.
+SHARED_PREFIX_MIN_TOKENS = 64
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PagedBatch:
     max_seqlen_q: int
     is_decode: bool  # one new token per sequence
     backend: str = "auto"
+    groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -51,7 +56,12 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     q = query[0].transpose(0, 1)  # (T, H, D)
     write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), b.slot_mapping, backend=b.backend)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if b.is_decode:
+    if b.is_decode and b.groups is not None:
+        starts, shared, most = b.groups
+        out = shared_prefix_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared,
+                                             max_group_rows=most, scale=scale, sliding_window=sliding_window,
+                                             backend=b.backend)
+    elif b.is_decode:
         out = paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
                                      sliding_window=sliding_window, backend=b.backend)
     else:
@@ -110,10 +120,16 @@ class PagedModel:
     backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
     cuda_graphs : replay decode steps (one new token per sequence) from CUDA graphs captured per
         batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where every step runs eagerly
+    shared_prefix : eager decode steps attend through ``shared_prefix_decode_attention``: the blocks that
+        consecutive sequences share (beams forked from one prompt) are read once per group. ``True``
+        whenever two rows share a block; ``None`` (default) where it was measured to pay: the plain-torch
+        path (CPU) when the rows share at least ``SHARED_PREFIX_MIN_TOKENS`` tokens each on average
+        (``benchmarks/RESULTS.md``); off on CUDA until measured there. Steps replayed from CUDA graphs
+        use per-sequence attention
     """
 
     def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
-                 backend: str = "auto", cuda_graphs: bool = False):
+                 backend: str = "auto", cuda_graphs: bool = False, shared_prefix: bool | None = None):
         register_attention()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -127,6 +143,11 @@ class PagedModel:
         self.backend = backend
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if shared_prefix not in (None, True, False):
+            raise ValueError(f"shared_prefix={shared_prefix!r}: expected None, True or False")
+        if shared_prefix is None:
+            shared_prefix = "auto" if (self.device.type == "cpu" or backend == "reference") else False
+        self.shared_prefix = shared_prefix
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
@@ -171,12 +192,13 @@ class PagedModel:
                                          self.blocks.seq_lens(seq_ids))
                 if logits is not None:
                     return logits
+            decode = max(counts) == 1
             batch = PagedBatch(
                 cache=self.cache, slot_mapping=slots,
                 block_table=self.blocks.block_table(seq_ids).to(dev),
                 seq_lens=self.blocks.seq_lens(seq_ids).to(dev),
-                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=max(counts) == 1,
-                backend=self.backend,
+                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=decode,
+                backend=self.backend, groups=self._groups(seq_ids) if decode and self.shared_prefix else None,
             )
             out = self.model(
                 input_ids=flat.to(dev).unsqueeze(0), position_ids=positions.to(dev).unsqueeze(0),
@@ -188,3 +210,17 @@ class PagedModel:
             raise
 
     __call__ = forward
+
+    def _groups(self, seq_ids):
+        """``(group_starts, shared_lens, max_group_rows)`` of the rows, or None when no two rows share a
+        block (or, for ``shared_prefix=None``, when they share too little for it to pay)."""
+        starts, shared = self.blocks.shared_prefix_groups(seq_ids)
+        sizes = [b - a for a, b in zip(starts, starts[1:])]
+        most = max(sizes)
+        if most < 2:
+            return None
+        if (self.shared_prefix == "auto"
+                and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(seq_ids)):
+            return None
+        dev = self.device
+        return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(shared, dtype=torch.int32).to(dev), most)
