@@ -7,7 +7,8 @@
   all have the same length), and only the value the ranking uses (explicit: the token reward model's
   Q at the last token; implicit: the guides' summed log-ratio over the response); the values a
   result reports are computed once more for the final candidates;
-* finished rows keep decoding (their tokens are ignored).
+* finished rows keep decoding (their tokens are ignored);
+* a token reward model that only scores (sampler weight 0) runs only in those rescoring forwards.
 
 It is the test oracle of the paged decoder and the baseline of ``benchmarks/bench_decode.py``.
 """
@@ -52,12 +53,12 @@ class NaiveDecoder:
         from transformers import DynamicCache
 
         m = self.models
-        names = [r[0] for r in roles]
         model = {r[0]: r[1] for r in roles}
         device = next(m.base.parameters()).device
         guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
         eft = "eft" in opts.tokenwise
         w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
+        names = [r[0] for r in roles if not (r[0] == "rm" and w_rm == 0.0)]  # run every step
         seed = prompt_seed(opts.seed, ids["base"])
         rows = opts.width * opts.successors
         caches = {n: DynamicCache(config=model[n].config) for n in names}
@@ -66,7 +67,7 @@ class NaiveDecoder:
             x = torch.tensor([ids[n]] * rows, device=device)
             logits[n] = self._forward(model[n], x, caches[n], 0)
         stats.forwards += len(names)
-        vocab = min(logits[n].shape[-1] for n in names)
+        vocab = min(model[n].get_output_embeddings().weight.shape[0] for n in model)
         cands = [Beam(j, slot=j) for j in range(rows)]
         chunk_start = 0
         for t in range(opts.max_new_tokens):
