@@ -30,6 +30,23 @@ def _positive_int(name, value):
     return int(value)
 
 
+def prefix_groups(tables: np.ndarray, lens: np.ndarray, block_size: int) -> tuple[list[int], list[int]]:
+    """:meth:`BlockManager.shared_prefix_groups` from the rows' block tables ``[N, W]`` (0-padded) and
+    lengths ``[N]`` (a row of length n holds ``ceil(n / block_size)`` blocks)."""
+    n = len(lens)
+    if n == 0:
+        return [0], []
+    lens = lens.astype(np.int64)
+    nb = -(-lens // block_size)
+    first = np.where(nb > 0, tables[:, 0] if tables.shape[1] else 0, -1 - np.arange(n))  # empty: shares nothing
+    starts = np.flatnonzero(np.concatenate([[True], first[1:] != first[:-1]]))
+    head = starts[np.cumsum(np.isin(np.arange(n), starts)) - 1]  # each row's group's first row
+    same = (tables == tables[head]) & (np.arange(tables.shape[1]) < np.minimum(nb, nb[head])[:, None])
+    common = np.cumprod(same, axis=1).sum(axis=1)  # leading blocks each row shares with its head
+    tokens = np.minimum(np.minimum.reduceat(common, starts) * block_size, np.minimum.reduceat(lens, starts))
+    return starts.tolist() + [n], tokens.tolist()
+
+
 class BlockManager:
     """Allocate, fork, grow and free paged sequences.
 
@@ -253,22 +270,7 @@ class BlockManager:
         block (beams forked from one prompt); ``shared_lens[g]`` is how many leading tokens every member
         holds in the same blocks (whole shared blocks, the last possibly partly filled, cut at the
         shortest member). A sequence sharing nothing with its neighbours is a group of its own."""
-        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
-        if not seq_ids:
-            return [0], []
-        nb = np.array([self._nblocks[s] for s in seq_ids])
-        lens = np.array([self._lens[s] for s in seq_ids])
-        tables = self.block_table(seq_ids).numpy()  # [N, W], 0-padded
-        first = np.where(nb > 0, tables[:, 0], -1 - np.arange(len(seq_ids)))  # an empty sequence shares nothing
-        starts = np.flatnonzero(np.concatenate([[True], first[1:] != first[:-1]]))
-        group = np.cumsum(np.isin(np.arange(len(seq_ids)), starts)) - 1
-        head = starts[group]  # each row's group's first row
-        cols = np.arange(tables.shape[1])
-        same = (tables == tables[head]) & (cols < np.minimum(nb, nb[head])[:, None])
-        common = np.cumprod(same, axis=1).sum(axis=1)  # leading blocks each row shares with its head
-        shared = np.minimum.reduceat(common, starts)
-        tokens = np.minimum(shared * self._block_size, np.minimum.reduceat(lens, starts))
-        return starts.tolist() + [len(seq_ids)], tokens.tolist()
+        return prefix_groups(self.block_table(seq_ids).numpy(), self.seq_lens(seq_ids).numpy(), self._block_size)
 
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""

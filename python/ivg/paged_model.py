@@ -19,6 +19,7 @@ import torch
 
 from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
                                   write_kv)
+from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 ATTN_IMPLEMENTATION = "ivg_paged"
@@ -193,12 +194,11 @@ class PagedModel:
                 if logits is not None:
                     return logits
             decode = max(counts) == 1
+            table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             batch = PagedBatch(
-                cache=self.cache, slot_mapping=slots,
-                block_table=self.blocks.block_table(seq_ids).to(dev),
-                seq_lens=self.blocks.seq_lens(seq_ids).to(dev),
-                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=decode,
-                backend=self.backend, groups=self._groups(seq_ids) if decode and self.shared_prefix else None,
+                cache=self.cache, slot_mapping=slots, block_table=table.to(dev), seq_lens=lens.to(dev),
+                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
+                groups=self._groups(table, lens) if decode and self.shared_prefix else None,
             )
             out = self.model(
                 input_ids=flat.to(dev).unsqueeze(0), position_ids=positions.to(dev).unsqueeze(0),
@@ -211,16 +211,18 @@ class PagedModel:
 
     __call__ = forward
 
-    def _groups(self, seq_ids):
+    def _groups(self, table, lens):
         """``(group_starts, shared_lens, max_group_rows)`` of the rows, or None when no two rows share a
         block (or, for ``shared_prefix=None``, when they share too little for it to pay)."""
-        starts, shared = self.blocks.shared_prefix_groups(seq_ids)
+        if self.shared_prefix == "auto" and int(lens.sum()) < SHARED_PREFIX_MIN_TOKENS * len(lens):
+            return None  # the rows are too short to share that much
+        starts, shared = prefix_groups(table.numpy(), lens.numpy(), self.blocks.block_size)
         sizes = [b - a for a, b in zip(starts, starts[1:])]
         most = max(sizes)
         if most < 2:
             return None
         if (self.shared_prefix == "auto"
-                and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(seq_ids)):
+                and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(lens)):
             return None
         dev = self.device
         return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(shared, dtype=torch.int32).to(dev), most)
