@@ -136,8 +136,8 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
                                    backend="auto") -> torch.Tensor:
     """:func:`paged_decode_attention` for beams that share the blocks of a prefix, reading it once per group.
 
-    Rows ``group_starts[g]:group_starts[g+1]`` form group ``g`` (consecutive, non-empty, covering every
-    row); each of them holds its first ``shared_lens[g]`` tokens in the same blocks (identical leading
+    Rows ``group_starts[g]:group_starts[g+1]`` form group ``g`` (consecutive, covering every row; a group
+    may be empty, so fixed-size buffers can be padded for CUDA graphs); each of them holds its first ``shared_lens[g]`` tokens in the same blocks (identical leading
     ``block_table`` entries): the beams of one prompt, forked by reference. The shared tokens are read
     once for the whole group, each row's later tokens once for that row, and the two attentions are
     merged exactly by their log-sum-exp, so the result equals ``paged_decode_attention`` up to float

@@ -115,3 +115,51 @@ def test_decoder_with_cuda_graphs_matches_eager():
     dec, graphed = _decode(models, "ivg", cuda_graphs=True)
     same = sum(a.beams[0].tokens == b.beams[0].tokens for a, b in zip(eager, graphed))
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
+
+
+def test_shared_prefix_attention_replays_from_a_cuda_graph():
+    """The shared-prefix decode attention captured once follows new queries, lengths and groups written
+    into its input buffers (what a decode graph does every step)."""
+    from ivg_kernels import BlockManager, shared_prefix_decode_attention
+
+    bm = BlockManager(256, 16)
+    (root,) = bm.new_sequences(1)
+    bm.append([root], 300)
+    rows = bm.fork(root, 8)
+    bm.free(root)
+    bm.append(rows, 5)
+    kc = torch.randn(256, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(8, 8, 64, device="cuda", dtype=torch.bfloat16)
+    bt = torch.zeros(8, 24, dtype=torch.int32, device="cuda")
+    sl = torch.zeros(8, dtype=torch.int32, device="cuda")
+    st = torch.zeros(3, dtype=torch.int32, device="cuda")  # up to 2 groups
+    sh = torch.zeros(2, dtype=torch.int32, device="cuda")
+
+    def fill(step):
+        table = bm.block_table(rows)
+        bt.zero_()
+        bt[:, :table.shape[1]] = table.cuda()
+        sl.copy_(bm.seq_lens(rows).cuda())
+        starts, shared = bm.shared_prefix_groups(rows)
+        starts = starts + [len(rows)] * (3 - len(starts))  # pad with empty trailing groups
+        st.copy_(torch.tensor(starts, dtype=torch.int32))
+        sh.copy_(torch.tensor(shared + [0] * (2 - len(shared)), dtype=torch.int32))
+        q.copy_(torch.randn(8, 8, 64, generator=torch.Generator().manual_seed(step)).to(q))
+
+    def call():
+        return shared_prefix_decode_attention(q, kc, vc, bt, sl, st, sh, max_group_rows=8, scale=0.125,
+                                              backend="triton")
+
+    fill(0)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for step in range(1, 4):
+        bm.append(rows, [step] * len(rows))
+        fill(step)
+        graph.replay()
+        want = ivg_kernels.paged_decode_attention(q, kc, vc, bt, sl, scale=0.125, backend="triton")
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)

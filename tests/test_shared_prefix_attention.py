@@ -112,6 +112,20 @@ def test_reference_equals_per_beam_attention(dtype, h, h_kv, d, bs, window):
         assert_close(got, want, dtype, f"seed {seed}")
 
 
+def test_empty_groups_pad_the_structure():
+    """Empty groups (padding of fixed-size buffers), anywhere and with any claim, change nothing."""
+    cache, rows = _fork_history([23, 5], 2, 8, 4, torch.float64, 2)
+    q, kc, vc, bt, sl, starts, shared, most = _inputs(cache, rows, 4, 2)
+    want = paged_decode_attention(q, kc, vc, bt, sl, scale=0.3, backend="reference")
+    s, t = starts.tolist(), shared.tolist()
+    assert len(t) == 2
+    padded_starts = torch.tensor([0, 0, s[1], s[1], len(rows), len(rows), len(rows)], dtype=torch.int32)
+    padded_shared = torch.tensor([7, t[0], 999, t[1], 0, 5], dtype=torch.int32)
+    got = shared_prefix_decode_attention(q, kc, vc, bt, sl, padded_starts, padded_shared, max_group_rows=most,
+                                         scale=0.3, backend="reference")
+    assert_close(got, want, torch.float64, "padded groups")
+
+
 def test_a_window_inside_the_shared_part_and_rows_of_their_own():
     """Windows that end inside the shared prefix, exclude it, or take all of it; groups of one row."""
     cache, rows = _fork_history([30, 3], 2, 8, 4, torch.float64, 5)
@@ -146,6 +160,13 @@ def test_triton_matches_reference(case, dtype):
     got = shared_prefix_decode_attention(*args, max_group_rows=most, scale=d ** -0.5, sliding_window=window,
                                          num_splits=splits, backend="triton")
     torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+    n = len(rows)  # empty groups padding the structure, as in a captured graph's buffers
+    starts = torch.cat([args[5][:1], args[5], torch.tensor([n], dtype=torch.int32, device=DEVICE)])
+    shared = torch.cat([torch.tensor([9], dtype=torch.int32, device=DEVICE), args[6],
+                        torch.tensor([999], dtype=torch.int32, device=DEVICE)])
+    padded = shared_prefix_decode_attention(*args[:5], starts, shared, max_group_rows=most, scale=d ** -0.5,
+                                            sliding_window=window, num_splits=splits, backend="triton")
+    torch.testing.assert_close(padded.float(), want.float(), atol=ATOL[dtype], rtol=0)
 
 
 def test_errors_name_the_argument():
@@ -158,7 +179,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"shared_lens\[1\]=.*shortest row"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared + torch.tensor([0, 500], dtype=torch.int32),
                                        **call)
-    with pytest.raises(ValueError, match="group_starts=.*increasing offsets"):
+    with pytest.raises(ValueError, match="group_starts=.*non-decreasing offsets"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts.flip(0), shared, **call)
     with pytest.raises(ValueError, match="group_starts=.*3 rows"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts[:2], shared, **call)

@@ -124,17 +124,17 @@ def _attend_lse(q, k, v, allowed, scale):
 
 
 def check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_size) -> None:
-    """Raise ``ValueError`` unless ``group_starts`` splits the rows into consecutive non-empty groups and
-    every row of group g holds its first ``shared_lens[g]`` tokens in the same blocks as the group's
+    """Raise ``ValueError`` unless ``group_starts`` splits the rows into consecutive groups (empty ones
+    allowed: padding of fixed-size buffers) and every row of group g holds its first ``shared_lens[g]`` tokens in the same blocks as the group's
     first row (and has at least that many)."""
     n = block_table.shape[0]
     starts = group_starts.long()
     if (starts.numel() < 2 or int(starts[0]) != 0 or int(starts[-1]) != n
-            or bool((starts[1:] <= starts[:-1]).any())):
-        raise ValueError(f"group_starts={starts.tolist()[:9]}: expected increasing offsets from 0 to the {n} rows")
+            or bool((starts[1:] < starts[:-1]).any())):
+        raise ValueError(f"group_starts={starts.tolist()[:9]}: expected non-decreasing offsets from 0 to the {n} rows")
     counts = starts[1:] - starts[:-1]
     shared = shared_lens.long()
-    shortest = torch.segment_reduce(seq_lens.double(), "min", lengths=counts).long()
+    shortest = torch.segment_reduce(seq_lens.double(), "min", lengths=counts).clamp(max=2 ** 62).long()  # empty: big
     bad = (shared < 0) | (shared > shortest)
     if bool(bad.any()):
         g = int(bad.nonzero()[0])
@@ -164,7 +164,7 @@ def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_len
     dev, bs = q.device, k_cache.shape[1]
     starts = group_starts.long()
     counts = starts[1:] - starts[:-1]
-    shared = shared_lens.long()
+    shared = torch.where(counts > 0, shared_lens.long(), 0)  # an empty group's claim is ignored
     lens = seq_lens.long()
     q_pos = lens - 1
     lo = q_pos - sliding_window + 1 if sliding_window is not None else torch.zeros_like(lens)  # first key allowed
@@ -177,7 +177,7 @@ def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_len
                       device=dev)
     lse_p = torch.full(q.shape[:2], -torch.inf, dtype=o_p.dtype, device=dev)
     if s_max > 0:
-        table = block_table.index_select(0, starts[:-1])
+        table = block_table.index_select(0, starts[:-1].clamp(max=n - 1))
         kp, vp = _gather(k_cache, table, s_max), _gather(v_cache, table, s_max)  # [G, S, Hkv, D]
         k_pos = torch.arange(s_max, device=dev)
         allowed = (k_pos < shared.view(-1, 1, 1)) & valid.unsqueeze(2) & (k_pos >= lo[rows].unsqueeze(2))
