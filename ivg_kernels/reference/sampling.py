@@ -52,7 +52,10 @@ def guided_sample_ref(
     return _guided_sample_ref(a)
 
 
-def _guided_sample_ref(a) -> SampleOutput:
+def _warp(a):
+    """Steps 1-3 for every row: ``(x, x_max, kept, greedy, ok, inputs, seed, offset)``: the scaled scores
+    ``x`` [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows,
+    the rows without NaN/inf or bad parameters, the inputs cut to V, and the keys as [N] tensors."""
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
     inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
@@ -95,7 +98,24 @@ def _guided_sample_ref(a) -> SampleOutput:
     else:
         tau = neg_inf
     kept = x >= tau.unsqueeze(1)  # [N, V]
+    return x, x_max, kept, greedy, ok, inputs, seed, offset
 
+
+def warped_probs(a) -> torch.Tensor:
+    """The distribution step 4 draws from, float64 ``[N, V]``: ``softmax(x)`` over the kept tokens, or
+    for a greedy row all its mass on the first index of ``max z``; NaN rows where ``ok`` is False."""
+    x, x_max, kept, greedy, ok, _, _, _ = _warp(a)
+    w = torch.where(kept, torch.exp((x - x_max.unsqueeze(1)).double()), 0.0)
+    p = w / w.sum(dim=1, keepdim=True)
+    first = torch.nn.functional.one_hot(x.argmax(dim=1), x.shape[1]).double()  # argmax: the first maximum
+    p = torch.where(greedy.unsqueeze(1), first, p)
+    return torch.where(ok.unsqueeze(1), p, math.nan)
+
+
+def _guided_sample_ref(a) -> SampleOutput:
+    x, x_max, kept, greedy, ok, inputs, seed, offset = _warp(a)
+    n, v, dev = a.num_rows, a.vocab_size, a.logits.device
+    cdt = x.dtype
     g = gumbel_noise(seed, offset, torch.arange(v, device=dev)).to(cdt)  # [N, V]
     # Gumbel-max on the exact x + g: the rounded sum and its error (TwoSum), compared in that order.
     s = x + g

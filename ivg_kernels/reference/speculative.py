@@ -1,0 +1,164 @@
+"""Speculative sampling of the guided, warped distribution in plain torch: the draft draw, the
+acceptance test and the residual draw (the specification, CPU path and test oracle).
+
+A draft model proposes ``n`` tokens ``d_0 .. d_{n-1}`` of a row, ``d_k`` drawn from ``q_k``, the
+draft's own warped distribution at position ``k``. Every model then scores the positions ``0 .. n``
+(position ``k`` follows ``d_0 .. d_{k-1}``) in one forward, which gives ``p_k``: exactly the
+distribution ``guided_sample`` draws from (:func:`.sampling.warped_probs` of the base logits and the
+weighted guide rows, with the same temperature, top-k, top-p and min-p). Then, for ``k = 0, 1, ...``:
+
+* ``d_k`` is accepted iff ``u_accept(k) * q_k(d_k) < p_k(d_k)``, i.e. with probability
+  ``min(1, p_k(d_k) / q_k(d_k))``;
+* at the first rejection, position ``k``'s token is drawn from ``max(p_k - q_k, 0)`` (normalised);
+* if all ``n`` are accepted, one more token is drawn from ``p_n``.
+
+Every token so produced is distributed exactly as ``p`` at its position (Leviathan et al., ICML 2023;
+Chen et al., 2023), whatever ``q`` is. Greedy rows (temperature 0) have one-hot ``p`` and ``q``: a draft
+is kept iff it is the target's argmax, and the replacement is that argmax, so greedy speculative
+decoding gives the tokens of greedy decoding.
+
+Randomness: the same stateless Philox stream as the sampler. The uniforms of the token at response
+position ``t`` of candidate ``j`` are ``philox_uniform(seed, row_offset(t, j), SPEC_COLUMN + lane)``
+with lane 0 for the draft draw, 1 for the acceptance test and 2 for the residual (or final) draw: one
+Philox call per position, on a counter no vocabulary reaches. Draws from a distribution use the
+inverse CDF with one uniform: the first token whose cumulative mass exceeds ``u`` times the total.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._args import prepare_sample_args
+from .philox import philox_uniform
+from .sampling import warped_probs
+
+SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
+DRAFT, ACCEPT, RESIDUAL = 0, 1, 2
+
+
+@dataclass
+class SpeculativeOutput:
+    """What :func:`speculative_verify_ref` returns for ``R`` rows and ``S`` positions.
+
+    num_accepted : int64 ``[R]``, drafts kept (the row's new tokens are ``num_accepted + 1``)
+    tokens : int64 ``[R, S]``, the kept drafts, then the drawn token, then -1
+    logprob : ``[R, S]``, log ``p_k`` of each new token (NaN after the last)
+    input_logprobs, input_logits : ``[R, S, 1 + G]``, each input's log-softmax and raw value at each new
+        token (what the implicit and explicit values add up; NaN after the last)
+    ok : bool ``[R]``, False for rows with NaN/inf inputs or bad parameters (their tokens are -1)
+    """
+
+    num_accepted: torch.Tensor
+    tokens: torch.Tensor
+    logprob: torch.Tensor
+    input_logprobs: torch.Tensor
+    input_logits: torch.Tensor
+    ok: torch.Tensor
+
+
+def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float64 ``[..., 3]``: the draft, acceptance and residual uniforms of keys ``seed`` [R] and
+    ``offset`` [R] or [R, S] (one per position)."""
+    shape = offset.shape
+    rows = seed.reshape(-1, 1).expand(shape[0], offset[0].numel() if offset.dim() > 1 else 1).reshape(-1)
+    lanes = SPEC_COLUMN + torch.arange(3, device=offset.device)
+    return philox_uniform(rows, offset.reshape(-1), lanes).double().view(*shape, 3)
+
+
+def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first index whose cumulative mass exceeds ``u`` times the total: a draw from ``dist`` [..., V]
+    (non-negative, any positive total) with uniforms ``u`` [...] in (0, 1). Never a zero-mass token."""
+    cdf = dist.cumsum(dim=-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=dist.shape[-1] - 1)
+
+
+def _expand(value, s):
+    """A per-row parameter repeated for each of ``s`` positions (scalars stay scalars)."""
+    return value.repeat_interleave(s) if isinstance(value, torch.Tensor) else value
+
+
+def draft_draw_ref(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed, offset,
+                   vocab_size=None) -> torch.Tensor:
+    """Draft tokens ``[R]`` from the draft's warped distribution ``q`` at one position per row, drawn
+    with the draft uniform of ``(seed, offset)``; greedy rows take the first argmax."""
+    a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
+    q = warped_probs(a)
+    u = spec_uniforms(_row(a.seed, len(q), q.device), _row(a.offset, len(q), q.device))[:, DRAFT]
+    return torch.where(torch.isnan(q).any(dim=1), -1, inverse_cdf(q.nan_to_num(1.0), u))
+
+
+def _row(value, n, device):
+    return value if isinstance(value, torch.Tensor) else torch.full((n,), value, dtype=torch.int64, device=device)
+
+
+def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0,
+                           top_p=1.0, min_p=0.0, seed, offset, vocab_size=None) -> SpeculativeOutput:
+    """Accept or reject each row's drafts and draw its next token.
+
+    Parameters
+    ----------
+    logits : ``[R, S, V]`` base logits at positions ``0 .. S-1`` (position k after k drafts)
+    guides : ``(tensor [R, S, V_i], weight)`` pairs, as ``guided_sample``'s (weights floats or ``[R]``)
+    draft_logits : ``[R, S - 1, V_d]``, the draft model's logits at positions ``0 .. S-2``
+    draft_tokens : int ``[R, S - 1]``, the drafts (drawn by :func:`draft_draw_ref` from those logits)
+    num_draft : int ``[R]``, drafts of each row, ``0 .. S-1`` (positions past ``num_draft`` are unused)
+    temperature, top_k, top_p, min_p, vocab_size : as ``guided_sample`` (scalars or ``[R]``)
+    seed : int64 ``[R]`` or int; offset : int64 ``[R, S]``, the key of each position's token
+    """
+    r, s = logits.shape[:2]
+    dev = logits.device
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    target = prepare_sample_args(flat(logits), [(flat(g), _expand(w, s)) for g, w in guides], _expand(temperature, s),
+                                 _expand(top_k, s), _expand(top_p, s), _expand(min_p, s), _expand(seed, s),
+                                 offset.reshape(-1), vocab_size)
+    v = target.vocab_size
+    p = warped_probs(target).view(r, s, v)
+    seed_rows = _row(seed, r, dev).to(torch.int64)
+    u = spec_uniforms(seed_rows, offset.to(torch.int64))  # [R, S, 3]
+    k = torch.arange(s - 1, device=dev)
+    drafting = k < num_draft.to(dev).unsqueeze(1)  # [R, S-1]
+    used = torch.arange(s, device=dev) <= num_draft.to(dev).unsqueeze(1)  # positions a row reads
+    ok = ~(torch.isnan(p[:, :, 0]) & used).any(dim=1)
+    if s > 1:
+        qa = prepare_sample_args(flat(draft_logits), [], _expand(temperature, s - 1), _expand(top_k, s - 1),
+                                 _expand(top_p, s - 1), _expand(min_p, s - 1), _expand(seed, s - 1),
+                                 offset[:, :-1].reshape(-1), v)
+        q = warped_probs(qa).view(r, s - 1, v)
+        ok &= ~(torch.isnan(q[:, :, 0]) & drafting).any(dim=1)
+        d = draft_tokens.to(torch.int64).clamp(0, v - 1)
+        p_d = p[:, :-1].gather(2, d.unsqueeze(2)).squeeze(2)
+        q_d = q.gather(2, d.unsqueeze(2)).squeeze(2)
+        accept = (u[:, :-1, ACCEPT] * q_d < p_d) & drafting
+        n = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)  # leading accepts
+    else:
+        q = p.new_zeros(r, 0, v)
+        d = torch.zeros(r, 0, dtype=torch.int64, device=dev)
+        n = torch.zeros(r, dtype=torch.int64, device=dev)
+    rows = torch.arange(r, device=dev)
+    p_n = p[rows, n]  # [R, V]
+    rejected = n < num_draft.to(dev)
+    if s > 1:
+        q_n = q[rows, n.clamp(max=s - 2)]
+        dist = torch.where(rejected.unsqueeze(1), (p_n - q_n).clamp(min=0), p_n)
+    else:
+        dist = p_n
+    y = inverse_cdf(dist.nan_to_num(1.0), u[rows, n, RESIDUAL])
+    pos = torch.arange(s, device=dev)
+    tokens = torch.full((r, s), -1, dtype=torch.int64, device=dev)
+    if s > 1:
+        tokens[:, :-1] = torch.where(pos[:-1] < n.unsqueeze(1), d, -1)
+    tokens[rows, n] = y
+    live = (pos <= n.unsqueeze(1)) & ok.unsqueeze(1)  # [R, S]
+    tokens = torch.where(live, tokens, -1)
+    tok = tokens.clamp(min=0).unsqueeze(2)
+    logprob = torch.where(live, p.gather(2, tok).squeeze(2).log(), math.nan)
+    inputs = [logits[..., :v]] + [g[..., :v] for g, _ in guides]
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    raw = torch.stack([x.to(cdt).gather(2, tok).squeeze(2) for x in inputs], dim=2)  # [R, S, 1+G]
+    lse = torch.stack([x.to(cdt).logsumexp(dim=2) for x in inputs], dim=2)
+    nan = torch.tensor(math.nan, dtype=cdt, device=dev)
+    return SpeculativeOutput(torch.where(ok, n, -1), tokens, logprob, torch.where(live.unsqueeze(2), raw - lse, nan),
+                             torch.where(live.unsqueeze(2), raw, nan), ok)
