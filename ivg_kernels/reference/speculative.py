@@ -81,13 +81,15 @@ def _expand(value, s):
 
 
 def draft_draw_ref(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed, offset,
-                   vocab_size=None) -> torch.Tensor:
-    """Draft tokens ``[R]`` from the draft's warped distribution ``q`` at one position per row, drawn
-    with the draft uniform of ``(seed, offset)``; greedy rows take the first argmax."""
+                   vocab_size=None, uniforms=None) -> torch.Tensor:
+    """Draft tokens ``[R]`` (-1 for rows with NaN/inf logits) from the draft's warped distribution ``q``
+    at one position per row, drawn with the draft uniform of ``(seed, offset)`` (``uniforms``: those
+    of :func:`spec_uniforms`, if the caller has them already); greedy rows take the first argmax."""
     a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
     q = warped_probs(a)
-    u = spec_uniforms(_row(a.seed, len(q), q.device), _row(a.offset, len(q), q.device))[:, DRAFT]
-    return torch.where(torch.isnan(q).any(dim=1), -1, inverse_cdf(q.nan_to_num(1.0), u))
+    if uniforms is None:
+        uniforms = spec_uniforms(_row(a.seed, len(q), q.device), _row(a.offset, len(q), q.device))
+    return torch.where(torch.isnan(q).any(dim=1), -1, inverse_cdf(q.nan_to_num(1.0), uniforms[:, DRAFT]))
 
 
 def _row(value, n, device):
@@ -95,7 +97,7 @@ def _row(value, n, device):
 
 
 def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0,
-                           top_p=1.0, min_p=0.0, seed, offset, vocab_size=None) -> SpeculativeOutput:
+                           top_p=1.0, min_p=0.0, seed, offset, vocab_size=None, uniforms=None) -> SpeculativeOutput:
     """Accept or reject each row's drafts and draw its next token.
 
     Parameters
@@ -107,6 +109,7 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     num_draft : int ``[R]``, drafts of each row, ``0 .. S-1`` (positions past ``num_draft`` are unused)
     temperature, top_k, top_p, min_p, vocab_size : as ``guided_sample`` (scalars or ``[R]``)
     seed : int64 ``[R]`` or int; offset : int64 ``[R, S]``, the key of each position's token
+    uniforms : float64 ``[R, S, 3]``, :func:`spec_uniforms` of those keys if the caller has them already
     """
     r, s = logits.shape[:2]
     dev = logits.device
@@ -117,7 +120,7 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     v = target.vocab_size
     p = warped_probs(target).view(r, s, v)
     seed_rows = _row(seed, r, dev).to(torch.int64)
-    u = spec_uniforms(seed_rows, offset.to(torch.int64))  # [R, S, 3]
+    u = spec_uniforms(seed_rows, offset.to(torch.int64)) if uniforms is None else uniforms  # [R, S, 3]
     k = torch.arange(s - 1, device=dev)
     drafting = k < num_draft.to(dev).unsqueeze(1)  # [R, S-1]
     used = torch.arange(s, device=dev) <= num_draft.to(dev).unsqueeze(1)  # positions a row reads

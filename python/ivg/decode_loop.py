@@ -72,8 +72,7 @@ class DecodeLoop:
         if not new:
             return
         roots = self.group.new_sequences(len(new))
-        first = {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.step_names}
-        self.stats.forwards += len(self.step_names)
+        first = self.prefill(roots, new)
         rm_read = [len(r.ids["rm"]) - 1 if self.lazy_rm else 0 for r in new]
         if any(rm_read):  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
             self.paged["rm"]([s for s, n in zip(roots, rm_read) if n], [r.ids["rm"][:n] for r, n in zip(new, rm_read) if n])
@@ -86,10 +85,15 @@ class DecodeLoop:
             self.rows += [(req, b) for b in req.cands]
             pick += [k] * len(req.cands)
         sel = torch.tensor(pick, device=self.device)
-        for name in self.step_names:
-            rows = first[name].index_select(0, sel)
+        for name, logits in first.items():
+            rows = logits.index_select(0, sel)
             self.cur[name] = torch.cat([self.cur[name], rows]) if name in self.cur else rows
         self.active += new
+
+    def prefill(self, roots, new) -> dict:
+        """One ragged forward per model over the new prompts; each model's logits after them."""
+        self.stats.forwards += len(self.step_names)
+        return {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.step_names}
 
     # -- run: the draw ---------------------------------------------------------------------------
     def sample(self):
@@ -206,14 +210,25 @@ class DecodeLoop:
     def feed(self, plans: dict) -> None:
         """One forward per model over every continuing row's new token; then each kept parent forks
         into its K children, which share its blocks and take its logits."""
-        feed = [(req, b) for req, b in self.rows if b.slot is not None and (id(req) not in plans or any(
-            par is b and child for par, child in plans[id(req)]))]  # unfinished and unpruned
+        feed = self.continuing(plans)
         if not feed:
             self.rows, self.cur = [], {}
             return
         out = {name: self.paged[name]([b.slot for _, b in feed], [[b.tokens[-1]] for _, b in feed])
                for name in self.step_names}
         self.stats.forwards += len(self.step_names)
+        self.rows, pick = self.fork(feed, plans)
+        sel = torch.tensor(pick, device=self.device)
+        self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
+
+    def continuing(self, plans: dict) -> list:
+        """The rows that go on: unfinished, unpruned, and at a chunk boundary only the kept parents."""
+        return [(req, b) for req, b in self.rows if b.slot is not None and (id(req) not in plans or any(
+            par is b and child for par, child in plans[id(req)]))]
+
+    def fork(self, feed: list, plans: dict) -> tuple[list, list]:
+        """Each kept parent of ``feed`` (continuing rows) forks into its K children, which share its
+        blocks; returns the new rows and, per new row, the index in ``feed`` of the row it continues."""
         index = {id(b): i for i, (_, b) in enumerate(feed)}
         parents = list({id(b): b for req, _ in feed if id(req) in plans
                         for b, child in plans[id(req)] if child}.values())
@@ -242,9 +257,7 @@ class DecodeLoop:
                     nb = par.child(j, slot=None)
                 new.append(nb)
             req.cands = new
-        self.rows = rows
-        sel = torch.tensor(pick, device=self.device)
-        self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
+        return rows, pick
 
     def release(self) -> None:
         """Free every sequence still held (after an error) and the models' paged state."""

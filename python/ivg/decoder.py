@@ -25,6 +25,7 @@ import torch
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
 from .decode_loop import DecodeLoop, Request
+from .speculative_loop import DRAFT_MODEL, SpeculativeLoop
 from .models import IVGModels
 from .options import DecodeOptions
 from .paged_model import PagedModel, local_kv_shape
@@ -65,6 +66,12 @@ class RunStats:
     steps: int = 0
     forwards: int = 0
     bytes_copied: dict = field(default_factory=dict)
+    drafted: int = 0  # speculative decoding: tokens the draft proposed
+    accepted: int = 0  # and of those, kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -197,7 +204,7 @@ class IVGDecoder:
         m = self.models
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
-                 or (r[0] == "rm" and opts.uses_token_rm)]
+                 or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == DRAFT_MODEL and opts.speculate)]
         ids = check_prompts(m, prompts, opts, roles)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
@@ -206,16 +213,22 @@ class IVGDecoder:
         capacity = min(len(ids), self.max_batch_prompts)
         group, paged = self._paged_models(roles, self._pool_blocks(ids, opts, capacity))
         self._group = group
-        loop = DecodeLoop(self, opts, roles, group, paged, stopper, stats)
+        loop = (SpeculativeLoop if opts.speculate else DecodeLoop)(self, opts, roles, group, paged, stopper, stats)
         waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
         results: list = [None] * len(ids)
         bar = progress_bar(len(ids), desc="ivg generate", unit="prompt", enabled=progress)
         try:
             while waiting or loop.rows:
                 loop.admit(waiting, capacity)  # schedule: prefill waiting prompts into free rows
-                loop.record(loop.sample())  # run the fused draw; update tokens, values, finished flags
+                if opts.speculate:
+                    loop.round()  # run: draft, verify; update: the kept tokens, their values and flags
+                else:
+                    loop.record(loop.sample())  # run the fused draw; update tokens, values, finished flags
                 plans, finished = loop.prune()  # schedule: rank at chunk boundaries, free, plan forks
-                loop.feed(plans)  # run: one forward per model over the continuing rows, then fork
+                if opts.speculate:
+                    loop.regroup(plans)  # schedule: fork the kept beams (their children read on in the next round)
+                else:
+                    loop.feed(plans)  # run: one forward per model over the continuing rows, then fork
                 for req in finished:
                     results[req.index] = req.result
                 bar.update(len(finished))

@@ -31,6 +31,8 @@ class DecodeOptions:
     max_new_tokens : response length limit
     stop : stop strings; eos_token_ids : token ids that end a response (None: from the tokenizer/config)
     num_return : beams returned per prompt (at most W for chunk search)
+    speculate : tokens the first tuned guide drafts per round of speculative decoding (0: off); the
+        tokens keep exactly the sampler's distribution (``ivg.speculative_loop``)
     """
 
     mode: str = "plain"
@@ -50,6 +52,7 @@ class DecodeOptions:
     stop: tuple = field(default_factory=tuple)
     eos_token_ids: Optional[tuple] = None
     num_return: int = 1
+    speculate: int = 0
 
     def resolved(self, *, have_guides: bool, have_token_rm: bool) -> "DecodeOptions":
         """The general setting of this mode, checked: W, K, L, token-wise guidance, scorer, keep."""
@@ -63,6 +66,10 @@ class DecodeOptions:
             isinstance(self.chunk_len, bool) or not isinstance(self.chunk_len, numbers.Integral) or self.chunk_len < 1
         ):
             raise ValueError(f"chunk_len={self.chunk_len!r}: expected an int >= 1 or None (infinity)")
+        if isinstance(self.speculate, bool) or not isinstance(self.speculate, numbers.Integral) or self.speculate < 0:
+            raise ValueError(f"speculate={self.speculate!r}: expected an int >= 0 (0 turns speculation off)")
+        if self.speculate and not have_guides:
+            raise ValueError(f"speculate={self.speculate}: needs a (tuned, ref) guide pair (the tuned guide drafts)")
         if self.keep not in ("max", "min"):
             raise ValueError(f"keep={self.keep!r}: expected 'max' or 'min'")
         if isinstance(self.scorer, str) and self.scorer not in ("explicit", "implicit"):

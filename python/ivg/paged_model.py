@@ -165,8 +165,10 @@ class PagedModel:
             self.model.set_attn_implementation(self._previous_attn)
 
     @torch.inference_mode()
-    def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``.
+    def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, every_position: bool = False
+                ) -> torch.Tensor:
+        """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
+        (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``).
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
@@ -188,7 +190,7 @@ class PagedModel:
             # position of each new token: its sequence's old length plus its index among the new ones
             positions = (torch.tensor(before) - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             dev = self.device
-            if self.graphs is not None and max(counts) == 1:
+            if self.graphs is not None and max(counts) == 1 and not every_position:
                 logits = self.graphs.run(flat, positions, slots, self.blocks.block_table(seq_ids),
                                          self.blocks.seq_lens(seq_ids))
                 if logits is not None:
@@ -202,7 +204,7 @@ class PagedModel:
             )
             out = self.model(
                 input_ids=flat.to(dev).unsqueeze(0), position_ids=positions.to(dev).unsqueeze(0),
-                use_cache=False, logits_to_keep=(cu[1:] - 1).to(dev), ivg_batch=batch,
+                use_cache=False, logits_to_keep=0 if every_position else (cu[1:] - 1).to(dev), ivg_batch=batch,
             )
             return out.logits[0]
         except BaseException:

@@ -1,0 +1,182 @@
+"""Speculative IVG: the first tuned guide drafts, every model verifies in one extend forward, and the
+tokens keep exactly the guided sampler's distribution (:mod:`ivg_kernels.reference.speculative`).
+
+A round, for every live row that has room before its chunk boundary:
+
+1. **draft**: the tuned guide reads the row's pending token, then proposes up to ``speculate`` tokens
+   from its own warped distribution, reading each (one forward per draft position, batched over rows);
+2. **verify**: every other model reads the pending token and the drafts in one extend forward, which
+   gives its logits at every position (the token RM too when it guides; a token RM that only scores
+   stays lazy, as in the plain loop);
+3. **accept**: ``speculative_verify`` keeps a prefix of the drafts and draws one more token;
+4. **update**: tokens, log-probs, values and finished flags as in a plain step, from the verification
+   logits (so values equal those of plain decoding for the same tokens); every model's cache is cut
+   back to the tokens kept, and the last new token becomes the row's pending token.
+
+Between rounds every model has read all of a row's tokens but its last one, the pending token
+(``prefill`` reads all of a prompt but its last token). A draft never crosses a chunk boundary: a row
+drafts at most ``room - 1`` tokens (``room``: tokens left before its chunk ends or before
+``max_new_tokens``); rows that reach the boundary wait for the other rows of their prompt, then
+``prune`` ranks them exactly as in the plain loop and ``regroup`` forks the kept beams (the children
+inherit the pending token, which each reads in its first round).
+"""
+from __future__ import annotations
+
+import torch
+
+from ivg_kernels.reference.speculative import draft_draw_ref, spec_uniforms, speculative_verify_ref
+
+from .decode_loop import DecodeLoop
+from .search import row_offset, sampler_guides
+
+DRAFT_MODEL = "tune0"
+
+
+class SpeculativeLoop(DecodeLoop):
+    """:class:`DecodeLoop` with speculative rounds in place of single-token steps (module docstring)."""
+
+    def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
+        super().__init__(decoder, opts, roles, group, paged, stopper, stats)
+        self.gamma = opts.speculate
+
+    # -- schedule --------------------------------------------------------------------------------
+    def prefill(self, roots, new) -> dict:
+        """Every model reads each new prompt but its last token (which becomes the pending token)."""
+        for name in self.step_names:
+            todo = [(s, r.ids[name][:-1]) for s, r in zip(roots, new) if len(r.ids[name]) > 1]
+            if todo:
+                self.paged[name]([s for s, _ in todo], [t for _, t in todo])
+                self.stats.forwards += 1
+        return {}
+
+    def room(self, req, b) -> int:
+        """Tokens row ``b`` may still draw before its chunk boundary (or the length limit)."""
+        end = self.opts.max_new_tokens
+        if self.search and self.opts.chunk_len is not None:
+            end = min(end, req.chunk_start + self.opts.chunk_len)
+        return end - len(b.tokens)
+
+    def _ranks_now(self, req) -> bool:
+        if all(b.finished for b in req.cands):
+            return True
+        return self.search and all(b.finished or self.room(req, b) == 0 for b in req.cands)
+
+    # -- run -------------------------------------------------------------------------------------
+    def round(self) -> None:
+        """Draft, verify, accept and update every live row with room (see the module docstring)."""
+        rows = [(req, b) for req, b in self.rows if self.room(req, b) > 0]
+        if not rows:
+            return
+        self.stats.steps += 1
+        gam = [min(self.gamma, self.room(req, b) - 1) for req, b in rows]
+        width = max(gam) + 1  # positions per row: the pending token's, then one per draft
+        pending = {name: [(req.ids[name] + b.tokens)[-1] for req, b in rows] for name in self.step_names}
+        before = {name: [self.paged[name].blocks.seq_len(b.slot) for _, b in rows] for name in self.step_names}
+        seed = torch.tensor([req.seed for req, _ in rows], device=self.device)
+        t0 = torch.tensor([len(b.tokens) for _, b in rows], device=self.device)
+        cand = torch.tensor([b.cand for _, b in rows], device=self.device)
+        offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
+        uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
+        try:
+            drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
+            self._verify(rows, gam, pending, drafts, logits)
+            out = speculative_verify_ref(
+                logits["base"], sampler_guides(logits, self.guides, self.eft, self.w_rm), logits[DRAFT_MODEL][:, :-1],
+                drafts, torch.tensor(gam, device=self.device), temperature=self.opts.temperature,
+                top_k=self.opts.top_k, top_p=self.opts.top_p, min_p=self.opts.min_p, seed=seed, offset=offset,
+                vocab_size=self.vocab, uniforms=uniforms)
+        except BaseException:
+            for name in self.step_names:  # nothing half-read: every model back to the round's start
+                self.paged[name].blocks.truncate_many([b.slot for _, b in rows], before[name])
+            raise
+        kept = self._update(rows, gam, out)
+        for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
+            self.paged[name].blocks.truncate_many([b.slot for _, b in rows],
+                                                  [n + m for n, m in zip(before[name], kept)])
+
+    def _draft(self, rows, gam, pending, offset, seed, uniforms):
+        """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` and its
+        logits ``{DRAFT_MODEL: [R, S, V]}`` at every position."""
+        r, width, opts = len(rows), max(gam) + 1, self.opts
+        drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
+        logits = None
+        feed = list(range(r))
+        tokens = [[t] for t in pending[DRAFT_MODEL]]
+        for k in range(width):
+            out = self.paged[DRAFT_MODEL]([rows[i][1].slot for i in feed], tokens)
+            self.stats.forwards += 1
+            if logits is None:
+                logits = out.new_zeros(r, width, out.shape[1])
+            idx = torch.tensor(feed, device=self.device)
+            logits[idx, k] = out
+            feed = [i for i in feed if gam[i] > k]  # rows that draft position k
+            if not feed:
+                break
+            idx = torch.tensor(feed, device=self.device)
+            d = draft_draw_ref(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                               min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
+                               uniforms=uniforms[idx, k])
+            if bool((d < 0).any()):
+                raise RuntimeError("the draft model's logits held NaN/inf")
+            drafts[idx, k] = d
+            tokens = [[t] for t in d.tolist()]
+        return drafts, {DRAFT_MODEL: logits}
+
+    def _verify(self, rows, gam, pending, drafts, logits) -> None:
+        """Every other model reads the pending token and the drafts in one extend forward; adds its logits
+        at every position ``[R, S, V]`` to ``logits``."""
+        r, width = len(rows), max(gam) + 1
+        host = drafts.tolist()
+        counts = [g + 1 for g in gam]
+        pos = torch.cat([torch.arange(c, device=self.device) for c in counts])
+        row = torch.repeat_interleave(torch.arange(r, device=self.device), torch.tensor(counts, device=self.device))
+        for name in self.step_names:
+            if name == DRAFT_MODEL:
+                continue
+            seqs = [[pending[name][i]] + host[i][:gam[i]] for i in range(r)]
+            out = self.paged[name]([b.slot for _, b in rows], seqs, every_position=True)  # [sum(counts), V]
+            self.stats.forwards += 1
+            full = out.new_zeros(r, width, out.shape[1])
+            full[row, pos] = out
+            logits[name] = full
+
+    # -- update ----------------------------------------------------------------------------------
+    def _update(self, rows, gam, out) -> list:
+        """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
+        per row, how many tokens it took."""
+        if not bool(out.ok.all()):
+            bad = [i for i, ok in enumerate(out.ok.tolist()) if not ok]
+            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
+        lp = out.input_logprobs.double()
+        implicit = torch.zeros(lp.shape[:2], dtype=torch.float64, device=lp.device)
+        for k, (_, beta) in enumerate(self.guides):
+            implicit += beta * (lp[..., 1 + 2 * k] - lp[..., 2 + 2 * k])
+        scored = "rm" in self.step_names
+        explicit = out.input_logits[..., -1].double() if scored else torch.full_like(implicit, float("nan"))
+        host = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2).tolist()
+        kept = []
+        for (req, b), per, n, g in zip(rows, host, out.num_accepted.tolist(), gam):
+            m = 0
+            for tok, logprob, imp, exp in per[: n + 1]:
+                b.tokens.append(int(tok))
+                b.logprob += logprob
+                b.implicit += imp
+                if scored:
+                    b.explicit = exp
+                m += 1
+                b.finished = self.stopper.finished(b.tokens) or len(b.tokens) == self.opts.max_new_tokens
+                if b.finished:
+                    break
+            kept.append(m)
+            self.stats.drafted += g
+            self.stats.accepted += min(n, m)
+            self.stats.new_tokens += m
+        for req in self.active:
+            req.t = max(len(b.tokens) for b in req.cands)
+        return kept
+
+    # -- schedule: after a chunk boundary --------------------------------------------------------
+    def regroup(self, plans: dict) -> None:
+        """Drop finished and pruned rows; each kept parent forks into its K children (no forward: the
+        children read the pending token in their first round)."""
+        self.rows, _ = self.fork(self.continuing(plans), plans)
