@@ -1,0 +1,121 @@
+"""Speculative IVG in the paged decoder: greedy output equals plain decoding in every mode, the first
+tokens at temperature > 0 follow the exact warped distribution, values equal a recomputation for the
+tokens drawn, and no block leaks after rejections, an error or a finished run."""
+import pytest
+import torch
+from scipy import stats
+
+from ivg.decoder import IVGDecoder
+from ivg.naive import NaiveDecoder
+from ivg.options import DecodeOptions
+from ivg_kernels._args import prepare_sample_args
+from ivg_kernels.reference.sampling import warped_probs
+
+from .decoder_fixtures import ivg_models
+from .test_decoder import MODES, PROMPTS, _opts, _same
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def models(request):
+    return ivg_models(request.param)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_greedy_speculation_gives_the_plain_tokens_and_values(models, mode, gamma):
+    opts = _opts(mode, temperature=0.0)
+    plain = NaiveDecoder(models).generate(PROMPTS, opts)
+    dec = IVGDecoder(models)
+    spec = dec.generate(PROMPTS, DecodeOptions(**{**opts.__dict__, "speculate": gamma}))
+    _same(spec, plain)
+    assert dec.last_stats.drafted > 0 and 0 <= dec.last_stats.accepted <= dec.last_stats.drafted
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
+@pytest.mark.parametrize("filt", [dict(), dict(top_k=5), dict(top_p=0.8, min_p=0.02)], ids=["none", "top_k", "top_p+min_p"])
+def test_first_tokens_follow_the_warped_distribution(filt):
+    """3,000 best-of-N candidates of one prompt, two tokens each, speculating 3: their first tokens against
+    the exact distribution of the sampler (EFT guidance, temperature 1.3)."""
+    models = ivg_models("gpt2")
+    n = 3000
+    opts = DecodeOptions(mode="bon", n=n, num_return=n, scorer="implicit", tokenwise=("eft",), temperature=1.3,
+                         max_new_tokens=2, seed=5, eos_token_ids=(), speculate=3, **filt)
+    dec = IVGDecoder(models)
+    res = dec.generate(PROMPTS[:1], opts)[0]
+    first = torch.tensor([b.tokens[0] for b in res.beams])
+    ids = torch.tensor([models.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]])
+    g = models.guides[0]
+    with torch.no_grad():
+        last = [m(ids).logits[:, -1] for m in (models.base, g.tuned, g.ref)]
+    a = prepare_sample_args(last[0], [(last[1], g.beta), (last[2], -g.beta)], 1.3, filt.get("top_k", 0),
+                            filt.get("top_p", 1.0), filt.get("min_p", 0.0), 0, 0, None)
+    p = warped_probs(a)[0]
+    counts = torch.bincount(first, minlength=len(p)).double()
+    assert counts[p == 0].sum() == 0, "a first token outside the filtered support"
+    keep = p * n >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum().view(1)])
+    expected = torch.cat([p[keep] * n, (p[~keep] * n).sum().view(1)])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    assert stats.chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue > 1e-4
+    assert 0 < dec.last_stats.accepted < dec.last_stats.drafted
+
+
+def test_values_equal_a_recomputation_for_the_tokens_drawn(models):
+    opts = _opts("ivg", speculate=3)
+    dec = IVGDecoder(models)
+    res = dec.generate(PROMPTS, opts)
+    assert dec.last_stats.drafted > 0
+    tok, g = models.tokenizer, models.guides[0]
+    for r in res:
+        prompt = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        y = r.beams[0].tokens
+        with torch.no_grad():
+            x = torch.tensor([prompt + y])
+            lt = torch.log_softmax(g.tuned(x).logits[0, len(prompt) - 1:-1].double(), -1)
+            lr = torch.log_softmax(g.ref(x).logits[0, len(prompt) - 1:-1].double(), -1)
+            idx = torch.tensor(y)[:, None]
+            implicit = g.beta * float((lt.gather(1, idx) - lr.gather(1, idx)).sum())
+            q = models.token_rm(input_ids=torch.tensor([prompt + y[:-1]])).logits[0, -1, y[-1]]
+        assert abs(r.beams[0].implicit_value - implicit) < 1e-9
+        assert abs(r.beams[0].explicit_value - float(q)) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["eft", "tokenrm", "ivg"])
+def test_sampled_speculation_is_reproducible_and_batch_invariant(models, mode):
+    opts = _opts(mode, speculate=2, temperature=0.9)
+    together = IVGDecoder(models).generate(PROMPTS, opts)
+    alone = [IVGDecoder(models).generate([p], opts)[0] for p in PROMPTS]
+    _same(together, alone, tol=1e-12)
+    assert any(r.beams[0].tokens != s.beams[0].tokens
+               for r, s in zip(together, IVGDecoder(models).generate(PROMPTS, _opts(mode, temperature=0.9))))
+
+
+def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
+    from ivg import speculative_loop
+
+    dec = IVGDecoder(models)
+    calls, real = [], speculative_loop.speculative_verify_ref
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("verification failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(speculative_loop, "speculative_verify_ref", flaky)
+    with pytest.raises(RuntimeError, match="verification failed"):
+        dec.generate(PROMPTS, _opts("ivg", speculate=3))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+    monkeypatch.setattr(speculative_loop, "speculative_verify_ref", real)
+    _same(dec.generate(PROMPTS, _opts("ivg", speculate=3)), IVGDecoder(models).generate(PROMPTS, _opts("ivg", speculate=3)))
+
+
+def test_bad_speculate_values_are_named():
+    models = ivg_models("gpt2")
+    for bad, match in ((-1, "speculate=-1"), (1.5, "speculate=1.5"), (True, "speculate=True")):
+        with pytest.raises(ValueError, match=match):
+            IVGDecoder(models).generate(PROMPTS, _opts("eft", speculate=bad))
+    from ivg.models import IVGModels
+
+    with pytest.raises(ValueError, match="speculate=2: needs a .tuned, ref. guide pair"):
+        IVGDecoder(IVGModels(models.base, tokenizer=models.tokenizer)).generate(PROMPTS, _opts("plain", speculate=2))
