@@ -1,0 +1,92 @@
+"""Speculative IVG against plain decoding: per-response latency of one prompt at a time.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py            # the demo's trained models (CPU)
+    python benchmarks/bench_speculative.py --record                     # append to results.csv
+
+Models: the ``ivg demo`` models (base GPT-2 4x128, DPO-tuned and reference guides 2x64, token RM
+2x64; built and cached by the first ``ivg demo``). Setting: the demo's (temperature 0.7, W=K=4,
+L=5 for ``ivg``, 24 new tokens, EOS as the model emits it), ``--prompts`` prompts decoded one at a
+time (the latency regime), each mode with ``speculate`` 0 (plain decoding) and each ``--gammas``
+value. Reported per mode and gamma: mean seconds per response (``median_us`` column: microseconds),
+the acceptance rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard
+error, in ``shape``; ``speedup``: plain latency / this latency, measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+from benchmarks import harness  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from ivg.api import load_models
+    from ivg.decoder import IVGDecoder
+    from ivg.demo.build import build
+    from ivg.demo.corpus import GoldReward, make_prompts
+    from ivg.demo.run import BETA, RM_WEIGHT, method_options
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--modes", nargs="*", default=["eft", "ivg"])
+    ap.add_argument("--gammas", nargs="*", type=int, default=[2, 3, 4])
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    path = build(progress=False)
+    models = load_models(path / "base", tuned=[path / "tuned"], ref=[path / "ref"], beta=[BETA],
+                         token_rm=path / "rm", token_rm_weight=RM_WEIGHT, device=args.device)
+    prompts = make_prompts(args.prompts, 4242)
+    gold = GoldReward()
+    dec = IVGDecoder(models, max_batch_prompts=1)
+    dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
+    print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)
+    rows = []
+    for mode in args.modes:
+        plain_s = None
+        for gamma in [0] + list(args.gammas):
+            opts = method_options(mode, 0, args.max_new_tokens)
+            opts = type(opts)(**{**opts.__dict__, "speculate": gamma})
+            dec.generate(prompts[:1], opts)  # warm-up, not timed
+            times, texts, drafted, accepted = [], [], 0, 0
+            for p in prompts:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                res = dec.generate([p], opts)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                texts.append(res[0].beams[0].text)
+                drafted += dec.last_stats.drafted
+                accepted += dec.last_stats.accepted
+            mean = statistics.fmean(times)
+            plain_s = plain_s or mean
+            rewards = gold.scorer(prompts, texts)
+            se = statistics.stdev(rewards) / len(rewards) ** 0.5
+            rate = accepted / drafted if drafted else float("nan")
+            print(f"{mode:<4} speculate={gamma}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
+                  f"acceptance {rate:.2f}  gold {statistics.fmean(rewards):+.3f} +- {se:.3f}", flush=True)
+            rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
+                             provider=f"{mode}-speculate-{gamma}",
+                             shape=(f"demo models,prompts={len(prompts)} one at a time,new={args.max_new_tokens},"
+                                    f"T=0.7,acceptance={rate:.2f},gold={statistics.fmean(rewards):+.3f}+-{se:.3f}"),
+                             dtype="float32", median_us=f"{mean * 1e6:.0f}", gbps="", speedup=f"{plain_s / mean:.2f}"))
+    if args.record:
+        harness.append_results(rows)
+        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
