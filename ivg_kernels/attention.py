@@ -71,10 +71,15 @@ def _check_scale_window(scale, sliding_window):
     return float(scale), int(sliding_window or 0)
 
 
-def _triton_ops():
-    from ._triton import attention_kernels  # noqa: F401  (registers the ops)
+def _triton(name, *args):
+    """Run a Triton attention op. Eager calls go to its launcher, one plain launch per kernel (the torch
+    op's dispatch costs far more than the kernels at small shapes); under torch.compile, the torch op
+    (``triton_op``), which compiles into the graph. CUDA-graph capture records either."""
+    from ._triton import attention_kernels  # also registers the ops
 
-    return torch.ops.ivg_kernels
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.ivg_kernels, name)(*args)
+    return getattr(attention_kernels, f"launch_{name}")(*args)
 
 
 def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> None:
@@ -98,7 +103,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
     if resolve_backend(backend, k_cache, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
-    _triton_ops().write_kv(k_cache, v_cache, key, value, slot_mapping)
+    _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
@@ -127,8 +132,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
                                               sliding_window=sliding_window)
-    return _triton_ops().paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window,
-                                                int(num_splits))
+    return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale, window,
+                   int(num_splits))
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
@@ -173,9 +178,8 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
             _fail("max_group_rows", max_group_rows, f"at least {most}, the largest group")
         return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
                                                       shared_lens, scale=scale, sliding_window=sliding_window)
-    return _triton_ops().shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                                                        shared_lens, int(max_group_rows), scale, window,
-                                                        int(num_splits))
+    return _triton("shared_prefix_decode_attention", q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                   shared_lens, int(max_group_rows), scale, window, int(num_splits))
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,
@@ -203,5 +207,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                                scale=scale, sliding_window=sliding_window)
-    return _triton_ops().paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                                 int(max_seqlen_q), scale, window)
+    return _triton("paged_prefill_attention", q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                   int(max_seqlen_q), scale, window)

@@ -190,3 +190,41 @@ def test_bad_inputs_name_the_argument():
         write_kv(kc, kc.clone(), torch.zeros(2, 3, 8), torch.zeros(2, 2, 8), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="slot_mapping="):
         write_kv(kc, kc.clone(), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8), torch.zeros(3, dtype=torch.int64))
+
+
+@requires_triton
+def test_eager_calls_launch_directly_and_the_ops_agree():
+    """Eager calls of every Triton attention op skip the torch op's dispatch (no ``ivg_kernels::`` event
+    in the profiler: one plain launch per kernel), and the registered ops, which torch.compile uses,
+    give the same results."""
+    from ivg_kernels.attention import shared_prefix_decode_attention
+
+    bm, seqs, kc, vc, _, _ = _setup([5, 9, 14], 2, 16, 4, torch.float32, seed=4)
+    q = torch.randn(3, 4, 16)
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    starts, shared = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    key = torch.randn(3, 2, 16)
+    slots = torch.tensor([1, 2, 3])
+    k2, v2 = kc.clone(), vc.clone()
+    calls = {
+        "paged_decode_attention": (lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=0.25, backend="triton"),
+                                   (q, kc, vc, bt, sl, 0.25, 0, 0)),
+        "paged_prefill_attention": (lambda: paged_prefill_attention(q, kc, vc, bt, sl, cu, max_seqlen_q=1, scale=0.25,
+                                                                    backend="triton"),
+                                    (q, kc, vc, bt, sl, cu, 1, 0.25, 0)),
+        "shared_prefix_decode_attention": (
+            lambda: shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=3, scale=0.25,
+                                                   backend="triton"),
+            (q, kc, vc, bt, sl, starts, shared, 3, 0.25, 0, 0)),
+        "write_kv": (lambda: write_kv(kc, vc, key, key, slots, backend="triton"), (k2, v2, key, key, slots)),
+    }
+    for name, (eager, op_args) in calls.items():
+        with torch.profiler.profile() as prof:
+            got = eager()
+        assert not any("ivg_kernels::" in e.name for e in prof.events()), f"{name}: eager call dispatched the op"
+        want = getattr(torch.ops.ivg_kernels, name)(*op_args)
+        if name == "write_kv":
+            assert torch.equal(kc, k2) and torch.equal(vc, v2)
+        else:
+            assert torch.equal(got, want), name

@@ -163,3 +163,30 @@ def test_shared_prefix_attention_replays_from_a_cuda_graph():
         graph.replay()
         want = ivg_kernels.paged_decode_attention(q, kc, vc, bt, sl, scale=0.125, backend="triton")
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+
+
+def test_attention_ops_compile_fullgraph_and_match_eager():
+    """Under torch.compile the attention functions go through their torch ops (eager calls launch directly)."""
+    from ivg_kernels import BlockManager, paged_decode_attention, shared_prefix_decode_attention
+
+    bm = BlockManager(64, 16)
+    (root,) = bm.new_sequences(1)
+    bm.append([root], 100)
+    rows = bm.fork(root, 4)
+    bm.free(root)
+    bm.append(rows, [1, 2, 3, 4])
+    kc = torch.randn(64, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    bt, sl = bm.block_table(rows).cuda(), bm.seq_lens(rows).cuda()
+    starts, shared = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in bm.shared_prefix_groups(rows))
+
+    def both(q):
+        return (paged_decode_attention(q, kc, vc, bt, sl, scale=0.125, backend="triton"),
+                shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=4, scale=0.125,
+                                               backend="triton"))
+
+    eager = both(q)
+    compiled = torch.compile(both, fullgraph=True)(q)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=0)

@@ -266,7 +266,8 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, row_shared
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers, registered as torch ops
+# Launchers: plain functions that eager calls use directly, and torch ops (``triton_op``) over the same
+# launchers with ``wrap_triton`` for torch.compile
 # ----------------------------------------------------------------------------------------------
 _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
 
@@ -277,18 +278,29 @@ def _interpreted_bf16(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and triton_interpreted()
 
 
+def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    slot_mapping: torch.Tensor, wrap=None) -> None:
+    """Store new keys/values: one program per token. ``wrap``: ``wrap_triton`` inside the torch op
+    (for torch.compile); eager calls launch the kernel directly (no op dispatch: ``attention.py``)."""
+    t, h, d = key.shape
+    if t == 0:
+        return
+    (wrap or _direct)(_write_kv_kernel)[(t,)](
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        H=h, D=d, BLOCK=triton.next_power_of_2(h * d),
+    )
+
+
+def _direct(kernel):
+    return kernel
+
+
 @torch.library.triton_op("ivg_kernels::write_kv", mutates_args={"k_cache", "v_cache"})
 def write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
     from torch.library import wrap_triton
 
-    t, h, d = key.shape
-    if t == 0:
-        return
-    wrap_triton(_write_kv_kernel)[(t,)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        H=h, D=d, BLOCK=triton.next_power_of_2(h * d),
-    )
+    launch_write_kv(k_cache, v_cache, key, value, slot_mapping, wrap=wrap_triton)
 
 
 def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
@@ -298,12 +310,10 @@ def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
     return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
 
-@torch.library.triton_op("ivg_kernels::paged_decode_attention", mutates_args=())
-def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
-                              num_splits: int) -> torch.Tensor:
-    from torch.library import wrap_triton
-
+def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
+                                  num_splits: int, wrap=None) -> torch.Tensor:
+    """Decode attention: the split kernel, then (with more than one split) the reduce kernel."""
+    launch = wrap or _direct
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
@@ -320,7 +330,7 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
     dp = max(16, triton.next_power_of_2(d))
-    wrap_triton(_decode_split_kernel)[(n, h_kv, splits)](
+    launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
@@ -328,9 +338,39 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
     if direct:
         return out
-    wrap_triton(_decode_reduce_kernel)[(n * h,)](
+    launch(_decode_reduce_kernel)[(n * h,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
         D=d, DP=dp, SP=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
+@torch.library.triton_op("ivg_kernels::paged_decode_attention", mutates_args=())
+def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
+                              num_splits: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    return launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
+                                         wrap=wrap_triton)
+
+
+def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
+                                   scale: float, window: int, wrap=None) -> torch.Tensor:
+    """Ragged prefill/extend attention: one program per (sequence, head, query tile)."""
+    launch = wrap or _direct
+    t, h, d = q.shape
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    b = block_table.shape[0]
+    if t == 0 or b == 0:
+        return out
+    block_m = 16
+    launch(_prefill_kernel)[(b, h, triton.cdiv(max(max_seqlen_q, 1), block_m))](
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
+        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
+        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
     )
     return out
 
@@ -341,29 +381,16 @@ def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                max_seqlen_q: int, scale: float, window: int) -> torch.Tensor:
     from torch.library import wrap_triton
 
-    t, h, d = q.shape
-    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
-    out = torch.empty_like(q)
-    b = block_table.shape[0]
-    if t == 0 or b == 0:
-        return out
-    block_m = 16
-    wrap_triton(_prefill_kernel)[(b, h, triton.cdiv(max(max_seqlen_q, 1), block_m))](
-        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
-        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
-        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
-    )
-    return out
+    return launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                                          scale, window, wrap=wrap_triton)
 
 
-@torch.library.triton_op("ivg_kernels::shared_prefix_decode_attention", mutates_args=())
-def shared_prefix_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                      block_table: torch.Tensor, seq_lens: torch.Tensor, group_starts: torch.Tensor,
-                                      shared_lens: torch.Tensor, max_group_rows: int, scale: float, window: int,
-                                      num_splits: int) -> torch.Tensor:
-    from torch.library import wrap_triton
-
+def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
+                                          max_group_rows: int, scale: float, window: int, num_splits: int,
+                                          wrap=None) -> torch.Tensor:
+    """Shared-prefix decode attention: the prefix kernel per (group, KV head x query tile, split), then
+    the suffix kernel per (row, KV head), which merges the prefix partials."""
+    launch = wrap or _direct
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
@@ -382,16 +409,28 @@ def shared_prefix_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     dp = max(16, triton.next_power_of_2(d))
     ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
-    wrap_triton(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
+    launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
     )
     row_shared = shared_lens.repeat_interleave(group_starts[1:] - group_starts[:-1], output_size=n)
-    wrap_triton(_shared_suffix_kernel)[(n, h_kv)](
+    launch(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
         IEEE=ieee, F32=f32,
     )
     return out
+
+
+@torch.library.triton_op("ivg_kernels::shared_prefix_decode_attention", mutates_args=())
+def shared_prefix_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_table: torch.Tensor, seq_lens: torch.Tensor, group_starts: torch.Tensor,
+                                      shared_lens: torch.Tensor, max_group_rows: int, scale: float, window: int,
+                                      num_splits: int) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    return launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                                                 shared_lens, max_group_rows, scale, window, num_splits,
+                                                 wrap=wrap_triton)
