@@ -8,7 +8,8 @@
 #   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck over csrc/
-#   bench     bench_sampling, bench_kv and bench_decode with --record: appends to benchmarks/results.csv,
+#   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
+#             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
 #
@@ -33,6 +34,7 @@ env_report() {
 }
 
 GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
+           tests/test_shared_prefix_attention.py tests/test_speculative.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
            tests/test_cuda_build_dispatch.py}"
 
@@ -74,6 +76,9 @@ run_bench() {
     note "bench_decode"
     timeout "${DECODE_TIMEOUT:-300}" "$PY" benchmarks/bench_decode.py --record 2>&1 | tee "$OUT/bench_decode.log" \
         | tail -20 || STATUS=1
+    note "bench_decode: beam groups with a 2,048-token prompt (per-beam against shared-prefix attention)"
+    timeout "${LONG_TIMEOUT:-240}" "$PY" benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg \
+        --skip-naive --record 2>&1 | tee "$OUT/bench_decode_long.log" | tail -8 || STATUS=1
     local gpus
     gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
     if [ "$gpus" -gt 1 ]; then
