@@ -94,7 +94,7 @@ def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
     from ivg import speculative_loop
 
     dec = IVGDecoder(models)
-    calls, real = [], speculative_loop.speculative_verify_ref
+    calls, real = [], speculative_loop.speculative_verify
 
     def flaky(*a, **k):
         calls.append(1)
@@ -102,11 +102,11 @@ def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
             raise RuntimeError("verification failed")
         return real(*a, **k)
 
-    monkeypatch.setattr(speculative_loop, "speculative_verify_ref", flaky)
+    monkeypatch.setattr(speculative_loop, "speculative_verify", flaky)
     with pytest.raises(RuntimeError, match="verification failed"):
         dec.generate(PROMPTS, _opts("ivg", speculate=3))
     assert set(dec.kv_blocks_in_use().values()) == {0}
-    monkeypatch.setattr(speculative_loop, "speculative_verify_ref", real)
+    monkeypatch.setattr(speculative_loop, "speculative_verify", real)
     _same(dec.generate(PROMPTS, _opts("ivg", speculate=3)), IVGDecoder(models).generate(PROMPTS, _opts("ivg", speculate=3)))
 
 
@@ -119,3 +119,22 @@ def test_bad_speculate_values_are_named():
 
     with pytest.raises(ValueError, match="speculate=2: needs a .tuned, ref. guide pair"):
         IVGDecoder(IVGModels(models.base, tokenizer=models.tokenizer)).generate(PROMPTS, _opts("plain", speculate=2))
+
+
+def test_the_decoder_uses_the_fused_verification_where_it_applies(monkeypatch):
+    """backend='triton' (the interpreter here): rounds go through the fused kernel when no filter is set,
+    and greedy output still equals plain decoding; with top-p they use the reference."""
+    from ivg_kernels._triton import speculative_kernels
+
+    models = ivg_models("gpt2", dtype=torch.float32)
+    calls, real = [], speculative_kernels.launch_speculative_verify
+    monkeypatch.setattr(speculative_kernels, "launch_speculative_verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+    opts = _opts("eft", temperature=0.0, max_new_tokens=8)
+    plain = IVGDecoder(models, backend="reference").generate(PROMPTS[:2], opts)
+    spec = IVGDecoder(models, backend="triton").generate(PROMPTS[:2], DecodeOptions(**{**opts.__dict__, "speculate": 2}))
+    assert [r.beams[0].tokens for r in spec] == [r.beams[0].tokens for r in plain]
+    assert calls, "the fused kernel was not used"
+    calls.clear()
+    IVGDecoder(models, backend="triton").generate(PROMPTS[:1], _opts("eft", temperature=0.8, top_p=0.9,
+                                                                     max_new_tokens=4, speculate=2))
+    assert not calls, "top-p rounds must use the reference"

@@ -8,7 +8,8 @@ A round, for every live row that has room before its chunk boundary:
 2. **verify**: every other model reads the pending token and the drafts in one extend forward, which
    gives its logits at every position (the token RM too when it guides; a token RM that only scores
    stays lazy, as in the plain loop);
-3. **accept**: ``speculative_verify`` keeps a prefix of the drafts and draws one more token;
+3. **accept**: ``ivg_kernels.speculative_verify`` (the fused Triton kernel on CUDA where it applies)
+   keeps a prefix of the drafts and draws one more token;
 4. **update**: tokens, log-probs, values and finished flags as in a plain step, from the verification
    logits (so values equal those of plain decoding for the same tokens); every model's cache is cut
    back to the tokens kept, and the last new token becomes the row's pending token.
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ivg_kernels.reference.speculative import draft_draw_ref, spec_uniforms, speculative_verify_ref
+from ivg_kernels.reference.speculative import spec_uniforms
+from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
 
 from .decode_loop import DecodeLoop
 from .search import row_offset, sampler_guides
@@ -80,11 +82,16 @@ class SpeculativeLoop(DecodeLoop):
         try:
             drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
             self._verify(rows, gam, pending, drafts, logits)
-            out = speculative_verify_ref(
-                logits["base"], sampler_guides(logits, self.guides, self.eft, self.w_rm), logits[DRAFT_MODEL][:, :-1],
-                drafts, torch.tensor(gam, device=self.device), temperature=self.opts.temperature,
-                top_k=self.opts.top_k, top_p=self.opts.top_p, min_p=self.opts.min_p, seed=seed, offset=offset,
-                vocab_size=self.vocab, uniforms=uniforms)
+            guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
+            fused = (self.decoder.backend == "triton" or (self.decoder.backend == "auto" and self.device.type == "cuda")
+                     ) and fused_verification_applies(
+                guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
+            out = speculative_verify(
+                logits["base"], guides, logits[DRAFT_MODEL][:, :-1], drafts, torch.tensor(gam, device=self.device),
+                temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
+                min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
+                backend=self.decoder.backend if fused else "reference",
+                uniforms=None if fused else uniforms)  # the fused kernel draws its own (the same) uniforms
         except BaseException:
             for name in self.step_names:  # nothing half-read: every model back to the round's start
                 self.paged[name].blocks.truncate_many([b.slot for _, b in rows], before[name])
@@ -113,7 +120,7 @@ class SpeculativeLoop(DecodeLoop):
             if not feed:
                 break
             idx = torch.tensor(feed, device=self.device)
-            d = draft_draw_ref(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+            d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
                                uniforms=uniforms[idx, k])
             if bool((d < 0).any()):

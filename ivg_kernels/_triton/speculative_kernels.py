@@ -1,0 +1,198 @@
+"""The speculative verification step in Triton: per row, the warped target ``p`` and draft ``q`` at
+each drafted position, the acceptance test and the residual (or final) draw, in one program.
+
+One program per row. For each position ``k <= num_draft`` a pass over the vocabulary computes the max
+and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i w_i x_i) / T``
+(``div_rn``, no FMA contraction, as the sampler) and, at drafted positions, of the draft scores, and
+flags NaN/+inf inputs; the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no
+draft has been rejected. The final position then takes two more passes: the total mass of the
+distribution drawn from (``max(p - q, 0)`` after a rejection, ``p`` otherwise) and the scan that finds
+the first token whose cumulative mass exceeds ``u`` times it. Greedy rows (temperature 0) compare
+first argmaxes instead. Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
+
+Filters (top-k, top-p, min-p) are not built here: ``ivg_kernels.speculative`` sends rows that use them
+to the reference (and so do more than four guides). Memory traffic: each used position's input rows are read once, the final position's
+twice more.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sampling_kernels import _philox4x32
+
+SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
+
+
+@triton.jit
+def _spec_uniform(seed, offset, LANE: tl.constexpr):
+    """The uniform of word LANE of the speculative counter for key (seed, offset), as float64."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = tl.full([1], SPEC_C0, tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = _philox4x32(c0, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w = w0 if LANE == 0 else (w1 if LANE == 1 else (w2 if LANE == 2 else w3))
+    u = ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    return tl.sum(u.to(tl.float64), 0)
+
+
+@triton.jit
+def _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY: tl.constexpr, NIN: tl.constexpr):
+    """Scores ``(x_0 + sum_i w_i x_i) / t`` of the NIN inputs at ``cols`` of flat row ``row`` (correctly
+    rounded; greedy rows keep ``z``; -inf off the mask); also whether any input there is NaN or +inf."""
+    v = tl.load(inputs[0] + row * strides[0] + cols, mask=mask, other=0.0).to(tl.float32)
+    bad = (v != v) | (v == float("inf"))
+    z = v
+    for i in tl.static_range(1, NIN):
+        v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
+        bad = bad | (v != v) | (v == float("inf"))
+        z = z + w_vals[i - 1] * v
+    if not GREEDY:
+        z = tl.div_rn(z, t)
+    return tl.where(mask, z, float("-inf")), tl.max((bad & mask).to(tl.int32), 0)
+
+
+@triton.jit
+def _row_stats(inputs, strides, w_vals, row, t, V, GREEDY: tl.constexpr,
+               NIN: tl.constexpr, BLOCK: tl.constexpr):
+    """(max, float64 sum of exp(x - max), first argmax, bad) of one position's scores over the vocabulary."""
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float64)
+    best = tl.zeros([1], tl.int64)
+    bad = tl.zeros([1], tl.int32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        mask = cols < V
+        x, b = _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY, NIN)
+        bad = tl.maximum(bad, b)
+        bm = tl.max(x, 0)
+        bi = tl.argmax(x, 0, tie_break_left=True).to(tl.int64) + v0
+        best = tl.where(bm > m, bi, best)  # strictly greater: the first maximum wins
+        m_new = tl.maximum(m, bm)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp((m - m_safe).to(tl.float64)) + tl.sum(tl.exp((x - m_safe).to(tl.float64)), 0)
+        m = m_new
+    return tl.max(m, 0), tl.sum(total, 0), tl.max(best, 0), tl.max(bad, 0)
+
+
+@triton.jit
+def _prob_at(inputs, strides, w_vals, row, t, tok, m, total, GREEDY: tl.constexpr,
+             NIN: tl.constexpr):
+    """The warped probability of token ``tok`` (float64), given the position's max and sum."""
+    cols = tl.zeros([1], tl.int64) + tok
+    x, _ = _scores(inputs, strides, w_vals, row, cols, cols >= 0, t, GREEDY, NIN)
+    return tl.sum(tl.exp((x - m).to(tl.float64)), 0) / total
+
+
+@triton.jit(do_not_specialize=["t"])
+def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
+                   drafts, d_stride, num_draft, seed, offset, o_stride, t, V, S, SQ,
+                   out_n, out_tok, out_ok,
+                   NIN: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    """One row (module docstring). Target rows are ``r * S + k``, draft rows ``r * SQ + k``."""
+    r = tl.program_id(0).to(tl.int64)
+    nd = tl.load(num_draft + r).to(tl.int32)
+    sd = tl.load(seed + r)
+    n = tl.full([], 0, tl.int32)  # drafts accepted so far
+    alive = tl.full([], 1, tl.int32)  # no rejection yet
+    bad = tl.full([], 0, tl.int32)
+    for k in range(0, nd):  # every drafted position is read (its NaN flag counts, as in the reference)
+        off = tl.load(offset + r * o_stride + k)
+        prow = r * S + k
+        qrow = r * SQ + k
+        mp, lp, bp, badp = _row_stats(inputs, strides, w_vals, prow, t, V,
+                                      GREEDY, NIN, BLOCK)
+        mq, lq, bq, badq = _row_stats(draft, d_strides, d_w, qrow, t, V,
+                                      GREEDY, 1, BLOCK)
+        bad = tl.maximum(bad, tl.maximum(badp, badq))
+        bad = tl.maximum(bad, ((mp == float("-inf")) | (mq == float("-inf"))).to(tl.int32))
+        d = tl.load(drafts + r * d_stride + k).to(tl.int64)
+        if GREEDY:
+            acc = d == bp
+        else:
+            pd = _prob_at(inputs, strides, w_vals, prow, t, d, mp, lp, GREEDY, NIN)
+            qd = _prob_at(draft, d_strides, d_w, qrow, t, d, mq, lq, GREEDY, 1)
+            acc = _spec_uniform(sd, off, 1) * qd < pd
+        alive = alive * acc.to(tl.int32)
+        n += alive
+    # The last position n: the first rejection, or the one after every draft.
+    off = tl.load(offset + r * o_stride + n)
+    prow = r * S + n
+    qrow = r * SQ + tl.minimum(n, SQ - 1)
+    rejected = n < nd
+    mp, lp, bp, badp = _row_stats(inputs, strides, w_vals, prow, t, V,
+                                  GREEDY, NIN, BLOCK)
+    mq, lq, bq, _ = _row_stats(draft, d_strides, d_w, qrow, t, V,
+                               GREEDY, 1, BLOCK)
+    if n < nd:  # position nd is read too (it is a used position of the row)
+        _, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V,
+                                 GREEDY, NIN, BLOCK)
+        bad = tl.maximum(bad, b2)
+    bad = tl.maximum(bad, tl.maximum(badp, (mp == float("-inf")).to(tl.int32)))
+    if GREEDY:
+        tok = bp
+    else:
+        u = _spec_uniform(sd, off, 2)
+        total = tl.full([], 0.0, tl.float64)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            mask = cols < V
+            dist = _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow,
+                               cols, mask, t, mp, lp, mq, lq, rejected, NIN)
+            total += tl.sum(dist, 0)
+        target = u * total
+        cum = tl.full([], 0.0, tl.float64)
+        tok = tl.full([], -1, tl.int64)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            mask = cols < V
+            dist = _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow,
+                               cols, mask, t, mp, lp, mq, lq, rejected, NIN)
+            c = cum + tl.cumsum(dist, 0)
+            hit = tl.min(tl.where(mask & (c > target), cols, 2147483647), 0).to(tl.int64)
+            tok = tl.where((tok < 0) & (hit < 2147483647), hit, tok)
+            cum += tl.sum(dist, 0)
+        tok = tl.where(tok < 0, V - 1, tok)
+    ok = bad == 0
+    tl.store(out_n + r, tl.where(ok, n.to(tl.int64), -1))
+    tl.store(out_tok + r, tl.where(ok, tok, -1))
+    tl.store(out_ok + r, ok)
+
+
+@triton.jit
+def _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t,
+                mp, lp, mq, lq, rejected, NIN: tl.constexpr):
+    """The mass of a tile in the distribution of the final draw: ``max(p - q, 0)`` or ``p`` (float64)."""
+    x, _ = _scores(inputs, strides, w_vals, prow, cols, mask, t, False, NIN)
+    p = tl.exp((x - mp).to(tl.float64)) / lp
+    xq, _ = _scores(draft, d_strides, d_w, qrow, cols, mask, t, False, 1)
+    q = tl.exp((xq - mq).to(tl.float64)) / lq
+    return tl.where(mask, tl.where(rejected, tl.maximum(p - q, 0.0), p), 0.0)
+
+
+def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list, draft_logits: torch.Tensor,
+                              draft_tokens: torch.Tensor, num_draft: torch.Tensor, temperature: float,
+                              seed: torch.Tensor, offset: torch.Tensor, vocab_size: int, block: int = 1024):
+    """``(num_accepted [R], token [R], ok [R])`` of every row; inputs as ``speculative_verify_ref``'s, with
+    scalar weights and temperature, no filters. The kernel is launched directly."""
+    r, s = logits.shape[:2]
+    flat = tuple(x.reshape(r * s, x.shape[-1]) for x in [logits, *guides])
+    q = draft_logits.reshape(r * (s - 1), draft_logits.shape[-1]) if s > 1 else flat[0]
+    d = draft_tokens if s > 1 else torch.zeros(r, 1, dtype=torch.int64, device=logits.device)
+    out_n = torch.empty(r, dtype=torch.int64, device=logits.device)
+    out_tok = torch.empty(r, dtype=torch.int64, device=logits.device)
+    out_ok = torch.empty(r, dtype=torch.bool, device=logits.device)
+    if r == 0:
+        return out_n, out_tok, out_ok
+    greedy = temperature == 0
+    _verify_kernel[(r,)](
+        flat, tuple(x.stride(0) for x in flat), tuple(float(w) for w in weights) + (0.0,), (q,), (q.stride(0),),
+        (0.0,), d, d.stride(0), num_draft, seed, offset, offset.stride(0), float(temperature) if not greedy else 1.0,
+        vocab_size, s, max(s - 1, 1), out_n, out_tok, out_ok,
+        NIN=len(flat), GREEDY=greedy, BLOCK=min(block, triton.next_power_of_2(vocab_size)), enable_fp_fusion=False,
+    )
+    return out_n, out_tok, out_ok

@@ -1,0 +1,125 @@
+"""Speculative sampling of the guided distribution: public functions with argument checks and backend
+dispatch. The maths is in :mod:`ivg_kernels.reference.speculative`; the fused verification kernel in
+:mod:`ivg_kernels._triton.speculative_kernels` (rows without top-k, top-p or min-p, scalar temperature
+and weights, at most four guides; other calls use the reference).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._backend import resolve_backend
+from .reference import speculative as ref
+from .reference.speculative import SpeculativeOutput
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(name, value, expected):
+    if isinstance(value, torch.Tensor):
+        value = f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
+    raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def fused_verification_applies(guides, temperature, top_k, top_p, min_p) -> bool:
+    """Whether the fused kernel covers the call: no filter, scalar temperature and weights, <= 4 guides."""
+    scalar = lambda x: not isinstance(x, torch.Tensor)  # noqa: E731
+    return (len(guides) <= 4 and all(scalar(w) for _, w in guides) and scalar(temperature) and scalar(top_k)
+            and scalar(top_p) and scalar(min_p) and top_k == 0 and top_p >= 1.0 and min_p <= 0.0)
+
+
+def draft_sample(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed, offset, vocab_size=None,
+                 uniforms=None) -> torch.Tensor:
+    """Draft tokens ``[R]`` drawn from the draft's warped distribution (temperature and filters as
+    :func:`ivg_kernels.guided_sample`) with the draft uniform of the key ``(seed, offset)``; -1 for rows
+    with NaN/inf logits. Plain torch on every device (one inverse-CDF draw per row)."""
+    return ref.draft_draw_ref(draft_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              offset=offset, vocab_size=vocab_size, uniforms=uniforms)
+
+
+def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0, top_p=1.0,
+                       min_p=0.0, seed, offset, vocab_size=None, uniforms=None, backend="auto") -> SpeculativeOutput:
+    """Accept or reject each row's drafts against the sampler's own distribution and draw its next token.
+
+    Parameters
+    ----------
+    logits : ``[R, S, V]`` base logits at positions ``0 .. S-1`` (position k follows k drafts)
+    guides : ``(tensor [R, S, V_i], weight)`` pairs, as :func:`ivg_kernels.guided_sample`'s
+    draft_logits : ``[R, S - 1, V_d]``; draft_tokens : int ``[R, S - 1]``; num_draft : int ``[R]`` in ``0 .. S-1``
+    temperature, top_k, top_p, min_p, vocab_size : as ``guided_sample``
+    seed : int64 ``[R]`` or int; offset : int64 ``[R, S]``, the key of each position's token
+    uniforms : optional float64 ``[R, S, 3]`` (:func:`ivg_kernels.reference.speculative.spec_uniforms`)
+    backend : ``"auto"`` (the fused Triton kernel on CUDA where it applies), ``"reference"`` or ``"triton"``
+
+    Returns a :class:`~ivg_kernels.reference.speculative.SpeculativeOutput`: kept drafts per row, the new
+    tokens, their log-probs under ``p``, and each input's log-prob and raw value at them.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        _fail("logits", logits, "a 3-D tensor [R, S, V]")
+    r, s, _ = logits.shape
+    for i, pair in enumerate(guides):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], torch.Tensor) \
+                or pair[0].dim() != 3 or tuple(pair[0].shape[:2]) != (r, s):
+            _fail(f"guides[{i}]", pair, f"a (tensor [{r}, {s}, V_i], weight) pair")
+    if not isinstance(draft_logits, torch.Tensor) or draft_logits.dim() != 3 or tuple(draft_logits.shape[:2]) != (r, s - 1):
+        _fail("draft_logits", draft_logits, f"a tensor [{r}, {s - 1}, V_d]")
+    for name, t, shape in (("draft_tokens", draft_tokens, (r, s - 1)), ("num_draft", num_draft, (r,)),
+                           ("offset", offset, (r, s))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype.is_floating_point:
+            _fail(name, t, f"an integer tensor {list(shape)}")
+        if t.device != logits.device:
+            _fail(name, t, f"a tensor on {logits.device}")
+    if isinstance(seed, torch.Tensor) and (tuple(seed.shape) != (r,) or seed.dtype.is_floating_point):
+        _fail("seed", seed, f"an int or an integer tensor [{r}]")
+    if not isinstance(seed, torch.Tensor) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        _fail("seed", seed, f"an int or an integer tensor [{r}]")
+    if not isinstance(temperature, torch.Tensor) and not (temperature >= 0 and math.isfinite(temperature)):
+        _fail("temperature", temperature, "a finite temperature >= 0 (0 is greedy)")
+    which = resolve_backend(backend, logits, triton_dtypes=_TRITON_DTYPES)
+    fits = fused_verification_applies(guides, temperature, top_k, top_p, min_p) and uniforms is None
+    if which == "triton" and not fits:
+        if backend == "triton":
+            raise ValueError("backend='triton': the fused verification takes no top-k/top-p/min-p, scalar "
+                             "temperature and weights, at most 4 guides and no precomputed uniforms; use 'reference'")
+        which = "reference"
+    if which != "triton":
+        return ref.speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, temperature=temperature,
+                                          top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset,
+                                          vocab_size=vocab_size, uniforms=uniforms)
+    return _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size)
+
+
+def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size):
+    """The fused kernel's accept count and token, then each input's values at the new tokens (a gather)."""
+    from ._triton.speculative_kernels import launch_speculative_verify
+
+    r, s, v_b = logits.shape
+    dev = logits.device
+    v = min([v_b, draft_logits.shape[2]] + [g.shape[2] for g, _ in guides]) if vocab_size is None else int(vocab_size)
+    seed_rows = seed.to(torch.int64) if isinstance(seed, torch.Tensor) else torch.full((r,), int(seed), device=dev)
+    n, tok, ok = launch_speculative_verify(
+        logits.contiguous(), [g.contiguous() for g, _ in guides], [w for _, w in guides], draft_logits.contiguous(),
+        draft_tokens.to(torch.int64).clamp(0, v - 1).contiguous(), num_draft.to(torch.int32).contiguous(),
+        float(temperature), seed_rows.contiguous(), offset.to(torch.int64).contiguous(), v)
+    pos = torch.arange(s, device=dev)
+    tokens = torch.where(pos < n.unsqueeze(1), torch.cat([draft_tokens.to(torch.int64), tok.unsqueeze(1)], 1)
+                         if s > 1 else tok.unsqueeze(1), -1)
+    tokens[torch.arange(r, device=dev), n.clamp(min=0)] = torch.where(ok, tok, -1)
+    live = (pos <= n.unsqueeze(1)) & ok.unsqueeze(1)
+    tokens = torch.where(live, tokens, -1)
+    inputs = [logits[..., :v]] + [g[..., :v] for g, _ in guides]
+    idx = tokens.clamp(min=0).unsqueeze(2)
+    cdt = torch.float32
+    raw = torch.stack([x.to(cdt).gather(2, idx).squeeze(2) for x in inputs], dim=2)
+    lse = torch.stack([x.to(cdt).logsumexp(dim=2) for x in inputs], dim=2)
+    z = sum([logits[..., :v].to(cdt)] + [float(w) * g[..., :v].to(cdt) for g, w in guides])
+    if temperature == 0:
+        logprob = torch.zeros(r, s, dtype=torch.float64, device=dev)
+    else:
+        x = z / float(temperature)
+        logprob = (x.gather(2, idx).squeeze(2) - x.logsumexp(dim=2)).double()
+    nan = torch.tensor(math.nan, dtype=cdt, device=dev)
+    return SpeculativeOutput(n, tokens, torch.where(live, logprob, math.nan),
+                             torch.where(live.unsqueeze(2), raw - lse, nan), torch.where(live.unsqueeze(2), raw, nan), ok)

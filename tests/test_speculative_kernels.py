@@ -1,0 +1,80 @@
+"""The fused speculative verification (Triton; the interpreter on CPU) against the plain-torch
+reference: same accepted counts and tokens, the same values, the same flagged rows; and the dispatch
+rules of ``ivg_kernels.speculative_verify``."""
+import pytest
+import torch
+
+from ivg_kernels.reference.speculative import draft_draw_ref, speculative_verify_ref
+from ivg_kernels.speculative import speculative_verify
+
+from .helpers import DEVICE, requires_triton
+
+
+def _case(r, s, v, g, seed, temperature, scale=1.2, similar=True):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(r, s, v, generator=gen) * scale
+    guides = [(torch.randn(r, s, v + i, generator=gen) * scale, w) for i, w in zip(range(g), (1.0, -1.0, 0.5, -0.25))]
+    draft = (base + 0.3 * torch.randn(r, s, v, generator=gen)) if similar else torch.randn(r, s, v, generator=gen)
+    draft = draft[:, :-1]
+    seeds = torch.arange(r, dtype=torch.int64) * 104729 + seed
+    offset = (torch.arange(s) * 65536).expand(r, s) + torch.arange(r).unsqueeze(1)
+    drafts = torch.stack([draft_draw_ref(draft[:, k], temperature=temperature, seed=seeds, offset=offset[:, k])
+                          for k in range(s - 1)], 1) if s > 1 else torch.zeros(r, 0, dtype=torch.int64)
+    num = torch.randint(0, s, (r,), generator=gen)
+    return base, guides, draft, drafts, num, seeds, offset
+
+
+@requires_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
+@pytest.mark.parametrize("r,s,v,g", [(24, 4, 37, 2), (16, 1, 40, 1), (12, 3, 64, 4), (20, 5, 17, 0)])
+def test_fused_verification_matches_the_reference(r, s, v, g, temperature):
+    base, guides, draft, drafts, num, seeds, offset = _case(r, s, v, g, r + s + v, temperature)
+    args = [x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)]
+    gd = [(x.to(DEVICE), w) for x, w in guides]
+    want = speculative_verify_ref(args[0], gd, args[1], args[2], args[3], temperature=temperature, seed=args[4],
+                                  offset=args[5])
+    got = speculative_verify(args[0], gd, args[1], args[2], args[3], temperature=temperature, seed=args[4],
+                             offset=args[5], backend="triton")
+    assert torch.equal(got.ok, want.ok)
+    assert torch.equal(got.num_accepted, want.num_accepted), (got.num_accepted, want.num_accepted)
+    assert torch.equal(got.tokens, want.tokens)
+    live = want.tokens >= 0
+    torch.testing.assert_close(got.input_logits[live].double(), want.input_logits[live].double())
+    torch.testing.assert_close(got.input_logprobs[live].double(), want.input_logprobs[live].double(), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(got.logprob[live], want.logprob[live], atol=1e-5, rtol=0)
+    if temperature > 0 and s > 1:
+        assert 0 < int(want.num_accepted.sum()) < int(num.sum()), "precondition: some drafts kept, some rejected"
+
+
+@requires_triton
+def test_fused_verification_flags_the_rows_the_reference_flags():
+    base, guides, draft, drafts, num, seeds, offset = _case(6, 3, 33, 2, 1, 1.0)
+    num[:] = torch.tensor([2, 2, 0, 1, 2, 1])
+    base[0, 2, 5] = float("nan")  # read: position num_draft
+    base[1, 1, 3] = float("inf")
+    guides[0][0][2, 2, 1] = float("nan")  # not read: past num_draft
+    draft[3, 0, 7] = float("nan")  # a drafted position of the draft
+    draft[5, 1, 2] = float("nan")  # past the row's one draft: not read
+    args = [x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)]
+    gd = [(x.to(DEVICE), w) for x, w in guides]
+    want = speculative_verify_ref(args[0], gd, args[1], args[2], args[3], seed=args[4], offset=args[5])
+    got = speculative_verify(args[0], gd, args[1], args[2], args[3], seed=args[4], offset=args[5], backend="triton")
+    assert want.ok.tolist() == [False, False, True, False, True, True]
+    assert torch.equal(got.ok, want.ok) and torch.equal(got.tokens, want.tokens)
+
+
+def test_dispatch_and_errors():
+    base, guides, draft, drafts, num, seeds, offset = _case(3, 3, 20, 2, 2, 1.0)
+    out = speculative_verify(base, guides, draft, drafts, num, top_p=0.9, seed=seeds, offset=offset)  # reference
+    assert out.tokens.shape == (3, 3)
+    with pytest.raises(ValueError, match="backend='triton': the fused verification takes no top-k"):
+        speculative_verify(base, guides, draft, drafts, num, top_k=5, seed=seeds, offset=offset, backend="triton")
+    with pytest.raises(ValueError, match=r"draft_logits=.*\[3, 2, V_d\]"):
+        speculative_verify(base, guides, draft[:, :1], drafts, num, seed=seeds, offset=offset)
+    with pytest.raises(ValueError, match=r"num_draft=.*integer tensor \[3\]"):
+        speculative_verify(base, guides, draft, drafts, num.float(), seed=seeds, offset=offset)
+    with pytest.raises(ValueError, match=r"guides\[1\]="):
+        speculative_verify(base, [guides[0], (guides[1][0][:, :2], 1.0)], draft, drafts, num, seed=seeds, offset=offset)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        speculative_verify(base, guides, draft, drafts, num, temperature=-1, seed=seeds, offset=offset)
