@@ -34,7 +34,7 @@ env_report() {
 }
 
 GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
-           tests/test_shared_prefix_attention.py tests/test_speculative.py
+           tests/test_shared_prefix_attention.py tests/test_speculative.py tests/test_speculative_kernels.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
            tests/test_cuda_build_dispatch.py}"
 
