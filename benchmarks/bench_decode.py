@@ -16,6 +16,9 @@ Decode step (GPU): one forward of one new token for each of 16 sequences of 128 
 a gpt2-sized guide (12 layers, 768 wide, bf16) on the paged cache, eager and replayed from a CUDA
 graph (median of 50 steps, host clock around a synchronised step).
 
+The paged decoders also report the share of the wall time outside the models' forwards (sampling,
+bookkeeping, host work; forwards timed by CUDA events on a GPU, ``RunStats.outside_forwards``).
+
 ``--prompt-len N``: every prompt has N tokens; the paged decoder also runs with the shared-prefix
 attention forced off (``paged-per-beam``) and on (``paged-shared``, eager steps), beside its default.
 """
@@ -163,14 +166,17 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-            result[name] = (dec.last_stats.new_tokens / wall, wall)
-            print(f"{mode:<8} {name:<6} {result[name][0]:10.1f} tokens/s  {wall:8.2f} s", flush=True)
+            outside = dec.last_stats.outside_forwards if name != "naive" else float("nan")  # naive: not timed
+            result[name] = (dec.last_stats.new_tokens / wall, wall, outside)
+            print(f"{mode:<8} {name:<6} {result[name][0]:10.1f} tokens/s  {wall:8.2f} s  "
+                  f"outside forwards {outside:6.1%}", flush=True)
         mode_rows = []
-        for name, (tps, wall) in result.items():
+        for name, (tps, wall, outside) in result.items():
             speed = tps / result["naive"][0] if "naive" in result else float("nan")
             mode_rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
                              shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}"
-                                   + (f",prompt_len={args.prompt_len}" if args.prompt_len else ""),
+                                   + (f",prompt_len={args.prompt_len}" if args.prompt_len else "")
+                                   + (f",outside_forwards={outside:.1%}" if outside == outside else ""),
                              dtype=str(PRESETS[preset][3]).replace("torch.", ""),
                              median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
         rows += mode_rows

@@ -201,6 +201,13 @@ def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
     _same(plain, IVGDecoder(models).generate(PROMPTS, _opts("plain")))
 
 
+def test_run_stats_split_the_wall_time_at_the_forwards(models):
+    dec = IVGDecoder(models)
+    dec.generate(PROMPTS, _opts("ivg"))
+    st = dec.last_stats
+    assert 0 < st.forward_s < st.wall_s and 0 < st.outside_forwards < 1
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(mode="cbs", width=0), "width=0"),
     (dict(mode="cbs", successors=0), "successors=0"),

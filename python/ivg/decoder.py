@@ -28,7 +28,7 @@ from .decode_loop import DecodeLoop, Request
 from .speculative_loop import DRAFT_MODEL, SpeculativeLoop
 from .models import IVGModels
 from .options import DecodeOptions
-from .paged_model import PagedModel, local_kv_shape
+from .paged_model import ForwardTimer, PagedModel, local_kv_shape
 from .progress import progress_bar
 from .search import StopChecker, prompt_seed
 
@@ -68,6 +68,12 @@ class RunStats:
     bytes_copied: dict = field(default_factory=dict)
     drafted: int = 0  # speculative decoding: tokens the draft proposed
     accepted: int = 0  # and of those, kept
+    forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
+
+    @property
+    def outside_forwards(self) -> float:
+        """The share of the wall time spent outside the models' forwards (sampling, bookkeeping, host)."""
+        return 1.0 - self.forward_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -213,6 +219,9 @@ class IVGDecoder:
         capacity = min(len(ids), self.max_batch_prompts)
         group, paged = self._paged_models(roles, self._pool_blocks(ids, opts, capacity))
         self._group = group
+        timer = ForwardTimer()
+        for pm in paged.values():
+            pm.timer = timer
         loop = (SpeculativeLoop if opts.speculate else DecodeLoop)(self, opts, roles, group, paged, stopper, stats)
         waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
         results: list = [None] * len(ids)
@@ -235,6 +244,7 @@ class IVGDecoder:
         finally:
             bar.close()
             loop.release()
+        stats.forward_s = timer.total()
         stats.wall_s = time.perf_counter() - start
         self.last_stats = stats
         return results

@@ -12,6 +12,7 @@ Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -110,6 +111,36 @@ def model_from_config(config, **kwargs):
     return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
 
 
+class ForwardTimer:
+    """Total time inside ``PagedModel`` forwards: the host clock on the CPU; CUDA events on a GPU, read
+    once in :meth:`total` (no synchronisation per forward), i.e. the device time between each forward's
+    first and last launch."""
+
+    def __init__(self):
+        self.cpu_s = 0.0
+        self.events: list = []
+
+    def begin(self, device):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def end(self, device, token) -> None:
+        if device.type == "cuda":
+            stop = torch.cuda.Event(enable_timing=True)
+            stop.record()
+            self.events.append((token, stop))
+        else:
+            self.cpu_s += time.perf_counter() - token
+
+    def total(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+        return self.cpu_s + sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+
+
 class PagedModel:
     """A causal LM plus its paged KV cache.
 
@@ -149,6 +180,7 @@ class PagedModel:
         if shared_prefix is None:
             shared_prefix = "auto" if (self.device.type == "cpu" or backend == "reference") else False
         self.shared_prefix = shared_prefix
+        self.timer: ForwardTimer | None = None  # set by the decoder to measure its forwards
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
@@ -164,7 +196,6 @@ class PagedModel:
         if self._previous_attn and self._previous_attn != ATTN_IMPLEMENTATION:
             self.model.set_attn_implementation(self._previous_attn)
 
-    @torch.inference_mode()
     def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, every_position: bool = False
                 ) -> torch.Tensor:
         """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
@@ -172,6 +203,16 @@ class PagedModel:
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
+        if self.timer is None:
+            return self._forward(seq_ids, tokens, every_position)
+        token = self.timer.begin(self.device)
+        try:
+            return self._forward(seq_ids, tokens, every_position)
+        finally:
+            self.timer.end(self.device, token)
+
+    @torch.inference_mode()
+    def _forward(self, seq_ids, tokens, every_position):
         seq_ids = list(seq_ids)
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
