@@ -17,6 +17,12 @@ Beam-group decode attention (issue 13's shape: W*K=16 beams of one prompt of 2,0
   shared-prefix  shared_prefix_decode_attention: the prompt's KV read once for the group
 On the GPU both are timed eagerly and as CUDA-graph replays (the kernels' own time). `gbps`: the
 bytes per-beam attention must read, over the time (so the two rows compare on one scale).
+
+FlashInfer, when importable (carried to the GPU machine as wheels): `flashinfer` beside
+`paged-triton` (BatchDecodeWithPagedKVCacheWrapper on the same pages), and `flashinfer-per-beam` /
+`flashinfer-cascade` beside the beam-group rows (MultiLevelCascadeAttentionWrapper, two levels: the
+shared prompt pages, then each beam's own). Planning is outside the timed call, as in a decoder that
+plans once per step for all layers.
 """
 from __future__ import annotations
 
@@ -95,6 +101,57 @@ def bench_fork(device, lengths, w, k, block_size, quick):
     return rows
 
 
+def _flashinfer():
+    try:
+        import flashinfer
+
+        return flashinfer
+    except Exception as e:  # noqa: BLE001 - any import failure means: not here
+        print(f"flashinfer: not importable ({type(e).__name__}), its rows are skipped", file=sys.stderr)
+        return None
+
+
+def _pages(block_table, seq_lens, bs, first=None):
+    """FlashInfer's paged layout of rows given as our block tables (int32 [N, W]) and lengths: (indptr,
+    indices, last_page_len), from page ``first[r]`` of each row on (all pages by default)."""
+    lens = seq_lens.long().cpu()
+    table = block_table.cpu()
+    nb = (lens + bs - 1) // bs
+    start = torch.zeros_like(nb) if first is None else first.long().cpu()
+    indices = torch.cat([table[r, int(start[r]):int(nb[r])] for r in range(len(lens))]).int()
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    indptr[1:] = (nb - start).cumsum(0)
+    last = (lens - (nb - 1) * bs).int()
+    dev = block_table.device
+    return indptr.to(dev), indices.to(dev), last.to(dev)
+
+
+def _flashinfer_decode(fi, q, kc, vc, bt, sl, scale):
+    """A planned BatchDecodeWithPagedKVCacheWrapper over our pages; returns the timed call."""
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    indptr, indices, last = _pages(bt, sl, kc.shape[1])
+    w.plan(indptr, indices, last, q.shape[1], kc.shape[2], q.shape[2], kc.shape[1], sm_scale=scale,
+           q_data_type=q.dtype, kv_data_type=kc.dtype)
+    return lambda: w.run(q, (kc, vc))
+
+
+def _flashinfer_cascade(fi, q, kc, vc, bt, sl, shared_pages, scale):
+    """Two-level MultiLevelCascadeAttentionWrapper: the first ``shared_pages`` pages once for all rows,
+    then each row's own pages; returns the timed call."""
+    n, bs = q.shape[0], kc.shape[1]
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+    w = fi.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
+    dev = q.device
+    top = (torch.tensor([0, shared_pages], dtype=torch.int32, device=dev), bt[0, :shared_pages].int().contiguous(),
+           torch.tensor([bs], dtype=torch.int32, device=dev))
+    own = _pages(bt, sl, bs, first=torch.full((n,), shared_pages))
+    w.plan([torch.tensor([0, n], dtype=torch.int32, device=dev), torch.arange(n + 1, dtype=torch.int32, device=dev)],
+           [top[0], own[0]], [top[1], own[1]], [top[2], own[2]], q.shape[1], kc.shape[2], q.shape[2], bs,
+           sm_scale=scale, q_data_type=q.dtype, kv_data_type=kc.dtype)
+    return lambda: w.run(q, (kc, vc))
+
+
 def bench_decode(device, ns, lengths):
     from ivg_kernels.attention import paged_decode_attention
     from ivg_kernels.block_manager import BlockManager
@@ -120,7 +177,11 @@ def bench_decode(device, ns, lengths):
                 q.unsqueeze(2), k_dense, v_dense, enable_gqa=True)
             paged = lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton")  # noqa: E731
             base_us = harness.time_us(sdpa, device)
-            for name, fn in (("sdpa-contiguous", sdpa), ("paged-triton", paged)):
+            providers = [("sdpa-contiguous", sdpa), ("paged-triton", paged)]
+            fi = _flashinfer()
+            if fi is not None:
+                providers.append(("flashinfer", _flashinfer_decode(fi, q, kc, vc, bt, sl, d ** -0.5)))
+            for name, fn in providers:
                 us = base_us if name.startswith("sdpa") else harness.time_us(fn, device)
                 rows.append(dict(benchmark="paged-decode-attention", provider=name,
                                  shape=f"N={n},L={length},H={h},H_kv={h_kv},D={d},block={bs}", dtype="bf16",
@@ -157,12 +218,17 @@ def bench_beam_group(device, beams=16, prompt=2048, own=64):
     nbytes = 2 * beams * (prompt + own) * h_kv * d * kc.element_size()
     shape = f"beams={beams},prompt={prompt},own={own},H={h},H_kv={h_kv},D={d},block={bs},max_abs_diff={err:.1e}"
     modes = [("eager", False)] + ([("graph", True)] if device.type == "cuda" else [])
+    providers = [("per-beam-" + backend, per_beam), ("shared-prefix-" + backend, grouped)]
+    fi = _flashinfer() if device.type == "cuda" else None
+    if fi is not None:
+        providers += [("flashinfer-per-beam", _flashinfer_decode(fi, q, kc, vc, bt, sl, d ** -0.5)),
+                      ("flashinfer-cascade", _flashinfer_cascade(fi, q, kc, vc, bt, sl, prompt // bs, d ** -0.5))]
     rows = []
     for mode, graph in modes:
         base = harness.time_us(per_beam, device, graph=graph)
-        for name, fn in (("per-beam", per_beam), ("shared-prefix", grouped)):
-            us = base if name == "per-beam" else harness.time_us(fn, device, graph=graph)
-            rows.append(dict(benchmark="beam-group-attention", provider=f"{name}-{backend}-{mode}", shape=shape,
+        for name, fn in providers:
+            us = base if fn is per_beam else harness.time_us(fn, device, graph=graph)
+            rows.append(dict(benchmark="beam-group-attention", provider=f"{name}-{mode}", shape=shape,
                              dtype=str(dtype).replace("torch.", ""), median_us=f"{us:.1f}",
                              gbps=f"{nbytes / (us * 1e-6) / 1e9:.1f}", speedup=f"{base / us:.2f}"))
     return rows
