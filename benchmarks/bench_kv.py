@@ -153,6 +153,8 @@ def _flashinfer_cascade(fi, q, kc, vc, bt, sl, shared_pages, scale):
 
 
 def bench_decode(device, ns, lengths):
+    """Paged decode attention against SDPA on a contiguous cache: eager, and the kernels' own time as
+    CUDA-graph replays (``paged-triton-graph``)."""
     from ivg_kernels.attention import paged_decode_attention
     from ivg_kernels.block_manager import BlockManager
 
@@ -177,12 +179,12 @@ def bench_decode(device, ns, lengths):
                 q.unsqueeze(2), k_dense, v_dense, enable_gqa=True)
             paged = lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton")  # noqa: E731
             base_us = harness.time_us(sdpa, device)
-            providers = [("sdpa-contiguous", sdpa), ("paged-triton", paged)]
+            providers = [("sdpa-contiguous", sdpa), ("paged-triton", paged), ("paged-triton-graph", paged)]
             fi = _flashinfer()
             if fi is not None:
                 providers.append(("flashinfer", _flashinfer_decode(fi, q, kc, vc, bt, sl, d ** -0.5)))
             for name, fn in providers:
-                us = base_us if name.startswith("sdpa") else harness.time_us(fn, device)
+                us = base_us if name.startswith("sdpa") else harness.time_us(fn, device, graph=name.endswith("-graph"))
                 rows.append(dict(benchmark="paged-decode-attention", provider=name,
                                  shape=f"N={n},L={length},H={h},H_kv={h_kv},D={d},block={bs}", dtype="bf16",
                                  median_us=f"{us:.1f}", gbps=f"{nbytes / (us * 1e-6) / 1e9:.1f}",
@@ -249,6 +251,7 @@ def main(argv=None) -> int:
     rows += bench_beam_group(device)
     if device.type == "cuda":
         rows += bench_decode(device, [1, 16, 64], [1024, 4096, 16384])
+        rows += bench_decode(device, [1, 4], [65536])  # long contexts at one or a few sequences: split-KV
     else:
         print("paged decode attention vs SDPA: GPU only, skipped", file=sys.stderr)
     for r in rows:
