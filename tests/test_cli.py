@@ -174,3 +174,25 @@ def test_a_missing_model_path_is_one_line_naming_the_flag(model_dirs, tmp_path, 
         generate(["a"], base=model_dirs["base"], tuned=["/nope"], ref=[model_dirs["ref"]], max_new_tokens=2)
     assert main(_plain(model_dirs, tmp_path / "o.jsonl", "--prompt", "a", "--template", "base=no prompt")) == 2
     assert "{prompt}" in capsys.readouterr().err
+
+
+def test_speculate_reaches_the_decoder(model_dirs, tmp_path, capsys):
+    """--speculate N: greedy output equals plain decoding; sampled output equals the Python API's; a
+    negative N is one line naming the flag."""
+    plain, spec = tmp_path / "plain.jsonl", tmp_path / "spec.jsonl"
+    common = ["--mode", "ivg", "--prompt", "good", "--prompt", "a"]
+    assert main(_args(model_dirs, plain, *common, "--temperature", "0")) == 0
+    assert main(_args(model_dirs, spec, *common, "--temperature", "0", "--speculate", "3")) == 0
+    assert _tokens(plain) == _tokens(spec)
+    sampled = tmp_path / "sampled.jsonl"
+    assert main(_args(model_dirs, sampled, *common, "--speculate", "2")) == 0
+    from ivg.api import generate
+
+    api = generate(["good", "a"], base=model_dirs["base"], tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]],
+                   beta=[1.5], token_rm=model_dirs["rm"], dtype="float64", mode="ivg", width=2, successors=2,
+                   chunk_len=3, max_new_tokens=8, temperature=1.0, seed=3, speculate=2)
+    assert _tokens(sampled) == [r.beams[0].tokens for r in api]
+    capsys.readouterr()
+    assert main(_args(model_dirs, tmp_path / "bad.jsonl", *common, "--speculate", "-1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "speculate=-1" in err[0], err

@@ -117,6 +117,8 @@ def test_bad_speculate_values_are_named():
             IVGDecoder(models).generate(PROMPTS, _opts("eft", speculate=bad))
     from ivg.models import IVGModels
 
+    with pytest.raises(ValueError, match="speculate=2: the naive baseline does not speculate"):
+        NaiveDecoder(models).generate(PROMPTS, _opts("eft", speculate=2))
     with pytest.raises(ValueError, match="speculate=2: needs a .tuned, ref. guide pair"):
         IVGDecoder(IVGModels(models.base, tokenizer=models.tokenizer)).generate(PROMPTS, _opts("plain", speculate=2))
 

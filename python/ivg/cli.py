@@ -104,6 +104,11 @@ def _generate(args) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
                    speculate=args.speculate)
+    from .options import DecodeOptions
+
+    scorer = args.scorer if args.scorer in ("explicit", "implicit") else None  # MODULE:FUNCTION loads later
+    DecodeOptions(**options, num_return=args.num_return, scorer=scorer).resolved(
+        have_guides=bool(args.tuned), have_token_rm=args.token_rm is not None or bool(args.scorer))  # fail now
     if args.ignore_eos:
         options["eos_token_ids"] = ()
     if templates:

@@ -37,6 +37,8 @@ class NaiveDecoder:
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
         m = self.models
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
+        if opts.speculate:
+            raise ValueError(f"speculate={opts.speculate}: the naive baseline does not speculate (use the paged decoder)")
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
                  or (r[0] == "rm" and opts.uses_token_rm)]
         ids = check_prompts(m, prompts, opts, roles)
