@@ -46,11 +46,17 @@ def _close(a, b, what):
     assert diff <= 1e-5, f"{what}: max |diff| {diff:.2e} > 1e-5"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_paged_matches_dynamic_cache_with_forks_and_prunes(family, backend):
+# Shared-prefix decode attention (forced on: the forks below share blocks) on every family with the
+# reference, and with Triton on the grouped-query and sliding-window families (the interpreter is slow).
+CASES = [(f, b, False) for f in CONFIGS for b in BACKENDS] + [(f, "reference", True) for f in CONFIGS] + [
+    (f, b, True) for f in ("llama-gqa", "mistral-window") for b in BACKENDS if b != "reference"]
+
+
+@pytest.mark.parametrize("family,backend,shared", CASES,
+                         ids=[f"{f}-{b}-{'shared-prefix' if s else 'per-row'}" for f, b, s in CASES])
+def test_paged_matches_dynamic_cache_with_forks_and_prunes(family, backend, shared):
     ref, paged_hf = _pair(CONFIGS[family])
-    pm = PagedModel(paged_hf, num_blocks=256, block_size=4, backend=backend)
+    pm = PagedModel(paged_hf, num_blocks=256, block_size=4, backend=backend, shared_prefix=shared)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (5, 11, 2)]
     ids = pm.blocks.new_sequences(3)
