@@ -47,7 +47,8 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
     ----------
     logits : ``[R, S, V]`` base logits at positions ``0 .. S-1`` (position k follows k drafts)
     guides : ``(tensor [R, S, V_i], weight)`` pairs, as :func:`ivg_kernels.guided_sample`'s
-    draft_logits : ``[R, S - 1, V_d]``; draft_tokens : int ``[R, S - 1]``; num_draft : int ``[R]`` in ``0 .. S-1``
+    draft_logits : ``[R, S, V_d]``, the draft's logits at every position (the last one decides the
+        final token as if drafted); draft_tokens : int ``[R, S - 1]``; num_draft : int ``[R]`` in ``0 .. S-1``
     temperature, top_k, top_p, min_p, vocab_size : as ``guided_sample``
     seed : int64 ``[R]`` or int; offset : int64 ``[R, S]``, the key of each position's token
     uniforms : optional float64 ``[R, S, 3]`` (:func:`ivg_kernels.reference.speculative.spec_uniforms`)
@@ -63,8 +64,8 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], torch.Tensor) \
                 or pair[0].dim() != 3 or tuple(pair[0].shape[:2]) != (r, s):
             _fail(f"guides[{i}]", pair, f"a (tensor [{r}, {s}, V_i], weight) pair")
-    if not isinstance(draft_logits, torch.Tensor) or draft_logits.dim() != 3 or tuple(draft_logits.shape[:2]) != (r, s - 1):
-        _fail("draft_logits", draft_logits, f"a tensor [{r}, {s - 1}, V_d]")
+    if not isinstance(draft_logits, torch.Tensor) or draft_logits.dim() != 3 or tuple(draft_logits.shape[:2]) != (r, s):
+        _fail("draft_logits", draft_logits, f"a tensor [{r}, {s}, V_d]")
     for name, t, shape in (("draft_tokens", draft_tokens, (r, s - 1)), ("num_draft", num_draft, (r,)),
                            ("offset", offset, (r, s))):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype.is_floating_point:

@@ -27,7 +27,7 @@ def _run(base, tune, ref, n_keys, num_draft, **filt):
     seed = torch.arange(r, dtype=torch.int64) * 7919 + 3
     offset = torch.arange(S, dtype=torch.int64).expand(r, S) * 65536
     drafts = torch.stack([draft_draw_ref(t[:, k], seed=seed, offset=offset[:, k], **filt) for k in range(S - 1)], 1)
-    out = speculative_verify_ref(b, [(t, 1.0), (f, -1.0)], t[:, :-1], drafts, torch.full((r,), num_draft), seed=seed,
+    out = speculative_verify_ref(b, [(t, 1.0), (f, -1.0)], t, drafts, torch.full((r,), num_draft), seed=seed,
                                  offset=offset, **filt)
     return out, drafts
 
@@ -88,7 +88,7 @@ def test_values_are_the_inputs_at_the_tokens_and_nan_after():
     seed = torch.tensor([1, 2, 3])
     offset = torch.arange(S).expand(3, S) * 65536 + torch.tensor([[0], [1], [2]])
     drafts = torch.stack([draft_draw_ref(tune[:, k], seed=seed, offset=offset[:, k]) for k in range(S - 1)], 1)
-    out = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune[:, :-1], drafts, torch.tensor([2, 1, 0]),
+    out = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune, drafts, torch.tensor([2, 1, 0]),
                                  seed=seed, offset=offset)
     for r in range(3):
         n = int(out.num_accepted[r])
@@ -110,9 +110,9 @@ def test_a_bad_row_is_flagged_and_the_others_are_not():
     base[1, 1, 2] = float("nan")
     seed, offset = torch.tensor([4, 5]), torch.arange(S).expand(2, S) * 65536
     drafts = torch.stack([draft_draw_ref(tune[:, k], seed=seed, offset=offset[:, k]) for k in range(S - 1)], 1)
-    out = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune[:, :-1], drafts, torch.tensor([2, 2]),
+    out = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune, drafts, torch.tensor([2, 2]),
                                  seed=seed, offset=offset)
     assert out.ok.tolist() == [True, False] and (out.tokens[1] == -1).all()
-    quiet = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune[:, :-1], drafts, torch.tensor([2, 0]),
+    quiet = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune, drafts, torch.tensor([2, 0]),
                                    seed=seed, offset=offset)
     assert quiet.ok.tolist() == [True, True], "a NaN at a position the row does not read is no error"

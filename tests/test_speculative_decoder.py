@@ -140,3 +140,16 @@ def test_the_decoder_uses_the_fused_verification_where_it_applies(monkeypatch):
     IVGDecoder(models, backend="triton").generate(PROMPTS[:1], _opts("eft", temperature=0.8, top_p=0.9,
                                                                      max_new_tokens=4, speculate=2))
     assert not calls, "top-p rounds must use the reference"
+
+
+@pytest.mark.parametrize("mode", ["eft", "ivg", "bon"])
+def test_the_output_does_not_depend_on_how_many_tokens_are_drafted(models, mode):
+    """Every position is decided by the same rule (a draft from q, the test, the residual), so at
+    temperature > 0 any speculate >= 1 gives the same tokens and values for a seed."""
+    outs = []
+    for gamma in (1, 2, 4):
+        dec = IVGDecoder(models)
+        outs.append(dec.generate(PROMPTS, _opts(mode, speculate=gamma, temperature=0.9, top_p=0.95)))
+        assert dec.last_stats.accepted > 0
+    _same(outs[0], outs[1])
+    _same(outs[0], outs[2])

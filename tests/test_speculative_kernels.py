@@ -15,7 +15,6 @@ def _case(r, s, v, g, seed, temperature, scale=1.2, similar=True):
     base = torch.randn(r, s, v, generator=gen) * scale
     guides = [(torch.randn(r, s, v + i, generator=gen) * scale, w) for i, w in zip(range(g), (1.0, -1.0, 0.5, -0.25))]
     draft = (base + 0.3 * torch.randn(r, s, v, generator=gen)) if similar else torch.randn(r, s, v, generator=gen)
-    draft = draft[:, :-1]
     seeds = torch.arange(r, dtype=torch.int64) * 104729 + seed
     offset = (torch.arange(s) * 65536).expand(r, s) + torch.arange(r).unsqueeze(1)
     drafts = torch.stack([draft_draw_ref(draft[:, k], temperature=temperature, seed=seeds, offset=offset[:, k])
@@ -55,7 +54,7 @@ def test_fused_verification_flags_the_rows_the_reference_flags():
     base[1, 1, 3] = float("inf")
     guides[0][0][2, 2, 1] = float("nan")  # not read: past num_draft
     draft[3, 0, 7] = float("nan")  # a drafted position of the draft
-    draft[5, 1, 2] = float("nan")  # past the row's one draft: not read
+    draft[5, 2, 2] = float("nan")  # past the row's one draft and its final position: not read
     args = [x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)]
     gd = [(x.to(DEVICE), w) for x, w in guides]
     want = speculative_verify_ref(args[0], gd, args[1], args[2], args[3], seed=args[4], offset=args[5])
@@ -70,7 +69,7 @@ def test_dispatch_and_errors():
     assert out.tokens.shape == (3, 3)
     with pytest.raises(ValueError, match="backend='triton': the fused verification takes no top-k"):
         speculative_verify(base, guides, draft, drafts, num, top_k=5, seed=seeds, offset=offset, backend="triton")
-    with pytest.raises(ValueError, match=r"draft_logits=.*\[3, 2, V_d\]"):
+    with pytest.raises(ValueError, match=r"draft_logits=.*\[3, 3, V_d\]"):
         speculative_verify(base, guides, draft[:, :1], drafts, num, seed=seeds, offset=offset)
     with pytest.raises(ValueError, match=r"num_draft=.*integer tensor \[3\]"):
         speculative_verify(base, guides, draft, drafts, num.float(), seed=seeds, offset=offset)

@@ -6,8 +6,9 @@ and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i 
 (``div_rn``, no FMA contraction, as the sampler) and, at drafted positions, of the draft scores, and
 flags NaN/+inf inputs; the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no
 draft has been rejected. The final position then takes two more passes: the total mass of the
-distribution drawn from (``max(p - q, 0)`` after a rejection, ``p`` otherwise) and the scan that finds
-the first token whose cumulative mass exceeds ``u`` times it. Greedy rows (temperature 0) compare
+distribution drawn from and the scan that finds the first token whose cumulative mass exceeds ``u``
+times it: after every draft was kept, a draw from ``q`` and its test first (as the reference decides
+the last position), then, unless kept, the residual ``max(p - q, 0)``. Greedy rows (temperature 0) compare
 first argmaxes instead. Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
 
 Filters (top-k, top-p, min-p) are not built here: ``ivg_kernels.speculative`` sends rows that use them
@@ -119,44 +120,31 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
             acc = _spec_uniform(sd, off, 1) * qd < pd
         alive = alive * acc.to(tl.int32)
         n += alive
-    # The last position n: the first rejection, or the one after every draft.
+    # The last position n: the first rejection, or the one after every draft, decided as if drafted
+    # there too (a draw from q, the test, else the residual), like the reference.
     off = tl.load(offset + r * o_stride + n)
     prow = r * S + n
-    qrow = r * SQ + tl.minimum(n, SQ - 1)
-    rejected = n < nd
-    mp, lp, bp, badp = _row_stats(inputs, strides, w_vals, prow, t, V,
-                                  GREEDY, NIN, BLOCK)
-    mq, lq, bq, _ = _row_stats(draft, d_strides, d_w, qrow, t, V,
-                               GREEDY, 1, BLOCK)
+    qrow = r * SQ + n
+    mp, lp, bp, badp = _row_stats(inputs, strides, w_vals, prow, t, V, GREEDY, NIN, BLOCK)
+    mq, lq, bq, badq = _row_stats(draft, d_strides, d_w, qrow, t, V, GREEDY, 1, BLOCK)
+    bad = tl.maximum(bad, tl.maximum(badp, badq))
+    bad = tl.maximum(bad, ((mp == float("-inf")) | (mq == float("-inf"))).to(tl.int32))
     if n < nd:  # position nd is read too (it is a used position of the row)
-        _, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V,
-                                 GREEDY, NIN, BLOCK)
-        bad = tl.maximum(bad, b2)
-    bad = tl.maximum(bad, tl.maximum(badp, (mp == float("-inf")).to(tl.int32)))
+        _, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V, GREEDY, NIN, BLOCK)
+        _, _, _, b3 = _row_stats(draft, d_strides, d_w, r * SQ + nd, t, V, GREEDY, 1, BLOCK)
+        bad = tl.maximum(bad, tl.maximum(b2, b3))
     if GREEDY:
         tok = bp
     else:
-        u = _spec_uniform(sd, off, 2)
-        total = tl.full([], 0.0, tl.float64)
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            mask = cols < V
-            dist = _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow,
-                               cols, mask, t, mp, lp, mq, lq, rejected, NIN)
-            total += tl.sum(dist, 0)
-        target = u * total
-        cum = tl.full([], 0.0, tl.float64)
-        tok = tl.full([], -1, tl.int64)
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            mask = cols < V
-            dist = _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow,
-                               cols, mask, t, mp, lp, mq, lq, rejected, NIN)
-            c = cum + tl.cumsum(dist, 0)
-            hit = tl.min(tl.where(mask & (c > target), cols, 2147483647), 0).to(tl.int64)
-            tok = tl.where((tok < 0) & (hit < 2147483647), hit, tok)
-            cum += tl.sum(dist, 0)
-        tok = tl.where(tok < 0, V - 1, tok)
+        extra = _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq,
+                      _spec_uniform(sd, off, 0), False, NIN, BLOCK)
+        pd = _prob_at(inputs, strides, w_vals, prow, t, extra, mp, lp, GREEDY, NIN)
+        qd = _prob_at(draft, d_strides, d_w, qrow, t, extra, mq, lq, GREEDY, 1)
+        if (n == nd) & (_spec_uniform(sd, off, 1) * qd < pd):
+            tok = extra
+        else:
+            tok = _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq,
+                        _spec_uniform(sd, off, 2), True, NIN, BLOCK)
     ok = bad == 0
     tl.store(out_n + r, tl.where(ok, n.to(tl.int64), -1))
     tl.store(out_tok + r, tl.where(ok, tok, -1))
@@ -164,14 +152,39 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
 
 
 @triton.jit
-def _final_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t,
-                mp, lp, mq, lq, rejected, NIN: tl.constexpr):
-    """The mass of a tile in the distribution of the final draw: ``max(p - q, 0)`` or ``p`` (float64)."""
-    x, _ = _scores(inputs, strides, w_vals, prow, cols, mask, t, False, NIN)
-    p = tl.exp((x - mp).to(tl.float64)) / lp
+def _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq,
+          RESIDUAL: tl.constexpr, NIN: tl.constexpr):
+    """A tile's mass (float64) in the draft's ``q``, or (RESIDUAL) in ``max(p - q, 0)``."""
     xq, _ = _scores(draft, d_strides, d_w, qrow, cols, mask, t, False, 1)
     q = tl.exp((xq - mq).to(tl.float64)) / lq
-    return tl.where(mask, tl.where(rejected, tl.maximum(p - q, 0.0), p), 0.0)
+    if RESIDUAL:
+        x, _ = _scores(inputs, strides, w_vals, prow, cols, mask, t, False, NIN)
+        q = tl.maximum(tl.exp((x - mp).to(tl.float64)) / lp - q, 0.0)
+    return tl.where(mask, q, 0.0)
+
+
+@triton.jit
+def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, u,
+          RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
+    """Inverse-CDF draw with uniform ``u`` from ``q`` or the residual: two passes (total, then scan)."""
+    total = tl.full([], 0.0, tl.float64)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V, t,
+                              mp, lp, mq, lq, RESIDUAL, NIN), 0)
+    target = u * total
+    cum = tl.full([], 0.0, tl.float64)
+    tok = tl.full([], -1, tl.int64)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        mask = cols < V
+        m = _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq,
+                  RESIDUAL, NIN)
+        c = cum + tl.cumsum(m, 0)
+        hit = tl.min(tl.where(mask & (c > target), cols, 2147483647), 0).to(tl.int64)
+        tok = tl.where((tok < 0) & (hit < 2147483647), hit, tok)
+        cum += tl.sum(m, 0)
+    return tl.where(tok < 0, V - 1, tok)
 
 
 def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list, draft_logits: torch.Tensor,
@@ -181,7 +194,7 @@ def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list,
     scalar weights and temperature, no filters. The kernel is launched directly."""
     r, s = logits.shape[:2]
     flat = tuple(x.reshape(r * s, x.shape[-1]) for x in [logits, *guides])
-    q = draft_logits.reshape(r * (s - 1), draft_logits.shape[-1]) if s > 1 else flat[0]
+    q = draft_logits.reshape(r * s, draft_logits.shape[-1])
     d = draft_tokens if s > 1 else torch.zeros(r, 1, dtype=torch.int64, device=logits.device)
     out_n = torch.empty(r, dtype=torch.int64, device=logits.device)
     out_tok = torch.empty(r, dtype=torch.int64, device=logits.device)
@@ -192,7 +205,7 @@ def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list,
     _verify_kernel[(r,)](
         flat, tuple(x.stride(0) for x in flat), tuple(float(w) for w in weights) + (0.0,), (q,), (q.stride(0),),
         (0.0,), d, d.stride(0), num_draft, seed, offset, offset.stride(0), float(temperature) if not greedy else 1.0,
-        vocab_size, s, max(s - 1, 1), out_n, out_tok, out_ok,
+        vocab_size, s, s, out_n, out_tok, out_ok,
         NIN=len(flat), GREEDY=greedy, BLOCK=min(block, triton.next_power_of_2(vocab_size)), enable_fp_fusion=False,
     )
     return out_n, out_tok, out_ok

@@ -10,7 +10,12 @@ weighted guide rows, with the same temperature, top-k, top-p and min-p). Then, f
 * ``d_k`` is accepted iff ``u_accept(k) * q_k(d_k) < p_k(d_k)``, i.e. with probability
   ``min(1, p_k(d_k) / q_k(d_k))``;
 * at the first rejection, position ``k``'s token is drawn from ``max(p_k - q_k, 0)`` (normalised);
-* if all ``n`` are accepted, one more token is drawn from ``p_n``.
+* if all ``n`` are accepted, position ``n`` is decided the same way with a draft drawn there too (the
+  draft's logits at ``n`` come with its last forward): kept if it passes the test, else the residual.
+
+Every position is thus decided by the same rule (draft from ``q_k``, test, residual), so a row's tokens
+do not depend on how many drafts each round made: for a given seed every ``speculate >= 1`` gives the
+same output, and only the speed changes.
 
 Every token so produced is distributed exactly as ``p`` at its position (Leviathan et al., ICML 2023;
 Chen et al., 2023), whatever ``q`` is. Greedy rows (temperature 0) have one-hot ``p`` and ``q``: a draft
@@ -104,7 +109,7 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     ----------
     logits : ``[R, S, V]`` base logits at positions ``0 .. S-1`` (position k after k drafts)
     guides : ``(tensor [R, S, V_i], weight)`` pairs, as ``guided_sample``'s (weights floats or ``[R]``)
-    draft_logits : ``[R, S - 1, V_d]``, the draft model's logits at positions ``0 .. S-2``
+    draft_logits : ``[R, S, V_d]``, the draft model's logits at positions ``0 .. S-1``
     draft_tokens : int ``[R, S - 1]``, the drafts (drawn by :func:`draft_draw_ref` from those logits)
     num_draft : int ``[R]``, drafts of each row, ``0 .. S-1`` (positions past ``num_draft`` are unused)
     temperature, top_k, top_p, min_p, vocab_size : as ``guided_sample`` (scalars or ``[R]``)
@@ -114,41 +119,31 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     r, s = logits.shape[:2]
     dev = logits.device
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-    target = prepare_sample_args(flat(logits), [(flat(g), _expand(w, s)) for g, w in guides], _expand(temperature, s),
-                                 _expand(top_k, s), _expand(top_p, s), _expand(min_p, s), _expand(seed, s),
+    params = [_expand(x, s) for x in (temperature, top_k, top_p, min_p, seed)]
+    target = prepare_sample_args(flat(logits), [(flat(g), _expand(w, s)) for g, w in guides], *params,
                                  offset.reshape(-1), vocab_size)
     v = target.vocab_size
     p = warped_probs(target).view(r, s, v)
-    seed_rows = _row(seed, r, dev).to(torch.int64)
-    u = spec_uniforms(seed_rows, offset.to(torch.int64)) if uniforms is None else uniforms  # [R, S, 3]
-    k = torch.arange(s - 1, device=dev)
-    drafting = k < num_draft.to(dev).unsqueeze(1)  # [R, S-1]
-    used = torch.arange(s, device=dev) <= num_draft.to(dev).unsqueeze(1)  # positions a row reads
-    ok = ~(torch.isnan(p[:, :, 0]) & used).any(dim=1)
+    q = warped_probs(prepare_sample_args(flat(draft_logits), [], *params, offset.reshape(-1), v)).view(r, s, v)
+    u = spec_uniforms(_row(seed, r, dev).to(torch.int64), offset.to(torch.int64)) if uniforms is None else uniforms
+    nd = num_draft.to(dev).to(torch.int64)
+    used = torch.arange(s, device=dev) <= nd.unsqueeze(1)  # positions a row reads
+    ok = ~((torch.isnan(p[:, :, 0]) | torch.isnan(q[:, :, 0])) & used).any(dim=1)
+    d = draft_tokens.to(torch.int64).clamp(0, v - 1)
     if s > 1:
-        qa = prepare_sample_args(flat(draft_logits), [], _expand(temperature, s - 1), _expand(top_k, s - 1),
-                                 _expand(top_p, s - 1), _expand(min_p, s - 1), _expand(seed, s - 1),
-                                 offset[:, :-1].reshape(-1), v)
-        q = warped_probs(qa).view(r, s - 1, v)
-        ok &= ~(torch.isnan(q[:, :, 0]) & drafting).any(dim=1)
-        d = draft_tokens.to(torch.int64).clamp(0, v - 1)
         p_d = p[:, :-1].gather(2, d.unsqueeze(2)).squeeze(2)
-        q_d = q.gather(2, d.unsqueeze(2)).squeeze(2)
-        accept = (u[:, :-1, ACCEPT] * q_d < p_d) & drafting
+        q_d = q[:, :-1].gather(2, d.unsqueeze(2)).squeeze(2)
+        accept = (u[:, :-1, ACCEPT] * q_d < p_d) & (torch.arange(s - 1, device=dev) < nd.unsqueeze(1))
         n = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)  # leading accepts
     else:
-        q = p.new_zeros(r, 0, v)
-        d = torch.zeros(r, 0, dtype=torch.int64, device=dev)
         n = torch.zeros(r, dtype=torch.int64, device=dev)
+    # The last position is decided as if it had been drafted too: a draw from q (draft uniform), the
+    # acceptance test, else the residual. So a token never depends on how many drafts a round made.
     rows = torch.arange(r, device=dev)
-    p_n = p[rows, n]  # [R, V]
-    rejected = n < num_draft.to(dev)
-    if s > 1:
-        q_n = q[rows, n.clamp(max=s - 2)]
-        dist = torch.where(rejected.unsqueeze(1), (p_n - q_n).clamp(min=0), p_n)
-    else:
-        dist = p_n
-    y = inverse_cdf(dist.nan_to_num(1.0), u[rows, n, RESIDUAL])
+    p_n, q_n, u_n = p[rows, n].nan_to_num(1.0), q[rows, n].nan_to_num(1.0), u[rows, n]
+    extra = inverse_cdf(q_n, u_n[:, DRAFT])
+    took = (n == nd) & (u_n[:, ACCEPT] * q_n.gather(1, extra[:, None])[:, 0] < p_n.gather(1, extra[:, None])[:, 0])
+    y = torch.where(took, extra, inverse_cdf((p_n - q_n).clamp(min=0), u_n[:, RESIDUAL]))
     pos = torch.arange(s, device=dev)
     tokens = torch.full((r, s), -1, dtype=torch.int64, device=dev)
     if s > 1:

@@ -87,7 +87,7 @@ class SpeculativeLoop(DecodeLoop):
                      ) and fused_verification_applies(
                 guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
             out = speculative_verify(
-                logits["base"], guides, logits[DRAFT_MODEL][:, :-1], drafts, torch.tensor(gam, device=self.device),
+                logits["base"], guides, logits[DRAFT_MODEL], drafts, torch.tensor(gam, device=self.device),
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
                 min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
                 backend=self.decoder.backend if fused else "reference",
