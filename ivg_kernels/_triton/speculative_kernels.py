@@ -3,17 +3,17 @@ each drafted position, the acceptance test and the residual (or final) draw, in 
 
 One program per row. For each position ``k <= num_draft`` a pass over the vocabulary computes the max
 and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i w_i x_i) / T``
-(``div_rn``, no FMA contraction, as the sampler) and, at drafted positions, of the draft scores, and
-flags NaN/+inf inputs; the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no
-draft has been rejected. The final position then takes two more passes: the total mass of the
-distribution drawn from and the scan that finds the first token whose cumulative mass exceeds ``u``
-times it: after every draft was kept, a draw from ``q`` and its test first (as the reference decides
-the last position), then, unless kept, the residual ``max(p - q, 0)``. Greedy rows (temperature 0) compare
-first argmaxes instead. Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
+(``div_rn``, no FMA contraction, as the sampler) and of the draft's scores, and flags NaN/+inf inputs;
+the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no draft has been
+rejected. The final position is decided as the reference decides it: after every draft was kept, a
+draw from ``q`` there and its test; unless that draw is kept, a draw from the residual
+``max(p - q, 0)``. Each draw is two passes (the total mass, then the scan for the first token whose
+cumulative mass exceeds ``u`` times it). Greedy rows (temperature 0) compare first argmaxes instead.
+Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
 
 Filters (top-k, top-p, min-p) are not built here: ``ivg_kernels.speculative`` sends rows that use them
-to the reference (and so do more than four guides). Memory traffic: each used position's input rows are read once, the final position's
-twice more.
+(or more than four guides) to the reference. Memory traffic: each used position's input rows are read
+once; the final position's up to four times more.
 """
 from __future__ import annotations
 
