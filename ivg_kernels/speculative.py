@@ -10,17 +10,12 @@ import numbers
 
 import torch
 
+from ._args import _fail
 from ._backend import resolve_backend
 from .reference import speculative as ref
 from .reference.speculative import SpeculativeOutput
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _fail(name, value, expected):
-    if isinstance(value, torch.Tensor):
-        value = f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
-    raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
 def fused_verification_applies(guides, temperature, top_k, top_p, min_p) -> bool:

@@ -116,8 +116,12 @@ def test_continuous_batching_admits_waiting_prompts_without_changing_results(mod
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
-def test_values_equal_a_from_scratch_recomputation(models):
-    res = IVGDecoder(models).generate(PROMPTS, _opts("ivg"))  # eft token-wise, explicit scorer: both values
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_values_equal_a_from_scratch_recomputation(models, speculate):
+    """Also for the tokens speculative rounds keep (values from the verification forwards)."""
+    dec = IVGDecoder(models)
+    res = dec.generate(PROMPTS, _opts("ivg", speculate=speculate))  # eft token-wise, explicit scorer: both values
+    assert (dec.last_stats.drafted > 0) == bool(speculate)
     tok = models.tokenizer
     g = models.guides[0]
     for r in res:

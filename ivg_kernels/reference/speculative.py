@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._args import prepare_sample_args
+from .._args import prepare_sample_args, row_tensor
 from .philox import philox_uniform
 from .sampling import warped_probs
 
@@ -66,10 +66,9 @@ class SpeculativeOutput:
 def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """float64 ``[..., 3]``: the draft, acceptance and residual uniforms of keys ``seed`` [R] and
     ``offset`` [R] or [R, S] (one per position)."""
-    shape = offset.shape
-    rows = seed.reshape(-1, 1).expand(shape[0], offset[0].numel() if offset.dim() > 1 else 1).reshape(-1)
+    rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset)  # each position takes its row's seed
     lanes = SPEC_COLUMN + torch.arange(3, device=offset.device)
-    return philox_uniform(rows, offset.reshape(-1), lanes).double().view(*shape, 3)
+    return philox_uniform(rows.reshape(-1), offset.reshape(-1), lanes).double().view(*offset.shape, 3)
 
 
 def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -93,12 +92,9 @@ def draft_draw_ref(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
     q = warped_probs(a)
     if uniforms is None:
-        uniforms = spec_uniforms(_row(a.seed, len(q), q.device), _row(a.offset, len(q), q.device))
+        uniforms = spec_uniforms(row_tensor(a.seed, len(q), torch.int64, q.device),
+                                 row_tensor(a.offset, len(q), torch.int64, q.device))
     return torch.where(torch.isnan(q).any(dim=1), -1, inverse_cdf(q.nan_to_num(1.0), uniforms[:, DRAFT]))
-
-
-def _row(value, n, device):
-    return value if isinstance(value, torch.Tensor) else torch.full((n,), value, dtype=torch.int64, device=device)
 
 
 def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0,
@@ -125,7 +121,7 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     v = target.vocab_size
     p = warped_probs(target).view(r, s, v)
     q = warped_probs(prepare_sample_args(flat(draft_logits), [], *params, offset.reshape(-1), v)).view(r, s, v)
-    u = spec_uniforms(_row(seed, r, dev).to(torch.int64), offset.to(torch.int64)) if uniforms is None else uniforms
+    u = spec_uniforms(row_tensor(seed, r, torch.int64, dev), offset.to(torch.int64)) if uniforms is None else uniforms
     nd = num_draft.to(dev).to(torch.int64)
     used = torch.arange(s, device=dev) <= nd.unsqueeze(1)  # positions a row reads
     ok = ~((torch.isnan(p[:, :, 0]) | torch.isnan(q[:, :, 0])) & used).any(dim=1)

@@ -73,10 +73,9 @@ class DecodeLoop:
             return
         roots = self.group.new_sequences(len(new))
         first = self.prefill(roots, new)
+        if self.lazy_rm:  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
+            self.read_all_but_last("rm", roots, new)
         rm_read = [len(r.ids["rm"]) - 1 if self.lazy_rm else 0 for r in new]
-        if any(rm_read):  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
-            self.paged["rm"]([s for s, n in zip(roots, rm_read) if n], [r.ids["rm"][:n] for r, n in zip(new, rm_read) if n])
-            self.stats.forwards += 1
         kids = self.group.fork_many(roots, self.opts.width * self.opts.successors)
         self.group.free_many(roots)
         pick = []
@@ -89,6 +88,14 @@ class DecodeLoop:
             rows = logits.index_select(0, sel)
             self.cur[name] = torch.cat([self.cur[name], rows]) if name in self.cur else rows
         self.active += new
+
+    def read_all_but_last(self, name, roots, new) -> None:
+        """Model ``name`` reads each new prompt but its last token (one ragged forward; none for prompts
+        of one token)."""
+        todo = [(s, r.ids[name][:-1]) for s, r in zip(roots, new) if len(r.ids[name]) > 1]
+        if todo:
+            self.paged[name]([s for s, _ in todo], [t for _, t in todo])
+            self.stats.forwards += 1
 
     def prefill(self, roots, new) -> dict:
         """One ragged forward per model over the new prompts; each model's logits after them."""

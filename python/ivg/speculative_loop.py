@@ -45,10 +45,7 @@ class SpeculativeLoop(DecodeLoop):
     def prefill(self, roots, new) -> dict:
         """Every model reads each new prompt but its last token (which becomes the pending token)."""
         for name in self.step_names:
-            todo = [(s, r.ids[name][:-1]) for s, r in zip(roots, new) if len(r.ids[name]) > 1]
-            if todo:
-                self.paged[name]([s for s, _ in todo], [t for _, t in todo])
-                self.stats.forwards += 1
+            self.read_all_but_last(name, roots, new)
         return {}
 
     def room(self, req, b) -> int:
@@ -134,9 +131,9 @@ class SpeculativeLoop(DecodeLoop):
         at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
         host = drafts.tolist()
-        counts = [g + 1 for g in gam]
-        pos = torch.cat([torch.arange(c, device=self.device) for c in counts])
-        row = torch.repeat_interleave(torch.arange(r, device=self.device), torch.tensor(counts, device=self.device))
+        counts = torch.tensor([g + 1 for g in gam], device=self.device)
+        row = torch.repeat_interleave(torch.arange(r, device=self.device), counts)  # each read token's row
+        pos = torch.arange(len(row), device=self.device) - (counts.cumsum(0) - counts)[row]  # and its position
         for name in self.step_names:
             if name == DRAFT_MODEL:
                 continue
