@@ -18,6 +18,7 @@ from typing import Mapping, Sequence, Union
 import torch
 
 from ._backend import resolve_backend
+from ._transfer import to_device
 from .block_manager import BlockManager, KVCacheExhausted
 
 
@@ -62,15 +63,13 @@ class KVPool:
         for s, d in copies:
             if not (0 <= s < num_blocks and 0 <= d < num_blocks):
                 raise ValueError(f"copies: block pair ({s}, {d}) out of range [0, {num_blocks})")
+        pairs = to_device(torch.tensor(copies, dtype=torch.int64), self.kv.device)
         if which == "cuda":
             from .build import load
 
-            pairs = torch.tensor(copies, dtype=torch.int64).to(self.kv.device, non_blocking=True)
             load().copy_blocks(self.kv, pairs)
         else:
-            src = torch.tensor([c[0] for c in copies], device=self.kv.device)
-            dst = torch.tensor([c[1] for c in copies], device=self.kv.device)
-            self.kv[:, :, dst] = self.kv[:, :, src]
+            self.kv[:, :, pairs[:, 1]] = self.kv[:, :, pairs[:, 0]]
         self.bytes_copied += len(copies) * self.bytes_per_block
 
 
@@ -90,7 +89,7 @@ class KVCache:
         """Reserve slots, run the copy-on-write copies, return the slot mapping on the pool's device."""
         slots = self.blocks.append(seq_ids, num_tokens)
         self.pool.copy_blocks(self.blocks.take_copies())
-        return slots.to(self.device, non_blocking=True)
+        return to_device(slots, self.device)
 
 
 class KVCacheGroup:

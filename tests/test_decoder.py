@@ -116,6 +116,60 @@ def test_continuous_batching_admits_waiting_prompts_without_changing_results(mod
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_reading_the_device_less_often_changes_nothing(models, mode):
+    """The host reads the drawn tokens every ``read_every`` steps (and at chunk boundaries and the length
+    limit) instead of every step: rows that drew EOS between reads run on, and what they drew after it
+    is dropped, so tokens, values, token counts and freed blocks are those of reading every step."""
+    opts = _opts(mode, max_new_tokens=20, eos_token_ids=(12,), temperature=2.0, chunk_len=3)
+    every = IVGDecoder(models, read_every=1)
+    expected = every.generate(PROMPTS, opts)
+    assert any(len(b.tokens) < 20 for r in expected for b in r.beams), "precondition: EOS ends some rows"
+    for k in (4, 64):
+        dec = IVGDecoder(models, read_every=k, max_batch_prompts=2)
+        _same(dec.generate(PROMPTS, opts), expected, tol=1e-12)
+        assert dec.last_stats.new_tokens == every.last_stats.new_tokens
+        assert dec.last_stats.host_reads < every.last_stats.host_reads
+        assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
+def test_the_host_reads_once_per_chunk_without_eos(models):
+    """No EOS and no stop string: a search reads the device at its chunk boundaries and the length limit
+    only (the drawn tokens, and the lazy token RM's values there); a token-wise mode once, at the end."""
+    ivg = IVGDecoder(models, read_every=64)
+    ivg.generate(PROMPTS, _opts("ivg", max_new_tokens=14, chunk_len=4, eos_token_ids=()))
+    assert ivg.last_stats.host_reads == 2 * 4  # t = 4, 8, 12, 14
+    plain = IVGDecoder(models, read_every=64)
+    plain.generate(PROMPTS, _opts("eft", max_new_tokens=14, eos_token_ids=()))
+    assert (plain.last_stats.host_reads, plain.last_stats.steps) == (1, 14)
+    stops = IVGDecoder(models, read_every=64)  # stop strings are checked on the host: every step
+    stops.generate(PROMPTS, _opts("eft", max_new_tokens=14, eos_token_ids=(), stop=("zzz",)))
+    assert stops.last_stats.host_reads == stops.last_stats.steps == 14
+    with pytest.raises(ValueError, match="read_every=0: expected None or an int >= 1"):
+        IVGDecoder(models, read_every=0)
+
+
+def test_a_nan_row_between_reads_raises_and_frees_every_block(models, monkeypatch):
+    """Flagged rows are reported when the host reads them; the tokens they stand for (-1) are never fed."""
+    import ivg_kernels
+
+    calls, real = [], ivg_kernels.guided_sample
+
+    def poisoned(logits, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[1] = torch.nan
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(ivg_kernels, "guided_sample", poisoned)
+    dec = IVGDecoder(models, read_every=64)
+    with pytest.raises(RuntimeError, match=r"rows \[1\] had NaN/inf logits"):
+        dec.generate(PROMPTS, _opts("eft", max_new_tokens=14, eos_token_ids=()))
+    assert len(calls) == 14, "the flagged row was reported before the read"
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+
+
 @pytest.mark.parametrize("speculate", [0, 3])
 def test_values_equal_a_from_scratch_recomputation(models, speculate):
     """Also for the tokens speculative rounds keep (values from the verification forwards)."""

@@ -104,7 +104,9 @@ def test_paged_model_graph_replay_matches_eager():
     for step in range(6):
         new = [[int(t)] for t in torch.randint(2, 30, (len(prompts),), generator=gen)]
         want = eager(seqs[eager], new)
-        got = graphed(seqs[graphed], new)
+        # odd steps feed the tokens as a device tensor, as the decoder does between host reads
+        fed = torch.tensor([t for (t,) in new], device="cuda") if step % 2 else new
+        got = graphed(seqs[graphed], fed)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert graphed.graphs.captures >= 1 and graphed.graphs.replays == 6
 
@@ -115,6 +117,26 @@ def test_decoder_with_cuda_graphs_matches_eager():
     dec, graphed = _decode(models, "ivg", cuda_graphs=True)
     same = sum(a.beams[0].tokens == b.beams[0].tokens for a, b in zip(eager, graphed))
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
+
+
+def test_decoder_reading_every_few_steps_matches_reading_every_step():
+    """On a GPU the host reads the drawn tokens every 8 steps by default (and at chunk boundaries):
+    rows that drew EOS run on between reads, from graph replays fed with the device's tokens."""
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _cuda_models(torch.float32)
+    prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    for mode in ("eft", "ivg"):
+        opts = DecodeOptions(mode=mode, width=2, successors=3, chunk_len=4, max_new_tokens=20, seed=3,
+                             temperature=2.0, eos_token_ids=(12,))
+        every = IVGDecoder(models, read_every=1)
+        want = every.generate(prompts, opts)
+        dec = IVGDecoder(models)
+        got = dec.generate(prompts, opts)
+        assert [r.beams[0].tokens for r in got] == [r.beams[0].tokens for r in want]
+        assert dec.last_stats.host_reads < every.last_stats.host_reads
+        assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
 def test_shared_prefix_attention_replays_from_a_cuda_graph():

@@ -166,9 +166,27 @@ def test_exhaustion_and_bad_tokens_leave_the_cache_unchanged():
         pm([a], [[V + 5]])
     with pytest.raises(ValueError, match="tokens"):
         pm([a, b], [[1]])
+    with pytest.raises(ValueError, match=r"tokens: expected an int64 tensor \[2\]"):
+        pm([a, b], torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"tokens: expected an int64 tensor \[2\]"):
+        pm([a, b], torch.tensor([[1], [2]]))
     assert (pm.blocks.num_free_blocks, pm.blocks.seq_len(a), pm.blocks.seq_len(b)) == snapshot
     pm.blocks.check_invariants()
     _close(pm([a], [[7]])[0], _scratch(ref, [1, 2, 3, 4, 5, 6, 7]), "after the errors")
+
+
+def test_one_token_per_sequence_as_a_tensor_equals_the_lists():
+    """A decode step fed from a tensor (the sampler's tokens, left on the device) gives the logits of
+    the same tokens fed as lists, and of from-scratch forwards."""
+    ref, hf = _pair(CONFIGS["llama-gqa"])
+    pm = PagedModel(hf, num_blocks=16, block_size=4)
+    a, b, c, d = pm.blocks.new_sequences(4)
+    pm([a, c], [[1, 2, 3], [4, 5, 6, 7, 8]])
+    pm([b, d], [[1, 2, 3], [4, 5, 6, 7, 8]])
+    from_lists = pm([a, c], [[9], [10]])
+    from_tensor = pm([b, d], torch.tensor([9, 10], device=DEVICE))
+    _close(from_tensor, from_lists, "tensor vs lists")
+    _close(from_tensor[1], _scratch(ref, [4, 5, 6, 7, 8, 10]), "tensor vs scratch")
 
 
 def test_group_exhaustion_in_one_model_changes_no_model():

@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from ivg_kernels._transfer import to_device
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -73,20 +75,20 @@ class _Captured:
             self.logits = run()
 
     def replay(self, tokens, positions, slots, block_table, seq_lens) -> torch.Tensor:
-        n = len(tokens)
-        host_ids = torch.zeros(2, self.rows, dtype=torch.long)
-        host_ids[0, :n] = tokens  # CPU int64 [n]
-        host_ids[1, :n] = positions
-        self.input_ids[0].copy_(host_ids[0], non_blocking=True)
-        self.positions[0].copy_(host_ids[1], non_blocking=True)
+        n, dev = len(tokens), self.input_ids.device
+        meta = torch.zeros(self.rows, 2 + self.width, dtype=torch.long)  # position | seq_len | block table
+        meta[:n, 0] = positions
+        meta[:, 1] = 1
+        meta[:n, 1] = seq_lens
+        meta[:n, 2:2 + block_table.shape[1]] = block_table
+        meta = to_device(meta, dev)  # one asynchronous copy of the step's host-side inputs
+        self.input_ids[0].zero_()  # padding rows read token 0 and write nothing (slot -1)
+        self.input_ids[0, :n].copy_(to_device(tokens, dev))  # host ids, or the sampler's tokens on the device
+        self.positions[0].copy_(meta[:, 0])
+        self.seq_lens.copy_(meta[:, 1])
+        self.block_table.copy_(meta[:, 2:])
         self.slots.fill_(-1)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        bt = torch.zeros(self.rows, self.width, dtype=torch.int32)
-        bt[:n, :block_table.shape[1]] = block_table
-        sl = torch.ones(self.rows, dtype=torch.int32)
-        sl[:n] = seq_lens
-        self.block_table.copy_(bt, non_blocking=True)
-        self.seq_lens.copy_(sl, non_blocking=True)
+        self.slots[:n].copy_(slots)
         self.graph.replay()
         return self.logits[:n].clone()  # the next replay overwrites the graph's output
 
@@ -105,7 +107,7 @@ class DecodeGraphs:
     def run(self, tokens, positions, slots, block_table, seq_lens):
         """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies.
 
-        ``tokens``, ``positions``: CPU int64 ``[B]``; ``slots``: the step's slot mapping on the device;
+        ``tokens``: int64 ``[B]`` on the host or the device; ``positions``: CPU int64 ``[B]``; ``slots``: the step's slot mapping on the device;
         ``block_table``, ``seq_lens``: the block manager's CPU int32 tables."""
         rows = bucket_for(len(tokens))
         if rows is None:

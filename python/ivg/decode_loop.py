@@ -11,6 +11,14 @@ every step: its value is the Q of a candidate's last token, needed only when the
 or finishes, so it reads the tokens it has not seen then, in one ragged extend forward for every such
 candidate (``score_lazy_rm``). The value is the same Q the per-step path reads from the sampler.
 
+The host reads the device only when it must (``DecodeLoop.record``): at a chunk boundary or the length
+limit of some prompt, every step when stop strings are set (they are checked on the host), and every
+``read_every`` steps when an EOS token may end rows (on the CPU, where the device is the host, every
+step). In between, the draws stay on the device and each row reads its new token straight from the
+sampler's output (``feed_drawn``); the host replays the steps it has not read in one copy. A row that
+drew EOS between reads keeps drawing until the read, and what it drew after EOS is dropped: its random
+key depends on nothing else, so the results are those of reading every step.
+
 Rows of different prompts share every sampler call and forward, and a prompt that finishes makes
 room for the next waiting one (continuous batching). A candidate's random key depends only on its
 prompt, its index and its prompt's step (``search.row_offset``), so results do not depend on which
@@ -24,8 +32,13 @@ from typing import Optional
 import torch
 
 import ivg_kernels
+from ivg_kernels._transfer import to_device
 
 from .search import Beam, expand, rank, row_offset, sampler_guides
+
+# Steps between host reads when an EOS token may end rows and the device is not the host: a row that
+# drew EOS runs on (wasted work) until the next read.
+READ_EVERY_ON_DEVICE = 8
 
 
 @dataclass
@@ -61,13 +74,17 @@ class DecodeLoop:
         self.rows: list = []  # (Request, Beam) of every live row, in the order of ``cur``
         self.cur: dict = {}  # model name -> logits [len(rows), V] at each row's last position
         self.active: list = []  # admitted Requests not yet finished
+        on_host = self.device.type == "cpu"
+        self.read_every = decoder.read_every or (1 if on_host else READ_EVERY_ON_DEVICE)
+        self.pending: list = []  # per step not yet read by the host: device [rows, 5] (the rows stay the same)
+        self.drawn = None  # the last step's tokens on the device, for feed_drawn
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
         """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
         and fork each into W*K rows sharing its prompt blocks."""
         new = []
-        while waiting and len(self.active) + len(new) < capacity:
+        while waiting and not self.pending and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
         if not new:
             return
@@ -83,7 +100,7 @@ class DecodeLoop:
             req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k]) for j in range(len(kids[k]))]
             self.rows += [(req, b) for b in req.cands]
             pick += [k] * len(req.cands)
-        sel = torch.tensor(pick, device=self.device)
+        sel = to_device(torch.tensor(pick), self.device)
         for name, logits in first.items():
             rows = logits.index_select(0, sel)
             self.cur[name] = torch.cat([self.cur[name], rows]) if name in self.cur else rows
@@ -109,36 +126,77 @@ class DecodeLoop:
         self.stats.steps += 1
         return ivg_kernels.guided_sample(
             cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-            min_p=opts.min_p, seed=torch.tensor([r.seed for r, _ in self.rows], device=self.device),
-            offset=torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows], device=self.device),
+            min_p=opts.min_p, seed=to_device(torch.tensor([r.seed for r, _ in self.rows]), self.device),
+            offset=to_device(torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows]), self.device),
             vocab_size=self.vocab, backend=self.decoder.backend,
         )
 
     # -- update ----------------------------------------------------------------------------------
-    def record(self, sample) -> None:
-        """Append each row's token, add its log-prob and implicit value, set its explicit value and
-        finished flag. One read from the device for all of it."""
+    def record(self, sample) -> bool:
+        """Keep each row's token, log-prob, implicit value (sum of beta * log-ratio), explicit value and
+        NaN flag on the device; advance every prompt's step. When the host must see them now
+        (:meth:`must_read`), read every step not read yet in one copy and append the tokens, add the
+        values and set the finished flags row by row, as if read every step. Returns whether it read."""
         lp = sample.input_logprobs.double()
         implicit = torch.zeros(len(self.rows), dtype=torch.float64, device=lp.device)
         for k, (_, beta) in enumerate(self.guides):
             implicit += beta * (lp[:, 1 + 2 * k] - lp[:, 2 + 2 * k])
         explicit = sample.input_logits[:, -1].double() if "rm" in self.cur else torch.full_like(implicit, torch.nan)
-        host = torch.stack([sample.ok.double(), sample.tokens.double(), sample.logprob.double(), implicit,
-                            explicit], dim=1).tolist()  # [R, 5]: the step's one device-to-host read
-        bad = [i for i, h in enumerate(host) if not h[0]]
-        if bad:
-            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
-        for (req, b), (_, tok, logprob, imp, exp) in zip(self.rows, host):
-            b.tokens.append(int(tok))
-            b.logprob += logprob
-            b.implicit += imp
-            if "rm" in self.cur:
-                b.explicit = exp
+        self.pending.append(torch.stack([sample.ok.double(), sample.tokens.double(), sample.logprob.double(),
+                                         implicit, explicit], dim=1))
+        self.drawn = sample.tokens.clamp(min=0)  # a flagged row's -1 is reported by the read, not fed
         for req in self.active:  # every active prompt has rows: one without any has finished
             req.t += 1
-        for req, b in self.rows:
-            b.finished = self.stopper.finished(b.tokens) or req.t == self.opts.max_new_tokens
-        self.stats.new_tokens += len(self.rows)
+        if not self.must_read():
+            return False
+        self.read()
+        return True
+
+    def must_read(self) -> bool:
+        """The host needs the drawn tokens now: every step with stop strings or ``read_every`` 1, at a
+        chunk boundary or the length limit of some prompt, or after ``read_every`` unread steps when an
+        EOS token may have ended rows."""
+        opts = self.opts
+        if self.read_every <= 1 or self.stopper.stop:
+            return True
+        for req in self.active:
+            if req.t == opts.max_new_tokens or (self.search and opts.chunk_len is not None
+                                                and (req.t - req.chunk_start) % opts.chunk_len == 0):
+                return True
+        return bool(self.stopper.eos) and len(self.pending) >= self.read_every
+
+    def read(self) -> None:
+        """One device-to-host copy of the steps not read yet; each row takes them in order until it
+        finishes (EOS, a stop string, or the length limit)."""
+        steps = torch.stack(self.pending).tolist()  # [S, rows, 5]
+        self.pending = []
+        self.stats.host_reads += 1
+        has_rm, limit = "rm" in self.cur, self.opts.max_new_tokens
+        bad = []
+        for i, (_, b) in enumerate(self.rows):
+            for step in steps:
+                ok, tok, logprob, imp, exp = step[i]
+                if not ok:
+                    bad.append(i)
+                    break
+                b.tokens.append(int(tok))
+                b.logprob += logprob
+                b.implicit += imp
+                if has_rm:
+                    b.explicit = exp
+                self.stats.new_tokens += 1
+                if self.stopper.finished(b.tokens) or len(b.tokens) == limit:
+                    b.finished = True
+                    break
+        if bad:
+            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
+
+    def feed_drawn(self) -> None:
+        """Run between reads: every row reads the token it just drew, straight from the device (one
+        forward per model; the rows, and so the sampler's inputs, stay in place)."""
+        slots = [b.slot for _, b in self.rows]
+        self.cur = {name: self.paged[name](slots, self.drawn) for name in self.step_names}
+        self.stats.forwards += len(self.step_names)
 
     # -- schedule: chunk boundaries --------------------------------------------------------------
     def prune(self) -> tuple[dict, list]:
@@ -207,8 +265,9 @@ class DecodeLoop:
         beams = [b for b, _ in todo.values()]
         q = self.paged["rm"]([b.slot for b in beams], [new for _, new in todo.values()])
         self.stats.forwards += 1
-        last = torch.tensor([b.tokens[-1] for b in beams], device=q.device)
+        last = to_device(torch.tensor([b.tokens[-1] for b in beams]), q.device)
         values = q.gather(1, last.unsqueeze(1)).squeeze(1).double().tolist()
+        self.stats.host_reads += 1
         for (b, new), v in zip(todo.values(), values):
             b.rm_read += len(new)
             b.explicit = v
@@ -225,7 +284,7 @@ class DecodeLoop:
                for name in self.step_names}
         self.stats.forwards += len(self.step_names)
         self.rows, pick = self.fork(feed, plans)
-        sel = torch.tensor(pick, device=self.device)
+        sel = to_device(torch.tensor(pick), self.device)
         self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
 
     def continuing(self, plans: dict) -> list:

@@ -68,6 +68,7 @@ class RunStats:
     bytes_copied: dict = field(default_factory=dict)
     drafted: int = 0  # speculative decoding: tokens the draft proposed
     accepted: int = 0  # and of those, kept
+    host_reads: int = 0  # device-to-host reads of the decode loop (one per read of drawn tokens or values)
     forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
 
     @property
@@ -138,10 +139,16 @@ class IVGDecoder:
     shared_prefix : decode attention reads the blocks a prompt's beams share once per prompt
         (``ivg_kernels.shared_prefix_decode_attention``): ``True``, ``False``, or ``None`` for where it was
         measured to pay (see ``ivg.PagedModel``)
+    read_every : the most steps between two reads of the drawn tokens by the host when an EOS token may
+        end rows (the host also reads at chunk boundaries, at the length limit, and every step when stop
+        strings are set; :mod:`ivg.decode_loop`). Between reads the step runs without waiting for the
+        device, and a row that drew EOS runs on until the read (its extra tokens are dropped: results do
+        not depend on ``read_every``). Default ``None``: 1 on the CPU, 8 on a GPU
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
-                 max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None):
+                 max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None,
+                 read_every: int | None = None):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
@@ -157,6 +164,10 @@ class IVGDecoder:
         if shared_prefix not in (None, True, False):
             raise ValueError(f"shared_prefix={shared_prefix!r}: expected None, True or False")
         self.shared_prefix = shared_prefix
+        if read_every is not None and (isinstance(read_every, bool) or not isinstance(read_every, int)
+                                       or read_every < 1):
+            raise ValueError(f"read_every={read_every!r}: expected None or an int >= 1")
+        self.read_every = read_every
         self.last_stats = RunStats()
         self._group = None
         models.check()
@@ -229,15 +240,16 @@ class IVGDecoder:
         try:
             while waiting or loop.rows:
                 loop.admit(waiting, capacity)  # schedule: prefill waiting prompts into free rows
+                finished = []
                 if opts.speculate:
                     loop.round()  # run: draft, verify; update: the kept tokens, their values and flags
-                else:
-                    loop.record(loop.sample())  # run the fused draw; update tokens, values, finished flags
-                plans, finished = loop.prune()  # schedule: rank at chunk boundaries, free, plan forks
-                if opts.speculate:
+                    plans, finished = loop.prune()  # schedule: rank at chunk boundaries, free, plan forks
                     loop.regroup(plans)  # schedule: fork the kept beams (their children read on in the next round)
-                else:
+                elif loop.record(loop.sample()):  # run the fused draw; update (the host reads when it must)
+                    plans, finished = loop.prune()  # schedule: rank at chunk boundaries, free, plan forks
                     loop.feed(plans)  # run: one forward per model over the continuing rows, then fork
+                else:
+                    loop.feed_drawn()  # run: every row reads the token it drew, straight from the device
                 for req in finished:
                     results[req.index] = req.result
                 bar.update(len(finished))

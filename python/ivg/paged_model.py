@@ -20,6 +20,7 @@ import torch
 
 from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
                                   write_kv)
+from ivg_kernels._transfer import to_device
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
@@ -196,10 +197,13 @@ class PagedModel:
         if self._previous_attn and self._previous_attn != ATTN_IMPLEMENTATION:
             self.model.set_attn_implementation(self._previous_attn)
 
-    def forward(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, every_position: bool = False
-                ) -> torch.Tensor:
+    def forward(self, seq_ids: Sequence[int], tokens, *, every_position: bool = False) -> torch.Tensor:
         """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
         (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``).
+
+        ``tokens``: one list of ids per sequence, or an int64 tensor ``[B]`` of one token per sequence on
+        any device (a decode step fed straight from the sampler's output: nothing is read back to the
+        host, so the ids are not range-checked; the sampler's are in range by construction).
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
@@ -211,17 +215,28 @@ class PagedModel:
         finally:
             self.timer.end(self.device, token)
 
-    @torch.inference_mode()
-    def _forward(self, seq_ids, tokens, every_position):
-        seq_ids = list(seq_ids)
+    def _flat_tokens(self, seq_ids, tokens):
+        """``(flat ids [T], new tokens per sequence)``, checked."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 1 or tokens.shape[0] != len(seq_ids) or tokens.dtype != torch.long:
+                raise ValueError(f"tokens: expected an int64 tensor [{len(seq_ids)}] (one token per sequence), "
+                                 f"got {tokens.dtype} {list(tokens.shape)}")
+            return tokens, [1] * len(seq_ids)
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
         counts = [len(t) for t in tokens]
         if any(c == 0 for c in counts):
             raise ValueError("tokens: expected at least one new token per sequence")
         flat = torch.as_tensor([int(x) for t in tokens for x in t], dtype=torch.long)
-        if flat.numel() and (flat.min() < 0 or flat.max() >= self.model.config.get_text_config().vocab_size):
-            raise ValueError(f"tokens: ids must lie in [0, {self.model.config.get_text_config().vocab_size})")
+        vocab = self.model.config.get_text_config().vocab_size
+        if flat.numel() and (flat.min() < 0 or flat.max() >= vocab):
+            raise ValueError(f"tokens: ids must lie in [0, {vocab})")
+        return flat, counts
+
+    @torch.inference_mode()
+    def _forward(self, seq_ids, tokens, every_position):
+        seq_ids = list(seq_ids)
+        flat, counts = self._flat_tokens(seq_ids, tokens)
         before = [self.blocks.seq_len(s) for s in seq_ids]
         slots = self.cache.append(seq_ids, counts)
         try:
@@ -239,13 +254,14 @@ class PagedModel:
             decode = max(counts) == 1
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             batch = PagedBatch(
-                cache=self.cache, slot_mapping=slots, block_table=table.to(dev), seq_lens=lens.to(dev),
-                cu_seqlens_q=cu.to(dev), max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
+                cache=self.cache, slot_mapping=slots, block_table=to_device(table, dev),
+                seq_lens=to_device(lens, dev), cu_seqlens_q=to_device(cu, dev), max_seqlen_q=max(counts),
+                is_decode=decode, backend=self.backend,
                 groups=self._groups(table, lens) if decode and self.shared_prefix else None,
             )
             out = self.model(
-                input_ids=flat.to(dev).unsqueeze(0), position_ids=positions.to(dev).unsqueeze(0),
-                use_cache=False, logits_to_keep=0 if every_position else (cu[1:] - 1).to(dev), ivg_batch=batch,
+                input_ids=to_device(flat, dev).unsqueeze(0), position_ids=to_device(positions, dev).unsqueeze(0),
+                use_cache=False, logits_to_keep=0 if every_position else to_device(cu[1:] - 1, dev), ivg_batch=batch,
             )
             return out.logits[0]
         except BaseException:
@@ -268,4 +284,5 @@ class PagedModel:
                 and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(lens)):
             return None
         dev = self.device
-        return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(shared, dtype=torch.int32).to(dev), most)
+        return (to_device(torch.tensor(starts, dtype=torch.int32), dev),
+                to_device(torch.tensor(shared, dtype=torch.int32), dev), most)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ivg_kernels._transfer import to_device
 from ivg_kernels.reference.speculative import spec_uniforms
 from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
 
@@ -71,20 +72,19 @@ class SpeculativeLoop(DecodeLoop):
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
         pending = {name: [(req.ids[name] + b.tokens)[-1] for req, b in rows] for name in self.step_names}
         before = {name: [self.paged[name].blocks.seq_len(b.slot) for _, b in rows] for name in self.step_names}
-        seed = torch.tensor([req.seed for req, _ in rows], device=self.device)
-        t0 = torch.tensor([len(b.tokens) for _, b in rows], device=self.device)
-        cand = torch.tensor([b.cand for _, b in rows], device=self.device)
+        keys = [(req.seed, len(b.tokens), b.cand) for req, b in rows]
+        seed, t0, cand = to_device(torch.tensor(keys).T.contiguous(), self.device)  # one copy
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
         uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
         try:
-            drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
-            self._verify(rows, gam, pending, drafts, logits)
+            drafts, host_drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
+            self._verify(rows, gam, pending, host_drafts, logits)
             guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
             fused = (self.decoder.backend == "triton" or (self.decoder.backend == "auto" and self.device.type == "cuda")
                      ) and fused_verification_applies(
                 guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
             out = speculative_verify(
-                logits["base"], guides, logits[DRAFT_MODEL], drafts, torch.tensor(gam, device=self.device),
+                logits["base"], guides, logits[DRAFT_MODEL], drafts, to_device(torch.tensor(gam), self.device),
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
                 min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
                 backend=self.decoder.backend if fused else "reference",
@@ -99,10 +99,12 @@ class SpeculativeLoop(DecodeLoop):
                                                   [n + m for n, m in zip(before[name], kept)])
 
     def _draft(self, rows, gam, pending, offset, seed, uniforms):
-        """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` and its
-        logits ``{DRAFT_MODEL: [R, S, V]}`` at every position."""
+        """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` (on the
+        device, and per row as host lists: one read per draft position) and its logits
+        ``{DRAFT_MODEL: [R, S, V]}`` at every position."""
         r, width, opts = len(rows), max(gam) + 1, self.opts
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
+        host_drafts: list = [[] for _ in range(r)]
         logits = None
         feed = list(range(r))
         tokens = [[t] for t in pending[DRAFT_MODEL]]
@@ -111,33 +113,34 @@ class SpeculativeLoop(DecodeLoop):
             self.stats.forwards += 1
             if logits is None:
                 logits = out.new_zeros(r, width, out.shape[1])
-            idx = torch.tensor(feed, device=self.device)
-            logits[idx, k] = out
+            logits[to_device(torch.tensor(feed), self.device), k] = out
             feed = [i for i in feed if gam[i] > k]  # rows that draft position k
             if not feed:
                 break
-            idx = torch.tensor(feed, device=self.device)
+            idx = to_device(torch.tensor(feed), self.device)
             d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
                                uniforms=uniforms[idx, k])
-            if bool((d < 0).any()):
-                raise RuntimeError("the draft model's logits held NaN/inf")
             drafts[idx, k] = d
             tokens = [[t] for t in d.tolist()]
-        return drafts, {DRAFT_MODEL: logits}
+            self.stats.host_reads += 1
+            if min(t for (t,) in tokens) < 0:
+                raise RuntimeError("the draft model's logits held NaN/inf")
+            for i, (t,) in zip(feed, tokens):
+                host_drafts[i].append(t)
+        return drafts, host_drafts, {DRAFT_MODEL: logits}
 
-    def _verify(self, rows, gam, pending, drafts, logits) -> None:
+    def _verify(self, rows, gam, pending, host_drafts, logits) -> None:
         """Every other model reads the pending token and the drafts in one extend forward; adds its logits
         at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
-        host = drafts.tolist()
-        counts = torch.tensor([g + 1 for g in gam], device=self.device)
+        counts = to_device(torch.tensor([g + 1 for g in gam]), self.device)
         row = torch.repeat_interleave(torch.arange(r, device=self.device), counts)  # each read token's row
         pos = torch.arange(len(row), device=self.device) - (counts.cumsum(0) - counts)[row]  # and its position
         for name in self.step_names:
             if name == DRAFT_MODEL:
                 continue
-            seqs = [[pending[name][i]] + host[i][:gam[i]] for i in range(r)]
+            seqs = [[pending[name][i]] + host_drafts[i] for i in range(r)]
             out = self.paged[name]([b.slot for _, b in rows], seqs, every_position=True)  # [sum(counts), V]
             self.stats.forwards += 1
             full = out.new_zeros(r, width, out.shape[1])
@@ -148,20 +151,24 @@ class SpeculativeLoop(DecodeLoop):
     def _update(self, rows, gam, out) -> list:
         """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
         per row, how many tokens it took."""
-        if not bool(out.ok.all()):
-            bad = [i for i, ok in enumerate(out.ok.tolist()) if not ok]
-            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
         lp = out.input_logprobs.double()
         implicit = torch.zeros(lp.shape[:2], dtype=torch.float64, device=lp.device)
         for k, (_, beta) in enumerate(self.guides):
             implicit += beta * (lp[..., 1 + 2 * k] - lp[..., 2 + 2 * k])
         scored = "rm" in self.step_names
         explicit = out.input_logits[..., -1].double() if scored else torch.full_like(implicit, float("nan"))
-        host = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2).tolist()
+        per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
+        flags = torch.stack([out.ok.double(), out.num_accepted.double()], dim=1)  # [R, 2]
+        host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # the round's one read of its results
+        self.stats.host_reads += 1
+        bad = [i for i, h in enumerate(host) if not h[0]]
+        if bad:
+            raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
         kept = []
-        for (req, b), per, n, g in zip(rows, host, out.num_accepted.tolist(), gam):
+        for (req, b), h, g in zip(rows, host, gam):
+            n = int(h[1])
             m = 0
-            for tok, logprob, imp, exp in per[: n + 1]:
+            for tok, logprob, imp, exp in (h[2 + 4 * j: 6 + 4 * j] for j in range(n + 1)):
                 b.tokens.append(int(tok))
                 b.logprob += logprob
                 b.implicit += imp
