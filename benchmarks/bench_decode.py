@@ -17,7 +17,9 @@ a gpt2-sized guide (12 layers, 768 wide, bf16) on the paged cache, eager and rep
 graph (median of 50 steps, host clock around a synchronised step).
 
 The paged decoders also report the share of the wall time outside the models' forwards (sampling,
-bookkeeping, host work; forwards timed by CUDA events on a GPU, ``RunStats.outside_forwards``).
+bookkeeping, host work; forwards timed by CUDA events on a GPU, ``RunStats.outside_forwards``) and
+the host's reads of the device per step (``RunStats.host_reads``; no EOS here, so a search reads at its
+chunk boundaries and a token-wise mode once on a GPU; every step on the CPU).
 
 ``--prompt-len N``: every prompt has N tokens; the paged decoder also runs with the shared-prefix
 attention forced off (``paged-per-beam``) and on (``paged-shared``, eager steps), beside its default.
@@ -166,17 +168,20 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-            outside = dec.last_stats.outside_forwards if name != "naive" else float("nan")  # naive: not timed
-            result[name] = (dec.last_stats.new_tokens / wall, wall, outside)
+            st = dec.last_stats
+            outside = st.outside_forwards if name != "naive" else float("nan")  # naive: not timed
+            reads = st.host_reads / st.steps if name != "naive" and st.steps else float("nan")  # per step
+            result[name] = (st.new_tokens / wall, wall, outside, reads)
             print(f"{mode:<8} {name:<6} {result[name][0]:10.1f} tokens/s  {wall:8.2f} s  "
-                  f"outside forwards {outside:6.1%}", flush=True)
+                  f"outside forwards {outside:6.1%}  host reads per step {reads:.2f}", flush=True)
         mode_rows = []
-        for name, (tps, wall, outside) in result.items():
+        for name, (tps, wall, outside, reads) in result.items():
             speed = tps / result["naive"][0] if "naive" in result else float("nan")
             mode_rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="decode", provider=name,
                              shape=f"{mode},{preset},W=K=4,L=5,new={args.max_new_tokens},prompts={args.prompts}"
                                    + (f",prompt_len={args.prompt_len}" if args.prompt_len else "")
-                                   + (f",outside_forwards={outside:.1%}" if outside == outside else ""),
+                                   + (f",outside_forwards={outside:.1%}" if outside == outside else "")
+                                   + (f",host_reads_per_step={reads:.2f}" if reads == reads else ""),
                              dtype=str(PRESETS[preset][3]).replace("torch.", ""),
                              median_us=f"{wall * 1e6:.0f}", gbps=f"{tps:.1f} tok/s", speedup=f"{speed:.2f}"))
         rows += mode_rows
