@@ -33,6 +33,7 @@ class KVPool:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)  # (L, 2, B, S, Hkv, D)
+        self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]  # views, made once
         self.bytes_copied = 0
 
     @property
@@ -45,7 +46,7 @@ class KVPool:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
-        return self.kv[i, 0], self.kv[i, 1]
+        return self._layers[i]
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]], backend: str = "auto") -> None:
         """Run ``(src, dst)`` block copies for every layer (a destination is never a source here).

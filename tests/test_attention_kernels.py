@@ -86,11 +86,32 @@ def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
         assert_close(out[s:e], dense, torch.float32, f"extend seq {b}")
 
 
+@pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])
+@pytest.mark.parametrize("length", [1, 4, 13])
+def test_decode_reference_over_rows_of_one_length_matches_dense_attention(window, length):
+    """Rows of one length (the beams of one prompt) take the reference's unmasked path: windows that
+    end inside a block, on a block boundary or beyond the sequence, GQA, shuffled blocks."""
+    h, h_kv, d, bs = 6, 2, 8, 4
+    bm, seqs, kc, vc, k, v = _setup([length] * 3, h_kv, d, bs, torch.float64, seed=length)
+    q = torch.randn(3, h, d, dtype=torch.float64)
+    dec = paged_decode_attention(q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), scale=0.3,
+                                 sliding_window=window, backend="reference")
+    for b in range(3):
+        kb, vb = k[b * length:(b + 1) * length], v[b * length:(b + 1) * length]
+        dense = _dense_causal(q[b:b + 1], kb, vb, torch.tensor([length - 1]), 0.3, window)
+        assert torch.allclose(dec[b], dense[0], atol=1e-12), f"row {b}"
+
+
 def test_write_kv_skips_negative_slots():
     bm, seqs, kc, vc, k, v = _setup([3], 1, 4, 4, torch.float32)
     before = kc.clone()
     write_kv(kc, vc, torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.tensor([-1, -1]), backend="reference")
     assert torch.equal(kc, before)
+    new = torch.arange(8.0).view(2, 1, 4)
+    write_kv(kc, vc, new, -new, torch.tensor([-1, 5]), backend="reference")
+    after = before.clone()
+    after.view(-1, 1, 4)[5] = new[1]
+    assert torch.equal(kc, after) and torch.equal(vc.view(-1, 1, 4)[5], -new[1])
 
 
 

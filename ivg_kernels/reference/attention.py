@@ -13,39 +13,58 @@ import torch
 
 def write_kv_ref(k_cache, v_cache, key, value, slot_mapping) -> None:
     """Store ``key``/``value`` ``[T, H_kv, D]`` at ``slot_mapping`` ``[T]`` (slots < 0 are skipped)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    slots = slot_mapping.long()
+    # Skip negative slots; on the CPU only when there are any (the check is cheap there).
+    if slots.device.type != "cpu" or (slots.numel() and int(slots.min()) < 0):
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
     h, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, h, d).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(-1, h, d).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    k_cache.view(-1, h, d).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, h, d).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 def _gather(cache, block_table, length):
-    """[N, length, H_kv, D] positions 0..length-1 of every row (garbage past a row's own length)."""
-    bs = cache.shape[1]
-    pos = torch.arange(length, device=cache.device)
-    slots = block_table.long()[:, pos // bs] * bs + pos % bs  # [N, length]
-    flat = cache.view(-1, cache.shape[2], cache.shape[3])
-    return flat.index_select(0, slots.flatten()).view(*slots.shape, cache.shape[2], cache.shape[3])
+    """[N, length, H_kv, D] positions 0..length-1 of every row (garbage past a row's own length): the
+    rows' first ``ceil(length / block_size)`` blocks, gathered whole."""
+    blocks = block_table[:, : -(-length // cache.shape[1])].long()
+    out = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, cache.shape[2], cache.shape[3])
+    return out[:, :length]
 
 
 def _attend(q, k, v, allowed, scale):
-    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> [N, M, H, D] in float32 (float64 for float64)."""
+    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in float32
+    (float64 for float64)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2),  # (N, H, M|L, D)
-        attn_mask=allowed.unsqueeze(1), scale=scale, enable_gqa=True,
-    )
-    return out.transpose(1, 2).nan_to_num(0.0)  # (N, M, H, D); a row with no allowed key gives 0
+        attn_mask=None if allowed is None else allowed.unsqueeze(1), scale=scale, enable_gqa=True,
+    ).transpose(1, 2)
+    return out if allowed is None else out.nan_to_num(0.0)  # (N, M, H, D); a row with no allowed key gives 0
+
+
+def _common_length(seq_lens):
+    """The rows' length if they all have the same one and it is known on the host without waiting for a
+    device (CPU tensors), else None."""
+    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
+        return None
+    first = int(seq_lens[0])
+    return first if bool((seq_lens == first).all()) else None
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None):
     """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``."""
-    n = q.shape[0]
-    length = block_table.shape[1] * k_cache.shape[1]
+    n, bs = q.shape[0], k_cache.shape[1]
+    length = block_table.shape[1] * bs
     if n == 0 or length == 0:
         return torch.zeros_like(q)
+    same = _common_length(seq_lens)
+    if same:  # rows of one length (the beams of one prompt): attend the keys they all allow, no mask
+        lo = max(0, same - sliding_window) if sliding_window is not None else 0
+        first = lo // bs * bs
+        table = block_table[:, first // bs:]
+        k, v = _gather(k_cache, table, same - first)[:, lo - first:], _gather(v_cache, table, same - first)[:, lo - first:]
+        return _attend(q.unsqueeze(1), k, v, None, scale).squeeze(1).to(q.dtype)
     k, v = _gather(k_cache, block_table, length), _gather(v_cache, block_table, length)
     pos = torch.arange(length, device=q.device)
     lens = seq_lens.long().unsqueeze(1)

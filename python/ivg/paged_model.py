@@ -176,6 +176,7 @@ class PagedModel:
         self.backend = backend
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.config_vocab = model.config.get_text_config().vocab_size  # token ids must lie below it
         if shared_prefix not in (None, True, False):
             raise ValueError(f"shared_prefix={shared_prefix!r}: expected None, True or False")
         if shared_prefix is None:
@@ -227,11 +228,10 @@ class PagedModel:
         counts = [len(t) for t in tokens]
         if any(c == 0 for c in counts):
             raise ValueError("tokens: expected at least one new token per sequence")
-        flat = torch.as_tensor([int(x) for t in tokens for x in t], dtype=torch.long)
-        vocab = self.model.config.get_text_config().vocab_size
-        if flat.numel() and (flat.min() < 0 or flat.max() >= vocab):
-            raise ValueError(f"tokens: ids must lie in [0, {vocab})")
-        return flat, counts
+        ids = [int(x) for t in tokens for x in t]
+        if min(ids) < 0 or max(ids) >= self.config_vocab:
+            raise ValueError(f"tokens: ids must lie in [0, {self.config_vocab})")
+        return torch.tensor(ids, dtype=torch.long), counts
 
     @torch.inference_mode()
     def _forward(self, seq_ids, tokens, every_position):
