@@ -87,19 +87,23 @@ def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])
-@pytest.mark.parametrize("length", [1, 4, 13])
-def test_decode_reference_over_rows_of_one_length_matches_dense_attention(window, length):
-    """Rows of one length (the beams of one prompt) take the reference's unmasked path: windows that
-    end inside a block, on a block boundary or beyond the sequence, GQA, shuffled blocks."""
+@pytest.mark.parametrize("lens", [[1] * 3, [4] * 3, [13] * 3, [5] * 4 + [13] * 4 + [0] * 4, [5, 13, 5, 13, 0]],
+                         ids=["one-1", "one-4", "one-13", "runs", "mixed"])
+def test_decode_reference_by_length_runs_matches_dense_attention(window, lens):
+    """On the CPU the reference attends runs of rows of one length (the beams of a prompt) without a
+    mask, or all rows at once with one (mixed lengths): windows that end inside a block, on a block
+    boundary or beyond the sequence, GQA, shuffled blocks, empty rows (output 0)."""
     h, h_kv, d, bs = 6, 2, 8, 4
-    bm, seqs, kc, vc, k, v = _setup([length] * 3, h_kv, d, bs, torch.float64, seed=length)
-    q = torch.randn(3, h, d, dtype=torch.float64)
+    bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float64, seed=len(lens))
+    q = torch.randn(len(lens), h, d, dtype=torch.float64)
     dec = paged_decode_attention(q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), scale=0.3,
                                  sliding_window=window, backend="reference")
-    for b in range(3):
-        kb, vb = k[b * length:(b + 1) * length], v[b * length:(b + 1) * length]
-        dense = _dense_causal(q[b:b + 1], kb, vb, torch.tensor([length - 1]), 0.3, window)
-        assert torch.allclose(dec[b], dense[0], atol=1e-12), f"row {b}"
+    start = 0
+    for b, n in enumerate(lens):
+        kb, vb = k[start:start + n], v[start:start + n]
+        start += n
+        want = _dense_causal(q[b:b + 1], kb, vb, torch.tensor([n - 1]), 0.3, window)[0] if n else torch.zeros(h, d)
+        assert torch.allclose(dec[b], want.double(), atol=1e-12), f"row {b} (length {n})"
 
 
 def test_write_kv_skips_negative_slots():

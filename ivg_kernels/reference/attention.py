@@ -43,28 +43,49 @@ def _attend(q, k, v, allowed, scale):
     return out if allowed is None else out.nan_to_num(0.0)  # (N, M, H, D); a row with no allowed key gives 0
 
 
-def _common_length(seq_lens):
-    """The rows' length if they all have the same one and it is known on the host without waiting for a
-    device (CPU tensors), else None."""
-    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
+def _length_runs(seq_lens):
+    """``[(start, end, length)]``: runs of consecutive rows of one length, when the lengths are known on
+    the host without waiting for a device (CPU tensors), else None."""
+    if seq_lens.device.type != "cpu":
         return None
-    first = int(seq_lens[0])
-    return first if bool((seq_lens == first).all()) else None
+    lens, runs, start = seq_lens.tolist(), [], 0
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or lens[i] != lens[start]:
+            runs.append((start, i, lens[start]))
+            start = i
+    return runs
+
+
+def _decode_one_length(q, k_cache, v_cache, block_table, length, scale, sliding_window):
+    """Decode attention for rows that all hold ``length`` tokens: the keys they allow, unmasked."""
+    if length == 0:
+        return torch.zeros_like(q)
+    bs = k_cache.shape[1]
+    lo = max(0, length - sliding_window) if sliding_window is not None else 0
+    first = lo // bs * bs  # the first block with an allowed key
+    table = block_table[:, first // bs:]
+    k = _gather(k_cache, table, length - first)[:, lo - first:]
+    v = _gather(v_cache, table, length - first)[:, lo - first:]
+    return _attend(q.unsqueeze(1), k, v, None, scale).squeeze(1).to(q.dtype)
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None):
-    """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``."""
-    n, bs = q.shape[0], k_cache.shape[1]
-    length = block_table.shape[1] * bs
+    """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``.
+
+    On the CPU, consecutive rows of one length (the beams of a prompt) are attended together without a
+    mask when the runs hold 4 rows or more on average (about twice as fast as one masked call)."""
+    n = q.shape[0]
+    length = block_table.shape[1] * k_cache.shape[1]
     if n == 0 or length == 0:
         return torch.zeros_like(q)
-    same = _common_length(seq_lens)
-    if same:  # rows of one length (the beams of one prompt): attend the keys they all allow, no mask
-        lo = max(0, same - sliding_window) if sliding_window is not None else 0
-        first = lo // bs * bs
-        table = block_table[:, first // bs:]
-        k, v = _gather(k_cache, table, same - first)[:, lo - first:], _gather(v_cache, table, same - first)[:, lo - first:]
-        return _attend(q.unsqueeze(1), k, v, None, scale).squeeze(1).to(q.dtype)
+    runs = _length_runs(seq_lens)
+    if runs is not None and len(runs) == 1:
+        return _decode_one_length(q, k_cache, v_cache, block_table, runs[0][2], scale, sliding_window)
+    if runs is not None and 4 * len(runs) <= n:
+        out = torch.empty_like(q)
+        for a, b, m in runs:
+            out[a:b] = _decode_one_length(q[a:b], k_cache, v_cache, block_table[a:b], m, scale, sliding_window)
+        return out
     k, v = _gather(k_cache, block_table, length), _gather(v_cache, block_table, length)
     pos = torch.arange(length, device=q.device)
     lens = seq_lens.long().unsqueeze(1)
