@@ -89,9 +89,9 @@ def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
 @pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])
 @pytest.mark.parametrize("lens", [[1] * 3, [4] * 3, [13] * 3, [5] * 4 + [13] * 4 + [0] * 4, [5, 13, 5, 13, 0]],
                          ids=["one-1", "one-4", "one-13", "runs", "mixed"])
-def test_decode_reference_by_length_runs_matches_dense_attention(window, lens):
-    """On the CPU the reference attends runs of rows of one length (the beams of a prompt) without a
-    mask, or all rows at once with one (mixed lengths): windows that end inside a block, on a block
+def test_decode_reference_with_and_without_a_mask_matches_dense_attention(window, lens):
+    """On the CPU the reference attends rows of one length (the beams of a prompt) without a mask, and
+    rows of several lengths with one: windows that end inside a block, on a block
     boundary or beyond the sequence, GQA, shuffled blocks, empty rows (output 0)."""
     h, h_kv, d, bs = 6, 2, 8, 4
     bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float64, seed=len(lens))
