@@ -20,7 +20,16 @@ Setting (the issue's): IVG = EFT token by token (beta 1) inside chunk-level beam
 token RM, W=K=4, L=5, temperature 0.7, 32 new tokens, 16 prompts, float32, no EOS, no stop strings.
 Reported: seconds per run (median of ``--repeats``), response tokens per second (prompts x new
 tokens / s, the same count on both sides), the ratio, and greedy-EFT token parity (the published
-code has no greedy path: one beam, one candidate, temperature 1e-9).
+code has no greedy path: one beam, one candidate, temperature 1e-9). ``--latency N`` also times this
+project one prompt at a time over N prompts (the published code always decodes one prompt at a time).
+
+On a GPU (``--device cuda``, bfloat16 by default): ``--models gpt2-xl`` builds random-weight models
+of the issue's sizes (base 48x1600, guides and token RM 12x768, vocabulary 50,257) with a synthetic
+word-level tokenizer, saved once under ``--work``; ``bash benchmarks/gpu_suite.sh published`` runs it
+with the published code's pinned packages carried as wheels (``benchmarks/fetch_published_wheels.sh``).
+The published loop asks nvidia-smi for GPU memory every 10th step inside its timing; the driver times
+that call (without changing it) and the benchmark also reports the published time less it.
+``--models tiny-random`` runs the same path with small models (a check on the CPU).
 """
 from __future__ import annotations
 
@@ -38,9 +47,37 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "python"))
 
 
-def _prepare_models(work: Path) -> dict:
-    """Demo models for both sides: ours (token RM without score-head bias) and the published formats."""
+# Random-weight model sets (``--models``): (layers, width, heads) of the base and of the small models
+# (guides and token RM), and the vocabulary of a synthetic word-level tokenizer ("w0" .. "w{V-1}", one
+# word per token, so decoding and re-tokenizing give the same ids, as the published wrappers need).
+RANDOM_MODELS = {
+    "tiny-random": dict(vocab=1024, base=(4, 128, 4), small=(2, 64, 2)),  # the GPU path, checked on a CPU
+    "gpt2-xl": dict(vocab=50257, base=(48, 1600, 25), small=(12, 768, 12)),  # the issue's GPU setting
+}
+
+
+def _prepare_models(work: Path, preset: str = "demo", dtype: str = "float32") -> dict:
+    """Models for both sides, in this project's and the published formats: the demo's trained ones
+    (``demo``) or random weights of a ``RANDOM_MODELS`` size."""
+    if preset == "demo":
+        return _demo_models(work)
+    return _random_models(work, RANDOM_MODELS[preset], dtype)
+
+
+def _published_rm(body_state: dict, head, config: dict, dst: Path) -> None:
+    """The token RM as the published ``GPT2ModelForTokenScore`` reads it: one state dict, body under
+    ``transformer.``, the score head without bias."""
     import torch
+
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2ModelForTokenScore"])))
+    state = {(k if k.startswith("transformer.") else f"transformer.{k}"): v for k, v in body_state.items()}
+    state["score_head.weight"] = head
+    torch.save(state, dst / "pytorch_model.bin")
+
+
+def _demo_models(work: Path) -> dict:
+    """Demo models for both sides: ours (token RM without score-head bias) and the published formats."""
     from safetensors.torch import load_file, save_file
 
     from ivg.demo.build import build
@@ -73,20 +110,74 @@ def _prepare_models(work: Path) -> dict:
         if not (rm_ours / f).exists():
             os.symlink(demo / "rm" / f, rm_ours / f)
     save_file({"score_head.weight": head.contiguous()}, rm_ours / "score_head.safetensors")
-    rm_theirs = theirs / "rm"
-    rm_theirs.mkdir(exist_ok=True)
-    cfg = json.loads((demo / "rm" / "config.json").read_text())
-    cfg["architectures"] = ["GPT2ModelForTokenScore"]
-    (rm_theirs / "config.json").write_text(json.dumps(cfg))
-    state = {(k if k.startswith("transformer.") else f"transformer.{k}"): v for k, v in body.items()}
-    state["score_head.weight"] = head
-    torch.save(state, rm_theirs / "pytorch_model.bin")
+    _published_rm(body, head, json.loads((demo / "rm" / "config.json").read_text()), theirs / "rm")
     paths["rm"] = str(rm_ours)
     return {"ours": paths, "published": {k: str(theirs / k) for k in ("base", "tuned", "ref", "rm")}}
 
 
+def _random_models(work: Path, spec: dict, dtype: str) -> dict:
+    """Random-weight GPT-2s of ``spec``'s sizes with a synthetic word-level tokenizer, saved once in
+    ``work`` in ``dtype``; both sides read the same files (the published RM in its own format)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    from ivg.models import TokenRewardModel
+
+    root = work / f"random-{spec['vocab']}-{'x'.join(map(str, spec['base']))}-{dtype}"
+    paths = {k: root / k for k in ("base", "tuned", "ref", "rm", "published-rm")}
+    if not (root / "DONE").exists():
+        vocab = spec["vocab"]
+        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok_cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="w0", bos_token="w0", unk_token="w0",
+                       model_input_names=["input_ids", "attention_mask"])
+
+        def config(layers, width, heads):
+            return GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=1024,
+                              bos_token_id=0, eos_token_id=0)
+
+        def save_tokenizer(dst):
+            tok.save(str(dst / "tokenizer.json"))
+            (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+        for seed, name in enumerate(("base", "tuned", "ref")):
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(config(*spec["base" if name == "base" else "small"])).to(getattr(torch, dtype))
+            model.save_pretrained(paths[name])
+            save_tokenizer(paths[name])
+        torch.manual_seed(3)
+        body_cfg = config(*spec["small"])
+        rm = TokenRewardModel(GPT2Model(body_cfg), torch.nn.Linear(body_cfg.n_embd, vocab, bias=False))
+        torch.nn.init.normal_(rm.score_head.weight, std=0.02)
+        rm = rm.to(getattr(torch, dtype))
+        rm.save_pretrained(paths["rm"])
+        save_tokenizer(paths["rm"])
+        _published_rm(rm.body.state_dict(), rm.score_head.weight.detach(), body_cfg.to_dict(), paths["published-rm"])
+        save_tokenizer(paths["published-rm"])
+        (root / "DONE").write_text("")
+    ours = {k: str(paths[k]) for k in ("base", "tuned", "ref", "rm")}
+    return {"ours": ours, "published": dict(ours, rm=str(paths["published-rm"]))}
+
+
+def random_prompts(n: int, vocab: int, seed: int) -> list[str]:
+    """Prompts of 8 to 24 words of the synthetic tokenizer (never its EOS word ``w0``)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(1, vocab)}" for _ in range(rng.randint(8, 24))) for _ in range(n)]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _run_ours(cfg_path: str, out_path: str) -> None:
-    """This project's side, in its own process: the same prompts and settings, greedy EFT and IVG."""
+    """This project's side, in its own process: the same prompts and settings, greedy EFT and IVG (all
+    prompts together, and with ``latency`` one prompt at a time)."""
     import time
 
     import torch
@@ -96,23 +187,36 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     from ivg.api import make_decoder
     from ivg.options import DecodeOptions
 
-    m = cfg["models"]
+    m, device = cfg["models"], cfg.get("device", "cpu")
     templates = {"base": cfg["templates"]["base"].replace("{raw_prompt}", "{prompt}"),
                  "guide": cfg["templates"]["guide"].replace("{raw_prompt}", "{prompt}"), "token_rm": "{prompt}"}
     dec, _ = make_decoder(base=m["base"], tuned=[m["tuned"]], ref=[m["ref"]], beta=[cfg["beta"]], token_rm=m["rm"],
-                          dtype=cfg.get("dtype", "float32"), templates=templates, decoder=cfg.get("decoder", "paged"))
+                          dtype=cfg.get("dtype", "float32"), device=device, templates=templates,
+                          decoder=cfg.get("decoder", "paged"))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
-    greedy = dec.generate(cfg["prompts"], DecodeOptions(mode="eft", temperature=0.0, **common))
+    greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]], DecodeOptions(mode="eft", temperature=0.0, **common))
     ivg = DecodeOptions(mode="ivg", width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"],
                         temperature=cfg["temperature"], **common)
-    dec.generate(cfg["prompts"][:1], ivg)  # warm-up, not timed
+    dec.generate(cfg["prompts"][:2], ivg)  # warm-up, not timed (on a GPU: compiles kernels, captures graphs)
     times = []
     for _ in range(cfg["repeats"]):
+        _sync(device)
         t0 = time.perf_counter()
         res = dec.generate(cfg["prompts"], ivg)
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    json.dump({"greedy_tokens": [r.beams[0].tokens for r in greedy], "ivg_tokens": [r.beams[0].tokens for r in res],
-               "seconds": times, "torch": torch.__version__}, open(out_path, "w"))
+    out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "ivg_tokens": [r.beams[0].tokens for r in res],
+           "seconds": times, "torch": torch.__version__, "outside_forwards": dec.last_stats.outside_forwards}
+    if cfg.get("latency"):  # one prompt at a time: mean seconds per response
+        alone = []
+        for p in cfg["prompts"][:cfg["latency"]]:
+            _sync(device)
+            t0 = time.perf_counter()
+            dec.generate([p], ivg)
+            _sync(device)
+            alone.append(time.perf_counter() - t0)
+        out["latency_s"] = statistics.fmean(alone)
+    json.dump(out, open(out_path, "w"))
 
 
 def _side(python: str, script: list, cfg: dict, work: Path, name: str, threads: int) -> dict:
@@ -130,15 +234,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--published", help="a checkout of github.com/chadlzx/ivg (holds inference_time_alignment/)")
     ap.add_argument("--python", default=os.environ.get("IVG_PUBLISHED_PYTHON"),
-                    help="the published code's interpreter (default $IVG_PUBLISHED_PYTHON)")
+                    help="the published code's interpreter (default $IVG_PUBLISHED_PYTHON); a script that sets "
+                         "PYTHONPATH and runs python works too")
+    ap.add_argument("--models", default="demo", choices=["demo", *RANDOM_MODELS],
+                    help="the demo's trained models, or random weights of a size (gpt2-xl: the GPU setting)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default float32 on the CPU, bfloat16 on a GPU")
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--greedy-prompts", type=int, default=None, help="prompts of the greedy parity check (default all)")
+    ap.add_argument("--latency", type=int, default=0,
+                    help="also time this project one prompt at a time over this many prompts (per-response latency)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("-W", type=int, default=4)
     ap.add_argument("-K", type=int, default=4)
     ap.add_argument("-L", type=int, default=5)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--beta", type=float, default=1.0)
-    ap.add_argument("--base-template", default="Here is a movie review: {raw_prompt}")
+    ap.add_argument("--base-template", default=None,
+                    help="default 'Here is a movie review: {raw_prompt}' (demo), 'w1 w2 w3 {raw_prompt}' (random)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="this project's decoder")
@@ -152,49 +266,77 @@ def main(argv=None):
         ap.error(f"--published={args.published!r}: expected a checkout holding inference_time_alignment/")
     if not args.python or not Path(args.python).exists():
         ap.error(f"--python={args.python!r}: expected the published environment's interpreter")
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
     from benchmarks import harness
     from ivg.demo.corpus import make_prompts
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-published-"))
-    models = _prepare_models(work)
-    prompts = make_prompts(args.prompts, 999)
-    cfg = dict(prompts=prompts, templates={"base": args.base_template, "guide": "{raw_prompt}"}, beta=args.beta,
-               W=args.W, K=args.K, L=args.L, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-               seed=1, threads=args.threads, repeats=args.repeats, dtype="float32", greedy=True)
+    print(f"models ({args.models}, {dtype}) ...", flush=True)
+    models = _prepare_models(work, args.models, dtype)
+    if args.models == "demo":
+        prompts, template = make_prompts(args.prompts, 999), "Here is a movie review: {raw_prompt}"
+    else:
+        prompts, template = random_prompts(args.prompts, RANDOM_MODELS[args.models]["vocab"], 999), "w1 w2 w3 {raw_prompt}"
+    greedy_n = min(args.prompts, args.greedy_prompts or args.prompts)
+    cfg = dict(prompts=prompts, templates={"base": args.base_template or template, "guide": "{raw_prompt}"},
+               beta=args.beta, W=args.W, K=args.K, L=args.L, temperature=args.temperature,
+               max_new_tokens=args.max_new_tokens, seed=1, threads=args.threads, repeats=args.repeats, dtype=dtype,
+               device=args.device, greedy_prompts=greedy_n)
     print(f"published side ({args.python}) ...", flush=True)
     theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, published=str(Path(args.published)
                    .resolve()), **models["published"]), work, "published", args.threads)
     print("this project's side ...", flush=True)
     ours = _side(sys.executable, [str(Path(__file__).resolve()), "--ours-run"],
-                 dict(cfg, models=models["ours"], decoder=args.decoder), work, "ours", args.threads)
+                 dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency), work, "ours",
+                 args.threads)
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
     tokens = args.prompts * args.max_new_tokens
     t_pub, t_ours = statistics.median(theirs["seconds"]), statistics.median(ours["seconds"])
     shape = (f"mode=ivg,W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},"
-             f"prompts={args.prompts},threads={args.threads},models=demo")
+             f"prompts={args.prompts},threads={args.threads},models={args.models}")
+    device = harness.device_name(_device(args.device))
+    logging_s = statistics.median(theirs.get("logging_seconds") or [0.0])
     print(f"\n{'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
     rows = []
     for name, t, runs in (("published", t_pub, theirs["seconds"]), (f"ivg-kernels-{args.decoder}", t_ours,
                                                                       ours["seconds"])):
         print(f"{name:<22} {t:6.2f} ({', '.join(f'{x:.2f}' for x in runs)}){'':<6} {tokens / t:9.1f} {t_pub / t:12.2f}x")
-        rows.append(dict(date=harness.now(), commit=harness.commit(), device=harness.device_name(_cpu()),
-                         benchmark="published-ivg", provider=name, shape=shape, dtype="float32",
-                         median_us=f"{t * 1e6:.0f}", gbps="", speedup=f"{t_pub / t:.2f}"))
-    print(f"greedy EFT: identical tokens on {equal} of {args.prompts} prompts "
+        extra = (f",outside_forwards={ours['outside_forwards']:.1%}" if name != "published" and args.device != "cpu"
+                 else f",gpu_logging_s={logging_s:.2f}" if name == "published" and logging_s else "")
+        rows.append(dict(date=harness.now(), commit=harness.commit(), device=device, benchmark="published-ivg",
+                         provider=name, shape=shape + extra, dtype=dtype, median_us=f"{t * 1e6:.0f}", gbps="",
+                         speedup=f"{t_pub / t:.2f}"))
+    if logging_s > 0.01 * t_pub:  # the published loop asks nvidia-smi for GPU memory every 10th step (GPUtil), inside its timing
+        t_clean = t_pub - logging_s
+        print(f"published, less its GPU-memory logging ({logging_s:.2f} s): {t_clean:.2f} s; "
+              f"ivg-kernels {t_clean / t_ours:.2f}x that")
+        rows.append(dict(rows[0], provider="published-less-gpu-logging", median_us=f"{t_clean * 1e6:.0f}",
+                         speedup=f"{t_pub / t_clean:.2f}"))
+        rows.append(dict(rows[1], provider=f"ivg-kernels-{args.decoder}-vs-less-logging",
+                         speedup=f"{t_clean / t_ours:.2f}"))
+    if "latency_s" in ours:  # the published code decodes one prompt at a time anyway
+        per_pub = t_pub / args.prompts
+        print(f"per response, one prompt at a time: ivg-kernels {ours['latency_s']:.3f} s, published {per_pub:.3f} s "
+              f"(its mean over the batch run): {per_pub / ours['latency_s']:.2f}x")
+        rows.append(dict(rows[1], provider=f"ivg-kernels-{args.decoder}-one-prompt",
+                         shape=shape + f",latency_prompts={args.latency}", median_us=f"{ours['latency_s'] * 1e6:.0f}",
+                         speedup=f"{per_pub / ours['latency_s']:.2f}"))
+    print(f"greedy EFT: identical tokens on {equal} of {greedy_n} prompts "
           f"(published transformers {theirs['transformers']}, torch {theirs['torch']})")
-    rows.append(dict(rows[0], provider="greedy-eft-parity", shape=shape + f",identical={equal}/{args.prompts}",
+    rows.append(dict(rows[0], provider="greedy-eft-parity", shape=shape + f",identical={equal}/{greedy_n}",
                      median_us="", speedup=""))
     if args.record:
         harness.append_results(rows)
-    return 0 if equal == args.prompts else 1
+    # Trained models in float32 must agree token for token; random weights in 16 bits may not (near ties).
+    return 0 if equal == greedy_n or args.models != "demo" else 1
 
 
-def _cpu():
+def _device(name):
     import torch
 
-    return torch.device("cpu")
+    return torch.device(name)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One-command GPU validation for a bare CUDA machine with no network (PyTorch, Triton and transformers
 # preinstalled; nothing is installed). Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|all]...   (default: all, about 10 minutes)
+#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|published|all]...   (default: all, about 10 minutes)
 #
 # Stages:
 #   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
@@ -11,6 +11,9 @@
 #   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
 #             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
+#   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
+#             64 prompts, bf16; about 4 minutes): needs .published/ and .whl/published/ from
+#             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
 #
 # Logs and a copy of results.csv/RESULTS.md go to $OUT (default: ./gpu_suite_out). The tree may travel
@@ -93,6 +96,28 @@ run_bench() {
     [ -f benchmarks/results.png ] && cp benchmarks/results.png "$OUT"/
 }
 
+run_published() {
+    note "bench_published: the published IVG code beside this decoder (gpt2-xl-sized random weights, bf16)"
+    if [ ! -d .published/inference_time_alignment ] || ! ls .whl/published/*.whl >/dev/null 2>&1; then
+        echo "bench_published: .published/ or .whl/published/ missing: run benchmarks/fetch_published_wheels.sh" \
+             "where there is network and carry both"
+        STATUS=1
+        return
+    fi
+    # The published code's pinned packages go to their own folder, seen only by its interpreter wrapper.
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pubsite \
+        .whl/published/*.whl || { STATUS=1; return; }
+    printf '#!/bin/sh\nPYTHONPATH=/tmp/pubsite${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' "$(command -v "$PY")" \
+        > /tmp/pubpython
+    chmod +x /tmp/pubpython
+    timeout "${PUBLISHED_TIMEOUT:-420}" "$PY" benchmarks/bench_published.py --published .published \
+        --python /tmp/pubpython --models "${PUBLISHED_MODELS:-gpt2-xl}" --device cuda \
+        --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 --latency 4 --repeats 1 --threads 4 \
+        --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" | tail -12
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+}
+
 env_report 2>&1 | tee "$OUT/env.log"
 [ $# -eq 0 ] && set -- all
 for STAGE in "$@"; do
@@ -102,8 +127,9 @@ for STAGE in "$@"; do
         sanitize) run_sanitize ;;
         check) run_build; run_tests; run_sanitize ;;
         bench) run_bench ;;
+        published) run_published ;;
         all) run_build; run_tests; run_sanitize; run_bench ;;
-        *) echo "usage: $0 [build|tests|sanitize|check|bench|all]..." >&2; exit 2 ;;
+        *) echo "usage: $0 [build|tests|sanitize|check|bench|published|all]..." >&2; exit 2 ;;
     esac
 done
 note "done, status $STATUS"

@@ -9,8 +9,10 @@ and ranked by ``ExplicitRewardScorer`` over a ``GPT2ModelForTokenScore``; no EOS
 Usage: ``python published_driver.py CONFIG.json OUT.json``. CONFIG holds ``published`` (the checkout),
 ``base``, ``tuned``, ``ref``, ``rm`` (folders), ``prompts``, ``templates`` (``base``/``guide`` with
 ``{raw_prompt}``), ``beta``, ``W``, ``K``, ``L``, ``temperature``, ``max_new_tokens``, ``seed``, ``threads``,
-``repeats`` and ``greedy`` (also decode greedy EFT, for token parity). OUT gets the response token
-ids of every prompt and the decode times (model loading excluded).
+``repeats``, ``greedy_prompts`` (how many prompts also decode greedy EFT, for token parity), ``dtype``
+and ``device``. OUT gets the response token ids of every prompt, the decode times (model loading
+excluded) and, per timed run, the time the published loop spent in its GPU-memory logging
+(``GPUtil.getGPUs``, which runs nvidia-smi, every 10th step), measured by wrapping that function.
 """
 import json
 import os
@@ -37,20 +39,38 @@ def main(cfg_path, out_path):
     from inference_time_alignment.modeling_gpt2 import GPT2ModelForTokenScore
     from inference_time_alignment.scorer import ExplicitRewardScorer
 
+    import GPUtil
+
     transformers.logging.set_verbosity_error()
     dtype = getattr(torch, cfg.get("dtype", "float32"))
+    device = torch.device(cfg.get("device", "cpu"))
+    logging_s = [0.0]
+    get_gpus = GPUtil.getGPUs
+
+    def timed_get_gpus(*a, **k):  # the published loop's memory logging: timed, not changed
+        t0 = time.perf_counter()
+        try:
+            return get_gpus(*a, **k)
+        finally:
+            logging_s[0] += time.perf_counter() - t0
+
+    GPUtil.getGPUs = timed_get_gpus
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def lm(path):
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval().to(device)
 
     tok = AutoTokenizer.from_pretrained(cfg["base"])
     tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     base, tuned, ref = lm(cfg["base"]), lm(cfg["tuned"]), lm(cfg["ref"])
     base.generation_config.eos_token_id = None  # as the IMDB script: responses never stop at EOS
-    rm = GPT2ModelForTokenScore.from_pretrained(cfg["rm"], torch_dtype=dtype).eval()
+    rm = GPT2ModelForTokenScore.from_pretrained(cfg["rm"], torch_dtype=dtype).eval().to(device)
     scorer = ExplicitRewardScorer(token_reward_model=rm, tokenizer=tok, beta=1.0)
-    empty = tok("", return_tensors="pt", add_special_tokens=False)
+    empty = tok("", return_tensors="pt", add_special_tokens=False).to(device)
 
     def decode(prompt, W, K, L, temperature):
         model = EFTPosthocGenerationMixin(
@@ -67,17 +87,21 @@ def main(cfg_path, out_path):
         return out[0].tolist()
 
     result = {"transformers": transformers.__version__, "torch": torch.__version__}
-    if cfg.get("greedy"):
-        # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
-        result["greedy_tokens"] = [decode(p, 1, 1, cfg["max_new_tokens"], 1e-9) for p in cfg["prompts"]]
+    # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
+    result["greedy_tokens"] = [decode(p, 1, 1, cfg["max_new_tokens"], 1e-9)
+                               for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
     torch.manual_seed(cfg["seed"])
     decode(cfg["prompts"][0], cfg["W"], cfg["K"], cfg["L"], cfg["temperature"])  # warm-up, not timed
-    times = []
+    times, logged = [], []
     for _ in range(cfg["repeats"]):
+        logging_s[0] = 0.0
+        sync()
         t0 = time.perf_counter()
         tokens = [decode(p, cfg["W"], cfg["K"], cfg["L"], cfg["temperature"]) for p in cfg["prompts"]]
+        sync()
         times.append(time.perf_counter() - t0)
-    result.update(ivg_tokens=tokens, seconds=times)
+        logged.append(logging_s[0])
+    result.update(ivg_tokens=tokens, seconds=times, logging_seconds=logged)
     json.dump(result, open(out_path, "w"))
 
 
