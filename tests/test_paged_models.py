@@ -189,6 +189,50 @@ def test_one_token_per_sequence_as_a_tensor_equals_the_lists():
     _close(from_tensor[1], _scratch(ref, [4, 5, 6, 7, 8, 10]), "tensor vs scratch")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", [*CONFIGS, "token-rm-gpt2", "token-rm-llama"])
+def test_lean_forward_gives_the_transformers_logits_bit_for_bit(family, dtype):
+    """ivg.lean_models against the transformers forward on the same paged cache: prompts, decode steps,
+    multi-token extends after forks (every position), ragged batches; identical logits."""
+    from ivg.models import TokenRewardModel
+
+    def make():
+        torch.manual_seed(3)
+        if family.startswith("token-rm"):
+            cfg = CONFIGS["gpt2" if family.endswith("gpt2") else "llama-gqa"]
+            return TokenRewardModel.from_body_config(copy.deepcopy(cfg)).to(DEVICE, dtype).eval()
+        return AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[family])).to(DEVICE, dtype).eval()
+
+    lean, full = PagedModel(make(), num_blocks=64, block_size=4, lean=True), PagedModel(make(), num_blocks=64,
+                                                                                          block_size=4, lean=False)
+    assert lean.lean is not None and full.lean is None
+    gen = torch.Generator().manual_seed(5)
+    seqs = {}
+    for pm in (lean, full):
+        seqs[pm] = pm.blocks.new_sequences(3)
+    prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (9, 2, 14)]
+    steps = [(prompts, {}), ([[t] for t in torch.randint(0, V, (3,), generator=gen).tolist()], {}),
+             ([torch.randint(0, V, (n,), generator=gen).tolist() for n in (3, 1, 5)], dict(every_position=True))]
+    for tokens, kw in steps:
+        got, want = lean(seqs[lean], tokens, **kw), full(seqs[full], tokens, **kw)
+        assert torch.equal(got, want), (family, kw, (got - want).abs().max())
+    kids = {pm: pm.blocks.fork(seqs[pm][2], 2) for pm in (lean, full)}
+    for step in range(3):
+        tok = torch.randint(0, V, (2,), generator=gen)
+        assert torch.equal(lean(kids[lean], tok.to(DEVICE)), full(kids[full], tok.to(DEVICE))), step
+
+
+def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
+    cfg = copy.deepcopy(CONFIGS["gpt2"])
+    cfg.scale_attn_by_inverse_layer_idx = True  # a GPT-2 variant the lean forward does not cover
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert PagedModel(model, num_blocks=8, block_size=4).lean is None  # auto: the transformers forward
+    with pytest.raises(ValueError, match="lean=True: GPT2LMHeadModel is not a family"):
+        PagedModel(model, num_blocks=8, block_size=4, lean=True)
+    with pytest.raises(ValueError, match="lean='yes': expected None, True or False"):
+        PagedModel(model, num_blocks=8, block_size=4, lean="yes")
+
+
 def test_group_exhaustion_in_one_model_changes_no_model():
     caches = {"a": KVCache(1, 1, 4, num_blocks=8, block_size=4), "b": KVCache(1, 1, 4, num_blocks=2, block_size=4)}
     group = KVCacheGroup(caches)

@@ -24,6 +24,8 @@ from ivg_kernels._transfer import to_device
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
+from .lean_models import lean_forward
+
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
 # the decoder (CPU, 2 cores, one thread; benchmarks/RESULTS.md): below it the per-row SDPA path wins.
@@ -45,6 +47,24 @@ class PagedBatch:
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
 
 
+def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
+    """One layer's paged attention for the batch ``b``: write the new keys/values ``[T, H_kv, D]`` into
+    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill)."""
+    k_cache, v_cache = b.cache.pool.layer(layer_idx)
+    write_kv(k_cache, v_cache, k, v, b.slot_mapping, backend=b.backend)
+    if b.is_decode and b.groups is not None:
+        starts, shared, most = b.groups
+        return shared_prefix_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared,
+                                              max_group_rows=most, scale=scale, sliding_window=sliding_window,
+                                              backend=b.backend)
+    if b.is_decode:
+        return paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
+                                      sliding_window=sliding_window, backend=b.backend)
+    return paged_prefill_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q,
+                                   max_seqlen_q=b.max_seqlen_q, scale=scale, sliding_window=sliding_window,
+                                   backend=b.backend)
+
+
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             sliding_window=None, ivg_batch: PagedBatch | None = None, **kwargs):
     """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` -> ``[1, T, H, D]``."""
@@ -54,23 +74,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         )
     if query.shape[0] != 1:
         raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
-    b = ivg_batch
-    k_cache, v_cache = b.cache.pool.layer(module.layer_idx)
-    q = query[0].transpose(0, 1)  # (T, H, D)
-    write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), b.slot_mapping, backend=b.backend)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if b.is_decode and b.groups is not None:
-        starts, shared, most = b.groups
-        out = shared_prefix_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared,
-                                             max_group_rows=most, scale=scale, sliding_window=sliding_window,
-                                             backend=b.backend)
-    elif b.is_decode:
-        out = paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
-                                     sliding_window=sliding_window, backend=b.backend)
-    else:
-        out = paged_prefill_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q,
-                                      max_seqlen_q=b.max_seqlen_q, scale=scale, sliding_window=sliding_window,
-                                      backend=b.backend)
+    out = attend(ivg_batch, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                 value[0].transpose(0, 1), scale, sliding_window)
     return out.unsqueeze(0), None  # (1, T, H, D)
 
 
@@ -159,10 +165,15 @@ class PagedModel:
         path (CPU) when the rows share at least ``SHARED_PREFIX_MIN_TOKENS`` tokens each on average
         (``benchmarks/RESULTS.md``); off on CUDA until measured there. Steps replayed from CUDA graphs
         use per-sequence attention
+    lean : eager forwards run through :mod:`ivg.lean_models` (the same submodules in the same order as
+        transformers, bitwise the same logits, without its per-call work) where the family is supported:
+        ``None`` (default) where it is, ``True`` to insist (ValueError otherwise), ``False`` for the
+        transformers forward. Steps replayed from CUDA graphs use the transformers forward
     """
 
     def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
-                 backend: str = "auto", cuda_graphs: bool = False, shared_prefix: bool | None = None):
+                 backend: str = "auto", cuda_graphs: bool = False, shared_prefix: bool | None = None,
+                 lean: bool | None = None):
         register_attention()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -183,6 +194,14 @@ class PagedModel:
             shared_prefix = "auto" if (self.device.type == "cpu" or backend == "reference") else False
         self.shared_prefix = shared_prefix
         self.timer: ForwardTimer | None = None  # set by the decoder to measure its forwards
+        if lean not in (None, True, False):
+            raise ValueError(f"lean={lean!r}: expected None, True or False")
+        self._batch: PagedBatch | None = None  # the batch of the lean forward under way
+        self.lean = None if lean is False else lean_forward(
+            model, lambda i, q, k, v, scale, window: attend(self._batch, i, q, k, v, scale, window))
+        if lean and self.lean is None:
+            raise ValueError(f"lean=True: {type(model).__name__} is not a family ivg.lean_models supports "
+                             "(GPT-2, Llama, Mistral, Qwen2); use lean=None or False")
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
@@ -259,10 +278,16 @@ class PagedModel:
                 is_decode=decode, backend=self.backend,
                 groups=self._groups(table, lens) if decode and self.shared_prefix else None,
             )
-            out = self.model(
-                input_ids=to_device(flat, dev).unsqueeze(0), position_ids=to_device(positions, dev).unsqueeze(0),
-                use_cache=False, logits_to_keep=0 if every_position else to_device(cu[1:] - 1, dev), ivg_batch=batch,
-            )
+            ids, pos = to_device(flat, dev), to_device(positions, dev)
+            keep = None if every_position else to_device(cu[1:] - 1, dev)
+            if self.lean is not None:
+                self._batch = batch
+                try:
+                    return self.lean(ids, pos, keep)
+                finally:
+                    self._batch = None
+            out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
+                             logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
             return out.logits[0]
         except BaseException:
             self.blocks.truncate_many(seq_ids, before)
