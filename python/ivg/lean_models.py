@@ -31,7 +31,9 @@ def _body_and_head(model):
     """``(body, head)``: the transformer and the module that maps its hidden states to logits."""
     if hasattr(model, "score_head") and hasattr(model, "body"):  # ivg.models.TokenRewardModel
         return model.body, model.score_head
-    body = getattr(model, "transformer", None) or getattr(model, "model", None)
+    body = getattr(model, "transformer", None)
+    if body is None:
+        body = getattr(model, "model", None)
     return body, getattr(model, "lm_head", None)
 
 
@@ -40,6 +42,8 @@ def lean_forward(model, attend):
 
     ``attend(layer_idx, q, k, v, scale, sliding_window)`` writes a layer's new keys and values and
     returns its attention output ``[T, H, D]`` (``q`` ``[T, H, D]``, ``k``/``v`` ``[T, H_kv, D]``)."""
+    if (getattr(model, "tp_size", None) or 1) > 1:  # sharded by transformers' tensor parallelism: not covered
+        return None
     body, head = _body_and_head(model)
     if body is None or head is None:
         return None
