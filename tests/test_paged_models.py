@@ -250,3 +250,12 @@ def test_model_from_config_leaves_the_config_untouched():
     model = model_from_config(cfg)
     assert model.config._attn_implementation == ATTN_IMPLEMENTATION
     assert cfg._attn_implementation == before
+
+
+def test_cuda_graph_buckets_cover_the_default_batch_of_beams():
+    """Decode steps are padded to a bucket; 64 prompts of W*K = 16 rows (the decoder's default batch
+    in a search) still get a graph, and a larger batch runs eagerly (None)."""
+    from ivg.cuda_graphs import bucket_for
+
+    assert [bucket_for(n) for n in (1, 3, 16, 17, 1000, 1024)] == [1, 4, 16, 32, 1024, 1024]
+    assert bucket_for(64 * 16) == 1024 and bucket_for(1025) is None

@@ -6,7 +6,7 @@ eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the 
 
 * inputs live in static device buffers (token ids, positions, slots, block table, lengths), filled
   with one host-to-device copy each before the replay; nothing in the replay synchronises;
-* the batch is padded to the next bucket (1, 2, 4, ..., 512) with rows whose slot is -1 (nothing
+* the batch is padded to the next bucket (1, 2, 4, ..., 1024) with rows whose slot is -1 (nothing
   written) and whose length is 1, and their logits are dropped;
 * the block table's width is padded to a power of two, so the attention's grid is fixed per graph;
 * graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly.
@@ -22,7 +22,7 @@ import torch
 
 from ivg_kernels._transfer import to_device
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # 1024: 64 prompts x W*K = 16 rows (the default)
 
 
 def bucket_for(n: int) -> int | None:
