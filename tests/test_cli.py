@@ -144,8 +144,8 @@ def test_chat_template_wraps_each_models_prompt(model_dirs, tmp_path, capsys):
     assert _tokens(out) == [expect[0].beams[0].tokens]
 
 
-def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path):
-    from ivg.api import generate
+def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path, capsys):
+    from ivg.api import generate, make_decoder
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
@@ -154,6 +154,13 @@ def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path):
     assert main(_plain(model_dirs, b, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6",
                        "--batch-prompts", "1")) == 0
     assert _tokens(a) == _tokens(b)
+    c = tmp_path / "c.jsonl"  # the host reads every 4th step: the same tokens
+    assert main(_plain(model_dirs, c, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6",
+                       "--read-every", "4")) == 0
+    assert _tokens(c) == _tokens(a)
+    assert main(_plain(model_dirs, c, "--prompt", "a", "--read-every", "0")) == 2
+    assert "--read-every 0: expected an int >= 1" in capsys.readouterr().err
+    assert make_decoder(base=model_dirs["base"], read_every=4)[0].read_every == 4
     api = generate(["one", "two", "three"], base=model_dirs["base"], dtype="float64", min_p=0.3, max_new_tokens=6,
                    seed=5)
     assert _tokens(a) == [r.beams[0].tokens for r in api]

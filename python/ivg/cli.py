@@ -117,6 +117,10 @@ def _generate(args) -> int:
         options["chat_template"] = True
     if args.batch_prompts != 64:
         options["max_batch_prompts"] = args.batch_prompts
+    if args.read_every is not None:
+        if args.read_every < 1:
+            raise ValueError(f"--read-every {args.read_every}: expected an int >= 1")
+        options["read_every"] = args.read_every
     if args.scorer:
         options["scorer"] = args.scorer
     from .distributed import finish, generate_sharded
@@ -191,6 +195,9 @@ def _add_generate(sub):
                    help="wrap each (templated) prompt as a user message in each model's own chat template")
     g.add_argument("--batch-prompts", type=int, default=64,
                    help="prompts decoded together by the paged decoder (KV pools are sized for one batch)")
+    g.add_argument("--read-every", type=int, default=None, metavar="N",
+                   help="the most decode steps between two reads of the drawn tokens by the host when EOS may end "
+                        "rows (default 8 on a GPU, 1 on the CPU; results do not depend on it)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
     g.add_argument("--out", help="write JSON lines here instead of stdout")
