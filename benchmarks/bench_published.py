@@ -46,34 +46,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "python"))
 
-
-# Random-weight model sets (``--models``): (layers, width, heads) of the base and of the small models
-# (guides and token RM), and the vocabulary of a synthetic word-level tokenizer ("w0" .. "w{V-1}", one
-# word per token, so decoding and re-tokenizing give the same ids, as the published wrappers need).
-RANDOM_MODELS = {
-    "tiny-random": dict(vocab=1024, base=(4, 128, 4), small=(2, 64, 2)),  # the GPU path, checked on a CPU
-    "gpt2-xl": dict(vocab=50257, base=(48, 1600, 25), small=(12, 768, 12)),  # the issue's GPU setting
-}
+from benchmarks import random_models  # noqa: E402
 
 
 def _prepare_models(work: Path, preset: str = "demo", dtype: str = "float32") -> dict:
     """Models for both sides, in this project's and the published formats: the demo's trained ones
-    (``demo``) or random weights of a ``RANDOM_MODELS`` size."""
+    (``demo``) or random weights of a ``random_models.RANDOM_MODELS`` size."""
     if preset == "demo":
         return _demo_models(work)
-    return _random_models(work, RANDOM_MODELS[preset], dtype)
-
-
-def _published_rm(body_state: dict, head, config: dict, dst: Path) -> None:
-    """The token RM as the published ``GPT2ModelForTokenScore`` reads it: one state dict, body under
-    ``transformer.``, the score head without bias."""
-    import torch
-
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2ModelForTokenScore"])))
-    state = {(k if k.startswith("transformer.") else f"transformer.{k}"): v for k, v in body_state.items()}
-    state["score_head.weight"] = head
-    torch.save(state, dst / "pytorch_model.bin")
+    return random_models.build(work, preset, dtype)
 
 
 def _demo_models(work: Path) -> dict:
@@ -110,62 +91,9 @@ def _demo_models(work: Path) -> dict:
         if not (rm_ours / f).exists():
             os.symlink(demo / "rm" / f, rm_ours / f)
     save_file({"score_head.weight": head.contiguous()}, rm_ours / "score_head.safetensors")
-    _published_rm(body, head, json.loads((demo / "rm" / "config.json").read_text()), theirs / "rm")
+    random_models.published_rm(body, head, json.loads((demo / "rm" / "config.json").read_text()), theirs / "rm")
     paths["rm"] = str(rm_ours)
     return {"ours": paths, "published": {k: str(theirs / k) for k in ("base", "tuned", "ref", "rm")}}
-
-
-def _random_models(work: Path, spec: dict, dtype: str) -> dict:
-    """Random-weight GPT-2s of ``spec``'s sizes with a synthetic word-level tokenizer, saved once in
-    ``work`` in ``dtype``; both sides read the same files (the published RM in its own format)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
-
-    from ivg.models import TokenRewardModel
-
-    root = work / f"random-{spec['vocab']}-{'x'.join(map(str, spec['base']))}-{dtype}"
-    paths = {k: root / k for k in ("base", "tuned", "ref", "rm", "published-rm")}
-    if not (root / "DONE").exists():
-        vocab = spec["vocab"]
-        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok_cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="w0", bos_token="w0", unk_token="w0",
-                       model_input_names=["input_ids", "attention_mask"])
-
-        def config(layers, width, heads):
-            return GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=1024,
-                              bos_token_id=0, eos_token_id=0)
-
-        def save_tokenizer(dst):
-            tok.save(str(dst / "tokenizer.json"))
-            (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-
-        for seed, name in enumerate(("base", "tuned", "ref")):
-            torch.manual_seed(seed)
-            model = GPT2LMHeadModel(config(*spec["base" if name == "base" else "small"])).to(getattr(torch, dtype))
-            model.save_pretrained(paths[name])
-            save_tokenizer(paths[name])
-        torch.manual_seed(3)
-        body_cfg = config(*spec["small"])
-        rm = TokenRewardModel(GPT2Model(body_cfg), torch.nn.Linear(body_cfg.n_embd, vocab, bias=False))
-        torch.nn.init.normal_(rm.score_head.weight, std=0.02)
-        rm = rm.to(getattr(torch, dtype))
-        rm.save_pretrained(paths["rm"])
-        save_tokenizer(paths["rm"])
-        _published_rm(rm.body.state_dict(), rm.score_head.weight.detach(), body_cfg.to_dict(), paths["published-rm"])
-        save_tokenizer(paths["published-rm"])
-        (root / "DONE").write_text("")
-    ours = {k: str(paths[k]) for k in ("base", "tuned", "ref", "rm")}
-    return {"ours": ours, "published": dict(ours, rm=str(paths["published-rm"]))}
-
-
-def random_prompts(n: int, vocab: int, seed: int) -> list[str]:
-    """Prompts of 8 to 24 words of the synthetic tokenizer (never its EOS word ``w0``)."""
-    import random
-
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(1, vocab)}" for _ in range(rng.randint(8, 24))) for _ in range(n)]
 
 
 def _sync(device: str) -> None:
@@ -236,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--python", default=os.environ.get("IVG_PUBLISHED_PYTHON"),
                     help="the published code's interpreter (default $IVG_PUBLISHED_PYTHON); a script that sets "
                          "PYTHONPATH and runs python works too")
-    ap.add_argument("--models", default="demo", choices=["demo", *RANDOM_MODELS],
+    ap.add_argument("--models", default="demo", choices=["demo", *random_models.RANDOM_MODELS],
                     help="the demo's trained models, or random weights of a size (gpt2-xl: the GPU setting)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -277,7 +205,7 @@ def main(argv=None):
     if args.models == "demo":
         prompts, template = make_prompts(args.prompts, 999), "Here is a movie review: {raw_prompt}"
     else:
-        prompts, template = random_prompts(args.prompts, RANDOM_MODELS[args.models]["vocab"], 999), "w1 w2 w3 {raw_prompt}"
+        prompts, template = random_models.prompts(args.prompts, args.models, 999), "w1 w2 w3 {raw_prompt}"
     greedy_n = min(args.prompts, args.greedy_prompts or args.prompts)
     cfg = dict(prompts=prompts, templates={"base": args.base_template or template, "guide": "{raw_prompt}"},
                beta=args.beta, W=args.W, K=args.K, L=args.L, temperature=args.temperature,

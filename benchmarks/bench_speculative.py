@@ -10,12 +10,17 @@ time (the latency regime), each mode with ``speculate`` 0 (plain decoding) and e
 value. Reported per mode and gamma: mean seconds per response (``median_us`` column: microseconds),
 the acceptance rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard
 error, in ``shape``; ``speedup``: plain latency / this latency, measured in the same process.
+
+``--models gpt2-xl --device cuda`` (random weights of the issue's GPU sizes, bfloat16, built by
+``benchmarks/random_models.py``): the speed-up and acceptance rate of untrained guides (no gold reward);
+the demo's trained models on the GPU give the trained acceptance.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, random_models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,14 +45,24 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", nargs="*", type=int, default=[2, 3, 4])
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="demo", choices=["demo", *random_models.RANDOM_MODELS],
+                    help="the demo's trained models, or random weights of a size (gpt2-xl: the GPU setting)")
+    ap.add_argument("--dtype", default=None, help="random models: default float32 on the CPU, bfloat16 on a GPU")
+    ap.add_argument("--work", default=None, help="random models: where they are saved (default a temporary folder)")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    path = build(progress=False)
-    models = load_models(path / "base", tuned=[path / "tuned"], ref=[path / "ref"], beta=[BETA],
-                         token_rm=path / "rm", token_rm_weight=RM_WEIGHT, device=args.device)
-    prompts = make_prompts(args.prompts, 4242)
-    gold = GoldReward()
+    if args.models == "demo":
+        path = build(progress=False)
+        paths = {k: path / k for k in ("base", "tuned", "ref", "rm")}
+        prompts, gold, dtype = make_prompts(args.prompts, 4242), GoldReward(), None
+    else:  # random weights: the acceptance rate and speed-up of untrained guides; no gold reward
+        dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-spec-"))
+        paths = random_models.build(work, args.models, dtype)["ours"]
+        prompts, gold = random_models.prompts(args.prompts, args.models, 4242), None
+    models = load_models(paths["base"], tuned=[paths["tuned"]], ref=[paths["ref"]], beta=[BETA],
+                         token_rm=paths["rm"], token_rm_weight=RM_WEIGHT, device=args.device, dtype=dtype)
     dec = IVGDecoder(models, max_batch_prompts=1)
     dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
     print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)
@@ -72,16 +87,21 @@ def main(argv=None) -> int:
                 accepted += dec.last_stats.accepted
             mean = statistics.fmean(times)
             plain_s = plain_s or mean
-            rewards = gold.scorer(prompts, texts)
-            se = statistics.stdev(rewards) / len(rewards) ** 0.5
             rate = accepted / drafted if drafted else float("nan")
+            if gold is not None:
+                rewards = gold.scorer(prompts, texts)
+                se = statistics.stdev(rewards) / len(rewards) ** 0.5
+                quality = f"gold={statistics.fmean(rewards):+.3f}+-{se:.3f}"
+            else:
+                quality = "gold=n/a (random weights)"
             print(f"{mode:<4} speculate={gamma}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
-                  f"acceptance {rate:.2f}  gold {statistics.fmean(rewards):+.3f} +- {se:.3f}", flush=True)
+                  f"acceptance {rate:.2f}  {quality}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
                              provider=f"{mode}-speculate-{gamma}",
-                             shape=(f"demo models,prompts={len(prompts)} one at a time,new={args.max_new_tokens},"
-                                    f"T=0.7,acceptance={rate:.2f},gold={statistics.fmean(rewards):+.3f}+-{se:.3f}"),
-                             dtype="float32", median_us=f"{mean * 1e6:.0f}", gbps="", speedup=f"{plain_s / mean:.2f}"))
+                             shape=(f"{args.models} models,prompts={len(prompts)} one at a time,"
+                                    f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}"),
+                             dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",
+                             speedup=f"{plain_s / mean:.2f}"))
     if args.record:
         harness.append_results(rows)
         print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")

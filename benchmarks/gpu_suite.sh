@@ -2,7 +2,7 @@
 # One-command GPU validation for a bare CUDA machine with no network (PyTorch, Triton and transformers
 # preinstalled; nothing is installed). Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|published|all]...   (default: all, about 10 minutes)
+#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|speculative|published|all]...   (default: all, about 10 minutes)
 #
 # Stages:
 #   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
@@ -11,6 +11,8 @@
 #   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
 #             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
+#   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
+#             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
 #             64 prompts, bf16; about 4 minutes): needs .published/ and .whl/published/ from
 #             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
@@ -96,6 +98,17 @@ run_bench() {
     [ -f benchmarks/results.png ] && cp benchmarks/results.png "$OUT"/
 }
 
+run_speculative() {
+    note "bench_speculative: the demo's trained models"
+    timeout "${SPEC_TIMEOUT:-150}" "$PY" benchmarks/bench_speculative.py --device cuda --prompts 16 --record 2>&1 \
+        | tee "$OUT/bench_speculative.log" | tail -10 || STATUS=1
+    note "bench_speculative: gpt2-xl-sized random weights"
+    timeout "${SPEC_XL_TIMEOUT:-240}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
+        --prompts 8 --gammas 2 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_speculative_xl.log" \
+        | tail -8 || STATUS=1
+    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+}
+
 run_published() {
     note "bench_published: the published IVG code beside this decoder (gpt2-xl-sized random weights, bf16)"
     if [ ! -d .published/inference_time_alignment ] || ! ls .whl/published/*.whl >/dev/null 2>&1; then
@@ -127,9 +140,10 @@ for STAGE in "$@"; do
         sanitize) run_sanitize ;;
         check) run_build; run_tests; run_sanitize ;;
         bench) run_bench ;;
+        speculative) run_speculative ;;
         published) run_published ;;
         all) run_build; run_tests; run_sanitize; run_bench ;;
-        *) echo "usage: $0 [build|tests|sanitize|check|bench|published|all]..." >&2; exit 2 ;;
+        *) echo "usage: $0 [build|tests|sanitize|check|bench|speculative|published|all]..." >&2; exit 2 ;;
     esac
 done
 note "done, status $STATUS"

@@ -1,0 +1,30 @@
+"""The random-weight model sets the GPU benchmarks build (benchmarks/random_models.py), on the CPU."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from benchmarks import random_models  # noqa: E402
+
+
+def test_a_random_set_loads_decodes_and_round_trips_its_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ivg.api import load_models
+
+    paths = random_models.build(tmp_path, "tiny-random", "float32")
+    again = random_models.build(tmp_path, "tiny-random", "float32")  # saved once, then reused
+    assert paths == again and paths["ours"]["base"] == paths["published"]["base"]
+    vocab = random_models.RANDOM_MODELS["tiny-random"]["vocab"]
+    tok = AutoTokenizer.from_pretrained(paths["ours"]["base"])
+    ids = [5, 17, vocab - 1, 3]
+    assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids  # the published wrappers need this
+    prompts = random_models.prompts(6, "tiny-random", 1)
+    assert all(8 <= len(p.split()) <= 24 and "w0" not in p.split() for p in prompts)
+    ours = paths["ours"]
+    models = load_models(ours["base"], tuned=[ours["tuned"]], ref=[ours["ref"]], token_rm=ours["rm"])
+    assert models.base.config.n_layer == random_models.RANDOM_MODELS["tiny-random"]["base"][0]
+    assert models.token_rm.score_head.bias is None  # the published token RM has none
+    state = torch.load(f"{paths['published']['rm']}/pytorch_model.bin")
+    assert set(state) == {f"transformer.{k}" for k in models.token_rm.body.state_dict()} | {"score_head.weight"}
+    assert torch.equal(state["score_head.weight"], models.token_rm.score_head.weight)
