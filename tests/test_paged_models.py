@@ -187,6 +187,17 @@ def test_one_token_per_sequence_as_a_tensor_equals_the_lists():
     from_tensor = pm([b, d], torch.tensor([9, 10], device=DEVICE))
     _close(from_tensor, from_lists, "tensor vs lists")
     _close(from_tensor[1], _scratch(ref, [4, 5, 6, 7, 8, 10]), "tensor vs scratch")
+    # several tokens per sequence: the flat tensor and the counts (an extend, every position)
+    lists = pm([a, c], [[11, 12], [13]], every_position=True)
+    flat = pm([b, d], torch.tensor([11, 12, 13], device=DEVICE), counts=[2, 1], every_position=True)
+    _close(flat, lists, "flat tensor with counts vs lists")
+    with pytest.raises(ValueError, match=r"counts: expected 2 counts >= 1"):
+        pm([b, d], torch.tensor([1, 2], device=DEVICE), counts=[2, 0])
+    with pytest.raises(ValueError, match=r"tokens: expected an int64 tensor \[3\]"):
+        pm([b, d], torch.tensor([1, 2], device=DEVICE), counts=[2, 1])
+    with pytest.raises(ValueError, match="counts: only with a tensor"):
+        pm([b, d], [[1], [2]], counts=[1, 1])
+    assert pm.blocks.seq_len(b) == pm.blocks.seq_len(a)  # the refused calls appended nothing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

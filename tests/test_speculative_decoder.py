@@ -90,6 +90,29 @@ def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
     _same(dec.generate(PROMPTS, _opts("ivg", speculate=3)), IVGDecoder(models).generate(PROMPTS, _opts("ivg", speculate=3)))
 
 
+def test_a_flagged_draft_is_reported_never_fed_and_leaks_nothing(models, monkeypatch):
+    """Drafts stay on the device within a round: a draft the draft model could not draw (-1, NaN logits)
+    feeds the next draft forward as 0 and is reported by the round's one read of the device."""
+    from ivg import speculative_loop
+
+    calls, real = [], speculative_loop.draft_sample
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        d = real(*a, **k)
+        return torch.where(torch.arange(len(d), device=d.device) == 0, -1, d) if len(calls) == 4 else d
+
+    monkeypatch.setattr(speculative_loop, "draft_sample", poisoned)
+    dec = IVGDecoder(models)
+    with pytest.raises(RuntimeError, match="the draft model's logits held NaN/inf"):
+        dec.generate(PROMPTS, _opts("eft", speculate=3))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+    monkeypatch.setattr(speculative_loop, "draft_sample", real)
+    dec.generate(PROMPTS, _opts("eft", speculate=3, eos_token_ids=()))
+    st = dec.last_stats
+    assert st.host_reads == st.steps, "one read of the device per round"
+
+
 def test_bad_speculate_values_are_named():
     models = ivg_models("gpt2")
     for bad, match in ((-1, "speculate=-1"), (1.5, "speculate=1.5"), (True, "speculate=True")):

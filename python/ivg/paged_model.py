@@ -217,31 +217,38 @@ class PagedModel:
         if self._previous_attn and self._previous_attn != ATTN_IMPLEMENTATION:
             self.model.set_attn_implementation(self._previous_attn)
 
-    def forward(self, seq_ids: Sequence[int], tokens, *, every_position: bool = False) -> torch.Tensor:
+    def forward(self, seq_ids: Sequence[int], tokens, *, counts: Sequence[int] | None = None,
+                every_position: bool = False) -> torch.Tensor:
         """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
         (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``).
 
-        ``tokens``: one list of ids per sequence, or an int64 tensor ``[B]`` of one token per sequence on
-        any device (a decode step fed straight from the sampler's output: nothing is read back to the
-        host, so the ids are not range-checked; the sampler's are in range by construction).
+        ``tokens``: one list of ids per sequence, or an int64 tensor of the ids of every sequence in
+        order, on any device, with ``counts`` the number of ids of each (default one per sequence): a step
+        fed straight from a sampler's output, read back by nothing, so the ids are not range-checked (the
+        sampler's are in range by construction).
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
         if self.timer is None:
-            return self._forward(seq_ids, tokens, every_position)
+            return self._forward(seq_ids, tokens, counts, every_position)
         token = self.timer.begin(self.device)
         try:
-            return self._forward(seq_ids, tokens, every_position)
+            return self._forward(seq_ids, tokens, counts, every_position)
         finally:
             self.timer.end(self.device, token)
 
-    def _flat_tokens(self, seq_ids, tokens):
+    def _flat_tokens(self, seq_ids, tokens, counts):
         """``(flat ids [T], new tokens per sequence)``, checked."""
         if isinstance(tokens, torch.Tensor):
-            if tokens.dim() != 1 or tokens.shape[0] != len(seq_ids) or tokens.dtype != torch.long:
-                raise ValueError(f"tokens: expected an int64 tensor [{len(seq_ids)}] (one token per sequence), "
+            counts = [1] * len(seq_ids) if counts is None else [int(c) for c in counts]
+            if len(counts) != len(seq_ids) or min(counts, default=1) < 1:
+                raise ValueError(f"counts: expected {len(seq_ids)} counts >= 1, got {counts}")
+            if tokens.dim() != 1 or tokens.shape[0] != sum(counts) or tokens.dtype != torch.long:
+                raise ValueError(f"tokens: expected an int64 tensor [{sum(counts)}] (the sum of counts), "
                                  f"got {tokens.dtype} {list(tokens.shape)}")
-            return tokens, [1] * len(seq_ids)
+            return tokens, counts
+        if counts is not None:
+            raise ValueError("counts: only with a tensor of tokens (lists carry their own lengths)")
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
         counts = [len(t) for t in tokens]
@@ -253,9 +260,9 @@ class PagedModel:
         return torch.tensor(ids, dtype=torch.long), counts
 
     @torch.inference_mode()
-    def _forward(self, seq_ids, tokens, every_position):
+    def _forward(self, seq_ids, tokens, counts, every_position):
         seq_ids = list(seq_ids)
-        flat, counts = self._flat_tokens(seq_ids, tokens)
+        flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         before = [self.blocks.seq_len(s) for s in seq_ids]
         slots = self.cache.append(seq_ids, counts)
         try:

@@ -77,14 +77,15 @@ class SpeculativeLoop(DecodeLoop):
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
         uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
         try:
-            drafts, host_drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
-            self._verify(rows, gam, pending, host_drafts, logits)
+            drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
+            safe = drafts.clamp(min=0)  # a flagged draft (-1) is reported by _update, never read as a token
+            self._verify(rows, gam, pending, safe, logits)
             guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
             fused = (self.decoder.backend == "triton" or (self.decoder.backend == "auto" and self.device.type == "cuda")
                      ) and fused_verification_applies(
                 guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
             out = speculative_verify(
-                logits["base"], guides, logits[DRAFT_MODEL], drafts, to_device(torch.tensor(gam), self.device),
+                logits["base"], guides, logits[DRAFT_MODEL], safe, to_device(torch.tensor(gam), self.device),
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
                 min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
                 backend=self.decoder.backend if fused else "reference",
@@ -93,18 +94,17 @@ class SpeculativeLoop(DecodeLoop):
             for name in self.step_names:  # nothing half-read: every model back to the round's start
                 self.paged[name].blocks.truncate_many([b.slot for _, b in rows], before[name])
             raise
-        kept = self._update(rows, gam, out)
+        kept = self._update(rows, gam, out, drafts)
         for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
             self.paged[name].blocks.truncate_many([b.slot for _, b in rows],
                                                   [n + m for n, m in zip(before[name], kept)])
 
     def _draft(self, rows, gam, pending, offset, seed, uniforms):
-        """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` (on the
-        device, and per row as host lists: one read per draft position) and its logits
-        ``{DRAFT_MODEL: [R, S, V]}`` at every position."""
+        """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` and its
+        logits ``{DRAFT_MODEL: [R, S, V]}`` at every position. Nothing is read back: each drafted token
+        feeds the next draft forward from the device (a flagged row's -1 as 0; ``_update`` reports it)."""
         r, width, opts = len(rows), max(gam) + 1, self.opts
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
-        host_drafts: list = [[] for _ in range(r)]
         logits = None
         feed = list(range(r))
         tokens = [[t] for t in pending[DRAFT_MODEL]]
@@ -119,38 +119,34 @@ class SpeculativeLoop(DecodeLoop):
                 break
             idx = to_device(torch.tensor(feed), self.device)
             d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                               min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
-                               uniforms=uniforms[idx, k])
+                             min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
+                             uniforms=uniforms[idx, k])
             drafts[idx, k] = d
-            tokens = [[t] for t in d.tolist()]
-            self.stats.host_reads += 1
-            if min(t for (t,) in tokens) < 0:
-                raise RuntimeError("the draft model's logits held NaN/inf")
-            for i, (t,) in zip(feed, tokens):
-                host_drafts[i].append(t)
-        return drafts, host_drafts, {DRAFT_MODEL: logits}
+            tokens = d.clamp(min=0)
+        return drafts, {DRAFT_MODEL: logits}
 
-    def _verify(self, rows, gam, pending, host_drafts, logits) -> None:
-        """Every other model reads the pending token and the drafts in one extend forward; adds its logits
-        at every position ``[R, S, V]`` to ``logits``."""
+    def _verify(self, rows, gam, pending, drafts, logits) -> None:
+        """Every other model reads the pending token and the drafts in one extend forward (the drafts
+        straight from the device); adds its logits at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
-        counts = to_device(torch.tensor([g + 1 for g in gam]), self.device)
-        row = torch.repeat_interleave(torch.arange(r, device=self.device), counts)  # each read token's row
-        pos = torch.arange(len(row), device=self.device) - (counts.cumsum(0) - counts)[row]  # and its position
+        counts = [g + 1 for g in gam]
+        where = torch.tensor([[i, j] for i in range(r) for j in range(counts[i])]).T.contiguous()
+        row, pos = to_device(where, self.device)  # each read token's row and position, in reading order
         for name in self.step_names:
             if name == DRAFT_MODEL:
                 continue
-            seqs = [[pending[name][i]] + host_drafts[i] for i in range(r)]
-            out = self.paged[name]([b.slot for _, b in rows], seqs, every_position=True)  # [sum(counts), V]
+            first = to_device(torch.tensor(pending[name]), self.device).unsqueeze(1)
+            flat = torch.cat([first, drafts], dim=1)[row, pos]
+            out = self.paged[name]([b.slot for _, b in rows], flat, counts=counts, every_position=True)
             self.stats.forwards += 1
             full = out.new_zeros(r, width, out.shape[1])
             full[row, pos] = out
             logits[name] = full
 
     # -- update ----------------------------------------------------------------------------------
-    def _update(self, rows, gam, out) -> list:
+    def _update(self, rows, gam, out, drafts) -> list:
         """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
-        per row, how many tokens it took."""
+        per row, how many tokens it took. The round's one read of the device."""
         lp = out.input_logprobs.double()
         implicit = torch.zeros(lp.shape[:2], dtype=torch.float64, device=lp.device)
         for k, (_, beta) in enumerate(self.guides):
@@ -158,9 +154,11 @@ class SpeculativeLoop(DecodeLoop):
         scored = "rm" in self.step_names
         explicit = out.input_logits[..., -1].double() if scored else torch.full_like(implicit, float("nan"))
         per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
-        flags = torch.stack([out.ok.double(), out.num_accepted.double()], dim=1)  # [R, 2]
-        host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # the round's one read of its results
+        flags = torch.stack([out.ok.double(), out.num_accepted.double(), (drafts < 0).any(dim=1).double()], dim=1)
+        host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # [R, 3 + 4 S]: the round's one read
         self.stats.host_reads += 1
+        if any(h[2] for h in host):
+            raise RuntimeError("the draft model's logits held NaN/inf")
         bad = [i for i, h in enumerate(host) if not h[0]]
         if bad:
             raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
@@ -168,7 +166,7 @@ class SpeculativeLoop(DecodeLoop):
         for (req, b), h, g in zip(rows, host, gam):
             n = int(h[1])
             m = 0
-            for tok, logprob, imp, exp in (h[2 + 4 * j: 6 + 4 * j] for j in range(n + 1)):
+            for tok, logprob, imp, exp in (h[3 + 4 * j: 7 + 4 * j] for j in range(n + 1)):
                 b.tokens.append(int(tok))
                 b.logprob += logprob
                 b.implicit += imp
