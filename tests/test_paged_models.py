@@ -242,6 +242,11 @@ def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
         PagedModel(model, num_blocks=8, block_size=4, lean=True)
     with pytest.raises(ValueError, match="lean='yes': expected None, True or False"):
         PagedModel(model, num_blocks=8, block_size=4, lean="yes")
+    # A transformers version without an attribute the lean forward reads: its own forward instead.
+    llama = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["llama-gqa"])).eval()
+    assert PagedModel(llama, num_blocks=8, block_size=4).lean is not None
+    del llama.model.layers[0].self_attn.scaling
+    assert PagedModel(llama, num_blocks=8, block_size=4).lean is None
 
 
 def test_group_exhaustion_in_one_model_changes_no_model():

@@ -56,20 +56,39 @@ def lean_forward(model, attend):
     return None
 
 
+def _has(obj, *names) -> bool:
+    return all(hasattr(obj, n) for n in names)
+
+
+# Every attribute a lean forward reads is checked here, so a transformers version that names things
+# otherwise falls back to its own forward instead of failing mid-decode.
 def _gpt2_supported(body) -> bool:
     cfg = body.config
-    return (not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-            and not getattr(cfg, "reorder_and_upcast_attn", False)
-            and not getattr(cfg, "add_cross_attention", False))
+    if (getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False)
+            or getattr(cfg, "add_cross_attention", False)):
+        return False
+    if not (_has(body, "wte", "wpe", "h", "ln_f") and len(body.h)):
+        return False
+    blk = body.h[0]
+    return (_has(blk, "ln_1", "ln_2", "attn", "mlp") and _has(blk.attn, "c_attn", "c_proj", "split_size", "head_dim",
+                                                                "scaling")
+            and _has(blk.mlp, "c_fc", "act", "c_proj"))
 
 
 def _llama_supported(body) -> bool:
-    if not hasattr(body, "rotary_emb") or not hasattr(body, "embed_tokens"):
+    if not (_has(body, "rotary_emb", "embed_tokens", "layers", "norm") and len(body.layers)):
         return False
-    attn = body.layers[0].self_attn
-    # The projections and norms this file knows; extra ones (q_norm, k_norm, ...) mean another variant.
+    if not hasattr(importlib.import_module(type(body).__module__), "apply_rotary_pos_emb"):
+        return False
+    layer = body.layers[0]
+    if not _has(layer, "self_attn", "input_layernorm", "post_attention_layernorm", "mlp"):
+        return False
+    attn = layer.self_attn
+    # The projections this file knows; extra modules (q_norm, k_norm, ...) mean another variant.
     known = {"q_proj", "k_proj", "v_proj", "o_proj"}
-    return set(name for name, _ in attn.named_children()) <= known
+    return (set(name for name, _ in attn.named_children()) == known and _has(attn, "head_dim", "scaling")
+            and (type(body).__name__ != "MistralModel" or _has(attn, "config"))
+            and (type(body).__name__ != "Qwen2Model" or _has(attn, "sliding_window")))
 
 
 class _GPT2:
