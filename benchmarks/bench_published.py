@@ -30,6 +30,10 @@ with the published code's pinned packages carried as wheels (``benchmarks/fetch_
 The published loop asks nvidia-smi for GPU memory every 10th step inside its timing; the driver times
 that call (without changing it) and the benchmark also reports the published time less it.
 ``--models tiny-random`` runs the same path with small models (a check on the CPU).
+
+``--modes`` (default ``ivg``): also ``plain``, ``eft``, ``cbs`` and ``bon``, each run on the published side
+through its chunk-level beam search with the mode's shape (``benchmarks/published_driver.py``); token-RM
+guidance (the published ``TokenWiseSamplingMixin``) is not wired up.
 """
 from __future__ import annotations
 
@@ -104,8 +108,8 @@ def _sync(device: str) -> None:
 
 
 def _run_ours(cfg_path: str, out_path: str) -> None:
-    """This project's side, in its own process: the same prompts and settings, greedy EFT and IVG (all
-    prompts together, and with ``latency`` one prompt at a time)."""
+    """This project's side, in its own process: the same prompts and settings, greedy EFT and each mode
+    (all prompts together, and with ``latency`` one prompt at a time)."""
     import time
 
     import torch
@@ -123,27 +127,30 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
                           decoder=cfg.get("decoder", "paged"))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]], DecodeOptions(mode="eft", temperature=0.0, **common))
-    ivg = DecodeOptions(mode="ivg", width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"],
-                        temperature=cfg["temperature"], **common)
-    dec.generate(cfg["prompts"][:2], ivg)  # warm-up, not timed (on a GPU: compiles kernels, captures graphs)
-    times = []
-    for _ in range(cfg["repeats"]):
-        _sync(device)
-        t0 = time.perf_counter()
-        res = dec.generate(cfg["prompts"], ivg)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "ivg_tokens": [r.beams[0].tokens for r in res],
-           "seconds": times, "torch": torch.__version__, "outside_forwards": dec.last_stats.outside_forwards}
-    if cfg.get("latency"):  # one prompt at a time: mean seconds per response
-        alone = []
-        for p in cfg["prompts"][:cfg["latency"]]:
+    out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "torch": torch.__version__, "runs": {}}
+    for mode in cfg.get("modes", ["ivg"]):
+        opts = DecodeOptions(mode=mode, width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"], n=cfg.get("N", 16),
+                             temperature=cfg["temperature"], **common)
+        dec.generate(cfg["prompts"][:2], opts)  # warm-up, not timed (on a GPU: compiles kernels, captures graphs)
+        times = []
+        for _ in range(cfg["repeats"]):
             _sync(device)
             t0 = time.perf_counter()
-            dec.generate([p], ivg)
+            res = dec.generate(cfg["prompts"], opts)
             _sync(device)
-            alone.append(time.perf_counter() - t0)
-        out["latency_s"] = statistics.fmean(alone)
+            times.append(time.perf_counter() - t0)
+        run = dict(tokens=[r.beams[0].tokens for r in res], seconds=times,
+                   outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")))
+        if cfg.get("latency"):  # one prompt at a time: mean seconds per response
+            alone = []
+            for p in cfg["prompts"][:cfg["latency"]]:
+                _sync(device)
+                t0 = time.perf_counter()
+                dec.generate([p], opts)
+                _sync(device)
+                alone.append(time.perf_counter() - t0)
+            run["latency_s"] = statistics.fmean(alone)
+        out["runs"][mode] = run
     json.dump(out, open(out_path, "w"))
 
 
@@ -173,6 +180,9 @@ def main(argv=None):
     ap.add_argument("--greedy-prompts", type=int, default=None, help="prompts of the greedy parity check (default all)")
     ap.add_argument("--latency", type=int, default=0,
                     help="also time this project one prompt at a time over this many prompts (per-response latency)")
+    ap.add_argument("--modes", nargs="*", default=["ivg"], choices=["plain", "eft", "cbs", "ivg", "bon"],
+                    help="modes to time (default ivg; each runs the published chunk search with its shape)")
+    ap.add_argument("-N", type=int, default=16, help="N of best-of-N")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("-W", type=int, default=4)
     ap.add_argument("-K", type=int, default=4)
@@ -210,7 +220,7 @@ def main(argv=None):
     cfg = dict(prompts=prompts, templates={"base": args.base_template or template, "guide": "{raw_prompt}"},
                beta=args.beta, W=args.W, K=args.K, L=args.L, temperature=args.temperature,
                max_new_tokens=args.max_new_tokens, seed=1, threads=args.threads, repeats=args.repeats, dtype=dtype,
-               device=args.device, greedy_prompts=greedy_n)
+               device=args.device, greedy_prompts=greedy_n, modes=args.modes, N=args.N)
     print(f"published side ({args.python}) ...", flush=True)
     theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, published=str(Path(args.published)
                    .resolve()), **models["published"]), work, "published", args.threads)
@@ -221,44 +231,54 @@ def main(argv=None):
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
     tokens = args.prompts * args.max_new_tokens
-    t_pub, t_ours = statistics.median(theirs["seconds"]), statistics.median(ours["seconds"])
-    shape = (f"mode=ivg,W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},"
-             f"prompts={args.prompts},threads={args.threads},models={args.models}")
     device = harness.device_name(_device(args.device))
-    logging_s = statistics.median(theirs.get("logging_seconds") or [0.0])
-    print(f"\n{'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
+    print(f"\n{'mode':<6} {'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
     rows = []
-    for name, t, runs in (("published", t_pub, theirs["seconds"]), (f"ivg-kernels-{args.decoder}", t_ours,
-                                                                      ours["seconds"])):
-        print(f"{name:<22} {t:6.2f} ({', '.join(f'{x:.2f}' for x in runs)}){'':<6} {tokens / t:9.1f} {t_pub / t:12.2f}x")
-        extra = (f",outside_forwards={ours['outside_forwards']:.1%}" if name != "published" and args.device != "cpu"
-                 else f",gpu_logging_s={logging_s:.2f}" if name == "published" and logging_s else "")
-        rows.append(dict(date=harness.now(), commit=harness.commit(), device=device, benchmark="published-ivg",
-                         provider=name, shape=shape + extra, dtype=dtype, median_us=f"{t * 1e6:.0f}", gbps="",
-                         speedup=f"{t_pub / t:.2f}"))
-    if logging_s > 0.01 * t_pub:  # the published loop asks nvidia-smi for GPU memory every 10th step (GPUtil), inside its timing
-        t_clean = t_pub - logging_s
-        print(f"published, less its GPU-memory logging ({logging_s:.2f} s): {t_clean:.2f} s; "
-              f"ivg-kernels {t_clean / t_ours:.2f}x that")
-        rows.append(dict(rows[0], provider="published-less-gpu-logging", median_us=f"{t_clean * 1e6:.0f}",
-                         speedup=f"{t_pub / t_clean:.2f}"))
-        rows.append(dict(rows[1], provider=f"ivg-kernels-{args.decoder}-vs-less-logging",
-                         speedup=f"{t_clean / t_ours:.2f}"))
-    if "latency_s" in ours:  # the published code decodes one prompt at a time anyway
-        per_pub = t_pub / args.prompts
-        print(f"per response, one prompt at a time: ivg-kernels {ours['latency_s']:.3f} s, published {per_pub:.3f} s "
-              f"(its mean over the batch run): {per_pub / ours['latency_s']:.2f}x")
-        rows.append(dict(rows[1], provider=f"ivg-kernels-{args.decoder}-one-prompt",
-                         shape=shape + f",latency_prompts={args.latency}", median_us=f"{ours['latency_s'] * 1e6:.0f}",
-                         speedup=f"{per_pub / ours['latency_s']:.2f}"))
+    for mode in args.modes:
+        rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], tokens, device, dtype, harness)
+    base = f"W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},prompts={args.prompts}," \
+           f"threads={args.threads},models={args.models}"
     print(f"greedy EFT: identical tokens on {equal} of {greedy_n} prompts "
           f"(published transformers {theirs['transformers']}, torch {theirs['torch']})")
-    rows.append(dict(rows[0], provider="greedy-eft-parity", shape=shape + f",identical={equal}/{greedy_n}",
+    rows.append(dict(rows[0], provider="greedy-eft-parity", shape=f"mode=eft,{base},identical={equal}/{greedy_n}",
                      median_us="", speedup=""))
     if args.record:
         harness.append_results(rows)
     # Trained models in float32 must agree token for token; random weights in 16 bits may not (near ties).
     return 0 if equal == greedy_n or args.models != "demo" else 1
+
+
+def _mode_rows(args, mode, theirs, ours, tokens, device, dtype, harness) -> list:
+    """Print and return the rows of one mode: the published code, this project, the published time less
+    its GPU-memory logging where that is more than 1%, and one prompt at a time when measured."""
+    t_pub, t_ours = statistics.median(theirs["seconds"]), statistics.median(ours["seconds"])
+    shape = (f"mode={mode},W={args.W},K={args.K},L={args.L},N={args.N},T={args.temperature},new={args.max_new_tokens},"
+             f"prompts={args.prompts},threads={args.threads},models={args.models}")
+    logging_s = statistics.median(theirs.get("logging_seconds") or [0.0])
+    ours_name = f"ivg-kernels-{args.decoder}"
+    rows = []
+    for name, t, runs in (("published", t_pub, theirs["seconds"]), (ours_name, t_ours, ours["seconds"])):
+        print(f"{mode:<6} {name:<22} {t:6.2f} ({', '.join(f'{x:.2f}' for x in runs)}){'':<6} {tokens / t:9.1f} "
+              f"{t_pub / t:12.2f}x")
+        extra = (f",outside_forwards={ours['outside_forwards']:.1%}" if name != "published" and args.device != "cpu"
+                 else f",gpu_logging_s={logging_s:.2f}" if name == "published" and logging_s else "")
+        rows.append(dict(date=harness.now(), commit=harness.commit(), device=device, benchmark="published-ivg",
+                         provider=name, shape=shape + extra, dtype=dtype, median_us=f"{t * 1e6:.0f}", gbps="",
+                         speedup=f"{t_pub / t:.2f}"))
+    if logging_s > 0.01 * t_pub:  # the published loop asks nvidia-smi for GPU memory every 10th step (GPUtil)
+        t_clean = t_pub - logging_s
+        print(f"{mode:<6} published, less its GPU-memory logging ({logging_s:.2f} s): {t_clean:.2f} s; "
+              f"ivg-kernels {t_clean / t_ours:.2f}x that")
+        rows.append(dict(rows[0], provider="published-less-gpu-logging", median_us=f"{t_clean * 1e6:.0f}",
+                         speedup=f"{t_pub / t_clean:.2f}"))
+        rows.append(dict(rows[1], provider=f"{ours_name}-vs-less-logging", speedup=f"{t_clean / t_ours:.2f}"))
+    if "latency_s" in ours:  # the published code decodes one prompt at a time anyway
+        per_pub = t_pub / args.prompts
+        print(f"{mode:<6} per response, one prompt at a time: ivg-kernels {ours['latency_s']:.3f} s, published "
+              f"{per_pub:.3f} s (its mean over the batch run): {per_pub / ours['latency_s']:.2f}x")
+        rows.append(dict(rows[1], provider=f"{ours_name}-one-prompt", shape=shape + f",latency_prompts={args.latency}",
+                         median_us=f"{ours['latency_s'] * 1e6:.0f}", speedup=f"{per_pub / ours['latency_s']:.2f}"))
+    return rows
 
 
 def _device(name):

@@ -14,7 +14,8 @@
 #   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
 #             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
-#             64 prompts, bf16; about 4 minutes): needs .published/ and .whl/published/ from
+#             64 prompts, bf16, modes ivg eft cbs bon plain (PUBLISHED_MODES): several minutes, the
+#             published side one prompt at a time): needs .published/ and .whl/published/ from
 #             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
 #
@@ -123,10 +124,12 @@ run_published() {
     printf '#!/bin/sh\nPYTHONPATH=/tmp/pubsite${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' "$(command -v "$PY")" \
         > /tmp/pubpython
     chmod +x /tmp/pubpython
-    timeout "${PUBLISHED_TIMEOUT:-420}" "$PY" benchmarks/bench_published.py --published .published \
+    # shellcheck disable=SC2086
+    timeout "${PUBLISHED_TIMEOUT:-560}" "$PY" benchmarks/bench_published.py --published .published \
         --python /tmp/pubpython --models "${PUBLISHED_MODELS:-gpt2-xl}" --device cuda \
-        --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 --latency 4 --repeats 1 --threads 4 \
-        --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" | tail -12
+        --modes ${PUBLISHED_MODES:-ivg eft cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 \
+        --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" \
+        | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }

@@ -9,10 +9,15 @@ and ranked by ``ExplicitRewardScorer`` over a ``GPT2ModelForTokenScore``; no EOS
 Usage: ``python published_driver.py CONFIG.json OUT.json``. CONFIG holds ``published`` (the checkout),
 ``base``, ``tuned``, ``ref``, ``rm`` (folders), ``prompts``, ``templates`` (``base``/``guide`` with
 ``{raw_prompt}``), ``beta``, ``W``, ``K``, ``L``, ``temperature``, ``max_new_tokens``, ``seed``, ``threads``,
-``repeats``, ``greedy_prompts`` (how many prompts also decode greedy EFT, for token parity), ``dtype``
-and ``device``. OUT gets the response token ids of every prompt, the decode times (model loading
-excluded) and, per timed run, the time the published loop spent in its GPU-memory logging
-(``GPUtil.getGPUs``, which runs nvidia-smi, every 10th step), measured by wrapping that function.
+``repeats``, ``greedy_prompts`` (how many prompts also decode greedy EFT, for token parity), ``dtype``,
+``device``, ``modes`` (default ``["ivg"]``) and ``N``. Every mode runs through the published chunk-level
+beam search, ``bon_beam_sample``, as the published IMDB script runs IVG: plain sampling and EFT as one
+beam with one candidate over the whole response, best-of-N as N candidates of one chunk, CBS and IVG
+as W beams with K candidates per chunk of L tokens; plain, CBS and best-of-N decode the base alone, EFT
+and IVG the EFT combination; every candidate set is ranked by the token RM's scorer (one scoring for
+the token-wise modes). OUT gets, per mode, the response token ids of every prompt, the decode times
+(model loading excluded) and, per timed run, the time the published loop spent in its GPU-memory
+logging (``GPUtil.getGPUs``, which runs nvidia-smi, every 10th step), measured by wrapping that function.
 """
 import json
 import os
@@ -72,36 +77,51 @@ def main(cfg_path, out_path):
     scorer = ExplicitRewardScorer(token_reward_model=rm, tokenizer=tok, beta=1.0)
     empty = tok("", return_tensors="pt", add_special_tokens=False).to(device)
 
-    def decode(prompt, W, K, L, temperature):
-        model = EFTPosthocGenerationMixin(
-            base=PrefixPreTrainedWrapper(base, tok, cfg["templates"]["base"].format(raw_prompt=prompt)),
+    def model_for(mode, prompt):
+        """The published model a mode decodes with: the base alone (plain, cbs, bon) or EFT (eft, ivg)."""
+        wrapped = PrefixPreTrainedWrapper(base, tok, cfg["templates"]["base"].format(raw_prompt=prompt))
+        if mode in ("plain", "cbs", "bon"):
+            return wrapped
+        return EFTPosthocGenerationMixin(
+            base=wrapped,
             tune_r=PrefixPreTrainedWrapper(tuned, tok, cfg["templates"]["guide"].format(raw_prompt=prompt)),
             base_r=PrefixPreTrainedWrapper(ref, tok, cfg["templates"]["guide"].format(raw_prompt=prompt)),
             w=cfg["beta"],
         )
-        out = BeamTuningWithEFTPosthocGenerationMixin(model, tok).bon_beam_sample(
+
+    def shape(mode):
+        """(beams, candidates, chunk length): token-wise modes are one beam and one candidate over the whole
+        response; best-of-N is N candidates of one chunk; the chunk searches W, K, L."""
+        n, whole = cfg.get("N", 16), cfg["max_new_tokens"]
+        return {"plain": (1, 1, whole), "eft": (1, 1, whole), "bon": (1, n, whole)}.get(
+            mode, (cfg["W"], cfg["K"], cfg["L"]))
+
+    def decode(prompt, mode, temperature):
+        w, k, l_ = shape(mode)
+        out = BeamTuningWithEFTPosthocGenerationMixin(model_for(mode, prompt), tok).bon_beam_sample(
             input_ids=empty["input_ids"], attention_mask=empty["attention_mask"], scorer=scorer.set_raw_prompt(prompt),
             max_new_tokens=cfg["max_new_tokens"], temperature=temperature, top_k=None,
-            num_beams=W, num_candidates=K, block_len=L,
+            num_beams=w, num_candidates=k, block_len=l_,
         )
         return out[0].tolist()
 
-    result = {"transformers": transformers.__version__, "torch": torch.__version__}
+    result = {"transformers": transformers.__version__, "torch": torch.__version__, "runs": {}}
     # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
-    result["greedy_tokens"] = [decode(p, 1, 1, cfg["max_new_tokens"], 1e-9)
+    result["greedy_tokens"] = [decode(p, "eft", 1e-9)
                                for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
-    torch.manual_seed(cfg["seed"])
-    decode(cfg["prompts"][0], cfg["W"], cfg["K"], cfg["L"], cfg["temperature"])  # warm-up, not timed
-    times, logged = [], []
-    for _ in range(cfg["repeats"]):
-        logging_s[0] = 0.0
-        sync()
-        t0 = time.perf_counter()
-        tokens = [decode(p, cfg["W"], cfg["K"], cfg["L"], cfg["temperature"]) for p in cfg["prompts"]]
-        sync()
-        times.append(time.perf_counter() - t0)
-        logged.append(logging_s[0])
-    result.update(ivg_tokens=tokens, seconds=times, logging_seconds=logged)
+    for mode in cfg.get("modes", ["ivg"]):
+        torch.manual_seed(cfg["seed"])
+        decode(cfg["prompts"][0], mode, cfg["temperature"])  # warm-up, not timed
+        times, logged = [], []
+        for _ in range(cfg["repeats"]):
+            logging_s[0] = 0.0
+            sync()
+            t0 = time.perf_counter()
+            tokens = [decode(p, mode, cfg["temperature"]) for p in cfg["prompts"]]
+            sync()
+            times.append(time.perf_counter() - t0)
+            logged.append(logging_s[0])
+        result["runs"][mode] = dict(tokens=tokens, seconds=times, logging_seconds=logged)
     json.dump(result, open(out_path, "w"))
 
 
