@@ -31,9 +31,9 @@ The published loop asks nvidia-smi for GPU memory every 10th step inside its tim
 that call (without changing it) and the benchmark also reports the published time less it.
 ``--models tiny-random`` runs the same path with small models (a check on the CPU).
 
-``--modes`` (default ``ivg``): also ``plain``, ``eft``, ``cbs`` and ``bon``, each run on the published side
-through its chunk-level beam search with the mode's shape (``benchmarks/published_driver.py``); token-RM
-guidance (the published ``TokenWiseSamplingMixin``) is not wired up.
+``--modes`` (default ``ivg``): also ``plain``, ``eft``, ``tokenrm`` (the published ``TokenWiseSamplingMixin``,
+``--rm-weight``), ``cbs`` and ``bon``, each run on the published side through its chunk-level beam search
+with the mode's shape (``benchmarks/published_driver.py``).
 """
 from __future__ import annotations
 
@@ -123,10 +123,12 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     templates = {"base": cfg["templates"]["base"].replace("{raw_prompt}", "{prompt}"),
                  "guide": cfg["templates"]["guide"].replace("{raw_prompt}", "{prompt}"), "token_rm": "{prompt}"}
     dec, _ = make_decoder(base=m["base"], tuned=[m["tuned"]], ref=[m["ref"]], beta=[cfg["beta"]], token_rm=m["rm"],
-                          dtype=cfg.get("dtype", "float32"), device=device, templates=templates,
+                          token_rm_weight=cfg.get("rm_weight", 1.0), dtype=cfg.get("dtype", "float32"), device=device,
+                          templates=templates,
                           decoder=cfg.get("decoder", "paged"))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
-    greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]], DecodeOptions(mode="eft", temperature=0.0, **common))
+    greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],
+                          DecodeOptions(mode=cfg.get("greedy_mode", "eft"), temperature=0.0, **common))
     out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "torch": torch.__version__, "runs": {}}
     for mode in cfg.get("modes", ["ivg"]):
         opts = DecodeOptions(mode=mode, width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"], n=cfg.get("N", 16),
@@ -178,11 +180,14 @@ def main(argv=None):
                     help="default float32 on the CPU, bfloat16 on a GPU")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--greedy-prompts", type=int, default=None, help="prompts of the greedy parity check (default all)")
+    ap.add_argument("--greedy-mode", default="eft", choices=["plain", "eft", "tokenrm"],
+                    help="the token-wise mode of the greedy parity check")
     ap.add_argument("--latency", type=int, default=0,
                     help="also time this project one prompt at a time over this many prompts (per-response latency)")
-    ap.add_argument("--modes", nargs="*", default=["ivg"], choices=["plain", "eft", "cbs", "ivg", "bon"],
+    ap.add_argument("--modes", nargs="*", default=["ivg"], choices=["plain", "eft", "tokenrm", "cbs", "ivg", "bon"],
                     help="modes to time (default ivg; each runs the published chunk search with its shape)")
     ap.add_argument("-N", type=int, default=16, help="N of best-of-N")
+    ap.add_argument("--rm-weight", type=float, default=1.0, help="w of token-RM guidance (z + w * Q)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("-W", type=int, default=4)
     ap.add_argument("-K", type=int, default=4)
@@ -220,7 +225,8 @@ def main(argv=None):
     cfg = dict(prompts=prompts, templates={"base": args.base_template or template, "guide": "{raw_prompt}"},
                beta=args.beta, W=args.W, K=args.K, L=args.L, temperature=args.temperature,
                max_new_tokens=args.max_new_tokens, seed=1, threads=args.threads, repeats=args.repeats, dtype=dtype,
-               device=args.device, greedy_prompts=greedy_n, modes=args.modes, N=args.N)
+               device=args.device, greedy_prompts=greedy_n, modes=args.modes, N=args.N, rm_weight=args.rm_weight,
+               greedy_mode=args.greedy_mode)
     print(f"published side ({args.python}) ...", flush=True)
     theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, published=str(Path(args.published)
                    .resolve()), **models["published"]), work, "published", args.threads)
@@ -238,9 +244,10 @@ def main(argv=None):
         rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], tokens, device, dtype, harness)
     base = f"W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},prompts={args.prompts}," \
            f"threads={args.threads},models={args.models}"
-    print(f"greedy EFT: identical tokens on {equal} of {greedy_n} prompts "
+    print(f"greedy {args.greedy_mode}: identical tokens on {equal} of {greedy_n} prompts "
           f"(published transformers {theirs['transformers']}, torch {theirs['torch']})")
-    rows.append(dict(rows[0], provider="greedy-eft-parity", shape=f"mode=eft,{base},identical={equal}/{greedy_n}",
+    rows.append(dict(rows[0], provider=f"greedy-{args.greedy_mode}-parity",
+                     shape=f"mode={args.greedy_mode},{base},identical={equal}/{greedy_n}",
                      median_us="", speedup=""))
     if args.record:
         harness.append_results(rows)

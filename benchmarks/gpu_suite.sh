@@ -14,7 +14,7 @@
 #   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
 #             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
-#             64 prompts, bf16, modes ivg eft cbs bon plain (PUBLISHED_MODES): several minutes, the
+#             64 prompts, bf16, modes ivg eft tokenrm cbs bon plain (PUBLISHED_MODES): several minutes, the
 #             published side one prompt at a time): needs .published/ and .whl/published/ from
 #             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
@@ -127,7 +127,7 @@ run_published() {
     # shellcheck disable=SC2086
     timeout "${PUBLISHED_TIMEOUT:-560}" "$PY" benchmarks/bench_published.py --published .published \
         --python /tmp/pubpython --models "${PUBLISHED_MODELS:-gpt2-xl}" --device cuda \
-        --modes ${PUBLISHED_MODES:-ivg eft cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 \
+        --modes ${PUBLISHED_MODES:-ivg eft tokenrm cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 \
         --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1

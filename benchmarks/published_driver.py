@@ -40,6 +40,7 @@ def main(cfg_path, out_path):
         BeamTuningWithEFTPosthocGenerationMixin,
         EFTPosthocGenerationMixin,
     )
+    from inference_time_alignment.decoder.ivg import TokenWiseSamplingMixin
     from inference_time_alignment.model import PrefixPreTrainedWrapper
     from inference_time_alignment.modeling_gpt2 import GPT2ModelForTokenScore
     from inference_time_alignment.scorer import ExplicitRewardScorer
@@ -78,10 +79,15 @@ def main(cfg_path, out_path):
     empty = tok("", return_tensors="pt", add_special_tokens=False).to(device)
 
     def model_for(mode, prompt):
-        """The published model a mode decodes with: the base alone (plain, cbs, bon) or EFT (eft, ivg)."""
+        """The published model a mode decodes with: the base alone (plain, cbs, bon), with the token RM's
+        values added token by token (tokenrm), or EFT (eft, ivg)."""
         wrapped = PrefixPreTrainedWrapper(base, tok, cfg["templates"]["base"].format(raw_prompt=prompt))
         if mode in ("plain", "cbs", "bon"):
             return wrapped
+        if mode == "tokenrm":
+            return TokenWiseSamplingMixin(
+                base=wrapped, w=cfg.get("rm_weight", 1.0),
+                token_reward_model=PrefixPreTrainedWrapper(rm, tok, cfg["templates"]["guide"].format(raw_prompt=prompt)))
         return EFTPosthocGenerationMixin(
             base=wrapped,
             tune_r=PrefixPreTrainedWrapper(tuned, tok, cfg["templates"]["guide"].format(raw_prompt=prompt)),
@@ -93,7 +99,7 @@ def main(cfg_path, out_path):
         """(beams, candidates, chunk length): token-wise modes are one beam and one candidate over the whole
         response; best-of-N is N candidates of one chunk; the chunk searches W, K, L."""
         n, whole = cfg.get("N", 16), cfg["max_new_tokens"]
-        return {"plain": (1, 1, whole), "eft": (1, 1, whole), "bon": (1, n, whole)}.get(
+        return {"plain": (1, 1, whole), "eft": (1, 1, whole), "tokenrm": (1, 1, whole), "bon": (1, n, whole)}.get(
             mode, (cfg["W"], cfg["K"], cfg["L"]))
 
     def decode(prompt, mode, temperature):
@@ -107,7 +113,7 @@ def main(cfg_path, out_path):
 
     result = {"transformers": transformers.__version__, "torch": torch.__version__, "runs": {}}
     # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
-    result["greedy_tokens"] = [decode(p, "eft", 1e-9)
+    result["greedy_tokens"] = [decode(p, cfg.get("greedy_mode", "eft"), 1e-9)
                                for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
     for mode in cfg.get("modes", ["ivg"]):
         torch.manual_seed(cfg["seed"])
