@@ -39,9 +39,10 @@ def _body_and_head(model):
 
 
 def lean_forward(model, attend):
-    """A lean forward for ``model``, or None when its family or settings are not supported.
+    """A lean forward for ``model``, or None when its family or settings are not supported. It is called
+    as ``forward(ids, positions, keep, batch)``.
 
-    ``attend(layer_idx, q, k, v, scale, sliding_window)`` writes a layer's new keys and values and
+    ``attend(batch, layer_idx, q, k, v, scale, sliding_window)`` writes a layer's new keys and values and
     returns its attention output ``[T, H, D]`` (``q`` ``[T, H, D]``, ``k``/``v`` ``[T, H_kv, D]``)."""
     if (getattr(model, "tp_size", None) or 1) > 1:  # sharded by transformers' tensor parallelism: not covered
         return None
@@ -95,7 +96,7 @@ class _GPT2:
     def __init__(self, body, head, attend):
         self.body, self.head, self.attend = body, head, attend
 
-    def __call__(self, ids, positions, keep):
+    def __call__(self, ids, positions, keep, batch):
         """Logits ``[len(keep), V]`` at rows ``keep`` of the flat batch (``keep=None``: every row)."""
         b = self.body
         x = b.wte(ids) + b.wpe(positions)
@@ -104,7 +105,7 @@ class _GPT2:
             h = F.layer_norm(x, blk.ln_1.normalized_shape, blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
             q, k, v = attn.c_attn(h).split(attn.split_size, dim=-1)
             t = q.shape[0]
-            out = self.attend(i, q.view(t, -1, attn.head_dim), k.view(t, -1, attn.head_dim),
+            out = self.attend(batch, i, q.view(t, -1, attn.head_dim), k.view(t, -1, attn.head_dim),
                               v.view(t, -1, attn.head_dim), attn.scaling, None)
             x = attn.c_proj(out.reshape(t, -1)) + x
             h = F.layer_norm(x, blk.ln_2.normalized_shape, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
@@ -121,7 +122,7 @@ class _Llama:
         self.apply_rotary = family.apply_rotary_pos_emb  # the family's own rotary embedding
         self.window = _WINDOW.get(type(body).__name__, lambda attn: None)
 
-    def __call__(self, ids, positions, keep):
+    def __call__(self, ids, positions, keep, batch):
         b = self.body
         x = b.embed_tokens(ids)
         cos, sin = b.rotary_emb(x.unsqueeze(0), positions.unsqueeze(0))  # [1, T, D]
@@ -134,8 +135,8 @@ class _Llama:
             k = attn.k_proj(h).view(shape).transpose(1, 2)
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
-            out = self.attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), attn.scaling,
-                              self.window(attn))
+            out = self.attend(batch, i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                              attn.scaling, self.window(attn))
             x = x + attn.o_proj(out.reshape(t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = x if keep is None else x.index_select(0, keep)

@@ -196,9 +196,7 @@ class PagedModel:
         self.timer: ForwardTimer | None = None  # set by the decoder to measure its forwards
         if lean not in (None, True, False):
             raise ValueError(f"lean={lean!r}: expected None, True or False")
-        self._batch: PagedBatch | None = None  # the batch of the lean forward under way
-        self.lean = None if lean is False else lean_forward(
-            model, lambda i, q, k, v, scale, window: attend(self._batch, i, q, k, v, scale, window))
+        self.lean = None if lean is False else lean_forward(model, attend)
         if lean and self.lean is None:
             raise ValueError(f"lean=True: {type(model).__name__} is not a family ivg.lean_models supports "
                              "(GPT-2, Llama, Mistral, Qwen2); use lean=None or False")
@@ -288,11 +286,7 @@ class PagedModel:
             ids, pos = to_device(flat, dev), to_device(positions, dev)
             keep = None if every_position else to_device(cu[1:] - 1, dev)
             if self.lean is not None:
-                self._batch = batch
-                try:
-                    return self.lean(ids, pos, keep)
-                finally:
-                    self._batch = None
+                return self.lean(ids, pos, keep, batch)
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                              logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
             return out.logits[0]
