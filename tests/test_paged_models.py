@@ -275,3 +275,23 @@ def test_cuda_graph_buckets_cover_the_default_batch_of_beams():
 
     assert [bucket_for(n) for n in (1, 3, 16, 17, 1000, 1024)] == [1, 4, 16, 32, 1024, 1024]
     assert bucket_for(64 * 16) == 1024 and bucket_for(1025) is None
+
+
+def test_a_dropped_paged_model_frees_its_pool_at_once():
+    """No reference cycle (the lean forward takes the batch as an argument): the KV pool goes with the
+    last reference to its PagedModel, without waiting for the garbage collector."""
+    import gc
+    import weakref
+
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["gpt2"])).eval().to(DEVICE)
+    pm = PagedModel(model, num_blocks=8, block_size=4)
+    assert pm.lean is not None
+    (s,) = pm.blocks.new_sequences(1)
+    pm([s], [[1, 2, 3]])
+    pool, lean = weakref.ref(pm.cache.pool.kv), weakref.ref(pm.lean)
+    gc.disable()
+    try:
+        del pm
+        assert pool() is None and lean() is None
+    finally:
+        gc.enable()
