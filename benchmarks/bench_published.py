@@ -50,7 +50,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "python"))
 
-from benchmarks import random_models  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import harness, random_models  # noqa: E402
 
 
 def _prepare_models(work: Path, preset: str = "demo", dtype: str = "float32") -> dict:
@@ -101,8 +103,6 @@ def _demo_models(work: Path) -> dict:
 
 
 def _sync(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -111,8 +111,6 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     """This project's side, in its own process: the same prompts and settings, greedy EFT and each mode
     (all prompts together, and with ``latency`` one prompt at a time)."""
     import time
-
-    import torch
 
     cfg = json.load(open(cfg_path))
     torch.set_num_threads(cfg["threads"])
@@ -211,7 +209,6 @@ def main(argv=None):
         ap.error(f"--python={args.python!r}: expected the published environment's interpreter")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
-    from benchmarks import harness
     from ivg.demo.corpus import make_prompts
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-published-"))
@@ -237,11 +234,11 @@ def main(argv=None):
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
     tokens = args.prompts * args.max_new_tokens
-    device = harness.device_name(_device(args.device))
+    device = harness.device_name(torch.device(args.device))
     print(f"\n{'mode':<6} {'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
     rows = []
     for mode in args.modes:
-        rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], tokens, device, dtype, harness)
+        rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], tokens, device, dtype)
     base = f"W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},prompts={args.prompts}," \
            f"threads={args.threads},models={args.models}"
     print(f"greedy {args.greedy_mode}: identical tokens on {equal} of {greedy_n} prompts "
@@ -255,7 +252,7 @@ def main(argv=None):
     return 0 if equal == greedy_n or args.models != "demo" else 1
 
 
-def _mode_rows(args, mode, theirs, ours, tokens, device, dtype, harness) -> list:
+def _mode_rows(args, mode, theirs, ours, tokens, device, dtype) -> list:
     """Print and return the rows of one mode: the published code, this project, the published time less
     its GPU-memory logging where that is more than 1%, and one prompt at a time when measured."""
     t_pub, t_ours = statistics.median(theirs["seconds"]), statistics.median(ours["seconds"])
@@ -286,12 +283,6 @@ def _mode_rows(args, mode, theirs, ours, tokens, device, dtype, harness) -> list
         rows.append(dict(rows[1], provider=f"{ours_name}-one-prompt", shape=shape + f",latency_prompts={args.latency}",
                          median_us=f"{ours['latency_s'] * 1e6:.0f}", speedup=f"{per_pub / ours['latency_s']:.2f}"))
     return rows
-
-
-def _device(name):
-    import torch
-
-    return torch.device(name)
 
 
 if __name__ == "__main__":

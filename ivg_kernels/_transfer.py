@@ -14,3 +14,16 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     if torch.device(device).type != "cuda" or x.device.type != "cpu":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
+
+
+def to_device_many(tensors, device) -> list:
+    """Several host integer tensors on ``device`` in one copy (:func:`to_device` of their concatenation,
+    split back into views of their shapes and dtypes); on the CPU they are returned as they are."""
+    if torch.device(device).type != "cuda":
+        return [t.to(device) for t in tensors]
+    moved = to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]), device)
+    out, start = [], 0
+    for t in tensors:
+        out.append(moved[start:start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out

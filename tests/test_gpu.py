@@ -212,3 +212,14 @@ def test_attention_ops_compile_fullgraph_and_match_eager():
     compiled = torch.compile(both, fullgraph=True)(q)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=0)
+
+
+def test_several_host_tensors_reach_the_device_in_one_copy():
+    from ivg_kernels._transfer import to_device_many
+
+    host = [torch.arange(6, dtype=torch.int32).view(2, 3), torch.tensor([7, 8], dtype=torch.int64),
+            torch.tensor([], dtype=torch.int32)]
+    moved = to_device_many(host, "cuda")
+    for h, m in zip(host, moved):
+        assert m.device.type == "cuda" and m.dtype == h.dtype and m.shape == h.shape and m.is_contiguous()
+        assert torch.equal(m.cpu(), h)

@@ -124,11 +124,11 @@ class DecodeLoop:
         """One fused draw for every live row: base logits plus the weighted guide and token-RM rows."""
         cur, opts = self.cur, self.opts
         self.stats.steps += 1
+        keys = torch.tensor([[r.seed for r, _ in self.rows], [row_offset(r.t, b.cand) for r, b in self.rows]])
+        seed, offset = to_device(keys, self.device)  # one copy
         return ivg_kernels.guided_sample(
             cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-            min_p=opts.min_p, seed=to_device(torch.tensor([r.seed for r, _ in self.rows]), self.device),
-            offset=to_device(torch.tensor([row_offset(r.t, b.cand) for r, b in self.rows]), self.device),
-            vocab_size=self.vocab, backend=self.decoder.backend,
+            min_p=opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab, backend=self.decoder.backend,
         )
 
     # -- update ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
                                   write_kv)
-from ivg_kernels._transfer import to_device
+from ivg_kernels._transfer import to_device_many
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
@@ -269,22 +269,22 @@ class PagedModel:
             cu[1:] = n_new.cumsum(0)
             # position of each new token: its sequence's old length plus its index among the new ones
             positions = (torch.tensor(before) - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
-            dev = self.device
-            if self.graphs is not None and max(counts) == 1 and not every_position:
-                logits = self.graphs.run(flat, positions, slots, self.blocks.block_table(seq_ids),
-                                         self.blocks.seq_lens(seq_ids))
-                if logits is not None:
-                    return logits
             decode = max(counts) == 1
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
+            if self.graphs is not None and decode and not every_position:
+                logits = self.graphs.run(flat, positions, slots, table, lens)
+                if logits is not None:
+                    return logits
+            on_host = flat.device.type == "cpu"  # ids from lists; a sampler's stay where they are
+            moved = to_device_many([table, lens, cu, positions] + ([flat] if on_host else []), self.device)
+            table_d, lens_d, cu_d, pos = moved[:4]
+            ids = moved[4] if on_host else flat
             batch = PagedBatch(
-                cache=self.cache, slot_mapping=slots, block_table=to_device(table, dev),
-                seq_lens=to_device(lens, dev), cu_seqlens_q=to_device(cu, dev), max_seqlen_q=max(counts),
-                is_decode=decode, backend=self.backend,
+                cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
+                max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
                 groups=self._groups(table, lens) if decode and self.shared_prefix else None,
             )
-            ids, pos = to_device(flat, dev), to_device(positions, dev)
-            keep = None if every_position else to_device(cu[1:] - 1, dev)
+            keep = None if every_position else (cu_d[1:] - 1).long()
             if self.lean is not None:
                 return self.lean(ids, pos, keep, batch)
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
@@ -310,5 +310,6 @@ class PagedModel:
                 and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(lens)):
             return None
         dev = self.device
-        return (to_device(torch.tensor(starts, dtype=torch.int32), dev),
-                to_device(torch.tensor(shared, dtype=torch.int32), dev), most)
+        starts_d, shared_d = to_device_many([torch.tensor(starts, dtype=torch.int32),
+                                             torch.tensor(shared, dtype=torch.int32)], dev)
+        return starts_d, shared_d, most

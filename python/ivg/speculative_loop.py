@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ivg_kernels._transfer import to_device
+from ivg_kernels._transfer import to_device, to_device_many
 from ivg_kernels.reference.speculative import spec_uniforms
 from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
 
@@ -72,8 +72,8 @@ class SpeculativeLoop(DecodeLoop):
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
         pending = {name: [(req.ids[name] + b.tokens)[-1] for req, b in rows] for name in self.step_names}
         before = {name: [self.paged[name].blocks.seq_len(b.slot) for _, b in rows] for name in self.step_names}
-        keys = [(req.seed, len(b.tokens), b.cand) for req, b in rows]
-        seed, t0, cand = to_device(torch.tensor(keys).T.contiguous(), self.device)  # one copy
+        keys = [(req.seed, len(b.tokens), b.cand, g) for (req, b), g in zip(rows, gam)]
+        seed, t0, cand, gam_d = to_device(torch.tensor(keys).T.contiguous(), self.device)  # one copy
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
         uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
         try:
@@ -85,7 +85,7 @@ class SpeculativeLoop(DecodeLoop):
                      ) and fused_verification_applies(
                 guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
             out = speculative_verify(
-                logits["base"], guides, logits[DRAFT_MODEL], safe, to_device(torch.tensor(gam), self.device),
+                logits["base"], guides, logits[DRAFT_MODEL], safe, gam_d,
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
                 min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
                 backend=self.decoder.backend if fused else "reference",
@@ -130,13 +130,12 @@ class SpeculativeLoop(DecodeLoop):
         straight from the device); adds its logits at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
         counts = [g + 1 for g in gam]
+        names = [name for name in self.step_names if name != DRAFT_MODEL]
         where = torch.tensor([[i, j] for i in range(r) for j in range(counts[i])]).T.contiguous()
-        row, pos = to_device(where, self.device)  # each read token's row and position, in reading order
-        for name in self.step_names:
-            if name == DRAFT_MODEL:
-                continue
-            first = to_device(torch.tensor(pending[name]), self.device).unsqueeze(1)
-            flat = torch.cat([first, drafts], dim=1)[row, pos]
+        # each read token's row and position in reading order, and each model's pending tokens: one copy
+        (row, pos), firsts = to_device_many([where, torch.tensor([pending[name] for name in names])], self.device)
+        for name, first in zip(names, firsts):
+            flat = torch.cat([first.unsqueeze(1), drafts], dim=1)[row, pos]
             out = self.paged[name]([b.slot for _, b in rows], flat, counts=counts, every_position=True)
             self.stats.forwards += 1
             full = out.new_zeros(r, width, out.shape[1])
