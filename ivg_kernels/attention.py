@@ -183,7 +183,7 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,
-                            sliding_window=None, backend="auto") -> torch.Tensor:
+                            sliding_window=None, backend="auto", plan=None) -> torch.Tensor:
     """Causal attention of a ragged batch of new tokens over their cached prefix and themselves.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``: its last tokens, already written
@@ -194,6 +194,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     q : ``[T, num_heads, head_dim]``
     block_table : int32 ``[B, max_blocks]``; seq_lens : int ``[B]``; cu_seqlens_q : int ``[B + 1]``
     max_seqlen_q : int, the longest query run (a host int, so no synchronisation is needed)
+    plan : optional, for the reference backend: ``ivg_kernels.reference.attention.prefill_plan`` of these
+        ``block_table``, ``seq_lens``, ``cu_seqlens_q``, the cache's block size and ``sliding_window``,
+        made once and passed to every layer of a forward (the masks and gather indices depend on the
+        tables only). A plan of other tables gives wrong results; other backends ignore it
     """
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
@@ -204,8 +208,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
         _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
     scale, window = _check_scale_window(scale, sliding_window)
+    if plan is not None and not isinstance(plan, ref.PrefillPlan):
+        _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
     if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                               scale=scale, sliding_window=sliding_window)
+                                               scale=scale, sliding_window=sliding_window, plan=plan)
     return _triton("paged_prefill_attention", q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                    int(max_seqlen_q), scale, window)

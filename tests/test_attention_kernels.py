@@ -63,14 +63,16 @@ def test_references_match_dense_attention(window):
 
 @pytest.mark.parametrize("budget", [1, 300, None])
 @pytest.mark.parametrize("window", [None, 3])
-def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
+@pytest.mark.parametrize("new", [[3, 1, 5, 0, 12], [3, 3, 0, 3, 3]], ids=["padded", "dense"])
+def test_prefill_reference_extends_in_groups(monkeypatch, budget, window, new):
     """Extends (the last m of each sequence's tokens as queries, one sequence with none) give dense
-    attention however the reference groups the sequences into padded batches."""
+    attention however the reference groups the sequences into padded batches, and when every
+    sequence of a group has as many queries (no padding: the speculative decoder's verification)."""
     from ivg_kernels.reference import attention as ref
 
     if budget is not None:
         monkeypatch.setattr(ref, "PREFILL_BATCH_ELEMENTS", budget)
-    lens, new, h, h_kv, d, bs = [7, 1, 20, 9, 12], [3, 1, 5, 0, 12], 4, 2, 8, 4
+    lens, h, h_kv, d, bs = [7, 3, 20, 9, 12], 4, 2, 8, 4
     bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float32, seed=3)
     starts = [sum(lens[:b]) for b in range(len(lens))]
     q = torch.randn(sum(new), h, d)
@@ -84,6 +86,27 @@ def test_prefill_reference_extends_in_groups(monkeypatch, budget, window):
         kb, vb = k[starts[b]:starts[b] + n], v[starts[b]:starts[b] + n]
         dense = _dense_causal(q[s:e], kb, vb, torch.arange(n - m, n), d ** -0.5, window)
         assert_close(out[s:e], dense, torch.float32, f"extend seq {b}")
+
+
+@pytest.mark.parametrize("new", [[3, 1, 5, 0, 12], [2, 2, 2, 2, 2]])
+def test_prefill_plan_is_made_once_and_reused_by_every_layer(new):
+    """A plan made from the tables gives each layer (here: two caches) exactly the output of a call
+    that plans for itself; a plan of the wrong type is refused by name."""
+    from ivg_kernels.reference.attention import prefill_plan
+
+    lens, h, h_kv, d, bs = [7, 3, 20, 9, 12], 4, 2, 8, 4
+    layers = [_setup(lens, h_kv, d, bs, torch.float32, seed=s) for s in (5, 6)]
+    bm, seqs = layers[0][0], layers[0][1]
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(new), h, d)
+    plan = prefill_plan(bt, sl, cu, bs, 5)
+    for _, _, kc, vc, _, _ in layers:
+        args = (q, kc, vc, bt, sl, cu)
+        kw = dict(max_seqlen_q=max(new), scale=0.3, sliding_window=5, backend="reference")
+        assert torch.equal(paged_prefill_attention(*args, **kw, plan=plan), paged_prefill_attention(*args, **kw))
+    with pytest.raises(ValueError, match="plan="):
+        paged_prefill_attention(q, *layers[0][2:4], bt, sl, cu, max_seqlen_q=max(new), scale=0.3, plan={})
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])

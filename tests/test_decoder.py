@@ -236,6 +236,8 @@ def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
     dec = IVGDecoder(models)
     first = dec.generate(PROMPTS, _opts("ivg"))
     pools = {n: c.pool.kv for n, c in dec._group.caches.items()}
+    paged = dict(dec._paged)
+    assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
     real, calls = ivg_kernels.guided_sample, []
 
     def flaky(*args, **kwargs):
@@ -250,9 +252,12 @@ def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
             dec.generate(PROMPTS, _opts("ivg"))
     again = dec.generate(PROMPTS[:2], _opts("ivg"))
     assert all(dec._group.caches[n].pool.kv is kv for n, kv in pools.items()), "the fitting pools were not reused"
+    assert all(dec._paged[n] is pm for n, pm in paged.items()), "the paged models (and graphs) were not kept"
+    assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
     _same(again, first[:2])
     longer = dec.generate(PROMPTS, _opts("ivg", max_new_tokens=40))
     assert dec._group.caches["base"].pool.kv is not pools["base"], "a pool too small was reused"
+    assert dec._paged["base"] is not paged["base"] and dec._paged["base"].cache is dec._group.caches["base"]
     _same(longer, IVGDecoder(models).generate(PROMPTS, _opts("ivg", max_new_tokens=40)))
     plain = dec.generate(PROMPTS, _opts("plain"))  # base only: another set of models
     assert set(dec._group.caches) == {"base"}

@@ -119,6 +119,23 @@ def test_decoder_with_cuda_graphs_matches_eager():
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
 
 
+def test_decoder_keeps_its_cuda_graphs_from_call_to_call():
+    """One prompt at a time (the latency regime): the second call replays the graphs the first one
+    captured (its pools fit), and draws the same tokens as a fresh decoder."""
+    models = _cuda_models(torch.float32)
+    dec, first = _decode(models, "ivg", cuda_graphs=True)
+    captures = {n: pm.graphs.captures for n, pm in dec._paged.items()}
+    assert all(captures.values()), captures
+    opts_prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    from ivg.options import DecodeOptions
+
+    opts = DecodeOptions(mode="ivg", width=2, successors=3, chunk_len=4, n=5, max_new_tokens=12, seed=3,
+                         temperature=1.0, num_return=1)
+    again = dec.generate(opts_prompts, opts)
+    assert {n: pm.graphs.captures for n, pm in dec._paged.items()} == captures, "graphs were captured again"
+    assert [r.beams[0].tokens for r in again] == [r.beams[0].tokens for r in first]
+
+
 def test_decoder_reading_every_few_steps_matches_reading_every_step():
     """On a GPU the host reads the drawn tokens every 8 steps by default (and at chunk boundaries):
     rows that drew EOS run on between reads, from graph replays fed with the device's tokens."""

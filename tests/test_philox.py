@@ -46,6 +46,32 @@ def test_philox_known_answers(ctr, key, expected):
     assert tuple(int(w) for w in out) == expected
 
 
+def _philox_python(ctr, key, rounds=10):
+    """Philox4x32 on Python ints, written from Salmon et al.'s definition (an oracle independent of
+    the tensor code)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(rounds):
+        pb, pa = c2 * 0xCD9E8D57, c0 * 0xD2511F53
+        c0, c1, c2, c3 = (pb >> 32) ^ c1 ^ k0, pb & 0xFFFFFFFF, (pa >> 32) ^ c3 ^ k1, pa & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def test_philox_matches_an_integer_oracle_on_broadcast_tensors():
+    """Random counters and keys, with the broadcasting the samplers use (per-row keys, per-token counters)."""
+    gen = torch.Generator().manual_seed(11)
+    words = lambda *shape: torch.randint(0, 1 << 32, shape, generator=gen, dtype=torch.int64)  # noqa: E731
+    c0, c1, c2, c3 = words(1, 37), words(5, 1), words(5, 1), words(5, 37)
+    k0, k1 = words(5, 1), words(5, 1)
+    out = philox4x32(c0, c1, c2, c3, k0, k1)
+    for r in range(5):
+        for j in range(37):
+            want = _philox_python((int(c0[0, j]), int(c1[r, 0]), int(c2[r, 0]), int(c3[r, j])),
+                                  (int(k0[r, 0]), int(k1[r, 0])))
+            assert tuple(int(w[r, j]) for w in out) == want, (r, j)
+
+
 def test_uniform_is_open_interval_and_roughly_uniform():
     seed = torch.arange(4)
     u = philox_uniform(seed, seed * 7, torch.arange(50_000))

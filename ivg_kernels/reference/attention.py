@@ -8,6 +8,8 @@ p % block_size``. A query at position ``q`` attends to keys at positions ``k <= 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -91,18 +93,49 @@ PREFILL_BATCH_ELEMENTS = 1 << 22  # padded query x key positions attended per ba
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale,
-                                sliding_window=None):
+                                sliding_window=None, plan=None):
     """Ragged queries: sequence b owns q rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, the last tokens of
     its ``seq_lens[b]`` (already written to the cache). q ``[T, H, D]`` -> ``[T, H, D]``.
 
     Consecutive sequences are attended together, padded to the longest of them, in groups of at most
     ``PREFILL_BATCH_ELEMENTS`` padded (query, key) pairs; padding is masked out, so the grouping
-    changes nothing but the number of calls."""
+    changes nothing but the number of calls. ``plan``: :func:`prefill_plan` of these arguments, made
+    once and reused by every layer of a forward (the same tables give the same plan)."""
+    if plan is None:
+        plan = prefill_plan(block_table, seq_lens, cu_seqlens_q, k_cache.shape[1], sliding_window)
     out = torch.zeros_like(q)
+    for g in plan.groups:
+        _prefill_group(out, q, k_cache, v_cache, g, scale)
+    return out
+
+
+@dataclass
+class PrefillGroup:
+    """Consecutive sequences attended as one padded batch ``[n, m_max]`` of queries over ``l_max`` keys."""
+
+    table: torch.Tensor  # [n, blocks]: their block tables, cut to the blocks of l_max keys
+    l_max: int
+    allowed: torch.Tensor  # bool [n, m_max, l_max]: the keys each (padded) query attends
+    rows: torch.Tensor | None  # the q rows of the valid queries, or None when q[first:last] fills the batch
+    valid: torch.Tensor | None  # bool [n, m_max], or None when no query is padding
+    first: int  # the group's q rows (without padding: first:last in order, m_max per sequence)
+    last: int
+
+
+@dataclass
+class PrefillPlan:
+    """What :func:`paged_prefill_attention_ref` computes from the tables alone, for every layer at once."""
+
+    groups: list
+
+
+def prefill_plan(block_table, seq_lens, cu_seqlens_q, block_size, sliding_window=None) -> PrefillPlan:
+    """The groups of consecutive sequences :func:`paged_prefill_attention_ref` attends together, with
+    their masks and gather indices (the layer-independent part of its work)."""
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     todo = [b for b in range(len(lens)) if cu[b + 1] > cu[b]]
-    start = 0
+    groups, start = [], 0
     while start < len(todo):
         end, m_max, l_max = start, 0, 0
         while end < len(todo):  # grow the group while its padded size stays within the budget
@@ -111,32 +144,41 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_s
             if end > start and (end + 1 - start) * m2 * l2 > PREFILL_BATCH_ELEMENTS:
                 break
             m_max, l_max, end = m2, l2, end + 1
-        _prefill_group(out, q, k_cache, v_cache, block_table, todo[start:end], cu, lens, m_max, l_max, scale,
-                       sliding_window)
+        groups.append(_plan_group(block_table, todo[start:end], cu, lens, m_max, l_max, block_size, sliding_window))
         start = end
-    return out
+    return PrefillPlan(groups)
 
 
-def _prefill_group(out, q, k_cache, v_cache, block_table, seqs, cu, lens, m_max, l_max, scale, sliding_window):
-    """Attend the queries of sequences ``seqs`` as one padded batch ``[n, m_max]`` over ``l_max`` keys."""
-    dev = q.device
-    sel = torch.tensor(seqs, device=dev)
-    blocks = -(-l_max // k_cache.shape[1])
-    table = block_table.index_select(0, sel)[:, :blocks]
-    k, v = _gather(k_cache, table, l_max), _gather(v_cache, table, l_max)  # [n, l_max, Hkv, D]
-    m = torch.tensor([cu[b + 1] - cu[b] for b in seqs], device=dev)  # queries per sequence
-    length = torch.tensor([lens[b] for b in seqs], device=dev)
+def _plan_group(block_table, seqs, cu, lens, m_max, l_max, block_size, sliding_window) -> PrefillGroup:
+    dev = block_table.device
+    table = block_table.index_select(0, torch.tensor(seqs, device=dev))[:, : -(-l_max // block_size)]
+    counts = [cu[b + 1] - cu[b] for b in seqs]
+    m = torch.tensor(counts, device=dev)  # queries per sequence
     j = torch.arange(m_max, device=dev)
-    valid = j.unsqueeze(0) < m.unsqueeze(1)  # [n, m_max]
-    rows = (torch.tensor([cu[b] for b in seqs], device=dev).unsqueeze(1) + j).masked_select(valid)  # q rows
-    qp = q.new_zeros(len(seqs), m_max, q.shape[1], q.shape[2])
-    qp[valid] = q.index_select(0, rows)
-    q_pos = (length - m).unsqueeze(1) + j  # [n, m_max]: position of each (padded) query
+    dense = all(c == m_max for c in counts) and all(cu[b] == cu[seqs[0]] + i * m_max for i, b in enumerate(seqs))
+    valid = None if dense else j.unsqueeze(0) < m.unsqueeze(1)  # [n, m_max]
+    rows = None if dense else (torch.tensor([cu[b] for b in seqs], device=dev).unsqueeze(1) + j).masked_select(valid)
+    q_pos = (torch.tensor([lens[b] for b in seqs], device=dev) - m).unsqueeze(1) + j  # [n, m_max]
     k_pos = torch.arange(l_max, device=dev)
-    allowed = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)) & valid.unsqueeze(2)  # [n, m_max, l_max]
+    allowed = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)  # [n, m_max, l_max]
+    if valid is not None:
+        allowed &= valid.unsqueeze(2)
     if sliding_window is not None:
         allowed &= q_pos.unsqueeze(2) - k_pos.view(1, 1, -1) < sliding_window
-    out.index_copy_(0, rows, _attend(qp, k, v, allowed, scale)[valid].to(q.dtype))
+    return PrefillGroup(table, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max)
+
+
+def _prefill_group(out, q, k_cache, v_cache, g: PrefillGroup, scale):
+    """Attend one group's queries (padded to ``[n, m_max]``) over their ``l_max`` keys into ``out``."""
+    k, v = _gather(k_cache, g.table, g.l_max), _gather(v_cache, g.table, g.l_max)  # [n, l_max, Hkv, D]
+    n, m_max = g.allowed.shape[:2]
+    if g.rows is None:  # no padding: the group's rows of q, in order
+        qp = q[g.first:g.last].view(n, m_max, q.shape[1], q.shape[2])
+        out[g.first:g.last] = _attend(qp, k, v, g.allowed, scale).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
+        return
+    qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
+    qp[g.valid] = q.index_select(0, g.rows)
+    out.index_copy_(0, g.rows, _attend(qp, k, v, g.allowed, scale)[g.valid].to(q.dtype))
 
 
 def _attend_lse(q, k, v, allowed, scale):

@@ -133,7 +133,8 @@ class IVGDecoder:
     max_batch_prompts : prompts decoded at once (the KV pools are sized for that many); when one
         finishes, the next waiting prompt takes its rows (continuous batching). Results do not depend on it
     cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`), captured
-        once per ``generate`` call, batch-size bucket and block-table width. Default: on for models on CUDA (13x faster
+        once per batch-size bucket and block-table width, and kept from call to call while the KV pools
+        are (see ``_paged_models``). Default: on for models on CUDA (13x faster
         steps for a gpt2-sized model on an H100, benchmarks/RESULTS.md) unless the backend is the
         reference, the models are float64 or the base is tensor-parallel; off the GPU it does nothing
     shared_prefix : decode attention reads the blocks a prompt's beams share once per prompt
@@ -170,6 +171,7 @@ class IVGDecoder:
         self.read_every = read_every
         self.last_stats = RunStats()
         self._group = None
+        self._paged: dict = {}  # model name -> the PagedModel over its cache in _group (kept from call to call)
         models.check()
 
     def kv_blocks_in_use(self) -> dict:
@@ -203,13 +205,20 @@ class IVGDecoder:
                 cache.pool.bytes_copied = 0
         else:
             self._group = old = None  # let the previous pools go before allocating
+            self._paged = {}  # and the paged models (and CUDA graphs) over them
             caches = {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype,
                                     device=device) for name, (shape, dtype, device) in shapes.items()}
         paged = {}
         group = KVCacheGroup(caches)
         for name, model, _ in roles:
-            paged[name] = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs,
-                                     shared_prefix=self.shared_prefix)
+            pm = self._paged.get(name)
+            if pm is not None and pm.model is model and pm.cache is group[name]:
+                pm.attach()  # the previous call's, over the same pool: its CUDA graphs replay as they are
+            else:
+                pm = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs,
+                                shared_prefix=self.shared_prefix)
+            paged[name] = pm
+        self._paged = paged
         return group, paged
 
     @torch.inference_mode()

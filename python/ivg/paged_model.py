@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
                                   write_kv)
+from ivg_kernels._backend import resolve_backend
 from ivg_kernels._transfer import to_device_many
+from ivg_kernels.reference.attention import prefill_plan
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
@@ -45,6 +47,8 @@ class PagedBatch:
     is_decode: bool  # one new token per sequence
     backend: str = "auto"
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
+    reference: bool = False  # the attention runs the plain-torch reference (it plans a prefill once per forward)
+    plans: dict = field(default_factory=dict)  # sliding window -> the reference's PrefillPlan of this batch
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
@@ -60,9 +64,15 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window)
     if b.is_decode:
         return paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
                                       sliding_window=sliding_window, backend=b.backend)
+    plan = None
+    if b.reference:  # the masks and gather indices of every layer (per sliding window), made once
+        plan = b.plans.get(sliding_window)
+        if plan is None:
+            plan = b.plans[sliding_window] = prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q,
+                                                          k_cache.shape[1], sliding_window)
     return paged_prefill_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q,
                                    max_seqlen_q=b.max_seqlen_q, scale=scale, sliding_window=sliding_window,
-                                   backend=b.backend)
+                                   backend=b.backend, plan=plan)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -175,9 +185,9 @@ class PagedModel:
                  backend: str = "auto", cuda_graphs: bool = False, shared_prefix: bool | None = None,
                  lean: bool | None = None):
         register_attention()
-        self._previous_attn = model.config._attn_implementation
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
+        self._previous_attn = None
+        self.attach()
         param = next(model.parameters())
         if cache is None:
             layers, kv_heads, head_dim = local_kv_shape(model)
@@ -209,6 +219,14 @@ class PagedModel:
     @property
     def blocks(self):
         return self.cache.blocks
+
+    def attach(self) -> None:
+        """Switch the model to the paged attention: at construction, and again for a run after
+        :meth:`release` (a decoder keeps its paged models, and their CUDA graphs, from call to call)."""
+        current = self.model.config._attn_implementation
+        if current != ATTN_IMPLEMENTATION:
+            self._previous_attn = current
+            self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def release(self) -> None:
         """Give the model its previous attention implementation back (the cache stays as it is)."""
@@ -283,6 +301,7 @@ class PagedModel:
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
                 max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
                 groups=self._groups(table, lens) if decode and self.shared_prefix else None,
+                reference=not decode and self._reference_attention(),
             )
             keep = None if every_position else (cu_d[1:] - 1).long()
             if self.lean is not None:
@@ -295,6 +314,12 @@ class PagedModel:
             raise
 
     __call__ = forward
+
+    def _reference_attention(self) -> bool:
+        """The attention of this model's forwards runs the plain-torch reference."""
+        kv = self.cache.pool.kv
+        return resolve_backend(self.backend, kv, triton_dtypes=(torch.float32, torch.bfloat16, torch.float16)
+                               ) == "reference"
 
     def _groups(self, table, lens):
         """``(group_starts, shared_lens, max_group_rows)`` of the rows, or None when no two rows share a
