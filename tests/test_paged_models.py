@@ -247,6 +247,19 @@ def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
     assert PagedModel(llama, num_blocks=8, block_size=4).lean is not None
     del llama.model.layers[0].self_attn.scaling
     assert PagedModel(llama, num_blocks=8, block_size=4).lean is None
+    # Modules the lean forward would not call as modules: hooks (accelerate's offloading loads weights in
+    # one), or a projection replaced by a wrapper or subclass whose forward may differ.
+    gpt2 = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["gpt2"])).eval()
+    assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is not None
+    handle = gpt2.transformer.h[1].mlp.c_fc.register_forward_pre_hook(lambda m, args: None)
+    assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is None
+    handle.remove()
+    conv = gpt2.transformer.h[0].attn.c_proj
+    gpt2.transformer.h[0].attn.c_proj = type("LoRAConv1D", (type(conv),), {})(conv.nf, conv.weight.shape[0])
+    assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is None
+    llama = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["llama-gqa"])).eval()
+    llama.model.layers[1].mlp.up_proj = torch.nn.Sequential(llama.model.layers[1].mlp.up_proj)
+    assert PagedModel(llama, num_blocks=8, block_size=4).lean is None
 
 
 def test_group_exhaustion_in_one_model_changes_no_model():

@@ -9,6 +9,11 @@ small models and few rows that work is most of a forward (a one-row ``PagedModel
 demo's 2-layer guide on one CPU thread: 1.05 ms through transformers, 0.71 ms here; its 4-layer base:
 1.95 and 1.32 ms). With hundreds of rows the arithmetic dominates and the two take the same time.
 
+The projections (GPT-2's ``Conv1D``, the Llama family's ``nn.Linear``) are applied as their forwards
+apply them (``torch.addmm(bias, x, weight)``, ``F.linear(x, weight, bias)``) without the module call,
+which on a tiny model costs as much as the product. So a model with hooks on its modules (accelerate's
+offloading, for example, loads weights in a pre-forward hook) runs through transformers instead.
+
 Supported: GPT-2 (``GPT2LMHeadModel``; default attention settings) and the Llama family
 (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``), as causal LMs or as the body of
 a ``TokenRewardModel``. Anything else runs through transformers (``lean_forward`` returns None).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 import torch.nn.functional as F
 
 _GPT2_BODIES = ("GPT2Model",)
@@ -47,7 +53,7 @@ def lean_forward(model, attend):
     if (getattr(model, "tp_size", None) or 1) > 1:  # sharded by transformers' tensor parallelism: not covered
         return None
     body, head = _body_and_head(model)
-    if body is None or head is None:
+    if body is None or head is None or _hooked(model):
         return None
     name = type(body).__name__
     if name in _GPT2_BODIES and _gpt2_supported(body):
@@ -55,6 +61,22 @@ def lean_forward(model, attend):
     if name in _LLAMA_BODIES and _llama_supported(body):
         return _Llama(body, head, attend)
     return None
+
+
+def _hooked(model) -> bool:
+    """Any module of ``model`` with forward hooks (or accelerate's ``_hf_hook``), or global module hooks."""
+    from torch.nn.modules import module as torch_module
+
+    if any(getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def _exactly(module, cls_name: str, module_name: str) -> bool:
+    """``module`` is an instance of exactly the class ``module_name.cls_name`` (not a subclass or a wrapper,
+    whose forward may differ)."""
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    return cls is not None and type(module) is cls
 
 
 def _has(obj, *names) -> bool:
@@ -71,9 +93,11 @@ def _gpt2_supported(body) -> bool:
     if not (_has(body, "wte", "wpe", "h", "ln_f") and len(body.h)):
         return False
     blk = body.h[0]
-    return (_has(blk, "ln_1", "ln_2", "attn", "mlp") and _has(blk.attn, "c_attn", "c_proj", "split_size", "head_dim",
-                                                                "scaling")
-            and _has(blk.mlp, "c_fc", "act", "c_proj"))
+    if not (_has(blk, "ln_1", "ln_2", "attn", "mlp") and _has(blk.attn, "c_attn", "c_proj", "split_size", "head_dim",
+                                                               "scaling") and _has(blk.mlp, "c_fc", "act", "c_proj")):
+        return False
+    return all(_exactly(m, "Conv1D", "transformers.pytorch_utils")
+               for b in body.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
 
 
 def _llama_supported(body) -> bool:
@@ -87,9 +111,26 @@ def _llama_supported(body) -> bool:
     attn = layer.self_attn
     # The projections this file knows; extra modules (q_norm, k_norm, ...) mean another variant.
     known = {"q_proj", "k_proj", "v_proj", "o_proj"}
-    return (set(name for name, _ in attn.named_children()) == known and _has(attn, "head_dim", "scaling")
+    if not (set(name for name, _ in attn.named_children()) == known and _has(attn, "head_dim", "scaling")
             and (type(body).__name__ != "MistralModel" or _has(attn, "config"))
-            and (type(body).__name__ != "Qwen2Model" or _has(attn, "sliding_window")))
+            and (type(body).__name__ != "Qwen2Model" or _has(attn, "sliding_window"))):
+        return False
+    # The MLP as the family writes it (down(act(gate(x)) * up(x))), and plain nn.Linear projections.
+    mlp_class = type(body).__name__.replace("Model", "MLP")
+    return all(_exactly(lay.mlp, mlp_class, type(body).__module__) and _has(lay.mlp, "act_fn")
+               and all(_exactly(m, "Linear", "torch.nn") for m in (
+                   lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj, lay.self_attn.o_proj,
+                   lay.mlp.gate_proj, lay.mlp.up_proj, lay.mlp.down_proj)) for lay in body.layers)
+
+
+def _conv1d(m, x):
+    """transformers' ``Conv1D`` forward on a 2-D ``x``: ``x @ weight + bias`` in one addmm."""
+    return torch.addmm(m.bias, x, m.weight)
+
+
+def _linear(m, x):
+    """``nn.Linear``'s forward."""
+    return F.linear(x, m.weight, m.bias)
 
 
 class _GPT2:
@@ -103,13 +144,14 @@ class _GPT2:
         for i, blk in enumerate(b.h):
             attn = blk.attn
             h = F.layer_norm(x, blk.ln_1.normalized_shape, blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            q, k, v = attn.c_attn(h).split(attn.split_size, dim=-1)
+            q, k, v = _conv1d(attn.c_attn, h).split(attn.split_size, dim=-1)
             t = q.shape[0]
             out = self.attend(batch, i, q.view(t, -1, attn.head_dim), k.view(t, -1, attn.head_dim),
                               v.view(t, -1, attn.head_dim), attn.scaling, None)
-            x = attn.c_proj(out.reshape(t, -1)) + x
+            x = _conv1d(attn.c_proj, out.reshape(t, -1)) + x
             h = F.layer_norm(x, blk.ln_2.normalized_shape, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            x = x + blk.mlp.c_proj(blk.mlp.act(blk.mlp.c_fc(h)))
+            mlp = blk.mlp
+            x = x + _conv1d(mlp.c_proj, mlp.act(_conv1d(mlp.c_fc, h)))
         x = x if keep is None else x.index_select(0, keep)
         x = F.layer_norm(x, b.ln_f.normalized_shape, b.ln_f.weight, b.ln_f.bias, b.ln_f.eps)
         return self.head(x)
@@ -131,13 +173,14 @@ class _Llama:
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             shape = (1, t, -1, attn.head_dim)  # transformers' layout: [1, H, T, D]
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
+            k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
+            v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
             out = self.attend(batch, i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                               attn.scaling, self.window(attn))
-            x = x + attn.o_proj(out.reshape(t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + _linear(attn.o_proj, out.reshape(t, -1))
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
         x = x if keep is None else x.index_select(0, keep)
         return self.head(b.norm(x))
