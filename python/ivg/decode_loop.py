@@ -9,7 +9,10 @@
 A token reward model that only scores (its sampler weight is 0: ``cbs``, ``ivg``, ``bon``) is not run
 every step: its value is the Q of a candidate's last token, needed only when the candidate is ranked
 or finishes, so it reads the tokens it has not seen then, in one ragged extend forward for every such
-candidate (``score_lazy_rm``). The value is the same Q the per-step path reads from the sampler.
+candidate: at a chunk boundary or the length limit before the host reads, from the device's draws, so
+one read brings tokens and values (``score_rm_before_read``); for a candidate that finishes by EOS
+elsewhere, after the read (``score_lazy_rm``). The value is the same Q the per-step path reads from the
+sampler.
 
 The host reads the device only when it must (``DecodeLoop.record``): at a chunk boundary or the length
 limit of some prompt, every step when stop strings are set (they are checked on the host), and every
@@ -32,7 +35,7 @@ from typing import Optional
 import torch
 
 import ivg_kernels
-from ivg_kernels._transfer import to_device
+from ivg_kernels._transfer import to_device, to_device_many
 
 from .search import Beam, expand, rank, row_offset, sampler_guides
 
@@ -149,6 +152,8 @@ class DecodeLoop:
             req.t += 1
         if not self.must_read():
             return False
+        if self.lazy_rm:
+            self.score_rm_before_read()
         self.read()
         return True
 
@@ -159,11 +164,15 @@ class DecodeLoop:
         opts = self.opts
         if self.read_every <= 1 or self.stopper.stop:
             return True
-        for req in self.active:
-            if req.t == opts.max_new_tokens or (self.search and opts.chunk_len is not None
-                                                and (req.t - req.chunk_start) % opts.chunk_len == 0):
-                return True
+        if any(self._at_boundary(req) for req in self.active):
+            return True
         return bool(self.stopper.eos) and len(self.pending) >= self.read_every
+
+    def _at_boundary(self, req) -> bool:
+        """``req`` is at a chunk boundary of a search or at the length limit (known before any read)."""
+        opts = self.opts
+        return req.t == opts.max_new_tokens or (self.search and opts.chunk_len is not None
+                                                and (req.t - req.chunk_start) % opts.chunk_len == 0)
 
     def read(self) -> None:
         """One device-to-host copy of the steps not read yet; each row takes them in order until it
@@ -182,7 +191,7 @@ class DecodeLoop:
                 b.tokens.append(int(tok))
                 b.logprob += logprob
                 b.implicit += imp
-                if has_rm:
+                if has_rm or exp == exp:  # a lazy token RM's value where score_rm_before_read gave one
                     b.explicit = exp
                 self.stats.new_tokens += 1
                 if self.stopper.finished(b.tokens) or len(b.tokens) == limit:
@@ -190,6 +199,40 @@ class DecodeLoop:
                     break
         if bad:
             raise RuntimeError(f"rows {bad[:8]} had NaN/inf logits or no finite candidate")
+
+    def score_rm_before_read(self) -> None:
+        """A lazy token RM scores the rows of the prompts at a chunk boundary or the length limit before
+        the host reads the steps, so that one read brings their tokens and values together: each row
+        feeds the tokens the RM has not read, those the host knows and then the unread draws straight
+        from the device, all but the last, in one ragged forward; the RM's Q at every unread draw goes
+        into that step's record. (Rows that finish by EOS elsewhere are scored after the read, by
+        ``score_lazy_rm``.)"""
+        rows = [(i, req, b) for i, (req, b) in enumerate(self.rows) if self._at_boundary(req)]
+        if not rows:
+            return
+        steps = len(self.pending)
+        drawn = torch.stack([p[:, 1] for p in self.pending], dim=1).clamp(min=0).long()  # [rows, S] on the device
+        # What the RM reads, gathered from ``src`` = (every row's unread draws [R * steps], the known tokens).
+        host, counts, gather, where, drawn_at, fed = [], [], [], [], len(rows) * steps, 0
+        for j, (_, req, b) in enumerate(rows):
+            new = (req.ids["rm"] + b.tokens)[b.rm_read:]  # the known tokens the RM has not read (at least one)
+            gather += [drawn_at + len(host) + k for k in range(len(new))] + [j * steps + p for p in range(steps - 1)]
+            where += [fed + len(new) - 1 + p for p in range(steps)]  # the output that predicts draw p
+            counts.append(len(new) + steps - 1)
+            fed += counts[-1]
+            host += new
+        sel, gather_d, where_d, host_d = to_device_many(
+            [torch.tensor([i for i, _, _ in rows]), torch.tensor(gather), torch.tensor(where),
+             torch.tensor(host, dtype=torch.long)], self.device)
+        mine = drawn.index_select(0, sel)  # [R, S]
+        src = torch.cat([mine.flatten(), host_d])
+        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, every_position=True)
+        self.stats.forwards += 1
+        values = q[where_d, mine.flatten()].double().view(len(rows), steps)  # Q at each unread draw
+        for p, record in enumerate(self.pending):
+            record[sel, 4] = values[:, p]
+        for (_, req, b), n in zip(rows, counts):
+            b.rm_read += n
 
     def feed_drawn(self) -> None:
         """Run between reads: every row reads the token it just drew, straight from the device (one
