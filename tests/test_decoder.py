@@ -265,6 +265,30 @@ def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
     _same(plain, IVGDecoder(models).generate(PROMPTS, _opts("plain")))
 
 
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_decode_steps_over_graph_buffers_change_nothing(models, monkeypatch, shared_prefix):
+    """Every decode step through ``ivg.cuda_graphs`` (off CUDA: its static, padded buffers run eagerly),
+    fed from the sampler's tokens between reads, with beam groups as graph inputs or not: the results of
+    the plain forwards."""
+    from ivg.cuda_graphs import DecodeGraphs
+    from ivg.paged_model import PagedModel
+
+    opts = _opts("ivg", max_new_tokens=10, eos_token_ids=())
+    want = IVGDecoder(models, block_size=4, shared_prefix=shared_prefix).generate(PROMPTS, opts)
+    real = PagedModel.__init__
+
+    def with_graphs(self, *a, **k):
+        real(self, *a, **k)
+        self.graphs = DecodeGraphs(self)
+
+    monkeypatch.setattr(PagedModel, "__init__", with_graphs)
+    dec = IVGDecoder(models, block_size=4, shared_prefix=shared_prefix, read_every=3)
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    keys = [key for pm in dec._paged.values() for key in pm.graphs._graphs]
+    assert keys and all(pm.graphs.replays for n, pm in dec._paged.items() if n != "rm")  # the RM only extends
+    assert any(k[2] for k in keys) == shared_prefix, keys
+
+
 def test_run_stats_split_the_wall_time_at_the_forwards(models):
     dec = IVGDecoder(models)
     dec.generate(PROMPTS, _opts("ivg"))

@@ -119,6 +119,17 @@ def test_decoder_with_cuda_graphs_matches_eager():
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
 
 
+def test_decoder_graphs_with_beam_groups_match_eager_per_row_attention():
+    """Shared-prefix attention inside the CUDA graphs (the groups are graph inputs, padded to the
+    bucket): the tokens of eager per-row attention."""
+    models = _cuda_models(torch.float32)
+    _, eager = _decode(models, "ivg", cuda_graphs=False, shared_prefix=False, block_size=4)
+    dec, grouped = _decode(models, "ivg", cuda_graphs=True, shared_prefix=True, block_size=4)
+    assert any(key[2] for pm in dec._paged.values() for key in pm.graphs._graphs), "no graph with beam groups"
+    same = sum(a.beams[0].tokens == b.beams[0].tokens for a, b in zip(eager, grouped))
+    assert same == len(eager)
+
+
 def test_decoder_keeps_its_cuda_graphs_from_call_to_call():
     """One prompt at a time (the latency regime): the second call replays the graphs the first one
     captured (its pools fit), and draws the same tokens as a fresh decoder."""

@@ -290,6 +290,50 @@ def test_cuda_graph_buckets_cover_the_default_batch_of_beams():
     assert bucket_for(64 * 16) == 1024 and bucket_for(1025) is None
 
 
+def test_padded_groups_cover_every_row():
+    from ivg.cuda_graphs import groups_for, padded_groups
+
+    # two real groups over 5 rows, a graph of 8: rows 5, 6, 7 alone, then empty groups
+    assert padded_groups([0, 3, 5], [8, 4], 5, 8) == ([0, 3, 5, 6, 7, 8, 8, 8, 8], [8, 4, 0, 0, 0, 0, 0, 0])
+    assert padded_groups([0, 4], [12], 4, 4) == ([0, 4, 4, 4, 4], [12, 0, 0, 0])
+    assert [groups_for(m) for m in (1, 2, 3, 16, 17)] == [2, 2, 4, 16, 32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["per-row", "beam-groups"])
+def test_graph_buffers_give_the_eager_logits(backend, shared_prefix):
+    """What a CUDA graph replays, run eagerly over its static buffers (off CUDA ``DecodeGraphs`` does
+    not capture): the batch padded to its bucket, the block table to its width and, with beam groups,
+    the groups to the graph's slots. Its logits are those of the plain forward. Five beams forked from one
+    prompt and one more prompt: 6 rows in a graph of 8, two groups sharing 2 and 1 blocks."""
+    from ivg.cuda_graphs import DecodeGraphs
+
+    cfg = copy.deepcopy(CONFIGS["gpt2"])
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(cfg).eval().to(DEVICE)
+    plain = PagedModel(model, num_blocks=64, block_size=4, backend=backend, shared_prefix=shared_prefix)
+    graphed = PagedModel(model, num_blocks=64, block_size=4, backend=backend, shared_prefix=shared_prefix)
+    graphed.graphs = graphed.graphs or DecodeGraphs(graphed)
+    seqs = {}
+    for pm in (plain, graphed):
+        a, b = pm.blocks.new_sequences(2)
+        pm([a, b], [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]])
+        seqs[pm] = pm.blocks.fork(a, 5) + [b]
+        pm.blocks.free(a)
+    if shared_prefix:
+        lists = graphed._group_lists(graphed.blocks.block_table(seqs[graphed]), graphed.blocks.seq_lens(seqs[graphed]))
+        assert lists is not None and lists[2] == 5, "precondition: the five beams form one group"
+    gen = torch.Generator().manual_seed(0)
+    for step in range(7):  # across a block boundary (copy-on-write of the shared last block)
+        new = [[int(t)] for t in torch.randint(2, 30, (6,), generator=gen)]
+        want = plain(seqs[plain], new)
+        got = graphed(seqs[graphed], torch.tensor([t for (t,) in new], device=DEVICE) if step % 2 else new)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphed.graphs.replays == 7 and graphed.graphs.captures >= 1
+    assert all(key[0] == 8 and key[2] == (8 if shared_prefix else 0) for key in graphed.graphs._graphs), \
+        list(graphed.graphs._graphs)
+
+
 def test_a_dropped_paged_model_frees_its_pool_at_once():
     """No reference cycle (the lean forward takes the batch as an argument): the KV pool goes with the
     last reference to its PagedModel, without waiting for the garbage collector."""

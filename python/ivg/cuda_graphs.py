@@ -9,6 +9,9 @@ eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the 
 * the batch is padded to the next bucket (1, 2, 4, ..., 1024) with rows whose slot is -1 (nothing
   written) and whose length is 1, and their logits are dropped;
 * the block table's width is padded to a power of two, so the attention's grid is fixed per graph;
+* with shared-prefix attention (``PagedModel(shared_prefix=True)``) the beam groups are inputs too:
+  ``rows`` group slots (the real groups, then each padding row alone, then empty groups) and a
+  maximum group size rounded up to a power of two, which is part of the graph's key;
 * graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly.
 
 The kernels replayed are the eager ones, so a replay computes what the eager forward computes for
@@ -41,22 +44,47 @@ def width_for(blocks: int) -> int:
     return w
 
 
+def groups_for(most: int) -> int:
+    """Rows per group a graph with beam groups is captured for: a power of two >= ``most`` (and >= 2)."""
+    g = 2
+    while g < most:
+        g *= 2
+    return g
+
+
+def padded_groups(starts: list, shared: list, n: int, rows: int) -> tuple[list, list]:
+    """``(group_starts [rows + 1], shared_lens [rows])`` for a graph of ``rows`` rows: the ``n`` real rows'
+    groups, then each padding row as a group of its own sharing nothing, then empty groups."""
+    starts = list(starts) + list(range(n + 1, rows + 1))
+    starts += [rows] * (rows + 1 - len(starts))
+    return starts, list(shared) + [0] * (rows - len(shared))
+
+
 class _Captured:
-    def __init__(self, pm, rows: int, width: int, pool):
+    """One graph: the static input buffers, the forward over them, and (on CUDA) its capture. ``most``:
+    0 for per-row attention, else the most rows per beam group (shared-prefix attention over group
+    buffers of ``rows`` slots). Off CUDA nothing is captured and ``replay`` runs the same forward over the
+    same buffers eagerly (the CPU tests of the padding)."""
+
+    def __init__(self, pm, rows: int, width: int, most: int, pool):
         from .paged_model import PagedBatch
 
         dev = pm.device
-        self.rows, self.width = rows, width
+        self.rows, self.width, self.most = rows, width, most
         self.input_ids = torch.zeros(1, rows, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, rows, dtype=torch.long, device=dev)
         self.slots = torch.full((rows,), -1, dtype=torch.long, device=dev)
         self.block_table = torch.zeros(rows, width, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        # every row a group of its own sharing nothing: valid before the first replay fills them
+        self.group_starts = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        self.shared_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
         cu = torch.arange(rows + 1, dtype=torch.int32, device=dev)
         keep = torch.arange(rows, device=dev)
         batch = PagedBatch(cache=pm.cache, slot_mapping=self.slots, block_table=self.block_table,
                            seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=1, is_decode=True,
-                           backend=pm.backend)
+                           backend=pm.backend,
+                           groups=(self.group_starts, self.shared_lens, most) if most else None)
 
         def run():
             return pm.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
@@ -64,6 +92,9 @@ class _Captured:
 
         # The graph reads these by address: they must live as long as the graph does.
         self._keep, self._cu, self._batch, self._run = keep, cu, batch, run
+        self.graph = None
+        if dev.type != "cuda":
+            return
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -74,59 +105,76 @@ class _Captured:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = run()
 
-    def replay(self, tokens, positions, slots, block_table, seq_lens) -> torch.Tensor:
-        n, dev = len(tokens), self.input_ids.device
-        meta = torch.zeros(self.rows, 2 + self.width, dtype=torch.long)  # position | seq_len | block table
+    def replay(self, tokens, positions, slots, block_table, seq_lens, groups=None) -> torch.Tensor:
+        """The logits ``[n, V]`` of the ``n`` rows; ``groups``: the rows' ``(group_starts, shared_lens)``
+        host lists (graphs with ``most`` > 0)."""
+        n, dev, rows = len(tokens), self.input_ids.device, self.rows
+        # one host tensor of the step's inputs: position | seq_len | group start | shared len | block table
+        meta = torch.zeros(rows + 1, 4 + self.width, dtype=torch.long)
         meta[:n, 0] = positions
         meta[:, 1] = 1
         meta[:n, 1] = seq_lens
-        meta[:n, 2:2 + block_table.shape[1]] = block_table
-        meta = to_device(meta, dev)  # one asynchronous copy of the step's host-side inputs
+        if self.most:
+            starts, shared = padded_groups(*groups, n, rows)
+            meta[:, 2] = torch.tensor(starts)
+            meta[:rows, 3] = torch.tensor(shared)
+        meta[:n, 4:4 + block_table.shape[1]] = block_table
+        meta = to_device(meta, dev)  # one asynchronous copy
         self.input_ids[0].zero_()  # padding rows read token 0 and write nothing (slot -1)
         self.input_ids[0, :n].copy_(to_device(tokens, dev))  # host ids, or the sampler's tokens on the device
-        self.positions[0].copy_(meta[:, 0])
-        self.seq_lens.copy_(meta[:, 1])
-        self.block_table.copy_(meta[:, 2:])
+        self.positions[0].copy_(meta[:rows, 0])
+        self.seq_lens.copy_(meta[:rows, 1])
+        if self.most:
+            self.group_starts.copy_(meta[:, 2])
+            self.shared_lens.copy_(meta[:rows, 3])
+        self.block_table.copy_(meta[:rows, 4:])
         self.slots.fill_(-1)
         self.slots[:n].copy_(slots)
-        self.graph.replay()
+        if self.graph is None:
+            self.logits = self._run()
+        else:
+            self.graph.replay()
         return self.logits[:n].clone()  # the next replay overwrites the graph's output
 
 
 class DecodeGraphs:
-    """Captured decode forwards of one PagedModel, created on first use of each (bucket, width)."""
+    """Captured decode forwards of one PagedModel, created on first use of each (bucket, width, group
+    rows). Off CUDA (tests) the forwards over the static buffers run eagerly instead."""
 
     def __init__(self, pm):
         self.pm = pm
-        self._graphs: dict[tuple[int, int], _Captured] = {}
-        self._failed: set[tuple[int, int]] = set()
+        self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self._failed: set[tuple[int, int, int]] = set()
         self._pool = None
         self.replays = 0
         self.captures = 0
 
-    def run(self, tokens, positions, slots, block_table, seq_lens):
+    def run(self, tokens, positions, slots, block_table, seq_lens, groups=None):
         """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies.
 
-        ``tokens``: int64 ``[B]`` on the host or the device; ``positions``: CPU int64 ``[B]``; ``slots``: the step's slot mapping on the device;
-        ``block_table``, ``seq_lens``: the block manager's CPU int32 tables."""
+        ``tokens``: int64 ``[B]`` on the host or the device; ``positions``: CPU int64 ``[B]``; ``slots``: the
+        step's slot mapping on the device; ``block_table``, ``seq_lens``: the block manager's CPU int32
+        tables; ``groups``: None for per-row attention, or the rows' beam groups as host lists
+        ``(group_starts, shared_lens, max_group_rows)`` for shared-prefix attention."""
         rows = bucket_for(len(tokens))
         if rows is None:
             return None
-        key = (rows, width_for(block_table.shape[1]))
+        key = (rows, width_for(block_table.shape[1]), groups_for(groups[2]) if groups is not None else 0)
         if key in self._failed:
             return None
         g = self._graphs.get(key)
         if g is None:
-            if self._pool is None:
+            if self._pool is None and self.pm.device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
             try:
-                g = _Captured(self.pm, rows, key[1], self._pool)
+                g = _Captured(self.pm, *key, self._pool)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager for this bucket
-                warnings.warn(f"CUDA graph capture failed for batch {rows}, width {key[1]} ({type(e).__name__}: {e}); "
-                              "that bucket runs eagerly", stacklevel=3)
+                warnings.warn(f"CUDA graph capture failed for batch {rows}, width {key[1]}, group rows {key[2]} "
+                              f"({type(e).__name__}: {e}); that bucket runs eagerly", stacklevel=3)
                 self._failed.add(key)
                 return None
             self._graphs[key] = g
             self.captures += 1
         self.replays += 1
-        return g.replay(tokens, positions, slots, block_table, seq_lens)
+        return g.replay(tokens, positions, slots, block_table, seq_lens,
+                        None if groups is None else groups[:2])

@@ -169,12 +169,12 @@ class PagedModel:
     backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
     cuda_graphs : replay decode steps (one new token per sequence) from CUDA graphs captured per
         batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where every step runs eagerly
-    shared_prefix : eager decode steps attend through ``shared_prefix_decode_attention``: the blocks that
+    shared_prefix : decode steps attend through ``shared_prefix_decode_attention``: the blocks that
         consecutive sequences share (beams forked from one prompt) are read once per group. ``True``
         whenever two rows share a block; ``None`` (default) where it was measured to pay: the plain-torch
         path (CPU) when the rows share at least ``SHARED_PREFIX_MIN_TOKENS`` tokens each on average
         (``benchmarks/RESULTS.md``); off on CUDA until measured there. Steps replayed from CUDA graphs
-        use per-sequence attention
+        take the groups as graph inputs (``ivg.cuda_graphs``)
     lean : eager forwards run through :mod:`ivg.lean_models` (the same submodules in the same order as
         transformers, bitwise the same logits, without its per-call work) where the family is supported:
         ``None`` (default) where it is, ``True`` to insist (ValueError otherwise), ``False`` for the
@@ -289,8 +289,9 @@ class PagedModel:
             positions = (torch.tensor(before) - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             decode = max(counts) == 1
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
+            groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             if self.graphs is not None and decode and not every_position:
-                logits = self.graphs.run(flat, positions, slots, table, lens)
+                logits = self.graphs.run(flat, positions, slots, table, lens, groups)
                 if logits is not None:
                     return logits
             on_host = flat.device.type == "cpu"  # ids from lists; a sampler's stay where they are
@@ -300,7 +301,7 @@ class PagedModel:
             batch = PagedBatch(
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
                 max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
-                groups=self._groups(table, lens) if decode and self.shared_prefix else None,
+                groups=None if groups is None else self._groups_on_device(groups),
                 reference=not decode and self._reference_attention(),
             )
             keep = None if every_position else (cu_d[1:] - 1).long()
@@ -321,9 +322,9 @@ class PagedModel:
         return resolve_backend(self.backend, kv, triton_dtypes=(torch.float32, torch.bfloat16, torch.float16)
                                ) == "reference"
 
-    def _groups(self, table, lens):
-        """``(group_starts, shared_lens, max_group_rows)`` of the rows, or None when no two rows share a
-        block (or, for ``shared_prefix=None``, when they share too little for it to pay)."""
+    def _group_lists(self, table, lens):
+        """``(group_starts, shared_lens, max_group_rows)`` of the rows as host lists, or None when no two
+        rows share a block (or, for ``shared_prefix=None``, when they share too little for it to pay)."""
         if self.shared_prefix == "auto" and int(lens.sum()) < SHARED_PREFIX_MIN_TOKENS * len(lens):
             return None  # the rows are too short to share that much
         starts, shared = prefix_groups(table.numpy(), lens.numpy(), self.blocks.block_size)
@@ -334,7 +335,10 @@ class PagedModel:
         if (self.shared_prefix == "auto"
                 and sum(s * n for s, n in zip(shared, sizes)) < SHARED_PREFIX_MIN_TOKENS * len(lens)):
             return None
-        dev = self.device
+        return list(starts), list(shared), most
+
+    def _groups_on_device(self, groups):
+        starts, shared, most = groups
         starts_d, shared_d = to_device_many([torch.tensor(starts, dtype=torch.int32),
-                                             torch.tensor(shared, dtype=torch.int32)], dev)
+                                             torch.tensor(shared, dtype=torch.int32)], self.device)
         return starts_d, shared_d, most
