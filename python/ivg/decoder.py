@@ -183,7 +183,8 @@ class IVGDecoder:
     def _paged_models(self, roles, num_blocks):
         """One KV cache per model and the paged models over them. The previous call's caches are kept
         (they stay allocated anyway, see ``kv_blocks_in_use``) and reused when every model's is large
-        enough and holds no sequence (sequence ids must agree across the group: all or none)."""
+        enough and holds no sequence (sequence ids must agree across the group: all or none); pools that
+        are too small are replaced by ones at least half as large again."""
         old = self._group.caches if self._group is not None else {}
         shapes = {}
         for name, model, _ in roles:
@@ -204,6 +205,9 @@ class IVGDecoder:
             for cache in caches.values():
                 cache.pool.bytes_copied = 0
         else:
+            if old and set(old) == set(shapes):  # the same models, a pool too small: grow it by half at least,
+                # so that calls whose needs creep up (one prompt at a time) reallocate, and recapture, rarely
+                num_blocks = max(num_blocks, 3 * max(c.pool.kv.shape[2] for c in old.values()) // 2)
             self._group = old = None  # let the previous pools go before allocating
             self._paged = {}  # and the paged models (and CUDA graphs) over them
             caches = {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype,

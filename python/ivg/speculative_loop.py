@@ -113,11 +113,11 @@ class SpeculativeLoop(DecodeLoop):
             self.stats.forwards += 1
             if logits is None:
                 logits = out.new_zeros(r, width, out.shape[1])
-            logits[to_device(torch.tensor(feed), self.device), k] = out
+            logits[self._rows_index(feed, r), k] = out
             feed = [i for i in feed if gam[i] > k]  # rows that draft position k
             if not feed:
                 break
-            idx = to_device(torch.tensor(feed), self.device)
+            idx = self._rows_index(feed, r)
             d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                              min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
                              uniforms=uniforms[idx, k])
@@ -125,22 +125,33 @@ class SpeculativeLoop(DecodeLoop):
             tokens = d.clamp(min=0)
         return drafts, {DRAFT_MODEL: logits}
 
+    def _rows_index(self, feed: list, r: int):
+        """An index of rows ``feed`` of ``r``: every row as a slice (no gather, no copy), else a device tensor."""
+        return slice(None) if len(feed) == r else to_device(torch.tensor(feed), self.device)
+
     def _verify(self, rows, gam, pending, drafts, logits) -> None:
         """Every other model reads the pending token and the drafts in one extend forward (the drafts
         straight from the device); adds its logits at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
         counts = [g + 1 for g in gam]
         names = [name for name in self.step_names if name != DRAFT_MODEL]
-        where = torch.tensor([[i, j] for i in range(r) for j in range(counts[i])]).T.contiguous()
-        # each read token's row and position in reading order, and each model's pending tokens: one copy
-        (row, pos), firsts = to_device_many([where, torch.tensor([pending[name] for name in names])], self.device)
+        full_width = all(c == width for c in counts)  # every row reads all positions: no gather, no scatter
+        if full_width:
+            firsts = to_device(torch.tensor([pending[name] for name in names]), self.device)
+        else:  # each read token's row and position in reading order, and each model's pending tokens: one copy
+            where = torch.tensor([[i, j] for i in range(r) for j in range(counts[i])]).T.contiguous()
+            (row, pos), firsts = to_device_many([where, torch.tensor([pending[name] for name in names])], self.device)
         for name, first in zip(names, firsts):
-            flat = torch.cat([first.unsqueeze(1), drafts], dim=1)[row, pos]
+            read = torch.cat([first.unsqueeze(1), drafts], dim=1)  # [R, S]
+            flat = read.flatten() if full_width else read[row, pos]
             out = self.paged[name]([b.slot for _, b in rows], flat, counts=counts, every_position=True)
             self.stats.forwards += 1
-            full = out.new_zeros(r, width, out.shape[1])
-            full[row, pos] = out
-            logits[name] = full
+            if full_width:
+                logits[name] = out.view(r, width, out.shape[1])
+            else:
+                full = out.new_zeros(r, width, out.shape[1])
+                full[row, pos] = out
+                logits[name] = full
 
     # -- update ----------------------------------------------------------------------------------
     def _update(self, rows, gam, out, drafts) -> list:
