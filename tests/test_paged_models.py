@@ -290,6 +290,28 @@ def test_cuda_graph_buckets_cover_the_default_batch_of_beams():
     assert bucket_for(64 * 16) == 1024 and bucket_for(1025) is None
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_logits_at_chosen_places(lean):
+    """``logits_at`` returns the logits after the new tokens at those places of the flat order: the rows
+    ``every_position`` gives there (the head runs only there); bad values are named."""
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["gpt2"])).eval().to(DEVICE)
+    pms = [PagedModel(model, num_blocks=32, block_size=4, lean=lean) for _ in range(2)]
+    seqs = {}
+    for pm in pms:
+        seqs[pm] = pm.blocks.new_sequences(3)
+        pm(seqs[pm], [[3, 4, 5], [6], [7, 8, 9, 10, 11]])
+    flat = torch.tensor([12, 13, 14, 15, 16, 17], device=DEVICE)
+    at = torch.tensor([5, 0, 2, 3], device=DEVICE)
+    every = pms[0](seqs[pms[0]], flat, counts=[2, 1, 3], every_position=True)
+    some = pms[1](seqs[pms[1]], flat, counts=[2, 1, 3], logits_at=at)
+    torch.testing.assert_close(some, every[at], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_at: give it or every_position"):
+        pms[1](seqs[pms[1]], flat[:3], logits_at=at, every_position=True)
+    with pytest.raises(ValueError, match="logits_at: expected a 1-D int64 tensor"):
+        pms[1](seqs[pms[1]], flat[:3], logits_at=at.int())
+    assert [pms[1].blocks.seq_len(s) for s in seqs[pms[1]]] == [5, 2, 8], "a refused call appended tokens"
+
+
 def test_padded_groups_cover_every_row():
     from ivg.cuda_graphs import groups_for, padded_groups
 

@@ -204,8 +204,8 @@ class DecodeLoop:
         """A lazy token RM scores the rows of the prompts at a chunk boundary or the length limit before
         the host reads the steps, so that one read brings their tokens and values together: each row
         feeds the tokens the RM has not read, those the host knows and then the unread draws straight
-        from the device, all but the last, in one ragged forward; the RM's Q at every unread draw goes
-        into that step's record. (Rows that finish by EOS elsewhere are scored after the read, by
+        from the device, all but the last, in one ragged forward whose head runs only where a draw is
+        predicted; the RM's Q at every unread draw goes into that step's record. (Rows that finish by EOS elsewhere are scored after the read, by
         ``score_lazy_rm``.)"""
         rows = [(i, req, b) for i, (req, b) in enumerate(self.rows) if self._at_boundary(req)]
         if not rows:
@@ -226,9 +226,9 @@ class DecodeLoop:
              torch.tensor(host, dtype=torch.long)], self.device)
         mine = drawn.index_select(0, sel)  # [R, S]
         src = torch.cat([mine.flatten(), host_d])
-        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, every_position=True)
+        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d)
         self.stats.forwards += 1
-        values = q[where_d, mine.flatten()].double().view(len(rows), steps)  # Q at each unread draw
+        values = q.gather(1, mine.view(-1, 1)).double().view(len(rows), steps)  # Q at each unread draw
         for p, record in enumerate(self.pending):
             record[sel, 4] = values[:, p]
         for (_, req, b), n in zip(rows, counts):

@@ -234,9 +234,10 @@ class PagedModel:
             self.model.set_attn_implementation(self._previous_attn)
 
     def forward(self, seq_ids: Sequence[int], tokens, *, counts: Sequence[int] | None = None,
-                every_position: bool = False) -> torch.Tensor:
+                every_position: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
-        (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``).
+        (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``; ``logits_at``: after
+        the new tokens at these places of that order, an int64 tensor on the model's device, ``[len, V]``).
 
         ``tokens``: one list of ids per sequence, or an int64 tensor of the ids of every sequence in
         order, on any device, with ``counts`` the number of ids of each (default one per sequence): a step
@@ -245,11 +246,17 @@ class PagedModel:
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
+        if logits_at is not None:
+            if every_position:
+                raise ValueError("logits_at: give it or every_position=True, not both")
+            if (not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 1 or logits_at.dtype != torch.long
+                    or logits_at.device != self.device):
+                raise ValueError(f"logits_at: expected a 1-D int64 tensor on {self.device}")
         if self.timer is None:
-            return self._forward(seq_ids, tokens, counts, every_position)
+            return self._forward(seq_ids, tokens, counts, every_position, logits_at)
         token = self.timer.begin(self.device)
         try:
-            return self._forward(seq_ids, tokens, counts, every_position)
+            return self._forward(seq_ids, tokens, counts, every_position, logits_at)
         finally:
             self.timer.end(self.device, token)
 
@@ -276,7 +283,7 @@ class PagedModel:
         return torch.tensor(ids, dtype=torch.long), counts
 
     @torch.inference_mode()
-    def _forward(self, seq_ids, tokens, counts, every_position):
+    def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         before = [self.blocks.seq_len(s) for s in seq_ids]
@@ -290,7 +297,7 @@ class PagedModel:
             decode = max(counts) == 1
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
-            if self.graphs is not None and decode and not every_position:
+            if self.graphs is not None and decode and not every_position and logits_at is None:
                 logits = self.graphs.run(flat, positions, slots, table, lens, groups)
                 if logits is not None:
                     return logits
@@ -304,7 +311,7 @@ class PagedModel:
                 groups=None if groups is None else self._groups_on_device(groups),
                 reference=not decode and self._reference_attention(),
             )
-            keep = None if every_position else (cu_d[1:] - 1).long()
+            keep = None if every_position else logits_at if logits_at is not None else (cu_d[1:] - 1).long()
             if self.lean is not None:
                 return self.lean(ids, pos, keep, batch)
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
