@@ -11,8 +11,7 @@
 #                 accelerate 0.23.0, sentence-transformers 3.0.1 (scorer.py imports it), GPUtil 1.4.0
 #                 (cbs.py imports it; built here, it has no wheel on PyPI). About 12 MB.
 # `bash benchmarks/gpu_suite.sh published` installs them into their own folder there and runs the
-# benchmark. FlashInfer is not fetched: flashinfer-python 0.7.4 is a 101 MB wheel, over the 64 MiB a
-# device call may carry.
+# benchmark. FlashInfer is fetched, trimmed, by benchmarks/fetch_flashinfer.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src="${1:?usage: $0 PUBLISHED_CHECKOUT}"

@@ -2,7 +2,7 @@
 # One-command GPU validation for a bare CUDA machine with no network (PyTorch, Triton and transformers
 # preinstalled; nothing is installed). Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|speculative|published|all]...   (default: all, about 10 minutes)
+#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|speculative|published|flashinfer|all]...   (default: all, about 10 minutes)
 #
 # Stages:
 #   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
@@ -13,6 +13,11 @@
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
 #   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
 #             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
+#   flashinfer  FlashInfer beside this project's sampler and paged attention: bench_sampling (the
+#             flashinfer providers at N 1, 16, 256 and V 151936, every warper setting) and bench_kv (its
+#             flashinfer, flashinfer-per-beam and flashinfer-cascade rows); FlashInfer compiles its
+#             kernels on first use (minutes). Needs .whl/flashinfer/ from benchmarks/fetch_flashinfer.sh,
+#             carried to the machine (not part of "all"; "bench" also uses it when it is there)
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
 #             64 prompts, bf16, modes ivg eft tokenrm cbs bon plain (PUBLISHED_MODES): several minutes, the
 #             published side one prompt at a time): needs .published/ and .whl/published/ from
@@ -74,7 +79,39 @@ run_sanitize() {
     fi
 }
 
+flashinfer_env() {
+    # FlashInfer from .whl/flashinfer/ (benchmarks/fetch_flashinfer.sh), unpacked once into its own folder
+    local dir=/tmp/ivg-flashinfer
+    ls .whl/flashinfer/flashinfer-*-trimmed.tar.xz >/dev/null 2>&1 || return 1
+    if [ ! -d "$dir/flashinfer" ]; then
+        mkdir -p "$dir" && tar -C "$dir" -xJf .whl/flashinfer/flashinfer-*-trimmed.tar.xz \
+            && "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$dir" .whl/flashinfer/*.whl \
+            || { echo "flashinfer: could not unpack .whl/flashinfer/"; return 1; }
+    fi
+    case ":${PYTHONPATH:-}:" in *":$dir:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$dir" ;; esac
+    "$PY" -c 'import flashinfer.sampling, flashinfer.decode, flashinfer.cascade; print("flashinfer", flashinfer.__version__)'
+}
+
+run_flashinfer() {
+    note "FlashInfer beside this project (its kernels compile on first use)"
+    if ! flashinfer_env; then
+        echo "flashinfer: .whl/flashinfer/ missing or unusable: run benchmarks/fetch_flashinfer.sh where there is" \
+             "network and carry .whl"
+        STATUS=1
+        return
+    fi
+    timeout "${FI_SAMPLING_TIMEOUT:-300}" "$PY" benchmarks/bench_sampling.py --n 1 16 256 --v 151936 \
+        --rows flat peaked --providers triton triton-graph flashinfer flashinfer-graph torch-composition empty-op \
+        --record 2>&1 | tee "$OUT/bench_flashinfer_sampling.log" | tail -40
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    timeout "${FI_KV_TIMEOUT:-240}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/bench_flashinfer_kv.log" \
+        | tail -30
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+}
+
 run_bench() {
+    flashinfer_env >/dev/null 2>&1 && echo "flashinfer: importable, its rows run too" || echo "flashinfer: not carried"
     note "bench_sampling"
     timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/bench_sampling.log" | tail -40 || STATUS=1
     note "bench_kv"
@@ -145,8 +182,9 @@ for STAGE in "$@"; do
         bench) run_bench ;;
         speculative) run_speculative ;;
         published) run_published ;;
+        flashinfer) run_flashinfer ;;
         all) run_build; run_tests; run_sanitize; run_bench ;;
-        *) echo "usage: $0 [build|tests|sanitize|check|bench|speculative|published|all]..." >&2; exit 2 ;;
+        *) echo "usage: $0 [build|tests|sanitize|check|bench|speculative|published|flashinfer|all]..." >&2; exit 2 ;;
     esac
 done
 note "done, status $STATUS"
