@@ -17,7 +17,7 @@
 # .decode, .prefill, .cascade and .page from the trimmed tree is checked here, with this machine's
 # Python; the JIT builds themselves can only be checked on the GPU machine.
 #
-# `bash benchmarks/gpu_suite.sh flashinfer` (and `bench`) unpack it into a folder of their own there.
+# `bash benchmarks/gpu_suite.sh flashinfer` unpacks it into a folder of its own there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${FLASHINFER_VERSION:-0.7.4}"

@@ -17,7 +17,7 @@
 #             flashinfer providers at N 1, 16, 256 and V 151936, every warper setting) and bench_kv (its
 #             flashinfer, flashinfer-per-beam and flashinfer-cascade rows); FlashInfer compiles its
 #             kernels on first use (minutes). Needs .whl/flashinfer/ from benchmarks/fetch_flashinfer.sh,
-#             carried to the machine (not part of "all"; "bench" also uses it when it is there)
+#             carried to the machine (not part of "all": its first-use builds would eat the bench timeouts)
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
 #             64 prompts, bf16, modes ivg eft tokenrm cbs bon plain (PUBLISHED_MODES): several minutes, the
 #             published side one prompt at a time): needs .published/ and .whl/published/ from
@@ -111,7 +111,6 @@ run_flashinfer() {
 }
 
 run_bench() {
-    flashinfer_env >/dev/null 2>&1 && echo "flashinfer: importable, its rows run too" || echo "flashinfer: not carried"
     note "bench_sampling"
     timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/bench_sampling.log" | tail -40 || STATUS=1
     note "bench_kv"
