@@ -72,6 +72,19 @@ def test_philox_matches_an_integer_oracle_on_broadcast_tensors():
             assert tuple(int(w[r, j]) for w in out) == want, (r, j)
 
 
+def test_a_vocabulary_range_and_scattered_ids_give_the_same_words():
+    """The one-call-per-4-tokens path (a range from a multiple of 4, on the CPU) and the per-token path
+    (any ids; the only one on a GPU) read the same words."""
+    from ivg_kernels.reference.philox import philox_words
+
+    seed, offset = torch.tensor([5, -9]), torch.tensor([3, 1 << 40])
+    ids = torch.arange(8, 8 + 37)
+    rng = philox_words(seed, offset, ids)  # [2, 37]
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(0))
+    scattered = philox_words(seed, offset, ids[perm].expand(2, -1).contiguous())
+    assert torch.equal(scattered, rng[:, perm])
+
+
 def test_uniform_is_open_interval_and_roughly_uniform():
     seed = torch.arange(4)
     u = philox_uniform(seed, seed * 7, torch.arange(50_000))

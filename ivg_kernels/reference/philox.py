@@ -51,11 +51,13 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*[torch.as_tensor(x, dtype=torch.int64) for x in
                                                         (c0, c1, c2, c3, k0, k1)])
     dev = c0.device
-    shape = (2,) + (1,) * c0.dim()
-    mult = torch.tensor([PHILOX_ROUND_B, PHILOX_ROUND_A], dtype=torch.int64, device=dev).view(shape)
-    step = torch.tensor([PHILOX_KEY_A, PHILOX_KEY_B], dtype=torch.int64, device=dev).view(shape)
-    r = torch.arange(rounds, dtype=torch.int64, device=dev).view(-1, *[1] * len(shape))
-    keys = (torch.stack([k0, k1]) + r * step) & _MASK32  # [rounds, 2, ...]: (k0, k1) of every round
+    # The constants are filled in place, not copied from the host: on a GPU a copy from pageable host
+    # memory would wait for the stream (a speculative round draws its uniforms here).
+    mult = torch.empty((2,) + (1,) * c0.dim(), dtype=torch.int64, device=dev)
+    mult[0].fill_(PHILOX_ROUND_B)
+    mult[1].fill_(PHILOX_ROUND_A)
+    r = torch.arange(rounds, dtype=torch.int64, device=dev).view(-1, *[1] * c0.dim())
+    keys = torch.stack([(k0 + r * PHILOX_KEY_A) & _MASK32, (k1 + r * PHILOX_KEY_B) & _MASK32], dim=1)  # [rounds, 2, ...]
     x = torch.stack([c2, c0])  # the words multiplied
     y = torch.stack([c1, c3])  # the words xored in
     for i in range(rounds):
@@ -83,7 +85,10 @@ def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tens
     c1 = offset & _MASK32
     c2 = (offset >> 32) & _MASK32
     m = token_ids.shape[1]
-    contiguous_range = token_ids.shape[0] == 1 and m > 0 and bool(
+    # One Philox call per 4 tokens when the ids are a range from a multiple of 4 (a row's vocabulary),
+    # checked on the CPU only: on a GPU the check would wait for the device, and the other path gives
+    # the same words.
+    contiguous_range = token_ids.device.type == "cpu" and token_ids.shape[0] == 1 and m > 0 and bool(
         (token_ids[0, 0] % 4 == 0) and torch.equal(token_ids[0], token_ids[0, 0] + torch.arange(m, device=token_ids.device))
     )
     if contiguous_range:  # one Philox call per 4 consecutive tokens
