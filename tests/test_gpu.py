@@ -130,6 +130,36 @@ def test_decoder_graphs_with_beam_groups_match_eager_per_row_attention():
     assert same == len(eager)
 
 
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_decoder_waits_for_the_device_only_when_it_reads(speculate):
+    """No step synchronises with the device except the host's reads (torch's sync debug mode counts
+    every synchronising call): a search without EOS reads once per chunk boundary (the lazy token RM's
+    values with the tokens), a speculative round once. Counted on a second call, whose graphs exist."""
+    import warnings
+
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _cuda_models(torch.float32)
+    dec = IVGDecoder(models, read_every=64)
+    opts = DecodeOptions(mode="ivg", width=2, successors=3, chunk_len=4, max_new_tokens=14, seed=3,
+                         eos_token_ids=(), speculate=speculate)
+    prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    dec.generate(prompts, opts)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            dec.generate(prompts, opts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    reads = dec.last_stats.host_reads
+    assert speculate or reads == 4, reads  # t = 4, 8, 12, 14
+    assert len(syncs) <= reads + 4, (len(syncs), reads, [str(w.message)[:120] for w in syncs[:6]])
+
+
 def test_decoder_keeps_its_cuda_graphs_from_call_to_call():
     """One prompt at a time (the latency regime): the second call replays the graphs the first one
     captured (its pools fit), and draws the same tokens as a fresh decoder."""
