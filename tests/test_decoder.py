@@ -288,6 +288,10 @@ def test_decode_steps_over_graph_buffers_change_nothing(models, monkeypatch, sha
     keys = [key for pm in dec._paged.values() for key in pm.graphs._graphs]
     assert keys and all(pm.graphs.replays for n, pm in dec._paged.items() if n != "rm")  # the RM only extends
     assert any(k[2] for k in keys) == shared_prefix, keys
+    # A second call keeps the paged models and their graphs (no new capture) and gives the same results.
+    captures = {n: pm.graphs.captures for n, pm in dec._paged.items()}
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    assert {n: pm.graphs.captures for n, pm in dec._paged.items()} == captures
 
 
 def test_run_stats_split_the_wall_time_at_the_forwards(models):

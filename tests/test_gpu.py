@@ -161,12 +161,12 @@ def test_decoder_waits_for_the_device_only_when_it_reads(speculate):
 
 
 def test_decoder_keeps_its_cuda_graphs_from_call_to_call():
-    """One prompt at a time (the latency regime): the second call replays the graphs the first one
-    captured (its pools fit), and draws the same tokens as a fresh decoder."""
+    """A second call (the latency regime calls once per prompt) replays the graphs the first one captured
+    (its pools fit), and draws the same tokens."""
     models = _cuda_models(torch.float32)
     dec, first = _decode(models, "ivg", cuda_graphs=True)
     captures = {n: pm.graphs.captures for n, pm in dec._paged.items()}
-    assert all(captures.values()), captures
+    assert all(c for n, c in captures.items() if n != "rm"), captures  # the lazy token RM only extends
     opts_prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
     from ivg.options import DecodeOptions
 
