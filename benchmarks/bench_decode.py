@@ -22,7 +22,9 @@ the host's reads of the device per step (``RunStats.host_reads``; no EOS here, s
 chunk boundaries and a token-wise mode once on a GPU; every step on the CPU).
 
 ``--prompt-len N``: every prompt has N tokens; the paged decoder also runs with the shared-prefix
-attention forced off (``paged-per-beam``) and on (``paged-shared``, eager steps), beside its default.
+attention forced off (``paged-per-beam``) and on (``paged-shared``), eager, beside its default, and on
+a GPU from CUDA graphs too (``paged-graphs-per-beam``, ``paged-graphs-shared``: the groups are graph
+inputs), the issue's end-to-end comparison.
 """
 from __future__ import annotations
 
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
                          ("paged-shared", IVGDecoder(models, cuda_graphs=False, shared_prefix=True))]
         if gpu:
             decoders.append(("paged-graphs", IVGDecoder(models, cuda_graphs=True)))
+            if args.prompt_len:  # the decoder's GPU default (graphs) with beam groups off and on
+                decoders += [("paged-graphs-per-beam", IVGDecoder(models, cuda_graphs=True, shared_prefix=False)),
+                             ("paged-graphs-shared", IVGDecoder(models, cuda_graphs=True, shared_prefix=True))]
         if not args.skip_naive:
             decoders.append(("naive", NaiveDecoder(models, backend="auto")))
         for name, dec in decoders:
