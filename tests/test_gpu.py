@@ -119,11 +119,11 @@ def test_decoder_with_cuda_graphs_matches_eager():
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
 
 
-def test_decoder_graphs_with_beam_groups_match_eager_per_row_attention():
+def test_decoder_graphs_with_beam_groups_match_eager():
     """Shared-prefix attention inside the CUDA graphs (the groups are graph inputs, padded to the
-    bucket): the tokens of eager per-row attention."""
+    bucket): the tokens of the same attention run eagerly."""
     models = _cuda_models(torch.float32)
-    _, eager = _decode(models, "ivg", cuda_graphs=False, shared_prefix=False, block_size=4)
+    _, eager = _decode(models, "ivg", cuda_graphs=False, shared_prefix=True, block_size=4)
     dec, grouped = _decode(models, "ivg", cuda_graphs=True, shared_prefix=True, block_size=4)
     assert any(key[2] for pm in dec._paged.values() for key in pm.graphs._graphs), "no graph with beam groups"
     same = sum(a.beams[0].tokens == b.beams[0].tokens for a, b in zip(eager, grouped))
