@@ -250,6 +250,9 @@ def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
     # Modules the lean forward would not call as modules: hooks (accelerate's offloading loads weights in
     # one), or a projection replaced by a wrapper or subclass whose forward may differ.
     gpt2 = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["gpt2"])).eval()
+    with torch.no_grad():  # transformers installs its (inert) output-capturing hooks: still lean
+        gpt2(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in gpt2.modules()), "precondition: hooks installed"
     assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is not None
     handle = gpt2.transformer.h[1].mlp.c_fc.register_forward_pre_hook(lambda m, args: None)
     assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is None

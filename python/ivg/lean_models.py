@@ -63,13 +63,25 @@ def lean_forward(model, attend):
     return None
 
 
+# transformers' own hooks, installed on a model's blocks the first time it is asked for hidden states or
+# attentions: they only record outputs while a capture is open, so they change no forward.
+_INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def _foreign(hooks) -> bool:
+    return any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values())
+
+
 def _hooked(model) -> bool:
-    """Any module of ``model`` with forward hooks (or accelerate's ``_hf_hook``), or global module hooks."""
+    """Any module of ``model`` with forward hooks other than transformers' output capturing (or with
+    accelerate's ``_hf_hook``), or global module hooks."""
     from torch.nn.modules import module as torch_module
 
-    if any(getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+    if any(_foreign(getattr(torch_module, name, {})) for name in ("_global_forward_hooks",
+                                                                   "_global_forward_pre_hooks")):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
+    return any(_foreign(m._forward_hooks) or _foreign(m._forward_pre_hooks) or hasattr(m, "_hf_hook")
+               for m in model.modules())
 
 
 def _exactly(module, cls_name: str, module_name: str) -> bool:
