@@ -294,6 +294,29 @@ def test_decode_steps_over_graph_buffers_change_nothing(models, monkeypatch, sha
     assert {n: pm.graphs.captures for n, pm in dec._paged.items()} == captures
 
 
+def test_a_pool_that_cannot_grow_by_half_gets_what_the_call_needs(models, monkeypatch):
+    """Growing a too-small pool by half is headroom, not a need: when that much memory is not free the
+    decoder allocates what the call needs, with the same results."""
+    import ivg.decoder as decoder_module
+
+    dec = IVGDecoder(models)
+    dec.generate(PROMPTS, _opts("ivg", max_new_tokens=14))
+    small = dec._group.caches["base"].pool.kv.shape[2]
+    real, sizes = decoder_module.KVCache, []
+
+    def tight(*args, num_blocks, **kwargs):
+        sizes.append(num_blocks)
+        if num_blocks >= 3 * small // 2 and len(sizes) == 1:  # the first, grown, allocation fails
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, num_blocks=num_blocks, **kwargs)
+
+    monkeypatch.setattr(decoder_module, "KVCache", tight)
+    got = dec.generate(PROMPTS, _opts("ivg", max_new_tokens=18))  # a little more than the pools hold
+    assert sizes[0] >= 3 * small // 2 and small < sizes[1] < sizes[0], sizes
+    _same(got, IVGDecoder(models).generate(PROMPTS, _opts("ivg", max_new_tokens=18)))
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
 def test_run_stats_split_the_wall_time_at_the_forwards(models):
     dec = IVGDecoder(models)
     dec.generate(PROMPTS, _opts("ivg"))

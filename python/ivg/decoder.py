@@ -184,7 +184,8 @@ class IVGDecoder:
         """One KV cache per model and the paged models over them. The previous call's caches are kept
         (they stay allocated anyway, see ``kv_blocks_in_use``) and reused when every model's is large
         enough and holds no sequence (sequence ids must agree across the group: all or none); pools that
-        are too small are replaced by ones at least half as large again."""
+        are too small are replaced by ones at least half as large again, or, where that much memory is
+        not free, by ones of what the call needs."""
         old = self._group.caches if self._group is not None else {}
         shapes = {}
         for name, model, _ in roles:
@@ -205,13 +206,18 @@ class IVGDecoder:
             for cache in caches.values():
                 cache.pool.bytes_copied = 0
         else:
+            grown = num_blocks
             if old and set(old) == set(shapes):  # the same models, a pool too small: grow it by half at least,
                 # so that calls whose needs creep up (one prompt at a time) reallocate, and recapture, rarely
-                num_blocks = max(num_blocks, 3 * max(c.pool.kv.shape[2] for c in old.values()) // 2)
+                grown = max(num_blocks, 3 * max(c.pool.kv.shape[2] for c in old.values()) // 2)
             self._group = old = None  # let the previous pools go before allocating
             self._paged = {}  # and the paged models (and CUDA graphs) over them
-            caches = {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype,
-                                    device=device) for name, (shape, dtype, device) in shapes.items()}
+            try:
+                caches = self._new_caches(shapes, grown)
+            except torch.OutOfMemoryError:
+                if grown == num_blocks:
+                    raise
+                caches = self._new_caches(shapes, num_blocks)  # the headroom does not fit: what this call needs
         paged = {}
         group = KVCacheGroup(caches)
         for name, model, _ in roles:
@@ -224,6 +230,10 @@ class IVGDecoder:
             paged[name] = pm
         self._paged = paged
         return group, paged
+
+    def _new_caches(self, shapes: dict, num_blocks: int) -> dict:
+        return {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype, device=device)
+                for name, (shape, dtype, device) in shapes.items()}
 
     @torch.inference_mode()
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
