@@ -173,7 +173,7 @@ def _prefill_group(out, q, k_cache, v_cache, g: PrefillGroup, scale):
     k, v = _gather(k_cache, g.table, g.l_max), _gather(v_cache, g.table, g.l_max)  # [n, l_max, Hkv, D]
     n, m_max = g.allowed.shape[:2]
     if g.rows is None:  # no padding: the group's rows of q, in order
-        qp = q[g.first:g.last].view(n, m_max, q.shape[1], q.shape[2])
+        qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
         out[g.first:g.last] = _attend(qp, k, v, g.allowed, scale).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
         return
     qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
