@@ -12,7 +12,9 @@ demo's 2-layer guide on one CPU thread: 1.05 ms through transformers, 0.71 ms he
 The projections (GPT-2's ``Conv1D``, the Llama family's ``nn.Linear``) are applied as their forwards
 apply them (``torch.addmm(bias, x, weight)``, ``F.linear(x, weight, bias)``) without the module call,
 which on a tiny model costs as much as the product. So a model with hooks on its modules (accelerate's
-offloading, for example, loads weights in a pre-forward hook) runs through transformers instead.
+offloading, for example, loads weights in a pre-forward hook) or with other projection classes
+(quantized or adapter-wrapped layers) runs through transformers instead; transformers' own
+output-capturing hooks change no forward and do not count.
 
 Supported: GPT-2 (``GPT2LMHeadModel``; default attention settings) and the Llama family
 (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``), as causal LMs or as the body of
