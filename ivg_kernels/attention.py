@@ -25,6 +25,12 @@ def _fail(name, value, expected):
     raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
+def attention_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The backend the attention ops (and ``write_kv``) run for ``backend`` on tensors like ``tensor``
+    (``"reference"`` or ``"triton"``), or the ValueError they would raise."""
+    return resolve_backend(backend, tensor, triton_dtypes=_TRITON_DTYPES)
+
+
 def _check_cache(k_cache, v_cache):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
@@ -101,7 +107,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     if value.shape[0] != key.shape[0]:
         _fail("value", value, f"{key.shape[0]} tokens, like key")
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
-    if resolve_backend(backend, k_cache, triton_dtypes=_TRITON_DTYPES) == "reference":
+    if attention_backend(backend, k_cache) == "reference":
         return ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
     _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
 
@@ -129,7 +135,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
     _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
     scale, window = _check_scale_window(scale, sliding_window)
-    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
+    if attention_backend(backend, q) == "reference":
         return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
                                               sliding_window=sliding_window)
     return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale, window,
@@ -171,7 +177,7 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     if isinstance(max_group_rows, bool) or not isinstance(max_group_rows, numbers.Integral) or max_group_rows < 0:
         _fail("max_group_rows", max_group_rows, "a non-negative int")
     scale, window = _check_scale_window(scale, sliding_window)
-    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
+    if attention_backend(backend, q) == "reference":
         starts = group_starts.tolist()
         most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         if most > max_group_rows:
@@ -210,7 +216,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     scale, window = _check_scale_window(scale, sliding_window)
     if plan is not None and not isinstance(plan, ref.PrefillPlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
-    if resolve_backend(backend, q, triton_dtypes=_TRITON_DTYPES) == "reference":
+    if attention_backend(backend, q) == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                                scale=scale, sliding_window=sliding_window, plan=plan)
     return _triton("paged_prefill_attention", q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,

@@ -36,20 +36,22 @@ def bucket_for(n: int) -> int | None:
     return None
 
 
+def _power_of_two(n: int, least: int) -> int:
+    """The smallest power of two >= ``n`` and >= ``least`` (a power of two)."""
+    p = least
+    while p < n:
+        p *= 2
+    return p
+
+
 def width_for(blocks: int) -> int:
     """Block-table width of the graph for sequences of up to ``blocks`` blocks: a power of two >= 4."""
-    w = 4
-    while w < blocks:
-        w *= 2
-    return w
+    return _power_of_two(blocks, 4)
 
 
 def groups_for(most: int) -> int:
     """Rows per group a graph with beam groups is captured for: a power of two >= ``most`` (and >= 2)."""
-    g = 2
-    while g < most:
-        g *= 2
-    return g
+    return _power_of_two(most, 2)
 
 
 def padded_groups(starts: list, shared: list, n: int, rows: int) -> tuple[list, list]:

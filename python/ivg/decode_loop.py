@@ -140,11 +140,7 @@ class DecodeLoop:
         NaN flag on the device; advance every prompt's step. When the host must see them now
         (:meth:`must_read`), read every step not read yet in one copy and append the tokens, add the
         values and set the finished flags row by row, as if read every step. Returns whether it read."""
-        lp = sample.input_logprobs.double()
-        implicit = torch.zeros(len(self.rows), dtype=torch.float64, device=lp.device)
-        for k, (_, beta) in enumerate(self.guides):
-            implicit += beta * (lp[:, 1 + 2 * k] - lp[:, 2 + 2 * k])
-        explicit = sample.input_logits[:, -1].double() if "rm" in self.cur else torch.full_like(implicit, torch.nan)
+        implicit, explicit = self.values(sample.input_logprobs, sample.input_logits)
         self.pending.append(torch.stack([sample.ok.double(), sample.tokens.double(), sample.logprob.double(),
                                          implicit, explicit], dim=1))
         self.drawn = sample.tokens.clamp(min=0)  # a flagged row's -1 is reported by the read, not fed
@@ -157,22 +153,33 @@ class DecodeLoop:
         self.read()
         return True
 
+    def values(self, input_logprobs, input_logits):
+        """Each drawn token's implicit value (sum of beta * (log pi_tune - log pi_ref)) and explicit value
+        (the token RM's raw value when it is a sampler input, else NaN), float64, from the sampler's
+        per-input outputs ``[..., 1 + G]`` (inputs: base, the guide pairs, then the token RM)."""
+        lp = input_logprobs.double()
+        implicit = torch.zeros(lp.shape[:-1], dtype=torch.float64, device=lp.device)
+        for k, (_, beta) in enumerate(self.guides):
+            implicit += beta * (lp[..., 1 + 2 * k] - lp[..., 2 + 2 * k])
+        rm_input = "rm" in self.step_names  # a token RM run every step is the sampler's last input
+        return implicit, input_logits[..., -1].double() if rm_input else torch.full_like(implicit, torch.nan)
+
     def must_read(self) -> bool:
         """The host needs the drawn tokens now: every step with stop strings or ``read_every`` 1, at a
         chunk boundary or the length limit of some prompt, or after ``read_every`` unread steps when an
         EOS token may have ended rows."""
-        opts = self.opts
-        if self.read_every <= 1 or self.stopper.stop:
-            return True
-        if any(self._at_boundary(req) for req in self.active):
+        if self.read_every <= 1 or self.stopper.stop or any(self._at_boundary(req) for req in self.active):
             return True
         return bool(self.stopper.eos) and len(self.pending) >= self.read_every
 
+    def _at_chunk_boundary(self, req) -> bool:
+        """``req`` is at a chunk boundary of a search (known before any read)."""
+        chunk = self.opts.chunk_len
+        return self.search and chunk is not None and (req.t - req.chunk_start) % chunk == 0
+
     def _at_boundary(self, req) -> bool:
         """``req`` is at a chunk boundary of a search or at the length limit (known before any read)."""
-        opts = self.opts
-        return req.t == opts.max_new_tokens or (self.search and opts.chunk_len is not None
-                                                and (req.t - req.chunk_start) % opts.chunk_len == 0)
+        return req.t == self.opts.max_new_tokens or self._at_chunk_boundary(req)
 
     def read(self) -> None:
         """One device-to-host copy of the steps not read yet; each row takes them in order until it
@@ -180,7 +187,7 @@ class DecodeLoop:
         steps = torch.stack(self.pending).tolist()  # [S, rows, 5]
         self.pending = []
         self.stats.host_reads += 1
-        has_rm, limit = "rm" in self.cur, self.opts.max_new_tokens
+        limit = self.opts.max_new_tokens
         bad = []
         for i, (_, b) in enumerate(self.rows):
             for step in steps:
@@ -191,7 +198,7 @@ class DecodeLoop:
                 b.tokens.append(int(tok))
                 b.logprob += logprob
                 b.implicit += imp
-                if has_rm or exp == exp:  # a lazy token RM's value where score_rm_before_read gave one
+                if exp == exp:  # the token RM's Q: every step when it guides; a lazy one's at its scoring
                     b.explicit = exp
                 self.stats.new_tokens += 1
                 if self.stopper.finished(b.tokens) or len(b.tokens) == limit:
@@ -289,10 +296,7 @@ class DecodeLoop:
 
     def _ranks_now(self, req) -> bool:
         """At a chunk boundary of a search, or with no unfinished candidate left."""
-        if all(b.finished for b in req.cands):
-            return True
-        at_chunk = self.opts.chunk_len is not None and (req.t - req.chunk_start) % self.opts.chunk_len == 0
-        return self.search and at_chunk
+        return all(b.finished for b in req.cands) or self._at_chunk_boundary(req)
 
     def score_lazy_rm(self, pairs) -> None:
         """Bring the lazy token RM up to date for ``(request, beam)`` pairs: each beam holding blocks feeds

@@ -18,9 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
-                                  write_kv)
-from ivg_kernels._backend import resolve_backend
+from ivg_kernels.attention import (attention_backend, paged_decode_attention, paged_prefill_attention,
+                                  shared_prefix_decode_attention, write_kv)
 from ivg_kernels._transfer import to_device_many
 from ivg_kernels.reference.attention import prefill_plan
 from ivg_kernels.block_manager import prefix_groups
@@ -309,7 +308,7 @@ class PagedModel:
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
                 max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
                 groups=None if groups is None else self._groups_on_device(groups),
-                reference=not decode and self._reference_attention(),
+                reference=not decode and attention_backend(self.backend, self.cache.pool.kv) == "reference",
             )
             keep = None if every_position else logits_at if logits_at is not None else (cu_d[1:] - 1).long()
             if self.lean is not None:
@@ -322,12 +321,6 @@ class PagedModel:
             raise
 
     __call__ = forward
-
-    def _reference_attention(self) -> bool:
-        """The attention of this model's forwards runs the plain-torch reference."""
-        kv = self.cache.pool.kv
-        return resolve_backend(self.backend, kv, triton_dtypes=(torch.float32, torch.bfloat16, torch.float16)
-                               ) == "reference"
 
     def _group_lists(self, table, lens):
         """``(group_starts, shared_lens, max_group_rows)`` of the rows as host lists, or None when no two

@@ -157,12 +157,8 @@ class SpeculativeLoop(DecodeLoop):
     def _update(self, rows, gam, out, drafts) -> list:
         """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
         per row, how many tokens it took. The round's one read of the device."""
-        lp = out.input_logprobs.double()
-        implicit = torch.zeros(lp.shape[:2], dtype=torch.float64, device=lp.device)
-        for k, (_, beta) in enumerate(self.guides):
-            implicit += beta * (lp[..., 1 + 2 * k] - lp[..., 2 + 2 * k])
+        implicit, explicit = self.values(out.input_logprobs, out.input_logits)
         scored = "rm" in self.step_names
-        explicit = out.input_logits[..., -1].double() if scored else torch.full_like(implicit, float("nan"))
         per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
         flags = torch.stack([out.ok.double(), out.num_accepted.double(), (drafts < 0).any(dim=1).double()], dim=1)
         host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # [R, 3 + 4 S]: the round's one read
