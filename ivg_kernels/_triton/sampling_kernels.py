@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..reference import portable as _p
+from ..reference.sampling import DRAW_COUNTER, GRANULE
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -43,8 +44,10 @@ _L3 = tl.constexpr(_p.LOG_L3)
 _L4 = tl.constexpr(_p.LOG_L4)
 _LOG2E = tl.constexpr(_p.LOG2E)
 _E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (tl.constexpr(c) for c in _p.EXP2_C)
-_MASS_SHIFT = tl.constexpr(_p.MASS_BITS - 23)
+_MASS_BITS = tl.constexpr(_p.MASS_BITS)
 _FLT_MIN = tl.constexpr(_p.FLT_MIN)
+_DRAW_COUNTER = tl.constexpr(DRAW_COUNTER)
+_TWO_M40 = tl.constexpr(2.0 ** -40)
 _TAIL_ZERO = tl.constexpr(-30.0)  # x - max x below this has mass_int 0 (exp(-30) * 2**40 < 1)
 
 
@@ -99,12 +102,17 @@ def _mass_int(d):
     t = tl.where(t >= -64.0, t, -64.0)
     n = tl.floor(t)
     r = t - n
-    q = 1.0 + r * (_E0 + r * (_E1 + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7)))))))
-    big_q = (q * 8388608.0).to(tl.int64)
-    shift = n.to(tl.int64) + _MASS_SHIFT
-    left = big_q << tl.maximum(shift, 0)
-    right = big_q >> tl.minimum(tl.maximum(-shift, 0), 63)
-    return tl.where(shift >= 0, left, right)
+    q = r * _E7
+    q = (q + _E6) * r
+    q = (q + _E5) * r
+    q = (q + _E4) * r
+    q = (q + _E3) * r
+    q = (q + _E2) * r
+    q = (q + _E1) * r
+    q = (q + _E0) * r
+    q = q + 1.0
+    scale = ((n.to(tl.int32) + (_MASS_BITS + 127)) << 23).to(tl.float32, bitcast=True)  # 2**(n + 40)
+    return tl.floor(q * scale).to(tl.int64)
 
 
 @triton.jit
@@ -204,42 +212,44 @@ def _scaled(z, t, sampling):
     return tl.where(sampling, tl.div_rn(z, tl.where(sampling, t, 1.0)), z)
 
 
-@triton.jit(do_not_specialize=["t_val", "seed_val", "off_val"])
-def _stage1_kernel(
-    inputs, strides, w_vals, w_ptr, w_stride,
-    t_ptr, t_val, seed_ptr, seed_val, off_ptr, off_val,
-    part_f, part_i, part_cand,
-    V, S,
-    NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
-    SEED_TENSOR: tl.constexpr, OFF_TENSOR: tl.constexpr,
-    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One slice of one row: per-input stats, combined stats, Gumbel winner, top-C candidates.
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
-    ``part_f[part]`` = (max_0..max_NIN, sumexp_0..sumexp_NIN, best sum, its error),
-    ``part_i[part]`` = (winner id, bad-value count, C-th candidate key)."""
+
+@triton.jit(do_not_specialize=["t_val"])
+def _stage1_kernel(
+    inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val,
+    part_f, part_i, part_g, part_m, part_cand,
+    V, S, NG,
+    NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
+    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, GR: tl.constexpr,
+):
+    """One slice of one row, read once: per-input stats, the granules' max and integer mass, top-C candidates.
+
+    ``part_f[part]`` = (max_0..max_G, sumexp_0..sumexp_G, max x), ``part_i[part]`` = (first index of
+    max x, C-th candidate key); ``part_g``/``part_m`` [row * NG + granule] = the granule's max x and
+    sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
     start = sl * BLOCK
-    cols = start + tl.arange(0, BLOCK)
+    NGB: tl.constexpr = BLOCK // GR  # granules in the slice
+    cols = start + tl.arange(0, NGB)[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR]
     mask = cols < V
     part = row * S + sl
-    WF: tl.constexpr = 2 * (NIN + 1) + 2
+    WF: tl.constexpr = 2 * NIN + 1
     NEG_INF: tl.constexpr = float("-inf")
-    POS_INF: tl.constexpr = float("inf")
+    LOG2E: tl.constexpr = 1.4426950408889634
 
     # The only read of the inputs: per-input stats and the combined score from the same registers.
-    nbad = tl.zeros([], tl.int32)
-    z = tl.zeros([BLOCK], tl.float32)
+    z = tl.zeros([NGB, GR], tl.float32)
     for i in tl.static_range(NIN):
-        v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=0.0).to(tl.float32)
-        nbad += tl.sum(((v != v) | (v == POS_INF)) & mask, 0)
-        vm = tl.where(mask, v, NEG_INF)
-        m = tl.max(vm, 0)
+        v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        m = tl.reduce(tl.reduce(v, 1, _max_nan), 0, _max_nan)
         m_safe = tl.where(m == NEG_INF, 0.0, m)
         tl.store(part_f + part * WF + i, m)
-        tl.store(part_f + part * WF + (NIN + 1) + i, tl.sum(tl.exp(vm - m_safe), 0))
+        tl.store(part_f + part * WF + NIN + i, tl.sum(tl.sum(tl.math.exp2(tl.fma(v, LOG2E, -m_safe * LOG2E)), 1), 0))
         if i == 0:
             z = v
         else:
@@ -247,44 +257,64 @@ def _stage1_kernel(
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     sampling = t > 0
-    x = _scaled(z, t, sampling)
-    nbad += tl.sum(((x != x) | (x == POS_INF)) & mask, 0)
-    x = tl.where(mask, x, NEG_INF)
-    mx = tl.max(x, 0)
-    mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
-    tl.store(part_f + part * WF + NIN, mx)
-    tl.store(part_f + part * WF + (NIN + 1) + NIN, tl.sum(tl.exp(x - mx_safe), 0))
-    tl.store(part_i + part * 3 + 1, nbad)
-
-    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
-    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
-    g = tl.where(sampling, _gumbel_tile(seed, offset, start, BLOCK), 0.0)
-    y, err = _noisy(x, g, mask)
-    best, best_e, bidx = _argmax_exact(y, err, cols, mask)
-    tl.store(part_f + part * WF + 2 * (NIN + 1), best)
-    tl.store(part_f + part * WF + 2 * (NIN + 1) + 1, best_e)
-    tl.store(part_i + part * 3, bidx)
+    x = tl.where(mask, _scaled(z, t, sampling), NEG_INF)
+    a = tl.reduce(x, 1, _max_nan)  # [NGB] the granules' max
+    amax = tl.reduce(a, 0, _max_nan)
+    tl.store(part_f + part * WF + 2 * NIN, amax)
+    g_idx = sl * NGB + tl.arange(0, NGB)
+    g_mask = g_idx < NG
+    tl.store(part_g + row * NG + g_idx, a, mask=g_mask)
+    if sampling:
+        live = a > NEG_INF
+        mass = _mass_int(tl.where(live[:, None], x - a[:, None], NEG_INF))
+        tl.store(part_m + row * NG + g_idx, tl.sum(mass, 1), mask=g_mask)
+    else:
+        tl.store(part_i + part * 2, tl.min(tl.min(tl.where(x == amax, cols, INT32_MAX), 1), 0))
 
     if FILTER:
-        key = (_float_key(x).to(tl.int64) << 32) | ((0 - cols) + INT32_MAX).to(tl.int64)  # ties: lower id first
+        xf = tl.reshape(x, [BLOCK])
+        cf = tl.reshape(cols, [BLOCK])
+        key = (_float_key(xf).to(tl.int64) << 32) | ((0 - cf) + INT32_MAX).to(tl.int64)  # ties: lower id first
         top = tl.topk(key, C)  # [C], descending
         tl.store(part_cand + part * C + tl.arange(0, C), top)
         n_valid = tl.minimum(V - start, BLOCK)
         smallest = tl.min(top, 0)
         cut = tl.where(n_valid > C, (smallest >> 32).to(tl.int32), INT32_MIN)
-        tl.store(part_i + part * 3 + 2, cut)
+        tl.store(part_i + part * 2 + 1, cut)
 
 
 @triton.jit
 def _merged_lse(part_f, base, s, smask, j, NIN: tl.constexpr):
-    """(max, sum of exp(v - max), logsumexp) of stat column j, merged over a row's slices."""
-    WF: tl.constexpr = 2 * (NIN + 1) + 2
+    """(max, sum of exp(v - max), logsumexp) of input j's stats, merged over a row's slices."""
+    WF: tl.constexpr = 2 * NIN + 1
     m = tl.load(part_f + (base + s) * WF + j, mask=smask, other=float("-inf"))
-    sm = tl.load(part_f + (base + s) * WF + (NIN + 1) + j, mask=smask, other=0.0)
+    sm = tl.load(part_f + (base + s) * WF + NIN + j, mask=smask, other=0.0)
     mmax = tl.max(m, 0)
     m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
     tot = tl.sum(sm * tl.exp(m - m_safe), 0)
     return mmax, tot, m_safe + tl.log(tot)
+
+
+@triton.jit
+def _draw_uniforms(seed, offset):
+    """The row's two float64 uniforms in [0, 1) (reference/sampling.py: draw_uniforms): one Philox call."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = tl.full([1], _DRAW_COUNTER, tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = _philox4x32(c0, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    u1 = ((w0.to(tl.int64) << 21) | (w1.to(tl.int64) >> 11)).to(tl.float64) * 1.1102230246251565e-16  # 2**-53
+    u2 = ((w2.to(tl.int64) << 21) | (w3.to(tl.int64) >> 11)).to(tl.float64) * 1.1102230246251565e-16
+    return tl.sum(u1, 0), tl.sum(u2, 0)
+
+
+@triton.jit
+def _index_draw(cum, total, u, valid):
+    """The first index whose running sum ``cum`` exceeds floor(u * total) (reference: _index_draw)."""
+    r = tl.minimum(tl.floor(u * total.to(tl.float64)).to(tl.int64), total - 1)
+    return tl.sum(((cum <= r) & valid).to(tl.int32), 0)
 
 
 @triton.jit
@@ -359,55 +389,87 @@ def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_ke
     return lo
 
 
+@triton.jit
+def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx, seed, offset, V, NG,
+                  NIN: tl.constexpr, W_TENSOR: tl.constexpr, GR: tl.constexpr, G_PAD: tl.constexpr):
+    """Step 4 of a row without filters (reference/sampling.py: granule_draw): (token, log of the total mass)."""
+    gs = tl.arange(0, G_PAD)
+    gmask = gs < NG
+    a = tl.load(part_g + row * NG + gs, mask=gmask, other=float("-inf"))
+    sg = tl.load(part_m + row * NG + gs, mask=gmask, other=0)
+    e = _mass_int(tl.where(a > float("-inf"), a - mx, float("-inf")))
+    w = tl.floor(sg.to(tl.float64) * e.to(tl.float64) * _TWO_M40).to(tl.int64)
+    total = tl.sum(w, 0)
+    u1, u2 = _draw_uniforms(seed, offset)
+    g = _index_draw(tl.cumsum(w, 0), total, u1, gmask)
+    s_g = tl.sum(tl.where(gs == g, sg, 0), 0)
+    a_g = tl.max(tl.where(gs == g, a, float("-inf")), 0)
+    # The granule's masses again, from the inputs: the same operations as stage 1.
+    cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, g * GR, t, V, NIN, W_TENSOR, GR)
+    j = _index_draw(tl.cumsum(_mass_int(x - a_g), 0), s_g, u2, mask)
+    return (g * GR + j).to(tl.int64), tl.log(total.to(tl.float64) * _TWO_M40).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["t_val", "k_val", "p_val", "mp_val", "seed_val", "off_val"])
 def _stage2_kernel(
     inputs, strides, w_vals, w_ptr, w_stride,
     t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, mp_ptr, mp_val, seed_ptr, seed_val, off_ptr, off_val,
-    part_f, part_i, part_cand,
+    part_f, part_i, part_g, part_m, part_cand,
     out_tokens, out_logprob, out_lse, out_in_logprobs, out_in_logits, out_ok,
-    V, S,
+    V, S, NG,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr, K_TENSOR: tl.constexpr,
     P_TENSOR: tl.constexpr, MP_TENSOR: tl.constexpr, SEED_TENSOR: tl.constexpr, OFF_TENSOR: tl.constexpr,
-    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, GR: tl.constexpr, S_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
 ):
     """One row: merge the slices, apply the filters, draw, gather per-input values at the token."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, S_PAD)
     smask = s < S
     base = row.to(tl.int64) * S
-    WF: tl.constexpr = 2 * (NIN + 1) + 2
+    WF: tl.constexpr = 2 * NIN + 1
     NEG_INF: tl.constexpr = float("-inf")
+    POS_INF: tl.constexpr = float("inf")
 
-    mx, tot_x, _ = _merged_lse(part_f, base, s, smask, NIN, NIN)
-    bv = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1), mask=smask, other=NEG_INF)
-    be = tl.load(part_f + (base + s) * WF + 2 * (NIN + 1) + 1, mask=smask, other=0.0)
-    bi = tl.load(part_i + (base + s) * 3, mask=smask, other=INT32_MAX)
-    best, best_e, tok32 = _argmax_exact(bv, be, bi, smask)
-    tok = tok32.to(tl.int64)
-    nbad = tl.sum(tl.load(part_i + (base + s) * 3 + 1, mask=smask, other=0), 0)
+    # Bad rows from the reduced values: a NaN or +inf anywhere makes its slice's max NaN or +inf.
+    sx = tl.load(part_f + (base + s) * WF + 2 * NIN, mask=smask, other=NEG_INF)
+    mx = tl.reduce(sx, 0, _max_nan)
+    bad = (mx != mx) | (mx == POS_INF)
+    for i in tl.static_range(NIN):
+        mi = tl.reduce(tl.load(part_f + (base + s) * WF + i, mask=smask, other=NEG_INF), 0, _max_nan)
+        bad = bad | (mi != mi) | (mi == POS_INF)
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     p = _row_param(p_ptr, p_val, row, P_TENSOR, tl.float32)
     mp = _row_param(mp_ptr, mp_val, row, MP_TENSOR, tl.float32)
-    ok = (nbad == 0) & (t >= 0) & (p > 0) & (p <= 1) & (mp >= 0) & (mp <= 1) & (best > NEG_INF)
+    ok = (~bad) & (t >= 0) & (p > 0) & (p <= 1) & (mp >= 0) & (mp <= 1) & (mx > NEG_INF)
     sampling = t > 0
-    log_kept = tl.log(tot_x)  # logsumexp of the kept x - max x
-
+    # Greedy rows: the first index of the max (slices in id order).
+    tok = tl.min(tl.load(part_i + (base + s) * 2, mask=smask & (sx == mx), other=INT32_MAX), 0).to(tl.int64)
+    log_kept = tl.zeros([], tl.float32)
+    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
+    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
+    plain = ok & sampling
     if FILTER:
         k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
+        filtered = ((k > 0) & (k < V)) | (p < 1) | (mp > 0)
+        plain = plain & ~filtered
+    if plain:
+        tok, log_kept = _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx,
+                                      seed, offset, V, NG, NIN, W_TENSOR, GR, G_PAD)
+
+    if FILTER:
         k_on = (k > 0) & (k < V)
         p_on = p < 1
         m_on = mp > 0
-        if ok & sampling & (k_on | p_on | m_on):
-            seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
-            offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
+        if ok & sampling & filtered:
             cs = tl.arange(0, S_PAD * C)
             cmask = (cs // C) < S
             cand = tl.load(part_cand + base * C + cs, mask=cmask, other=0)
             ckey = (cand >> 32).to(tl.int32)
             cidx = ((0 - cand.to(tl.int32)) + INT32_MAX).to(tl.int64)
             cx = _key_float(ckey)
-            cut = tl.max(tl.load(part_i + (base + s) * 3 + 2, mask=smask, other=INT32_MIN), 0).to(tl.int64)
+            cut = tl.max(tl.load(part_i + (base + s) * 2 + 1, mask=smask, other=INT32_MIN), 0).to(tl.int64)
             # Every token outside the candidates has x <= the largest C-th value: zero mass below this.
             tail_zero = (cut == INT32_MIN) | (_key_float(cut.to(tl.int32)) - mx < _TAIL_ZERO)
 
@@ -496,6 +558,11 @@ def pick_block(n: int, v: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(v)))
 
 
+def slice_width(block: int, v: int) -> int:
+    """A slice holds whole granules (reference GRANULE): at least one, or the whole row when it is narrower."""
+    return max(block, min(GRANULE, triton.next_power_of_2(v)), 16)
+
+
 def _param(t, scalar, dtype):
     """(pointer tensor or None, scalar value, is_tensor) for a row parameter."""
     if t is not None:
@@ -541,8 +608,11 @@ def launch_guided_sample(
     v = vocab_size
     if block <= 0:
         block = pick_block(n, v)
+    block = slice_width(block, v)
+    gr = min(GRANULE, block)
     c = min(MAX_CANDIDATES, block)
     s = triton.cdiv(v, block)
+    ng = triton.cdiv(v, GRANULE)
     w_vals = (*weight_scalars, *([0.0] * (6 - len(weight_scalars))))
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
@@ -554,8 +624,10 @@ def launch_guided_sample(
     of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
 
     f32 = torch.float32
-    part_f = torch.empty((n * s, 2 * (nin + 1) + 2), dtype=f32, device=dev)  # stats, winner (see stage 1)
-    part_i = torch.empty((n * s, 3), dtype=torch.int32, device=dev)
+    part_f = torch.empty((n * s, 2 * nin + 1), dtype=f32, device=dev)  # per-input stats, max x (stage 1)
+    part_i = torch.empty((n * s, 2), dtype=torch.int32, device=dev)
+    part_g = torch.empty((n * ng,), dtype=f32, device=dev)  # the granules' max x
+    part_m = torch.empty((n * ng,), dtype=torch.int64, device=dev)  # ... and integer mass
     part_cand = torch.empty((n * s * c if filters else 1,), dtype=torch.int64, device=dev)
     tokens = torch.empty((n,), dtype=torch.int64, device=dev)
     logprob = torch.empty((n,), dtype=f32, device=dev)
@@ -571,23 +643,23 @@ def launch_guided_sample(
 
     w_ten = weight_rows is not None
     _stage1_kernel[(n * s,)](
-        inputs, strides, w_vals, w_ptr, w_stride,
-        ptr(t_ptr), t_val, ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        part_f, part_i, part_cand,
-        v, s,
-        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
+        inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
+        part_f, part_i, part_g, part_m, part_cand,
+        v, s, ng,
+        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten,
+        FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
     )
     _stage2_kernel[(n,)](
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
         ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        part_f, part_i, part_cand,
+        part_f, part_i, part_g, part_m, part_cand,
         tokens, logprob, lse, in_logprobs, in_logits, ok,
-        v, s,
+        v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
         MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, S_PAD=triton.next_power_of_2(s), num_warps=4, enable_fp_fusion=False,
+        FILTER=filters, C=c, BLOCK=block, GR=gr, S_PAD=triton.next_power_of_2(s),
+        G_PAD=triton.next_power_of_2(ng), num_warps=4, enable_fp_fusion=False,
     )
     return tokens, logprob, lse, in_logprobs, in_logits, ok
 

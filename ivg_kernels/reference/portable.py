@@ -78,23 +78,22 @@ def mass_int(d: torch.Tensor) -> torch.Tensor:
     """``round_down(exp(d) * 2**40)`` for float32 ``d <= 0`` (``x - max x``), as int64.
 
     ``t = d * LOG2E``; ``n = floor(t)``; ``r = t - n`` (exact); ``q = 2^r`` by the degree-8
-    polynomial ``EXP2_C`` in Horner form; ``Q = q * 2**23`` (an exact integer); the mass is
-    ``Q`` shifted by ``n + 17`` bits (left when ``n + 17 >= 0``, else right, rounding down).
+    polynomial ``EXP2_C`` in Horner form; the mass is ``floor(q * 2**(n + 40))``: scaling by a
+    power of two is exact, so this is ``q``'s 24 bits shifted by ``n + 17``, rounded down.
     ``d = -inf`` (or anything below about -29) gives 0; ``d = 0`` gives ``2**40``.
     """
     d = d.to(_F32)
-    t = d * _f(LOG2E, d)
-    t = torch.where(t >= -64.0, t, torch.full_like(t, -64.0))  # every mass below is 0 (NaN too)
+    t = d * LOG2E  # a Python float meets a float32 tensor as float32: the same operations as _f constants
+    t = t.clamp(min=-64.0)  # every mass below is 0
+    t = torch.where(torch.isnan(t), -64.0, t)
     n = torch.floor(t)
     r = t - n
-    c = EXP2_C
-    q = _f(1.0, r) + r * (_f(c[0], r) + r * (_f(c[1], r) + r * (_f(c[2], r) + r * (_f(c[3], r) + r * (
-        _f(c[4], r) + r * (_f(c[5], r) + r * (_f(c[6], r) + r * _f(c[7], r))))))))
-    big_q = (q * _f(8388608.0, q)).to(torch.int64)  # q * 2^23: exact
-    shift = n.to(torch.int64) + (MASS_BITS - 23)
-    left = big_q << shift.clamp(min=0)
-    right = big_q >> (-shift).clamp(min=0, max=63)
-    return torch.where(shift >= 0, left, right)
+    q = r * EXP2_C[7]
+    for c in EXP2_C[6::-1]:  # Horner: q = (c + q) * r, innermost first
+        q = (q + c) * r
+    q = q + 1.0
+    scale = ((n.to(torch.int32) + (MASS_BITS + 127)) << 23).view(_F32)  # 2**(n + 40), n + 40 >= -24
+    return torch.floor(q * scale).to(torch.int64)
 
 
 def nucleus_target(top_p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,24 @@ For each row (``V`` columns, inputs ``x_0 = logits`` and guides ``x_i`` with wei
 
    This is Hugging Face's ``TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
    MinPLogitsWarper`` chain, except that tokens tied at a threshold are always kept together.
-4. Draw: Gumbel-max over the kept tokens, the token whose *exact* sum ``x[v] + g(seed, offset, v)``
-   is largest (first index on ties), with ``g`` from :mod:`ivg_kernels.reference.philox`. The sum is
-   compared as the pair (rounded sum, its rounding error), so tokens tied in ``x`` stay tied at any
-   temperature however large ``x`` is, and the noise decides between them.
+4. Draw (sampled rows). A row with a filter active (top-k, top-p or min-p): Gumbel-max over the
+   kept tokens, the token whose *exact* sum ``x[v] + g(seed, offset, v)`` is largest (first index
+   on ties), with ``g`` from :mod:`ivg_kernels.reference.philox`; the sum is compared as the pair
+   (rounded sum, its rounding error), so tokens tied in ``x`` stay tied at any temperature.
+   A row without filters: the inverse CDF of integer masses, in two levels over fixed granules of
+   ``GRANULE`` tokens (``[g * GRANULE, (g + 1) * GRANULE)``), so that a kernel needs no noise per
+   token and every sum is exact in any order:
+
+   * ``a_g`` = the granule's max ``x``; ``m_v = mass_int(x[v] - a_g)``; ``S_g`` = their sum;
+   * the granule's weight ``W_g = floor(S_g * mass_int(a_g - max x) * 2**-40)`` (float64 product);
+   * with ``(u1, u2) = draw_uniforms(seed, offset)``: the granule ``g`` is the first whose running
+     sum of ``W`` exceeds ``floor(u1 * sum W)``, and the token the first of ``g`` whose running sum
+     of ``m`` exceeds ``floor(u2 * S_g)``.
+
+   Each token is drawn with probability ``W_g / sum W * m_v / S_g``, which is ``softmax(x)[v]`` up
+   to float32 rounding of the masses (a token whose mass rounds to 0 is below ``exp(-27)`` of the
+   max); tied tokens have equal masses, so ties stay uniform at any temperature.
+   Greedy rows take the first index of ``max z``.
 5. ``logprob = (x[y] - max x) - logsumexp(x[kept] - max x)`` (0 for greedy rows).
 
 Every operation the token depends on is correctly rounded (``+ - * /``) or built from such
@@ -35,8 +49,46 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
-from .philox import gumbel_noise
+from .philox import gumbel_noise, philox_words
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
+
+
+GRANULE = 256  # tokens per granule of the unfiltered draw: part of the definition, whatever a kernel's tiles
+DRAW_COUNTER = (1 << 31) + 1  # Philox c0 of a row's draw: above every token's (id >> 2) and the speculative column
+
+
+def draw_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two uniforms of a row's inverse-CDF draw, float64 ``[N]`` in ``[0, 1)`` with 53 random bits each:
+    one Philox call at counter ``(DRAW_COUNTER, offset lo, offset hi, 0)``, words ``(w0, w1)`` and
+    ``(w2, w3)`` as ``(w0 * 2**21 + (w1 >> 11)) * 2**-53``."""
+    w = philox_words(seed, offset, 4 * DRAW_COUNTER + torch.arange(4, device=seed.device))  # [N, 4]
+    u = ((w[:, 0::2] << 21) | (w[:, 1::2] >> 11)).double() * 2.0 ** -53
+    return u[:, 0], u[:, 1]
+
+
+def _index_draw(cum: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first index whose running sum ``cum`` (int64 [N, M]) exceeds ``floor(u * total)``."""
+    r = torch.minimum(torch.floor(u * total.double()).long(), total - 1)
+    return (cum <= r.unsqueeze(1)).sum(dim=1).clamp(max=cum.shape[1] - 1)
+
+
+def granule_draw(x: torch.Tensor, x_max: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor):
+    """Step 4 for rows without filters: ``(tokens [N], total mass sum W [N])`` (see the module docstring)."""
+    n, v = x.shape
+    ng = -(-v // GRANULE)
+    xg = torch.nn.functional.pad(x, (0, ng * GRANULE - v), value=-math.inf).view(n, ng, GRANULE)
+    a = xg.amax(dim=2)  # [N, G]
+    live = a > -math.inf
+    m = mass_int(torch.where(live.unsqueeze(2), xg - a.unsqueeze(2), -math.inf).float())  # int64 [N, G, GR]
+    s = m.sum(dim=2)  # [N, G]
+    e = mass_int(torch.where(live, a - x_max.unsqueeze(1), -math.inf).float())
+    w = torch.floor(s.double() * e.double() * 2.0 ** -40).long()
+    cw = w.cumsum(dim=1)
+    u1, u2 = draw_uniforms(seed, offset)
+    g = _index_draw(cw, cw[:, -1], u1)  # [N]
+    mg = m.gather(1, g.view(n, 1, 1).expand(n, 1, GRANULE)).squeeze(1)  # [N, GR]
+    j = _index_draw(mg.cumsum(dim=1), s.gather(1, g.unsqueeze(1)).squeeze(1), u2)
+    return g * GRANULE + j, cw[:, -1]
 
 
 def _kth_largest(x_sorted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -112,20 +164,42 @@ def warped_probs(a) -> torch.Tensor:
     return torch.where(ok.unsqueeze(1), p, math.nan)
 
 
+def _gumbel_max(x, kept, x_max, seed, offset):
+    """Step 4 for rows with a filter: the kept token with the largest exact ``x + g``."""
+    g = gumbel_noise(seed, offset, torch.arange(x.shape[1], device=x.device)).to(x.dtype)  # [R, V]
+    s = x + g  # the exact sum as (rounded sum, its error): TwoSum
+    bb = s - x
+    err = (x - (s - bb)) + (g - bb)
+    s = torch.where(kept, s, -math.inf)
+    err = torch.where(torch.isfinite(s), err, 0.0)
+    on_top = s == s.max(dim=1, keepdim=True).values
+    err = torch.where(on_top, err, -math.inf)
+    return (on_top & (err == err.max(dim=1, keepdim=True).values)).to(torch.int8).argmax(dim=1)  # the first
+
+
+def _granule_tokens(x, kept, x_max, seed, offset):
+    return granule_draw(x, x_max, seed, offset)[0]
+
+
 def _guided_sample_ref(a) -> SampleOutput:
     x, x_max, kept, greedy, ok, inputs, seed, offset = _warp(a)
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = x.dtype
-    g = gumbel_noise(seed, offset, torch.arange(v, device=dev)).to(cdt)  # [N, V]
-    # Gumbel-max on the exact x + g: the rounded sum and its error (TwoSum), compared in that order.
-    s = x + g
-    bb = s - x
-    err = (x - (s - bb)) + (g - bb)
-    s = torch.where(greedy.unsqueeze(1), x, torch.where(kept, s, -math.inf))  # [N, V]
-    err = torch.where(greedy.unsqueeze(1) | ~torch.isfinite(s), 0.0, err)
-    on_top = s == s.max(dim=1, keepdim=True).values
-    err = torch.where(on_top, err, -math.inf)
-    tokens = (on_top & (err == err.max(dim=1, keepdim=True).values)).to(torch.int8).argmax(dim=1)  # first one
+    tokens = x.argmax(dim=1)  # greedy rows: the first max
+    sampled = ~greedy
+    if a.any_filter_possible:
+        k, p, m = (row_tensor(val, n, dt, dev) for val, dt in
+                   ((a.top_k, torch.int64), (a.top_p, cdt), (a.min_p, cdt)))
+        filtered = sampled & (((k > 0) & (k < v)) | (p < 1) | (m > 0))
+    else:
+        filtered = torch.zeros_like(greedy)
+    for rows_mask, draw in ((filtered, _gumbel_max), (sampled & ~filtered, _granule_tokens)):
+        # On the CPU only the rows that need a draw compute it; elsewhere every row does (no host read).
+        rows = rows_mask.nonzero().squeeze(1) if dev.type == "cpu" else None
+        if rows is None:
+            tokens = torch.where(rows_mask, draw(x, kept, x_max, seed, offset), tokens)
+        elif rows.numel():
+            tokens[rows] = draw(x[rows], kept[rows], x_max[rows], seed[rows], offset[rows])
     x_tok = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
     # Relative to max x, so that a huge x (tiny temperature) loses no precision: -log(3) for three ties.
     lse_kept = torch.where(kept, x - x_max.unsqueeze(1), -math.inf).logsumexp(dim=1)
