@@ -10,7 +10,6 @@ Providers:
   reference          ivg_kernels.reference (plain torch)
   triton             ivg_kernels.guided_sample(backend="triton"), the public API (GPU only)
   triton-op          torch.ops.ivg_kernels.guided_sample, no argument checks (GPU only)
-  cuda               ivg_kernels.guided_sample(backend="cuda"), csrc/guided_sample.cu (GPU only)
   *-graph            the same call replayed from a CUDA graph: the kernels' own time, without the
                      host's launch gaps (GPU only; speed-up against torch-composition-graph)
   flashinfer         FlashInfer on the base logits alone (one input), if importable:
@@ -93,13 +92,7 @@ def providers(device, wanted):
     if device.type == "cuda":
         out["triton"] = "triton"
         out["triton-op"] = "op"
-        from ivg_kernels.build import cuda_backend_available
-
-        if cuda_backend_available():
-            out["cuda"] = "cuda"
-        else:
-            print("cuda: csrc/ could not be built, skipped", file=sys.stderr)
-        for name in [k for k in out if k in ("torch-composition", "triton", "cuda")]:
+        for name in [k for k in out if k in ("torch-composition", "triton")]:
             out[f"{name}-graph"] = out[name]
         try:
             import flashinfer.sampling  # noqa: F401
@@ -131,10 +124,6 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
         import ivg_kernels
 
         return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
-    if kind == "cuda":
-        import ivg_kernels
-
-        return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="cuda", **cfg)
     if kind == "op":
         filters = cfg["top_k"] > 0 or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
         args = (base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"], None,

@@ -5,9 +5,9 @@
 #     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|speculative|published|flashinfer|all]...   (default: all, about 10 minutes)
 #
 # Stages:
-#   check     build csrc/ (JIT, ninja), then the GPU tests: every kernel backend (Triton, CUDA) against
+#   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
-#             the CPU result, paged models; then compute-sanitizer memcheck and racecheck over csrc/
+#             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
 #   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
 #             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
@@ -44,7 +44,7 @@ env_report() {
     command -v nvcc >/dev/null && nvcc --version | tail -1
 }
 
-GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
+GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_sampling_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
            tests/test_shared_prefix_attention.py tests/test_speculative.py tests/test_speculative_kernels.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
            tests/test_cuda_build_dispatch.py}"

@@ -8,12 +8,11 @@ measured shape in the range. Outside every range (and whenever the CUDA build is
 """
 from __future__ import annotations
 
-# No range: on the H100 run of 2026-11-22 (commit 8569e04, CUDA-graph medians) the CUDA sampler was slower
-# than the Triton one at every measured shape (N 1..256, V 32000 and 151936, with and without top-k),
-# from 1.5x (N=256, V=32000, no filter: 171 vs 67 us) to 45x (N=1, V=151936, top-k 50: 1628 vs 37 us):
-# one block per row cannot fill the chip at small N, and its exact top-k/top-p take extra passes.
+# The sampler has no CUDA kernel any more: on the H100 run of 2026-11-22 (commit 8569e04, CUDA-graph
+# medians) the CUDA sampler was slower than the Triton one at every measured shape (N 1..256, V 32000 and
+# 151936, with and without top-k), from 1.5x (N=256, V=32000, no filter: 171 vs 67 us) to 45x (N=1,
+# V=151936, top-k 50: 1628 vs 37 us), so it was dropped rather than kept beside the Triton one.
 CUDA_WINS: dict[str, list[tuple[int, int, int, int]]] = {
-    "guided_sample": [],
     "copy_blocks": [],
 }
 

@@ -15,7 +15,6 @@ from ._types import SampleOutput
 from .reference.sampling import _guided_sample_ref
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_DTYPES = TRITON_DTYPES  # and every guide in the logits' dtype
 
 
 def guided_sample(
@@ -53,10 +52,10 @@ def guided_sample(
         every backend. Advance ``offset`` every step.
     vocab_size : int, optional
         Columns to use (``V``); default the narrowest input. Padded columns are ignored.
-    backend : ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
-        ``"auto"`` honours the ``IVG_BACKEND`` environment variable, then picks per shape
-        (see :mod:`ivg_kernels._autotable`). ``"cuda"`` builds csrc/ on first use and needs
-        every guide in the logits' dtype.
+    backend : ``"auto"``, ``"reference"`` or ``"triton"``
+        ``"auto"`` honours the ``IVG_BACKEND`` environment variable, then runs Triton on CUDA
+        tensors and the reference elsewhere. (There is no CUDA C++ sampler: the one this project
+        had was slower than Triton at every measured shape, and was dropped.)
 
     Returns
     -------
@@ -71,29 +70,10 @@ def guided_sample(
         On a wrong shape, dtype, device or out-of-range scalar, naming the argument.
     """
     a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
-    same_dtype = all(g.dtype == a.logits.dtype for g in a.guides)
-    which = resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES, cuda_dtypes=CUDA_DTYPES if same_dtype
-                            or backend != "auto" else None, op="guided_sample", size=(a.num_rows, a.vocab_size))
+    which = resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES, op="guided_sample")
     if which == "reference":
         return _guided_sample_ref(a)
-    if which == "cuda":
-        return _guided_sample_cuda(a)
     return _guided_sample_triton(a)
-
-
-def _guided_sample_cuda(a: SampleArgs) -> SampleOutput:
-    """The CUDA kernel of csrc/guided_sample.cu (built on first use)."""
-    from .build import load
-
-    for i, g in enumerate(a.guides):  # checked here: the launcher's own checks are the last line only
-        if g.dtype != a.logits.dtype:
-            raise ValueError(f"guides[{i}][0]: dtype {g.dtype} differs from the logits' {a.logits.dtype}; "
-                             "backend='cuda' needs one dtype (cast the guides, or use backend='triton')")
-    ext = load()
-    weight_rows, weight_scalars, params = _kernel_args(a)
-    out = ext.guided_sample([a.logits, *a.guides], weight_rows, weight_scalars, *params, a.vocab_size,
-                            a.any_filter_possible)
-    return SampleOutput(*out)
 
 
 def _kernel_args(a: SampleArgs):

@@ -1,4 +1,4 @@
-"""Exercise every CUDA kernel of csrc/ on small shapes, for compute-sanitizer:
+"""Exercise the GPU kernels (the Triton sampler, the CUDA block copy of csrc/) on small shapes, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck  --error-exitcode 9 python tests/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 9 python tests/sanitize_cuda.py
@@ -27,7 +27,7 @@ def main() -> int:
             kw = dict(temperature=0.8, seed=torch.arange(n).cuda(), offset=3, vocab_size=v)
             kw.update(cfg)
             guides = [(rows[1], 1.0), (rows[2], torch.full((n,), -1.0).cuda())]
-            got = ivg_kernels.guided_sample(rows[0], guides, backend="cuda", **kw)
+            got = ivg_kernels.guided_sample(rows[0], guides, backend="triton", **kw)
             want = ivg_kernels.guided_sample(rows[0], guides, backend="reference", **kw)
             torch.cuda.synchronize()
             if not torch.equal(got.tokens, want.tokens):

@@ -39,19 +39,19 @@ def test_auto_picks_cuda_only_where_the_table_says_so(monkeypatch):
     t = _fake_cuda_tensor()
     dt = (torch.bfloat16,)
     monkeypatch.setattr(_backend, "_cuda_loads", lambda: True)
-    monkeypatch.setattr(_autotable, "CUDA_WINS", {"guided_sample": [(64, 512, 1, 200_000)]})
-    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=dt, op="guided_sample",
+    monkeypatch.setattr(_autotable, "CUDA_WINS", {"copy_blocks": [(64, 512, 1, 200_000)]})
+    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=dt, op="copy_blocks",
                                     size=(128, 50257)) == "cuda"
-    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=dt, op="guided_sample",
+    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=dt, op="copy_blocks",
                                     size=(16, 50257)) == "triton"
-    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=None, op="guided_sample",
+    assert _backend.resolve_backend("auto", t, triton_dtypes=dt, cuda_dtypes=None, op="copy_blocks",
                                     size=(128, 50257)) == "triton", "an op without a CUDA kernel never picks it"
     assert _backend.resolve_backend("auto", _fake_cuda_tensor(torch.float64), triton_dtypes=dt, cuda_dtypes=dt,
-                                    op="guided_sample", size=(128, 50257)) == "reference"
+                                    op="copy_blocks", size=(128, 50257)) == "reference"
 
 
 def test_auto_keeps_triton_when_the_build_is_unavailable(monkeypatch):
-    monkeypatch.setattr(_autotable, "CUDA_WINS", {"guided_sample": [(1, 1 << 30, 1, 1 << 30)]})
+    monkeypatch.setattr(_autotable, "CUDA_WINS", {"copy_blocks": [(1, 1 << 30, 1, 1 << 30)]})
 
     def fail():
         raise RuntimeError("no nvcc")
@@ -61,26 +61,26 @@ def test_auto_keeps_triton_when_the_build_is_unavailable(monkeypatch):
     t = _fake_cuda_tensor()
     with pytest.warns(UserWarning, match="keeps Triton.*no nvcc"):
         got = _backend.resolve_backend("auto", t, triton_dtypes=(torch.bfloat16,), cuda_dtypes=(torch.bfloat16,),
-                                       op="guided_sample", size=(8, 100))
+                                       op="copy_blocks", size=(8, 100))
     assert got == "triton"
     calls = []
     monkeypatch.setattr(build, "load", lambda: calls.append(1))
     assert _backend.resolve_backend("auto", t, triton_dtypes=(torch.bfloat16,), cuda_dtypes=(torch.bfloat16,),
-                                    op="guided_sample", size=(8, 100)) == "triton"
+                                    op="copy_blocks", size=(8, 100)) == "triton"
     assert calls == [], "after one failed build, auto does not try again"
 
 
 def test_the_shipped_table_is_well_formed():
     for op, ranges in _autotable.CUDA_WINS.items():
-        assert op in ("guided_sample", "copy_blocks")
+        assert op == "copy_blocks"
         for n0, n1, v0, v1 in ranges:
             assert 1 <= n0 <= n1 and 1 <= v0 <= v1
 
 
 def test_cuda_backend_errors_name_the_problem():
     x = torch.randn(2, 10)
-    with pytest.raises(ValueError, match="backend='cuda': the inputs are on cpu"):
-        ivg_kernels.guided_sample(x, seed=0, offset=0, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda': this op has no CUDA kernel"):
+        ivg_kernels.guided_sample(x, seed=0, offset=0, backend="cuda")  # the CUDA sampler was dropped
     with pytest.raises(ValueError, match="backend='cuda': this op has no CUDA kernel"):
         ivg_kernels.paged_decode_attention(torch.randn(1, 2, 4), torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 4),
                                            torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
@@ -90,7 +90,7 @@ def test_cuda_backend_errors_name_the_problem():
 def test_ivg_backend_env_accepts_cuda_and_rejects_nonsense(monkeypatch):
     x = torch.randn(2, 10)
     monkeypatch.setenv("IVG_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="backend='cuda': the inputs are on cpu"):
+    with pytest.raises(ValueError, match="backend='cuda': this op has no CUDA kernel"):
         ivg_kernels.guided_sample(x, seed=0, offset=0)
     monkeypatch.setenv("IVG_BACKEND", "bogus")
     with pytest.raises(ValueError, match="IVG_BACKEND='bogus'"):

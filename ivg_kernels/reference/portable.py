@@ -5,15 +5,14 @@ the same token on every backend" needs every operation on the way to be the same
 backend. Division, addition and multiplication are correctly rounded everywhere (the kernels
 use ``div_rn`` and launch without fused multiply-add); ``log`` and ``exp`` are not, since each
 library rounds them its own way. These two are therefore written down here from integer and
-correctly rounded float32 operations, in a fixed order, and the Triton and CUDA kernels
-compute them with the same operations (``_triton/sampling_kernels.py``: ``_plog``,
-``_mass_int``; ``csrc/portable.cuh``):
+correctly rounded float32 operations, in a fixed order, and the Triton kernels compute them
+with the same operations (``_triton/sampling_kernels.py``: ``_plog``, ``_mass_int``):
 
 * :func:`plog` -- ``log(x)`` for positive normal float32 ``x`` (about 2 ulp): the Gumbel noise
   ``-plog(-plog(u))`` and the min-p threshold ``max x + plog(min_p)``;
 * :func:`mass_int` -- ``exp(d)`` for ``d <= 0`` as an integer in units of ``2**-40``: the
-  masses that the top-p threshold sums. Integers add exactly in any order, so the nucleus
-  does not depend on how a backend splits the row.
+  masses that the top-p threshold and the unfiltered draw sum. Integers add exactly in any
+  order, so neither depends on how a backend splits the row.
 
 Every function takes and returns torch tensors and is meant to be read beside its kernel
 twins: each line here is one operation there.
