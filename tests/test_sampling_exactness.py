@@ -116,6 +116,68 @@ def test_kernel_and_reference_agree_on_near_ties(temperature):
     assert torch.equal(ref.tokens.cpu(), tri.tokens.cpu())
 
 
+# --- the unfiltered draw: inverse CDF over 256-token granules -----------------------------------
+
+def _granule_rows(gen, n, v):
+    """Rows whose mass spreads over several granules, with a last partial granule and a granule of -inf."""
+    logits = torch.randn(n, v, generator=gen) * 1.5
+    logits[:, 300:] += 2.0  # the max tends to lie in a later granule than the first
+    logits[:, 256:512] = -math.inf  # a whole granule that can never be drawn
+    return logits
+
+
+def test_unfiltered_draw_follows_the_softmax_across_granules():
+    gen = torch.Generator().manual_seed(5)
+    v, n = 700, 20_000  # granules [0, 256), [256, 512) (all -inf), [512, 700)
+    row = _granule_rows(gen, 1, v)
+    tokens, logprob = _draw(row, n, temperature=0.9)
+    p = torch.softmax(row[0].double() / 0.9, 0)
+    assert not ((tokens >= 256) & (tokens < 512)).any()
+    counts = torch.bincount(tokens, minlength=v).double()
+    # Tokens in groups of about equal expected count, so that every cell expects at least 20 draws.
+    order = p.argsort()
+    groups = (p[order].cumsum(0) * n / 20).floor().clamp(max=n / 20 - 1).long()
+    obs = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, counts[order])
+    exp = torch.zeros_like(obs).index_add_(0, groups, p[order] * n)
+    res = stats.chisquare(obs[exp > 0].numpy(), exp[exp > 0].numpy())
+    assert (exp > 0).sum() > 100 and res.pvalue > 1e-4, f"chi-square p={res.pvalue:.1e}"
+    torch.testing.assert_close(logprob.double(), p[tokens].log(), rtol=0, atol=1e-5)
+
+
+@requires_triton
+def test_kernel_draw_does_not_depend_on_the_slice_width():
+    """Granules are part of the definition: slices of 1, 2 or 4 granules draw the reference's tokens."""
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    gen = torch.Generator().manual_seed(6)
+    n, v = 6, 1100
+    logits = _granule_rows(gen, n, v)
+    guide = torch.randn(n, v + 5, generator=gen).to(torch.bfloat16)
+    a = args_to(prepare_sample_args(logits, [(guide, -0.75)], torch.rand(n, generator=gen) + 0.3, 0, 1.0, 0.0,
+                                    torch.arange(n) * 31337, torch.arange(n) + 40, None))
+    ref = _guided_sample_ref(a)
+    assert ref.ok.all()
+    for block in (256, 512, 1024):
+        tri = _guided_sample_triton(a, block=block)
+        assert torch.equal(ref.tokens, tri.tokens.cpu()), f"block {block}"
+        torch.testing.assert_close(tri.logprob.cpu(), ref.logprob, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_uniforms_use_53_bits_and_their_own_counter():
+    from ivg_kernels.reference.philox import philox_words
+    from ivg_kernels.reference.sampling import DRAW_COUNTER, draw_uniforms
+
+    seed, offset = torch.arange(4096), torch.full((4096,), 9)
+    u1, u2 = draw_uniforms(seed, offset)
+    assert u1.dtype == torch.float64 and bool(((u1 >= 0) & (u1 < 1) & (u2 >= 0) & (u2 < 1)).all())
+    assert (u1 * 2.0 ** 53 % 2 ** 22 != 0).float().mean() > 0.99, "the low bits come from the second word"
+    assert stats.kstest(torch.cat([u1, u2]).numpy(), "uniform").pvalue > 1e-4
+    w = philox_words(seed[:1], offset[:1], torch.tensor([4 * DRAW_COUNTER]))
+    assert float(u1[0]) == ((int(w[0, 0]) << 21) + (int(philox_words(seed[:1], offset[:1], torch.tensor(
+        [4 * DRAW_COUNTER + 1]))[0, 0]) >> 11)) * 2.0 ** -53
+    assert DRAW_COUNTER > (1 << 30), "above every token's counter (token id >> 2)"
+
+
 def test_plog_and_mass_int_are_accurate():
     u = (torch.arange(1, 1 << 23, 37, dtype=torch.int64) * 2 + 1).float() * 2.0 ** -24  # the uniforms' grid
     err = (portable.plog(u).double() - u.double().log()).abs() / u.double().log().abs()

@@ -25,6 +25,7 @@ Triton parity test (true uint32 ``umulhi``) check it on every platform the tests
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .portable import gumbel_from_uniform
@@ -50,6 +51,13 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     """
     c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*[torch.as_tensor(x, dtype=torch.int64) for x in
                                                         (c0, c1, c2, c3, k0, k1)])
+    if c0.device.type == "cpu":
+        return _philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds)
+    return _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds)
+
+
+def _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds):
+    """The rounds in torch's int64 (any device), on broadcast int64 tensors."""
     dev = c0.device
     # The constants are filled in place, not copied from the host: on a GPU a copy from pageable host
     # memory would wait for the stream (a speculative round draws its uniforms here).
@@ -65,6 +73,23 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
         hi = (p >> 32) & _MASK32
         y, x = p & _MASK32, (hi ^ y ^ keys[i]).flip(0)  # (lo_b, lo_a) = (c1, c3); (c2, c0) from the new (c0, c2)
     return x[1], y[0], x[0], y[1]
+
+
+def _philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds):
+    """The same rounds in numpy's uint64 on CPU tensors (wrapping products, logical shifts): the same
+    words with a fraction of torch's per-operation cost, which dominates for the few words of a step."""
+    c0, c1, c2, c3, k0, k1 = (t.numpy().astype(np.uint64) for t in (c0, c1, c2, c3, k0, k1))
+    m32 = np.uint64(_MASK32)
+    sh = np.uint64(32)
+    ra, rb = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B)
+    ka, kb = np.uint64(PHILOX_KEY_A), np.uint64(PHILOX_KEY_B)
+    for _ in range(rounds):
+        pb = c2 * rb  # < 2**64: exact
+        pa = c0 * ra
+        c0, c1, c2, c3 = ((pb >> sh) ^ c1 ^ k0), pb & m32, ((pa >> sh) ^ c3 ^ k1), pa & m32
+        k0 = (k0 + ka) & m32
+        k1 = (k1 + kb) & m32
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in (c0, c1, c2, c3))
 
 
 def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -83,14 +83,13 @@ def mass_int(d: torch.Tensor) -> torch.Tensor:
     """
     d = d.to(_F32)
     t = d * LOG2E  # a Python float meets a float32 tensor as float32: the same operations as _f constants
-    t = t.clamp(min=-64.0)  # every mass below is 0
-    t = torch.where(torch.isnan(t), -64.0, t)
+    t = torch.fmax(t, torch.tensor(-64.0))  # every mass below is 0; NaN becomes -64 too
     n = torch.floor(t)
     r = t - n
     q = r * EXP2_C[7]
     for c in EXP2_C[6::-1]:  # Horner: q = (c + q) * r, innermost first
-        q = (q + c) * r
-    q = q + 1.0
+        q.add_(c).mul_(r)
+    q.add_(1.0)
     scale = ((n.to(torch.int32) + (MASS_BITS + 127)) << 23).view(_F32)  # 2**(n + 40), n + 40 >= -24
     return torch.floor(q * scale).to(torch.int64)
 

@@ -49,7 +49,7 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
-from .philox import gumbel_noise, philox_words
+from .philox import gumbel_noise, philox4x32
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
 
 
@@ -61,9 +61,10 @@ def draw_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
     """The two uniforms of a row's inverse-CDF draw, float64 ``[N]`` in ``[0, 1)`` with 53 random bits each:
     one Philox call at counter ``(DRAW_COUNTER, offset lo, offset hi, 0)``, words ``(w0, w1)`` and
     ``(w2, w3)`` as ``(w0 * 2**21 + (w1 >> 11)) * 2**-53``."""
-    w = philox_words(seed, offset, 4 * DRAW_COUNTER + torch.arange(4, device=seed.device))  # [N, 4]
-    u = ((w[:, 0::2] << 21) | (w[:, 1::2] >> 11)).double() * 2.0 ** -53
-    return u[:, 0], u[:, 1]
+    seed, offset = seed.to(torch.int64), offset.to(torch.int64)
+    mask = 0xFFFFFFFF
+    w0, w1, w2, w3 = philox4x32(DRAW_COUNTER, offset & mask, (offset >> 32) & mask, 0, seed & mask, (seed >> 32) & mask)
+    return ((w0 << 21) | (w1 >> 11)).double() * 2.0 ** -53, ((w2 << 21) | (w3 >> 11)).double() * 2.0 ** -53
 
 
 def _index_draw(cum: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -78,10 +79,11 @@ def granule_draw(x: torch.Tensor, x_max: torch.Tensor, seed: torch.Tensor, offse
     ng = -(-v // GRANULE)
     xg = torch.nn.functional.pad(x, (0, ng * GRANULE - v), value=-math.inf).view(n, ng, GRANULE)
     a = xg.amax(dim=2)  # [N, G]
-    live = a > -math.inf
-    m = mass_int(torch.where(live.unsqueeze(2), xg - a.unsqueeze(2), -math.inf).float())  # int64 [N, G, GR]
+    # One mass_int call for the tokens' masses (a granule of -inf gives NaN: mass 0) and the granules'.
+    d = torch.cat([(xg - a.unsqueeze(2)).view(n, ng * GRANULE), a - x_max.unsqueeze(1)], dim=1).float()
+    m, e = mass_int(d).split([ng * GRANULE, ng], dim=1)
+    m = m.view(n, ng, GRANULE)  # int64 [N, G, GR]
     s = m.sum(dim=2)  # [N, G]
-    e = mass_int(torch.where(live, a - x_max.unsqueeze(1), -math.inf).float())
     w = torch.floor(s.double() * e.double() * 2.0 ** -40).long()
     cw = w.cumsum(dim=1)
     u1, u2 = draw_uniforms(seed, offset)
@@ -196,7 +198,7 @@ def _guided_sample_ref(a) -> SampleOutput:
     for rows_mask, draw in ((filtered, _gumbel_max), (sampled & ~filtered, _granule_tokens)):
         # On the CPU only the rows that need a draw compute it; elsewhere every row does (no host read).
         rows = rows_mask.nonzero().squeeze(1) if dev.type == "cpu" else None
-        if rows is None:
+        if rows is None or rows.numel() == n:
             tokens = torch.where(rows_mask, draw(x, kept, x_max, seed, offset), tokens)
         elif rows.numel():
             tokens[rows] = draw(x[rows], kept[rows], x_max[rows], seed[rows], offset[rows])
