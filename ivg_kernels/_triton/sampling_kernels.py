@@ -1,28 +1,30 @@
 """Fused guided sampling in Triton: combine 1+G logit rows, warp, draw, one pass.
 
 Memory traffic per call: each input row ``[:V]`` is read once by stage 1
-(``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / BLOCK * (1+G+C))``
-words of partials and stage 2 reads them back. Only a row whose top-p/top-k/min-p
-kept set (or top-p total mass) is not proven by the candidate lists reads its
-inputs again (the exact fallback: passes over the row).
+(``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / 256)`` words of partials and
+stage 2 reads them back, and re-reads one 256-token granule per row without filters. Only a row
+whose top-p/top-k/min-p kept set (or top-p total mass) is not proven by the candidate lists reads
+its inputs again (the exact fallback: passes over the row).
 
-Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices per row, so N=1 still
+Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per row, so N=1 still
 fills the GPU): per slice, each input's max and sum-exp, the combined score
-``x = (x_0 + sum w_i x_i) / T``, its max and sum-exp, the Gumbel-max winner over
-the slice, and (when filters may be active) the slice's top-C of ``x`` packed
-with the token id in an int64 key.
+``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and first argmax, each granule's max ``a_g`` and
+integer mass ``sum mass_int(x - a_g)`` (no random numbers), and (when filters may be active) the
+slice's top-C of ``x`` packed with the token id in an int64 key. Maxima propagate NaN, so bad rows
+need no per-element checks.
 
-Stage 2, grid ``N``: merges the partials, finds the thresholds by bisection on
-the float's ordered integer key over the candidates, proves the kept set lies in
-the candidates (every threshold above every slice's C-th value, and the top-p
-total known exactly) or falls back to exact full-row passes, then draws and
-gathers the per-input values at the token.
+Stage 2, grid ``N``: merges the partials. A row without filters draws by the inverse CDF in two
+levels (a granule from the granule masses, then a token of that granule, whose masses it recomputes
+from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
+integer key over the candidates, proves the kept set lies in the candidates (every threshold above
+every slice's C-th value, and the top-p total known exactly) or falls back to exact full-row passes,
+then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
 
-Every operation a token depends on is the reference's, bit for bit: products and
-sums rounded separately (both stages launch with ``enable_fp_fusion=False``),
-``div_rn``, the IEEE-only ``plog`` and ``mass_int`` of reference/portable.py, the
-Gumbel-max compared on the exact sum (TwoSum), and integer top-p masses. The maths
-is ivg_kernels/reference/sampling.py; the random stream ivg_kernels/reference/philox.py.
+Every operation a token depends on is the reference's, bit for bit: products and sums rounded
+separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
+IEEE-only ``plog`` and ``mass_int`` of reference/portable.py, integer masses, and the Gumbel-max
+compared on the exact sum (TwoSum). The maths is ivg_kernels/reference/sampling.py; the random
+stream ivg_kernels/reference/philox.py.
 """
 from __future__ import annotations
 
@@ -208,8 +210,8 @@ def _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN: tl
 
 @triton.jit
 def _scaled(z, t, sampling):
-    """x = z / T, correctly rounded (z itself for greedy rows)."""
-    return tl.where(sampling, tl.div_rn(z, tl.where(sampling, t, 1.0)), z)
+    """x = z * (1 / T), each operation correctly rounded (z itself for greedy rows)."""
+    return tl.where(sampling, z * tl.div_rn(1.0, tl.where(sampling, t, 1.0)), z)
 
 
 @triton.jit
@@ -349,7 +351,7 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
     cols = v0 + tl.arange(0, BLOCK)
     mask = cols < V
     z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, cols, mask, NIN, W_TENSOR)
-    return cols, mask, tl.where(mask, tl.div_rn(z, t), float("-inf"))
+    return cols, mask, tl.where(mask, z * tl.div_rn(1.0, t), float("-inf"))
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 each drafted position, the acceptance test and the residual (or final) draw, in one program.
 
 One program per row. For each position ``k <= num_draft`` a pass over the vocabulary computes the max
-and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i w_i x_i) / T``
+and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i w_i x_i) * (1 / T)``
 (``div_rn``, no FMA contraction, as the sampler) and of the draft's scores, and flags NaN/+inf inputs;
 the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no draft has been
 rejected. The final position is decided as the reference decides it: after every draft was kept, a
@@ -43,7 +43,7 @@ def _spec_uniform(seed, offset, LANE: tl.constexpr):
 
 @triton.jit
 def _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY: tl.constexpr, NIN: tl.constexpr):
-    """Scores ``(x_0 + sum_i w_i x_i) / t`` of the NIN inputs at ``cols`` of flat row ``row`` (correctly
+    """Scores ``(x_0 + sum_i w_i x_i) * (1 / t)`` of the NIN inputs at ``cols`` of flat row ``row`` (correctly
     rounded; greedy rows keep ``z``; -inf off the mask); also whether any input there is NaN or +inf."""
     v = tl.load(inputs[0] + row * strides[0] + cols, mask=mask, other=0.0).to(tl.float32)
     bad = (v != v) | (v == float("inf"))
@@ -53,7 +53,7 @@ def _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY: tl.constexpr, N
         bad = bad | (v != v) | (v == float("inf"))
         z = z + w_vals[i - 1] * v
     if not GREEDY:
-        z = tl.div_rn(z, t)
+        z = z * tl.div_rn(1.0, t)  # x = z * (1 / T), as the sampler
     return tl.where(mask, z, float("-inf")), tl.max((bad & mask).to(tl.int32), 0)
 
 

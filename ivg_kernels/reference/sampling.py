@@ -4,7 +4,8 @@ For each row (``V`` columns, inputs ``x_0 = logits`` and guides ``x_i`` with wei
 
 1. ``z = x_0[:V] + w_1 * x_1[:V] + ... + w_G * x_G[:V]`` in float32 (float64 for float64
    logits), added in that order.
-2. Temperature ``T``: ``T == 0`` is greedy: the first index of ``max z``. Otherwise ``x = z / T``.
+2. Temperature ``T``: ``T == 0`` is greedy: the first index of ``max z``. Otherwise ``x = z * (1 / T)``
+   (the reciprocal rounded once, then the product: two correctly rounded operations).
 3. Filters, each a threshold on ``x`` (a token is kept iff ``x >= tau``; ties are kept together):
 
    * top-k (``0 < k < V``): ``tau_k`` = the k-th largest ``x``;
@@ -129,7 +130,9 @@ def _warp(a):
         return torch.isnan(row_max) | (row_max == math.inf)
 
     greedy = t == 0
-    x = z / torch.where(greedy, torch.ones_like(t), t).unsqueeze(1)  # [N, V]
+    # x = z * (1 / T): the reciprocal correctly rounded once per row, then one rounding per token (a
+    # kernel multiplies where a division per token would cost about ten instructions).
+    x = z * (1.0 / torch.where(greedy, torch.ones_like(t), t)).unsqueeze(1)  # [N, V]
     x_max = x.amax(dim=1)  # [N]
     ok = ~(torch.stack([bad(x_i.amax(dim=1)) for x_i in inputs] + [bad(x_max)]).any(dim=0))
     ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
