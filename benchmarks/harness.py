@@ -38,7 +38,7 @@ def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":!benchmarks/results.csv", ":!benchmarks/RESULTS.md"],  # what a run appends to
+                                ":(top,exclude)benchmarks/results.csv", ":(top,exclude)benchmarks/RESULTS.md"],  # a run's own output
                                cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
