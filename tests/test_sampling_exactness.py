@@ -116,6 +116,29 @@ def test_kernel_and_reference_agree_on_near_ties(temperature):
     assert torch.equal(ref.tokens.cpu(), tri.tokens.cpu())
 
 
+@requires_triton
+@pytest.mark.parametrize("setting", [dict(top_k=20), dict(top_k=50), dict(top_p=0.5), dict(top_k=30, top_p=0.9),
+                                     dict(min_p=0.999)])
+def test_kernel_candidates_among_values_closer_than_their_sort_key(setting):
+    """Stage 1 sorts candidates by a 32-bit key that keeps only the float's high bits: 40 tokens per slice
+    within 2**-17 of each other tie on it, so the candidates it keeps are not the top 16 by value. The
+    kept set and the token must still be the reference's (by the exact path or the full-row fallback)."""
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    gen = torch.Generator().manual_seed(len(str(setting)))
+    n, v = 6, 700
+    logits = torch.randn(n, v, generator=gen) - 3.0
+    for start in (0, 256, 512):
+        near = start + torch.randperm(150, generator=gen)[:40]
+        logits[:, near] = 5.0 + torch.rand(n, 40, generator=gen) * 2.0 ** -15
+    a = args_to(prepare_sample_args(logits, (), 1.0, setting.get("top_k", 0), setting.get("top_p", 1.0),
+                                    setting.get("min_p", 0.0), torch.arange(n) + 99, 4, None))
+    ref = _guided_sample_ref(a)
+    tri = _guided_sample_triton(a, block=256)
+    assert torch.equal(ref.tokens, tri.tokens.cpu())
+    torch.testing.assert_close(tri.logprob.cpu(), ref.logprob, rtol=1e-5, atol=1e-5)
+
+
 # --- the unfiltered draw: inverse CDF over 256-token granules -----------------------------------
 
 def _granule_rows(gen, n, v):

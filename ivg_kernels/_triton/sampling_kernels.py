@@ -230,7 +230,7 @@ def _stage1_kernel(
     """One slice of one row, read once: per-input stats, the granules' max and integer mass, top-C candidates.
 
     ``part_f[part]`` = (max_0..max_G, sumexp_0..sumexp_G, max x), ``part_i[part]`` = (first index of
-    max x, C-th candidate key); ``part_g``/``part_m`` [row * NG + granule] = the granule's max x and
+    max x, cut: a bound on the key of every token not among the candidates); ``part_g``/``part_m`` [row * NG + granule] = the granule's max x and
     sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
@@ -274,14 +274,22 @@ def _stage1_kernel(
         tl.store(part_i + part * 2, tl.min(tl.min(tl.where(x == amax, cols, INT32_MAX), 1), 0))
 
     if FILTER:
-        xf = tl.reshape(x, [BLOCK])
-        cf = tl.reshape(cols, [BLOCK])
-        key = (_float_key(xf).to(tl.int64) << 32) | ((0 - cf) + INT32_MAX).to(tl.int64)  # ties: lower id first
-        top = tl.topk(key, C)  # [C], descending
-        tl.store(part_cand + part * C + tl.arange(0, C), top)
+        # Candidates: the top C of a 32-bit key, the float's ordered key with its low 12 bits replaced by
+        # the slice position (ties: lower id first). That sorts half the bits of an exact 64-bit key;
+        # the candidates' exact keys are then recomputed from the inputs, and the cut is an upper bound
+        # on the exact key of every token left out: its high bits are those of the C-th packed key.
+        LOW: tl.constexpr = 0xFFF  # BLOCK <= 4096
+        local = tl.reshape(cols, [BLOCK]) - start
+        packed = (_float_key(tl.reshape(x, [BLOCK])) & ~LOW) | (LOW - local)
+        top = tl.topk(packed, C)  # [C], descending
+        ccols = start + (LOW - (top & LOW))
+        cvalid = ccols < V
+        cx = tl.where(cvalid, _scaled(_combined(inputs, strides, w_vals, w_ptr, w_stride, row, ccols, cvalid, NIN,
+                                                W_TENSOR), t, sampling), NEG_INF)
+        key = (_float_key(cx).to(tl.int64) << 32) | ((0 - ccols) + INT32_MAX).to(tl.int64)
+        tl.store(part_cand + part * C + tl.arange(0, C), key)
         n_valid = tl.minimum(V - start, BLOCK)
-        smallest = tl.min(top, 0)
-        cut = tl.where(n_valid > C, (smallest >> 32).to(tl.int32), INT32_MIN)
+        cut = tl.where(n_valid > C, tl.min(top, 0) | LOW, INT32_MIN)
         tl.store(part_i + part * 2 + 1, cut)
 
 
@@ -472,7 +480,7 @@ def _stage2_kernel(
             cidx = ((0 - cand.to(tl.int32)) + INT32_MAX).to(tl.int64)
             cx = _key_float(ckey)
             cut = tl.max(tl.load(part_i + (base + s) * 2 + 1, mask=smask, other=INT32_MIN), 0).to(tl.int64)
-            # Every token outside the candidates has x <= the largest C-th value: zero mass below this.
+            # Every token outside the candidates has a key <= the largest cut: zero mass below this.
             tail_zero = (cut == INT32_MIN) | (_key_float(cut.to(tl.int32)) - mx < _TAIL_ZERO)
 
             tau_k = tl.full([], INT32_MIN, tl.int64)
@@ -560,9 +568,13 @@ def pick_block(n: int, v: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(v)))
 
 
+MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate keys
+
+
 def slice_width(block: int, v: int) -> int:
-    """A slice holds whole granules (reference GRANULE): at least one, or the whole row when it is narrower."""
-    return max(block, min(GRANULE, triton.next_power_of_2(v)), 16)
+    """A slice holds whole granules (reference GRANULE): at least one, or the whole row when it is narrower;
+    at most MAX_BLOCK tokens."""
+    return min(max(block, min(GRANULE, triton.next_power_of_2(v)), 16), MAX_BLOCK)
 
 
 def _param(t, scalar, dtype):
