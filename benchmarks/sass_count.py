@@ -51,7 +51,7 @@ def _signature(fn, nin: int, v_div16: bool):
     return sig, attrs
 
 
-def count(arch: int, nin: int, block: int, filters: bool, vocab: int) -> dict:
+def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,6 +73,8 @@ def count(arch: int, nin: int, block: int, filters: bool, vocab: int) -> dict:
         usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
                                text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
+    if dump:
+        Path(dump).write_text(sass)
     ops = collections.Counter()
     for line in sass.splitlines():
         m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -90,10 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=4096, help="slice width (default 4096, what N >= 8 gets at V=151936)")
     ap.add_argument("--vocab", type=int, default=151936, help="V: a multiple of 16 is specialised, and lets loads "
                     "be vectorised (default 151936)")
+    ap.add_argument("--dump", metavar="DIR", help="also write each kernel's SASS to DIR/stage1_filters-*.sass")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     for filters in (False, True):
-        r = count(args.arch, args.inputs, args.block, filters, args.vocab)
+        r = count(args.arch, args.inputs, args.block, filters, args.vocab,
+                  args.dump and str(Path(args.dump) / f"stage1_filters-{filters}.sass"))
         print(f"stage 1 sm_{r['arch']} inputs={r['inputs']} V={r['vocab']} block={r['block']} filters={r['filters']}: "
               f"{r['instructions']} instructions, {r['per_token']:.0f} per token, {r['registers']} registers; "
               + ", ".join(f"{k} {v}" for k, v in r["top"]))

@@ -45,7 +45,7 @@ _L2 = tl.constexpr(_p.LOG_L2)
 _L3 = tl.constexpr(_p.LOG_L3)
 _L4 = tl.constexpr(_p.LOG_L4)
 _LOG2E = tl.constexpr(_p.LOG2E)
-_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (tl.constexpr(c) for c in _p.EXP2_C)
+_E0, _E1, _E2, _E3, _E4, _E5 = (tl.constexpr(c) for c in _p.EXP2_C)
 _MASS_BITS = tl.constexpr(_p.MASS_BITS)
 _FLT_MIN = tl.constexpr(_p.FLT_MIN)
 _DRAW_COUNTER = tl.constexpr(DRAW_COUNTER)
@@ -104,9 +104,7 @@ def _mass_int(d):
     t = tl.where(t >= -64.0, t, -64.0)
     n = tl.floor(t)
     r = t - n
-    q = r * _E7
-    q = (q + _E6) * r
-    q = (q + _E5) * r
+    q = r * _E5
     q = (q + _E4) * r
     q = (q + _E3) * r
     q = (q + _E2) * r

@@ -30,16 +30,16 @@ LOG_L2 = 0.4000000059604644775390625  # 2/5
 LOG_L3 = 0.2857142984867095947265625  # 2/7
 LOG_L4 = 0.2222222238779067993164062  # 2/9
 LOG2E = 1.44269502162933349609375  # float32(1 / ln 2)
-# 2^r = exp(r ln 2) on [0, 1): Taylor coefficients (ln 2)^k / k!, k = 1..8, as float32
+# 2^r on [0, 1): a degree-6 polynomial 1 + c1 r + ... + c6 r^6 fitted for relative error (Lawson's
+# iteration on Chebyshev nodes), coefficients rounded to float32; evaluated in float32 by Horner's rule its
+# relative error is below 1e-7 on [0, 1), as good as float32 allows, in 12 operations.
 EXP2_C = (
-    0.6931471824645996,
-    0.24022650718688965,
-    0.05550410971045494,
-    0.009618128649890423,
-    0.0013333557872101665,
-    0.0001540352968731895,
-    1.5252733646775596e-05,
-    1.3215486660556053e-06,
+    0.6931470632553101,
+    0.2402293086051941,
+    0.055485282093286514,
+    0.009675451554358006,
+    0.001246784464456141,
+    0.0002161292068194598,
 )
 MASS_BITS = 40  # mass_int(0) == 2**40
 FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32: plog's arguments are clamped to it
@@ -76,7 +76,7 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
 def mass_int(d: torch.Tensor) -> torch.Tensor:
     """``round_down(exp(d) * 2**40)`` for float32 ``d <= 0`` (``x - max x``), as int64.
 
-    ``t = d * LOG2E``; ``n = floor(t)``; ``r = t - n`` (exact); ``q = 2^r`` by the degree-8
+    ``t = d * LOG2E``; ``n = floor(t)``; ``r = t - n`` (exact); ``q = 2^r`` by the degree-6
     polynomial ``EXP2_C`` in Horner form; the mass is ``floor(q * 2**(n + 40))``: scaling by a
     power of two is exact, so this is ``q``'s 24 bits shifted by ``n + 17``, rounded down.
     ``d = -inf`` (or anything below about -29) gives 0; ``d = 0`` gives ``2**40``.
@@ -86,8 +86,8 @@ def mass_int(d: torch.Tensor) -> torch.Tensor:
     t = torch.fmax(t, torch.tensor(-64.0))  # every mass below is 0; NaN becomes -64 too
     n = torch.floor(t)
     r = t - n
-    q = r * EXP2_C[7]
-    for c in EXP2_C[6::-1]:  # Horner: q = (c + q) * r, innermost first
+    q = r * EXP2_C[5]
+    for c in EXP2_C[4::-1]:  # Horner: q = (c + q) * r, innermost first
         q.add_(c).mul_(r)
     q.add_(1.0)
     scale = ((n.to(torch.int32) + (MASS_BITS + 127)) << 23).view(_F32)  # 2**(n + 40), n + 40 >= -24
