@@ -108,9 +108,10 @@ def guided_sample_ref(
 
 
 def _warp(a):
-    """Steps 1-3 for every row: ``(x, x_max, kept, greedy, ok, inputs, seed, offset)``: the scaled scores
-    ``x`` [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows,
-    the rows without NaN/inf or bad parameters, the inputs cut to V, and the keys as [N] tensors."""
+    """Steps 1-3 for every row: ``(x, x_max, kept, greedy, filtered, ok, inputs, seed, offset)``: the scaled
+    scores ``x`` [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows,
+    the sampled rows with a filter active, the rows without NaN/inf or bad parameters, the inputs cut to V,
+    and the keys as [N] tensors."""
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
     inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
@@ -139,9 +140,11 @@ def _warp(a):
     ok &= x_max > -math.inf
 
     neg_inf = torch.full_like(x_max, -math.inf)
+    filtered = torch.zeros_like(greedy)
     if a.any_filter_possible:
         x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
         k_on = (k > 0) & (k < v)
+        filtered = ~greedy & (k_on | (p < 1) | (m > 0))
         tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
         kept_k = x_sorted >= tau_k.unsqueeze(1)
         mass = torch.where(kept_k, mass_int((x_sorted - x_max.unsqueeze(1)).float()), 0)  # int64 [N, V]
@@ -155,13 +158,13 @@ def _warp(a):
     else:
         tau = neg_inf
     kept = x >= tau.unsqueeze(1)  # [N, V]
-    return x, x_max, kept, greedy, ok, inputs, seed, offset
+    return x, x_max, kept, greedy, filtered, ok, inputs, seed, offset
 
 
 def warped_probs(a) -> torch.Tensor:
     """The distribution step 4 draws from, float64 ``[N, V]``: ``softmax(x)`` over the kept tokens, or
     for a greedy row all its mass on the first index of ``max z``; NaN rows where ``ok`` is False."""
-    x, x_max, kept, greedy, ok, _, _, _ = _warp(a)
+    x, x_max, kept, greedy, _, ok, _, _, _ = _warp(a)
     w = torch.where(kept, torch.exp((x - x_max.unsqueeze(1)).double()), 0.0)
     p = w / w.sum(dim=1, keepdim=True)
     first = torch.nn.functional.one_hot(x.argmax(dim=1), x.shape[1]).double()  # argmax: the first maximum
@@ -187,18 +190,13 @@ def _granule_tokens(x, kept, x_max, seed, offset):
 
 
 def _guided_sample_ref(a) -> SampleOutput:
-    x, x_max, kept, greedy, ok, inputs, seed, offset = _warp(a)
-    n, v, dev = a.num_rows, a.vocab_size, a.logits.device
+    x, x_max, kept, greedy, filtered, ok, inputs, seed, offset = _warp(a)
+    n, dev = a.num_rows, a.logits.device
     cdt = x.dtype
     tokens = x.argmax(dim=1)  # greedy rows: the first max
     sampled = ~greedy
-    if a.any_filter_possible:
-        k, p, m = (row_tensor(val, n, dt, dev) for val, dt in
-                   ((a.top_k, torch.int64), (a.top_p, cdt), (a.min_p, cdt)))
-        filtered = sampled & (((k > 0) & (k < v)) | (p < 1) | (m > 0))
-    else:
-        filtered = torch.zeros_like(greedy)
-    for rows_mask, draw in ((filtered, _gumbel_max), (sampled & ~filtered, _granule_tokens)):
+    draws = [(sampled & ~filtered, _granule_tokens)] + ([(filtered, _gumbel_max)] if a.any_filter_possible else [])
+    for rows_mask, draw in draws:
         # On the CPU only the rows that need a draw compute it; elsewhere every row does (no host read).
         rows = rows_mask.nonzero().squeeze(1) if dev.type == "cpu" else None
         if rows is None or rows.numel() == n:
