@@ -10,14 +10,14 @@ Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per ro
 fills the GPU): per slice, each input's max and sum-exp, the combined score
 ``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and first argmax, each granule's max ``a_g`` and
 integer mass ``sum mass_int(x - a_g)`` (no random numbers), and (when filters may be active) the
-slice's top-C of ``x`` packed with the token id in an int64 key. Maxima propagate NaN, so bad rows
-need no per-element checks.
+slice's top-C candidates (sorted on a 32-bit key, stored with their exact keys) and a bound on every
+other token's key. Maxima propagate NaN, so bad rows need no per-element checks.
 
 Stage 2, grid ``N``: merges the partials. A row without filters draws by the inverse CDF in two
 levels (a granule from the granule masses, then a token of that granule, whose masses it recomputes
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
 integer key over the candidates, proves the kept set lies in the candidates (every threshold above
-every slice's C-th value, and the top-p total known exactly) or falls back to exact full-row passes,
+every slice's bound, and the top-p total known exactly) or falls back to exact full-row passes,
 then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
@@ -227,9 +227,10 @@ def _stage1_kernel(
 ):
     """One slice of one row, read once: per-input stats, the granules' max and integer mass, top-C candidates.
 
-    ``part_f[part]`` = (max_0..max_G, sumexp_0..sumexp_G, max x), ``part_i[part]`` = (first index of
-    max x, cut: a bound on the key of every token not among the candidates); ``part_g``/``part_m`` [row * NG + granule] = the granule's max x and
-    sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
+    ``part_f[part]`` = (max_0..max_G, sumexp_0..sumexp_G, max x); ``part_i[part]`` = (first index of
+    max x, written for greedy rows; the cut, a bound on the key of every token not among the
+    candidates); ``part_g``/``part_m[row * NG + granule]`` = the granule's max x and, for sampled
+    rows, its sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
@@ -265,8 +266,7 @@ def _stage1_kernel(
     g_mask = g_idx < NG
     tl.store(part_g + row * NG + g_idx, a, mask=g_mask)
     if sampling:
-        live = a > NEG_INF
-        mass = _mass_int(tl.where(live[:, None], x - a[:, None], NEG_INF))
+        mass = _mass_int(x - a[:, None])  # a granule of -inf gives NaN here, and mass_int(NaN) = 0
         tl.store(part_m + row * NG + g_idx, tl.sum(mass, 1), mask=g_mask)
     else:
         tl.store(part_i + part * 2, tl.min(tl.min(tl.where(x == amax, cols, INT32_MAX), 1), 0))
