@@ -77,8 +77,8 @@ def guided_sample(
 
 
 def _kernel_args(a: SampleArgs):
-    """What both kernel launchers take: ``weight_rows`` (float32 ``[N, G]`` when any weight is a tensor,
-    else None), ``weight_scalars``, and each per-row parameter as a ``(tensor or None, scalar)`` pair."""
+    """What the Triton launcher (and its op) takes: ``weight_rows`` (float32 ``[N, G]`` when any weight is a
+    tensor, else None), ``weight_scalars``, and each per-row parameter as a ``(tensor or None, scalar)`` pair."""
     n = a.num_rows
 
     def split(value):

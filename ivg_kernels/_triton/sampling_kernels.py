@@ -81,6 +81,18 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _philox_words(seed, offset, c0):
+    """The four words of the Philox call at counter ``(c0, offset lo, offset hi, 0)`` with key ``seed``
+    (reference/philox.py), for a uint32 tensor of ``c0``: the stream of every draw."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = c0 * 0
+    return _philox4x32(c0, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+
+
+@triton.jit
 def _plog(x):
     """log of positive normal float32 from IEEE operations only (reference/portable.py: plog)."""
     bits = x.to(tl.int32, bitcast=True)
@@ -131,13 +143,7 @@ def _gumbel_from_word(w):
 @triton.jit
 def _gumbel_tile(seed, offset, start, BLOCK: tl.constexpr):
     """Gumbel noise for tokens start .. start+BLOCK-1 (start a multiple of 4): one Philox call per 4 tokens."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
-    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    q = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-    zero = q * 0
-    w0, w1, w2, w3 = _philox4x32(q, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w0, w1, w2, w3 = _philox_words(seed, offset, (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32))
     w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK])  # token 4i+j takes word j
     return _gumbel_from_word(w)
 
@@ -145,13 +151,7 @@ def _gumbel_tile(seed, offset, start, BLOCK: tl.constexpr):
 @triton.jit
 def _gumbel_at(seed, offset, idx):
     """Gumbel noise at arbitrary token ids ``idx`` (int64, >= 0)."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
-    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    q = (idx >> 2).to(tl.uint32)
-    zero = q * 0
-    w0, w1, w2, w3 = _philox4x32(q, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w0, w1, w2, w3 = _philox_words(seed, offset, (idx >> 2).to(tl.uint32))
     lane = idx & 3
     w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
     return _gumbel_from_word(w)
@@ -306,13 +306,7 @@ def _merged_lse(part_f, base, s, smask, j, NIN: tl.constexpr):
 @triton.jit
 def _draw_uniforms(seed, offset):
     """The row's two float64 uniforms in [0, 1) (reference/sampling.py: draw_uniforms): one Philox call."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
-    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = tl.full([1], _DRAW_COUNTER, tl.uint32)
-    zero = c0 * 0
-    w0, w1, w2, w3 = _philox4x32(c0, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w0, w1, w2, w3 = _philox_words(seed, offset, tl.full([1], _DRAW_COUNTER, tl.uint32))
     u1 = ((w0.to(tl.int64) << 21) | (w1.to(tl.int64) >> 11)).to(tl.float64) * 1.1102230246251565e-16  # 2**-53
     u2 = ((w2.to(tl.int64) << 21) | (w3.to(tl.int64) >> 11)).to(tl.float64) * 1.1102230246251565e-16
     return tl.sum(u1, 0), tl.sum(u2, 0)

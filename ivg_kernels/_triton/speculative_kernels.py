@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling_kernels import _philox4x32
+from .sampling_kernels import _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
 
@@ -29,13 +29,7 @@ SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
 @triton.jit
 def _spec_uniform(seed, offset, LANE: tl.constexpr):
     """The uniform of word LANE of the speculative counter for key (seed, offset), as float64."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    o0 = (offset & 0xFFFFFFFF).to(tl.uint32)
-    o1 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = tl.full([1], SPEC_C0, tl.uint32)
-    zero = c0 * 0
-    w0, w1, w2, w3 = _philox4x32(c0, zero + o0, zero + o1, zero, zero + k0, zero + k1)
+    w0, w1, w2, w3 = _philox_words(seed, offset, tl.full([1], SPEC_C0, tl.uint32))
     w = w0 if LANE == 0 else (w1 if LANE == 1 else (w2 if LANE == 2 else w3))
     u = ((w >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
     return tl.sum(u.to(tl.float64), 0)

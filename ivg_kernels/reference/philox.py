@@ -105,10 +105,6 @@ def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tens
     token_ids = token_ids.to(torch.int64)
     if token_ids.dim() == 1:
         token_ids = token_ids.unsqueeze(0)
-    k0 = seed & _MASK32
-    k1 = (seed >> 32) & _MASK32
-    c1 = offset & _MASK32
-    c2 = (offset >> 32) & _MASK32
     m = token_ids.shape[1]
     # One Philox call per 4 tokens when the ids are a range from a multiple of 4 (a row's vocabulary),
     # checked on the CPU only: on a GPU the check would wait for the device, and the other path gives
@@ -118,14 +114,17 @@ def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tens
     )
     if contiguous_range:  # one Philox call per 4 consecutive tokens
         c0 = (token_ids[:, 0:1] >> 2) + torch.arange((m + 3) // 4, device=token_ids.device)  # [1, ceil(M/4)]
-        c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
-        words = philox4x32(c0, c1, c2, torch.zeros_like(c0), k0, k1)
-        return torch.stack(words, dim=-1).flatten(-2)[:, :m]  # token 4i+j takes word j
-    c0 = token_ids >> 2
-    c0, c1, c2 = torch.broadcast_tensors(c0, c1, c2)
-    words = philox4x32(c0, c1, c2, torch.zeros_like(c0), k0, k1)
-    lane = (token_ids & 3).expand_as(c0)
-    return torch.stack(words, dim=-1).gather(-1, lane.unsqueeze(-1)).squeeze(-1)
+        return torch.stack(philox_call(seed, offset, c0), dim=-1).flatten(-2)[:, :m]  # token 4i+j takes word j
+    words = torch.stack(philox_call(seed, offset, token_ids >> 2), dim=-1)  # [N, M, 4]
+    lane = (token_ids & 3).expand(words.shape[:-1])
+    return words.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
+
+
+def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
+    """The four words (int64 tensors) of the Philox call at counter ``(c0, offset mod 2**32,
+    (offset >> 32) mod 2**32, 0)`` with key ``seed``, all three broadcast together: every draw's stream."""
+    seed, offset = seed.to(torch.int64), offset.to(torch.int64)
+    return philox4x32(c0, offset & _MASK32, (offset >> 32) & _MASK32, 0, seed & _MASK32, (seed >> 32) & _MASK32)
 
 
 def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
-from .philox import gumbel_noise, philox4x32
+from .philox import gumbel_noise, philox_call
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
 
 
@@ -62,9 +62,7 @@ def draw_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
     """The two uniforms of a row's inverse-CDF draw, float64 ``[N]`` in ``[0, 1)`` with 53 random bits each:
     one Philox call at counter ``(DRAW_COUNTER, offset lo, offset hi, 0)``, words ``(w0, w1)`` and
     ``(w2, w3)`` as ``(w0 * 2**21 + (w1 >> 11)) * 2**-53``."""
-    seed, offset = seed.to(torch.int64), offset.to(torch.int64)
-    mask = 0xFFFFFFFF
-    w0, w1, w2, w3 = philox4x32(DRAW_COUNTER, offset & mask, (offset >> 32) & mask, 0, seed & mask, (seed >> 32) & mask)
+    w0, w1, w2, w3 = philox_call(seed, offset, DRAW_COUNTER)
     return ((w0 << 21) | (w1 >> 11)).double() * 2.0 ** -53, ((w2 << 21) | (w3 >> 11)).double() * 2.0 ** -53
 
 
