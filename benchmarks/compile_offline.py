@@ -27,14 +27,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+class _Recorder:
+    """Stands for a compiled kernel's launcher: records each launch instead of making it."""
+
+    def __init__(self, name: str, launches: list):
+        self.name, self.launches = name, launches
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        if self.launches is not None:  # compile-only mode drops the launches of kernels already compiled
+            self.launches.append((self.name, (gx, gy, gz), args))
+
+
 class _OfflineDriver:
     """A Triton driver that targets ``arch`` and has no device: enough for the JIT to specialise and
-    compile, never to launch (launches are turned into compile-only warm-ups)."""
+    compile. With ``launches`` (a list), kernels load as stand-ins and each launch is recorded there
+    (name, grid, arguments as the launcher receives them); without it, nothing may launch."""
 
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, launches: list | None = None):
+        import types
+
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", arch, 32)
+        self.launcher_cls = lambda src, metadata: _Recorder(metadata.name, launches)
+        self.utils = types.SimpleNamespace(
+            get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132},
+            load_binary=lambda name, kernel, shared, device: (0, 0, 0, 0, 1024),  # module, function, regs, ...
+        )
 
     def get_current_target(self):
         return self.target
@@ -52,9 +71,10 @@ class _OfflineDriver:
 
 
 @contextlib.contextmanager
-def offline_target(arch: int = 90):
-    """Within this block every ``kernel[grid](...)`` compiles for ``arch`` and launches nothing; yields the
-    list that collects ``(kernel name, compiled kernel)`` per launch."""
+def offline_target(arch: int = 90, launches: list | None = None):
+    """Within this block every ``kernel[grid](...)`` compiles for ``arch``; yields the list that collects
+    ``(kernel name, compiled kernel)`` per compilation or launch. Without ``launches`` nothing launches
+    (launches become compile-only warm-ups); with it, launches are recorded there (see _OfflineDriver)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -65,12 +85,12 @@ def offline_target(arch: int = 90):
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         touched.add(self)
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = run(self, *args, grid=grid, warmup=warmup or launches is None, **kwargs)
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
     active = driver._active
-    driver.set_active(_OfflineDriver(arch))
+    driver.set_active(_OfflineDriver(arch, launches))
     JITFunction.run = compile_only
     try:
         yield compiled
@@ -79,6 +99,12 @@ def offline_target(arch: int = 90):
         driver._active = active
         for fn in touched:  # their binders and caches hold the offline target: rebuilt on the next real launch
             fn.device_caches.clear()
+        for _, kernel in compiled:  # loaded as stand-ins: nothing for the real driver to unload
+            if kernel is not None:
+                kernel.module = None
+        from ivg_kernels._triton import launch
+
+        launch._LAUNCHERS.clear()  # the direct launchers' kernels were compiled for the offline target
 
 
 def resources(kernel) -> dict:

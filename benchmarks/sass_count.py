@@ -45,8 +45,11 @@ def _signature(fn, nin: int, v_div16: bool):
                 attrs[(idx,)] = div16
         elif name.isupper():
             sig[name] = "constexpr"
+        elif name.startswith("off_"):  # byte offsets in the scratch allocation: multiples of 16
+            sig[name] = "i32"
+            attrs[(idx,)] = div16
         else:  # pointers
-            sig[name] = {"part_m": "*i64", "part_cand": "*i64", "part_i": "*i32"}.get(name, "*fp32")
+            sig[name] = {"ws": "*u8"}.get(name, "*fp32")
             attrs[(idx,)] = div16
     return sig, attrs
 

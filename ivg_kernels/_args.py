@@ -84,6 +84,9 @@ def _check_row_tensor(name: str, t: torch.Tensor, n: int, device, integer: bool)
 
 
 def _scalar(name: str, value, integer: bool):
+    kind = type(value)
+    if kind is int or (kind is float and not integer and math.isfinite(value)):  # the common case, fast
+        return value if integer else float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(name, value, "an int" if integer else "a float")
     if integer and not isinstance(value, numbers.Integral):

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, direct, next_power_of_2
+
 
 @triton.jit
 def _write_kv_kernel(key, value, k_cache, v_cache, slots, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -285,14 +287,10 @@ def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
     t, h, d = key.shape
     if t == 0:
         return
-    (wrap or _direct)(_write_kv_kernel)[(t,)](
+    (wrap or direct)(_write_kv_kernel)[(t,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        H=h, D=d, BLOCK=triton.next_power_of_2(h * d),
+        H=h, D=d, BLOCK=next_power_of_2(h * d),
     )
-
-
-def _direct(kernel):
-    return kernel
 
 
 @torch.library.triton_op("ivg_kernels::write_kv", mutates_args={"k_cache", "v_cache"})
@@ -305,15 +303,15 @@ def write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
 
 def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
     """Split the KV length until the grid fills the GPU, keeping at least 4 tiles per split."""
-    tiles = triton.cdiv(max(max_len, 1), block_n)
-    want = triton.cdiv(_TARGET_PROGRAMS, max(n * h_kv, 1))
+    tiles = cdiv(max(max_len, 1), block_n)
+    want = cdiv(_TARGET_PROGRAMS, max(n * h_kv, 1))
     return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
 
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
                                   num_splits: int, wrap=None) -> torch.Tensor:
     """Decode attention: the split kernel, then (with more than one split) the reduce kernel."""
-    launch = wrap or _direct
+    launch = wrap or direct
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
@@ -323,24 +321,24 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     block_n = 64 if bs >= 64 else max(16, bs)
     max_len = block_table.shape[1] * bs
     splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
-    chunk = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
-    direct = splits == 1
-    parts = 1 if direct else n * h * splits
+    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
+    one_split = splits == 1
+    parts = 1 if one_split else n * h * splits
     part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
-    dp = max(16, triton.next_power_of_2(d))
+    dp = max(16, next_power_of_2(d))
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
-        H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q), DIRECT=direct,
+        H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q), DIRECT=one_split,
     )
-    if direct:
+    if one_split:
         return out
     launch(_decode_reduce_kernel)[(n * h,)](
         part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
-        D=d, DP=dp, SP=max(2, triton.next_power_of_2(splits)),
+        D=d, DP=dp, SP=max(2, next_power_of_2(splits)),
     )
     return out
 
@@ -358,7 +356,7 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
                                    scale: float, window: int, wrap=None) -> torch.Tensor:
     """Ragged prefill/extend attention: one program per (sequence, head, query tile)."""
-    launch = wrap or _direct
+    launch = wrap or direct
     t, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
@@ -366,10 +364,10 @@ def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, c
     if t == 0 or b == 0:
         return out
     block_m = 16
-    launch(_prefill_kernel)[(b, h, triton.cdiv(max(max_seqlen_q, 1), block_m))](
+    launch(_prefill_kernel)[(b, h, cdiv(max(max_seqlen_q, 1), block_m))](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
-        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
+        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, next_power_of_2(d)), BS=bs,
         BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
     )
     return out
@@ -390,7 +388,7 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
                                           wrap=None) -> torch.Tensor:
     """Shared-prefix decode attention: the prefix kernel per (group, KV head x query tile, split), then
     the suffix kernel per (row, KV head), which merges the prefix partials."""
-    launch = wrap or _direct
+    launch = wrap or direct
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
@@ -399,15 +397,15 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
         return out
     group = h // h_kv
     block_n = 64 if bs >= 64 else max(16, bs)
-    block_m = min(64, max(16, triton.next_power_of_2(max(max_group_rows, 1) * group)))
+    block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
     max_len = block_table.shape[1] * bs
-    m_tiles = triton.cdiv(max(max_group_rows, 1) * group, block_m)
+    m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
     splits = num_splits if num_splits > 0 else _num_splits(groups * m_tiles, h_kv, max_len, block_n)
-    chunk = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
+    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
     part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
-    dp = max(16, triton.next_power_of_2(d))
+    dp = max(16, next_power_of_2(d))
     ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
     launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
@@ -418,7 +416,7 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     launch(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
-        H_KV=h_kv, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
+        H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
         IEEE=ieee, F32=f32,
     )
     return out

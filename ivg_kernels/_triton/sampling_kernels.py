@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
+from .launch import cdiv, direct, next_power_of_2
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -217,10 +218,19 @@ def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
+@triton.jit
+def _workspace(ws, off_i, off_g, off_m, off_cand):
+    """The stages' scratch buffers inside one allocation ``ws`` (bytes; offsets multiples of 16, from
+    ``workspace_layout``): part_f float32, part_i int32, part_g float32, part_m int64, part_cand int64."""
+    return (ws.to(tl.pointer_type(tl.float32)), (ws + off_i).to(tl.pointer_type(tl.int32)),
+            (ws + off_g).to(tl.pointer_type(tl.float32)), (ws + off_m).to(tl.pointer_type(tl.int64)),
+            (ws + off_cand).to(tl.pointer_type(tl.int64)))
+
+
 @triton.jit(do_not_specialize=["t_val"])
 def _stage1_kernel(
     inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val,
-    part_f, part_i, part_g, part_m, part_cand,
+    ws, off_i, off_g, off_m, off_cand,
     V, S, NG,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
     FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, GR: tl.constexpr,
@@ -231,6 +241,7 @@ def _stage1_kernel(
     max x, written for greedy rows; the cut, a bound on the key of every token not among the
     candidates); ``part_g``/``part_m[row * NG + granule]`` = the granule's max x and, for sampled
     rows, its sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
+    part_f, part_i, part_g, part_m, part_cand = _workspace(ws, off_i, off_g, off_m, off_cand)
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
@@ -416,7 +427,7 @@ def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row,
 def _stage2_kernel(
     inputs, strides, w_vals, w_ptr, w_stride,
     t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, mp_ptr, mp_val, seed_ptr, seed_val, off_ptr, off_val,
-    part_f, part_i, part_g, part_m, part_cand,
+    ws, off_i, off_g, off_m, off_cand,
     out_tokens, out_logprob, out_lse, out_in_logprobs, out_in_logits, out_ok,
     V, S, NG,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr, K_TENSOR: tl.constexpr,
@@ -425,6 +436,7 @@ def _stage2_kernel(
     G_PAD: tl.constexpr,
 ):
     """One row: merge the slices, apply the filters, draw, gather per-input values at the token."""
+    part_f, part_i, part_g, part_m, part_cand = _workspace(ws, off_i, off_g, off_m, off_cand)
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, S_PAD)
     smask = s < S
@@ -555,9 +567,9 @@ _MIN_PROGRAMS = 264  # two waves of a 132-SM H100: keep N=1 from running on a fe
 def pick_block(n: int, v: int) -> int:
     """Slice width: the widest that still gives enough programs to fill the GPU."""
     for block in (4096, 2048, 1024):
-        if n * triton.cdiv(v, block) >= _MIN_PROGRAMS:
+        if n * cdiv(v, block) >= _MIN_PROGRAMS:
             return block
-    return max(16, min(1024, triton.next_power_of_2(v)))
+    return max(16, min(1024, next_power_of_2(v)))
 
 
 MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate keys
@@ -566,7 +578,19 @@ MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate
 def slice_width(block: int, v: int) -> int:
     """A slice holds whole granules (reference GRANULE): at least one, or the whole row when it is narrower;
     at most MAX_BLOCK tokens."""
-    return min(max(block, min(GRANULE, triton.next_power_of_2(v)), 16), MAX_BLOCK)
+    return min(max(block, min(GRANULE, next_power_of_2(v)), 16), MAX_BLOCK)
+
+
+def workspace_layout(n: int, s: int, ng: int, nin: int, c: int) -> tuple[tuple[int, int, int, int], int]:
+    """Byte offsets of part_i, part_g, part_m and part_cand in the scratch allocation (part_f at 0), and its
+    size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule a
+    float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry)."""
+    sizes = (n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8)
+    offsets, at = [], 0
+    for size in sizes:
+        offsets.append(at)
+        at += -(-size // 16) * 16  # each buffer starts on 16 bytes
+    return tuple(offsets[1:]), at
 
 
 def _param(t, scalar, dtype):
@@ -617,8 +641,8 @@ def launch_guided_sample(
     block = slice_width(block, v)
     gr = min(GRANULE, block)
     c = min(MAX_CANDIDATES, block)
-    s = triton.cdiv(v, block)
-    ng = triton.cdiv(v, GRANULE)
+    s = cdiv(v, block)
+    ng = cdiv(v, GRANULE)
     w_vals = (*weight_scalars, *([0.0] * (6 - len(weight_scalars))))
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
@@ -629,12 +653,9 @@ def launch_guided_sample(
     sd_ptr, sd_val, sd_ten = _param(seed, seed_s, torch.int64)
     of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
 
+    offsets, size = workspace_layout(n, s, ng, nin, c if filters else 0)
+    ws = torch.empty((size,), dtype=torch.uint8, device=dev)  # the stages' scratch, one allocation
     f32 = torch.float32
-    part_f = torch.empty((n * s, 2 * nin + 1), dtype=f32, device=dev)  # per-input stats, max x (stage 1)
-    part_i = torch.empty((n * s, 2), dtype=torch.int32, device=dev)
-    part_g = torch.empty((n * ng,), dtype=f32, device=dev)  # the granules' max x
-    part_m = torch.empty((n * ng,), dtype=torch.int64, device=dev)  # ... and integer mass
-    part_cand = torch.empty((n * s * c if filters else 1,), dtype=torch.int64, device=dev)
     tokens = torch.empty((n,), dtype=torch.int64, device=dev)
     logprob = torch.empty((n,), dtype=f32, device=dev)
     lse = torch.empty((n, nin), dtype=f32, device=dev)
@@ -648,24 +669,24 @@ def launch_guided_sample(
         return dummy if x is None else x
 
     w_ten = weight_rows is not None
-    _stage1_kernel[(n * s,)](
+    direct(_stage1_kernel)[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
-        part_f, part_i, part_g, part_m, part_cand,
+        ws, *offsets,
         v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten,
         FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
     )
-    _stage2_kernel[(n,)](
+    direct(_stage2_kernel)[(n,)](
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
         ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        part_f, part_i, part_g, part_m, part_cand,
+        ws, *offsets,
         tokens, logprob, lse, in_logprobs, in_logits, ok,
         v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
         MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, GR=gr, S_PAD=triton.next_power_of_2(s),
-        G_PAD=triton.next_power_of_2(ng), num_warps=4, enable_fp_fusion=False,
+        FILTER=filters, C=c, BLOCK=block, GR=gr, S_PAD=next_power_of_2(s),
+        G_PAD=next_power_of_2(ng), num_warps=4, enable_fp_fusion=False,
     )
     return tokens, logprob, lse, in_logprobs, in_logits, ok
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import direct, next_power_of_2
 from .sampling_kernels import _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
@@ -196,10 +197,10 @@ def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list,
     if r == 0:
         return out_n, out_tok, out_ok
     greedy = temperature == 0
-    _verify_kernel[(r,)](
+    direct(_verify_kernel)[(r,)](
         flat, tuple(x.stride(0) for x in flat), tuple(float(w) for w in weights) + (0.0,), (q,), (q.stride(0),),
         (0.0,), d, d.stride(0), num_draft, seed, offset, offset.stride(0), float(temperature) if not greedy else 1.0,
         vocab_size, s, s, out_n, out_tok, out_ok,
-        NIN=len(flat), GREEDY=greedy, BLOCK=min(block, triton.next_power_of_2(vocab_size)), enable_fp_fusion=False,
+        NIN=len(flat), GREEDY=greedy, BLOCK=min(block, next_power_of_2(vocab_size)), enable_fp_fusion=False,
     )
     return out_n, out_tok, out_ok

@@ -1,0 +1,115 @@
+"""Host time of eager kernel calls, measured without a GPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_host.py [--record]
+
+An eager call's host work (argument checks, allocations, Triton's argument binding, the launch) is
+plain Python and C++ on the CPU, the same with or without a GPU, except the driver's launch call
+itself and CUDA allocations. This runs the real launchers on CPU tensors with the kernels compiled
+for sm_90 and a stand-in driver that records each launch instead of making it
+(benchmarks/compile_offline.py), and times them per call: through the direct launches the launchers
+use (``ivg_kernels/_triton/launch.py``) and through Triton's ``kernel[grid]``, beside an empty torch op
+(``torch.empty(1).add_(1)``) on the CPU in the same run. On a GPU add the driver's launch (a few
+microseconds per kernel) and CUDA's allocator; ``bench_sampling``/``bench_kv`` measure that there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import append_results, commit, now  # noqa: E402
+
+
+def _per_call_us(fn, launches: list, reps: int = 2000, rounds: int = 5) -> float:
+    """Median over rounds of the mean microseconds per call (recorded launches dropped each call)."""
+    for _ in range(100):
+        fn()
+        launches.clear()
+    means = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+            launches.clear()
+        means.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(means)
+
+
+def cases():
+    """``(benchmark, shape, thunk, kernel modules whose ``direct`` the Triton-path run replaces)``."""
+    from ivg_kernels import sampling
+    from ivg_kernels._args import prepare_sample_args
+    from ivg_kernels._triton import attention_kernels as ak
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    v = 151936
+    for n in (1, 64):
+        x = [torch.zeros(n, v, dtype=torch.bfloat16) for _ in range(3)]
+        for filters in (False, True):
+            def call(x=x, filters=filters):
+                a = prepare_sample_args(x[0], [(x[1], 1.0), (x[2], -1.0)], 0.7, 50 if filters else 0,
+                                        0.9 if filters else 1.0, 0.0, 1, 3, None)
+                return sampling._guided_sample_triton(a)
+            yield ("guided_sample", f"N={n},V={v},inputs=3,filters={'top_k=50,top_p=0.9' if filters else 'none'}",
+                   call, (sk,))
+    h, h_kv, d, bs = 32, 8, 128, 16
+    kc = torch.zeros(256, bs, h_kv, d, dtype=torch.bfloat16)
+    for n in (1, 16):
+        q = torch.zeros(n, h, d, dtype=torch.bfloat16)
+        table, lens = torch.zeros(n, 64, dtype=torch.int32), torch.full((n,), 1024, dtype=torch.int32)
+        yield ("paged_decode_attention", f"N={n},L=1024,heads={h}/{h_kv},D={d},block={bs}",
+               lambda q=q, table=table, lens=lens: ak.launch_paged_decode_attention(q, kc, kc, table, lens, d ** -0.5,
+                                                                                  0, 0), (ak,))
+    key = torch.zeros(16, h_kv, d, dtype=torch.bfloat16)
+    slots = torch.arange(16)
+    yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}", lambda: ak.launch_write_kv(kc, kc, key, key, slots), (ak,))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", action="store_true", help="append the rows to benchmarks/results.csv")
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    import compile_offline as co
+    from ivg_kernels._triton import launch
+
+    empty = _per_call_us(lambda: torch.empty(1).add_(1), [])
+    device = f"cpu host path, launches stubbed ({os.cpu_count()} cores, 1 thread)"
+    rows, stamp, rev = [], now(), commit()
+    print(f"empty torch op (CPU): {empty:.1f} us per call")
+    rows.append(dict(date=stamp, commit=rev, device=device, benchmark="host-eager", provider="empty-torch-op",
+                     shape="torch.empty(1).add_(1)", dtype="float32", median_us=f"{empty:.1f}", speedup="1.00"))
+    for bench, shape, fn, modules in cases():
+        launches = []
+        with co.offline_target(90, launches):
+            fn()  # compile (or load from Triton's cache)
+            direct = _per_call_us(fn, launches)
+            for m in modules:
+                m.direct = lambda f: f
+            try:
+                fn()
+                triton_path = _per_call_us(fn, launches)
+            finally:
+                for m in modules:
+                    m.direct = launch.direct
+        print(f"{bench:<24} {shape:<60} direct {direct:6.1f} us, kernel[grid] {triton_path:6.1f} us "
+              f"({triton_path / direct:.2f}x), {direct / empty:.1f}x an empty torch op")
+        for provider, us in (("direct-launch", direct), ("triton-kernel[grid]", triton_path)):
+            rows.append(dict(date=stamp, commit=rev, device=device, benchmark=f"host-eager-{bench}", provider=provider,
+                             shape=shape, dtype="bfloat16", median_us=f"{us:.1f}", speedup=f"{triton_path / us:.2f}"))
+    if args.record:
+        append_results(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
