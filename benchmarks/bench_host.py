@@ -4,8 +4,8 @@
 
 An eager call's host work (argument checks, allocations, Triton's argument binding, the launch) is
 plain Python and C++ on the CPU, the same with or without a GPU, except the driver's launch call
-itself and CUDA allocations. This runs the real launchers on CPU tensors with the kernels compiled
-for sm_90 and a stand-in driver that records each launch instead of making it
+itself and CUDA allocations. This runs the public functions (their checks, dispatch and launchers) on CPU
+tensors with the kernels compiled for sm_90 and a stand-in driver that records each launch instead of making it
 (benchmarks/compile_offline.py), and times them per call: through the direct launches the launchers
 use (``ivg_kernels/_triton/launch.py``) and through Triton's ``kernel[grid]``, beside an empty torch op
 (``torch.empty(1).add_(1)``) on the CPU in the same run. On a GPU add the driver's launch (a few
@@ -14,6 +14,7 @@ microseconds per kernel) and CUDA's allocator; ``bench_sampling``/``bench_kv`` m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -43,21 +44,34 @@ def _per_call_us(fn, launches: list, reps: int = 2000, rounds: int = 5) -> float
     return statistics.median(means)
 
 
+@contextlib.contextmanager
+def _public_calls_on_cpu():
+    """Let the public functions take ``backend="triton"`` with CPU tensors: they accept that only under
+    the interpreter, which they read from ``TRITON_INTERPRET`` at call time, while the kernels, decorated
+    at import without it, stay compiled ones (bf16 attention then takes its float32-dot variant, as
+    interpreted runs do: the same host work)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
 def cases():
     """``(benchmark, shape, thunk, kernel modules whose ``direct`` the Triton-path run replaces)``."""
-    from ivg_kernels import sampling
-    from ivg_kernels._args import prepare_sample_args
     from ivg_kernels._triton import attention_kernels as ak
     from ivg_kernels._triton import sampling_kernels as sk
+
+    import ivg_kernels
 
     v = 151936
     for n in (1, 64):
         x = [torch.zeros(n, v, dtype=torch.bfloat16) for _ in range(3)]
         for filters in (False, True):
             def call(x=x, filters=filters):
-                a = prepare_sample_args(x[0], [(x[1], 1.0), (x[2], -1.0)], 0.7, 50 if filters else 0,
-                                        0.9 if filters else 1.0, 0.0, 1, 3, None)
-                return sampling._guided_sample_triton(a)
+                return ivg_kernels.guided_sample(x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7,
+                                                 top_k=50 if filters else 0, top_p=0.9 if filters else 1.0,
+                                                 seed=1, offset=3, backend="triton")
             yield ("guided_sample", f"N={n},V={v},inputs=3,filters={'top_k=50,top_p=0.9' if filters else 'none'}",
                    call, (sk,))
     h, h_kv, d, bs = 32, 8, 128, 16
@@ -66,11 +80,12 @@ def cases():
         q = torch.zeros(n, h, d, dtype=torch.bfloat16)
         table, lens = torch.zeros(n, 64, dtype=torch.int32), torch.full((n,), 1024, dtype=torch.int32)
         yield ("paged_decode_attention", f"N={n},L=1024,heads={h}/{h_kv},D={d},block={bs}",
-               lambda q=q, table=table, lens=lens: ak.launch_paged_decode_attention(q, kc, kc, table, lens, d ** -0.5,
-                                                                                  0, 0), (ak,))
+               lambda q=q, table=table, lens=lens: ivg_kernels.paged_decode_attention(
+                   q, kc, kc, table, lens, scale=d ** -0.5, backend="triton"), (ak,))
     key = torch.zeros(16, h_kv, d, dtype=torch.bfloat16)
     slots = torch.arange(16)
-    yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}", lambda: ak.launch_write_kv(kc, kc, key, key, slots), (ak,))
+    yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}",
+           lambda: ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton"), (ak,))
 
 
 def main(argv=None) -> int:
@@ -90,7 +105,7 @@ def main(argv=None) -> int:
                      shape="torch.empty(1).add_(1)", dtype="float32", median_us=f"{empty:.1f}", speedup="1.00"))
     for bench, shape, fn, modules in cases():
         launches = []
-        with co.offline_target(90, launches):
+        with co.offline_target(90, launches), _public_calls_on_cpu():
             fn()  # compile (or load from Triton's cache)
             direct = _per_call_us(fn, launches)
             for m in modules:
