@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     from ivg_kernels._triton import launch
 
     empty = _per_call_us(lambda: torch.empty(1).add_(1), [])
-    device = f"cpu host path, launches stubbed ({os.cpu_count()} cores, 1 thread)"
+    import triton
+
+    device = f"cpu host path, launches stubbed, Triton {triton.__version__} ({os.cpu_count()} cores, 1 thread)"
     rows, stamp, rev = [], now(), commit()
     print(f"empty torch op (CPU): {empty:.1f} us per call")
     rows.append(dict(date=stamp, commit=rev, device=device, benchmark="host-eager", provider="empty-torch-op",

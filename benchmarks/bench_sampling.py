@@ -118,7 +118,8 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
         gen = None if graph else torch.Generator(device=device).manual_seed(0)  # graphs take the default one
         return lambda: torch_composition(base, tune, ref, 1.0, cfg, gen)
     if kind == "reference":
-        a = prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"], 0.0, seed, offset, None)
+        a = prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"], cfg.get("min_p", 0.0),
+                                seed, offset, None)
         return lambda: _guided_sample_ref(a)
     if kind == "triton":
         import ivg_kernels
