@@ -107,9 +107,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     if value.shape[0] != key.shape[0]:
         _fail("value", value, f"{key.shape[0]} tokens, like key")
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
-    if attention_backend(backend, k_cache) == "reference":
-        return ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
-    _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
+    run_write_kv(attention_backend(backend, k_cache), k_cache, v_cache, key, value, slot_mapping)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
@@ -134,12 +132,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     _check_q(q, k_cache, 3)
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
     _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
-    scale, window = _check_scale_window(scale, sliding_window)
-    if attention_backend(backend, q) == "reference":
-        return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
-                                              sliding_window=sliding_window)
-    return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale, window,
-                   int(num_splits))
+    scale, _ = _check_scale_window(scale, sliding_window)
+    return run_decode(attention_backend(backend, q), q, k_cache, v_cache, block_table, seq_lens, scale,
+                      sliding_window, int(num_splits))
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
@@ -176,16 +171,15 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     _check_rows("group_starts", group_starts, None if g is None else g + 1, q.device)
     if isinstance(max_group_rows, bool) or not isinstance(max_group_rows, numbers.Integral) or max_group_rows < 0:
         _fail("max_group_rows", max_group_rows, "a non-negative int")
-    scale, window = _check_scale_window(scale, sliding_window)
-    if attention_backend(backend, q) == "reference":
+    scale, _ = _check_scale_window(scale, sliding_window)
+    which = attention_backend(backend, q)
+    if which == "reference":
         starts = group_starts.tolist()
         most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         if most > max_group_rows:
             _fail("max_group_rows", max_group_rows, f"at least {most}, the largest group")
-        return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                                                      shared_lens, scale=scale, sliding_window=sliding_window)
-    return _triton("shared_prefix_decode_attention", q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                   shared_lens, int(max_group_rows), scale, window, int(num_splits))
+    return run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
+                             int(max_group_rows), scale, sliding_window, int(num_splits))
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,
@@ -213,11 +207,44 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     _check_rows("cu_seqlens_q", cu_seqlens_q, b + 1, q.device)
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
         _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
-    scale, window = _check_scale_window(scale, sliding_window)
+    scale, _ = _check_scale_window(scale, sliding_window)
     if plan is not None and not isinstance(plan, ref.PrefillPlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
-    if attention_backend(backend, q) == "reference":
+    return run_prefill(attention_backend(backend, q), q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                       int(max_seqlen_q), scale, sliding_window, plan)
+
+
+# The ops after their checks, on a backend already resolved (``attention_backend``): what the public
+# functions above run, and what a caller that builds these arguments itself calls on every layer
+# (``ivg.paged_model``: one forward's tables are checked once by construction, not per layer).
+def run_write_kv(which, k_cache, v_cache, key, value, slot_mapping) -> None:
+    if which == "reference":
+        ref.write_kv_ref(k_cache, v_cache, key, value, slot_mapping)
+    else:
+        _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
+
+
+def run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale: float, sliding_window, num_splits=0):
+    if which == "reference":
+        return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
+                                              sliding_window=sliding_window)
+    return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale,
+                   int(sliding_window or 0), num_splits)
+
+
+def run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
+                      max_group_rows: int, scale: float, sliding_window, num_splits=0):
+    if which == "reference":
+        return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                                                      shared_lens, scale=scale, sliding_window=sliding_window)
+    return _triton("shared_prefix_decode_attention", q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                   shared_lens, max_group_rows, scale, int(sliding_window or 0), num_splits)
+
+
+def run_prefill(which, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int, scale: float,
+                sliding_window, plan=None):
+    if which == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                                scale=scale, sliding_window=sliding_window, plan=plan)
     return _triton("paged_prefill_attention", q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                   int(max_seqlen_q), scale, window)
+                   max_seqlen_q, scale, int(sliding_window or 0))

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from ivg_kernels.attention import attention_backend
 from ivg_kernels._transfer import to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # 1024: 64 prompts x W*K = 16 rows (the default)
@@ -85,7 +86,7 @@ class _Captured:
         keep = torch.arange(rows, device=dev)
         batch = PagedBatch(cache=pm.cache, slot_mapping=self.slots, block_table=self.block_table,
                            seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=1, is_decode=True,
-                           backend=pm.backend,
+                           backend=attention_backend(pm.backend, pm.cache.pool.kv),
                            groups=(self.group_starts, self.shared_lens, most) if most else None)
 
         def run():

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ivg_kernels.attention import (attention_backend, paged_decode_attention, paged_prefill_attention,
-                                  shared_prefix_decode_attention, write_kv)
+from ivg_kernels.attention import (attention_backend, run_decode, run_prefill, run_shared_decode,
+                                  run_write_kv)
 from ivg_kernels._transfer import to_device_many
 from ivg_kernels.reference.attention import prefill_plan
 from ivg_kernels.block_manager import prefix_groups
@@ -44,34 +44,34 @@ class PagedBatch:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     max_seqlen_q: int
     is_decode: bool  # one new token per sequence
-    backend: str = "auto"
+    backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
-    reference: bool = False  # the attention runs the plain-torch reference (it plans a prefill once per forward)
     plans: dict = field(default_factory=dict)  # sliding window -> the reference's PrefillPlan of this batch
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
     """One layer's paged attention for the batch ``b``: write the new keys/values ``[T, H_kv, D]`` into
-    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill)."""
+    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill).
+
+    The ops run without the public functions' argument checks (``ivg_kernels.attention.run_*``): the
+    batch is built by ``PagedModel`` for its own cache, and checking it on every layer cost about a
+    tenth of a one-row forward on the CPU."""
     k_cache, v_cache = b.cache.pool.layer(layer_idx)
-    write_kv(k_cache, v_cache, k, v, b.slot_mapping, backend=b.backend)
+    run_write_kv(b.backend, k_cache, v_cache, k, v, b.slot_mapping)
     if b.is_decode and b.groups is not None:
         starts, shared, most = b.groups
-        return shared_prefix_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared,
-                                              max_group_rows=most, scale=scale, sliding_window=sliding_window,
-                                              backend=b.backend)
+        return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
+                                 scale, sliding_window)
     if b.is_decode:
-        return paged_decode_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, scale=scale,
-                                      sliding_window=sliding_window, backend=b.backend)
+        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window)
     plan = None
-    if b.reference:  # the masks and gather indices of every layer (per sliding window), made once
+    if b.backend == "reference":  # the masks and gather indices of every layer (per sliding window), made once
         plan = b.plans.get(sliding_window)
         if plan is None:
             plan = b.plans[sliding_window] = prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q,
                                                           k_cache.shape[1], sliding_window)
-    return paged_prefill_attention(q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q,
-                                   max_seqlen_q=b.max_seqlen_q, scale=scale, sliding_window=sliding_window,
-                                   backend=b.backend, plan=plan)
+    return run_prefill(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q, b.max_seqlen_q,
+                       scale, sliding_window, plan)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -306,9 +306,8 @@ class PagedModel:
             ids = moved[4] if on_host else flat
             batch = PagedBatch(
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
-                max_seqlen_q=max(counts), is_decode=decode, backend=self.backend,
+                max_seqlen_q=max(counts), is_decode=decode, backend=attention_backend(self.backend, self.cache.pool.kv),
                 groups=None if groups is None else self._groups_on_device(groups),
-                reference=not decode and attention_backend(self.backend, self.cache.pool.kv) == "reference",
             )
             keep = None if every_position else logits_at if logits_at is not None else (cu_d[1:] - 1).long()
             if self.lean is not None:
