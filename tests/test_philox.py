@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ivg_kernels.reference.philox import _philox4x32_torch, gumbel_noise, philox4x32, philox_uniform
+from ivg_kernels.reference.philox import (_philox4x32_ints, _philox4x32_numpy, _philox4x32_torch, gumbel_noise,
+                                         philox4x32, philox_uniform)
 
 from .helpers import DEVICE, requires_triton
 
@@ -58,10 +59,11 @@ def _philox_python(ctr, key, rounds=10):
     return c0, c1, c2, c3
 
 
-@pytest.mark.parametrize("path", ["public", "torch-int64"])
+@pytest.mark.parametrize("path", ["public", "torch-int64", "numpy-uint64", "python-ints"])
 def test_philox_matches_an_integer_oracle_on_broadcast_tensors(path):
     """Random counters and keys, with the broadcasting the samplers use (per-row keys, per-token counters).
-    CPU tensors take the numpy rounds; "torch-int64" runs the rounds every other device takes."""
+    CPU tensors take the numpy rounds (a few calls: Python's integers); "torch-int64" runs the rounds
+    every other device takes."""
     gen = torch.Generator().manual_seed(11)
     words = lambda *shape: torch.randint(0, 1 << 32, shape, generator=gen, dtype=torch.int64)  # noqa: E731
     c0, c1, c2, c3 = words(1, 37), words(5, 1), words(5, 1), words(5, 37)
@@ -69,7 +71,8 @@ def test_philox_matches_an_integer_oracle_on_broadcast_tensors(path):
     if path == "public":
         out = philox4x32(c0, c1, c2, c3, k0, k1)
     else:
-        out = _philox4x32_torch(*torch.broadcast_tensors(c0, c1, c2, c3, k0, k1), 10)
+        rounds = {"torch-int64": _philox4x32_torch, "numpy-uint64": _philox4x32_numpy, "python-ints": _philox4x32_ints}
+        out = rounds[path](*torch.broadcast_tensors(c0, c1, c2, c3, k0, k1), 10)
     for r in range(5):
         for j in range(37):
             want = _philox_python((int(c0[0, j]), int(c1[r, 0]), int(c2[r, 0]), int(c3[r, j])),

@@ -134,7 +134,8 @@ def _warp(a):
     x = z * (1.0 / torch.where(greedy, torch.ones_like(t), t)).unsqueeze(1)  # [N, V]
     x_max = x.amax(dim=1)  # [N]
     ok = ~(torch.stack([bad(x_i.amax(dim=1)) for x_i in inputs] + [bad(x_max)]).any(dim=0))
-    ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
+    if any(isinstance(v, torch.Tensor) for v in (a.temperature, a.top_p, a.min_p)):  # scalars are checked already
+        ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
     ok &= x_max > -math.inf
 
     neg_inf = torch.full_like(x_max, -math.inf)
