@@ -186,7 +186,6 @@ class PagedModel:
         register_attention()
         self.model = model.eval()
         self._previous_attn = None
-        self.attach()
         param = next(model.parameters())
         if cache is None:
             layers, kv_heads, head_dim = local_kv_shape(model)
@@ -214,6 +213,7 @@ class PagedModel:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
+        self.attach()
 
     @property
     def blocks(self):
@@ -222,6 +222,10 @@ class PagedModel:
     def attach(self) -> None:
         """Switch the model to the paged attention: at construction, and again for a run after
         :meth:`release` (a decoder keeps its paged models, and their CUDA graphs, from call to call)."""
+        # transformers' forward needs the paged attention; a lean forward without graphs never calls it, and
+        # the model keeps its own (switching costs about 0.2 ms per model and run)
+        if self.lean is not None and self.graphs is None:
+            return
         current = self.model.config._attn_implementation
         if current != ATTN_IMPLEMENTATION:
             self._previous_attn = current
@@ -297,6 +301,7 @@ class PagedModel:
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             if self.graphs is not None and decode and not every_position and logits_at is None:
+                self.attach()  # (a no-op when attached)
                 logits = self.graphs.run(flat, positions, slots, table, lens, groups)
                 if logits is not None:
                     return logits
