@@ -68,3 +68,33 @@ def test_triton_sampler_frequencies_follow_the_softmax():
     p = logits[0].double().softmax(-1)
     sd = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 5 * sd + 1e-9).all(), (freq.tolist(), p.tolist())
+
+
+def test_eager_calls_leave_device_memory_flat():
+    """1,000 eager calls (direct launches after the first) allocate nothing that outlives them, and the
+    direct path draws what the first call, through Triton's own launch, drew."""
+    base, tune, ref = _rows(8, 32000, torch.bfloat16, 5)
+    kwargs = dict(temperature=0.7, top_p=0.9, seed=3, offset=1, backend="triton")
+    first = ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], **kwargs).tokens
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        out = ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], **kwargs)
+    torch.cuda.synchronize()
+    assert torch.equal(out.tokens, first)
+    del out
+    assert torch.cuda.memory_allocated() == before
+    from ivg_kernels._triton import attention_kernels  # noqa: F401 (the attention ops too)
+    kc = torch.zeros(64, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(4, 8, 64, dtype=torch.bfloat16, device="cuda")
+    table = torch.arange(16, dtype=torch.int32, device="cuda").view(4, 4)
+    lens = torch.full((4,), 60, dtype=torch.int32, device="cuda")
+    want = ivg_kernels.paged_decode_attention(q, kc, kc, table, lens, scale=0.125, backend="triton")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        got = ivg_kernels.paged_decode_attention(q, kc, kc, table, lens, scale=0.125, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    del got
+    assert torch.cuda.memory_allocated() == before
