@@ -150,6 +150,39 @@ def _granule_rows(gen, n, v):
     return logits
 
 
+def _peaked_rows(n, v, gen):
+    """Rows like a language model's: N(0, 1) plus a Zipf-like head of 64 tokens (bench_sampling's "peaked")."""
+    x = torch.randn(n, v, generator=gen)
+    head = torch.randint(0, v, (n, 64), generator=gen)
+    x.scatter_(1, head, (12.0 - 2.5 * torch.log(torch.arange(1, 65, dtype=torch.float32))).expand(n, 64))
+    return x
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts calls inside the kernel: interpreter only")
+@pytest.mark.parametrize("kind,top_p,expect_fallback", [("peaked", 0.9, False), ("peaked", 0.95, False),
+                                                         ("flat", 0.9, True)])
+def test_top_p_rows_take_full_passes_only_when_the_nucleus_outgrows_the_candidates(monkeypatch, kind, top_p,
+                                                                                  expect_fallback):
+    """A top-p row without top-k measures its nucleus against the granules' total from stage 1, so a
+    nucleus among the candidates is exact without a pass over the row (before, the tail's mass left the
+    total unknown and every such row took about 33 full passes). Flat rows, whose nucleus holds most of
+    the vocabulary, still take them. Tokens equal the reference's either way."""
+    from ivg_kernels._triton import sampling_kernels as sk
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    calls = []
+    original = sk._fallback_mass
+    monkeypatch.setattr(sk, "_fallback_mass", lambda *a, **k: calls.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    n, v = 3, 4096
+    rows = [_peaked_rows(n, v, gen) if kind == "peaked" else torch.randn(n, v, generator=gen) for _ in range(3)]
+    a = prepare_sample_args(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], 0.7, 0, top_p, 0.0, 5, torch.arange(n), None)
+    got = _guided_sample_triton(a, block=256)  # 16 slices of 16 candidates
+    assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
+    assert len(calls) == (n if expect_fallback else 0), f"{len(calls)} of {n} rows took the full-row passes"
+
+
 def test_unfiltered_draw_follows_the_softmax_across_granules():
     gen = torch.Generator().manual_seed(5)
     v, n = 700, 20_000  # granules [0, 256), [256, 512) (all -inf), [512, 700)

@@ -3,8 +3,8 @@
 Memory traffic per call: each input row ``[:V]`` is read once by stage 1
 (``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / 256)`` words of partials and
 stage 2 reads them back, and re-reads one 256-token granule per row without filters. Only a row
-whose top-p/top-k/min-p kept set (or top-p total mass) is not proven by the candidate lists reads
-its inputs again (the exact fallback: passes over the row).
+whose top-p/top-k/min-p kept set is not proven by the candidate lists reads its inputs again (the
+exact fallback: passes over the row).
 
 Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per row, so N=1 still
 fills the GPU): per slice, each input's max and sum-exp, the combined score
@@ -16,9 +16,9 @@ other token's key. Maxima propagate NaN, so bad rows need no per-element checks.
 Stage 2, grid ``N``: merges the partials. A row without filters draws by the inverse CDF in two
 levels (a granule from the granule masses, then a token of that granule, whose masses it recomputes
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
-integer key over the candidates, proves the kept set lies in the candidates (every threshold above
-every slice's bound, and the top-p total known exactly) or falls back to exact full-row passes,
-then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
+integer key over the candidates (top-p against the granules' total from stage 1, or with top-k the
+top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
+bound) or falls back to exact full-row passes, then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
@@ -403,15 +403,22 @@ def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_ke
 
 
 @triton.jit
-def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx, seed, offset, V, NG,
-                  NIN: tl.constexpr, W_TENSOR: tl.constexpr, GR: tl.constexpr, G_PAD: tl.constexpr):
-    """Step 4 of a row without filters (reference/sampling.py: granule_draw): (token, log of the total mass)."""
+def _granule_weights(part_g, part_m, row, mx, NG, G_PAD: tl.constexpr):
+    """The granules of a row from stage 1 (reference/sampling.py: granule_weights): ``(ids, mask, max x,
+    mass sum S, weight W)``, each [G_PAD]."""
     gs = tl.arange(0, G_PAD)
     gmask = gs < NG
     a = tl.load(part_g + row * NG + gs, mask=gmask, other=float("-inf"))
     sg = tl.load(part_m + row * NG + gs, mask=gmask, other=0)
     e = _mass_int(tl.where(a > float("-inf"), a - mx, float("-inf")))
-    w = tl.floor(sg.to(tl.float64) * e.to(tl.float64) * _TWO_M40).to(tl.int64)
+    return gs, gmask, a, sg, tl.floor(sg.to(tl.float64) * e.to(tl.float64) * _TWO_M40).to(tl.int64)
+
+
+@triton.jit
+def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx, seed, offset, V, NG,
+                  NIN: tl.constexpr, W_TENSOR: tl.constexpr, GR: tl.constexpr, G_PAD: tl.constexpr):
+    """Step 4 of a row without filters (reference/sampling.py: granule_draw): (token, log of the total mass)."""
+    gs, gmask, a, sg, w = _granule_weights(part_g, part_m, row, mx, NG, G_PAD)
     total = tl.sum(w, 0)
     u1, u2 = _draw_uniforms(seed, offset)
     g = _index_draw(tl.cumsum(w, 0), total, u1, gmask)
@@ -492,10 +499,15 @@ def _stage2_kernel(
                 tau_k = _bisect_count(ckey, cmask, k)
             valid_k = tl.where(k_on, tau_k > cut, True)
             mass = tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0)
-            total_known = (k_on & valid_k) | tail_zero
+            # The nucleus's total: with top-k the top-k set's mass (known when that set lies among the
+            # candidates, or nothing outside them has mass); without, the granules' total from stage 1.
+            total_known = tl.where(k_on, valid_k | tail_zero, True)
+            w_total = tl.zeros([], tl.int64)
+            if p_on & ~k_on:
+                w_total = tl.sum(_granule_weights(part_g, part_m, row, mx, NG, G_PAD)[4], 0)
             tau_p = tl.full([], INT32_MIN, tl.int64)
             if p_on & total_known:
-                tau_p = _bisect_mass(ckey, mass, _nucleus_target(p, tl.sum(mass, 0)))
+                tau_p = _bisect_mass(ckey, mass, _nucleus_target(p, tl.where(k_on, tl.sum(mass, 0), w_total)))
             tau_m = tl.full([], INT32_MIN, tl.int64)
             if m_on:
                 tau_m = _float_key(mx + _plog(tl.maximum(mp, _FLT_MIN))).to(tl.int64)
@@ -515,11 +527,12 @@ def _stage2_kernel(
                                             NIN, W_TENSOR, BLOCK)
                 tau_p = tl.full([], INT32_MIN, tl.int64)
                 if p_on:
-                    total = tl.zeros([], tl.int64)
-                    for v0 in range(0, V, BLOCK):
-                        cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
-                                                NIN, W_TENSOR, BLOCK)
-                        total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
+                    total = w_total
+                    if k_on:
+                        for v0 in range(0, V, BLOCK):
+                            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                                    NIN, W_TENSOR, BLOCK)
+                            total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
                     tau_p = _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
                                            _nucleus_target(p, total), NIN, W_TENSOR, BLOCK)
                 tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)

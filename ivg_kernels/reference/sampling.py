@@ -72,8 +72,10 @@ def _index_draw(cum: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> torc
     return (cum <= r.unsqueeze(1)).sum(dim=1).clamp(max=cum.shape[1] - 1)
 
 
-def granule_draw(x: torch.Tensor, x_max: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor):
-    """Step 4 for rows without filters: ``(tokens [N], total mass sum W [N])`` (see the module docstring)."""
+def granule_weights(x: torch.Tensor, x_max: torch.Tensor):
+    """The two levels of masses of step 4: ``(m, S, W)``, the tokens' ``mass_int(x - a_g)`` int64 [N, G, GR],
+    their sums per granule ``S`` [N, G] and the granules' weights ``W = floor(S * mass_int(a_g - max x) *
+    2^-40)`` [N, G] (``sum W`` is also the total a top-p row without top-k measures its nucleus against)."""
     n, v = x.shape
     ng = -(-v // GRANULE)
     xg = torch.nn.functional.pad(x, (0, ng * GRANULE - v), value=-math.inf).view(n, ng, GRANULE)
@@ -83,7 +85,13 @@ def granule_draw(x: torch.Tensor, x_max: torch.Tensor, seed: torch.Tensor, offse
     m, e = mass_int(d).split([ng * GRANULE, ng], dim=1)
     m = m.view(n, ng, GRANULE)  # int64 [N, G, GR]
     s = m.sum(dim=2)  # [N, G]
-    w = torch.floor(s.double() * e.double() * 2.0 ** -40).long()
+    return m, s, torch.floor(s.double() * e.double() * 2.0 ** -40).long()
+
+
+def granule_draw(x: torch.Tensor, x_max: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor):
+    """Step 4 for rows without filters: ``(tokens [N], total mass sum W [N])`` (see the module docstring)."""
+    n = x.shape[0]
+    m, s, w = granule_weights(x, x_max)
     cw = w.cumsum(dim=1)
     u1, u2 = draw_uniforms(seed, offset)
     g = _index_draw(cw, cw[:, -1], u1)  # [N]
@@ -148,9 +156,16 @@ def _warp(a):
         kept_k = x_sorted >= tau_k.unsqueeze(1)
         mass = torch.where(kept_k, mass_int((x_sorted - x_max.unsqueeze(1)).float()), 0)  # int64 [N, V]
         cum = mass.cumsum(dim=1)
-        target = nucleus_target(p, cum[:, -1])
-        first = (cum >= target.unsqueeze(1)).to(torch.int8).argmax(dim=1)  # first index reaching the target
-        tau_p = torch.where(p < 1, x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
+        # The nucleus's total: the top-k set's mass, or without top-k the granules' total of step 4 (which a
+        # kernel has from its one read of the row; it differs from the sum of the masses by their float32
+        # rounding). Should the tokens' masses not reach the target, every token is kept.
+        total = cum[:, -1]
+        if x.device.type != "cpu" or bool(((p < 1) & ~k_on).any()):  # (no host read on a device)
+            total = torch.where(k_on, total, granule_weights(x, x_max)[2].sum(dim=1))
+        target = nucleus_target(p, total)
+        reach = cum >= target.unsqueeze(1)
+        first = reach.to(torch.int8).argmax(dim=1)  # first index reaching the target
+        tau_p = torch.where((p < 1) & reach[:, -1], x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
         tau_m = torch.where(m > 0, x_max + plog(m.float().clamp(min=FLT_MIN)).to(cdt), neg_inf)
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
         tau = torch.where(greedy, neg_inf, tau)
