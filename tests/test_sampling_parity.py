@@ -100,6 +100,18 @@ def test_filters_match_reference_across_slices(f):
     _compare(a, block=64)
 
 
+@pytest.mark.parametrize("f", [dict(top_k=300), dict(top_p=0.9), dict(top_k=500, top_p=0.8)],
+                         ids=["top_k=300", "top_p=0.9", "top_k=500,top_p=0.8"])
+def test_fallback_thresholds_on_heavily_tied_rows_match_reference(f):
+    """Integer logits (seven values over 1,000 tokens): the full-row threshold search lands on keys that
+    hundreds of tokens share, and must keep all of them, as the reference does."""
+    gen = torch.Generator().manual_seed(17)
+    n, v = 3, 1000
+    logits = torch.randint(-3, 4, (n, v), generator=gen).float()
+    a = prepare_sample_args(logits, (), 1.0, f.get("top_k", 0), f.get("top_p", 1.0), 0.0, 7, torch.arange(n), None)
+    _compare(a, block=64)
+
+
 def test_per_row_filters_and_greedy_rows_match_reference():
     gen = torch.Generator().manual_seed(5)
     n, v = 6, 700

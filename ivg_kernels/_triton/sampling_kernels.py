@@ -18,7 +18,8 @@ levels (a granule from the granule masses, then a token of that granule, whose m
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
 integer key over the candidates (top-p against the granules' total from stage 1, or with top-k the
 top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
-bound) or falls back to exact full-row passes, then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
+bound) or falls back to exact full-row passes (each narrows a threshold's range 9-fold: at most 11 per
+threshold), then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
@@ -365,40 +366,63 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
     return cols, mask, tl.where(mask, z * tl.div_rn(1.0, t), float("-inf"))
 
 
+_PIVOTS = tl.constexpr(8)  # thresholds tried per full-row pass of the fallback: the range shrinks 9-fold
+_FB_TILE = tl.constexpr(512)  # tokens per tile of those passes (a [tile, pivots] comparison in registers)
+
+
+@triton.jit
+def _pivots(lo, hi):
+    """``_PIVOTS`` increasing int64 keys in ``[lo, hi]`` splitting it into ``_PIVOTS + 1`` near-equal parts."""
+    j = tl.arange(0, _PIVOTS).to(tl.int64)
+    return lo + ((hi - lo + 1) * (j + 1)) // (_PIVOTS + 1)
+
+
+@triton.jit
+def _narrow(lo, hi, piv, hit):
+    """The new ``[lo, hi]`` around the answer, the largest key whose measure reaches the target, from the
+    pivots that reach it (``hit``: a prefix, the measure falling as the key rises)."""
+    INT64_MIN: tl.constexpr = -9223372036854775808
+    INT64_MAX: tl.constexpr = 9223372036854775807
+    lo2 = tl.maximum(lo, tl.max(tl.where(hit, piv, INT64_MIN), 0))
+    hi2 = tl.minimum(hi, tl.min(tl.where(hit, INT64_MAX, piv - 1), 0))
+    return lo2, hi2
+
+
 @triton.jit
 def _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, target,
-                    NIN: tl.constexpr, W_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Exact top-k threshold key by bisection, one full pass over the row per step."""
+                    NIN: tl.constexpr, W_TENSOR: tl.constexpr):
+    """Exact top-k threshold key: the largest key t with count(key >= t) >= target, by a search that tries
+    ``_PIVOTS`` thresholds per full pass over the row (at most 11 passes for 32-bit keys; a bisection
+    took 32)."""
     lo = tl.full([], INT32_MIN, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.zeros([], tl.int32)
-        for v0 in range(0, V, BLOCK):
-            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
-            cnt += tl.sum((mask & (_float_key(x) >= mid)).to(tl.int32), 0)
-        hit = cnt >= target
-        lo = tl.where(hit, mid, lo)
-        hi = tl.where(hit, hi, mid - 1)
+    while lo < hi:
+        piv = _pivots(lo, hi)
+        cnt = tl.zeros([_PIVOTS], tl.int32)
+        for v0 in range(0, V, _FB_TILE):
+            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, _FB_TILE)
+            above = mask[:, None] & (_float_key(x).to(tl.int64)[:, None] >= piv[None, :])
+            cnt += tl.sum(above.to(tl.int32), 0)
+        lo, hi = _narrow(lo, hi, piv, cnt >= target)
     return lo
 
 
 @triton.jit
 def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_key, mx, target,
-                   NIN: tl.constexpr, W_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Exact top-p threshold key over tokens with key >= floor_key, one full pass per step."""
+                   NIN: tl.constexpr, W_TENSOR: tl.constexpr):
+    """Exact top-p threshold key over tokens with key >= floor_key: the largest key t whose tokens' integer
+    mass reaches target (INT32_MIN, keep all, if no key does), ``_PIVOTS`` thresholds per full pass."""
     lo = tl.full([], INT32_MIN, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        acc = tl.zeros([], tl.int64)
-        for v0 in range(0, V, BLOCK):
-            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, BLOCK)
-            key = _float_key(x)
-            acc += tl.sum(tl.where((key >= mid) & (key >= floor_key), _mass_int(x - mx), 0), 0)
-        hit = acc >= target
-        lo = tl.where(hit, mid, lo)
-        hi = tl.where(hit, hi, mid - 1)
+    while lo < hi:
+        piv = _pivots(lo, hi)
+        acc = tl.zeros([_PIVOTS], tl.int64)
+        for v0 in range(0, V, _FB_TILE):
+            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, _FB_TILE)
+            key = _float_key(x).to(tl.int64)
+            m = tl.where(mask & (key >= floor_key), _mass_int(x - mx), 0)
+            acc += tl.sum(tl.where(key[:, None] >= piv[None, :], m[:, None], 0), 0)
+        lo, hi = _narrow(lo, hi, piv, acc >= target)
     return lo
 
 
@@ -524,7 +548,7 @@ def _stage2_kernel(
                 tau_k = tl.full([], INT32_MIN, tl.int64)
                 if k_on:
                     tau_k = _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, k,
-                                            NIN, W_TENSOR, BLOCK)
+                                            NIN, W_TENSOR)
                 tau_p = tl.full([], INT32_MIN, tl.int64)
                 if p_on:
                     total = w_total
@@ -534,7 +558,7 @@ def _stage2_kernel(
                                                     NIN, W_TENSOR, BLOCK)
                             total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
                     tau_p = _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
-                                           _nucleus_target(p, total), NIN, W_TENSOR, BLOCK)
+                                           _nucleus_target(p, total), NIN, W_TENSOR)
                 tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
                 run_best = tl.full([], NEG_INF, tl.float32)
                 run_err = tl.zeros([], tl.float32)
