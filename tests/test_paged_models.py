@@ -260,6 +260,10 @@ def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
     conv = gpt2.transformer.h[0].attn.c_proj
     gpt2.transformer.h[0].attn.c_proj = type("LoRAConv1D", (type(conv),), {})(conv.nf, conv.weight.shape[0])
     assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is None
+    # Embeddings that renormalise their rows on lookup (max_norm): the lean forward's F.embedding would not.
+    gpt2 = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["gpt2"])).eval()
+    gpt2.transformer.wpe.max_norm = 1.0
+    assert PagedModel(gpt2, num_blocks=8, block_size=4).lean is None
     llama = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["llama-gqa"])).eval()
     llama.model.layers[1].mlp.up_proj = torch.nn.Sequential(llama.model.layers[1].mlp.up_proj)
     assert PagedModel(llama, num_blocks=8, block_size=4).lean is None

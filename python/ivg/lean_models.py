@@ -111,6 +111,8 @@ def _gpt2_supported(body) -> bool:
         return False
     if not (_has(body, "wte", "wpe", "h", "ln_f") and len(body.h)):
         return False
+    if not all(_exactly(e, "Embedding", "torch.nn") and e.max_norm is None for e in (body.wte, body.wpe)):
+        return False  # the lean forward looks embeddings up as F.embedding(ids, weight): no renormalising
     blk = body.h[0]
     if not (_has(blk, "ln_1", "ln_2", "attn", "mlp") and _has(blk.attn, "c_attn", "c_proj", "split_size", "head_dim",
                                                                "scaling") and _has(blk.mlp, "c_fc", "act", "c_proj")):
