@@ -18,8 +18,9 @@ levels (a granule from the granule masses, then a token of that granule, whose m
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
 integer key over the candidates (top-p against the granules' total from stage 1, or with top-k the
 top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
-bound) or falls back to exact full-row passes (each narrows a threshold's range 9-fold: at most 11 per
-threshold), then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values at the token.
+bound) or falls back to exact full-row passes (each narrows a threshold's range 9-fold: at most 11
+per threshold), then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values
+at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
