@@ -162,7 +162,8 @@ class PagedModel:
 
     Parameters
     ----------
-    model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention.
+    model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention when transformers'
+        forward runs it (no lean forward, or CUDA graphs); a lean forward leaves the model as it is.
     num_blocks, block_size : pool size
     cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one
     backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
