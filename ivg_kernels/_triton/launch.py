@@ -10,7 +10,9 @@ needed), later calls go straight to the compiled kernel's launcher, with the lau
 install. Under ``TRITON_INTERPRET=1`` it is the plain ``kernel[grid]``.
 
 Module-level constants the kernels read are treated as constant for the life of the process (Triton
-would raise if one were reassigned after compiling; nothing here reassigns them).
+would raise if one were reassigned after compiling; nothing here reassigns them), and so are the
+options Triton reads from its knobs at each launch (debug mode, instrumentation): a specialisation
+keeps those of its first launch.
 """
 from __future__ import annotations
 
