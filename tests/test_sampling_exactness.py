@@ -172,8 +172,8 @@ def test_top_p_rows_take_full_passes_only_when_the_nucleus_outgrows_the_candidat
     from ivg_kernels.sampling import _guided_sample_triton
 
     calls = []
-    original = sk._fallback_mass
-    monkeypatch.setattr(sk, "_fallback_mass", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = sk._fallback_threshold
+    monkeypatch.setattr(sk, "_fallback_threshold", lambda *a, **k: calls.append(1) or original(*a, **k))
     gen = torch.Generator().manual_seed(3)
     n, v = 3, 4096
     rows = [_peaked_rows(n, v, gen) if kind == "peaked" else torch.randn(n, v, generator=gen) for _ in range(3)]

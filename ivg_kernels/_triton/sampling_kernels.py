@@ -390,29 +390,12 @@ def _narrow(lo, hi, piv, hit):
 
 
 @triton.jit
-def _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, target,
-                    NIN: tl.constexpr, W_TENSOR: tl.constexpr):
-    """Exact top-k threshold key: the largest key t with count(key >= t) >= target, by a search that tries
-    ``_PIVOTS`` thresholds per full pass over the row (at most 11 passes for 32-bit keys; a bisection
-    took 32)."""
-    lo = tl.full([], INT32_MIN, tl.int64)
-    hi = tl.full([], INT32_MAX, tl.int64)
-    while lo < hi:
-        piv = _pivots(lo, hi)
-        cnt = tl.zeros([_PIVOTS], tl.int32)
-        for v0 in range(0, V, _FB_TILE):
-            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, _FB_TILE)
-            above = mask[:, None] & (_float_key(x).to(tl.int64)[:, None] >= piv[None, :])
-            cnt += tl.sum(above.to(tl.int32), 0)
-        lo, hi = _narrow(lo, hi, piv, cnt >= target)
-    return lo
-
-
-@triton.jit
-def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_key, mx, target,
-                   NIN: tl.constexpr, W_TENSOR: tl.constexpr):
-    """Exact top-p threshold key over tokens with key >= floor_key: the largest key t whose tokens' integer
-    mass reaches target (INT32_MIN, keep all, if no key does), ``_PIVOTS`` thresholds per full pass."""
+def _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_key, mx, target,
+                        MASS: tl.constexpr, NIN: tl.constexpr, W_TENSOR: tl.constexpr):
+    """An exact threshold from full passes over the row: the largest key t whose tokens (those with key >=
+    ``floor_key``) reach ``target`` in count (top-k) or, with ``MASS``, in integer mass (top-p; INT32_MIN,
+    keep all, if no key does). Each pass tries ``_PIVOTS`` thresholds, so 32-bit keys take at most 11
+    passes (a bisection took 32)."""
     lo = tl.full([], INT32_MIN, tl.int64)
     hi = tl.full([], INT32_MAX, tl.int64)
     while lo < hi:
@@ -421,7 +404,11 @@ def _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, floor_ke
         for v0 in range(0, V, _FB_TILE):
             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, _FB_TILE)
             key = _float_key(x).to(tl.int64)
-            m = tl.where(mask & (key >= floor_key), _mass_int(x - mx), 0)
+            counted = mask & (key >= floor_key)
+            if MASS:
+                m = tl.where(counted, _mass_int(x - mx), 0)
+            else:
+                m = counted.to(tl.int64)
             acc += tl.sum(tl.where(key[:, None] >= piv[None, :], m[:, None], 0), 0)
         lo, hi = _narrow(lo, hi, piv, acc >= target)
     return lo
@@ -498,16 +485,16 @@ def _stage2_kernel(
     plain = ok & sampling
     if FILTER:
         k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
-        filtered = ((k > 0) & (k < V)) | (p < 1) | (mp > 0)
+        k_on = (k > 0) & (k < V)
+        p_on = p < 1
+        m_on = mp > 0
+        filtered = k_on | p_on | m_on
         plain = plain & ~filtered
     if plain:
         tok, log_kept = _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx,
                                       seed, offset, V, NG, NIN, W_TENSOR, GR, G_PAD)
 
     if FILTER:
-        k_on = (k > 0) & (k < V)
-        p_on = p < 1
-        m_on = mp > 0
         if ok & sampling & filtered:
             cs = tl.arange(0, S_PAD * C)
             cmask = (cs // C) < S
@@ -548,8 +535,8 @@ def _stage2_kernel(
                 # Exact fallback: thresholds over full passes, then one drawing pass.
                 tau_k = tl.full([], INT32_MIN, tl.int64)
                 if k_on:
-                    tau_k = _fallback_count(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, k,
-                                            NIN, W_TENSOR)
+                    tau_k = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, INT32_MIN, mx,
+                                                k, False, NIN, W_TENSOR)
                 tau_p = tl.full([], INT32_MIN, tl.int64)
                 if p_on:
                     total = w_total
@@ -558,8 +545,8 @@ def _stage2_kernel(
                             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                                     NIN, W_TENSOR, BLOCK)
                             total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
-                    tau_p = _fallback_mass(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
-                                           _nucleus_target(p, total), NIN, W_TENSOR)
+                    tau_p = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
+                                                _nucleus_target(p, total), True, NIN, W_TENSOR)
                 tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
                 run_best = tl.full([], NEG_INF, tl.float32)
                 run_err = tl.zeros([], tl.float32)
