@@ -107,15 +107,20 @@ def offline_target(arch: int = 90, launches: list | None = None):
         launch._LAUNCHERS.clear()  # the direct launchers' kernels were compiled for the offline target
 
 
-def resources(kernel) -> dict:
-    """Registers, stack bytes (where spilled registers go) and shared memory of a compiled kernel's cubin."""
+def on_cubin(tool: str, kernel, *args: str) -> str:
+    """The output of one of Triton's bundled CUDA tools (``cuobjdump``, ``nvdisasm``) on a compiled kernel's cubin."""
     import triton
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        return subprocess.run([str(binary), *args, str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def resources(kernel) -> dict:
+    """Registers, stack bytes (where spilled registers go) and shared memory of a compiled kernel's cubin."""
+    usage = on_cubin("cuobjdump", kernel, "-res-usage")
 
     def field(name):
         m = re.search(rf"{name}:(\d+)", usage)

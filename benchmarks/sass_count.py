@@ -3,9 +3,9 @@
     python benchmarks/sass_count.py                # sm_90 (H100/H200), 3 bf16 inputs, slices of 4096
     python benchmarks/sass_count.py --arch 80 --inputs 1 --block 1024
 
-Compiles ``_stage1_kernel`` with Triton for the chosen architecture (no driver needed: Triton ships
-ptxas and nvdisasm), with the launch options and argument alignment the launcher gives it on a GPU,
-disassembles the cubin and counts SASS instructions. Stage 1 has no loops (every tile operation is
+Compiles ``_stage1_kernel`` for the chosen architecture through the sampler's own launcher
+(``compile_offline.offline_target``: no driver needed, Triton ships ptxas and nvdisasm), so with the
+launch options and argument alignment a GPU call gives it, disassembles the cubin and counts SASS instructions. Stage 1 has no loops (every tile operation is
 unrolled), so the static count is the path each thread runs, apart from the slow paths of ``div_rn``
 (taken only for denormal or huge quotients); divided by the tokens each thread holds it gives the
 instructions issued per token. The kernel streams ``2 * inputs`` bytes per token (bf16): on an H100
@@ -19,63 +19,27 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _signature(fn, nin: int, v_div16: bool):
-    """Types and 16-byte divisibility of every argument, as the JIT's specialisation gives them on a GPU
-    (an integer argument that is a multiple of 16, such as V = 151936, is specialised as such)."""
-    sig, attrs, div16 = {}, {}, [["tt.divisibility", 16]]
-    for idx, name in enumerate(fn.arg_names):
-        if name in ("inputs", "strides"):
-            sig[name] = tuple(["*bf16" if name == "inputs" else "i32"] * nin)
-            attrs.update({(idx, j): div16 for j in range(nin)})
-        elif name == "w_vals":
-            sig[name] = tuple(["fp32"] * 6)
-        elif name == "t_val":
-            sig[name] = "fp32"
-        elif name in ("V", "S", "NG", "w_stride"):
-            sig[name] = "i32"
-            if name == "V" and v_div16:
-                attrs[(idx,)] = div16
-        elif name.isupper():
-            sig[name] = "constexpr"
-        elif name.startswith("off_"):  # byte offsets in the scratch allocation: multiples of 16
-            sig[name] = "i32"
-            attrs[(idx,)] = div16
-        else:  # pointers
-            sig[name] = {"ws": "*u8"}.get(name, "*fp32")
-            attrs[(idx,)] = div16
-    return sig, attrs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str | None = None) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import torch
 
-    from ivg_kernels._triton import sampling_kernels as sk
+    from compile_offline import offline_target, on_cubin, resources
+    from ivg_kernels._triton.sampling_kernels import launch_guided_sample
 
-    fn = sk._stage1_kernel
-    sig, attrs = _signature(fn, nin, vocab % 16 == 0)
-    const = {"NIN": nin, "W_TENSOR": False, "T_TENSOR": False, "FILTER": filters,
-             "C": min(sk.MAX_CANDIDATES, block), "BLOCK": block, "GR": min(getattr(sk, "GRANULE", 256), block)}
-    warps = 8 if block >= 4096 else 4  # as the launcher
-    kernel = triton.compile(ASTSource(fn, sig, {k: v for k, v in const.items() if k in fn.arg_names}, attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "enable_fp_fusion": False})
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([str(nvdisasm.parent / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
-                               text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
+    # The launcher itself, on CPU tensors, with the kernels compiled for ``arch`` and nothing launched: the
+    # argument alignment, constexprs and launch options are those a GPU call gets.
+    x = [torch.empty(1, vocab, dtype=torch.bfloat16) for _ in range(nin)]
+    with offline_target(arch) as compiled:
+        launch_guided_sample(x[0], x[1:], [1.0] * (nin - 1), None, None, 0.7, None, 50 if filters else 0, None,
+                             0.9 if filters else 1.0, None, 0.0, None, 1, None, 3, vocab, filters, block)
+    kernel = next(k for name, k in compiled if name == "_stage1_kernel")
+    sass = on_cubin("nvdisasm", kernel, "-c")
     if dump:
         Path(dump).write_text(sass)
     ops = collections.Counter()
@@ -84,8 +48,10 @@ def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str 
         if m:
             ops[m.group(1)] += 1
     total = sum(ops.values())
+    threads = kernel.metadata.num_warps * 32
     return {"arch": arch, "inputs": nin, "block": block, "filters": filters, "vocab": vocab, "instructions": total,
-            "per_token": total / (block // (warps * 32)), "registers": int(regs.group(1)) if regs else "?", "top": ops.most_common(8)}
+            "per_token": total / (block // threads), "registers": resources(kernel)["registers"],
+            "top": ops.most_common(8)}
 
 
 def main(argv=None) -> int:
