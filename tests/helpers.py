@@ -1,7 +1,12 @@
-"""Shared test helpers: one tolerance table, a verbose allclose, triton availability."""
+"""Shared test helpers: one tolerance table, a verbose allclose, triton availability, compiled scripts."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,27 @@ TOLERANCES = {
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_ptxas() -> bool:
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+requires_ptxas = pytest.mark.skipif(not _has_ptxas(), reason="Triton without its bundled ptxas")
+
+
+def run_compiled(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` as a script from the repository root without ``TRITON_INTERPRET``, so that its kernels
+    compile (a script file: Triton reads kernels' source from their file), as benchmarks/compile_offline.py's
+    stand-in driver lets them on a machine without a GPU."""
+    script = tmp_path / "compiled.py"
+    script.write_text("import sys; sys.path.insert(0, 'benchmarks'); sys.path.insert(0, '.')\n" + textwrap.dedent(code))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32, what: str = "", scale: float = 1.0):

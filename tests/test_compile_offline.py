@@ -2,31 +2,12 @@
 
 The interpreter, which runs the kernels in the other tests, never compiles them; this catches what only
 the compiler rejects before a lent GPU's minutes are spent on it (benchmarks/compile_offline.py)."""
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import requires_ptxas, run_compiled
 
 
-def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run ``code`` as a script (Triton reads kernels' source from their file) without the interpreter."""
-    script = tmp_path / "offline.py"
-    script.write_text(textwrap.dedent(code))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
-    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-
-
-@pytest.mark.skipif(not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
-                    reason="Triton without its bundled ptxas")
+@requires_ptxas
 def test_every_launcher_compiles_for_sm90(tmp_path):
-    res = _run("""
-        import sys; sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
+    res = run_compiled("""
         import compile_offline as co
         results = co.check(90, verbose=False)
         for desc, error, kernels in results:
@@ -43,11 +24,11 @@ def test_every_launcher_compiles_for_sm90(tmp_path):
     assert len(lines) >= 18
 
 
+@requires_ptxas
 def test_offline_compile_reports_what_only_the_compiler_rejects(tmp_path):
     """``tl.static_range`` over a runtime integer runs in the interpreter, but the compiler needs a
     constexpr: the offline target must report it, and leave Triton's driver as it found it."""
-    res = _run("""
-        import sys; sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
+    res = run_compiled("""
         import torch, triton, triton.language as tl
         from triton.runtime import driver
         import compile_offline as co

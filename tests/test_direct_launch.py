@@ -3,22 +3,14 @@
 No GPU here: the kernels compile for sm_90 and a stand-in driver records each launch's grid and
 arguments (benchmarks/compile_offline.py), so the direct path and Triton's path can be compared call by
 call, and a new specialisation (a misaligned pointer) must not reuse a kernel compiled for another."""
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+from .helpers import requires_ptxas, run_compiled
 
-ROOT = Path(__file__).resolve().parent.parent
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
-    reason="Triton without its bundled ptxas")
+pytestmark = requires_ptxas
 
 PRELUDE = """
-import sys; sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 import torch, triton, triton.language as tl
 import compile_offline as co
 from ivg_kernels._triton import launch
@@ -35,10 +27,7 @@ def norm(x):
 
 
 def _run(code: str, tmp_path: Path) -> str:
-    script = tmp_path / "direct.py"
-    script.write_text(textwrap.dedent(PRELUDE) + textwrap.dedent(code))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = run_compiled(textwrap.dedent(PRELUDE) + textwrap.dedent(code), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 

@@ -2,10 +2,7 @@
 near-ties, the IEEE-only transcendentals, and eager calls that keep no argument alive."""
 import gc
 import math
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference import portable
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
-from .helpers import DEVICE, args_to, requires_triton
+from .helpers import DEVICE, args_to, requires_ptxas, requires_triton, run_compiled
 
 def _draw(logits, n, **kw):
     """n reference draws from one row (offsets 0..n-1)."""
@@ -280,8 +277,7 @@ def test_triton_twins_of_plog_and_mass_int_give_the_same_bits():
 # --- eager calls keep nothing alive ---------------------------------------------------------------
 
 _LEAK_SCRIPT = r"""
-import gc, sys, weakref, torch
-sys.path.insert(0, "benchmarks")
+import gc, weakref, torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 import compile_offline as co
 from ivg_kernels._triton import sampling_kernels as sk
@@ -304,15 +300,12 @@ with co.offline_target(90, launches):
 """
 
 
-@requires_triton
-def test_eager_launches_keep_no_input_alive_without_the_interpreter():
+@requires_ptxas
+def test_eager_launches_keep_no_input_alive_without_the_interpreter(tmp_path):
     """Three eager calls, compiled for sm_90 and launched into a stand-in driver (through Triton's launch,
     then directly): no input stays alive, and torch's wrap_triton side table (which would store them)
     stays empty."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", _LEAK_SCRIPT], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=root)
+    res = run_compiled(_LEAK_SCRIPT, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
     assert lines == {"launcher": "0 0 6", "op": "0 0 6"}, f"alive inputs, side-table entries, launches: {lines}"
