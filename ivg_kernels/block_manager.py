@@ -56,6 +56,12 @@ class BlockManager:
         Physical blocks in the pool.
     block_size : int
         Token slots per block. Slot ``s`` is position ``s % block_size`` of block ``s // block_size``.
+
+    Every batch operation is array work over its sequences, not Python work per sequence: a decoder
+    appends to, forks and frees hundreds of beams per step. Each live sequence owns a row of ``_tab``
+    (its block ids; entries past its ``_nb`` blocks are stale), ``_nb`` and ``_len``; a freed
+    sequence's row is reused. The results are those of handling the sequences one after another in
+    the order given (which blocks they get, which copies they queue, the order of the free list).
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -63,9 +69,11 @@ class BlockManager:
         self._block_size = _positive_int("block_size", block_size)
         self._ref = np.zeros(self._num_blocks, dtype=np.int32)
         self._free: list[int] = list(range(self._num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self._tables: dict[int, np.ndarray] = {}  # seq -> int32 array with spare capacity
-        self._nblocks: dict[int, int] = {}
-        self._lens: dict[int, int] = {}
+        self._row: dict[int, int] = {}  # live sequence id -> its row, in creation order
+        self._spare_rows: list[int] = []  # rows of no live sequence; pop() hands out low rows first
+        self._tab = np.zeros((0, 4), dtype=np.int32)  # [rows, block capacity]
+        self._nb = np.zeros(0, dtype=np.int64)  # blocks held, per row
+        self._len = np.zeros(0, dtype=np.int64)  # tokens held, per row
         self._next_id = 0
         self._copies: list[tuple[int, int]] = []
         self.blocks_copied = 0  # copy-on-write copies handed out, ever
@@ -89,10 +97,10 @@ class BlockManager:
 
     @property
     def live_sequences(self) -> list[int]:
-        return list(self._lens)
+        return list(self._row)
 
     def seq_len(self, seq_id: int) -> int:
-        return self._lens[self._check_seq(seq_id)]
+        return self._len.item(self._row[self._check_seq(seq_id)])
 
     # ------------------------------------------------------------- lifecycle
     def new_sequence(self) -> int:
@@ -101,13 +109,10 @@ class BlockManager:
 
     def new_sequences(self, n: int) -> list[int]:
         n = _positive_int("n", n)
-        ids = list(range(self._next_id, self._next_id + n))
-        self._next_id += n
-        for s in ids:
-            self._tables[s] = np.empty(4, dtype=np.int32)
-            self._nblocks[s] = 0
-            self._lens[s] = 0
-        return ids
+        rows = self._take_rows(n)
+        self._nb[rows] = 0
+        self._len[rows] = 0
+        return self._name(rows)
 
     def fork(self, seq_id: int, n: int) -> list[int]:
         """``n`` children sharing every block of ``seq_id``; the parent stays alive until freed."""
@@ -115,75 +120,72 @@ class BlockManager:
 
     def fork_many(self, seq_ids: Sequence[int], n: Union[int, Sequence[int]]) -> list[list[int]]:
         """Fork each parent into ``n`` (or ``n[i]``) children in one call; returns the children per parent."""
-        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
-        counts = [n] * len(seq_ids) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else list(n)
-        if len(counts) != len(seq_ids):
-            raise ValueError(f"n={n!r}: expected an int or one count per parent ({len(seq_ids)})")
+        _, rows = self._rows(seq_ids)
+        counts = [n] * len(rows) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else list(n)
+        if len(counts) != len(rows):
+            raise ValueError(f"n={n!r}: expected an int or one count per parent ({len(rows)})")
         for c in counts:
             if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
                 raise ValueError(f"n={n!r}: expected counts >= 0")
-        out = []
-        for parent, c in zip(seq_ids, counts):
-            nb = self._nblocks[parent]
-            table = self._tables[parent]
-            self._ref[table[:nb]] += c
-            kids = list(range(self._next_id, self._next_id + c))
-            self._next_id += c
-            for kid in kids:
-                self._tables[kid] = table.copy()
-                self._nblocks[kid] = nb
-                self._lens[kid] = self._lens[parent]
-            out.append(kids)
-        return out
+        cnt = np.array(counts, dtype=np.int64)
+        nb = self._nb[rows]
+        held = np.arange(self._tab.shape[1]) < nb[:, None]
+        np.add.at(self._ref, self._tab[rows][held], np.repeat(cnt, nb))  # each child holds its parent's blocks
+        kids = self._take_rows(int(cnt.sum()))
+        src = np.repeat(rows, cnt)
+        self._tab[kids] = self._tab[src]
+        self._nb[kids] = self._nb[src]
+        self._len[kids] = self._len[src]
+        ids = self._name(kids)
+        ends = np.cumsum(cnt).tolist()
+        return [ids[e - c: e] for c, e in zip(counts, ends)]
 
     def free(self, seq_id: int) -> None:
         self.free_many([seq_id])
 
     def free_many(self, seq_ids: Iterable[int]) -> None:
-        seq_ids = list(seq_ids)
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids={seq_ids!r}: expected no repeats")
-        for s in seq_ids:
-            self._check_seq(s, "seq_ids")
-        for s in seq_ids:
-            blocks = self._tables.pop(s)[: self._nblocks.pop(s)]
-            del self._lens[s]
-            self._ref[blocks] -= 1
-            released = blocks[self._ref[blocks] == 0]
-            self._free.extend(released[::-1].tolist())
+        ids, rows = self._rows(list(seq_ids))
+        _no_repeats(ids)
+        self._release(rows, np.zeros(len(rows), dtype=np.int64))
+        for s in ids:
+            del self._row[s]
+        self._spare_rows.extend(rows[::-1].tolist())
 
     # ----------------------------------------------------------------- growth
     def blocks_needed(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> int:
         """Free blocks that ``append(seq_ids, num_tokens)`` would take (copies included); changes nothing."""
-        return self._plan(seq_ids, num_tokens)[1]
+        return self._plan(seq_ids, num_tokens)[-1]
 
     def _plan(self, seq_ids, num_tokens):
-        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids={seq_ids!r}: expected no repeats")
+        """``(rows, counts, cow, grow, needed)``: per sequence its row, new tokens, whether it first copies
+        its shared, partly filled last block, and how many blocks it adds; the free blocks all of it takes."""
+        ids, rows = self._rows(seq_ids)
+        _no_repeats(ids)
         if isinstance(num_tokens, numbers.Integral) and not isinstance(num_tokens, bool):
-            counts = [int(num_tokens)] * len(seq_ids)
+            cnt = np.full(len(rows), int(num_tokens), dtype=np.int64)
         else:
-            counts = [int(c) for c in num_tokens]
-            if len(counts) != len(seq_ids):
-                raise ValueError(f"num_tokens: expected an int or {len(seq_ids)} counts, got {len(counts)}")
-        if any(c < 0 for c in counts):
+            cnt = np.array([int(c) for c in num_tokens], dtype=np.int64)
+            if len(cnt) != len(rows):
+                raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(cnt)}")
+        if (cnt < 0).any():
             raise ValueError(f"num_tokens={num_tokens!r}: expected counts >= 0")
         bs = self._block_size
-        plan, needed, released = [], 0, {}
-        for s, c in zip(seq_ids, counts):
-            length, nb = self._lens[s], self._nblocks[s]
-            cow = False
-            if c > 0 and length % bs != 0:
-                last = int(self._tables[s][nb - 1])
-                # Earlier sequences in this call may already have copied away from the same block.
-                cow = self._ref[last] - released.get(last, 0) > 1
-                if cow:
-                    released[last] = released.get(last, 0) + 1
-            grow = -(-(length + c) // bs) - nb
-            plan.append((s, c, cow, grow))
-            needed += grow + int(cow)
-        return plan, needed
+        length, nb = self._len[rows], self._nb[rows]
+        cow = np.zeros(len(rows), dtype=bool)
+        part = np.flatnonzero((cnt > 0) & (length % bs != 0))
+        last = self._tab[rows[part], nb[part] - 1]
+        shared = self._ref[last] > 1
+        part, last = part[shared], last[shared]
+        if part.size:
+            # Of r holders of a block, the first r - 1 that write to it (in call order) copy it away and
+            # the last one keeps it: a sequence's rank among this call's writers of its last block decides.
+            order = np.argsort(last, kind="stable")
+            first = np.flatnonzero(np.r_[True, last[order][1:] != last[order][:-1]])
+            rank = np.empty(part.size, dtype=np.int64)
+            rank[order] = np.arange(part.size) - np.repeat(first, np.diff(np.r_[first, part.size]))
+            cow[part] = rank < self._ref[last] - 1
+        grow = -(-(length + cnt) // bs) - nb
+        return rows, cnt, cow, grow, int(grow.sum()) + int(cow.sum())
 
     def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
         """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
@@ -191,59 +193,58 @@ class BlockManager:
         A shared, partly filled last block is first replaced by a fresh copy (queued for
         :meth:`take_copies`). Raises :class:`KVCacheExhausted` with nothing changed when the pool is short.
         """
-        plan, needed = self._plan(seq_ids, num_tokens)
+        rows, cnt, cow, grow, needed = self._plan(seq_ids, num_tokens)
         bs = self._block_size
         if needed > len(self._free):
             raise KVCacheExhausted(
                 f"KV cache exhausted: {needed} blocks needed, {len(self._free)} free of {self._num_blocks} "
                 f"(block_size {bs}); free finished sequences or allocate more blocks"
             )
-
-        slots = np.empty(sum(c for _, c, _, _ in plan), dtype=np.int64)
-        pos = 0
-        for s, c, cow, grow in plan:
-            table, nb, length = self._tables[s], self._nblocks[s], self._lens[s]
-            if cow:
-                src, dst = int(table[nb - 1]), self._free.pop()
-                self._ref[src] -= 1
+        length, nb = self._len[rows], self._nb[rows]
+        if needed:
+            # The blocks in the order pop() would hand them out: each sequence its copy's, then its new ones.
+            taken = np.array(self._free[len(self._free) - needed:][::-1], dtype=np.int32)
+            del self._free[len(self._free) - needed:]
+            start = np.cumsum(cow + grow) - (cow + grow)  # each sequence's first taken block
+            c = np.flatnonzero(cow)
+            if c.size:
+                src, dst = self._tab[rows[c], nb[c] - 1], taken[start[c]]
+                np.subtract.at(self._ref, src, 1)
                 self._ref[dst] = 1
-                table[nb - 1] = dst
-                self._copies.append((src, dst))
-                self.blocks_copied += 1
-            if grow:
-                if nb + grow > table.shape[0]:
-                    bigger = np.empty(max(2 * table.shape[0], nb + grow), dtype=np.int32)
-                    bigger[:nb] = table[:nb]
-                    self._tables[s] = table = bigger
-                new = [self._free.pop() for _ in range(grow)]
-                table[nb : nb + grow] = new
+                self._tab[rows[c], nb[c] - 1] = dst
+                self._copies += zip(src.tolist(), dst.tolist())
+                self.blocks_copied += c.size
+            g = np.flatnonzero(grow)
+            if g.size:
+                self._widen(int((nb[g] + grow[g]).max()))
+                k = _ranges(grow[g])
+                new = taken[np.repeat(start[g] + cow[g], grow[g]) + k]
+                self._tab[np.repeat(rows[g], grow[g]), np.repeat(nb[g], grow[g]) + k] = new
                 self._ref[new] = 1
-                self._nblocks[s] = nb = nb + grow
-            if c == 1:  # a decode step
-                slots[pos] = int(table[length // bs]) * bs + length % bs
-            else:
-                p = np.arange(length, length + c)
-                slots[pos : pos + c] = table[p // bs].astype(np.int64) * bs + p % bs
-            self._lens[s] = length + c
-            pos += c
+                self._nb[rows[g]] = nb[g] + grow[g]
+        if (cnt == 1).all():  # a decode step
+            r, p = rows, length
+        else:
+            r, p = np.repeat(rows, cnt), np.repeat(length, cnt) + _ranges(cnt)
+        slots = self._tab[r, p // bs].astype(np.int64) * bs + p % bs
+        self._len[rows] = length + cnt
         return torch.from_numpy(slots)
 
     def truncate_many(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         """Shorten sequences to ``lengths`` (undoing appends), releasing blocks no longer needed."""
-        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
+        ids, rows = self._rows(seq_ids)
+        _no_repeats(ids)
         lengths = list(lengths)
-        if len(lengths) != len(seq_ids):
-            raise ValueError(f"lengths: expected {len(seq_ids)} lengths, got {len(lengths)}")
-        for s, n in zip(seq_ids, lengths):
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= self._lens[s]:
-                raise ValueError(f"lengths: {n!r} for sequence {s}: expected 0 <= length <= {self._lens[s]}")
-        for s, n in zip(seq_ids, lengths):
-            keep = -(-int(n) // self._block_size)
-            dropped = self._tables[s][keep : self._nblocks[s]]
-            self._ref[dropped] -= 1
-            self._free.extend(dropped[self._ref[dropped] == 0][::-1].tolist())
-            self._nblocks[s] = keep
-            self._lens[s] = int(n)
+        if len(lengths) != len(ids):
+            raise ValueError(f"lengths: expected {len(ids)} lengths, got {len(lengths)}")
+        for s, n, row in zip(ids, lengths, rows.tolist()):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= self._len[row]:
+                raise ValueError(f"lengths: {n!r} for sequence {s}: expected 0 <= length <= {self._len[row]}")
+        n = np.array(lengths, dtype=np.int64)
+        keep = -(-n // self._block_size)
+        self._release(rows, keep)
+        self._nb[rows] = keep
+        self._len[rows] = n
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The ``(src_block, dst_block)`` copies queued since the last call; run them before writing slots."""
@@ -253,15 +254,15 @@ class BlockManager:
     # ------------------------------------------------------------------ views
     def block_table(self, seq_ids: Sequence[int], *, width: int | None = None) -> torch.Tensor:
         """int32 ``[len(seq_ids), max_blocks]`` (``width`` columns if given), padded with 0."""
-        seq_ids = [self._check_seq(s, "seq_ids") for s in seq_ids]
-        most = max((self._nblocks[s] for s in seq_ids), default=0)
+        _, rows = self._rows(seq_ids)
+        nb = self._nb[rows]
+        most = int(nb.max()) if rows.size else 0
         width = most if width is None else width
         if width < most:
             raise ValueError(f"width={width}: expected at least {most}, the longest table")
-        out = np.zeros((len(seq_ids), width), dtype=np.int32)
-        for i, s in enumerate(seq_ids):
-            nb = self._nblocks[s]
-            out[i, :nb] = self._tables[s][:nb]
+        out = np.zeros((len(rows), width), dtype=np.int32)
+        w = min(width, self._tab.shape[1])
+        out[:, :w] = np.where(np.arange(w) < nb[:, None], self._tab[rows, :w], 0)
         return torch.from_numpy(out)
 
     def shared_prefix_groups(self, seq_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -274,11 +275,11 @@ class BlockManager:
 
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""
-        return torch.tensor([self._lens[self._check_seq(s, "seq_ids")] for s in seq_ids], dtype=torch.int32)
+        return torch.from_numpy(self._len[self._rows(seq_ids)[1]].astype(np.int32))
 
     def blocks_of(self, seq_id: int) -> list[int]:
-        s = self._check_seq(seq_id)
-        return self._tables[s][: self._nblocks[s]].tolist()
+        row = self._row[self._check_seq(seq_id)]
+        return self._tab[row, : self._nb[row]].tolist()
 
     def ref_count(self, block: int) -> int:
         return int(self._ref[block])
@@ -287,9 +288,11 @@ class BlockManager:
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (tests and debugging)."""
         counts = np.zeros(self._num_blocks, dtype=np.int64)
-        for s, length in self._lens.items():
-            nb = self._nblocks[s]
-            blocks = self._tables[s][:nb]
+        rows = list(self._row.values())
+        assert len(set(rows)) == len(rows) and not set(rows) & set(self._spare_rows), "a row is used twice"
+        for s, row in self._row.items():
+            nb, length = int(self._nb[row]), int(self._len[row])
+            blocks = self._tab[row, :nb]
             assert nb == -(-length // self._block_size), f"seq {s}: {nb} blocks for length {length}"
             assert len(set(blocks.tolist())) == nb, f"seq {s}: a block appears twice"
             counts[blocks] += 1
@@ -300,8 +303,81 @@ class BlockManager:
         assert len(self._free) + int((self._ref > 0).sum()) == self._num_blocks
 
     def _check_seq(self, seq_id, name: str = "seq_id") -> int:
-        if type(seq_id) is int and seq_id in self._lens:  # the fast path of the decode loop
+        if type(seq_id) is int and seq_id in self._row:  # the fast path of the decode loop
             return seq_id
-        if isinstance(seq_id, bool) or not isinstance(seq_id, numbers.Integral) or seq_id not in self._lens:
+        if isinstance(seq_id, bool) or not isinstance(seq_id, numbers.Integral) or seq_id not in self._row:
             raise ValueError(f"{name}: {seq_id!r} is not a live sequence")
         return int(seq_id)
+
+    # ------------------------------------------------------------------ rows
+    def _rows(self, seq_ids, name: str = "seq_ids") -> tuple[list[int], np.ndarray]:
+        """The ids (as ints) and rows of live sequences ``seq_ids``; a ValueError naming the first that is not."""
+        ids = seq_ids if isinstance(seq_ids, list) else list(seq_ids)
+        row = self._row
+        try:
+            rows = [row[s] for s in ids]
+            if set(map(type, ids)) <= {int}:
+                return ids, np.array(rows, dtype=np.intp)
+        except (KeyError, TypeError):
+            pass
+        ids = [self._check_seq(s, name) for s in ids]
+        return ids, np.array([row[s] for s in ids], dtype=np.intp)
+
+    def _take_rows(self, n: int) -> np.ndarray:
+        """``n`` rows of no live sequence (their contents stale), growing the arrays when short."""
+        short = n - len(self._spare_rows)
+        if short > 0:
+            old = len(self._nb)
+            cap = max(2 * old, old + short, 16)
+            tab = np.zeros((cap, self._tab.shape[1]), dtype=np.int32)
+            tab[:old] = self._tab
+            self._tab = tab
+            self._nb = np.concatenate([self._nb, np.zeros(cap - old, dtype=np.int64)])
+            self._len = np.concatenate([self._len, np.zeros(cap - old, dtype=np.int64)])
+            self._spare_rows.extend(range(cap - 1, old - 1, -1))
+        if n == 0:
+            return np.zeros(0, dtype=np.intp)
+        rows = self._spare_rows[len(self._spare_rows) - n:][::-1]
+        del self._spare_rows[len(self._spare_rows) - n:]
+        return np.array(rows, dtype=np.intp)
+
+    def _name(self, rows: np.ndarray) -> list[int]:
+        """New sequence ids for ``rows``, registered in order."""
+        ids = list(range(self._next_id, self._next_id + len(rows)))
+        self._next_id += len(rows)
+        self._row.update(zip(ids, rows.tolist()))
+        return ids
+
+    def _widen(self, cols: int) -> None:
+        """Room for ``cols`` blocks per row."""
+        w = self._tab.shape[1]
+        if cols > w:
+            tab = np.zeros((self._tab.shape[0], max(2 * w, cols)), dtype=np.int32)
+            tab[:, :w] = self._tab
+            self._tab = tab
+
+    def _release(self, rows: np.ndarray, keep: np.ndarray) -> None:
+        """Drop the blocks of ``rows`` past their first ``keep`` ones: ref counts down, and the blocks no
+        sequence holds any more onto the free list, in the order of dropping row by row (each row's
+        from last to first), so that the next ones handed out are the ones dropped last."""
+        w = self._tab.shape[1]
+        col = np.arange(w - 1, -1, -1)  # each row's blocks from last to first
+        drop = (col >= keep[:, None]) & (col < self._nb[rows][:, None])
+        blocks = self._tab[rows][:, ::-1][drop]
+        if not blocks.size:
+            return
+        np.subtract.at(self._ref, blocks, 1)
+        gone = np.flatnonzero(self._ref[blocks] == 0)
+        if gone.size:  # a block shared by several dropping rows is released by the last of them
+            _, last_first = np.unique(blocks[gone][::-1], return_index=True)
+            self._free.extend(blocks[np.sort(gone[gone.size - 1 - last_first])].tolist())
+
+
+def _no_repeats(ids: list) -> None:
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"seq_ids={ids!r}: expected no repeats")
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """``[0, .., counts[0] - 1, 0, .., counts[1] - 1, ...]``."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -51,7 +51,7 @@ class KVPool:
     def copy_blocks(self, copies: Sequence[tuple[int, int]], backend: str = "auto") -> None:
         """Run ``(src, dst)`` block copies for every layer (a destination is never a source here).
 
-        ``backend``: ``"reference"`` is one indexed torch copy; ``"cuda"`` one launch of
+        ``backend``: ``"reference"`` is one indexed torch gather and scatter; ``"cuda"`` one launch of
         csrc/copy_blocks.cu; ``"auto"`` the CUDA kernel where measured faster, else the reference.
         """
         if backend == "triton":
@@ -70,7 +70,8 @@ class KVPool:
 
             load().copy_blocks(self.kv, pairs)
         else:
-            self.kv[:, :, pairs[:, 1]] = self.kv[:, :, pairs[:, 0]]
+            per_layer = self.kv.view(2 * self.kv.shape[0], num_blocks, -1)  # (L * 2, B, block bytes)
+            per_layer.index_copy_(1, pairs[:, 1], per_layer.index_select(1, pairs[:, 0]))
         self.bytes_copied += len(copies) * self.bytes_per_block
 
 
@@ -116,9 +117,9 @@ class KVCacheGroup:
         return self._all(lambda bm: bm.fork_many(seq_ids, n))
 
     def free_many(self, seq_ids: Sequence[int]) -> None:
+        seq_ids = list(seq_ids)
         for c in self.caches.values():  # validate everywhere first: no half-freed state
-            for s in seq_ids:
-                c.blocks.seq_len(s)
+            c.blocks.seq_lens(seq_ids)
         for c in self.caches.values():
             c.blocks.free_many(seq_ids)
 

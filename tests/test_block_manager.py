@@ -176,3 +176,32 @@ def test_fork_many_counts_and_bad_ids():
     with pytest.raises(ValueError, match="not a live sequence"):
         bm.free(a)
     bm.check_invariants()
+
+
+def test_batch_calls_act_as_one_sequence_after_another():
+    """Within one call, sequences take blocks, copy and release in the order given (worked by hand)."""
+    bm = BlockManager(16, 4)
+    p, q = bm.new_sequences(2)
+    bm.append([p], 6)  # blocks 0, 1 (low ids first)
+    bm.append([q], 2)  # block 2
+    (k1, k2), (k3, k4) = bm.fork_many([p, q], 2)
+    bm.free_many([p, q])
+    # Each last block has two holders: the first writer (in call order) copies it away, the second
+    # writes in place, whichever parent the writers came from.
+    slots = bm.append([k3, k1, k4, k2], 1)
+    assert bm.take_copies() == [(2, 3), (1, 4)]
+    assert [bm.blocks_of(k) for k in (k1, k2, k3, k4)] == [[0, 4], [0, 1], [3], [2]]
+    assert slots.tolist() == [3 * 4 + 2, 4 * 4 + 2, 2 * 4 + 2, 1 * 4 + 2]
+    # k2 releases block 1 (block 0 still held by k1), then k1 releases its blocks last to first: 4, 0.
+    bm.free_many([k2, k1])
+    s = bm.new_sequence()
+    bm.append([s], 12)
+    assert bm.blocks_of(s) == [0, 4, 1], "the blocks released last are handed out first"
+    # Truncating releases like freeing; a sequence keeps ceil(length / block_size) blocks.
+    bm.truncate_many([s, k3], [5, 0])
+    assert bm.blocks_of(s) == [0, 4] and bm.blocks_of(k3) == [] and bm.seq_lens([s, k3]).tolist() == [5, 0]
+    with pytest.raises(ValueError, match="no repeats"):
+        bm.truncate_many([s, s], [1, 1])
+    with pytest.raises(ValueError, match="lengths: 6 for sequence"):
+        bm.truncate_many([s], [6])
+    bm.check_invariants()

@@ -290,7 +290,7 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        before = [self.blocks.seq_len(s) for s in seq_ids]
+        before = self.blocks.seq_lens(seq_ids).tolist()
         slots = self.cache.append(seq_ids, counts)
         try:
             n_new = torch.tensor(counts)

@@ -71,7 +71,8 @@ class SpeculativeLoop(DecodeLoop):
         gam = [min(self.gamma, self.room(req, b) - 1) for req, b in rows]
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
         pending = {name: [(req.ids[name] + b.tokens)[-1] for req, b in rows] for name in self.step_names}
-        before = {name: [self.paged[name].blocks.seq_len(b.slot) for _, b in rows] for name in self.step_names}
+        slots = [b.slot for _, b in rows]
+        before = {name: self.paged[name].blocks.seq_lens(slots).tolist() for name in self.step_names}
         keys = [(req.seed, len(b.tokens), b.cand, g) for (req, b), g in zip(rows, gam)]
         seed, t0, cand, gam_d = to_device(torch.tensor(keys).T.contiguous(), self.device)  # one copy
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
