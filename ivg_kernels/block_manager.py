@@ -20,6 +20,11 @@ import numpy as np
 import torch
 
 
+# Sequences per call from which a batch operation runs as array work: below it, a Python loop over the
+# sequences is faster (each numpy call costs about a microsecond). Both give the same results (tested).
+ARRAY_FROM = 8
+
+
 class KVCacheExhausted(RuntimeError):
     """Not enough free blocks; the block manager's state is unchanged."""
 
@@ -59,8 +64,7 @@ class BlockManager:
 
     Every batch operation is array work over its sequences, not Python work per sequence: a decoder
     appends to, forks and frees hundreds of beams per step. Each live sequence owns a row of ``_tab``
-    (its block ids; entries past its ``_nb`` blocks are stale), ``_nb`` and ``_len``; a freed
-    sequence's row is reused. The results are those of handling the sequences one after another in
+    (its block ids, then zeros), ``_nb`` and ``_len``; a freed sequence's row is reused. The results are those of handling the sequences one after another in
     the order given (which blocks they get, which copies they queue, the order of the free list).
     """
 
@@ -71,7 +75,7 @@ class BlockManager:
         self._free: list[int] = list(range(self._num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._row: dict[int, int] = {}  # live sequence id -> its row, in creation order
         self._spare_rows: list[int] = []  # rows of no live sequence; pop() hands out low rows first
-        self._tab = np.zeros((0, 4), dtype=np.int32)  # [rows, block capacity]
+        self._tab = np.zeros((0, 4), dtype=np.int32)  # [rows, block capacity]: block ids, then zeros
         self._nb = np.zeros(0, dtype=np.int64)  # blocks held, per row
         self._len = np.zeros(0, dtype=np.int64)  # tokens held, per row
         self._next_id = 0
@@ -127,6 +131,8 @@ class BlockManager:
         for c in counts:
             if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
                 raise ValueError(f"n={n!r}: expected counts >= 0")
+        if not any(counts):
+            return [[] for _ in counts]
         cnt = np.array(counts, dtype=np.int64)
         nb = self._nb[rows]
         held = np.arange(self._tab.shape[1]) < nb[:, None]
@@ -157,35 +163,62 @@ class BlockManager:
         return self._plan(seq_ids, num_tokens)[-1]
 
     def _plan(self, seq_ids, num_tokens):
-        """``(rows, counts, cow, grow, needed)``: per sequence its row, new tokens, whether it first copies
-        its shared, partly filled last block, and how many blocks it adds; the free blocks all of it takes."""
+        """``(rows, counts, plan, needed)``: the sequences' rows and new tokens (one int for all), the plan
+        of :meth:`_plan_each` or :meth:`_plan_arrays`, and the free blocks it takes."""
         ids, rows = self._rows(seq_ids)
         _no_repeats(ids)
         if isinstance(num_tokens, numbers.Integral) and not isinstance(num_tokens, bool):
-            cnt = np.full(len(rows), int(num_tokens), dtype=np.int64)
+            cnt = int(num_tokens)
+            bad = cnt < 0
         else:
             cnt = np.array([int(c) for c in num_tokens], dtype=np.int64)
             if len(cnt) != len(rows):
                 raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(cnt)}")
-        if (cnt < 0).any():
+            bad = cnt.size and cnt.min() < 0
+        if bad:
             raise ValueError(f"num_tokens={num_tokens!r}: expected counts >= 0")
+        plan, needed = (self._plan_each if len(rows) < ARRAY_FROM else self._plan_arrays)(rows, cnt)
+        return rows, cnt, plan, needed
+
+    def _plan_each(self, rows, cnt):
+        """Sequence by sequence: ``[(row, count, copies, grow, length, blocks)]`` and the blocks taken."""
+        bs, plan, needed, released = self._block_size, [], 0, {}
+        counts = [cnt] * len(rows) if isinstance(cnt, int) else cnt.tolist()
+        for r, c in zip(rows.tolist(), counts):
+            length, nb = self._len.item(r), self._nb.item(r)
+            cow = False
+            if c > 0 and length % bs != 0:
+                last = self._tab.item(r, nb - 1)
+                # Earlier sequences in this call may already have copied away from the same block.
+                cow = self._ref.item(last) - released.get(last, 0) > 1
+                if cow:
+                    released[last] = released.get(last, 0) + 1
+            grow = -(-(length + c) // bs) - nb
+            plan.append((r, c, cow, grow, length, nb))
+            needed += grow + cow
+        return plan, needed
+
+    def _plan_arrays(self, rows, cnt):
+        """All sequences at once: ``(cow, grow, length, nb)`` arrays (``cow`` None: no sequence copies)."""
         bs = self._block_size
         length, nb = self._len[rows], self._nb[rows]
-        cow = np.zeros(len(rows), dtype=bool)
-        part = np.flatnonzero((cnt > 0) & (length % bs != 0))
-        last = self._tab[rows[part], nb[part] - 1]
-        shared = self._ref[last] > 1
-        part, last = part[shared], last[shared]
+        grow = (length + cnt + (bs - 1)) // bs - nb
+        part = np.flatnonzero((length % bs != 0) & (cnt > 0))  # writers into a partly filled last block
+        cow = None
         if part.size:
-            # Of r holders of a block, the first r - 1 that write to it (in call order) copy it away and
-            # the last one keeps it: a sequence's rank among this call's writers of its last block decides.
-            order = np.argsort(last, kind="stable")
-            first = np.flatnonzero(np.r_[True, last[order][1:] != last[order][:-1]])
-            rank = np.empty(part.size, dtype=np.int64)
-            rank[order] = np.arange(part.size) - np.repeat(first, np.diff(np.r_[first, part.size]))
-            cow[part] = rank < self._ref[last] - 1
-        grow = -(-(length + cnt) // bs) - nb
-        return rows, cnt, cow, grow, int(grow.sum()) + int(cow.sum())
+            last = self._tab[rows[part], nb[part] - 1]
+            shared = self._ref[last] > 1
+            if shared.any():
+                part, last = part[shared], last[shared]
+                # Of r holders of a block, the first r - 1 that write to it (in call order) copy it away
+                # and the last keeps it: a sequence's rank among this call's writers of its block decides.
+                order = np.argsort(last, kind="stable")
+                first = np.flatnonzero(np.r_[True, last[order][1:] != last[order][:-1]])
+                rank = np.empty(part.size, dtype=np.int64)
+                rank[order] = np.arange(part.size) - np.repeat(first, np.diff(np.r_[first, part.size]))
+                cow = np.zeros(len(rows), dtype=bool)
+                cow[part] = rank < self._ref[last] - 1
+        return (cow, grow, length, nb), int(grow.sum()) + (0 if cow is None else int(cow.sum()))
 
     def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
         """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
@@ -193,40 +226,69 @@ class BlockManager:
         A shared, partly filled last block is first replaced by a fresh copy (queued for
         :meth:`take_copies`). Raises :class:`KVCacheExhausted` with nothing changed when the pool is short.
         """
-        rows, cnt, cow, grow, needed = self._plan(seq_ids, num_tokens)
-        bs = self._block_size
+        rows, cnt, plan, needed = self._plan(seq_ids, num_tokens)
         if needed > len(self._free):
             raise KVCacheExhausted(
                 f"KV cache exhausted: {needed} blocks needed, {len(self._free)} free of {self._num_blocks} "
-                f"(block_size {bs}); free finished sequences or allocate more blocks"
+                f"(block_size {self._block_size}); free finished sequences or allocate more blocks"
             )
-        length, nb = self._len[rows], self._nb[rows]
+        if isinstance(plan, list):
+            return self._append_each(plan)
+        return self._append_arrays(rows, cnt, *plan, needed)
+
+    def _append_each(self, plan) -> torch.Tensor:
+        bs, slots = self._block_size, []
+        for r, c, cow, grow, length, nb in plan:
+            if cow:
+                src, dst = self._tab.item(r, nb - 1), self._free.pop()
+                self._ref[src] -= 1
+                self._ref[dst] = 1
+                self._tab[r, nb - 1] = dst
+                self._copies.append((src, dst))
+                self.blocks_copied += 1
+            if grow:
+                self._widen(nb + grow)
+                new = [self._free.pop() for _ in range(grow)]
+                self._tab[r, nb: nb + grow] = new
+                self._ref[new] = 1
+                self._nb[r] = nb + grow
+            table = self._tab[r]
+            slots += [table.item(p // bs) * bs + p % bs for p in range(length, length + c)]
+            self._len[r] = length + c
+        return torch.tensor(slots, dtype=torch.int64)
+
+    def _append_arrays(self, rows, cnt, cow, grow, length, nb, needed) -> torch.Tensor:
+        bs = self._block_size
         if needed:
             # The blocks in the order pop() would hand them out: each sequence its copy's, then its new ones.
             taken = np.array(self._free[len(self._free) - needed:][::-1], dtype=np.int32)
             del self._free[len(self._free) - needed:]
-            start = np.cumsum(cow + grow) - (cow + grow)  # each sequence's first taken block
-            c = np.flatnonzero(cow)
-            if c.size:
+            pops = grow if cow is None else grow + cow
+            start = np.cumsum(pops) - pops  # each sequence's first taken block
+            if cow is not None:
+                c = np.flatnonzero(cow)
                 src, dst = self._tab[rows[c], nb[c] - 1], taken[start[c]]
                 np.subtract.at(self._ref, src, 1)
                 self._ref[dst] = 1
                 self._tab[rows[c], nb[c] - 1] = dst
                 self._copies += zip(src.tolist(), dst.tolist())
                 self.blocks_copied += c.size
+                start = start + cow
             g = np.flatnonzero(grow)
             if g.size:
                 self._widen(int((nb[g] + grow[g]).max()))
                 k = _ranges(grow[g])
-                new = taken[np.repeat(start[g] + cow[g], grow[g]) + k]
+                new = taken[np.repeat(start[g], grow[g]) + k]
                 self._tab[np.repeat(rows[g], grow[g]), np.repeat(nb[g], grow[g]) + k] = new
                 self._ref[new] = 1
                 self._nb[rows[g]] = nb[g] + grow[g]
-        if (cnt == 1).all():  # a decode step
-            r, p = rows, length
+        if isinstance(cnt, int) and cnt == 1:  # a decode step
+            block, at = np.divmod(length, bs)
+            slots = self._tab[rows, block].astype(np.int64) * bs + at
         else:
-            r, p = np.repeat(rows, cnt), np.repeat(length, cnt) + _ranges(cnt)
-        slots = self._tab[r, p // bs].astype(np.int64) * bs + p % bs
+            counts = np.full(len(rows), cnt) if isinstance(cnt, int) else cnt
+            p = np.repeat(length, counts) + _ranges(counts)
+            slots = self._tab[np.repeat(rows, counts), p // bs].astype(np.int64) * bs + p % bs
         self._len[rows] = length + cnt
         return torch.from_numpy(slots)
 
@@ -237,10 +299,13 @@ class BlockManager:
         lengths = list(lengths)
         if len(lengths) != len(ids):
             raise ValueError(f"lengths: expected {len(ids)} lengths, got {len(lengths)}")
-        for s, n, row in zip(ids, lengths, rows.tolist()):
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= self._len[row]:
-                raise ValueError(f"lengths: {n!r} for sequence {s}: expected 0 <= length <= {self._len[row]}")
-        n = np.array(lengths, dtype=np.int64)
+        whole = set(map(type, lengths)) <= {int}
+        n = np.array(lengths if whole else [0] * len(ids), dtype=np.int64)
+        if not whole or ((n < 0) | (n > self._len[rows])).any():
+            for s, m, row in zip(ids, lengths, rows.tolist()):  # name the first bad length
+                if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m <= self._len[row]:
+                    raise ValueError(f"lengths: {m!r} for sequence {s}: expected 0 <= length <= {self._len[row]}")
+            n = np.array([int(m) for m in lengths], dtype=np.int64)  # numpy integers: valid
         keep = -(-n // self._block_size)
         self._release(rows, keep)
         self._nb[rows] = keep
@@ -256,13 +321,14 @@ class BlockManager:
         """int32 ``[len(seq_ids), max_blocks]`` (``width`` columns if given), padded with 0."""
         _, rows = self._rows(seq_ids)
         nb = self._nb[rows]
-        most = int(nb.max()) if rows.size else 0
+        most = max(nb.tolist(), default=0)
         width = most if width is None else width
         if width < most:
             raise ValueError(f"width={width}: expected at least {most}, the longest table")
+        if width <= self._tab.shape[1]:
+            return torch.from_numpy(self._tab[rows, :width])  # entries past a sequence's blocks are 0
         out = np.zeros((len(rows), width), dtype=np.int32)
-        w = min(width, self._tab.shape[1])
-        out[:, :w] = np.where(np.arange(w) < nb[:, None], self._tab[rows, :w], 0)
+        out[:, : self._tab.shape[1]] = self._tab[rows]
         return torch.from_numpy(out)
 
     def shared_prefix_groups(self, seq_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -295,6 +361,7 @@ class BlockManager:
             blocks = self._tab[row, :nb]
             assert nb == -(-length // self._block_size), f"seq {s}: {nb} blocks for length {length}"
             assert len(set(blocks.tolist())) == nb, f"seq {s}: a block appears twice"
+            assert not self._tab[row, nb:].any(), f"seq {s}: its table holds ids past its {nb} blocks"
             counts[blocks] += 1
         assert np.array_equal(counts, self._ref), "ref counts differ from the tables"
         free = set(self._free)
@@ -312,19 +379,19 @@ class BlockManager:
     # ------------------------------------------------------------------ rows
     def _rows(self, seq_ids, name: str = "seq_ids") -> tuple[list[int], np.ndarray]:
         """The ids (as ints) and rows of live sequences ``seq_ids``; a ValueError naming the first that is not."""
-        ids = seq_ids if isinstance(seq_ids, list) else list(seq_ids)
+        ids = seq_ids if type(seq_ids) is list else list(seq_ids)
         row = self._row
         try:
             rows = [row[s] for s in ids]
-            if set(map(type, ids)) <= {int}:
-                return ids, np.array(rows, dtype=np.intp)
         except (KeyError, TypeError):
-            pass
-        ids = [self._check_seq(s, name) for s in ids]
-        return ids, np.array([row[s] for s in ids], dtype=np.intp)
+            rows = None
+        if rows is None or not set(map(type, ids)) <= _INT:  # bools, numpy integers, ...
+            ids = [self._check_seq(s, name) for s in ids]
+            rows = [row[s] for s in ids]
+        return ids, np.array(rows, dtype=np.intp)
 
     def _take_rows(self, n: int) -> np.ndarray:
-        """``n`` rows of no live sequence (their contents stale), growing the arrays when short."""
+        """``n`` rows of no live sequence (tables all zeros), growing the arrays when short."""
         short = n - len(self._spare_rows)
         if short > 0:
             old = len(self._nb)
@@ -360,17 +427,32 @@ class BlockManager:
         """Drop the blocks of ``rows`` past their first ``keep`` ones: ref counts down, and the blocks no
         sequence holds any more onto the free list, in the order of dropping row by row (each row's
         from last to first), so that the next ones handed out are the ones dropped last."""
+        if len(rows) < ARRAY_FROM:
+            for r, k in zip(rows.tolist(), keep.tolist()):
+                nb = self._nb.item(r)
+                if k < nb:
+                    dropped = self._tab[r, k:nb].copy()
+                    self._tab[r, k:nb] = 0
+                    self._ref[dropped] -= 1
+                    self._free.extend(dropped[self._ref[dropped] == 0][::-1].tolist())
+            return
+        nb = self._nb[rows]
+        if (keep >= nb).all():
+            return
         w = self._tab.shape[1]
         col = np.arange(w - 1, -1, -1)  # each row's blocks from last to first
-        drop = (col >= keep[:, None]) & (col < self._nb[rows][:, None])
-        blocks = self._tab[rows][:, ::-1][drop]
-        if not blocks.size:
-            return
+        at, back = np.nonzero((col >= keep[:, None]) & (col < nb[:, None]))
+        at, col = rows[at], col[back]
+        blocks = self._tab[at, col]
+        self._tab[at, col] = 0
         np.subtract.at(self._ref, blocks, 1)
         gone = np.flatnonzero(self._ref[blocks] == 0)
         if gone.size:  # a block shared by several dropping rows is released by the last of them
             _, last_first = np.unique(blocks[gone][::-1], return_index=True)
             self._free.extend(blocks[np.sort(gone[gone.size - 1 - last_first])].tolist())
+
+
+_INT = {int}
 
 
 def _no_repeats(ids: list) -> None:

@@ -205,3 +205,44 @@ def test_batch_calls_act_as_one_sequence_after_another():
     with pytest.raises(ValueError, match="lengths: 6 for sequence"):
         bm.truncate_many([s], [6])
     bm.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_array_work_and_per_sequence_work_agree(monkeypatch, seed):
+    """Batch calls run as array work from ARRAY_FROM sequences, as a Python loop below it: on random
+    histories of new/append/fork/truncate/free both give the same tables, slots, copies and free list."""
+    import random
+
+    import ivg_kernels.block_manager as bmod
+
+    def history(array_from):
+        monkeypatch.setattr(bmod, "ARRAY_FROM", array_from)
+        rng, bm, seen = random.Random(seed), BlockManager(160, 3), []
+        for _ in range(120):
+            live = bm.live_sequences
+            op = rng.choice(["append", "append", "fork", "free", "truncate"]) if len(live) > 4 else "new"
+            if op == "new":
+                out = bm.new_sequences(rng.randint(3, 12))
+            elif op == "append":
+                ids = rng.sample(live, rng.randint(1, len(live)))
+                counts = 1 if rng.random() < 0.4 else [rng.choice([0, 1, 1, 2, 7]) for _ in ids]
+                try:
+                    out = (bm.append(ids, counts).tolist(), bm.take_copies())
+                except KVCacheExhausted as e:
+                    out = str(e)
+            elif op == "fork":
+                out = bm.fork_many(rng.sample(live, rng.randint(1, 4)), rng.randint(0, 4))
+            elif op == "free":
+                out = bm.free_many(rng.sample(live, rng.randint(1, len(live) // 2)))
+            else:
+                ids = rng.sample(live, rng.randint(1, len(live)))
+                out = bm.truncate_many(ids, [rng.randint(0, bm.seq_len(s)) for s in ids])
+            bm.check_invariants()
+            live = bm.live_sequences
+            seen.append((op, out, live, bm.block_table(live).tolist() if live else [], bm.seq_lens(live).tolist(),
+                         list(bm._free), bm.blocks_copied))
+        return seen
+
+    arrays, loops = history(1), history(10 ** 9)
+    assert any(op == "append" and isinstance(out, tuple) and out[1] for op, out, *_ in arrays), "no copy-on-write seen"
+    assert arrays == loops

@@ -290,16 +290,15 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        before = self.blocks.seq_lens(seq_ids).tolist()
-        slots = self.cache.append(seq_ids, counts)
+        slots = self.cache.append(seq_ids, counts)  # raises with nothing changed
+        n_new = torch.tensor(counts)
         try:
-            n_new = torch.tensor(counts)
+            table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
             cu[1:] = n_new.cumsum(0)
             # position of each new token: its sequence's old length plus its index among the new ones
-            positions = (torch.tensor(before) - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
+            positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             decode = max(counts) == 1
-            table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             if self.graphs is not None and decode and not every_position and logits_at is None:
                 self.attach()  # (a no-op when attached)
@@ -321,8 +320,8 @@ class PagedModel:
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                              logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
             return out.logits[0]
-        except BaseException:
-            self.blocks.truncate_many(seq_ids, before)
+        except BaseException:  # back to the lengths before the append
+            self.blocks.truncate_many(seq_ids, (self.blocks.seq_lens(seq_ids) - n_new).tolist())
             raise
 
     __call__ = forward
