@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             fn()  # compile (or load from Triton's cache)
             direct = _per_call_us(fn, launches)
             for m in modules:
-                m.direct = lambda f: f
+                m.direct = co.via_triton
             try:
                 fn()
                 triton_path = _per_call_us(fn, launches)

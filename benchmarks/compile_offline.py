@@ -107,6 +107,20 @@ def offline_target(arch: int = 90, launches: list | None = None):
         launch._LAUNCHERS.clear()  # the direct launchers' kernels were compiled for the offline target
 
 
+class via_triton:
+    """Stands for ``launch.direct(fn)`` in a launcher (``module.direct = via_triton``): every launch, keyed or
+    not, goes through Triton's own ``fn[grid]`` (to compare the two paths)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn[grid]
+
+    def key(self, key):
+        return self.fn
+
+
 def on_cubin(tool: str, kernel, *args: str) -> str:
     """The output of one of Triton's bundled CUDA tools (``cuobjdump``, ``nvdisasm``) on a compiled kernel's cubin."""
     import triton

@@ -23,6 +23,16 @@ def norm(x):
     if isinstance(x, (tuple, list)):
         return tuple(norm(y) for y in x)
     return x
+
+def triton_launches(fn, launches):  # what fn launches through Triton's own kernel[grid], normalised
+    from ivg_kernels._triton import sampling_kernels as sk, attention_kernels as ak
+    sk.direct = ak.direct = co.via_triton
+    try:
+        del launches[:]
+        fn()
+    finally:
+        sk.direct = ak.direct = launch.direct
+    return norm(launches)
 """
 
 
@@ -91,13 +101,63 @@ def test_sampler_and_attention_launch_as_triton_would(tmp_path):
             with co.offline_target(90, launches) as compiled:
                 fn(), fn()  # the second call takes the direct path
                 direct_calls = norm(launches[len(launches) // 2:])
-                sk.direct = ak.direct = lambda f: f
-                try:
-                    del launches[:]
-                    fn()
-                finally:
-                    sk.direct = ak.direct = launch.direct
-            print(name, "kernels:", [c[0] for c in direct_calls], "same:", direct_calls == norm(launches))
+                via_triton = triton_launches(fn, launches)
+            print(name, "kernels:", [c[0] for c in direct_calls], "same:", direct_calls == via_triton)
     """, tmp_path)
     assert "sampler kernels: ['_stage1_kernel', '_stage2_kernel'] same: True" in out, out
     assert "attention kernels: ['_decode_split_kernel', '_decode_reduce_kernel'] same: True" in out, out
+
+
+def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
+    """The sampler and decode attention pass keys that let a repeated call skip Triton's binder
+    (DirectLaunch.key). Over calls that differ in every way a specialisation can (dtypes, a misaligned
+    start, tensor or scalar parameters, integers of another type, equal to 1 or divisible by 16, filters,
+    shapes, splits), each checked against the binder (CHECK_KEYS), no key stands for two
+    specialisations; and without the check the keyed launches pass what Triton's own launch passes."""
+    out = _run("""
+        from ivg_kernels._triton import sampling_kernels as sk, attention_kernels as ak
+
+        v = 512
+        base = {dt: [torch.zeros(4, v + 1, dtype=dt) for _ in range(3)] for dt in (torch.bfloat16, torch.float32)}
+        tk = torch.full((4,), 5, dtype=torch.int64)
+
+        def sample(dtype=torch.bfloat16, shift=0, n=4, top_k=50, k_tensor=False, seed=1, offset=3, filters=True):
+            x = [t[:n, shift:shift + v] for t in base[dtype]]
+            k = tk[:n] if k_tensor else None
+            return lambda: sk.launch_guided_sample(x[0], x[1:], [1.0, -1.0], None, None, 0.7, k, top_k, None, 0.9,
+                                                   None, 0.0, None, seed, None, offset, v, filters, 0)
+
+        qs = {dt: torch.zeros(4 * 8 * 64 + 1, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
+        kc = {dt: torch.zeros(64, 16, 2, 64, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
+        table, lens = torch.zeros(4, 4, dtype=torch.int32), torch.full((4,), 60, dtype=torch.int32)
+
+        def attend(dtype=torch.bfloat16, shift=0, window=0, splits=2, width=4):
+            q = qs[dtype][shift:shift + 4 * 8 * 64].view(4, 8, 64)
+            return lambda: ak.launch_paged_decode_attention(q, kc[dtype], kc[dtype], table[:, :width], lens, 0.125,
+                                                           window, splits)
+
+        samples = [sample(), sample(shift=1), sample(dtype=torch.float32), sample(k_tensor=True), sample(seed=2 ** 40),
+                   sample(offset=1), sample(offset=16), sample(offset=-2 ** 40), sample(filters=False), sample(n=1),
+                   sample(top_k=2 ** 33)]
+        attends = [attend(), attend(shift=1), attend(dtype=torch.float32), attend(window=24), attend(window=1),
+                   attend(splits=1), attend(width=2)]
+        KNOWN.update(t.data_ptr() for d in (base, qs, kc) for ts in d.values() for t in (ts if isinstance(ts, list) else [ts]))
+        KNOWN.update(t.data_ptr() for t in (tk, table, lens))
+        launches = []
+        with co.offline_target(90, launches):
+            launch.CHECK_KEYS = True
+            try:
+                for fn in samples + attends + samples[::-1] + attends[::-1]:
+                    fn()
+            finally:
+                launch.CHECK_KEYS = False
+            print("keys:", len(launch.direct(sk._stage1_kernel).by_key), len(launch.direct(ak._decode_split_kernel).by_key))
+            same = []
+            for fn in samples + attends:
+                del launches[:]
+                fn()
+                same.append(norm(launches) == triton_launches(fn, launches))
+            print("keyed launches as Triton's:", all(same), len(same))
+    """, tmp_path)
+    assert "keys: 11 7" in out, out
+    assert "keyed launches as Triton's: True 18" in out, out

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, direct, next_power_of_2
+from .launch import cdiv, direct, int_class, next_power_of_2
 
 
 @triton.jit
@@ -328,6 +328,11 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
     dp = max(16, next_power_of_2(d))
+    if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
+        key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
+               type(scale), *(x.dtype for x in (q, k_cache, v_cache, block_table, seq_lens)),
+               *(x.data_ptr() % 16 == 0 for x in (q, k_cache, v_cache, block_table, seq_lens)))
+        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,

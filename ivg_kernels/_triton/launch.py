@@ -9,6 +9,11 @@ kernel per specialisation itself; a new specialisation takes Triton's normal pat
 needed), later calls go straight to the compiled kernel's launcher, with the launch hooks profilers
 install. Under ``TRITON_INTERPRET=1`` it is the plain ``kernel[grid]``.
 
+A launcher that knows what its arguments' specialisation depends on can pass a ``key`` as well
+(:meth:`DirectLaunch.key`): a later call with an equal key skips the binder too and launches the
+kernel that key's first call got. The caller vouches that equal keys mean equal specialisations;
+with ``CHECK_KEYS`` set (the tests) every keyed call is checked against the binder.
+
 Module-level constants the kernels read are treated as constant for the life of the process (Triton
 would raise if one were reassigned after compiling; nothing here reassigns them), and so are the
 options Triton reads from its knobs at each launch (debug mode, instrumentation): a specialisation
@@ -21,34 +26,57 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 
+CHECK_KEYS = False  # check every keyed launch against Triton's binder (tests)
+
+
 class DirectLaunch:
     """``DirectLaunch(kernel)[grid](*args, **constexprs_and_options)``: launch like ``kernel[grid]``."""
 
-    __slots__ = ("fn", "kernels")
+    __slots__ = ("fn", "kernels", "by_key")
 
     def __init__(self, fn):
         self.fn = fn
         self.kernels = {}  # (device, specialisation, options) -> compiled kernel
+        self.by_key = {}  # (device, caller's key) -> (compiled kernel, names of the parameters passed by keyword)
 
     def __getitem__(self, grid):
         if not isinstance(self.fn, JITFunction):  # the interpreter's kernels
             return self.fn[grid]
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
-    def run(self, grid, args, kwargs):
+    def key(self, key) -> "_Keyed":
+        """``direct(kernel).key(key)[grid](*args, **constexprs_and_options)``: like ``[grid]``; calls with an
+        equal ``key`` (hashable) share one specialisation and options, so after the first only the
+        arguments are passed on. Every argument but the constexprs and options positional."""
+        return _Keyed(self, key) if isinstance(self.fn, JITFunction) else self.fn  # the interpreter's: fn[grid]
+
+    def run(self, grid, args, kwargs, key=None):
         device = driver.active.get_current_device()
+        hit = self.by_key.get((device, key)) if key is not None else None
+        if hit is not None and not CHECK_KEYS:
+            kernel, names = hit
+            return self._launch(kernel, grid, device, args + tuple(kwargs[name] for name in names))
         binder = self.fn.device_caches[device][4]
         bound, specialization, options = binder(*args, **kwargs)
-        key = (device, tuple(specialization), str(options))
-        kernel = self.kernels.get(key)
+        spec = (device, tuple(specialization), str(options))
+        kernel = self.kernels.get(spec)
+        if hit is not None and hit[0] is not kernel:
+            raise AssertionError(f"{self.fn.__name__}: launch key {key!r} stands for two specialisations")
         if kernel is None:  # Triton's own path: compiles when it must, launches, returns the kernel
             kernel = self.fn[grid](*args, **kwargs)
             if hasattr(kernel, "result"):  # an asynchronous compilation's future
                 kernel = kernel.result()
-            self.kernels[key] = kernel
-            return kernel
+            self.kernels[spec] = kernel
+        else:
+            self._launch(kernel, grid, device, tuple(bound.values()))
+        names = list(bound)[len(args):]  # the constexprs, in the order the launcher takes them
+        if key is not None and hit is None and all(name in kwargs for name in names):
+            self.by_key[(device, key)] = (kernel, names)
+        return kernel
+
+    @staticmethod
+    def _launch(kernel, grid, device, values):
         stream = driver.active.get_current_stream(device)
-        values = bound.values()
         grid = tuple(grid) + (1, 1)
         enter = knobs.runtime.launch_enter_hook  # None (Triton 3.6) or a chain of hooks, often empty (3.9)
         metadata = (kernel.launch_metadata(grid[:3], stream, *values)
@@ -56,6 +84,24 @@ class DirectLaunch:
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter,
                    knobs.runtime.launch_exit_hook, *values)
         return kernel
+
+
+class _Keyed:
+    __slots__ = ("launcher", "key")
+
+    def __init__(self, launcher: DirectLaunch, key):
+        self.launcher, self.key = launcher, key
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launcher.run(grid, args, kwargs, self.key)
+
+
+def int_class(x) -> tuple:
+    """What Triton's specialisation of an integer argument can depend on, for launch keys: its type (by
+    range), whether it is 1 and whether 16 divides it (a non-int: its type)."""
+    if type(x) is not int:
+        return (type(x),)
+    return (-0x80000000 <= x < 0x80000000, x < 0x8000000000000000, x == 1, x % 16 == 0)
 
 
 def cdiv(a, b):

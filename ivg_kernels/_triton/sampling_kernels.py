@@ -30,13 +30,15 @@ stream ivg_kernels/reference/philox.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import cdiv, direct, next_power_of_2
+from .launch import cdiv, direct, int_class, next_power_of_2
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -618,6 +620,16 @@ def workspace_layout(n: int, s: int, ng: int, nin: int, c: int) -> tuple[tuple[i
     return tuple(offsets[1:]), at
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(n: int, v: int, block: int, nin: int, filters: bool) -> tuple:
+    """``(block, granule, candidates per slice, slices per row, granules per row, workspace offsets, workspace
+    bytes)`` of a launch (``block`` 0: picked from the shape)."""
+    block = slice_width(block if block > 0 else pick_block(n, v), v)
+    c, s, ng = min(MAX_CANDIDATES, block), cdiv(v, block), cdiv(v, GRANULE)
+    offsets, size = workspace_layout(n, s, ng, nin, c if filters else 0)
+    return block, min(GRANULE, block), c, s, ng, offsets, size
+
+
 def _param(t, scalar, dtype):
     """(pointer tensor or None, scalar value, is_tensor) for a row parameter."""
     if t is not None:
@@ -661,13 +673,7 @@ def launch_guided_sample(
     nin = len(inputs)
     strides = tuple(x.stride(0) for x in inputs)
     v = vocab_size
-    if block <= 0:
-        block = pick_block(n, v)
-    block = slice_width(block, v)
-    gr = min(GRANULE, block)
-    c = min(MAX_CANDIDATES, block)
-    s = cdiv(v, block)
-    ng = cdiv(v, GRANULE)
+    block, gr, c, s, ng, offsets, size = _plan(n, v, block, nin, filters)
     w_vals = (*weight_scalars, *([0.0] * (6 - len(weight_scalars))))
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
@@ -678,7 +684,6 @@ def launch_guided_sample(
     sd_ptr, sd_val, sd_ten = _param(seed, seed_s, torch.int64)
     of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
 
-    offsets, size = workspace_layout(n, s, ng, nin, c if filters else 0)
     ws = torch.empty((size,), dtype=torch.uint8, device=dev)  # the stages' scratch, one allocation
     f32 = torch.float32
     tokens = torch.empty((n,), dtype=torch.int64, device=dev)
@@ -694,14 +699,21 @@ def launch_guided_sample(
         return dummy if x is None else x
 
     w_ten = weight_rows is not None
-    direct(_stage1_kernel)[(n * s,)](
+    # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and
+    # options (from nin, the parameters' kinds, filters, block), the integers' values or classes, the
+    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned).
+    key = (n, v, block, filters, strides, w_stride, tuple(x.dtype for x in inputs),
+           tuple(x.data_ptr() % 16 == 0 for x in inputs), w_ten and w_ptr.data_ptr() % 16 == 0,
+           *(x is not None and x.data_ptr() % 16 == 0 for x in (t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr)),
+           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
+    direct(_stage1_kernel).key(key)[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
         ws, *offsets,
         v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten,
         FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
     )
-    direct(_stage2_kernel)[(n,)](
+    direct(_stage2_kernel).key(key)[(n,)](
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
         ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
