@@ -701,10 +701,11 @@ def launch_guided_sample(
     w_ten = weight_rows is not None
     # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and
     # options (from nin, the parameters' kinds, filters, block), the integers' values or classes, the
-    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned).
+    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
+    # a weight or row-parameter tensor: None when absent, else whether it is aligned).
     key = (n, v, block, filters, strides, w_stride, tuple(x.dtype for x in inputs),
            tuple(x.data_ptr() % 16 == 0 for x in inputs), w_ten and w_ptr.data_ptr() % 16 == 0,
-           *(x is not None and x.data_ptr() % 16 == 0 for x in (t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr)),
+           *(None if x is None else x.data_ptr() % 16 == 0 for x in (t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr)),
            type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
     direct(_stage1_kernel).key(key)[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
