@@ -121,12 +121,17 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
         base = {dt: [torch.zeros(4, v + 1, dtype=dt) for _ in range(3)] for dt in (torch.bfloat16, torch.float32)}
         tk = torch.full((5,), 5, dtype=torch.int64)
 
+        wb = torch.ones(2 * 4 + 1)
+
         def sample(dtype=torch.bfloat16, shift=0, n=4, top_k=50, k_tensor=False, k_shift=0, seed=1, offset=3,
-                   filters=True):
+                   filters=True, w_shift=None, w_rows=True):
             x = [t[:n, shift:shift + v] for t in base[dtype]]
             k = tk[k_shift:k_shift + n] if k_tensor else None
-            return lambda: sk.launch_guided_sample(x[0], x[1:], [1.0, -1.0], None, None, 0.7, k, top_k, None, 0.9,
-                                                   None, 0.0, None, seed, None, offset, v, filters, 0)
+            w = None if w_shift is None else (wb[w_shift:w_shift + 2 * n].view(n, 2) if w_rows
+                                              else wb[w_shift:w_shift + 2].expand(n, 2))  # stride 0, like no weights
+            return lambda: sk.launch_guided_sample(x[0], x[1:], [] if w is not None else [1.0, -1.0], w, None, 0.7,
+                                                   k, top_k, None, 0.9, None, 0.0, None, seed, None, offset, v,
+                                                   filters, 0)
 
         qs = {dt: torch.zeros(4 * 8 * 64 + 1, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
         kc = {dt: torch.zeros(64, 16, 2, 64, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
@@ -139,11 +144,12 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
 
         samples = [sample(), sample(shift=1), sample(dtype=torch.float32), sample(k_tensor=True), sample(seed=2 ** 40),
                    sample(offset=1), sample(offset=16), sample(offset=-2 ** 40), sample(filters=False), sample(n=1),
-                   sample(top_k=2 ** 33), sample(k_tensor=True, k_shift=1), sample(top_k=0)]
+                   sample(top_k=2 ** 33), sample(k_tensor=True, k_shift=1), sample(top_k=0),
+                   sample(w_shift=0), sample(w_shift=1), sample(w_shift=1, w_rows=False)]
         attends = [attend(), attend(shift=1), attend(dtype=torch.float32), attend(window=24), attend(window=1),
                    attend(splits=1), attend(width=2)]
         KNOWN.update(t.data_ptr() for d in (base, qs, kc) for ts in d.values() for t in (ts if isinstance(ts, list) else [ts]))
-        KNOWN.update(t.data_ptr() for t in (tk, table, lens))
+        KNOWN.update(t.data_ptr() for t in (tk, table, lens, wb))
         launches = []
         with co.offline_target(90, launches):
             launch.CHECK_KEYS = True
@@ -160,5 +166,5 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                 same.append(norm(launches) == triton_launches(fn, launches))
             print("keyed launches as Triton's:", all(same), len(same))
     """, tmp_path)
-    assert "keys: 13 7" in out, out
-    assert "keyed launches as Triton's: True 20" in out, out
+    assert "keys: 16 7" in out, out
+    assert "keyed launches as Triton's: True 23" in out, out

@@ -674,7 +674,7 @@ def launch_guided_sample(
     strides = tuple(x.stride(0) for x in inputs)
     v = vocab_size
     block, gr, c, s, ng, offsets, size = _plan(n, v, block, nin, filters)
-    w_vals = (*weight_scalars, *([0.0] * (6 - len(weight_scalars))))
+    w_vals = (*map(float, weight_scalars), *([0.0] * (6 - len(weight_scalars))))  # fp32 arguments
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
     t_ptr, t_val, t_ten = _param(temperature, temperature_s, torch.float32)
@@ -704,7 +704,8 @@ def launch_guided_sample(
     # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
     # a weight or row-parameter tensor: None when absent, else whether it is aligned).
     key = (n, v, block, filters, strides, w_stride, tuple(x.dtype for x in inputs),
-           tuple(x.data_ptr() % 16 == 0 for x in inputs), w_ten and w_ptr.data_ptr() % 16 == 0,
+           tuple(x.data_ptr() % 16 == 0 for x in inputs),
+           w_ten and (w_ptr.dtype, w_ptr.data_ptr() % 16 == 0),
            *(None if x is None else x.data_ptr() % 16 == 0 for x in (t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr)),
            type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
     direct(_stage1_kernel).key(key)[(n * s,)](
