@@ -102,25 +102,47 @@ def _to_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+# Range checks of the scalar row parameters: (test, what is expected).
+_CHECKS = {
+    "temperature": (lambda t: t >= 0, "a temperature >= 0 (0 is greedy)"),
+    "top_k": (lambda k: k >= 0, "top_k >= 0 (0 disables top-k)"),
+    "top_p": (lambda p: 0 < p <= 1, "top_p in (0, 1]"),
+    "min_p": (lambda m: 0 <= m <= 1, "min_p in [0, 1]"),
+}
+
+
+def _row_param(name, value, integer, n, device):
+    """A row parameter: a checked tensor ``[N]``, or a checked scalar."""
+    if isinstance(value, torch.Tensor):
+        return _check_row_tensor(name, value, n, device, integer)
+    value = _scalar(name, value, integer)
+    check = _CHECKS.get(name)
+    if check is not None and not check[0](value):
+        _fail(name, value, check[1])
+    return value
+
+
 def prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size) -> SampleArgs:
     logits = _check_matrix("logits", logits, None, None)
     n, device = logits.shape[0], logits.device
-    if isinstance(guides, (torch.Tensor, str)) or not isinstance(guides, Sequence):
+    if not isinstance(guides, (list, tuple)) and (isinstance(guides, (torch.Tensor, str))
+                                                  or not isinstance(guides, Sequence)):
         _fail("guides", type(guides).__name__, "a sequence of (tensor [N, V_i], weight) pairs")
     if len(guides) > MAX_GUIDES:
         _fail("guides", f"{len(guides)} pairs", f"at most {MAX_GUIDES} (tensor, weight) pairs")
     tensors, weights = [], []
+    narrowest = logits.shape[1]
     for i, pair in enumerate(guides):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             _fail(f"guides[{i}]", type(pair).__name__, "a (tensor [N, V_i], weight) pair")
         g, w = pair
         tensors.append(_check_matrix(f"guides[{i}][0]", g, n, device))
+        narrowest = min(narrowest, g.shape[1])
         if isinstance(w, torch.Tensor):
             weights.append(_check_row_tensor(f"guides[{i}][1]", w, n, device, integer=False))
         else:
             weights.append(_scalar(f"guides[{i}][1]", w, integer=False))
 
-    narrowest = min([logits.shape[1]] + [g.shape[1] for g in tensors])
     if vocab_size is None:
         vocab_size = narrowest
     else:
@@ -130,20 +152,12 @@ def prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, 
             _fail("vocab_size", vocab_size, f"at most {narrowest}, the narrowest input row")
         vocab_size = int(vocab_size)
 
-    def row_param(name, value, integer, check):
-        if isinstance(value, torch.Tensor):
-            return _check_row_tensor(name, value, n, device, integer)
-        value = _scalar(name, value, integer)
-        if check is not None and not check[0](value):
-            _fail(name, value, check[1])
-        return value
-
-    temperature = row_param("temperature", temperature, False, (lambda t: t >= 0, "a temperature >= 0 (0 is greedy)"))
-    top_k = row_param("top_k", top_k, True, (lambda k: k >= 0, "top_k >= 0 (0 disables top-k)"))
-    top_p = row_param("top_p", top_p, False, (lambda p: 0 < p <= 1, "top_p in (0, 1]"))
-    min_p = row_param("min_p", min_p, False, (lambda m: 0 <= m <= 1, "min_p in [0, 1]"))
-    seed = row_param("seed", seed, True, None)
-    offset = row_param("offset", offset, True, None)
+    temperature = _row_param("temperature", temperature, False, n, device)
+    top_k = _row_param("top_k", top_k, True, n, device)
+    top_p = _row_param("top_p", top_p, False, n, device)
+    min_p = _row_param("min_p", min_p, False, n, device)
+    seed = _row_param("seed", seed, True, n, device)
+    offset = _row_param("offset", offset, True, n, device)
     if not isinstance(seed, torch.Tensor):
         seed = _to_int64(seed)
     if not isinstance(offset, torch.Tensor):
