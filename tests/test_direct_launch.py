@@ -109,8 +109,8 @@ def test_sampler_and_attention_launch_as_triton_would(tmp_path):
 
 
 def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
-    """The sampler and decode attention pass keys that let a repeated call skip Triton's binder
-    (DirectLaunch.key). Over calls that differ in every way a specialisation can (dtypes, a misaligned
+    """The sampler, attention and KV-write launchers pass keys that let a repeated call skip Triton's
+    binder (DirectLaunch.key). Over calls that differ in every way a specialisation can (dtypes, a misaligned
     start, tensor or scalar parameters, integers of another type, equal to 1 or divisible by 16, filters,
     shapes, splits), each checked against the binder (CHECK_KEYS), no key stands for two
     specialisations; and without the check the keyed launches pass what Triton's own launch passes."""
@@ -148,8 +148,29 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                    sample(w_shift=0), sample(w_shift=1), sample(w_shift=1, w_rows=False)]
         attends = [attend(), attend(shift=1), attend(dtype=torch.float32), attend(window=24), attend(window=1),
                    attend(splits=1), attend(width=2)]
+
+        def write(dtype=torch.bfloat16, shift=0, slot_dtype=torch.int64):
+            kv = qs[dtype][shift:shift + 4 * 2 * 64].view(4, 2, 64)
+            slots = torch.arange(4, dtype=slot_dtype)
+            return lambda: ak.launch_write_kv(kc[dtype], kc[dtype], kv, kv, slots)
+
+        cu, qp = torch.tensor([0, 2, 4, 6, 8], dtype=torch.int32), torch.zeros(8 * 8 * 64 + 1, dtype=torch.bfloat16)
+
+        def prefill(shift=0, window=0, dtype=torch.bfloat16):
+            q = qp[shift:shift + 8 * 8 * 64].view(8, 8, 64)
+            return lambda: ak.launch_paged_prefill_attention(q, kc[dtype], kc[dtype], table, lens, cu, 2, 0.125, window)
+
+        starts, shared = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 16], dtype=torch.int32)
+
+        def share(dtype=torch.bfloat16, shift=0):
+            q = qs[dtype][shift:shift + 4 * 8 * 64].view(4, 8, 64)
+            return lambda: ak.launch_shared_prefix_decode_attention(q, kc[dtype], kc[dtype], table, lens, starts, shared,
+                                                                   2, 0.125, 0, 2)
+
+        attends += [write(), write(shift=1), write(dtype=torch.float32), write(slot_dtype=torch.int32),
+                    prefill(), prefill(shift=1), prefill(window=3), share(), share(shift=1)]
         KNOWN.update(t.data_ptr() for d in (base, qs, kc) for ts in d.values() for t in (ts if isinstance(ts, list) else [ts]))
-        KNOWN.update(t.data_ptr() for t in (tk, table, lens, wb))
+        KNOWN.update(t.data_ptr() for t in (tk, table, lens, wb, cu, starts, shared, qp))
         launches = []
         with co.offline_target(90, launches):
             launch.CHECK_KEYS = True
@@ -158,7 +179,9 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                     fn()
             finally:
                 launch.CHECK_KEYS = False
-            print("keys:", len(launch.direct(sk._stage1_kernel).by_key), len(launch.direct(ak._decode_split_kernel).by_key))
+            print("keys:", *(len(launch.direct(k).by_key) for k in (sk._stage1_kernel, ak._decode_split_kernel,
+                                                                   ak._write_kv_kernel, ak._prefill_kernel,
+                                                                   ak._shared_prefix_kernel)))
             same = []
             for fn in samples + attends:
                 del launches[:]
@@ -166,5 +189,5 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                 same.append(norm(launches) == triton_launches(fn, launches))
             print("keyed launches as Triton's:", all(same), len(same))
     """, tmp_path)
-    assert "keys: 16 7" in out, out
-    assert "keyed launches as Triton's: True 23" in out, out
+    assert "keys: 16 7 4 3 2" in out, out
+    assert "keyed launches as Triton's: True 32" in out, out

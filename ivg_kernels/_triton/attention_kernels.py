@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, direct, int_class, next_power_of_2
+from .launch import cdiv, direct, int_class, next_power_of_2, tensor_key
 
 
 @triton.jit
@@ -287,7 +287,9 @@ def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
     t, h, d = key.shape
     if t == 0:
         return
-    (wrap or direct)(_write_kv_kernel)[(t,)](
+    launch = wrap or (lambda kernel: direct(kernel).key(  # eager: what the specialisation depends on
+        (h, d, key.stride(), value.stride(), tensor_key(key, value, k_cache, v_cache, slot_mapping))))
+    launch(_write_kv_kernel)[(t,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         H=h, D=d, BLOCK=next_power_of_2(h * d),
     )
@@ -330,8 +332,7 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     dp = max(16, next_power_of_2(d))
     if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
         key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
-               type(scale), *(x.dtype for x in (q, k_cache, v_cache, block_table, seq_lens)),
-               *(x.data_ptr() % 16 == 0 for x in (q, k_cache, v_cache, block_table, seq_lens)))
+               type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens))
         launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
@@ -369,6 +370,10 @@ def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, c
     if t == 0 or b == 0:
         return out
     block_m = 16
+    if wrap is None:  # eager: what the kernel's specialisation depends on (launch.DirectLaunch.key)
+        key = (h, d, h_kv, bs, q.stride(), out.stride(), block_table.stride(0), int_class(window), type(scale),
+               tensor_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q))
+        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_prefill_kernel)[(b, h, cdiv(max(max_seqlen_q, 1), block_m))](
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
@@ -412,6 +417,11 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     dp = max(16, next_power_of_2(d))
     ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
+    if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
+        key = (n, h, d, h_kv, bs, block_m, splits, chunk, q.stride(), out.stride(), block_table.stride(0),
+               int_class(window), type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts,
+                                                          shared_lens))
+        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,

@@ -96,6 +96,12 @@ class _Keyed:
         return lambda *args, **kwargs: self.launcher.run(grid, args, kwargs, self.key)
 
 
+def tensor_key(*tensors) -> tuple:
+    """What Triton's specialisation of pointer arguments depends on, for launch keys: each tensor's dtype
+    and whether it starts on 16 bytes (None for an absent one)."""
+    return tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
 def int_class(x) -> tuple:
     """What Triton's specialisation of an integer argument can depend on, for launch keys: its type (by
     range), whether it is 1 and whether 16 divides it (a non-int: its type)."""

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import cdiv, direct, int_class, next_power_of_2
+from .launch import cdiv, direct, int_class, next_power_of_2, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -702,11 +702,9 @@ def launch_guided_sample(
     # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and
     # options (from nin, the parameters' kinds, filters, block), the integers' values or classes, the
     # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
-    # a weight or row-parameter tensor: None when absent, else whether it is aligned).
-    key = (n, v, block, filters, strides, w_stride, tuple(x.dtype for x in inputs),
-           tuple(x.data_ptr() % 16 == 0 for x in inputs),
-           w_ten and (w_ptr.dtype, w_ptr.data_ptr() % 16 == 0),
-           *(None if x is None else x.data_ptr() % 16 == 0 for x in (t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr)),
+    # an absent weight or row-parameter tensor: None).
+    key = (n, v, block, filters, strides, w_stride, tensor_key(*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr,
+                                                              of_ptr),
            type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
     direct(_stage1_kernel).key(key)[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
