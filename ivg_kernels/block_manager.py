@@ -220,11 +220,13 @@ class BlockManager:
                 cow[part] = rank < self._ref[last] - 1
         return (cow, grow, length, nb), int(grow.sum()) + (0 if cow is None else int(cow.sum()))
 
-    def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
+    def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]], *, copy=None) -> torch.Tensor:
         """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
 
-        A shared, partly filled last block is first replaced by a fresh copy (queued for
-        :meth:`take_copies`). Raises :class:`KVCacheExhausted` with nothing changed when the pool is short.
+        A shared, partly filled last block is first replaced by a fresh copy: the ``(src, dst)`` block
+        copies go to ``copy`` (a function, called before anything changes: if it raises, nothing has) or
+        are queued for :meth:`take_copies`. Raises :class:`KVCacheExhausted` with nothing changed when the
+        pool is short.
         """
         rows, cnt, plan, needed = self._plan(seq_ids, num_tokens)
         if needed > len(self._free):
@@ -232,23 +234,51 @@ class BlockManager:
                 f"KV cache exhausted: {needed} blocks needed, {len(self._free)} free of {self._num_blocks} "
                 f"(block_size {self._block_size}); free finished sequences or allocate more blocks"
             )
-        if isinstance(plan, list):
-            return self._append_each(plan)
-        return self._append_arrays(rows, cnt, *plan, needed)
+        each = isinstance(plan, list)
+        # The blocks in the order pop() would hand them out: each sequence its copy's, then its new ones.
+        taken = self._free[len(self._free) - needed:][::-1] if needed else []
+        if not each:
+            taken = np.array(taken, dtype=np.int32)
+            cow, grow = plan[0], plan[1]
+            pops = grow if cow is None else grow + cow
+            plan = (*plan, np.cumsum(pops) - pops)  # each sequence's first taken block
+        copies = self._copies_each(plan, taken) if each else self._copies_arrays(rows, *plan, taken)
+        if copies and copy is not None:
+            copy(copies)
+        if needed:
+            del self._free[len(self._free) - needed:]
+        if copy is None:
+            self._copies += copies
+        self.blocks_copied += len(copies)
+        return self._append_each(plan, taken) if each else self._append_arrays(rows, cnt, *plan, taken)
 
-    def _append_each(self, plan) -> torch.Tensor:
-        bs, slots = self._block_size, []
+    def _copies_each(self, plan, taken) -> list:
+        out, i = [], 0
+        for r, _, cow, grow, _, nb in plan:
+            if cow:
+                out.append((self._tab.item(r, nb - 1), taken[i]))
+            i += cow + grow
+        return out
+
+    def _copies_arrays(self, rows, cow, grow, length, nb, start, taken) -> list:
+        if cow is None:
+            return []
+        c = np.flatnonzero(cow)
+        return list(zip(self._tab[rows[c], nb[c] - 1].tolist(), taken[start[c]].tolist()))
+
+    def _append_each(self, plan, taken) -> torch.Tensor:
+        bs, slots, i = self._block_size, [], 0
         for r, c, cow, grow, length, nb in plan:
             if cow:
-                src, dst = self._tab.item(r, nb - 1), self._free.pop()
+                src, dst = self._tab.item(r, nb - 1), taken[i]
+                i += 1
                 self._ref[src] -= 1
                 self._ref[dst] = 1
                 self._tab[r, nb - 1] = dst
-                self._copies.append((src, dst))
-                self.blocks_copied += 1
             if grow:
                 self._widen(nb + grow)
-                new = [self._free.pop() for _ in range(grow)]
+                new = taken[i: i + grow]
+                i += grow
                 self._tab[r, nb: nb + grow] = new
                 self._ref[new] = 1
                 self._nb[r] = nb + grow
@@ -257,31 +287,23 @@ class BlockManager:
             self._len[r] = length + c
         return torch.tensor(slots, dtype=torch.int64)
 
-    def _append_arrays(self, rows, cnt, cow, grow, length, nb, needed) -> torch.Tensor:
+    def _append_arrays(self, rows, cnt, cow, grow, length, nb, start, taken) -> torch.Tensor:
         bs = self._block_size
-        if needed:
-            # The blocks in the order pop() would hand them out: each sequence its copy's, then its new ones.
-            taken = np.array(self._free[len(self._free) - needed:][::-1], dtype=np.int32)
-            del self._free[len(self._free) - needed:]
-            pops = grow if cow is None else grow + cow
-            start = np.cumsum(pops) - pops  # each sequence's first taken block
-            if cow is not None:
-                c = np.flatnonzero(cow)
-                src, dst = self._tab[rows[c], nb[c] - 1], taken[start[c]]
-                np.subtract.at(self._ref, src, 1)
-                self._ref[dst] = 1
-                self._tab[rows[c], nb[c] - 1] = dst
-                self._copies += zip(src.tolist(), dst.tolist())
-                self.blocks_copied += c.size
-                start = start + cow
-            g = np.flatnonzero(grow)
-            if g.size:
-                self._widen(int((nb[g] + grow[g]).max()))
-                k = _ranges(grow[g])
-                new = taken[np.repeat(start[g], grow[g]) + k]
-                self._tab[np.repeat(rows[g], grow[g]), np.repeat(nb[g], grow[g]) + k] = new
-                self._ref[new] = 1
-                self._nb[rows[g]] = nb[g] + grow[g]
+        if cow is not None:
+            c = np.flatnonzero(cow)
+            src, dst = self._tab[rows[c], nb[c] - 1], taken[start[c]]
+            np.subtract.at(self._ref, src, 1)
+            self._ref[dst] = 1
+            self._tab[rows[c], nb[c] - 1] = dst
+            start = start + cow
+        g = np.flatnonzero(grow)
+        if g.size:
+            self._widen(int((nb[g] + grow[g]).max()))
+            k = _ranges(grow[g])
+            new = taken[np.repeat(start[g], grow[g]) + k]
+            self._tab[np.repeat(rows[g], grow[g]), np.repeat(nb[g], grow[g]) + k] = new
+            self._ref[new] = 1
+            self._nb[rows[g]] = nb[g] + grow[g]
         if isinstance(cnt, int) and cnt == 1:  # a decode step
             block, at = np.divmod(length, bs)
             slots = self._tab[rows, block].astype(np.int64) * bs + at

@@ -88,10 +88,21 @@ class KVCache:
         return self.pool.kv.device
 
     def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> torch.Tensor:
-        """Reserve slots, run the copy-on-write copies, return the slot mapping on the pool's device."""
-        slots = self.blocks.append(seq_ids, num_tokens)
-        self.pool.copy_blocks(self.blocks.take_copies())
-        return to_device(slots, self.device)
+        """Reserve slots, run the copy-on-write copies, return the slot mapping on the pool's device. On an
+        error (in the copies too) the cache is as it was."""
+        seq_ids = list(seq_ids)
+        slots = self.blocks.append(seq_ids, num_tokens, copy=self.pool.copy_blocks)  # copies before any change
+        try:
+            return to_device(slots, self.device)
+        except BaseException:
+            self.truncate_appended(seq_ids, num_tokens)
+            raise
+
+    def truncate_appended(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]]) -> None:
+        """Undo :meth:`append` ``(seq_ids, num_tokens)``: the sequences back to their lengths before it (blocks
+        it copied stay their copies: each holds what its source held)."""
+        counts = torch.as_tensor(num_tokens, dtype=torch.int64)
+        self.blocks.truncate_many(seq_ids, (self.blocks.seq_lens(seq_ids).long() - counts).tolist())
 
 
 class KVCacheGroup:
@@ -126,7 +137,8 @@ class KVCacheGroup:
     def append(self, seq_ids: Sequence[int], num_tokens) -> dict[str, torch.Tensor]:
         """Append in every model; ``num_tokens`` is shared or a ``{model: counts}`` mapping.
 
-        Checks every model's free blocks before changing any, so exhaustion leaves all of them as they were.
+        Checks every model's free blocks before changing any, so exhaustion leaves all of them as they were;
+        after any other error the models appended to go back as well.
         """
         per_model = num_tokens if isinstance(num_tokens, Mapping) else {k: num_tokens for k in self.caches}
         for name, cache in self.caches.items():
@@ -136,4 +148,12 @@ class KVCacheGroup:
                     f"KV cache of model {name!r} exhausted: {need} blocks needed, "
                     f"{cache.blocks.num_free_blocks} free of {cache.blocks.num_blocks}"
                 )
-        return {name: cache.append(seq_ids, per_model[name]) for name, cache in self.caches.items()}
+        done = {}
+        try:
+            for name, cache in self.caches.items():
+                done[name] = cache.append(seq_ids, per_model[name])
+        except BaseException:  # the models appended to before the error go back too
+            for name in done:
+                self.caches[name].truncate_appended(seq_ids, per_model[name])
+            raise
+        return done

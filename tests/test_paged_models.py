@@ -278,6 +278,63 @@ def test_group_exhaustion_in_one_model_changes_no_model():
     assert group["a"].blocks.seq_len(s) == 0 and group["a"].blocks.num_free_blocks == 8
 
 
+def test_an_error_in_the_copies_or_the_transfer_leaves_every_cache_as_it_was(monkeypatch):
+    """Copy-on-write copies run before the block tables change, and a failed transfer of the slots (or
+    a failure in a later model of a group) takes the appends back: no half-written state, no leaked
+    blocks, and every sequence still reads back what it held."""
+    import ivg_kernels.kv_pool as kv_pool
+
+    def make():
+        return KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=16, block_size=4) for name in ("a", "b")})
+
+    def state(group):
+        return {name: (c.blocks.block_table(live).tolist(), c.blocks.seq_lens(live).tolist(),
+                       c.blocks.num_free_blocks, c.pool.kv.clone())
+                for name, c in group.caches.items() for live in [c.blocks.live_sequences]}
+
+    group = make()
+    (p,) = group.new_sequences(1)
+    for name, c in group.caches.items():  # a partly filled last block, holding distinct values
+        slots = c.append([p], 6)
+        c.pool.kv[0, :, :].view(2, -1, 2)[:, slots] = torch.arange(24.0).view(2, 6, 2)
+    kids = group.fork_many([p], 3)[0]
+    group.free_many([p])
+    before = state(group)
+
+    real_copy = kv_pool.KVPool.copy_blocks
+
+    def copy_blocks(self, copies, backend="auto"):  # model b's copies fail after model a appended (and copied)
+        if self is group["b"].pool:
+            raise RuntimeError("copy failed")
+        return real_copy(self, copies, backend)
+
+    with monkeypatch.context() as m:
+        m.setattr(kv_pool.KVPool, "copy_blocks", copy_blocks)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            group.append(kids, 1)
+    after = state(group)
+    assert after["b"][:3] == before["b"][:3], "model b's copies failed: nothing may have changed there"
+    assert after["a"][1] == before["a"][1], "model a's lengths back to before the append"
+    for name in ("a", "b"):  # (model a's children keep the copies they made: each a copy of the shared block)
+        group[name].blocks.check_invariants()
+        for k in kids:  # every child still reads the parent's six tokens (in its own copy, for model a)
+            table, pool = group[name].blocks.block_table([k])[0], group[name].pool.kv[0]
+            pos = torch.arange(6)
+            slots = table[pos // 4].long() * 4 + pos % 4
+            assert torch.equal(pool.view(2, -1, 2)[:, slots], torch.arange(24.0).view(2, 6, 2)), (name, k)
+
+    with monkeypatch.context() as m:  # the slots' transfer fails in model a
+        m.setattr(kv_pool, "to_device", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("transfer failed")))
+        with pytest.raises(RuntimeError, match="transfer failed"):
+            group.append(kids, 1)
+    now = state(group)
+    for name in ("a", "b"):
+        assert now[name][1:3] == after[name][1:3], name
+        group[name].blocks.check_invariants()
+    group.free_many(kids)
+    assert all(c.blocks.num_free_blocks == 16 for c in group.caches.values()), "blocks leaked"
+
+
 def test_model_from_config_leaves_the_config_untouched():
     from ivg.paged_model import ATTN_IMPLEMENTATION, model_from_config
 

@@ -290,7 +290,7 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        slots = self.cache.append(seq_ids, counts)  # raises with nothing changed
+        slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         n_new = torch.tensor(counts)
         try:
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
@@ -320,8 +320,8 @@ class PagedModel:
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                              logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
             return out.logits[0]
-        except BaseException:  # back to the lengths before the append
-            self.blocks.truncate_many(seq_ids, (self.blocks.seq_lens(seq_ids) - n_new).tolist())
+        except BaseException:
+            self.cache.truncate_appended(seq_ids, n_new)
             raise
 
     __call__ = forward
