@@ -290,8 +290,8 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         n_new = torch.tensor(counts)
+        slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         try:
             table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
             cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
