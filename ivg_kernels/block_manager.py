@@ -21,8 +21,10 @@ import torch
 
 
 # Sequences per call from which a batch operation runs as array work: below it, a Python loop over the
-# sequences is faster (each numpy call costs about a microsecond). Both give the same results (tested).
-ARRAY_FROM = 8
+# sequences is faster (each numpy call costs about a microsecond; an append and truncate of 8 sequences
+# took 26 us as a loop and 36 us as arrays, of 16 39 and 37 us, of 32 64 and 40 us on the 2-core CPU).
+# Both give the same results (tested).
+ARRAY_FROM = 16
 
 
 class KVCacheExhausted(RuntimeError):
