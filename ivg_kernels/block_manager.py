@@ -202,7 +202,8 @@ class BlockManager:
         return plan, needed
 
     def _plan_arrays(self, rows, cnt):
-        """All sequences at once: ``(cow, grow, length, nb)`` arrays (``cow`` None: no sequence copies)."""
+        """All sequences at once: ``(cow, grow, length, nb, start)`` arrays (``cow`` None: no sequence copies;
+        ``start``: each sequence's first block among those the append takes)."""
         bs = self._block_size
         length, nb = self._len[rows], self._nb[rows]
         grow = (length + cnt + (bs - 1)) // bs - nb
@@ -221,7 +222,8 @@ class BlockManager:
                 rank[order] = np.arange(part.size) - np.repeat(first, np.diff(np.r_[first, part.size]))
                 cow = np.zeros(len(rows), dtype=bool)
                 cow[part] = rank < self._ref[last] - 1
-        return (cow, grow, length, nb), int(grow.sum()) + (0 if cow is None else int(cow.sum()))
+        pops = grow if cow is None else grow + cow
+        return (cow, grow, length, nb, np.cumsum(pops) - pops), int(pops.sum())
 
     def append(self, seq_ids: Sequence[int], num_tokens: Union[int, Sequence[int]], *, copy=None) -> torch.Tensor:
         """Reserve slots for new tokens; returns int64 ``slot_mapping`` (all of seq 0's, then seq 1's, ...).
@@ -240,22 +242,25 @@ class BlockManager:
         each = isinstance(plan, list)
         # The blocks in the order pop() would hand them out: each sequence its copy's, then its new ones.
         taken = self._free[len(self._free) - needed:][::-1] if needed else []
-        if not each:
+        if each:
+            copies = pairs = self._copies_each(plan, taken)
+        else:
             taken = np.array(taken, dtype=np.int32)
-            cow, grow = plan[0], plan[1]
-            pops = grow if cow is None else grow + cow
-            plan = (*plan, np.cumsum(pops) - pops)  # each sequence's first taken block
-        copies = self._copies_each(plan, taken) if each else self._copies_arrays(rows, *plan, taken)
-        if copies and copy is not None:
-            copy(copies)
+            copies = self._copies_arrays(rows, *plan, taken)  # (src, dst) arrays, once for the copy and the tables
+            pairs = [] if copies is None else list(zip(copies[0].tolist(), copies[1].tolist()))
+        if pairs and copy is not None:
+            copy(pairs)
         if needed:
             del self._free[len(self._free) - needed:]
         if copy is None:
-            self._copies += copies
-        self.blocks_copied += len(copies)
-        return self._append_each(plan, taken) if each else self._append_arrays(rows, cnt, *plan, taken)
+            self._copies += pairs
+        self.blocks_copied += len(pairs)
+        if each:
+            return self._append_each(plan, taken, copies)
+        return self._append_arrays(rows, cnt, *plan, taken, copies)
 
     def _copies_each(self, plan, taken) -> list:
+        """The ``(src, dst)`` copy-on-write copies of a plan, in order."""
         out, i = [], 0
         for r, _, cow, grow, _, nb in plan:
             if cow:
@@ -263,17 +268,18 @@ class BlockManager:
             i += cow + grow
         return out
 
-    def _copies_arrays(self, rows, cow, grow, length, nb, start, taken) -> list:
+    def _copies_arrays(self, rows, cow, grow, length, nb, start, taken):
+        """The copy-on-write copies as ``(src, dst)`` arrays (None when there are none)."""
         if cow is None:
-            return []
+            return None
         c = np.flatnonzero(cow)
-        return list(zip(self._tab[rows[c], nb[c] - 1].tolist(), taken[start[c]].tolist()))
+        return self._tab[rows[c], nb[c] - 1], taken[start[c]]
 
-    def _append_each(self, plan, taken) -> torch.Tensor:
-        bs, slots, i = self._block_size, [], 0
+    def _append_each(self, plan, taken, copies) -> torch.Tensor:
+        bs, slots, i, pairs = self._block_size, [], 0, iter(copies)
         for r, c, cow, grow, length, nb in plan:
             if cow:
-                src, dst = self._tab.item(r, nb - 1), taken[i]
+                src, dst = next(pairs)
                 i += 1
                 self._ref[src] -= 1
                 self._ref[dst] = 1
@@ -290,11 +296,11 @@ class BlockManager:
             self._len[r] = length + c
         return torch.tensor(slots, dtype=torch.int64)
 
-    def _append_arrays(self, rows, cnt, cow, grow, length, nb, start, taken) -> torch.Tensor:
+    def _append_arrays(self, rows, cnt, cow, grow, length, nb, start, taken, copies) -> torch.Tensor:
         bs = self._block_size
         if cow is not None:
             c = np.flatnonzero(cow)
-            src, dst = self._tab[rows[c], nb[c] - 1], taken[start[c]]
+            src, dst = copies
             np.subtract.at(self._ref, src, 1)
             self._ref[dst] = 1
             self._tab[rows[c], nb[c] - 1] = dst
