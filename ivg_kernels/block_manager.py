@@ -350,7 +350,14 @@ class BlockManager:
     # ------------------------------------------------------------------ views
     def block_table(self, seq_ids: Sequence[int], *, width: int | None = None) -> torch.Tensor:
         """int32 ``[len(seq_ids), max_blocks]`` (``width`` columns if given), padded with 0."""
-        _, rows = self._rows(seq_ids)
+        return self._table(self._rows(seq_ids)[1], width)
+
+    def tables(self, seq_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_table(seq_ids), seq_lens(seq_ids))``, the sequences looked up once (a forward needs both)."""
+        rows = self._rows(seq_ids)[1]
+        return self._table(rows, None), torch.from_numpy(self._len[rows].astype(np.int32))
+
+    def _table(self, rows: np.ndarray, width: int | None) -> torch.Tensor:
         nb = self._nb[rows]
         most = max(nb.tolist(), default=0)
         width = most if width is None else width
@@ -368,7 +375,8 @@ class BlockManager:
         block (beams forked from one prompt); ``shared_lens[g]`` is how many leading tokens every member
         holds in the same blocks (whole shared blocks, the last possibly partly filled, cut at the
         shortest member). A sequence sharing nothing with its neighbours is a group of its own."""
-        return prefix_groups(self.block_table(seq_ids).numpy(), self.seq_lens(seq_ids).numpy(), self._block_size)
+        table, lens = self.tables(seq_ids)
+        return prefix_groups(table.numpy(), lens.numpy(), self._block_size)
 
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 ``[len(seq_ids)]``."""

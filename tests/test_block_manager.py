@@ -114,6 +114,10 @@ def test_slot_mapping_layout():
     table = bm.block_table([a, b])
     assert table.dtype == torch.int32 and table.tolist() == [ta, tb + [0]]
     assert bm.seq_lens([a, b]).tolist() == [6, 3]
+    both = bm.tables([b, a])
+    assert both[0].tolist() == [tb + [0], ta] and both[1].dtype == torch.int32 and both[1].tolist() == [3, 6]
+    with pytest.raises(ValueError, match="seq_ids: 99 is not a live sequence"):
+        bm.tables([a, 99])
 
 
 def test_exhaustion_names_the_numbers_and_changes_nothing():

@@ -293,7 +293,7 @@ class PagedModel:
         n_new = torch.tensor(counts)
         slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         try:
-            table, lens = self.blocks.block_table(seq_ids), self.blocks.seq_lens(seq_ids)
+            table, lens = self.blocks.tables(seq_ids)
             cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
             cu[1:] = n_new.cumsum(0)
             # position of each new token: its sequence's old length plus its index among the new ones
