@@ -73,9 +73,6 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return -plog(-plog(u))
 
 
-_MINUS_64 = torch.tensor(-64.0)
-
-
 def mass_int(d: torch.Tensor) -> torch.Tensor:
     """``round_down(exp(d) * 2**40)`` for float32 ``d <= 0`` (``x - max x``), as int64.
 
@@ -86,7 +83,8 @@ def mass_int(d: torch.Tensor) -> torch.Tensor:
     """
     d = d.to(_F32)
     t = d * LOG2E  # a Python float meets a float32 tensor as float32: the same operations as _f constants
-    torch.fmax(t, _MINUS_64, out=t)  # every mass below is 0; NaN becomes -64 too
+    t.nan_to_num_(nan=-64.0).clamp_(min=-64.0)  # every mass below is 0; NaN becomes -64 too (torch.fmax, the
+    # same values, is about ten times slower on the CPU)
     n = torch.floor(t)
     r = t.sub_(n)  # (in place: the same operations, fewer temporaries)
     q = r * EXP2_C[5]

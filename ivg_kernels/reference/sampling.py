@@ -203,6 +203,13 @@ def _granule_tokens(x, kept, x_max, seed, offset):
     return granule_draw(x, x_max, seed, offset)[0]
 
 
+def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``x.logsumexp(dim=1)`` for rows with a finite max (the others are flagged and overwritten): the same
+    operations without torch's handling of infinite maxima, in about two thirds of its time on the CPU."""
+    m = x.amax(dim=1, keepdim=True)
+    return (x - m).exp_().sum(dim=1).log_().add_(m.squeeze(1))
+
+
 def _guided_sample_ref(a) -> SampleOutput:
     x, x_max, kept, greedy, filtered, ok, inputs, seed, offset = _warp(a)
     n, dev = a.num_rows, a.logits.device
@@ -218,11 +225,12 @@ def _guided_sample_ref(a) -> SampleOutput:
         elif rows.numel():
             tokens[rows] = draw(x[rows], kept[rows], x_max[rows], seed[rows], offset[rows])
     x_tok = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    # Relative to max x, so that a huge x (tiny temperature) loses no precision: -log(3) for three ties.
-    lse_kept = torch.where(kept, x - x_max.unsqueeze(1), -math.inf).logsumexp(dim=1)
+    # Relative to max x, so that a huge x (tiny temperature) loses no precision: -log(3) for three ties. The
+    # max token is always kept, so this is logsumexp with its max (0) known: the same operations, one pass fewer.
+    lse_kept = torch.where(kept, x - x_max.unsqueeze(1), -math.inf).exp_().sum(dim=1).log_()
     logprob = torch.where(greedy, torch.zeros_like(x_tok), (x_tok - x_max) - lse_kept)
 
-    lse = torch.stack([x_i.logsumexp(dim=1) for x_i in inputs], dim=1)  # [N, 1+G]
+    lse = torch.stack([_row_logsumexp(x_i) for x_i in inputs], dim=1)  # [N, 1+G]
     input_logits = torch.stack([x_i.gather(1, tokens.unsqueeze(1)).squeeze(1) for x_i in inputs], dim=1)
     input_logprobs = input_logits - lse
 
