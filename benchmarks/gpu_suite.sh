@@ -2,9 +2,17 @@
 # One-command GPU validation for a bare CUDA machine with no network (PyTorch, Triton and transformers
 # preinstalled; nothing is installed). Run from the repository root:
 #
-#     bash benchmarks/gpu_suite.sh [build|tests|sanitize|check|bench|speculative|published|flashinfer|all]...   (default: all, about 10 minutes)
+#     bash benchmarks/gpu_suite.sh [targets|build|tests|sanitize|check|bench|speculative|published|flashinfer|all]...   (default: all, about 10 minutes)
 #
 # Stages:
+#   targets   for a session with one short lease (at most 9.5 minutes: one device command): the GPU tests of the eager
+#             launch paths and the decoder (test_sampling_gpu.py, test_gpu.py), stopping there if they fail,
+#             then one measurement per open issue's headline target, each under its own time limit:
+#             the sampler at N 1 and 256, V 151936 (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and
+#             graph; FlashInfer beside it when .whl/flashinfer/ came along), bench_kv (eager N=1 against
+#             SDPA, bandwidth, the beam-group rows), the published code in modes ivg and eft on 16 prompts (when
+#             .published/ came along; the issue's 64 prompts take the "published" stage), speculative eft
+#             and ivg on gpt2-xl-sized weights
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -170,10 +178,46 @@ run_published() {
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
 
+run_targets() {
+    note "targets: smoke tests of the eager launch paths and the decoder"
+    timeout "${SMOKE_TIMEOUT:-150}" "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider --timeout 120 -rfEs \
+        tests/test_sampling_gpu.py tests/test_gpu.py 2>&1 | tee "$OUT/targets_smoke.log" | tail -15
+    if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+        echo "targets: the smoke tests failed; measurements skipped (logs in $OUT/targets_smoke.log)"
+        STATUS=1
+        return
+    fi
+    local fi_providers=""
+    flashinfer_env >/dev/null 2>&1 && fi_providers="flashinfer flashinfer-graph"
+    note "targets: sampler (issue 11)"
+    # shellcheck disable=SC2086
+    timeout "${T_SAMPLING_TIMEOUT:-110}" "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
+        --configs imdb alpaca top-p-0.9 min-p-0.05 \
+        --providers triton triton-graph torch-composition torch-composition-graph empty-op $fi_providers \
+        --record 2>&1 | tee "$OUT/targets_sampling.log" | tail -30
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    note "targets: paged attention (issue 13)"
+    timeout "${T_KV_TIMEOUT:-80}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/targets_kv.log" | tail -25
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    if [ -d .published/inference_time_alignment ] && ls .whl/published/*.whl >/dev/null 2>&1; then
+        PUBLISHED_MODES="${PUBLISHED_MODES:-ivg eft}" PUBLISHED_PROMPTS="${PUBLISHED_PROMPTS:-16}" \
+            PUBLISHED_TIMEOUT="${T_PUBLISHED_TIMEOUT:-170}" run_published
+    else
+        echo "targets: .published/ or .whl/published/ not carried: the comparison with the published code (issue 12) skipped"
+    fi
+    note "targets: speculative decoding on gpt2-xl-sized random weights (issue 14)"
+    timeout "${T_SPEC_TIMEOUT:-60}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
+        --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record 2>&1 \
+        | tee "$OUT/targets_speculative.log" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+}
+
 env_report 2>&1 | tee "$OUT/env.log"
 [ $# -eq 0 ] && set -- all
 for STAGE in "$@"; do
     case "$STAGE" in
+        targets) run_targets ;;
         build) run_build ;;
         tests) run_tests ;;
         sanitize) run_sanitize ;;
@@ -183,7 +227,7 @@ for STAGE in "$@"; do
         published) run_published ;;
         flashinfer) run_flashinfer ;;
         all) run_build; run_tests; run_sanitize; run_bench ;;
-        *) echo "usage: $0 [build|tests|sanitize|check|bench|speculative|published|flashinfer|all]..." >&2; exit 2 ;;
+        *) echo "usage: $0 [targets|build|tests|sanitize|check|bench|speculative|published|flashinfer|all]..." >&2; exit 2 ;;
     esac
 done
 note "done, status $STATUS"
