@@ -81,11 +81,23 @@ def _triton(name, *args):
     """Run a Triton attention op. Eager calls go to its launcher, one plain launch per kernel (the torch
     op's dispatch costs far more than the kernels at small shapes); under torch.compile, the torch op
     (``triton_op``), which compiles into the graph. CUDA-graph capture records either."""
-    from ._triton import attention_kernels  # also registers the ops
-
     if torch.compiler.is_compiling():
+        from ._triton import attention_kernels  # noqa: F401 - registers the ops
+
         return getattr(torch.ops.ivg_kernels, name)(*args)
-    return getattr(attention_kernels, f"launch_{name}")(*args)
+    return getattr(_triton_kernels(), f"launch_{name}")(*args)
+
+
+_KERNELS = []  # the Triton kernels' module once imported (an import statement per call costs about a microsecond)
+
+
+def _triton_kernels():
+    """The Triton kernels' module, imported on first use (eager calls)."""
+    if not _KERNELS:
+        from ._triton import attention_kernels  # also registers the ops
+
+        _KERNELS.append(attention_kernels)
+    return _KERNELS[0]
 
 
 def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> None:

@@ -8,10 +8,13 @@ References: ivg_kernels/reference/attention.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreted
 from .launch import cdiv, direct, int_class, next_power_of_2, tensor_key
 
 
@@ -275,8 +278,6 @@ _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
 
 
 def _interpreted_bf16(q: torch.Tensor) -> bool:
-    from .._backend import triton_interpreted
-
     return q.dtype == torch.bfloat16 and triton_interpreted()
 
 
@@ -310,6 +311,26 @@ def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
     return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
 
+@functools.lru_cache(maxsize=512)
+def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_splits: int, ieee: bool, f32: bool):
+    """What a decode launch derives from its shapes: ``(splits, chunk, parts, partial-buffer offsets, the
+    split kernel's constexprs, the reduce kernel's)``. The three partial buffers share one allocation, each
+    part starting on 16 bytes (the alignment a fresh allocation has, which the kernels' specialisation sees)."""
+    block_n = 64 if bs >= 64 else max(16, bs)
+    max_len = width * bs
+    splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
+    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
+    one_split = splits == 1
+    parts = 1 if one_split else n * h * splits
+    o_end = cdiv(parts * d, 4) * 4  # floats: part_o, then part_m and part_l, each on a 16-byte boundary
+    m_end = o_end + cdiv(parts, 4) * 4
+    dp = max(16, next_power_of_2(d))
+    split_c = dict(H_KV=h_kv, GROUP=h // h_kv, GP=max(16, next_power_of_2(h // h_kv)), D=d, DP=dp, BS=bs,
+                   BLOCK_N=block_n, IEEE=ieee, F32=f32, DIRECT=one_split)
+    reduce_c = dict(D=d, DP=dp, SP=max(2, next_power_of_2(splits)))
+    return splits, chunk, parts, (o_end, m_end, m_end + cdiv(parts, 4) * 4), split_c, reduce_c
+
+
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
                                   num_splits: int, wrap=None) -> torch.Tensor:
     """Decode attention: the split kernel, then (with more than one split) the reduce kernel."""
@@ -319,17 +340,16 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     out = torch.empty_like(q)
     if n == 0:
         return out
-    group = h // h_kv
-    block_n = 64 if bs >= 64 else max(16, bs)
-    max_len = block_table.shape[1] * bs
-    splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
-    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
-    one_split = splits == 1
-    parts = 1 if one_split else n * h * splits
-    part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
-    dp = max(16, next_power_of_2(d))
+    plan = _decode_plan if wrap is None else _decode_plan.__wrapped__  # (the op may be traced with symbolic sizes)
+    splits, chunk, parts, (o_end, m_end, l_end), split_c, reduce_c = plan(
+        n, h, d, h_kv, bs, block_table.shape[1], num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
+    if wrap is None:  # eager: one allocation for the three partial buffers
+        buf = torch.empty((l_end,), dtype=torch.float32, device=q.device)
+        part_o, part_m, part_l = buf[:parts * d].view(parts, d), buf[o_end:o_end + parts], buf[m_end:m_end + parts]
+    else:  # (the torch op: separate outputs, as the compiler expects)
+        part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
     if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
         key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
                type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens))
@@ -337,14 +357,12 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
-        H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q), DIRECT=one_split,
+        **split_c,
     )
-    if one_split:
+    if splits == 1:
         return out
     launch(_decode_reduce_kernel)[(n * h,)](
-        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits,
-        D=d, DP=dp, SP=max(2, next_power_of_2(splits)),
+        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits, **reduce_c,
     )
     return out
 

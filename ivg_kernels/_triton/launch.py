@@ -125,10 +125,10 @@ def next_power_of_2(n):
 
 def direct(fn) -> DirectLaunch:
     """The :class:`DirectLaunch` of ``fn``, made once per kernel."""
-    launcher = _LAUNCHERS.get(fn)
+    launcher = _LAUNCHERS.get(id(fn))  # by identity: hashing a JITFunction costs more than the rest of this
     if launcher is None:
-        launcher = _LAUNCHERS[fn] = DirectLaunch(fn)
+        launcher = _LAUNCHERS[id(fn)] = DirectLaunch(fn)
     return launcher
 
 
-_LAUNCHERS: dict = {}
+_LAUNCHERS: dict = {}  # id(kernel) -> DirectLaunch (the kernels are module-level: they live as long)
