@@ -166,10 +166,13 @@ def _sampler_cases():
 def _speculative_cases():
     import torch
 
-    from ivg_kernels._triton.speculative_kernels import launch_speculative_verify
+    from ivg_kernels._triton.speculative_kernels import launch_draft_sample, launch_speculative_verify
 
     r, s, v = 4, 5, 151936
     for temperature in (0.7, 0.0):
+        yield (f"draft_sample R={r} T={temperature}", lambda t=temperature: launch_draft_sample(
+            torch.empty(r, v, dtype=torch.bfloat16), t, torch.zeros(r, dtype=torch.int64),
+            torch.zeros(r, dtype=torch.int64), v))
         x = [torch.empty(r, s, v, dtype=torch.bfloat16) for _ in range(3)]
         yield (f"speculative_verify R={r} gamma={s - 1} T={temperature}",
                lambda x=x, t=temperature: launch_speculative_verify(

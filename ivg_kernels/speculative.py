@@ -1,7 +1,7 @@
 """Speculative sampling of the guided distribution: public functions with argument checks and backend
-dispatch. The maths is in :mod:`ivg_kernels.reference.speculative`; the fused verification kernel in
-:mod:`ivg_kernels._triton.speculative_kernels` (rows without top-k, top-p or min-p, scalar temperature
-and weights, at most four guides; other calls use the reference).
+dispatch. The maths is in :mod:`ivg_kernels.reference.speculative`; the fused verification and draft-draw
+kernels in :mod:`ivg_kernels._triton.speculative_kernels` (rows without top-k, top-p or min-p, scalar
+temperature and weights, at most four guides; other calls use the reference).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from ._args import _fail
+from ._args import _fail, prepare_sample_args, row_tensor
 from ._backend import resolve_backend
 from .reference import speculative as ref
 from .reference.speculative import SpeculativeOutput
@@ -26,12 +26,28 @@ def fused_verification_applies(guides, temperature, top_k, top_p, min_p) -> bool
 
 
 def draft_sample(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed, offset, vocab_size=None,
-                 uniforms=None) -> torch.Tensor:
+                 uniforms=None, backend="auto") -> torch.Tensor:
     """Draft tokens ``[R]`` drawn from the draft's warped distribution (temperature and filters as
     :func:`ivg_kernels.guided_sample`) with the draft uniform of the key ``(seed, offset)``; -1 for rows
-    with NaN/inf logits. Plain torch on every device (one inverse-CDF draw per row)."""
-    return ref.draft_draw_ref(draft_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                              offset=offset, vocab_size=vocab_size, uniforms=uniforms)
+    with NaN/inf logits. One inverse-CDF draw per row: plain torch, or on CUDA where it applies (no
+    filter, a scalar temperature, ``uniforms`` not given) one fused Triton kernel (``backend``: ``"auto"``,
+    ``"reference"`` or ``"triton"``), with the same tokens."""
+    which = resolve_backend(backend, draft_logits, triton_dtypes=_TRITON_DTYPES) if isinstance(
+        draft_logits, torch.Tensor) else "reference"  # (the reference names a bad argument)
+    if which == "triton" and not (fused_verification_applies([], temperature, top_k, top_p, min_p) and uniforms is None):
+        if backend == "triton":
+            raise ValueError("backend='triton': the fused draft draw takes no top-k/top-p/min-p, a scalar temperature "
+                             "and no precomputed uniforms; use 'reference'")
+        which = "reference"
+    if which != "triton":
+        return ref.draft_draw_ref(draft_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  seed=seed, offset=offset, vocab_size=vocab_size, uniforms=uniforms)
+    from ._triton.speculative_kernels import launch_draft_sample
+
+    a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
+    r, dev = a.num_rows, a.logits.device
+    return launch_draft_sample(a.logits, float(a.temperature), row_tensor(a.seed, r, torch.int64, dev).contiguous(),
+                               row_tensor(a.offset, r, torch.int64, dev).contiguous(), a.vocab_size)
 
 
 def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0, top_p=1.0,

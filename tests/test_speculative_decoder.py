@@ -145,6 +145,25 @@ def test_the_decoder_uses_the_fused_verification_where_it_applies(monkeypatch):
     assert not calls, "top-p rounds must use the reference"
 
 
+def test_fused_draft_draws_give_the_reference_tokens(monkeypatch):
+    """backend='triton' (the interpreter here): the drafts of sampled rounds are drawn by the fused draft
+    kernel where it applies, and the output equals the reference backend's for the same seed."""
+    from ivg_kernels._triton import speculative_kernels
+
+    models = ivg_models("gpt2", dtype=torch.float32)
+    calls, real = [], speculative_kernels.launch_draft_sample
+    monkeypatch.setattr(speculative_kernels, "launch_draft_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    opts = _opts("eft", temperature=0.9, max_new_tokens=6, speculate=3)
+    want = IVGDecoder(models, backend="reference").generate(PROMPTS[:2], opts)
+    got = IVGDecoder(models, backend="triton").generate(PROMPTS[:2], opts)
+    assert calls, "the fused draft kernel was not used"
+    assert [r.beams[0].tokens for r in got] == [r.beams[0].tokens for r in want]
+    calls.clear()
+    IVGDecoder(models, backend="triton").generate(PROMPTS[:1], _opts("eft", temperature=0.8, top_k=3,
+                                                                     max_new_tokens=4, speculate=2))
+    assert not calls, "top-k drafts must use the reference"
+
+
 @pytest.mark.parametrize("mode", ["eft", "ivg", "bon"])
 def test_the_output_does_not_depend_on_how_many_tokens_are_drafted(models, mode):
     """Every position is decided by the same rule (a draft from q, the test, the residual), so at

@@ -1,11 +1,11 @@
-"""The fused speculative verification (Triton; the interpreter on CPU) against the plain-torch
-reference: same accepted counts and tokens, the same values, the same flagged rows; and the dispatch
-rules of ``ivg_kernels.speculative_verify``."""
+"""The fused speculative verification and draft draw (Triton; the interpreter on CPU) against the
+plain-torch reference: same accepted counts and tokens, the same values, the same flagged rows; and the
+dispatch rules of ``ivg_kernels.speculative_verify`` and ``ivg_kernels.draft_sample``."""
 import pytest
 import torch
 
 from ivg_kernels.reference.speculative import draft_draw_ref, speculative_verify_ref
-from ivg_kernels.speculative import speculative_verify
+from ivg_kernels.speculative import draft_sample, speculative_verify
 
 from .helpers import DEVICE, requires_triton
 
@@ -77,3 +77,41 @@ def test_dispatch_and_errors():
         speculative_verify(base, [guides[0], (guides[1][0][:, :2], 1.0)], draft, drafts, num, seed=seeds, offset=offset)
     with pytest.raises(ValueError, match="temperature=-1"):
         speculative_verify(base, guides, draft, drafts, num, temperature=-1, seed=seeds, offset=offset)
+
+
+@requires_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_draft_draw_matches_the_reference(temperature, dtype):
+    """Tokens of the fused draft draw equal draft_draw_ref's, row by row (rows of unequal shape: a peaked
+    and a flat half, a padded vocabulary, rows with NaN, +inf and no finite score flagged -1)."""
+    gen = torch.Generator().manual_seed(11)
+    r, v = 96, 300
+    logits = torch.randn(r, v + 4, generator=gen) * torch.linspace(0.2, 6.0, r).unsqueeze(1)
+    logits[3, 10], logits[4, 20], logits[5] = float("nan"), float("inf"), float("-inf")
+    logits = logits.to(dtype).to(DEVICE)
+    seeds = (torch.arange(r, dtype=torch.int64) * 7919 + 5).to(DEVICE)
+    offset = (torch.arange(r, dtype=torch.int64) * 65536 + 3).to(DEVICE)
+    want = draft_draw_ref(logits, temperature=temperature, seed=seeds, offset=offset, vocab_size=v)
+    got = draft_sample(logits, temperature=temperature, seed=seeds, offset=offset, vocab_size=v, backend="triton")
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert got[3] == got[4] == got[5] == -1 and bool((want[6:] >= 0).all())
+    if temperature > 0:  # the draws are draws: not every row's argmax
+        assert int((want[6:] != logits[6:, :v].float().argmax(dim=1)).sum()) > 10
+    scalar = draft_sample(logits[6:], temperature=temperature, seed=1, offset=2, vocab_size=v, backend="triton")
+    assert torch.equal(scalar, draft_draw_ref(logits[6:], temperature=temperature, seed=1, offset=2, vocab_size=v))
+
+
+def test_draft_draw_dispatch_and_errors():
+    logits = torch.randn(4, 30)
+    seeds, offset = torch.arange(4), torch.arange(4)
+    out = draft_sample(logits, top_p=0.9, seed=seeds, offset=offset)  # CPU tensors: the reference
+    assert out.shape == (4,) and bool((out >= 0).all())
+    with pytest.raises(ValueError, match="backend='triton': the fused draft draw takes no top-k"):
+        draft_sample(logits, top_k=5, seed=seeds, offset=offset, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton': the fused draft draw"):
+        draft_sample(logits, temperature=torch.ones(4), seed=seeds, offset=offset, backend="triton")
+    with pytest.raises(ValueError, match=r"logits=.*2-D"):
+        draft_sample(logits[0], seed=seeds, offset=offset)
+    with pytest.raises(ValueError, match="backend="):
+        draft_sample(logits, seed=seeds, offset=offset, backend="nope")

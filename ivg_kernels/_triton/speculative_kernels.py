@@ -1,5 +1,6 @@
 """The speculative verification step in Triton: per row, the warped target ``p`` and draft ``q`` at
-each drafted position, the acceptance test and the residual (or final) draw, in one program.
+each drafted position, the acceptance test and the residual (or final) draw, in one program; and the
+draft's own draw (``_draft_kernel``: one program per row, the same passes over the draft's row).
 
 One program per row. For each position ``k <= num_draft`` a pass over the vocabulary computes the max
 and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i w_i x_i) * (1 / T)``
@@ -180,6 +181,39 @@ def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, 
         tok = tl.where((tok < 0) & (hit < 2147483647), hit, tok)
         cum += tl.sum(m, 0)
     return tl.where(tok < 0, V - 1, tok)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _draft_kernel(draft, d_strides, d_w, seed, offset, t, V, out_tok,
+                  GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    """One row's draft token: the first argmax (greedy), else the inverse-CDF draw from the draft's ``q``
+    with the draft uniform of its key, as ``draft_draw_ref``; -1 for a row with NaN/+inf or no finite score."""
+    r = tl.program_id(0).to(tl.int64)
+    m, total, best, bad = _row_stats(draft, d_strides, d_w, r, t, V, GREEDY, 1, BLOCK)
+    bad = tl.maximum(bad, (m == float("-inf")).to(tl.int32))
+    if GREEDY:
+        tok = best
+    else:
+        u = _spec_uniform(tl.load(seed + r), tl.load(offset + r), 0)
+        tok = _draw(draft, d_strides, d_w, r, draft, d_strides, d_w, r, t, V, m, total, m, total, u,
+                    False, 1, BLOCK)
+    tl.store(out_tok + r, tl.where(bad == 0, tok, -1))
+
+
+def launch_draft_sample(draft_logits: torch.Tensor, temperature: float, seed: torch.Tensor, offset: torch.Tensor,
+                        vocab_size: int, block: int = 1024) -> torch.Tensor:
+    """Draft tokens ``[R]`` of ``draft_draw_ref`` for rows without filters (scalar temperature; ``seed`` and
+    ``offset`` int64 ``[R]``). One program per row; the kernel is launched directly."""
+    r = draft_logits.shape[0]
+    out = torch.empty(r, dtype=torch.int64, device=draft_logits.device)
+    if r == 0:
+        return out
+    greedy = temperature == 0
+    direct(_draft_kernel)[(r,)](
+        (draft_logits,), (draft_logits.stride(0),), (0.0,), seed, offset, float(temperature) if not greedy else 1.0,
+        vocab_size, out, GREEDY=greedy, BLOCK=min(block, next_power_of_2(vocab_size)), enable_fp_fusion=False,
+    )
+    return out
 
 
 def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list, draft_logits: torch.Tensor,

@@ -4,7 +4,8 @@ tokens keep exactly the guided sampler's distribution (:mod:`ivg_kernels.referen
 A round, for every live row that has room before its chunk boundary:
 
 1. **draft**: the tuned guide reads the row's pending token, then proposes up to ``speculate`` tokens
-   from its own warped distribution, reading each (one forward per draft position, batched over rows);
+   from its own warped distribution, reading each (one forward per draft position, batched over rows;
+   each draw ``ivg_kernels.draft_sample``, one fused Triton kernel on CUDA where it applies);
 2. **verify**: every other model reads the pending token and the drafts in one extend forward, which
    gives its logits at every position (the token RM too when it guides; a token RM that only scores
    stays lazy, as in the plain loop);
@@ -82,9 +83,7 @@ class SpeculativeLoop(DecodeLoop):
             safe = drafts.clamp(min=0)  # a flagged draft (-1) is reported by _update, never read as a token
             self._verify(rows, gam, pending, safe, logits)
             guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
-            fused = (self.decoder.backend == "triton" or (self.decoder.backend == "auto" and self.device.type == "cuda")
-                     ) and fused_verification_applies(
-                guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
+            fused = self._fused(guides)
             out = speculative_verify(
                 logits["base"], guides, logits[DRAFT_MODEL], safe, gam_d,
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
@@ -105,6 +104,7 @@ class SpeculativeLoop(DecodeLoop):
         logits ``{DRAFT_MODEL: [R, S, V]}`` at every position. Nothing is read back: each drafted token
         feeds the next draft forward from the device (a flagged row's -1 as 0; ``_update`` reports it)."""
         r, width, opts = len(rows), max(gam) + 1, self.opts
+        fused = self._fused([])  # the fused draft draw where it applies
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
         logits = None
         feed = list(range(r))
@@ -121,10 +121,18 @@ class SpeculativeLoop(DecodeLoop):
             idx = self._rows_index(feed, r)
             d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                              min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
-                             uniforms=uniforms[idx, k])
+                             uniforms=None if fused else uniforms[idx, k],  # the kernel draws the same uniforms
+                             backend=self.decoder.backend if fused else "reference")
             drafts[idx, k] = d
             tokens = d.clamp(min=0)
         return drafts, {DRAFT_MODEL: logits}
+
+    def _fused(self, guides) -> bool:
+        """The fused Triton kernels run the draft draw (``guides`` empty) or the verification: on CUDA or with
+        ``backend="triton"``, for options they cover (no filter)."""
+        backend = self.decoder.backend
+        return (backend == "triton" or (backend == "auto" and self.device.type == "cuda")) and fused_verification_applies(
+            guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
 
     def _rows_index(self, feed: list, r: int):
         """An index of rows ``feed`` of ``r``: every row as a slice (no gather, no copy), else a device tensor."""
