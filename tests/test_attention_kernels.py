@@ -254,6 +254,9 @@ def test_eager_calls_launch_directly_and_the_ops_agree():
     starts, shared = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
     key = torch.randn(3, 2, 16)
     slots = torch.tensor([1, 2, 3])
+    # (on a GPU machine the kernels need CUDA tensors: the interpreter runs only where there is no GPU)
+    kc, vc, q, bt, sl, cu, starts, shared, key, slots = (x.to(DEVICE) for x in (kc, vc, q, bt, sl, cu, starts, shared,
+                                                                               key, slots))
     k2, v2 = kc.clone(), vc.clone()
     calls = {
         "paged_decode_attention": (lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=0.25, backend="triton"),

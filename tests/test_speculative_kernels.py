@@ -23,6 +23,11 @@ def _case(r, s, v, g, seed, temperature, scale=1.2, similar=True):
     return base, guides, draft, drafts, num, seeds, offset
 
 
+def _on_device(base, guides, draft, drafts, num, seeds, offset):
+    """A case's tensors on the test device (CUDA on a GPU machine, where the interpreter does not run)."""
+    return (*(x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)), [(g.to(DEVICE), w) for g, w in guides])
+
+
 @requires_triton
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
 @pytest.mark.parametrize("r,s,v,g", [(24, 4, 37, 2), (16, 1, 40, 1), (12, 3, 64, 4), (20, 5, 17, 0)])
@@ -64,7 +69,7 @@ def test_fused_verification_flags_the_rows_the_reference_flags():
 
 
 def test_dispatch_and_errors():
-    base, guides, draft, drafts, num, seeds, offset = _case(3, 3, 20, 2, 2, 1.0)
+    base, draft, drafts, num, seeds, offset, guides = _on_device(*_case(3, 3, 20, 2, 2, 1.0))
     out = speculative_verify(base, guides, draft, drafts, num, top_p=0.9, seed=seeds, offset=offset)  # reference
     assert out.tokens.shape == (3, 3)
     with pytest.raises(ValueError, match="backend='triton': the fused verification takes no top-k"):
@@ -103,9 +108,9 @@ def test_fused_draft_draw_matches_the_reference(temperature, dtype):
 
 
 def test_draft_draw_dispatch_and_errors():
-    logits = torch.randn(4, 30)
-    seeds, offset = torch.arange(4), torch.arange(4)
-    out = draft_sample(logits, top_p=0.9, seed=seeds, offset=offset)  # CPU tensors: the reference
+    logits = torch.randn(4, 30, device=DEVICE)
+    seeds, offset = torch.arange(4, device=DEVICE), torch.arange(4, device=DEVICE)
+    out = draft_sample(logits, top_p=0.9, seed=seeds, offset=offset)  # top-p: the reference on every device
     assert out.shape == (4,) and bool((out >= 0).all())
     with pytest.raises(ValueError, match="backend='triton': the fused draft draw takes no top-k"):
         draft_sample(logits, top_k=5, seed=seeds, offset=offset, backend="triton")
