@@ -86,6 +86,13 @@ def cases():
     slots = torch.arange(16)
     yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}",
            lambda: ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton"), (ak,))
+    from ivg_kernels._triton import speculative_kernels as spk
+
+    for r in (1, 16):  # a speculative round's draft draw, once per drafted token
+        draft, keys = torch.zeros(r, v, dtype=torch.bfloat16), torch.arange(r)
+        yield ("draft_sample", f"R={r},V={v},T=0.7",
+               lambda draft=draft, keys=keys: ivg_kernels.draft_sample(draft, temperature=0.7, seed=keys, offset=keys,
+                                                                        backend="triton"), (spk,))
 
 
 def main(argv=None) -> int:

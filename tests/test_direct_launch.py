@@ -75,7 +75,7 @@ def test_direct_launch_matches_triton_and_respects_specialisation(tmp_path):
     assert "constexpr compiled anew: True (2, 1, 1)" in out, out
 
 
-def test_sampler_and_attention_launch_as_triton_would(tmp_path):
+def test_sampler_attention_and_draft_launch_as_triton_would(tmp_path):
     """Each launcher's kernels get the same grids and arguments through the direct path as through
     ``kernel[grid]`` (the launchers' ``direct`` replaced by the identity)."""
     out = _run("""
@@ -95,8 +95,15 @@ def test_sampler_and_attention_launch_as_triton_would(tmp_path):
         def attend():
             return ak.launch_paged_decode_attention(q, kc, kc, table, lens, 0.125, 0, 2)
 
-        KNOWN.update(t.data_ptr() for t in [*x, kc, q, table, lens])
-        for name, fn in (("sampler", sample), ("attention", attend)):
+        from ivg_kernels._triton import speculative_kernels as spk
+
+        keys = torch.arange(4)
+
+        def draft():
+            return spk.launch_draft_sample(x[0], 0.7, keys, keys, v)
+
+        KNOWN.update(t.data_ptr() for t in [*x, kc, q, table, lens, keys])
+        for name, fn in (("sampler", sample), ("attention", attend), ("draft", draft)):
             launches = []
             with co.offline_target(90, launches) as compiled:
                 fn(), fn()  # the second call takes the direct path
@@ -106,6 +113,7 @@ def test_sampler_and_attention_launch_as_triton_would(tmp_path):
     """, tmp_path)
     assert "sampler kernels: ['_stage1_kernel', '_stage2_kernel'] same: True" in out, out
     assert "attention kernels: ['_decode_split_kernel', '_decode_reduce_kernel'] same: True" in out, out
+    assert "draft kernels: ['_draft_kernel'] same: True" in out, out
 
 
 def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
