@@ -177,8 +177,20 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
 
         attends += [write(), write(shift=1), write(dtype=torch.float32), write(slot_dtype=torch.int32),
                     prefill(), prefill(shift=1), prefill(window=3), share(), share(shift=1)]
+
+        from ivg_kernels._triton import speculative_kernels as spk
+
+        keys64 = torch.arange(5, dtype=torch.int64)
+
+        def draft(dtype=torch.bfloat16, shift=0, temperature=0.7, width=v, key_shift=0):  # (keys: int64 [R])
+            x = base[dtype][0][:, shift:shift + width]
+            keys = keys64[key_shift:key_shift + 4]
+            return lambda: spk.launch_draft_sample(x, temperature, keys, keys, width)
+
+        attends += [draft(), draft(shift=1), draft(dtype=torch.float32), draft(temperature=0.0), draft(width=v - 3),
+                    draft(key_shift=1)]
         KNOWN.update(t.data_ptr() for d in (base, qs, kc) for ts in d.values() for t in (ts if isinstance(ts, list) else [ts]))
-        KNOWN.update(t.data_ptr() for t in (tk, table, lens, wb, cu, starts, shared, qp))
+        KNOWN.update(t.data_ptr() for t in (tk, table, lens, wb, cu, starts, shared, qp, keys64))
         launches = []
         with co.offline_target(90, launches):
             launch.CHECK_KEYS = True
@@ -189,7 +201,7 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                 launch.CHECK_KEYS = False
             print("keys:", *(len(launch.direct(k).by_key) for k in (sk._stage1_kernel, ak._decode_split_kernel,
                                                                    ak._write_kv_kernel, ak._prefill_kernel,
-                                                                   ak._shared_prefix_kernel)))
+                                                                   ak._shared_prefix_kernel, spk._draft_kernel)))
             same = []
             for fn in samples + attends:
                 del launches[:]
@@ -197,5 +209,5 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
                 same.append(norm(launches) == triton_launches(fn, launches))
             print("keyed launches as Triton's:", all(same), len(same))
     """, tmp_path)
-    assert "keys: 16 7 4 3 2" in out, out
-    assert "keyed launches as Triton's: True 32" in out, out
+    assert "keys: 16 7 4 3 2 6" in out, out
+    assert "keyed launches as Triton's: True 38" in out, out

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import direct, next_power_of_2
+from .launch import direct, int_class, next_power_of_2, tensor_key
 from .sampling_kernels import _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
@@ -209,9 +209,14 @@ def launch_draft_sample(draft_logits: torch.Tensor, temperature: float, seed: to
     if r == 0:
         return out
     greedy = temperature == 0
-    direct(_draft_kernel)[(r,)](
+    block = min(block, next_power_of_2(vocab_size))
+    # What the specialisation depends on (launch.DirectLaunch.key): the integers' classes, the pointers' dtypes
+    # and alignment (``out`` is a fresh allocation: aligned), the constexprs.
+    key = (int_class(vocab_size), int_class(draft_logits.stride(0)), greedy, block,
+           tensor_key(draft_logits, seed, offset))
+    direct(_draft_kernel).key(key)[(r,)](
         (draft_logits,), (draft_logits.stride(0),), (0.0,), seed, offset, float(temperature) if not greedy else 1.0,
-        vocab_size, out, GREEDY=greedy, BLOCK=min(block, next_power_of_2(vocab_size)), enable_fp_fusion=False,
+        vocab_size, out, GREEDY=greedy, BLOCK=block, enable_fp_fusion=False,
     )
     return out
 
