@@ -8,6 +8,7 @@ in :mod:`ivg_kernels.reference.attention`; the Triton kernels in
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -88,16 +89,13 @@ def _triton(name, *args):
     return getattr(_triton_kernels(), f"launch_{name}")(*args)
 
 
-_KERNELS = []  # the Triton kernels' module once imported (an import statement per call costs about a microsecond)
-
-
+@functools.cache
 def _triton_kernels():
-    """The Triton kernels' module, imported on first use (eager calls)."""
-    if not _KERNELS:
-        from ._triton import attention_kernels  # also registers the ops
+    """The Triton kernels' module, imported on first use by eager calls (an import statement per call costs
+    about a microsecond)."""
+    from ._triton import attention_kernels  # also registers the ops
 
-        _KERNELS.append(attention_kernels)
-    return _KERNELS[0]
+    return attention_kernels
 
 
 def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> None:

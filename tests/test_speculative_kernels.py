@@ -32,13 +32,10 @@ def _on_device(base, guides, draft, drafts, num, seeds, offset):
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
 @pytest.mark.parametrize("r,s,v,g", [(24, 4, 37, 2), (16, 1, 40, 1), (12, 3, 64, 4), (20, 5, 17, 0)])
 def test_fused_verification_matches_the_reference(r, s, v, g, temperature):
-    base, guides, draft, drafts, num, seeds, offset = _case(r, s, v, g, r + s + v, temperature)
-    args = [x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)]
-    gd = [(x.to(DEVICE), w) for x, w in guides]
-    want = speculative_verify_ref(args[0], gd, args[1], args[2], args[3], temperature=temperature, seed=args[4],
-                                  offset=args[5])
-    got = speculative_verify(args[0], gd, args[1], args[2], args[3], temperature=temperature, seed=args[4],
-                             offset=args[5], backend="triton")
+    base, draft, drafts, num, seeds, offset, gd = _on_device(*_case(r, s, v, g, r + s + v, temperature))
+    want = speculative_verify_ref(base, gd, draft, drafts, num, temperature=temperature, seed=seeds, offset=offset)
+    got = speculative_verify(base, gd, draft, drafts, num, temperature=temperature, seed=seeds, offset=offset,
+                             backend="triton")
     assert torch.equal(got.ok, want.ok)
     assert torch.equal(got.num_accepted, want.num_accepted), (got.num_accepted, want.num_accepted)
     assert torch.equal(got.tokens, want.tokens)
@@ -60,10 +57,9 @@ def test_fused_verification_flags_the_rows_the_reference_flags():
     guides[0][0][2, 2, 1] = float("nan")  # not read: past num_draft
     draft[3, 0, 7] = float("nan")  # a drafted position of the draft
     draft[5, 2, 2] = float("nan")  # past the row's one draft and its final position: not read
-    args = [x.to(DEVICE) for x in (base, draft, drafts, num, seeds, offset)]
-    gd = [(x.to(DEVICE), w) for x, w in guides]
-    want = speculative_verify_ref(args[0], gd, args[1], args[2], args[3], seed=args[4], offset=args[5])
-    got = speculative_verify(args[0], gd, args[1], args[2], args[3], seed=args[4], offset=args[5], backend="triton")
+    base, draft, drafts, num, seeds, offset, gd = _on_device(base, guides, draft, drafts, num, seeds, offset)
+    want = speculative_verify_ref(base, gd, draft, drafts, num, seed=seeds, offset=offset)
+    got = speculative_verify(base, gd, draft, drafts, num, seed=seeds, offset=offset, backend="triton")
     assert want.ok.tolist() == [False, False, True, False, True, True]
     assert torch.equal(got.ok, want.ok) and torch.equal(got.tokens, want.tokens)
 

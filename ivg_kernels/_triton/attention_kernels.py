@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from .launch import cdiv, direct, int_class, next_power_of_2, tensor_key
+from .launch import cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 
 @triton.jit
@@ -313,22 +313,21 @@ def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_splits: int, ieee: bool, f32: bool):
-    """What a decode launch derives from its shapes: ``(splits, chunk, parts, partial-buffer offsets, the
-    split kernel's constexprs, the reduce kernel's)``. The three partial buffers share one allocation, each
-    part starting on 16 bytes (the alignment a fresh allocation has, which the kernels' specialisation sees)."""
+    """What a decode launch derives from its shapes: ``(splits, chunk, parts, the partial buffers' float
+    offsets and total, the split kernel's constexprs, the reduce kernel's)``. The three partial buffers share
+    one allocation (:func:`launch.packed`: each on 16 bytes, as fresh allocations are)."""
     block_n = 64 if bs >= 64 else max(16, bs)
     max_len = width * bs
     splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
     chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
     one_split = splits == 1
     parts = 1 if one_split else n * h * splits
-    o_end = cdiv(parts * d, 4) * 4  # floats: part_o, then part_m and part_l, each on a 16-byte boundary
-    m_end = o_end + cdiv(parts, 4) * 4
+    (_, m_at, l_at), size = packed((parts * d * 4, parts * 4, parts * 4))  # float32 part_o, part_m, part_l
     dp = max(16, next_power_of_2(d))
     split_c = dict(H_KV=h_kv, GROUP=h // h_kv, GP=max(16, next_power_of_2(h // h_kv)), D=d, DP=dp, BS=bs,
                    BLOCK_N=block_n, IEEE=ieee, F32=f32, DIRECT=one_split)
     reduce_c = dict(D=d, DP=dp, SP=max(2, next_power_of_2(splits)))
-    return splits, chunk, parts, (o_end, m_end, m_end + cdiv(parts, 4) * 4), split_c, reduce_c
+    return splits, chunk, parts, (m_at // 4, l_at // 4, size // 4), split_c, reduce_c
 
 
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
@@ -341,19 +340,19 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     if n == 0:
         return out
     plan = _decode_plan if wrap is None else _decode_plan.__wrapped__  # (the op may be traced with symbolic sizes)
-    splits, chunk, parts, (o_end, m_end, l_end), split_c, reduce_c = plan(
+    splits, chunk, parts, (m_at, l_at, size), split_c, reduce_c = plan(
         n, h, d, h_kv, bs, block_table.shape[1], num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
-    if wrap is None:  # eager: one allocation for the three partial buffers
-        buf = torch.empty((l_end,), dtype=torch.float32, device=q.device)
-        part_o, part_m, part_l = buf[:parts * d].view(parts, d), buf[o_end:o_end + parts], buf[m_end:m_end + parts]
+    if wrap is None:  # eager: one allocation for the three partial buffers, and the launch key (what the two
+        # kernels' specialisations depend on: launch.DirectLaunch.key)
+        buf = torch.empty((size,), dtype=torch.float32, device=q.device)
+        part_o, part_m, part_l = buf[:parts * d].view(parts, d), buf[m_at:m_at + parts], buf[l_at:l_at + parts]
+        key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
+               type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens))
+        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     else:  # (the torch op: separate outputs, as the compiler expects)
         part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
         part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
         part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
-    if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
-        key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
-               type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens))
-        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,

@@ -110,6 +110,16 @@ def int_class(x) -> tuple:
     return (-0x80000000 <= x < 0x80000000, x < 0x8000000000000000, x == 1, x % 16 == 0)
 
 
+def packed(sizes) -> tuple[list[int], int]:
+    """Byte offsets of buffers of ``sizes`` bytes laid end to end in one allocation, each starting on 16 bytes
+    (the alignment a fresh allocation has, which Triton's specialisation sees), and the total bytes."""
+    offsets, at = [], 0
+    for size in sizes:
+        offsets.append(at)
+        at += -(-size // 16) * 16
+    return offsets, at
+
+
 def cdiv(a, b):
     """``ceil(a / b)`` for host integers (``triton.cdiv`` costs microseconds per call: it unwraps constexprs)."""
     return -(-a // b)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import cdiv, direct, int_class, next_power_of_2, tensor_key
+from .launch import cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -612,12 +612,8 @@ def workspace_layout(n: int, s: int, ng: int, nin: int, c: int) -> tuple[tuple[i
     """Byte offsets of part_i, part_g, part_m and part_cand in the scratch allocation (part_f at 0), and its
     size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule a
     float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry)."""
-    sizes = (n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8)
-    offsets, at = [], 0
-    for size in sizes:
-        offsets.append(at)
-        at += -(-size // 16) * 16  # each buffer starts on 16 bytes
-    return tuple(offsets[1:]), at
+    offsets, size = packed((n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8))
+    return tuple(offsets[1:]), size
 
 
 @functools.lru_cache(maxsize=1024)
