@@ -119,6 +119,26 @@ def test_decoder_with_cuda_graphs_matches_eager():
     assert same == len(eager), "float32 replay of the same kernels on a padded batch drew different tokens"
 
 
+@pytest.mark.parametrize("mode", ["eft", "ivg"])
+def test_speculative_verifications_replay_from_cuda_graphs(mode):
+    """Speculating 3, the draft steps and every full-width verification (4 tokens per row, logits at every
+    position) replay CUDA graphs: the tokens of the same forwards run eagerly."""
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _cuda_models(torch.float32)
+    opts = DecodeOptions(mode=mode, width=2, successors=3, chunk_len=4, max_new_tokens=12, seed=3,
+                         temperature=1.0, speculate=3)
+    prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    eager = IVGDecoder(models, cuda_graphs=False).generate(prompts, opts)
+    dec = IVGDecoder(models, cuda_graphs=True)
+    graphed = dec.generate(prompts, opts)
+    keys = {n: set(pm.graphs._graphs) for n, pm in dec._paged.items()}
+    assert any(k[3] == 4 for n, ks in keys.items() if n != "tune0" for k in ks), keys
+    assert [r.beams[0].tokens for r in graphed] == [r.beams[0].tokens for r in eager]
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
 def test_decoder_graphs_with_beam_groups_match_eager():
     """Shared-prefix attention inside the CUDA graphs (the groups are graph inputs, padded to the
     bucket): the tokens of the same attention run eagerly."""

@@ -420,6 +420,61 @@ def test_graph_buffers_give_the_eager_logits(backend, shared_prefix):
         list(graphed.graphs._graphs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["gpt2", "mistral-window"])
+def test_extend_graph_buffers_give_the_eager_logits(backend, name):
+    """Extends that feed every row the same number of tokens and keep the logits at every position (a
+    speculative round's verification) go through graph buffers too, one per tokens-per-row: 5 rows in a
+    graph of 8 (three padding rows of q tokens each), 3 and then 4 tokens per row, across block
+    boundaries and the sliding window, between decode steps; an extend of uneven counts, and one that keeps
+    only the last logits, run eagerly. Every logit as the plain forward's."""
+    from ivg.cuda_graphs import DecodeGraphs
+
+    _, model = _pair(CONFIGS[name], seed=5)
+    plain = PagedModel(model, num_blocks=64, block_size=4, backend=backend)
+    graphed = PagedModel(model, num_blocks=64, block_size=4, backend=backend)
+    graphed.graphs = graphed.graphs or DecodeGraphs(graphed)
+    seqs = {}
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [12, 13], [20, 21, 22, 23, 24], [30], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    for pm in (plain, graphed):
+        seqs[pm] = pm.blocks.new_sequences(len(prompts))
+        pm(seqs[pm], prompts)
+    gen = torch.Generator().manual_seed(1)
+    replays = 0
+    for step, q in enumerate([3, 1, 4, 3, 1, 4]):
+        new = torch.randint(2, V, (len(prompts) * q,), generator=gen)
+        counts = [q] * len(prompts)
+        want = plain(seqs[plain], new, counts=counts, every_position=True)
+        got = graphed(seqs[graphed], new.to(DEVICE), counts=counts, every_position=True)
+        assert got.shape == (len(prompts) * q, V)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        replays += 1
+        assert graphed.graphs.replays == replays
+    for kwargs in (dict(counts=[2, 1, 3, 1, 2], every_position=True), dict(counts=[2] * 5)):
+        new = torch.randint(2, V, (sum(kwargs["counts"]),), generator=gen)
+        want = plain(seqs[plain], new, **kwargs)
+        torch.testing.assert_close(graphed(seqs[graphed], new.to(DEVICE), **kwargs), want, rtol=1e-5, atol=1e-5)
+        assert graphed.graphs.replays == replays, "an uneven extend, or one keeping only last logits, replayed"
+    assert sorted({key[0] for key in graphed.graphs._graphs}) == [8]
+    assert sorted({key[3] for key in graphed.graphs._graphs}) == [1, 3, 4]
+
+
+def test_extends_too_large_for_a_graph_run_eagerly(monkeypatch):
+    """An extend whose padded batch holds more than ``MAX_EXTEND_TOKENS`` tokens is not captured."""
+    from ivg import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_EXTEND_TOKENS", 8)
+    _, model = _pair(CONFIGS["gpt2"])
+    pm = PagedModel(model, num_blocks=32, block_size=4)
+    pm.graphs = pm.graphs or cuda_graphs.DecodeGraphs(pm)
+    seqs = pm.blocks.new_sequences(3)
+    pm(seqs, [[3, 4], [5], [6, 7, 8]])
+    pm(seqs, torch.arange(9, 18, device=DEVICE), counts=[3, 3, 3], every_position=True)  # 4 rows x 3 > 8
+    assert pm.graphs.replays == 0
+    pm(seqs, torch.arange(9, 15, device=DEVICE), counts=[2, 2, 2], every_position=True)  # 4 x 2 = 8
+    assert pm.graphs.replays == 1
+
+
 def test_a_dropped_paged_model_frees_its_pool_at_once():
     """No reference cycle (the lean forward takes the batch as an argument): the KV pool goes with the
     last reference to its PagedModel, without waiting for the garbage collector."""

@@ -70,6 +70,31 @@ def test_sampled_speculation_is_reproducible_and_batch_invariant(models, mode):
                for r, s in zip(together, IVGDecoder(models).generate(PROMPTS, _opts(mode, temperature=0.9))))
 
 
+@pytest.mark.parametrize("mode", ["eft", "ivg"])
+def test_speculation_over_graph_buffers_changes_nothing(models, monkeypatch, mode):
+    """Every draft step and every full-width verification through ``ivg.cuda_graphs`` (off CUDA: its
+    static, padded buffers run eagerly): the results of the plain forwards, and the verifications of
+    ``speculate`` + 1 tokens per row did go through the buffers."""
+    from ivg.cuda_graphs import DecodeGraphs
+    from ivg.paged_model import PagedModel
+
+    opts = _opts(mode, speculate=3, temperature=0.9, max_new_tokens=12)
+    want = IVGDecoder(models, block_size=4).generate(PROMPTS, opts)
+    real = PagedModel.__init__
+
+    def with_graphs(self, *a, **k):
+        real(self, *a, **k)
+        self.graphs = DecodeGraphs(self)
+
+    monkeypatch.setattr(PagedModel, "__init__", with_graphs)
+    dec = IVGDecoder(models, block_size=4)
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    keys = {n: set(pm.graphs._graphs) for n, pm in dec._paged.items()}
+    assert any(k[3] == 4 for n, ks in keys.items() if n != "tune0" for k in ks), keys  # verifications
+    assert any(k[3] == 1 for k in keys["tune0"]), keys  # draft steps
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
 def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
     from ivg import speculative_loop
 

@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step: one captured forward per (batch-size bucket, block-table width).
+"""CUDA graphs of fixed-shape forwards: one captured forward per (batch-size bucket, block-table width,
+beam-group rows, tokens per row).
 
 A decode step (one new token per sequence) of a small guide model is a few hundred short kernels;
 eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the whole forward of a
@@ -6,12 +7,15 @@ eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the 
 
 * inputs live in static device buffers (token ids, positions, slots, block table, lengths), filled
   with one host-to-device copy each before the replay; nothing in the replay synchronises;
-* the batch is padded to the next bucket (1, 2, 4, ..., 1024) with rows whose slot is -1 (nothing
-  written) and whose length is 1, and their logits are dropped;
+* the batch is padded to the next bucket (1, 2, 4, ..., 1024) with rows whose slots are -1 (nothing
+  written) and whose length is their own new tokens, and their logits are dropped;
 * the block table's width is padded to a power of two, so the attention's grid is fixed per graph;
 * with shared-prefix attention (``PagedModel(shared_prefix=True)``) the beam groups are inputs too:
   ``rows`` group slots (the real groups, then each padding row alone, then empty groups) and a
   maximum group size rounded up to a power of two, which is part of the graph's key;
+* besides decode steps, extends that feed every row the same number ``q`` > 1 of new tokens and keep
+  the logits at every position (the verifying forward of a speculative round: the pending token and
+  the drafts) are captured per ``q`` too, while the bucket holds at most ``MAX_EXTEND_TOKENS`` tokens;
 * graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly.
 
 The kernels replayed are the eager ones, so a replay computes what the eager forward computes for
@@ -27,6 +31,9 @@ from ivg_kernels.attention import attention_backend
 from ivg_kernels._transfer import to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # 1024: 64 prompts x W*K = 16 rows (the default)
+# Extends (q > 1 tokens per row) are captured while rows * q stays within this: the latency regime speculation
+# serves (a graph keeps its logits, [rows * q, V], in the pool); larger extends run eagerly.
+MAX_EXTEND_TOKENS = 1024
 
 
 def bucket_for(n: int) -> int | None:
@@ -66,26 +73,27 @@ def padded_groups(starts: list, shared: list, n: int, rows: int) -> tuple[list, 
 class _Captured:
     """One graph: the static input buffers, the forward over them, and (on CUDA) its capture. ``most``:
     0 for per-row attention, else the most rows per beam group (shared-prefix attention over group
-    buffers of ``rows`` slots). Off CUDA nothing is captured and ``replay`` runs the same forward over the
-    same buffers eagerly (the CPU tests of the padding)."""
+    buffers of ``rows`` slots); ``q``: new tokens per row (1: a decode step; more: an extend whose logits
+    at every position are kept). Off CUDA nothing is captured and ``replay`` runs the same forward over
+    the same buffers eagerly (the CPU tests of the padding)."""
 
-    def __init__(self, pm, rows: int, width: int, most: int, pool):
+    def __init__(self, pm, rows: int, width: int, most: int, q: int, pool):
         from .paged_model import PagedBatch
 
         dev = pm.device
-        self.rows, self.width, self.most = rows, width, most
-        self.input_ids = torch.zeros(1, rows, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(1, rows, dtype=torch.long, device=dev)
-        self.slots = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        self.rows, self.width, self.most, self.q = rows, width, most, q
+        self.input_ids = torch.zeros(1, rows * q, dtype=torch.long, device=dev)
+        self.positions = torch.arange(q, device=dev).repeat(rows).unsqueeze(0)  # [1, rows * q]
+        self.slots = torch.full((rows * q,), -1, dtype=torch.long, device=dev)
         self.block_table = torch.zeros(rows, width, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.full((rows,), q, dtype=torch.int32, device=dev)  # each row: its new tokens alone
         # every row a group of its own sharing nothing: valid before the first replay fills them
         self.group_starts = torch.arange(rows + 1, dtype=torch.int32, device=dev)
         self.shared_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
-        cu = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-        keep = torch.arange(rows, device=dev)
+        cu = torch.arange(0, rows * q + 1, q, dtype=torch.int32, device=dev)
+        keep = torch.arange(rows * q, device=dev)  # a decode step's last tokens, an extend's every position
         batch = PagedBatch(cache=pm.cache, slot_mapping=self.slots, block_table=self.block_table,
-                           seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=1, is_decode=True,
+                           seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=q, is_decode=q == 1,
                            backend=attention_backend(pm.backend, pm.cache.pool.kv),
                            groups=(self.group_starts, self.shared_lens, most) if most else None)
 
@@ -109,40 +117,45 @@ class _Captured:
             self.logits = run()
 
     def replay(self, tokens, positions, slots, block_table, seq_lens, groups=None) -> torch.Tensor:
-        """The logits ``[n, V]`` of the ``n`` rows; ``groups``: the rows' ``(group_starts, shared_lens)``
-        host lists (graphs with ``most`` > 0)."""
-        n, dev, rows = len(tokens), self.input_ids.device, self.rows
-        # one host tensor of the step's inputs: position | seq_len | group start | shared len | block table
-        meta = torch.zeros(rows + 1, 4 + self.width, dtype=torch.long)
-        meta[:n, 0] = positions
-        meta[:, 1] = 1
-        meta[:n, 1] = seq_lens
+        """The logits ``[n * q, V]`` of the ``n`` rows' new tokens (row by row); ``groups``: the rows'
+        ``(group_starts, shared_lens)`` host lists (graphs with ``most`` > 0)."""
+        n, dev, rows, q = len(seq_lens), self.input_ids.device, self.rows, self.q
+        t = n * q
+        # one host tensor of the step's inputs: each token's position (a padding row's: 0 .. q - 1), then
+        # per row: seq_len | group start | shared len | block table
+        pos = torch.arange(q).repeat(rows)
+        pos[:t] = positions
+        meta = torch.zeros(rows + 1, 3 + self.width, dtype=torch.long)
+        meta[:, 0] = q
+        meta[:n, 0] = seq_lens
         if self.most:
             starts, shared = padded_groups(*groups, n, rows)
-            meta[:, 2] = torch.tensor(starts)
-            meta[:rows, 3] = torch.tensor(shared)
-        meta[:n, 4:4 + block_table.shape[1]] = block_table
-        meta = to_device(meta, dev)  # one asynchronous copy
+            meta[:, 1] = torch.tensor(starts)
+            meta[:rows, 2] = torch.tensor(shared)
+        meta[:n, 3:3 + block_table.shape[1]] = block_table
+        both = to_device(torch.cat([pos, meta.flatten()]), dev)  # one asynchronous copy
+        meta = both[rows * q:].view(rows + 1, 3 + self.width)
         self.input_ids[0].zero_()  # padding rows read token 0 and write nothing (slot -1)
-        self.input_ids[0, :n].copy_(to_device(tokens, dev))  # host ids, or the sampler's tokens on the device
-        self.positions[0].copy_(meta[:rows, 0])
-        self.seq_lens.copy_(meta[:rows, 1])
+        self.input_ids[0, :t].copy_(to_device(tokens, dev))  # host ids, or the sampler's tokens on the device
+        self.positions[0].copy_(both[:rows * q])
+        self.seq_lens.copy_(meta[:rows, 0])
         if self.most:
-            self.group_starts.copy_(meta[:, 2])
-            self.shared_lens.copy_(meta[:rows, 3])
-        self.block_table.copy_(meta[:rows, 4:])
+            self.group_starts.copy_(meta[:, 1])
+            self.shared_lens.copy_(meta[:rows, 2])
+        self.block_table.copy_(meta[:rows, 3:])
         self.slots.fill_(-1)
-        self.slots[:n].copy_(slots)
+        self.slots[:t].copy_(slots)
         if self.graph is None:
+            self._batch.plans.clear()  # the reference's masks are made from the tables of this replay
             self.logits = self._run()
         else:
             self.graph.replay()
-        return self.logits[:n].clone()  # the next replay overwrites the graph's output
+        return self.logits[:t].clone()  # the next replay overwrites the graph's output
 
 
 class DecodeGraphs:
-    """Captured decode forwards of one PagedModel, created on first use of each (bucket, width, group
-    rows). Off CUDA (tests) the forwards over the static buffers run eagerly instead."""
+    """Captured forwards of one PagedModel, created on first use of each (bucket, width, group rows, tokens
+    per row). Off CUDA (tests) the forwards over the static buffers run eagerly instead."""
 
     def __init__(self, pm):
         self.pm = pm
@@ -152,17 +165,19 @@ class DecodeGraphs:
         self.replays = 0
         self.captures = 0
 
-    def run(self, tokens, positions, slots, block_table, seq_lens, groups=None):
-        """Logits ``[B, V]`` of one decode step through a graph, or None where no graph applies.
+    def run(self, tokens, positions, slots, block_table, seq_lens, groups=None, q: int = 1):
+        """Logits ``[B * q, V]`` of one forward of ``q`` new tokens per row (1: a decode step; more: an
+        extend, logits at every position) through a graph, or None where no graph applies.
 
-        ``tokens``: int64 ``[B]`` on the host or the device; ``positions``: CPU int64 ``[B]``; ``slots``: the
-        step's slot mapping on the device; ``block_table``, ``seq_lens``: the block manager's CPU int32
-        tables; ``groups``: None for per-row attention, or the rows' beam groups as host lists
-        ``(group_starts, shared_lens, max_group_rows)`` for shared-prefix attention."""
-        rows = bucket_for(len(tokens))
-        if rows is None:
+        ``tokens``: int64 ``[B * q]`` (row by row) on the host or the device; ``positions``: CPU int64
+        ``[B * q]``; ``slots``: the slot mapping on the device; ``block_table``, ``seq_lens``: the block
+        manager's CPU int32 tables ``[B, ...]``; ``groups`` (decode steps only): None for per-row attention,
+        or the rows' beam groups as host lists ``(group_starts, shared_lens, max_group_rows)`` for
+        shared-prefix attention."""
+        rows = bucket_for(len(seq_lens))
+        if rows is None or (q > 1 and (groups is not None or rows * q > MAX_EXTEND_TOKENS)):
             return None
-        key = (rows, width_for(block_table.shape[1]), groups_for(groups[2]) if groups is not None else 0)
+        key = (rows, width_for(block_table.shape[1]), groups_for(groups[2]) if groups is not None else 0, q)
         if key in self._failed:
             return None
         g = self._graphs.get(key)
@@ -172,7 +187,8 @@ class DecodeGraphs:
             try:
                 g = _Captured(self.pm, *key, self._pool)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager for this bucket
-                warnings.warn(f"CUDA graph capture failed for batch {rows}, width {key[1]}, group rows {key[2]} "
+                warnings.warn(f"CUDA graph capture failed for batch {rows}, width {key[1]}, group rows {key[2]}, "
+                              f"{q} tokens per row "
                               f"({type(e).__name__}: {e}); that bucket runs eagerly", stacklevel=3)
                 self._failed.add(key)
                 return None

@@ -167,8 +167,10 @@ class PagedModel:
     num_blocks, block_size : pool size
     cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one
     backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
-    cuda_graphs : replay decode steps (one new token per sequence) from CUDA graphs captured per
-        batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where every step runs eagerly
+    cuda_graphs : replay decode steps (one new token per sequence), and extends of the same number of
+        tokens per sequence that keep the logits at every position (a speculative round's verification),
+        from CUDA graphs captured per batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where
+        every forward runs eagerly
     shared_prefix : decode steps attend through ``shared_prefix_decode_attention``: the blocks that
         consecutive sequences share (beams forked from one prompt) are read once per group. ``True``
         whenever two rows share a block; ``None`` (default) where it was measured to pay: the plain-torch
@@ -300,9 +302,12 @@ class PagedModel:
             positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             decode = max(counts) == 1
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
-            if self.graphs is not None and decode and not every_position and logits_at is None:
+            # graphs replay decode steps, and extends of q tokens per row with logits at every position
+            q = counts[0]
+            if (self.graphs is not None and logits_at is None and (decode or every_position)
+                    and all(c == q for c in counts)):
                 self.attach()  # (a no-op when attached)
-                logits = self.graphs.run(flat, positions, slots, table, lens, groups)
+                logits = self.graphs.run(flat, positions, slots, table, lens, groups, q=q)
                 if logits is not None:
                     return logits
             on_host = flat.device.type == "cpu"  # ids from lists; a sampler's stay where they are
