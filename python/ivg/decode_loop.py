@@ -37,7 +37,7 @@ import torch
 import ivg_kernels
 from ivg_kernels._transfer import to_device, to_device_many
 
-from .search import Beam, expand, rank, row_offset, sampler_guides
+from .search import OFFSET_STRIDE, Beam, expand, rank, row_offset, sampler_guides
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -81,6 +81,8 @@ class DecodeLoop:
         self.read_every = decoder.read_every or (1 if on_host else READ_EVERY_ON_DEVICE)
         self.pending: list = []  # per step not yet read by the host: device [rows, 5] (the rows stay the same)
         self.drawn = None  # the last step's tokens on the device, for feed_drawn
+        self._keys = None  # the rows' (seed, offset) on the device for this step; None when the rows changed
+        self._slots = None  # the rows' KV sequences, for feed_drawn; None when the rows changed
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
@@ -103,6 +105,7 @@ class DecodeLoop:
             req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k]) for j in range(len(kids[k]))]
             self.rows += [(req, b) for b in req.cands]
             pick += [k] * len(req.cands)
+        self._rows_changed()
         sel = to_device(torch.tensor(pick), self.device)
         for name, logits in first.items():
             rows = logits.index_select(0, sel)
@@ -122,13 +125,22 @@ class DecodeLoop:
         self.stats.forwards += len(self.step_names)
         return {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.step_names}
 
+    def _rows_changed(self) -> None:
+        """Forget what was derived from the rows (their keys and slots): they were added, replaced or forked."""
+        self._keys = self._slots = None
+
     # -- run: the draw ---------------------------------------------------------------------------
     def sample(self):
-        """One fused draw for every live row: base logits plus the weighted guide and token-RM rows."""
+        """One fused draw for every live row: base logits plus the weighted guide and token-RM rows. The
+        rows' keys go to the device once per set of rows; each step after that adds one step to the
+        offsets there (every active prompt advances one step, ``row_offset``), with no host work per row."""
         cur, opts = self.cur, self.opts
         self.stats.steps += 1
-        keys = torch.tensor([[r.seed for r, _ in self.rows], [row_offset(r.t, b.cand) for r, b in self.rows]])
-        seed, offset = to_device(keys, self.device)  # one copy
+        if self._keys is None:
+            keys = torch.tensor([[r.seed for r, _ in self.rows], [row_offset(r.t, b.cand) for r, b in self.rows]])
+            self._keys = tuple(to_device(keys, self.device))  # one copy
+        seed, offset = self._keys
+        self._keys = (seed, offset + OFFSET_STRIDE)  # the next step's, on the device
         return ivg_kernels.guided_sample(
             cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
             min_p=opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab, backend=self.decoder.backend,
@@ -244,8 +256,9 @@ class DecodeLoop:
     def feed_drawn(self) -> None:
         """Run between reads: every row reads the token it just drew, straight from the device (one
         forward per model; the rows, and so the sampler's inputs, stay in place)."""
-        slots = [b.slot for _, b in self.rows]
-        self.cur = {name: self.paged[name](slots, self.drawn) for name in self.step_names}
+        if self._slots is None:
+            self._slots = [b.slot for _, b in self.rows]
+        self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
         self.stats.forwards += len(self.step_names)
 
     # -- schedule: chunk boundaries --------------------------------------------------------------
@@ -324,6 +337,7 @@ class DecodeLoop:
         """One forward per model over every continuing row's new token; then each kept parent forks
         into its K children, which share its blocks and take its logits."""
         feed = self.continuing(plans)
+        self._rows_changed()
         if not feed:
             self.rows, self.cur = [], {}
             return
