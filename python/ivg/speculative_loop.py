@@ -71,7 +71,9 @@ class SpeculativeLoop(DecodeLoop):
         self.stats.steps += 1
         gam = [min(self.gamma, self.room(req, b) - 1) for req, b in rows]
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
-        pending = {name: [(req.ids[name] + b.tokens)[-1] for req, b in rows] for name in self.step_names}
+        # each row's last token (its prompt's, before it drew any), without joining prompt and response
+        pending = {name: [b.tokens[-1] if b.tokens else req.ids[name][-1] for req, b in rows]
+                   for name in self.step_names}
         slots = [b.slot for _, b in rows]
         before = {name: self.paged[name].blocks.seq_lens(slots).tolist() for name in self.step_names}
         keys = [(req.seed, len(b.tokens), b.cand, g) for (req, b), g in zip(rows, gam)]
