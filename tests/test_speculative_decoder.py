@@ -95,6 +95,58 @@ def test_speculation_over_graph_buffers_changes_nothing(models, monkeypatch, mod
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+def _verify_widths(monkeypatch):
+    """Spy on the rounds: per verification, the tokens each row read."""
+    from ivg import speculative_loop
+
+    seen, real = [], speculative_loop.SpeculativeLoop._verify
+
+    def spy(self, rows, drafts_of, *a):
+        seen.append([g + 1 for g in drafts_of])
+        return real(self, rows, drafts_of, *a)
+
+    monkeypatch.setattr(speculative_loop.SpeculativeLoop, "_verify", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["eft", "tokenrm", "ivg"])
+def test_rounds_padded_to_equal_widths_give_the_same_results(models, monkeypatch, mode):
+    """Where forwards replay CUDA graphs, a round in which rows may draft unequal numbers (near a chunk
+    boundary or the length limit) is padded so that every row reads as many tokens: the extra drafts are
+    never tested and are cut from the caches, so tokens and values are those of the ragged rounds."""
+    from ivg import speculative_loop
+
+    opts = _opts(mode, speculate=3, temperature=0.9, max_new_tokens=13)
+    seen = _verify_widths(monkeypatch)
+    monkeypatch.setattr(speculative_loop, "PAD_ROUNDS", False)
+    want = IVGDecoder(models, block_size=4).generate(PROMPTS, opts)
+    assert any(len(set(w)) > 1 for w in seen), "precondition: some ragged round"
+    seen.clear()
+    monkeypatch.setattr(speculative_loop, "PAD_ROUNDS", True)
+    dec = IVGDecoder(models, block_size=4)
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    assert seen and all(len(set(w)) == 1 for w in seen), seen
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
+def test_a_round_that_padding_would_take_past_the_positions_stays_ragged(models, monkeypatch):
+    """Best-of-5 of a prompt whose length plus ``max_new_tokens`` is exactly the models' 96 positions: the
+    rounds that padding would take past them stay ragged, with the results of unpadded rounds."""
+    from ivg import speculative_loop
+
+    prompt = [5 + i % 20 for i in range(96 - 10)]  # 86 token ids, 10 new tokens
+    opts = _opts("bon", speculate=3, temperature=0.9, max_new_tokens=10, eos_token_ids=())
+    monkeypatch.setattr(speculative_loop, "PAD_ROUNDS", False)
+    want = IVGDecoder(models, block_size=4).generate([prompt], opts)
+    seen = _verify_widths(monkeypatch)
+    monkeypatch.setattr(speculative_loop, "PAD_ROUNDS", True)
+    got = IVGDecoder(models, block_size=4).generate([prompt], opts)
+    _same(got, want, tol=1e-6)
+    assert all(len(b.tokens) == 10 for b in got[0].beams)
+    assert any(len(set(w)) > 1 for w in seen), seen  # a round left ragged
+    assert any(len(w) > 1 and len(set(w)) == 1 for w in seen), seen  # and padded (or equal) ones
+
+
 def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
     from ivg import speculative_loop
 

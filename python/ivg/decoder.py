@@ -26,7 +26,7 @@ from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
 from .decode_loop import DecodeLoop, Request
 from .speculative_loop import DRAFT_MODEL, SpeculativeLoop
-from .models import IVGModels
+from .models import IVGModels, model_positions
 from .options import DecodeOptions
 from .paged_model import ForwardTimer, PagedModel, local_kv_shape
 from .progress import progress_bar
@@ -94,11 +94,6 @@ def default_eos(models: IVGModels) -> tuple:
         elif isinstance(eos, (list, tuple)):
             ids.update(int(e) for e in eos)
     return tuple(sorted(ids))
-
-
-def model_positions(model) -> Optional[int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def check_prompts(models: IVGModels, prompts, options: DecodeOptions, roles) -> list[dict]:
@@ -287,11 +282,12 @@ class IVGDecoder:
     def _pool_blocks(self, ids, opts, capacity: int) -> int:
         """KV blocks per model for any ``capacity`` prompts at once: a prompt needs its W*K rows at full
         length, one block more per row for copy-on-write and one for the prompt itself; the pool holds
-        the ``capacity`` largest needs."""
+        the ``capacity`` largest needs (speculating N, a row may read N tokens past its last one in a
+        round padded to equal widths: ``ivg.speculative_loop``)."""
         bs = self.block_size
         rows = opts.width * opts.successors
-        needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + opts.max_new_tokens) // bs) + 1) + 1
-                        for d in ids), reverse=True)
+        most = opts.max_new_tokens + opts.speculate
+        needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + most) // bs) + 1) + 1 for d in ids), reverse=True)
         return sum(needs[:capacity])
 
     def _scores(self, prompt, beams, opts, stopper) -> list[float]:

@@ -15,6 +15,12 @@ import torch
 SCORE_HEAD_FILE = "score_head.safetensors"
 
 
+def model_positions(model) -> Optional[int]:
+    """The positions a model takes (None: no limit it states)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
 class _Logits:
     def __init__(self, logits):
         self.logits = logits

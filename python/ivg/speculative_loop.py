@@ -21,6 +21,14 @@ drafts at most ``room - 1`` tokens (``room``: tokens left before its chunk ends 
 ``max_new_tokens``); rows that reach the boundary wait for the other rows of their prompt, then
 ``prune`` ranks them exactly as in the plain loop and ``regroup`` forks the kept beams (the children
 inherit the pending token, which each reads in its first round).
+
+Where the forwards replay CUDA graphs, a round whose rows may draft unequal numbers is padded: every
+row drafts and every model reads as many tokens as the row that drafts most, so the verification is
+one fixed-shape extend (:mod:`ivg.cuda_graphs`) instead of a ragged eager one. A row's drafts past its
+own ``room - 1`` are never tested (the verification takes each row's own count) and are cut from the
+caches with the rejected ones; keys are stateless (a later draw on the same key gets the same numbers
+whether or not a discarded draft read them), so the tokens are those of the unpadded round (``PAD_ROUNDS`` forces either way; the tests compare them). A round stays ragged
+where padding would take a row past a model's position limit.
 """
 from __future__ import annotations
 
@@ -31,9 +39,11 @@ from ivg_kernels.reference.speculative import spec_uniforms
 from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
 
 from .decode_loop import DecodeLoop
+from .models import model_positions
 from .search import row_offset, sampler_guides
 
 DRAFT_MODEL = "tune0"
+PAD_ROUNDS = None  # pad rounds to equal widths: None where the forwards replay CUDA graphs; True/False force it
 
 
 class SpeculativeLoop(DecodeLoop):
@@ -42,6 +52,9 @@ class SpeculativeLoop(DecodeLoop):
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
         self.gamma = opts.speculate
+        pad = PAD_ROUNDS
+        self.pad = any(pm.graphs is not None for pm in paged.values()) if pad is None else pad
+        self.limits = {name: model_positions(paged[name].model) for name in self.step_names}  # None: no limit
 
     # -- schedule --------------------------------------------------------------------------------
     def prefill(self, roots, new) -> dict:
@@ -71,6 +84,7 @@ class SpeculativeLoop(DecodeLoop):
         self.stats.steps += 1
         gam = [min(self.gamma, self.room(req, b) - 1) for req, b in rows]
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
+        drafts_of = [width - 1] * len(rows) if self._padded(rows, width) else gam  # drafted; ``gam`` are tested
         # each row's last token (its prompt's, before it drew any), without joining prompt and response
         pending = {name: [b.tokens[-1] if b.tokens else req.ids[name][-1] for req, b in rows]
                    for name in self.step_names}
@@ -81,9 +95,9 @@ class SpeculativeLoop(DecodeLoop):
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
         uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
         try:
-            drafts, logits = self._draft(rows, gam, pending, offset, seed, uniforms)
+            drafts, logits = self._draft(rows, drafts_of, pending, offset, seed, uniforms)
             safe = drafts.clamp(min=0)  # a flagged draft (-1) is reported by _update, never read as a token
-            self._verify(rows, gam, pending, safe, logits)
+            self._verify(rows, drafts_of, pending, safe, logits)
             guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
             fused = self._fused(guides)
             out = speculative_verify(
@@ -96,10 +110,17 @@ class SpeculativeLoop(DecodeLoop):
             for name in self.step_names:  # nothing half-read: every model back to the round's start
                 self.paged[name].blocks.truncate_many([b.slot for _, b in rows], before[name])
             raise
-        kept = self._update(rows, gam, out, drafts)
+        kept = self._update(rows, gam, out, drafts, gam_d)
         for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
             self.paged[name].blocks.truncate_many([b.slot for _, b in rows],
                                                   [n + m for n, m in zip(before[name], kept)])
+
+    def _padded(self, rows, width: int) -> bool:
+        """Pad this round (module docstring): padding is on and no row would read past a model's positions."""
+        if not self.pad:
+            return False
+        return all(limit is None or len(req.ids[name]) + len(b.tokens) + width - 1 <= limit
+                   for name, limit in self.limits.items() for req, b in rows)
 
     def _draft(self, rows, gam, pending, offset, seed, uniforms):
         """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` and its
@@ -165,13 +186,15 @@ class SpeculativeLoop(DecodeLoop):
                 logits[name] = full
 
     # -- update ----------------------------------------------------------------------------------
-    def _update(self, rows, gam, out, drafts) -> list:
+    def _update(self, rows, gam, out, drafts, gam_d) -> list:
         """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
         per row, how many tokens it took. The round's one read of the device."""
         implicit, explicit = self.values(out.input_logprobs, out.input_logits)
         scored = "rm" in self.step_names
         per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
-        flags = torch.stack([out.ok.double(), out.num_accepted.double(), (drafts < 0).any(dim=1).double()], dim=1)
+        tested = torch.arange(drafts.shape[1], device=drafts.device) < gam_d.unsqueeze(1)  # a padded round's extra drafts are not
+        flags = torch.stack([out.ok.double(), out.num_accepted.double(), ((drafts < 0) & tested).any(dim=1).double()],
+                            dim=1)
         host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # [R, 3 + 4 S]: the round's one read
         self.stats.host_reads += 1
         if any(h[2] for h in host):
