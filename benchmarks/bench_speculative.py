@@ -9,7 +9,8 @@ L=5 for ``ivg``, 24 new tokens, EOS as the model emits it), ``--prompts`` prompt
 time (the latency regime), each mode with ``speculate`` 0 (plain decoding) and each ``--gammas``
 value. Reported per mode and gamma: mean seconds per response (``median_us`` column: microseconds),
 the acceptance rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard
-error, in ``shape``; ``speedup``: plain latency / this latency, measured in the same process.
+error, in ``shape`` (on a GPU also ``graphs=R/F``: of the F forwards, R replayed CUDA graphs); ``speedup``:
+plain latency / this latency, measured in the same process.
 
 ``--models gpt2-xl --device cuda`` (random weights of the issue's GPU sizes, bfloat16, built by
 ``benchmarks/random_models.py``): the speed-up and acceptance rate of untrained guides (no gold reward);
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             opts = method_options(mode, 0, args.max_new_tokens)
             opts = type(opts)(**{**opts.__dict__, "speculate": gamma})
             dec.generate(prompts[:1], opts)  # warm-up, not timed
-            times, texts, drafted, accepted = [], [], 0, 0
+            times, texts, drafted, accepted, replays, forwards = [], [], 0, 0, 0, 0
             for p in prompts:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
                 texts.append(res[0].beams[0].text)
                 drafted += dec.last_stats.drafted
                 accepted += dec.last_stats.accepted
+                replays += dec.last_stats.graph_replays
+                forwards += dec.last_stats.forwards
             mean = statistics.fmean(times)
             plain_s = plain_s or mean
             rate = accepted / drafted if drafted else float("nan")
@@ -94,12 +97,13 @@ def main(argv=None) -> int:
                 quality = f"gold={statistics.fmean(rewards):+.3f}+-{se:.3f}"
             else:
                 quality = "gold=n/a (random weights)"
+            graphs = f",graphs={replays}/{forwards}" if device.type == "cuda" else ""  # forwards replayed from graphs
             print(f"{mode:<4} speculate={gamma}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
-                  f"acceptance {rate:.2f}  {quality}", flush=True)
+                  f"acceptance {rate:.2f}  {quality}{graphs}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
                              provider=f"{mode}-speculate-{gamma}",
                              shape=(f"{args.models} models,prompts={len(prompts)} one at a time,"
-                                    f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}"),
+                                    f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}{graphs}"),
                              dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",
                              speedup=f"{plain_s / mean:.2f}"))
     if args.record:

@@ -79,7 +79,9 @@ def test_speculation_over_graph_buffers_changes_nothing(models, monkeypatch, mod
     from ivg.paged_model import PagedModel
 
     opts = _opts(mode, speculate=3, temperature=0.9, max_new_tokens=12)
-    want = IVGDecoder(models, block_size=4).generate(PROMPTS, opts)
+    plain = IVGDecoder(models, block_size=4)
+    want = plain.generate(PROMPTS, opts)
+    assert plain.last_stats.graph_replays == 0
     real = PagedModel.__init__
 
     def with_graphs(self, *a, **k):
@@ -89,6 +91,7 @@ def test_speculation_over_graph_buffers_changes_nothing(models, monkeypatch, mod
     monkeypatch.setattr(PagedModel, "__init__", with_graphs)
     dec = IVGDecoder(models, block_size=4)
     _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    assert dec.last_stats.graph_replays == sum(pm.graphs.replays for pm in dec._paged.values()) > 0
     keys = {n: set(pm.graphs._graphs) for n, pm in dec._paged.items()}
     assert any(k[3] == 4 for n, ks in keys.items() if n != "tune0" for k in ks), keys  # verifications
     assert any(k[3] == 1 for k in keys["tune0"]), keys  # draft steps

@@ -70,6 +70,7 @@ class RunStats:
     accepted: int = 0  # and of those, kept
     host_reads: int = 0  # device-to-host reads of the decode loop (one per read of drawn tokens or values)
     forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
+    graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly
 
     @property
     def outside_forwards(self) -> float:
@@ -251,6 +252,7 @@ class IVGDecoder:
         timer = ForwardTimer()
         for pm in paged.values():
             pm.timer = timer
+        replays = self._graph_replays()
         loop = (SpeculativeLoop if opts.speculate else DecodeLoop)(self, opts, roles, group, paged, stopper, stats)
         waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
         results: list = [None] * len(ids)
@@ -275,9 +277,13 @@ class IVGDecoder:
             bar.close()
             loop.release()
         stats.forward_s = timer.total()
+        stats.graph_replays = self._graph_replays() - replays
         stats.wall_s = time.perf_counter() - start
         self.last_stats = stats
         return results
+
+    def _graph_replays(self) -> int:
+        return sum(pm.graphs.replays for pm in self._paged.values() if pm.graphs is not None)
 
     def _pool_blocks(self, ids, opts, capacity: int) -> int:
         """KV blocks per model for any ``capacity`` prompts at once: a prompt needs its W*K rows at full
