@@ -7,10 +7,11 @@ Models: the ``ivg demo`` models (base GPT-2 4x128, DPO-tuned and reference guide
 2x64; built and cached by the first ``ivg demo``). Setting: the demo's (temperature 0.7, W=K=4,
 L=5 for ``ivg``, 24 new tokens, EOS as the model emits it), ``--prompts`` prompts decoded one at a
 time (the latency regime), each mode with ``speculate`` 0 (plain decoding) and each ``--gammas``
-value. Reported per mode and gamma: mean seconds per response (``median_us`` column: microseconds),
-the acceptance rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard
-error, in ``shape`` (on a GPU also ``graphs=R/F``: of the F forwards, R replayed CUDA graphs); ``speedup``:
-plain latency / this latency, measured in the same process.
+value, drafted by each of ``--drafts`` (default the tuned guide; ``ref``: its reference). Reported per
+mode, gamma and draft: mean seconds per response (``median_us`` column: microseconds), the acceptance
+rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard error, in
+``shape`` (on a GPU also ``graphs=R/F``: of the F forwards, R replayed CUDA graphs); ``speedup``: plain
+latency / this latency, measured in the same process.
 
 ``--models gpt2-xl --device cuda`` (random weights of the issue's GPU sizes, bfloat16, built by
 ``benchmarks/random_models.py``): the speed-up and acceptance rate of untrained guides (no gold reward);
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--modes", nargs="*", default=["eft", "ivg"])
     ap.add_argument("--gammas", nargs="*", type=int, default=[2, 3, 4])
+    ap.add_argument("--drafts", nargs="*", default=["tune"], choices=["tune", "ref"],
+                    help="draft models to measure (DecodeOptions.draft): the tuned guide, its reference")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="demo", choices=["demo", *random_models.RANDOM_MODELS],
@@ -70,9 +73,9 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes:
         plain_s = None
-        for gamma in [0] + list(args.gammas):
+        for gamma, draft in [(0, "tune")] + [(g, d) for d in args.drafts for g in args.gammas]:
             opts = method_options(mode, 0, args.max_new_tokens)
-            opts = type(opts)(**{**opts.__dict__, "speculate": gamma})
+            opts = type(opts)(**{**opts.__dict__, "speculate": gamma, "draft": draft})
             dec.generate(prompts[:1], opts)  # warm-up, not timed
             times, texts, drafted, accepted, replays, forwards = [], [], 0, 0, 0, 0
             for p in prompts:
@@ -98,10 +101,11 @@ def main(argv=None) -> int:
             else:
                 quality = "gold=n/a (random weights)"
             graphs = f",graphs={replays}/{forwards}" if device.type == "cuda" else ""  # forwards replayed from graphs
-            print(f"{mode:<4} speculate={gamma}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
+            by = f" draft={draft}" if draft != "tune" else ""
+            print(f"{mode:<4} speculate={gamma}{by}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
                   f"acceptance {rate:.2f}  {quality}{graphs}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
-                             provider=f"{mode}-speculate-{gamma}",
+                             provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "tune" else ""),
                              shape=(f"{args.models} models,prompts={len(prompts)} one at a time,"
                                     f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}{graphs}"),
                              dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",

@@ -191,6 +191,9 @@ def test_speculate_reaches_the_decoder(model_dirs, tmp_path, capsys):
     assert main(_args(model_dirs, plain, *common, "--temperature", "0")) == 0
     assert main(_args(model_dirs, spec, *common, "--temperature", "0", "--speculate", "3")) == 0
     assert _tokens(plain) == _tokens(spec)
+    by_ref = tmp_path / "by_ref.jsonl"  # the reference guide drafting: the same greedy tokens
+    assert main(_args(model_dirs, by_ref, *common, "--temperature", "0", "--speculate", "3", "--draft", "ref")) == 0
+    assert _tokens(plain) == _tokens(by_ref)
     sampled = tmp_path / "sampled.jsonl"
     assert main(_args(model_dirs, sampled, *common, "--speculate", "2")) == 0
     from ivg.api import generate

@@ -103,7 +103,7 @@ def _generate(args) -> int:
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
-                   speculate=args.speculate)
+                   speculate=args.speculate, draft=args.draft)
     from .options import DecodeOptions
 
     scorer = args.scorer if args.scorer in ("explicit", "implicit") else None  # MODULE:FUNCTION loads later
@@ -182,8 +182,11 @@ def _add_generate(sub):
     g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with probability >= min_p * the largest")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculate", type=int, default=0, metavar="N",
-                   help="speculative decoding: the first tuned guide drafts N tokens per round and every model "
+                   help="speculative decoding: the draft model drafts N tokens per round and every model "
                         "verifies them at once; the output keeps the same distribution (0: off, the default)")
+    g.add_argument("--draft", choices=["tune", "ref"], default="tune",
+                   help="the draft model with --speculate: the first tuned guide (default) or its reference "
+                        "(benchmarks/draft_acceptance.py measures which is accepted more often)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true",

@@ -25,7 +25,7 @@ import torch
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
 from .decode_loop import DecodeLoop, Request
-from .speculative_loop import DRAFT_MODEL, SpeculativeLoop
+from .speculative_loop import SpeculativeLoop
 from .models import IVGModels, model_positions
 from .options import DecodeOptions
 from .paged_model import ForwardTimer, PagedModel, local_kv_shape
@@ -240,7 +240,7 @@ class IVGDecoder:
         m = self.models
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
-                 or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == DRAFT_MODEL and opts.speculate)]
+                 or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
         ids = check_prompts(m, prompts, opts, roles)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)

@@ -31,8 +31,11 @@ class DecodeOptions:
     max_new_tokens : response length limit
     stop : stop strings; eos_token_ids : token ids that end a response (None: from the tokenizer/config)
     num_return : beams returned per prompt (at most W for chunk search)
-    speculate : tokens the first tuned guide drafts per round of speculative decoding (0: off); the
+    speculate : tokens the draft model drafts per round of speculative decoding (0: off); the
         tokens keep exactly the sampler's distribution (``ivg.speculative_loop``)
+    draft : the draft model of speculative decoding: ``"tune"``, the first tuned guide, or ``"ref"``, its
+        reference; any draft keeps the distribution, the better one is accepted more often
+        (``benchmarks/draft_acceptance.py`` measures it)
     """
 
     mode: str = "plain"
@@ -53,6 +56,7 @@ class DecodeOptions:
     eos_token_ids: Optional[tuple] = None
     num_return: int = 1
     speculate: int = 0
+    draft: str = "tune"
 
     def resolved(self, *, have_guides: bool, have_token_rm: bool) -> "DecodeOptions":
         """The general setting of this mode, checked: W, K, L, token-wise guidance, scorer, keep."""
@@ -68,8 +72,10 @@ class DecodeOptions:
             raise ValueError(f"chunk_len={self.chunk_len!r}: expected an int >= 1 or None (infinity)")
         if isinstance(self.speculate, bool) or not isinstance(self.speculate, numbers.Integral) or self.speculate < 0:
             raise ValueError(f"speculate={self.speculate!r}: expected an int >= 0 (0 turns speculation off)")
+        if self.draft not in ("tune", "ref"):
+            raise ValueError(f"draft={self.draft!r}: expected 'tune' (the first tuned guide) or 'ref' (its reference)")
         if self.speculate and not have_guides:
-            raise ValueError(f"speculate={self.speculate}: needs a (tuned, ref) guide pair (the tuned guide drafts)")
+            raise ValueError(f"speculate={self.speculate}: needs a (tuned, ref) guide pair (one of them drafts)")
         if self.keep not in ("max", "min"):
             raise ValueError(f"keep={self.keep!r}: expected 'max' or 'min'")
         if isinstance(self.scorer, str) and self.scorer not in ("explicit", "implicit"):
@@ -110,6 +116,11 @@ class DecodeOptions:
     @property
     def uses_guides(self) -> bool:
         return "eft" in self.tokenwise or self.scorer == "implicit"
+
+    @property
+    def draft_model(self) -> str:
+        """The decoder's name of the draft model: ``tune0`` or ``ref0``."""
+        return f"{self.draft}0"
 
     @property
     def uses_token_rm(self) -> bool:

@@ -1,9 +1,10 @@
-"""Speculative IVG: the first tuned guide drafts, every model verifies in one extend forward, and the
-tokens keep exactly the guided sampler's distribution (:mod:`ivg_kernels.reference.speculative`).
+"""Speculative IVG: a small model drafts (the first tuned guide, or its reference with
+``DecodeOptions(draft="ref")``), every model verifies in one extend forward, and the tokens keep exactly
+the guided sampler's distribution (:mod:`ivg_kernels.reference.speculative`).
 
 A round, for every live row that has room before its chunk boundary:
 
-1. **draft**: the tuned guide reads the row's pending token, then proposes up to ``speculate`` tokens
+1. **draft**: the draft model reads the row's pending token, then proposes up to ``speculate`` tokens
    from its own warped distribution, reading each (one forward per draft position, batched over rows;
    each draw ``ivg_kernels.draft_sample``, one fused Triton kernel on CUDA where it applies);
 2. **verify**: every other model reads the pending token and the drafts in one extend forward, which
@@ -42,7 +43,6 @@ from .decode_loop import DecodeLoop
 from .models import model_positions
 from .search import row_offset, sampler_guides
 
-DRAFT_MODEL = "tune0"
 PAD_ROUNDS = None  # pad rounds to equal widths: None where the forwards replay CUDA graphs; True/False force it
 
 
@@ -52,6 +52,7 @@ class SpeculativeLoop(DecodeLoop):
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
         self.gamma = opts.speculate
+        self.draft = opts.draft_model  # the model that drafts: tune0 or ref0
         pad = PAD_ROUNDS
         self.pad = any(pm.graphs is not None for pm in paged.values()) if pad is None else pad
         self.limits = {name: model_positions(paged[name].model) for name in self.step_names}  # None: no limit
@@ -101,7 +102,7 @@ class SpeculativeLoop(DecodeLoop):
             guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
             fused = self._fused(guides)
             out = speculative_verify(
-                logits["base"], guides, logits[DRAFT_MODEL], safe, gam_d,
+                logits["base"], guides, logits[self.draft], safe, gam_d,
                 temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
                 min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
                 backend=self.decoder.backend if fused else "reference",
@@ -124,16 +125,16 @@ class SpeculativeLoop(DecodeLoop):
 
     def _draft(self, rows, gam, pending, offset, seed, uniforms):
         """The draft model reads the pending tokens and proposes; returns the drafts ``[R, S-1]`` and its
-        logits ``{DRAFT_MODEL: [R, S, V]}`` at every position. Nothing is read back: each drafted token
+        logits ``{draft model: [R, S, V]}`` at every position. Nothing is read back: each drafted token
         feeds the next draft forward from the device (a flagged row's -1 as 0; ``_update`` reports it)."""
         r, width, opts = len(rows), max(gam) + 1, self.opts
         fused = self._fused([])  # the fused draft draw where it applies
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
         logits = None
         feed = list(range(r))
-        tokens = [[t] for t in pending[DRAFT_MODEL]]
+        tokens = [[t] for t in pending[self.draft]]
         for k in range(width):
-            out = self.paged[DRAFT_MODEL]([rows[i][1].slot for i in feed], tokens)
+            out = self.paged[self.draft]([rows[i][1].slot for i in feed], tokens)
             self.stats.forwards += 1
             if logits is None:
                 logits = out.new_zeros(r, width, out.shape[1])
@@ -148,7 +149,7 @@ class SpeculativeLoop(DecodeLoop):
                              backend=self.decoder.backend if fused else "reference")
             drafts[idx, k] = d
             tokens = d.clamp(min=0)
-        return drafts, {DRAFT_MODEL: logits}
+        return drafts, {self.draft: logits}
 
     def _fused(self, guides) -> bool:
         """The fused Triton kernels run the draft draw (``guides`` empty) or the verification: on CUDA or with
@@ -166,7 +167,7 @@ class SpeculativeLoop(DecodeLoop):
         straight from the device); adds its logits at every position ``[R, S, V]`` to ``logits``."""
         r, width = len(rows), max(gam) + 1
         counts = [g + 1 for g in gam]
-        names = [name for name in self.step_names if name != DRAFT_MODEL]
+        names = [name for name in self.step_names if name != self.draft]
         full_width = all(c == width for c in counts)  # every row reads all positions: no gather, no scatter
         if full_width:
             firsts = to_device(torch.tensor([pending[name] for name in names]), self.device)
