@@ -192,8 +192,6 @@ def main(argv=None) -> int:
         rows += mode_rows
         if args.record:
             harness.append_results(mode_rows)
-    if args.record:
-        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0
 
 

@@ -106,7 +106,6 @@ def main(argv=None) -> int:
             for name, t in times.items()]
     if args.record:
         harness.append_results(rows)
-        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0 if same or args.device != "cpu" else 1  # float32 on GPUs: batch-dependent rounding may flip a draw
 
 

@@ -259,7 +259,6 @@ def main(argv=None) -> int:
     harness.print_table(rows, copy_gbps)
     if args.record:
         harness.append_results(rows)
-        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0
 
 

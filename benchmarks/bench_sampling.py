@@ -210,7 +210,6 @@ def main(argv=None) -> int:
         copy_row = dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider="device-copy",
                         shape="copy", dtype="u8", median_us="", gbps=f"{copy_gbps:.1f}", speedup="")
         harness.append_results([copy_row] + rows)
-        print(f"appended {len(rows) + 1} rows to {harness.RESULTS_CSV}")
     return 0
 
 

@@ -112,7 +112,6 @@ def main(argv=None) -> int:
                              speedup=f"{plain_s / mean:.2f}"))
     if args.record:
         harness.append_results(rows)
-        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0
 
 

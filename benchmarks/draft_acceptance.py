@@ -116,7 +116,6 @@ def main(argv=None) -> int:
                              dtype="float32", median_us="", gbps="", speedup=""))
     if args.record:
         harness.append_results(rows)
-        print(f"appended {len(rows)} rows to {harness.RESULTS_CSV}")
     return 0
 
 

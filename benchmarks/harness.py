@@ -84,6 +84,7 @@ def append_results(rows: list[dict]) -> None:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
     render_markdown()
+    print(f"appended {len(rows)} rows to {RESULTS_CSV}")
 
 
 def render_markdown() -> None:
