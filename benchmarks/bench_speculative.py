@@ -11,7 +11,7 @@ value, drafted by each of ``--drafts`` (default the tuned guide; ``ref``: its re
 mode, gamma and draft: mean seconds per response (``median_us`` column: microseconds), the acceptance
 rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard error, in
 ``shape`` (on a GPU also ``graphs=R/F``: of the F forwards, R replayed CUDA graphs); ``speedup``: plain
-latency / this latency, measured in the same process.
+latency / this latency, measured in the same process with the settings interleaved prompt by prompt.
 
 ``--models gpt2-xl --device cuda`` (random weights of the issue's GPU sizes, bfloat16, built by
 ``benchmarks/random_models.py``): the speed-up and acceptance rate of untrained guides (no gold reward);
@@ -72,41 +72,47 @@ def main(argv=None) -> int:
     print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)
     rows = []
     for mode in args.modes:
-        plain_s = None
-        for gamma, draft in [(0, "tune")] + [(g, d) for d in args.drafts for g in args.gammas]:
+        configs = [(0, "tune")] + [(g, d) for d in args.drafts for g in args.gammas]
+        options = []
+        for gamma, draft in configs:
             opts = method_options(mode, 0, args.max_new_tokens)
-            opts = type(opts)(**{**opts.__dict__, "speculate": gamma, "draft": draft})
-            dec.generate(prompts[:1], opts)  # warm-up, not timed
-            times, texts, drafted, accepted, replays, forwards = [], [], 0, 0, 0, 0
-            for p in prompts:
+            options.append(type(opts)(**{**opts.__dict__, "speculate": gamma, "draft": draft}))
+            dec.generate(prompts[:1], options[-1])  # warm-up, not timed
+        # Interleaved: each prompt under every setting in turn, so the machine's drift over the run (5-35% on
+        # a shared CPU) weighs on every setting alike instead of on whichever ran during it.
+        runs = [dict(times=[], texts=[], drafted=0, accepted=0, replays=0, forwards=0) for _ in configs]
+        for p in prompts:
+            for opts, run in zip(options, runs):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 res = dec.generate([p], opts)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-                texts.append(res[0].beams[0].text)
-                drafted += dec.last_stats.drafted
-                accepted += dec.last_stats.accepted
-                replays += dec.last_stats.graph_replays
-                forwards += dec.last_stats.forwards
-            mean = statistics.fmean(times)
-            plain_s = plain_s or mean
-            rate = accepted / drafted if drafted else float("nan")
+                run["times"].append(time.perf_counter() - t0)
+                run["texts"].append(res[0].beams[0].text)
+                st = dec.last_stats
+                for key, value in (("drafted", st.drafted), ("accepted", st.accepted), ("replays", st.graph_replays),
+                                   ("forwards", st.forwards)):
+                    run[key] += value
+        plain_s = statistics.fmean(runs[0]["times"])
+        for (gamma, draft), run in zip(configs, runs):
+            mean = statistics.fmean(run["times"])
+            rate = run["accepted"] / run["drafted"] if run["drafted"] else float("nan")
             if gold is not None:
-                rewards = gold.scorer(prompts, texts)
+                rewards = gold.scorer(prompts, run["texts"])
                 se = statistics.stdev(rewards) / len(rewards) ** 0.5
                 quality = f"gold={statistics.fmean(rewards):+.3f}+-{se:.3f}"
             else:
                 quality = "gold=n/a (random weights)"
-            graphs = f",graphs={replays}/{forwards}" if device.type == "cuda" else ""  # forwards replayed from graphs
+            # on a GPU: of the forwards, those replayed from CUDA graphs
+            graphs = f",graphs={run['replays']}/{run['forwards']}" if device.type == "cuda" else ""
             by = f" draft={draft}" if draft != "tune" else ""
             print(f"{mode:<4} speculate={gamma}{by}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
                   f"acceptance {rate:.2f}  {quality}{graphs}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
                              provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "tune" else ""),
-                             shape=(f"{args.models} models,prompts={len(prompts)} one at a time,"
+                             shape=(f"{args.models} models,prompts={len(prompts)} one at a time,interleaved,"
                                     f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}{graphs}"),
                              dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",
                              speedup=f"{plain_s / mean:.2f}"))
