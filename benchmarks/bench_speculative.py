@@ -7,7 +7,8 @@ Models: the ``ivg demo`` models (base GPT-2 4x128, DPO-tuned and reference guide
 2x64; built and cached by the first ``ivg demo``). Setting: the demo's (temperature 0.7, W=K=4,
 L=5 for ``ivg``, 24 new tokens, EOS as the model emits it), ``--prompts`` prompts decoded one at a
 time (the latency regime), each mode with ``speculate`` 0 (plain decoding) and each ``--gammas``
-value, drafted by each of ``--drafts`` (default the tuned guide; ``ref``: its reference). Reported per
+value, drafted by each of ``--drafts`` (default ``auto``: the tuned guide with EFT guidance, else its
+reference; ``tune``, ``ref``: always that one). Reported per
 mode, gamma and draft: mean seconds per response (``median_us`` column: microseconds), the acceptance
 rate (kept drafts / drafted) and the gold reward (VADER, as the demo) mean and standard error, in
 ``shape`` (on a GPU also ``graphs=R/F``: of the F forwards, R replayed CUDA graphs); ``speedup``: plain
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--modes", nargs="*", default=["eft", "ivg"])
     ap.add_argument("--gammas", nargs="*", type=int, default=[2, 3, 4])
-    ap.add_argument("--drafts", nargs="*", default=["tune"], choices=["tune", "ref"],
-                    help="draft models to measure (DecodeOptions.draft): the tuned guide, its reference")
+    ap.add_argument("--drafts", nargs="*", default=["auto"], choices=["auto", "tune", "ref"],
+                    help="draft models to measure (DecodeOptions.draft): auto, the tuned guide, its reference")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="demo", choices=["demo", *random_models.RANDOM_MODELS],
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)
     rows = []
     for mode in args.modes:
-        configs = [(0, "tune")] + [(g, d) for d in args.drafts for g in args.gammas]
+        configs = [(0, "auto")] + [(g, d) for d in args.drafts for g in args.gammas]
         options = []
         for gamma, draft in configs:
             opts = method_options(mode, 0, args.max_new_tokens)
@@ -107,11 +108,11 @@ def main(argv=None) -> int:
                 quality = "gold=n/a (random weights)"
             # on a GPU: of the forwards, those replayed from CUDA graphs
             graphs = f",graphs={run['replays']}/{run['forwards']}" if device.type == "cuda" else ""
-            by = f" draft={draft}" if draft != "tune" else ""
+            by = f" draft={draft}" if draft != "auto" else ""
             print(f"{mode:<4} speculate={gamma}{by}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
                   f"acceptance {rate:.2f}  {quality}{graphs}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
-                             provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "tune" else ""),
+                             provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "auto" else ""),
                              shape=(f"{args.models} models,prompts={len(prompts)} one at a time,interleaved,"
                                     f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}{graphs}"),
                              dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",

@@ -46,8 +46,21 @@ def test_the_reference_guide_drafting_gives_the_plain_greedy_tokens(models, mode
 
 
 def test_a_draft_model_that_does_not_exist_is_a_clear_error(models):
-    with pytest.raises(ValueError, match=r"draft='base': expected 'tune' .* or 'ref'"):
+    with pytest.raises(ValueError, match=r"draft='base': expected 'auto', 'tune' .* or 'ref'"):
         IVGDecoder(models).generate(PROMPTS, _opts("eft", speculate=2, draft="base"))
+
+
+@pytest.mark.parametrize("mode,want", [("eft", "tune0"), ("ivg", "tune0"), ("tokenrm", "ref0"), ("plain", "ref0"),
+                                       ("cbs", "ref0"), ("bon", "ref0")])
+def test_the_automatic_draft_is_the_tuned_guide_only_under_eft_guidance(models, mode, want):
+    """``draft="auto"`` (the default): the tuned guide where the sampler adds the guide pair, else the reference
+    (the only guide a token-RM run loads then)."""
+    opts = _opts(mode, speculate=2, temperature=0.0)
+    assert opts.draft == "auto" and opts.resolved(have_guides=True, have_token_rm=True).draft_model == want
+    if mode == "tokenrm":
+        dec = IVGDecoder(models)
+        _same(dec.generate(PROMPTS, opts), NaiveDecoder(models).generate(PROMPTS, _opts(mode, temperature=0.0)))
+        assert "ref0" in dec._group.caches and "tune0" not in dec._group.caches
 
 
 @pytest.mark.parametrize("filt", [dict(), dict(top_k=5), dict(top_p=0.8, min_p=0.02)], ids=["none", "top_k", "top_p+min_p"])

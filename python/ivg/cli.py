@@ -184,9 +184,9 @@ def _add_generate(sub):
     g.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="speculative decoding: the draft model drafts N tokens per round and every model "
                         "verifies them at once; the output keeps the same distribution (0: off, the default)")
-    g.add_argument("--draft", choices=["tune", "ref"], default="tune",
-                   help="the draft model with --speculate: the first tuned guide (default) or its reference "
-                        "(benchmarks/draft_acceptance.py measures which is accepted more often)")
+    g.add_argument("--draft", choices=["auto", "tune", "ref"], default="auto",
+                   help="the draft model with --speculate: the first tuned guide, its reference, or auto (the "
+                        "default): the tuned guide with EFT guidance, else the reference")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true",
