@@ -19,6 +19,7 @@ from pathlib import Path
 RANDOM_MODELS = {
     "tiny-random": dict(vocab=1024, base=(4, 128, 4), small=(2, 64, 2)),  # the GPU path, checked on a CPU
     "gpt2-xl": dict(vocab=50257, base=(48, 1600, 25), small=(12, 768, 12)),  # the GPU setting
+    "host-probe": dict(vocab=64, base=(1, 8, 1), small=(1, 8, 1)),  # next to no compute: the loop's host work
 }
 
 

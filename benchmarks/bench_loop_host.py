@@ -1,0 +1,104 @@
+"""Host work of the decode loop at a GPU's batch size, measured on the CPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_loop_host.py [--record]
+
+On a GPU the forwards replay CUDA graphs and the sampler is two kernels, so a decode step's host work
+is the loop's own: its bookkeeping at chunk boundaries (the read of the drawn tokens and values, ranking
+and pruning, forking) runs while the device waits. This runs ``IVGDecoder`` in mode ``ivg`` (W = K = 4,
+L = 5, 32 tokens, no EOS, the GPU's ``read_every`` 8) over 64 prompts, 1,024 rows, with models too
+small to cost much (``host-probe`` of ``benchmarks/random_models.py``: one layer, width 8, a 64-token
+vocabulary), and times the loop's units per call by wrapping them (``ivg.decode_loop.DecodeLoop``):
+``read``, ``prune``, ``fork`` and the lazy token RM's ``score_rm_before_read`` (its tiny forward
+included) at each chunk boundary; the best of five runs. The forwards and the plain-torch sampler run
+on the CPU here and are reported apart (``forwards``, ``sample``); on a GPU they are graph replays and
+kernel launches.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+
+import torch  # noqa: E402
+
+from benchmarks import harness, random_models  # noqa: E402
+
+UNITS = ("read", "prune", "fork", "score_rm_before_read", "sample")
+
+
+def _timed(cls, name: str, times: dict, calls: collections.Counter):
+    """Wrap ``cls.name`` so that each call adds its seconds to ``times[name]``."""
+    real = getattr(cls, name)
+
+    def unit(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            times[name] += time.perf_counter() - t0
+            calls[name] += 1
+
+    setattr(cls, name, unit)
+
+
+def main(argv=None) -> int:
+    from ivg import decode_loop
+    from ivg.api import load_models
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="ivg-loop-host-"))
+    paths = random_models.build(work, "host-probe", "float32")["ours"]
+    prompts = random_models.prompts(args.prompts, "host-probe", 4242)
+    models = load_models(paths["base"], tuned=[paths["tuned"]], ref=[paths["ref"]], beta=[1.0],
+                         token_rm=paths["rm"], token_rm_weight=0.0)
+    dec = IVGDecoder(models, max_batch_prompts=args.prompts, read_every=8)
+    opts = DecodeOptions(mode="ivg", width=4, successors=4, chunk_len=5, max_new_tokens=32, temperature=0.7,
+                         eos_token_ids=())
+    times: dict = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    for name in UNITS:
+        _timed(decode_loop.DecodeLoop, name, times, calls)
+    dec.generate(prompts, opts)  # warm-up
+    best = None
+    for _ in range(args.runs):
+        times.clear()
+        calls.clear()
+        dec.generate(prompts, opts)
+        run = (dec.last_stats.wall_s, dict(times), dict(calls), dec.last_stats)
+        if best is None or run[0] < best[0]:
+            best = run
+    wall, times, calls, stats = best
+    dev_name, date, sha = harness.device_name(torch.device("cpu")), harness.now(), harness.commit()
+    rows_n = args.prompts * 16
+    print(f"# bench_loop_host on {dev_name}, torch {torch.__version__}, commit {sha}: {rows_n} rows, "
+          f"{stats.steps} steps, {calls.get('read', 0)} reads; run {wall * 1e3:.0f} ms, forwards "
+          f"{stats.forward_s * 1e3:.0f} ms (CPU compute here, graph replays on a GPU)")
+    rows = []
+    for name in UNITS:
+        if not calls.get(name):
+            continue
+        per = times[name] / calls[name]
+        print(f"{name:<22} {calls[name]:3d} calls  {per * 1e3:7.2f} ms per call  {times[name] * 1e3:7.1f} ms in all")
+        rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="loop_host", provider=name,
+                         shape=f"ivg W=K=4 L=5,prompts={args.prompts},rows={rows_n},steps={stats.steps},"
+                               f"calls={calls[name]},host-probe models",
+                         dtype="float32", median_us=f"{per * 1e6:.0f}", gbps="", speedup=""))
+    if args.record:
+        harness.append_results(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
