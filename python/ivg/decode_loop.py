@@ -257,18 +257,24 @@ class DecodeLoop:
             return
         steps = len(self.pending)
         drawn = torch.stack([p[:, 1] for p in self.pending], dim=1).clamp(min=0).long()  # [rows, S] on the device
-        # What the RM reads, gathered from ``src`` = (every row's unread draws [R * steps], the known tokens).
-        host, counts, gather, where, drawn_at, fed = [], [], [], [], len(rows) * steps, 0
-        for j, (_, req, b) in enumerate(rows):
-            new = (req.ids["rm"] + b.tokens)[b.rm_read:]  # the known tokens the RM has not read (at least one)
-            gather += [drawn_at + len(host) + k for k in range(len(new))] + [j * steps + p for p in range(steps - 1)]
-            where += [fed + len(new) - 1 + p for p in range(steps)]  # the output that predicts draw p
-            counts.append(len(new) + steps - 1)
-            fed += counts[-1]
-            host += new
+        # What the RM reads, gathered from ``src`` = (every row's unread draws [R * steps], the known tokens):
+        # row j reads its n_j known tokens the RM has not read (at least one), then its first steps - 1 draws.
+        host = []
+        for _, req, b in rows:
+            prompt = req.ids["rm"]
+            host += prompt[b.rm_read:] + b.tokens if b.rm_read < len(prompt) else b.tokens[b.rm_read - len(prompt):]
+        n = torch.tensor([len(req.ids["rm"]) + len(b.tokens) - b.rm_read for _, req, b in rows])
+        counts = n + (steps - 1)
+        starts = counts.cumsum(0) - counts  # each row's first read token
+        row = torch.arange(len(rows)).repeat_interleave(counts)  # the row of each read token
+        k = torch.arange(int(counts.sum())) - starts[row]  # its place in its row
+        known_at = len(rows) * steps + (n.cumsum(0) - n)[row] + k
+        gather = torch.where(k < n[row], known_at, row * steps + k - n[row])
+        where = starts.unsqueeze(1) + n.unsqueeze(1) - 1 + torch.arange(steps)  # the output that predicts draw p
+        counts = counts.tolist()
         sel, gather_d, where_d, host_d = to_device_many(
-            [torch.tensor([i for i, _, _ in rows]), torch.tensor(gather), torch.tensor(where),
-             torch.tensor(host, dtype=torch.long)], self.device)
+            [torch.tensor([i for i, _, _ in rows]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)],
+            self.device)
         mine = drawn.index_select(0, sel)  # [R, S]
         src = torch.cat([mine.flatten(), host_d])
         q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d)
