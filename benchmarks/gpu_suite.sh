@@ -127,6 +127,9 @@ run_bench() {
     note "bench_decode"
     timeout "${DECODE_TIMEOUT:-300}" "$PY" benchmarks/bench_decode.py --record 2>&1 | tee "$OUT/bench_decode.log" \
         | tail -20 || STATUS=1
+    note "bench_loop_host: the decode loop's host work per chunk boundary at 1,024 rows, on this machine's CPU"
+    OMP_NUM_THREADS=1 timeout "${LOOP_HOST_TIMEOUT:-60}" "$PY" benchmarks/bench_loop_host.py --record 2>&1 \
+        | tee "$OUT/bench_loop_host.log" | tail -7 || STATUS=1
     note "bench_decode: beam groups with a 2,048-token prompt (per-beam against shared-prefix attention)"
     timeout "${LONG_TIMEOUT:-240}" "$PY" benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg \
         --skip-naive --record 2>&1 | tee "$OUT/bench_decode_long.log" | tail -8 || STATUS=1
