@@ -204,7 +204,8 @@ class DecodeLoop:
         beams = [b for _, b in self.rows]
         n, steps = host.shape[0], host.shape[1]
         ok, tokens = host[..., 0] != 0, host[..., 1].long()
-        length = torch.tensor([len(b.tokens) for b in beams]).unsqueeze(1) + torch.arange(1, steps + 1)  # after each step
+        # each row's response length after each step
+        length = torch.tensor([len(b.tokens) for b in beams]).unsqueeze(1) + torch.arange(1, steps + 1)
         ends = length == self.opts.max_new_tokens
         if self.stopper.eos:
             ends |= torch.isin(tokens, torch.tensor(sorted(self.stopper.eos)))

@@ -1,6 +1,6 @@
-"""Speculative IVG: a small model drafts (the first tuned guide, or its reference with
-``DecodeOptions(draft="ref")``), every model verifies in one extend forward, and the tokens keep exactly
-the guided sampler's distribution (:mod:`ivg_kernels.reference.speculative`).
+"""Speculative IVG: a small model drafts (``DecodeOptions.draft``: by default the first tuned guide under
+EFT guidance, else its reference), every model verifies in one extend forward, and the tokens keep
+exactly the guided sampler's distribution (:mod:`ivg_kernels.reference.speculative`).
 
 A round, for every live row that has room before its chunk boundary:
 
@@ -28,8 +28,9 @@ row drafts and every model reads as many tokens as the row that drafts most, so 
 one fixed-shape extend (:mod:`ivg.cuda_graphs`) instead of a ragged eager one. A row's drafts past its
 own ``room - 1`` are never tested (the verification takes each row's own count) and are cut from the
 caches with the rejected ones; keys are stateless (a later draw on the same key gets the same numbers
-whether or not a discarded draft read them), so the tokens are those of the unpadded round (``PAD_ROUNDS`` forces either way; the tests compare them). A round stays ragged
-where padding would take a row past a model's position limit.
+whether or not a discarded draft read them), so the tokens are those of the unpadded round
+(``PAD_ROUNDS`` forces either way; the tests compare them). A round stays ragged where padding would
+take a row past a model's position limit.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class SpeculativeLoop(DecodeLoop):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
         self.gamma = opts.speculate
         self.draft = opts.draft_model  # the model that drafts: tune0 or ref0
-        pad = PAD_ROUNDS
-        self.pad = any(pm.graphs is not None for pm in paged.values()) if pad is None else pad
+        graphs = any(pm.graphs is not None for pm in paged.values())
+        self.pad = graphs if PAD_ROUNDS is None else PAD_ROUNDS
         self.limits = {name: model_positions(paged[name].model) for name in self.step_names}  # None: no limit
 
     # -- schedule --------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ class SpeculativeLoop(DecodeLoop):
         implicit, explicit = self.values(out.input_logprobs, out.input_logits)
         scored = "rm" in self.step_names
         per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
-        tested = torch.arange(drafts.shape[1], device=drafts.device) < gam_d.unsqueeze(1)  # a padded round's extra drafts are not
+        # the drafts the verification tests (a padded round's extra ones are not)
+        tested = torch.arange(drafts.shape[1], device=drafts.device) < gam_d.unsqueeze(1)
         flags = torch.stack([out.ok.double(), out.num_accepted.double(), ((drafts < 0) & tested).any(dim=1).double()],
                             dim=1)
         host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # [R, 3 + 4 S]: the round's one read
