@@ -239,12 +239,8 @@ class DecodeLoop:
                 b.tokens += t[:k]
                 b.logprob, b.implicit, b.explicit, b.finished = lp, imp, exp, fin
         self.stats.new_tokens += sum(taken)
-        if bad.any():
-            rows = bad.nonzero().flatten().tolist()
-            if self.stopper.stop:  # a stop string before the bad step finished the row
-                rows = [i for i in rows if not finished[i]]
-            if rows:
-                raise RuntimeError(f"rows {rows[:8]} had NaN/inf logits or no finite candidate")
+        if bad.any():  # (with stop strings the host reads every step: no stop string comes before a bad step)
+            raise RuntimeError(f"rows {bad.nonzero().flatten().tolist()[:8]} had NaN/inf logits or no finite candidate")
 
     def score_rm_before_read(self) -> None:
         """A lazy token RM scores the rows of the prompts at a chunk boundary or the length limit before
