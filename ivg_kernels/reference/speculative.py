@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .._args import prepare_sample_args, row_tensor
-from .philox import philox_uniform
+from .philox import philox_call
 from .sampling import warped_probs
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
@@ -65,10 +65,14 @@ class SpeculativeOutput:
 
 def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """float64 ``[..., 3]``: the draft, acceptance and residual uniforms of keys ``seed`` [R] and
-    ``offset`` [R] or [R, S] (one per position)."""
-    rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset)  # each position takes its row's seed
-    lanes = SPEC_COLUMN + torch.arange(3, device=offset.device)
-    return philox_uniform(rows.reshape(-1), offset.reshape(-1), lanes).double().view(*offset.shape, 3)
+    ``offset`` [R] or [R, S] (one per position): ``philox_uniform(seed, offset, SPEC_COLUMN + lane)``,
+    computed as the one Philox call those three tokens share (words 0, 1, 2 of counter
+    ``SPEC_COLUMN >> 2``)."""
+    rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset).reshape(-1)  # each position: its row's seed
+    flat = offset.reshape(-1).to(torch.int64)
+    words = philox_call(rows, flat, torch.full_like(flat, SPEC_COLUMN >> 2))[:3]
+    u = ((torch.stack(words, dim=-1) >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)  # as philox_uniform
+    return u.double().view(*offset.shape, 3)
 
 
 def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
