@@ -65,7 +65,8 @@ def acceptance(models, prompts, results, opts) -> dict:
                 continue
             ids = models.prompt_ids(prompt, role, name)
             seq = torch.tensor([ids + tokens])
-            z[name.rstrip("0")] = model(seq).logits[0, len(ids) - 1: -1].float()  # the logits each token was drawn from
+            # the logits each response token was drawn from
+            z[name.rstrip("0")] = model(seq).logits[0, len(ids) - 1: -1].float()
         vocab = min(x.shape[-1] for x in z.values())
         guides = [(z["tune"], g.beta), (z["ref"], -g.beta)] if "eft" in opts.tokenwise else []
         guides += [(z["rm"], w_rm)] if w_rm else []
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
                   f"of 4 {per_round[4]:.2f}  ({len(a)} positions)", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="draft_acceptance",
                              provider=f"{mode}-{name}",
-                             shape=(f"demo models,prompts={len(prompts)},new={args.max_new_tokens},T={opts.temperature},"
+                             shape=(f"demo models,prompts={len(prompts)},new={args.max_new_tokens},"
+                                    f"T={opts.temperature},"
                                     f"positions={len(a)},acceptance={mean:.3f},per_round_3={per_round[3]:.2f},"
                                     f"per_round_4={per_round[4]:.2f}"),
                              dtype="float32", median_us="", gbps="", speedup=""))

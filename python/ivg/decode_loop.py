@@ -240,7 +240,8 @@ class DecodeLoop:
                 b.logprob, b.implicit, b.explicit, b.finished = lp, imp, exp, fin
         self.stats.new_tokens += sum(taken)
         if bad.any():  # (with stop strings the host reads every step: no stop string comes before a bad step)
-            raise RuntimeError(f"rows {bad.nonzero().flatten().tolist()[:8]} had NaN/inf logits or no finite candidate")
+            rows = bad.nonzero().flatten().tolist()
+            raise RuntimeError(f"rows {rows[:8]} had NaN/inf logits or no finite candidate")
 
     def score_rm_before_read(self) -> None:
         """A lazy token RM scores the rows of the prompts at a chunk boundary or the length limit before
