@@ -387,16 +387,17 @@ class DecodeLoop:
         """Each kept parent of ``feed`` (continuing rows) forks into its K children, which share its
         blocks; returns the new rows and, per new row, the index in ``feed`` of the row it continues."""
         index = {id(b): i for i, (_, b) in enumerate(feed)}
-        parents = list({id(b): b for req, _ in feed if id(req) in plans
+        by_req: dict = {}  # id(request) -> its fed rows, in feed order
+        for i, (req, b) in enumerate(feed):
+            by_req.setdefault(id(req), (req, []))[1].append((b, i))
+        # each request's plan once (not once per fed row), in the order the requests first appear in feed
+        parents = list({id(b): b for req, _ in by_req.values() if id(req) in plans
                         for b, child in plans[id(req)] if child}.values())
         forks = dict(zip([id(b) for b in parents], self.group.fork_many([b.slot for b in parents],
                                                                         self.opts.successors)))
         if parents:
             self.group.free_many([b.slot for b in parents])
         rows, pick = [], []
-        by_req: dict = {}  # id(request) -> its fed rows, in feed order
-        for i, (req, b) in enumerate(feed):
-            by_req.setdefault(id(req), (req, []))[1].append((b, i))
         for req, fed in by_req.values():
             if id(req) not in plans:
                 rows += [(req, b) for b, _ in fed]
