@@ -28,3 +28,17 @@ def test_a_random_set_loads_decodes_and_round_trips_its_tokens(tmp_path):
     state = torch.load(f"{paths['published']['rm']}/pytorch_model.bin")
     assert set(state) == {f"transformer.{k}" for k in models.token_rm.body.state_dict()} | {"score_head.weight"}
     assert torch.equal(state["score_head.weight"], models.token_rm.score_head.weight)
+
+
+def test_the_loop_host_benchmark_times_one_read_per_chunk_boundary(capsys):
+    """benchmarks/bench_loop_host.py on two prompts (32 rows): 32 tokens in chunks of 5 are 7 host reads
+    (t = 5, 10, ..., 30, then the length limit at 32), each ranked and pruned, and 6 forks."""
+    from benchmarks import bench_loop_host
+    from ivg.decode_loop import DecodeLoop
+
+    before = {name: DecodeLoop.__dict__[name] for name in bench_loop_host.UNITS}
+    assert bench_loop_host.main(["--prompts", "2", "--runs", "1"]) == 0
+    assert {name: DecodeLoop.__dict__[name] for name in bench_loop_host.UNITS} == before, "the loop stays wrapped"
+    out = capsys.readouterr().out
+    calls = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if " calls " in line}
+    assert calls == {"read": 7, "prune": 7, "fork": 6, "score_rm_before_read": 7, "sample": 32}, out
