@@ -79,11 +79,10 @@ def acceptance(models, prompts, results, opts) -> dict:
 
 
 def main(argv=None) -> int:
-    from ivg.api import load_models
     from ivg.decoder import IVGDecoder
     from ivg.demo.build import build
     from ivg.demo.corpus import make_prompts
-    from ivg.demo.run import BETA, RM_WEIGHT, method_options
+    from ivg.demo.run import load_demo_models, method_options
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     path = build(progress=False)
-    models = load_models(path / "base", tuned=[path / "tuned"], ref=[path / "ref"], beta=[BETA],
-                         token_rm=path / "rm", token_rm_weight=RM_WEIGHT)
+    models = load_demo_models(path)
     prompts = make_prompts(args.prompts, 4242)
     dec = IVGDecoder(models)
     device = torch.device("cpu")

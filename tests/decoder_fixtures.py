@@ -79,3 +79,18 @@ def save_model_dirs(root, base_family: str = "gpt2") -> dict:
         tok.save_pretrained(root / name)
         dirs[name] = str(root / name)
     return dirs
+
+
+def with_graph_buffers(monkeypatch) -> None:
+    """Every PagedModel built from now on runs its decode steps and full-width extends through
+    ``ivg.cuda_graphs`` (off CUDA: the graphs' static, padded buffers, run eagerly)."""
+    from ivg.cuda_graphs import DecodeGraphs
+    from ivg.paged_model import PagedModel
+
+    real = PagedModel.__init__
+
+    def with_graphs(self, *a, **k):
+        real(self, *a, **k)
+        self.graphs = DecodeGraphs(self)
+
+    monkeypatch.setattr(PagedModel, "__init__", with_graphs)

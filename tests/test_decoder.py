@@ -8,7 +8,7 @@ from ivg.decoder import IVGDecoder
 from ivg.naive import NaiveDecoder
 from ivg.options import DecodeOptions
 
-from .decoder_fixtures import EOS, char_tokenizer, ivg_models
+from .decoder_fixtures import EOS, char_tokenizer, ivg_models, with_graph_buffers
 
 PROMPTS = ["the movie was", "a", "it is a truly wonderful day, and"]  # ragged
 MODES = ["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"]
@@ -277,18 +277,9 @@ def test_decode_steps_over_graph_buffers_change_nothing(models, monkeypatch, sha
     """Every decode step through ``ivg.cuda_graphs`` (off CUDA: its static, padded buffers run eagerly),
     fed from the sampler's tokens between reads, with beam groups as graph inputs or not: the results of
     the plain forwards."""
-    from ivg.cuda_graphs import DecodeGraphs
-    from ivg.paged_model import PagedModel
-
     opts = _opts("ivg", max_new_tokens=10, eos_token_ids=())
     want = IVGDecoder(models, block_size=4, shared_prefix=shared_prefix).generate(PROMPTS, opts)
-    real = PagedModel.__init__
-
-    def with_graphs(self, *a, **k):
-        real(self, *a, **k)
-        self.graphs = DecodeGraphs(self)
-
-    monkeypatch.setattr(PagedModel, "__init__", with_graphs)
+    with_graph_buffers(monkeypatch)
     dec = IVGDecoder(models, block_size=4, shared_prefix=shared_prefix, read_every=3)
     _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
     keys = [key for pm in dec._paged.values() for key in pm.graphs._graphs]

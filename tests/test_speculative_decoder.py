@@ -11,7 +11,7 @@ from ivg.options import DecodeOptions
 from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference.sampling import warped_probs
 
-from .decoder_fixtures import ivg_models
+from .decoder_fixtures import ivg_models, with_graph_buffers
 from .test_decoder import MODES, PROMPTS, _opts, _same
 
 
@@ -114,20 +114,11 @@ def test_speculation_over_graph_buffers_changes_nothing(models, monkeypatch, mod
     """Every draft step and every full-width verification through ``ivg.cuda_graphs`` (off CUDA: its
     static, padded buffers run eagerly): the results of the plain forwards, and the verifications of
     ``speculate`` + 1 tokens per row did go through the buffers."""
-    from ivg.cuda_graphs import DecodeGraphs
-    from ivg.paged_model import PagedModel
-
     opts = _opts(mode, speculate=3, temperature=0.9, max_new_tokens=12)
     plain = IVGDecoder(models, block_size=4)
     want = plain.generate(PROMPTS, opts)
     assert plain.last_stats.graph_replays == 0
-    real = PagedModel.__init__
-
-    def with_graphs(self, *a, **k):
-        real(self, *a, **k)
-        self.graphs = DecodeGraphs(self)
-
-    monkeypatch.setattr(PagedModel, "__init__", with_graphs)
+    with_graph_buffers(monkeypatch)
     dec = IVGDecoder(models, block_size=4)
     _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
     assert dec.last_stats.graph_replays == sum(pm.graphs.replays for pm in dec._paged.values()) > 0

@@ -145,9 +145,14 @@ def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
     return philox4x32(c0, offset & _MASK32, (offset >> 32) & _MASK32, 0, seed & _MASK32, (seed >> 32) & _MASK32)
 
 
+def word_uniform(words: torch.Tensor) -> torch.Tensor:
+    """Uniforms ``(2 * (w >> 9) + 1) * 2**-24`` in (0, 1), float32, of int64 Philox words ``w``."""
+    return ((words >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
+
+
 def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Uniforms ``(2 * (w >> 9) + 1) * 2**-24`` in (0, 1), float32 ``[N, M]`` (arguments: :func:`philox_words`)."""
-    return ((philox_words(seed, offset, token_ids) >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
+    """Uniforms of :func:`word_uniform`, float32 ``[N, M]`` (arguments: :func:`philox_words`)."""
+    return word_uniform(philox_words(seed, offset, token_ids))
 
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .._args import prepare_sample_args, row_tensor
-from .philox import philox_call
+from .philox import philox_call, word_uniform
 from .sampling import warped_probs
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
@@ -71,8 +71,7 @@ def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset).reshape(-1)  # each position: its row's seed
     flat = offset.reshape(-1).to(torch.int64)
     words = philox_call(rows, flat, torch.full_like(flat, SPEC_COLUMN >> 2))[:3]
-    u = ((torch.stack(words, dim=-1) >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)  # as philox_uniform
-    return u.double().view(*offset.shape, 3)
+    return word_uniform(torch.stack(words, dim=-1)).double().view(*offset.shape, 3)
 
 
 def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

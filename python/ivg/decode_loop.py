@@ -257,11 +257,13 @@ class DecodeLoop:
         drawn = torch.stack([p[:, 1] for p in self.pending], dim=1).clamp(min=0).long()  # [rows, S] on the device
         # What the RM reads, gathered from ``src`` = (every row's unread draws [R * steps], the known tokens):
         # row j reads its n_j known tokens the RM has not read (at least one), then its first steps - 1 draws.
-        host = []
+        host, unread = [], []
         for _, req, b in rows:
             prompt = req.ids["rm"]
-            host += prompt[b.rm_read:] + b.tokens if b.rm_read < len(prompt) else b.tokens[b.rm_read - len(prompt):]
-        n = torch.tensor([len(req.ids["rm"]) + len(b.tokens) - b.rm_read for _, req, b in rows])
+            new = prompt[b.rm_read:] + b.tokens if b.rm_read < len(prompt) else b.tokens[b.rm_read - len(prompt):]
+            host += new
+            unread.append(len(new))
+        n = torch.tensor(unread)
         counts = n + (steps - 1)
         starts = counts.cumsum(0) - counts  # each row's first read token
         row = torch.arange(len(rows)).repeat_interleave(counts)  # the row of each read token

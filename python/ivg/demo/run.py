@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 
@@ -94,6 +94,15 @@ def _score(gold, prompts, texts):
     return [gold(p + " " + t) for p, t in zip(prompts, texts)]
 
 
+def load_demo_models(paths, *, device="cpu", dtype=None) -> IVGModels:
+    """The demo's four models with its beta and token-RM weight: ``paths`` a demo build's folder, or a mapping
+    of ``base``, ``tuned``, ``ref`` and ``rm`` to model folders of those roles (random weights of other sizes)."""
+    if not isinstance(paths, Mapping):
+        paths = {k: Path(paths) / k for k in ("base", "tuned", "ref", "rm")}
+    return load_models(paths["base"], tuned=[paths["tuned"]], ref=[paths["ref"]], beta=[BETA], token_rm=paths["rm"],
+                       token_rm_weight=RM_WEIGHT, device=device, dtype=dtype)
+
+
 def run_demo(out_dir: Optional[Path] = None, *, methods: Sequence[str] = METHODS, num_prompts: int = 64,
              device: str = "cpu", cfg: BuildConfig = BuildConfig(), seed: int = 0, reference_samples: int = 8,
              av_lambdas: Sequence[float] = AV_LAMBDAS, build_root: Optional[Path] = None,
@@ -105,8 +114,7 @@ def run_demo(out_dir: Optional[Path] = None, *, methods: Sequence[str] = METHODS
         method_options(m, seed, 1)  # validates the names before the build
     path = build(cfg, root=build_root, progress=progress)
     build_s = time.perf_counter() - t0
-    models = load_models(path / "base", tuned=[path / "tuned"], ref=[path / "ref"], beta=[BETA],
-                         token_rm=path / "rm", token_rm_weight=RM_WEIGHT, device=device)
+    models = load_demo_models(path, device=device)
     gold = GoldReward()
     prompts = make_prompts(num_prompts, cfg.seed + 999)
     report = DemoReport(prompts=prompts, build_s=build_s)
