@@ -234,10 +234,11 @@ def run_write_kv(which, k_cache, v_cache, key, value, slot_mapping) -> None:
         _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
 
 
-def run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale: float, sliding_window, num_splits=0):
+def run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale: float, sliding_window, num_splits=0,
+               plan=None):
     if which == "reference":
         return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
-                                              sliding_window=sliding_window)
+                                              sliding_window=sliding_window, plan=plan)
     return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale,
                    int(sliding_window or 0), num_splits)
 

@@ -109,6 +109,30 @@ def test_prefill_plan_is_made_once_and_reused_by_every_layer(new):
         paged_prefill_attention(q, *layers[0][2:4], bt, sl, cu, max_seqlen_q=max(new), scale=0.3, plan={})
 
 
+@pytest.mark.parametrize("window", [None, 1, 5, 40])
+@pytest.mark.parametrize("lens", [[13] * 3, [5, 13, 5, 13, 0], [0, 0]], ids=["one-length", "mixed", "empty"])
+def test_decode_plan_is_made_once_and_reused_by_every_layer(window, lens):
+    """A decode plan made from the tables (what ivg.PagedModel makes once per forward) gives each layer
+    exactly the output of a call that plans for itself, and None where no row has a key."""
+    from ivg_kernels.reference.attention import decode_plan, paged_decode_attention_ref
+
+    h, h_kv, d, bs = 6, 2, 8, 4
+    layers = [_setup(lens, h_kv, d, bs, torch.float32, seed=s) for s in (5, 6)]
+    bm, seqs = layers[0][0], layers[0][1]
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    plan = decode_plan(bt, sl, bs, window)
+    assert (plan is None) == (max(lens) == 0)
+    q = torch.randn(len(lens), h, d)
+    for _, _, kc, vc, _, _ in layers:
+        alone = paged_decode_attention_ref(q, kc, vc, bt, sl, scale=0.3, sliding_window=window)
+        if plan is None:
+            assert torch.equal(alone, torch.zeros_like(q))
+            continue
+        planned = paged_decode_attention_ref(q, kc, vc, bt, sl, scale=0.3, sliding_window=window, plan=plan)
+        assert torch.equal(planned, alone)
+        assert planned.abs().sum() > 0
+
+
 @pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])
 @pytest.mark.parametrize("lens", [[1] * 3, [4] * 3, [13] * 3, [5] * 4 + [13] * 4 + [0] * 4, [5, 13, 5, 13, 0]],
                          ids=["one-1", "one-4", "one-13", "runs", "mixed"])

@@ -135,3 +135,40 @@ def test_float64_is_supported_by_the_reference():
     logits = torch.randn(4, 100, dtype=torch.float64)
     out = ivg_kernels.guided_sample(logits, seed=0, offset=0, top_p=0.9)
     assert out.logprob.dtype == torch.float64 and out.ok.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("temperature", [1.1, 0.85, 0.7, 1e-3, 0.0])
+def test_scalar_parameters_give_what_per_row_tensors_of_them_give(dtype, temperature):
+    """One temperature and guide weight as Python floats (the reference scales by their reciprocal on the
+    host) give bitwise what [N] tensors of the same values give (scaled row by row), filtered or not,
+    bad rows included; so do the draft draw and the warped distribution. (At 1.1 and 0.85 the float32
+    reciprocal differs from the double one rounded to float32.)"""
+    from ivg_kernels._args import prepare_sample_args
+    from ivg_kernels.reference.sampling import warped_probs
+    from ivg_kernels.reference.speculative import draft_draw_ref
+
+    gen = torch.Generator().manual_seed(11)
+    n, v = 6, 37
+    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype)
+    guide = (torch.randn(n, v, generator=gen) * 4).to(dtype)
+    logits[1, 3], logits[2, 0], guide[3, 5] = math.nan, math.inf, -math.inf
+    logits[4, :3] = logits[4, 3]  # a tie
+    logits[5] = -math.inf  # nothing to draw
+    row = lambda x: torch.full((n,), x, dtype=torch.float64)  # noqa: E731
+    keys = dict(seed=torch.arange(n) + 5, offset=torch.arange(n) * 3)
+    for filters in (dict(), dict(top_k=4), dict(top_p=0.8, min_p=0.05)):
+        a = dict(temperature=temperature, **filters, **keys)
+        b = dict(temperature=row(temperature), **filters, **keys)
+        one = guided_sample_ref(logits, [(guide, -0.6)], **a)
+        per_row = guided_sample_ref(logits, [(guide, row(-0.6))], **b)
+        for name in ("tokens", "logprob", "input_logprobs", "input_logits", "ok"):
+            x, y = getattr(one, name), getattr(per_row, name)
+            assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)) and torch.equal(x.isnan(), y.isnan()), name
+        assert one.ok.tolist() == [True, False, False, False, True, False]
+        p1 = warped_probs(prepare_sample_args(logits, [(guide, -0.6)], temperature, filters.get("top_k", 0),
+                                              filters.get("top_p", 1.0), filters.get("min_p", 0.0), 0, 0, None))
+        p2 = warped_probs(prepare_sample_args(logits, [(guide, row(-0.6))], row(temperature), filters.get("top_k", 0),
+                                              filters.get("top_p", 1.0), filters.get("min_p", 0.0), 0, 0, None))
+        assert torch.equal(p1.nan_to_num(7.0), p2.nan_to_num(7.0))
+        assert torch.equal(draft_draw_ref(logits, **a), draft_draw_ref(logits, **b))

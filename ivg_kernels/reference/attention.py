@@ -54,39 +54,55 @@ def _common_length(seq_lens):
     return int(lo) if int(lo) == int(hi) else None
 
 
-def _decode_one_length(q, k_cache, v_cache, block_table, length, scale, sliding_window):
-    """Decode attention for rows that all hold ``length`` tokens: the keys they allow, unmasked."""
-    if length == 0:
-        return torch.zeros_like(q)
-    bs = k_cache.shape[1]
-    lo = max(0, length - sliding_window) if sliding_window is not None else 0
-    first = lo // bs * bs  # the first block with an allowed key
-    table = block_table[:, first // bs:]
-    k = _gather(k_cache, table, length - first)[:, lo - first:]
-    v = _gather(v_cache, table, length - first)[:, lo - first:]
-    return _attend(q.unsqueeze(1), k, v, None, scale).squeeze(1).to(q.dtype)
+@dataclass
+class DecodePlan:
+    """What :func:`paged_decode_attention_ref` computes from the tables alone, for every layer at once: the
+    blocks each row gathers, the key positions kept of them, and the mask of mixed lengths."""
+
+    blocks: torch.Tensor  # int64 [N * nb]: each row's nb blocks, row after row
+    start: int  # the gathered key positions kept: start:stop of each row's nb * block_size
+    stop: int
+    allowed: torch.Tensor | None  # bool [N, 1, L] for rows of mixed lengths; None: every kept key (one length)
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None):
-    """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``.
-
-    On the CPU, rows that all have one length (the beams of one prompt) are attended without a mask.
-    (Attending each run of equal lengths on its own measured no faster in the decoder than one masked
-    call over all rows, so mixed lengths take the mask.)"""
-    n = q.shape[0]
-    length = block_table.shape[1] * k_cache.shape[1]
-    if n == 0 or length == 0:
-        return torch.zeros_like(q)
+def decode_plan(block_table, seq_lens, block_size, sliding_window=None) -> DecodePlan | None:
+    """The gather indices and mask of :func:`paged_decode_attention_ref` (the layer-independent part of its
+    work), or None when there is no key to attend (no row, or a common length of 0)."""
+    n, width = block_table.shape[0], block_table.shape[1] * block_size
+    if n == 0 or width == 0:
+        return None
     same = _common_length(seq_lens)
-    if same is not None:
-        return _decode_one_length(q, k_cache, v_cache, block_table, same, scale, sliding_window)
-    k, v = _gather(k_cache, block_table, length), _gather(v_cache, block_table, length)
-    pos = torch.arange(length, device=q.device)
+    if same is not None:  # rows that all hold ``same`` tokens: the keys they allow, unmasked
+        if same == 0:
+            return None
+        lo = max(0, same - sliding_window) if sliding_window is not None else 0
+        first = lo // block_size  # the first block with an allowed key
+        blocks = block_table[:, first: first - (-(same - first * block_size) // block_size)].long().flatten()
+        return DecodePlan(blocks, lo - first * block_size, same - first * block_size, None)
+    pos = torch.arange(width, device=block_table.device)
     lens = seq_lens.long().unsqueeze(1)
     allowed = pos < lens  # [N, L]
     if sliding_window is not None:
         allowed &= pos >= lens - sliding_window
-    return _attend(q.unsqueeze(1), k, v, allowed.unsqueeze(1), scale).squeeze(1).to(q.dtype)
+    return DecodePlan(block_table.long().flatten(), 0, width, allowed.unsqueeze(1))
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
+                               plan=None):
+    """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``.
+
+    On the CPU, rows that all have one length (the beams of one prompt) are attended without a mask.
+    (Attending each run of equal lengths on its own measured no faster in the decoder than one masked
+    call over all rows, so mixed lengths take the mask.) ``plan``: :func:`decode_plan` of these
+    arguments, made once and reused by every layer of a forward (the same tables give the same plan)."""
+    if plan is None:
+        plan = decode_plan(block_table, seq_lens, k_cache.shape[1], sliding_window)
+        if plan is None:
+            return torch.zeros_like(q)
+    n, h, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.index_select(0, plan.blocks).view(n, -1, h, d)[:, plan.start:plan.stop]
+    v = v_cache.index_select(0, plan.blocks).view(n, -1, h, d)[:, plan.start:plan.stop]
+    return _attend(q.unsqueeze(1), k, v, plan.allowed, scale).squeeze(1).to(q.dtype)
 
 
 PREFILL_BATCH_ELEMENTS = 1 << 22  # padded query x key positions attended per batched call

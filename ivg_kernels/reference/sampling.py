@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .._args import prepare_sample_args, row_tensor
@@ -123,32 +124,35 @@ def _warp(a):
     inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
     z = inputs[0]
     for x_i, w in zip(inputs[1:], a.weights):
-        w = row_tensor(w, n, cdt, dev).unsqueeze(1)  # [N, 1]
-        z = z + w * x_i  # [N, V]
+        # a scalar weight multiplies as its value rounded to cdt, exactly as a [N, 1] tensor of it would
+        z = z + (row_tensor(w, n, cdt, dev).unsqueeze(1) if isinstance(w, torch.Tensor) else w) * x_i  # [N, V]
 
-    t = row_tensor(a.temperature, n, cdt, dev)
-    k = row_tensor(a.top_k, n, torch.int64, dev)
-    p = row_tensor(a.top_p, n, cdt, dev)
-    m = row_tensor(a.min_p, n, cdt, dev)
     seed = row_tensor(a.seed, n, torch.int64, dev)
     offset = row_tensor(a.offset, n, torch.int64, dev)
-
-    def bad(row_max):  # a row's max is NaN if it holds a NaN (max propagates it), else +inf if it holds +inf
-        return torch.isnan(row_max) | (row_max == math.inf)
-
-    greedy = t == 0
     # x = z * (1 / T): the reciprocal correctly rounded once per row, then one rounding per token (a
     # kernel multiplies where a division per token would cost about ten instructions).
-    x = z * (1.0 / torch.where(greedy, torch.ones_like(t), t)).unsqueeze(1)  # [N, V]
+    if isinstance(a.temperature, torch.Tensor):
+        t = a.temperature.to(cdt)
+        greedy = t == 0
+        x = z * (1.0 / torch.where(greedy, torch.ones_like(t), t)).unsqueeze(1)  # [N, V]
+    else:  # one temperature: its reciprocal in cdt on the host, the same rounding as the row tensor's
+        greedy = torch.full((n,), a.temperature == 0, dtype=torch.bool, device=dev)
+        x = z * (1.0 if a.temperature == 0 else _reciprocal(a.temperature, cdt))
     x_max = x.amax(dim=1)  # [N]
-    ok = ~(torch.stack([bad(x_i.amax(dim=1)) for x_i in inputs] + [bad(x_max)]).any(dim=0))
+    # A row is bad if an input's max or x's is NaN (max propagates it) or +inf (it holds +inf), or x is all
+    # -inf: ``m < inf`` is False exactly for NaN and +inf.
+    maxes = torch.stack([x_i.amax(dim=1) for x_i in inputs] + [x_max])  # [2+G, N]
+    ok = (maxes < math.inf).all(dim=0) & (x_max > -math.inf)
     if any(isinstance(v, torch.Tensor) for v in (a.temperature, a.top_p, a.min_p)):  # scalars are checked already
+        t, p, m = (row_tensor(x, n, cdt, dev) for x in (a.temperature, a.top_p, a.min_p))
         ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
-    ok &= x_max > -math.inf
 
-    neg_inf = torch.full_like(x_max, -math.inf)
     filtered = torch.zeros_like(greedy)
     if a.any_filter_possible:
+        k = row_tensor(a.top_k, n, torch.int64, dev)
+        p = row_tensor(a.top_p, n, cdt, dev)
+        m = row_tensor(a.min_p, n, cdt, dev)
+        neg_inf = torch.full_like(x_max, -math.inf)
         x_sorted = x.sort(dim=1, descending=True).values  # [N, V]
         k_on = (k > 0) & (k < v)
         filtered = ~greedy & (k_on | (p < 1) | (m > 0))
@@ -168,11 +172,17 @@ def _warp(a):
         tau_p = torch.where((p < 1) & reach[:, -1], x_sorted.gather(1, first.unsqueeze(1)).squeeze(1), neg_inf)
         tau_m = torch.where(m > 0, x_max + plog(m.float().clamp(min=FLT_MIN)).to(cdt), neg_inf)
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
-        tau = torch.where(greedy, neg_inf, tau)
+        kept = x >= torch.where(greedy, neg_inf, tau).unsqueeze(1)  # [N, V]
     else:
-        tau = neg_inf
-    kept = x >= tau.unsqueeze(1)  # [N, V]
+        kept = x >= -math.inf  # every token but NaN ones
     return x, x_max, kept, greedy, filtered, ok, inputs, seed, offset
+
+
+def _reciprocal(t: float, cdt: torch.dtype) -> float:
+    """``1 / t`` correctly rounded in ``cdt`` (float32 or float64), as torch divides a tensor of ``t``."""
+    if cdt == torch.float64:
+        return 1.0 / t
+    return float(np.float32(1.0) / np.float32(t))
 
 
 def warped_probs(a) -> torch.Tensor:
@@ -181,8 +191,9 @@ def warped_probs(a) -> torch.Tensor:
     x, x_max, kept, greedy, _, ok, _, _, _ = _warp(a)
     w = torch.where(kept, torch.exp((x - x_max.unsqueeze(1)).double()), 0.0)
     p = w / w.sum(dim=1, keepdim=True)
-    first = torch.nn.functional.one_hot(x.argmax(dim=1), x.shape[1]).double()  # argmax: the first maximum
-    p = torch.where(greedy.unsqueeze(1), first, p)
+    if isinstance(a.temperature, torch.Tensor) or a.temperature == 0:  # (one temperature > 0: no greedy row)
+        first = torch.nn.functional.one_hot(x.argmax(dim=1), x.shape[1]).double()  # argmax: the first maximum
+        p = torch.where(greedy.unsqueeze(1), first, p)
     return torch.where(ok.unsqueeze(1), p, math.nan)
 
 

@@ -152,10 +152,10 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     tokens = torch.where(live, tokens, -1)
     tok = tokens.clamp(min=0).unsqueeze(2)
     logprob = torch.where(live, p.gather(2, tok).squeeze(2).log(), math.nan)
-    inputs = [logits[..., :v]] + [g[..., :v] for g, _ in guides]
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    raw = torch.stack([x.to(cdt).gather(2, tok).squeeze(2) for x in inputs], dim=2)  # [R, S, 1+G]
-    lse = torch.stack([x.to(cdt).logsumexp(dim=2) for x in inputs], dim=2)
+    inputs = torch.stack([x[..., :v].to(cdt) for x in [logits] + [g for g, _ in guides]], dim=2)  # [R, S, 1+G, V]
+    raw = inputs.gather(3, tok.unsqueeze(2).expand(r, s, inputs.shape[2], 1)).squeeze(3)  # [R, S, 1+G]
+    lse = inputs.logsumexp(dim=3)
     nan = torch.tensor(math.nan, dtype=cdt, device=dev)
     return SpeculativeOutput(torch.where(ok, n, -1), tokens, logprob, torch.where(live.unsqueeze(2), raw - lse, nan),
                              torch.where(live.unsqueeze(2), raw, nan), ok)

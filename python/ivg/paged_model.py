@@ -21,7 +21,7 @@ import torch
 from ivg_kernels.attention import (attention_backend, run_decode, run_prefill, run_shared_decode,
                                   run_write_kv)
 from ivg_kernels._transfer import to_device_many
-from ivg_kernels.reference.attention import prefill_plan
+from ivg_kernels.reference.attention import decode_plan, prefill_plan
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
@@ -46,7 +46,7 @@ class PagedBatch:
     is_decode: bool  # one new token per sequence
     backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
-    plans: dict = field(default_factory=dict)  # sliding window -> the reference's PrefillPlan of this batch
+    plans: dict = field(default_factory=dict)  # sliding window -> the reference's Decode/PrefillPlan of this batch
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
@@ -62,14 +62,18 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window)
         starts, shared, most = b.groups
         return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
                                  scale, sliding_window)
-    if b.is_decode:
-        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window)
     plan = None
     if b.backend == "reference":  # the masks and gather indices of every layer (per sliding window), made once
-        plan = b.plans.get(sliding_window)
-        if plan is None:
-            plan = b.plans[sliding_window] = prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q,
-                                                          k_cache.shape[1], sliding_window)
+        if sliding_window not in b.plans:
+            bs = k_cache.shape[1]
+            b.plans[sliding_window] = (
+                decode_plan(b.block_table, b.seq_lens, bs, sliding_window) if b.is_decode
+                else prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q, bs, sliding_window))
+        plan = b.plans[sliding_window]
+        if plan is None:  # a decode step with no key to attend
+            return torch.zeros_like(q)
+    if b.is_decode:
+        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window, plan=plan)
     return run_prefill(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q, b.max_seqlen_q,
                        scale, sliding_window, plan)
 
@@ -292,15 +296,19 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        n_new = torch.tensor(counts)
         slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         try:
             table, lens = self.blocks.tables(seq_ids)
-            cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
-            cu[1:] = n_new.cumsum(0)
-            # position of each new token: its sequence's old length plus its index among the new ones
-            positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             decode = max(counts) == 1
+            if decode:  # one new token per sequence, at its new length - 1
+                cu = torch.arange(len(counts) + 1, dtype=torch.int32)
+                positions = lens.long() - 1
+            else:
+                n_new = torch.tensor(counts)
+                cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+                cu[1:] = n_new.cumsum(0)
+                # position of each new token: its sequence's old length plus its index among the new ones
+                positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             # graphs replay decode steps, and extends of q tokens per row with logits at every position
             q = counts[0]
@@ -319,14 +327,15 @@ class PagedModel:
                 max_seqlen_q=max(counts), is_decode=decode, backend=attention_backend(self.backend, self.cache.pool.kv),
                 groups=None if groups is None else self._groups_on_device(groups),
             )
-            keep = None if every_position else logits_at if logits_at is not None else (cu_d[1:] - 1).long()
+            # the logits after each sequence's last new token: every token's for a decode step (no gather)
+            keep = logits_at if logits_at is not None else None if every_position or decode else (cu_d[1:] - 1).long()
             if self.lean is not None:
                 return self.lean(ids, pos, keep, batch)
             out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                              logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
             return out.logits[0]
         except BaseException:
-            self.cache.truncate_appended(seq_ids, n_new)
+            self.cache.truncate_appended(seq_ids, counts)
             raise
 
     __call__ = forward
