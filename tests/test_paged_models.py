@@ -170,6 +170,8 @@ def test_exhaustion_and_bad_tokens_leave_the_cache_unchanged():
         pm([a, b], torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"tokens: expected an int64 tensor \[2\]"):
         pm([a, b], torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match="seq_ids: expected at least one sequence"):
+        pm([], [])
     assert (pm.blocks.num_free_blocks, pm.blocks.seq_len(a), pm.blocks.seq_len(b)) == snapshot
     pm.blocks.check_invariants()
     _close(pm([a], [[7]])[0], _scratch(ref, [1, 2, 3, 4, 5, 6, 7]), "after the errors")

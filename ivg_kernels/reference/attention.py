@@ -33,16 +33,16 @@ def _gather(cache, block_table, length):
     return out[:, :length]
 
 
-def _attend(q, k, v, allowed, scale):
+def _attend(q, k, v, allowed, scale, empty=True):
     """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in float32
-    (float64 for float64)."""
+    (float64 for float64). ``empty=False``: the caller knows every query allows a key (no 0/0 to clear)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2),  # (N, H, M|L, D)
         attn_mask=None if allowed is None else allowed.unsqueeze(1), scale=scale, enable_gqa=True,
     ).transpose(1, 2)
-    return out if allowed is None else out.nan_to_num(0.0)  # (N, M, H, D); a row with no allowed key gives 0
+    return out if allowed is None or not empty else out.nan_to_num(0.0)  # (N, M, H, D); no allowed key: 0
 
 
 def _common_length(seq_lens):
@@ -119,9 +119,15 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_s
     once and reused by every layer of a forward (the same tables give the same plan)."""
     if plan is None:
         plan = prefill_plan(block_table, seq_lens, cu_seqlens_q, k_cache.shape[1], sliding_window)
+    groups = plan.groups
+    if len(groups) == 1 and groups[0].rows is None and groups[0].first == 0 and groups[0].last == q.shape[0]:
+        return _prefill_group(q, k_cache, v_cache, groups[0], scale)  # every query, in order, in one batch
     out = torch.zeros_like(q)
-    for g in plan.groups:
-        _prefill_group(out, q, k_cache, v_cache, g, scale)
+    for g in groups:
+        if g.rows is None:
+            out[g.first:g.last] = _prefill_group(q, k_cache, v_cache, g, scale)
+        else:
+            out.index_copy_(0, g.rows, _prefill_group(q, k_cache, v_cache, g, scale))
     return out
 
 
@@ -129,7 +135,7 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_s
 class PrefillGroup:
     """Consecutive sequences attended as one padded batch ``[n, m_max]`` of queries over ``l_max`` keys."""
 
-    table: torch.Tensor  # [n, blocks]: their block tables, cut to the blocks of l_max keys
+    blocks: torch.Tensor  # int64 [n * nb]: their block tables cut to the nb blocks of l_max keys, row after row
     l_max: int
     allowed: torch.Tensor  # bool [n, m_max, l_max]: the keys each (padded) query attends
     rows: torch.Tensor | None  # the q rows of the valid queries, or None when q[first:last] fills the batch
@@ -167,7 +173,9 @@ def prefill_plan(block_table, seq_lens, cu_seqlens_q, block_size, sliding_window
 
 def _plan_group(block_table, seqs, cu, lens, m_max, l_max, block_size, sliding_window) -> PrefillGroup:
     dev = block_table.device
-    table = block_table.index_select(0, torch.tensor(seqs, device=dev))[:, : -(-l_max // block_size)]
+    table = block_table if seqs == list(range(block_table.shape[0])) else block_table.index_select(
+        0, torch.tensor(seqs, device=dev))
+    blocks = table[:, : -(-l_max // block_size)].long().flatten()
     counts = [cu[b + 1] - cu[b] for b in seqs]
     m = torch.tensor(counts, device=dev)  # queries per sequence
     j = torch.arange(m_max, device=dev)
@@ -181,20 +189,22 @@ def _plan_group(block_table, seqs, cu, lens, m_max, l_max, block_size, sliding_w
         allowed &= valid.unsqueeze(2)
     if sliding_window is not None:
         allowed &= q_pos.unsqueeze(2) - k_pos.view(1, 1, -1) < sliding_window
-    return PrefillGroup(table, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max)
+    return PrefillGroup(blocks, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max)
 
 
-def _prefill_group(out, q, k_cache, v_cache, g: PrefillGroup, scale):
-    """Attend one group's queries (padded to ``[n, m_max]``) over their ``l_max`` keys into ``out``."""
-    k, v = _gather(k_cache, g.table, g.l_max), _gather(v_cache, g.table, g.l_max)  # [n, l_max, Hkv, D]
+def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
+    """One group's queries (padded to ``[n, m_max]``) attended over their ``l_max`` keys: the output of its
+    valid queries, ``[last - first, H, D]`` in order, or in the order of ``g.rows``."""
     n, m_max = g.allowed.shape[:2]
-    if g.rows is None:  # no padding: the group's rows of q, in order
+    h, d = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]  # [n, l_max, Hkv, D]
+    v = v_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]
+    if g.rows is None:  # no padding: the group's rows of q, in order; every query allows a key (its own)
         qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
-        out[g.first:g.last] = _attend(qp, k, v, g.allowed, scale).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
-        return
+        return _attend(qp, k, v, g.allowed, scale, empty=False).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
     qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
     qp[g.valid] = q.index_select(0, g.rows)
-    out.index_copy_(0, g.rows, _attend(qp, k, v, g.allowed, scale)[g.valid].to(q.dtype))
+    return _attend(qp, k, v, g.allowed, scale)[g.valid].to(q.dtype)
 
 
 def _attend_lse(q, k, v, allowed, scale):

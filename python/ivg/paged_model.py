@@ -272,6 +272,8 @@ class PagedModel:
 
     def _flat_tokens(self, seq_ids, tokens, counts):
         """``(flat ids [T], new tokens per sequence)``, checked."""
+        if not seq_ids:
+            raise ValueError("seq_ids: expected at least one sequence")
         if isinstance(tokens, torch.Tensor):
             counts = [1] * len(seq_ids) if counts is None else [int(c) for c in counts]
             if len(counts) != len(seq_ids) or min(counts, default=1) < 1:
@@ -299,10 +301,12 @@ class PagedModel:
         slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
         try:
             table, lens = self.blocks.tables(seq_ids)
-            decode = max(counts) == 1
-            if decode:  # one new token per sequence, at its new length - 1
-                cu = torch.arange(len(counts) + 1, dtype=torch.int32)
-                positions = lens.long() - 1
+            q = counts[0]
+            uniform = all(c == q for c in counts)
+            decode = uniform and q == 1  # one new token per sequence
+            if uniform:  # q new tokens per sequence, the j-th at its new length - q + j
+                cu = torch.arange(0, q * len(counts) + 1, q, dtype=torch.int32)
+                positions = lens.long() - 1 if decode else ((lens.long() - q).unsqueeze(1) + torch.arange(q)).flatten()
             else:
                 n_new = torch.tensor(counts)
                 cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
@@ -311,9 +315,7 @@ class PagedModel:
                 positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             # graphs replay decode steps, and extends of q tokens per row with logits at every position
-            q = counts[0]
-            if (self.graphs is not None and logits_at is None and (decode or every_position)
-                    and all(c == q for c in counts)):
+            if self.graphs is not None and logits_at is None and (decode or every_position) and uniform:
                 self.attach()  # (a no-op when attached)
                 logits = self.graphs.run(flat, positions, slots, table, lens, groups, q=q)
                 if logits is not None:
