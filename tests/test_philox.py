@@ -80,6 +80,27 @@ def test_philox_matches_an_integer_oracle_on_broadcast_tensors(path):
             assert tuple(int(w[r, j]) for w in out) == want, (r, j)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_philox_call_splits_signed_keys_and_offsets_like_the_oracle(rows):
+    """philox_call's key and counter words from int64 seeds and offsets (negative ones read as uint64,
+    offsets past 2**32): up to 8 calls on the CPU on Python's integers, more through the tensor rounds."""
+    from ivg_kernels.reference.philox import philox_call
+
+    gen = torch.Generator().manual_seed(rows)
+    seed = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=gen)
+    offset = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=gen)
+    seed[0], offset[0] = -1, (1 << 40) + 7
+    c0 = torch.randint(0, 1 << 31, (rows,), generator=gen)
+    out = philox_call(seed, offset, c0)
+    assert all(w.shape == (rows,) and w.dtype == torch.int64 for w in out)
+    for r in range(rows):
+        s, o = int(seed[r]) % (1 << 64), int(offset[r]) % (1 << 64)
+        want = _philox_python((int(c0[r]), o & 0xFFFFFFFF, o >> 32, 0), (s & 0xFFFFFFFF, s >> 32))
+        assert tuple(int(w[r]) for w in out) == want, r
+    one = philox_call(torch.tensor(5), torch.tensor(9), 3)  # scalars stay scalars
+    assert all(w.shape == () for w in one) and tuple(int(w) for w in one) == _philox_python((3, 9, 0, 0), (5, 0))
+
+
 def test_a_vocabulary_range_and_scattered_ids_give_the_same_words():
     """The one-call-per-4-tokens path (a range from a multiple of 4, on the CPU) and the per-token path
     (any ids; the only one on a GPU) read the same words."""

@@ -63,15 +63,22 @@ _FEW = 8  # calls per tensor up to which Python's integers beat numpy's per-oper
 
 def _philox4x32_ints(c0, c1, c2, c3, k0, k1, rounds):
     """The same rounds on Python integers, call by call, for a few calls (CPU tensors)."""
-    out = [[], [], [], []]
-    for x0, x1, x2, x3, y0, y1 in zip(*(t.reshape(-1).tolist() for t in (c0, c1, c2, c3, k0, k1))):
-        for _ in range(rounds):
-            pb, pa = x2 * PHILOX_ROUND_B, x0 * PHILOX_ROUND_A
-            x0, x1, x2, x3 = (pb >> 32) ^ x1 ^ y0, pb & _MASK32, (pa >> 32) ^ x3 ^ y1, pa & _MASK32
-            y0, y1 = (y0 + PHILOX_KEY_A) & _MASK32, (y1 + PHILOX_KEY_B) & _MASK32
-        for words, w in zip(out, (x0, x1, x2, x3)):
-            words.append(w)
-    return tuple(torch.tensor(w, dtype=torch.int64).view(c0.shape) for w in out)
+    calls = torch.stack([c0, c1, c2, c3, k0, k1]).reshape(6, -1).tolist()  # one read of all six
+    return _words([_rounds(*call, rounds) for call in zip(*calls)], c0.shape)
+
+
+def _rounds(x0, x1, x2, x3, y0, y1, rounds=PHILOX_ROUNDS):
+    """One Philox call on Python integers (uint32 values): its four words."""
+    for _ in range(rounds):
+        pb, pa = x2 * PHILOX_ROUND_B, x0 * PHILOX_ROUND_A
+        x0, x1, x2, x3 = (pb >> 32) ^ x1 ^ y0, pb & _MASK32, (pa >> 32) ^ x3 ^ y1, pa & _MASK32
+        y0, y1 = (y0 + PHILOX_KEY_A) & _MASK32, (y1 + PHILOX_KEY_B) & _MASK32
+    return x0, x1, x2, x3
+
+
+def _words(calls: list, shape) -> tuple:
+    """The four words of each call (a list of 4-tuples) as four int64 tensors of ``shape``, made in one copy."""
+    return tuple(torch.tensor(calls, dtype=torch.int64).reshape(-1, 4).T.reshape(4, *shape).unbind(0))
 
 
 def _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds):
@@ -142,6 +149,12 @@ def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
     """The four words (int64 tensors) of the Philox call at counter ``(c0, offset mod 2**32,
     (offset >> 32) mod 2**32, 0)`` with key ``seed``, all three broadcast together: every draw's stream."""
     seed, offset = seed.to(torch.int64), offset.to(torch.int64)
+    if seed.device.type == "cpu" and offset.device.type == "cpu":  # a few calls: all of it on Python integers
+        seed, offset, c0 = torch.broadcast_tensors(seed, offset, torch.as_tensor(c0, dtype=torch.int64))
+        if seed.numel() <= _FEW:
+            keys = torch.stack([seed, offset, c0]).reshape(3, -1).tolist()
+            return _words([_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
+                           for k, o, c in zip(*keys)], seed.shape)
     return philox4x32(c0, offset & _MASK32, (offset >> 32) & _MASK32, 0, seed & _MASK32, (seed >> 32) & _MASK32)
 
 
