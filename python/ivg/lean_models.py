@@ -6,8 +6,9 @@ submodules and functions in the same order (embeddings, norms, projections, rota
 head), so the logits are bitwise those of the transformers forward (tested), without its per-call
 work: argument handling, masks, cache objects, output classes and a dozen module calls per layer. On
 small models and few rows that work is most of a forward (a one-row ``PagedModel`` decode step of the
-demo's 2-layer guide on one CPU thread: 1.05 ms through transformers, 0.71 ms here at first and 0.49 ms
-with the lookups below and unchecked attention calls; its 4-layer base: 1.95, 1.32 and 0.88 ms). With
+demo's 2-layer guide on one CPU thread: 1.05 ms through transformers, 0.71 ms here at first, 0.49 ms
+with the lookups below and unchecked attention calls, 0.44 ms with the attention's gather planned once
+per forward; its 4-layer base: 1.95, 1.32, 0.88 and 0.78 ms). With
 hundreds of rows the arithmetic dominates and the two take the same time.
 
 The projections (GPT-2's ``Conv1D``, the Llama family's ``nn.Linear``) are applied as their forwards
