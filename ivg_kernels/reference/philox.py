@@ -150,11 +150,11 @@ def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
     (offset >> 32) mod 2**32, 0)`` with key ``seed``, all three broadcast together: every draw's stream."""
     seed, offset = seed.to(torch.int64), offset.to(torch.int64)
     if seed.device.type == "cpu" and offset.device.type == "cpu":  # a few calls: all of it on Python integers
-        seed, offset, c0 = torch.broadcast_tensors(seed, offset, torch.as_tensor(c0, dtype=torch.int64))
-        if seed.numel() <= _FEW:
-            keys = torch.stack([seed, offset, c0]).reshape(3, -1).tolist()
+        calls = torch.broadcast_tensors(seed, offset, torch.as_tensor(c0, dtype=torch.int64))
+        if calls[0].numel() <= _FEW:
+            keys = torch.stack(calls).reshape(3, -1).tolist()
             return _words([_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
-                           for k, o, c in zip(*keys)], seed.shape)
+                           for k, o, c in zip(*keys)], calls[0].shape)
     return philox4x32(c0, offset & _MASK32, (offset >> 32) & _MASK32, 0, seed & _MASK32, (seed >> 32) & _MASK32)
 
 
