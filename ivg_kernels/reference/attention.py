@@ -33,16 +33,16 @@ def _gather(cache, block_table, length):
     return out[:, :length]
 
 
-def _attend(q, k, v, allowed, scale, empty=True):
+def _attend(q, k, v, allowed, scale, clear=True):
     """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in float32
-    (float64 for float64). ``empty=False``: the caller knows every query allows a key (no 0/0 to clear)."""
+    (float64 for float64). ``clear=False``: the caller knows every query allows a key (no 0/0 to set to 0)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2),  # (N, H, M|L, D)
         attn_mask=None if allowed is None else allowed.unsqueeze(1), scale=scale, enable_gqa=True,
     ).transpose(1, 2)
-    return out if allowed is None or not empty else out.nan_to_num(0.0)  # (N, M, H, D); no allowed key: 0
+    return out if allowed is None or not clear else out.nan_to_num(0.0)  # (N, M, H, D); no allowed key: 0
 
 
 def _common_length(seq_lens):
@@ -142,6 +142,7 @@ class PrefillGroup:
     valid: torch.Tensor | None  # bool [n, m_max], or None when no query is padding
     first: int  # the group's q rows (without padding: first:last in order, m_max per sequence)
     last: int
+    clear: bool = True  # some query may allow no key (padding, or a window under 1): its 0/0 is set to 0
 
 
 @dataclass
@@ -189,7 +190,8 @@ def _plan_group(block_table, seqs, cu, lens, m_max, l_max, block_size, sliding_w
         allowed &= valid.unsqueeze(2)
     if sliding_window is not None:
         allowed &= q_pos.unsqueeze(2) - k_pos.view(1, 1, -1) < sliding_window
-    return PrefillGroup(blocks, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max)
+    clear = valid is not None or (sliding_window is not None and sliding_window < 1)  # else each query allows itself
+    return PrefillGroup(blocks, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max, clear)
 
 
 def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
@@ -199,9 +201,9 @@ def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
     h, d = k_cache.shape[2], k_cache.shape[3]
     k = k_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]  # [n, l_max, Hkv, D]
     v = v_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]
-    if g.rows is None:  # no padding: the group's rows of q, in order; every query allows a key (its own)
+    if g.rows is None:  # no padding: the group's rows of q, in order
         qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
-        return _attend(qp, k, v, g.allowed, scale, empty=False).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
+        return _attend(qp, k, v, g.allowed, scale, g.clear).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
     qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
     qp[g.valid] = q.index_select(0, g.rows)
     return _attend(qp, k, v, g.allowed, scale)[g.valid].to(q.dtype)
