@@ -121,7 +121,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
-                           num_splits=0, backend="auto") -> torch.Tensor:
+                           num_splits=0, backend="auto", plan=None) -> torch.Tensor:
     """Attention of one new token per row over its paged history (the token itself included).
 
     Parameters
@@ -133,6 +133,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     scale : float, usually ``head_dim ** -0.5``
     sliding_window : int, optional; keys with ``q_pos - k_pos < sliding_window`` only
     num_splits : int, splits of the KV length (0 chooses from the shapes)
+    plan : optional, for the reference backend: ``ivg_kernels.reference.attention.decode_plan`` of these
+        ``block_table``, ``seq_lens``, the cache's block size and ``sliding_window``, made once and passed
+        to every layer of a forward (the gather indices and mask depend on the tables only; None, as
+        ``decode_plan`` gives where no row has a key, plans per call). A plan of other tables gives wrong
+        results; other backends ignore it
 
     Returns
     -------
@@ -143,8 +148,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
     _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
     scale, _ = _check_scale_window(scale, sliding_window)
+    if plan is not None and not isinstance(plan, ref.DecodePlan):
+        _fail("plan", plan, "None or an ivg_kernels.reference.attention.DecodePlan")
     return run_decode(attention_backend(backend, q), q, k_cache, v_cache, block_table, seq_lens, scale,
-                      sliding_window, int(num_splits))
+                      sliding_window, int(num_splits), plan=plan)
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,

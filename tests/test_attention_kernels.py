@@ -131,6 +131,11 @@ def test_decode_plan_is_made_once_and_reused_by_every_layer(window, lens):
         planned = paged_decode_attention_ref(q, kc, vc, bt, sl, scale=0.3, sliding_window=window, plan=plan)
         assert torch.equal(planned, alone)
         assert planned.abs().sum() > 0
+        public = paged_decode_attention(q, kc, vc, bt, sl, scale=0.3, sliding_window=window, backend="reference",
+                                        plan=plan)
+        assert torch.equal(public, alone)
+    with pytest.raises(ValueError, match="plan="):
+        paged_decode_attention(q, *layers[0][2:4], bt, sl, scale=0.3, backend="reference", plan={})
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 5, 9, 40])
