@@ -36,8 +36,9 @@ from benchmarks import harness  # noqa: E402
 
 
 def candidates(z: dict, beta: float, temperature: float) -> dict:
-    """Name -> (logits, guide pairs, temperature) of each draft distribution, from logits ``z`` by role."""
-    t, r = z["tune"], z["ref"]
+    """Name -> (logits, guide pairs, temperature) of each draft distribution, from logits ``z`` by the
+    decoder's model names (``tune0``, ``ref0``)."""
+    t, r = z["tune0"], z["ref0"]
     return {
         "tune": (t, [], temperature),
         "tune x0.8": (t, [], 0.8 * temperature),
@@ -52,6 +53,7 @@ def candidates(z: dict, beta: float, temperature: float) -> dict:
 def acceptance(models, prompts, results, opts) -> dict:
     """Candidate name -> acceptance ``1 - TV(p, q)`` at every position of every prompt's best response."""
     from ivg_kernels._args import prepare_sample_args
+    from ivg.search import sampler_guides
     from ivg_kernels.reference.sampling import warped_probs
 
     g = models.guides[0]
@@ -66,10 +68,10 @@ def acceptance(models, prompts, results, opts) -> dict:
             ids = models.prompt_ids(prompt, role, name)
             seq = torch.tensor([ids + tokens])
             # the logits each response token was drawn from
-            z[name.rstrip("0")] = model(seq).logits[0, len(ids) - 1: -1].float()
+            z[name] = model(seq).logits[0, len(ids) - 1: -1].float()
         vocab = min(x.shape[-1] for x in z.values())
-        guides = [(z["tune"], g.beta), (z["ref"], -g.beta)] if "eft" in opts.tokenwise else []
-        guides += [(z["rm"], w_rm)] if w_rm else []
+        # the sampler's inputs as the decoder passes them (ivg.decode_loop.DecodeLoop.sample)
+        guides = sampler_guides(z, [(0, g.beta)] if opts.uses_guides else [], "eft" in opts.tokenwise, w_rm)
         filters = (opts.top_k, opts.top_p, opts.min_p)
         p = warped_probs(prepare_sample_args(z["base"], guides, opts.temperature, *filters, 0, 0, vocab))
         for name, (logits, pairs, temp) in candidates(z, g.beta, opts.temperature).items():

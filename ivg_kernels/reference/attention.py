@@ -28,9 +28,14 @@ def write_kv_ref(k_cache, v_cache, key, value, slot_mapping) -> None:
 def _gather(cache, block_table, length):
     """[N, length, H_kv, D] positions 0..length-1 of every row (garbage past a row's own length): the
     rows' first ``ceil(length / block_size)`` blocks, gathered whole."""
-    blocks = block_table[:, : -(-length // cache.shape[1])].long()
-    out = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, cache.shape[2], cache.shape[3])
-    return out[:, :length]
+    blocks = block_table[:, : -(-length // cache.shape[1])].long().flatten()
+    return _gather_blocks(cache, blocks, block_table.shape[0], 0, length)
+
+
+def _gather_blocks(cache, blocks, rows: int, start: int, stop: int):
+    """[rows, stop - start, H_kv, D]: positions ``start:stop`` of each row's blocks, ``blocks`` int64
+    [rows * nb] row after row (a plan's gather indices)."""
+    return cache.index_select(0, blocks).view(rows, -1, cache.shape[2], cache.shape[3])[:, start:stop]
 
 
 def _attend(q, k, v, allowed, scale, clear=True):
@@ -77,8 +82,9 @@ def decode_plan(block_table, seq_lens, block_size, sliding_window=None) -> Decod
             return None
         lo = max(0, same - sliding_window) if sliding_window is not None else 0
         first = lo // block_size  # the first block with an allowed key
-        blocks = block_table[:, first: first - (-(same - first * block_size) // block_size)].long().flatten()
-        return DecodePlan(blocks, lo - first * block_size, same - first * block_size, None)
+        span = same - first * block_size  # key positions from that block's start
+        blocks = block_table[:, first: first + -(-span // block_size)].long().flatten()
+        return DecodePlan(blocks, lo - first * block_size, span, None)
     pos = torch.arange(width, device=block_table.device)
     lens = seq_lens.long().unsqueeze(1)
     allowed = pos < lens  # [N, L]
@@ -99,9 +105,9 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
         plan = decode_plan(block_table, seq_lens, k_cache.shape[1], sliding_window)
         if plan is None:
             return torch.zeros_like(q)
-    n, h, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
-    k = k_cache.index_select(0, plan.blocks).view(n, -1, h, d)[:, plan.start:plan.stop]
-    v = v_cache.index_select(0, plan.blocks).view(n, -1, h, d)[:, plan.start:plan.stop]
+    n = q.shape[0]
+    k = _gather_blocks(k_cache, plan.blocks, n, plan.start, plan.stop)
+    v = _gather_blocks(v_cache, plan.blocks, n, plan.start, plan.stop)
     return _attend(q.unsqueeze(1), k, v, plan.allowed, scale).squeeze(1).to(q.dtype)
 
 
@@ -198,9 +204,8 @@ def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
     """One group's queries (padded to ``[n, m_max]``) attended over their ``l_max`` keys: the output of its
     valid queries, ``[last - first, H, D]`` in order, or in the order of ``g.rows``."""
     n, m_max = g.allowed.shape[:2]
-    h, d = k_cache.shape[2], k_cache.shape[3]
-    k = k_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]  # [n, l_max, Hkv, D]
-    v = v_cache.index_select(0, g.blocks).view(n, -1, h, d)[:, :g.l_max]
+    k = _gather_blocks(k_cache, g.blocks, n, 0, g.l_max)  # [n, l_max, Hkv, D]
+    v = _gather_blocks(v_cache, g.blocks, n, 0, g.l_max)
     if g.rows is None:  # no padding: the group's rows of q, in order
         qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
         return _attend(qp, k, v, g.allowed, scale, g.clear).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)

@@ -115,10 +115,9 @@ def guided_sample_ref(
 
 
 def _warp(a):
-    """Steps 1-3 for every row: ``(x, x_max, kept, greedy, filtered, ok, inputs, seed, offset)``: the scaled
-    scores ``x`` [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows,
-    the sampled rows with a filter active, the rows without NaN/inf or bad parameters, the inputs cut to V,
-    and the keys as [N] tensors."""
+    """Steps 1-3 for every row: ``(x, x_max, kept, greedy, filtered, ok, inputs)``: the scaled scores ``x``
+    [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows, the sampled
+    rows with a filter active, the rows without NaN/inf or bad parameters, and the inputs cut to V."""
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
     inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
@@ -127,8 +126,6 @@ def _warp(a):
         # a scalar weight multiplies as its value rounded to cdt, exactly as a [N, 1] tensor of it would
         z = z + (row_tensor(w, n, cdt, dev).unsqueeze(1) if isinstance(w, torch.Tensor) else w) * x_i  # [N, V]
 
-    seed = row_tensor(a.seed, n, torch.int64, dev)
-    offset = row_tensor(a.offset, n, torch.int64, dev)
     # x = z * (1 / T): the reciprocal correctly rounded once per row, then one rounding per token (a
     # kernel multiplies where a division per token would cost about ten instructions).
     if isinstance(a.temperature, torch.Tensor):
@@ -175,7 +172,7 @@ def _warp(a):
         kept = x >= torch.where(greedy, neg_inf, tau).unsqueeze(1)  # [N, V]
     else:
         kept = x >= -math.inf  # every token but NaN ones
-    return x, x_max, kept, greedy, filtered, ok, inputs, seed, offset
+    return x, x_max, kept, greedy, filtered, ok, inputs
 
 
 def _reciprocal(t: float, cdt: torch.dtype) -> float:
@@ -188,7 +185,7 @@ def _reciprocal(t: float, cdt: torch.dtype) -> float:
 def warped_probs(a) -> torch.Tensor:
     """The distribution step 4 draws from, float64 ``[N, V]``: ``softmax(x)`` over the kept tokens, or
     for a greedy row all its mass on the first index of ``max z``; NaN rows where ``ok`` is False."""
-    x, x_max, kept, greedy, _, ok, _, _, _ = _warp(a)
+    x, x_max, kept, greedy, _, ok, _ = _warp(a)
     w = torch.where(kept, torch.exp((x - x_max.unsqueeze(1)).double()), 0.0)
     p = w / w.sum(dim=1, keepdim=True)
     if isinstance(a.temperature, torch.Tensor) or a.temperature == 0:  # (one temperature > 0: no greedy row)
@@ -222,8 +219,9 @@ def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _guided_sample_ref(a) -> SampleOutput:
-    x, x_max, kept, greedy, filtered, ok, inputs, seed, offset = _warp(a)
+    x, x_max, kept, greedy, filtered, ok, inputs = _warp(a)
     n, dev = a.num_rows, a.logits.device
+    seed, offset = row_tensor(a.seed, n, torch.int64, dev), row_tensor(a.offset, n, torch.int64, dev)
     cdt = x.dtype
     tokens = x.argmax(dim=1)  # greedy rows: the first max
     sampled = ~greedy

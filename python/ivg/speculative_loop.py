@@ -110,12 +110,11 @@ class SpeculativeLoop(DecodeLoop):
                 uniforms=None if fused else uniforms)  # the fused kernel draws its own (the same) uniforms
         except BaseException:
             for name in self.step_names:  # nothing half-read: every model back to the round's start
-                self.paged[name].blocks.truncate_many([b.slot for _, b in rows], before[name])
+                self.paged[name].blocks.truncate_many(slots, before[name])
             raise
         kept = self._update(rows, gam, out, drafts, gam_d)
         for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
-            self.paged[name].blocks.truncate_many([b.slot for _, b in rows],
-                                                  [n + m for n, m in zip(before[name], kept)])
+            self.paged[name].blocks.truncate_many(slots, [n + m for n, m in zip(before[name], kept)])
 
     def _padded(self, rows, width: int) -> bool:
         """Pad this round (module docstring): padding is on and no row would read past a model's positions."""
