@@ -5,15 +5,17 @@
 #     bash benchmarks/gpu_suite.sh [targets|build|tests|sanitize|check|bench|speculative|published|flashinfer|all]...   (default: all, about 10 minutes)
 #
 # Stages:
-#   targets   for a session with one short lease (at most 9.5 minutes: one device command): the GPU tests of the eager
-#             launch paths and the decoder (test_sampling_gpu.py, test_gpu.py), stopping there if they fail,
-#             then one measurement per open issue's headline target, each under its own time limit (a part
+#   targets   for a session with one short lease (one device command, TARGETS_BUDGET seconds, default 530): the
+#             GPU tests of the eager launch paths and the decoder (test_sampling_gpu.py, test_gpu.py; if they
+#             fail, the kernels' own tests run next, for the diagnosis), then one measurement per open issue's
+#             headline target, each under the lesser of its own limit and what is left of the budget (a part
 #             cut by its limit records nothing, but its log in $OUT keeps the rows it printed):
 #             the sampler at N 1 and 256, V 151936 (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and
 #             graph; FlashInfer beside it when .whl/flashinfer/ came along), bench_kv (eager N=1 against
 #             SDPA, bandwidth, the beam-group rows), the published code in modes ivg and eft on 16 prompts (when
 #             .published/ came along; the issue's 64 prompts take the "published" stage), speculative eft
-#             and ivg on gpt2-xl-sized weights
+#             and ivg on gpt2-xl-sized weights; then, if the smoke tests passed, the kernels' own tests
+#             (attention, beam groups, speculative, sampler parity, paged models) with the time left
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -182,38 +184,77 @@ run_published() {
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
 
-run_targets() {
-    note "targets: smoke tests of the eager launch paths and the decoder"
-    timeout "${SMOKE_TIMEOUT:-120}" "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider --timeout 100 -rfEs \
-        tests/test_sampling_gpu.py tests/test_gpu.py 2>&1 | tee "$OUT/targets_smoke.log" | tail -15
-    if [ "${PIPESTATUS[0]}" -ne 0 ]; then
-        echo "targets: the smoke tests failed; measurements skipped (logs in $OUT/targets_smoke.log)"
+# The targets stage shares one deadline (TARGETS_BUDGET seconds, default 530): each part gets the lesser of its
+# own limit and what is left, and a part with under 20 seconds left is skipped with a line saying so.
+left_for() {
+    local cap=$1 rest=$((TARGETS_DEADLINE - SECONDS - 5))
+    [ "$rest" -lt "$cap" ] && cap=$rest
+    echo "$cap"
+}
+
+timed() {  # timed NAME CAP LOG CMD...: run CMD under min(CAP, what is left), its output to $OUT/LOG
+    local name=$1 cap limit log=$3
+    limit=$(left_for "$2")
+    shift 3
+    if [ "$limit" -lt 20 ]; then
+        echo "targets: $name skipped, ${limit}s left of the budget"
         STATUS=1
-        return
+        return 1
+    fi
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$log" | tail -30
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "targets: $name exit $rc (limit ${limit}s)"; STATUS=1; }
+    return "$rc"
+}
+
+run_kernel_tests() {
+    note "targets: kernel tests against the reference (attention, beam groups, speculative, sampler parity, paged models)"
+    # shellcheck disable=SC2086
+    timed "kernel tests" "${T_KERNEL_TESTS_TIMEOUT:-150}" targets_kernel_tests.log \
+        "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
+        ${T_KERNEL_TESTS:-tests/test_attention_kernels.py tests/test_shared_prefix_attention.py
+        tests/test_speculative_kernels.py tests/test_sampling_parity.py tests/test_paged_models.py}
+}
+
+run_targets() {
+    TARGETS_DEADLINE=$((SECONDS + ${TARGETS_BUDGET:-530}))
+    local smoke_ok=1
+    note "targets: smoke tests of the eager launch paths and the decoder"
+    timed "smoke tests" "${SMOKE_TIMEOUT:-120}" targets_smoke.log \
+        "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider --timeout 100 -rfEs \
+        tests/test_sampling_gpu.py tests/test_gpu.py || smoke_ok=0
+    if [ "$smoke_ok" -eq 0 ]; then
+        # A failure here is what the next CPU session must fix: spend time on the kernels' own tests first,
+        # then measure anyway (rows measured after a failed test are not to be quoted: results_notes says which).
+        echo "targets: the smoke tests failed (log in $OUT/targets_smoke.log); kernel tests next, then the measurements"
+        run_kernel_tests
     fi
     local fi_providers=""
     flashinfer_env >/dev/null 2>&1 && fi_providers="flashinfer flashinfer-graph"
     note "targets: sampler (issue 11)"
     # shellcheck disable=SC2086
-    timeout "${T_SAMPLING_TIMEOUT:-110}" "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
+    timed "sampler" "${T_SAMPLING_TIMEOUT:-110}" targets_sampling.log \
+        "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
         --configs imdb alpaca top-p-0.9 min-p-0.05 \
-        --providers triton triton-graph torch-composition empty-op $fi_providers \
-        --record 2>&1 | tee "$OUT/targets_sampling.log" | tail -30
-    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+        --providers triton triton-graph torch-composition empty-op $fi_providers --record
     note "targets: paged attention (issue 13)"
-    timeout "${T_KV_TIMEOUT:-80}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/targets_kv.log" | tail -25
-    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    if [ -d .published/inference_time_alignment ] && ls .whl/published/*.whl >/dev/null 2>&1; then
+    timed "paged attention" "${T_KV_TIMEOUT:-80}" targets_kv.log "$PY" benchmarks/bench_kv.py --record
+    local pub_limit
+    pub_limit=$(left_for "${T_PUBLISHED_TIMEOUT:-150}")
+    if [ "$pub_limit" -lt 20 ]; then
+        echo "targets: the published code skipped, ${pub_limit}s left of the budget"
+        STATUS=1
+    elif [ -d .published/inference_time_alignment ] && ls .whl/published/*.whl >/dev/null 2>&1; then
         PUBLISHED_MODES="${PUBLISHED_MODES:-ivg eft}" PUBLISHED_PROMPTS="${PUBLISHED_PROMPTS:-16}" \
-            PUBLISHED_TIMEOUT="${T_PUBLISHED_TIMEOUT:-150}" run_published
+            PUBLISHED_TIMEOUT="$pub_limit" run_published
     else
         echo "targets: .published/ or .whl/published/ not carried: the comparison with the published code (issue 12) skipped"
     fi
     note "targets: speculative decoding on gpt2-xl-sized random weights (issue 14)"
-    timeout "${T_SPEC_TIMEOUT:-90}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
-        --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record 2>&1 \
-        | tee "$OUT/targets_speculative.log" | tail -8
-    [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
+    timed "speculative" "${T_SPEC_TIMEOUT:-90}" targets_speculative.log \
+        "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
+        --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
+    [ "$smoke_ok" -eq 1 ] && run_kernel_tests
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
 
