@@ -30,6 +30,9 @@ def main(cfg_path, out_path):
     sys.path.insert(0, cfg["published"])
     # The published cbs.py reads CUDA_VISIBLE_DEVICES in its time_record helper on every 10th step.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    # The published code never uses peft, but transformers 4.34.1 imports it when it is installed (the GPU
+    # image's peft needs a newer accelerate than the pinned 0.23.0): hidden, as in the published environment.
+    sys.modules.setdefault("peft", None)
     import torch
 
     torch.set_num_threads(cfg["threads"])

@@ -27,6 +27,13 @@ CONFIGS = {
 BACKENDS = ["reference"] + (["triton"] if importlib.util.find_spec("triton") else [])
 
 
+def captures_nothing(pm) -> bool:
+    """On CUDA the reference attention is never captured (it reads lengths on the host): it runs eagerly."""
+    from ivg_kernels.attention import attention_backend
+
+    return pm.device.type == "cuda" and attention_backend(pm.backend, pm.cache.pool.kv) == "reference"
+
+
 def _pair(cfg, seed=0):
     """The same random weights twice: a plain eager model (oracle) and a paged one."""
     torch.manual_seed(seed)
@@ -417,7 +424,8 @@ def test_graph_buffers_give_the_eager_logits(backend, shared_prefix):
         want = plain(seqs[plain], new)
         got = graphed(seqs[graphed], torch.tensor([t for (t,) in new], device=DEVICE) if step % 2 else new)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert graphed.graphs.replays == 7 and graphed.graphs.captures >= 1
+    if not captures_nothing(graphed):
+        assert graphed.graphs.replays == 7 and graphed.graphs.captures >= 1
     assert all(key[0] == 8 and key[2] == (8 if shared_prefix else 0) for key in graphed.graphs._graphs), \
         list(graphed.graphs._graphs)
 
@@ -450,15 +458,16 @@ def test_extend_graph_buffers_give_the_eager_logits(backend, name):
         got = graphed(seqs[graphed], new.to(DEVICE), counts=counts, every_position=True)
         assert got.shape == (len(prompts) * q, V)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        replays += 1
+        replays += 0 if captures_nothing(graphed) else 1
         assert graphed.graphs.replays == replays
     for kwargs in (dict(counts=[2, 1, 3, 1, 2], every_position=True), dict(counts=[2] * 5)):
         new = torch.randint(2, V, (sum(kwargs["counts"]),), generator=gen)
         want = plain(seqs[plain], new, **kwargs)
         torch.testing.assert_close(graphed(seqs[graphed], new.to(DEVICE), **kwargs), want, rtol=1e-5, atol=1e-5)
         assert graphed.graphs.replays == replays, "an uneven extend, or one keeping only last logits, replayed"
-    assert sorted({key[0] for key in graphed.graphs._graphs}) == [8]
-    assert sorted({key[3] for key in graphed.graphs._graphs}) == [1, 3, 4]
+    if not captures_nothing(graphed):
+        assert sorted({key[0] for key in graphed.graphs._graphs}) == [8]
+        assert sorted({key[3] for key in graphed.graphs._graphs}) == [1, 3, 4]
 
 
 def test_extends_too_large_for_a_graph_run_eagerly(monkeypatch):

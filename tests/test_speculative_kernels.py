@@ -116,3 +116,27 @@ def test_draft_draw_dispatch_and_errors():
         draft_sample(logits[0], seed=seeds, offset=offset)
     with pytest.raises(ValueError, match="backend="):
         draft_sample(logits, seed=seeds, offset=offset, backend="nope")
+
+
+@pytest.mark.parametrize("filters", [{}, dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)], ids=str)
+def test_reference_ops_keep_every_tensor_on_the_inputs_device(filters):
+    """The plain-torch sampler, draft draw and verification on tensors of a device other than the CPU
+    ("meta": shapes only, no data) with the seed and offset as tensors there or as Python integers: no
+    operation mixes in a CPU tensor (on a GPU that failed every draw: Philox's integer counters were made
+    on the CPU), and the outputs live on that device."""
+    import ivg_kernels
+    from ivg_kernels.reference.speculative import spec_uniforms
+
+    meta = torch.device("meta")
+    base, draft, drafts, num, seeds, offset, gd = _on_device(*_case(6, 3, 20, 2, 1, 0.7))
+    base, draft, drafts, num, seeds, offset = (x.to(meta) for x in (base, draft, drafts, num, seeds, offset))
+    gd = [(g.to(meta), w) for g, w in gd]
+    outs = [speculative_verify_ref(base, gd, draft, drafts, num, temperature=0.7, seed=seeds, offset=offset, **filters),
+            draft_draw_ref(draft[:, 0], temperature=0.7, seed=seeds, offset=offset[:, 0], **filters),
+            spec_uniforms(seeds, offset[:, 0])]
+    for seed, off in ((seeds, offset[:, 0]), (7, 3)):
+        for t in (0.7, 0.0, torch.full((6,), 0.5, device=meta)):
+            outs.append(ivg_kernels.guided_sample(base[:, 0], [(g[:, 0], w) for g, w in gd], temperature=t, seed=seed,
+                                                  offset=off, backend="reference", **filters))
+    tensors = [t for o in outs for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)]
+    assert len(tensors) > 20 and all(t.device == meta for t in tensors)

@@ -63,7 +63,9 @@ def _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr, F
     """One tile of keys in the online softmax: scores of the queries ``qt`` against ``k`` where
     ``allowed``, the running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` updated."""
     s = _dot(qt, tl.trans(k), IEEE, F32)
-    s = tl.where(allowed, s * scale, float("-inf"))
+    # The scale in float32: torch.compile's generated launcher passes a Python float as float64, which would
+    # turn the running max into float64 inside the loop (Triton refuses a loop-carried type change).
+    s = tl.where(allowed, s * tl.cast(scale, tl.float32), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)

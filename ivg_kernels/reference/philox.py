@@ -49,13 +49,26 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     taken in one multiply of the pair ``(c2, c0)`` by ``(ROUND_B, ROUND_A)``, and the round keys come
     from one precomputed table: the same words in a third of the tensor operations.
     """
-    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*[torch.as_tensor(x, dtype=torch.int64) for x in
-                                                        (c0, c1, c2, c3, k0, k1)])
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*_on_one_device(c0, c1, c2, c3, k0, k1))
     if c0.device.type == "cpu":
         if c0.numel() <= _FEW:
             return _philox4x32_ints(c0, c1, c2, c3, k0, k1, rounds)
         return _philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds)
     return _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds)
+
+
+def _on_one_device(*args) -> list:
+    """The arguments (Python integers or int64 tensors) as int64 tensors on the device of the first tensor
+    that is not on the CPU (else the CPU). Integers and 0-dim CPU tensors are filled in there, not copied:
+    on a GPU a copy from pageable host memory would wait for the stream, and would break a graph capture."""
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"), torch.device("cpu"))
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and (a.device == dev or a.dim() > 0):
+            out.append(a.to(device=dev, dtype=torch.int64))
+        else:
+            out.append(torch.full((), int(a), dtype=torch.int64, device=dev))
+    return out
 
 
 _FEW = 8  # calls per tensor up to which Python's integers beat numpy's per-operation cost (a row's draw: 1)
@@ -149,7 +162,8 @@ def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
     """The four words (int64 tensors) of the Philox call at counter ``(c0, offset mod 2**32,
     (offset >> 32) mod 2**32, 0)`` with key ``seed``, all three broadcast together: every draw's stream."""
     seed, offset = seed.to(torch.int64), offset.to(torch.int64)
-    if seed.device.type == "cpu" and offset.device.type == "cpu":  # a few calls: all of it on Python integers
+    on_cpu = seed.device.type == "cpu" and offset.device.type == "cpu"
+    if on_cpu and not (isinstance(c0, torch.Tensor) and c0.device.type != "cpu"):  # a few calls: Python integers
         calls = torch.broadcast_tensors(seed, offset, torch.as_tensor(c0, dtype=torch.int64))
         if calls[0].numel() <= _FEW:
             keys = torch.stack(calls).reshape(3, -1).tolist()

@@ -16,7 +16,9 @@ eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the 
 * besides decode steps, extends that feed every row the same number ``q`` > 1 of new tokens and keep
   the logits at every position (the verifying forward of a speculative round: the pending token and
   the drafts) are captured per ``q`` too, while the bucket holds at most ``MAX_EXTEND_TOKENS`` tokens;
-* graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly.
+* graphs share one memory pool; a bucket whose capture fails is remembered and runs eagerly;
+* on CUDA the reference attention backend is never captured (it reads sequence lengths on the host):
+  its forwards run eagerly.
 
 The kernels replayed are the eager ones, so a replay computes what the eager forward computes for
 the padded batch.
@@ -177,6 +179,8 @@ class DecodeGraphs:
         rows = bucket_for(len(seq_lens))
         if rows is None or (q > 1 and (groups is not None or rows * q > MAX_EXTEND_TOKENS)):
             return None
+        if self.pm.device.type == "cuda" and attention_backend(self.pm.backend, self.pm.cache.pool.kv) == "reference":
+            return None  # the plain-torch attention reads lengths on the host, which no capture can hold
         key = (rows, width_for(block_table.shape[1]), groups_for(groups[2]) if groups is not None else 0, q)
         if key in self._failed:
             return None
