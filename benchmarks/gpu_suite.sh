@@ -6,16 +6,17 @@
 #
 # Stages:
 #   targets   for a session with one short lease (one device command, TARGETS_BUDGET seconds, default 530): the
-#             GPU tests of the eager launch paths and the decoder (test_sampling_gpu.py, test_gpu.py; if they
-#             fail, the kernels' own tests run next, for the diagnosis), then one measurement per open issue's
-#             headline target, each under the lesser of its own limit and what is left of the budget (a part
-#             cut by its limit records nothing, but its log in $OUT keeps the rows it printed):
-#             the sampler at N 1 and 256, V 151936 (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and
-#             graph; FlashInfer beside it when .whl/flashinfer/ came along), bench_kv (eager N=1 against
-#             SDPA, bandwidth, the beam-group rows), the published code in modes ivg and eft on 16 prompts (when
-#             .published/ came along; the issue's 64 prompts take the "published" stage), speculative eft
-#             and ivg on gpt2-xl-sized weights; then, if the smoke tests passed, the kernels' own tests
-#             (attention, beam groups, speculative, sampler parity, paged models) with the time left
+#             GPU tests of the eager launch paths, the decoder and the kernels against the reference
+#             (test_sampling_gpu.py, test_gpu.py, attention, beam groups, speculative, sampler parity, paged
+#             models), then, pass or fail, one measurement per open issue's headline target, each under the
+#             lesser of its own limit and what is left of the budget (a part cut by its limit records
+#             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
+#             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
+#             .whl/flashinfer/ came along), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
+#             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
+#             eft on 16 prompts (when .published/ came along; the issue's 64 prompts take the "published"
+#             stage), speculative eft and ivg on gpt2-xl-sized weights. TARGETS_SKIP names parts to leave
+#             out (smoke sampler kv profile published speculative)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -207,41 +208,45 @@ timed() {  # timed NAME CAP LOG CMD...: run CMD under min(CAP, what is left), it
     return "$rc"
 }
 
-run_kernel_tests() {
-    note "targets: kernel tests against the reference (attention, beam groups, speculative, sampler parity, paged models)"
-    # shellcheck disable=SC2086
-    timed "kernel tests" "${T_KERNEL_TESTS_TIMEOUT:-150}" targets_kernel_tests.log \
-        "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
-        ${T_KERNEL_TESTS:-tests/test_attention_kernels.py tests/test_shared_prefix_attention.py
-        tests/test_speculative_kernels.py tests/test_sampling_parity.py tests/test_paged_models.py}
+wanted() {  # wanted PART: not named in TARGETS_SKIP
+    case " ${TARGETS_SKIP:-} " in *" $1 "*) echo "targets: $1 skipped (TARGETS_SKIP)"; return 1 ;; esac
 }
 
 run_targets() {
     TARGETS_DEADLINE=$((SECONDS + ${TARGETS_BUDGET:-530}))
-    local smoke_ok=1
-    note "targets: smoke tests of the eager launch paths and the decoder"
-    timed "smoke tests" "${SMOKE_TIMEOUT:-120}" targets_smoke.log \
-        "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider --timeout 100 -rfEs \
-        tests/test_sampling_gpu.py tests/test_gpu.py || smoke_ok=0
-    if [ "$smoke_ok" -eq 0 ]; then
-        # A failure here is what the next CPU session must fix: spend time on the kernels' own tests first,
-        # then measure anyway (rows measured after a failed test are not to be quoted: results_notes says which).
-        echo "targets: the smoke tests failed (log in $OUT/targets_smoke.log); kernel tests next, then the measurements"
-        run_kernel_tests
+    if wanted smoke; then
+        note "targets: GPU tests: the eager launch paths, the decoder, and the kernels against the reference"
+        # shellcheck disable=SC2086
+        timed "GPU tests" "${SMOKE_TIMEOUT:-150}" targets_smoke.log \
+            "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
+            tests/test_sampling_gpu.py tests/test_gpu.py ${T_KERNEL_TESTS:-tests/test_attention_kernels.py
+            tests/test_shared_prefix_attention.py tests/test_speculative_kernels.py tests/test_sampling_parity.py
+            tests/test_paged_models.py} \
+            || echo "targets: GPU tests failed (log in $OUT/targets_smoke.log); measuring anyway (rows not to be quoted)"
     fi
     local fi_providers=""
     flashinfer_env >/dev/null 2>&1 && fi_providers="flashinfer flashinfer-graph"
-    note "targets: sampler (issue 11)"
-    # shellcheck disable=SC2086
-    timed "sampler" "${T_SAMPLING_TIMEOUT:-110}" targets_sampling.log \
-        "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
-        --configs imdb alpaca top-p-0.9 min-p-0.05 \
-        --providers triton triton-graph torch-composition empty-op $fi_providers --record
-    note "targets: paged attention (issue 13)"
-    timed "paged attention" "${T_KV_TIMEOUT:-80}" targets_kv.log "$PY" benchmarks/bench_kv.py --record
+    if wanted sampler; then
+        note "targets: sampler (issue 11)"
+        # shellcheck disable=SC2086
+        timed "sampler" "${T_SAMPLING_TIMEOUT:-110}" targets_sampling.log \
+            "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
+            --configs imdb alpaca top-p-0.9 min-p-0.05 \
+            --providers triton triton-graph torch-composition empty-op $fi_providers --record
+    fi
+    if wanted kv; then
+        note "targets: paged attention (issue 13)"
+        timed "paged attention" "${T_KV_TIMEOUT:-80}" targets_kv.log "$PY" benchmarks/bench_kv.py --record
+    fi
+    if wanted profile; then
+        note "targets: the eager calls' host time, profiled (issues 11 and 13)"
+        timed "eager profile" "${T_PROFILE_TIMEOUT:-60}" targets_profile.log "$PY" benchmarks/profile_eager.py
+    fi
     local pub_limit
     pub_limit=$(left_for "${T_PUBLISHED_TIMEOUT:-150}")
-    if [ "$pub_limit" -lt 20 ]; then
+    if ! wanted published; then
+        :
+    elif [ "$pub_limit" -lt 20 ]; then
         echo "targets: the published code skipped, ${pub_limit}s left of the budget"
         STATUS=1
     elif [ -d .published/inference_time_alignment ] && ls .whl/published/*.whl >/dev/null 2>&1; then
@@ -250,11 +255,12 @@ run_targets() {
     else
         echo "targets: .published/ or .whl/published/ not carried: the comparison with the published code (issue 12) skipped"
     fi
-    note "targets: speculative decoding on gpt2-xl-sized random weights (issue 14)"
-    timed "speculative" "${T_SPEC_TIMEOUT:-90}" targets_speculative.log \
-        "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
-        --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
-    [ "$smoke_ok" -eq 1 ] && run_kernel_tests
+    if wanted speculative; then
+        note "targets: speculative decoding on gpt2-xl-sized random weights (issue 14)"
+        timed "speculative" "${T_SPEC_TIMEOUT:-90}" targets_speculative.log \
+            "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
+            --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
+    fi
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
 
