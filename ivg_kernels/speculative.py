@@ -132,6 +132,8 @@ def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temper
     else:
         x = z / float(temperature)
         logprob = (x.gather(2, idx).squeeze(2) - x.logsumexp(dim=2)).double()
-    nan = torch.tensor(math.nan, dtype=cdt, device=dev)
+    # NaN as a Python scalar: a tensor made with torch.tensor(nan, device=...) is a copy from pageable host
+    # memory, which waits for the device (it made every speculative round synchronise once more on a GPU)
     return SpeculativeOutput(n, tokens, torch.where(live, logprob, math.nan),
-                             torch.where(live.unsqueeze(2), raw - lse, nan), torch.where(live.unsqueeze(2), raw, nan), ok)
+                             torch.where(live.unsqueeze(2), raw - lse, math.nan),
+                             torch.where(live.unsqueeze(2), raw, math.nan), ok)
