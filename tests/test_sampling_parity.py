@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ivg_kernels._args import prepare_sample_args
+from ivg_kernels._backend import triton_interpreted
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
 from .helpers import args_to, assert_close, requires_triton
@@ -110,6 +111,37 @@ def test_fallback_thresholds_on_heavily_tied_rows_match_reference(f):
     logits = torch.randint(-3, 4, (n, v), generator=gen).float()
     a = prepare_sample_args(logits, (), 1.0, f.get("top_k", 0), f.get("top_p", 1.0), 0.0, 7, torch.arange(n), None)
     _compare(a, block=64)
+
+
+@pytest.mark.parametrize("f", [dict(top_p=0.9), dict(top_k=2000, top_p=0.7)], ids=["top_p=0.9", "top_k=2000,top_p=0.7"])
+def test_fallback_passes_over_several_tiles_match_reference(f, monkeypatch):
+    """A row whose kept set the candidates cannot prove takes the exact full-row passes, which read the
+    row in tiles of ``_FB_TILE`` tokens: 5,000 tied integer logits span three tiles (the last one partial),
+    and the fallback (counted, so the test fails if the candidates prove the set) keeps what the reference keeps."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    calls = []
+    real = sk._fallback_threshold
+
+    class Counted:  # the interpreter calls a kernel's helpers through the module's globals
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return real.fn(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    counting = triton_interpreted()  # compiled kernels resolve their helpers at compile time
+    if counting:
+        monkeypatch.setattr(sk, "_fallback_threshold", Counted())
+    gen = torch.Generator().manual_seed(23)
+    n, v = 2, 5000
+    assert v > 2 * int(sk._FB_TILE) and v % int(sk._FB_TILE)
+    logits = torch.randint(-3, 4, (n, v), generator=gen).float()
+    a = prepare_sample_args(logits, (), 1.0, f.get("top_k", 0), f.get("top_p", 1.0), 0.0, 9, torch.arange(n), None)
+    _compare(a, block=512)
+    if counting:
+        assert calls, "precondition: the candidates proved the kept set, no fallback pass ran"
 
 
 def test_per_row_filters_and_greedy_rows_match_reference():

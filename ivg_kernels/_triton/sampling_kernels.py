@@ -370,7 +370,12 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
 
 
 _PIVOTS = tl.constexpr(8)  # thresholds tried per full-row pass of the fallback: the range shrinks 9-fold
-_FB_TILE = tl.constexpr(512)  # tokens per tile of those passes (a [tile, pivots] comparison in registers)
+_FB_TILE = tl.constexpr(2048)  # tokens per tile of those passes (a [tile, pivots] comparison in registers)
+# Stage 2 with filters runs 16 warps: a row's exact fallback is one program's serial passes over the row (on
+# the H200 at bc7a757, 6 of 256 peaked rows at top-p 0.9 fell back and took the whole call to 3.9 ms with 4
+# warps), and its candidate bisections reduce over S_PAD * C keys; at 4 warps it needed 233-255 registers and
+# spilled, at 16 with tiles of 2048 at most 120 and none (benchmarks/compile_offline.py).
+_STAGE2_WARPS_FILTER = 16
 
 
 @triton.jit
@@ -719,7 +724,7 @@ def launch_guided_sample(
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
         MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
         FILTER=filters, C=c, BLOCK=block, GR=gr, S_PAD=next_power_of_2(s),
-        G_PAD=next_power_of_2(ng), num_warps=4, enable_fp_fusion=False,
+        G_PAD=next_power_of_2(ng), num_warps=_STAGE2_WARPS_FILTER if filters else 4, enable_fp_fusion=False,
     )
     return tokens, logprob, lse, in_logprobs, in_logits, ok
 
