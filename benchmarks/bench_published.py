@@ -38,6 +38,7 @@ with the mode's shape (``benchmarks/published_driver.py``).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -102,6 +103,13 @@ def _demo_models(work: Path) -> dict:
     return {"ours": paths, "published": {k: str(theirs / k) for k in ("base", "tuned", "ref", "rm")}}
 
 
+PROGRESS = "progress: "  # a line either side prints on stderr as it goes
+
+
+def _progress(line: str) -> None:
+    print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -128,6 +136,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],
                           DecodeOptions(mode=cfg.get("greedy_mode", "eft"), temperature=0.0, **common))
     out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "torch": torch.__version__, "runs": {}}
+    _progress(f"greedy {len(greedy)} prompts done")
     for mode in cfg.get("modes", ["ivg"]):
         opts = DecodeOptions(mode=mode, width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"], n=cfg.get("N", 16),
                              temperature=cfg["temperature"], **common)
@@ -139,6 +148,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
             res = dec.generate(cfg["prompts"], opts)
             _sync(device)
             times.append(time.perf_counter() - t0)
+            _progress(f"{mode}: {len(cfg['prompts'])} prompts in {times[-1]:.2f} s")
         run = dict(tokens=[r.beams[0].tokens for r in res], seconds=times,
                    outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")))
         if cfg.get("latency"):  # one prompt at a time: mean seconds per response
@@ -159,9 +169,17 @@ def _side(python: str, script: list, cfg: dict, work: Path, name: str, threads: 
     cfg_path.write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run([python, *script, str(cfg_path), str(out_path)], env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{name} side failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    # Its output is read as it comes: progress lines are shown at once, the rest kept for an error report.
+    proc = subprocess.Popen([python, *script, str(cfg_path), str(out_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tail = collections.deque(maxlen=400)
+    for line in proc.stdout:
+        if line.startswith(PROGRESS):
+            print(f"  {name}: {line[len(PROGRESS):].rstrip()}", flush=True)
+        else:
+            tail.append(line)
+    if proc.wait() != 0:
+        raise SystemExit(f"{name} side failed (exit {proc.returncode}):\n{''.join(tail)[-4000:]}")
     return json.loads(out_path.read_text())
 
 

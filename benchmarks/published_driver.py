@@ -25,6 +25,12 @@ import sys
 import time
 
 
+def progress(line: str) -> None:
+    """A progress line on stderr, which bench_published.py shows as it comes (a run cut by a time limit
+    still says how far it got)."""
+    print(f"progress: {line}", file=sys.stderr, flush=True)
+
+
 def main(cfg_path, out_path):
     cfg = json.load(open(cfg_path))
     sys.path.insert(0, cfg["published"])
@@ -116,8 +122,10 @@ def main(cfg_path, out_path):
 
     result = {"transformers": transformers.__version__, "torch": torch.__version__, "runs": {}}
     # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
+    t0 = time.perf_counter()
     result["greedy_tokens"] = [decode(p, cfg.get("greedy_mode", "eft"), 1e-9)
                                for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
+    progress(f"greedy {len(result['greedy_tokens'])} prompts in {time.perf_counter() - t0:.1f} s")
     for mode in cfg.get("modes", ["ivg"]):
         torch.manual_seed(cfg["seed"])
         decode(cfg["prompts"][0], mode, cfg["temperature"])  # warm-up, not timed
@@ -130,6 +138,7 @@ def main(cfg_path, out_path):
             sync()
             times.append(time.perf_counter() - t0)
             logged.append(logging_s[0])
+            progress(f"{mode}: {len(cfg['prompts'])} prompts in {times[-1]:.2f} s")
         result["runs"][mode] = dict(tokens=tokens, seconds=times, logging_seconds=logged)
     json.dump(result, open(out_path, "w"))
 
