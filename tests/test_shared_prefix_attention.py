@@ -187,3 +187,40 @@ def test_errors_name_the_argument():
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, **dict(call, max_group_rows=1))
     with pytest.raises(ValueError, match="shared_lens=.*dtype"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared.float(), **call)
+
+
+@requires_triton
+def test_triton_with_more_groups_than_one_search_tile():
+    """The suffix kernel finds each row's group among all the groups' ends (a tile of a power of two >= G):
+    37 groups (past the 16 and 32 of the smallest tiles), of one to three rows, some empty, each row holding
+    its group's shared blocks and then its own, against per-row attention."""
+    gen = torch.Generator().manual_seed(41)
+    h, h_kv, d, bs = 4, 2, 16, 4
+    sizes = [int(x) for x in torch.randint(0, 4, (37,), generator=gen)]  # 0: an empty group
+    n, blocks = sum(sizes), 1
+    table, lens, starts, shared = [], [], [0], []
+    width = 12
+    for size in sizes:
+        common = int(torch.randint(0, 5, (), generator=gen))  # shared blocks of the group
+        prefix = list(range(blocks, blocks + common))
+        blocks += common
+        shortest = None
+        for _ in range(size):
+            own = int(torch.randint(1, width - common, (), generator=gen))
+            row = prefix + list(range(blocks, blocks + own))
+            blocks += own
+            length = (common + own - 1) * bs + int(torch.randint(1, bs + 1, (), generator=gen))
+            table.append(row + [0] * (width - len(row)))
+            lens.append(length)
+            shortest = length if shortest is None else min(shortest, length)
+        starts.append(starts[-1] + size)
+        shared.append(min(common * bs, shortest) if size else 0)
+    kc = torch.randn(blocks, bs, h_kv, d, generator=gen)
+    vc = torch.randn(blocks, bs, h_kv, d, generator=gen)
+    q = torch.randn(n, h, d, generator=gen)
+    args = [x.to(DEVICE) for x in (q, kc, vc, torch.tensor(table, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                                   torch.tensor(starts, dtype=torch.int32), torch.tensor(shared, dtype=torch.int32))]
+    want = paged_decode_attention(*args[:5], scale=d ** -0.5, backend="reference")
+    got = shared_prefix_decode_attention(*args, max_group_rows=max(sizes), scale=d ** -0.5, backend="triton")
+    assert sum(s > 0 for s in shared) > 10 and 0 in sizes, "precondition: shared prefixes and empty groups"
+    torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=0)

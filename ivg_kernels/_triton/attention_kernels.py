@@ -229,13 +229,14 @@ def _shared_prefix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
 
 
 @triton.jit
-def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
-                          stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, SPLITS,
+def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, G, part_o, part_m,
+                          part_l, out, stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, SPLITS,
                           H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                           DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                          F32: tl.constexpr):
+                          F32: tl.constexpr, GS: tl.constexpr):
     """One (row, KV head): start from the merged partials of the shared prefix, continue the online
-    softmax over the row's own tokens after it, normalise and store."""
+    softmax over the row's own tokens after it, normalise and store. The row's group (and so its shared
+    length) is the number of the ``G`` groups that end at or before it (``GS``: a power of two >= G)."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     length = tl.load(seq_lens + n).to(tl.int32)
@@ -258,7 +259,9 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, row_shared
                                     other=0.0)
     qt = tl.load(q + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
                  other=0.0)
-    lo = tl.load(row_shared + n).to(tl.int32)
+    gi = tl.arange(0, GS)
+    ends = tl.load(group_starts + 1 + gi, mask=gi < G, other=2147483647)
+    lo = tl.load(shared_lens + tl.sum((ends <= n).to(tl.int32), 0)).to(tl.int32)
     lo = tl.where(window > 0, tl.maximum(lo, length - window), lo)
     bt_row = block_table + n * stride_bt
     for start in range(lo, length, BLOCK_N):
@@ -436,22 +439,22 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     dp = max(16, next_power_of_2(d))
     ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
+    gs = max(16, next_power_of_2(groups))
     if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
-        key = (n, h, d, h_kv, bs, block_m, splits, chunk, q.stride(), out.stride(), block_table.stride(0),
-               int_class(window), type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                                                          shared_lens))
+        key = (n, h, d, h_kv, bs, block_m, splits, chunk, gs, int_class(groups), q.stride(), out.stride(),
+               block_table.stride(0), int_class(window), type(scale),
+               tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens))
         launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
     )
-    row_shared = shared_lens.repeat_interleave(group_starts[1:] - group_starts[:-1], output_size=n)
     launch(_shared_suffix_kernel)[(n, h_kv)](
-        q, k_cache, v_cache, block_table, seq_lens, row_shared, part_o, part_m, part_l, out,
+        q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, groups, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=ieee, F32=f32,
+        IEEE=ieee, F32=f32, GS=gs,
     )
     return out
 
