@@ -15,8 +15,9 @@
 #             .whl/flashinfer/ came along), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft on 8 prompts (when .published/ came along; the issue's 64 prompts take the "published"
-#             stage), speculative eft and ivg on gpt2-xl-sized weights. TARGETS_SKIP names parts to leave
-#             out (smoke sampler kv profile published speculative)
+#             stage), speculative eft and ivg on gpt2-xl-sized weights, one prompt's decoding profiled
+#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler kv profile published
+#             speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -260,6 +261,11 @@ run_targets() {
         timed "speculative" "${T_SPEC_TIMEOUT:-90}" targets_speculative.log \
             "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
             --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
+    fi
+    if wanted decode; then
+        note "targets: one prompt's decoding profiled, gpt2-xl-sized random weights (issue 12)"
+        timed "decode profile" "${T_DECODE_PROFILE_TIMEOUT:-90}" targets_decode_profile.log \
+            "$PY" benchmarks/profile_decode.py --models gpt2-xl --device cuda --work /tmp/pubwork --top 25
     fi
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
