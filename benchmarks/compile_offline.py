@@ -199,7 +199,7 @@ def _attention_cases():
         yield (f"write_kv {name}", lambda kc=kc, vc=vc: ak.launch_write_kv(
             kc, vc, torch.empty(8, h_kv, d, dtype=kc.dtype), torch.empty(8, h_kv, d, dtype=kc.dtype),
             torch.zeros(8, dtype=torch.int64)))
-        for n, width, splits in ((16, 64, 1), (1, 64, 0)):
+        for n, width, splits in ((16, 64, 1), (1, 64, 0), (1, 1024, 0)):  # the last: tiles of 64 keys (16-bit)
             yield (f"paged_decode_attention {name} N={n} L={width * bs} splits={splits or 'auto'}",
                    lambda kc=kc, vc=vc, n=n, width=width, splits=splits: ak.launch_paged_decode_attention(
                        torch.empty(n, h, d, dtype=kc.dtype), kc, vc, table(n, width), torch.ones(n, dtype=torch.int32),

@@ -280,6 +280,7 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
 # launchers with ``wrap_triton`` for torch.compile
 # ----------------------------------------------------------------------------------------------
 _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
+_LONG_KEYS = 4096  # decode rows of at least this many keys (the table's width) read 16-bit caches in tiles of 64
 
 
 def _interpreted_bf16(q: torch.Tensor) -> bool:
@@ -321,8 +322,11 @@ def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_spl
     """What a decode launch derives from its shapes: ``(splits, chunk, parts, the partial buffers' float
     offsets and total, the split kernel's constexprs, the reduce kernel's)``. The three partial buffers share
     one allocation (:func:`launch.packed`: each on 16 bytes, as fresh allocations are)."""
-    block_n = 64 if bs >= 64 else max(16, bs)
     max_len = width * bs
+    # Tiles of 64 keys for 16-bit caches from 4,096 keys on (for float32 they would spill registers): on the
+    # H200 at bc7a757 tiles of 16 (one block) streamed 33% of copy at N=1 from 4,096 to 65,536 keys and 65% at
+    # N=64, the per-tile work weighing on every key; shorter rows keep 16, for the grid's sake.
+    block_n = 64 if bs >= 64 or (not ieee and max_len >= _LONG_KEYS) else max(16, bs)
     splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
     chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
     one_split = splits == 1
