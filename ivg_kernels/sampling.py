@@ -7,6 +7,8 @@ op ``torch.ops.ivg_kernels.guided_sample``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._args import SampleArgs, prepare_sample_args
@@ -76,14 +78,18 @@ def guided_sample(
     return _guided_sample_triton(a)
 
 
+@functools.cache
+def _sampling_kernels():
+    """The Triton kernels' module, imported on first use (an import statement per call costs microseconds)."""
+    from ._triton import sampling_kernels  # also registers the op
+
+    return sampling_kernels
+
+
 def _kernel_args(a: SampleArgs):
     """What the Triton launcher (and its op) takes: ``weight_rows`` (float32 ``[N, G]`` when any weight is a
     tensor, else None), ``weight_scalars``, and each per-row parameter as a ``(tensor or None, scalar)`` pair."""
     n = a.num_rows
-
-    def split(value):
-        return (value, 0) if isinstance(value, torch.Tensor) else (None, value)
-
     if any(isinstance(w, torch.Tensor) for w in a.weights):
         weight_rows = torch.stack(
             [w.float() if isinstance(w, torch.Tensor) else torch.full((n,), w, device=a.logits.device) for w in a.weights],
@@ -92,17 +98,21 @@ def _kernel_args(a: SampleArgs):
         weight_scalars = []
     else:
         weight_rows, weight_scalars = None, [float(w) for w in a.weights]
-    params = [x for v in (a.temperature, a.top_k, a.top_p, a.min_p, a.seed, a.offset) for x in split(v)]
+    params = []
+    for v in (a.temperature, a.top_k, a.top_p, a.min_p, a.seed, a.offset):
+        params += (v, 0) if isinstance(v, torch.Tensor) else (None, v)
     return weight_rows, weight_scalars, params
 
 
 def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
     """Eager calls launch the kernels directly (two launches, no op dispatch); under torch.compile
     the call goes through the registered op, which the compiler keeps as one opaque node."""
-    from ._triton import sampling_kernels
-
     weight_rows, weight_scalars, params = _kernel_args(a)
-    launch = (torch.ops.ivg_kernels.guided_sample if torch.compiler.is_compiling()
-              else sampling_kernels.launch_guided_sample)
+    if torch.compiler.is_compiling():
+        from ._triton import sampling_kernels  # noqa: F401 - registers the op
+
+        launch = torch.ops.ivg_kernels.guided_sample
+    else:
+        launch = _sampling_kernels().launch_guided_sample
     out = launch(a.logits, a.guides, weight_scalars, weight_rows, *params, a.vocab_size, a.any_filter_possible, block)
     return SampleOutput(*out)
