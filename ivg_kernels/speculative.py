@@ -121,19 +121,13 @@ def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temper
     tokens[torch.arange(r, device=dev), n.clamp(min=0)] = torch.where(ok, tok, -1)
     live = (pos <= n.unsqueeze(1)) & ok.unsqueeze(1)
     tokens = torch.where(live, tokens, -1)
-    inputs = [logits[..., :v]] + [g[..., :v] for g, _ in guides]
     idx = tokens.clamp(min=0).unsqueeze(2)
-    cdt = torch.float32
-    raw = torch.stack([x.to(cdt).gather(2, idx).squeeze(2) for x in inputs], dim=2)
-    lse = torch.stack([x.to(cdt).logsumexp(dim=2) for x in inputs], dim=2)
+    cdt = torch.float32  # (the fused kernel takes no float64)
     z = sum([logits[..., :v].to(cdt)] + [float(w) * g[..., :v].to(cdt) for g, w in guides])
     if temperature == 0:
         logprob = torch.zeros(r, s, dtype=torch.float64, device=dev)
     else:
         x = z / float(temperature)
         logprob = (x.gather(2, idx).squeeze(2) - x.logsumexp(dim=2)).double()
-    # NaN as a Python scalar: a tensor made with torch.tensor(nan, device=...) is a copy from pageable host
-    # memory, which waits for the device (it made every speculative round synchronise once more on a GPU)
     return SpeculativeOutput(n, tokens, torch.where(live, logprob, math.nan),
-                             torch.where(live.unsqueeze(2), raw - lse, math.nan),
-                             torch.where(live.unsqueeze(2), raw, math.nan), ok)
+                             *ref.input_values(logits, guides, v, tokens, live), ok)

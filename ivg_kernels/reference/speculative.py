@@ -152,10 +152,21 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     tokens = torch.where(live, tokens, -1)
     tok = tokens.clamp(min=0).unsqueeze(2)
     logprob = torch.where(live, p.gather(2, tok).squeeze(2).log(), math.nan)
+    return SpeculativeOutput(torch.where(ok, n, -1), tokens, logprob, *input_values(logits, guides, v, tokens, live),
+                             ok)
+
+
+def input_values(logits, guides, v: int, tokens: torch.Tensor, live: torch.Tensor) -> tuple:
+    """Each input's log-prob and raw value (float32, float64 for float64 logits) at ``tokens`` ``[R, S]``:
+    ``(input_logprobs, input_logits)``, each ``[R, S, 1+G]``, NaN where not ``live``. What the verification's
+    values are, on every backend."""
+    r, s = tokens.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     inputs = torch.stack([x[..., :v].to(cdt) for x in [logits] + [g for g, _ in guides]], dim=2)  # [R, S, 1+G, V]
-    raw = inputs.gather(3, tok.unsqueeze(2).expand(r, s, inputs.shape[2], 1)).squeeze(3)  # [R, S, 1+G]
+    tok = tokens.clamp(min=0)[:, :, None, None].expand(r, s, inputs.shape[2], 1)
+    raw = inputs.gather(3, tok).squeeze(3)  # [R, S, 1+G]
     lse = inputs.logsumexp(dim=3)
-    nan = torch.tensor(math.nan, dtype=cdt, device=dev)
-    return SpeculativeOutput(torch.where(ok, n, -1), tokens, logprob, torch.where(live.unsqueeze(2), raw - lse, nan),
-                             torch.where(live.unsqueeze(2), raw, nan), ok)
+    # NaN as a Python scalar: torch.tensor(nan, device=...) would be a copy from pageable host memory, which
+    # waits for the device (on a GPU it made every speculative round synchronise once more)
+    live = live.unsqueeze(2)
+    return torch.where(live, raw - lse, math.nan), torch.where(live, raw, math.nan)
