@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +36,8 @@ from benchmarks import harness, random_models  # noqa: E402
 
 def main(argv=None) -> int:
     from ivg.decoder import IVGDecoder
-    from ivg.demo.build import build
-    from ivg.demo.corpus import GoldReward, make_prompts
-    from ivg.demo.run import load_demo_models, method_options
+    from ivg.demo.corpus import GoldReward
+    from ivg.demo.run import method_options
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -56,15 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if args.models == "demo":
-        paths = build(progress=False)
-        prompts, gold, dtype = make_prompts(args.prompts, 4242), GoldReward(), None
-    else:  # random weights: the acceptance rate and speed-up of untrained guides; no gold reward
-        dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-spec-"))
-        paths = random_models.build(work, args.models, dtype)["ours"]
-        prompts, gold = random_models.prompts(args.prompts, args.models, 4242), None
-    models = load_demo_models(paths, device=args.device, dtype=dtype)
+    # random weights: the acceptance rate and speed-up of untrained guides; no gold reward
+    models, prompts, dtype = random_models.latency_set(args.models, args.prompts, args.device, args.dtype, args.work)
+    gold = GoldReward() if args.models == "demo" else None
     dec = IVGDecoder(models, max_batch_prompts=1)
     dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()
     print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +33,7 @@ def _sync(device: torch.device) -> None:
 
 def main(argv=None) -> int:
     from ivg.decoder import IVGDecoder
-    from ivg.demo.build import build
-    from ivg.demo.corpus import make_prompts
-    from ivg.demo.run import load_demo_models, method_options
+    from ivg.demo.run import method_options
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="demo", choices=["demo", *random_models.RANDOM_MODELS])
@@ -49,15 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=20, help="rows of each profile table")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if args.models == "demo":
-        paths, dtype = build(progress=False), None
-        prompts = make_prompts(args.runs + 2, 4242)
-    else:
-        dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-profile-"))
-        paths = random_models.build(work, args.models, dtype)["ours"]
-        prompts = random_models.prompts(args.runs + 2, args.models, 4242)
-    dec = IVGDecoder(load_demo_models(paths, device=args.device, dtype=dtype), max_batch_prompts=1)
+    models, prompts, _ = random_models.latency_set(args.models, args.runs + 2, args.device, args.dtype, args.work)
+    dec = IVGDecoder(models, max_batch_prompts=1)
     opts = method_options(args.mode, 0, args.max_new_tokens)
     dec.generate(prompts[:1], opts)  # warm-up: compiles kernels, captures graphs
 

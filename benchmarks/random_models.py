@@ -86,3 +86,24 @@ def prompts(n: int, name: str, seed: int) -> list[str]:
     vocab = RANDOM_MODELS[name]["vocab"]
     rng = random.Random(seed)
     return [" ".join(f"w{rng.randrange(1, vocab)}" for _ in range(rng.randint(8, 24))) for _ in range(n)]
+
+
+def latency_set(name: str, n: int, device: str, dtype: str | None = None, work: str | None = None,
+                seed: int = 4242) -> tuple:
+    """``(models, prompts, dtype)`` for the one-prompt-at-a-time benchmarks: the demo's trained models
+    (``name`` "demo", built and cached by ``ivg demo``; ``dtype`` None) or the random-weight set ``name``
+    (``dtype`` by default float32 on the CPU, bfloat16 on a GPU; saved under ``work``, by default a
+    temporary folder), loaded on ``device``, ``n`` prompts, and the dtype asked for (None: the demo's own)."""
+    import tempfile
+
+    from ivg.demo.build import build as build_demo
+    from ivg.demo.corpus import make_prompts
+    from ivg.demo.run import load_demo_models
+
+    if name == "demo":
+        paths, texts = build_demo(progress=False), make_prompts(n, seed)
+    else:
+        dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+        folder = Path(work) if work else Path(tempfile.mkdtemp(prefix=f"ivg-{name}-"))
+        paths, texts = build(folder, name, dtype)["ours"], prompts(n, name, seed)
+    return load_demo_models(paths, device=device, dtype=dtype), texts, dtype
