@@ -159,25 +159,27 @@ def _peaked_rows(n, v, gen):
                     reason="counts calls inside the kernel: interpreter only")
 @pytest.mark.parametrize("kind,top_p,expect_fallback", [("peaked", 0.9, False), ("peaked", 0.95, False),
                                                          ("flat", 0.9, True)])
-def test_top_p_rows_take_full_passes_only_when_the_nucleus_outgrows_the_candidates(monkeypatch, kind, top_p,
-                                                                                  expect_fallback):
+def test_top_p_rows_take_the_fallback_only_when_the_nucleus_outgrows_the_candidates(monkeypatch, kind, top_p,
+                                                                                   expect_fallback):
     """A top-p row without top-k measures its nucleus against the granules' total from stage 1, so a
     nucleus among the candidates is exact without a pass over the row (before, the tail's mass left the
     total unknown and every such row took about 33 full passes). Flat rows, whose nucleus holds most of
-    the vocabulary, still take them. Tokens equal the reference's either way."""
+    the vocabulary, still take the fallback (the pool, or full-row passes). Tokens equal the reference's
+    either way."""
     from ivg_kernels._triton import sampling_kernels as sk
     from ivg_kernels.sampling import _guided_sample_triton
 
     calls = []
-    original = sk._fallback_threshold
-    monkeypatch.setattr(sk, "_fallback_threshold", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("_pool_draw", "_fallback_threshold"):  # one call per fallback row, on either path
+        original = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
     gen = torch.Generator().manual_seed(3)
     n, v = 3, 4096
     rows = [_peaked_rows(n, v, gen) if kind == "peaked" else torch.randn(n, v, generator=gen) for _ in range(3)]
     a = prepare_sample_args(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], 0.7, 0, top_p, 0.0, 5, torch.arange(n), None)
     got = _guided_sample_triton(a, block=256)  # 16 slices of 16 candidates
     assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
-    assert len(calls) == (n if expect_fallback else 0), f"{len(calls)} of {n} rows took the full-row passes"
+    assert len(calls) == (n if expect_fallback else 0), f"{len(calls)} of {n} rows took the fallback"
 
 
 def test_unfiltered_draw_follows_the_softmax_across_granules():

@@ -113,35 +113,95 @@ def test_fallback_thresholds_on_heavily_tied_rows_match_reference(f):
     _compare(a, block=64)
 
 
-@pytest.mark.parametrize("f", [dict(top_p=0.9), dict(top_k=2000, top_p=0.7)], ids=["top_p=0.9", "top_k=2000,top_p=0.7"])
-def test_fallback_passes_over_several_tiles_match_reference(f, monkeypatch):
-    """A row whose kept set the candidates cannot prove takes the exact full-row passes, which read the
-    row in tiles of ``_FB_TILE`` tokens: 5,000 tied integer logits span three tiles (the last one partial),
-    and the fallback (counted, so the test fails if the candidates prove the set) keeps what the reference keeps."""
+class _Counted:
+    """Counts the calls of a kernel helper (the interpreter calls helpers through the module's globals)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real.fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def pool_entries(monkeypatch):
+    """Sets the fallback pool's size (entries shared by a call's rows; 0: every fallback row takes the
+    full-row passes) and returns counters of the two fallback paths' helpers (None when compiled kernels
+    resolve their helpers at compile time, on a GPU)."""
     from ivg_kernels._triton import sampling_kernels as sk
 
-    calls = []
-    real = sk._fallback_threshold
-
-    class Counted:  # the interpreter calls a kernel's helpers through the module's globals
-        def __call__(self, *args, **kwargs):
-            calls.append(1)
-            return real.fn(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    counting = triton_interpreted()  # compiled kernels resolve their helpers at compile time
+    counting = triton_interpreted()
+    counters = {}
     if counting:
-        monkeypatch.setattr(sk, "_fallback_threshold", Counted())
+        for name in ("_pool_draw", "_fallback_threshold"):
+            counters[name] = _Counted(getattr(sk, name))
+            monkeypatch.setattr(sk, name, counters[name])
+
+    def resize(entries):
+        monkeypatch.setattr(sk, "POOL_MAX", entries)
+        sk._plan.cache_clear()  # plans hold the pool's size
+
+    yield resize, (counters if counting else None)
+    sk._plan.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["pool", "passes"])
+@pytest.mark.parametrize("f", [dict(top_p=0.9), dict(top_k=2000, top_p=0.7)], ids=["top_p=0.9", "top_k=2000,top_p=0.7"])
+def test_fallback_over_several_tiles_matches_reference(f, path, pool_entries):
+    """A row whose kept set the candidates cannot prove takes the exact fallback: its tokens with keys in
+    the range the candidates leave copied into the pool and searched there, or, when the pool is too small,
+    full-row passes over the row in tiles of ``_FB_TILE`` tokens. 5,000 tied integer logits span three
+    tiles (the last one partial); either path (counted, so the test fails if the candidates prove the set
+    or the other path runs) keeps what the reference keeps."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    resize, counters = pool_entries
+    if path == "passes":
+        resize(0)
     gen = torch.Generator().manual_seed(23)
     n, v = 2, 5000
     assert v > 2 * int(sk._FB_TILE) and v % int(sk._FB_TILE)
     logits = torch.randint(-3, 4, (n, v), generator=gen).float()
     a = prepare_sample_args(logits, (), 1.0, f.get("top_k", 0), f.get("top_p", 1.0), 0.0, 9, torch.arange(n), None)
     _compare(a, block=512)
-    if counting:
-        assert calls, "precondition: the candidates proved the kept set, no fallback pass ran"
+    if counters:
+        took = counters["_pool_draw" if path == "pool" else "_fallback_threshold"].calls
+        other = counters["_fallback_threshold" if path == "pool" else "_pool_draw"].calls
+        assert took and not other, f"precondition: {path} ran {took} times, the other path {other}"
+
+
+@pytest.mark.parametrize("f", [dict(top_p=0.95), dict(top_k=300, top_p=0.9, min_p=0.001), dict(min_p=0.002)],
+                         ids=["top_p=0.95", "top_k=300,top_p=0.9,min_p=0.001", "min_p=0.002"])
+def test_fallback_paths_agree_bit_for_bit_and_share_the_pool(f, pool_entries):
+    """Whether a row's fallback fits the pool depends on the other rows of the call (they share it), so both
+    paths must give the same bits: the same tokens and, from the kept set's integer mass, the same log-probs.
+    One call with a pool that holds only some of the rows mixes the paths and matches the reference."""
+    resize, counters = pool_entries
+    gen = torch.Generator().manual_seed(29)
+    n, v = 4, 3000
+    logits, guides = _inputs(n, v, 2, torch.float32, gen)
+    a = prepare_sample_args(logits, [(guides[0], 0.7), (guides[1], -0.7)], 4.0, f.get("top_k", 0),
+                            f.get("top_p", 1.0), f.get("min_p", 0.0), 31, torch.arange(n), None)
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    pooled = _guided_sample_triton(args_to(a), 256)
+    resize(0)
+    passes = _guided_sample_triton(args_to(a), 256)
+    assert torch.equal(pooled.tokens, passes.tokens)
+    assert torch.equal(pooled.logprob, passes.logprob), (pooled.logprob, passes.logprob)
+    resize(2 * v)  # about two rows' ranges: the first rows take the pool, the others overflow it
+    if counters:
+        for c in counters.values():
+            c.calls = 0
+    _compare(a, block=256)
+    if counters:
+        assert counters["_pool_draw"].calls and counters["_pool_draw"].calls < n, counters["_pool_draw"].calls
+        if f.get("top_p", 1.0) < 1.0:
+            assert counters["_fallback_threshold"].calls, "precondition: some row overflowed the pool"
 
 
 def test_per_row_filters_and_greedy_rows_match_reference():

@@ -4,23 +4,27 @@ Memory traffic per call: each input row ``[:V]`` is read once by stage 1
 (``(1+G) * N * V * elem_size`` bytes); stage 1 writes ``O(N * V / 256)`` words of partials and
 stage 2 reads them back, and re-reads one 256-token granule per row without filters. Only a row
 whose top-p/top-k/min-p kept set is not proven by the candidate lists reads its inputs again (the
-exact fallback: passes over the row).
+exact fallback: two passes over the row and a pool, or, when the pool is full, more passes).
 
 Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per row, so N=1 still
 fills the GPU): per slice, each input's max and sum-exp, the combined score
 ``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and first argmax, each granule's max ``a_g`` and
 integer mass ``sum mass_int(x - a_g)`` (no random numbers), and (when filters may be active) the
-slice's top-C candidates (sorted on a 32-bit key, stored with their exact keys) and a bound on every
-other token's key. Maxima propagate NaN, so bad rows need no per-element checks.
+slice's top-C candidates (C extractions of the next largest 32-bit key, stored with their exact keys)
+and a bound on every other token's key (the cut). Maxima propagate NaN, so bad rows need no per-element
+checks.
 
 Stage 2, grid ``N``: merges the partials. A row without filters draws by the inverse CDF in two
 levels (a granule from the granule masses, then a token of that granule, whose masses it recomputes
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
 integer key over the candidates (top-p against the granules' total from stage 1, or with top-k the
 top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
-bound) or falls back to exact full-row passes (each narrows a threshold's range 9-fold: at most 11
-per threshold), then draws by Gumbel-max among the kept tokens. Then it gathers the per-input values
-at the token.
+bound) or falls back: each threshold lies between the candidates' own and the cut, so one pass counts
+the row's tokens with keys in that range, a second copies them into a pool the call's rows share, and
+the thresholds (8 pivots per pass over the pool: the range narrows 9-fold) and the draw run over the
+pool and the candidates above the cut; a row whose range does not fit takes the same narrowing in
+passes over its full row. Then it draws by Gumbel-max among the kept tokens and gathers the per-input
+values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
@@ -223,12 +227,14 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _workspace(ws, off_i, off_g, off_m, off_cand):
+def _workspace(ws, off_i, off_g, off_m, off_cand, off_pool):
     """The stages' scratch buffers inside one allocation ``ws`` (bytes; offsets multiples of 16, from
-    ``workspace_layout``): part_f float32, part_i int32, part_g float32, part_m int64, part_cand int64."""
+    ``workspace_layout``): part_f float32, part_i int32, part_g float32, part_m int64, part_cand int64, and the
+    fallback's pool: an int32 count of the entries taken, then the int64 entries from byte 16 on."""
     return (ws.to(tl.pointer_type(tl.float32)), (ws + off_i).to(tl.pointer_type(tl.int32)),
             (ws + off_g).to(tl.pointer_type(tl.float32)), (ws + off_m).to(tl.pointer_type(tl.int64)),
-            (ws + off_cand).to(tl.pointer_type(tl.int64)))
+            (ws + off_cand).to(tl.pointer_type(tl.int64)), (ws + off_pool).to(tl.pointer_type(tl.int32)),
+            (ws + off_pool + 16).to(tl.pointer_type(tl.int64)))
 
 
 @triton.jit
@@ -250,7 +256,7 @@ def _top_keys(keys, C: tl.constexpr):
 @triton.jit(do_not_specialize=["t_val"])
 def _stage1_kernel(
     inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val,
-    ws, off_i, off_g, off_m, off_cand,
+    ws, off_i, off_g, off_m, off_cand, off_pool,
     V, S, NG,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr,
     FILTER: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, GR: tl.constexpr,
@@ -261,7 +267,7 @@ def _stage1_kernel(
     max x, written for greedy rows; the cut, a bound on the key of every token not among the
     candidates); ``part_g``/``part_m[row * NG + granule]`` = the granule's max x and, for sampled
     rows, its sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
-    part_f, part_i, part_g, part_m, part_cand = _workspace(ws, off_i, off_g, off_m, off_cand)
+    part_f, part_i, part_g, part_m, part_cand, pool_n, pool = _workspace(ws, off_i, off_g, off_m, off_cand, off_pool)
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
@@ -303,6 +309,8 @@ def _stage1_kernel(
         tl.store(part_i + part * 2, tl.min(tl.min(tl.where(x == amax, cols, INT32_MAX), 1), 0))
 
     if FILTER:
+        if pid == 0:
+            tl.store(pool_n, 0)  # stage 2's fallback pool starts empty
         # Candidates: the top C of a 32-bit key, the float's ordered key with its low 12 bits replaced by
         # the slice position (ties: lower id first). That sorts half the bits of an exact 64-bit key;
         # the candidates' exact keys are then recomputed from the inputs, and the cut is an upper bound
@@ -384,12 +392,13 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
     return cols, mask, tl.where(mask, z * tl.div_rn(1.0, t), float("-inf"))
 
 
-_PIVOTS = tl.constexpr(8)  # thresholds tried per full-row pass of the fallback: the range shrinks 9-fold
-_FB_TILE = tl.constexpr(2048)  # tokens per tile of those passes (a [tile, pivots] comparison in registers)
-# Stage 2 with filters runs 16 warps: a row's exact fallback is one program's serial passes over the row (on
-# the H200 at bc7a757, 6 of 256 peaked rows at top-p 0.9 fell back and took the whole call to 3.9 ms with 4
-# warps), and its candidate bisections reduce over S_PAD * C keys; at 4 warps it needed 233-255 registers and
-# spilled, at 16 with tiles of 2048 at most 120 and none (benchmarks/compile_offline.py).
+_PIVOTS = tl.constexpr(8)  # thresholds tried per pass of the fallback: the range shrinks 9-fold
+_FB_TILE = tl.constexpr(2048)  # tokens per tile of the full-row passes (a [tile, pivots] comparison in registers)
+# Stage 2 with filters runs 16 warps: a row's exact fallback is one program's passes over the row (on the H200
+# at bc7a757, 6 of 256 peaked rows at top-p 0.9 fell back to a dozen full-row passes and took the whole call
+# to 3.9 ms with 4 warps), and its candidate bisections reduce over S_PAD * C keys; at 4 warps it needed
+# 233-255 registers and spilled, at 16 at most 128, with 40 bytes spilled at N=1 (S_PAD * C = 4,096
+# candidates; benchmarks/compile_offline.py).
 _STAGE2_WARPS_FILTER = 16
 
 
@@ -435,6 +444,84 @@ def _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, flo
     return lo
 
 
+_POOL_TILE = tl.constexpr(512)  # pool entries per tile of the passes over a row's pool (1024 spilled at N=1)
+
+
+@triton.jit
+def _measure(key, on, mx, MASS: tl.constexpr):
+    """Each token's share of a threshold's measure: 1 (count) or, with ``MASS``, its integer mass; 0 where not
+    ``on``."""
+    if MASS:
+        return tl.where(on, _mass_int(_key_float(key.to(tl.int32)) - mx), 0)
+    else:
+        return on.to(tl.int64)
+
+
+@triton.jit
+def _pool_entries(pool, start, e0, n):
+    """(keys, ids, valid) of pool entries ``start + e0 ..`` (one tile; ``n`` entries in all)."""
+    e = e0 + tl.arange(0, _POOL_TILE)
+    valid = e < n
+    ent = tl.load(pool + start + e, mask=valid, other=0)
+    return ent >> 32, ent & 0xFFFFFFFF, valid
+
+
+@triton.jit
+def _pool_threshold(pool, start, n, ckey, above, lo, hi, mx, target, MASS: tl.constexpr):
+    """``_fallback_threshold`` over the tokens the pool holds (keys in ``[low, cut]``) and the candidates
+    ``above`` the cut: every token with a key of at least ``lo`` (>= low), which is all the measure at the
+    pivots counts (and a top-p floor, tau_k <= lo, excludes nothing there)."""
+    cm = _measure(ckey, above, mx, MASS)
+    j = tl.arange(0, _PIVOTS)
+    while lo < hi:
+        piv = _pivots(lo, hi)
+        acc = tl.zeros([_PIVOTS], tl.int64)
+        for i in tl.static_range(_PIVOTS):  # a pivot at a time: the candidates x pivots matrix would spill
+            acc += tl.where(j == i, tl.sum(tl.where(ckey >= tl.sum(tl.where(j == i, piv, 0), 0), cm, 0), 0), 0)
+        for e0 in range(0, n, _POOL_TILE):
+            key, ids, valid = _pool_entries(pool, start, e0, n)
+            m = _measure(key, valid, mx, MASS)
+            acc += tl.sum(tl.where(key[:, None] >= piv[None, :], m[:, None], 0), 0)
+        lo, hi = _narrow(lo, hi, piv, acc >= target)
+    return lo
+
+
+@triton.jit
+def _pool_mass(pool, start, n, ckey, above, floor_key, mx):
+    """The integer mass of the tokens with key >= ``floor_key`` (at least the pool's lowest key)."""
+    total = tl.sum(_measure(ckey, above & (ckey >= floor_key), mx, True), 0)
+    for e0 in range(0, n, _POOL_TILE):
+        key, ids, valid = _pool_entries(pool, start, e0, n)
+        total += tl.sum(_measure(key, valid & (key >= floor_key), mx, True), 0)
+    return total
+
+
+@triton.jit
+def _take(best, err, tok, yb, eb, yi):
+    """The larger of two (exact sum, token) draws; ties to the lower token id."""
+    take = (yb > best) | ((yb == best) & ((eb > err) | ((eb == err) & (yi < tok))))
+    return tl.where(take, yb, best), tl.where(take, eb, err), tl.where(take, yi, tok)
+
+
+@triton.jit
+def _pool_draw(pool, start, n, ckey, cx, cidx, above, tau, mx, seed, offset):
+    """Gumbel-max over the kept tokens (key >= ``tau``, at least the pool's lowest key): the candidates above
+    the cut and the pool's entries. Returns (token, integer mass of the kept tokens)."""
+    kept = above & (ckey >= tau)
+    y, err = _noisy(cx, _gumbel_at(seed, offset, cidx), kept)
+    best, best_e, tok = _argmax_exact(y, err, cidx, kept)
+    tok = tok.to(tl.int64)
+    kept_mass = tl.sum(_measure(ckey, kept, mx, True), 0)
+    for e0 in range(0, n, _POOL_TILE):  # (names of their own: a loop's tile has its own shape)
+        key, ids, valid = _pool_entries(pool, start, e0, n)
+        kept_e = valid & (key >= tau)
+        y_e, err_e = _noisy(_key_float(key.to(tl.int32)), _gumbel_at(seed, offset, ids), kept_e)
+        yb, eb, yi = _argmax_exact(y_e, err_e, ids, kept_e)
+        best, best_e, tok = _take(best, best_e, tok, yb, eb, yi.to(tl.int64))
+        kept_mass += tl.sum(_measure(key, kept_e, mx, True), 0)
+    return tok, kept_mass
+
+
 @triton.jit
 def _granule_weights(part_g, part_m, row, mx, NG, G_PAD: tl.constexpr):
     """The granules of a row from stage 1 (reference/sampling.py: granule_weights): ``(ids, mask, max x,
@@ -467,7 +554,7 @@ def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row,
 def _stage2_kernel(
     inputs, strides, w_vals, w_ptr, w_stride,
     t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, mp_ptr, mp_val, seed_ptr, seed_val, off_ptr, off_val,
-    ws, off_i, off_g, off_m, off_cand,
+    ws, off_i, off_g, off_m, off_cand, off_pool, pool_cap,
     out_tokens, out_logprob, out_lse, out_in_logprobs, out_in_logits, out_ok,
     V, S, NG,
     NIN: tl.constexpr, W_TENSOR: tl.constexpr, T_TENSOR: tl.constexpr, K_TENSOR: tl.constexpr,
@@ -476,7 +563,7 @@ def _stage2_kernel(
     G_PAD: tl.constexpr,
 ):
     """One row: merge the slices, apply the filters, draw, gather per-input values at the token."""
-    part_f, part_i, part_g, part_m, part_cand = _workspace(ws, off_i, off_g, off_m, off_cand)
+    part_f, part_i, part_g, part_m, part_cand, pool_n, pool = _workspace(ws, off_i, off_g, off_m, off_cand, off_pool)
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, S_PAD)
     smask = s < S
@@ -553,43 +640,82 @@ def _stage2_kernel(
                 best, best_e, tok = _argmax_exact(y, err, cidx, kept)
                 log_kept = tl.log(tl.sum(tl.where(kept, tl.exp(cx - mx), 0.0), 0))
             else:
-                # Exact fallback: thresholds over full passes, then one drawing pass. The candidates bound each
-                # threshold: it is at least what they alone give for the same target and floor (the row's
-                # tokens reach a target wherever the candidates do) and at most the cut when that is (above the
-                # cut every token is a candidate); a threshold above the cut is exact and takes no pass.
-                if k_on & ~valid_k:
-                    tau_k = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, INT32_MIN, mx,
-                                                k, tau_k, cut, False, NIN, W_TENSOR)
-                if p_on:
-                    total = w_total
-                    if k_on:
-                        for v0 in range(0, V, BLOCK):
-                            cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
-                                                    NIN, W_TENSOR, BLOCK)
-                            total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
-                    target = _nucleus_target(p, total)
-                    tau_c = _bisect_mass(ckey, tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0), target)
-                    tau_p = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
-                                                target, tau_c, tl.where(tau_c > cut, tau_c, cut), True, NIN,
-                                                W_TENSOR)
-                tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
-                run_best = tl.full([], NEG_INF, tl.float32)
-                run_err = tl.zeros([], tl.float32)
-                run_tok = tl.full([], INT32_MAX, tl.int64)
-                run_sum = tl.zeros([], tl.float32)
+                # Exact fallback. The candidates bound each threshold: it is at least what they alone give for
+                # the same target and floor (the row's tokens reach a target wherever the candidates do) and at
+                # most the cut when that is (above the cut every token is a candidate). So every token a
+                # threshold or the draw needs is a candidate above the cut or has a key in [low, cut]: one pass
+                # counts those, a second copies them (key, id) into the pool, and the thresholds and the draw
+                # run over the pool. Rows whose range does not fit the pool take full-row passes instead.
+                low = tau_m
+                if k_on:
+                    low = tau_k
+                elif p_on:
+                    low = tau_p  # the candidates' threshold for the same target (no top-k: the total known)
+                n_low = tl.zeros([], tl.int32)
                 for v0 in range(0, V, BLOCK):
-                    cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
-                                            NIN, W_TENSOR, BLOCK)
-                    kept = mask & (_float_key(x) >= tau)
-                    y, err = _noisy(x, _gumbel_tile(seed, offset, v0, BLOCK), kept)
-                    yb, eb, yi = _argmax_exact(y, err, cols, kept)
-                    take = (yb > run_best) | ((yb == run_best) & (eb > run_err))  # tiles in id order
-                    run_tok = tl.where(take, yi.to(tl.int64), run_tok)
-                    run_err = tl.where(take, eb, run_err)
-                    run_best = tl.where(take, yb, run_best)
-                    run_sum += tl.sum(tl.where(kept, tl.exp(x - mx), 0.0), 0)
-                tok = run_tok
-                log_kept = tl.log(run_sum)
+                    cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR,
+                                            BLOCK)
+                    key = _float_key(x)
+                    n_low += tl.sum((mask & (key >= low) & (key <= cut)).to(tl.int32), 0)
+                start = tl.atomic_add(pool_n, n_low)
+                above = cmask & (ckey > cut)
+                if start + n_low <= pool_cap:
+                    at = start
+                    for v0 in range(0, V, BLOCK):
+                        cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN,
+                                                W_TENSOR, BLOCK)
+                        key = _float_key(x)
+                        inr = mask & (key >= low) & (key <= cut)
+                        tl.store(pool + at + tl.cumsum(inr.to(tl.int32), 0) - 1,
+                                 (key.to(tl.int64) << 32) | cols.to(tl.int64), mask=inr)
+                        at += tl.sum(inr.to(tl.int32), 0)
+                    tl.debug_barrier()  # the pool's entries, written by every thread, are read by others below
+                    if k_on & ~valid_k:
+                        tau_k = _pool_threshold(pool, start, n_low, ckey, above, tau_k, cut, mx, k, False)
+                    if p_on:
+                        total = w_total
+                        if k_on:
+                            total = _pool_mass(pool, start, n_low, ckey, above, tau_k, mx)
+                        target = _nucleus_target(p, total)
+                        tau_c = _bisect_mass(ckey, tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0), target)
+                        # at least tau_k (>= low): the top-k set alone reaches any target
+                        tau_c = tl.maximum(tau_c, tau_k)
+                        tau_p = _pool_threshold(pool, start, n_low, ckey, above, tau_c,
+                                                tl.where(tau_c > cut, tau_c, cut), mx, target, True)
+                    tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
+                    tok, kept_mass = _pool_draw(pool, start, n_low, ckey, cx, cidx, above, tau, mx, seed, offset)
+                else:
+                    if k_on & ~valid_k:
+                        tau_k = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, INT32_MIN,
+                                                    mx, k, tau_k, cut, False, NIN, W_TENSOR)
+                    if p_on:
+                        total = w_total
+                        if k_on:
+                            for v0 in range(0, V, BLOCK):
+                                cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                                        NIN, W_TENSOR, BLOCK)
+                                total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
+                        target = _nucleus_target(p, total)
+                        tau_c = _bisect_mass(ckey, tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0), target)
+                        tau_p = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
+                                                    target, tau_c, tl.where(tau_c > cut, tau_c, cut), True, NIN,
+                                                    W_TENSOR)
+                    tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
+                    run_best = tl.full([], NEG_INF, tl.float32)
+                    run_err = tl.zeros([], tl.float32)
+                    run_tok = tl.full([], INT32_MAX, tl.int64)
+                    kept_mass = tl.zeros([], tl.int64)
+                    for v0 in range(0, V, BLOCK):
+                        cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
+                                                NIN, W_TENSOR, BLOCK)
+                        kept = mask & (_float_key(x) >= tau)
+                        y, err = _noisy(x, _gumbel_tile(seed, offset, v0, BLOCK), kept)
+                        yb, eb, yi = _argmax_exact(y, err, cols, kept)
+                        run_best, run_err, run_tok = _take(run_best, run_err, run_tok, yb, eb, yi.to(tl.int64))
+                        kept_mass += tl.sum(tl.where(kept, _mass_int(x - mx), 0), 0)
+                    tok = run_tok
+                # the kept mass as an exact integer sum: the same bits whichever way the row went
+                log_kept = tl.log(kept_mass.to(tl.float64) * _TWO_M40).to(tl.float32)
 
     tok_safe = tl.where(ok, tok, 0)
     z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, tok_safe, True, NIN, W_TENSOR)
@@ -631,22 +757,34 @@ def slice_width(block: int, v: int) -> int:
     return min(max(block, min(GRANULE, next_power_of_2(v)), 16), MAX_BLOCK)
 
 
-def workspace_layout(n: int, s: int, ng: int, nin: int, c: int) -> tuple[tuple[int, int, int, int], int]:
-    """Byte offsets of part_i, part_g, part_m and part_cand in the scratch allocation (part_f at 0), and its
-    size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule a
-    float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry)."""
-    offsets, size = packed((n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8))
+POOL_PER_ROW = 1 << 14  # the fallback pool holds this many entries per row, shared by the rows, at most POOL_MAX
+POOL_MAX = 1 << 18
+
+
+def pool_entries(n: int, v: int, filters: bool) -> int:
+    """Entries of the fallback pool (stage 2): none without filters."""
+    return min(POOL_PER_ROW * n, POOL_MAX, n * v) if filters else 0
+
+
+def workspace_layout(n: int, s: int, ng: int, nin: int, c: int,
+                     pool: int = 0) -> tuple[tuple[int, int, int, int, int], int]:
+    """Byte offsets of part_i, part_g, part_m, part_cand and the pool in the scratch allocation (part_f at 0),
+    and its size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule
+    a float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry), and
+    the fallback's pool: a 16-byte header (its int32 count) and ``pool`` int64 entries."""
+    offsets, size = packed((n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8,
+                            16 + pool * 8))
     return tuple(offsets[1:]), size
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(n: int, v: int, block: int, nin: int, filters: bool) -> tuple:
-    """``(block, granule, candidates per slice, slices per row, granules per row, workspace offsets, workspace
-    bytes)`` of a launch (``block`` 0: picked from the shape)."""
+    """``(block, granule, candidates per slice, slices per row, granules per row, pool entries, workspace
+    offsets, workspace bytes)`` of a launch (``block`` 0: picked from the shape)."""
     block = slice_width(block if block > 0 else pick_block(n, v), v)
-    c, s, ng = min(MAX_CANDIDATES, block), cdiv(v, block), cdiv(v, GRANULE)
-    offsets, size = workspace_layout(n, s, ng, nin, c if filters else 0)
-    return block, min(GRANULE, block), c, s, ng, offsets, size
+    c, s, ng, pool = min(MAX_CANDIDATES, block), cdiv(v, block), cdiv(v, GRANULE), pool_entries(n, v, filters)
+    offsets, size = workspace_layout(n, s, ng, nin, c if filters else 0, pool)
+    return block, min(GRANULE, block), c, s, ng, pool, offsets, size
 
 
 def _param(t, scalar, dtype):
@@ -692,7 +830,7 @@ def launch_guided_sample(
     nin = len(inputs)
     strides = tuple(x.stride(0) for x in inputs)
     v = vocab_size
-    block, gr, c, s, ng, offsets, size = _plan(n, v, block, nin, filters)
+    block, gr, c, s, ng, pool, offsets, size = _plan(n, v, block, nin, filters)
     w_vals = (*map(float, weight_scalars), *([0.0] * (6 - len(weight_scalars))))  # fp32 arguments
     dummy = logits
     w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
@@ -736,7 +874,7 @@ def launch_guided_sample(
         inputs, strides, w_vals, w_ptr, w_stride,
         ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
         ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        ws, *offsets,
+        ws, *offsets, pool,
         tokens, logprob, lse, in_logprobs, in_logits, ok,
         v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
