@@ -36,6 +36,41 @@ def test_triton_sampler_matches_reference_at_model_shapes(n, v, cfg):
         assert_close(getattr(got, name), getattr(want, name), torch.float32, name, scale=10.0)
 
 
+@pytest.mark.parametrize("top_p", [0.9, 0.95])
+def test_fallback_rows_at_model_shapes_match_reference_through_the_pool_and_the_passes(top_p, monkeypatch):
+    """Rows like a language model's (N(0, 1) plus a Zipf-like head), 256 of them at V = 151936: some rows'
+    nucleus outgrows the candidates and takes the exact fallback, where every program of a call shares the
+    pool (an atomic reservation; a program reads back the entries its threads wrote). The reference's
+    tokens, and the same bits with the pool turned off (every such row then takes full-row passes)."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    n, v = 256, 151936
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    rows = []
+    for _ in range(3):
+        x = torch.randn(n, v, device="cuda", generator=gen)
+        head = torch.randint(0, v, (n, 64), device="cuda", generator=gen)
+        boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device="cuda", dtype=torch.float32))
+        rows.append(x.scatter_(1, head, boost.expand(n, 64)).to(torch.bfloat16))
+    base, tune, ref = rows
+    seed = torch.randint(0, 1 << 62, (n,), device="cuda")
+    kwargs = dict(temperature=0.7, top_p=top_p, seed=seed, offset=5, backend="triton")
+    a = prepare_sample_args(base, [(tune, 1.0), (ref, -1.0)], 0.7, 0, top_p, 0.0, seed, 5, None)
+    want = _guided_sample_ref(a)
+    pooled = ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], **kwargs)
+    assert torch.equal(pooled.tokens, want.tokens)
+    assert_close(pooled.logprob, want.logprob, torch.float32, "logprob", scale=10.0)
+    monkeypatch.setattr(sk, "POOL_MAX", 0)
+    sk._plan.cache_clear()
+    try:
+        passes = ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], **kwargs)
+    finally:
+        monkeypatch.undo()
+        sk._plan.cache_clear()
+    assert torch.equal(passes.tokens, pooled.tokens)
+    assert torch.equal(passes.logprob, pooled.logprob)
+
+
 def test_triton_sampler_is_deterministic_and_replays_in_a_graph():
     base, tune, ref = _rows(16, 32000, torch.float16, 3)
     seed = torch.arange(16, device="cuda")
@@ -47,7 +82,7 @@ def test_triton_sampler_is_deterministic_and_replays_in_a_graph():
 
     a, b = step(), step()
     for x, y in zip(a, b):
-        assert torch.equal(x, y)  # bitwise: no atomics, integer masses
+        assert torch.equal(x, y)  # bitwise: integer masses; the fallback pool's atomic changes no bits
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
