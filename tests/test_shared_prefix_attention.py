@@ -145,6 +145,9 @@ TRITON_CASES = [
     ([50, 9], 6, 2, 16, 8, None, 3),
     ([70], 8, 1, 32, 16, 25, 2),
     ([12, 33], 2, 2, 8, 4, 3, 0),
+    # long prompts: 16-bit caches read tiles of 64 keys, in splits of at least 8 * BLOCK_M / 2 keys
+    ([2100], 4, 2, 16, 16, None, 0),
+    ([2100, 40], 4, 2, 16, 16, 700, 0),
 ]
 
 

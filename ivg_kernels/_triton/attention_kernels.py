@@ -317,6 +317,17 @@ def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
     return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
 
+def _prefix_splits(tiles: int, h_kv: int, max_len: int, block_n: int, block_m: int, elem: int) -> int:
+    """Splits of the shared-prefix kernel: as many as fill the GPU (``_num_splits``), but each split's keys
+    at least ``8 * block_m / elem``. A split writes float32 partials for its whole tile of ``block_m``
+    queries (``4 * block_m`` bytes per dimension) while it reads two ``elem``-byte values per key and
+    dimension, so this keeps the partials, which the suffix kernel reads back, at most a quarter of the
+    prefix's bytes. (With the decode kernel's rule, 16 beams of a 2,048-token prompt took 33 splits of 64
+    keys, and wrote and re-read as many partial bytes as the prefix holds.)"""
+    fill = _num_splits(tiles, h_kv, max_len, block_n)
+    return max(1, min(fill, max_len * elem // (8 * block_m)))
+
+
 @functools.lru_cache(maxsize=512)
 def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_splits: int, ieee: bool, f32: bool):
     """What a decode launch derives from its shapes: ``(splits, chunk, parts, the partial buffers' float
@@ -432,17 +443,18 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     if n == 0:
         return out
     group = h // h_kv
-    block_n = 64 if bs >= 64 else max(16, bs)
     block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
     max_len = block_table.shape[1] * bs
+    ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
+    block_n = 64 if bs >= 64 or (not ieee and max_len >= _LONG_KEYS // 2) else max(16, bs)
     m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
-    splits = num_splits if num_splits > 0 else _num_splits(groups * m_tiles, h_kv, max_len, block_n)
+    splits = num_splits if num_splits > 0 else _prefix_splits(groups * m_tiles, h_kv, max_len, block_n, block_m,
+                                                              k_cache.element_size())
     chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
     part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     dp = max(16, next_power_of_2(d))
-    ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
     gs = max(16, next_power_of_2(groups))
     if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
         key = (n, h, d, h_kv, bs, block_m, splits, chunk, gs, int_class(groups), q.stride(), out.stride(),
@@ -453,6 +465,7 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
+        num_warps=8 if block_n >= 64 else 4,
     )
     launch(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, groups, part_o, part_m, part_l, out,
