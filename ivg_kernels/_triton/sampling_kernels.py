@@ -230,10 +230,11 @@ def _max_nan(a, b):
 def _workspace(ws, off_i, off_g, off_m, off_cand, off_pool):
     """The stages' scratch buffers inside one allocation ``ws`` (bytes; offsets multiples of 16, from
     ``workspace_layout``): part_f float32, part_i int32, part_g float32, part_m int64, part_cand int64, and the
-    fallback's pool: an int32 count of the entries taken, then the int64 entries from byte 16 on."""
+    fallback's pool: an int64 count of the entries taken (int64: every row of a huge call may add up to V to it,
+    fitting or not), then the int64 entries from byte 16 on."""
     return (ws.to(tl.pointer_type(tl.float32)), (ws + off_i).to(tl.pointer_type(tl.int32)),
             (ws + off_g).to(tl.pointer_type(tl.float32)), (ws + off_m).to(tl.pointer_type(tl.int64)),
-            (ws + off_cand).to(tl.pointer_type(tl.int64)), (ws + off_pool).to(tl.pointer_type(tl.int32)),
+            (ws + off_cand).to(tl.pointer_type(tl.int64)), (ws + off_pool).to(tl.pointer_type(tl.int64)),
             (ws + off_pool + 16).to(tl.pointer_type(tl.int64)))
 
 
@@ -310,7 +311,7 @@ def _stage1_kernel(
 
     if FILTER:
         if pid == 0:
-            tl.store(pool_n, 0)  # stage 2's fallback pool starts empty
+            tl.store(pool_n, tl.zeros([], tl.int64))  # stage 2's fallback pool starts empty
         # Candidates: the top C of a 32-bit key, the float's ordered key with its low 12 bits replaced by
         # the slice position (ties: lower id first). That sorts half the bits of an exact 64-bit key;
         # the candidates' exact keys are then recomputed from the inputs, and the cut is an upper bound
@@ -657,7 +658,7 @@ def _stage2_kernel(
                                             BLOCK)
                     key = _float_key(x)
                     n_low += tl.sum((mask & (key >= low) & (key <= cut)).to(tl.int32), 0)
-                start = tl.atomic_add(pool_n, n_low)
+                start = tl.atomic_add(pool_n, n_low.to(tl.int64))
                 above = cmask & (ckey > cut)
                 if start + n_low <= pool_cap:
                     at = start
@@ -771,7 +772,7 @@ def workspace_layout(n: int, s: int, ng: int, nin: int, c: int,
     """Byte offsets of part_i, part_g, part_m, part_cand and the pool in the scratch allocation (part_f at 0),
     and its size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule
     a float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry), and
-    the fallback's pool: a 16-byte header (its int32 count) and ``pool`` int64 entries."""
+    the fallback's pool: a 16-byte header (its int64 count) and ``pool`` int64 entries."""
     offsets, size = packed((n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8,
                             16 + pool * 8))
     return tuple(offsets[1:]), size
