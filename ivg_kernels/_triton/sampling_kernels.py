@@ -863,7 +863,8 @@ def launch_guided_sample(
     # an absent weight or row-parameter tensor: None).
     key = (n, v, block, filters, strides, w_stride, tensor_key(*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr,
                                                               of_ptr),
-           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
+           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val),
+           int_class(pool))
     direct(_stage1_kernel).key(key)[(n * s,)](
         inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
         ws, *offsets,
