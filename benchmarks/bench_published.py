@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE.parent / "python"))
 import torch  # noqa: E402
 
 from benchmarks import harness, random_models  # noqa: E402
+from benchmarks.published_driver import PROGRESS, progress  # noqa: E402 - a line either side prints as it goes
 
 
 def _prepare_models(work: Path, preset: str = "demo", dtype: str = "float32") -> dict:
@@ -103,13 +104,6 @@ def _demo_models(work: Path) -> dict:
     return {"ours": paths, "published": {k: str(theirs / k) for k in ("base", "tuned", "ref", "rm")}}
 
 
-PROGRESS = "progress: "  # a line either side prints on stderr as it goes
-
-
-def _progress(line: str) -> None:
-    print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -136,7 +130,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],
                           DecodeOptions(mode=cfg.get("greedy_mode", "eft"), temperature=0.0, **common))
     out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "torch": torch.__version__, "runs": {}}
-    _progress(f"greedy {len(greedy)} prompts done")
+    progress(f"greedy {len(greedy)} prompts done")
     for mode in cfg.get("modes", ["ivg"]):
         opts = DecodeOptions(mode=mode, width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"], n=cfg.get("N", 16),
                              temperature=cfg["temperature"], **common)
@@ -148,7 +142,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
             res = dec.generate(cfg["prompts"], opts)
             _sync(device)
             times.append(time.perf_counter() - t0)
-            _progress(f"{mode}: {len(cfg['prompts'])} prompts in {times[-1]:.2f} s")
+            progress(f"{mode}: {len(cfg['prompts'])} prompts in {times[-1]:.2f} s")
         run = dict(tokens=[r.beams[0].tokens for r in res], seconds=times,
                    outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")))
         if cfg.get("latency"):  # one prompt at a time: mean seconds per response

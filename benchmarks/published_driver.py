@@ -25,10 +25,13 @@ import sys
 import time
 
 
+PROGRESS = "progress: "
+
+
 def progress(line: str) -> None:
     """A progress line on stderr, which bench_published.py shows as it comes (a run cut by a time limit
-    still says how far it got)."""
-    print(f"progress: {line}", file=sys.stderr, flush=True)
+    still says how far it got); its own side prints them too."""
+    print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)
 
 
 def main(cfg_path, out_path):

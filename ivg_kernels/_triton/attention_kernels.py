@@ -317,6 +317,12 @@ def _num_splits(n: int, h_kv: int, max_len: int, block_n: int) -> int:
     return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
 
+def _tile_keys(bs: int, ieee: bool, max_len: int, long_keys: int) -> int:
+    """Keys per tile: 64 for blocks of 64 or more, and for 16-bit caches of at least ``long_keys`` keys (for
+    float32 they would spill registers); else one block (at least 16), for the grid's sake on short rows."""
+    return 64 if bs >= 64 or (not ieee and max_len >= long_keys) else max(16, bs)
+
+
 def _prefix_splits(tiles: int, h_kv: int, max_len: int, block_n: int, block_m: int, elem: int) -> int:
     """Splits of the shared-prefix kernel: as many as fill the GPU (``_num_splits``), but each split's keys
     at least ``8 * block_m / elem``. A split writes float32 partials for its whole tile of ``block_m``
@@ -337,7 +343,7 @@ def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_spl
     # Tiles of 64 keys for 16-bit caches from 4,096 keys on (for float32 they would spill registers): on the
     # H200 at bc7a757 tiles of 16 (one block) streamed 33% of copy at N=1 from 4,096 to 65,536 keys and 65% at
     # N=64, the per-tile work weighing on every key; shorter rows keep 16, for the grid's sake.
-    block_n = 64 if bs >= 64 or (not ieee and max_len >= _LONG_KEYS) else max(16, bs)
+    block_n = _tile_keys(bs, ieee, max_len, _LONG_KEYS)
     splits = num_splits if num_splits > 0 else _num_splits(n, h_kv, max_len, block_n)
     chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
     one_split = splits == 1
@@ -446,7 +452,7 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
     max_len = block_table.shape[1] * bs
     ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
-    block_n = 64 if bs >= 64 or (not ieee and max_len >= _LONG_KEYS // 2) else max(16, bs)
+    block_n = _tile_keys(bs, ieee, max_len, _LONG_KEYS // 2)  # the prefix: a tile of queries per tile of keys
     m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
     splits = num_splits if num_splits > 0 else _prefix_splits(groups * m_tiles, h_kv, max_len, block_n, block_m,
                                                               k_cache.element_size())

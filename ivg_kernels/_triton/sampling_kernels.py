@@ -459,6 +459,12 @@ def _measure(key, on, mx, MASS: tl.constexpr):
 
 
 @triton.jit
+def _candidate_masses(ckey, cmask, cx, mx, floor_key):
+    """The candidates' integer masses, 0 below ``floor_key`` (a top-k threshold) and in padding slots."""
+    return tl.where(cmask & (ckey >= floor_key), _mass_int(cx - mx), 0)
+
+
+@triton.jit
 def _pool_entries(pool, start, e0, n):
     """(keys, ids, valid) of pool entries ``start + e0 ..`` (one tile; ``n`` entries in all)."""
     e = e0 + tl.arange(0, _POOL_TILE)
@@ -619,7 +625,7 @@ def _stage2_kernel(
             if k_on:
                 tau_k = _bisect_count(ckey, cmask, k)
             valid_k = tl.where(k_on, tau_k > cut, True)
-            mass = tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0)
+            mass = _candidate_masses(ckey, cmask, cx, mx, tau_k)
             # The nucleus's total: with top-k the top-k set's mass (known when that set lies among the
             # candidates, or nothing outside them has mass); without, the granules' total from stage 1.
             total_known = tl.where(k_on, valid_k | tail_zero, True)
@@ -678,7 +684,7 @@ def _stage2_kernel(
                         if k_on:
                             total = _pool_mass(pool, start, n_low, ckey, above, tau_k, mx)
                         target = _nucleus_target(p, total)
-                        tau_c = _bisect_mass(ckey, tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0), target)
+                        tau_c = _bisect_mass(ckey, _candidate_masses(ckey, cmask, cx, mx, tau_k), target)
                         # at least tau_k (>= low): the top-k set alone reaches any target
                         tau_c = tl.maximum(tau_c, tau_k)
                         tau_p = _pool_threshold(pool, start, n_low, ckey, above, tau_c,
@@ -697,7 +703,7 @@ def _stage2_kernel(
                                                         NIN, W_TENSOR, BLOCK)
                                 total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
                         target = _nucleus_target(p, total)
-                        tau_c = _bisect_mass(ckey, tl.where(cmask & (ckey >= tau_k), _mass_int(cx - mx), 0), target)
+                        tau_c = _bisect_mass(ckey, _candidate_masses(ckey, cmask, cx, mx, tau_k), target)
                         tau_p = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
                                                     target, tau_c, tl.where(tau_c > cut, tau_c, cut), True, NIN,
                                                     W_TENSOR)
