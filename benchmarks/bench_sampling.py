@@ -20,7 +20,9 @@ Providers:
 
 Rows: "flat" inputs are N(0, 1) logits (the nucleus of top-p 0.9 holds most of the vocabulary);
 "peaked" ones look like a language model's (N(0, 1) plus a Zipf-like head: a few dozen tokens
-hold most of the mass). Bytes counted: the three bf16 input rows [N, V] read once. GB/s is
+hold most of the mass) with the head at random ids; "ranked" ones put that head among the first
+4,096 ids, where byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2) number their frequent tokens,
+so a model's likely next tokens crowd a few thousand low ids. Bytes counted: the three bf16 input rows [N, V] read once. GB/s is
 compared with a measured device copy (read + write). On a GPU each shape also prints the host
 overhead of the eager Triton call: its median minus the CUDA-graph median.
 """
@@ -49,16 +51,20 @@ CONFIGS = {
 
 
 def make_rows(kind, n, v, device, gen):
-    """Three bf16 input rows [N, V]: ``flat`` N(0, 1), or ``peaked`` (a Zipf-like head over random tokens)."""
+    """Three bf16 input rows [N, V]: ``flat`` N(0, 1), or ``peaked`` (a Zipf-like head over random tokens), or
+    ``ranked`` (that head among the first ``RANKED_IDS`` ids)."""
     out = []
     for _ in range(3):
         x = torch.randn(n, v, device=device, generator=gen)
-        if kind == "peaked":
-            head = torch.randint(0, v, (n, 64), device=device, generator=gen)
+        if kind in ("peaked", "ranked"):
+            head = torch.randint(0, min(v, RANKED_IDS) if kind == "ranked" else v, (n, 64), device=device,
+                                 generator=gen)
             boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device=device, dtype=torch.float32))  # 12 .. 1.6
             x.scatter_(1, head, boost.expand(n, 64))
         out.append(x.to(torch.bfloat16))
     return out
+RANKED_IDS = 4096  # "ranked" rows: the head's ids (a BPE vocabulary's most frequent tokens)
+ROW_KINDS = ["flat", "peaked", "ranked"]
 FULL_N = [1, 16, 64, 256]
 FULL_V = [32000, 50257, 128256, 151936]
 
@@ -152,8 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="*", help="batch sizes (default: full grid)")
     ap.add_argument("--v", type=int, nargs="*", help="vocabulary sizes (default: full grid)")
     ap.add_argument("--configs", nargs="*", choices=list(CONFIGS), help="warper settings")
-    ap.add_argument("--rows", nargs="*", choices=["flat", "peaked"], help="input rows (default: flat; with "
-                    "filters, both)")
+    ap.add_argument("--rows", nargs="*", choices=ROW_KINDS, help="input rows (default: flat; with filters, "
+                    "all three)")
     ap.add_argument("--providers", nargs="*", help="subset of providers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/results.csv, render RESULTS.md")
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     for cfg_name in cfgs:
         cfg = CONFIGS[cfg_name]
         filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
-        for rows_kind, v, n in ((r, v, n) for r in (args.rows or (["flat", "peaked"] if filtered else ["flat"]))
+        for rows_kind, v, n in ((r, v, n) for r in (args.rows or (ROW_KINDS if filtered else ["flat"]))
                                 for v in vs for n in ns):
             gen = torch.Generator(device=device).manual_seed(n * v)
             base, tune, ref = make_rows(rows_kind, n, v, device, gen)

@@ -114,7 +114,7 @@ run_flashinfer() {
         return
     fi
     timeout "${FI_SAMPLING_TIMEOUT:-300}" "$PY" benchmarks/bench_sampling.py --n 1 16 256 --v 151936 \
-        --rows flat peaked --providers triton triton-graph flashinfer flashinfer-graph torch-composition empty-op \
+        --rows flat peaked ranked --providers triton triton-graph flashinfer flashinfer-graph torch-composition empty-op \
         --record 2>&1 | tee "$OUT/bench_flashinfer_sampling.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
     timeout "${FI_KV_TIMEOUT:-240}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/bench_flashinfer_kv.log" \
@@ -230,8 +230,8 @@ run_targets() {
     if wanted sampler; then
         note "targets: sampler (issue 11)"
         # shellcheck disable=SC2086
-        timed "sampler" "${T_SAMPLING_TIMEOUT:-110}" targets_sampling.log \
-            "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked \
+        timed "sampler" "${T_SAMPLING_TIMEOUT:-150}" targets_sampling.log \
+            "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked ranked \
             --configs imdb alpaca top-p-0.9 min-p-0.05 \
             --providers triton triton-graph torch-composition empty-op $fi_providers --record
     fi

@@ -182,6 +182,33 @@ def test_top_p_rows_take_the_fallback_only_when_the_nucleus_outgrows_the_candida
     assert len(calls) == (n if expect_fallback else 0), f"{len(calls)} of {n} rows took the fallback"
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts calls inside the kernel: interpreter only")
+@pytest.mark.parametrize("setting", [dict(top_k=40), dict(top_k=40, top_p=0.9), dict(min_p=0.001)])
+def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting):
+    """Byte-level BPE vocabularies number their frequent tokens first, so a model's likely next tokens crowd
+    the low ids. A slice holds every S-th granule of the row, not a contiguous run, so those tokens spread
+    over the slices' candidates: 48 likely tokens among the first 2,048 ids (one slice of 2,048 contiguous
+    ids would hold them all, and keep 16) need no fallback, and the tokens are the reference's."""
+    from ivg_kernels._triton import sampling_kernels as sk
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    calls = []
+    for name in ("_pool_draw", "_fallback_threshold"):
+        original = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(8)
+    n, v = 3, 8192
+    logits = torch.randn(n, v, generator=gen)
+    head = torch.stack([torch.randperm(2048, generator=gen)[:48] for _ in range(n)])
+    logits.scatter_(1, head, (12.0 - 2.0 * torch.log(torch.arange(1, 49, dtype=torch.float32))).expand(n, 48))
+    a = prepare_sample_args(logits, (), 0.8, setting.get("top_k", 0), setting.get("top_p", 1.0),
+                            setting.get("min_p", 0.0), 7, torch.arange(n), None)
+    got = _guided_sample_triton(a, block=2048)  # 4 slices of 8 granules
+    assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
+    assert not calls, f"{len(calls)} of {n} rows took the fallback"
+
+
 def test_unfiltered_draw_follows_the_softmax_across_granules():
     gen = torch.Generator().manual_seed(5)
     v, n = 700, 20_000  # granules [0, 256), [256, 512) (all -inf), [512, 700)

@@ -7,7 +7,9 @@ whose top-p/top-k/min-p kept set is not proven by the candidate lists reads its 
 exact fallback: two passes over the row and a pool, or, when the pool is full, more passes).
 
 Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per row, so N=1 still
-fills the GPU): per slice, each input's max and sum-exp, the combined score
+fills the GPU; slice ``s`` holds granules ``s, s + S, s + 2S, ...``, since byte-level BPE vocabularies
+number their frequent tokens first and a contiguous slice of the low ids would hold most of a row's
+likely tokens beside C candidate places): per slice, each input's max and sum-exp, the combined score
 ``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and first argmax, each granule's max ``a_g`` and
 integer mass ``sum mass_int(x - a_g)`` (no random numbers), and (when filters may be active) the
 slice's top-C candidates (C extractions of the next largest 32-bit key, stored with their exact keys)
@@ -272,9 +274,10 @@ def _stage1_kernel(
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
     sl = pid % S
-    start = sl * BLOCK
-    NGB: tl.constexpr = BLOCK // GR  # granules in the slice
-    cols = start + tl.arange(0, NGB)[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR]
+    NGB: tl.constexpr = BLOCK // GR  # granules in the slice: every S-th granule of the row from granule sl
+    g_idx = sl + S * tl.arange(0, NGB)
+    local = tl.arange(0, NGB)[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR] position in the slice
+    cols = g_idx[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR] token ids, in the order of ``local``
     mask = cols < V
     part = row * S + sl
     WF: tl.constexpr = 2 * NIN + 1
@@ -300,7 +303,6 @@ def _stage1_kernel(
     a = tl.reduce(x, 1, _max_nan)  # [NGB] the granules' max
     amax = tl.reduce(a, 0, _max_nan)
     tl.store(part_f + part * WF + 2 * NIN, amax)
-    g_idx = sl * NGB + tl.arange(0, NGB)
     g_mask = g_idx < NG
     tl.store(part_g + row * NG + g_idx, a, mask=g_mask)
     if sampling:
@@ -317,15 +319,16 @@ def _stage1_kernel(
         # the candidates' exact keys are then recomputed from the inputs, and the cut is an upper bound
         # on the exact key of every token left out: its high bits are those of the C-th packed key.
         LOW: tl.constexpr = 0xFFF  # BLOCK <= 4096
-        packed = (_float_key(x) & ~LOW) | (LOW - (cols - start))  # [NGB, GR], distinct
+        packed = (_float_key(x) & ~LOW) | (LOW - local)  # [NGB, GR], distinct (ids rise with ``local``)
         top = _top_keys(packed, C)  # [C], descending
-        ccols = start + (LOW - (top & LOW))
+        at = LOW - (top & LOW)  # the candidates' positions in the slice
+        ccols = (sl + S * (at // GR)) * GR + at % GR
         cvalid = ccols < V
         cx = tl.where(cvalid, _scaled(_combined(inputs, strides, w_vals, w_ptr, w_stride, row, ccols, cvalid, NIN,
                                                 W_TENSOR), t, sampling), NEG_INF)
         key = (_float_key(cx).to(tl.int64) << 32) | ((0 - ccols) + INT32_MAX).to(tl.int64)
         tl.store(part_cand + part * C + tl.arange(0, C), key)
-        n_valid = tl.minimum(V - start, BLOCK)
+        n_valid = tl.sum(tl.minimum(tl.maximum(V - g_idx * GR, 0), GR), 0)  # the slice's tokens
         cut = tl.where(n_valid > C, tl.min(top, 0) | LOW, INT32_MIN)
         tl.store(part_i + part * 2 + 1, cut)
 
