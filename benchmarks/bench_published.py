@@ -19,9 +19,12 @@ tokenizer is rewritten in the format tokenizers 0.14 reads. Templates: the base 
 Setting (the issue's): IVG = EFT token by token (beta 1) inside chunk-level beam search ranked by the
 token RM, W=K=4, L=5, temperature 0.7, 32 new tokens, 16 prompts, float32, no EOS, no stop strings.
 Reported: seconds per run (median of ``--repeats``), response tokens per second (prompts x new
-tokens / s, the same count on both sides), the ratio, and greedy-EFT token parity (the published
+tokens / s), the ratio, and greedy-EFT token parity (the published
 code has no greedy path: one beam, one candidate, temperature 1e-9). ``--latency N`` also times this
 project one prompt at a time over N prompts (the published code always decodes one prompt at a time).
+``--published-prompts M`` lets the published side decode only the first M prompts: one prompt at a time,
+its tokens/s over M prompts is its rate over all of them, so a GPU lease can time this project's batch of
+64 beside the published code's first 8 (each side's tokens/s over its own prompts; the rows say M).
 
 On a GPU (``--device cuda``, bfloat16 by default): ``--models gpt2-xl`` builds random-weight models
 of the issue's sizes (base 48x1600, guides and token RM 12x768, vocabulary 50,257) with a synthetic
@@ -189,6 +192,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default float32 on the CPU, bfloat16 on a GPU")
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--published-prompts", type=int, default=None,
+                    help="the published side decodes only the first M of the prompts (default all): it decodes one "
+                         "prompt at a time, so its tokens/s over M prompts is its rate over all of them, and a GPU "
+                         "lease can measure this project on 64 prompts beside the published code on 8")
     ap.add_argument("--greedy-prompts", type=int, default=None, help="prompts of the greedy parity check (default all)")
     ap.add_argument("--greedy-mode", default="eft", choices=["plain", "eft", "tokenrm"],
                     help="the token-wise mode of the greedy parity check")
@@ -230,27 +237,30 @@ def main(argv=None):
         prompts, template = make_prompts(args.prompts, 999), "Here is a movie review: {raw_prompt}"
     else:
         prompts, template = random_models.prompts(args.prompts, args.models, 999), "w1 w2 w3 {raw_prompt}"
-    greedy_n = min(args.prompts, args.greedy_prompts or args.prompts)
+    pub_n = args.prompts if args.published_prompts is None else args.published_prompts
+    if not 1 <= pub_n <= args.prompts:
+        ap.error(f"--published-prompts={pub_n}: expected 1 to --prompts ({args.prompts})")
+    greedy_n = min(pub_n, args.greedy_prompts or pub_n)
     cfg = dict(prompts=prompts, templates={"base": args.base_template or template, "guide": "{raw_prompt}"},
                beta=args.beta, W=args.W, K=args.K, L=args.L, temperature=args.temperature,
                max_new_tokens=args.max_new_tokens, seed=1, threads=args.threads, repeats=args.repeats, dtype=dtype,
                device=args.device, greedy_prompts=greedy_n, modes=args.modes, N=args.N, rm_weight=args.rm_weight,
                greedy_mode=args.greedy_mode)
     print(f"published side ({args.python}) ...", flush=True)
-    theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, published=str(Path(args.published)
-                   .resolve()), **models["published"]), work, "published", args.threads)
+    theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, prompts=prompts[:pub_n],
+                   published=str(Path(args.published).resolve()), **models["published"]), work, "published",
+                   args.threads)
     print("this project's side ...", flush=True)
     ours = _side(sys.executable, [str(Path(__file__).resolve()), "--ours-run"],
                  dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency), work, "ours",
                  args.threads)
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
-    tokens = args.prompts * args.max_new_tokens
     device = harness.device_name(torch.device(args.device))
     print(f"\n{'mode':<6} {'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
     rows = []
     for mode in args.modes:
-        rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], tokens, device, dtype)
+        rows += _mode_rows(args, mode, theirs["runs"][mode], ours["runs"][mode], pub_n, device, dtype)
     base = f"W={args.W},K={args.K},L={args.L},T={args.temperature},new={args.max_new_tokens},prompts={args.prompts}," \
            f"threads={args.threads},models={args.models}"
     print(f"greedy {args.greedy_mode}: identical tokens on {equal} of {greedy_n} prompts "
@@ -264,32 +274,42 @@ def main(argv=None):
     return 0 if equal == greedy_n or args.models != "demo" else 1
 
 
-def _mode_rows(args, mode, theirs, ours, tokens, device, dtype) -> list:
+def _mode_rows(args, mode, theirs, ours, pub_n, device, dtype) -> list:
     """Print and return the rows of one mode: the published code, this project, the published time less
-    its GPU-memory logging where that is more than 1%, and one prompt at a time when measured."""
+    its GPU-memory logging where that is more than 1%, and one prompt at a time when measured. The
+    published side decoded the first ``pub_n`` prompts (one at a time), this project all ``args.prompts``
+    together: each side's tokens/s is over its own prompts, and the speed-up is the ratio of the two."""
     t_pub, t_ours = statistics.median(theirs["seconds"]), statistics.median(ours["seconds"])
     shape = (f"mode={mode},W={args.W},K={args.K},L={args.L},N={args.N},T={args.temperature},new={args.max_new_tokens},"
              f"prompts={args.prompts},threads={args.threads},models={args.models}")
+    if pub_n != args.prompts:
+        shape += f",published_prompts={pub_n}"
+    rate = {"published": pub_n * args.max_new_tokens, "ours": args.prompts * args.max_new_tokens}  # tokens per run
     logging_s = statistics.median(theirs.get("logging_seconds") or [0.0])
     ours_name = f"ivg-kernels-{args.decoder}"
+    pub_rate = rate["published"] / t_pub
     rows = []
-    for name, t, runs in (("published", t_pub, theirs["seconds"]), (ours_name, t_ours, ours["seconds"])):
-        print(f"{mode:<6} {name:<22} {t:6.2f} ({', '.join(f'{x:.2f}' for x in runs)}){'':<6} {tokens / t:9.1f} "
-              f"{t_pub / t:12.2f}x")
+    for name, side, t, runs in (("published", "published", t_pub, theirs["seconds"]),
+                                (ours_name, "ours", t_ours, ours["seconds"])):
+        tps = rate[side] / t
+        print(f"{mode:<6} {name:<22} {t:6.2f} ({', '.join(f'{x:.2f}' for x in runs)}){'':<6} {tps:9.1f} "
+              f"{tps / pub_rate:12.2f}x")
         extra = (f",outside_forwards={ours['outside_forwards']:.1%}" if name != "published" and args.device != "cpu"
                  else f",gpu_logging_s={logging_s:.2f}" if name == "published" and logging_s else "")
         rows.append(dict(date=harness.now(), commit=harness.commit(), device=device, benchmark="published-ivg",
                          provider=name, shape=shape + extra, dtype=dtype, median_us=f"{t * 1e6:.0f}", gbps="",
-                         speedup=f"{t_pub / t:.2f}"))
+                         speedup=f"{tps / pub_rate:.2f}"))
     if logging_s > 0.01 * t_pub:  # the published loop asks nvidia-smi for GPU memory every 10th step (GPUtil)
         t_clean = t_pub - logging_s
+        clean_rate = rate["published"] / t_clean
+        ours_rate = rate["ours"] / t_ours
         print(f"{mode:<6} published, less its GPU-memory logging ({logging_s:.2f} s): {t_clean:.2f} s; "
-              f"ivg-kernels {t_clean / t_ours:.2f}x that")
+              f"ivg-kernels {ours_rate / clean_rate:.2f}x that")
         rows.append(dict(rows[0], provider="published-less-gpu-logging", median_us=f"{t_clean * 1e6:.0f}",
-                         speedup=f"{t_pub / t_clean:.2f}"))
-        rows.append(dict(rows[1], provider=f"{ours_name}-vs-less-logging", speedup=f"{t_clean / t_ours:.2f}"))
+                         speedup=f"{clean_rate / pub_rate:.2f}"))
+        rows.append(dict(rows[1], provider=f"{ours_name}-vs-less-logging", speedup=f"{ours_rate / clean_rate:.2f}"))
     if "latency_s" in ours:  # the published code decodes one prompt at a time anyway
-        per_pub = t_pub / args.prompts
+        per_pub = t_pub / pub_n
         print(f"{mode:<6} per response, one prompt at a time: ivg-kernels {ours['latency_s']:.3f} s, published "
               f"{per_pub:.3f} s (its mean over the batch run): {per_pub / ours['latency_s']:.2f}x")
         rows.append(dict(rows[1], provider=f"{ours_name}-one-prompt", shape=shape + f",latency_prompts={args.latency}",

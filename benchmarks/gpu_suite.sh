@@ -14,8 +14,8 @@
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
 #             .whl/flashinfer/ came along), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
-#             eft on 8 prompts (when .published/ came along; the issue's 64 prompts take the "published"
-#             stage), speculative eft and ivg on gpt2-xl-sized weights, one prompt's decoding profiled
+#             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
+#             which decodes one prompt at a time, on the first 8), speculative eft and ivg on gpt2-xl-sized weights, one prompt's decoding profiled
 #             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler kv profile published
 #             speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
@@ -33,7 +33,7 @@
 #             carried to the machine (not part of "all": its first-use builds would eat the bench timeouts)
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
 #             64 prompts, bf16, modes ivg eft tokenrm cbs bon plain (PUBLISHED_MODES): several minutes, the
-#             published side one prompt at a time): needs .published/ and .whl/published/ from
+#             published side one prompt at a time over the first PUBLISHED_SIDE_PROMPTS, default 8): needs .published/ and .whl/published/ from
 #             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
 #
@@ -179,7 +179,8 @@ run_published() {
     # shellcheck disable=SC2086
     timeout "${PUBLISHED_TIMEOUT:-560}" "$PY" benchmarks/bench_published.py --published .published \
         --python /tmp/pubpython --models "${PUBLISHED_MODELS:-gpt2-xl}" --device cuda \
-        --modes ${PUBLISHED_MODES:-ivg eft tokenrm cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" --greedy-prompts 4 \
+        --modes ${PUBLISHED_MODES:-ivg eft tokenrm cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" \
+        --published-prompts "${PUBLISHED_SIDE_PROMPTS:-8}" --greedy-prompts 4 \
         --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
@@ -251,7 +252,7 @@ run_targets() {
         echo "targets: the published code skipped, ${pub_limit}s left of the budget"
         STATUS=1
     elif [ -d .published/inference_time_alignment ] && ls .whl/published/*.whl >/dev/null 2>&1; then
-        PUBLISHED_MODES="${PUBLISHED_MODES:-ivg eft}" PUBLISHED_PROMPTS="${PUBLISHED_PROMPTS:-8}" \
+        PUBLISHED_MODES="${PUBLISHED_MODES:-ivg eft}" PUBLISHED_PROMPTS="${PUBLISHED_PROMPTS:-64}" \
             PUBLISHED_TIMEOUT="$pub_limit" run_published
     else
         echo "targets: .published/ or .whl/published/ not carried: the comparison with the published code (issue 12) skipped"
