@@ -71,6 +71,30 @@ def test_fallback_rows_at_model_shapes_match_reference_through_the_pool_and_the_
     assert torch.equal(passes.logprob, pooled.logprob)
 
 
+@pytest.mark.parametrize("n", [1, 256])
+@pytest.mark.parametrize("setting", [dict(top_k=50), dict(min_p=0.05), dict(top_p=0.95), dict(top_k=50, top_p=0.9)])
+def test_filters_on_rows_whose_likely_tokens_crowd_the_low_ids_match_reference(n, setting):
+    """Rows whose Zipf-like heads lie among the first 4,096 ids, where byte-level BPE vocabularies number their
+    frequent tokens (bench_sampling's "ranked" rows), at V = 151936: stage 1's slices take every S-th granule,
+    so those tokens spread over the slices' candidates. The compiled kernel draws the reference's tokens."""
+    v = 151936
+    gen = torch.Generator(device="cuda").manual_seed(11 + n)
+    rows = []
+    for _ in range(3):
+        x = torch.randn(n, v, device="cuda", generator=gen)
+        head = torch.randint(0, 4096, (n, 64), device="cuda", generator=gen)
+        boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device="cuda", dtype=torch.float32))
+        rows.append(x.scatter_(1, head, boost.expand(n, 64)).to(torch.bfloat16))
+    base, tune, ref = rows
+    seed = torch.randint(0, 1 << 62, (n,), device="cuda")
+    k, p, mp = setting.get("top_k", 0), setting.get("top_p", 1.0), setting.get("min_p", 0.0)
+    want = _guided_sample_ref(prepare_sample_args(base, [(tune, 1.0), (ref, -1.0)], 0.7, k, p, mp, seed, 3, None))
+    got = ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], temperature=0.7, top_k=k, top_p=p, min_p=mp,
+                                    seed=seed, offset=3, backend="triton")
+    assert torch.equal(got.tokens, want.tokens)
+    assert_close(got.logprob, want.logprob, torch.float32, "logprob", scale=10.0)
+
+
 def test_triton_sampler_is_deterministic_and_replays_in_a_graph():
     base, tune, ref = _rows(16, 32000, torch.float16, 3)
     seed = torch.arange(16, device="cuda")
