@@ -11,7 +11,7 @@ from scipy import stats
 import ivg_kernels
 from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference import portable
-from ivg_kernels.reference.sampling import _guided_sample_ref
+from ivg_kernels.reference.sampling import _guided_sample_ref, _warp
 
 from .helpers import DEVICE, args_to, requires_ptxas, requires_triton, run_compiled
 
@@ -207,6 +207,34 @@ def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting
     got = _guided_sample_triton(a, block=2048)  # 4 slices of 8 granules
     assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
     assert not calls, f"{len(calls)} of {n} rows took the fallback"
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts calls inside the kernel: interpreter only")
+@pytest.mark.parametrize("kind", ["peaked", "ranked", "flat"])
+def test_candidate_coverage_predicts_the_kernels_fallbacks(monkeypatch, kind):
+    """benchmarks/candidate_coverage.py replays stage 2's candidate test in torch to predict fallbacks at shapes
+    the interpreter cannot run; on small rows its count of unproven rows is the kernel's count of fallbacks."""
+    from benchmarks.bench_sampling import make_rows
+    from benchmarks.candidate_coverage import proven
+    from ivg_kernels._triton import sampling_kernels as sk
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    calls = []
+    for name in ("_pool_draw", "_fallback_threshold"):
+        original = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    n, v, block = 4, 6144, 1024  # 6 slices of 4 granules
+    base, tune, ref = make_rows(kind, n, v, torch.device("cpu"), torch.Generator().manual_seed(v))
+    for k, p, mp in ((12, 1.0, 0.0), (60, 1.0, 0.0), (0, 0.95, 0.0), (0, 1.0, 0.02), (30, 0.9, 0.0)):
+        a = prepare_sample_args(base.float(), [(tune.float(), 1.0), (ref.float(), -1.0)], 0.7, k, p, mp, 3,
+                                torch.arange(n), None)
+        x, x_max = _warp(a)[:2]
+        predicted = n - int(proven(x, x_max, dict(top_k=k, top_p=p, min_p=mp), block, "strided").sum())
+        calls.clear()
+        got = _guided_sample_triton(a, block=block)
+        assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
+        assert len(calls) == predicted, f"top_k={k} top_p={p} min_p={mp}: {len(calls)} fallbacks, {predicted} predicted"
 
 
 def test_unfiltered_draw_follows_the_softmax_across_granules():
