@@ -8,7 +8,9 @@ tokenizers 0.14, accelerate 0.23) plus sentence-transformers and scikit-learn (`
 imports them). ``benchmarks/published_driver.py`` runs in that environment and calls the published
 modules as the published IMDB script does; this project's decoder runs in this environment. Each
 side runs in its own process, one after the other, with ``--threads`` threads (1 by default: the
-machines here have 2 cores), and neither counts model loading or a warm-up prompt.
+machines here have 2 cores), and neither counts model loading or a warm-up prompt. The two take turns, one
+phase at a time (greedy decoding, each mode's warm-up, each timed repeat, the one-prompt-at-a-time runs), so
+only one computes at a time and a drift in the machine's speed weighs on both sides alike.
 
 Models: the ``ivg demo`` models (trained on the CPU in about 100 s, cached): base GPT-2 4x128, tuned
 and reference guides 2x64, token reward model 2x64 with a vocabulary-sized score head. The published
@@ -57,7 +59,7 @@ sys.path.insert(0, str(HERE.parent / "python"))
 import torch  # noqa: E402
 
 from benchmarks import harness, random_models  # noqa: E402
-from benchmarks.published_driver import PROGRESS, progress  # noqa: E402 - a line either side prints as it goes
+from benchmarks.published_driver import PROGRESS, TURN, progress, wait_turn  # noqa: E402 - shared by both sides
 
 
 def _prepare_models(work: Path, preset: str = "demo", dtype: str = "float32") -> dict:
@@ -130,6 +132,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
                           templates=templates,
                           decoder=cfg.get("decoder", "paged"))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
+    wait_turn(cfg, "greedy")
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],
                           DecodeOptions(mode=cfg.get("greedy_mode", "eft"), temperature=0.0, **common))
     out = {"greedy_tokens": [r.beams[0].tokens for r in greedy], "torch": torch.__version__, "runs": {}}
@@ -137,9 +140,11 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     for mode in cfg.get("modes", ["ivg"]):
         opts = DecodeOptions(mode=mode, width=cfg["W"], successors=cfg["K"], chunk_len=cfg["L"], n=cfg.get("N", 16),
                              temperature=cfg["temperature"], **common)
+        wait_turn(cfg, f"{mode} warm-up")
         dec.generate(cfg["prompts"][:2], opts)  # warm-up, not timed (on a GPU: compiles kernels, captures graphs)
         times = []
-        for _ in range(cfg["repeats"]):
+        for i in range(cfg["repeats"]):
+            wait_turn(cfg, f"{mode} run {i + 1}")
             _sync(device)
             t0 = time.perf_counter()
             res = dec.generate(cfg["prompts"], opts)
@@ -149,6 +154,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
         run = dict(tokens=[r.beams[0].tokens for r in res], seconds=times,
                    outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")))
         if cfg.get("latency"):  # one prompt at a time: mean seconds per response
+            wait_turn(cfg, f"{mode} one prompt at a time")
             alone = []
             for p in cfg["prompts"][:cfg["latency"]]:
                 _sync(device)
@@ -161,23 +167,60 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     json.dump(out, open(out_path, "w"))
 
 
-def _side(python: str, script: list, cfg: dict, work: Path, name: str, threads: int) -> dict:
-    cfg_path, out_path = work / f"{name}.cfg.json", work / f"{name}.out.json"
-    cfg_path.write_text(json.dumps(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    env.pop("TRITON_INTERPRET", None)
-    # Its output is read as it comes: progress lines are shown at once, the rest kept for an error report.
-    proc = subprocess.Popen([python, *script, str(cfg_path), str(out_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    tail = collections.deque(maxlen=400)
-    for line in proc.stdout:
-        if line.startswith(PROGRESS):
-            print(f"  {name}: {line[len(PROGRESS):].rstrip()}", flush=True)
-        else:
-            tail.append(line)
-    if proc.wait() != 0:
-        raise SystemExit(f"{name} side failed (exit {proc.returncode}):\n{''.join(tail)[-4000:]}")
-    return json.loads(out_path.read_text())
+class _Side:
+    """One side's process (``python script CFG OUT``), run in lockstep with the other: it loads its models,
+    then runs one phase (greedy, a mode's warm-up, one timed repeat, ...) per go it is given."""
+
+    def __init__(self, python: str, script: list, cfg: dict, work: Path, name: str, threads: int):
+        self.name, self.out_path = name, work / f"{name}.out.json"
+        cfg_path = work / f"{name}.cfg.json"
+        cfg_path.write_text(json.dumps(dict(cfg, lockstep=True)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   TOKENIZERS_PARALLELISM="false")
+        env.pop("TRITON_INTERPRET", None)
+        self.proc = subprocess.Popen([python, *script, str(cfg_path), str(self.out_path)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.tail = collections.deque(maxlen=400)
+
+    def advance(self) -> bool:
+        """Read its output up to its next turn (True) or its end (False). Progress lines are shown at once,
+        the rest kept for an error report."""
+        for line in self.proc.stdout:
+            if line.startswith(TURN):
+                return True
+            if line.startswith(PROGRESS):
+                print(f"  {self.name}: {line[len(PROGRESS):].rstrip()}", flush=True)
+            else:
+                self.tail.append(line)
+        return False
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict:
+        if self.proc.wait() != 0:
+            raise SystemExit(f"{self.name} side failed (exit {self.proc.returncode}):\n{''.join(self.tail)[-4000:]}")
+        return json.loads(self.out_path.read_text())
+
+
+def _run_in_turns(sides: list) -> list:
+    """Run the sides' phases in turns (one side's phase, then the other's, ...) until both are done; their
+    results. Only one side computes at a time, so a drift in the machine's speed (20-40% between runs on the
+    2-core CPU) weighs on both instead of on whichever ran during it."""
+    try:
+        live = [side for side in sides if side.advance()]  # model loading (both at once, not timed)
+        while live:
+            for side in list(live):
+                side.go()
+                if not side.advance():
+                    live.remove(side)
+                    side.result()  # a failure is reported now, not after the other side's phases
+        return [side.result() for side in sides]
+    finally:
+        for side in sides:
+            if side.proc.poll() is None:
+                side.proc.kill()
 
 
 def main(argv=None):
@@ -246,14 +289,13 @@ def main(argv=None):
                max_new_tokens=args.max_new_tokens, seed=1, threads=args.threads, repeats=args.repeats, dtype=dtype,
                device=args.device, greedy_prompts=greedy_n, modes=args.modes, N=args.N, rm_weight=args.rm_weight,
                greedy_mode=args.greedy_mode)
-    print(f"published side ({args.python}) ...", flush=True)
-    theirs = _side(args.python, [str(HERE / "published_driver.py")], dict(cfg, prompts=prompts[:pub_n],
-                   published=str(Path(args.published).resolve()), **models["published"]), work, "published",
-                   args.threads)
-    print("this project's side ...", flush=True)
-    ours = _side(sys.executable, [str(Path(__file__).resolve()), "--ours-run"],
-                 dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency), work, "ours",
-                 args.threads)
+    print(f"both sides, taking turns (published: {args.python}) ...", flush=True)
+    theirs, ours = _run_in_turns([
+        _Side(args.python, [str(HERE / "published_driver.py")], dict(cfg, prompts=prompts[:pub_n],
+              published=str(Path(args.published).resolve()), **models["published"]), work, "published", args.threads),
+        _Side(sys.executable, [str(Path(__file__).resolve()), "--ours-run"],
+              dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency), work, "ours",
+              args.threads)])
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
     device = harness.device_name(torch.device(args.device))

@@ -26,12 +26,23 @@ import time
 
 
 PROGRESS = "progress: "
+TURN = "turn: "
 
 
 def progress(line: str) -> None:
     """A progress line on stderr, which bench_published.py shows as it comes (a run cut by a time limit
     still says how far it got); its own side prints them too."""
     print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)
+
+
+def wait_turn(cfg: dict, what: str) -> None:
+    """With ``cfg["lockstep"]``, say what comes next and wait for bench_published.py's go (a line on stdin):
+    the two sides take turns, one phase at a time, so neither runs while the other is timed and a drift in
+    the machine's speed weighs on both. Its own side calls it too."""
+    if cfg.get("lockstep"):
+        print(f"{TURN}{what}", file=sys.stderr, flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("bench_published.py went away")
 
 
 def main(cfg_path, out_path):
@@ -125,15 +136,18 @@ def main(cfg_path, out_path):
 
     result = {"transformers": transformers.__version__, "torch": torch.__version__, "runs": {}}
     # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
+    wait_turn(cfg, "greedy")
     t0 = time.perf_counter()
     result["greedy_tokens"] = [decode(p, cfg.get("greedy_mode", "eft"), 1e-9)
                                for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
     progress(f"greedy {len(result['greedy_tokens'])} prompts in {time.perf_counter() - t0:.1f} s")
     for mode in cfg.get("modes", ["ivg"]):
+        wait_turn(cfg, f"{mode} warm-up")
         torch.manual_seed(cfg["seed"])
         decode(cfg["prompts"][0], mode, cfg["temperature"])  # warm-up, not timed
         times, logged = [], []
-        for _ in range(cfg["repeats"]):
+        for i in range(cfg["repeats"]):
+            wait_turn(cfg, f"{mode} run {i + 1}")
             logging_s[0] = 0.0
             sync()
             t0 = time.perf_counter()
