@@ -234,6 +234,26 @@ def test_bad_speculate_values_are_named():
         NaiveDecoder(models).generate(PROMPTS, _opts("eft", speculate=2))
     with pytest.raises(ValueError, match="speculate=2: needs a .tuned, ref. guide pair"):
         IVGDecoder(IVGModels(models.base, tokenizer=models.tokenizer)).generate(PROMPTS, _opts("plain", speculate=2))
+    for bad, match in ((dict(speculate=0, speculate_adapt=True), "speculate_adapt=True: expected speculate >= 1"),
+                       (dict(speculate=2, speculate_adapt=1), "speculate_adapt=1: expected True or False")):
+        with pytest.raises(ValueError, match=match):
+            IVGDecoder(models).generate(PROMPTS, _opts("eft", **bad))
+
+
+@pytest.mark.parametrize("mode", ["eft", "ivg"])
+def test_adapting_drafts_give_the_tokens_of_a_fixed_count(models, mode):
+    """``speculate_adapt``: the drafts per round move within [1, speculate] with how many were kept
+    (``RunStats.gammas``), and tokens and values are those of a fixed ``speculate``: each position is decided
+    by the same draft, test and residual whatever the round's length."""
+    opts = _opts(mode, temperature=0.9, max_new_tokens=12)
+    dec = IVGDecoder(models)
+    fixed = dec.generate(PROMPTS, DecodeOptions(**{**opts.__dict__, "speculate": 4}))
+    assert set(dec.last_stats.gammas) == {4}
+    adapted = dec.generate(PROMPTS, DecodeOptions(**{**opts.__dict__, "speculate": 4, "speculate_adapt": True}))
+    gammas = dec.last_stats.gammas
+    _same(adapted, fixed)
+    assert gammas[0] == 4 and len(set(gammas)) > 1 and all(1 <= g <= 4 for g in gammas), gammas
+    assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
 def test_the_decoder_uses_the_fused_verification_where_it_applies(monkeypatch):

@@ -103,7 +103,7 @@ def _generate(args) -> int:
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
-                   speculate=args.speculate, draft=args.draft)
+                   speculate=args.speculate, draft=args.draft, speculate_adapt=args.speculate_adapt)
     from .options import DecodeOptions
 
     scorer = args.scorer if args.scorer in ("explicit", "implicit") else None  # MODULE:FUNCTION loads later
@@ -184,6 +184,9 @@ def _add_generate(sub):
     g.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="speculative decoding: the draft model drafts N tokens per round and every model "
                         "verifies them at once; the output keeps the same distribution (0: off, the default)")
+    g.add_argument("--speculate-adapt", action="store_true",
+                   help="with --speculate N: the drafts per round adapt between 1 and N to how many were kept "
+                        "(the same tokens as a fixed N; only the speed changes)")
     g.add_argument("--draft", choices=["auto", "tune", "ref"], default="auto",
                    help="the draft model with --speculate: the first tuned guide, its reference, or auto (the "
                         "default): the tuned guide with EFT guidance, else the reference")

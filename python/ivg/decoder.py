@@ -68,6 +68,7 @@ class RunStats:
     bytes_copied: dict = field(default_factory=dict)
     drafted: int = 0  # speculative decoding: tokens the draft proposed
     accepted: int = 0  # and of those, kept
+    gammas: list = field(default_factory=list)  # speculative decoding: the most drafts per row, round by round
     host_reads: int = 0  # device-to-host reads of the decode loop (one per read of drawn tokens or values)
     forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
     graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly

@@ -33,6 +33,10 @@ class DecodeOptions:
     num_return : beams returned per prompt (at most W for chunk search)
     speculate : tokens the draft model drafts per round of speculative decoding (0: off); the
         tokens keep exactly the sampler's distribution (``ivg.speculative_loop``)
+    speculate_adapt : the drafts per round adapt between 1 and ``speculate`` to how many were kept: one
+        more after a round that kept every draft, one fewer after a round that kept fewer than half. The
+        tokens are those of any fixed ``speculate`` >= 1 (every position is decided by the same rule), so
+        only the speed changes; ``RunStats.gammas`` lists the drafts per round
     draft : the draft model of speculative decoding: ``"tune"``, the first tuned guide, ``"ref"``, its
         reference, or ``"auto"``: the tuned guide where the sampler adds the guide pair (EFT token-wise
         guidance, which leans the distribution towards it), else the reference, which stays closest to
@@ -60,6 +64,7 @@ class DecodeOptions:
     num_return: int = 1
     speculate: int = 0
     draft: str = "auto"
+    speculate_adapt: bool = False
 
     def resolved(self, *, have_guides: bool, have_token_rm: bool) -> "DecodeOptions":
         """The general setting of this mode, checked: W, K, L, token-wise guidance, scorer, keep."""
@@ -75,6 +80,10 @@ class DecodeOptions:
             raise ValueError(f"chunk_len={self.chunk_len!r}: expected an int >= 1 or None (infinity)")
         if isinstance(self.speculate, bool) or not isinstance(self.speculate, numbers.Integral) or self.speculate < 0:
             raise ValueError(f"speculate={self.speculate!r}: expected an int >= 0 (0 turns speculation off)")
+        if not isinstance(self.speculate_adapt, bool):
+            raise ValueError(f"speculate_adapt={self.speculate_adapt!r}: expected True or False")
+        if self.speculate_adapt and not self.speculate:
+            raise ValueError("speculate_adapt=True: expected speculate >= 1 (the most drafts per round)")
         if self.draft not in ("auto", "tune", "ref"):
             raise ValueError(f"draft={self.draft!r}: expected 'auto', 'tune' (the first tuned guide) or 'ref' (its "
                              "reference)")

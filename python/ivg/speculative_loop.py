@@ -52,7 +52,8 @@ class SpeculativeLoop(DecodeLoop):
 
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
-        self.gamma = opts.speculate
+        self.gamma = opts.speculate  # drafts per round: fixed, or adapting within [1, speculate]
+        self.adapt = opts.speculate_adapt
         self.draft = opts.draft_model  # the model that drafts: tune0 or ref0
         graphs = any(pm.graphs is not None for pm in paged.values())
         self.pad = graphs if PAD_ROUNDS is None else PAD_ROUNDS
@@ -84,6 +85,7 @@ class SpeculativeLoop(DecodeLoop):
         if not rows:
             return
         self.stats.steps += 1
+        self.stats.gammas.append(self.gamma)
         gam = [min(self.gamma, self.room(req, b) - 1) for req, b in rows]
         width = max(gam) + 1  # positions per row: the pending token's, then one per draft
         drafts_of = [width - 1] * len(rows) if self._padded(rows, width) else gam  # drafted; ``gam`` are tested
@@ -112,9 +114,21 @@ class SpeculativeLoop(DecodeLoop):
             for name in self.step_names:  # nothing half-read: every model back to the round's start
                 self.paged[name].blocks.truncate_many(slots, before[name])
             raise
+        drafted, accepted = self.stats.drafted, self.stats.accepted
         kept = self._update(rows, gam, out, drafts, gam_d)
+        if self.adapt:
+            self._adapt(self.stats.drafted - drafted, self.stats.accepted - accepted)
         for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
             self.paged[name].blocks.truncate_many(slots, [n + m for n, m in zip(before[name], kept)])
+
+    def _adapt(self, drafted: int, accepted: int) -> None:
+        """``speculate_adapt``: one more draft per round after a round that kept every draft, one fewer after
+        one that kept fewer than half, within [1, speculate]. Only the speed depends on it: a token is
+        decided by the same draft, test and residual whatever the round's length."""
+        if drafted and accepted == drafted:
+            self.gamma = min(self.gamma + 1, self.opts.speculate)
+        elif 2 * accepted < drafted:
+            self.gamma = max(self.gamma - 1, 1)
 
     def _padded(self, rows, width: int) -> bool:
         """Pad this round (module docstring): padding is on and no row would read past a model's positions."""
