@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--modes", nargs="*", default=["eft", "ivg"])
     ap.add_argument("--gammas", nargs="*", type=int, default=[2, 3, 4])
+    ap.add_argument("--adapt", action="store_true",
+                    help="also each gamma as the cap of speculate_adapt (the drafts per round adapting within it)")
     ap.add_argument("--drafts", nargs="*", default=["auto"], choices=["auto", "tune", "ref"],
                     help="draft models to measure (DecodeOptions.draft): auto, the tuned guide, its reference")
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -62,11 +64,13 @@ def main(argv=None) -> int:
     print(f"# bench_speculative on {dev_name}, torch {torch.__version__}, commit {sha}", flush=True)
     rows = []
     for mode in args.modes:
-        configs = [(0, "auto")] + [(g, d) for d in args.drafts for g in args.gammas]
+        configs = [(0, "auto", False)] + [(g, d, a) for d in args.drafts for g in args.gammas
+                                          for a in ((False, True) if args.adapt else (False,))]
         options = []
-        for gamma, draft in configs:
+        for gamma, draft, adapt in configs:
             opts = method_options(mode, 0, args.max_new_tokens)
-            options.append(type(opts)(**{**opts.__dict__, "speculate": gamma, "draft": draft}))
+            options.append(type(opts)(**{**opts.__dict__, "speculate": gamma, "draft": draft,
+                                         "speculate_adapt": adapt}))
             dec.generate(prompts[:1], options[-1])  # warm-up, not timed
         # Interleaved: each prompt under every setting in turn, so the machine's drift over the run (5-35% on
         # a shared CPU) weighs on every setting alike instead of on whichever ran during it.
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
                                    ("forwards", st.forwards)):
                     run[key] += value
         plain_s = statistics.fmean(runs[0]["times"])
-        for (gamma, draft), run in zip(configs, runs):
+        for (gamma, draft, adapt), run in zip(configs, runs):
             mean = statistics.fmean(run["times"])
             rate = run["accepted"] / run["drafted"] if run["drafted"] else float("nan")
             if gold is not None:
@@ -97,11 +101,12 @@ def main(argv=None) -> int:
                 quality = "gold=n/a (random weights)"
             # on a GPU: of the forwards, those replayed from CUDA graphs
             graphs = f",graphs={run['replays']}/{run['forwards']}" if device.type == "cuda" else ""
-            by = f" draft={draft}" if draft != "auto" else ""
+            by = (f" draft={draft}" if draft != "auto" else "") + (" adapting" if adapt else "")
             print(f"{mode:<4} speculate={gamma}{by}  {mean * 1e3:8.1f} ms/response  {plain_s / mean:5.2f}x  "
                   f"acceptance {rate:.2f}  {quality}{graphs}", flush=True)
             rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="speculative",
-                             provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "auto" else ""),
+                             provider=f"{mode}-speculate-{gamma}" + (f"-draft-{draft}" if draft != "auto" else "")
+                             + ("-adapt" if adapt else ""),
                              shape=(f"{args.models} models,prompts={len(prompts)} one at a time,interleaved,"
                                     f"new={args.max_new_tokens},T=0.7,acceptance={rate:.2f},{quality}{graphs}"),
                              dtype=dtype or "float32", median_us=f"{mean * 1e6:.0f}", gbps="",

@@ -24,7 +24,7 @@
 #   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
 #             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
-#   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
+#   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random (fixed and adapting drafts)
 #             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
 #   flashinfer  FlashInfer beside this project's sampler and paged attention: bench_sampling (the
 #             flashinfer providers at N 1, 16, 256 and V 151936, every warper setting) and bench_kv (its
@@ -157,7 +157,7 @@ run_speculative() {
         | tee "$OUT/bench_speculative.log" | tail -10 || STATUS=1
     note "bench_speculative: gpt2-xl-sized random weights"
     timeout "${SPEC_XL_TIMEOUT:-240}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
-        --prompts 8 --gammas 2 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_speculative_xl.log" \
+        --prompts 8 --gammas 2 4 --adapt --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_speculative_xl.log" \
         | tail -8 || STATUS=1
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }
