@@ -24,8 +24,8 @@
 #   bench     bench_sampling, bench_kv (with the beam-group attention rows) and bench_decode (also with a
 #             2,048-token prompt) with --record: appends to benchmarks/results.csv,
 #             re-renders benchmarks/RESULTS.md and draws benchmarks/results.png
-#   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random (fixed and adapting drafts)
-#             weights (bf16), one prompt at a time (about 3 minutes; not part of "all")
+#   speculative  bench_speculative on the GPU: the demo's trained models, then gpt2-xl-sized random
+#             weights (bf16; fixed and adapting drafts), one prompt at a time (about 3 minutes; not part of "all")
 #   flashinfer  FlashInfer beside this project's sampler and paged attention: bench_sampling (the
 #             flashinfer providers at N 1, 16, 256 and V 151936, every warper setting) and bench_kv (its
 #             flashinfer, flashinfer-per-beam and flashinfer-cascade rows); FlashInfer compiles its
