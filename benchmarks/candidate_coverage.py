@@ -73,8 +73,8 @@ def proven(x: torch.Tensor, x_max: torch.Tensor, cfg: dict, block: int, layout: 
     at = LOW - (top & LOW)
     ccols = ids.unsqueeze(0).expand(n, s, block).gather(2, at).flatten(1)  # [N, S*C]
     cvalid = ccols < v
-    ckey = torch.where(cvalid, float_key(x.gather(1, ccols.clamp(max=v - 1))), INT32_MIN)
     cx = x.gather(1, ccols.clamp(max=v - 1))
+    ckey = torch.where(cvalid, float_key(cx), INT32_MIN)
 
     k, p, mp = cfg["top_k"], cfg["top_p"], cfg.get("min_p", 0.0)
     tau_k = torch.full((n,), INT32_MIN)

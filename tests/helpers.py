@@ -79,3 +79,48 @@ def args_to(a, device=DEVICE):
         return x
 
     return dataclasses.replace(a, **{f.name: mv(getattr(a, f.name)) for f in dataclasses.fields(a)})
+
+
+class Counted:
+    """Counts the calls of a Triton kernel helper (the interpreter calls helpers through the module's globals)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real.fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+FALLBACKS = ("_pool_draw", "_fallback_threshold")  # the sampler's exact fallback: one call per row, either path
+
+
+class FallbackCounters(dict):
+    """``{helper name: Counted}`` of the sampler's fallback paths."""
+
+    def total(self) -> int:
+        """Fallback rows so far, either path."""
+        return sum(c.calls for c in self.values())
+
+    def reset(self) -> None:
+        for c in self.values():
+            c.calls = 0
+
+
+def count_fallbacks(monkeypatch) -> FallbackCounters:
+    """Counters of the sampler's two fallback paths, one call per fallback row (interpreter only: compiled
+    kernels resolve their helpers at compile time)."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    counters = FallbackCounters()
+    for name in FALLBACKS:
+        counters[name] = Counted(getattr(sk, name))
+        monkeypatch.setattr(sk, name, counters[name])
+    return counters
+
+
+interpreter_only = pytest.mark.skipif(DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="counts calls inside the kernel: interpreter only")

@@ -13,7 +13,8 @@ from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference import portable
 from ivg_kernels.reference.sampling import _guided_sample_ref, _warp
 
-from .helpers import DEVICE, args_to, requires_ptxas, requires_triton, run_compiled
+from .helpers import (DEVICE, args_to, count_fallbacks, interpreter_only, requires_ptxas, requires_triton,
+                      run_compiled)
 
 def _draw(logits, n, **kw):
     """n reference draws from one row (offsets 0..n-1)."""
@@ -155,8 +156,7 @@ def _peaked_rows(n, v, gen):
     return x
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="counts calls inside the kernel: interpreter only")
+@interpreter_only
 @pytest.mark.parametrize("kind,top_p,expect_fallback", [("peaked", 0.9, False), ("peaked", 0.95, False),
                                                          ("flat", 0.9, True)])
 def test_top_p_rows_take_the_fallback_only_when_the_nucleus_outgrows_the_candidates(monkeypatch, kind, top_p,
@@ -169,21 +169,17 @@ def test_top_p_rows_take_the_fallback_only_when_the_nucleus_outgrows_the_candida
     from ivg_kernels._triton import sampling_kernels as sk
     from ivg_kernels.sampling import _guided_sample_triton
 
-    calls = []
-    for name in ("_pool_draw", "_fallback_threshold"):  # one call per fallback row, on either path
-        original = getattr(sk, name)
-        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    counters = count_fallbacks(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     n, v = 3, 4096
     rows = [_peaked_rows(n, v, gen) if kind == "peaked" else torch.randn(n, v, generator=gen) for _ in range(3)]
     a = prepare_sample_args(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], 0.7, 0, top_p, 0.0, 5, torch.arange(n), None)
     got = _guided_sample_triton(a, block=256)  # 16 slices of 16 candidates
     assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
-    assert len(calls) == (n if expect_fallback else 0), f"{len(calls)} of {n} rows took the fallback"
+    assert counters.total() == (n if expect_fallback else 0), f"{counters.total()} of {n} rows took the fallback"
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="counts calls inside the kernel: interpreter only")
+@interpreter_only
 @pytest.mark.parametrize("setting", [dict(top_k=40), dict(top_k=40, top_p=0.9), dict(min_p=0.001)])
 def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting):
     """Byte-level BPE vocabularies number their frequent tokens first, so a model's likely next tokens crowd
@@ -193,10 +189,7 @@ def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting
     from ivg_kernels._triton import sampling_kernels as sk
     from ivg_kernels.sampling import _guided_sample_triton
 
-    calls = []
-    for name in ("_pool_draw", "_fallback_threshold"):
-        original = getattr(sk, name)
-        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    counters = count_fallbacks(monkeypatch)
     gen = torch.Generator().manual_seed(8)
     n, v = 3, 8192
     logits = torch.randn(n, v, generator=gen)
@@ -206,11 +199,10 @@ def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting
                             setting.get("min_p", 0.0), 7, torch.arange(n), None)
     got = _guided_sample_triton(a, block=2048)  # 4 slices of 8 granules
     assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
-    assert not calls, f"{len(calls)} of {n} rows took the fallback"
+    assert not counters.total(), f"{counters.total()} of {n} rows took the fallback"
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="counts calls inside the kernel: interpreter only")
+@interpreter_only
 @pytest.mark.parametrize("kind", ["ranked", "flat"])
 def test_candidate_coverage_predicts_the_kernels_fallbacks(monkeypatch, kind):
     """benchmarks/candidate_coverage.py replays stage 2's candidate test in torch to predict fallbacks at shapes
@@ -220,10 +212,7 @@ def test_candidate_coverage_predicts_the_kernels_fallbacks(monkeypatch, kind):
     from ivg_kernels._triton import sampling_kernels as sk
     from ivg_kernels.sampling import _guided_sample_triton
 
-    calls = []
-    for name in ("_pool_draw", "_fallback_threshold"):
-        original = getattr(sk, name)
-        monkeypatch.setattr(sk, name, lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
+    counters = count_fallbacks(monkeypatch)
     n, v, block = 4, 6144, 1024  # 6 slices of 4 granules
     base, tune, ref = make_rows(kind, n, v, torch.device("cpu"), torch.Generator().manual_seed(v))
     for k, p, mp in ((12, 1.0, 0.0), (60, 1.0, 0.0), (0, 0.95, 0.0), (0, 1.0, 0.02), (30, 0.9, 0.0)):
@@ -231,10 +220,11 @@ def test_candidate_coverage_predicts_the_kernels_fallbacks(monkeypatch, kind):
                                 torch.arange(n), None)
         x, x_max = _warp(a)[:2]
         predicted = n - int(proven(x, x_max, dict(top_k=k, top_p=p, min_p=mp), block, "strided").sum())
-        calls.clear()
+        counters.reset()
         got = _guided_sample_triton(a, block=block)
         assert torch.equal(got.tokens, _guided_sample_ref(a).tokens)
-        assert len(calls) == predicted, f"top_k={k} top_p={p} min_p={mp}: {len(calls)} fallbacks, {predicted} predicted"
+        assert counters.total() == predicted, (f"top_k={k} top_p={p} min_p={mp}: {counters.total()} fallbacks, "
+                                               f"{predicted} predicted")
 
 
 def test_unfiltered_draw_follows_the_softmax_across_granules():

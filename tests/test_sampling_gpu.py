@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ivg_kernels
+from benchmarks.bench_sampling import make_rows
 from ivg_kernels._args import prepare_sample_args
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
@@ -45,14 +46,7 @@ def test_fallback_rows_at_model_shapes_match_reference_through_the_pool_and_the_
     from ivg_kernels._triton import sampling_kernels as sk
 
     n, v = 256, 151936
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    rows = []
-    for _ in range(3):
-        x = torch.randn(n, v, device="cuda", generator=gen)
-        head = torch.randint(0, v, (n, 64), device="cuda", generator=gen)
-        boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device="cuda", dtype=torch.float32))
-        rows.append(x.scatter_(1, head, boost.expand(n, 64)).to(torch.bfloat16))
-    base, tune, ref = rows
+    base, tune, ref = make_rows("peaked", n, v, "cuda", torch.Generator(device="cuda").manual_seed(7))
     seed = torch.randint(0, 1 << 62, (n,), device="cuda")
     kwargs = dict(temperature=0.7, top_p=top_p, seed=seed, offset=5, backend="triton")
     a = prepare_sample_args(base, [(tune, 1.0), (ref, -1.0)], 0.7, 0, top_p, 0.0, seed, 5, None)
@@ -78,14 +72,7 @@ def test_filters_on_rows_whose_likely_tokens_crowd_the_low_ids_match_reference(n
     frequent tokens (bench_sampling's "ranked" rows), at V = 151936: stage 1's slices take every S-th granule,
     so those tokens spread over the slices' candidates. The compiled kernel draws the reference's tokens."""
     v = 151936
-    gen = torch.Generator(device="cuda").manual_seed(11 + n)
-    rows = []
-    for _ in range(3):
-        x = torch.randn(n, v, device="cuda", generator=gen)
-        head = torch.randint(0, 4096, (n, 64), device="cuda", generator=gen)
-        boost = 12.0 - 2.5 * torch.log(torch.arange(1, 65, device="cuda", dtype=torch.float32))
-        rows.append(x.scatter_(1, head, boost.expand(n, 64)).to(torch.bfloat16))
-    base, tune, ref = rows
+    base, tune, ref = make_rows("ranked", n, v, "cuda", torch.Generator(device="cuda").manual_seed(11 + n))
     seed = torch.randint(0, 1 << 62, (n,), device="cuda")
     k, p, mp = setting.get("top_k", 0), setting.get("top_p", 1.0), setting.get("min_p", 0.0)
     want = _guided_sample_ref(prepare_sample_args(base, [(tune, 1.0), (ref, -1.0)], 0.7, k, p, mp, seed, 3, None))

@@ -9,7 +9,7 @@ from ivg_kernels._args import prepare_sample_args
 from ivg_kernels._backend import triton_interpreted
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
-from .helpers import args_to, assert_close, requires_triton
+from .helpers import args_to, assert_close, count_fallbacks, requires_triton
 
 pytestmark = requires_triton
 def _inputs(n, v, g, dtype, gen, pad=3):
@@ -113,20 +113,6 @@ def test_fallback_thresholds_on_heavily_tied_rows_match_reference(f):
     _compare(a, block=64)
 
 
-class _Counted:
-    """Counts the calls of a kernel helper (the interpreter calls helpers through the module's globals)."""
-
-    def __init__(self, real):
-        self.real, self.calls = real, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.real.fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 @pytest.fixture
 def pool_entries(monkeypatch):
     """Sets the fallback pool's size (entries shared by a call's rows; 0: every fallback row takes the
@@ -135,11 +121,7 @@ def pool_entries(monkeypatch):
     from ivg_kernels._triton import sampling_kernels as sk
 
     counting = triton_interpreted()
-    counters = {}
-    if counting:
-        for name in ("_pool_draw", "_fallback_threshold"):
-            counters[name] = _Counted(getattr(sk, name))
-            monkeypatch.setattr(sk, name, counters[name])
+    counters = count_fallbacks(monkeypatch) if counting else {}
 
     def resize(entries):
         monkeypatch.setattr(sk, "POOL_MAX", entries)
@@ -195,8 +177,7 @@ def test_fallback_paths_agree_bit_for_bit_and_share_the_pool(f, pool_entries):
     assert torch.equal(pooled.logprob, passes.logprob), (pooled.logprob, passes.logprob)
     resize(2 * v)  # about two rows' ranges: the first rows take the pool, the others overflow it
     if counters:
-        for c in counters.values():
-            c.calls = 0
+        counters.reset()
     _compare(a, block=256)
     if counters:
         assert counters["_pool_draw"].calls and counters["_pool_draw"].calls < n, counters["_pool_draw"].calls
