@@ -51,19 +51,30 @@ def main(argv=None) -> int:
     opts = method_options(args.mode, 0, args.max_new_tokens)
     dec.generate(prompts[:1], opts)  # warm-up: compiles kernels, captures graphs
 
-    per_token, stats = [], []
+    # the same decoding with each step one replay per model and an eager sampler call, prompt by prompt in turn
+    per_model = IVGDecoder(models, max_batch_prompts=1, step_graphs=False) if dec._steps is not None else None
+    if per_model is not None:
+        per_model.generate(prompts[:1], opts)
+    per_token, stats, per_token_per_model = [], [], []
     for p in prompts[1:args.runs + 1]:
-        _sync(device)
-        t0 = time.perf_counter()
-        res = dec.generate([p], opts)
-        _sync(device)
-        per_token.append((time.perf_counter() - t0) / max(1, len(res[0].beams[0].tokens)))
+        for d, times in ((dec, per_token), (per_model, per_token_per_model)):
+            if d is None:
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            res = d.generate([p], opts)
+            _sync(device)
+            times.append((time.perf_counter() - t0) / max(1, len(res[0].beams[0].tokens)))
         stats.append(dec.last_stats)
     st = stats[-1]
     print(f"# profile_decode: {args.models} on {device}, mode {args.mode}, torch {torch.__version__}")
+    if per_token_per_model:
+        print(f"per token with steps replayed per model (step_graphs=False): "
+              f"{1e3 * statistics.fmean(per_token_per_model):.2f} ms")
     print(f"per token: {1e3 * statistics.fmean(per_token):.2f} ms (runs: "
           f"{', '.join(f'{1e3 * t:.2f}' for t in per_token)}); last run: {st.new_tokens} tokens, {st.steps} steps, "
-          f"{st.forwards} forwards ({st.graph_replays} from CUDA graphs), {st.host_reads} host reads, "
+          f"{st.forwards} forwards ({st.graph_replays} from CUDA graphs; {st.step_replays} steps as one graph each), "
+          f"{st.host_reads} host reads, "
           f"{100 * (1 - st.outside_forwards):.0f}% of its time inside the forwards")
 
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -72,6 +72,52 @@ def padded_groups(starts: list, shared: list, n: int, rows: int) -> tuple[list, 
     return starts, list(shared) + [0] * (rows - len(shared))
 
 
+def static_forward(pm, input_ids, positions, slots, block_table, seq_lens, cu, keep, q: int = 1, groups=None):
+    """``(run, batch)``: a forward of ``pm`` over static buffers (``input_ids`` and ``positions`` ``[1, T]``,
+    ``slots [T]``, ``block_table [B, width]``, ``seq_lens [B]``, ``cu [B + 1]``, ``q`` new tokens per row,
+    ``keep``: the positions whose logits it returns; ``groups``: beam-group buffers ``(group_starts, shared_lens, most)`` or None), and the
+    :class:`~ivg.paged_model.PagedBatch` it reads (off CUDA, clear its ``plans`` before each run: the
+    reference attention's masks are made from the tables of that run). The buffers must live as long as
+    the graph that replays ``run``."""
+    from .paged_model import PagedBatch
+
+    batch = PagedBatch(cache=pm.cache, slot_mapping=slots, block_table=block_table, seq_lens=seq_lens,
+                       cu_seqlens_q=cu, max_seqlen_q=q, is_decode=q == 1,
+                       backend=attention_backend(pm.backend, pm.cache.pool.kv), groups=groups)
+
+    def run():
+        return pm.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
+                        ivg_batch=batch).logits[0]
+
+    return run, batch
+
+
+def capture(run, device, pool):
+    """``(graph, output)``: ``run`` captured as a CUDA graph on ``device`` after two warm-up runs on a side
+    stream (Triton kernels compile, the allocator settles), and the output tensors the replays overwrite;
+    off CUDA ``(None, None)``: nothing is captured."""
+    if device.type != "cuda":
+        return None, None
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
+def graphable(pm) -> bool:
+    """Whether ``pm``'s forwards can be captured: it has graphs (``cuda_graphs``), and on CUDA its attention is
+    not the plain-torch reference (which reads sequence lengths on the host, which no capture can hold)."""
+    if pm.graphs is None:
+        return False
+    return pm.device.type != "cuda" or attention_backend(pm.backend, pm.cache.pool.kv) != "reference"
+
+
 class _Captured:
     """One graph: the static input buffers, the forward over them, and (on CUDA) its capture. ``most``:
     0 for per-row attention, else the most rows per beam group (shared-prefix attention over group
@@ -80,8 +126,6 @@ class _Captured:
     the same buffers eagerly (the CPU tests of the padding)."""
 
     def __init__(self, pm, rows: int, width: int, most: int, q: int, pool):
-        from .paged_model import PagedBatch
-
         dev = pm.device
         self.rows, self.width, self.most, self.q = rows, width, most, q
         self.input_ids = torch.zeros(1, rows * q, dtype=torch.long, device=dev)
@@ -94,29 +138,10 @@ class _Captured:
         self.shared_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
         cu = torch.arange(0, rows * q + 1, q, dtype=torch.int32, device=dev)
         keep = torch.arange(rows * q, device=dev)  # a decode step's last tokens, an extend's every position
-        batch = PagedBatch(cache=pm.cache, slot_mapping=self.slots, block_table=self.block_table,
-                           seq_lens=self.seq_lens, cu_seqlens_q=cu, max_seqlen_q=q, is_decode=q == 1,
-                           backend=attention_backend(pm.backend, pm.cache.pool.kv),
-                           groups=(self.group_starts, self.shared_lens, most) if most else None)
-
-        def run():
-            return pm.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=False,
-                            logits_to_keep=keep, ivg_batch=batch).logits[0]
-
-        # The graph reads these by address: they must live as long as the graph does.
-        self._keep, self._cu, self._batch, self._run = keep, cu, batch, run
-        self.graph = None
-        if dev.type != "cuda":
-            return
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: compile Triton kernels, settle the allocator (slots are -1: no writes)
-                run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = run()
+        self._run, self._batch = static_forward(
+            pm, self.input_ids, self.positions, self.slots, self.block_table, self.seq_lens, cu, keep, q,
+            (self.group_starts, self.shared_lens, most) if most else None)
+        self.graph, self.logits = capture(self._run, dev, pool)
 
     def replay(self, tokens, positions, slots, block_table, seq_lens, groups=None) -> torch.Tensor:
         """The logits ``[n * q, V]`` of the ``n`` rows' new tokens (row by row); ``groups``: the rows'
@@ -179,7 +204,7 @@ class DecodeGraphs:
         rows = bucket_for(len(seq_lens))
         if rows is None or (q > 1 and (groups is not None or rows * q > MAX_EXTEND_TOKENS)):
             return None
-        if self.pm.device.type == "cuda" and attention_backend(self.pm.backend, self.pm.cache.pool.kv) == "reference":
+        if not graphable(self.pm):
             return None  # the plain-torch attention reads lengths on the host, which no capture can hold
         key = (rows, width_for(block_table.shape[1]), groups_for(groups[2]) if groups is not None else 0, q)
         if key in self._failed:

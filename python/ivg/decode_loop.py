@@ -34,10 +34,10 @@ from typing import Optional
 
 import torch
 
-import ivg_kernels
 from ivg_kernels._transfer import to_device, to_device_many
 
-from .search import OFFSET_STRIDE, Beam, expand, rank, row_offset, sampler_guides
+from .draw import StepDraw
+from .search import OFFSET_STRIDE, Beam, expand, rank, row_offset
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -72,6 +72,9 @@ class DecodeLoop:
         self.lazy_rm = "rm" in self.names and self.w_rm == 0.0
         self.step_names = [n for n in self.names if not (self.lazy_rm and n == "rm")]  # run every step
         self.vocab = min(paged[n].vocab_size for n in self.names)
+        self.draw = StepDraw(tuple(self.step_names), tuple(self.guides), self.eft, self.w_rm, opts.temperature,
+                             opts.top_k, opts.top_p, opts.min_p, self.vocab, decoder.backend)
+        self.step_graphs = decoder.step_graphs_for(paged)  # ivg.step_graphs (None where steps run per model)
         self.device = paged["base"].device
         self.search = opts.width * opts.successors > 1
         self.rows: list = []  # (Request, Beam) of every live row, in the order of ``cur``
@@ -83,6 +86,7 @@ class DecodeLoop:
         self.drawn = None  # the last step's tokens on the device, for feed_drawn
         self._keys = None  # the rows' (seed, offset) on the device for this step; None when the rows changed
         self._slots = None  # the rows' KV sequences, for feed_drawn; None when the rows changed
+        self._next = None  # the next step's record [rows, 6], drawn in the replay of a whole step (feed_drawn)
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
@@ -127,24 +131,28 @@ class DecodeLoop:
 
     def _rows_changed(self) -> None:
         """Forget what was derived from the rows (their keys and slots): they were added, replaced or forked."""
-        self._keys = self._slots = None
+        self._keys = self._slots = self._next = None
 
     # -- run: the draw ---------------------------------------------------------------------------
     def sample(self):
         """One fused draw for every live row: base logits plus the weighted guide and token-RM rows. The
         rows' keys go to the device once per set of rows; each step after that adds one step to the
-        offsets there (every active prompt advances one step, ``row_offset``), with no host work per row."""
-        cur, opts = self.cur, self.opts
+        offsets there (every active prompt advances one step, ``row_offset``), with no host work per row.
+        After a whole step replayed from one graph (``feed_drawn``) the draw was made there: its record."""
         self.stats.steps += 1
+        seed, offset = self._step_keys()
+        self._keys = (seed, offset + OFFSET_STRIDE)  # the next step's, on the device
+        if self._next is not None:
+            drawn, self._next = self._next, None
+            return drawn
+        return self.draw.draw(self.cur, seed, offset)
+
+    def _step_keys(self) -> tuple:
+        """The rows' ``(seed, offset)`` for this step, on the device."""
         if self._keys is None:
             keys = torch.tensor([[r.seed for r, _ in self.rows], [row_offset(r.t, b.cand) for r, b in self.rows]])
             self._keys = tuple(to_device(keys, self.device))  # one copy
-        seed, offset = self._keys
-        self._keys = (seed, offset + OFFSET_STRIDE)  # the next step's, on the device
-        return ivg_kernels.guided_sample(
-            cur["base"], sampler_guides(cur, self.guides, self.eft, self.w_rm), temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-            min_p=opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab, backend=self.decoder.backend,
-        )
+        return self._keys
 
     # -- update ----------------------------------------------------------------------------------
     def record(self, sample) -> bool:
@@ -152,10 +160,12 @@ class DecodeLoop:
         NaN flag on the device; advance every prompt's step. When the host must see them now
         (:meth:`must_read`), read every step not read yet in one copy and append the tokens, add the
         values and set the finished flags row by row, as if read every step. Returns whether it read."""
-        implicit, explicit = self.values(sample.input_logprobs, sample.input_logits)
-        self.pending.append(torch.stack([sample.ok.double(), sample.tokens.double(), sample.logprob.double(),
-                                         implicit, explicit], dim=1))
-        self.drawn = sample.tokens.clamp(min=0)  # a flagged row's -1 is reported by the read, not fed
+        if isinstance(sample, torch.Tensor):  # a whole step's record [rows, 6]: the fed token last
+            self.pending.append(sample[:, :5])
+            self.drawn = sample[:, 5].long()
+        else:
+            self.pending.append(self.draw.record(sample))
+            self.drawn = sample.tokens.clamp(min=0)  # a flagged row's -1 is reported by the read, not fed
         for req in self.active:  # every active prompt has rows: one without any has finished
             req.t += 1
         if not self.must_read():
@@ -166,15 +176,8 @@ class DecodeLoop:
         return True
 
     def values(self, input_logprobs, input_logits):
-        """Each drawn token's implicit value (sum of beta * (log pi_tune - log pi_ref)) and explicit value
-        (the token RM's raw value when it is a sampler input, else NaN), float64, from the sampler's
-        per-input outputs ``[..., 1 + G]`` (inputs: base, the guide pairs, then the token RM)."""
-        lp = input_logprobs.double()
-        implicit = torch.zeros(lp.shape[:-1], dtype=torch.float64, device=lp.device)
-        for k, (_, beta) in enumerate(self.guides):
-            implicit += beta * (lp[..., 1 + 2 * k] - lp[..., 2 + 2 * k])
-        rm_input = "rm" in self.step_names  # a token RM run every step is the sampler's last input
-        return implicit, input_logits[..., -1].double() if rm_input else torch.full_like(implicit, torch.nan)
+        """Each drawn token's implicit and explicit value (``StepDraw.values``)."""
+        return self.draw.values(input_logprobs, input_logits)
 
     def must_read(self) -> bool:
         """The host needs the drawn tokens now: every step with stop strings or ``read_every`` 1, at a
@@ -290,8 +293,19 @@ class DecodeLoop:
         forward per model; the rows, and so the sampler's inputs, stay in place)."""
         if self._slots is None:
             self._slots = [b.slot for _, b in self.rows]
-        self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
         self.stats.forwards += len(self.step_names)
+        if self.step_graphs is not None:  # the forwards and the next draw in one replay, where a graph applies
+            timer = self.paged["base"].timer
+            token = timer.begin(self.device) if timer is not None else None
+            try:
+                self._next = self.step_graphs.run(self.draw, self._slots, self.drawn, *self._step_keys())
+            finally:
+                if timer is not None:
+                    timer.end(self.device, token)
+            if self._next is not None:
+                self.cur = {}  # not read before the next draw, which the replay made
+                return
+        self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
 
     # -- schedule: chunk boundaries --------------------------------------------------------------
     def prune(self) -> tuple[dict, list]:
@@ -367,8 +381,13 @@ class DecodeLoop:
     # -- run: the forwards -----------------------------------------------------------------------
     def feed(self, plans: dict) -> None:
         """One forward per model over every continuing row's new token; then each kept parent forks
-        into its K children, which share its blocks and take its logits."""
+        into its K children, which share its blocks and take its logits. When nothing forks, finishes or
+        is pruned, every row reads the token it drew as between reads (``feed_drawn``: the rows, their
+        keys and slots stay; on a GPU the step may replay whole)."""
         feed = self.continuing(plans)
+        if feed and not plans and len(feed) == len(self.rows):
+            self.feed_drawn()
+            return
         self._rows_changed()
         if not feed:
             self.rows, self.cur = [], {}

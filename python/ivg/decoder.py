@@ -72,6 +72,7 @@ class RunStats:
     host_reads: int = 0  # device-to-host reads of the decode loop (one per read of drawn tokens or values)
     forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
     graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly
+    step_replays: int = 0  # decode steps replayed whole, every forward and the draw in one graph (ivg.step_graphs)
 
     @property
     def outside_forwards(self) -> float:
@@ -142,11 +143,15 @@ class IVGDecoder:
         strings are set; :mod:`ivg.decode_loop`). Between reads the step runs without waiting for the
         device, and a row that drew EOS runs on until the read (its extra tokens are dropped: results do
         not depend on ``read_every``). Default ``None``: 1 on the CPU, 8 on a GPU
+    step_graphs : where decode steps replay CUDA graphs, a step between host reads (every row reading the
+        token it drew, then the next draw) replays one graph holding every model's forward and the
+        sampler (:mod:`ivg.step_graphs`) instead of one graph per model and an eager sampler call. Default
+        on; the same tokens either way. Beam-group attention (``shared_prefix``) keeps per-model graphs
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
                  max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None,
-                 read_every: int | None = None):
+                 read_every: int | None = None, step_graphs: bool = True):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
@@ -166,6 +171,10 @@ class IVGDecoder:
                                        or read_every < 1):
             raise ValueError(f"read_every={read_every!r}: expected None or an int >= 1")
         self.read_every = read_every
+        if step_graphs not in (True, False):
+            raise ValueError(f"step_graphs={step_graphs!r}: expected True or False")
+        self.step_graphs = step_graphs
+        self._steps = None  # the StepGraphs of the paged models in _paged (kept with them)
         self.last_stats = RunStats()
         self._group = None
         self._paged: dict = {}  # model name -> the PagedModel over its cache in _group (kept from call to call)
@@ -209,6 +218,7 @@ class IVGDecoder:
                 grown = max(num_blocks, 3 * max(c.pool.kv.shape[2] for c in old.values()) // 2)
             self._group = old = None  # let the previous pools go before allocating
             self._paged = {}  # and the paged models (and CUDA graphs) over them
+            self._steps = None
             try:
                 caches = self._new_caches(shapes, grown)
             except torch.OutOfMemoryError:
@@ -253,8 +263,9 @@ class IVGDecoder:
         timer = ForwardTimer()
         for pm in paged.values():
             pm.timer = timer
-        replays = self._graph_replays()
         loop = (SpeculativeLoop if opts.speculate else DecodeLoop)(self, opts, roles, group, paged, stopper, stats)
+        replays = self._graph_replays()
+        steps = self._steps.steps if self._steps is not None else 0
         waiting = deque(Request(i, p, d, prompt_seed(opts.seed, d["base"])) for i, (p, d) in enumerate(zip(prompts, ids)))
         results: list = [None] * len(ids)
         bar = progress_bar(len(ids), desc="ivg generate", unit="prompt", enabled=progress)
@@ -279,12 +290,26 @@ class IVGDecoder:
             loop.release()
         stats.forward_s = timer.total()
         stats.graph_replays = self._graph_replays() - replays
+        stats.step_replays = (self._steps.steps if self._steps is not None else 0) - steps
         stats.wall_s = time.perf_counter() - start
         self.last_stats = stats
         return results
 
     def _graph_replays(self) -> int:
-        return sum(pm.graphs.replays for pm in self._paged.values() if pm.graphs is not None)
+        per_model = sum(pm.graphs.replays for pm in self._paged.values() if pm.graphs is not None)
+        return per_model + (self._steps.forwards if self._steps is not None else 0)
+
+    def step_graphs_for(self, paged: dict):
+        """The :class:`~ivg.step_graphs.StepGraphs` of these paged models (kept while they are), or None
+        where steps run per model (``step_graphs`` off, or no model replays graphs)."""
+        if not self.step_graphs or all(pm.graphs is None for pm in paged.values()):
+            return None
+        from .step_graphs import StepGraphs
+
+        old = self._steps
+        if old is None or set(old.paged) != set(paged) or any(old.paged[n] is not pm for n, pm in paged.items()):
+            self._steps = StepGraphs(paged)
+        return self._steps
 
     def _pool_blocks(self, ids, opts, capacity: int) -> int:
         """KV blocks per model for any ``capacity`` prompts at once: a prompt needs its W*K rows at full
