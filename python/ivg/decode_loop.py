@@ -91,9 +91,9 @@ class DecodeLoop:
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
         """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
-        and fork each into W*K rows sharing its prompt blocks."""
+        and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw)."""
         new = []
-        while waiting and not self.pending and len(self.active) + len(new) < capacity:
+        while waiting and not self.pending and self._next is None and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
         if not new:
             return

@@ -70,7 +70,9 @@ class RunStats:
     accepted: int = 0  # and of those, kept
     gammas: list = field(default_factory=list)  # speculative decoding: the most drafts per row, round by round
     host_reads: int = 0  # device-to-host reads of the decode loop (one per read of drawn tokens or values)
-    forward_s: float = 0.0  # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer)
+    # time inside the models' forwards (device time on a GPU: ivg.paged_model.ForwardTimer); a step replayed whole
+    # (step_replays) counts whole, its draw included
+    forward_s: float = 0.0
     graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly
     step_replays: int = 0  # decode steps replayed whole, every forward and the draw in one graph (ivg.step_graphs)
 
