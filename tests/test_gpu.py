@@ -156,12 +156,18 @@ def test_speculative_verifications_replay_from_cuda_graphs(mode):
                          temperature=1.0, speculate=3)
     prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
     eager = IVGDecoder(models, cuda_graphs=False).generate(prompts, opts)
-    dec = IVGDecoder(models, cuda_graphs=True)
+    dec = IVGDecoder(models, cuda_graphs=True, step_graphs=False)  # per-model graphs, an eager verification
     graphed = dec.generate(prompts, opts)
     keys = {n: set(pm.graphs._graphs) for n, pm in dec._paged.items()}
     assert any(k[3] == 4 for n, ks in keys.items() if n != "tune0" for k in ks), keys
     assert [r.beams[0].tokens for r in graphed] == [r.beams[0].tokens for r in eager]
     assert sum(dec.kv_blocks_in_use().values()) == 0
+    # every round as one graph (ivg.round_graphs): the draft's forwards and draws, the extends, the verification
+    whole = IVGDecoder(models, cuda_graphs=True)
+    rounds = whole.generate(prompts, opts)
+    assert whole.last_stats.step_replays == whole.last_stats.steps > 0, whole.last_stats
+    assert [r.beams[0].tokens for r in rounds] == [r.beams[0].tokens for r in eager]
+    assert sum(whole.kv_blocks_in_use().values()) == 0
 
 
 def test_decoder_graphs_with_beam_groups_match_eager():

@@ -181,10 +181,10 @@ def test_a_round_that_padding_would_take_past_the_positions_stays_ragged(models,
 
 
 def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
-    from ivg import speculative_loop
+    from ivg import round_graphs
 
     dec = IVGDecoder(models)
-    calls, real = [], speculative_loop.speculative_verify
+    calls, real = [], round_graphs.speculative_verify
 
     def flaky(*a, **k):
         calls.append(1)
@@ -192,11 +192,11 @@ def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
             raise RuntimeError("verification failed")
         return real(*a, **k)
 
-    monkeypatch.setattr(speculative_loop, "speculative_verify", flaky)
+    monkeypatch.setattr(round_graphs, "speculative_verify", flaky)
     with pytest.raises(RuntimeError, match="verification failed"):
         dec.generate(PROMPTS, _opts("ivg", speculate=3))
     assert set(dec.kv_blocks_in_use().values()) == {0}
-    monkeypatch.setattr(speculative_loop, "speculative_verify", real)
+    monkeypatch.setattr(round_graphs, "speculative_verify", real)
     _same(dec.generate(PROMPTS, _opts("ivg", speculate=3)), IVGDecoder(models).generate(PROMPTS, _opts("ivg", speculate=3)))
 
 

@@ -6,6 +6,7 @@ decoder without graphs. The capture itself is checked on a GPU (tests/test_gpu.p
 import pytest
 
 from ivg.decoder import IVGDecoder
+from ivg.round_graphs import _RoundGraph
 from ivg.step_graphs import StepGraphs, _StepGraph
 
 from .decoder_fixtures import ivg_models, with_graph_buffers
@@ -59,33 +60,6 @@ def test_step_graphs_are_kept_from_call_to_call(models, monkeypatch):
     assert dec._steps is not steps
 
 
-def test_a_failing_step_undoes_its_appends(models, monkeypatch):
-    """An error inside the replay leaves every model's sequences at their lengths before the step, and
-    the decoder frees every block."""
-    with_graph_buffers(monkeypatch)
-    undone = []
-    real_run = StepGraphs.run
-
-    def run(self, draw, seq_ids, drawn, seed, offset):
-        before = {n: self.paged[n].blocks.seq_lens(seq_ids).tolist() for n in draw.names}
-        try:
-            return real_run(self, draw, seq_ids, drawn, seed, offset)
-        except RuntimeError:
-            undone.append(all(self.paged[n].blocks.seq_lens(seq_ids).tolist() == before[n] for n in draw.names))
-            raise
-
-    def boom(self, *args):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(StepGraphs, "run", run)
-    monkeypatch.setattr(_StepGraph, "replay", boom)
-    dec = _decoder(models)
-    with pytest.raises(RuntimeError, match="boom"):
-        dec.generate(PROMPTS, _opts("eft", max_new_tokens=10))
-    assert undone == [True]
-    assert sum(dec.kv_blocks_in_use().values()) == 0
-
-
 def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch):
     """A step graph that cannot be captured warns once per key, and those steps run per model with the
     same results."""
@@ -98,10 +72,81 @@ def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch):
 
     monkeypatch.setattr(_StepGraph, "__init__", fail)
     dec = _decoder(models)
-    with pytest.warns(UserWarning, match="whole step failed.*no capture here"):
+    with pytest.warns(UserWarning, match="whole step .* failed .*no capture here"):
         got = dec.generate(PROMPTS, opts)
     _same(got, want, tol=1e-6)
     assert dec.last_stats.step_replays == 0 and dec._steps._failed
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
+@pytest.mark.parametrize("mode", ["eft", "tokenrm", "ivg"])
+def test_whole_speculative_rounds_change_nothing(models, monkeypatch, mode):
+    """Speculating 3, every round is one replay (the draft's forwards and draws, the other models' extends,
+    the verification, the record): the results of per-model rounds and of the decoder without graphs,
+    near chunk boundaries too (rounds of fewer positions, other graphs)."""
+    opts = _opts(mode, max_new_tokens=12, speculate=3)
+    want = _decoder(models).generate(PROMPTS, opts)
+    with_graph_buffers(monkeypatch)
+    per_model = _decoder(models, step_graphs=False)
+    _same(per_model.generate(PROMPTS, opts), want, tol=1e-6)
+    dec = _decoder(models)
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    st = dec.last_stats
+    assert st.step_replays == st.steps > 0, st  # every round
+    assert len({k[4] for k in dec._steps._graphs if k[0] == "round"}) > 1  # rounds of several widths
+    assert sum(dec.kv_blocks_in_use().values()) == 0
+
+
+def test_whole_rounds_feed_each_model_its_own_pending_token(monkeypatch):
+    """Guides whose template ends otherwise than the base's: each model's first pending token is its own
+    prompt's last one, in the replay as eagerly."""
+    m = ivg_models("gpt2", templates={"guide": "{prompt} !", "token_rm": "{prompt} ?"})
+    for mode in ("eft", "tokenrm"):
+        opts = _opts(mode, max_new_tokens=8, speculate=2)
+        want = _decoder(m).generate(PROMPTS, opts)
+        with monkeypatch.context() as patch:
+            with_graph_buffers(patch)
+            dec = _decoder(m)
+            _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+            assert dec.last_stats.step_replays > 0
+
+
+def test_rounds_with_a_filter_run_per_model(models, monkeypatch):
+    """top-k is not what the fused draw and verification take: such rounds are not captured whole."""
+    opts = _opts("eft", max_new_tokens=10, speculate=3, top_k=5)
+    want = _decoder(models).generate(PROMPTS, opts)
+    with_graph_buffers(monkeypatch)
+    dec = _decoder(models)
+    _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+    assert dec.last_stats.step_replays == 0
+
+
+@pytest.mark.parametrize("kind", ["step", "round"])
+def test_a_failing_round_or_step_undoes_its_appends(models, monkeypatch, kind):
+    """An error inside a whole round's replay leaves every model's sequences as they were, as a step's does."""
+    with_graph_buffers(monkeypatch)
+    undone = []
+    name = "run" if kind == "step" else "run_round"
+    real = getattr(StepGraphs, name)
+
+    def run(self, draw, *args):
+        seq_ids = args[0] if kind == "step" else args[1]
+        before = {n: self.paged[n].blocks.seq_lens(seq_ids).tolist() for n in draw.names}
+        try:
+            return real(self, draw, *args)
+        except RuntimeError:
+            undone.append(all(self.paged[n].blocks.seq_lens(seq_ids).tolist() == before[n] for n in draw.names))
+            raise
+
+    def boom(self, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(StepGraphs, name, run)
+    monkeypatch.setattr(_StepGraph if kind == "step" else _RoundGraph, "replay", boom)
+    dec = _decoder(models)
+    with pytest.raises(RuntimeError, match="boom"):
+        dec.generate(PROMPTS, _opts("eft", max_new_tokens=10, speculate=3 if kind == "round" else 0))
+    assert undone == [True]
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 

@@ -25,6 +25,7 @@ the padded batch.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -226,3 +227,60 @@ class DecodeGraphs:
         self.replays += 1
         return g.replay(tokens, positions, slots, block_table, seq_lens,
                         None if groups is None else groups[:2])
+
+
+class StaticInputs:
+    """Named static input buffers of a graph over several forwards (:mod:`ivg.step_graphs`,
+    :mod:`ivg.round_graphs`): views of one int64 and one int32 device buffer, each with the value its
+    padding rows hold, filled from host tensors by one host-to-device copy and a copy per dtype."""
+
+    def __init__(self):
+        self.specs = {torch.long: [], torch.int32: []}  # (name, shape, padding value)
+
+    def add(self, dtype, name: str, shape: tuple, pad: int) -> None:
+        self.specs[dtype].append((name, shape, pad))
+
+    def views(self, device) -> dict:
+        """The buffers, allocated, padded, by name (call once, after every ``add``)."""
+        self.flat, views = {}, {}
+        for dtype, specs in self.specs.items():
+            self.flat[dtype] = buf = torch.empty(sum(math.prod(shape) for _, shape, _ in specs), dtype=dtype,
+                                                 device=device)
+            at = 0
+            for name, shape, pad in specs:
+                views[name] = buf[at:at + math.prod(shape)].view(shape).fill_(pad)
+                at += math.prod(shape)
+        return views
+
+    def send(self, values: dict) -> None:
+        """Every buffer from the host: ``values`` by name fill each buffer's leading corner (the real rows
+        first), the rest holds its padding value."""
+        parts = []
+        for specs in self.specs.values():
+            for name, shape, pad in specs:
+                host = torch.full(shape, pad, dtype=torch.long)
+                value = values.get(name)
+                if value is not None:
+                    host[tuple(slice(0, k) for k in value.shape)] = value
+                parts.append(host.flatten())
+        both = to_device(torch.cat(parts), self.flat[torch.long].device)  # one asynchronous copy
+        n64 = self.flat[torch.long].numel()
+        self.flat[torch.long].copy_(both[:n64])
+        self.flat[torch.int32].copy_(both[n64:])
+
+
+class WholeGraph:
+    """Base of a graph over several forwards: ``_run`` the body (every model's forward over its static
+    buffers, then what reads their logits), ``_batches`` the forwards' PagedBatches, and ``graph``/``out``
+    from :func:`capture` (off CUDA ``graph`` is None and a replay runs ``_run`` eagerly)."""
+
+    def _replay(self, n: int) -> torch.Tensor:
+        """Replay (or run) over the filled buffers; the first ``n`` rows of the output, cloned (the next
+        replay overwrites the graph's output)."""
+        if self.graph is None:
+            for batch in self._batches:
+                batch.plans.clear()  # the reference's masks are made from the tables of this run
+            self.out = self._run()
+        else:
+            self.graph.replay()
+        return self.out[:n].clone()

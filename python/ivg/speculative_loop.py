@@ -30,7 +30,9 @@ own ``room - 1`` are never tested (the verification takes each row's own count) 
 caches with the rejected ones; keys are stateless (a later draw on the same key gets the same numbers
 whether or not a discarded draft read them), so the tokens are those of the unpadded round
 (``PAD_ROUNDS`` forces either way; the tests compare them). A round stays ragged where padding would
-take a row past a model's position limit.
+take a row past a model's position limit. A padded round without filters replays as one graph
+(:mod:`ivg.round_graphs`: steps 1 to 3 and the record the update reads), where the decoder's
+``step_graphs`` is on.
 """
 from __future__ import annotations
 
@@ -38,10 +40,11 @@ import torch
 
 from ivg_kernels._transfer import to_device, to_device_many
 from ivg_kernels.reference.speculative import spec_uniforms
-from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
+from ivg_kernels.speculative import draft_sample, fused_verification_applies
 
 from .decode_loop import DecodeLoop
 from .models import model_positions
+from .round_graphs import round_record, verify_round
 from .search import row_offset, sampler_guides
 
 PAD_ROUNDS = None  # pad rounds to equal widths: None where the forwards replay CUDA graphs; True/False force it
@@ -97,25 +100,28 @@ class SpeculativeLoop(DecodeLoop):
         keys = [(req.seed, len(b.tokens), b.cand, g) for (req, b), g in zip(rows, gam)]
         seed, t0, cand, gam_d = to_device(torch.tensor(keys).T.contiguous(), self.device)  # one copy
         offset = row_offset(t0.unsqueeze(1) + torch.arange(width, device=self.device), cand.unsqueeze(1))  # [R, S]
-        uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
         try:
-            drafts, logits = self._draft(rows, drafts_of, pending, offset, seed, uniforms)
-            safe = drafts.clamp(min=0)  # a flagged draft (-1) is reported by _update, never read as a token
-            self._verify(rows, drafts_of, pending, safe, logits)
-            guides = sampler_guides(logits, self.guides, self.eft, self.w_rm)
-            fused = self._fused(guides)
-            out = speculative_verify(
-                logits["base"], guides, logits[self.draft], safe, gam_d,
-                temperature=self.opts.temperature, top_k=self.opts.top_k, top_p=self.opts.top_p,
-                min_p=self.opts.min_p, seed=seed, offset=offset, vocab_size=self.vocab,
-                backend=self.decoder.backend if fused else "reference",
-                uniforms=None if fused else uniforms)  # the fused kernel draws its own (the same) uniforms
+            record = None
+            if self.step_graphs is not None and all(d == width - 1 for d in drafts_of):  # one replay, where it applies
+                record = self.step_graphs.run_round(self.draw, self.draft, slots, width, pending, before, seed, offset,
+                                                    gam_d)
+            if record is not None:
+                self.stats.forwards += width + len(self.step_names) - 1
+            else:
+                uniforms = spec_uniforms(seed, offset)  # [R, S, 3]: every random number of the round, in one call
+                drafts, logits = self._draft(rows, drafts_of, pending, offset, seed, uniforms)
+                # a flagged draft (-1) is reported by _update, never read as a token
+                self._verify(rows, drafts_of, pending, drafts.clamp(min=0), logits)
+                fused = self._fused(sampler_guides(logits, self.guides, self.eft, self.w_rm))
+                # the fused kernel draws its own (the same) uniforms
+                out = verify_round(self.draw, self.draft, logits, drafts, gam_d, seed, offset, fused, uniforms)
+                record = round_record(self.draw, out, drafts, gam_d)
         except BaseException:
             for name in self.step_names:  # nothing half-read: every model back to the round's start
                 self.paged[name].blocks.truncate_many(slots, before[name])
             raise
         drafted, accepted = self.stats.drafted, self.stats.accepted
-        kept = self._update(rows, gam, out, drafts, gam_d)
+        kept = self._update(rows, gam, record)
         if self.adapt:
             self._adapt(self.stats.drafted - drafted, self.stats.accepted - accepted)
         for name in self.step_names:  # keep the pending token and the kept drafts; the last new token waits
@@ -201,17 +207,12 @@ class SpeculativeLoop(DecodeLoop):
                 logits[name] = full
 
     # -- update ----------------------------------------------------------------------------------
-    def _update(self, rows, gam, out, drafts, gam_d) -> list:
+    def _update(self, rows, gam, record) -> list:
         """Append each row's new tokens with their log-probs and values, stopping at a finish; returns,
-        per row, how many tokens it took. The round's one read of the device."""
-        implicit, explicit = self.values(out.input_logprobs, out.input_logits)
+        per row, how many tokens it took. ``record``: the round's ``[R, 3 + 4 S]``
+        (``ivg.round_graphs.round_record``), read here: the round's one read of the device."""
         scored = "rm" in self.step_names
-        per_token = torch.stack([out.tokens.double(), out.logprob.double(), implicit, explicit], dim=2)  # [R, S, 4]
-        # the drafts the verification tests (a padded round's extra ones are not)
-        tested = torch.arange(drafts.shape[1], device=drafts.device) < gam_d.unsqueeze(1)
-        flags = torch.stack([out.ok.double(), out.num_accepted.double(), ((drafts < 0) & tested).any(dim=1).double()],
-                            dim=1)
-        host = torch.cat([flags, per_token.flatten(1)], dim=1).tolist()  # [R, 3 + 4 S]: the round's one read
+        host = record.tolist()
         self.stats.host_reads += 1
         if any(h[2] for h in host):
             raise RuntimeError("the draft model's logits held NaN/inf")

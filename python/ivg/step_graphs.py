@@ -23,84 +23,64 @@ import warnings
 
 import torch
 
-from ivg_kernels._transfer import to_device
-
-from .cuda_graphs import bucket_for, capture, graphable, static_forward, width_for
+from .cuda_graphs import (MAX_EXTEND_TOKENS, StaticInputs, WholeGraph, bucket_for, capture, graphable, static_forward,
+                          width_for)
 from .draw import StepDraw
+from .round_graphs import _RoundGraph, fused_applies
 
 
-class _StepGraph:
+class _StepGraph(WholeGraph):
     """The static buffers of one step, the step over them, and (on CUDA) its capture."""
 
     def __init__(self, draw: StepDraw, paged: dict, rows: int, widths: tuple, pool):
         names = draw.names
         dev = paged[names[0]].device
-        self.rows, self.widths = rows, widths
-        # every model's inputs in two buffers: int64 (positions | slots) and int32 (lengths | block table)
-        self.in64 = torch.zeros(len(names), 2, rows, dtype=torch.long, device=dev)
-        self.in64[:, 1] = -1  # padding rows write nothing
-        self.in32 = torch.ones(sum(rows * (1 + w) for w in widths), dtype=torch.int32, device=dev)
-        self.tokens = torch.zeros(1, rows, dtype=torch.long, device=dev)
-        self.keys = torch.zeros(2, rows, dtype=torch.long, device=dev)  # seed, offset
-        cu = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-        keep = torch.arange(rows, device=dev)
-        forwards, self._batches, at = [], [], 0
-        for k, (name, w) in enumerate(zip(names, widths)):
-            lens = self.in32[at:at + rows]
-            table = self.in32[at + rows:at + rows * (1 + w)].view(rows, w)
-            table.zero_()
-            at += rows * (1 + w)
-            run, batch = static_forward(paged[name], self.tokens, self.in64[k, 0].unsqueeze(0), self.in64[k, 1],
-                                        table, lens, cu, keep)
+        self.inputs = StaticInputs()
+        self.inputs.add(torch.long, "tokens", (1, rows), 0)
+        self.inputs.add(torch.long, "keys", (2, rows), 0)  # seed, offset
+        for name, w in zip(names, widths):
+            self.inputs.add(torch.long, f"{name}.pos", (rows,), 0)
+            self.inputs.add(torch.long, f"{name}.slots", (rows,), -1)  # padding rows write nothing
+            self.inputs.add(torch.int32, f"{name}.lens", (rows,), 1)
+            self.inputs.add(torch.int32, f"{name}.table", (rows, w), 0)
+        v = self.v = self.inputs.views(dev)
+        one = (torch.arange(rows + 1, dtype=torch.int32, device=dev), torch.arange(rows, device=dev))
+        forwards, self._batches = [], []
+        for name in names:
+            run, batch = static_forward(paged[name], v["tokens"], v[f"{name}.pos"].unsqueeze(0), v[f"{name}.slots"],
+                                        v[f"{name}.table"], v[f"{name}.lens"], *one)
             forwards.append(run)
             self._batches.append(batch)
 
         def step():
-            s = draw.draw({name: run() for name, run in zip(names, forwards)}, self.keys[0], self.keys[1])
+            s = draw.draw({name: run() for name, run in zip(names, forwards)}, v["keys"][0], v["keys"][1])
             return torch.cat([draw.record(s), s.tokens.clamp(min=0).double().unsqueeze(1)], dim=1)  # [rows, 6]
 
-        self._step = step
+        self._run = step
         self.graph, self.out = capture(step, dev, pool)
 
-    def replay(self, drawn, seed, offset, inputs: list) -> torch.Tensor:
+    def replay(self, drawn, seed, offset, inputs: dict) -> torch.Tensor:
         """The step's record ``[n, 6]`` for ``n`` rows: ``drawn`` their tokens, ``seed``/``offset`` their keys
-        (device ``[n]``), ``inputs`` per model ``(positions, slots, seq_lens, block_table)`` host tensors."""
-        n, rows = len(drawn), self.rows
-        h64 = torch.zeros(len(inputs), 2, rows, dtype=torch.long)
-        h64[:, 1] = -1
-        h32 = []
-        for k, ((positions, slots, lens, table), w) in enumerate(zip(inputs, self.widths)):
-            h64[k, 0, :n] = positions
-            h64[k, 1, :n] = slots
-            lens_p = torch.ones(rows, dtype=torch.long)
-            lens_p[:n] = lens
-            table_p = torch.zeros(rows, w, dtype=torch.long)
-            table_p[:n, :table.shape[1]] = table
-            h32 += [lens_p, table_p.flatten()]
-        both = to_device(torch.cat([h64.flatten(), *h32]), self.tokens.device)  # one asynchronous copy
-        self.in64.view(-1).copy_(both[:h64.numel()])
-        self.in32.copy_(both[h64.numel():])
-        self.tokens[0, :n].copy_(drawn)
-        self.keys[0, :n].copy_(seed)
-        self.keys[1, :n].copy_(offset)
-        if self.graph is None:
-            for batch in self._batches:
-                batch.plans.clear()  # the reference's masks are made from the tables of this run
-            self.out = self._step()
-        else:
-            self.graph.replay()
-        return self.out[:n].clone()  # the next replay overwrites the graph's output
+        (device ``[n]``), ``inputs`` per model's view name (``base.pos``, ``.slots``, ``.lens``, ``.table``)
+        host tensors of the real rows."""
+        n = len(drawn)
+        self.inputs.send(inputs)
+        self.v["tokens"][0, :n].copy_(drawn)
+        self.v["keys"][0, :n].copy_(seed)
+        self.v["keys"][1, :n].copy_(offset)
+        return self._replay(n)
 
 
 class StepGraphs:
-    """The step graphs of one set of paged models, created on first use of each key."""
+    """The whole-step graphs of one set of paged models (decode steps, and speculative rounds:
+    :mod:`ivg.round_graphs`), each captured on first use of its key."""
 
     def __init__(self, paged: dict):
         self.paged = paged
         self._graphs: dict = {}
         self._failed: set = set()
         self._pool = None
-        self.steps = 0  # steps replayed
+        self.steps = 0  # steps (and speculative rounds) replayed
         self.forwards = 0  # model forwards in them
         self.captures = 0
 
@@ -116,24 +96,20 @@ class StepGraphs:
         rows = bucket_for(len(seq_ids))
         if rows is None or not self.applies(draw.names):
             return None
-        appended, inputs = [], []
+        appended, inputs = [], {}
         try:
             for name in draw.names:
-                self.paged[name].attach()  # transformers' forward attends through the paged cache (a no-op when on)
-                cache = self.paged[name].cache
-                slots = cache.blocks.append(seq_ids, 1, copy=cache.pool.copy_blocks)  # copy-on-write first
-                appended.append(cache)
+                cache, slots = self._append(name, seq_ids, 1, appended)
                 table, lens = cache.blocks.tables(seq_ids)
-                inputs.append((lens.long() - 1, slots, lens, table))
-            key = (draw, rows, tuple(width_for(t.shape[1]) for _, _, _, t in inputs))
-            g = None if key in self._failed else self._graphs.get(key)
-            if g is None and key not in self._failed:
-                g = self._capture(draw, rows, key)
+                inputs.update({f"{name}.pos": lens.long() - 1, f"{name}.slots": slots, f"{name}.lens": lens,
+                               f"{name}.table": table})
+            key = ("step", draw, rows, tuple(width_for(inputs[f"{name}.table"].shape[1]) for name in draw.names))
+            g = self._get(key, lambda: _StepGraph(draw, self.paged, rows, key[3], self._pool),
+                          f"step (batch {rows}, widths {key[3]})")
             if g is None:
                 raise _NoGraph
             out = g.replay(drawn, seed, offset, inputs)
-            self.steps += 1
-            self.forwards += len(draw.names)
+            self._count(len(draw.names))
             return out
         except BaseException as e:
             for cache in appended:
@@ -142,20 +118,79 @@ class StepGraphs:
                 return None
             raise
 
-    def _capture(self, draw, rows, key):
-        if self._pool is None and self.paged[draw.names[0]].device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
-        try:
-            g = _StepGraph(draw, self.paged, rows, key[2], self._pool)
-        except Exception as e:  # noqa: BLE001 - a failed capture runs that key's steps per model instead
-            warnings.warn(f"CUDA graph capture of a whole step failed for batch {rows}, widths {key[2]} "
-                          f"({type(e).__name__}: {e}); those steps replay per model", stacklevel=4)
-            self._failed.add(key)
+    def run_round(self, draw: StepDraw, draft: str, seq_ids: list, s: int, pending: dict, before: dict, seed, offset,
+                  num_draft) -> torch.Tensor | None:
+        """A speculative round of ``s`` positions per row (every row drafting ``s - 1``) as one replay
+        (:mod:`ivg.round_graphs`): ``pending`` and ``before`` per model the rows' pending tokens and lengths
+        (host lists); ``seed`` ``[n]``, ``offset`` ``[n, s]``, ``num_draft`` ``[n]`` on the device. Returns
+        the round's record ``[n, 3 + 4 s]``, or None where no graph applies (nothing changed then). Every
+        model's sequences grow by ``s`` (the caller cuts them back to what it keeps); on an error they are
+        back to their lengths before the call."""
+        rows, n = bucket_for(len(seq_ids)), len(seq_ids)
+        if (rows is None or rows * s > MAX_EXTEND_TOKENS or not self.applies(draw.names)
+                or draw.backend not in ("auto", "triton") or not fused_applies(draw)):
             return None
-        self._graphs[key] = g
-        self.captures += 1
+        appended, inputs = [], {"pending": torch.tensor([pending[name] for name in draw.names])}
+        try:
+            for name in draw.names:
+                cache, slots = self._append(name, seq_ids, s, appended)
+                table, lens = cache.blocks.tables(seq_ids)
+                pos = torch.tensor(before[name]).unsqueeze(1) + torch.arange(s)  # [n, s]
+                if name == draft:  # per forward k: [s, n]
+                    inputs.update({f"{name}.pos": pos.T, f"{name}.slots": slots.view(n, s).T,
+                                   f"{name}.lens": (pos + 1).T})
+                else:
+                    inputs.update({f"{name}.pos": pos.flatten(), f"{name}.slots": slots, f"{name}.lens": lens})
+                inputs[f"{name}.table"] = table
+            widths = tuple(width_for(inputs[f"{name}.table"].shape[1]) for name in draw.names)
+            key = ("round", draw, draft, rows, s, widths)
+            g = self._get(key, lambda: _RoundGraph(draw, draft, self.paged, rows, s, widths, self._pool),
+                          f"round (batch {rows}, {s} positions, widths {widths})")
+            if g is None:
+                raise _NoGraph
+            out = g.replay(inputs, seed, offset, num_draft, n)
+            self._count(s + len(draw.names) - 1)
+            return out
+        except BaseException as e:
+            for cache in appended:
+                cache.truncate_appended(seq_ids, s)
+            if isinstance(e, _NoGraph):
+                return None
+            raise
+
+    def _append(self, name, seq_ids, count, appended):
+        """``(cache, host slot mapping)``: ``count`` slots per sequence in model ``name``'s cache, copy-on-write
+        copies first; the cache joins ``appended`` (what an error undoes)."""
+        pm = self.paged[name]
+        pm.attach()  # transformers' forward attends through the paged cache (a no-op when on)
+        slots = pm.cache.blocks.append(seq_ids, count, copy=pm.cache.pool.copy_blocks)
+        appended.append(pm.cache)
+        return pm.cache, slots
+
+    def _count(self, forwards: int) -> None:
+        self.steps += 1
+        self.forwards += forwards
+
+    def _get(self, key, make, what: str):
+        """The graph of ``key``, captured by ``make()`` on first use; None where its capture failed (warned
+        once)."""
+        if key in self._failed:
+            return None
+        g = self._graphs.get(key)
+        if g is None:
+            if self._pool is None and self.paged["base"].device.type == "cuda":
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                g = make()
+            except Exception as e:  # noqa: BLE001 - a failed capture runs that key per model instead
+                warnings.warn(f"CUDA graph capture of a whole {what} failed ({type(e).__name__}: {e}); "
+                              "those run per model", stacklevel=4)
+                self._failed.add(key)
+                return None
+            self._graphs[key] = g
+            self.captures += 1
         return g
 
 
 class _NoGraph(Exception):
-    """No step graph for this key (its capture failed): the step runs per model."""
+    """No graph for this key (its capture failed): the step or round runs per model."""
