@@ -253,7 +253,8 @@ class DecodeLoop:
         from the device, all but the last, in one ragged forward whose head runs only where a draw is
         predicted; the RM's Q at every unread draw goes into that step's record. (Rows that finish by EOS elsewhere are scored after the read, by
         ``score_lazy_rm``.)"""
-        rows = [(i, req, b) for i, (req, b) in enumerate(self.rows) if self._at_boundary(req)]
+        now = {id(req) for req in self.active if self._at_boundary(req)}
+        rows = [(i, req, b) for i, (req, b) in enumerate(self.rows) if id(req) in now]
         if not rows:
             return
         steps = len(self.pending)
@@ -363,9 +364,9 @@ class DecodeLoop:
         token. One ragged forward for all of them; a beam already up to date is left as it is."""
         todo = {}
         for req, b in pairs:
-            seen = req.ids["rm"] + b.tokens
-            if b.slot is not None and b.rm_read < len(seen) - 1:
-                todo[id(b)] = (b, seen[b.rm_read:-1])
+            prompt = req.ids["rm"]
+            if b.slot is not None and b.rm_read < len(prompt) + len(b.tokens) - 1:  # (the usual case: up to date)
+                todo[id(b)] = (b, (prompt + b.tokens)[b.rm_read:-1])
         if not todo:
             return
         beams = [b for b, _ in todo.values()]
@@ -407,33 +408,36 @@ class DecodeLoop:
     def fork(self, feed: list, plans: dict) -> tuple[list, list]:
         """Each kept parent of ``feed`` (continuing rows) forks into its K children, which share its
         blocks; returns the new rows and, per new row, the index in ``feed`` of the row it continues."""
-        index = {id(b): i for i, (_, b) in enumerate(feed)}
-        by_req: dict = {}  # id(request) -> its fed rows, in feed order
+        by_req: dict = {}  # id(request) -> (request, its fed rows with their index in feed), in feed order
         for i, (req, b) in enumerate(feed):
-            by_req.setdefault(id(req), (req, []))[1].append((b, i))
-        # each request's plan once (not once per fed row), in the order the requests first appear in feed
-        parents = list({id(b): b for req, _ in by_req.values() if id(req) in plans
-                        for b, child in plans[id(req)] if child}.values())
-        forks = dict(zip([id(b) for b in parents], self.group.fork_many([b.slot for b in parents],
-                                                                        self.opts.successors)))
+            entry = by_req.get(id(req))
+            if entry is None:
+                entry = by_req[id(req)] = (req, [])
+            entry[1].append((b, i))
+        # each parent once, in the order the requests first appear in feed and then in their plans
+        parents = {}
+        for req, _ in by_req.values():
+            for b, child in plans.get(id(req), ()):
+                if child:
+                    parents[id(b)] = b
+        slots = self.group.fork_many([b.slot for b in parents.values()], self.opts.successors)
         if parents:
-            self.group.free_many([b.slot for b in parents])
+            self.group.free_many([b.slot for b in parents.values()])
+        forks = {key: iter(kids) for key, kids in zip(parents, slots)}  # each parent's children's slots, in order
         rows, pick = [], []
         for req, fed in by_req.values():
-            if id(req) not in plans:
+            plan = plans.get(id(req))
+            if plan is None:
                 rows += [(req, b) for b, _ in fed]
                 pick += [i for _, i in fed]
                 continue
-            taken, new = {}, []
-            for j, (par, child) in enumerate(plans[id(req)]):
+            index = {id(b): i for b, i in fed}
+            new = []
+            for j, (par, child) in enumerate(plan):
+                nb = par.child(j, slot=next(forks[id(par)]) if child else None)
                 if child:
-                    k = taken.get(id(par), 0)
-                    taken[id(par)] = k + 1
-                    nb = par.child(j, slot=forks[id(par)][k])
                     rows.append((req, nb))
                     pick.append(index[id(par)])
-                else:
-                    nb = par.child(j, slot=None)
                 new.append(nb)
             req.cands = new
         return rows, pick

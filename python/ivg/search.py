@@ -36,7 +36,7 @@ def sampler_guides(logits: dict, guides, eft: bool, w_rm: float) -> list:
     return pairs + ([(logits["rm"], w_rm)] if "rm" in logits else [])
 
 
-@dataclass
+@dataclass(slots=True)
 class Beam:
     """One candidate response of one prompt."""
 
