@@ -7,7 +7,8 @@ with its own input copies and output clone, and an eager sampler call between th
 appends one slot per row to every model's cache, sends every model's positions, slots, lengths and
 block tables in one host-to-device copy, copies the drawn tokens and the rows' keys into the graph's
 buffers, replays once, and clones the record (ok, token, log-prob, implicit and explicit values, and
-the token clamped for the next step's input) ``[n, 6]``.
+the token clamped for the next step's input) ``[n, 6]``. Inside the graph the small models' forwards run on
+a second stream beside the base model's (``SIDE_STREAM``), joined before the draw.
 
 A graph is captured per (batch-size bucket, each model's block-table width) and kept with the
 decoder's paged models from call to call; the sampler's settings (:class:`ivg.draw.StepDraw`) are part
@@ -27,6 +28,9 @@ from .cuda_graphs import (MAX_EXTEND_TOKENS, StaticInputs, WholeGraph, bucket_fo
                           width_for)
 from .draw import StepDraw
 from .round_graphs import _RoundGraph, fused_applies
+
+
+SIDE_STREAM = True  # the small models' forwards on a second stream inside a step's graph (CUDA)
 
 
 class _StepGraph(WholeGraph):
@@ -52,8 +56,25 @@ class _StepGraph(WholeGraph):
             forwards.append(run)
             self._batches.append(batch)
 
+        # On CUDA the small models (guides, token RM) run on a second stream beside the base model: at a few
+        # rows their short kernels would otherwise follow the base's one after another.
+        side = torch.cuda.Stream(device=dev) if dev.type == "cuda" and SIDE_STREAM and len(names) > 1 else None
+
+        def logits() -> dict:
+            if side is None:
+                return {name: run() for name, run in zip(names, forwards)}
+            main = torch.cuda.current_stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                cur = {name: run() for name, run in zip(names[1:], forwards[1:])}
+            cur[names[0]] = forwards[0]()  # the base (IVGModels.roles puts it first)
+            main.wait_stream(side)
+            for x in cur.values():
+                x.record_stream(main)  # (eager warm-up: the allocator keeps them until the main stream is done)
+            return cur
+
         def step():
-            s = draw.draw({name: run() for name, run in zip(names, forwards)}, v["keys"][0], v["keys"][1])
+            s = draw.draw(logits(), v["keys"][0], v["keys"][1])
             return torch.cat([draw.record(s), s.tokens.clamp(min=0).double().unsqueeze(1)], dim=1)  # [rows, 6]
 
         self._run = step
