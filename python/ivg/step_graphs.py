@@ -69,8 +69,9 @@ class _StepGraph(WholeGraph):
                 cur = {name: run() for name, run in zip(names[1:], forwards[1:])}
             cur[names[0]] = forwards[0]()  # the base (IVGModels.roles puts it first)
             main.wait_stream(side)
-            for x in cur.values():
-                x.record_stream(main)  # (eager warm-up: the allocator keeps them until the main stream is done)
+            if not torch.cuda.is_current_stream_capturing():  # the warm-up runs: keep them until main is done
+                for x in cur.values():
+                    x.record_stream(main)
             return cur
 
         def step():
