@@ -62,7 +62,6 @@ class _RoundGraph(WholeGraph):
     def __init__(self, draw: StepDraw, draft: str, paged: dict, rows: int, s: int, widths: tuple, pool):
         names = draw.names
         dev = paged[names[0]].device
-        self.rows, self.s, self.widths, self.names, self.draft = rows, s, widths, names, draft
         lay = self.inputs = StaticInputs()
         lay.add(torch.long, "pending", (len(names), rows), 0)
         lay.add(torch.long, "seed", (rows,), 0)
