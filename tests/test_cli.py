@@ -161,6 +161,12 @@ def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path, capsys)
     assert main(_plain(model_dirs, c, "--prompt", "a", "--read-every", "0")) == 2
     assert "--read-every 0: expected an int >= 1" in capsys.readouterr().err
     assert make_decoder(base=model_dirs["base"], read_every=4)[0].read_every == 4
+    d = tmp_path / "d.jsonl"  # per-model steps: the same tokens (off CUDA nothing replays either way)
+    assert main(_plain(model_dirs, d, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6",
+                       "--no-step-graphs")) == 0
+    assert _tokens(d) == _tokens(a)
+    assert make_decoder(base=model_dirs["base"], step_graphs=False)[0].step_graphs is False
+    assert make_decoder(base=model_dirs["base"])[0].step_graphs is True
     api = generate(["one", "two", "three"], base=model_dirs["base"], dtype="float64", min_p=0.3, max_new_tokens=6,
                    seed=5)
     assert _tokens(a) == [r.beams[0].tokens for r in api]

@@ -107,7 +107,7 @@ def import_scorer(spec: str):
 def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
                  device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
                  chat_template=False, cuda_graphs=None, base_tp_plan=None, max_batch_prompts=64, read_every=None,
-                 **options):
+                 step_graphs=True, **options):
     """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s."""
     models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
                          tokenizer=tokenizer, device=device, dtype=dtype, templates=templates,
@@ -118,7 +118,7 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
     opts = DecodeOptions(**options)
     if decoder == "paged":
         dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs,
-                         max_batch_prompts=max_batch_prompts, read_every=read_every)
+                         max_batch_prompts=max_batch_prompts, read_every=read_every, step_graphs=step_graphs)
     elif decoder == "naive":
         dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     else:
@@ -129,7 +129,7 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
 def generate(prompts, *, progress=False, **kwargs):
     """Decode ``prompts`` (strings or token id lists). ``kwargs``: the models (``base``, ``tuned``, ``ref``,
     ``beta``, ``token_rm``, ``token_rm_weight``, ``tokenizer``, ``templates``, ``chat_template``), where they
-    run (``device``, ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``,
+    run (``device``, ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``, ``step_graphs``,
     ``max_batch_prompts``, ``read_every``) and :class:`DecodeOptions` fields (``eos_token_ids=()`` never stops at EOS).
 
     Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first. Under ``torchrun``, see

@@ -131,7 +131,8 @@ def _generate(args) -> int:
             tensor_parallel=args.tensor_parallel,
             device=args.device, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
             token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, dtype=args.dtype, backend=args.backend,
-            decoder=args.decoder, cuda_graphs=False if args.no_cuda_graphs else None, **options)
+            decoder=args.decoder, cuda_graphs=False if args.no_cuda_graphs else None,
+            step_graphs=not args.no_step_graphs, **options)
     finally:
         finish()
     if lines is None:  # not rank 0
@@ -220,6 +221,9 @@ def _add_generate(sub):
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every decode step eagerly (by default CUDA models replay them from CUDA graphs)")
+    g.add_argument("--no-step-graphs", action="store_true",
+                   help="replay each model's step on its own, the sampler eagerly between them (by default a step "
+                        "between host reads, or a speculative round, is one CUDA graph of every model and the sampler)")
     g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="naive: the published algorithm")
     g.set_defaults(fn=_generate)
 
