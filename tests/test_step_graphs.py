@@ -150,6 +150,14 @@ def test_a_failing_round_or_step_undoes_its_appends(models, monkeypatch, kind):
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+def test_the_environment_can_turn_step_graphs_off(models, monkeypatch):
+    monkeypatch.setenv("IVG_STEP_GRAPHS", "0")
+    assert IVGDecoder(models).step_graphs is False
+    assert IVGDecoder(models, step_graphs=True).step_graphs is True  # an explicit argument wins
+    monkeypatch.setenv("IVG_STEP_GRAPHS", "1")
+    assert IVGDecoder(models).step_graphs is True
+
+
 def test_step_graphs_option_is_checked(models):
-    with pytest.raises(ValueError, match="step_graphs='yes': expected True or False"):
+    with pytest.raises(ValueError, match="step_graphs='yes': expected None, True or False"):
         IVGDecoder(models, step_graphs="yes")

@@ -132,7 +132,7 @@ def _generate(args) -> int:
             device=args.device, base=args.base, tuned=args.tuned, ref=args.ref, beta=args.beta or (),
             token_rm=args.token_rm, token_rm_weight=args.token_rm_weight, dtype=args.dtype, backend=args.backend,
             decoder=args.decoder, cuda_graphs=False if args.no_cuda_graphs else None,
-            step_graphs=not args.no_step_graphs, **options)
+            step_graphs=False if args.no_step_graphs else None, **options)
     finally:
         finish()
     if lines is None:  # not rank 0

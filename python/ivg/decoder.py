@@ -15,6 +15,7 @@ then fork). The units and the run's state are in :mod:`ivg.decode_loop`.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .options import DecodeOptions
 from .paged_model import ForwardTimer, PagedModel, local_kv_shape
 from .progress import progress_bar
 from .search import StopChecker, prompt_seed
+
+STEP_GRAPHS_ENV = "IVG_STEP_GRAPHS"  # "0": IVGDecoder(step_graphs=None) keeps per-model steps
 
 
 @dataclass
@@ -147,13 +150,15 @@ class IVGDecoder:
         not depend on ``read_every``). Default ``None``: 1 on the CPU, 8 on a GPU
     step_graphs : where decode steps replay CUDA graphs, a step between host reads (every row reading the
         token it drew, then the next draw) replays one graph holding every model's forward and the
-        sampler (:mod:`ivg.step_graphs`) instead of one graph per model and an eager sampler call. Default
-        on; the same tokens either way. Beam-group attention (``shared_prefix``) keeps per-model graphs
+        sampler (:mod:`ivg.step_graphs`) instead of one graph per model and an eager sampler call, and a
+        speculative round without filters is one graph too (:mod:`ivg.round_graphs`). Default ``None``: on
+        unless the environment sets ``IVG_STEP_GRAPHS=0``; the same tokens either way. Beam-group attention
+        (``shared_prefix``) keeps per-model graphs
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
                  max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None,
-                 read_every: int | None = None, step_graphs: bool = True):
+                 read_every: int | None = None, step_graphs: bool | None = None):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
@@ -173,9 +178,9 @@ class IVGDecoder:
                                        or read_every < 1):
             raise ValueError(f"read_every={read_every!r}: expected None or an int >= 1")
         self.read_every = read_every
-        if step_graphs not in (True, False):
-            raise ValueError(f"step_graphs={step_graphs!r}: expected True or False")
-        self.step_graphs = step_graphs
+        if step_graphs not in (None, True, False):
+            raise ValueError(f"step_graphs={step_graphs!r}: expected None, True or False")
+        self.step_graphs = os.environ.get(STEP_GRAPHS_ENV, "1") != "0" if step_graphs is None else step_graphs
         self._steps = None  # the StepGraphs of the paged models in _paged (kept with them)
         self.last_stats = RunStats()
         self._group = None
