@@ -81,7 +81,8 @@ class RunStats:
 
     @property
     def outside_forwards(self) -> float:
-        """The share of the wall time spent outside the models' forwards (sampling, bookkeeping, host)."""
+        """The share of the wall time spent outside the models' forwards (sampling, bookkeeping, host); a step
+        or round replayed whole counts inside, its draws included (``step_replays``)."""
         return 1.0 - self.forward_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
