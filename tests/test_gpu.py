@@ -144,6 +144,27 @@ def test_whole_steps_replay_as_one_graph(mode):
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+def test_whole_steps_with_and_without_the_side_stream(monkeypatch):
+    """The guides' forwards on a second stream inside a step's and a round's graph: the same tokens as on
+    one stream (a missing join would read logits the side stream has not written yet)."""
+    from ivg import cuda_graphs
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _cuda_models(torch.float32)
+    prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    for speculate in (0, 3):
+        opts = DecodeOptions(mode="eft", max_new_tokens=12, seed=3, temperature=1.0, eos_token_ids=(),
+                             speculate=speculate)
+        got = {}
+        for side in (False, True):
+            monkeypatch.setattr(cuda_graphs, "SIDE_STREAM", side)
+            dec = IVGDecoder(models, cuda_graphs=True, read_every=64)
+            got[side] = [r.beams[0].tokens for r in dec.generate(prompts, opts)]
+            assert dec.last_stats.step_replays > 0
+        assert got[True] == got[False], speculate
+
+
 @pytest.mark.parametrize("mode", ["eft", "ivg"])
 def test_speculative_verifications_replay_from_cuda_graphs(mode):
     """Speculating 3, the draft steps and every full-width verification (4 tokens per row, logits at every

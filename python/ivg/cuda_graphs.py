@@ -284,3 +284,32 @@ class WholeGraph:
         else:
             self.graph.replay()
         return self.out[:n].clone()
+
+
+# Inside a step's or a round's graph (ivg.step_graphs, ivg.round_graphs) on CUDA, the small models' forwards run
+# on a second stream beside the base model's: at a few rows their short kernels would otherwise follow the base's.
+SIDE_STREAM = True
+
+
+def side_stream(device, models: int):
+    """A second CUDA stream for a graph over ``models`` forwards beside the base's, or None (off CUDA, with
+    ``SIDE_STREAM`` off, or with nothing to run beside the base)."""
+    return torch.cuda.Stream(device=device) if device.type == "cuda" and SIDE_STREAM and models > 0 else None
+
+
+def side_by_side(device, first, others: dict, side) -> dict:
+    """``{name: fn()}`` for ``first`` (a ``(name, fn)`` pair, on the current stream) and ``others`` (on the
+    CUDA stream ``side``, beside it, joined back before returning); with ``side`` None one after another.
+    Inside a capture the two streams become parallel branches of the graph."""
+    if side is None:
+        return {first[0]: first[1](), **{name: fn() for name, fn in others.items()}}
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = {name: fn() for name, fn in others.items()}
+    out[first[0]] = first[1]()
+    main.wait_stream(side)
+    if not torch.cuda.is_current_stream_capturing():  # eager (warm-up) runs: keep them until main is done
+        for x in out.values():
+            x.record_stream(main)
+    return out

@@ -12,7 +12,8 @@ eager round's.
 It applies to padded rounds (every row drafts ``S - 1``; ``ivg.speculative_loop``) where the fused draw
 and verification apply (no top-k, top-p or min-p) and every model's steps can be captured; a graph is
 captured per (batch-size bucket, ``S``, each model's block-table width, sampler settings). Inside, draft
-``k`` feeds forward ``k + 1`` from the device, as eagerly. Off CUDA nothing is captured and a replay runs
+``k`` feeds forward ``k + 1`` from the device, as eagerly, and the verifying models other than the base
+extend on a second stream beside it (``ivg.cuda_graphs.SIDE_STREAM``). Off CUDA nothing is captured and a replay runs
 the same round eagerly over the same buffers (the CPU tests).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from ivg_kernels.speculative import draft_sample, fused_verification_applies, speculative_verify
 
-from .cuda_graphs import StaticInputs, WholeGraph, capture, static_forward
+from .cuda_graphs import StaticInputs, WholeGraph, capture, side_by_side, side_stream, static_forward
 from .draw import StepDraw
 from .search import sampler_guides
 
@@ -97,6 +98,7 @@ class _RoundGraph(WholeGraph):
                                                   table, v[f"{name}.lens"], *ext, q=s)
                 self._batches.append(batch)
         where = {name: i for i, name in enumerate(names)}
+        side = side_stream(dev, len(names) - 2)  # the verifying models other than the base, beside it (CUDA)
 
         def run_round():
             seed, offset, nd = v["seed"], v["offset"], v["num_draft"]
@@ -111,13 +113,17 @@ class _RoundGraph(WholeGraph):
                     drafts.append(d)
                     tok = d.clamp(min=0)
             drafts = torch.stack(drafts, dim=1) if drafts else torch.zeros(rows, 0, dtype=torch.long, device=dev)
-            logits = {draft: torch.stack(logits_d, dim=1)}
+            safe = drafts.clamp(min=0)
             for name in names:
                 if name != draft:
                     read = ids[name][0].view(rows, s)
                     read[:, 0].copy_(v["pending"][where[name]])
-                    read[:, 1:].copy_(drafts.clamp(min=0))
-                    logits[name] = fwd[name]().view(rows, s, -1)
+                    read[:, 1:].copy_(safe)
+            # the base's extend, and the other verifying models' beside it on a second stream (CUDA)
+            extends = {name: fwd[name] for name in names[1:] if name != draft}
+            logits = side_by_side(dev, (names[0], fwd[names[0]]), extends, side)
+            logits = {name: x.view(rows, s, -1) for name, x in logits.items()}
+            logits[draft] = torch.stack(logits_d, dim=1)
             out = verify_round(draw, draft, logits, drafts, nd, seed, offset)
             return round_record(draw, out, drafts, nd)
 

@@ -8,7 +8,7 @@ appends one slot per row to every model's cache, sends every model's positions, 
 block tables in one host-to-device copy, copies the drawn tokens and the rows' keys into the graph's
 buffers, replays once, and clones the record (ok, token, log-prob, implicit and explicit values, and
 the token clamped for the next step's input) ``[n, 6]``. Inside the graph the small models' forwards run on
-a second stream beside the base model's (``SIDE_STREAM``), joined before the draw.
+a second stream beside the base model's (``ivg.cuda_graphs.SIDE_STREAM``), joined before the draw.
 
 A graph is captured per (batch-size bucket, each model's block-table width) and kept with the
 decoder's paged models from call to call; the sampler's settings (:class:`ivg.draw.StepDraw`) are part
@@ -24,13 +24,11 @@ import warnings
 
 import torch
 
-from .cuda_graphs import (MAX_EXTEND_TOKENS, StaticInputs, WholeGraph, bucket_for, capture, graphable, static_forward,
-                          width_for)
+from .cuda_graphs import (MAX_EXTEND_TOKENS, StaticInputs, WholeGraph, bucket_for, capture, graphable, side_by_side,
+                          side_stream, static_forward, width_for)
 from .draw import StepDraw
 from .round_graphs import _RoundGraph, fused_applies
 
-
-SIDE_STREAM = True  # the small models' forwards on a second stream inside a step's graph (CUDA)
 
 
 class _StepGraph(WholeGraph):
@@ -56,23 +54,10 @@ class _StepGraph(WholeGraph):
             forwards.append(run)
             self._batches.append(batch)
 
-        # On CUDA the small models (guides, token RM) run on a second stream beside the base model: at a few
-        # rows their short kernels would otherwise follow the base's one after another.
-        side = torch.cuda.Stream(device=dev) if dev.type == "cuda" and SIDE_STREAM and len(names) > 1 else None
+        side = side_stream(dev, len(names) - 1)  # the guides and token RM beside the base (CUDA)
 
-        def logits() -> dict:
-            if side is None:
-                return {name: run() for name, run in zip(names, forwards)}
-            main = torch.cuda.current_stream(dev)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                cur = {name: run() for name, run in zip(names[1:], forwards[1:])}
-            cur[names[0]] = forwards[0]()  # the base (IVGModels.roles puts it first)
-            main.wait_stream(side)
-            if not torch.cuda.is_current_stream_capturing():  # the warm-up runs: keep them until main is done
-                for x in cur.values():
-                    x.record_stream(main)
-            return cur
+        def logits() -> dict:  # the base first in names (IVGModels.roles)
+            return side_by_side(dev, (names[0], forwards[0]), dict(zip(names[1:], forwards[1:])), side)
 
         def step():
             s = draw.draw(logits(), v["keys"][0], v["keys"][1])
