@@ -161,3 +161,24 @@ def test_the_environment_can_turn_step_graphs_off(models, monkeypatch):
 def test_step_graphs_option_is_checked(models):
     with pytest.raises(ValueError, match="step_graphs='yes': expected None, True or False"):
         IVGDecoder(models, step_graphs="yes")
+
+
+def test_static_inputs_fill_the_real_rows_and_pad_the_rest():
+    """One host-to-device copy fills every buffer: each value its leading corner, the rest its padding."""
+    import torch
+
+    from ivg.cuda_graphs import StaticInputs
+
+    s = StaticInputs()
+    s.add(torch.long, "slots", (4,), -1)
+    s.add(torch.int32, "table", (4, 3), 0)
+    s.add(torch.long, "per_forward", (2, 4), 7)
+    v = s.views("cpu")
+    assert v["slots"].tolist() == [-1] * 4 and v["per_forward"].tolist() == [[7] * 4] * 2
+    s.send({"slots": torch.tensor([5, 6]), "table": torch.tensor([[1, 2], [3, 4]], dtype=torch.int32),
+            "per_forward": torch.tensor([[1], [2]])})
+    assert v["slots"].tolist() == [5, 6, -1, -1]
+    assert v["table"].dtype == torch.int32 and v["table"].tolist() == [[1, 2, 0], [3, 4, 0], [0, 0, 0], [0, 0, 0]]
+    assert v["per_forward"].tolist() == [[1, 7, 7, 7], [2, 7, 7, 7]]
+    s.send({})  # a later send pads what it is not given
+    assert v["slots"].tolist() == [-1] * 4 and v["table"].abs().sum() == 0
