@@ -22,6 +22,11 @@ eagerly, the host's launch gaps dominate it. :class:`DecodeGraphs` captures the 
 
 The kernels replayed are the eager ones, so a replay computes what the eager forward computes for
 the padded batch.
+
+This module also holds what the whole-step graphs (:mod:`ivg.step_graphs`, :mod:`ivg.round_graphs`)
+are built from: ``static_forward`` (a forward over static buffers), ``capture``, ``StaticInputs`` (named
+static buffers filled by one host-to-device copy), ``WholeGraph`` (replay or, off CUDA, run) and
+``side_by_side`` (the small models on a second stream).
 """
 from __future__ import annotations
 
