@@ -66,14 +66,14 @@ class DecodeLoop:
         self.decoder, self.opts, self.group, self.paged, self.stopper, self.stats = (
             decoder, opts, group, paged, stopper, stats)
         self.names = [r[0] for r in roles]
-        self.guides = [(i, g.beta) for i, g in enumerate(m.guides)] if opts.uses_guides else []
-        self.eft = "eft" in opts.tokenwise
-        self.w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
-        self.lazy_rm = "rm" in self.names and self.w_rm == 0.0
+        guides = tuple((i, g.beta) for i, g in enumerate(m.guides)) if opts.uses_guides else ()
+        w_rm = m.token_rm_weight if "tokenrm" in opts.tokenwise else 0.0
+        self.lazy_rm = "rm" in self.names and w_rm == 0.0
         self.step_names = [n for n in self.names if not (self.lazy_rm and n == "rm")]  # run every step
-        self.vocab = min(paged[n].vocab_size for n in self.names)
-        self.draw = StepDraw(tuple(self.step_names), tuple(self.guides), self.eft, self.w_rm, opts.temperature,
-                             opts.top_k, opts.top_p, opts.min_p, self.vocab, decoder.backend)
+        # what every draw of the run depends on besides logits and keys (the settings of the sampler calls)
+        self.draw = StepDraw(tuple(self.step_names), guides, "eft" in opts.tokenwise, w_rm, opts.temperature,
+                             opts.top_k, opts.top_p, opts.min_p, min(paged[n].vocab_size for n in self.names),
+                             decoder.backend)
         self.step_graphs = decoder.step_graphs_for(paged)  # ivg.step_graphs (None where steps run per model)
         self.device = paged["base"].device
         self.search = opts.width * opts.successors > 1
@@ -174,10 +174,6 @@ class DecodeLoop:
             self.score_rm_before_read()
         self.read()
         return True
-
-    def values(self, input_logprobs, input_logits):
-        """Each drawn token's implicit and explicit value (``StepDraw.values``)."""
-        return self.draw.values(input_logprobs, input_logits)
 
     def must_read(self) -> bool:
         """The host needs the drawn tokens now: every step with stop strings or ``read_every`` 1, at a

@@ -39,10 +39,10 @@ def round_record(draw: StepDraw, out, drafts: torch.Tensor, num_draft: torch.Ten
     return torch.cat([flags, per_token.flatten(1)], dim=1)
 
 
-def fused_applies(draw: StepDraw) -> bool:
-    """Whether the fused draft draw and verification take this run's settings (no filter, at most four
-    guides; ``ivg_kernels.speculative.fused_verification_applies``)."""
-    pairs = sampler_guides({name: None for name in draw.names}, draw.guides, draw.eft, draw.w_rm)
+def fused_applies(draw: StepDraw, draft: bool = False) -> bool:
+    """Whether the fused verification (or, ``draft``, the fused draft draw, which takes no guides) takes this
+    run's settings: no filter, at most four guides (``ivg_kernels.speculative.fused_verification_applies``)."""
+    pairs = [] if draft else sampler_guides({name: None for name in draw.names}, draw.guides, draw.eft, draw.w_rm)
     return fused_verification_applies(pairs, draw.temperature, draw.top_k, draw.top_p, draw.min_p)
 
 
@@ -129,13 +129,3 @@ class _RoundGraph(WholeGraph):
 
         self._run = run_round
         self.graph, self.out = capture(run_round, dev, pool)
-
-    def replay(self, inputs: dict, seed, offset, num_draft, n: int) -> torch.Tensor:
-        """The record ``[n, 3 + 4 S]`` of ``n`` rows; ``inputs``: host tensors of the real rows by view name
-        (each model's pending tokens, positions, slots, lengths and tables); ``seed``, ``offset``,
-        ``num_draft``: the rows' keys and draft counts on the device."""
-        self.inputs.send(inputs)
-        self.v["seed"][:n].copy_(seed)
-        self.v["offset"][:n].copy_(offset)
-        self.v["num_draft"][:n].copy_(num_draft)
-        return self._replay(n)

@@ -40,12 +40,12 @@ import torch
 
 from ivg_kernels._transfer import to_device, to_device_many
 from ivg_kernels.reference.speculative import spec_uniforms
-from ivg_kernels.speculative import draft_sample, fused_verification_applies
+from ivg_kernels.speculative import draft_sample
 
 from .decode_loop import DecodeLoop
 from .models import model_positions
-from .round_graphs import round_record, verify_round
-from .search import row_offset, sampler_guides
+from .round_graphs import fused_applies, round_record, verify_round
+from .search import row_offset
 
 PAD_ROUNDS = None  # pad rounds to equal widths: None where the forwards replay CUDA graphs; True/False force it
 
@@ -112,7 +112,7 @@ class SpeculativeLoop(DecodeLoop):
                 drafts, logits = self._draft(rows, drafts_of, pending, offset, seed, uniforms)
                 # a flagged draft (-1) is reported by _update, never read as a token
                 self._verify(rows, drafts_of, pending, drafts.clamp(min=0), logits)
-                fused = self._fused(sampler_guides(logits, self.guides, self.eft, self.w_rm))
+                fused = self._fused()
                 # the fused kernel draws its own (the same) uniforms
                 out = verify_round(self.draw, self.draft, logits, drafts, gam_d, seed, offset, fused, uniforms)
                 record = round_record(self.draw, out, drafts, gam_d)
@@ -148,7 +148,7 @@ class SpeculativeLoop(DecodeLoop):
         logits ``{draft model: [R, S, V]}`` at every position. Nothing is read back: each drafted token
         feeds the next draft forward from the device (a flagged row's -1 as 0; ``_update`` reports it)."""
         r, width, opts = len(rows), max(gam) + 1, self.opts
-        fused = self._fused([])  # the fused draft draw where it applies
+        fused = self._fused(draft=True)  # the fused draft draw where it applies
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
         logits = None
         feed = list(range(r))
@@ -164,19 +164,19 @@ class SpeculativeLoop(DecodeLoop):
                 break
             idx = self._rows_index(feed, r)
             d = draft_sample(logits[idx, k], temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                             min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.vocab,
+                             min_p=opts.min_p, seed=seed[idx], offset=offset[idx, k], vocab_size=self.draw.vocab,
                              uniforms=None if fused else uniforms[idx, k],  # the kernel draws the same uniforms
                              backend=self.decoder.backend if fused else "reference")
             drafts[idx, k] = d
             tokens = d.clamp(min=0)
         return drafts, {self.draft: logits}
 
-    def _fused(self, guides) -> bool:
-        """The fused Triton kernels run the draft draw (``guides`` empty) or the verification: on CUDA or with
-        ``backend="triton"``, for options they cover (no filter)."""
+    def _fused(self, draft: bool = False) -> bool:
+        """The fused Triton kernels run the draft draw (``draft``) or the verification: on CUDA or with
+        ``backend="triton"``, for options they cover (no filter; ``ivg.round_graphs.fused_applies``)."""
         backend = self.decoder.backend
-        return (backend == "triton" or (backend == "auto" and self.device.type == "cuda")) and fused_verification_applies(
-            guides, self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.min_p)
+        return (backend == "triton" or (backend == "auto" and self.device.type == "cuda")) and fused_applies(
+            self.draw, draft)
 
     def _rows_index(self, feed: list, r: int):
         """An index of rows ``feed`` of ``r``: every row as a slice (no gather, no copy), else a device tensor."""

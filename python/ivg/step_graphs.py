@@ -30,7 +30,6 @@ from .draw import StepDraw
 from .round_graphs import _RoundGraph, fused_applies
 
 
-
 class _StepGraph(WholeGraph):
     """The static buffers of one step, the step over them, and (on CUDA) its capture."""
 
@@ -38,8 +37,9 @@ class _StepGraph(WholeGraph):
         names = draw.names
         dev = paged[names[0]].device
         self.inputs = StaticInputs()
-        self.inputs.add(torch.long, "tokens", (1, rows), 0)
-        self.inputs.add(torch.long, "keys", (2, rows), 0)  # seed, offset
+        self.inputs.add(torch.long, "tokens", (rows,), 0)
+        self.inputs.add(torch.long, "seed", (rows,), 0)
+        self.inputs.add(torch.long, "offset", (rows,), 0)
         for name, w in zip(names, widths):
             self.inputs.add(torch.long, f"{name}.pos", (rows,), 0)
             self.inputs.add(torch.long, f"{name}.slots", (rows,), -1)  # padding rows write nothing
@@ -49,8 +49,8 @@ class _StepGraph(WholeGraph):
         one = (torch.arange(rows + 1, dtype=torch.int32, device=dev), torch.arange(rows, device=dev))
         forwards, self._batches = [], []
         for name in names:
-            run, batch = static_forward(paged[name], v["tokens"], v[f"{name}.pos"].unsqueeze(0), v[f"{name}.slots"],
-                                        v[f"{name}.table"], v[f"{name}.lens"], *one)
+            run, batch = static_forward(paged[name], v["tokens"].unsqueeze(0), v[f"{name}.pos"].unsqueeze(0),
+                                        v[f"{name}.slots"], v[f"{name}.table"], v[f"{name}.lens"], *one)
             forwards.append(run)
             self._batches.append(batch)
 
@@ -60,22 +60,11 @@ class _StepGraph(WholeGraph):
             return side_by_side(dev, (names[0], forwards[0]), dict(zip(names[1:], forwards[1:])), side)
 
         def step():
-            s = draw.draw(logits(), v["keys"][0], v["keys"][1])
+            s = draw.draw(logits(), v["seed"], v["offset"])
             return torch.cat([draw.record(s), s.tokens.clamp(min=0).double().unsqueeze(1)], dim=1)  # [rows, 6]
 
         self._run = step
         self.graph, self.out = capture(step, dev, pool)
-
-    def replay(self, drawn, seed, offset, inputs: dict) -> torch.Tensor:
-        """The step's record ``[n, 6]`` for ``n`` rows: ``drawn`` their tokens, ``seed``/``offset`` their keys
-        (device ``[n]``), ``inputs`` per model's view name (``base.pos``, ``.slots``, ``.lens``, ``.table``)
-        host tensors of the real rows."""
-        n = len(drawn)
-        self.inputs.send(inputs)
-        self.v["tokens"][0, :n].copy_(drawn)
-        self.v["keys"][0, :n].copy_(seed)
-        self.v["keys"][1, :n].copy_(offset)
-        return self._replay(n)
 
 
 class StepGraphs:
@@ -103,27 +92,19 @@ class StepGraphs:
         rows = bucket_for(len(seq_ids))
         if rows is None or not self.applies(draw.names):
             return None
-        appended, inputs = [], {}
-        try:
+
+        def step(append):
+            inputs = {}
             for name in draw.names:
-                cache, slots = self._append(name, seq_ids, 1, appended)
-                table, lens = cache.blocks.tables(seq_ids)
+                table, lens, slots = append(name)
                 inputs.update({f"{name}.pos": lens.long() - 1, f"{name}.slots": slots, f"{name}.lens": lens,
                                f"{name}.table": table})
-            key = ("step", draw, rows, tuple(width_for(inputs[f"{name}.table"].shape[1]) for name in draw.names))
-            g = self._get(key, lambda: _StepGraph(draw, self.paged, rows, key[3], self._pool),
-                          f"step (batch {rows}, widths {key[3]})")
-            if g is None:
-                raise _NoGraph
-            out = g.replay(drawn, seed, offset, inputs)
-            self._count(len(draw.names))
-            return out
-        except BaseException as e:
-            for cache in appended:
-                cache.truncate_appended(seq_ids, 1)
-            if isinstance(e, _NoGraph):
-                return None
-            raise
+            widths = tuple(width_for(inputs[f"{name}.table"].shape[1]) for name in draw.names)
+            g = self._get(("step", draw, rows, widths), lambda: _StepGraph(draw, self.paged, rows, widths, self._pool),
+                          f"step (batch {rows}, widths {widths})")
+            return None if g is None else (g, inputs, dict(tokens=drawn, seed=seed, offset=offset), len(draw.names))
+
+        return self._attempt(seq_ids, 1, step)
 
     def run_round(self, draw: StepDraw, draft: str, seq_ids: list, s: int, pending: dict, before: dict, seed, offset,
                   num_draft) -> torch.Tensor | None:
@@ -137,11 +118,11 @@ class StepGraphs:
         if (rows is None or rows * s > MAX_EXTEND_TOKENS or not self.applies(draw.names)
                 or draw.backend not in ("auto", "triton") or not fused_applies(draw)):
             return None
-        appended, inputs = [], {"pending": torch.tensor([pending[name] for name in draw.names])}
-        try:
+
+        def round_(append):
+            inputs = {"pending": torch.tensor([pending[name] for name in draw.names])}
             for name in draw.names:
-                cache, slots = self._append(name, seq_ids, s, appended)
-                table, lens = cache.blocks.tables(seq_ids)
+                table, lens, slots = append(name)
                 pos = torch.tensor(before[name]).unsqueeze(1) + torch.arange(s)  # [n, s]
                 if name == draft:  # per forward k: [s, n]
                     inputs.update({f"{name}.pos": pos.T, f"{name}.slots": slots.view(n, s).T,
@@ -150,29 +131,42 @@ class StepGraphs:
                     inputs.update({f"{name}.pos": pos.flatten(), f"{name}.slots": slots, f"{name}.lens": lens})
                 inputs[f"{name}.table"] = table
             widths = tuple(width_for(inputs[f"{name}.table"].shape[1]) for name in draw.names)
-            key = ("round", draw, draft, rows, s, widths)
-            g = self._get(key, lambda: _RoundGraph(draw, draft, self.paged, rows, s, widths, self._pool),
+            g = self._get(("round", draw, draft, rows, s, widths),
+                          lambda: _RoundGraph(draw, draft, self.paged, rows, s, widths, self._pool),
                           f"round (batch {rows}, {s} positions, widths {widths})")
             if g is None:
-                raise _NoGraph
-            out = g.replay(inputs, seed, offset, num_draft, n)
-            self._count(s + len(draw.names) - 1)
-            return out
-        except BaseException as e:
-            for cache in appended:
-                cache.truncate_appended(seq_ids, s)
-            if isinstance(e, _NoGraph):
                 return None
-            raise
+            return g, inputs, dict(seed=seed, offset=offset, num_draft=num_draft), s + len(draw.names) - 1
 
-    def _append(self, name, seq_ids, count, appended):
-        """``(cache, host slot mapping)``: ``count`` slots per sequence in model ``name``'s cache, copy-on-write
-        copies first; the cache joins ``appended`` (what an error undoes)."""
-        pm = self.paged[name]
-        pm.attach()  # transformers' forward attends through the paged cache (a no-op when on)
-        slots = pm.cache.blocks.append(seq_ids, count, copy=pm.cache.pool.copy_blocks)
-        appended.append(pm.cache)
-        return pm.cache, slots
+        return self._attempt(seq_ids, s, round_)
+
+    def _attempt(self, seq_ids, count, plan):
+        """Append ``count`` slots per sequence in every model (copy-on-write copies first), then replay what
+        ``plan(append)`` returns: ``append(name)`` makes the appends of model ``name`` and gives its
+        ``(block table, lengths, host slot mapping)``; ``plan`` returns ``(graph, host inputs, device inputs,
+        forwards)``, or None where no graph applies. Returns the replay's record, or None with every append
+        undone; on an error the appends are undone and the error raised."""
+        appended = []
+
+        def append(name):
+            pm = self.paged[name]
+            pm.attach()  # transformers' forward attends through the paged cache (a no-op when on)
+            slots = pm.cache.blocks.append(seq_ids, count, copy=pm.cache.pool.copy_blocks)
+            appended.append(pm.cache)
+            return (*pm.cache.blocks.tables(seq_ids), slots)
+
+        out = None
+        try:
+            planned = plan(append)
+            if planned is not None:
+                g, host, device, forwards = planned
+                out = g.replay(len(seq_ids), host, device)
+                self._count(forwards)
+            return out
+        finally:
+            if out is None:  # no graph, or an error
+                for cache in appended:
+                    cache.truncate_appended(seq_ids, count)
 
     def _count(self, forwards: int) -> None:
         self.steps += 1
@@ -197,7 +191,3 @@ class StepGraphs:
             self._graphs[key] = g
             self.captures += 1
         return g
-
-
-class _NoGraph(Exception):
-    """No graph for this key (its capture failed): the step or round runs per model."""
