@@ -235,6 +235,42 @@ def test_no_blocks_in_use_after_generate_and_after_an_error(models):
     assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
 
 
+@pytest.mark.parametrize("mode", ["ivg", "cbs"])
+def test_frees_after_the_launch_and_a_pool_short_before_them(models, monkeypatch, mode):
+    """The rows a read prunes or finishes free their blocks after the next forwards are launched (the
+    host's work then runs beside them); should a model's pool run short before those frees, the models
+    that already read go back, the blocks are freed and every model reads again: the same results."""
+    from ivg.decode_loop import DecodeLoop
+    from ivg_kernels.block_manager import KVCacheExhausted
+
+    opts = _opts(mode, max_new_tokens=12, eos_token_ids=(EOS,))
+    dec = IVGDecoder(models)
+    expected = dec.generate(PROMPTS, opts)
+    held, real = [], DecodeLoop._forward_last
+
+    class Short:
+        """A pool short once: the step's last model's (in ivg after the others have read; in cbs the only one)."""
+
+        def __init__(self, loop, name):
+            self.loop, self.name, self.pm = loop, name, loop.paged[name]
+
+        def __call__(self, *a, **k):
+            self.loop.paged[self.name] = self.pm
+            raise KVCacheExhausted("test: short before the frees")
+
+    def forward_last(self, rows):
+        if self._free_later:  # dropped rows still hold their blocks while the forwards go out
+            held.append(len(self._free_later))
+            if len(held) == 1:
+                self.paged[self.step_names[-1]] = Short(self, self.step_names[-1])
+        return real(self, rows)
+
+    monkeypatch.setattr(DecodeLoop, "_forward_last", forward_last)
+    _same(dec.generate(PROMPTS, opts), expected, tol=0.0)
+    assert held, "no read dropped a row before a forward"
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+
+
 def test_kv_caches_are_reused_across_calls_when_they_fit(models, monkeypatch):
     """A second call reuses the first call's pools when they are large enough (same results as a fresh
     decoder); a call that needs more, or other models, gets new ones; an error in between changes nothing."""

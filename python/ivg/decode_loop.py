@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ivg_kernels._transfer import to_device, to_device_many
+from ivg_kernels.block_manager import KVCacheExhausted
 
 from .draw import StepDraw
 from .search import OFFSET_STRIDE, Beam, expand, rank, row_offset
@@ -87,11 +88,13 @@ class DecodeLoop:
         self._keys = None  # the rows' (seed, offset) on the device for this step; None when the rows changed
         self._slots = None  # the rows' KV sequences, for feed_drawn; None when the rows changed
         self._next = None  # the next step's record [rows, 6], drawn in the replay of a whole step (feed_drawn)
+        self._free_later: list = []  # KV sequences pruned or finished at a read, freed once the next forwards are out
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
         """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
         and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw)."""
+        self.free_pruned()
         new = []
         while waiting and not self.pending and self._next is None and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
@@ -307,7 +310,8 @@ class DecodeLoop:
     # -- schedule: chunk boundaries --------------------------------------------------------------
     def prune(self) -> tuple[dict, list]:
         """Rank the candidates of every prompt at a chunk boundary (or with no unfinished candidate),
-        free the pruned and the finished rows' blocks, and plan the forks. Returns ``(plans, finished)``:
+        drop the pruned and the finished rows (their blocks are freed by :meth:`free_pruned`), and plan the
+        forks. Returns ``(plans, finished)``:
         per prompt at a boundary its ``[(parent, is_child)]`` plan, and the prompts that are done."""
         opts, plans, finished, to_free = self.opts, {}, [], []
         ranked = [req for req in self.active if self._ranks_now(req)]
@@ -345,10 +349,17 @@ class DecodeLoop:
             if b.finished and b.slot is not None:
                 to_free.append(b.slot)
                 b.slot = None
-        if to_free:
-            self.group.free_many(to_free)
+        self._free_later += to_free  # freed after the next forwards are launched (free_pruned)
         self.active = [r for r in self.active if r.result is None]
         return plans, finished
+
+    def free_pruned(self) -> None:
+        """Free the KV sequences of the rows ``prune`` dropped. ``feed`` calls this after launching the
+        continuing rows' forwards: on a GPU the device waits through the host's work between the read
+        and that launch, and the frees (a few ms at 1,024 rows) then run beside the forwards."""
+        if self._free_later:
+            slots, self._free_later = self._free_later, []
+            self.group.free_many(slots)
 
     def _ranks_now(self, req) -> bool:
         """At a chunk boundary of a search, or with no unfinished candidate left."""
@@ -383,23 +394,44 @@ class DecodeLoop:
         keys and slots stay; on a GPU the step may replay whole)."""
         feed = self.continuing(plans)
         if feed and not plans and len(feed) == len(self.rows):
+            self.free_pruned()
             self.feed_drawn()
             return
         self._rows_changed()
         if not feed:
+            self.free_pruned()
             self.rows, self.cur = [], {}
             return
-        out = {name: self.paged[name]([b.slot for _, b in feed], [[b.tokens[-1]] for _, b in feed])
-               for name in self.step_names}
-        self.stats.forwards += len(self.step_names)
+        out = self._forward_last(feed)
+        self.free_pruned()  # beside the forwards just launched
         self.rows, pick = self.fork(feed, plans)
         sel = to_device(torch.tensor(pick), self.device)
         self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
 
+    def _forward_last(self, rows) -> dict:
+        """One forward per model over each row's last token; its logits per model. Should a pool run short
+        before the pruned rows' blocks are freed, the models that read go back, the blocks are freed and
+        every model reads again (the decoder sizes its pools so that this does not happen)."""
+        slots, tokens = [b.slot for _, b in rows], [[b.tokens[-1]] for _, b in rows]
+        out = {}
+        try:
+            for name in self.step_names:
+                out[name] = self.paged[name](slots, tokens)
+        except KVCacheExhausted:
+            if not self._free_later:
+                raise
+            for name in out:
+                self.paged[name].cache.truncate_appended(slots, 1)
+            self.free_pruned()
+            out = {name: self.paged[name](slots, tokens) for name in self.step_names}
+        self.stats.forwards += len(self.step_names)
+        return out
+
     def continuing(self, plans: dict) -> list:
         """The rows that go on: unfinished, unpruned, and at a chunk boundary only the kept parents."""
-        return [(req, b) for req, b in self.rows if b.slot is not None and (id(req) not in plans or any(
-            par is b and child for par, child in plans[id(req)]))]
+        parents = {id(par) for plan in plans.values() for par, child in plan if child}
+        return [(req, b) for req, b in self.rows
+                if b.slot is not None and (id(req) not in plans or id(b) in parents)]
 
     def fork(self, feed: list, plans: dict) -> tuple[list, list]:
         """Each kept parent of ``feed`` (continuing rows) forks into its K children, which share its
@@ -440,6 +472,7 @@ class DecodeLoop:
 
     def release(self) -> None:
         """Free every sequence still held (after an error) and the models' paged state."""
+        self._free_later = []  # (still live: freed below with the rest)
         stats = self.stats
         for pm in self.paged.values():
             pm.release()

@@ -245,4 +245,5 @@ class SpeculativeLoop(DecodeLoop):
     def regroup(self, plans: dict) -> None:
         """Drop finished and pruned rows; each kept parent forks into its K children (no forward: the
         children read the pending token in their first round)."""
+        self.free_pruned()
         self.rows, _ = self.fork(self.continuing(plans), plans)
