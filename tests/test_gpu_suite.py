@@ -33,3 +33,54 @@ def test_an_unknown_stage_prints_the_usage_and_fails(tmp_path):
                          env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHON": "true"}, timeout=60)
     assert res.returncode == 2
     assert "usage:" in res.stderr and "targets" in res.stderr
+
+
+def _benchmark_commands(text: str) -> list[list[str]]:
+    """Every ``"$PY" benchmarks/NAME.py ARGS`` command line of the suite, its continuation lines joined,
+    ``${VAR:-default}`` read as the default and the suite's own variables as what they hold on a GPU."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    local = {"fi_providers": "flashinfer flashinfer-graph", "gpus": "2"}  # set by the script itself
+    out = []
+    for m in re.finditer(r'"\$PY" (benchmarks/\w+\.py)([^|\n]*)', joined):
+        args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", m.group(2).split("2>&1")[0].split("||")[0])
+        unknown = [v for v in re.findall(r"\$(\w+)", args) if v not in local]
+        assert not unknown, f"{m.group(1)}: variables {unknown} in its arguments: give them a value here"
+        args = re.sub(r"\$(\w+)", lambda v: local[v.group(1)], args).replace('"', "")
+        out.append([m.group(1)] + args.split())
+    return out
+
+
+def test_every_benchmark_command_line_parses(monkeypatch):
+    """Each benchmark the suite runs accepts its arguments (a typo there would cost the lease's run)."""
+    import argparse
+    import runpy
+    import sys
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    commands = _benchmark_commands(SUITE.read_text())
+    assert len(commands) >= 12 and {"benchmarks/bench_published.py", "benchmarks/profile_decode.py"} <= {
+        c[0] for c in commands}
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
+    root = SUITE.parent.parent
+    for cmd in commands:
+        if "argparse" not in (root / cmd[0]).read_text():  # a script without options (plot_results.py)
+            assert cmd[1:] == [], f"{cmd[0]} takes no arguments"
+            continue
+        monkeypatch.setattr(sys, "argv", cmd)
+        with pytest.raises(Parsed):
+            runpy.run_path(str(root / cmd[0]), run_name="__main__")
+
+
+def test_every_test_file_the_suite_names_exists():
+    text = re.sub(r"\\\n\s*", " ", SUITE.read_text())
+    named = set(re.findall(r"tests/\w+\.py", text))
+    root = SUITE.parent.parent
+    assert len(named) >= 10
+    assert [n for n in sorted(named) if not (root / n).exists()] == []
