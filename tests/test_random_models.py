@@ -32,13 +32,21 @@ def test_a_random_set_loads_decodes_and_round_trips_its_tokens(tmp_path):
 
 def test_the_loop_host_benchmark_times_one_read_per_chunk_boundary(capsys):
     """benchmarks/bench_loop_host.py on two prompts (32 rows): 32 tokens in chunks of 5 are 7 host reads
-    (t = 5, 10, ..., 30, then the length limit at 32), each ranked and pruned, and 6 forks."""
+    (t = 5, 10, ..., 30, then the length limit at 32), each ranked and pruned, and 6 forks; the 6 reads
+    before a fork are each followed by a forward (the read at the length limit launches none)."""
+    import re
+
     from benchmarks import bench_loop_host
     from ivg.decode_loop import DecodeLoop
+    from ivg.paged_model import PagedModel
 
-    before = {name: DecodeLoop.__dict__[name] for name in bench_loop_host.UNITS}
+    names = bench_loop_host.UNITS + ("release",)
+    before = {name: DecodeLoop.__dict__[name] for name in names}
+    call = PagedModel.__dict__["__call__"]
     assert bench_loop_host.main(["--prompts", "2", "--runs", "1"]) == 0
-    assert {name: DecodeLoop.__dict__[name] for name in bench_loop_host.UNITS} == before, "the loop stays wrapped"
+    assert {name: DecodeLoop.__dict__[name] for name in names} == before, "the loop stays wrapped"
+    assert PagedModel.__dict__["__call__"] is call, "the forwards stay wrapped"
     out = capsys.readouterr().out
-    calls = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if " calls " in line}
-    assert calls == {"read": 7, "prune": 7, "fork": 6, "score_rm_before_read": 7, "sample": 32}, out
+    calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S.*?)\s+(\d+) calls ", out, flags=re.M)}
+    assert calls == {"read": 7, "prune": 7, "fork": 6, "score_rm_before_read": 7, "sample": 32,
+                     "read to launch": 6}, out
