@@ -235,6 +235,33 @@ def test_no_blocks_in_use_after_generate_and_after_an_error(models):
     assert models.base.config._attn_implementation != "ivg_paged", "the model's attention was not given back"
 
 
+@pytest.mark.parametrize("mode", ["ivg", "tokenrm", "bon"])
+def test_every_row_draws_from_its_own_sequences_logits(models, monkeypatch, mode):
+    """Before every draw, each row's logits for every model equal that model's logits for the row's own
+    prompt and response, computed from scratch: no row reads another's cache or takes another's logits
+    (after forks, prunes, copy-on-write and admissions). The other tests compare returned beams, which
+    the test models make alike (different parents often give the same tokens); this looks at every row."""
+    from ivg.decode_loop import DecodeLoop
+
+    modules = {name: module for name, module, _ in models.roles()}
+    real, checked = DecodeLoop.sample, []
+
+    def sample(self):
+        for name, logits in self.cur.items():
+            seqs = [req.ids[name] + b.tokens for req, b in self.rows]
+            with torch.no_grad():
+                want = torch.stack([modules[name](input_ids=torch.tensor([x])).logits[0, -1] for x in seqs])
+            torch.testing.assert_close(logits, want.to(logits.dtype), rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"{name} after {checked.count(name)} checks: {m}")
+            checked.append(name)
+        return real(self)
+
+    monkeypatch.setattr(DecodeLoop, "sample", sample)
+    opts = _opts(mode, max_new_tokens=9, eos_token_ids=(), temperature=1.0)
+    IVGDecoder(models, max_batch_prompts=2).generate(PROMPTS, opts)  # the third prompt admitted later
+    assert checked.count("base") >= 9
+
+
 @pytest.mark.parametrize("mode", ["ivg", "cbs"])
 def test_frees_after_the_launch_and_a_pool_short_before_them(models, monkeypatch, mode):
     """The rows a read prunes or finishes free their blocks after the next forwards are launched (the
