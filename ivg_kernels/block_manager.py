@@ -125,9 +125,15 @@ class BlockManager:
         """``n`` children sharing every block of ``seq_id``; the parent stays alive until freed."""
         return self.fork_many([seq_id], n)[0]
 
-    def fork_many(self, seq_ids: Sequence[int], n: Union[int, Sequence[int]]) -> list[list[int]]:
-        """Fork each parent into ``n`` (or ``n[i]``) children in one call; returns the children per parent."""
-        _, rows = self._rows(seq_ids)
+    def fork_many(self, seq_ids: Sequence[int], n: Union[int, Sequence[int]], *,
+                  replace: bool = False) -> list[list[int]]:
+        """Fork each parent into ``n`` (or ``n[i]``) children in one call; returns the children per parent.
+
+        ``replace=True``: the parents are replaced by their children, as this call and then ``free_many``
+        of the parents would (the same blocks, reference counts and free list) with less work: a parent's
+        first child keeps its sequence, so its id is the first of its children, and a parent forked into
+        no child is freed (a beam search's chunk boundary)."""
+        ids, rows = self._rows(seq_ids)
         if isinstance(n, numbers.Integral) and not isinstance(n, bool):  # one count for every parent: checked once
             if n < 0:
                 raise ValueError(f"n={n!r}: expected counts >= 0")
@@ -139,23 +145,35 @@ class BlockManager:
             for c in counts:
                 if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
                     raise ValueError(f"n={n!r}: expected counts >= 0")
-        if not any(counts):
+        if replace:
+            _no_repeats(ids)
+        elif not any(counts):
             return [[] for _ in counts]
         cnt = np.array(counts, dtype=np.int64)
+        more = np.maximum(cnt - 1, 0) if replace else cnt  # new sequences per parent
         nb = self._nb[rows]
-        held = np.arange(self._tab.shape[1]) < nb[:, None]
-        blocks = self._tab[rows][held]
-        if blocks.size:  # each child holds its parent's blocks (siblings' parents share some)
-            ub, added, _ = _block_sums(blocks, np.repeat(cnt, nb))
-            self._ref[ub] += added.astype(self._ref.dtype)
-        kids = self._take_rows(int(cnt.sum()))
-        src = np.repeat(rows, cnt)
+        if more.any():
+            held = np.arange(self._tab.shape[1]) < nb[:, None]
+            blocks = self._tab[rows][held]
+            if blocks.size:  # each new child holds its parent's blocks (siblings' parents share some)
+                ub, added, _ = _block_sums(blocks, np.repeat(more, nb))
+                self._ref[ub] += added.astype(self._ref.dtype)
+        kids = self._take_rows(int(more.sum()))
+        src = np.repeat(rows, more)
         self._tab[kids] = self._tab[src]
         self._nb[kids] = self._nb[src]
         self._len[kids] = self._len[src]
-        ids = self._name(kids)
-        ends = np.cumsum(cnt).tolist()
-        return [ids[e - c: e] for c, e in zip(counts, ends)]
+        new = self._name(kids)
+        ends = np.cumsum(more).tolist()
+        if not replace:
+            return [new[e - c: e] for c, e in zip(counts, ends)]
+        gone = np.flatnonzero(cnt == 0)
+        if gone.size:  # parents with no child: freed (their blocks released in the order given)
+            self._release(rows[gone], np.zeros(gone.size, dtype=np.int64))
+            for i in gone.tolist():
+                del self._row[ids[i]]
+            self._spare_rows.extend(rows[gone][::-1].tolist())
+        return [[s] + new[e - m: e] if c else [] for s, c, m, e in zip(ids, counts, more.tolist(), ends)]
 
     def free(self, seq_id: int) -> None:
         self.free_many([seq_id])

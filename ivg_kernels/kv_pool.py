@@ -124,8 +124,14 @@ class KVCacheGroup:
     def new_sequences(self, n: int) -> list[int]:
         return self._all(lambda bm: bm.new_sequences(n))
 
-    def fork_many(self, seq_ids: Sequence[int], n) -> list[list[int]]:
-        return self._all(lambda bm: bm.fork_many(seq_ids, n))
+    def fork_many(self, seq_ids: Sequence[int], n, *, replace: bool = False) -> list[list[int]]:
+        """:meth:`BlockManager.fork_many` in every model (``replace``: checked in every model first, since it
+        frees the parents with no child)."""
+        if replace:
+            seq_ids = list(seq_ids)
+            for c in self.caches.values():
+                c.blocks.seq_lens(seq_ids)
+        return self._all(lambda bm: bm.fork_many(seq_ids, n, replace=replace))
 
     def free_many(self, seq_ids: Sequence[int]) -> None:
         seq_ids = list(seq_ids)

@@ -53,19 +53,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._write(ids, counts)
 
     @precondition(lambda self: self.history)
-    @rule(data=st.data(), n=st.integers(0, 3), prune_parent=st.booleans())
+    @rule(data=st.data(), n=st.integers(0, 3), prune_parent=st.sampled_from(["no", "free", "replace"]))
     def fork(self, data, n, prune_parent):
         parents = data.draw(st.lists(st.sampled_from(sorted(self.history)), min_size=1, max_size=2, unique=True))
         copied = self.bm.blocks_copied
-        kids = self.bm.fork_many(parents, n)
+        kids = self.bm.fork_many(parents, n, replace=prune_parent == "replace")
         assert self.bm.blocks_copied == copied and self.bm.take_copies() == [], "a fork must copy nothing"
         for p, ks in zip(parents, kids):
+            if prune_parent == "replace":  # the first child is the parent's own sequence
+                assert ks[:1] == ([p] if n else [])
+                ks = ks[1:]
             for k in ks:
                 self.history[k] = list(self.history[p])
-        if prune_parent:
+        if prune_parent == "free":
             self.bm.free_many(parents)
+        if prune_parent != "no":
             for p in parents:
-                del self.history[p]
+                if prune_parent == "free" or not n:
+                    del self.history[p]
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
@@ -182,6 +187,44 @@ def test_fork_many_counts_and_bad_ids():
     bm.check_invariants()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_replacing_fork_is_a_fork_then_freeing_the_parents(seed):
+    """``fork_many(..., replace=True)``: each child holds the blocks it would after ``fork_many`` and
+    ``free_many`` of the parents, with the same reference counts and free list; a parent's first child is
+    its own sequence and a parent with no child is gone. Bad arguments change nothing."""
+    import random
+
+    def build(rng):
+        bm = BlockManager(200, 3)
+        seqs = bm.new_sequences(8)
+        bm.append(seqs, [rng.randint(0, 10) for _ in seqs])
+        seqs += [k for ks in bm.fork_many(seqs[:3], 2) for k in ks]
+        bm.append(seqs[-4:], 2)
+        return bm, seqs
+
+    rng = random.Random(seed)
+    a, seqs = build(random.Random(seed))
+    b, _ = build(random.Random(seed))
+    parents = rng.sample(seqs, rng.randint(1, len(seqs)))
+    counts = [rng.choice([0, 1, 2, 4]) for _ in parents]
+    kids = a.fork_many(parents, counts)
+    a.free_many(parents)
+    moved = b.fork_many(parents, counts, replace=True)
+    assert [len(k) for k in moved] == counts
+    assert all(m[:1] == ([p] if c else []) for p, c, m in zip(parents, counts, moved))
+    assert [a.blocks_of(k) for ks in kids for k in ks] == [b.blocks_of(k) for ks in moved for k in ks]
+    assert [a.seq_len(k) for ks in kids for k in ks] == [b.seq_len(k) for ks in moved for k in ks]
+    assert a._free == b._free and (a._ref == b._ref).all()
+    assert sorted(b.live_sequences) == sorted(set(seqs) - set(parents) | {k for ks in moved for k in ks})
+    b.check_invariants()
+    before = (list(b._free), b._ref.copy(), b.live_sequences)
+    live = b.live_sequences
+    for bad in ([live[0], live[0]], [live[0], 10 ** 6]):
+        with pytest.raises(ValueError, match="seq_ids"):
+            b.fork_many(bad, 1, replace=True)
+    assert (list(b._free), b.live_sequences) == (before[0], before[2]) and (b._ref == before[1]).all()
+
+
 def test_batch_calls_act_as_one_sequence_after_another():
     """Within one call, sequences take blocks, copy and release in the order given (worked by hand)."""
     bm = BlockManager(16, 4)
@@ -235,7 +278,7 @@ def test_array_work_and_per_sequence_work_agree(monkeypatch, seed):
                 except KVCacheExhausted as e:
                     out = str(e)
             elif op == "fork":
-                out = bm.fork_many(rng.sample(live, rng.randint(1, 4)), rng.randint(0, 4))
+                out = bm.fork_many(rng.sample(live, rng.randint(1, 4)), rng.randint(0, 4), replace=rng.random() < 0.5)
             elif op == "free":
                 out = bm.free_many(rng.sample(live, rng.randint(1, len(live) // 2)))
             else:

@@ -105,8 +105,7 @@ class DecodeLoop:
         if self.lazy_rm:  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
             self.read_all_but_last("rm", roots, new)
         rm_read = [len(r.ids["rm"]) - 1 if self.lazy_rm else 0 for r in new]
-        kids = self.group.fork_many(roots, self.opts.width * self.opts.successors)
-        self.group.free_many(roots)
+        kids = self.group.fork_many(roots, self.opts.width * self.opts.successors, replace=True)
         pick = []
         for k, req in enumerate(new):
             req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k]) for j in range(len(kids[k]))]
@@ -448,9 +447,8 @@ class DecodeLoop:
             for b, child in plans.get(id(req), ()):
                 if child:
                     parents[id(b)] = b
-        slots = self.group.fork_many([b.slot for b in parents.values()], self.opts.successors)
-        if parents:
-            self.group.free_many([b.slot for b in parents.values()])
+        # each parent's sequence becomes its first child's (no parent is left to free)
+        slots = self.group.fork_many([b.slot for b in parents.values()], self.opts.successors, replace=True)
         forks = {key: iter(kids) for key, kids in zip(parents, slots)}  # each parent's children's slots, in order
         rows, pick = [], []
         for req, fed in by_req.values():
