@@ -84,6 +84,7 @@ class BlockManager:
         self._next_id = 0
         self._copies: list[tuple[int, int]] = []
         self.blocks_copied = 0  # copy-on-write copies handed out, ever
+        self._memo = None  # (ids, rows) of the last _rows look-up; dropped when a sequence is freed
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -170,6 +171,7 @@ class BlockManager:
         gone = np.flatnonzero(cnt == 0)
         if gone.size:  # parents with no child: freed (their blocks released in the order given)
             self._release(rows[gone], np.zeros(gone.size, dtype=np.int64))
+            self._memo = None
             for i in gone.tolist():
                 del self._row[ids[i]]
             self._spare_rows.extend(rows[gone][::-1].tolist())
@@ -182,6 +184,7 @@ class BlockManager:
         ids, rows = self._rows(list(seq_ids))
         _no_repeats(ids)
         self._release(rows, np.zeros(len(rows), dtype=np.int64))
+        self._memo = None
         for s in ids:
             del self._row[s]
         self._spare_rows.extend(rows[::-1].tolist())
@@ -443,8 +446,15 @@ class BlockManager:
 
     # ------------------------------------------------------------------ rows
     def _rows(self, seq_ids, name: str = "seq_ids") -> tuple[list[int], np.ndarray]:
-        """The ids (as ints) and rows of live sequences ``seq_ids``; a ValueError naming the first that is not."""
+        """The ids (as ints) and rows of live sequences ``seq_ids``; a ValueError naming the first that is not.
+
+        The last list looked up is remembered until a sequence is freed: a decode loop passes the same rows
+        step after step (append, then tables, in every model), and comparing two lists costs about a
+        fiftieth of looking 1,024 ids up."""
         ids = seq_ids if type(seq_ids) is list else list(seq_ids)
+        memo = self._memo
+        if memo is not None and memo[0] == ids and set(map(type, ids)) <= _INT:  # (True == 1: types checked)
+            return memo[0], memo[1]
         row = self._row
         try:
             rows = [row[s] for s in ids]
@@ -453,7 +463,10 @@ class BlockManager:
         if rows is None or not set(map(type, ids)) <= _INT:  # bools, numpy integers, ...
             ids = [self._check_seq(s, name) for s in ids]
             rows = [row[s] for s in ids]
-        return ids, np.array(rows, dtype=np.intp)
+        found = np.array(rows, dtype=np.intp)
+        found.flags.writeable = False  # shared with the memo
+        self._memo = (list(ids), found)  # a copy: the caller may change its list
+        return ids, found
 
     def _take_rows(self, n: int) -> np.ndarray:
         """``n`` rows of no live sequence (tables all zeros), growing the arrays when short."""

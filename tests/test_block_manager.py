@@ -225,6 +225,33 @@ def test_a_replacing_fork_is_a_fork_then_freeing_the_parents(seed):
     assert (list(b._free), b.live_sequences) == (before[0], before[2]) and (b._ref == before[1]).all()
 
 
+def test_the_remembered_rows_of_the_last_list_never_outlive_their_sequences():
+    """A list of ids looked up again is not looked up again (the decode loop's rows, step after step), yet a
+    freed id, a changed list and ids of the wrong type are seen as they would be without the memo."""
+    bm = BlockManager(32, 4)
+    a, b, c = bm.new_sequences(3)
+    bm.append([a, b, c], 5)
+    rows = [a, b]
+    assert bm.tables(rows)[1].tolist() == [5, 5]
+    bm.append(rows, 1)
+    assert bm.seq_lens(rows).tolist() == [6, 6]
+    rows[1] = c  # the caller's list changed in place
+    assert bm.seq_lens(rows).tolist() == [6, 5]
+    assert bm.block_table(rows).tolist() == [bm.blocks_of(a), bm.blocks_of(c)]
+    assert (a, b) == (0, 1) and bm.seq_lens([b, a]).tolist() == [6, 6]  # remembered: [1, 0]
+    with pytest.raises(ValueError, match="is not a live sequence"):
+        bm.seq_lens([True, False])  # equal to [1, 0] as a list, but no ids
+    bm.free(c)  # (its own look-up of [c] was the last)
+    for gone in ([c], rows):
+        with pytest.raises(ValueError, match=f"seq_ids: {c} is not a live sequence"):
+            bm.append(gone, 1)
+    assert bm.fork_many([b], 0, replace=True) == [[]]
+    with pytest.raises(ValueError, match=f"seq_ids: {b} is not a live sequence"):
+        bm.seq_lens([b])
+    assert bm.seq_len(a) == 6
+    bm.check_invariants()
+
+
 def test_batch_calls_act_as_one_sequence_after_another():
     """Within one call, sequences take blocks, copy and release in the order given (worked by hand)."""
     bm = BlockManager(16, 4)
