@@ -36,8 +36,8 @@ def main():
     prompt = list(range(1, 41))  # 40 tokens: 2.5 blocks of 16
     (root,) = group.new_sequences(1)
     logits = {name: pm([root], [prompt]) for name, pm in paged.items()}  # prefill once per model
-    beams = group.fork_many([root], W * K)[0]  # metadata only: every beam shares the prompt's blocks
-    group.free_many([root])
+    # metadata only: every beam shares the prompt's blocks (replace: the root's sequence becomes the first beam)
+    beams = group.fork_many([root], W * K, replace=True)[0]
     logits = {name: x.expand(W * K, -1) for name, x in logits.items()}
     scores = torch.zeros(W * K)
     for chunk in range(CHUNKS):
@@ -48,8 +48,7 @@ def main():
             logits = {name: pm(beams, [[t] for t in out.tokens.tolist()]) for name, pm in paged.items()}
         keep = scores.topk(W).indices.tolist()  # prune to the best W, then each spawns K children
         group.free_many([b for i, b in enumerate(beams) if i not in keep])
-        children = group.fork_many([beams[i] for i in keep], K)
-        group.free_many([beams[i] for i in keep])
+        children = group.fork_many([beams[i] for i in keep], K, replace=True)  # (no parent left to free)
         rows = [i for i in keep for _ in range(K)]
         beams = [c for kids in children for c in kids]
         logits = {name: x[rows] for name, x in logits.items()}
