@@ -239,8 +239,8 @@ def test_no_blocks_in_use_after_generate_and_after_an_error(models):
 def test_every_row_draws_from_its_own_sequences_logits(models, monkeypatch, mode):
     """Before every draw, each row's logits for every model equal that model's logits for the row's own
     prompt and response, computed from scratch: no row reads another's cache or takes another's logits
-    (after forks, prunes, copy-on-write and admissions). The other tests compare returned beams, which
-    the test models make alike (different parents often give the same tokens); this looks at every row."""
+    (after forks, prunes, copy-on-write and admissions). The other tests compare what a call returns;
+    this looks at every row before every draw, pruned ones included."""
     from ivg.decode_loop import DecodeLoop
 
     modules = {name: module for name, module, _ in models.roles()}
