@@ -169,12 +169,8 @@ class BlockManager:
         if not replace:
             return [new[e - c: e] for c, e in zip(counts, ends)]
         gone = np.flatnonzero(cnt == 0)
-        if gone.size:  # parents with no child: freed (their blocks released in the order given)
-            self._release(rows[gone], np.zeros(gone.size, dtype=np.int64))
-            self._memo = None
-            for i in gone.tolist():
-                del self._row[ids[i]]
-            self._spare_rows.extend(rows[gone][::-1].tolist())
+        if gone.size:  # parents with no child: freed
+            self._drop([ids[i] for i in gone.tolist()], rows[gone])
         return [[s] + new[e - m: e] if c else [] for s, c, m, e in zip(ids, counts, more.tolist(), ends)]
 
     def free(self, seq_id: int) -> None:
@@ -183,6 +179,11 @@ class BlockManager:
     def free_many(self, seq_ids: Iterable[int]) -> None:
         ids, rows = self._rows(list(seq_ids))
         _no_repeats(ids)
+        self._drop(ids, rows)
+
+    def _drop(self, ids: list, rows: np.ndarray) -> None:
+        """End live sequences ``ids`` (rows ``rows``): their blocks released in the order given, their rows
+        spare, the remembered look-up forgotten."""
         self._release(rows, np.zeros(len(rows), dtype=np.int64))
         self._memo = None
         for s in ids:

@@ -128,17 +128,21 @@ class KVCacheGroup:
         """:meth:`BlockManager.fork_many` in every model (``replace``: checked in every model first, since it
         frees the parents with no child)."""
         if replace:
-            seq_ids = list(seq_ids)
-            for c in self.caches.values():
-                c.blocks.seq_lens(seq_ids)
+            seq_ids = self._live_everywhere(seq_ids)
         return self._all(lambda bm: bm.fork_many(seq_ids, n, replace=replace))
 
     def free_many(self, seq_ids: Sequence[int]) -> None:
-        seq_ids = list(seq_ids)
-        for c in self.caches.values():  # validate everywhere first: no half-freed state
-            c.blocks.seq_lens(seq_ids)
+        seq_ids = self._live_everywhere(seq_ids)
         for c in self.caches.values():
             c.blocks.free_many(seq_ids)
+
+    def _live_everywhere(self, seq_ids: Sequence[int]) -> list:
+        """``seq_ids`` as a list, after checking them in every model (a ValueError before any change: no
+        model freed and another not)."""
+        seq_ids = list(seq_ids)
+        for c in self.caches.values():
+            c.blocks.seq_lens(seq_ids)
+        return seq_ids
 
     def append(self, seq_ids: Sequence[int], num_tokens) -> dict[str, torch.Tensor]:
         """Append in every model; ``num_tokens`` is shared or a ``{model: counts}`` mapping.
