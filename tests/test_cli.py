@@ -212,3 +212,44 @@ def test_speculate_reaches_the_decoder(model_dirs, tmp_path, capsys):
     assert main(_args(model_dirs, tmp_path / "bad.jsonl", *common, "--speculate", "-1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "speculate=-1" in err[0], err
+
+
+def test_bad_device_out_scorer_and_chunk_len_are_one_line_naming_the_flag(model_dirs, tmp_path, capsys):
+    """Each of these failed with a traceback (torch's assertion, a FileNotFoundError after the decode, an
+    ImportError, int()'s message) instead of a line naming the flag; each now fails before any model loads."""
+    out = tmp_path / "o.jsonl"
+    cases = [
+        (["--device", "bogus"], "--device bogus: not a device"),
+        # no CUDA here, or fewer than 100 devices: both name the flag
+        (["--device", "cuda:99"], "--device cuda:99: "),
+        (["-L", "2.5"], "--chunk-len '2.5': expected an int >= 1, or inf"),
+        (["--scorer", "no_such_module_xyz:score"], "--scorer no_such_module_xyz:score: cannot import no_such_module_xyz"),
+        (["--scorer", "json:no_such_function"], "--scorer json:no_such_function: json has no callable"),
+    ]
+    for extra, message in cases:
+        assert main(_args(model_dirs, out, "--mode", "ivg", "--prompt", "a", *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    args = _args(model_dirs, out, "--mode", "ivg", "--prompt", "a")
+    args[args.index("--beta") + 1] = "nan"
+    assert main(args) == 2
+    assert "beta[0]=nan: expected a finite number" in capsys.readouterr().err
+    for bad, message in [(tmp_path / "missing" / "o.jsonl", "no such directory"), (tmp_path, "a directory")]:
+        assert main(_args(model_dirs, bad, "--mode", "plain", "--prompt", "a")) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing decoded, nothing written
+    assert main(["demo", "--device", "bogus"]) == 2
+    assert "--device bogus: not a device" in capsys.readouterr().err
+
+
+def test_python_api_names_a_bad_device_beta_and_token_rm_weight(model_dirs):
+    from ivg.api import generate
+
+    with pytest.raises(ValueError, match="device='bogus': not a device"):
+        generate(["a"], base=model_dirs["base"], device="bogus", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"beta\[1\]=inf: expected a finite number"):
+        generate(["a"], base=model_dirs["base"], tuned=[model_dirs["tuned"]] * 2, ref=[model_dirs["ref"]] * 2,
+                 beta=[1.0, float("inf")], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token_rm_weight=nan"):
+        generate(["a"], base=model_dirs["base"], token_rm=model_dirs["rm"], token_rm_weight=float("nan"),
+                 mode="tokenrm", max_new_tokens=2)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -29,6 +31,25 @@ def _tokenizer(path):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+
+
+def check_device(device, arg: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, or ``ValueError`` naming ``arg`` (a keyword, or a flag such as
+    ``--device``) when it is not a device name or names a CUDA device this machine lacks (instead of an
+    assertion deep inside the first model load)."""
+    named = f"{arg} {device}" if arg.startswith("--") else f"{arg}={device!r}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{named}: not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{named}: no CUDA device here (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); expected cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{named}: expected an index below {count}, the number of CUDA devices here")
+    return dev
 
 
 TEMPLATE_ROLES = ("base", "guide", "token_rm")
@@ -65,6 +86,13 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
         betas = betas * len(tuned)
     if len(betas) != len(tuned):
         raise ValueError(f"beta: expected one beta per guide pair ({len(tuned)}), got {len(betas)}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(b):
+            raise ValueError(f"beta[{i}]={b!r}: expected a finite number")
+    if isinstance(token_rm_weight, bool) or not isinstance(token_rm_weight, numbers.Real) or not math.isfinite(
+            token_rm_weight):
+        raise ValueError(f"token_rm_weight={token_rm_weight!r}: expected a finite number")
+    check_device(device)
     dt = _dtype(dtype)
     templates = check_templates(templates)
     args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
@@ -98,7 +126,11 @@ def import_scorer(spec: str):
     if ":" not in spec:
         raise ValueError(f"scorer={spec!r}: expected 'explicit', 'implicit' or MODULE:FUNCTION")
     module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name, None)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"scorer={spec!r}: cannot import {module} ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, name, None)
     if not callable(fn):
         raise ValueError(f"scorer={spec!r}: {module} has no callable {name}")
     return fn

@@ -93,20 +93,38 @@ def _check_model_flags(args) -> None:
     check_model_paths([(f"{flag} {value}", value) for flag, value in flags])
 
 
+def _chunk_len(text: str):
+    """``-L``: tokens per chunk, or None (infinity) for ``inf`` or ``0``."""
+    if text in ("inf", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--chunk-len {text!r}: expected an int >= 1, or inf (0 also means inf)") from None
+
+
 def _generate(args) -> int:
     if len(args.tuned) != len(args.ref):
         raise ValueError(f"--tuned/--ref: expected pairs, got {len(args.tuned)} --tuned and {len(args.ref)} --ref")
     _check_model_flags(args)
+    from .api import check_device, import_scorer
+
+    check_device(args.device, "--device")
     templates = _templates(args.template)
     prompts = _read_prompts(args)
-    chunk = None if args.chunk_len in ("inf", "0") else int(args.chunk_len)
+    chunk = _chunk_len(args.chunk_len)
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()),
                    speculate=args.speculate, draft=args.draft, speculate_adapt=args.speculate_adapt)
     from .options import DecodeOptions
 
-    scorer = args.scorer if args.scorer in ("explicit", "implicit") else None  # MODULE:FUNCTION loads later
+    scorer = args.scorer if args.scorer in ("explicit", "implicit") else None
+    if args.scorer and scorer is None:
+        try:
+            scorer = import_scorer(args.scorer)  # a MODULE:FUNCTION that cannot load fails now, in one line
+        except ValueError as e:  # named by the flag, as the user wrote it
+            raise ValueError(str(e).replace(f"scorer={args.scorer!r}", f"--scorer {args.scorer}", 1)) from None
     DecodeOptions(**options, num_return=args.num_return, scorer=scorer).resolved(
         have_guides=bool(args.tuned), have_token_rm=args.token_rm is not None or bool(args.scorer))  # fail now
     if args.ignore_eos:
@@ -148,8 +166,10 @@ def _generate(args) -> int:
 def _demo(args) -> int:
     from pathlib import Path
 
+    from .api import check_device
     from .demo.run import METHODS, run_demo
 
+    check_device(args.device, "--device")
     methods = args.methods or list(METHODS)
     report = run_demo(Path(args.out) if args.out else None, methods=methods, num_prompts=args.prompts,
                       device=args.device, seed=args.seed, progress=True)
@@ -175,7 +195,7 @@ def _add_generate(sub):
     g.add_argument("--scorer", help="explicit, implicit, or MODULE:FUNCTION taking (prompts, responses)")
     g.add_argument("-W", "--width", type=int, default=4)
     g.add_argument("-K", "--successors", type=int, default=4)
-    g.add_argument("-L", "--chunk-len", default="5", help="tokens per chunk, or inf")
+    g.add_argument("-L", "--chunk-len", default="5", help="tokens per chunk, or inf (0 also means inf: one chunk, the whole response)")
     g.add_argument("-N", type=int, default=16, help="N of best-of-N / worst-of-N")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-k", type=int, default=0)

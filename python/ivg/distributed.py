@@ -33,8 +33,10 @@ def world() -> tuple[int, int, int]:
 
 def init(device: str) -> tuple[int, int, str]:
     """Join the process group when launched by torchrun; returns (rank, world size, this rank's device)."""
+    from .api import check_device
+
     rank, size, local = world()
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
     if size > 1:
@@ -142,10 +144,13 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
 
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
+    path = Path(out) if out else None
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        where = "a directory" if path.is_dir() else f"no such directory {str(path.parent)!r}"
+        raise ValueError(f"out={str(out)!r}: {where}; expected a file in an existing directory")
     rank, size, dev = init(device)
     tp = tensor_parallel and size > 1
     run = run_id(dict(kwargs, num_return=num_return))
-    path = Path(out) if out else None
     done: dict[int, str] = {}
     error = None
     if path is not None and rank == 0:
