@@ -298,11 +298,12 @@ class PagedModel:
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
-        slots = self.cache.append(seq_ids, counts)  # an error leaves the cache as it was
+        q = counts[0]
+        uniform = all(c == q for c in counts)
+        # one count for all (the block manager's decode path: no per-sequence arrays); an error leaves the cache as it was
+        slots = self.cache.append(seq_ids, q if uniform else counts)
         try:
             table, lens = self.blocks.tables(seq_ids)
-            q = counts[0]
-            uniform = all(c == q for c in counts)
             decode = uniform and q == 1  # one new token per sequence
             if uniform:  # q new tokens per sequence, the j-th at its new length - q + j
                 cu = torch.arange(0, q * len(counts) + 1, q, dtype=torch.int32)
