@@ -21,10 +21,13 @@ import torch
 
 
 # Sequences per call from which a batch operation runs as array work: below it, a Python loop over the
-# sequences is faster (each numpy call costs about a microsecond; an append and truncate of 8 sequences
-# took 26 us as a loop and 36 us as arrays, of 16 39 and 37 us, of 32 64 and 40 us on the 2-core CPU).
-# Both give the same results (tested).
-ARRAY_FROM = 16
+# sequences is faster. In a loop of appends alone each numpy call costs about a microsecond and arrays won
+# from about 16 sequences (an append and truncate of 16: 39 us as a loop, 37 as arrays; of 32: 64 and 40),
+# but inside a decoder, between forwards, numpy's calls cost several times that: an append of one token
+# per row in the decoder (IVG, one prompt: 16 rows) took 0.12-0.14 ms as a loop and 0.20-0.21 ms as
+# arrays, of 32 rows 0.18-0.20 and 0.25-0.27 ms, of 64 rows 0.30-0.32 and 0.30-0.33 ms (2-core CPU, one
+# thread, runs taking turns). Both give the same results (tested).
+ARRAY_FROM = 64
 
 
 class KVCacheExhausted(RuntimeError):
