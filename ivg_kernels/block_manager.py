@@ -20,14 +20,17 @@ import numpy as np
 import torch
 
 
-# Sequences per call from which a batch operation runs as array work: below it, a Python loop over the
-# sequences is faster. In a loop of appends alone each numpy call costs about a microsecond and arrays won
-# from about 16 sequences (an append and truncate of 16: 39 us as a loop, 37 as arrays; of 32: 64 and 40),
-# but inside a decoder, between forwards, numpy's calls cost several times that: an append of one token
-# per row in the decoder (IVG, one prompt: 16 rows) took 0.12-0.14 ms as a loop and 0.20-0.21 ms as
-# arrays, of 32 rows 0.18-0.20 and 0.25-0.27 ms, of 64 rows 0.30-0.32 and 0.30-0.33 ms (2-core CPU, one
-# thread, runs taking turns). Both give the same results (tested).
+# Sequences per call from which a batch operation runs as array work; below it, a Python loop over the
+# sequences is faster. Appends (and the plans behind them) loop over Python scalars: in a loop of appends
+# alone arrays won from about 16 sequences (an append and truncate of 16: 39 us as a loop, 37 as arrays;
+# of 32: 64 and 40), but inside a decoder, between forwards, numpy's calls cost several times that: an
+# append of one token per row took 0.12-0.14 ms as a loop and 0.20-0.21 ms as arrays at 16 rows (IVG, one
+# prompt), 0.18-0.20 and 0.25-0.27 ms at 32, 0.30-0.32 and 0.30-0.33 ms at 64 (2-core CPU, one thread,
+# runs taking turns). Releasing blocks loops with several numpy calls per sequence, so arrays win sooner:
+# freeing 4 sequences took 59-60 us as a loop and 90-100 us as arrays, 8: 102-112 and 89-94, 16: 199-217
+# and 103-118. Both give the same results (tested).
 ARRAY_FROM = 64
+RELEASE_ARRAY_FROM = 8
 
 
 class KVCacheExhausted(RuntimeError):
@@ -67,8 +70,8 @@ class BlockManager:
     block_size : int
         Token slots per block. Slot ``s`` is position ``s % block_size`` of block ``s // block_size``.
 
-    A batch operation on ``ARRAY_FROM`` or more sequences is array work over them, not Python work per
-    sequence: a decoder appends to, forks and frees hundreds of beams per step. Each live sequence owns
+    A batch operation on ``ARRAY_FROM`` or more sequences (``RELEASE_ARRAY_FROM`` for releasing blocks) is
+    array work over them, not Python work per sequence: a decoder appends to, forks and frees hundreds of beams per step. Each live sequence owns
     a row of ``_tab`` (its block ids, then zeros), ``_nb`` and ``_len``; a freed sequence's row is
     reused. The results are those of handling the sequences one after another in the order given
     (which blocks they get, which copies they queue, the order of the free list).
@@ -509,7 +512,7 @@ class BlockManager:
         """Drop the blocks of ``rows`` past their first ``keep`` ones: ref counts down, and the blocks no
         sequence holds any more onto the free list, in the order of dropping row by row (each row's
         from last to first), so that the next ones handed out are the ones dropped last."""
-        if len(rows) < ARRAY_FROM:
+        if len(rows) < RELEASE_ARRAY_FROM:
             for r, k in zip(rows.tolist(), keep.tolist()):
                 nb = self._nb.item(r)
                 if k < nb:

@@ -283,14 +283,16 @@ def test_batch_calls_act_as_one_sequence_after_another():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_array_work_and_per_sequence_work_agree(monkeypatch, seed):
-    """Batch calls run as array work from ARRAY_FROM sequences, as a Python loop below it: on random
-    histories of new/append/fork/truncate/free both give the same tables, slots, copies and free list."""
+    """Batch calls run as array work from ARRAY_FROM (RELEASE_ARRAY_FROM) sequences, as a Python loop below
+    it: on random histories of new/append/fork/truncate/free both give the same tables, slots, copies and
+    free list."""
     import random
 
     import ivg_kernels.block_manager as bmod
 
     def history(array_from):
         monkeypatch.setattr(bmod, "ARRAY_FROM", array_from)
+        monkeypatch.setattr(bmod, "RELEASE_ARRAY_FROM", array_from)
         rng, bm, seen = random.Random(seed), BlockManager(160, 3), []
         for _ in range(120):
             live = bm.live_sequences
