@@ -210,10 +210,15 @@ class BlockManager:
             cnt = int(num_tokens)
             bad = cnt < 0
         else:
-            cnt = np.array([int(c) for c in num_tokens], dtype=np.int64)
-            if len(cnt) != len(rows):
-                raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(cnt)}")
-            bad = cnt.size and cnt.min() < 0
+            counts = [int(c) for c in num_tokens]
+            if len(counts) != len(rows):
+                raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(counts)}")
+            if counts and counts.count(counts[0]) == len(counts):  # one count for all: as if given as an int
+                cnt = counts[0]
+                bad = cnt < 0
+            else:
+                cnt = np.array(counts, dtype=np.int64)
+                bad = cnt.size and cnt.min() < 0
         if bad:
             raise ValueError(f"num_tokens={num_tokens!r}: expected counts >= 0")
         plan, needed = (self._plan_each if len(rows) < ARRAY_FROM else self._plan_arrays)(rows, cnt)
