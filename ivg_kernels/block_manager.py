@@ -71,10 +71,10 @@ class BlockManager:
         Token slots per block. Slot ``s`` is position ``s % block_size`` of block ``s // block_size``.
 
     A batch operation on ``ARRAY_FROM`` or more sequences (``RELEASE_ARRAY_FROM`` for releasing blocks) is
-    array work over them, not Python work per sequence: a decoder appends to, forks and frees hundreds of beams per step. Each live sequence owns
-    a row of ``_tab`` (its block ids, then zeros), ``_nb`` and ``_len``; a freed sequence's row is
-    reused. The results are those of handling the sequences one after another in the order given
-    (which blocks they get, which copies they queue, the order of the free list).
+    array work over them, not Python work per sequence: a decoder appends to, forks and frees hundreds of
+    beams per step. Each live sequence owns a row of ``_tab`` (its block ids, then zeros), ``_nb`` and
+    ``_len``; a freed sequence's row is reused. The results are those of handling the sequences one after
+    another in the order given (which blocks they get, which copies they queue, the order of the free list).
     """
 
     def __init__(self, num_blocks: int, block_size: int):

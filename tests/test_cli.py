@@ -223,7 +223,8 @@ def test_bad_device_out_scorer_and_chunk_len_are_one_line_naming_the_flag(model_
         # no CUDA here, or fewer than 100 devices: both name the flag
         (["--device", "cuda:99"], "--device cuda:99: "),
         (["-L", "2.5"], "--chunk-len '2.5': expected an int >= 1, or inf"),
-        (["--scorer", "no_such_module_xyz:score"], "--scorer no_such_module_xyz:score: cannot import no_such_module_xyz"),
+        (["--scorer", "no_such_module_xyz:score"],
+         "--scorer no_such_module_xyz:score: cannot import no_such_module_xyz"),
         (["--scorer", "json:no_such_function"], "--scorer json:no_such_function: json has no callable"),
     ]
     for extra, message in cases:
@@ -253,3 +254,11 @@ def test_python_api_names_a_bad_device_beta_and_token_rm_weight(model_dirs):
     with pytest.raises(ValueError, match="token_rm_weight=nan"):
         generate(["a"], base=model_dirs["base"], token_rm=model_dirs["rm"], token_rm_weight=float("nan"),
                  mode="tokenrm", max_new_tokens=2)
+    # numbers of other types (a one-element tensor, numpy) pass as before
+    import numpy as np
+    import torch
+
+    out = generate(["a"], base=model_dirs["base"], tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]],
+                   beta=[torch.tensor(0.5)], token_rm=model_dirs["rm"], token_rm_weight=np.float32(0.5),
+                   mode="ivg", width=1, successors=2, max_new_tokens=2)
+    assert len(out) == 1 and len(out[0].beams[0].tokens) >= 1

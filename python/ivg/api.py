@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -52,6 +51,17 @@ def check_device(device, arg: str = "device") -> torch.device:
     return dev
 
 
+def _finite(name: str, value) -> float:
+    """``value`` as a float (a Python or numpy number, or a one-element tensor), or ``ValueError`` naming it."""
+    try:
+        x = None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        x = None
+    if x is None or not math.isfinite(x):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+    return x
+
+
 TEMPLATE_ROLES = ("base", "guide", "token_rm")
 
 
@@ -87,11 +97,8 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     if len(betas) != len(tuned):
         raise ValueError(f"beta: expected one beta per guide pair ({len(tuned)}), got {len(betas)}")
     for i, b in enumerate(betas):
-        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(b):
-            raise ValueError(f"beta[{i}]={b!r}: expected a finite number")
-    if isinstance(token_rm_weight, bool) or not isinstance(token_rm_weight, numbers.Real) or not math.isfinite(
-            token_rm_weight):
-        raise ValueError(f"token_rm_weight={token_rm_weight!r}: expected a finite number")
+        _finite(f"beta[{i}]", b)
+    _finite("token_rm_weight", token_rm_weight)
     check_device(device)
     dt = _dtype(dtype)
     templates = check_templates(templates)

@@ -195,7 +195,8 @@ def _add_generate(sub):
     g.add_argument("--scorer", help="explicit, implicit, or MODULE:FUNCTION taking (prompts, responses)")
     g.add_argument("-W", "--width", type=int, default=4)
     g.add_argument("-K", "--successors", type=int, default=4)
-    g.add_argument("-L", "--chunk-len", default="5", help="tokens per chunk, or inf (0 also means inf: one chunk, the whole response)")
+    g.add_argument("-L", "--chunk-len", default="5",
+                   help="tokens per chunk, or inf (0 also means inf: one chunk, the whole response)")
     g.add_argument("-N", type=int, default=16, help="N of best-of-N / worst-of-N")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-k", type=int, default=0)
