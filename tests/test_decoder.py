@@ -84,8 +84,31 @@ def test_external_scorer_and_wrong_count(models):
 
     opts = _opts("cbs", scorer=by_vowels)
     _same(IVGDecoder(models).generate(PROMPTS, opts), NaiveDecoder(models).generate(PROMPTS, opts))
-    with pytest.raises(ValueError, match="scorer: returned 1 scores for 6 candidates"):
+    # (the paged decoder scores every prompt ranked at a boundary in one call: 3 prompts x 6 candidates)
+    with pytest.raises(ValueError, match="scorer: returned 1 scores for 18 candidates"):
         IVGDecoder(models).generate(PROMPTS, _opts("cbs", scorer=lambda p, r: [0.0]))
+    with pytest.raises(ValueError, match="scorer: returned 1 scores for 6 candidates"):
+        NaiveDecoder(models).generate(PROMPTS, _opts("cbs", scorer=lambda p, r: [0.0]))
+
+
+def test_an_external_scorer_is_called_once_per_chunk_boundary(models):
+    """Every prompt ranked at a chunk boundary is scored in one call (a reward model scores one batch, not
+    one per prompt), with each candidate's own prompt beside it; the results are those of the naive
+    decoder, which scores one prompt at a time."""
+    calls = []
+
+    def scorer(prompts, responses):
+        calls.append(list(zip(prompts, responses)))
+        return [sum(c in "aeiou" for c in r) - 0.01 * len(p) for p, r in zip(prompts, responses)]
+
+    opts = _opts("cbs", scorer=scorer, eos_token_ids=())  # no EOS: every prompt reaches every boundary
+    paged = IVGDecoder(models).generate(PROMPTS, opts)
+    paged_calls, calls[:] = list(calls), []
+    _same(paged, NaiveDecoder(models).generate(PROMPTS, opts))
+    boundaries = -(-opts.max_new_tokens // opts.chunk_len)
+    assert len(paged_calls) == boundaries and len(calls) == boundaries * len(PROMPTS)
+    for call in paged_calls:
+        assert Counter(p for p, _ in call) == {p: 6 for p in PROMPTS}  # W*K = 6 candidates of every prompt
 
 
 @pytest.mark.parametrize("mode", ["ivg", "bon"])

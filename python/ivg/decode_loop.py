@@ -317,9 +317,10 @@ class DecodeLoop:
         if self.lazy_rm:  # the ranked candidates, and those that finished now (their blocks go below)
             self.score_lazy_rm([(req, b) for req in ranked for b in req.cands]
                                + [(req, b) for req, b in self.rows if b.finished])
-        for req in ranked:
+        # every ranked prompt's candidates scored together (an external scorer: one call per boundary)
+        every_score = self.decoder._scores_many([(req.prompt, req.cands) for req in ranked], opts, self.stopper)
+        for req, scores in zip(ranked, every_score):
             alive = [b for b in req.cands if not b.finished]
-            scores = self.decoder._scores(req.prompt, req.cands, opts, self.stopper)
             order = rank(req.cands, scores, opts.keep)
             if not alive:
                 req.result = self.decoder._result(req.prompt, [req.cands[i] for i in order],
