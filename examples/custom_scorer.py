@@ -5,8 +5,8 @@ filled by any function of the texts).
     python examples/custom_scorer.py       # CPU, a tiny random model and a character tokenizer
 
 The scorer takes the prompts and the responses decoded so far (lists of strings, one per candidate)
-and returns one number per candidate; it is called once per chunk boundary with the candidates of every
-prompt ranked there. From the command line the same function is
+and returns one number per candidate; the paged decoder calls it once per chunk boundary with the
+candidates of every prompt ranked there. From the command line the same function is
 `ivg generate ... --mode cbs --scorer MODULE:FUNCTION` (MODULE importable, e.g. on PYTHONPATH).
 """
 import json
