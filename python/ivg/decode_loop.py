@@ -340,7 +340,7 @@ class DecodeLoop:
                 continue
             # Every kept beam has finished: they are the prompt's last candidates, ranked once more.
             req.cands = [par.child(j, slot=None) for j, (par, _) in enumerate(plan)]
-            scores = self.decoder._scores(req.prompt, req.cands, opts, self.stopper)
+            scores = self.decoder._scores_many([(req.prompt, req.cands)], opts, self.stopper)[0]
             order = rank(req.cands, scores, opts.keep)
             req.result = self.decoder._result(req.prompt, [req.cands[i] for i in order], [scores[i] for i in order],
                                               opts, self.stopper)

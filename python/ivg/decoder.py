@@ -330,9 +330,6 @@ class IVGDecoder:
         needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + most) // bs) + 1) + 1 for d in ids), reverse=True)
         return sum(needs[:capacity])
 
-    def _scores(self, prompt, beams, opts, stopper) -> list[float]:
-        return chunk_scores(prompt, beams, opts, stopper)
-
     def _scores_many(self, groups, opts, stopper) -> list[list[float]]:
         return chunk_scores_many(groups, opts, stopper)
 

@@ -300,8 +300,8 @@ class PagedModel:
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         q = counts[0]
         uniform = all(c == q for c in counts)
-        # one count for all: the block manager's decode path, no per-sequence arrays (an error leaves the cache
-        # as it was)
+        # one count for all as an int: the block manager skips checking a list per row (an error leaves the
+        # cache as it was)
         slots = self.cache.append(seq_ids, q if uniform else counts)
         try:
             table, lens = self.blocks.tables(seq_ids)
