@@ -38,7 +38,7 @@ from ivg_kernels._transfer import to_device, to_device_many
 from ivg_kernels.block_manager import KVCacheExhausted
 
 from .draw import StepDraw
-from .search import OFFSET_STRIDE, Beam, expand, rank, row_offset
+from .search import OFFSET_STRIDE, Beam, chunk_scores, chunk_scores_many, expand, rank, row_offset
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -318,7 +318,7 @@ class DecodeLoop:
             self.score_lazy_rm([(req, b) for req in ranked for b in req.cands]
                                + [(req, b) for req, b in self.rows if b.finished])
         # every ranked prompt's candidates scored together (an external scorer: one call per boundary)
-        every_score = self.decoder._scores_many([(req.prompt, req.cands) for req in ranked], opts, self.stopper)
+        every_score = chunk_scores_many([(req.prompt, req.cands) for req in ranked], opts, self.stopper)
         for req, scores in zip(ranked, every_score):
             alive = [b for b in req.cands if not b.finished]
             order = rank(req.cands, scores, opts.keep)
@@ -340,7 +340,7 @@ class DecodeLoop:
                 continue
             # Every kept beam has finished: they are the prompt's last candidates, ranked once more.
             req.cands = [par.child(j, slot=None) for j, (par, _) in enumerate(plan)]
-            scores = self.decoder._scores_many([(req.prompt, req.cands)], opts, self.stopper)[0]
+            scores = chunk_scores(req.prompt, req.cands, opts, self.stopper)
             order = rank(req.cands, scores, opts.keep)
             req.result = self.decoder._result(req.prompt, [req.cands[i] for i in order], [scores[i] for i in order],
                                               opts, self.stopper)

@@ -330,42 +330,8 @@ class IVGDecoder:
         needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + most) // bs) + 1) + 1 for d in ids), reverse=True)
         return sum(needs[:capacity])
 
-    def _scores_many(self, groups, opts, stopper) -> list[list[float]]:
-        return chunk_scores_many(groups, opts, stopper)
-
     def _result(self, prompt, beams, scores, opts, stopper) -> GenerationResult:
         return make_result(prompt, beams, scores, opts, stopper, self.models)
-
-
-def chunk_scores(prompt, beams, opts, stopper) -> list[float]:
-    """The scores ``opts.scorer`` gives the candidates ``beams`` of ``prompt``."""
-    return chunk_scores_many([(prompt, beams)], opts, stopper)[0]
-
-
-def chunk_scores_many(groups, opts, stopper) -> list[list[float]]:
-    """The scores of each ``(prompt, beams)`` group; an external scorer is called once for all of them
-    (every candidate of every prompt ranked at a chunk boundary: one batch for a reward model, not one
-    call per prompt)."""
-    if opts.scorer == "explicit":
-        return [[b.explicit for b in beams] for _, beams in groups]
-    if opts.scorer == "implicit":
-        return [[b.implicit for b in beams] for _, beams in groups]
-    if callable(opts.scorer):
-        prompts, texts = [], []
-        for prompt, beams in groups:
-            prompts += [prompt if isinstance(prompt, str) else ""] * len(beams)
-            texts += [stopper.text(b.tokens) for b in beams]
-        if not texts:
-            return [[] for _ in groups]
-        scores = list(opts.scorer(prompts, texts))
-        if len(scores) != len(texts):
-            raise ValueError(f"scorer: returned {len(scores)} scores for {len(texts)} candidates")
-        out, start = [], 0
-        for _, beams in groups:
-            out.append([float(x) for x in scores[start:start + len(beams)]])
-            start += len(beams)
-        return out
-    return [[b.logprob for b in beams] for _, beams in groups]
 
 
 def make_result(prompt, beams, scores, opts, stopper, models) -> GenerationResult:

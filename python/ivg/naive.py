@@ -20,10 +20,10 @@ import torch
 
 import ivg_kernels
 
-from .decoder import GenerationResult, RunStats, check_prompts, chunk_scores, default_eos, make_result
+from .decoder import GenerationResult, RunStats, check_prompts, default_eos, make_result
 from .models import IVGModels
 from .options import DecodeOptions
-from .search import Beam, StopChecker, expand, prompt_seed, rank, row_offset, sampler_guides
+from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, row_offset, sampler_guides
 
 
 class NaiveDecoder:
