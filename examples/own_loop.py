@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import ivg_kernels
+from ivg.models import cache_kwargs  # cache= or past_key_values=, whichever this transformers takes
 
 
 def tiny_gpt2(seed: int, layers: int, vocab: int = 64) -> GPT2LMHeadModel:
@@ -32,7 +33,7 @@ def decode(base, tuned, ref, prompt_ids, *, beta=1.0, max_new_tokens=16, tempera
     tokens, implicit = [], torch.zeros(n)
     with torch.no_grad():
         for step in range(max_new_tokens):
-            logits = {name: m(input_ids=x, past_key_values=caches[name], use_cache=True).logits[:, -1]
+            logits = {name: m(input_ids=x, use_cache=True, **cache_kwargs(m, caches[name])).logits[:, -1]
                       for name, m in models.items()}  # [N, V] each
             out = ivg_kernels.guided_sample(
                 logits["base"], [(logits["tuned"], beta), (logits["ref"], -beta)],

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
+from ivg.models import cache_kwargs  # noqa: E402
 from ivg.paged_model import PagedModel, kv_shape  # noqa: E402
 from ivg_kernels.block_manager import KVCacheExhausted  # noqa: E402
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup  # noqa: E402
@@ -72,7 +73,7 @@ def test_paged_matches_dynamic_cache_with_forks_and_prunes(family, backend, shar
     # The oracle for sequence ids[1]: the same model stepped with a DynamicCache.
     dyn = DynamicCache(config=ref.config)
     with torch.no_grad():
-        dyn_logits = ref(torch.tensor([prompts[1]], device=DEVICE), past_key_values=dyn, use_cache=True).logits[0, -1]
+        dyn_logits = ref(torch.tensor([prompts[1]], device=DEVICE), use_cache=True, **cache_kwargs(ref, dyn)).logits[0, -1]
 
     logits = pm(ids, prompts)  # one ragged prefill of all prompts
     _close(logits[1], dyn_logits, "prefill vs DynamicCache")
@@ -100,7 +101,7 @@ def test_paged_matches_dynamic_cache_with_forks_and_prunes(family, backend, shar
             history[s] += t
         if ids[1] in live:
             with torch.no_grad():
-                dyn_logits = ref(torch.tensor([new[live.index(ids[1])]], device=DEVICE), past_key_values=dyn,
+                dyn_logits = ref(torch.tensor([new[live.index(ids[1])]], device=DEVICE), **cache_kwargs(ref, dyn),
                                  position_ids=torch.tensor([[len(history[ids[1]]) - 1]], device=DEVICE),
                                  use_cache=True).logits[0, -1]
             _close(logits[live.index(ids[1])], dyn_logits, f"step {step} vs DynamicCache")

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .models import cache_kwargs
+
 
 class IVGLogitsProcessor:
     """A transformers ``LogitsProcessor``.
@@ -69,8 +71,8 @@ class IVGLogitsProcessor:
             new = ids
         mask = self._mask(ids)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
-        self._last = [m(input_ids=new, attention_mask=mask, position_ids=pos, past_key_values=c,
-                        use_cache=True).logits[:, -1] for m, c in zip(self._models, self._caches)]
+        self._last = [m(input_ids=new, attention_mask=mask, position_ids=pos, use_cache=True,
+                        **cache_kwargs(m, c)).logits[:, -1] for m, c in zip(self._models, self._caches)]
         self._seen = ids.clone()
         return self._last
 

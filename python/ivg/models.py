@@ -6,6 +6,8 @@ causal LM whose logits serve as ``Q`` works too.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,6 +21,18 @@ def model_positions(model) -> Optional[int]:
     """The positions a model takes (None: no limit it states)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument that passes ``cache`` (a ``DynamicCache``) to ``model``'s forward: ``cache=``
+    where the forward takes it (newer transformers 5 releases, which deprecate ``past_key_values``), else
+    ``past_key_values=``. A :class:`TokenRewardModel` answers for its body."""
+    return {_cache_keyword(type(getattr(model, "body", model))): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class _Logits:

@@ -21,7 +21,7 @@ import torch
 import ivg_kernels
 
 from .decoder import GenerationResult, RunStats, check_prompts, default_eos, make_result
-from .models import IVGModels
+from .models import IVGModels, cache_kwargs
 from .options import DecodeOptions
 from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, row_offset, sampler_guides
 
@@ -114,7 +114,7 @@ class NaiveDecoder:
     @staticmethod
     def _forward(model, input_ids, cache, past):
         pos = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return model(input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        return model(input_ids=input_ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
 
     def _rescore(self, ids, beams, opts, model, device, vocab, final):
         """Recompute values from scratch over prompt + whole response, one batched forward per model (what
