@@ -111,15 +111,21 @@ _CHECKS = {
 }
 
 
-def _row_param(name, value, integer, n, device):
-    """A row parameter: a checked tensor ``[N]``, or a checked scalar."""
-    if isinstance(value, torch.Tensor):
-        return _check_row_tensor(name, value, n, device, integer)
+def check_scalar_param(name: str, value, integer: bool):
+    """A scalar row parameter (``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``offset``),
+    checked for its type and range; raises ValueError naming it."""
     value = _scalar(name, value, integer)
     check = _CHECKS.get(name)
     if check is not None and not check[0](value):
         _fail(name, value, check[1])
     return value
+
+
+def _row_param(name, value, integer, n, device):
+    """A row parameter: a checked tensor ``[N]``, or a checked scalar."""
+    if isinstance(value, torch.Tensor):
+        return _check_row_tensor(name, value, n, device, integer)
+    return check_scalar_param(name, value, integer)
 
 
 def prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size) -> SampleArgs:

@@ -421,6 +421,24 @@ def test_bad_options(models, kw, match):
         IVGDecoder(models).generate(PROMPTS, DecodeOptions(**kw))
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_p=1.5), r"top_p=1.5: expected top_p in \(0, 1\]"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_k=-3), "top_k=-3: expected top_k >= 0"),
+    (dict(top_k=2.5), "top_k=2.5: expected an int"),
+    (dict(min_p=2.0), r"min_p=2.0: expected min_p in \[0, 1\]"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(seed=1.5), "seed=1.5: expected an int"),
+    (dict(seed=1 << 63), "seed=9223372036854775808: expected an int64"),
+])
+def test_sampler_options_are_checked_with_the_others(kw, match):
+    """The sampler's settings fail when the options are resolved (as W, K and L do: before any model runs,
+    and in the CLI before the models load), not at the first draw."""
+    with pytest.raises(ValueError, match=match):
+        DecodeOptions(mode="ivg", **kw).resolved(have_guides=True, have_token_rm=True)
+
+
 def test_bad_prompts(models):
     dec = IVGDecoder(models)
     with pytest.raises(ValueError, match=r"prompts\[1\]: empty"):

@@ -10,6 +10,8 @@ import numbers
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
+from ivg_kernels._args import check_scalar_param
+
 MODES = ("plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won")
 TextScorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -122,8 +124,12 @@ class DecodeOptions:
         most = k if mode in ("bon", "won") else w  # best-of-N ranks all N; chunk search keeps W
         if self.num_return > most:
             raise ValueError(f"num_return={self.num_return}: expected at most {most} for mode {mode!r}")
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature!r}: expected >= 0")
+        # the sampler's own checks, now rather than at the first draw (after the models have loaded)
+        for name, integer in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False),
+                              ("seed", True)):
+            check_scalar_param(name, getattr(self, name), integer)
+        if not -(1 << 63) <= self.seed < 1 << 63:
+            raise ValueError(f"seed={self.seed}: expected an int64 (-2**63 <= seed < 2**63)")
         return replace(self, tokenwise=tokenwise, scorer=scorer, width=w, successors=k, chunk_len=chunk, keep=keep)
 
     @property
