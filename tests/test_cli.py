@@ -129,7 +129,8 @@ def test_chat_template_wraps_each_models_prompt(model_dirs, tmp_path, capsys):
 
     out = tmp_path / "o.jsonl"
     assert main(_plain(model_dirs, out, "--prompt", "a", "--chat-template")) == 2
-    assert "has no chat template" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "prompt/s" not in err  # found when the models load, before decoding
     chat = tmp_path / "chat-base"
     import shutil
 
@@ -158,6 +159,8 @@ def test_min_p_and_batch_prompts_reach_the_decoder(model_dirs, tmp_path, capsys)
     assert main(_plain(model_dirs, c, "--prompts", str(prompts), "--min-p", "0.3", "--max-new-tokens", "6",
                        "--read-every", "4")) == 0
     assert _tokens(c) == _tokens(a)
+    assert main(_plain(model_dirs, c, "--prompts", str(prompts), "--batch-prompts", "0")) == 2
+    assert "--batch-prompts 0: expected an int >= 1" in capsys.readouterr().err
     assert main(_plain(model_dirs, c, "--prompt", "a", "--read-every", "0")) == 2
     assert "--read-every 0: expected an int >= 1" in capsys.readouterr().err
     assert make_decoder(base=model_dirs["base"], read_every=4)[0].read_every == 4

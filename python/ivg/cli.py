@@ -134,6 +134,8 @@ def _generate(args) -> int:
     if args.chat_template:
         options["chat_template"] = True
     if args.batch_prompts != 64:
+        if args.batch_prompts < 1:
+            raise ValueError(f"--batch-prompts {args.batch_prompts}: expected an int >= 1")
         options["max_batch_prompts"] = args.batch_prompts
     if args.read_every is not None:
         if args.read_every < 1:

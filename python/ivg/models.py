@@ -174,12 +174,21 @@ class IVGModels:
     chat_template: bool = False
 
     def check(self) -> None:
-        """Every model's tokenizer maps the shared id range like the base's (see check_tokenizers)."""
+        """Every model's tokenizer maps the shared id range like the base's (see check_tokenizers), and has
+        a chat template where ``chat_template`` asks for them."""
         if self.tokenizer is None:
             return
         for name, tok in self.other_tokenizers.items():
             if tok is not None:
                 check_tokenizers(self.tokenizer, tok, name)
+        if self.chat_template:
+            for name, _, _ in self.roles():
+                if not getattr(self._tokenizer_of(name), "chat_template", None):
+                    raise ValueError(f"chat_template: the tokenizer of {name} has no chat template")
+
+    def _tokenizer_of(self, name: str):
+        """Model ``name``'s own tokenizer, else the shared one."""
+        return self.other_tokenizers.get(name) or self.tokenizer
 
     def roles(self):
         """(name, model, template role) of every model, base first."""
@@ -199,7 +208,7 @@ class IVGModels:
         text = self.templates.get(role, "{prompt}").format(prompt=prompt)
         tok = self.tokenizer
         if self.chat_template:
-            tok = self.other_tokenizers.get(name) or self.tokenizer
+            tok = self._tokenizer_of(name)
             if not getattr(tok, "chat_template", None):
                 raise ValueError(f"chat_template: the tokenizer of {name} has no chat template")
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
