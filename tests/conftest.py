@@ -107,6 +107,24 @@ def _faster_triton_interpreter() -> None:
 _faster_triton_interpreter()
 
 
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores for torch's intra-op threads (and the
+    subprocesses a test starts), unless ``OMP_NUM_THREADS`` is set. Torch's default is a thread per core
+    in every worker: with ``-n 2`` on two cores that is four busy threads, and an OpenMP thread waiting
+    for a preempted sibling spins. ``tests/test_demo.py`` with ``tests/test_paged_models.py`` under ``-n 2``
+    took 387 and 401 s that way, 219 and 198 s with a thread per worker (2 cores, the two taking turns)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, int(workers)))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_among_workers()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
