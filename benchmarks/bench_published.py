@@ -12,7 +12,7 @@ machines here have 2 cores), and neither counts model loading or a warm-up promp
 phase at a time (greedy decoding, each mode's warm-up, each timed repeat, the one-prompt-at-a-time runs), so
 only one computes at a time and a drift in the machine's speed weighs on both sides alike.
 
-Models: the ``ivg demo`` models (trained on the CPU in about 100 s, cached): base GPT-2 4x128, tuned
+Models: the ``ivg demo`` models (trained on the CPU in 100 to 170 s, cached): base GPT-2 4x128, tuned
 and reference guides 2x64, token reward model 2x64 with a vocabulary-sized score head. The published
 ``GPT2ModelForTokenScore`` has no score-head bias, so both sides get the token RM without it; the
 tokenizer is rewritten in the format tokenizers 0.14 reads. Templates: the base sees
