@@ -265,3 +265,23 @@ def test_python_api_names_a_bad_device_beta_and_token_rm_weight(model_dirs):
                    beta=[torch.tensor(0.5)], token_rm=model_dirs["rm"], token_rm_weight=np.float32(0.5),
                    mode="ivg", width=1, successors=2, max_new_tokens=2)
     assert len(out) == 1 and len(out[0].beams[0].tokens) >= 1
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """`ivg SUBCOMMAND --help` explains every option, and names the default of each that has one."""
+    import argparse
+
+    from ivg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = f"ivg {command} {action.option_strings[-1] if action.option_strings else action.dest}"
+            if not action.help:
+                missing.append(f"{name}: no help")
+            elif action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in action.help:
+                missing.append(f"{name}: help does not name the default {action.default!r}")
+    assert not missing, "\n".join(missing)

@@ -178,7 +178,7 @@ def _demo(args) -> int:
     print(report.table())
     print(f"\nbuild (or cache) {report.build_s:.1f} s, whole demo {report.wall_s:.1f} s; "
           f"gold reward: VADER compound of prompt + response; win rate and calibrated reward against "
-          "8 base samples per prompt" + (f"; wrote {args.out}/outputs.jsonl and reward_by_method.png"
+          "8 base samples per prompt" + (f"; wrote {args.out}/outputs.jsonl, table.txt and reward_by_method.png"
                                             if args.out else ""))
     return 0
 
@@ -192,19 +192,30 @@ def _add_generate(sub):
     g.add_argument("--ref", action="append", default=[], help="reference guide (repeatable; pairs with --tuned)")
     g.add_argument("--beta", action="append", type=float, help="beta of each guide pair (repeatable; default 1)")
     g.add_argument("--token-rm", help="token reward model: a directory with score_head.safetensors, or a causal LM")
-    g.add_argument("--token-rm-weight", type=float, default=1.0, help="w in z + w*Q for token-RM guidance")
-    g.add_argument("--mode", default="plain", choices=["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"])
-    g.add_argument("--scorer", help="explicit, implicit, or MODULE:FUNCTION taking (prompts, responses)")
-    g.add_argument("-W", "--width", type=int, default=4)
-    g.add_argument("-K", "--successors", type=int, default=4)
+    g.add_argument("--token-rm-weight", type=float, default=1.0, help="w in z + w*Q for token-RM guidance (default 1)")
+    g.add_argument("--mode", default="plain", choices=["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"],
+                   help="plain: the base alone; eft: base + beta * (tuned - ref) token by token; tokenrm: base + w * Q "
+                        "token by token; cbs: chunk-level beam search (-W, -K, -L) ranked by --scorer; ivg: eft inside "
+                        "cbs; bon / won: best / worst of -N samples (default: plain)"),
+    g.add_argument("--scorer", help="what cbs, ivg, bon and won rank by: explicit (the token RM's Q), implicit (the "
+                                     "guides' summed log-ratio), or MODULE:FUNCTION taking (prompts, responses) "
+                                     "(default: explicit; for cbs, bon and won without a token RM, implicit)")
+    g.add_argument("-W", "--width", type=int, default=4, help="beams kept per prompt at each chunk boundary (default 4)")
+    g.add_argument("-K", "--successors", type=int, default=4,
+                   help="candidates each kept beam extends into per chunk (default 4)")
     g.add_argument("-L", "--chunk-len", default="5",
-                   help="tokens per chunk, or inf (0 also means inf: one chunk, the whole response)")
-    g.add_argument("-N", type=int, default=16, help="N of best-of-N / worst-of-N")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with probability >= min_p * the largest")
-    g.add_argument("--seed", type=int, default=0)
+                   help="tokens per chunk, or inf (0 also means inf: one chunk, the whole response; default 5)")
+    g.add_argument("-N", type=int, default=16, help="N of best-of-N / worst-of-N (default 16)")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="divides the combined logits (0: greedy; default 0.7)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off, the default)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the smallest set of most likely tokens whose probability reaches top_p (1: off, the "
+                        "default)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens with probability >= min_p * the largest (0: off, the default)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="a prompt's output depends only on it, the prompt and the options (default 0)")
     g.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="speculative decoding: the draft model drafts N tokens per round and every model "
                         "verifies them at once; the output keeps the same distribution (0: off, the default)")
@@ -214,7 +225,7 @@ def _add_generate(sub):
     g.add_argument("--draft", choices=["auto", "tune", "ref"], default="auto",
                    help="the draft model with --speculate: the first tuned guide, its reference, or auto (the "
                         "default): the tuned guide with EFT guidance, else the reference")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="response length limit in tokens (default 64)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="never stop at an end-of-sequence token (responses run to --max-new-tokens or a --stop)")
@@ -224,30 +235,34 @@ def _add_generate(sub):
     g.add_argument("--chat-template", action="store_true",
                    help="wrap each (templated) prompt as a user message in each model's own chat template")
     g.add_argument("--batch-prompts", type=int, default=64,
-                   help="prompts decoded together by the paged decoder (KV pools are sized for one batch)")
+                   help="prompts decoded together by the paged decoder (KV pools are sized for one batch; default 64)")
     g.add_argument("--read-every", type=int, default=None, metavar="N",
                    help="the most decode steps between two reads of the drawn tokens by the host when EOS may end "
                         "rows (default 8 on a GPU, 1 on the CPU; results do not depend on it)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
     g.add_argument("--out", help="write JSON lines here instead of stdout")
-    g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first")
+    g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first (default 1)")
     g.add_argument("--save-every", type=int, default=64,
-                   help="prompts per rank between appends to --out (a killed run loses at most this many)")
+                   help="prompts per rank between appends to --out (a killed run loses at most this many; default 64)")
     g.add_argument("--tensor-parallel", action="store_true",
                    help="under torchrun: shard the base model over the ranks (transformers' tp_plan='auto') instead of "
                         "the prompts; guides and token RM stay whole on each rank")
     g.add_argument("--overwrite", action="store_true",
                    help="start --out afresh (by default a rerun skips the prompts already in it)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
-    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"],
+                   help="the models' dtype (default: what transformers' from_pretrained gives without one)")
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"],
+                   help="the kernels: reference is plain torch (the CPU path); auto runs Triton on CUDA and the "
+                        "reference elsewhere, unless IVG_BACKEND says otherwise (default auto)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every decode step eagerly (by default CUDA models replay them from CUDA graphs)")
     g.add_argument("--no-step-graphs", action="store_true",
                    help="replay each model's step on its own, the sampler eagerly between them (by default a step "
                         "between host reads, or a speculative round, is one CUDA graph of every model and the sampler)")
-    g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="naive: the published algorithm")
+    g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="paged: this library's decoder (the default); naive: the published algorithm, one prompt at a time "
+                        "(the test oracle and a baseline)")
     g.set_defaults(fn=_generate)
 
 
@@ -262,7 +277,8 @@ def _quiet_transformers() -> None:
         pass
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ivg`` command line: its subcommands and their options."""
     parser = argparse.ArgumentParser(prog="ivg", description="Integrated Value Guidance: fast inference-time alignment")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and the backends that will run").set_defaults(fn=_info)
@@ -276,11 +292,15 @@ def main(argv=None) -> int:
                                       "base sampling, best-of-N, EFT, token-RM guidance, CBS and IVG by gold reward.")
     demo.add_argument("--out", help="write outputs.jsonl, table.txt and reward_by_method.png here")
     demo.add_argument("--methods", nargs="*", help="subset of: base bon eft tokenrm cbs-explicit cbs-implicit ivg")
-    demo.add_argument("--prompts", type=int, default=64, help="held-out prompts")
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every method's sampling (default 0)")
     demo.set_defaults(fn=_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command in ("generate", "demo"):
         _quiet_transformers()
     try:
