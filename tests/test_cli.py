@@ -80,7 +80,16 @@ def test_info_reports_backends_and_the_cuda_build(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "guided_sample backend for" in out
-    assert "CUDA kernels (csrc/)" in out and "measured shape ranges" in out
+    assert "CUDA kernels (csrc/)" in out and "'auto' picks" in out
+
+
+def test_info_says_where_auto_picks_the_cuda_kernels():
+    from ivg.cli import _cuda_picks
+
+    assert _cuda_picks({"copy_blocks": []}).startswith("'auto' picks none of them")
+    assert _cuda_picks({"copy_blocks": [(1, 8, 1, 64)], "other": []}) == \
+        "'auto' picks them in 1 measured shape range (copy_blocks)"
+    assert "in 3 measured shape ranges (a, b)" in _cuda_picks({"a": [(1, 1, 1, 1)] * 2, "b": [(2, 2, 2, 2)]})
 
 
 def _tokens(path):

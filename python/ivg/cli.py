@@ -21,9 +21,17 @@ def _info(args) -> int:
     nvcc = build.nvcc_path()
     print(f"CUDA kernels (csrc/): nvcc {'at ' + nvcc if nvcc else 'not found'}; "
           f"sources {'at ' + str(build.CSRC) if build.CSRC.is_dir() else 'missing'}; "
-          f"'auto' picks them at {sum(map(len, CUDA_WINS.values()))} measured shape ranges "
-          "(build with: python -m ivg_kernels.build)")
+          f"{_cuda_picks(CUDA_WINS)}; build with: python -m ivg_kernels.build")
     return 0
+
+
+def _cuda_picks(wins: dict) -> str:
+    """Where ``backend='auto'`` runs a kernel of ``csrc/``, by the measured table (ivg_kernels._autotable)."""
+    ranges = sum(map(len, wins.values()))
+    if not ranges:
+        return "'auto' picks none of them: the measured table lists no shape where they win; backend='cuda' forces them"
+    ops = ", ".join(op for op, r in wins.items() if r)
+    return f"'auto' picks them in {ranges} measured shape range{'s' if ranges > 1 else ''} ({ops})"
 
 
 def _bench(args) -> int:
