@@ -204,7 +204,7 @@ def _add_generate(sub):
     g.add_argument("--mode", default="plain", choices=["plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won"],
                    help="plain: the base alone; eft: base + beta * (tuned - ref) token by token; tokenrm: base + w * Q "
                         "token by token; cbs: chunk-level beam search (-W, -K, -L) ranked by --scorer; ivg: eft inside "
-                        "cbs; bon / won: best / worst of -N samples (default: plain)"),
+                        "cbs; bon / won: best / worst of -N samples (default: plain)")
     g.add_argument("--scorer", help="what cbs, ivg, bon and won rank by: explicit (the token RM's Q), implicit (the "
                                      "guides' summed log-ratio), or MODULE:FUNCTION taking (prompts, responses) "
                                      "(default: explicit; for cbs, bon and won without a token RM, implicit)")
@@ -269,8 +269,9 @@ def _add_generate(sub):
     g.add_argument("--no-step-graphs", action="store_true",
                    help="replay each model's step on its own, the sampler eagerly between them (by default a step "
                         "between host reads, or a speculative round, is one CUDA graph of every model and the sampler)")
-    g.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="paged: this library's decoder (the default); naive: the published algorithm, one prompt at a time "
-                        "(the test oracle and a baseline)")
+    g.add_argument("--decoder", default="paged", choices=["paged", "naive"],
+                   help="paged: this library's decoder (the default); naive: the published algorithm, one prompt at "
+                        "a time (the test oracle and a baseline)")
     g.set_defaults(fn=_generate)
 
 
