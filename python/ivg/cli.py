@@ -208,7 +208,8 @@ def _add_generate(sub):
     g.add_argument("--scorer", help="what cbs, ivg, bon and won rank by: explicit (the token RM's Q), implicit (the "
                                      "guides' summed log-ratio), or MODULE:FUNCTION taking (prompts, responses) "
                                      "(default: explicit; for cbs, bon and won without a token RM, implicit)")
-    g.add_argument("-W", "--width", type=int, default=4, help="beams kept per prompt at each chunk boundary (default 4)")
+    g.add_argument("-W", "--width", type=int, default=4,
+                   help="beams kept per prompt at each chunk boundary (default 4)")
     g.add_argument("-K", "--successors", type=int, default=4,
                    help="candidates each kept beam extends into per chunk (default 4)")
     g.add_argument("-L", "--chunk-len", default="5",
