@@ -39,9 +39,10 @@ LOW = 0xFFF
 
 
 def float_key(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 holding the int32 whose signed order is the float order (the kernel's _float_key)."""
+    """float32 -> int64 holding the int32 whose signed order is the float order, -0.0 and +0.0 one key (the
+    kernel's _float_key)."""
     b = x.float().contiguous().view(torch.int32).long()
-    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return torch.where(b >= 0, b, (b ^ 0x7FFFFFFF) + 1)
 
 
 def slice_order(v: int, block: int, layout: str) -> torch.Tensor:
@@ -105,7 +106,7 @@ def proven(x: torch.Tensor, x_max: torch.Tensor, cfg: dict, block: int, layout: 
 
 
 def float_key_to_float(k: torch.Tensor) -> torch.Tensor:
-    b = torch.where(k >= 0, k, k ^ 0x7FFFFFFF).to(torch.int32)
+    b = torch.where(k >= 0, k, (k - 1) ^ 0x7FFFFFFF).to(torch.int32)
     return b.view(torch.float32)
 
 

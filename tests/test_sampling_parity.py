@@ -231,3 +231,37 @@ def test_bad_tensor_parameters_are_flagged_not_drawn():
     ref = _compare(a, block=16)
     assert not ref.ok.any()
     assert (ref.tokens == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_and_positive_zero_are_one_value(dtype):
+    """-0.0 == +0.0, so a filter keeps both or neither and they tie, as in the reference (the kernel's
+    ordered integer key of a float once put -0.0 below +0.0: a top-k or top-p boundary between them
+    dropped the -0.0 token and changed the draws and log-probs)."""
+    z = -0.0
+    rows = torch.tensor([
+        [z, 0.0, -1.0, -2.0, -3.0],  # a tie at the max: top-k 1 keeps both
+        [1.0, z, 0.0, -3.0, -4.0],  # a tie at the k-th largest (k = 2)
+        [0.0, z, -0.5, -1.0, 0.25],  # top-p reaches its target inside the tie
+        [z, z, 0.0, -5.0, -5.0],
+    ]).to(dtype)
+    assert torch.signbit(rows[0, 0]) and not torch.signbit(rows[0, 1])
+    for f in (dict(top_k=1), dict(top_k=2), dict(top_p=0.4, temperature=4.0), dict(top_p=0.7), dict(min_p=0.5),
+              dict(top_k=2, top_p=0.9, min_p=0.1)):
+        for seed in range(6):
+            a = prepare_sample_args(rows, [], f.get("temperature", 1.0), f.get("top_k", 0), f.get("top_p", 1.0),
+                                    f.get("min_p", 0.0), seed, torch.arange(4), None)
+            _compare(a)
+
+
+def test_scalar_seeds_and_offsets_of_every_integer_width():
+    """A Python int seed or offset in each range Triton types its own way (int32, [2**31, 2**32), int64,
+    negative) draws what the reference draws, with and without filters (Triton's interpreter held ints in
+    [2**31, 2**32) as 32-bit data, so their high words came out wrong there)."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 300, generator=gen)
+    values = (7, -5, 2 ** 31, 2 ** 32 - 1, 2 ** 31 + 12345, 2 ** 40 + 3, -(2 ** 31) - 3, 2 ** 62 + 1)
+    for seed, offset in zip(values, values[3:] + values[:3]):
+        for top_k in (0, 3):
+            a = prepare_sample_args(logits, [], 1.0, top_k, 1.0, 0.0, seed, offset, None)
+            _compare(a)

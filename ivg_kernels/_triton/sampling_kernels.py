@@ -66,14 +66,16 @@ _TAIL_ZERO = tl.constexpr(-30.0)  # x - max x below this has mass_int 0 (exp(-30
 
 @triton.jit
 def _float_key(x):
-    """float32 -> int32 whose signed order is the float order."""
+    """float32 -> int32 whose signed order is the float order, with -0.0 and +0.0 one key (0), as the
+    reference's float comparisons see them: the magnitude bits, negated for a negative sign."""
     b = x.to(tl.int32, bitcast=True)
-    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return tl.where(b >= 0, b, (b ^ 0x7FFFFFFF) + 1)
 
 
 @triton.jit
 def _key_float(k):
-    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    """The float of a key of ``_float_key`` (+0.0 for key 0)."""
+    b = tl.where(k >= 0, k, (k - 1) ^ 0x7FFFFFFF)
     return b.to(tl.float32, bitcast=True)
 
 
@@ -598,8 +600,11 @@ def _stage2_kernel(
     # Greedy rows: the first index of the max (slices in id order).
     tok = tl.min(tl.load(part_i + (base + s) * 2, mask=smask & (sx == mx), other=INT32_MAX), 0).to(tl.int64)
     log_kept = tl.zeros([], tl.float32)
-    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
-    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
+    # ``+ 0``: Triton's interpreter holds a scalar int in [2**31, 2**32) as uint32 data under its int64 type,
+    # so the Philox key's and counter's high words (``>> 32``) came out wrong there; the sum is int64 data
+    # (compiled, it folds away)
+    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64) + 0
+    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64) + 0
     plain = ok & sampling
     if FILTER:
         k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
