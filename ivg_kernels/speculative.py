@@ -13,6 +13,7 @@ import torch
 from ._args import _fail, prepare_sample_args, row_tensor
 from ._backend import resolve_backend
 from .reference import speculative as ref
+from .reference.sampling import _reciprocal
 from .reference.speculative import SpeculativeOutput
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -126,8 +127,10 @@ def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temper
     z = sum([logits[..., :v].to(cdt)] + [float(w) * g[..., :v].to(cdt) for g, w in guides])
     if temperature == 0:
         logprob = torch.zeros(r, s, dtype=torch.float64, device=dev)
-    else:
-        x = z / float(temperature)
-        logprob = (x.gather(2, idx).squeeze(2) - x.logsumexp(dim=2)).double()
+    else:  # as the reference's warped p: x = z * (1 / T), then float64 relative to the row's max (so ties at a
+        # tiny temperature give exactly -log(count), where float32 at |x| ~ 1e6 rounded to a quarter)
+        x = z * _reciprocal(float(temperature), cdt)
+        w = torch.exp((x - x.amax(dim=2, keepdim=True)).double())
+        logprob = (w.gather(2, idx) / w.sum(dim=2, keepdim=True)).squeeze(2).log()
     return SpeculativeOutput(n, tokens, torch.where(live, logprob, math.nan),
                              *ref.input_values(logits, guides, v, tokens, live), ok)

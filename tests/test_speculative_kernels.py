@@ -64,6 +64,28 @@ def test_fused_verification_flags_the_rows_the_reference_flags():
     assert torch.equal(got.ok, want.ok) and torch.equal(got.tokens, want.tokens)
 
 
+@requires_triton
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30])
+def test_fused_verification_log_probs_of_ties_at_tiny_temperatures(temperature):
+    """Tied tokens at a tiny temperature: the fused path's log-probs are the reference's (-log of the number of
+    ties), not float32 rounded at ``|z / T|`` of a million or more (they read -0.75 for -log 2 there)."""
+    base, guides, draft, drafts, num, seeds, offset = _case(6, 3, 40, 1, 7, 1.0)
+    base = (base * 2).round() / 2  # ties at each row's maximum
+    guides = [(torch.zeros_like(g), w) for g, w in guides]
+    base[:, :, :5] = base.amax(dim=2, keepdim=True)  # at least five tied tokens per position
+    drafts = torch.stack([draft_draw_ref(draft[:, k], temperature=temperature, seed=seeds, offset=offset[:, k])
+                          for k in range(2)], 1)
+    base, draft, drafts, num, seeds, offset, gd = _on_device(base, guides, draft, drafts, num, seeds, offset)
+    want = speculative_verify_ref(base, gd, draft, drafts, num, temperature=temperature, seed=seeds, offset=offset)
+    got = speculative_verify(base, gd, draft, drafts, num, temperature=temperature, seed=seeds, offset=offset,
+                             backend="triton")
+    assert torch.equal(got.tokens, want.tokens)
+    live = want.tokens >= 0
+    ties = (base == base.amax(dim=2, keepdim=True)).sum(dim=2).double()
+    torch.testing.assert_close(want.logprob[live], -ties.log()[live])  # the reference, against the count
+    torch.testing.assert_close(got.logprob[live], want.logprob[live], atol=1e-6, rtol=0)
+
+
 def test_dispatch_and_errors():
     base, draft, drafts, num, seeds, offset, guides = _on_device(*_case(3, 3, 20, 2, 2, 1.0))
     out = speculative_verify(base, guides, draft, drafts, num, top_p=0.9, seed=seeds, offset=offset)  # reference
