@@ -13,7 +13,7 @@ import torch
 from ._args import _fail, prepare_sample_args, row_tensor
 from ._backend import resolve_backend
 from .reference import speculative as ref
-from .reference.sampling import _reciprocal
+from .reference.sampling import warped_probs
 from .reference.speculative import SpeculativeOutput
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,14 +123,13 @@ def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temper
     live = (pos <= n.unsqueeze(1)) & ok.unsqueeze(1)
     tokens = torch.where(live, tokens, -1)
     idx = tokens.clamp(min=0).unsqueeze(2)
-    cdt = torch.float32  # (the fused kernel takes no float64)
-    z = sum([logits[..., :v].to(cdt)] + [float(w) * g[..., :v].to(cdt) for g, w in guides])
     if temperature == 0:
         logprob = torch.zeros(r, s, dtype=torch.float64, device=dev)
-    else:  # as the reference's warped p: x = z * (1 / T), then float64 relative to the row's max (so ties at a
-        # tiny temperature give exactly -log(count), where float32 at |x| ~ 1e6 rounded to a quarter)
-        x = z * _reciprocal(float(temperature), cdt)
-        w = torch.exp((x - x.amax(dim=2, keepdim=True)).double())
-        logprob = (w.gather(2, idx) / w.sum(dim=2, keepdim=True)).squeeze(2).log()
+    else:  # the reference's warped p itself (float64 relative to each row's max: ties at a tiny temperature give
+        # exactly -log(count))
+        flat_guides = [(g.reshape(r * s, -1), float(w)) for g, w in guides]
+        p = warped_probs(prepare_sample_args(logits.reshape(r * s, -1), flat_guides, float(temperature), 0, 1.0, 0.0,
+                                             0, 0, v)).view(r, s, v)
+        logprob = p.gather(2, idx).squeeze(2).log()
     return SpeculativeOutput(n, tokens, torch.where(live, logprob, math.nan),
                              *ref.input_values(logits, guides, v, tokens, live), ok)

@@ -197,7 +197,10 @@ def _row_param(ptr, value, row, IS_TENSOR: tl.constexpr, DT: tl.constexpr):
     if IS_TENSOR:
         return tl.load(ptr + row).to(DT)
     else:
-        return tl.cast(value, DT)
+        # ``+ 0``: Triton's interpreter holds a scalar int in [2**31, 2**32) as uint32 data under its int64 type,
+        # so 64-bit work on it (the Philox key's and counter's high words, ``>> 32``) went wrong there; the sum is
+        # data of the type (compiled, it folds away)
+        return tl.cast(value, DT) + 0
 
 
 @triton.jit
@@ -600,11 +603,8 @@ def _stage2_kernel(
     # Greedy rows: the first index of the max (slices in id order).
     tok = tl.min(tl.load(part_i + (base + s) * 2, mask=smask & (sx == mx), other=INT32_MAX), 0).to(tl.int64)
     log_kept = tl.zeros([], tl.float32)
-    # ``+ 0``: Triton's interpreter holds a scalar int in [2**31, 2**32) as uint32 data under its int64 type,
-    # so the Philox key's and counter's high words (``>> 32``) came out wrong there; the sum is int64 data
-    # (compiled, it folds away)
-    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64) + 0
-    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64) + 0
+    seed = _row_param(seed_ptr, seed_val, row, SEED_TENSOR, tl.int64)
+    offset = _row_param(off_ptr, off_val, row, OFF_TENSOR, tl.int64)
     plain = ok & sampling
     if FILTER:
         k = _row_param(k_ptr, k_val, row, K_TENSOR, tl.int64)
