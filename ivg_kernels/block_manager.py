@@ -113,6 +113,19 @@ class BlockManager:
     def live_sequences(self) -> list[int]:
         return list(self._row)
 
+    @property
+    def next_id(self) -> int:
+        """The id the next new sequence gets (ids are handed out in order and never reused)."""
+        return self._next_id
+
+    def skip_ids(self, next_id: int) -> None:
+        """Hand out ids from ``next_id`` on (an int no lower than :attr:`next_id`): the managers of models
+        whose sequences are named alike realign after an operation that changed some of them and failed
+        before the rest (``KVCacheGroup.free_all``)."""
+        if isinstance(next_id, bool) or not isinstance(next_id, numbers.Integral) or next_id < self._next_id:
+            raise ValueError(f"next_id={next_id!r}: expected an int >= {self._next_id}, the next id now")
+        self._next_id = int(next_id)
+
     def seq_len(self, seq_id: int) -> int:
         return self._len.item(self._row[self._check_seq(seq_id)])
 

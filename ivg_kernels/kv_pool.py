@@ -136,6 +136,19 @@ class KVCacheGroup:
         for c in self.caches.values():
             c.blocks.free_many(seq_ids)
 
+    def free_all(self) -> None:
+        """Free every live sequence of every model, and give their block managers one next sequence id
+        again: an operation of the group that failed part-way (an error, or an interrupt, after one model's
+        manager had forked or made sequences and before the next's) leaves their ids apart, and the group
+        usable again only once they agree."""
+        for c in self.caches.values():
+            live = c.blocks.live_sequences
+            if live:
+                c.blocks.free_many(live)
+        top = max(c.blocks.next_id for c in self.caches.values())
+        for c in self.caches.values():
+            c.blocks.skip_ids(top)
+
     def _live_everywhere(self, seq_ids: Sequence[int]) -> list:
         """``seq_ids`` as a list, after checking them in every model (a ValueError before any change: no
         model freed and another not)."""

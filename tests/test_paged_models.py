@@ -505,3 +505,33 @@ def test_a_dropped_paged_model_frees_its_pool_at_once():
         assert pool() is None and lean() is None
     finally:
         gc.enable()
+
+
+def test_free_all_realigns_ids_split_by_a_group_operation_that_failed_part_way(monkeypatch):
+    """One model's manager forks (or makes sequences), the next one's raises: the group's ids part. After
+    ``free_all`` every sequence is free and the group names new sequences alike again."""
+    from ivg_kernels.block_manager import BlockManager
+
+    group = KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=8, block_size=4) for name in ("a", "b")})
+    (p,) = group.new_sequences(1)
+    group.append([p], 5)
+    real, calls = BlockManager.fork_many, []
+
+    def fork_many(self, *a, **k):
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # (an interrupt between two models)
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(BlockManager, "fork_many", fork_many)
+        with pytest.raises(KeyboardInterrupt):
+            group.fork_many([p], 3)
+    assert group["a"].blocks.next_id != group["b"].blocks.next_id
+    group.free_all()
+    for c in group.caches.values():
+        assert c.blocks.live_sequences == [] and c.blocks.num_used_blocks == 0
+        c.blocks.check_invariants()
+    assert group.new_sequences(2) == [4, 5]  # model a had handed out 0 .. 3
+    with pytest.raises(ValueError, match=r"next_id=3: expected an int >= 6, the next id now"):
+        group["a"].blocks.skip_ids(3)

@@ -477,6 +477,4 @@ class DecodeLoop:
             pm.release()
         for name, cache in self.group.caches.items():
             stats.bytes_copied[name] = stats.bytes_copied.get(name, 0) + cache.pool.bytes_copied
-            live = cache.blocks.live_sequences
-            if live:
-                cache.blocks.free_many(live)
+        self.group.free_all()  # (and the models' sequence ids agree again, should an error have split them)
