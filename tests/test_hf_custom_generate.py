@@ -47,3 +47,32 @@ def test_unsupported_arguments_are_named(models):
         _call(models, logits_processor=[lambda ids, scores: scores])
     with pytest.raises(ValueError, match="widht: not understood"):
         _call(models, widht=3)
+
+
+def test_num_return_sequences_gives_each_prompts_best_beams_in_transformers_order(models):
+    ids, out = _call(models, num_return_sequences=2)
+    expect = IVGDecoder(models).generate(
+        [[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=6,
+                                                    temperature=0.9, seed=4, eos_token_ids=(), num_return=2))
+    assert out.shape == (4, 4 + 6)
+    assert torch.equal(out[:, :4], ids.repeat_interleave(2, dim=0)), "each prompt once per returned sequence"
+    assert out[:, 4:].tolist() == [b.tokens for r in expect for b in r.beams]
+    assert out[0, 4:].tolist() != out[1, 4:].tolist(), "the test needs two different beams of one prompt"
+    with pytest.raises(ValueError, match=r"num_return_sequences=3: expected at most 2 for mode 'ivg'"):
+        _call(models, num_return_sequences=3)  # more than the search keeps (width 2)
+    with pytest.raises(ValueError, match=r"num_return_sequences=0: expected an int >= 1"):
+        _call(models, num_return_sequences=0)
+
+
+def test_num_beams_is_refused_and_max_length_counts_the_prompt(models):
+    with pytest.raises(ValueError, match=r"num_beams=4: transformers' beam search does not apply"):
+        _call(models, num_beams=4)
+    _, one = _call(models, num_beams=1)
+    _, plain = _call(models)
+    assert torch.equal(one, plain)
+    _, short = _call(models, max_new_tokens=None, max_length=7)  # 4 prompt positions: 3 new tokens
+    assert short.shape == (2, 7)
+    _, both = _call(models, max_new_tokens=6, max_length=7)  # max_new_tokens wins, as in transformers
+    assert torch.equal(both, plain)
+    with pytest.raises(ValueError, match=r"max_length=4: expected more than the prompts' 4 positions"):
+        _call(models, max_new_tokens=None, max_length=4)

@@ -4,12 +4,16 @@
 The model ``generate`` is called on is the base. Extra keyword arguments: ``guides`` (a list of
 ``(tuned, ref, beta)``), ``token_rm`` and ``token_rm_weight``, ``mode`` (default ``"ivg"`` with a token
 RM and guides, ``"eft"`` with guides only, ``"tokenrm"`` with a token RM only), ``width``,
-``successors``, ``chunk_len``, ``n``, ``scorer``, ``seed``; and from the usual ones ``max_new_tokens``,
-``temperature`` (``do_sample=False`` means greedy), ``top_k``, ``top_p``, ``min_p``, ``eos_token_id``,
-``pad_token_id``. Returns a LongTensor ``[B, prompt + new]``: each row's (left-padded) prompt followed by
-the best beam's tokens, right-padded with ``pad_token_id``. Limits: one sequence per prompt, no
-streamer, no logits processors or stopping criteria of transformers (use ``mode``/``stop`` semantics
-of the IVG decoder instead), no assistant model.
+``successors``, ``chunk_len``, ``n``, ``scorer``, ``seed``; and from the usual ones ``max_new_tokens``
+(or ``max_length``, prompt width included, when no ``max_new_tokens`` is set), ``temperature``
+(``do_sample=False`` means greedy), ``top_k``, ``top_p``, ``min_p``, ``eos_token_id``, ``pad_token_id`` and
+``num_return_sequences`` (the best k beams of each prompt, at most ``width`` for a chunk search and ``n``
+for best-of-N; 1 for the token-wise modes). Returns a LongTensor ``[B * k, prompt + new]``: each row's
+(left-padded) prompt followed by one of its best beams' tokens, best first, prompt after prompt as
+transformers orders them, right-padded with ``pad_token_id``. Limits: no transformers beam search
+(``num_beams`` > 1 is refused: the search here is ``width``/``successors``/``chunk_len``), no streamer, no
+logits processors or stopping criteria of transformers (use ``mode``/``stop`` semantics of the IVG
+decoder instead), no assistant model.
 """
 import torch
 
@@ -50,21 +54,43 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     temperature = float(option("temperature", 1.0))
     search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
               if kwargs.get(k) is not None}
+    beams = kwargs.pop("num_beams", None)
+    if beams is not None and beams != 1:
+        raise ValueError(f"num_beams={beams!r}: transformers' beam search does not apply to the IVG method, whose "
+                         "search is width, successors and chunk_len; leave num_beams at 1")
+    k = kwargs.pop("num_return_sequences", None)
+    k = 1 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_return_sequences={k!r}: expected an int >= 1")
+    new_tokens = option("max_new_tokens")
+    longest = kwargs.pop("max_length", None)
+    if new_tokens is None and longest is not None:  # (an explicit max_new_tokens wins, as in transformers)
+        new_tokens = int(longest) - input_ids.shape[1]
+        if new_tokens < 1:
+            raise ValueError(f"max_length={longest!r}: expected more than the prompts' {input_ids.shape[1]} "
+                             "positions (it counts the prompt and the new tokens)")
     opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
                          top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
-                         min_p=float(option("min_p", 0.0)), max_new_tokens=int(option("max_new_tokens", 20)),
-                         eos_token_ids=eos, **search)
-    for name in ("max_length", "num_beams", "num_return_sequences", "use_cache", "return_dict_in_generate",
-                 "output_scores", "output_logits", "tokenizer", "trust_remote_code"):
+                         min_p=float(option("min_p", 0.0)), max_new_tokens=int(20 if new_tokens is None else new_tokens),
+                         eos_token_ids=eos, num_return=k, **search)
+    for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits", "tokenizer",
+                 "trust_remote_code"):
         kwargs.pop(name, None)  # handled by the method itself or meaningless here
     if kwargs:
         raise ValueError(f"{', '.join(sorted(kwargs))}: not understood by the IVG custom generation method")
     prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
     models = IVGModels(model, guides, token_rm, rm_weight)
+    try:
+        opts.resolved(have_guides=bool(guides), have_token_rm=token_rm is not None)  # the decoder's own check
+    except ValueError as e:
+        if str(e).startswith("num_return="):  # in the name this method's caller gave it
+            raise ValueError(f"num_return_sequences={k}: {str(e).split(': ', 1)[1]}") from None
+        raise
     results = IVGDecoder(models).generate(prompts, opts)
-    new = [r.beams[0].tokens for r in results]
+    new = [b.tokens for r in results for b in r.beams]  # each prompt's k best, prompt after prompt
+    assert len(new) == k * len(results), "a prompt returned fewer beams than num_return_sequences"
     width = max(len(t) for t in new)
     tail = torch.full((len(new), width), int(pad), dtype=input_ids.dtype, device=input_ids.device)
     for i, t in enumerate(new):
         tail[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
-    return torch.cat([input_ids, tail], dim=1)
+    return torch.cat([input_ids.repeat_interleave(k, dim=0), tail], dim=1)
