@@ -52,3 +52,16 @@ def test_calibrated_reward_and_win_rate_by_hand():
         win_rate([[1.0]], [])
     with pytest.raises(ValueError, match="reference_rewards"):
         calibrated_reward(0.3, [])
+
+
+def test_a_nan_reward_is_named_not_counted_as_a_loss():
+    """A NaN compares false both ways: counted silently it would lose every comparison."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match=r"policy_rewards\[1\]\[0\]=nan: expected a reward"):
+        win_rate([[0.5], [nan]], [[0.1], [0.2]])
+    with pytest.raises(ValueError, match=r"reference_rewards\[0\]\[1\]=nan"):
+        win_rate([[0.5]], [[0.1, nan]])
+    with pytest.raises(ValueError, match=r"reward=nan: expected a number"):
+        calibrated_reward(nan, [0.1])
+    with pytest.raises(ValueError, match=r"reference_rewards\[0\]='x': expected a number"):
+        calibrated_reward(0.3, ["x"])

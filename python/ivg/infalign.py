@@ -7,14 +7,35 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
+
+
+def _numbers(name: str, values) -> list:
+    """``values`` as floats; a NaN (a reward that was never computed: it would count as a loss in every
+    comparison) or anything but a number is an error naming its place."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{i}]={v!r}: expected a number") from None
+        if math.isnan(x):
+            raise ValueError(f"{name}[{i}]=nan: expected a reward (not NaN)")
+        out.append(x)
+    return out
 
 
 def calibrated_reward(reward: float, reference_rewards: Sequence[float]) -> float:
     """Fraction of the reference samples' rewards at or below ``reward``."""
     if len(reference_rewards) == 0:
         raise ValueError("reference_rewards: expected at least one reward of a reference sample")
-    return sum(r <= reward for r in reference_rewards) / len(reference_rewards)
+    try:
+        (reward,) = _numbers("reward", [reward])
+    except ValueError:
+        raise ValueError(f"reward={reward!r}: expected a number (not NaN)") from None
+    ref = _numbers("reference_rewards", reference_rewards)
+    return sum(r <= reward for r in ref) / len(ref)
 
 
 def win_rate(policy_rewards: Sequence[Sequence[float]], reference_rewards: Sequence[Sequence[float]]) -> float:
@@ -29,6 +50,7 @@ def win_rate(policy_rewards: Sequence[Sequence[float]], reference_rewards: Seque
     for i, (pol, ref) in enumerate(zip(policy_rewards, reference_rewards)):
         if not pol or not ref:
             raise ValueError(f"prompt {i}: expected at least one policy and one reference reward")
+        pol, ref = _numbers(f"policy_rewards[{i}]", pol), _numbers(f"reference_rewards[{i}]", ref)
         wins = sum((a > b) + 0.5 * (a == b) for a in pol for b in ref)
         total += wins / (len(pol) * len(ref))
     return total / len(policy_rewards)
