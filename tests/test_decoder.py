@@ -447,6 +447,20 @@ def test_bad_prompts(models):
         dec.generate([], _opts("plain"))
     with pytest.raises(ValueError, match=r"prompts\[0\]: .*exceed base's 96 positions"):
         dec.generate(["a" * 90], _opts("plain", max_new_tokens=10))
+    vocab = models.base.config.vocab_size
+    for bad, message in (([3, vocab], rf"prompts\[1\]: token id {vocab} outside base's vocabulary \[0, {vocab}\)"),
+                         ([3, -1], r"prompts\[1\]: token id -1 outside base's vocabulary"),
+                         ([3.0, 4.0], r"prompts\[1\]: token id 3.0 is not an int"),
+                         ([True], r"prompts\[1\]: token id True is not an int"),
+                         (None, r"prompts\[1\]: expected a string or a list of token ids, got NoneType"),
+                         (torch.tensor([[3, 4]]), r"prompts\[1\]: expected a 1-D integer tensor")):
+        for decoder in (dec, NaiveDecoder(models)):
+            with pytest.raises(ValueError, match=message):
+                decoder.generate([[3, 4], bad], _opts("ivg"))
+    assert set(dec.kv_blocks_in_use().values()) <= {0}
+    # token ids as a list, a tuple or a 1-D tensor: the same prompt
+    same = [dec.generate([p], _opts("eft"))[0].beams[0].tokens for p in ([3, 4, 5], (3, 4, 5), torch.tensor([3, 4, 5]))]
+    assert same[0] == same[1] == same[2]
 
 
 def test_mismatched_tokenizers_are_named():

@@ -15,6 +15,7 @@ then fork). The units and the run's state are in :mod:`ivg.decode_loop`.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections import deque
@@ -105,17 +106,38 @@ def default_eos(models: IVGModels) -> tuple:
     return tuple(sorted(ids))
 
 
+def _token_ids(prompt, i: int) -> list:
+    """A prompt given as token ids (a sequence of ints or a 1-D integer tensor) as a list of ints."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+            raise ValueError(f"prompts[{i}]: expected a 1-D integer tensor of token ids, got {prompt.dtype} "
+                             f"{list(prompt.shape)}")
+        return prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"prompts[{i}]: expected a string or a list of token ids, got {type(prompt).__name__}")
+    wrong = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+    if wrong is not None:
+        raise ValueError(f"prompts[{i}]: token id {wrong!r} is not an int")
+    return [int(t) for t in prompt]
+
+
 def check_prompts(models: IVGModels, prompts, options: DecodeOptions, roles) -> list[dict]:
     """Per prompt, the token ids each model sees; clear errors for empty or too long prompts."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty list of strings or token id lists")
     out = []
     for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            p = _token_ids(p, i)
         ids = {name: models.prompt_ids(p, role, name) for name, _, role in roles}
         for name, model, _ in roles:
             n = len(ids[name])
             if n == 0:
                 raise ValueError(f"prompts[{i}]: empty (after the {name} template); expected at least one token")
+            vocab = model.config.get_text_config().vocab_size
+            wrong = next((t for t in ids[name] if not 0 <= t < vocab), None)
+            if wrong is not None:
+                raise ValueError(f"prompts[{i}]: token id {wrong} outside {name}'s vocabulary [0, {vocab})")
             limit = model_positions(model)
             if limit is not None and n + options.max_new_tokens > limit:
                 raise ValueError(
