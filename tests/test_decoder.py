@@ -415,6 +415,11 @@ def test_run_stats_split_the_wall_time_at_the_forwards(models):
     (dict(mode="nope"), "mode='nope'"),
     (dict(mode="cbs", num_return=5), "num_return=5"),
     (dict(mode="plain", max_new_tokens=0), "max_new_tokens=0"),
+    (dict(mode="cbs", width=300, successors=300), r"width \* successors = 90000: expected at most 65536 candidates"),
+    (dict(mode="bon", n=1 << 17), r"n=131072: expected at most 65536 candidates"),
+    (dict(mode="plain", eos_token_ids="1"), r"eos_token_ids='1': expected token ids"),
+    (dict(mode="plain", eos_token_ids=(1, -2)), r"eos_token_ids=\(1, -2\): expected token ids \(ints >= 0\)"),
+    (dict(mode="plain", stop=("ab", 3)), r"stop=\('ab', 3\): expected a string or a sequence of strings"),
 ])
 def test_bad_options(models, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -502,3 +507,20 @@ def test_progress_is_a_tqdm_bar_over_prompts(models, capsys):
     assert "ivg generate" in err and f"{len(PROMPTS)}/{len(PROMPTS)}" in err and "prompt" in err
     IVGDecoder(models).generate(PROMPTS, _opts("plain", max_new_tokens=4))
     assert capsys.readouterr().err == ""
+
+
+def test_one_stop_string_and_one_eos_id_need_no_tuple(models):
+    """``stop="ab"`` is the stop string "ab" (it stopped at an "a" or a "b" when taken as a sequence of
+    characters), ``eos_token_ids=5`` the id 5 (a TypeError before), ``stop=None`` none."""
+    dec = IVGDecoder(models)
+    free = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=()))[0].beams[0]
+    text = free.text  # a two-character stop string whose first occurrence comes after one of its characters
+    at = next(p for p in range(1, len(text) - 1) if text.find(text[p:p + 2]) == p and set(text[p:p + 2]) & set(text[:p]))
+    stop = text[at:at + 2]
+    one = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=(), stop=stop))[0].beams[0]
+    assert one.text == text[:at], f"{stop!r} in {text!r}"
+    assert dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=(), stop=None))[0].beams[0].tokens \
+        == free.tokens
+    eos = free.tokens[5]
+    cut = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=eos))[0].beams[0]
+    assert cut.tokens == free.tokens[:free.tokens.index(eos) + 1]

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence, Union
 
 from ivg_kernels._args import check_scalar_param
 
+from .search import OFFSET_STRIDE
+
 MODES = ("plain", "eft", "tokenrm", "cbs", "ivg", "bon", "won")
 TextScorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -31,7 +33,8 @@ class DecodeOptions:
     temperature, top_k, top_p, min_p : the sampler's warpers (temperature 0: greedy)
     seed : the run's seed; each prompt's random stream is keyed by (seed, prompt tokens)
     max_new_tokens : response length limit
-    stop : stop strings; eos_token_ids : token ids that end a response (None: from the tokenizer/config)
+    stop : stop strings (one string is one stop string); eos_token_ids : token ids that end a response (one
+        int or several; None: from the tokenizer/config; () for none)
     num_return : beams returned per prompt (at most W for chunk search)
     speculate : tokens the draft model drafts per round of speculative decoding (0: off); the
         tokens keep exactly the sampler's distribution (``ivg.speculative_loop``)
@@ -130,7 +133,12 @@ class DecodeOptions:
             check_scalar_param(name, getattr(self, name), integer)
         if not -(1 << 63) <= self.seed < 1 << 63:
             raise ValueError(f"seed={self.seed}: expected an int64 (-2**63 <= seed < 2**63)")
-        return replace(self, tokenwise=tokenwise, scorer=scorer, width=w, successors=k, chunk_len=chunk, keep=keep)
+        if w * k > OFFSET_STRIDE:  # candidate j's key is (seed, t * OFFSET_STRIDE + j): past it, keys repeat
+            shape = f"n={k}" if mode in ("bon", "won") else f"width * successors = {w * k}"
+            raise ValueError(f"{shape}: expected at most {OFFSET_STRIDE} candidates per prompt (each draws with its "
+                             "own random key)")
+        return replace(self, tokenwise=tokenwise, scorer=scorer, width=w, successors=k, chunk_len=chunk, keep=keep,
+                       stop=_stop_strings(self.stop), eos_token_ids=_eos_ids(self.eos_token_ids))
 
     @property
     def uses_guides(self) -> bool:
@@ -146,3 +154,27 @@ class DecodeOptions:
     @property
     def uses_token_rm(self) -> bool:
         return "tokenrm" in self.tokenwise or self.scorer == "explicit"
+
+
+def _stop_strings(stop) -> tuple:
+    """``stop`` as a tuple of strings: None is none, one string is one stop string (not its characters)."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, Sequence) or not all(isinstance(x, str) for x in stop):
+        raise ValueError(f"stop={stop!r}: expected a string or a sequence of strings")
+    return tuple(stop)
+
+
+def _eos_ids(eos) -> Optional[tuple]:
+    """``eos_token_ids`` as a tuple of ints (one int is one id); None stays None (the tokenizer's)."""
+    if eos is None:
+        return None
+    if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
+        eos = (eos,)
+    if (isinstance(eos, str) or not isinstance(eos, Sequence)
+            or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 0 for e in eos)):
+        raise ValueError(f"eos_token_ids={eos!r}: expected token ids (ints >= 0), one or a sequence, or None for "
+                         "the tokenizer's")
+    return tuple(int(e) for e in eos)
