@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ivg.decoder import IVGDecoder
+from ivg.models import GuidePair, IVGModels
 from ivg.naive import NaiveDecoder
 from ivg.options import DecodeOptions
 
@@ -524,3 +525,25 @@ def test_one_stop_string_and_one_eos_id_need_no_tuple(models):
     eos = free.tokens[5]
     cut = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=eos))[0].beams[0]
     assert cut.tokens == free.tokens[:free.tokens.index(eos) + 1]
+
+
+def test_ivg_models_checks_its_arguments_as_given(models):
+    """Errors name the argument when IVGModels is built, not deep in the first step; a (tuned, ref, beta)
+    triple (as IVGLogitsProcessor takes) is a GuidePair."""
+    g = models.guides[0]
+    with pytest.raises(ValueError, match=r"guides\[0\].beta='1': expected a finite number"):
+        IVGModels(models.base, [GuidePair(g.tuned, g.ref, "1")])
+    with pytest.raises(ValueError, match=r"token_rm_weight=nan: expected a finite number"):
+        IVGModels(models.base, [g], models.token_rm, float("nan"))
+    with pytest.raises(ValueError, match=r"guides: expected a list of GuidePair .* got GuidePair"):
+        IVGModels(models.base, g)
+    with pytest.raises(ValueError, match=r"guides\[0\].ref: expected a torch.nn.Module, got str"):
+        IVGModels(models.base, [(g.tuned, "ref", 1.0)])
+    with pytest.raises(ValueError, match=r"base: expected a torch.nn.Module"):
+        IVGModels("gpt2")
+    with pytest.raises(ValueError, match=r"templates\['rm'\]: expected a role among base, guide, token_rm"):
+        IVGModels(models.base, [g], templates={"rm": "{prompt}"})
+    triple = IVGModels(models.base, [(g.tuned, g.ref, g.beta)], models.token_rm, models.token_rm_weight,
+                       models.tokenizer)
+    assert triple.guides == [GuidePair(g.tuned, g.ref, g.beta)]
+    _same(IVGDecoder(triple).generate(PROMPTS, _opts("ivg")), IVGDecoder(models).generate(PROMPTS, _opts("ivg")))

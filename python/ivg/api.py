@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Optional, Sequence
 
 import torch
 
 from .decoder import IVGDecoder
-from .models import GuidePair, IVGModels, check_model_paths, load_causal_lm
+from .models import GuidePair, IVGModels, _finite, check_model_paths, check_templates, load_causal_lm
 from .naive import NaiveDecoder
 from .options import DecodeOptions
 
@@ -49,36 +48,6 @@ def check_device(device, arg: str = "device") -> torch.device:
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"{named}: expected an index below {count}, the number of CUDA devices here")
     return dev
-
-
-def _finite(name: str, value) -> float:
-    """``value`` as a float (a Python or numpy number, or a one-element tensor), or ``ValueError`` naming it."""
-    try:
-        x = None if isinstance(value, (bool, str)) else float(value)
-    except (TypeError, ValueError, RuntimeError):
-        x = None
-    if x is None or not math.isfinite(x):
-        raise ValueError(f"{name}={value!r}: expected a finite number")
-    return x
-
-
-TEMPLATE_ROLES = ("base", "guide", "token_rm")
-
-
-def check_templates(templates) -> dict:
-    """``{role: format}`` with roles from TEMPLATE_ROLES, each format holding ``{prompt}`` once."""
-    out = dict(templates or {})
-    for role, fmt in out.items():
-        if role not in TEMPLATE_ROLES:
-            raise ValueError(f"templates[{role!r}]: expected a role among {', '.join(TEMPLATE_ROLES)}")
-        try:
-            ok = isinstance(fmt, str) and fmt.format(prompt="") is not None and "{prompt}" in fmt
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"templates[{role!r}]={fmt!r}: expected a format string with {{prompt}} and no other "
-                             "fields (write literal braces as {{ and }})")
-    return out
 
 
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,

@@ -84,7 +84,7 @@ def _templates(specs) -> dict:
         if _TEMPLATE_ROLES[role] in out:
             raise ValueError(f"--template {spec!r}: a second template for {role}")
         out[_TEMPLATE_ROLES[role]] = fmt
-    from .api import check_templates
+    from .models import check_templates
 
     try:
         return check_templates(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -147,6 +148,36 @@ def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
     return model.to(device).eval()
 
 
+def _finite(name: str, value) -> float:
+    """``value`` as a float (a Python or numpy number, or a one-element tensor), or ``ValueError`` naming it."""
+    try:
+        x = None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        x = None
+    if x is None or not math.isfinite(x):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+    return x
+
+
+TEMPLATE_ROLES = ("base", "guide", "token_rm")
+
+
+def check_templates(templates) -> dict:
+    """``{role: format}`` with roles from TEMPLATE_ROLES, each format holding ``{prompt}`` once."""
+    out = dict(templates or {})
+    for role, fmt in out.items():
+        if role not in TEMPLATE_ROLES:
+            raise ValueError(f"templates[{role!r}]: expected a role among {', '.join(TEMPLATE_ROLES)}")
+        try:
+            ok = isinstance(fmt, str) and fmt.format(prompt="") is not None and "{prompt}" in fmt
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"templates[{role!r}]={fmt!r}: expected a format string with {{prompt}} and no other "
+                             "fields (write literal braces as {{ and }})")
+    return out
+
+
 @dataclass
 class GuidePair:
     tuned: torch.nn.Module
@@ -172,6 +203,31 @@ class IVGModels:
     templates: dict = field(default_factory=dict)
     other_tokenizers: dict = field(default_factory=dict)  # name ("tune0", "rm", ...) -> its own tokenizer
     chat_template: bool = False
+
+    def __post_init__(self):
+        """The arguments checked as they are given (a ValueError naming the first wrong one, not an error
+        deep in the first step); a ``(tuned, ref, beta)`` triple is taken for a :class:`GuidePair`."""
+        if not isinstance(self.base, torch.nn.Module):
+            raise ValueError(f"base: expected a torch.nn.Module (a causal LM), got {type(self.base).__name__}")
+        if isinstance(self.guides, GuidePair) or not isinstance(self.guides, (list, tuple)):
+            raise ValueError(f"guides: expected a list of GuidePair (or (tuned, ref, beta) triples), got "
+                             f"{type(self.guides).__name__}")
+        pairs = []
+        for i, g in enumerate(self.guides):
+            if isinstance(g, (tuple, list)) and len(g) == 3:
+                g = GuidePair(*g)
+            if not isinstance(g, GuidePair):
+                raise ValueError(f"guides[{i}]: expected a GuidePair or a (tuned, ref, beta) triple")
+            for part in ("tuned", "ref"):
+                if not isinstance(getattr(g, part), torch.nn.Module):
+                    raise ValueError(f"guides[{i}].{part}: expected a torch.nn.Module, got "
+                                     f"{type(getattr(g, part)).__name__}")
+            pairs.append(GuidePair(g.tuned, g.ref, _finite(f"guides[{i}].beta", g.beta)))
+        self.guides = pairs
+        if self.token_rm is not None and not isinstance(self.token_rm, torch.nn.Module):
+            raise ValueError(f"token_rm: expected a torch.nn.Module or None, got {type(self.token_rm).__name__}")
+        self.token_rm_weight = _finite("token_rm_weight", self.token_rm_weight)
+        self.templates = check_templates(self.templates)
 
     def check(self) -> None:
         """Every model's tokenizer maps the shared id range like the base's (see check_tokenizers), and has
