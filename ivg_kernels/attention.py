@@ -68,6 +68,26 @@ def _check_q(q, k_cache, rank):
         _fail("q", q, "unit stride along head_dim")
 
 
+def _check_table_values(block_table, seq_lens, k_cache):
+    """The values of a call's tables (the reference backend only: they are on the host there, while the Triton
+    backend would need a device read, and trusts them): every length fits its row of the table, and every
+    entry of the table is a block of the cache (the entries past a row's blocks too: pad with 0, as
+    ``BlockManager.block_table`` does; the reference gathers whole rows)."""
+    lens, (num_blocks, bs) = seq_lens.long().cpu(), k_cache.shape[:2]
+    cap = block_table.shape[1] * bs
+    wrong = ((lens < 0) | (lens > cap)).nonzero()
+    if len(wrong):
+        i = int(wrong[0])
+        _fail("seq_lens", seq_lens, f"lengths in [0, {cap}] (the table's {block_table.shape[1]} blocks of {bs} "
+                                    f"tokens); row {i} holds {int(lens[i])}")
+    table = block_table.cpu()
+    wrong = ((table < 0) | (table >= num_blocks)).nonzero()
+    if len(wrong):
+        r, c = (int(x) for x in wrong[0])
+        _fail("block_table", block_table, f"block ids in [0, {num_blocks}) (entries past a row's blocks too: pad "
+                                          f"with 0); row {r}, column {c} holds {int(table[r, c])}")
+
+
 def _check_scale_window(scale, sliding_window):
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
         _fail("scale", scale, "a positive float")
@@ -117,7 +137,17 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     if value.shape[0] != key.shape[0]:
         _fail("value", value, f"{key.shape[0]} tokens, like key")
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
-    run_write_kv(attention_backend(backend, k_cache), k_cache, v_cache, key, value, slot_mapping)
+    which = attention_backend(backend, k_cache)
+    if which == "reference":  # (the values: on the host there; the Triton backend trusts them)
+        slots = slot_mapping.long().cpu()
+        slots = slots[slots >= 0]
+        most = k_cache.shape[0] * k_cache.shape[1]
+        if len(slots) and int(slots.max()) >= most:
+            _fail("slot_mapping", slot_mapping, f"slots below {most} (the cache's blocks x block_size), or < 0 "
+                                                f"to skip; got {int(slots.max())}")
+        if len(torch.unique(slots)) != len(slots):
+            _fail("slot_mapping", slot_mapping, "each slot once (two tokens written to one slot)")
+    run_write_kv(which, k_cache, v_cache, key, value, slot_mapping)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
@@ -128,8 +158,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     ----------
     q : ``[N, num_heads, head_dim]``, the cache's dtype; ``num_heads`` a multiple of ``num_kv_heads``
     k_cache, v_cache : ``[num_blocks, block_size, num_kv_heads, head_dim]``
-    block_table : int32 ``[N, max_blocks]``
-    seq_lens : int ``[N]``, tokens in the cache per row (the query sits at ``seq_lens - 1``)
+    block_table : int32 ``[N, max_blocks]``, block ids of the cache (pad a row past its blocks with 0)
+    seq_lens : int ``[N]``, tokens in the cache per row (the query sits at ``seq_lens - 1``), at most
+        ``max_blocks * block_size``. The reference backend checks these values and the Triton backend
+        trusts them (no device read): out-of-range ones read outside the cache there
     scale : float, usually ``head_dim ** -0.5``
     sliding_window : int, optional; keys with ``q_pos - k_pos < sliding_window`` only
     num_splits : int, splits of the KV length (0 chooses from the shapes)
@@ -150,8 +182,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     scale, _ = _check_scale_window(scale, sliding_window)
     if plan is not None and not isinstance(plan, ref.DecodePlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.DecodePlan")
-    return run_decode(attention_backend(backend, q), q, k_cache, v_cache, block_table, seq_lens, scale,
-                      sliding_window, int(num_splits), plan=plan)
+    which = attention_backend(backend, q)
+    if which == "reference":
+        _check_table_values(block_table, seq_lens, k_cache)
+    return run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, int(num_splits),
+                      plan=plan)
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
@@ -191,6 +226,7 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     scale, _ = _check_scale_window(scale, sliding_window)
     which = attention_backend(backend, q)
     if which == "reference":
+        _check_table_values(block_table, seq_lens, k_cache)
         starts = group_starts.tolist()
         most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         if most > max_group_rows:
@@ -227,8 +263,22 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     scale, _ = _check_scale_window(scale, sliding_window)
     if plan is not None and not isinstance(plan, ref.PrefillPlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
-    return run_prefill(attention_backend(backend, q), q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                       int(max_seqlen_q), scale, sliding_window, plan)
+    which = attention_backend(backend, q)
+    if which == "reference":
+        _check_table_values(block_table, seq_lens, k_cache)
+        cu, lens = cu_seqlens_q.long().cpu(), seq_lens.long().cpu()
+        runs = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or bool((runs < 0).any()):
+            _fail("cu_seqlens_q", cu_seqlens_q, f"non-decreasing offsets from 0 to the {q.shape[0]} query rows")
+        wrong = (runs > lens).nonzero()
+        if len(wrong):
+            b = int(wrong[0])
+            _fail("cu_seqlens_q", cu_seqlens_q, f"at most seq_lens[b] new tokens per sequence; sequence {b} has "
+                                                f"{int(runs[b])} of {int(lens[b])}")
+        if len(runs) and int(runs.max()) > max_seqlen_q:
+            _fail("max_seqlen_q", max_seqlen_q, f"at least {int(runs.max())}, the longest query run")
+    return run_prefill(which, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, int(max_seqlen_q), scale,
+                       sliding_window, plan)
 
 
 # The ops after their checks, on a backend already resolved (``attention_backend``): what the public

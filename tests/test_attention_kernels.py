@@ -332,3 +332,36 @@ def test_eager_calls_launch_directly_and_the_ops_agree():
             assert torch.equal(kc, k2) and torch.equal(vc, v2)
         else:
             assert torch.equal(got, want), name
+
+
+def test_table_values_are_checked_on_the_reference_backend():
+    """Lengths past a row's table, block ids outside the cache, slots outside it or written twice, and query
+    runs longer than their sequence: named (on the host; the Triton backend trusts them, as documented)."""
+    kc = torch.zeros(4, 4, 2, 8)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    sl = torch.tensor([5, 7], dtype=torch.int32)
+    q = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match=r"seq_lens=.*lengths in \[0, 8\] .*row 1 holds 9"):
+        paged_decode_attention(q, kc, kc, bt, torch.tensor([5, 9], dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match=r"seq_lens=.*row 0 holds -1"):
+        paged_decode_attention(q, kc, kc, bt, torch.tensor([-1, 7], dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match=r"block_table=.*block ids in \[0, 4\).*row 1, column 1 holds 9"):
+        paged_decode_attention(q, kc, kc, torch.tensor([[0, 1], [2, 9]], dtype=torch.int32), sl, scale=1.0)
+    with pytest.raises(ValueError, match=r"block_table=.*pad with 0\); row 0, column 1 holds -5"):  # (past row 0's)
+        paged_decode_attention(q, kc, kc, torch.tensor([[0, -5], [2, 3]], dtype=torch.int32),
+                               torch.tensor([4, 7], dtype=torch.int32), scale=1.0)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q=.*sequence 0 has 3 of 2"):
+        paged_prefill_attention(torch.zeros(5, 4, 8), kc, kc, bt, torch.tensor([2, 7], dtype=torch.int32),
+                                torch.tensor([0, 3, 5], dtype=torch.int32), max_seqlen_q=3, scale=1.0)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q=.*from 0 to the 3 query rows"):
+        paged_prefill_attention(torch.zeros(3, 4, 8), kc, kc, bt, sl, torch.tensor([0, 2, 1], dtype=torch.int32),
+                                max_seqlen_q=2, scale=1.0)
+    with pytest.raises(ValueError, match=r"max_seqlen_q=1: expected at least 2"):
+        paged_prefill_attention(torch.zeros(3, 4, 8), kc, kc, bt, sl, cu, max_seqlen_q=1, scale=1.0)
+    kv = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match=r"slot_mapping=.*slots below 16 .*got 16"):
+        write_kv(kc, kc.clone(), kv, kv, torch.tensor([0, 16]))
+    with pytest.raises(ValueError, match=r"slot_mapping=.*each slot once"):
+        write_kv(kc, kc.clone(), kv, kv, torch.tensor([3, 3]))
+    write_kv(kc, kc.clone(), kv, kv, torch.tensor([-1, -1]))  # negative slots are skipped, any number of them
