@@ -77,3 +77,23 @@ def test_processor_needs_a_guide():
 
     with pytest.raises(ValueError, match="guides: expected at least one"):
         IVGLogitsProcessor([])
+
+
+def test_bad_arguments_are_named():
+    """A NaN beta or weight made every score NaN, and a vocab_size past the logits a shape error inside
+    generate(); each is named now."""
+    import pytest
+
+    m = _models()
+    g = m.guides[0]
+    with pytest.raises(ValueError, match=r"guides\[0\] beta=nan: expected a finite number"):
+        IVGLogitsProcessor([(g.tuned, g.ref, float("nan"))])
+    with pytest.raises(ValueError, match=r"guides\[0\]: expected a \(tuned, ref, beta\) triple"):
+        IVGLogitsProcessor([(g.tuned, g.ref)])
+    with pytest.raises(ValueError, match=r"token_rm_weight=inf: expected a finite number"):
+        IVGLogitsProcessor([], token_rm=m.token_rm, token_rm_weight=float("inf"))
+    with pytest.raises(ValueError, match=r"vocab_size=0: expected None or an int >= 1"):
+        IVGLogitsProcessor([(g.tuned, g.ref, 1.0)], vocab_size=0)
+    proc = IVGLogitsProcessor([(g.tuned, g.ref, 1.0)], vocab_size=m.base.config.vocab_size + 1)
+    with pytest.raises(ValueError, match=rf"vocab_size={m.base.config.vocab_size + 1}: expected at most"):
+        proc(torch.tensor([[3, 4]]), torch.zeros(1, m.base.config.vocab_size))

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .models import cache_kwargs
+from .models import _finite, cache_kwargs
 
 
 class IVGLogitsProcessor:
@@ -27,12 +27,19 @@ class IVGLogitsProcessor:
 
     def __init__(self, guides: Sequence = (), token_rm=None, token_rm_weight: float = 1.0,
                  pad_token_id: Optional[int] = None, vocab_size: Optional[int] = None):
-        self.pairs = [(t, r, float(b)) for t, r, b in guides]
+        self.pairs = []
+        for i, g in enumerate(guides):
+            if not isinstance(g, (tuple, list)) or len(g) != 3:
+                raise ValueError(f"guides[{i}]: expected a (tuned, ref, beta) triple")
+            self.pairs.append((g[0], g[1], _finite(f"guides[{i}] beta", g[2])))
         if not self.pairs and token_rm is None:
             raise ValueError("guides: expected at least one (tuned, ref, beta) pair or a token_rm")
         self.token_rm = token_rm
-        self.token_rm_weight = float(token_rm_weight)
+        self.token_rm_weight = _finite("token_rm_weight", token_rm_weight)
         self.pad_token_id = pad_token_id
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size={vocab_size!r}: expected None or an int >= 1")
         self.vocab_size = vocab_size
         self._models = [m for t, r, _ in self.pairs for m in (t, r)] + ([token_rm] if token_rm is not None else [])
         self.reorders = 0  # times the caches followed a beam reordering
@@ -78,7 +85,11 @@ class IVGLogitsProcessor:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         outs = self._run(input_ids)
-        v = self.vocab_size or min([scores.shape[-1]] + [o.shape[-1] for o in outs])
+        widest = min([scores.shape[-1]] + [o.shape[-1] for o in outs])
+        if self.vocab_size is not None and self.vocab_size > widest:
+            raise ValueError(f"vocab_size={self.vocab_size}: expected at most {widest}, the narrowest of the scores "
+                             "and the guides' logits")
+        v = self.vocab_size or widest
         add = torch.zeros(scores.shape[0], v, dtype=torch.float32, device=scores.device)
         for k, (_, _, beta) in enumerate(self.pairs):
             tuned, ref = outs[2 * k][:, :v].float(), outs[2 * k + 1][:, :v].float()
