@@ -223,6 +223,9 @@ class BlockManager:
             cnt = int(num_tokens)
             bad = cnt < 0
         else:
+            if isinstance(num_tokens, (bool, str, numbers.Number)) or not isinstance(num_tokens, Iterable) or any(
+                    isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in num_tokens):
+                raise ValueError(f"num_tokens={num_tokens!r}: expected an int or a sequence of ints")
             counts = [int(c) for c in num_tokens]
             if len(counts) != len(rows):
                 raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(counts)}")

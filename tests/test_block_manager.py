@@ -322,3 +322,13 @@ def test_array_work_and_per_sequence_work_agree(monkeypatch, seed):
     arrays, loops = history(1), history(10 ** 9)
     assert any(op == "append" and isinstance(out, tuple) and out[1] for op, out, *_ in arrays), "no copy-on-write seen"
     assert arrays == loops
+
+
+def test_counts_that_are_not_ints_are_named():
+    bm = BlockManager(8, 4)
+    s = bm.new_sequences(2)
+    for bad in (1.5, [1, 2.0], [True, 1], "2"):
+        with pytest.raises(ValueError, match=r"num_tokens=.*: expected an int or a sequence of ints"):
+            bm.append(s, bad)
+    assert bm.num_free_blocks == 8
+    assert bm.append(s, np.array([1, 2])).tolist() == [0, 4, 5]  # numpy ints are ints
