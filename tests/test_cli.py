@@ -59,7 +59,7 @@ def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "expected pairs" in capsys.readouterr().err
     assert main(_args(model_dirs, out, "--mode", "cbs", "-W", "0", "--prompt", "a")) == 2
-    assert "width=0" in capsys.readouterr().err
+    assert "--width 0: expected an int >= 1" in capsys.readouterr().err
     assert main(_args(model_dirs, out, "--mode", "cbs")) == 2
     assert "no prompts" in capsys.readouterr().err
 
@@ -223,7 +223,7 @@ def test_speculate_reaches_the_decoder(model_dirs, tmp_path, capsys):
     capsys.readouterr()
     assert main(_args(model_dirs, tmp_path / "bad.jsonl", *common, "--speculate", "-1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "speculate=-1" in err[0], err
+    assert len(err) == 1 and "--speculate -1: expected an int >= 0" in err[0], err
 
 
 def test_bad_device_out_scorer_and_chunk_len_are_one_line_naming_the_flag(model_dirs, tmp_path, capsys):
@@ -235,6 +235,10 @@ def test_bad_device_out_scorer_and_chunk_len_are_one_line_naming_the_flag(model_
         # no CUDA here, or fewer than 100 devices: both name the flag
         (["--device", "cuda:99"], "--device cuda:99: "),
         (["-L", "2.5"], "--chunk-len '2.5': expected an int >= 1, or inf"),
+        (["-L", "-3"], "--chunk-len '-3': expected an int >= 1, or inf"),
+        (["--num-return", "9"], "--num-return 9: expected at most 2 for mode 'ivg'"),
+        (["-W", "0"], "--width 0: expected an int >= 1"),
+        (["--top-p", "2"], "--top-p 2.0: expected top_p in (0, 1]"),
         (["--scorer", "no_such_module_xyz:score"],
          "--scorer no_such_module_xyz:score: cannot import no_such_module_xyz"),
         (["--scorer", "json:no_such_function"], "--scorer json:no_such_function: json has no callable"),
@@ -294,3 +298,29 @@ def test_every_option_says_what_it_does_and_its_default():
             elif action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in action.help:
                 missing.append(f"{name}: help does not name the default {action.default!r}")
     assert not missing, "\n".join(missing)
+
+
+def test_a_bad_prompts_file_is_one_line_naming_the_file_and_line(model_dirs, tmp_path, capsys):
+    """A line that is not JSON, not an object with a prompt, or whose prompt is neither text nor token ids:
+    one line naming the file and its line number (blank lines counted), not json's message alone or a
+    traceback. A prompt may be a list of token ids."""
+    out = tmp_path / "o.jsonl"
+    for text, message in [
+        ('{"prompt": "a"}\n\nnot json\n', "line 3 is not JSON (Expecting value, column 1)"),
+        ('{"prompt": "a"}\n"a"\n', 'line 2 has no "prompt" field'),
+        ('\n{"prompt": 5}\n', """line 2's "prompt" is 5; expected a string or a list of token ids"""),
+    ]:
+        path = tmp_path / "p.jsonl"
+        path.write_text(text)
+        assert main(_args(model_dirs, out, "--mode", "plain", "--prompts", str(path))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--prompts {path}: {message}" in err[0], err
+    path = tmp_path / "ids.jsonl"
+    path.write_text('{"prompt": [3, 4, 5]}\n')
+    assert main(_args(model_dirs, out, "--mode", "plain", "--prompts", str(path))) == 0
+    from ivg.api import generate
+
+    api = generate([[3, 4, 5]], base=model_dirs["base"], tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]],
+                   beta=[1.5], token_rm=model_dirs["rm"], dtype="float64", mode="plain", max_new_tokens=8,
+                   temperature=1.0, seed=3)
+    assert _tokens(out) == [r.beams[0].tokens for r in api]

@@ -56,15 +56,23 @@ def _read_prompts(args) -> list:
         path = Path(args.prompts)
         if not path.exists():
             raise ValueError(f"--prompts {path}: no such file")
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [(i + 1, ln) for i, ln in enumerate(path.read_text().splitlines()) if ln.strip()]  # (number, text)
         if path.suffix == ".jsonl":
-            for i, ln in enumerate(lines):
-                row = json.loads(ln)
-                if "prompt" not in row:
-                    raise ValueError(f"--prompts {path}: line {i + 1} has no \"prompt\" field")
-                prompts.append(row["prompt"])
+            for n, ln in lines:
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--prompts {path}: line {n} is not JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(row, dict) or "prompt" not in row:
+                    raise ValueError(f"--prompts {path}: line {n} has no \"prompt\" field")
+                p = row["prompt"]
+                if not isinstance(p, str) and not (isinstance(p, list) and p and all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in p)):
+                    raise ValueError(f"--prompts {path}: line {n}'s \"prompt\" is {p!r}; expected a string or a list "
+                                     "of token ids")
+                prompts.append(p)
         else:
-            prompts += lines
+            prompts += [ln for _, ln in lines]
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
@@ -106,9 +114,19 @@ def _chunk_len(text: str):
     if text in ("inf", "0"):
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise ValueError(f"--chunk-len {text!r}: expected an int >= 1, or inf (0 also means inf)") from None
+        value = -1
+    if value < 0:
+        raise ValueError(f"--chunk-len {text!r}: expected an int >= 1, or inf (0 also means inf)")
+    return value
+
+
+# DecodeOptions' names of the options -> the flags that set them (an error names what the user typed)
+_OPTION_FLAGS = {"mode": "--mode", "width": "--width", "successors": "--successors", "chunk_len": "--chunk-len",
+                 "n": "-N", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                 "seed": "--seed", "max_new_tokens": "--max-new-tokens", "num_return": "--num-return",
+                 "speculate": "--speculate", "draft": "--draft"}
 
 
 def _generate(args) -> int:
@@ -133,8 +151,15 @@ def _generate(args) -> int:
             scorer = import_scorer(args.scorer)  # a MODULE:FUNCTION that cannot load fails now, in one line
         except ValueError as e:  # named by the flag, as the user wrote it
             raise ValueError(str(e).replace(f"scorer={args.scorer!r}", f"--scorer {args.scorer}", 1)) from None
-    DecodeOptions(**options, num_return=args.num_return, scorer=scorer).resolved(
-        have_guides=bool(args.tuned), have_token_rm=args.token_rm is not None or bool(args.scorer))  # fail now
+    try:  # fail now, naming the flag
+        DecodeOptions(**options, num_return=args.num_return, scorer=scorer).resolved(
+            have_guides=bool(args.tuned), have_token_rm=args.token_rm is not None or bool(args.scorer))
+    except ValueError as e:
+        name, sep, rest = str(e).partition("=")
+        if sep and name in _OPTION_FLAGS:
+            value = getattr(args, "N" if name == "n" else name, rest.split(":")[0])
+            raise ValueError(f"{_OPTION_FLAGS[name]} {value}:{rest.split(':', 1)[1]}") from None
+        raise
     if args.ignore_eos:
         options["eos_token_ids"] = ()
     if templates:
@@ -249,7 +274,8 @@ def _add_generate(sub):
                    help="the most decode steps between two reads of the drawn tokens by the host when EOS may end "
                         "rows (default 8 on a GPU, 1 on the CPU; results do not depend on it)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field")
+    g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field (text, or a "
+                   "list of token ids)")
     g.add_argument("--out", help="write JSON lines here instead of stdout")
     g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first (default 1)")
     g.add_argument("--save-every", type=int, default=64,
