@@ -41,6 +41,10 @@ def draft_sample(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
                              "and no precomputed uniforms; use 'reference'")
         which = "reference"
     if which != "triton":
+        rows = draft_logits.shape[0] if isinstance(draft_logits, torch.Tensor) and draft_logits.dim() == 2 else None
+        if uniforms is not None and rows is not None and (not isinstance(uniforms, torch.Tensor)
+                                                          or tuple(uniforms.shape) != (rows, 3)):
+            _fail("uniforms", uniforms, f"None or a float64 tensor [{rows}, 3] (spec_uniforms of the keys)")
         return ref.draft_draw_ref(draft_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   seed=seed, offset=offset, vocab_size=vocab_size, uniforms=uniforms)
     from ._triton.speculative_kernels import launch_draft_sample
@@ -98,10 +102,35 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
                              "temperature and weights, at most 4 guides and no precomputed uniforms; use 'reference'")
         which = "reference"
     if which != "triton":
+        _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms)
         return ref.speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, temperature=temperature,
                                           top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset,
                                           vocab_size=vocab_size, uniforms=uniforms)
     return _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size)
+
+
+def _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms) -> None:
+    """The values the reference path reads (on the host there; the fused kernel trusts them: a device read
+    per call): each row's draft count in ``0 .. S-1``, its drafts in the vocabulary, and the uniforms'
+    shape."""
+    r, s, _ = logits.shape
+    nd = num_draft.long().cpu()
+    wrong = ((nd < 0) | (nd > s - 1)).nonzero()
+    if len(wrong):
+        i = int(wrong[0])
+        _fail("num_draft", num_draft, f"counts in 0 .. {s - 1} (S - 1); row {i} has {int(nd[i])}")
+    v = min([logits.shape[2], draft_logits.shape[2]] + [g.shape[2] for g, _ in guides])
+    if isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool) and 1 <= vocab_size <= v:
+        v = int(vocab_size)  # (a wrong vocab_size is named by the reference's own check)
+    drafts = draft_tokens.long().cpu()
+    used = torch.arange(s - 1) < nd.unsqueeze(1)
+    wrong = (used & ((drafts < 0) | (drafts >= v))).nonzero()
+    if len(wrong):
+        i, k = (int(x) for x in wrong[0])
+        _fail("draft_tokens", draft_tokens, f"token ids in [0, {v}) where drafted; row {i}, draft {k} is "
+                                            f"{int(drafts[i, k])}")
+    if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or tuple(uniforms.shape) != (r, s, 3)):
+        _fail("uniforms", uniforms, f"None or a float64 tensor [{r}, {s}, 3] (spec_uniforms of the keys)")
 
 
 def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size):

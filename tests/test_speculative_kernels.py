@@ -162,3 +162,28 @@ def test_reference_ops_keep_every_tensor_on_the_inputs_device(filters):
                                                   offset=off, backend="reference", **filters))
     tensors = [t for o in outs for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)]
     assert len(tensors) > 20 and all(t.device == meta for t in tensors)
+
+
+def test_draft_counts_tokens_and_uniforms_are_checked_on_the_reference_path():
+    """A draft count past S - 1 or below 0, a drafted token outside the vocabulary, or uniforms of another
+    shape were taken silently (or failed with an IndexError); each is named now. Positions past a row's
+    count are never read: any token there is fine."""
+    r, s, v = 2, 3, 10
+    logits, draft = torch.randn(r, s, v), torch.randn(r, s, v)
+    drafts, offset = torch.randint(0, v, (r, s - 1)), torch.zeros(r, s, dtype=torch.long)
+    for num, message in ((torch.tensor([3, 1]), r"num_draft=.*counts in 0 \.\. 2 \(S - 1\); row 0 has 3"),
+                         (torch.tensor([1, -1]), r"num_draft=.*row 1 has -1")):
+        with pytest.raises(ValueError, match=message):
+            speculative_verify(logits, [], draft, drafts, num, seed=1, offset=offset, backend="reference")
+    bad = drafts.clone()
+    bad[1, 0] = v
+    with pytest.raises(ValueError, match=rf"draft_tokens=.*token ids in \[0, {v}\) where drafted; row 1, draft 0 is {v}"):
+        speculative_verify(logits, [], draft, bad, torch.tensor([2, 1]), seed=1, offset=offset, backend="reference")
+    bad = drafts.clone()
+    bad[1, 1] = -7  # past row 1's one draft: not read
+    speculative_verify(logits, [], draft, bad, torch.tensor([2, 1]), seed=1, offset=offset, backend="reference")
+    with pytest.raises(ValueError, match=r"uniforms=.*float64 tensor \[2, 3, 3\]"):
+        speculative_verify(logits, [], draft, drafts, torch.tensor([2, 1]), seed=1, offset=offset,
+                           uniforms=torch.zeros(r, s), backend="reference")
+    with pytest.raises(ValueError, match=r"uniforms=.*float64 tensor \[2, 3\]"):
+        draft_sample(torch.randn(r, v), seed=1, offset=0, uniforms=torch.zeros(3), backend="reference")
