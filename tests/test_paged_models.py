@@ -13,6 +13,7 @@ from ivg.paged_model import PagedModel, kv_shape  # noqa: E402
 from ivg_kernels.block_manager import KVCacheExhausted  # noqa: E402
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup  # noqa: E402
 
+from .decoder_fixtures import lm  # noqa: E402
 from .helpers import DEVICE  # noqa: E402
 
 V = 101
@@ -535,3 +536,24 @@ def test_free_all_realigns_ids_split_by_a_group_operation_that_failed_part_way(m
     assert group.new_sequences(2) == [4, 5]  # model a had handed out 0 .. 3
     with pytest.raises(ValueError, match=r"next_id=3: expected an int >= 6, the next id now"):
         group["a"].blocks.skip_ids(3)
+
+
+def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
+    """A cache of another shape or dtype, an unknown backend, tokens that are not lists, and a sequence
+    past the model's positions: each named (the last was an IndexError in the position embedding), and a
+    failed forward leaves the sequences as they were."""
+    model = lm("gpt2", 1)
+    with pytest.raises(ValueError, match=r"cache: holds 1 layers of 1 KV heads of 4 .*GPT2LMHeadModel needs"):
+        PagedModel(model, cache=KVCache(1, 1, 4, num_blocks=8, block_size=4))
+    with pytest.raises(ValueError, match=r"backend='cudnn': expected one of"):
+        PagedModel(model, num_blocks=8, backend="cudnn")
+    pm = PagedModel(model, num_blocks=64, block_size=4)
+    (s,) = pm.blocks.new_sequences(1)
+    with pytest.raises(ValueError, match=r"tokens: expected one list of ids per sequence"):
+        pm([s], [3])
+    pm([s], [[3] * 90])
+    with pytest.raises(ValueError, match=r"tokens: sequence 0 would hold 100 tokens, past GPT2LMHeadModel's 96"):
+        pm([s], [[3] * 10])
+    assert pm.blocks.seq_len(s) == 90
+    pm.blocks.check_invariants()
+    assert pm([s], [[3] * 6]).shape[0] == 1  # up to the limit itself

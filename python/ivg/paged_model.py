@@ -26,6 +26,7 @@ from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
+from .models import model_positions
 
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
@@ -169,7 +170,10 @@ class PagedModel:
     model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention when transformers'
         forward runs it (no lean forward, or CUDA graphs); a lean forward leaves the model as it is.
     num_blocks, block_size : pool size
-    cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one
+    cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one: the
+        model's layers, KV heads and head size, dtype and device (checked). A forward that would take a
+        sequence past the model's positions (``max_position_embeddings``) is refused, as every bad input is,
+        with the sequences left as they were
     backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
     cuda_graphs : replay decode steps (one new token per sequence), and extends of the same number of
         tokens per sequence that keep the logits at every position (a speculative round's verification),
@@ -194,12 +198,21 @@ class PagedModel:
         self.model = model.eval()
         self._previous_attn = None
         param = next(model.parameters())
+        layers, kv_heads, head_dim = local_kv_shape(model)
         if cache is None:
-            layers, kv_heads, head_dim = local_kv_shape(model)
             cache = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
                             dtype=param.dtype, device=param.device)
+        else:
+            kv = cache.pool.kv  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+            if (kv.shape[0], kv.shape[4], kv.shape[5]) != (layers, kv_heads, head_dim) or kv.dtype != param.dtype \
+                    or kv.device != param.device:
+                raise ValueError(f"cache: holds {kv.shape[0]} layers of {kv.shape[4]} KV heads of {kv.shape[5]} "
+                                 f"({kv.dtype}, {kv.device}); {type(model).__name__} needs {layers} of {kv_heads} of "
+                                 f"{head_dim} ({param.dtype}, {param.device})")
+        attention_backend(backend, cache.pool.kv)  # an unknown backend, or one this cache cannot take: now
         self.cache = cache
         self.backend = backend
+        self.positions = model_positions(model)  # the most tokens a sequence may hold (None: no stated limit)
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.config_vocab = model.config.get_text_config().vocab_size  # token ids must lie below it
@@ -286,6 +299,9 @@ class PagedModel:
             raise ValueError("counts: only with a tensor of tokens (lists carry their own lengths)")
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
+        if isinstance(tokens, (str, bytes)) or not all(isinstance(t, Sequence) and not isinstance(t, str)
+                                                        for t in tokens):
+            raise ValueError("tokens: expected one list of ids per sequence, or an int64 tensor with counts")
         counts = [len(t) for t in tokens]
         if any(c == 0 for c in counts):
             raise ValueError("tokens: expected at least one new token per sequence")
@@ -305,6 +321,10 @@ class PagedModel:
         slots = self.cache.append(seq_ids, q if uniform else counts)
         try:
             table, lens = self.blocks.tables(seq_ids)
+            if self.positions is not None and int(lens.max()) > self.positions:
+                i = int(lens.argmax())
+                raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
+                                 f"{type(self.model).__name__}'s {self.positions} positions")
             decode = uniform and q == 1  # one new token per sequence
             if uniform:  # q new tokens per sequence, the j-th at its new length - q + j
                 cu = torch.arange(0, q * len(counts) + 1, q, dtype=torch.int32)
