@@ -76,6 +76,22 @@ def test_python_api_rejects_unknown_decoder_and_dtype(model_dirs):
                  beta=[1.0, 2.0, 3.0], max_new_tokens=2)
 
 
+def test_python_api_names_a_misspelt_argument_before_loading_any_model(model_dirs, monkeypatch):
+    """A typo (a TypeError from DecodeOptions after every model had loaded) and an option the mode refuses
+    fail before the first load."""
+    import ivg.api as api
+
+    monkeypatch.setattr(api, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"widht: not an argument of generate\(\); did you mean width\?"):
+        api.generate(["a"], base=model_dirs["base"], mode="ivg", widht=3)
+    with pytest.raises(ValueError, match=r"devcie: not an argument of generate\(\); did you mean device\?"):
+        api.generate(["a"], base=model_dirs["base"], devcie="cpu")
+    with pytest.raises(ValueError, match=r"width=0: expected an int >= 1"):
+        api.generate(["a"], base=model_dirs["base"], mode="cbs", token_rm=model_dirs["rm"], width=0)
+    with pytest.raises(ValueError, match=r"mode='eft': needs at least one \(tuned, ref\) guide pair"):
+        api.generate(["a"], base=model_dirs["base"], mode="eft")
+
+
 def test_info_reports_backends_and_the_cuda_build(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,8 @@
 """The Python API behind ``ivg generate``: load models by path (or take loaded ones) and decode."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 from typing import Optional, Sequence
 
@@ -116,22 +118,35 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
                  device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
                  chat_template=False, cuda_graphs=None, base_tp_plan=None, max_batch_prompts=64, read_every=None,
                  step_graphs=None, **options):
-    """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s."""
-    models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
-                         tokenizer=tokenizer, device=device, dtype=dtype, templates=templates,
-                         base_tp_plan=base_tp_plan, chat_template=chat_template)
+    """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s.
+    Everything that can be checked without the models is checked before they load."""
+    known = {f.name for f in dataclasses.fields(DecodeOptions)}
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known) + list(_LOAD_ARGS), n=1)
+            raise ValueError(f"{name}: not an argument of generate()" + (f"; did you mean {near[0]}?" if near else ""))
+    if decoder not in ("paged", "naive"):
+        raise ValueError(f"decoder={decoder!r}: expected 'paged' or 'naive'")
     scorer = options.get("scorer")
     if isinstance(scorer, str) and scorer not in ("explicit", "implicit"):
         options["scorer"] = import_scorer(scorer)
     opts = DecodeOptions(**options)
+    opts.resolved(have_guides=bool(tuned), have_token_rm=token_rm is not None)  # (fails now, not after the loads)
+    models = load_models(base, tuned=tuned, ref=ref, beta=beta, token_rm=token_rm, token_rm_weight=token_rm_weight,
+                         tokenizer=tokenizer, device=device, dtype=dtype, templates=templates,
+                         base_tp_plan=base_tp_plan, chat_template=chat_template)
     if decoder == "paged":
         dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs,
                          max_batch_prompts=max_batch_prompts, read_every=read_every, step_graphs=step_graphs)
-    elif decoder == "naive":
-        dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     else:
-        raise ValueError(f"decoder={decoder!r}: expected 'paged' or 'naive'")
+        dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     return dec, opts
+
+
+# make_decoder's own arguments besides the DecodeOptions fields (for the suggestion after a typo)
+_LOAD_ARGS = ("base", "tuned", "ref", "beta", "token_rm", "token_rm_weight", "tokenizer", "device", "dtype", "backend",
+              "block_size", "decoder", "templates", "chat_template", "cuda_graphs", "base_tp_plan", "max_batch_prompts",
+              "read_every", "step_graphs")
 
 
 def generate(prompts, *, progress=False, **kwargs):
