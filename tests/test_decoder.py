@@ -91,6 +91,13 @@ def test_external_scorer_and_wrong_count(models):
     with pytest.raises(ValueError, match="scorer: returned 1 scores for 6 candidates"):
         NaiveDecoder(models).generate(PROMPTS, _opts("cbs", scorer=lambda p, r: [0.0]))
 
+    def nan_for_the_third(prompts, responses):  # NaN has no rank: the order it gave was arbitrary
+        return [float("nan") if i == 2 else 1.0 for i in range(len(responses))]
+
+    for decoder in (IVGDecoder(models), NaiveDecoder(models)):
+        with pytest.raises(ValueError, match=rf"scorer: returned NaN for the response .* \(candidate 2\) of the prompt {PROMPTS[0]!r}"):
+            decoder.generate(PROMPTS, _opts("cbs", scorer=nan_for_the_third))
+
 
 def test_an_external_scorer_is_called_once_per_chunk_boundary(models):
     """Every prompt ranked at a chunk boundary is scored in one call (a reward model scores one batch, not
