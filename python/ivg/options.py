@@ -26,7 +26,8 @@ class DecodeOptions:
     ----------
     mode : one of ``plain, eft, tokenrm, cbs, ivg, bon, won`` (a preset; see :meth:`resolved`)
     tokenwise : guidance added token by token, a subset of ``("eft", "tokenrm")``; None: from the mode
-    scorer : ``"explicit"``, ``"implicit"``, a callable ``(prompts, responses) -> scores``, or None
+    scorer : ``"explicit"``, ``"implicit"``, a callable ``(prompts, responses) -> scores`` (numbers; a NaN is an
+        error: it has no rank), or None
     width, successors, chunk_len : W, K, L of chunk-level beam search (``chunk_len=None``: infinity)
     n : N of best-of-N / worst-of-N
     keep : ``"max"`` keeps the highest scores, ``"min"`` the lowest (worst-of-N)
