@@ -69,8 +69,9 @@ def _check_q(q, k_cache, rank):
 
 
 def _check_table_values(block_table, seq_lens, k_cache):
-    """The values of a call's tables (the reference backend only: they are on the host there, while the Triton
-    backend would need a device read, and trusts them): every length fits its row of the table, and every
+    """The values of a call's tables, on the reference backend where they are on the host (the Triton backend,
+    and the reference on a GPU, trust them: a check would read the device every call): every length fits its
+    row of the table, and every
     entry of the table is a block of the cache (the entries past a row's blocks too: pad with 0, as
     ``BlockManager.block_table`` does; the reference gathers whole rows)."""
     lens, (num_blocks, bs) = seq_lens.long().cpu(), k_cache.shape[:2]
@@ -138,7 +139,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
         _fail("value", value, f"{key.shape[0]} tokens, like key")
     _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
     which = attention_backend(backend, k_cache)
-    if which == "reference":  # (the values: on the host there; the Triton backend trusts them)
+    if which == "reference" and k_cache.device.type == "cpu":  # (the values, on the host; trusted on a GPU)
         slots = slot_mapping.long().cpu()
         slots = slots[slots >= 0]
         most = k_cache.shape[0] * k_cache.shape[1]
@@ -160,8 +161,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     k_cache, v_cache : ``[num_blocks, block_size, num_kv_heads, head_dim]``
     block_table : int32 ``[N, max_blocks]``, block ids of the cache (pad a row past its blocks with 0)
     seq_lens : int ``[N]``, tokens in the cache per row (the query sits at ``seq_lens - 1``), at most
-        ``max_blocks * block_size``. The reference backend checks these values and the Triton backend
-        trusts them (no device read): out-of-range ones read outside the cache there
+        ``max_blocks * block_size``. The reference backend on the CPU checks these values; on a GPU they
+        are trusted (no device read), and out-of-range ones read outside the cache there
     scale : float, usually ``head_dim ** -0.5``
     sliding_window : int, optional; keys with ``q_pos - k_pos < sliding_window`` only
     num_splits : int, splits of the KV length (0 chooses from the shapes)
@@ -183,7 +184,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     if plan is not None and not isinstance(plan, ref.DecodePlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.DecodePlan")
     which = attention_backend(backend, q)
-    if which == "reference":
+    if which == "reference" and q.device.type == "cpu":  # (on a GPU: trusted, no device read)
         _check_table_values(block_table, seq_lens, k_cache)
     return run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, int(num_splits),
                       plan=plan)
@@ -226,7 +227,8 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     scale, _ = _check_scale_window(scale, sliding_window)
     which = attention_backend(backend, q)
     if which == "reference":
-        _check_table_values(block_table, seq_lens, k_cache)
+        if q.device.type == "cpu":  # (on a GPU: trusted, no device read)
+            _check_table_values(block_table, seq_lens, k_cache)
         starts = group_starts.tolist()
         most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         if most > max_group_rows:
@@ -264,7 +266,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if plan is not None and not isinstance(plan, ref.PrefillPlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
     which = attention_backend(backend, q)
-    if which == "reference":
+    if which == "reference" and q.device.type == "cpu":  # (on a GPU: trusted, no device read)
         _check_table_values(block_table, seq_lens, k_cache)
         cu, lens = cu_seqlens_q.long().cpu(), seq_lens.long().cpu()
         runs = cu[1:] - cu[:-1]

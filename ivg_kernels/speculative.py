@@ -102,7 +102,8 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
                              "temperature and weights, at most 4 guides and no precomputed uniforms; use 'reference'")
         which = "reference"
     if which != "triton":
-        _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms)
+        if num_draft.device.type == "cpu":  # (on a GPU the check would wait for the device: trusted there)
+            _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms)
         return ref.speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, temperature=temperature,
                                           top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset,
                                           vocab_size=vocab_size, uniforms=uniforms)
@@ -110,9 +111,9 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
 
 
 def _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms) -> None:
-    """The values the reference path reads (on the host there; the fused kernel trusts them: a device read
-    per call): each row's draft count in ``0 .. S-1``, its drafts in the vocabulary, and the uniforms'
-    shape."""
+    """The values the reference path reads, where they are on the host (elsewhere, and in the fused kernel, they
+    are trusted: a check would wait for the device every call): each row's draft count in ``0 .. S-1``, its
+    drafts in the vocabulary, and the uniforms' shape."""
     r, s, _ = logits.shape
     nd = num_draft.long().cpu()
     wrong = ((nd < 0) | (nd > s - 1)).nonzero()
