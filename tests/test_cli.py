@@ -340,3 +340,21 @@ def test_a_bad_prompts_file_is_one_line_naming_the_file_and_line(model_dirs, tmp
                    beta=[1.5], token_rm=model_dirs["rm"], dtype="float64", mode="plain", max_new_tokens=8,
                    temperature=1.0, seed=3)
     assert _tokens(out) == [r.beams[0].tokens for r in api]
+
+
+def test_a_score_head_of_the_wrong_width_is_one_line(model_dirs, tmp_path, capsys):
+    """A token RM folder whose score head does not fit its body loaded, then failed at the first forward
+    with a matrix-shape error; it is named when it loads now."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    rm = tmp_path / "rm"
+    shutil.copytree(model_dirs["rm"], rm)
+    save_file({"score_head.weight": torch.zeros(33, 5)}, str(rm / "score_head.safetensors"))
+    args = _args(model_dirs, tmp_path / "o.jsonl", "--mode", "ivg", "--prompt", "a")
+    args[args.index("--token-rm") + 1] = str(rm)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "score_head.weight [33, 5]; expected [vocab, 16] for the body's hidden size 16" in err[0]

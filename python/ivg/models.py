@@ -65,7 +65,12 @@ class TokenRewardModel(torch.nn.Module):
 
         body = AutoModel.from_pretrained(path, **kwargs)
         state = load_file(os.path.join(path, SCORE_HEAD_FILE))
-        weight = state["score_head.weight"]
+        weight = state.get("score_head.weight")
+        hidden = body.config.get_text_config().hidden_size
+        if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
+            found = "no score_head.weight" if weight is None else f"score_head.weight {list(weight.shape)}"
+            raise ValueError(f"{os.path.join(path, SCORE_HEAD_FILE)}: {found}; expected [vocab, {hidden}] for the "
+                             f"body's hidden size {hidden}")
         head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="score_head.bias" in state)
         head.load_state_dict({k.removeprefix("score_head."): v for k, v in state.items()})
         return cls(body, head.to(dtype=body.dtype, device=body.device))
