@@ -118,6 +118,27 @@ def test_every_rank_stops_when_rank_0_refuses_the_output_file(model_dirs, tmp_pa
     assert out.read_text().count("\n") == 1, "the refused file is left as it was"
 
 
+def test_a_prompt_that_fails_on_one_rank_stops_every_rank(model_dirs, tmp_path):  # noqa: F811
+    """A prompt too long for the models, in one rank's shard: that rank's decoder refused it and the other rank
+    waited in the round's gather for ever (the run hung until a timeout). Every rank now stops at once, naming
+    the prompt by its index in the input and the rank that failed; one process names it the same way, with
+    rounds smaller than the input."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:9] + ["x" * 90]) + "\n")  # 90 tokens + 8 new > the models' 96 positions
+    out = tmp_path / "o.jsonl"
+    start = time.perf_counter()
+    r = subprocess.run(_cmd(model_dirs, out, prompts, 2, "--max-new-tokens", "8"), env=_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode != 0 and time.perf_counter() - start < 200
+    assert "prompts[9]: 90 tokens + max_new_tokens 8 exceed base's 96 positions" in r.stderr
+    assert "failed: prompts[9]" in r.stderr, "the other rank says which rank failed"
+    alone = subprocess.run([sys.executable, "-m", "ivg"] + _cmd(model_dirs, out, prompts, 1, "--max-new-tokens", "8",
+                                                                  "--save-every", "4")[7:], env=_env(),
+                           capture_output=True, text=True, timeout=240)
+    assert alone.returncode == 2
+    assert "error: prompts[9]: 90 tokens" in alone.stderr, alone.stderr[-500:]
+
+
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory):
     """A Llama base (4 heads, 2 KV heads: one per rank under 2-way tensor parallelism) and gpt2 guides."""

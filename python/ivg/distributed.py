@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -185,29 +186,22 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     bar = progress_bar(len(prompts), desc=f"ivg generate ({size} rank{'s' if size > 1 else ''}"
                        f"{', tensor parallel' if tp else ''})", unit="prompt", enabled=progress and rank == 0)
     bar.update(len(done_idx))
-    for r in range(rounds):
-        batch = mine[r * save_every:(r + 1) * save_every]
-        lines = []
-        if batch:
-            results = dec.generate([prompts[i] for i in batch], opts)
-            st = dec.last_stats
-            stats.prompts += st.prompts
-            stats.new_tokens += st.new_tokens
-            for i, res in zip(batch, results):
-                lines.append((i, json.dumps(_round(dict(index=i, run=run, **res.as_dict(num_return > 1))))))
-        if size > 1 and not tp:
-            import torch.distributed as dist
-
-            gathered = [None] * size if rank == 0 else None
-            dist.gather_object(lines, gathered, dst=0)
-            lines = [x for part in (gathered or []) for x in part]
-        if rank == 0:
-            for i, ln in lines:
-                done[i] = ln
-            if path is not None and lines:
-                _append(path, [ln for _, ln in lines])
-            bar.update(len(lines))
-    bar.close()
+    try:
+        for r in range(rounds):
+            batch = mine[r * save_every:(r + 1) * save_every]
+            lines, failure = _decode_round(dec, opts, prompts, batch, run, num_return, stats)
+            if size > 1 and not tp:  # every rank reaches this round's gather, then all stop if one failed
+                lines = _gather_round(lines, failure, rank, size)
+            elif failure is not None:
+                raise failure
+            if rank == 0:
+                for i, ln in lines:
+                    done[i] = ln
+                if path is not None and lines:
+                    _append(path, [ln for _, ln in lines])
+                bar.update(len(lines))
+    finally:
+        bar.close()  # (a line of its own before an error's)
     if size > 1 and not tp:
         import torch.distributed as dist
 
@@ -226,6 +220,51 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
         tmp.write_text("".join(ln + "\n" for ln in ordered))
         os.replace(tmp, path)  # one line per prompt, in input order
     return ordered, stats
+
+
+def _decode_round(dec, opts, prompts, batch: list, run: str, num_return: int, stats) -> tuple:
+    """``(lines, None)``: the output lines ``(index, JSON)`` of the prompts ``batch`` (indices into ``prompts``),
+    their counts added to ``stats``; or ``([], error)`` if decoding them failed (a ``prompts[j]`` error names
+    the prompt's index in the input)."""
+    if not batch:
+        return [], None
+    try:
+        results = dec.generate([prompts[i] for i in batch], opts)
+    except Exception as e:
+        return [], _in_input_order(e, batch)
+    stats.prompts += dec.last_stats.prompts
+    stats.new_tokens += dec.last_stats.new_tokens
+    return [(i, json.dumps(_round(dict(index=i, run=run, **res.as_dict(num_return > 1)))))
+            for i, res in zip(batch, results)], None
+
+
+def _in_input_order(error: Exception, batch: list) -> Exception:
+    """A decoder's ``prompts[j]: ...`` error about prompt j of ``batch`` (a round of this rank's shard), as the
+    same error about that prompt's index in the input."""
+    m = re.match(r"prompts\[(\d+)\]", str(error))
+    if not isinstance(error, ValueError) or m is None or int(m.group(1)) >= len(batch):
+        return error
+    return ValueError(f"prompts[{batch[int(m.group(1))]}]{str(error)[m.end():]}")
+
+
+def _gather_round(lines: list, failure: Optional[BaseException], rank: int, size: int) -> list:
+    """Rank 0 gathers every rank's lines of a round; a rank whose decoding failed sends its error instead,
+    and then every rank raises it (a rank that raised alone would leave the others waiting in this gather,
+    and itself in the barrier of ``finish``, for ever): a ``ValueError`` (bad input, such as a prompt too
+    long for a model) stays one, naming the rank, anything else becomes a ``RuntimeError``."""
+    import torch.distributed as dist
+
+    message = None if failure is None else (type(failure).__name__, str(failure))
+    gathered = [None] * size if rank == 0 else None
+    dist.gather_object((lines, message), gathered, dst=0)
+    box = [next(((k, m) for k, (_, m) in enumerate(gathered) if m is not None), None) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # every rank learns whether one failed
+    if box[0] is not None:
+        k, (kind, text) = box[0]
+        if failure is not None and k == rank:
+            raise failure
+        raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {k} failed: {text}")
+    return [x for part, _ in (gathered or []) for x in part]
 
 
 def finish() -> None:
