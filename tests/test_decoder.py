@@ -471,9 +471,12 @@ def test_bad_prompts(models):
             with pytest.raises(ValueError, match=message):
                 decoder.generate([[3, 4], bad], _opts("ivg"))
     assert set(dec.kv_blocks_in_use().values()) <= {0}
-    # token ids as a list, a tuple or a 1-D tensor: the same prompt
-    same = [dec.generate([p], _opts("eft"))[0].beams[0].tokens for p in ([3, 4, 5], (3, 4, 5), torch.tensor([3, 4, 5]))]
-    assert same[0] == same[1] == same[2]
+    # token ids as a list, a tuple, a 1-D tensor or numpy array: the same prompt
+    import numpy as np
+
+    same = [dec.generate([p], _opts("eft"))[0].beams[0].tokens
+            for p in ([3, 4, 5], (3, 4, 5), torch.tensor([3, 4, 5]), np.array([3, 4, 5]))]
+    assert same[0] == same[1] == same[2] == same[3]
 
 
 def test_mismatched_tokenizers_are_named():

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup
@@ -108,8 +109,10 @@ def default_eos(models: IVGModels) -> tuple:
 
 def _token_ids(prompt, i: int) -> list:
     """A prompt given as token ids (a sequence of ints or a 1-D integer tensor) as a list of ints."""
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+    if isinstance(prompt, (torch.Tensor, np.ndarray)):
+        kind = prompt.dtype.is_floating_point or prompt.dtype == torch.bool if isinstance(prompt, torch.Tensor) \
+            else prompt.dtype.kind not in "iu"
+        if prompt.ndim != 1 or kind:
             raise ValueError(f"prompts[{i}]: expected a 1-D integer tensor of token ids, got {prompt.dtype} "
                              f"{list(prompt.shape)}")
         return prompt.tolist()
