@@ -156,7 +156,7 @@ def _generate(args) -> int:
             have_guides=bool(args.tuned), have_token_rm=args.token_rm is not None or bool(args.scorer))
     except ValueError as e:
         name, sep, rest = str(e).partition("=")
-        if sep and name in _OPTION_FLAGS:
+        if sep and name in _OPTION_FLAGS and ":" in rest:
             value = getattr(args, "N" if name == "n" else name, rest.split(":")[0])
             raise ValueError(f"{_OPTION_FLAGS[name]} {value}:{rest.split(':', 1)[1]}") from None
         raise
