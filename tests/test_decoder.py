@@ -471,6 +471,12 @@ def test_bad_prompts(models):
             with pytest.raises(ValueError, match=message):
                 decoder.generate([[3, 4], bad], _opts("ivg"))
     assert set(dec.kv_blocks_in_use().values()) <= {0}
+    for decoder in (IVGDecoder(models), NaiveDecoder(models)):  # check(): generate's errors, nothing decoded
+        with pytest.raises(ValueError, match=r"prompts\[1\]: token id -1 outside base's vocabulary"):
+            decoder.check([[3, 4], [3, -1]], _opts("ivg"))
+        with pytest.raises(ValueError, match=r"width=0"):
+            decoder.check(PROMPTS, _opts("cbs", width=0))
+        assert decoder.check(PROMPTS, _opts("ivg")) is None and decoder.last_stats.prompts == 0
     # token ids as a list, a tuple, a 1-D tensor or numpy array: the same prompt
     import numpy as np
 

@@ -120,9 +120,9 @@ def test_every_rank_stops_when_rank_0_refuses_the_output_file(model_dirs, tmp_pa
 
 def test_a_prompt_that_fails_on_one_rank_stops_every_rank(model_dirs, tmp_path):  # noqa: F811
     """A prompt too long for the models, in one rank's shard: that rank's decoder refused it and the other rank
-    waited in the round's gather for ever (the run hung until a timeout). Every rank now stops at once, naming
-    the prompt by its index in the input and the rank that failed; one process names it the same way, with
-    rounds smaller than the input."""
+    waited in the round's gather for ever (the run hung until a timeout). Every rank now stops before decoding
+    (each checks its share first), naming the prompt by its index in the input and the rank that failed; one
+    process names it the same way, with rounds smaller than the input, and writes nothing."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:9] + ["x" * 90]) + "\n")  # 90 tokens + 8 new > the models' 96 positions
     out = tmp_path / "o.jsonl"
@@ -137,6 +137,7 @@ def test_a_prompt_that_fails_on_one_rank_stops_every_rank(model_dirs, tmp_path):
                            capture_output=True, text=True, timeout=240)
     assert alone.returncode == 2
     assert "error: prompts[9]: 90 tokens" in alone.stderr, alone.stderr[-500:]
+    assert not out.exists() or out.read_text() == "", "checked before the first round: nothing decoded"
 
 
 @pytest.fixture(scope="module")

@@ -276,16 +276,26 @@ class IVGDecoder:
                 for name, (shape, dtype, device) in shapes.items()}
 
     @torch.inference_mode()
+    def check(self, prompts, options: DecodeOptions = DecodeOptions()) -> None:
+        """Raise the ``ValueError`` that ``generate(prompts, options)`` would raise for its options or prompts,
+        without decoding (the prompts are tokenised): a long run can refuse a bad prompt before it starts."""
+        self._plan(prompts, options)
+
+    def _plan(self, prompts, options: DecodeOptions) -> tuple:
+        """``(resolved options, the models that run as (name, module, role), each prompt's ids per model)``."""
+        m = self.models
+        opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
+        roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
+                 or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
+        return opts, roles, check_prompts(m, prompts, opts, roles)
+
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
         """Decode every prompt; returns one :class:`GenerationResult` per prompt, in order.
 
         Up to ``max_batch_prompts`` prompts are decoded together; when one finishes, the next waiting
         prompt is prefilled into the rows it freed (continuous batching)."""
         m = self.models
-        opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
-        roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
-                 or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
-        ids = check_prompts(m, prompts, opts, roles)
+        opts, roles, ids = self._plan(prompts, options)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
         stats = RunStats(prompts=len(ids))

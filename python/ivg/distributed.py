@@ -181,6 +181,16 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
     rounds = -(-max((len(s) for s in shards), default=0) // save_every)
 
     dec, opts = make_decoder(device=dev, num_return=num_return, base_tp_plan="auto" if tp else None, **kwargs)
+    failure = None
+    try:  # every prompt of this rank's share checked before any is decoded: a bad one fails the run now, not hours in
+        if mine:
+            dec.check([prompts[i] for i in mine], opts)
+    except ValueError as e:
+        failure = _in_input_order(e, mine)
+    if size > 1 and not tp:
+        _gather_round([], failure, rank, size)  # (all ranks stop if one refused its share)
+    elif failure is not None:
+        raise failure
     stats = RunStats()
     start = time.perf_counter()
     bar = progress_bar(len(prompts), desc=f"ivg generate ({size} rank{'s' if size > 1 else ''}"

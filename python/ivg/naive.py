@@ -33,15 +33,23 @@ class NaiveDecoder:
         self.last_stats = RunStats()
         models.check()
 
-    @torch.inference_mode()
-    def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
+    def check(self, prompts, options: DecodeOptions = DecodeOptions()) -> None:
+        """As :meth:`ivg.decoder.IVGDecoder.check`: the errors of ``generate``'s checks, without decoding."""
+        self._plan(prompts, options)
+
+    def _plan(self, prompts, options: DecodeOptions) -> tuple:
         m = self.models
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         if opts.speculate:
             raise ValueError(f"speculate={opts.speculate}: the naive baseline does not speculate (use the paged decoder)")
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
                  or (r[0] == "rm" and opts.uses_token_rm)]
-        ids = check_prompts(m, prompts, opts, roles)
+        return opts, roles, check_prompts(m, prompts, opts, roles)
+
+    @torch.inference_mode()
+    def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
+        m = self.models
+        opts, roles, ids = self._plan(prompts, options)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
         stats = RunStats(prompts=len(ids))
