@@ -269,10 +269,10 @@ def _gather_round(lines: list, failure: Optional[BaseException], rank: int, size
     dist.gather_object((lines, message), gathered, dst=0)
     box = [next(((k, m) for k, (_, m) in enumerate(gathered) if m is not None), None) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)  # every rank learns whether one failed
+    if failure is not None:  # (a rank that failed raises its own error)
+        raise failure
     if box[0] is not None:
         k, (kind, text) = box[0]
-        if failure is not None and k == rank:
-            raise failure
         raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {k} failed: {text}")
     return [x for part, _ in (gathered or []) for x in part]
 
