@@ -563,3 +563,18 @@ def test_ivg_models_checks_its_arguments_as_given(models):
                        models.tokenizer)
     assert triple.guides == [GuidePair(g.tuned, g.ref, g.beta)]
     _same(IVGDecoder(triple).generate(PROMPTS, _opts("ivg")), IVGDecoder(models).generate(PROMPTS, _opts("ivg")))
+
+
+def test_generate_runs_in_inference_mode(models, monkeypatch):
+    """No autograd bookkeeping on the decode path (a refactor once moved the decorator to another method)."""
+    from ivg.decode_loop import DecodeLoop
+
+    seen, real = [], DecodeLoop.sample
+
+    def sample(self):
+        seen.append(torch.is_inference_mode_enabled())
+        return real(self)
+
+    monkeypatch.setattr(DecodeLoop, "sample", sample)
+    IVGDecoder(models).generate(PROMPTS[:1], _opts("eft", max_new_tokens=3))
+    assert seen and all(seen)

@@ -110,9 +110,9 @@ def default_eos(models: IVGModels) -> tuple:
 def _token_ids(prompt, i: int) -> list:
     """A prompt given as token ids (a sequence of ints or a 1-D integer tensor) as a list of ints."""
     if isinstance(prompt, (torch.Tensor, np.ndarray)):
-        kind = prompt.dtype.is_floating_point or prompt.dtype == torch.bool if isinstance(prompt, torch.Tensor) \
+        not_ints = prompt.dtype.is_floating_point or prompt.dtype == torch.bool if isinstance(prompt, torch.Tensor) \
             else prompt.dtype.kind not in "iu"
-        if prompt.ndim != 1 or kind:
+        if prompt.ndim != 1 or not_ints:
             raise ValueError(f"prompts[{i}]: expected a 1-D integer tensor of token ids, got {prompt.dtype} "
                              f"{list(prompt.shape)}")
         return prompt.tolist()
@@ -275,7 +275,6 @@ class IVGDecoder:
         return {name: KVCache(*shape, num_blocks=num_blocks, block_size=self.block_size, dtype=dtype, device=device)
                 for name, (shape, dtype, device) in shapes.items()}
 
-    @torch.inference_mode()
     def check(self, prompts, options: DecodeOptions = DecodeOptions()) -> None:
         """Raise the ``ValueError`` that ``generate(prompts, options)`` would raise for its options or prompts,
         without decoding (the prompts are tokenised): a long run can refuse a bad prompt before it starts."""
@@ -289,6 +288,7 @@ class IVGDecoder:
                  or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
         return opts, roles, check_prompts(m, prompts, opts, roles)
 
+    @torch.inference_mode()
     def generate(self, prompts, options: DecodeOptions = DecodeOptions(), *, progress: bool = False):
         """Decode every prompt; returns one :class:`GenerationResult` per prompt, in order.
 
