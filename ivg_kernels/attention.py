@@ -71,9 +71,8 @@ def _check_q(q, k_cache, rank):
 def _check_table_values(block_table, seq_lens, k_cache):
     """The values of a call's tables, on the reference backend where they are on the host (the Triton backend,
     and the reference on a GPU, trust them: a check would read the device every call): every length fits its
-    row of the table, and every
-    entry of the table is a block of the cache (the entries past a row's blocks too: pad with 0, as
-    ``BlockManager.block_table`` does; the reference gathers whole rows)."""
+    row of the table, and every entry of the table is a block of the cache (the entries past a row's blocks
+    too: pad with 0, as ``BlockManager.block_table`` does; the reference gathers whole rows)."""
     lens, (num_blocks, bs) = seq_lens.long().cpu(), k_cache.shape[:2]
     cap = block_table.shape[1] * bs
     wrong = ((lens < 0) | (lens > cap)).nonzero()

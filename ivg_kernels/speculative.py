@@ -110,6 +110,11 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
     return _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size)
 
 
+def _narrowest(logits, guides, draft_logits) -> int:
+    """The vocabulary every input covers: the narrowest of the base's, the guides' and the draft's rows."""
+    return min([logits.shape[2], draft_logits.shape[2]] + [g.shape[2] for g, _ in guides])
+
+
 def _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, vocab_size, uniforms) -> None:
     """The values the reference path reads, where they are on the host (elsewhere, and in the fused kernel, they
     are trusted: a check would wait for the device every call): each row's draft count in ``0 .. S-1``, its
@@ -120,7 +125,7 @@ def _check_draft_values(logits, guides, draft_logits, draft_tokens, num_draft, v
     if len(wrong):
         i = int(wrong[0])
         _fail("num_draft", num_draft, f"counts in 0 .. {s - 1} (S - 1); row {i} has {int(nd[i])}")
-    v = min([logits.shape[2], draft_logits.shape[2]] + [g.shape[2] for g, _ in guides])
+    v = _narrowest(logits, guides, draft_logits)
     if isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool) and 1 <= vocab_size <= v:
         v = int(vocab_size)  # (a wrong vocab_size is named by the reference's own check)
     drafts = draft_tokens.long().cpu()
@@ -138,9 +143,9 @@ def _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temper
     """The fused kernel's accept count and token, then each input's values at the new tokens (a gather)."""
     from ._triton.speculative_kernels import launch_speculative_verify
 
-    r, s, v_b = logits.shape
+    r, s, _ = logits.shape
     dev = logits.device
-    v = min([v_b, draft_logits.shape[2]] + [g.shape[2] for g, _ in guides]) if vocab_size is None else int(vocab_size)
+    v = _narrowest(logits, guides, draft_logits) if vocab_size is None else int(vocab_size)
     seed_rows = seed.to(torch.int64) if isinstance(seed, torch.Tensor) else torch.full((r,), int(seed), device=dev)
     n, tok, ok = launch_speculative_verify(
         logits.contiguous(), [g.contiguous() for g, _ in guides], [w for _, w in guides], draft_logits.contiguous(),

@@ -299,13 +299,13 @@ class PagedModel:
             raise ValueError("counts: only with a tensor of tokens (lists carry their own lengths)")
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
-        if isinstance(tokens, (str, bytes)) or not all(isinstance(t, Sequence) and not isinstance(t, str)
-                                                        for t in tokens):
-            raise ValueError("tokens: expected one list of ids per sequence, or an int64 tensor with counts")
-        counts = [len(t) for t in tokens]
+        try:  # (no check per row up front: a boundary feeds a thousand rows' lists on the decode path)
+            counts = [len(t) for t in tokens]
+            ids = [int(x) for t in tokens for x in t]
+        except (TypeError, ValueError):
+            raise ValueError("tokens: expected one list of ids per sequence, or an int64 tensor with counts") from None
         if any(c == 0 for c in counts):
             raise ValueError("tokens: expected at least one new token per sequence")
-        ids = [int(x) for t in tokens for x in t]
         if min(ids) < 0 or max(ids) >= self.config_vocab:
             raise ValueError(f"tokens: ids must lie in [0, {self.config_vocab})")
         return torch.tensor(ids, dtype=torch.long), counts

@@ -97,8 +97,8 @@ def chunk_scores_many(groups, opts, stopper) -> list[list[float]]:
         out, start = [], 0
         for prompt, beams in groups:
             out.append([float(x) for x in scores[start:start + len(beams)]])
-            if any(math.isnan(x) for x in out[-1]):  # (NaN has no rank: the order would be arbitrary)
-                j = next(j for j, x in enumerate(out[-1]) if math.isnan(x))
+            j = next((j for j, x in enumerate(out[-1]) if math.isnan(x)), None)
+            if j is not None:  # (NaN has no rank: the order would be arbitrary)
                 raise ValueError(f"scorer: returned NaN for the response {texts[start + j]!r} (candidate {j}) of "
                                  f"the prompt {prompt!r}; expected a number to rank it by")
             start += len(beams)
