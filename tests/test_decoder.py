@@ -170,6 +170,52 @@ def test_reading_the_device_less_often_changes_nothing(models, mode):
         assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+@pytest.mark.parametrize("mode", ["ivg", "cbs"])
+def test_prompts_admitted_between_reads_share_one_chunk_phase(models, monkeypatch, mode):
+    """Reading every few steps, a search admits a waiting prompt only where every active prompt is at a
+    chunk boundary: all active prompts then share one phase of their chunks, so one read serves every
+    boundary (admitted mid-chunk, as prompts finish by EOS at other steps, their boundaries would come
+    at other steps and each would read every row). Results are those of reading every step."""
+    from ivg import decode_loop
+
+    prompts = PROMPTS * 3
+    probe = IVGDecoder(models).generate(prompts, _opts(mode, max_new_tokens=20, eos_token_ids=(), temperature=2.0))
+    common = [t for t, _ in Counter(t for r in probe for b in r.beams for t in b.tokens).most_common(8)]
+    real_read, real_init = decode_loop.DecodeLoop.read, decode_loop.DecodeLoop.__init__
+
+    def run(opts, align: bool):
+        phases = []
+
+        def read(self):
+            phases.append({(r.t - r.chunk_start) % opts.chunk_len for r in self.active})
+            return real_read(self)
+
+        def init(self, *a, **k):
+            real_init(self, *a, **k)
+            self.align = self.align and align
+
+        monkeypatch.setattr(decode_loop.DecodeLoop, "read", read)
+        monkeypatch.setattr(decode_loop.DecodeLoop, "__init__", init)
+        dec = IVGDecoder(models, read_every=4, max_batch_prompts=3)
+        out = dec.generate(prompts, opts)
+        assert sum(dec.kv_blocks_in_use().values()) == 0
+        return out, phases, dec.last_stats.host_reads
+
+    # EOS: the fewest of the rows' most common tokens with which prompts end at steps that would spread
+    # the phases of the prompts admitted after them (found with the alignment off)
+    for n in range(1, len(common) + 1):
+        opts = _opts(mode, max_new_tokens=20, eos_token_ids=common[:n], temperature=2.0, chunk_len=3)
+        _, spread, reads_spread = run(opts, align=False)
+        if any(len(p) > 1 for p in spread):
+            break
+    else:
+        pytest.fail("precondition: no EOS set makes prompts admitted mid-chunk take other phases")
+    out, phases, reads = run(opts, align=True)
+    assert all(len(p) <= 1 for p in phases), phases
+    assert reads < reads_spread
+    _same(out, IVGDecoder(models, read_every=1).generate(prompts, opts), tol=1e-12)
+
+
 def test_the_host_reads_once_per_chunk_without_eos(models):
     """No EOS and no stop string: a search reads the device once per chunk boundary and at the length
     limit (the drawn tokens and the lazy token RM's values there, together); a token-wise mode once, at

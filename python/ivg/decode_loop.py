@@ -23,7 +23,8 @@ drew EOS between reads keeps drawing until the read, and what it drew after EOS 
 key depends on nothing else, so the results are those of reading every step.
 
 Rows of different prompts share every sampler call and forward, and a prompt that finishes makes
-room for the next waiting one (continuous batching). A candidate's random key depends only on its
+room for the next waiting one (continuous batching; where the host reads every few steps, a search
+admits at the active prompts' chunk boundary: ``admit``). A candidate's random key depends only on its
 prompt, its index and its prompt's step (``search.row_offset``), so results do not depend on which
 prompts were decoded together or when they started.
 """
@@ -83,6 +84,10 @@ class DecodeLoop:
         self.active: list = []  # admitted Requests not yet finished
         on_host = self.device.type == "cpu"
         self.read_every = decoder.read_every or (1 if on_host else READ_EVERY_ON_DEVICE)
+        # Admissions wait for the active prompts' chunk boundary when the host reads less than every step:
+        # the prompts then share one phase, so one read per chunk serves them all (``admit``)
+        self.align = (self.search and self.read_every > 1 and not stopper.stop and opts.chunk_len is not None
+                      and opts.chunk_len <= self.read_every)
         self.pending: list = []  # per step not yet read by the host: device [rows, 5] (the rows stay the same)
         self.drawn = None  # the last step's tokens on the device, for feed_drawn
         self._keys = None  # the rows' (seed, offset) on the device for this step; None when the rows changed
@@ -93,9 +98,18 @@ class DecodeLoop:
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
         """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
-        and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw)."""
+        and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw).
+
+        Where the host reads the device every few steps (``align``), a search admits only when every
+        active prompt is at a chunk boundary (or none is active): a prompt admitted mid-chunk would have
+        its boundaries at other steps than the others', and each boundary is a read of every row (a
+        synchronisation and the host's bookkeeping while the device waits), so prompts admitted as others
+        finish would spread the reads over up to every step. Rows freed mid-chunk wait at most
+        ``chunk_len - 1 < read_every`` steps. Results do not depend on when a prompt is admitted."""
         self.free_pruned()
         new = []
+        if self.align and not all(self._at_chunk_boundary(req) for req in self.active):
+            return
         while waiting and not self.pending and self._next is None and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
         if not new:

@@ -61,6 +61,7 @@ class SpeculativeLoop(DecodeLoop):
         graphs = any(pm.graphs is not None for pm in paged.values())
         self.pad = graphs if PAD_ROUNDS is None else PAD_ROUNDS
         self.limits = {name: model_positions(paged[name].model) for name in self.step_names}  # None: no limit
+        self.align = False  # every round reads the device: prompts admitted mid-chunk add no read
 
     # -- schedule --------------------------------------------------------------------------------
     def prefill(self, roots, new) -> dict:
