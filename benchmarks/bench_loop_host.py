@@ -14,6 +14,10 @@ on the CPU here and are reported apart (``forwards``, ``sample``); on a GPU they
 kernel launches. ``read to launch``: the host's time from the start of each read to the first forward
 after it, the part of a boundary the device waits through (it has run every step queued before the
 read); what comes after that launch overlaps with the device's work.
+
+``--prompts 256 --batch-prompts 64 --eos 6`` decodes more prompts than the rows hold, with six EOS ids,
+so that prompts finish at different steps and waiting ones take their rows (continuous batching): the
+figure to watch is then the host reads per step (each a synchronisation with the device on a GPU).
 """
 from __future__ import annotations
 
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--batch-prompts", type=int, default=None, help="prompts decoded together (default all)")
+    ap.add_argument("--eos", type=int, default=0, help="EOS ids (the first N ids from 1): prompts end at other steps")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ivg-loop-host-"))
@@ -101,9 +107,10 @@ def main(argv=None) -> int:
     prompts = random_models.prompts(args.prompts, "host-probe", 4242)
     models = load_models(paths["base"], tuned=[paths["tuned"]], ref=[paths["ref"]], beta=[1.0],
                          token_rm=paths["rm"], token_rm_weight=0.0)
-    dec = IVGDecoder(models, max_batch_prompts=args.prompts, read_every=8)
+    batch = args.batch_prompts or args.prompts
+    dec = IVGDecoder(models, max_batch_prompts=batch, read_every=8)
     opts = DecodeOptions(mode="ivg", width=4, successors=4, chunk_len=5, max_new_tokens=32, temperature=0.7,
-                         eos_token_ids=())
+                         eos_token_ids=tuple(range(1, args.eos + 1)))
     times: dict = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
     originals = {name: _timed(decode_loop.DecodeLoop, name, times, calls) for name in UNITS}
@@ -124,10 +131,15 @@ def main(argv=None) -> int:
             setattr(decode_loop.DecodeLoop, name, real)
     wall, times, calls, stats = best
     dev_name, date, sha = harness.device_name(torch.device("cpu")), harness.now(), harness.commit()
-    rows_n = args.prompts * 16
-    print(f"# bench_loop_host on {dev_name}, torch {torch.__version__}, commit {sha}: {rows_n} rows, "
-          f"{stats.steps} steps, {calls.get('read', 0)} reads; run {wall * 1e3:.0f} ms, forwards "
+    rows_n = batch * 16
+    print(f"# bench_loop_host on {dev_name}, torch {torch.__version__}, commit {sha}: {args.prompts} prompts, "
+          f"{rows_n} rows, {stats.steps} steps, {calls.get('read', 0)} reads ({stats.host_reads} host reads in all, "
+          f"{stats.host_reads / stats.steps:.2f} per step); run {wall * 1e3:.0f} ms, forwards "
           f"{stats.forward_s * 1e3:.0f} ms (CPU compute here, graph replays on a GPU)")
+    setting = f"ivg W=K=4 L=5,prompts={args.prompts},rows={rows_n},steps={stats.steps},host_reads={stats.host_reads}"
+    if args.eos:
+        setting += f",eos ids={args.eos}"
+
     rows = []
     for name in UNITS + (GAP,):
         if not calls.get(name):
@@ -135,8 +147,7 @@ def main(argv=None) -> int:
         per = times[name] / calls[name]
         print(f"{name:<22} {calls[name]:3d} calls  {per * 1e3:7.2f} ms per call  {times[name] * 1e3:7.1f} ms in all")
         rows.append(dict(date=date, commit=sha, device=dev_name, benchmark="loop_host", provider=name,
-                         shape=f"ivg W=K=4 L=5,prompts={args.prompts},rows={rows_n},steps={stats.steps},"
-                               f"calls={calls[name]},host-probe models",
+                         shape=f"{setting},calls={calls[name]},host-probe models",
                          dtype="float32", median_us=f"{per * 1e6:.0f}", gbps="", speedup=""))
     if args.record:
         harness.append_results(rows)
