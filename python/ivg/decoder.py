@@ -173,7 +173,9 @@ class IVGDecoder:
         end rows (the host also reads at chunk boundaries, at the length limit, and every step when stop
         strings are set; :mod:`ivg.decode_loop`). Between reads the step runs without waiting for the
         device, and a row that drew EOS runs on until the read (its extra tokens are dropped: results do
-        not depend on ``read_every``). Default ``None``: 1 on the CPU, 8 on a GPU
+        not depend on ``read_every``). Above 1, a chunk search admits waiting prompts only at the active
+        prompts' chunk boundary (when ``chunk_len <= read_every`` and no stop string is set), so that one
+        read serves every prompt's boundary. Default ``None``: 1 on the CPU, 8 on a GPU
     step_graphs : where decode steps replay CUDA graphs, a step between host reads (every row reading the
         token it drew, then the next draw) replays one graph holding every model's forward and the
         sampler (:mod:`ivg.step_graphs`) instead of one graph per model and an eager sampler call, and a
