@@ -139,7 +139,6 @@ def main(argv=None) -> int:
     setting = f"ivg W=K=4 L=5,prompts={args.prompts},rows={rows_n},steps={stats.steps},host_reads={stats.host_reads}"
     if args.eos:
         setting += f",eos ids={args.eos}"
-
     rows = []
     for name in UNITS + (GAP,):
         if not calls.get(name):

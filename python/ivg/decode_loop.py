@@ -108,7 +108,7 @@ class DecodeLoop:
         ``chunk_len - 1 < read_every`` steps. Results do not depend on when a prompt is admitted."""
         self.free_pruned()
         new = []
-        if self.align and not all(self._at_chunk_boundary(req) for req in self.active):
+        if self.align and waiting and not all(self._at_chunk_boundary(req) for req in self.active):
             return
         while waiting and not self.pending and self._next is None and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
