@@ -50,3 +50,19 @@ def test_the_loop_host_benchmark_times_one_read_per_chunk_boundary(capsys):
     calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S.*?)\s+(\d+) calls ", out, flags=re.M)}
     assert calls == {"read": 7, "prune": 7, "fork": 6, "score_rm_before_read": 7, "sample": 32,
                      "read to launch": 6}, out
+
+
+def test_the_loop_host_benchmark_runs_prompts_that_end_at_other_steps(capsys):
+    """``--batch-prompts`` and ``--eos``: more prompts than rows, with EOS ids; the header reports the host
+    reads per step."""
+    import re
+
+    from benchmarks import bench_loop_host
+
+    assert bench_loop_host.main(["--prompts", "3", "--batch-prompts", "1", "--eos", "6", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    head = re.search(r": 3 prompts, 16 rows, (\d+) steps, (\d+) reads \((\d+) host reads in all, ([\d.]+) per step\)", out)
+    assert head, out
+    steps, reads, host_reads, per_step = int(head[1]), int(head[2]), int(head[3]), float(head[4])
+    assert steps >= 3 and reads >= 3 and host_reads >= reads  # three prompts, one at a time, each read at least once
+    assert abs(per_step - host_reads / steps) < 0.01
