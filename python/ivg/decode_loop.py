@@ -63,6 +63,10 @@ class Request:
 class DecodeLoop:
     """Live rows of every admitted prompt and the units of a decode step (see the module docstring)."""
 
+    # whether admissions may wait for the active prompts' chunk boundary (``admit``); a loop that reads the
+    # device at every step or round gains no read by it
+    aligns_admissions = True
+
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         m = decoder.models
         self.decoder, self.opts, self.group, self.paged, self.stopper, self.stats = (
@@ -86,8 +90,8 @@ class DecodeLoop:
         self.read_every = decoder.read_every or (1 if on_host else READ_EVERY_ON_DEVICE)
         # Admissions wait for the active prompts' chunk boundary when the host reads less than every step:
         # the prompts then share one phase, so one read per chunk serves them all (``admit``)
-        self.align = (self.search and self.read_every > 1 and not stopper.stop and opts.chunk_len is not None
-                      and opts.chunk_len <= self.read_every)
+        self.align = (self.aligns_admissions and self.search and self.read_every > 1 and not stopper.stop
+                      and opts.chunk_len is not None and opts.chunk_len <= self.read_every)
         self.pending: list = []  # per step not yet read by the host: device [rows, 5] (the rows stay the same)
         self.drawn = None  # the last step's tokens on the device, for feed_drawn
         self._keys = None  # the rows' (seed, offset) on the device for this step; None when the rows changed

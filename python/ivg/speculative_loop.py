@@ -53,6 +53,8 @@ PAD_ROUNDS = None  # pad rounds to equal widths: None where the forwards replay 
 class SpeculativeLoop(DecodeLoop):
     """:class:`DecodeLoop` with speculative rounds in place of single-token steps (module docstring)."""
 
+    aligns_admissions = False  # every round reads the device: prompts admitted mid-chunk add no read
+
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
         self.gamma = opts.speculate  # drafts per round: fixed, or adapting within [1, speculate]
@@ -61,7 +63,6 @@ class SpeculativeLoop(DecodeLoop):
         graphs = any(pm.graphs is not None for pm in paged.values())
         self.pad = graphs if PAD_ROUNDS is None else PAD_ROUNDS
         self.limits = {name: model_positions(paged[name].model) for name in self.step_names}  # None: no limit
-        self.align = False  # every round reads the device: prompts admitted mid-chunk add no read
 
     # -- schedule --------------------------------------------------------------------------------
     def prefill(self, roots, new) -> dict:
