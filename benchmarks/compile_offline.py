@@ -133,14 +133,16 @@ def on_cubin(tool: str, kernel, *args: str) -> str:
 
 
 def resources(kernel) -> dict:
-    """Registers, stack bytes (where spilled registers go) and shared memory of a compiled kernel's cubin."""
+    """Registers, stack bytes (where spilled registers go) and shared memory of a compiled kernel's cubin, and
+    whether it was compiled with FMA contraction."""
     usage = on_cubin("cuobjdump", kernel, "-res-usage")
 
     def field(name):
         m = re.search(rf"{name}:(\d+)", usage)
         return int(m.group(1)) if m else -1
 
-    return {"registers": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared}
+    return {"registers": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared,
+            "fp_fusion": kernel.metadata.enable_fp_fusion}
 
 
 def _sampler_cases():

@@ -281,6 +281,10 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
 # ----------------------------------------------------------------------------------------------
 _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
 _LONG_KEYS = 4096  # decode rows of at least this many keys (the table's width) read 16-bit caches in tiles of 64
+# Every launch here asks for FMA contraction (Triton's default up to 3.9, which warns when it is left unset; 3.10
+# turns it off by default), so the attention's rounding stays the same across Triton versions. The sampler and the
+# speculative kernels launch without it: their draws must match the reference bit for bit.
+_FUSED = {"enable_fp_fusion": True}
 
 
 def _interpreted_bf16(q: torch.Tensor) -> bool:
@@ -298,7 +302,7 @@ def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
         (h, d, key.stride(), value.stride(), tensor_key(key, value, k_cache, v_cache, slot_mapping))))
     launch(_write_kv_kernel)[(t,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        H=h, D=d, BLOCK=next_power_of_2(h * d),
+        H=h, D=d, BLOCK=next_power_of_2(h * d), **_FUSED,
     )
 
 
@@ -382,12 +386,12 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
     launch(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
-        **split_c,
+        **split_c, **_FUSED,
     )
     if splits == 1:
         return out
     launch(_decode_reduce_kernel)[(n * h,)](
-        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits, **reduce_c,
+        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits, **reduce_c, **_FUSED,
     )
     return out
 
@@ -422,6 +426,7 @@ def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, c
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
         H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, next_power_of_2(d)), BS=bs,
         BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
+        **_FUSED,
     )
     return out
 
@@ -471,13 +476,13 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
         H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
-        num_warps=8 if block_n >= 64 else 4,
+        num_warps=8 if block_n >= 64 else 4, **_FUSED,
     )
     launch(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, groups, part_o, part_m, part_l, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
         H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=ieee, F32=f32, GS=gs,
+        IEEE=ieee, F32=f32, GS=gs, **_FUSED,
     )
     return out
 
