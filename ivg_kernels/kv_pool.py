@@ -127,6 +127,8 @@ class KVCacheGroup:
     def fork_many(self, seq_ids: Sequence[int], n, *, replace: bool = False) -> list[list[int]]:
         """:meth:`BlockManager.fork_many` in every model (``replace``: checked in every model first, since it
         frees the parents with no child)."""
+        if not seq_ids:  # (a step with nothing to fork: numpy's fixed costs in every model, for nothing)
+            return []
         if replace:
             seq_ids = self._live_everywhere(seq_ids)
         return self._all(lambda bm: bm.fork_many(seq_ids, n, replace=replace))
