@@ -34,6 +34,11 @@ def test_generate_writes_one_json_line_per_prompt(model_dirs, tmp_path, capsys):
         assert r["beams"][0]["score"] >= r["beams"][1]["score"]
     err = capsys.readouterr().err
     assert "2 prompts" in err and "tokens/s" in err
+    # the summary tells the tokens of the responses written from those every candidate drew (W*K=4 rows a step)
+    held = sum(len(r["tokens"]) for r in rows)
+    assert f"the 2 best responses hold {held} tokens" in err, err
+    drawn = int(err.split(" tokens drawn by all candidates")[0].split()[-1])
+    assert drawn > held, err
 
     naive = tmp_path / "naive.jsonl"
     assert main(_args(model_dirs, naive, "--mode", "ivg", "--prompts", str(prompts), "--num-return", "2",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -192,9 +193,12 @@ def _generate(args) -> int:
         return 0
     if not args.out:
         print("\n".join(lines))
-    print(f"ivg generate: {st.prompts} prompts decoded, {st.new_tokens} new tokens, {st.tokens_per_s:.1f} tokens/s, "
-          f"{st.wall_s:.2f} s wall" + (f"; wrote {len(lines)} lines to {args.out}" if args.out else ""),
-          file=sys.stderr)
+    # tokens drawn by every candidate this run (a search draws W*K per step), and the best responses' lengths (the
+    # lines hold those of a resumed run too)
+    held = sum(len(json.loads(line)["tokens"]) for line in lines)
+    print(f"ivg generate: {st.prompts} prompts decoded in {st.wall_s:.2f} s, {st.new_tokens} tokens drawn by all "
+          f"candidates ({st.tokens_per_s:.1f} tokens/s); the {len(lines)} best responses hold {held} tokens"
+          + (f"; wrote {len(lines)} lines to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
