@@ -196,8 +196,9 @@ def _generate(args) -> int:
     # tokens drawn by every candidate this run (a search draws W*K per step), and the best responses' lengths (the
     # lines hold those of a resumed run too)
     held = sum(len(json.loads(line)["tokens"]) for line in lines)
-    print(f"ivg generate: {st.prompts} prompts decoded in {st.wall_s:.2f} s, {st.new_tokens} tokens drawn by all "
-          f"candidates ({st.tokens_per_s:.1f} tokens/s); the {len(lines)} best responses hold {held} tokens"
+    best = "the best response holds" if len(lines) == 1 else f"the {len(lines)} best responses hold"
+    print(f"ivg generate: {st.prompts} prompt{'s' * (st.prompts != 1)} decoded in {st.wall_s:.2f} s, {st.new_tokens} "
+          f"tokens drawn by all candidates ({st.tokens_per_s:.1f} tokens/s); {best} {held} tokens"
           + (f"; wrote {len(lines)} lines to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
