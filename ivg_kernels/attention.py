@@ -48,7 +48,7 @@ def _check_rows(name, t, n, device, dtypes=(torch.int32, torch.int64), dim=1):
     if not isinstance(t, torch.Tensor) or t.dim() != dim or (n is not None and t.shape[0] != n):
         _fail(name, t, f"a {dim}-D integer tensor with {n} rows")
     if t.dtype not in dtypes:
-        _fail(name, t, f"dtype in {dtypes}")
+        _fail(name, t, "dtype " + " or ".join(map(str, dtypes)) + (" (call .int())" if dtypes == (torch.int32,) else ""))
     if t.device != device:
         _fail(name, t, f"a tensor on {device}")
 

@@ -269,7 +269,7 @@ def test_bad_inputs_name_the_argument():
         paged_decode_attention(torch.zeros(1, 3, 8), kc, kc, bt, sl, scale=1.0)
     with pytest.raises(ValueError, match="q=.*head_dim 8"):
         paged_decode_attention(torch.zeros(1, 4, 6), kc, kc, bt, sl, scale=1.0)
-    with pytest.raises(ValueError, match="block_table=.*int32"):
+    with pytest.raises(ValueError, match=r"block_table=.*: expected dtype torch.int32 \(call .int\(\)\)"):
         paged_decode_attention(q, kc, kc, bt.long(), sl, scale=1.0)
     with pytest.raises(ValueError, match="seq_lens=.*1 rows"):
         paged_decode_attention(q, kc, kc, bt, torch.ones(2, dtype=torch.int32), scale=1.0)

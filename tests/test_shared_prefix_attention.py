@@ -188,7 +188,7 @@ def test_errors_name_the_argument():
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts[:2], shared, **call)
     with pytest.raises(ValueError, match="max_group_rows=1: expected at least"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, **dict(call, max_group_rows=1))
-    with pytest.raises(ValueError, match="shared_lens=.*dtype"):
+    with pytest.raises(ValueError, match="shared_lens=.*: expected dtype torch.int32 or torch.int64"):
         shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared.float(), **call)
 
 
