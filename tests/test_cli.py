@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -363,3 +364,11 @@ def test_a_score_head_of_the_wrong_width_is_one_line(model_dirs, tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "score_head.weight [33, 5]; expected [vocab, 16] for the body's hidden size 16" in err[0]
+
+
+def test_ivg_bench_offers_every_benchmark_script():
+    """``ivg bench OP`` runs ``benchmarks/bench_OP.py``: every such script is offered, and only those."""
+    from ivg.cli import BENCHMARKS
+
+    scripts = {p.stem[len("bench_"):] for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py")}
+    assert set(BENCHMARKS) == scripts

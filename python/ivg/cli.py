@@ -35,6 +35,11 @@ def _cuda_picks(wins: dict) -> str:
     return f"'auto' picks them in {ranges} measured shape range{'s' if ranges > 1 else ''} ({ops})"
 
 
+# benchmarks/bench_*.py: kernels (sampling, kv, host: eager host time), the decoder (decode, loop_host: the host's
+# work per step and boundary, speculative), against the published code (published), data parallel (distributed)
+BENCHMARKS = ["sampling", "kv", "host", "decode", "loop_host", "speculative", "published", "distributed"]
+
+
 def _bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -324,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and the backends that will run").set_defaults(fn=_info)
     bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (source checkout)")
-    bench.add_argument("op", choices=["sampling", "kv", "decode"], help="which benchmark")
+    bench.add_argument("op", choices=BENCHMARKS, help="which benchmark: benchmarks/bench_OP.py")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (try --help)")
     bench.set_defaults(fn=_bench)
     _add_generate(sub)
