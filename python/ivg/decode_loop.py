@@ -111,13 +111,13 @@ class DecodeLoop:
         finish would spread the reads over up to every step. Rows freed mid-chunk wait at most
         ``chunk_len - 1 < read_every`` steps. Results do not depend on when a prompt is admitted."""
         self.free_pruned()
+        if not waiting or self.pending or self._next is not None or len(self.active) >= capacity:
+            return  # (between reads, the usual case: no loop over the active prompts below)
+        if self.align and not all(self._at_chunk_boundary(req) for req in self.active):
+            return
         new = []
-        if self.align and waiting and not all(self._at_chunk_boundary(req) for req in self.active):
-            return
-        while waiting and not self.pending and self._next is None and len(self.active) + len(new) < capacity:
+        while waiting and len(self.active) + len(new) < capacity:
             new.append(waiting.popleft())
-        if not new:
-            return
         roots = self.group.new_sequences(len(new))
         first = self.prefill(roots, new)
         if self.lazy_rm:  # a lazy token RM reads all but the prompt's last token now, the rest when scoring
