@@ -40,6 +40,9 @@ def test_mismatched_architectures_are_named():
         apply_alignment_vectors(gpt, [(state, gpt, 1.0)])
     with pytest.raises(ValueError, match="lambda"):
         apply_alignment_vectors(gpt, [(gpt, gpt, "x")])
+    for bad in (float("nan"), float("inf")):  # would turn every weight into NaN or inf without a word
+        with pytest.raises(ValueError, match=r"vectors\[0\]\[2\]=(nan|inf): expected a finite float lambda"):
+            apply_alignment_vectors(gpt, [(gpt, gpt, bad)])
 
 
 def test_calibrated_reward_and_win_rate_by_hand():

@@ -7,6 +7,7 @@ that preference at inference time, with no training.
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from typing import Mapping, Sequence, Union
 
@@ -51,8 +52,8 @@ def apply_alignment_vectors(model: torch.nn.Module, vectors: Sequence, *, inplac
         if not isinstance(triple, (tuple, list)) or len(triple) != 3:
             raise ValueError(f"vectors[{j}]: expected an (aligned, base, lambda) triple")
         aligned, base, lam = triple
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-            raise ValueError(f"vectors[{j}][2]={lam!r}: expected a float lambda")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+            raise ValueError(f"vectors[{j}][2]={lam!r}: expected a finite float lambda")
         for side, other in (("aligned", aligned), ("base", base)):
             if isinstance(other, torch.nn.Module) and _arch(other) != _arch(model):
                 raise ValueError(f"vectors[{j}] {side}: architecture {_arch(other)!r} differs from the model's "
