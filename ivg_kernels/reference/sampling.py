@@ -185,13 +185,22 @@ def _reciprocal(t: float, cdt: torch.dtype) -> float:
 def warped_probs(a) -> torch.Tensor:
     """The distribution step 4 draws from, float64 ``[N, V]``: ``softmax(x)`` over the kept tokens, or
     for a greedy row all its mass on the first index of ``max z``; NaN rows where ``ok`` is False."""
+    p, ok = warped_probs_ok(a)
+    return torch.where(ok.unsqueeze(1), p, math.nan)
+
+
+def warped_probs_ok(a) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, ok)``: :func:`warped_probs` without its NaN rows (a row that is not ``ok`` holds anything) and
+    the rows' ``ok`` flags, for callers that mask the bad rows themselves."""
     x, x_max, kept, greedy, _, ok, _ = _warp(a)
-    w = torch.where(kept, torch.exp((x - x_max.unsqueeze(1)).double()), 0.0)
+    w = (x - x_max.unsqueeze(1)).double().exp_()
+    if a.any_filter_possible:  # else every token of an ok row is kept (only NaN is not: its row is flagged)
+        w = torch.where(kept, w, 0.0)
     p = w / w.sum(dim=1, keepdim=True)
     if isinstance(a.temperature, torch.Tensor) or a.temperature == 0:  # (one temperature > 0: no greedy row)
         first = torch.nn.functional.one_hot(x.argmax(dim=1), x.shape[1]).double()  # argmax: the first maximum
         p = torch.where(greedy.unsqueeze(1), first, p)
-    return torch.where(ok.unsqueeze(1), p, math.nan)
+    return p, ok
 
 
 def _gumbel_max(x, kept, x_max, seed, offset):

@@ -37,7 +37,7 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .philox import philox_call, word_uniform
-from .sampling import warped_probs
+from .sampling import warped_probs, warped_probs_ok
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
 DRAFT, ACCEPT, RESIDUAL = 0, 1, 2
@@ -93,11 +93,11 @@ def draft_draw_ref(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     at one position per row, drawn with the draft uniform of ``(seed, offset)`` (``uniforms``: those
     of :func:`spec_uniforms`, if the caller has them already); greedy rows take the first argmax."""
     a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
-    q = warped_probs(a)
+    q, ok = warped_probs_ok(a)
     if uniforms is None:
         uniforms = spec_uniforms(row_tensor(a.seed, len(q), torch.int64, q.device),
                                  row_tensor(a.offset, len(q), torch.int64, q.device))
-    return torch.where(torch.isnan(q).any(dim=1), -1, inverse_cdf(q.nan_to_num(1.0), uniforms[:, DRAFT]))
+    return torch.where(ok, inverse_cdf(q, uniforms[:, DRAFT]), -1)  # (a bad row's q may hold NaN: its draw is dropped)
 
 
 def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0,
