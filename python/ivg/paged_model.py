@@ -30,8 +30,10 @@ from .models import model_positions
 
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
-# the decoder (CPU, 2 cores, one thread; benchmarks/RESULTS.md): below it the per-row SDPA path wins.
-SHARED_PREFIX_MIN_TOKENS = 64
+# the decoder (CPU, one thread; benchmarks/results_notes.md, 2026-12-02: IVG W=K=4, 4 prompts, 32 new tokens,
+# the per-row path's slot gather: prompts of 96 to 160 tokens even or 8% slower shared, 224 13% faster, 384 33%):
+# below it the per-row SDPA path wins.
+SHARED_PREFIX_MIN_TOKENS = 192
 
 
 @dataclass
