@@ -302,10 +302,11 @@ def run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale: float, 
 
 
 def run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
-                      max_group_rows: int, scale: float, sliding_window, num_splits=0):
+                      max_group_rows: int, scale: float, sliding_window, num_splits=0, plan=None):
     if which == "reference":
         return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                                                      shared_lens, scale=scale, sliding_window=sliding_window)
+                                                      shared_lens, scale=scale, sliding_window=sliding_window,
+                                                      plan=plan)
     return _triton("shared_prefix_decode_attention", q, k_cache, v_cache, block_table, seq_lens, group_starts,
                    shared_lens, max_group_rows, scale, int(sliding_window or 0), num_splits)
 

@@ -227,3 +227,23 @@ def test_triton_with_more_groups_than_one_search_tile():
     got = shared_prefix_decode_attention(*args, max_group_rows=max(sizes), scale=d ** -0.5, backend="triton")
     assert sum(s > 0 for s in shared) > 10 and 0 in sizes, "precondition: shared prefixes and empty groups"
     torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_a_plan_made_once_serves_every_layer():
+    """The decoder plans the groups once per forward (``shared_decode_plan``) and attends every layer with it:
+    each layer's output equals per-beam attention over that layer's own keys."""
+    from ivg_kernels.reference.attention import shared_decode_plan, shared_prefix_decode_attention_ref
+
+    cache, rows = _fork_history([23, 5, 40], 2, 8, 4, torch.float64, 3)
+    q, kc, vc, bt, sl, starts, shared, _ = _inputs(cache, rows, 4, 3)
+    for window in (None, 9):
+        plan = shared_decode_plan(bt, sl, starts, shared, 4, window)
+        for layer in range(3):  # other keys and values in the same slots: the next layer's cache
+            gen = torch.Generator().manual_seed(layer)
+            k2, v2 = (torch.randn(kc.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+            q2 = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+            want = paged_decode_attention(q2, k2, v2, bt, sl, scale=0.3, sliding_window=window, backend="reference")
+            got = shared_prefix_decode_attention_ref(q2, k2, v2, bt, sl, starts, shared, scale=0.3,
+                                                     sliding_window=window, plan=plan)
+            assert_close(got, want, torch.float64, f"layer {layer}, window {window}")
+    assert shared_decode_plan(bt[:0], sl[:0], torch.zeros(1, dtype=torch.int32), shared[:0], 4) is None

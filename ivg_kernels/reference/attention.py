@@ -26,11 +26,6 @@ def write_kv_ref(k_cache, v_cache, key, value, slot_mapping) -> None:
     v_cache.view(-1, h, d).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
-def _gather(cache, block_table, length):
-    """[N, length, H_kv, D] positions 0..length-1 of every row (garbage past a row's own length)."""
-    return _gather_slots(cache, _slots(block_table, 0, length, cache.shape[1]), block_table.shape[0], length)
-
-
 def _slots(block_table, start: int, stop: int, block_size: int) -> torch.Tensor:
     """int64 ``[N * (stop - start)]``: the slots of positions ``start:stop`` of every row, row after row."""
     first, last = start // block_size, -(-stop // block_size)
@@ -270,49 +265,86 @@ def check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_
                          f"not hold their first {int(shared[g])} tokens in the same blocks")
 
 
-def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
-                                       scale, sliding_window=None):
-    """:func:`paged_decode_attention_ref` for rows in groups that share the blocks of a prefix: the first
-    ``shared_lens[g]`` tokens of every row of group ``g`` (rows ``group_starts[g]:group_starts[g+1]``)
-    are read once for the whole group, each row's own tokens after them per row, and the two parts are
-    merged exactly by their log-sum-exp. q ``[N, H, D]`` -> ``[N, H, D]``."""
-    n = q.shape[0]
+@dataclass
+class SharedDecodePlan:
+    """What :func:`shared_prefix_decode_attention_ref` computes from the tables alone, for every layer at once:
+    the group slots' rows, the slots of each group's shared keys and of each row's own keys, and their masks."""
+
+    rows: torch.Tensor  # int64 [G, R]: each group slot's row (padding repeats the last row)
+    valid: torch.Tensor  # bool [G, R]: the slots that hold a row of the group
+    valid_rows: torch.Tensor  # rows[valid]: the rows given a shared-part output, in that order
+    prefix_slots: torch.Tensor | None  # int64 [G * S]: each group's first S keys, read from its first row's blocks
+    prefix_len: int  # S (0: no group shares a key)
+    prefix_allowed: torch.Tensor | None  # bool [G, R, S]
+    suffix_slots: torch.Tensor | None  # int64 [N * L]: each row's own keys, from its shared length on
+    suffix_len: int  # L (0: no row has a key of its own)
+    suffix_allowed: torch.Tensor | None  # bool [N, 1, L]
+
+
+def shared_decode_plan(block_table, seq_lens, group_starts, shared_lens, block_size,
+                       sliding_window=None) -> SharedDecodePlan | None:
+    """The gather indices and masks of :func:`shared_prefix_decode_attention_ref` (its layer-independent work,
+    the group structure checked by :func:`check_shared_prefix` once), or None for no row."""
+    n = block_table.shape[0]
     if n == 0:
-        return torch.zeros_like(q)
-    check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, k_cache.shape[1])
-    dev, bs = q.device, k_cache.shape[1]
+        return None
+    check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_size)
+    dev = block_table.device
     starts = group_starts.long()
     counts = starts[1:] - starts[:-1]
     shared = torch.where(counts > 0, shared_lens.long(), 0)  # an empty group's claim is ignored
     lens = seq_lens.long()
-    q_pos = lens - 1
-    lo = q_pos - sliding_window + 1 if sliding_window is not None else torch.zeros_like(lens)  # first key allowed
+    lo = lens - sliding_window if sliding_window is not None else torch.zeros_like(lens)  # first key allowed
     # The shared part: each group's queries [G, R] against its prefix, read once from its first row's blocks.
     r_max, s_max = int(counts.max()), int(shared.max())
     j = torch.arange(r_max, device=dev)
     valid = j < counts.unsqueeze(1)  # [G, R]
     rows = (starts[:-1].unsqueeze(1) + j).clamp(max=n - 1)  # [G, R], padding repeats the last row
-    o_p = torch.zeros(n, q.shape[1], q.shape[2], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                      device=dev)
-    lse_p = torch.full(q.shape[:2], -torch.inf, dtype=o_p.dtype, device=dev)
+    prefix_slots = prefix_allowed = None
     if s_max > 0:
         table = block_table.index_select(0, starts[:-1].clamp(max=n - 1))
-        kp, vp = _gather(k_cache, table, s_max), _gather(v_cache, table, s_max)  # [G, S, Hkv, D]
+        prefix_slots = _slots(table, 0, s_max, block_size)
         k_pos = torch.arange(s_max, device=dev)
-        allowed = (k_pos < shared.view(-1, 1, 1)) & valid.unsqueeze(2) & (k_pos >= lo[rows].unsqueeze(2))
-        o, lse = _attend_lse(q[rows], kp, vp, allowed, scale)  # [G, R, H, D], [G, R, H]
-        o_p[rows[valid]], lse_p[rows[valid]] = o[valid], lse[valid]
+        prefix_allowed = (k_pos < shared.view(-1, 1, 1)) & valid.unsqueeze(2) & (k_pos >= lo[rows].unsqueeze(2))
     # Each row's own part: positions shared .. len - 1 of its own blocks.
     row_shared = shared.repeat_interleave(counts)
     l_max = int((lens - row_shared).max())
-    if l_max == 0:
+    suffix_slots = suffix_allowed = None
+    if l_max > 0:
+        pos = row_shared.unsqueeze(1) + torch.arange(l_max, device=dev)  # [N, L]
+        col = (pos // block_size).clamp(max=block_table.shape[1] - 1)
+        suffix_slots = (block_table.long().gather(1, col) * block_size + pos % block_size).flatten()
+        suffix_allowed = ((pos < lens.unsqueeze(1)) & (pos >= lo.unsqueeze(1))).unsqueeze(1)
+    return SharedDecodePlan(rows, valid, rows[valid], prefix_slots, s_max, prefix_allowed, suffix_slots, l_max,
+                            suffix_allowed)
+
+
+def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
+                                       scale, sliding_window=None, plan=None):
+    """:func:`paged_decode_attention_ref` for rows in groups that share the blocks of a prefix: the first
+    ``shared_lens[g]`` tokens of every row of group ``g`` (rows ``group_starts[g]:group_starts[g+1]``)
+    are read once for the whole group, each row's own tokens after them per row, and the two parts are
+    merged exactly by their log-sum-exp. q ``[N, H, D]`` -> ``[N, H, D]``. ``plan``: :func:`shared_decode_plan`
+    of these arguments, made once and reused by every layer of a forward (the same tables give the same plan)."""
+    n = q.shape[0]
+    if plan is None:
+        plan = shared_decode_plan(block_table, seq_lens, group_starts, shared_lens, k_cache.shape[1], sliding_window)
+        if plan is None:
+            return torch.zeros_like(q)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o_p = torch.zeros(n, q.shape[1], q.shape[2], dtype=acc, device=q.device)
+    lse_p = torch.full(q.shape[:2], -torch.inf, dtype=acc, device=q.device)
+    if plan.prefix_len > 0:
+        g = plan.rows.shape[0]
+        kp = _gather_slots(k_cache, plan.prefix_slots, g, plan.prefix_len)  # [G, S, Hkv, D]
+        vp = _gather_slots(v_cache, plan.prefix_slots, g, plan.prefix_len)
+        o, lse = _attend_lse(q[plan.rows], kp, vp, plan.prefix_allowed, scale)  # [G, R, H, D], [G, R, H]
+        o_p[plan.valid_rows], lse_p[plan.valid_rows] = o[plan.valid], lse[plan.valid]
+    if plan.suffix_len == 0:
         return o_p.to(q.dtype)
-    pos = row_shared.unsqueeze(1) + torch.arange(l_max, device=dev)  # [N, L]
-    col = (pos // bs).clamp(max=block_table.shape[1] - 1)
-    slots = block_table.long().gather(1, col) * bs + pos % bs
-    ks, vs = _gather_slots(k_cache, slots.flatten(), n, l_max), _gather_slots(v_cache, slots.flatten(), n, l_max)
-    allowed = (pos < lens.unsqueeze(1)) & (pos >= lo.unsqueeze(1))
-    o_s, lse_s = _attend_lse(q.unsqueeze(1), ks, vs, allowed.unsqueeze(1), scale)
+    ks = _gather_slots(k_cache, plan.suffix_slots, n, plan.suffix_len)
+    vs = _gather_slots(v_cache, plan.suffix_slots, n, plan.suffix_len)
+    o_s, lse_s = _attend_lse(q.unsqueeze(1), ks, vs, plan.suffix_allowed, scale)
     o_s, lse_s = o_s.squeeze(1), lse_s.squeeze(1)
     lse = torch.logaddexp(lse_p, lse_s)
     w_p = torch.exp(lse_p - lse).nan_to_num(0.0).unsqueeze(2)  # both -inf: no key at all, the output is 0

@@ -21,7 +21,7 @@ import torch
 from ivg_kernels.attention import (attention_backend, run_decode, run_prefill, run_shared_decode,
                                   run_write_kv)
 from ivg_kernels._transfer import to_device_many
-from ivg_kernels.reference.attention import decode_plan, prefill_plan
+from ivg_kernels.reference.attention import decode_plan, prefill_plan, shared_decode_plan
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
@@ -31,9 +31,9 @@ from .models import model_positions
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
 # the decoder (CPU, one thread; benchmarks/results_notes.md, 2026-12-02: IVG W=K=4, 4 prompts, 32 new tokens,
-# the per-row path's slot gather: prompts of 96 to 160 tokens even or 8% slower shared, 224 13% faster, 384 33%):
-# below it the per-row SDPA path wins.
-SHARED_PREFIX_MIN_TOKENS = 192
+# both paths planned once per forward: prompts of 80 and 112 tokens 19% and 9% slower shared, 144 to 224 tokens
+# 2% to 18% faster): below it the per-row SDPA path wins.
+SHARED_PREFIX_MIN_TOKENS = 128
 
 
 @dataclass
@@ -49,7 +49,8 @@ class PagedBatch:
     is_decode: bool  # one new token per sequence
     backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
-    plans: dict = field(default_factory=dict)  # sliding window -> the reference's Decode/PrefillPlan of this batch
+    plans: dict = field(default_factory=dict)  # the reference's plans of this batch: sliding window -> its
+    # Decode/PrefillPlan, ("groups", sliding window) -> its SharedDecodePlan
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
@@ -61,11 +62,19 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window)
     tenth of a one-row forward on the CPU."""
     k_cache, v_cache = b.cache.pool.layer(layer_idx)
     run_write_kv(b.backend, k_cache, v_cache, k, v, b.slot_mapping)
+    plan = None
     if b.is_decode and b.groups is not None:
         starts, shared, most = b.groups
+        if b.backend == "reference":  # the group structure, gather indices and masks of every layer, made once
+            key = ("groups", sliding_window)
+            if key not in b.plans:
+                b.plans[key] = shared_decode_plan(b.block_table, b.seq_lens, starts, shared, k_cache.shape[1],
+                                                  sliding_window)
+            plan = b.plans[key]
+            if plan is None:  # no row
+                return torch.zeros_like(q)
         return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
-                                 scale, sliding_window)
-    plan = None
+                                 scale, sliding_window, plan=plan)
     if b.backend == "reference":  # the masks and gather indices of every layer (per sliding window), made once
         if sliding_window not in b.plans:
             bs = k_cache.shape[1]
