@@ -57,13 +57,13 @@ def _attend(q, k, v, allowed, scale, clear=True):
     return out if allowed is None or not clear else out.nan_to_num(0.0)  # (N, M, H, D); no allowed key: 0
 
 
-def _common_length(seq_lens):
-    """The rows' length if they all have one and it is known on the host without waiting for a device
+def _length_range(seq_lens):
+    """The rows' shortest and longest lengths if they are known on the host without waiting for a device
     (CPU tensors), else None."""
     if seq_lens.device.type != "cpu":
         return None
     lo, hi = torch.aminmax(seq_lens)
-    return int(lo) if int(lo) == int(hi) else None
+    return int(lo), int(hi)
 
 
 @dataclass
@@ -82,7 +82,8 @@ def decode_plan(block_table, seq_lens, block_size, sliding_window=None) -> Decod
     n, width = block_table.shape[0], block_table.shape[1] * block_size
     if n == 0 or width == 0:
         return None
-    same = _common_length(seq_lens)
+    known = _length_range(seq_lens)
+    same = known[0] if known is not None and known[0] == known[1] else None
     if same is not None:  # rows that all hold ``same`` tokens: the keys they allow, unmasked
         if same == 0:
             return None
@@ -90,8 +91,8 @@ def decode_plan(block_table, seq_lens, block_size, sliding_window=None) -> Decod
         return DecodePlan(_slots(block_table, lo, same, block_size), same - lo, None)
     # Mixed lengths: up to the longest row (known on the host for CPU tensors; else the table's width,
     # which a device's lengths give without a wait), each row's own keys allowed.
-    if seq_lens.device.type == "cpu":
-        width = max(int(seq_lens.max()), 1)
+    if known is not None:
+        width = max(known[1], 1)
     pos = torch.arange(width, device=block_table.device)
     lens = seq_lens.long().unsqueeze(1)
     allowed = pos < lens  # [N, L]

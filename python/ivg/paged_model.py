@@ -49,8 +49,7 @@ class PagedBatch:
     is_decode: bool  # one new token per sequence
     backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
-    plans: dict = field(default_factory=dict)  # the reference's plans of this batch: sliding window -> its
-    # Decode/PrefillPlan, ("groups", sliding window) -> its SharedDecodePlan
+    plans: dict = field(default_factory=dict)  # sliding window -> the reference's plan of this batch (_reference_plan)
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
@@ -63,31 +62,33 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window)
     k_cache, v_cache = b.cache.pool.layer(layer_idx)
     run_write_kv(b.backend, k_cache, v_cache, k, v, b.slot_mapping)
     plan = None
+    if b.backend == "reference":
+        plan = _reference_plan(b, sliding_window, k_cache.shape[1])
+        if plan is None:  # a decode step with no key to attend (or no row)
+            return torch.zeros_like(q)
     if b.is_decode and b.groups is not None:
         starts, shared, most = b.groups
-        if b.backend == "reference":  # the group structure, gather indices and masks of every layer, made once
-            key = ("groups", sliding_window)
-            if key not in b.plans:
-                b.plans[key] = shared_decode_plan(b.block_table, b.seq_lens, starts, shared, k_cache.shape[1],
-                                                  sliding_window)
-            plan = b.plans[key]
-            if plan is None:  # no row
-                return torch.zeros_like(q)
         return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
                                  scale, sliding_window, plan=plan)
-    if b.backend == "reference":  # the masks and gather indices of every layer (per sliding window), made once
-        if sliding_window not in b.plans:
-            bs = k_cache.shape[1]
-            b.plans[sliding_window] = (
-                decode_plan(b.block_table, b.seq_lens, bs, sliding_window) if b.is_decode
-                else prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q, bs, sliding_window))
-        plan = b.plans[sliding_window]
-        if plan is None:  # a decode step with no key to attend
-            return torch.zeros_like(q)
     if b.is_decode:
         return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window, plan=plan)
     return run_prefill(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q, b.max_seqlen_q,
                        scale, sliding_window, plan)
+
+
+def _reference_plan(b: PagedBatch, sliding_window, block_size: int):
+    """The plain-torch attention's plan of the batch ``b`` for ``sliding_window`` (its masks, gather indices and
+    beam groups: what every layer shares), made by its first layer: a shared-prefix, decode or prefill plan."""
+    if sliding_window not in b.plans:
+        if b.is_decode and b.groups is not None:
+            starts, shared, _ = b.groups
+            plan = shared_decode_plan(b.block_table, b.seq_lens, starts, shared, block_size, sliding_window)
+        elif b.is_decode:
+            plan = decode_plan(b.block_table, b.seq_lens, block_size, sliding_window)
+        else:
+            plan = prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q, block_size, sliding_window)
+        b.plans[sliding_window] = plan
+    return b.plans[sliding_window]
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
