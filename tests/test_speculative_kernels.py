@@ -86,6 +86,52 @@ def test_fused_verification_log_probs_of_ties_at_tiny_temperatures(temperature):
     torch.testing.assert_close(got.logprob[live], want.logprob[live], atol=1e-6, rtol=0)
 
 
+def _foreign_drafts(r, v, seed):
+    """Rows where p = q (the draft is the base, no guide) and the draft token is one ``q`` gives no mass
+    (a -inf logit): it is rejected and ``max(p - q, 0)`` is empty. The replacement must come from ``p``."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(r, 1 + 1, v, generator=gen)
+    base[:, :, 0] = float("-inf")  # token 0: no mass in p or q
+    base[:, :, v - 1] = float("-inf")  # nor the last (where an inverse-CDF draw over an empty row would land)
+    drafts = torch.zeros(r, 1, dtype=torch.int64)
+    num = torch.ones(r, dtype=torch.int64)
+    seeds = torch.arange(r, dtype=torch.int64) * 7919 + seed
+    offset = torch.arange(r * 2, dtype=torch.int64).view(r, 2) * 65536
+    return base, base.clone(), drafts, num, seeds, offset
+
+
+def test_a_rejection_without_residual_mass_draws_from_p():
+    """Drafts a draft model gave no mass to (a caller's own): every rejected row's token follows ``p`` (chi-square
+    over 4,000 rows), never the empty residual's last token."""
+    r, v = 4000, 6
+    base, draft, drafts, num, seeds, offset = _foreign_drafts(r, v, 3)
+    base[:, 0, 1:v - 1] = torch.tensor([2.0, 1.0, 0.0, -1.0])  # one p for every row at position 0
+    draft[:, 0] = base[:, 0]
+    out = speculative_verify_ref(base, [], draft, drafts, num, seed=seeds, offset=offset)
+    assert out.ok.all() and (out.num_accepted == 0).all()
+    counts = torch.bincount(out.tokens[:, 0], minlength=v).double()
+    assert counts[0] == 0 and counts[v - 1] == 0, counts
+    p = base[0, 0].softmax(0).double()
+    chi2 = float(((counts[1:v - 1] - r * p[1:v - 1]) ** 2 / (r * p[1:v - 1])).sum())
+    assert chi2 < 16.3, (chi2, counts)  # 3 degrees of freedom, p = 0.001
+
+
+@requires_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_fused_verification_draws_from_p_where_the_residual_is_empty(temperature):
+    """Both backends give the same token for drafts outside ``q``'s support; greedy rows give the target's argmax."""
+    base, draft, drafts, num, seeds, offset = _foreign_drafts(40, 9, 5)
+    base, draft, drafts, num, seeds, offset, _ = _on_device(base, [], draft, drafts, num, seeds, offset)
+    want = speculative_verify_ref(base, [], draft, drafts, num, temperature=temperature, seed=seeds, offset=offset)
+    got = speculative_verify(base, [], draft, drafts, num, temperature=temperature, seed=seeds, offset=offset,
+                             backend="triton")
+    assert torch.equal(got.tokens, want.tokens) and (want.num_accepted == 0).all()
+    first = want.tokens[:, 0].cpu()
+    assert bool(((first > 0) & (first < 8)).all()), first
+    if temperature == 0:
+        assert torch.equal(first, base[:, 0].cpu().argmax(dim=1))
+
+
 def test_dispatch_and_errors():
     base, draft, drafts, num, seeds, offset, guides = _on_device(*_case(3, 3, 20, 2, 2, 1.0))
     out = speculative_verify(base, guides, draft, drafts, num, top_p=0.9, seed=seeds, offset=offset)  # reference

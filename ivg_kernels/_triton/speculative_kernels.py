@@ -8,7 +8,7 @@ and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i 
 the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no draft has been
 rejected. The final position is decided as the reference decides it: after every draft was kept, a
 draw from ``q`` there and its test; unless that draw is kept, a draw from the residual
-``max(p - q, 0)``. Each draw is two passes (the total mass, then the scan for the first token whose
+``max(p - q, 0)`` (from ``p`` where that has no mass, as the reference's ``residual``). Each draw is two passes (the total mass, then the scan for the first token whose
 cumulative mass exceeds ``u`` times it). Greedy rows (temperature 0) compare first argmaxes instead.
 Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
 
@@ -148,33 +148,44 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
 
 
 @triton.jit
-def _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq,
+def _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq, qs,
           RESIDUAL: tl.constexpr, NIN: tl.constexpr):
-    """A tile's mass (float64) in the draft's ``q``, or (RESIDUAL) in ``max(p - q, 0)``."""
+    """A tile's mass (float64) in the draft's ``q``, or (RESIDUAL) in ``max(p - qs * q, 0)`` (``qs`` 1, or 0
+    for ``p`` itself)."""
     xq, _ = _scores(draft, d_strides, d_w, qrow, cols, mask, t, False, 1)
     q = tl.exp((xq - mq).to(tl.float64)) / lq
     if RESIDUAL:
         x, _ = _scores(inputs, strides, w_vals, prow, cols, mask, t, False, NIN)
-        q = tl.maximum(tl.exp((x - mp).to(tl.float64)) / lp - q, 0.0)
+        q = tl.maximum(tl.exp((x - mp).to(tl.float64)) / lp - qs * q, 0.0)
     return tl.where(mask, q, 0.0)
 
 
 @triton.jit
 def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, u,
           RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
-    """Inverse-CDF draw with uniform ``u`` from ``q`` or the residual: two passes (total, then scan)."""
+    """Inverse-CDF draw with uniform ``u`` from ``q`` or the residual: two passes (total, then scan). A
+    residual without mass (see the reference's ``residual``) is replaced by ``p``: one more pass, then."""
+    qs = tl.full([], 1.0, tl.float64)
     total = tl.full([], 0.0, tl.float64)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V, t,
-                              mp, lp, mq, lq, RESIDUAL, NIN), 0)
+                              mp, lp, mq, lq, qs, RESIDUAL, NIN), 0)
+    if RESIDUAL:
+        if not (total > 0):
+            qs = tl.full([], 0.0, tl.float64)
+            total = tl.full([], 0.0, tl.float64)
+            for v0 in range(0, V, BLOCK):
+                cols = v0 + tl.arange(0, BLOCK)
+                total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V,
+                                      t, mp, lp, mq, lq, qs, RESIDUAL, NIN), 0)
     target = u * total
     cum = tl.full([], 0.0, tl.float64)
     tok = tl.full([], -1, tl.int64)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         mask = cols < V
-        m = _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq,
+        m = _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq, qs,
                   RESIDUAL, NIN)
         c = cum + tl.cumsum(m, 0)
         hit = tl.min(tl.where(mask & (c > target), cols, 2147483647), 0).to(tl.int64)

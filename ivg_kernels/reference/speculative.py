@@ -9,7 +9,8 @@ weighted guide rows, with the same temperature, top-k, top-p and min-p). Then, f
 
 * ``d_k`` is accepted iff ``u_accept(k) * q_k(d_k) < p_k(d_k)``, i.e. with probability
   ``min(1, p_k(d_k) / q_k(d_k))``;
-* at the first rejection, position ``k``'s token is drawn from ``max(p_k - q_k, 0)`` (normalised);
+* at the first rejection, position ``k``'s token is drawn from ``max(p_k - q_k, 0)`` (normalised; from
+  ``p_k`` itself where that has no mass, see :func:`residual`);
 * if all ``n`` are accepted, position ``n`` is decided the same way with a draft drawn there too (the
   draft's logits at ``n`` come with its last forward): kept if it passes the test, else the residual.
 
@@ -82,6 +83,18 @@ def inverse_cdf(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=dist.shape[-1] - 1)
 
 
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``max(p - q, 0)`` per row of ``[R, V]``, or ``p`` itself where that has no mass.
+
+    A rejected draft leaves mass there whenever the draft was drawn from ``q``: ``p(d) < q(d)`` and both
+    sum to one. It has none only where ``q(d) = 0`` too (drafts not drawn from ``q``, e.g. a caller's own
+    or greedy drafts that are not ``q``'s argmax) or where rounding makes ``p <= q`` everywhere; the
+    replacement is then drawn from ``p``, the distribution every kept token must follow, never from a
+    zero-mass row (whose inverse-CDF draw would be the last token)."""
+    res = (p - q).clamp(min=0)
+    return torch.where((res.sum(dim=-1, keepdim=True) > 0), res, p)
+
+
 def _expand(value, s):
     """A per-row parameter repeated for each of ``s`` positions (scalars stay scalars)."""
     return value.repeat_interleave(s) if isinstance(value, torch.Tensor) else value
@@ -142,7 +155,7 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     p_n, q_n, u_n = p[rows, n].nan_to_num(1.0), q[rows, n].nan_to_num(1.0), u[rows, n]
     extra = inverse_cdf(q_n, u_n[:, DRAFT])
     took = (n == nd) & (u_n[:, ACCEPT] * q_n.gather(1, extra[:, None])[:, 0] < p_n.gather(1, extra[:, None])[:, 0])
-    y = torch.where(took, extra, inverse_cdf((p_n - q_n).clamp(min=0), u_n[:, RESIDUAL]))
+    y = torch.where(took, extra, inverse_cdf(residual(p_n, q_n), u_n[:, RESIDUAL]))
     pos = torch.arange(s, device=dev)
     tokens = torch.full((r, s), -1, dtype=torch.int64, device=dev)
     if s > 1:
