@@ -81,8 +81,13 @@ def test_two_gloo_ranks_write_what_one_process_writes(model_dirs, tmp_path, prom
     assert all(r["tokens"] for r in rows)
 
 
-def test_a_killed_run_resumes_without_duplicates_or_losses(model_dirs, tmp_path, prompt_file):  # noqa: F811
+def test_a_killed_run_resumes_without_duplicates_or_losses(model_dirs, tmp_path):  # noqa: F811
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    # 40 prompts, 20 rounds of about 60 ms after the first lines: time enough to stop the run part-way on a
+    # loaded machine (with 10 prompts it could finish between the poll and the kill)
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
     args = ("--max-new-tokens", "24", "--save-every", "1")
     r = subprocess.run(_cmd(model_dirs, full, prompt_file, 1, *args), env=_env(), capture_output=True, text=True,
                        timeout=300)
@@ -95,12 +100,13 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(model_dirs, tmp_path,
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    subprocess.run(["pkill", "-STOP", "-f", str(part)], check=False)  # freeze the writers first
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher; torchrun starts each worker in a session of its own:
     subprocess.run(["pkill", "-KILL", "-f", str(part)], check=False)  # every process writing this file
     proc.wait()
     time.sleep(0.5)
     saved = len(part.read_text().splitlines())
-    assert 2 <= saved < len(PROMPTS)
+    assert 2 <= saved < len(prompts)
     r = subprocess.run(_cmd(model_dirs, part, prompt_file, 2, *args), env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
