@@ -8,8 +8,9 @@ and the float64 sum of ``exp(x - max)`` of the target scores ``x = (x_0 + sum_i 
 the acceptance test ``u * q(d) < p(d)`` runs in float64 on those sums while no draft has been
 rejected. The final position is decided as the reference decides it: after every draft was kept, a
 draw from ``q`` there and its test; unless that draw is kept, a draw from the residual
-``max(p - q, 0)`` (from ``p`` where that has no mass, as the reference's ``residual``). Each draw is two passes (the total mass, then the scan for the first token whose
-cumulative mass exceeds ``u`` times it). Greedy rows (temperature 0) compare first argmaxes instead.
+``max(p - q, 0)`` (from ``p`` where that has no mass, as the reference's ``residual``). Each draw is two
+passes (the total mass, then the scan for the first token whose cumulative mass exceeds ``u`` times it).
+Greedy rows (temperature 0) compare first argmaxes instead.
 Uniforms: the Philox words of ivg_kernels/reference/speculative.py.
 
 Filters (top-k, top-p, min-p) are not built here: ``ivg_kernels.speculative`` sends rows that use them
