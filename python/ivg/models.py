@@ -24,6 +24,22 @@ def model_positions(model) -> Optional[int]:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def batch_dependent_rope(model) -> Optional[int]:
+    """The length past which ``model``'s rotary frequencies change for a whole forward, where transformers
+    picks them by the longest sequence it holds: RoPE type ``longrope`` (short factors up to
+    ``original_max_position_embeddings`` tokens, long ones past it) when that is below the model's positions.
+    None for every other type (``dynamic`` grows only past ``max_position_embeddings``, which no sequence of
+    a :class:`~ivg.PagedModel` passes)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    settings = [rope] if "rope_type" in rope or "type" in rope else [r for r in rope.values() if isinstance(r, dict)]
+    limits = [r.get("original_max_position_embeddings") for r in settings
+              if (r.get("rope_type") or r.get("type")) == "longrope"]
+    limits = [int(n) for n in limits if n]
+    positions = model_positions(model)
+    return min(limits) if limits and (positions is None or min(limits) < positions) else None
+
+
 def cache_kwargs(model, cache) -> dict:
     """The keyword argument that passes ``cache`` (a ``DynamicCache``) to ``model``'s forward: ``cache=``
     where the forward takes it (newer transformers 5 releases, which deprecate ``past_key_values``), else

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
-from .models import model_positions
+from .models import batch_dependent_rope, model_positions
 
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
@@ -225,6 +226,14 @@ class PagedModel:
         self.cache = cache
         self.backend = backend
         self.positions = model_positions(model)  # the most tokens a sequence may hold (None: no stated limit)
+        switch = batch_dependent_rope(model)
+        if switch is not None:
+            warnings.warn(f"ivg.PagedModel: {type(model).__name__} uses longrope RoPE scaling, whose frequencies "
+                          f"transformers picks by the longest sequence of a forward (long ones past {switch} "
+                          "tokens); a paged forward holds many sequences, so once one of them passes "
+                          f"{switch} tokens the logits of the others in that forward change too and results "
+                          "depend on the batch. Decode one prompt at a time (max_batch_prompts=1) where that "
+                          "matters", UserWarning, stacklevel=2)
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.config_vocab = model.config.get_text_config().vocab_size  # token ids must lie below it

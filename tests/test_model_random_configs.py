@@ -1,0 +1,126 @@
+"""PagedModel on randomly drawn transformers configurations (a fixed seed) against the same weights run from
+scratch by transformers: GPT-2 with other activations, unscaled attention and other MLP widths; Llama,
+Mistral and Qwen2 with head dims unlike hidden / heads, grouped-query attention, biases, tied embeddings,
+every RoPE type a checkpoint may name (default, linear, dynamic, llama3, yarn), sliding windows and
+Qwen2's per-layer windows; the lean forward on and off; block sizes from 1; ragged prefills, decode steps,
+multi-token extends and forks. The family tests pin each setting; these cover their combinations."""
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from ivg.paged_model import PagedModel  # noqa: E402
+
+V = 97
+CASES = 40
+
+
+def _rope(rng):
+    kind = rng.choice(["default", "default", "linear", "dynamic", "llama3", "yarn"])
+    p = dict(rope_theta=rng.choice([10000.0, 500000.0, 100.0]), rope_type=kind)
+    if kind in ("linear", "dynamic"):
+        p["factor"] = rng.choice([2.0, 4.0])
+    elif kind == "llama3":
+        p.update(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+    elif kind == "yarn":
+        p.update(factor=8.0, original_max_position_embeddings=32)  # 256 / 32: the factor the positions imply
+    return p
+
+
+def _config(rng):
+    family = rng.choice(["gpt2", "llama", "mistral", "qwen2"])
+    if family == "gpt2":
+        heads = rng.choice([1, 2, 4])
+        return GPT2Config(n_layer=rng.randint(1, 3), n_head=heads, n_embd=heads * rng.choice([4, 8, 16]), vocab_size=V,
+                          n_positions=256, activation_function=rng.choice(["gelu_new", "relu", "gelu", "silu"]),
+                          scale_attn_weights=rng.random() < 0.8, n_inner=rng.choice([None, 24]),
+                          layer_norm_epsilon=rng.choice([1e-5, 1e-3]), tie_word_embeddings=rng.random() < 0.8,
+                          bos_token_id=0, eos_token_id=0)
+    kv_heads = rng.choice([1, 2])
+    heads, head_dim = kv_heads * rng.choice([1, 2, 3]), rng.choice([4, 8, 16])
+    kw = dict(hidden_size=rng.choice([heads * head_dim, 24, 48]), intermediate_size=rng.choice([16, 40]),
+              num_hidden_layers=rng.randint(1, 3), num_attention_heads=heads, num_key_value_heads=kv_heads,
+              head_dim=head_dim, vocab_size=V, max_position_embeddings=256, rms_norm_eps=rng.choice([1e-6, 1e-2]),
+              tie_word_embeddings=rng.random() < 0.3, hidden_act=rng.choice(["silu", "gelu", "relu"]),
+              rope_parameters=_rope(rng))
+    if family == "llama":
+        return LlamaConfig(attention_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3, **kw)
+    if family == "mistral":
+        return MistralConfig(sliding_window=rng.choice([None, 3, 8, 30]), **kw)
+    return Qwen2Config(use_sliding_window=rng.random() < 0.5, sliding_window=rng.choice([3, 8, 30]),
+                       max_window_layers=rng.randint(0, 3), **kw)
+
+
+@torch.no_grad()
+def _scratch(model, tokens):
+    return model(torch.tensor([tokens])).logits[0, -1].double()
+
+
+def test_paged_models_of_random_configurations_match_transformers():
+    rng = random.Random(20261205)
+    for case in range(CASES):
+        cfg, dtype = _config(rng), rng.choice([torch.float32, torch.float64])
+        lean, block_size = rng.choice([True, False]), rng.choice([1, 2, 4, 16])
+        where = f"case {case}: {type(cfg).__name__} {cfg.to_diff_dict()} {dtype} lean={lean} block_size={block_size}"
+        torch.manual_seed(case)
+        oracle = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dtype).eval()
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dtype).eval()
+        model.load_state_dict(oracle.state_dict())
+        pm = PagedModel(model, num_blocks=512, block_size=block_size, backend="reference", lean=lean)
+        assert (pm.lean is not None) == lean, where
+        # transformers' eager attention takes its softmax in float32, so float64 agrees to about 1e-8 only
+        tol = 1e-4 if dtype == torch.float32 else 1e-6
+        gen = torch.Generator().manual_seed(case)
+        prompts = [torch.randint(0, V, (rng.randint(1, 40),), generator=gen).tolist() for _ in range(rng.randint(1, 3))]
+        live = pm.blocks.new_sequences(len(prompts))
+        history = dict(zip(live, [list(p) for p in prompts]))
+        new = prompts
+        for step in range(rng.randint(2, 10)):
+            logits = pm(live, new)
+            for s, tokens in zip(live, new):
+                history[s] += [] if step == 0 else tokens
+            for i, s in enumerate(live):
+                diff = (logits[i].double() - _scratch(oracle, history[s])).abs().max().item()
+                assert diff <= tol, f"{where}: step {step}, row {i}: max |diff| {diff:.2e}"
+            if rng.random() < 0.25:  # fork a row into one to three children, free the parent
+                parent = rng.choice(live)
+                kids = pm.blocks.fork(parent, rng.randint(1, 3))
+                history.update({k: list(history[parent]) for k in kids})
+                pm.blocks.free(parent)
+                live = [s for s in live if s != parent] + kids
+            new = [torch.randint(0, V, (rng.choice([1, 1, 1, 2, 5]),), generator=gen).tolist() for _ in live]
+        pm.blocks.free_many(live)
+        assert pm.blocks.num_free_blocks == pm.blocks.num_blocks, where
+
+
+def _llama(rope):
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, rope_parameters=rope)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+def test_longrope_warns_that_a_forward_shares_its_frequencies():
+    """transformers picks longrope's short or long frequencies by the longest sequence of a forward: a
+    PagedModel says so when it is made (and only for such a model), and the warning is true: a short row's
+    logits change when a row past the switch shares its forward."""
+    longrope = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=32,
+                    short_factor=[1.0] * 4, long_factor=[4.0] * 4)
+    with pytest.warns(UserWarning, match="longrope RoPE scaling.*past 32 tokens.*depend on the batch"):
+        pm = PagedModel(_llama(longrope), num_blocks=64, block_size=4, backend="reference")
+    short, long = list(range(1, 21)), list(range(1, 41))
+    a, = pm.blocks.new_sequences(1)
+    alone = pm([a], [short])[0]
+    b, c = pm.blocks.new_sequences(2)
+    together = pm([b, c], [short, long])[0]
+    assert (alone - together).abs().max() > 1e-6
+    for rope in (dict(rope_type="default", rope_theta=10000.0), dict(rope_type="dynamic", factor=2.0, rope_theta=1e4),
+                 dict(longrope, original_max_position_embeddings=256)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning: frequencies that do not depend on the batch
+            PagedModel(_llama(rope), num_blocks=8, block_size=4, backend="reference")
