@@ -4,7 +4,6 @@ Mistral and Qwen2 with head dims unlike hidden / heads, grouped-query attention,
 every RoPE type a checkpoint may name (default, linear, dynamic, llama3, yarn), sliding windows and
 Qwen2's per-layer windows; the lean forward on and off; block sizes from 1; ragged prefills, decode steps,
 multi-token extends and forks. The family tests pin each setting; these cover their combinations."""
-import copy
 import random
 import warnings
 
@@ -15,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from ivg.paged_model import PagedModel  # noqa: E402
+
+from .test_paged_models import _pair, _scratch  # noqa: E402
 
 V = 97
 CASES = 40
@@ -56,21 +57,13 @@ def _config(rng):
                        max_window_layers=rng.randint(0, 3), **kw)
 
 
-@torch.no_grad()
-def _scratch(model, tokens):
-    return model(torch.tensor([tokens])).logits[0, -1].double()
-
-
 def test_paged_models_of_random_configurations_match_transformers():
     rng = random.Random(20261205)
     for case in range(CASES):
         cfg, dtype = _config(rng), rng.choice([torch.float32, torch.float64])
         lean, block_size = rng.choice([True, False]), rng.choice([1, 2, 4, 16])
         where = f"case {case}: {type(cfg).__name__} {cfg.to_diff_dict()} {dtype} lean={lean} block_size={block_size}"
-        torch.manual_seed(case)
-        oracle = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dtype).eval()
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dtype).eval()
-        model.load_state_dict(oracle.state_dict())
+        oracle, model = (m.to(dtype) for m in _pair(cfg, seed=case))
         pm = PagedModel(model, num_blocks=512, block_size=block_size, backend="reference", lean=lean)
         assert (pm.lean is not None) == lean, where
         # transformers' eager attention takes its softmax in float32, so float64 agrees to about 1e-8 only
@@ -85,7 +78,7 @@ def test_paged_models_of_random_configurations_match_transformers():
             for s, tokens in zip(live, new):
                 history[s] += [] if step == 0 else tokens
             for i, s in enumerate(live):
-                diff = (logits[i].double() - _scratch(oracle, history[s])).abs().max().item()
+                diff = (logits[i].double() - _scratch(oracle, history[s]).double()).abs().max().item()
                 assert diff <= tol, f"{where}: step {step}, row {i}: max |diff| {diff:.2e}"
             if rng.random() < 0.25:  # fork a row into one to three children, free the parent
                 parent = rng.choice(live)

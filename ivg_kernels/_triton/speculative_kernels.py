@@ -162,24 +162,30 @@ def _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask
 
 
 @triton.jit
-def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, u,
-          RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
-    """Inverse-CDF draw with uniform ``u`` from ``q`` or the residual: two passes (total, then scan). A
-    residual without mass (see the reference's ``residual``) is replaced by ``p``: one more pass, then."""
-    qs = tl.full([], 1.0, tl.float64)
+def _total(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, qs,
+           RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
+    """The row's whole mass (float64) in ``q`` or ``max(p - qs * q, 0)``: one pass over the vocabulary."""
     total = tl.full([], 0.0, tl.float64)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V, t,
                               mp, lp, mq, lq, qs, RESIDUAL, NIN), 0)
+    return total
+
+
+@triton.jit
+def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, u,
+          RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
+    """Inverse-CDF draw with uniform ``u`` from ``q`` or the residual: two passes (total, then scan). A
+    residual without mass (see the reference's ``residual``) is replaced by ``p``: one more pass, then."""
+    qs = tl.full([], 1.0, tl.float64)
+    total = _total(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, qs,
+                   RESIDUAL, NIN, BLOCK)
     if RESIDUAL:
         if not (total > 0):
             qs = tl.full([], 0.0, tl.float64)
-            total = tl.full([], 0.0, tl.float64)
-            for v0 in range(0, V, BLOCK):
-                cols = v0 + tl.arange(0, BLOCK)
-                total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V,
-                                      t, mp, lp, mq, lq, qs, RESIDUAL, NIN), 0)
+            total = _total(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, lp, mq, lq, qs,
+                           RESIDUAL, NIN, BLOCK)
     target = u * total
     cum = tl.full([], 0.0, tl.float64)
     tok = tl.full([], -1, tl.int64)
