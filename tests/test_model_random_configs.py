@@ -5,13 +5,12 @@ every RoPE type a checkpoint may name (default, linear, dynamic, llama3, yarn), 
 Qwen2's per-layer windows; the lean forward on and off; block sizes from 1; ragged prefills, decode steps,
 multi-token extends and forks. The family tests pin each setting; these cover their combinations."""
 import random
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from ivg.paged_model import PagedModel  # noqa: E402
 
@@ -90,30 +89,3 @@ def test_paged_models_of_random_configurations_match_transformers():
         pm.blocks.free_many(live)
         assert pm.blocks.num_free_blocks == pm.blocks.num_blocks, where
 
-
-def _llama(rope):
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, rope_parameters=rope)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).double().eval()
-
-
-def test_longrope_warns_that_a_forward_shares_its_frequencies():
-    """transformers picks longrope's short or long frequencies by the longest sequence of a forward: a
-    PagedModel says so when it is made (and only for such a model), and the warning is true: a short row's
-    logits change when a row past the switch shares its forward."""
-    longrope = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=32,
-                    short_factor=[1.0] * 4, long_factor=[4.0] * 4)
-    with pytest.warns(UserWarning, match="longrope RoPE scaling.*past 32 tokens.*depend on the batch"):
-        pm = PagedModel(_llama(longrope), num_blocks=64, block_size=4, backend="reference")
-    short, long = list(range(1, 21)), list(range(1, 41))
-    a, = pm.blocks.new_sequences(1)
-    alone = pm([a], [short])[0]
-    b, c = pm.blocks.new_sequences(2)
-    together = pm([b, c], [short, long])[0]
-    assert (alone - together).abs().max() > 1e-6
-    for rope in (dict(rope_type="default", rope_theta=10000.0), dict(rope_type="dynamic", factor=2.0, rope_theta=1e4),
-                 dict(longrope, original_max_position_embeddings=256)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no warning: frequencies that do not depend on the batch
-            PagedModel(_llama(rope), num_blocks=8, block_size=4, backend="reference")

@@ -30,6 +30,7 @@ static buffers filled by one host-to-device copy), ``WholeGraph`` (replay or, of
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -93,8 +94,12 @@ def static_forward(pm, input_ids, positions, slots, block_table, seq_lens, cu, k
                        backend=attention_backend(pm.backend, pm.cache.pool.kv), groups=groups)
 
     def run():
-        return pm.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
-                        ivg_batch=batch).logits[0]
+        # longrope: each row's frequencies by its own length (a padding row's is its q new tokens: short)
+        rope = contextlib.nullcontext() if pm.row_rope is None else pm.row_rope.rows(
+            seq_lens.view(-1, 1).expand(-1, q).reshape(-1))
+        with rope:
+            return pm.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
+                            ivg_batch=batch).logits[0]
 
     return run, batch
 

@@ -29,7 +29,8 @@ def batch_dependent_rope(model) -> Optional[int]:
     picks them by the longest sequence it holds: RoPE type ``longrope`` (short factors up to
     ``original_max_position_embeddings`` tokens, long ones past it) when that is below the model's positions.
     None for every other type (``dynamic`` grows only past ``max_position_embeddings``, which no sequence of
-    a :class:`~ivg.PagedModel` passes)."""
+    a :class:`~ivg.PagedModel` passes). A :class:`~ivg.PagedModel` then chooses them per sequence
+    (:mod:`ivg.row_rope`)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     settings = [rope] if "rope_type" in rope or "type" in rope else [r for r in rope.values() if isinstance(r, dict)]

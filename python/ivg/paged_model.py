@@ -7,7 +7,8 @@ It writes each layer's new keys and values into the pages of ``module.layer_idx`
 row of ``T`` tokens with explicit ``position_ids``; transformers builds no mask for an attention
 implementation it does not know, and none is needed.
 
-Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2.
+Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
+RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
 from .models import batch_dependent_rope, model_positions
+from .row_rope import row_rope
 
 ATTN_IMPLEMENTATION = "ivg_paged"
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
@@ -227,10 +229,13 @@ class PagedModel:
         self.backend = backend
         self.positions = model_positions(model)  # the most tokens a sequence may hold (None: no stated limit)
         switch = batch_dependent_rope(model)
-        if switch is not None:
+        # longrope: each sequence's own short or long frequencies (before the lean forward takes the rotary)
+        self.row_rope = None if switch is None else row_rope(model, switch)
+        if switch is not None and self.row_rope is None:
             warnings.warn(f"ivg.PagedModel: {type(model).__name__} uses longrope RoPE scaling, whose frequencies "
                           f"transformers picks by the longest sequence of a forward (long ones past {switch} "
-                          "tokens); a paged forward holds many sequences, so once one of them passes "
+                          "tokens), and its rotary embedding is not one ivg.row_rope can choose per sequence; "
+                          "a paged forward holds many sequences, so once one of them passes "
                           f"{switch} tokens the logits of the others in that forward change too and results "
                           "depend on the batch. Decode one prompt at a time (max_batch_prompts=1) where that "
                           "matters", UserWarning, stacklevel=2)
@@ -364,7 +369,9 @@ class PagedModel:
                 if logits is not None:
                     return logits
             on_host = flat.device.type == "cpu"  # ids from lists; a sampler's stay where they are
-            moved = to_device_many([table, lens, cu, positions] + ([flat] if on_host else []), self.device)
+            rope_lens = self._rope_lens(lens, counts)
+            moved = to_device_many([table, lens, cu, positions] + ([flat] if on_host else [])
+                                   + ([] if rope_lens is None else [rope_lens]), self.device)
             table_d, lens_d, cu_d, pos = moved[:4]
             ids = moved[4] if on_host else flat
             batch = PagedBatch(
@@ -374,16 +381,33 @@ class PagedModel:
             )
             # the logits after each sequence's last new token: every token's for a decode step (no gather)
             keep = logits_at if logits_at is not None else None if every_position or decode else (cu_d[1:] - 1).long()
-            if self.lean is not None:
-                return self.lean(ids, pos, keep, batch)
-            out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
-                             logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
-            return out.logits[0]
+            if rope_lens is None:
+                return self._run(ids, pos, keep, batch)
+            with self.row_rope.rows(moved[-1]):  # longrope rows on both sides of the switch
+                return self._run(ids, pos, keep, batch)
         except BaseException:
             self.cache.truncate_appended(seq_ids, counts)
             raise
 
+    def _run(self, ids, pos, keep, batch):
+        """The model's forward over the packed tokens ``ids`` at ``pos`` (lean where it can)."""
+        if self.lean is not None:
+            return self.lean(ids, pos, keep, batch)
+        out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
+                         logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
+        return out.logits[0]
+
     __call__ = forward
+
+    def _rope_lens(self, lens, counts):
+        """Each new token's sequence length after the forward (host int32 ``[T]``) where a longrope model's
+        sequences lie on both sides of its switch; else None (transformers' own choice is then each one's)."""
+        if self.row_rope is None:
+            return None
+        past = lens > self.row_rope.switch
+        if not bool(past.any()) or bool(past.all()):
+            return None
+        return lens.repeat_interleave(torch.tensor(counts))
 
     def _group_lists(self, table, lens):
         """``(group_starts, shared_lens, max_group_rows)`` of the rows as host lists, or None when no two
