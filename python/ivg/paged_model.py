@@ -8,7 +8,8 @@ row of ``T`` tokens with explicit ``position_ids``; transformers builds no mask 
 implementation it does not know, and none is needed.
 
 Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
-RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence.
+RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
+GPTBigCode and Mixtral. :func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
 
@@ -94,13 +95,27 @@ def _reference_plan(b: PagedBatch, sliding_window, block_size: int):
     return b.plans[sliding_window]
 
 
+# Arguments some families pass to their attention function that change its result, and what they are: the
+# paged attention computes plain causal softmax attention (scaled, optionally windowed), so it refuses them.
+_UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks",
+                "position_bias": "an additive position bias"}
+
+
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             sliding_window=None, ivg_batch: PagedBatch | None = None, **kwargs):
     """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` -> ``[1, T, H, D]``."""
     if ivg_batch is None:
         raise ValueError(
-            "ivg_batch=None: a model loaded with attn_implementation='ivg_paged' runs through ivg.PagedModel"
+            "ivg_batch=None: a model loaded with attn_implementation='ivg_paged' runs through ivg.PagedModel "
+            f"(and {type(module).__name__} must pass its forward's keyword arguments on to its attention)"
         )
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{type(module).__name__} passes {name}= ({what}) to its attention, which ivg's paged "
+                             "attention does not implement: this model cannot run on the paged cache")
+    if kwargs.get("is_causal") is False:
+        raise ValueError(f"{type(module).__name__} asks for non-causal attention (is_causal=False); ivg's paged "
+                         "attention is causal")
     if query.shape[0] != 1:
         raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -113,6 +128,26 @@ def register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+def check_family(model) -> None:
+    """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
+    attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
+    transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
+    attention adds what the paged kernels do not compute (logit soft-capping, attention sinks). The attention
+    function refuses such arguments too, for a family this check does not know."""
+    body = getattr(model, "body", model)  # a TokenRewardModel's transformer
+    name = type(model).__name__
+    if getattr(type(body), "_supports_attention_backend", True) is False:
+        raise ValueError(f"model: {name} runs its own attention code, not transformers' AttentionInterface, so "
+                         "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
+                         "GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...)")
+    cfg = body.config.get_text_config() if hasattr(body.config, "get_text_config") else body.config
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
+                         f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement")
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in body.modules()):
+        raise ValueError(f"model: {name} has attention sinks, which ivg's paged attention does not implement")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -209,6 +244,7 @@ class PagedModel:
     def __init__(self, model, *, num_blocks: int = 0, block_size: int = 16, cache: KVCache | None = None,
                  backend: str = "auto", cuda_graphs: bool = False, shared_prefix: bool | None = None,
                  lean: bool | None = None):
+        check_family(model)
         register_attention()
         self.model = model.eval()
         self._previous_attn = None

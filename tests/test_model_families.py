@@ -1,0 +1,91 @@
+"""Which transformers families PagedModel serves: those whose attention goes through transformers'
+AttentionInterface give the logits transformers gives (each with what sets it apart: partial or interleaved
+rotary embeddings, learned positions, multi-query attention, query/key norms, per-layer windows, experts);
+those it cannot serve exactly are refused when the PagedModel is made, with the reason, not decoded wrongly."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from ivg.paged_model import PagedModel, paged_attention_forward  # noqa: E402
+
+from .helpers import DEVICE  # noqa: E402
+
+V = 97
+LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, head_dim=8)
+SERVED = {
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V,
+                     max_position_embeddings=256, rotary_pct=0.5),  # partial rotary, parallel residual
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=V,
+                max_position_embeddings=256, word_embed_proj_dim=32),  # learned positions (offset 2)
+    "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=V, n_positions=256),  # interleaved rotary
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=256, multi_query=True),
+    "qwen3": LLAMA_LIKE,  # query/key RMS norms
+    "gemma3_text": dict(LLAMA_LIKE, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "mixtral": dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+}
+REFUSED = {
+    "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=V), "its own attention"),
+    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=V), "its own attention"),
+    "mpt": (dict(d_model=32, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=256), "its own attention"),
+    "stablelm": (LLAMA_LIKE, "its own attention"),
+    "gemma2": (dict(LLAMA_LIKE, attn_logit_softcapping=50.0), "soft-caps its attention logits"),
+    "gpt_oss": (dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), "attention sinks"),
+}
+
+
+def _model(family, kw, seed=0):
+    cfg = AutoConfig.for_model(family, pad_token_id=0, bos_token_id=0, eos_token_id=0, **kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("family", list(SERVED))
+def test_families_on_the_attention_interface_match_transformers(family):
+    """Two ragged prompts, decode steps across block boundaries, a fork: each row's logits as transformers'
+    from scratch."""
+    oracle = _model(family, SERVED[family])
+    model = copy.deepcopy(oracle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning
+        pm = PagedModel(model, num_blocks=64, block_size=4, backend="reference")
+    history = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]]
+    seqs = pm.blocks.new_sequences(2)
+    pm(seqs, history)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        if step == 2:
+            kid, = pm.blocks.fork(seqs[0], 1)
+            seqs, history = seqs + [kid], history + [list(history[0])]
+        new = torch.randint(1, V, (len(seqs),), generator=gen).tolist()
+        for h, t in zip(history, new):
+            h.append(t)
+        logits = pm(seqs, [[t] for t in new])
+        with torch.no_grad():
+            want = torch.stack([oracle(torch.tensor([h], device=DEVICE)).logits[0, -1] for h in history])
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4, msg=f"{family}, step {step}")
+    pm.blocks.free_many(seqs)
+    assert pm.blocks.num_free_blocks == pm.blocks.num_blocks
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_families_it_cannot_serve_exactly_are_refused_with_the_reason(family):
+    kw, reason = REFUSED[family]
+    model = _model(family, kw)
+    with pytest.raises(ValueError, match=f"model: .*{reason}"):
+        PagedModel(model, num_blocks=8, block_size=4, backend="reference")
+    assert model.config._attn_implementation != "ivg_paged", "a refused model keeps its attention"
+
+
+@pytest.mark.parametrize("argument,value", [("softcap", 30.0), ("s_aux", torch.zeros(4)), ("sinks", torch.zeros(4)),
+                                            ("position_bias", torch.zeros(1)), ("is_causal", False)])
+def test_the_attention_refuses_arguments_that_change_its_result(argument, value):
+    """For a family the construction-time check does not know: the attention function names the argument."""
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=argument):
+        paged_attention_forward(torch.nn.Module(), q, q, q, None, ivg_batch=object(), **{argument: value})
