@@ -89,3 +89,68 @@ def test_the_attention_refuses_arguments_that_change_its_result(argument, value)
     q = torch.zeros(1, 4, 2, 8)
     with pytest.raises(ValueError, match=argument):
         paged_attention_forward(torch.nn.Module(), q, q, q, None, ivg_batch=object(), **{argument: value})
+
+
+def _ivg_models(base, rm_family):
+    """The decoder tests' models with ``base`` as the base and a token RM whose body is of ``rm_family``."""
+    from ivg.models import TokenRewardModel
+
+    from .decoder_fixtures import EOS, VOCAB, ivg_models
+
+    models = ivg_models("gpt2")
+    cfg = AutoConfig.for_model(rm_family, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS)
+    models.token_rm = TokenRewardModel.from_body_config(cfg).double().eval()
+    models.base = base if base is not None else models.base
+    return models
+
+
+def _phi3_base():
+    from .decoder_fixtures import EOS, VOCAB
+
+    cfg = AutoConfig.for_model("phi3", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=96, pad_token_id=0,
+                               bos_token_id=EOS, eos_token_id=EOS)
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(cfg).double().eval()  # no lean forward: made paged, its attention switches
+
+
+def test_a_decoder_refuses_such_a_model_before_it_allocates():
+    """A token RM on Falcon: check() and generate() name it before any cache or paged model exists; the same
+    decoder then decodes a mode without the token RM as a fresh one does."""
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _ivg_models(_phi3_base(), "falcon")
+    dec = IVGDecoder(models)
+    ivg = DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=6, seed=3, num_return=1)
+    for call in (dec.check, dec.generate):
+        with pytest.raises(ValueError, match=r"model: TokenRewardModel \(FalconModel\) runs its own attention"):
+            call(["the movie"], ivg)
+    assert dec._group is None and dec._paged == {}
+    assert all(m.config._attn_implementation != "ivg_paged" for _, m, _ in models.roles())
+    eft = DecodeOptions(mode="eft", max_new_tokens=6, seed=3)
+    got, want = dec.generate(["the movie"], eft), IVGDecoder(models).generate(["the movie"], eft)
+    assert got[0].beams[0].tokens == want[0].beams[0].tokens
+
+
+def test_models_made_paged_before_a_failing_one_get_their_attention_back(monkeypatch):
+    """Where making a later model's PagedModel fails, the ones made before it give their models' attention
+    back (the base here, whose attention the paged cache switches)."""
+    from ivg import decoder
+    from ivg.options import DecodeOptions
+
+    models = _ivg_models(_phi3_base(), "gpt2")
+    real, made = decoder.PagedModel, []
+
+    def failing(model, **kw):
+        made.append(model)
+        if len(made) == 3:
+            raise RuntimeError("third paged model")
+        return real(model, **kw)
+
+    monkeypatch.setattr(decoder, "PagedModel", failing)
+    with pytest.raises(RuntimeError, match="third paged model"):
+        decoder.IVGDecoder(models).generate(["the movie"], DecodeOptions(mode="eft", max_new_tokens=4))
+    assert made[0] is models.base
+    assert all(m.config._attn_implementation != "ivg_paged" for _, m, _ in models.roles())

@@ -31,7 +31,7 @@ from .decode_loop import DecodeLoop, Request
 from .speculative_loop import SpeculativeLoop
 from .models import IVGModels, model_positions
 from .options import DecodeOptions
-from .paged_model import ForwardTimer, PagedModel, local_kv_shape
+from .paged_model import ForwardTimer, PagedModel, check_family, local_kv_shape
 from .progress import progress_bar
 from .search import StopChecker, prompt_seed
 
@@ -262,14 +262,19 @@ class IVGDecoder:
                 caches = self._new_caches(shapes, num_blocks)  # the headroom does not fit: what this call needs
         paged = {}
         group = KVCacheGroup(caches)
-        for name, model, _ in roles:
-            pm = self._paged.get(name)
-            if pm is not None and pm.model is model and pm.cache is group[name]:
-                pm.attach()  # the previous call's, over the same pool: its CUDA graphs replay as they are
-            else:
-                pm = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs,
-                                shared_prefix=self.shared_prefix)
-            paged[name] = pm
+        try:
+            for name, model, _ in roles:
+                pm = self._paged.get(name)
+                if pm is not None and pm.model is model and pm.cache is group[name]:
+                    pm.attach()  # the previous call's, over the same pool: its CUDA graphs replay as they are
+                else:
+                    pm = PagedModel(model, cache=group[name], backend=self.backend, cuda_graphs=self.cuda_graphs,
+                                    shared_prefix=self.shared_prefix)
+                paged[name] = pm
+        except BaseException:
+            for pm in paged.values():  # the models made so far get their own attention back
+                pm.release()
+            raise
         self._paged = paged
         return group, paged
 
@@ -288,6 +293,10 @@ class IVGDecoder:
         opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
                  or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
+        for name, model, _ in roles:  # a model the paged cache cannot serve: before anything is allocated
+            pm = self._paged.get(name)
+            if pm is None or pm.model is not model:
+                check_family(model)
         return opts, roles, check_prompts(m, prompts, opts, roles)
 
     @torch.inference_mode()

@@ -137,17 +137,18 @@ def check_family(model) -> None:
     attention adds what the paged kernels do not compute (logit soft-capping, attention sinks). The attention
     function refuses such arguments too, for a family this check does not know."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
-    name = type(model).__name__
+    name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
+    naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
     if getattr(type(body), "_supports_attention_backend", True) is False:
         raise ValueError(f"model: {name} runs its own attention code, not transformers' AttentionInterface, so "
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
-                         "GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...)")
+                         f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
     cfg = body.config.get_text_config() if hasattr(body.config, "get_text_config") else body.config
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
-                         f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement")
+                         f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement{naive}")
     if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in body.modules()):
-        raise ValueError(f"model: {name} has attention sinks, which ivg's paged attention does not implement")
+        raise ValueError(f"model: {name} has attention sinks, which ivg's paged attention does not implement{naive}")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
