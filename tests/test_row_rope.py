@@ -2,6 +2,7 @@
 frequencies by the longest sequence of a forward; a paged forward holds many sequences, so each must get the
 frequencies it would get alone. The oracle is transformers itself, each sequence run alone with a cache and
 fed the same pieces (the keys a forward rotated stay in the cache, so the pieces matter)."""
+import copy
 import random
 import warnings
 
@@ -183,3 +184,24 @@ def test_the_decoder_stays_batch_invariant(monkeypatch, graphs):
             assert [b.tokens for b in x.beams] == [b.tokens for b in y.beams], x.prompt
             for bx, by in zip(x.beams, y.beams):
                 assert abs(bx.score - by.score) <= 1e-12 * max(1.0, abs(by.score)), x.prompt
+
+
+@pytest.mark.filterwarnings("ignore:.*original_max_position_embeddings.*")
+def test_a_deep_copy_of_a_wrapped_model_stands_alone():
+    """A model deep-copied after a PagedModel wrapped its rotary embedding keeps working once the original is
+    gone: called directly (transformers' logits) and made paged (each sequence its own frequencies)."""
+    import gc
+
+    twin, model = _pair(_config("llama", _longrope()), seed=3)
+    PagedModel(model, num_blocks=8, block_size=4, backend="reference")
+    copied = copy.deepcopy(model)
+    del model
+    gc.collect()
+    ids = torch.arange(1, 31, device=DEVICE).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).logits, twin(ids).logits, rtol=0, atol=0)
+    pm = PagedModel(copied, num_blocks=64, block_size=4, backend="reference")
+    a, b = pm.blocks.new_sequences(2)
+    short = pm([a, b], [list(range(1, 6)), list(range(1, 31))])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(short, twin(ids[:, :5]).logits[0, -1], rtol=1e-5, atol=1e-5)

@@ -113,6 +113,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(module).__name__} passes {name}= ({what}) to its attention, which ivg's paged "
                              "attention does not implement: this model cannot run on the paged cache")
+    if attention_mask is not None:
+        raise ValueError(f"{type(module).__name__} passes an attention mask ({type(attention_mask).__name__}), which "
+                         "ivg's paged attention does not read (it masks causally, and by sliding window, from the cache)")
     if kwargs.get("is_causal") is False:
         raise ValueError(f"{type(module).__name__} asks for non-causal attention (is_causal=False); ivg's paged "
                          "attention is causal")

@@ -13,12 +13,11 @@ batch.
 would: each new token is rotated with the long factors when its sequence holds more than the switch after
 the forward, with the short ones otherwise. It wraps the rotary module's forward (the family's own code,
 called once with each set of frequencies, so the values are bitwise transformers'); outside a paged
-forward the wrapper calls transformers' forward unchanged.
+forward it makes transformers' choice (by the longest sequence) between the same two.
 """
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Optional
 
 import torch
@@ -40,23 +39,23 @@ class RowRope:
         # transformers copies its choice into ``inv_freq``, so it is rounded to that buffer's dtype
         long = long.to(device=short.device, dtype=rotary.inv_freq.dtype)
         self._inner = type(rotary).forward.__wrapped__  # the family's forward without transformers' choice
+        # views, not the module: nothing here refers to it, so a deep copy of the model copies this consistently
         self._views = (_with_inv_freq(rotary, short), _with_inv_freq(rotary, long))
-        self._rotary = weakref.ref(rotary)  # (the module holds this object: no reference cycle)
         rotary.forward = self.forward
 
     def forward(self, x, position_ids):
-        lens = self.token_lens
-        if lens is None:  # not in a paged forward, or all its sequences on one side of the switch
-            rotary = self._rotary()
-            return type(rotary).forward(rotary, x, position_ids)
         short, long = (self._inner(view, x, position_ids) for view in self._views)
-        past = (lens > self.switch).view(1, -1, 1)  # position_ids: [1, T]; cos, sin: [1, T, D]
+        lens = self.token_lens
+        if lens is None:  # not in a paged forward, or all its sequences on one side: transformers' choice
+            past = position_ids.max() + 1 > self.switch
+        else:  # position_ids: [1, T]; cos, sin: [1, T, D]
+            past = (lens > self.switch).view(1, -1, 1)
         return tuple(torch.where(past, a, b) for a, b in zip(long, short))
 
     @contextlib.contextmanager
     def rows(self, token_lens: Optional[torch.Tensor]):
         """Within: each new token's sequence length after the forward, ``[T]`` on the model's device (None:
-        let transformers choose, right when every sequence of the forward is on the same side)."""
+        transformers' choice, right when every sequence of the forward is on the same side of the switch)."""
         self.token_lens = token_lens
         try:
             yield
