@@ -18,6 +18,9 @@ from .helpers import DEVICE  # noqa: E402
 V = 97
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, head_dim=8)
+DEEPSEEK = dict({k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"}, q_lora_rank=None, kv_lora_rank=8,
+                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=2, num_experts_per_tok=1,
+                first_k_dense_replace=2, moe_intermediate_size=16, n_group=1, topk_group=1)
 SERVED = {
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V,
                      max_position_embeddings=256, rotary_pct=0.5),  # partial rotary, parallel residual
@@ -36,6 +39,12 @@ REFUSED = {
     "stablelm": (LLAMA_LIKE, "its own attention"),
     "gemma2": (dict(LLAMA_LIKE, attn_logit_softcapping=50.0), "soft-caps its attention logits"),
     "gpt_oss": (dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), "attention sinks"),
+    # hybrids: layers that keep recurrent or convolution state, which the paged cache does not hold
+    "lfm2": (dict(LLAMA_LIKE, layer_types=["conv", "full_attention"], block_dim=32, block_ff_dim=64, conv_L_cache=3),
+             "layers of type conv"),
+    "minimax": (dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
+                     num_experts_per_tok=1), "layers of type linear_attention"),
+    "deepseek_v3": (DEEPSEEK, "multi-head latent attention with keys of 12 and values of 8"),
 }
 
 
@@ -80,6 +89,22 @@ def test_families_it_cannot_serve_exactly_are_refused_with_the_reason(family):
     with pytest.raises(ValueError, match=f"model: .*{reason}"):
         PagedModel(model, num_blocks=8, block_size=4, backend="reference")
     assert model.config._attn_implementation != "ivg_paged", "a refused model keeps its attention"
+
+
+@pytest.mark.parametrize("family,kw,match", [
+    ("lfm2", REFUSED["lfm2"][0], "1 of Lfm2ForCausalLM's 2 layers attended through the paged cache"),
+    ("deepseek_v3", DEEPSEEK, "attends with keys of 4 heads of 12 and values of 4 heads of 8"),
+])
+def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypatch, family, kw, match):
+    """Where the construction-time check lets a model through (a family it does not know), its first forward
+    refuses it: a layer that did not attend through the paged cache, or keys and values of other shapes than
+    the cache's. The cache is then as before the forward."""
+    monkeypatch.setattr("ivg.paged_model.check_family", lambda model: None)
+    pm = PagedModel(_model(family, kw), num_blocks=16, block_size=4, backend="reference")
+    seqs = pm.blocks.new_sequences(2)
+    with pytest.raises(ValueError, match=match):
+        pm(seqs, [[3, 4, 5], [6, 7]])
+    assert list(pm.blocks.seq_lens(seqs)) == [0, 0] and pm.blocks.num_free_blocks == pm.blocks.num_blocks
 
 
 @pytest.mark.parametrize("argument,value", [("softcap", 30.0), ("s_aux", torch.zeros(4)), ("sinks", torch.zeros(4)),

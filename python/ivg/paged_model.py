@@ -54,6 +54,7 @@ class PagedBatch:
     backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
     plans: dict = field(default_factory=dict)  # sliding window -> the reference's plan of this batch (_reference_plan)
+    attended: int = 0  # layers that attended through paged_attention_forward in this forward (check_attended)
 
 
 def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
@@ -121,6 +122,13 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
                          "attention is causal")
     if query.shape[0] != 1:
         raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
+    kv_heads, head_dim = ivg_batch.cache.pool.kv.shape[4:]
+    if key.shape[1] != kv_heads or key.shape[-1] != head_dim or value.shape[1:2] + value.shape[-1:] != (kv_heads,
+                                                                                                       head_dim):
+        raise ValueError(f"{type(module).__name__} attends with keys of {key.shape[1]} heads of {key.shape[-1]} and "
+                         f"values of {value.shape[1]} heads of {value.shape[-1]}; the paged cache holds {kv_heads} "
+                         f"heads of {head_dim} for both, as its config states")
+    ivg_batch.attended += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(ivg_batch, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
                  value[0].transpose(0, 1), scale, sliding_window)
@@ -131,6 +139,21 @@ def register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+def check_attended(pm, batch: PagedBatch) -> None:
+    """After a transformers forward of ``pm`` over ``batch``: every layer attended through the paged cache. A
+    layer that did not (recurrent, convolution or linear-attention layers of a hybrid model; attention code of
+    its own) kept no state per sequence and took the packed batch for one sequence."""
+    layers = pm.cache.pool.kv.shape[0]
+    if batch.attended != layers:
+        raise ValueError(f"model: {batch.attended} of {type(pm.model).__name__}'s {layers} layers attended through "
+                         "the paged cache; the others (recurrent, convolution or linear-attention layers, or "
+                         "attention code of their own) keep no per-sequence state there, so it cannot run paged")
+
+
+# Layer types (config.layer_types and the like) whose layers attend as the paged attention does.
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "attention"}
 
 
 def check_family(model) -> None:
@@ -150,6 +173,16 @@ def check_family(model) -> None:
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
                          f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement{naive}")
+    for key in ("layer_types", "block_types", "layers_block_type"):
+        other = sorted(set(getattr(cfg, key, None) or ()) - _ATTENTION_LAYERS) if isinstance(
+            getattr(cfg, key, None), (list, tuple)) else []
+        if other:
+            raise ValueError(f"model: {name} has layers of type {', '.join(map(str, other))} ({key}), which "
+                             f"ivg's paged attention does not implement{naive}")
+    nope, rope, v_dim = (getattr(cfg, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    if None not in (nope, rope, v_dim) and nope + rope != v_dim:
+        raise ValueError(f"model: {name} uses multi-head latent attention with keys of {nope + rope} and values of "
+                         f"{v_dim} dimensions; ivg's paged cache holds keys and values of one size{naive}")
     if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in body.modules()):
         raise ValueError(f"model: {name} has attention sinks, which ivg's paged attention does not implement{naive}")
 
@@ -435,6 +468,7 @@ class PagedModel:
             return self.lean(ids, pos, keep, batch)
         out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                          logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
+        check_attended(self, batch)
         return out.logits[0]
 
     __call__ = forward
