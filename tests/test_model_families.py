@@ -94,6 +94,7 @@ def test_families_it_cannot_serve_exactly_are_refused_with_the_reason(family):
 @pytest.mark.parametrize("family,kw,match", [
     ("lfm2", REFUSED["lfm2"][0], "1 of Lfm2ForCausalLM's 2 layers attended through the paged cache"),
     ("deepseek_v3", DEEPSEEK, "attends with keys of 4 heads of 12 and values of 4 heads of 8"),
+    ("diffllama", LLAMA_LIKE, "2 layers attended 4 times"),  # differential attention: twice per layer
 ])
 def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypatch, family, kw, match):
     """Where the construction-time check lets a model through (a family it does not know), its first forward

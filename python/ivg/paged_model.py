@@ -146,6 +146,10 @@ def check_attended(pm, batch: PagedBatch) -> None:
     layer that did not (recurrent, convolution or linear-attention layers of a hybrid model; attention code of
     its own) kept no state per sequence and took the packed batch for one sequence."""
     layers = pm.cache.pool.kv.shape[0]
+    if batch.attended > layers:
+        raise ValueError(f"model: {type(pm.model).__name__}'s {layers} layers attended {batch.attended} times through "
+                         "the paged cache in one forward; a layer that attends more than once (differential "
+                         "attention, for one) would write its keys over its own, so it cannot run paged")
     if batch.attended != layers:
         raise ValueError(f"model: {batch.attended} of {type(pm.model).__name__}'s {layers} layers attended through "
                          "the paged cache; the others (recurrent, convolution or linear-attention layers, or "
