@@ -178,8 +178,8 @@ def check_family(model) -> None:
         raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
                          f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement{naive}")
     for key in ("layer_types", "block_types", "layers_block_type"):
-        other = sorted(set(getattr(cfg, key, None) or ()) - _ATTENTION_LAYERS) if isinstance(
-            getattr(cfg, key, None), (list, tuple)) else []
+        types = getattr(cfg, key, None)
+        other = sorted(set(types) - _ATTENTION_LAYERS) if isinstance(types, (list, tuple)) else []
         if other:
             raise ValueError(f"model: {name} has layers of type {', '.join(map(str, other))} ({key}), which "
                              f"ivg's paged attention does not implement{naive}")
