@@ -87,7 +87,7 @@ def static_forward(pm, input_ids, positions, slots, block_table, seq_lens, cu, k
     :class:`~ivg.paged_model.PagedBatch` it reads (off CUDA, clear its ``plans`` before each run: the
     reference attention's masks are made from the tables of that run). The buffers must live as long as
     the graph that replays ``run``."""
-    from .paged_model import PagedBatch, check_attended
+    from .paged_model import PagedBatch
 
     batch = PagedBatch(cache=pm.cache, slot_mapping=slots, block_table=block_table, seq_lens=seq_lens,
                        cu_seqlens_q=cu, max_seqlen_q=q, is_decode=q == 1,
@@ -97,12 +97,8 @@ def static_forward(pm, input_ids, positions, slots, block_table, seq_lens, cu, k
         # longrope: each row's frequencies by its own length (a padding row's is its q new tokens: short)
         rope = contextlib.nullcontext() if pm.row_rope is None else pm.row_rope.rows(
             seq_lens.view(-1, 1).expand(-1, q).reshape(-1))
-        batch.attended = 0
         with rope:
-            logits = pm.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
-                              ivg_batch=batch).logits[0]
-        check_attended(pm, batch)  # (when captured: at the capture)
-        return logits
+            return pm.model_forward(input_ids, positions, keep, batch)  # (its layer check: at the capture)
 
     return run, batch
 

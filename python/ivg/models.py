@@ -18,9 +18,14 @@ import torch
 SCORE_HEAD_FILE = "score_head.safetensors"
 
 
+def text_config(model):
+    """``model``'s config, or its text model's where it has several."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def model_positions(model) -> Optional[int]:
     """The positions a model takes (None: no limit it states)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
@@ -31,7 +36,7 @@ def batch_dependent_rope(model) -> Optional[int]:
     None for every other type (``dynamic`` grows only past ``max_position_embeddings``, which no sequence of
     a :class:`~ivg.PagedModel` passes). A :class:`~ivg.PagedModel` then chooses them per sequence
     (:mod:`ivg.row_rope`)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     settings = [rope] if "rope_type" in rope or "type" in rope else [r for r in rope.values() if isinstance(r, dict)]
     limits = [r.get("original_max_position_embeddings") for r in settings

@@ -29,7 +29,7 @@ from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
-from .models import batch_dependent_rope, model_positions
+from .models import batch_dependent_rope, model_positions, text_config
 from .row_rope import row_rope
 
 ATTN_IMPLEMENTATION = "ivg_paged"
@@ -173,7 +173,7 @@ def check_family(model) -> None:
         raise ValueError(f"model: {name} runs its own attention code, not transformers' AttentionInterface, so "
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
                          f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
-    cfg = body.config.get_text_config() if hasattr(body.config, "get_text_config") else body.config
+    cfg = text_config(body)
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
                          f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement{naive}")
@@ -470,8 +470,14 @@ class PagedModel:
         """The model's forward over the packed tokens ``ids`` at ``pos`` (lean where it can)."""
         if self.lean is not None:
             return self.lean(ids, pos, keep, batch)
-        out = self.model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
-                         logits_to_keep=0 if keep is None else keep, ivg_batch=batch)
+        return self.model_forward(ids.unsqueeze(0), pos.unsqueeze(0), 0 if keep is None else keep, batch)
+
+    def model_forward(self, input_ids, position_ids, keep, batch: PagedBatch) -> torch.Tensor:
+        """transformers' forward over ``batch`` (ids and positions ``[1, T]``; ``keep``: transformers'
+        ``logits_to_keep``), checked to have attended through the paged cache at every layer; logits ``[T', V]``."""
+        batch.attended = 0
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep,
+                         ivg_batch=batch)
         check_attended(self, batch)
         return out.logits[0]
 
