@@ -98,6 +98,19 @@ def _check_scale_window(scale, sliding_window):
     return float(scale), int(sliding_window or 0)
 
 
+def _check_softcap_sinks(softcap, sinks, q):
+    """``softcap`` as a float (0.0: none) and ``sinks`` checked (None or [num_heads] on q's device)."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not 0 < softcap < float("inf")):
+        _fail("softcap", softcap, "None or a positive finite float (attention logit soft-capping)")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+            _fail("sinks", sinks, f"None or a 1-D tensor of one logit per query head ({q.shape[1]})")
+        if not sinks.is_floating_point() or sinks.device != q.device:
+            _fail("sinks", sinks, f"a floating-point tensor on {q.device}, like q")
+    return float(softcap or 0.0), sinks
+
+
 def _triton(name, *args):
     """Run a Triton attention op. Eager calls go to its launcher, one plain launch per kernel (the torch
     op's dispatch costs far more than the kernels at small shapes); under torch.compile, the torch op
@@ -151,7 +164,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
-                           num_splits=0, backend="auto", plan=None) -> torch.Tensor:
+                           num_splits=0, backend="auto", plan=None, softcap=None, sinks=None) -> torch.Tensor:
     """Attention of one new token per row over its paged history (the token itself included).
 
     Parameters
@@ -165,6 +178,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     scale : float, usually ``head_dim ** -0.5``
     sliding_window : int, optional; keys with ``q_pos - k_pos < sliding_window`` only
     num_splits : int, splits of the KV length (0 chooses from the shapes)
+    softcap : float, optional; each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` (Gemma 2)
+    sinks : ``[num_heads]``, optional; one logit per query head added to the softmax's denominator, with no
+        value (gpt-oss's attention sinks). Both as transformers' eager attention computes them
     plan : optional, for the reference backend: ``ivg_kernels.reference.attention.decode_plan`` of these
         ``block_table``, ``seq_lens``, the cache's block size and ``sliding_window``, made once and passed
         to every layer of a forward (the gather indices and mask depend on the tables only; None, as
@@ -180,18 +196,19 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
     _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
     scale, _ = _check_scale_window(scale, sliding_window)
+    softcap, sinks = _check_softcap_sinks(softcap, sinks, q)
     if plan is not None and not isinstance(plan, ref.DecodePlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.DecodePlan")
     which = attention_backend(backend, q)
     if which == "reference" and q.device.type == "cpu":  # (on a GPU: trusted, no device read)
         _check_table_values(block_table, seq_lens, k_cache)
     return run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, int(num_splits),
-                      plan=plan)
+                      plan=plan, softcap=softcap, sinks=sinks)
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
                                    max_group_rows, scale, sliding_window=None, num_splits=0,
-                                   backend="auto") -> torch.Tensor:
+                                   backend="auto", softcap=None, sinks=None) -> torch.Tensor:
     """:func:`paged_decode_attention` for beams that share the blocks of a prefix, reading it once per group.
 
     Rows ``group_starts[g]:group_starts[g+1]`` form group ``g`` (consecutive, covering every row; a group
@@ -203,7 +220,8 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
 
     Parameters
     ----------
-    q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window : as :func:`paged_decode_attention`
+    q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, softcap, sinks : as
+        :func:`paged_decode_attention`
     group_starts : int ``[G + 1]``, row offsets of the groups, from 0 to N
     shared_lens : int ``[G]``, shared tokens per group, at most its shortest row
     max_group_rows : int, at least the largest group's row count (a host int: no synchronisation)
@@ -224,6 +242,7 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     if isinstance(max_group_rows, bool) or not isinstance(max_group_rows, numbers.Integral) or max_group_rows < 0:
         _fail("max_group_rows", max_group_rows, "a non-negative int")
     scale, _ = _check_scale_window(scale, sliding_window)
+    softcap, sinks = _check_softcap_sinks(softcap, sinks, q)
     which = attention_backend(backend, q)
     if which == "reference":
         if q.device.type == "cpu":  # (on a GPU: trusted, no device read)
@@ -233,11 +252,12 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
         if most > max_group_rows:
             _fail("max_group_rows", max_group_rows, f"at least {most}, the largest group")
     return run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
-                             int(max_group_rows), scale, sliding_window, int(num_splits))
+                             int(max_group_rows), scale, sliding_window, int(num_splits), softcap=softcap,
+                             sinks=sinks)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,
-                            sliding_window=None, backend="auto", plan=None) -> torch.Tensor:
+                            sliding_window=None, backend="auto", plan=None, softcap=None, sinks=None) -> torch.Tensor:
     """Causal attention of a ragged batch of new tokens over their cached prefix and themselves.
 
     Sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``: its last tokens, already written
@@ -248,6 +268,9 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     q : ``[T, num_heads, head_dim]``
     block_table : int32 ``[B, max_blocks]``; seq_lens : int ``[B]``; cu_seqlens_q : int ``[B + 1]``
     max_seqlen_q : int, the longest query run (a host int, so no synchronisation is needed)
+    softcap : float, optional; each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` (Gemma 2)
+    sinks : ``[num_heads]``, optional; one logit per query head added to the softmax's denominator, with no
+        value (gpt-oss's attention sinks). Both as transformers' eager attention computes them
     plan : optional, for the reference backend: ``ivg_kernels.reference.attention.prefill_plan`` of these
         ``block_table``, ``seq_lens``, ``cu_seqlens_q``, the cache's block size and ``sliding_window``,
         made once and passed to every layer of a forward (the masks and gather indices depend on the
@@ -262,6 +285,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
         _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
     scale, _ = _check_scale_window(scale, sliding_window)
+    softcap, sinks = _check_softcap_sinks(softcap, sinks, q)
     if plan is not None and not isinstance(plan, ref.PrefillPlan):
         _fail("plan", plan, "None or an ivg_kernels.reference.attention.PrefillPlan")
     which = attention_backend(backend, q)
@@ -279,7 +303,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
         if len(runs) and int(runs.max()) > max_seqlen_q:
             _fail("max_seqlen_q", max_seqlen_q, f"at least {int(runs.max())}, the longest query run")
     return run_prefill(which, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, int(max_seqlen_q), scale,
-                       sliding_window, plan)
+                       sliding_window, plan, softcap=softcap, sinks=sinks)
 
 
 # The ops after their checks, on a backend already resolved (``attention_backend``): what the public
@@ -292,29 +316,33 @@ def run_write_kv(which, k_cache, v_cache, key, value, slot_mapping) -> None:
         _triton("write_kv", k_cache, v_cache, key, value, slot_mapping)
 
 
+# ``softcap``: a float, 0.0 for none; ``sinks``: a [num_heads] tensor or None.
 def run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale: float, sliding_window, num_splits=0,
-               plan=None):
+               plan=None, softcap=0.0, sinks=None):
     if which == "reference":
         return ref.paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
-                                              sliding_window=sliding_window, plan=plan)
+                                              sliding_window=sliding_window, plan=plan, softcap=softcap or None,
+                                              sinks=sinks)
     return _triton("paged_decode_attention", q, k_cache, v_cache, block_table, seq_lens, scale,
-                   int(sliding_window or 0), num_splits)
+                   int(sliding_window or 0), num_splits, softcap, sinks)
 
 
 def run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
-                      max_group_rows: int, scale: float, sliding_window, num_splits=0, plan=None):
+                      max_group_rows: int, scale: float, sliding_window, num_splits=0, plan=None, softcap=0.0,
+                      sinks=None):
     if which == "reference":
         return ref.shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts,
                                                       shared_lens, scale=scale, sliding_window=sliding_window,
-                                                      plan=plan)
+                                                      plan=plan, softcap=softcap or None, sinks=sinks)
     return _triton("shared_prefix_decode_attention", q, k_cache, v_cache, block_table, seq_lens, group_starts,
-                   shared_lens, max_group_rows, scale, int(sliding_window or 0), num_splits)
+                   shared_lens, max_group_rows, scale, int(sliding_window or 0), num_splits, softcap, sinks)
 
 
 def run_prefill(which, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int, scale: float,
-                sliding_window, plan=None):
+                sliding_window, plan=None, softcap=0.0, sinks=None):
     if which == "reference":
         return ref.paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                               scale=scale, sliding_window=sliding_window, plan=plan)
+                                               scale=scale, sliding_window=sliding_window, plan=plan,
+                                               softcap=softcap or None, sinks=sinks)
     return _triton("paged_prefill_attention", q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                   max_seqlen_q, scale, int(sliding_window or 0))
+                   max_seqlen_q, scale, int(sliding_window or 0), softcap, sinks)

@@ -294,10 +294,11 @@ def test_bad_inputs_name_the_argument():
 
 
 @requires_triton
-def test_eager_calls_launch_directly_and_the_ops_agree():
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "softcap-sinks"])
+def test_eager_calls_launch_directly_and_the_ops_agree(extras):
     """Eager calls of every Triton attention op skip the torch op's dispatch (no ``ivg_kernels::`` event
     in the profiler: one plain launch per kernel), and the registered ops, which torch.compile uses,
-    give the same results."""
+    give the same results (with soft-capping and sinks too: the ops' optional arguments)."""
     from ivg_kernels.attention import shared_prefix_decode_attention
 
     bm, seqs, kc, vc, _, _ = _setup([5, 9, 14], 2, 16, 4, torch.float32, seed=4)
@@ -311,16 +312,20 @@ def test_eager_calls_launch_directly_and_the_ops_agree():
     kc, vc, q, bt, sl, cu, starts, shared, key, slots = (x.to(DEVICE) for x in (kc, vc, q, bt, sl, cu, starts, shared,
                                                                                key, slots))
     k2, v2 = kc.clone(), vc.clone()
+    cap, sinks = (0.5, torch.linspace(-2, 2, 4, device=DEVICE)) if extras else (None, None)
+    kw = dict(softcap=cap, sinks=sinks)
+    ex = (float(cap or 0.0), sinks)  # the ops' softcap (0.0: none) and sinks
     calls = {
-        "paged_decode_attention": (lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=0.25, backend="triton"),
-                                   (q, kc, vc, bt, sl, 0.25, 0, 0)),
+        "paged_decode_attention": (lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=0.25, backend="triton",
+                                                                  **kw),
+                                   (q, kc, vc, bt, sl, 0.25, 0, 0, *ex)),
         "paged_prefill_attention": (lambda: paged_prefill_attention(q, kc, vc, bt, sl, cu, max_seqlen_q=1, scale=0.25,
-                                                                    backend="triton"),
-                                    (q, kc, vc, bt, sl, cu, 1, 0.25, 0)),
+                                                                    backend="triton", **kw),
+                                    (q, kc, vc, bt, sl, cu, 1, 0.25, 0, *ex)),
         "shared_prefix_decode_attention": (
             lambda: shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=3, scale=0.25,
-                                                   backend="triton"),
-            (q, kc, vc, bt, sl, starts, shared, 3, 0.25, 0, 0)),
+                                                   backend="triton", **kw),
+            (q, kc, vc, bt, sl, starts, shared, 3, 0.25, 0, 0, *ex)),
         "write_kv": (lambda: write_kv(kc, vc, key, key, slots, backend="triton"), (k2, v2, key, key, slots)),
     }
     for name, (eager, op_args) in calls.items():
@@ -365,3 +370,94 @@ def test_table_values_are_checked_on_the_reference_backend():
     with pytest.raises(ValueError, match=r"slot_mapping=.*each slot once"):
         write_kv(kc, kc.clone(), kv, kv, torch.tensor([3, 3]))
     write_kv(kc, kc.clone(), kv, kv, torch.tensor([-1, -1]))  # negative slots are skipped, any number of them
+
+
+# Logit soft-capping (Gemma 2) and attention sinks (gpt-oss): every op, both backends.
+def _dense_capped(q, k, v, q_pos, scale, window, softcap, sinks):
+    """:func:`_dense_causal` with soft-capping and sinks as transformers' eager attention forms them: the scores
+    capped to ``softcap * tanh(s / softcap)``, then one more column per head holding its sink logit, the softmax
+    over all of them, and the sink's column dropped."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = torch.einsum("mhd,lhd->hml", q.double(), k) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    kp = torch.arange(k.shape[0])
+    allowed = kp[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= q_pos[:, None] - kp[None, :] < window
+    s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(-1, 1, 1).expand(-1, s.shape[1], 1)], dim=-1)
+    return torch.einsum("hml,lhd->mhd", s.softmax(-1)[..., :k.shape[0]], v)
+
+
+CAPS = [(None, False), (0.5, False), (None, True), (2.0, True)]  # (softcap, sinks)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("softcap,with_sinks", CAPS)
+def test_softcap_and_sinks_references_match_dense_attention(window, softcap, with_sinks):
+    """Scores large enough that a cap of 0.5 or 2 bites, sinks spread over [-3, 3]: prefill and decode as
+    transformers' eager attention computes them (float64)."""
+    lens, h, h_kv, d, bs = [7, 1, 20], 4, 2, 8, 4
+    bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float64)
+    scale = d ** -0.5
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    q = 3 * torch.randn(sum(lens), h, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sinks = torch.linspace(-3, 3, h, dtype=torch.float64) if with_sinks else None
+    cu = torch.tensor([0, 7, 8, 28], dtype=torch.int32)
+    kw = dict(scale=scale, sliding_window=window, softcap=softcap, sinks=sinks, backend="reference")
+    out = paged_prefill_attention(q, kc, vc, bt, sl, cu, max_seqlen_q=20, **kw)
+    dec = paged_decode_attention(q[cu[1:] - 1], kc, vc, bt, sl, **kw)
+    plain = paged_decode_attention(q[cu[1:] - 1], kc, vc, bt, sl, scale=scale, sliding_window=window,
+                                   backend="reference")
+    if softcap is not None or with_sinks:
+        assert (dec - plain).abs().max() > 0.05, "the cap or the sinks should change these rows"
+    for b, n in enumerate(lens):
+        s, e = cu[b].item(), cu[b + 1].item()
+        dense = _dense_capped(q[s:e], k[s:e], v[s:e], torch.arange(n), scale, window, softcap, sinks)
+        assert_close(out[s:e], dense, torch.float64, f"prefill seq {b}")
+        assert_close(dec[b], dense[-1], torch.float64, f"decode seq {b}")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap,with_sinks", CAPS[1:])
+@pytest.mark.parametrize("case", [0, 2, 3, 4], ids=lambda i: f"case{i}")
+def test_softcap_and_sinks_triton_match_reference(case, softcap, with_sinks, dtype):
+    """Decode (one split, and several merged by the reduce kernel, with windows) and prefill: the Triton kernels
+    with soft-capping and sinks (in the model's dtype, as a model's parameter is) against the reference."""
+    lens, h, h_kv, d, bs, window, splits = DECODE_CASES[case]
+    bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=len(lens) + 5)
+    q = (3 * torch.randn(len(lens), h, d)).to(dtype)
+    sinks = torch.linspace(-3, 3, h).to(dtype).to(DEVICE) if with_sinks else None
+    args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
+    kw = dict(scale=d ** -0.5, sliding_window=window, softcap=softcap, sinks=sinks)
+    for n_splits in {splits, 3}:
+        want = paged_decode_attention(*args, backend="reference", **kw)
+        got = paged_decode_attention(*args, num_splits=n_splits, backend="triton", **kw)
+        torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+    new = [min(n, 3) for n in lens]
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    qp = (3 * torch.randn(sum(new), h, d)).to(dtype).to(DEVICE)
+    want = paged_prefill_attention(qp, *args[1:], cu, max_seqlen_q=3, backend="reference", **kw)
+    got = paged_prefill_attention(qp, *args[1:], cu, max_seqlen_q=3, backend="triton", **kw)
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_softcap_and_sinks_errors_name_the_argument():
+    kc = torch.zeros(4, 4, 2, 8)
+    bt = torch.zeros(1, 2, dtype=torch.int32)
+    sl = torch.ones(1, dtype=torch.int32)
+    q = torch.zeros(1, 4, 8)
+    for bad in (0.0, -1.0, float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="softcap=.*positive finite float"):
+            paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, softcap=bad)
+    for bad in (torch.zeros(3), torch.zeros(1, 4), [0.0] * 4):
+        with pytest.raises(ValueError, match=r"sinks=.*one logit per query head \(4\)"):
+            paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sinks=bad)
+    with pytest.raises(ValueError, match="sinks=.*floating-point"):
+        paged_prefill_attention(q, kc, kc, bt, sl, torch.tensor([0, 1], dtype=torch.int32), max_seqlen_q=1, scale=1.0,
+                                sinks=torch.zeros(4, dtype=torch.int64))

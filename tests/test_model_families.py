@@ -31,14 +31,19 @@ SERVED = {
     "qwen3": LLAMA_LIKE,  # query/key RMS norms
     "gemma3_text": dict(LLAMA_LIKE, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "mixtral": dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    # logit soft-capping at 0.7 (queries and keys scaled up so that it bites: 0.37 off without it), windows
+    "gemma2": dict(LLAMA_LIKE, attn_logit_softcapping=0.7, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"]),
+    # attention sinks (drawn with a spread of 2: 0.19 off without them), windows, experts
+    "gpt_oss": dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "granite_swa": dict(LLAMA_LIKE, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),  # sinks
 }
 REFUSED = {
     "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=V), "its own attention"),
     "bloom": (dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=V), "its own attention"),
     "mpt": (dict(d_model=32, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=256), "its own attention"),
     "stablelm": (LLAMA_LIKE, "its own attention"),
-    "gemma2": (dict(LLAMA_LIKE, attn_logit_softcapping=50.0), "soft-caps its attention logits"),
-    "gpt_oss": (dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), "attention sinks"),
     # hybrids: layers that keep recurrent or convolution state, which the paged cache does not hold
     "lfm2": (dict(LLAMA_LIKE, layer_types=["conv", "full_attention"], block_dim=32, block_ff_dim=64, conv_L_cache=3),
              "layers of type conv"),
@@ -51,7 +56,14 @@ REFUSED = {
 def _model(family, kw, seed=0):
     cfg = AutoConfig.for_model(family, pad_token_id=0, bos_token_id=0, eos_token_id=0, **kw)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # scores and sinks large enough that soft-capping and sinks change the logits
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(40)
+            elif name.endswith(".sinks"):
+                p.normal_(0.0, 2.0)
+    return model.to(DEVICE)
 
 
 @pytest.mark.parametrize("family", list(SERVED))
@@ -108,12 +120,16 @@ def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypa
     assert list(pm.blocks.seq_lens(seqs)) == [0, 0] and pm.blocks.num_free_blocks == pm.blocks.num_blocks
 
 
-@pytest.mark.parametrize("argument,value", [("softcap", 30.0), ("s_aux", torch.zeros(4)), ("sinks", torch.zeros(4)),
-                                            ("position_bias", torch.zeros(1)), ("is_causal", False)])
-def test_the_attention_refuses_arguments_that_change_its_result(argument, value):
-    """For a family the construction-time check does not know: the attention function names the argument."""
+@pytest.mark.parametrize("argument,value,match", [
+    ("position_bias", torch.zeros(1), "position_bias"), ("is_causal", False, "is_causal"),
+    ("s_aux", torch.zeros(2, 4), r"sinks of shape \(2, 4\).*one sink logit per query head \(4\)"),
+    ("sinks", torch.zeros(3), r"sinks of shape \(3,\)"), ("softcap", -1.0, "soft-caps .* at -1.0"),
+])
+def test_the_attention_refuses_arguments_that_change_its_result(argument, value, match):
+    """For a family the construction-time check does not know: the attention function names what it cannot
+    compute (soft-capping and sinks of one logit per head it computes; other forms it refuses)."""
     q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=match):
         paged_attention_forward(torch.nn.Module(), q, q, q, None, ivg_batch=object(), **{argument: value})
 
 
@@ -180,3 +196,41 @@ def test_models_made_paged_before_a_failing_one_get_their_attention_back(monkeyp
         decoder.IVGDecoder(models).generate(["the movie"], DecodeOptions(mode="eft", max_new_tokens=4))
     assert made[0] is models.base
     assert all(m.config._attn_implementation != "ivg_paged" for _, m, _ in models.roles())
+
+
+def _family_lm(family, seed, **kw):
+    """A decoder-test LM (the character vocabulary, logits scaled up) of ``family``, with :func:`_model`'s large
+    scores and sinks, on transformers' eager attention."""
+    from .decoder_fixtures import EOS, VOCAB
+
+    model = _model(family, dict(LLAMA_LIKE, vocab_size=VOCAB, **kw), seed=seed)
+    model.config.eos_token_id = model.config.bos_token_id = EOS
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(12.0)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ivg_with_a_soft_capped_base_and_a_guide_with_sinks_matches_the_naive_decoder(backend):
+    """IVG and EFT decoding with a Gemma 2 base (logit soft-capping, alternating windows) and a gpt-oss tuned
+    guide (attention sinks): the paged decoder's tokens and values are the naive decoder's, which runs the
+    models on transformers' own cache and eager attention (the Triton kernels in the interpreter off a GPU).
+    float32: gpt-oss's experts multiply in no wider type."""
+    from ivg.decoder import IVGDecoder
+    from ivg.naive import NaiveDecoder
+    from ivg.options import DecodeOptions
+
+    from .test_decoder import PROMPTS, _same
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    models = _ivg_models(None, "gpt2")
+    windows = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    models.base = _family_lm("gemma2", 1, attn_logit_softcapping=0.7, **windows)
+    models.guides[0].tuned = _family_lm("gpt_oss", 2, num_local_experts=4, num_experts_per_tok=2, **windows)
+    for _, model, _ in models.roles():
+        model.float().to(DEVICE)
+    for mode in ("ivg", "eft"):
+        opts = DecodeOptions(mode=mode, width=2, successors=2, chunk_len=3, max_new_tokens=8, seed=5, num_return=1)
+        _same(IVGDecoder(models, backend=backend).generate(PROMPTS, opts), NaiveDecoder(models).generate(PROMPTS, opts),
+              tol=1e-4)

@@ -247,3 +247,28 @@ def test_a_plan_made_once_serves_every_layer():
                                                      sliding_window=window, plan=plan)
             assert_close(got, want, torch.float64, f"layer {layer}, window {window}")
     assert shared_decode_plan(bt[:0], sl[:0], torch.zeros(1, dtype=torch.int32), shared[:0], 4) is None
+
+
+@pytest.mark.parametrize("softcap,with_sinks", [(0.5, False), (None, True), (2.0, True)])
+@pytest.mark.parametrize("window", [None, 9])
+def test_softcap_and_sinks_equal_per_beam_attention(softcap, with_sinks, window):
+    """Soft-capping applies to both parts' scores and the sinks once, to the merged softmax: the reference and
+    the Triton kernels (several splits of the prefix) equal per-beam attention with the same options."""
+    cache, rows = _fork_history([23, 5, 40], 2, 16, 4, torch.float32, 3)
+    q, kc, vc, bt, sl, starts, shared, most = _inputs(cache, rows, 4, 3)
+    q = 3 * q
+    sinks = torch.linspace(-3, 3, 4) if with_sinks else None
+    kw = dict(scale=0.25, sliding_window=window, softcap=softcap, sinks=sinks)
+    want = paged_decode_attention(q, kc, vc, bt, sl, backend="reference", **kw)
+    got = shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=most, backend="reference",
+                                         **kw)
+    assert_close(got, want, torch.float32, "reference")
+    plain = paged_decode_attention(q, kc, vc, bt, sl, scale=0.25, sliding_window=window, backend="reference")
+    assert (want - plain).abs().max() > 0.05, "the cap or the sinks should change these rows"
+    from ivg_kernels._backend import triton_available
+
+    if triton_available():
+        args = [x.to(DEVICE) for x in (q, kc, vc, bt, sl, starts, shared)]
+        kw["sinks"] = None if sinks is None else sinks.to(DEVICE)
+        got = shared_prefix_decode_attention(*args, max_group_rows=most, num_splits=3, backend="triton", **kw)
+        torch.testing.assert_close(got.float().cpu(), want, atol=ATOL[torch.float32], rtol=0)

@@ -4,11 +4,15 @@ Memory traffic per call: ``write_kv`` reads and writes 2 * T * H_kv * D elements
 row's K and V once (2 * seq_len * H_kv * D elements; a program serves all query heads of one KV head,
 so grouped-query attention does not re-read) plus q and a float32 partial per split. Prefill reads,
 per query tile of BLOCK_M tokens, the K/V of the positions that tile may see.
+Logit soft-capping (``SOFTCAP``: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``, Gemma 2) and
+attention sinks (``SINKS``: one logit per query head added to the softmax's denominator, gpt-oss) are compile-time
+switches: without them a kernel compiles as before.
 References: ivg_kernels/reference/attention.py.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -59,13 +63,28 @@ def _gather_kv(cache, block_table_row, pos, pmask, kvh, d, dmask, H_KV: tl.const
 
 
 @triton.jit
-def _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr, F32: tl.constexpr):
+def _tanh(x):
+    """tanh from one exponential (the interpreter has no libdevice): ``sign(x) (1 - e) / (1 + e)``, ``e = exp(-2|x|)``;
+    its absolute error is a few float32 ulps of 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr, F32: tl.constexpr, softcap,
+                  SOFTCAP: tl.constexpr):
     """One tile of keys in the online softmax: scores of the queries ``qt`` against ``k`` where
-    ``allowed``, the running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` updated."""
+    ``allowed`` (capped to ``softcap * tanh(s / softcap)`` with ``SOFTCAP``), the running max ``m_i``, sum
+    ``l_i`` and unnormalised output ``acc`` updated."""
     s = _dot(qt, tl.trans(k), IEEE, F32)
     # The scale in float32: torch.compile's generated launcher passes a Python float as float64, which would
     # turn the running max into float64 inside the loop (Triton refuses a loop-carried type change).
-    s = tl.where(allowed, s * tl.cast(scale, tl.float32), float("-inf"))
+    s = s * tl.cast(scale, tl.float32)
+    if SOFTCAP:
+        cap = tl.cast(softcap, tl.float32)
+        s = cap * _tanh(s / cap)
+    s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
@@ -76,11 +95,24 @@ def _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE: tl.constexpr, F
 
 
 @triton.jit
-def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
-                         stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, chunk, SPLITS,
+def _normalised(acc, m_i, l_i, sinks, heads, hmask, SINKS: tl.constexpr):
+    """The output of an online softmax: ``acc / l_i`` (0 where no key was allowed), or with ``SINKS`` each head's
+    sink logit (``sinks[heads]``) in the denominator: ``acc e^(m - M) / (l e^(m - M) + e^(sink - M))``,
+    ``M = max(m, sink)``."""
+    if SINKS:
+        sink = tl.load(sinks + heads, mask=hmask, other=0.0).to(tl.float32)
+        top = tl.maximum(m_i, sink)
+        a = tl.exp(m_i - top)  # 0 where no key was allowed (m_i = -inf)
+        return acc * (a / (l_i * a + tl.exp(sink - top)))[:, None]
+    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+@triton.jit
+def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out, sinks,
+                         stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, chunk, SPLITS, softcap,
                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         F32: tl.constexpr, DIRECT: tl.constexpr):
+                         F32: tl.constexpr, DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr):
     """One (row, KV head, split): attention of the GROUP query heads over a KV range; unnormalised
     partials for the reduce kernel, or (DIRECT, a single split) the normalised output itself."""
     n = tl.program_id(0).to(tl.int64)
@@ -106,9 +138,9 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
         pmask = pos < hi
         k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
         v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32)
+        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32, softcap, SOFTCAP)
     if DIRECT:
-        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        res = _normalised(acc, m_i, l_i, sinks, heads, gmask, SINKS)
         tl.store(out + n * stride_on + heads[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
                  mask=gmask[:, None] & dmask[None, :])
         return
@@ -119,9 +151,10 @@ def _decode_split_kernel(q, k_cache, v_cache, block_table, seq_lens, part_o, par
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o, part_m, part_l, out, stride_on, stride_oh, H, SPLITS,
-                          D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
-    """Merge a (row, head)'s splits: softmax-weighted sum of the partial outputs."""
+def _decode_reduce_kernel(part_o, part_m, part_l, out, sinks, stride_on, stride_oh, H, SPLITS,
+                          D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, SINKS: tl.constexpr):
+    """Merge a (row, head)'s splits: softmax-weighted sum of the partial outputs (with ``SINKS``, the head's
+    sink logit in the denominator)."""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // H
     h = pid % H
@@ -133,19 +166,25 @@ def _decode_reduce_kernel(part_o, part_m, part_l, out, stride_on, stride_oh, H, 
     l = tl.load(part_l + pid * SPLITS + s, mask=smask, other=0.0)
     o = tl.load(part_o + (pid * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
     mmax = tl.max(m, 0)
-    m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
-    w = tl.exp(m - m_safe)
-    total = tl.sum(l * w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    if SINKS:
+        sink = tl.load(sinks + h).to(tl.float32)
+        top = tl.maximum(mmax, sink)
+        w = tl.exp(m - top)
+        res = tl.sum(o * w[:, None], 0) / (tl.sum(l * w, 0) + tl.exp(sink - top))
+    else:
+        m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
+        w = tl.exp(m - m_safe)
+        total = tl.sum(l * w, 0)
+        res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out + n * stride_on + h * stride_oh + d, res.to(out.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
-def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window,
+def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out, sinks,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window, softcap,
                     H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                    F32: tl.constexpr):
+                    F32: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr):
     """One (sequence, query head, tile of BLOCK_M new tokens): causal attention over the cached prefix and itself."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -176,18 +215,18 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens, out,
             v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
             allowed = allowed & ((window <= 0) | (q_pos[:, None] - pos[None, :] < window))
-            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32)
-        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32, softcap, SOFTCAP)
+        res = _normalised(acc, m_i, l_i, sinks, h + 0 * rows, rmask, SINKS)
         tl.store(out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  res.to(out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _shared_prefix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m,
-                          part_l, stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS,
+                          part_l, stride_qn, stride_qh, stride_bt, scale, window, chunk, SPLITS, softcap,
                           H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                          F32: tl.constexpr):
+                          F32: tl.constexpr, SOFTCAP: tl.constexpr):
     """One (group, KV head x tile of BLOCK_M (row, query head) pairs, split): every query of the tile
     over one range of the group's shared prefix, whose K/V is read once for the whole tile (from the
     group's first row's blocks). Unnormalised partials per (row, head, split) for the suffix kernel."""
@@ -221,7 +260,7 @@ def _shared_prefix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
             k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
             allowed = pmask[None, :] & (pos[None, :] >= first[:, None])
-            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32)
+            m_i, l_i, acc = _softmax_step(qt, k, v, allowed, scale, m_i, l_i, acc, IEEE, F32, softcap, SOFTCAP)
         base = (row * (H_KV * GROUP) + head) * SPLITS + sp
         tl.store(part_o + base[:, None] * D + d[None, :], acc, mask=mmask[:, None] & dmask[None, :])
         tl.store(part_m + base, m_i, mask=mmask)
@@ -230,10 +269,10 @@ def _shared_prefix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
 
 @triton.jit
 def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, G, part_o, part_m,
-                          part_l, out, stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window, SPLITS,
-                          H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          part_l, out, sinks, stride_qn, stride_qh, stride_on, stride_oh, stride_bt, scale, window,
+                          SPLITS, softcap, H_KV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                           DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                          F32: tl.constexpr, GS: tl.constexpr):
+                          F32: tl.constexpr, GS: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr):
     """One (row, KV head): start from the merged partials of the shared prefix, continue the online
     softmax over the row's own tokens after it, normalise and store. The row's group (and so its shared
     length) is the number of the ``G`` groups that end at or before it (``GS``: a power of two >= G)."""
@@ -269,8 +308,8 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
         pmask = pos < length
         k = _gather_kv(k_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
         v = _gather_kv(v_cache, bt_row, pos, pmask, kvh, d, dmask, H_KV, D, BS)
-        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32)
-    res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        m_i, l_i, acc = _softmax_step(qt, k, v, pmask[None, :], scale, m_i, l_i, acc, IEEE, F32, softcap, SOFTCAP)
+    res = _normalised(acc, m_i, l_i, sinks, heads, gmask, SINKS)
     tl.store(out + n * stride_on + heads[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
              mask=gmask[:, None] & dmask[None, :])
 
@@ -360,9 +399,16 @@ def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_spl
     return splits, chunk, parts, (m_at // 4, l_at // 4, size // 4), split_c, reduce_c
 
 
+def _extras(q, softcap: float, sinks):
+    """The soft-capping and sink arguments of a launch: ``(softcap, the sinks' pointer (q's where there are
+    none: never read), constexprs)``."""
+    return softcap, (q if sinks is None else sinks), dict(SOFTCAP=softcap > 0, SINKS=sinks is not None)
+
+
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
-                                  num_splits: int, wrap=None) -> torch.Tensor:
-    """Decode attention: the split kernel, then (with more than one split) the reduce kernel."""
+                                  num_splits: int, softcap: float = 0.0, sinks=None, wrap=None) -> torch.Tensor:
+    """Decode attention: the split kernel, then (with more than one split) the reduce kernel. ``softcap``
+    (0.0: none) and ``sinks`` (None or ``[num_heads]``): see the module's docstring."""
     launch = wrap or direct
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
@@ -377,21 +423,23 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
         buf = torch.empty((size,), dtype=torch.float32, device=q.device)
         part_o, part_m, part_l = buf[:parts * d].view(parts, d), buf[m_at:m_at + parts], buf[l_at:l_at + parts]
         key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
-               type(scale), tensor_key(q, k_cache, v_cache, block_table, seq_lens))
+               type(scale), type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens, sinks))
         launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     else:  # (the torch op: separate outputs, as the compiler expects)
         part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
         part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
         part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
     launch(_decode_split_kernel)[(n, h_kv, splits)](
-        q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out,
+        q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out, sinks_arg,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
-        **split_c, **_FUSED,
+        softcap, **split_c, **extra_c, **_FUSED,
     )
     if splits == 1:
         return out
     launch(_decode_reduce_kernel)[(n * h,)](
-        part_o, part_m, part_l, out, out.stride(0), out.stride(1), h, splits, **reduce_c, **_FUSED,
+        part_o, part_m, part_l, out, sinks_arg, out.stride(0), out.stride(1), h, splits, **reduce_c,
+        SINKS=extra_c["SINKS"], **_FUSED,
     )
     return out
 
@@ -399,15 +447,17 @@ def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, sc
 @torch.library.triton_op("ivg_kernels::paged_decode_attention", mutates_args=())
 def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
-                              num_splits: int) -> torch.Tensor:
+                              num_splits: int, softcap: float = 0.0,
+                              sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     from torch.library import wrap_triton
 
     return launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits,
-                                         wrap=wrap_triton)
+                                         softcap, sinks, wrap=wrap_triton)
 
 
 def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
-                                   scale: float, window: int, wrap=None) -> torch.Tensor:
+                                   scale: float, window: int, softcap: float = 0.0, sinks=None,
+                                   wrap=None) -> torch.Tensor:
     """Ragged prefill/extend attention: one program per (sequence, head, query tile)."""
     launch = wrap or direct
     t, h, d = q.shape
@@ -419,14 +469,15 @@ def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, c
     block_m = 16
     if wrap is None:  # eager: what the kernel's specialisation depends on (launch.DirectLaunch.key)
         key = (h, d, h_kv, bs, q.stride(), out.stride(), block_table.stride(0), int_class(window), type(scale),
-               tensor_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q))
+               type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks))
         launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
+    softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
     launch(_prefill_kernel)[(b, h, cdiv(max(max_seqlen_q, 1), block_m))](
-        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, sinks_arg,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, softcap,
         H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, next_power_of_2(d)), BS=bs,
         BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
-        **_FUSED,
+        **extra_c, **_FUSED,
     )
     return out
 
@@ -434,16 +485,17 @@ def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, c
 @torch.library.triton_op("ivg_kernels::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                               max_seqlen_q: int, scale: float, window: int) -> torch.Tensor:
+                               max_seqlen_q: int, scale: float, window: int, softcap: float = 0.0,
+                               sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     from torch.library import wrap_triton
 
     return launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-                                          scale, window, wrap=wrap_triton)
+                                          scale, window, softcap, sinks, wrap=wrap_triton)
 
 
 def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
                                           max_group_rows: int, scale: float, window: int, num_splits: int,
-                                          wrap=None) -> torch.Tensor:
+                                          softcap: float = 0.0, sinks=None, wrap=None) -> torch.Tensor:
     """Shared-prefix decode attention: the prefix kernel per (group, KV head x query tile, split), then
     the suffix kernel per (row, KV head), which merges the prefix partials."""
     launch = wrap or direct
@@ -469,20 +521,21 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
     gs = max(16, next_power_of_2(groups))
     if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
         key = (n, h, d, h_kv, bs, block_m, splits, chunk, gs, int_class(groups), q.stride(), out.stride(),
-               block_table.stride(0), int_class(window), type(scale),
-               tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens))
+               block_table.stride(0), int_class(window), type(scale), type(softcap), softcap > 0,
+               tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks))
         launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
+    softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
     launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
-        q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits,
+        q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits, softcap,
         H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
-        num_warps=8 if block_n >= 64 else 4, **_FUSED,
+        SOFTCAP=extra_c["SOFTCAP"], num_warps=8 if block_n >= 64 else 4, **_FUSED,
     )
     launch(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, groups, part_o, part_m, part_l, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, splits,
-        H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs, BLOCK_N=block_n,
-        IEEE=ieee, F32=f32, GS=gs, **_FUSED,
+        sinks_arg, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
+        splits, softcap, H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs,
+        BLOCK_N=block_n, IEEE=ieee, F32=f32, GS=gs, **extra_c, **_FUSED,
     )
     return out
 
@@ -491,9 +544,10 @@ def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_
 def shared_prefix_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                       block_table: torch.Tensor, seq_lens: torch.Tensor, group_starts: torch.Tensor,
                                       shared_lens: torch.Tensor, max_group_rows: int, scale: float, window: int,
-                                      num_splits: int) -> torch.Tensor:
+                                      num_splits: int, softcap: float = 0.0,
+                                      sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     from torch.library import wrap_triton
 
     return launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts,
                                                  shared_lens, max_group_rows, scale, window, num_splits,
-                                                 wrap=wrap_triton)
+                                                 softcap, sinks, wrap=wrap_triton)

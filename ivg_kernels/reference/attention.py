@@ -5,6 +5,11 @@ Token position ``p`` of a sequence lives in slot ``block_table[p // block_size] 
 p % block_size``. A query at position ``q`` attends to keys at positions ``k <= q`` with
 ``q - k < sliding_window`` when a window is set (Mistral's rule). Query head ``h`` reads KV head
 ``h // (num_heads // num_kv_heads)`` (grouped-query attention).
+
+Two options change the softmax, as Gemma 2 and gpt-oss use them (transformers' eager attention is the
+definition): ``softcap`` caps every scaled score ``s`` to ``softcap * tanh(s / softcap)`` before the mask
+and the softmax; ``sinks`` (``[num_heads]``) adds one logit per query head to the softmax's denominator,
+a key that every query sees and whose value is zero: ``out = sum_j e^(s_j) v_j / (e^(sink) + sum_j e^(s_j))``.
 """
 from __future__ import annotations
 
@@ -45,9 +50,15 @@ def _gather_slots(cache, slots, rows: int, length: int):
     return cache.flatten(0, 1).index_select(0, slots).view(rows, length, cache.shape[2], cache.shape[3])
 
 
-def _attend(q, k, v, allowed, scale, clear=True):
+def _attend(q, k, v, allowed, scale, clear=True, softcap=None, sinks=None):
     """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in float32
-    (float64 for float64). ``clear=False``: the caller knows every query allows a key (no 0/0 to set to 0)."""
+    (float64 for float64). ``clear=False``: the caller knows every query allows a key (no 0/0 to set to 0).
+    ``softcap``/``sinks``: see the module's docstring (then the scores are formed here, not by SDPA)."""
+    if softcap is not None or sinks is not None:
+        if allowed is None:
+            allowed = torch.ones(q.shape[0], q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
+        out, lse = _attend_lse(q, k, v, allowed, scale, softcap)
+        return _sink(out, lse, sinks)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -102,7 +113,7 @@ def decode_plan(block_table, seq_lens, block_size, sliding_window=None) -> Decod
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
-                               plan=None):
+                               plan=None, softcap=None, sinks=None):
     """One query per row at position ``seq_lens - 1``; q ``[N, H, D]`` -> ``[N, H, D]``.
 
     On the CPU, rows that all have one length (the beams of one prompt) are attended without a mask.
@@ -116,14 +127,14 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
     n = q.shape[0]
     k = _gather_slots(k_cache, plan.slots, n, plan.length)
     v = _gather_slots(v_cache, plan.slots, n, plan.length)
-    return _attend(q.unsqueeze(1), k, v, plan.allowed, scale).squeeze(1).to(q.dtype)
+    return _attend(q.unsqueeze(1), k, v, plan.allowed, scale, softcap=softcap, sinks=sinks).squeeze(1).to(q.dtype)
 
 
 PREFILL_BATCH_ELEMENTS = 1 << 22  # padded query x key positions attended per batched call
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale,
-                                sliding_window=None, plan=None):
+                                sliding_window=None, plan=None, softcap=None, sinks=None):
     """Ragged queries: sequence b owns q rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, the last tokens of
     its ``seq_lens[b]`` (already written to the cache). q ``[T, H, D]`` -> ``[T, H, D]``.
 
@@ -135,13 +146,13 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_table, seq_lens, cu_s
         plan = prefill_plan(block_table, seq_lens, cu_seqlens_q, k_cache.shape[1], sliding_window)
     groups = plan.groups
     if len(groups) == 1 and groups[0].rows is None and groups[0].first == 0 and groups[0].last == q.shape[0]:
-        return _prefill_group(q, k_cache, v_cache, groups[0], scale)  # every query, in order, in one batch
+        return _prefill_group(q, k_cache, v_cache, groups[0], scale, softcap, sinks)  # every query, in order
     out = torch.zeros_like(q)
     for g in groups:
         if g.rows is None:
-            out[g.first:g.last] = _prefill_group(q, k_cache, v_cache, g, scale)
+            out[g.first:g.last] = _prefill_group(q, k_cache, v_cache, g, scale, softcap, sinks)
         else:
-            out.index_copy_(0, g.rows, _prefill_group(q, k_cache, v_cache, g, scale))
+            out.index_copy_(0, g.rows, _prefill_group(q, k_cache, v_cache, g, scale, softcap, sinks))
     return out
 
 
@@ -208,7 +219,7 @@ def _plan_group(block_table, seqs, cu, lens, m_max, l_max, block_size, sliding_w
     return PrefillGroup(slots, l_max, allowed, rows, valid, cu[seqs[0]], cu[seqs[0]] + len(seqs) * m_max, clear)
 
 
-def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
+def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale, softcap=None, sinks=None):
     """One group's queries (padded to ``[n, m_max]``) attended over their ``l_max`` keys: the output of its
     valid queries, ``[last - first, H, D]`` in order, or in the order of ``g.rows``."""
     n, m_max = g.allowed.shape[:2]
@@ -216,26 +227,38 @@ def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale):
     v = _gather_slots(v_cache, g.slots, n, g.l_max)
     if g.rows is None:  # no padding: the group's rows of q, in order
         qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
-        return _attend(qp, k, v, g.allowed, scale, g.clear).reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
+        out = _attend(qp, k, v, g.allowed, scale, g.clear, softcap, sinks)
+        return out.reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
     qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
     qp[g.valid] = q.index_select(0, g.rows)
-    return _attend(qp, k, v, g.allowed, scale)[g.valid].to(q.dtype)
+    return _attend(qp, k, v, g.allowed, scale, softcap=softcap, sinks=sinks)[g.valid].to(q.dtype)
 
 
-def _attend_lse(q, k, v, allowed, scale):
+def _attend_lse(q, k, v, allowed, scale, softcap=None):
     """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> (out [N, M, H, D], lse [N, M, H]) in float32
-    (float64 for float64): the normalised attention and the log-sum-exp of the scaled scores over the
-    allowed keys (out 0 and lse -inf where none is allowed)."""
+    (float64 for float64): the normalised attention and the log-sum-exp of the scaled (and, with ``softcap``,
+    capped) scores over the allowed keys (out 0 and lse -inf where none is allowed)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     n, m, h, d = q.shape
     hkv = k.shape[2]
     qg = q.to(acc).reshape(n, m, hkv, h // hkv, d)
     s = torch.einsum("nmkgd,nlkd->nmkgl", qg, k.to(acc)) * scale  # [N, M, Hkv, G, L]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~allowed[:, :, None, None, :], -torch.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows with lse = -inf give 0
     out = torch.einsum("nmkgl,nlkd->nmkgd", p, v.to(acc))
     return out.reshape(n, m, h, d), lse.reshape(n, m, h)
+
+
+def _sink(out, lse, sinks):
+    """``out`` [..., H, D] with log-sum-exp ``lse`` [..., H] renormalised for the attention ``sinks`` [H] (None:
+    ``out``): each head's softmax gains one more term, ``e^(sink)``, in its denominator, and no value."""
+    if sinks is None:
+        return out
+    keep = torch.exp(lse - torch.logaddexp(lse, sinks.to(lse.dtype)))  # sum e^s / (sum e^s + e^sink); 0 for no key
+    return out * keep.unsqueeze(-1)
 
 
 def check_shared_prefix(block_table, seq_lens, group_starts, shared_lens, block_size) -> None:
@@ -321,7 +344,7 @@ def shared_decode_plan(block_table, seq_lens, group_starts, shared_lens, block_s
 
 
 def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,
-                                       scale, sliding_window=None, plan=None):
+                                       scale, sliding_window=None, plan=None, softcap=None, sinks=None):
     """:func:`paged_decode_attention_ref` for rows in groups that share the blocks of a prefix: the first
     ``shared_lens[g]`` tokens of every row of group ``g`` (rows ``group_starts[g]:group_starts[g+1]``)
     are read once for the whole group, each row's own tokens after them per row, and the two parts are
@@ -339,15 +362,15 @@ def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_len
         g = plan.rows.shape[0]
         kp = _gather_slots(k_cache, plan.prefix_slots, g, plan.prefix_len)  # [G, S, Hkv, D]
         vp = _gather_slots(v_cache, plan.prefix_slots, g, plan.prefix_len)
-        o, lse = _attend_lse(q[plan.rows], kp, vp, plan.prefix_allowed, scale)  # [G, R, H, D], [G, R, H]
+        o, lse = _attend_lse(q[plan.rows], kp, vp, plan.prefix_allowed, scale, softcap)  # [G, R, H, D], [G, R, H]
         o_p[plan.valid_rows], lse_p[plan.valid_rows] = o[plan.valid], lse[plan.valid]
     if plan.suffix_len == 0:
-        return o_p.to(q.dtype)
+        return _sink(o_p, lse_p, sinks).to(q.dtype)
     ks = _gather_slots(k_cache, plan.suffix_slots, n, plan.suffix_len)
     vs = _gather_slots(v_cache, plan.suffix_slots, n, plan.suffix_len)
-    o_s, lse_s = _attend_lse(q.unsqueeze(1), ks, vs, plan.suffix_allowed, scale)
+    o_s, lse_s = _attend_lse(q.unsqueeze(1), ks, vs, plan.suffix_allowed, scale, softcap)
     o_s, lse_s = o_s.squeeze(1), lse_s.squeeze(1)
     lse = torch.logaddexp(lse_p, lse_s)
     w_p = torch.exp(lse_p - lse).nan_to_num(0.0).unsqueeze(2)  # both -inf: no key at all, the output is 0
     w_s = torch.exp(lse_s - lse).nan_to_num(0.0).unsqueeze(2)
-    return (w_p * o_p + w_s * o_s).to(q.dtype)
+    return _sink(w_p * o_p + w_s * o_s, lse, sinks).to(q.dtype)

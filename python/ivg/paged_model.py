@@ -57,9 +57,11 @@ class PagedBatch:
     attended: int = 0  # layers that attended through paged_attention_forward in this forward (check_attended)
 
 
-def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window) -> torch.Tensor:
+def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window, softcap: float = 0.0,
+           sinks=None) -> torch.Tensor:
     """One layer's paged attention for the batch ``b``: write the new keys/values ``[T, H_kv, D]`` into
-    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill).
+    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill), with the
+    layer's logit soft-capping (``softcap``, 0.0 for none) and attention sinks (``[H]`` or None).
 
     The ops run without the public functions' argument checks (``ivg_kernels.attention.run_*``): the
     batch is built by ``PagedModel`` for its own cache, and checking it on every layer cost about a
@@ -74,11 +76,12 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window)
     if b.is_decode and b.groups is not None:
         starts, shared, most = b.groups
         return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
-                                 scale, sliding_window, plan=plan)
+                                 scale, sliding_window, plan=plan, softcap=softcap, sinks=sinks)
     if b.is_decode:
-        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window, plan=plan)
+        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window, plan=plan,
+                          softcap=softcap, sinks=sinks)
     return run_prefill(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q, b.max_seqlen_q,
-                       scale, sliding_window, plan)
+                       scale, sliding_window, plan, softcap=softcap, sinks=sinks)
 
 
 def _reference_plan(b: PagedBatch, sliding_window, block_size: int):
@@ -97,9 +100,24 @@ def _reference_plan(b: PagedBatch, sliding_window, block_size: int):
 
 
 # Arguments some families pass to their attention function that change its result, and what they are: the
-# paged attention computes plain causal softmax attention (scaled, optionally windowed), so it refuses them.
-_UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks",
-                "position_bias": "an additive position bias"}
+# paged attention computes causal softmax attention (scaled, optionally windowed, soft-capped and with sinks),
+# so it refuses them.
+_UNSUPPORTED = {"position_bias": "an additive position bias"}
+
+
+def _sinks(module, query, kwargs):
+    """The attention sinks a layer passes (``s_aux=``, as gpt-oss, or ``sinks=``): None, or one logit per query
+    head (a ``[H]`` tensor); any other form is refused."""
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (query.shape[1],):
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"{type(module).__name__} passes attention sinks of shape {shape}; ivg's paged attention "
+                         f"takes one sink logit per query head ({query.shape[1]})")
+    return sinks
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -122,6 +140,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
                          "attention is causal")
     if query.shape[0] != 1:
         raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
+    sinks = _sinks(module, query, kwargs)
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not 0 < softcap < float("inf"):
+        raise ValueError(f"{type(module).__name__} soft-caps its attention logits at {softcap!r}: expected a positive "
+                         "finite float")
     kv_heads, head_dim = ivg_batch.cache.pool.kv.shape[4:]
     if key.shape[1] != kv_heads or key.shape[-1] != head_dim or value.shape[1:2] + value.shape[-1:] != (kv_heads,
                                                                                                        head_dim):
@@ -131,7 +154,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     ivg_batch.attended += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(ivg_batch, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
-                 value[0].transpose(0, 1), scale, sliding_window)
+                 value[0].transpose(0, 1), scale, sliding_window, float(softcap or 0.0), sinks)
     return out.unsqueeze(0), None  # (1, T, H, D)
 
 
@@ -164,8 +187,9 @@ def check_family(model) -> None:
     """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
     attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
     transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    attention adds what the paged kernels do not compute (logit soft-capping, attention sinks). The attention
-    function refuses such arguments too, for a family this check does not know."""
+    layers or attention the paged kernels do not compute (recurrent or convolutional layers, latent attention).
+    The attention function refuses what it cannot compute (an additive position bias, a mask), for a family this
+    check does not know. Logit soft-capping (Gemma 2) and attention sinks (gpt-oss) are computed."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
     naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
@@ -174,9 +198,6 @@ def check_family(model) -> None:
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
                          f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
     cfg = text_config(body)
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"model: {name} soft-caps its attention logits (attn_logit_softcapping="
-                         f"{cfg.attn_logit_softcapping}), which ivg's paged attention does not implement{naive}")
     for key in ("layer_types", "block_types", "layers_block_type"):
         types = getattr(cfg, key, None)
         other = sorted(set(types) - _ATTENTION_LAYERS) if isinstance(types, (list, tuple)) else []
@@ -187,8 +208,6 @@ def check_family(model) -> None:
     if None not in (nope, rope, v_dim) and nope + rope != v_dim:
         raise ValueError(f"model: {name} uses multi-head latent attention with keys of {nope + rope} and values of "
                          f"{v_dim} dimensions; ivg's paged cache holds keys and values of one size{naive}")
-    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in body.modules()):
-        raise ValueError(f"model: {name} has attention sinks, which ivg's paged attention does not implement{naive}")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
