@@ -9,7 +9,8 @@ implementation it does not know, and none is needed.
 
 Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
 RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
-GPTBigCode and Mixtral. :func:`check_family` refuses, with the reason, models it cannot serve exactly.
+GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks).
+:func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
 
