@@ -2,7 +2,7 @@
 the sampler (vocabulary widths around the slice sizes, 16-bit inputs, guides of other widths, per-row and
 scalar parameters, every filter, tiny and zero temperatures, ties, masked, flat and ranked rows, the fallback
 pool's sizes), paged decode and prefill attention (block sizes from 1, GQA groups, windows, splits, the
-64-key tiles; also against dense attention) and the speculative verification and draft draw (drafts
+64-key tiles, logit soft-capping and attention sinks; also against dense attention) and the speculative verification and draft draw (drafts
 inside and outside the draft's support). The parity tests pin each path; these cover their combinations.
 On the CPU the kernels run in the Triton interpreter; on a GPU, compiled."""
 import random
@@ -17,7 +17,7 @@ from ivg_kernels.reference.speculative import draft_draw_ref, speculative_verify
 from ivg_kernels.speculative import draft_sample, speculative_verify
 
 from .helpers import DEVICE, args_to, assert_close, requires_triton
-from .test_attention_kernels import ATOL, _dense_causal, _setup
+from .test_attention_kernels import ATOL, _dense_capped, _setup
 from .test_shared_prefix_attention import _fork_history, _inputs as _group_inputs
 from .test_speculative_kernels import _case
 
@@ -97,13 +97,19 @@ def test_sampler_on_random_configurations(monkeypatch):
         sk._plan.cache_clear()
 
 
+ATTENTION_SEED, ATTENTION_CASES = 20261203, 60
+# One rounding of a 16-bit output apart: at most one ulp, relative to the value (|out| of 4 or more with the
+# larger scales, where a bfloat16 ulp, 0.031, exceeds ATOL's 0.02).
+ULP = {torch.float32: 0.0, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
 def test_paged_attention_on_random_configurations(monkeypatch):
     from ivg_kernels._triton import attention_kernels as ak
 
-    rng = random.Random(20261203)
+    rng = random.Random(ATTENTION_SEED)
     long_keys = ak._LONG_KEYS
     try:
-        for case in range(60):
+        for case in range(ATTENTION_CASES):
             dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
             h_kv, group = rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 4])
             h, d, bs = h_kv * group, rng.choice([8, 16, 24, 32, 64]), rng.choice([1, 2, 4, 8, 16, 32])
@@ -111,17 +117,21 @@ def test_paged_attention_on_random_configurations(monkeypatch):
             monkeypatch.setattr(ak, "_LONG_KEYS", rng.choice([long_keys, 0]))  # 0: 16-bit rows read 64-key tiles
             ak._decode_plan.cache_clear()
             kind, seed = rng.choice(["decode", "prefill", "shared"]), 1000 + case
-            scale = d ** -0.5
-            where = f"case {case}: {kind} {dtype} h={h} h_kv={h_kv} d={d} bs={bs} window={window}"
+            scale = d ** -0.5 * rng.choice([1.0, 1.0, 8.0])  # x8: scores large enough for a cap of 1 to bite
+            softcap = rng.choice([None, None, 0.3, 1.0, 30.0])
+            sinks = torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 3 if rng.random() < 0.4 else None
+            extra = dict(softcap=softcap, sinks=None if sinks is None else sinks.to(DEVICE))
+            where = (f"case {case}: {kind} {dtype} h={h} h_kv={h_kv} d={d} bs={bs} window={window} scale={scale:.3g} "
+                     f"softcap={softcap} sinks={sinks is not None}")
             if kind == "decode":
                 lens = [rng.choice([1, 2, bs, bs + 1, rng.randint(1, 150)]) for _ in range(rng.randint(1, 5))]
                 splits = rng.choice([0, 0, 1, 2, 3, 7])
                 bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, dtype, seed=seed)
                 q = torch.randn(len(lens), h, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
                 args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
-                want = paged_decode_attention(*args, scale=scale, sliding_window=window, backend="reference")
+                want = paged_decode_attention(*args, scale=scale, sliding_window=window, backend="reference", **extra)
                 got = paged_decode_attention(*args, scale=scale, sliding_window=window, num_splits=splits,
-                                             backend="triton")
+                                             backend="triton", **extra)
                 new, q_pos = [1] * len(lens), [torch.tensor([n - 1]) for n in lens]
                 where += f" lens={lens} splits={splits}"
             elif kind == "prefill":
@@ -133,9 +143,9 @@ def test_paged_attention_on_random_configurations(monkeypatch):
                 args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), cu)]
                 most = max(max(new), 1)
                 want = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
-                                               backend="reference")
+                                               backend="reference", **extra)
                 got = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
-                                              backend="triton")
+                                              backend="triton", **extra)
                 q_pos = [torch.arange(n - nw, n) for n, nw in zip(lens, new)]
                 where += f" lens={lens} new={new}"
             else:
@@ -144,21 +154,22 @@ def test_paged_attention_on_random_configurations(monkeypatch):
                 cache, rows = _fork_history(prompts, h_kv, d, bs, dtype, seed, frees=rng.random() < 0.5)
                 inputs = _group_inputs(cache, rows, h, seed)
                 args, most = [x.to(DEVICE) for x in inputs[:7]], inputs[7]
-                want = paged_decode_attention(*args[:5], scale=scale, sliding_window=window, backend="reference")
+                want = paged_decode_attention(*args[:5], scale=scale, sliding_window=window, backend="reference",
+                                              **extra)
                 shared = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale,
-                                                        sliding_window=window, backend="reference")
-                torch.testing.assert_close(shared.float(), want.float(), atol=ATOL[dtype], rtol=0, msg=where)
+                                                        sliding_window=window, backend="reference", **extra)
+                torch.testing.assert_close(shared.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
                 got = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale, sliding_window=window,
-                                                     num_splits=splits, backend="triton")
+                                                     num_splits=splits, backend="triton", **extra)
                 q_pos = None
                 where += f" prompts={prompts} splits={splits}"
-            torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0, msg=where)
+            torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
             if q_pos is not None:  # the reference against dense attention, row by row
                 q, at_k, at_q = args[0].cpu(), 0, 0
                 for n, nw, pos in zip(lens, new, q_pos):
                     if nw:
-                        dense = _dense_causal(q[at_q:at_q + nw], k[at_k:at_k + n], v[at_k:at_k + n], pos, scale,
-                                              window)
+                        dense = _dense_capped(q[at_q:at_q + nw], k[at_k:at_k + n], v[at_k:at_k + n], pos, scale,
+                                              window, softcap, sinks)
                         torch.testing.assert_close(want[at_q:at_q + nw].cpu().double(), dense.to(dtype).double(),
                                                    atol=2 * ATOL[dtype], rtol=0, msg=where)
                     at_k, at_q = at_k + n, at_q + nw
