@@ -2,7 +2,9 @@
 scratch by transformers: GPT-2 with other activations, unscaled attention and other MLP widths; Llama,
 Mistral and Qwen2 with head dims unlike hidden / heads, grouped-query attention, biases, tied embeddings,
 every RoPE type a checkpoint may name (default, linear, dynamic, llama3, yarn), sliding windows and
-Qwen2's per-layer windows; the lean forward on and off; block sizes from 1; ragged prefills, decode steps,
+Qwen2's per-layer windows; Gemma 2 with attention logit soft-capping (and the final logits' cap) and
+gpt-oss with attention sinks, each with per-layer windows and scores large enough for the cap and the sinks
+to matter; the lean forward on and off; block sizes from 1; ragged prefills, decode steps,
 multi-token extends and forks. The family tests pin each setting; these cover their combinations."""
 import random
 
@@ -10,14 +12,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import GPT2Config, Gemma2Config, GptOssConfig, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from ivg.paged_model import PagedModel  # noqa: E402
 
 from .test_paged_models import _pair, _scratch  # noqa: E402
 
 V = 97
-CASES = 40
+CASES, SEED = 40, 20261205
 
 
 def _rope(rng):
@@ -33,7 +35,7 @@ def _rope(rng):
 
 
 def _config(rng):
-    family = rng.choice(["gpt2", "llama", "mistral", "qwen2"])
+    family = rng.choice(["gpt2", "llama", "mistral", "qwen2", "gemma2", "gpt_oss"])
     if family == "gpt2":
         heads = rng.choice([1, 2, 4])
         return GPT2Config(n_layer=rng.randint(1, 3), n_head=heads, n_embd=heads * rng.choice([4, 8, 16]), vocab_size=V,
@@ -52,21 +54,53 @@ def _config(rng):
         return LlamaConfig(attention_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3, **kw)
     if family == "mistral":
         return MistralConfig(sliding_window=rng.choice([None, 3, 8, 30]), **kw)
+    layer_types = [rng.choice(["sliding_attention", "full_attention"]) for _ in range(kw["num_hidden_layers"])]
+    if family == "gemma2":
+        kw.pop("hidden_act")
+        return Gemma2Config(attn_logit_softcapping=rng.choice([None, 0.5, 3.0, 50.0]),
+                            final_logit_softcapping=rng.choice([None, 2.0, 30.0]),
+                            query_pre_attn_scalar=rng.choice([head_dim, 7]), sliding_window=rng.choice([2, 5, 30]),
+                            layer_types=layer_types, **kw)
+    if family == "gpt_oss":
+        kw.pop("hidden_act")
+        return GptOssConfig(num_local_experts=rng.choice([2, 4]), num_experts_per_tok=rng.choice([1, 2]),
+                            sliding_window=rng.choice([2, 5, 30]), layer_types=layer_types, **kw)
     return Qwen2Config(use_sliding_window=rng.random() < 0.5, sliding_window=rng.choice([3, 8, 30]),
                        max_window_layers=rng.randint(0, 3), **kw)
 
 
+@torch.no_grad()
+def _sharpen(model, factor):
+    """Queries and keys scaled by ``factor`` (scores by its square), sinks drawn with a spread of 2."""
+    gen = torch.Generator().manual_seed(int(factor))
+    for name, p in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            p.mul_(factor)
+        elif name.endswith(".sinks"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
+
+
 def test_paged_models_of_random_configurations_match_transformers():
-    rng = random.Random(20261205)
+    rng = random.Random(SEED)
     for case in range(CASES):
         cfg, dtype = _config(rng), rng.choice([torch.float32, torch.float64])
+        if isinstance(cfg, GptOssConfig):
+            dtype = torch.float32  # (its experts' grouped matmul takes no float64)
         lean, block_size = rng.choice([True, False]), rng.choice([1, 2, 4, 16])
-        where = f"case {case}: {type(cfg).__name__} {cfg.to_diff_dict()} {dtype} lean={lean} block_size={block_size}"
+        capped = isinstance(cfg, (Gemma2Config, GptOssConfig))  # soft-capping or sinks
+        lean = lean and not capped  # (families the lean forward has not)
+        sharp = rng.choice([1.0, 10.0, 40.0]) if capped else 1.0
+        where = (f"case {case}: {type(cfg).__name__} {cfg.to_diff_dict()} {dtype} lean={lean} block_size={block_size} "
+                 f"sharpened x{sharp}")
         oracle, model = (m.to(dtype) for m in _pair(cfg, seed=case))
+        if capped:  # scores a cap bites on; sinks of a spread that matters
+            _sharpen(oracle, sharp)
+            model.load_state_dict(oracle.state_dict())
         pm = PagedModel(model, num_blocks=512, block_size=block_size, backend="reference", lean=lean)
         assert (pm.lean is not None) == lean, where
         # transformers' eager attention takes its softmax in float32, so float64 agrees to about 1e-8 only
-        tol = 1e-4 if dtype == torch.float32 else 1e-6
+        # (1e-5 for scores up to 1600 times larger, which that float32 rounding follows)
+        tol = 1e-4 if dtype == torch.float32 else 1e-6 if sharp == 1 else 1e-5
         gen = torch.Generator().manual_seed(case)
         prompts = [torch.randint(0, V, (rng.randint(1, 40),), generator=gen).tolist() for _ in range(rng.randint(1, 3))]
         live = pm.blocks.new_sequences(len(prompts))
