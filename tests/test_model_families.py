@@ -18,9 +18,10 @@ from .helpers import DEVICE  # noqa: E402
 V = 97
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, head_dim=8)
-DEEPSEEK = dict({k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"}, q_lora_rank=None, kv_lora_rank=8,
-                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=2, num_experts_per_tok=1,
-                first_k_dense_replace=2, moe_intermediate_size=16, n_group=1, topk_group=1)
+# latent attention expands keys and values to every head (its checkpoints give as many KV heads as heads)
+DEEPSEEK = dict({k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"}, num_key_value_heads=4, q_lora_rank=None,
+                kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=2,
+                num_experts_per_tok=1, first_k_dense_replace=2, moe_intermediate_size=16, n_group=1, topk_group=1)
 SERVED = {
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V,
                      max_position_embeddings=256, rotary_pct=0.5),  # partial rotary, parallel residual
@@ -38,7 +39,15 @@ SERVED = {
     "gpt_oss": dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"]),
     "granite_swa": dict(LLAMA_LIKE, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),  # sinks
+    # multi-head latent attention: keys of 12 (8 + 4 rotary), values of 8, held zero-padded to 12
+    "deepseek_v2": DEEPSEEK,
+    "deepseek_v3": DEEPSEEK,
+    "minicpm3": dict(DEEPSEEK, scale_emb=2.0, scale_depth=1.4, dim_model_base=16),
 }
+# MiMo-V2's sliding-window layers hold twice the KV heads of its full-attention layers (the cache has one count)
+MIMO = dict(LLAMA_LIKE, head_dim=12, v_head_dim=8, layer_types=["full_attention", "sliding_attention"],
+            sliding_window=4, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+            mlp_layer_types=["dense", "dense"])
 REFUSED = {
     "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=V), "its own attention"),
     "bloom": (dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=V), "its own attention"),
@@ -49,7 +58,6 @@ REFUSED = {
              "layers of type conv"),
     "minimax": (dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
                      num_experts_per_tok=1), "layers of type linear_attention"),
-    "deepseek_v3": (DEEPSEEK, "multi-head latent attention with keys of 12 and values of 8"),
 }
 
 
@@ -105,7 +113,8 @@ def test_families_it_cannot_serve_exactly_are_refused_with_the_reason(family):
 
 @pytest.mark.parametrize("family,kw,match", [
     ("lfm2", REFUSED["lfm2"][0], "1 of Lfm2ForCausalLM's 2 layers attended through the paged cache"),
-    ("deepseek_v3", DEEPSEEK, "attends with keys of 4 heads of 12 and values of 4 heads of 8"),
+    ("mimo_v2_flash", MIMO, "attends with keys of 4 heads of 12 and values of 4 heads of 8; the paged cache holds 2 "
+                            "heads of 12 for both"),
     ("diffllama", LLAMA_LIKE, "2 layers attended 4 times"),  # differential attention: twice per layer
 ])
 def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypatch, family, kw, match):
@@ -198,24 +207,40 @@ def test_models_made_paged_before_a_failing_one_get_their_attention_back(monkeyp
     assert all(m.config._attn_implementation != "ivg_paged" for _, m, _ in models.roles())
 
 
-def _family_lm(family, seed, **kw):
+def _family_lm(family, seed, base=LLAMA_LIKE, **kw):
     """A decoder-test LM (the character vocabulary, logits scaled up) of ``family``, with :func:`_model`'s large
     scores and sinks, on transformers' eager attention."""
     from .decoder_fixtures import EOS, VOCAB
 
-    model = _model(family, dict(LLAMA_LIKE, vocab_size=VOCAB, **kw), seed=seed)
+    model = _model(family, dict(base, vocab_size=VOCAB, **kw), seed=seed)
     model.config.eos_token_id = model.config.bos_token_id = EOS
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(12.0)
     return model
 
 
+def _capped(models):
+    """A Gemma 2 base (logit soft-capping, alternating windows) and a gpt-oss tuned guide (attention sinks)."""
+    windows = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    models.base = _family_lm("gemma2", 1, attn_logit_softcapping=0.7, **windows)
+    models.guides[0].tuned = _family_lm("gpt_oss", 2, num_local_experts=4, num_experts_per_tok=2, **windows)
+
+
+def _latent(models):
+    """A DeepSeek V3 base, a MiniCPM3 tuned guide and a DeepSeek V2 reference: latent attention, keys and values
+    of two sizes."""
+    models.base = _family_lm("deepseek_v3", 1, DEEPSEEK)
+    models.guides[0].tuned = _family_lm("minicpm3", 2, SERVED["minicpm3"])
+    models.guides[0].ref = _family_lm("deepseek_v2", 3, DEEPSEEK)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ivg_with_a_soft_capped_base_and_a_guide_with_sinks_matches_the_naive_decoder(backend):
-    """IVG and EFT decoding with a Gemma 2 base (logit soft-capping, alternating windows) and a gpt-oss tuned
-    guide (attention sinks): the paged decoder's tokens and values are the naive decoder's, which runs the
-    models on transformers' own cache and eager attention (the Triton kernels in the interpreter off a GPU).
-    float32: gpt-oss's experts multiply in no wider type."""
+@pytest.mark.parametrize("swap", [_capped, _latent], ids=["softcap-sinks", "latent"])
+def test_ivg_with_the_attention_variants_matches_the_naive_decoder(backend, swap):
+    """IVG and EFT decoding with models whose attention differs from plain softmax attention (:func:`_capped`,
+    :func:`_latent`): the paged decoder's tokens and values are the naive decoder's, which runs the models on
+    transformers' own cache and eager attention (the Triton kernels in the interpreter off a GPU). float32:
+    gpt-oss's experts multiply in no wider type."""
     from ivg.decoder import IVGDecoder
     from ivg.naive import NaiveDecoder
     from ivg.options import DecodeOptions
@@ -225,9 +250,7 @@ def test_ivg_with_a_soft_capped_base_and_a_guide_with_sinks_matches_the_naive_de
     if backend == "triton":
         pytest.importorskip("triton")
     models = _ivg_models(None, "gpt2")
-    windows = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-    models.base = _family_lm("gemma2", 1, attn_logit_softcapping=0.7, **windows)
-    models.guides[0].tuned = _family_lm("gpt_oss", 2, num_local_experts=4, num_experts_per_tok=2, **windows)
+    swap(models)
     for _, model, _ in models.roles():
         model.float().to(DEVICE)
     for mode in ("ivg", "eft"):

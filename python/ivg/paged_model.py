@@ -9,7 +9,8 @@ implementation it does not know, and none is needed.
 
 Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
 RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
-GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks).
+GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks);
+DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded).
 :func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
@@ -147,16 +148,18 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"{type(module).__name__} soft-caps its attention logits at {softcap!r}: expected a positive "
                          "finite float")
     kv_heads, head_dim = ivg_batch.cache.pool.kv.shape[4:]
-    if key.shape[1] != kv_heads or key.shape[-1] != head_dim or value.shape[1:2] + value.shape[-1:] != (kv_heads,
-                                                                                                       head_dim):
-        raise ValueError(f"{type(module).__name__} attends with keys of {key.shape[1]} heads of {key.shape[-1]} and "
-                         f"values of {value.shape[1]} heads of {value.shape[-1]}; the paged cache holds {kv_heads} "
-                         f"heads of {head_dim} for both, as its config states")
+    k_dim, v_dim = key.shape[-1], value.shape[-1]
+    if key.shape[1] != kv_heads or value.shape[1] != kv_heads or k_dim != head_dim or v_dim > head_dim:
+        raise ValueError(f"{type(module).__name__} attends with keys of {key.shape[1]} heads of {k_dim} and "
+                         f"values of {value.shape[1]} heads of {v_dim}; the paged cache holds {kv_heads} heads of "
+                         f"{head_dim} for both (values may be narrower), as its config states")
     ivg_batch.attended += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend(ivg_batch, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
-                 value[0].transpose(0, 1), scale, sliding_window, float(softcap or 0.0), sinks)
-    return out.unsqueeze(0), None  # (1, T, H, D)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    if v_dim < head_dim:  # latent attention (DeepSeek V2/V3, MiniCPM3): values narrower than keys, held zero-padded;
+        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))  # their zero columns give output columns cut off below
+    out = attend(ivg_batch, module.layer_idx, q, k, v, scale, sliding_window, float(softcap or 0.0), sinks)
+    return out[..., :v_dim].unsqueeze(0), None  # (1, T, H, D_v)
 
 
 def register_attention() -> None:
@@ -188,9 +191,10 @@ def check_family(model) -> None:
     """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
     attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
     transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    layers or attention the paged kernels do not compute (recurrent or convolutional layers, latent attention).
-    The attention function refuses what it cannot compute (an additive position bias, a mask), for a family this
-    check does not know. Logit soft-capping (Gemma 2) and attention sinks (gpt-oss) are computed."""
+    layers or attention the paged kernels do not compute (recurrent or convolutional layers). The attention
+    function refuses what it cannot compute (an additive position bias, a mask), for a family this check does not
+    know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss) and values narrower than keys (latent
+    attention, as transformers expands it) are computed."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
     naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
@@ -205,21 +209,22 @@ def check_family(model) -> None:
         if other:
             raise ValueError(f"model: {name} has layers of type {', '.join(map(str, other))} ({key}), which "
                              f"ivg's paged attention does not implement{naive}")
-    nope, rope, v_dim = (getattr(cfg, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    if None not in (nope, rope, v_dim) and nope + rope != v_dim:
-        raise ValueError(f"model: {name} uses multi-head latent attention with keys of {nope + rope} and values of "
-                         f"{v_dim} dimensions; ivg's paged cache holds keys and values of one size{naive}")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a transformers config (GPT-2 or Llama-style names)."""
+    """(num_layers, num_kv_heads, head_dim) of a transformers config (GPT-2 or Llama-style names). ``head_dim``
+    is the cache's, the keys' head: multi-head latent attention, as DeepSeek V2/V3 and MiniCPM3 expand it, has
+    keys of ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim``, stored zero-padded to it."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return layers, kv_heads, head_dim
+    k_dim = getattr(text, "head_dim", None) or hidden // heads
+    nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
+    if nope is not None and rope is not None:  # latent attention (its config's head_dim is the rotary part's)
+        k_dim = nope + rope
+    return layers, kv_heads, k_dim
 
 
 def local_kv_shape(model) -> tuple[int, int, int]:
