@@ -8,7 +8,7 @@
 #   targets   for a session with one short lease (one device command, TARGETS_BUDGET seconds, default 530): the
 #             GPU tests of the eager launch paths, the decoder and the kernels against the reference
 #             (test_sampling_gpu.py, test_gpu.py, attention, beam groups, speculative, sampler parity, paged
-#             models), then, pass or fail, one measurement per open issue's headline target, each under the
+#             models, the kernels' random configurations, the model families), then, pass or fail, one measurement per open issue's headline target, each under the
 #             lesser of its own limit and what is left of the budget (a part cut by its limit records
 #             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
@@ -60,7 +60,8 @@ env_report() {
 GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_sampling_gpu.py tests/test_cuda_kernels.py tests/test_sampling_parity.py tests/test_attention_kernels.py
            tests/test_shared_prefix_attention.py tests/test_speculative.py tests/test_speculative_kernels.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
-           tests/test_cuda_build_dispatch.py}"
+           tests/test_cuda_build_dispatch.py tests/test_kernel_random_configs.py tests/test_model_families.py
+           tests/test_model_random_configs.py tests/test_row_rope.py}"
 
 run_build() {
     note "build csrc/"
@@ -219,11 +220,11 @@ run_targets() {
     if wanted smoke; then
         note "targets: GPU tests: the eager launch paths, the decoder, and the kernels against the reference"
         # shellcheck disable=SC2086
-        timed "GPU tests" "${SMOKE_TIMEOUT:-150}" targets_smoke.log \
+        timed "GPU tests" "${SMOKE_TIMEOUT:-180}" targets_smoke.log \
             "$PY" -m pytest -q -n "${TEST_WORKERS:-8}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
             tests/test_sampling_gpu.py tests/test_gpu.py ${T_KERNEL_TESTS:-tests/test_attention_kernels.py
             tests/test_shared_prefix_attention.py tests/test_speculative_kernels.py tests/test_sampling_parity.py
-            tests/test_paged_models.py} \
+            tests/test_paged_models.py tests/test_kernel_random_configs.py tests/test_model_families.py} \
             || echo "targets: GPU tests failed (log in $OUT/targets_smoke.log); measuring anyway (rows not to be quoted)"
         # whole-step graphs (ivg.step_graphs, ivg.round_graphs) first captured on a GPU here: if their tests
         # failed, the decoder benchmarks below measure the per-model steps the earlier runs measured
