@@ -58,6 +58,14 @@ REFUSED = {
              "layers of type conv"),
     "minimax": (dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
                      num_experts_per_tok=1), "layers of type linear_attention"),
+    # layers of several shapes (a heterogeneous config: its full-attention layers' heads are wider)
+    "gemma4_text": (dict(LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                         global_head_dim=16), "sets head_dim per layer"),
+    # the last layers attend with earlier layers' keys and values
+    "gemma3n_text": (dict(LLAMA_LIKE, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                          num_kv_shared_layers=2, sliding_window=4, hidden_size_per_layer_input=8, laurel_rank=4,
+                          altup_num_inputs=2, intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4),
+                     "reuses earlier layers' keys and values in its last 2 layers"),
 }
 
 

@@ -191,10 +191,11 @@ def check_family(model) -> None:
     """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
     attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
     transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    layers or attention the paged kernels do not compute (recurrent or convolutional layers). The attention
-    function refuses what it cannot compute (an additive position bias, a mask), for a family this check does not
-    know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss) and values narrower than keys (latent
-    attention, as transformers expands it) are computed."""
+    layers or attention the paged kernels do not compute (recurrent or convolutional layers, layers of several
+    shapes, keys and values shared across layers). The attention function refuses what it cannot compute (an
+    additive position bias, a mask), for a family this check does not know. Logit soft-capping (Gemma 2),
+    attention sinks (gpt-oss) and values narrower than keys (latent attention, as transformers expands it) are
+    computed."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
     naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
@@ -203,6 +204,14 @@ def check_family(model) -> None:
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
                          f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
     cfg = text_config(body)
+    per_layer = getattr(cfg, "per_layer_attributes", None)  # (transformers' heterogeneous configs: Gemma 4)
+    if per_layer:
+        raise ValueError(f"model: {name} sets {', '.join(sorted(per_layer))} per layer (config.per_layer_config); "
+                         f"ivg's paged cache holds keys and values of one shape in every layer{naive}")
+    shared = getattr(cfg, "num_kv_shared_layers", None)
+    if shared:
+        raise ValueError(f"model: {name} reuses earlier layers' keys and values in its last {shared} layers "
+                         f"(num_kv_shared_layers), which ivg's paged attention does not implement{naive}")
     for key in ("layer_types", "block_types", "layers_block_type"):
         types = getattr(cfg, key, None)
         other = sorted(set(types) - _ATTENTION_LAYERS) if isinstance(types, (list, tuple)) else []
