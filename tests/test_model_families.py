@@ -137,6 +137,22 @@ def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypa
     assert list(pm.blocks.seq_lens(seqs)) == [0, 0] and pm.blocks.num_free_blocks == pm.blocks.num_blocks
 
 
+@pytest.mark.parametrize("lean", [None, False])
+def test_a_config_that_misstates_the_kv_heads_is_refused(lean):
+    """A GPT-2 config with a ``num_key_value_heads`` key (which GPT-2 does not read) sizes the cache for 2 KV heads
+    where the layers hold 4: the lean forward's check refuses it when the PagedModel is made, transformers' path at
+    its first forward (the cache as before), both naming the shapes; neither reaches an indexing error."""
+    model = _model("gpt2", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=256, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="(hold 4 KV heads of 8; its config states 2 of 8|attends with keys of 4 heads "
+                                         "of 8 .* the paged cache holds 2 heads of 8)"):
+        pm = PagedModel(model, num_blocks=16, block_size=4, backend="reference", lean=lean)
+        seqs = pm.blocks.new_sequences(1)
+        try:
+            pm(seqs, [[3, 4, 5]])
+        finally:
+            assert list(pm.blocks.seq_lens(seqs)) == [0] and pm.blocks.num_free_blocks == pm.blocks.num_blocks
+
+
 @pytest.mark.parametrize("argument,value,match", [
     ("position_bias", torch.zeros(1), "position_bias"), ("is_causal", False, "is_causal"),
     ("s_aux", torch.zeros(2, 4), r"sinks of shape \(2, 4\).*one sink logit per query head \(4\)"),

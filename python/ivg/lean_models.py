@@ -55,7 +55,8 @@ def _body_and_head(model):
 
 def lean_forward(model, attend):
     """A lean forward for ``model``, or None when its family or settings are not supported. It is called
-    as ``forward(ids, positions, keep, batch)``.
+    as ``forward(ids, positions, keep, batch)``; its ``kv_shapes`` are the ``(KV heads, head dim)`` of the
+    layers' keys and values, as the model's modules hold them.
 
     ``attend(batch, layer_idx, q, k, v, scale, sliding_window)`` writes a layer's new keys and values and
     returns its attention output ``[T, H, D]`` (``q`` ``[T, H, D]``, ``k``/``v`` ``[T, H_kv, D]``)."""
@@ -171,6 +172,7 @@ class _GPT2:
                         b.attn.scaling, b.attn.c_proj.weight, b.attn.c_proj.bias, _norm(b.ln_2),
                         b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.act.forward, b.mlp.c_proj.weight, b.mlp.c_proj.bias)
                        for b in body.h]
+        self.kv_shapes = {(b.attn.split_size // b.attn.head_dim, b.attn.head_dim) for b in body.h}  # (heads, dim)
 
     def __call__(self, ids, positions, keep, batch):
         """Logits ``[len(keep), V]`` at rows ``keep`` of the flat batch (``keep=None``: every row)."""
@@ -205,6 +207,8 @@ class _Llama:
                                 *(_linear_args(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
                                 layer.post_attention_layernorm.forward, getattr(mlp.act_fn, "forward", mlp.act_fn),
                                 *(_linear_args(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))))
+        self.kv_shapes = {(layer.self_attn.k_proj.out_features // layer.self_attn.head_dim, layer.self_attn.head_dim)
+                          for layer in body.layers}  # (KV heads, head dim) of the layers' keys
 
     def __call__(self, ids, positions, keep, batch):
         x = self.embed(ids)

@@ -365,6 +365,11 @@ class PagedModel:
         if lean and self.lean is None:
             raise ValueError(f"lean=True: {type(model).__name__} is not a family ivg.lean_models supports "
                              "(GPT-2, Llama, Mistral, Qwen2); use lean=None or False")
+        if self.lean is not None and self.lean.kv_shapes != {(kv_heads, head_dim)}:
+            held = ", ".join(f"{h} KV heads of {d}" for h, d in sorted(self.lean.kv_shapes))
+            raise ValueError(f"model: {type(model).__name__}'s attention modules hold {held}; its config states "
+                             f"{kv_heads} of {head_dim}, the paged cache's shape (a key the model does not read, such "
+                             "as num_key_value_heads on GPT-2)")
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
