@@ -43,8 +43,12 @@ SERVED = {
     "deepseek_v2": DEEPSEEK,
     "deepseek_v3": DEEPSEEK,
     "minicpm3": dict(DEEPSEEK, scale_emb=2.0, scale_depth=1.4, dim_model_base=16),
+    # layers of several shapes (a heterogeneous config): full-attention layers with heads of 16 (8 in the sliding
+    # ones) and one KV head (two), keys as values; the cache holds two heads of 16, the others padded and repeated
+    "gemma4_text": dict(LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                        global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True),
 }
-# MiMo-V2's sliding-window layers hold twice the KV heads of its full-attention layers (the cache has one count)
+# MiMo-V2's sliding-window layers hold twice the KV heads its config states (the cache is sized from the config)
 MIMO = dict(LLAMA_LIKE, head_dim=12, v_head_dim=8, layer_types=["full_attention", "sliding_attention"],
             sliding_window=4, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
             mlp_layer_types=["dense", "dense"])
@@ -58,9 +62,6 @@ REFUSED = {
              "layers of type conv"),
     "minimax": (dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
                      num_experts_per_tok=1), "layers of type linear_attention"),
-    # layers of several shapes (a heterogeneous config: its full-attention layers' heads are wider)
-    "gemma4_text": (dict(LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
-                         global_head_dim=16), "sets head_dim per layer"),
     # the last layers attend with earlier layers' keys and values
     "gemma3n_text": (dict(LLAMA_LIKE, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                           num_kv_shared_layers=2, sliding_window=4, hidden_size_per_layer_input=8, laurel_rank=4,
@@ -121,8 +122,8 @@ def test_families_it_cannot_serve_exactly_are_refused_with_the_reason(family):
 
 @pytest.mark.parametrize("family,kw,match", [
     ("lfm2", REFUSED["lfm2"][0], "1 of Lfm2ForCausalLM's 2 layers attended through the paged cache"),
-    ("mimo_v2_flash", MIMO, "attends with keys of 4 heads of 12 and values of 4 heads of 8; the paged cache holds 2 "
-                            "heads of 12 for both"),
+    ("mimo_v2_flash", MIMO, "attends with 4 query heads of 12, keys of 4 heads of 12 and values of 4 heads of 8; the "
+                            "paged cache holds 2 heads of 12"),
     ("diffllama", LLAMA_LIKE, "2 layers attended 4 times"),  # differential attention: twice per layer
 ])
 def test_a_model_the_checks_do_not_know_is_refused_at_its_first_forward(monkeypatch, family, kw, match):
@@ -143,8 +144,8 @@ def test_a_config_that_misstates_the_kv_heads_is_refused(lean):
     where the layers hold 4: the lean forward's check refuses it when the PagedModel is made, transformers' path at
     its first forward (the cache as before), both naming the shapes; neither reaches an indexing error."""
     model = _model("gpt2", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=256, num_key_value_heads=2))
-    with pytest.raises(ValueError, match="(hold 4 KV heads of 8; its config states 2 of 8|attends with keys of 4 heads "
-                                         "of 8 .* the paged cache holds 2 heads of 8)"):
+    with pytest.raises(ValueError, match="(hold 4 KV heads of 8; its config states 2 of 8|keys of 4 heads of 8 .* the "
+                                         "paged cache holds 2 heads of 8)"):
         pm = PagedModel(model, num_blocks=16, block_size=4, backend="reference", lean=lean)
         seqs = pm.blocks.new_sequences(1)
         try:
@@ -258,8 +259,13 @@ def _latent(models):
     models.guides[0].ref = _family_lm("deepseek_v2", 3, DEEPSEEK)
 
 
+def _heterogeneous(models):
+    """A Gemma 4 base: sliding layers with heads of 8, full-attention layers with heads of 16 and one KV head."""
+    models.base = _family_lm("gemma4_text", 1, SERVED["gemma4_text"])
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("swap", [_capped, _latent], ids=["softcap-sinks", "latent"])
+@pytest.mark.parametrize("swap", [_capped, _latent, _heterogeneous], ids=["softcap-sinks", "latent", "heterogeneous"])
 def test_ivg_with_the_attention_variants_matches_the_naive_decoder(backend, swap):
     """IVG and EFT decoding with models whose attention differs from plain softmax attention (:func:`_capped`,
     :func:`_latent`): the paged decoder's tokens and values are the naive decoder's, which runs the models on

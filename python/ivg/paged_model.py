@@ -10,7 +10,8 @@ implementation it does not know, and none is needed.
 Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
 RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
 GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks);
-DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded).
+DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded); Gemma 4 (layers of
+several head sizes and KV head counts, held padded and repeated to the widest).
 :func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
@@ -148,18 +149,27 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"{type(module).__name__} soft-caps its attention logits at {softcap!r}: expected a positive "
                          "finite float")
     kv_heads, head_dim = ivg_batch.cache.pool.kv.shape[4:]
-    k_dim, v_dim = key.shape[-1], value.shape[-1]
-    if key.shape[1] != kv_heads or value.shape[1] != kv_heads or k_dim != head_dim or v_dim > head_dim:
-        raise ValueError(f"{type(module).__name__} attends with keys of {key.shape[1]} heads of {k_dim} and "
-                         f"values of {value.shape[1]} heads of {v_dim}; the paged cache holds {kv_heads} heads of "
-                         f"{head_dim} for both (values may be narrower), as its config states")
+    heads, k_heads, k_dim, v_dim = query.shape[1], key.shape[1], key.shape[-1], value.shape[-1]
+    if (value.shape[1] != k_heads or kv_heads % k_heads or heads % kv_heads or max(k_dim, v_dim) > head_dim
+            or query.shape[-1] != k_dim):
+        raise ValueError(f"{type(module).__name__} attends with {heads} query heads of {query.shape[-1]}, keys of "
+                         f"{k_heads} heads of {k_dim} and values of {value.shape[1]} heads of {v_dim}; the paged "
+                         f"cache holds {kv_heads} heads of {head_dim} (a layer's KV heads must divide it and it the "
+                         "query heads; its keys and values may be narrower), as its config states")
     ivg_batch.attended += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    if v_dim < head_dim:  # latent attention (DeepSeek V2/V3, MiniCPM3): values narrower than keys, held zero-padded;
-        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))  # their zero columns give output columns cut off below
+    # A layer narrower than the cache (latent attention's values; Gemma 4's sliding layers, or its full ones with
+    # fewer KV heads) is held padded to it, exactly: zero columns add nothing to q.k and give output columns that
+    # are cut off; each KV head repeated r times is read by the same query heads as before (h // (H / H_kv)).
+    if k_dim < head_dim:
+        q, k = (torch.nn.functional.pad(x, (0, head_dim - k_dim)) for x in (q, k))
+    if v_dim < head_dim:
+        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
+    if k_heads < kv_heads:
+        k, v = (x.repeat_interleave(kv_heads // k_heads, dim=1) for x in (k, v))
     out = attend(ivg_batch, module.layer_idx, q, k, v, scale, sliding_window, float(softcap or 0.0), sinks)
-    return out[..., :v_dim].unsqueeze(0), None  # (1, T, H, D_v)
+    return (out if v_dim == head_dim else out[..., :v_dim]).unsqueeze(0), None  # (1, T, H, D_v)
 
 
 def register_attention() -> None:
@@ -191,10 +201,10 @@ def check_family(model) -> None:
     """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
     attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
     transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    layers or attention the paged kernels do not compute (recurrent or convolutional layers, layers of several
-    shapes, keys and values shared across layers). The attention function refuses what it cannot compute (an
-    additive position bias, a mask), for a family this check does not know. Logit soft-capping (Gemma 2),
-    attention sinks (gpt-oss) and values narrower than keys (latent attention, as transformers expands it) are
+    layers or attention the paged kernels do not compute (recurrent or convolutional layers, keys and values
+    shared across layers). The attention function refuses what it cannot compute (an additive position bias, a
+    mask), for a family this check does not know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss), values
+    narrower than keys (latent attention, as transformers expands it) and layers of several shapes (Gemma 4) are
     computed."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
@@ -204,10 +214,6 @@ def check_family(model) -> None:
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
                          f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
     cfg = text_config(body)
-    per_layer = getattr(cfg, "per_layer_attributes", None)  # (transformers' heterogeneous configs: Gemma 4)
-    if per_layer:
-        raise ValueError(f"model: {name} sets {', '.join(sorted(per_layer))} per layer (config.per_layer_config); "
-                         f"ivg's paged cache holds keys and values of one shape in every layer{naive}")
     shared = getattr(cfg, "num_kv_shared_layers", None)
     if shared:
         raise ValueError(f"model: {name} reuses earlier layers' keys and values in its last {shared} layers "
@@ -221,11 +227,21 @@ def check_family(model) -> None:
 
 
 def kv_shape(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a transformers config (GPT-2 or Llama-style names). ``head_dim``
-    is the cache's, the keys' head: multi-head latent attention, as DeepSeek V2/V3 and MiniCPM3 expand it, has
-    keys of ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim``, stored zero-padded to it."""
+    """(num_layers, num_kv_heads, head_dim) of the paged cache for a transformers config (GPT-2 or Llama-style
+    names): the keys' heads, which every layer's fit. Multi-head latent attention, as DeepSeek V2/V3 and MiniCPM3
+    expand it, has keys of ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim``; a heterogeneous
+    config (Gemma 4: ``config.per_layer_config``) has layers of several head sizes and KV head counts, and the
+    cache takes the largest of each (:func:`paged_attention_forward` pads and repeats the others to them)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
+    if getattr(text, "per_layer_attributes", None):  # each layer's own settings
+        shapes = [_layer_kv_shape(text.per_layer_config[i]) for i in range(layers)]
+        return layers, max(h for h, _ in shapes), max(d for _, d in shapes)
+    return (layers, *_layer_kv_shape(text))
+
+
+def _layer_kv_shape(text) -> tuple[int, int]:
+    """(KV heads, key head dim) of one layer's config."""
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
@@ -233,7 +249,7 @@ def kv_shape(config) -> tuple[int, int, int]:
     nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
     if nope is not None and rope is not None:  # latent attention (its config's head_dim is the rotary part's)
         k_dim = nope + rope
-    return layers, kv_heads, k_dim
+    return kv_heads, k_dim
 
 
 def local_kv_shape(model) -> tuple[int, int, int]:
