@@ -44,9 +44,15 @@ SERVED = {
     "deepseek_v3": DEEPSEEK,
     "minicpm3": dict(DEEPSEEK, scale_emb=2.0, scale_depth=1.4, dim_model_base=16),
     # layers of several shapes (a heterogeneous config): full-attention layers with heads of 16 (8 in the sliding
-    # ones) and one KV head (two), keys as values; the cache holds two heads of 16, the others padded and repeated
-    "gemma4_text": dict(LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
-                        global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True),
+    # ones) and one KV head (two), keys as values; the cache holds two heads of 16, the others padded and repeated.
+    # The last two layers attend with the keys and values of the last earlier layer of their type
+    "gemma4_text": dict(LLAMA_LIKE, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                        sliding_window=4, global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
+                        num_kv_shared_layers=2),
+    # KV sharing as in Gemma 4, with per-layer inputs, AltUp and LAuReL blocks
+    "gemma3n_text": dict(LLAMA_LIKE, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                         num_kv_shared_layers=2, sliding_window=4, hidden_size_per_layer_input=8, laurel_rank=4,
+                         altup_num_inputs=2, intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4),
 }
 # MiMo-V2's sliding-window layers hold twice the KV heads its config states (the cache is sized from the config)
 MIMO = dict(LLAMA_LIKE, head_dim=12, v_head_dim=8, layer_types=["full_attention", "sliding_attention"],
@@ -62,11 +68,6 @@ REFUSED = {
              "layers of type conv"),
     "minimax": (dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
                      num_experts_per_tok=1), "layers of type linear_attention"),
-    # the last layers attend with earlier layers' keys and values
-    "gemma3n_text": (dict(LLAMA_LIKE, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                          num_kv_shared_layers=2, sliding_window=4, hidden_size_per_layer_input=8, laurel_rank=4,
-                          altup_num_inputs=2, intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4),
-                     "reuses earlier layers' keys and values in its last 2 layers"),
 }
 
 
@@ -260,8 +261,10 @@ def _latent(models):
 
 
 def _heterogeneous(models):
-    """A Gemma 4 base: sliding layers with heads of 8, full-attention layers with heads of 16 and one KV head."""
+    """A Gemma 4 base (sliding layers with heads of 8, full-attention layers with heads of 16 and one KV head, the
+    last two layers sharing earlier ones' keys and values) and a Gemma 3n tuned guide (KV sharing)."""
     models.base = _family_lm("gemma4_text", 1, SERVED["gemma4_text"])
+    models.guides[0].tuned = _family_lm("gemma3n_text", 2, SERVED["gemma3n_text"])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -11,7 +11,8 @@ Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window
 RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
 GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks);
 DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded); Gemma 4 (layers of
-several head sizes and KV head counts, held padded and repeated to the widest).
+several head sizes and KV head counts, held padded and repeated to the widest); Gemma 3n and 4 with layers that
+reuse an earlier layer's keys and values.
 :func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
@@ -201,11 +202,11 @@ def check_family(model) -> None:
     """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
     attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
     transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    layers or attention the paged kernels do not compute (recurrent or convolutional layers, keys and values
-    shared across layers). The attention function refuses what it cannot compute (an additive position bias, a
-    mask), for a family this check does not know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss), values
-    narrower than keys (latent attention, as transformers expands it) and layers of several shapes (Gemma 4) are
-    computed."""
+    layers or attention the paged kernels do not compute (recurrent or convolutional layers). The attention
+    function refuses what it cannot compute (an additive position bias, a mask), for a family this check does not
+    know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss), values narrower than keys (latent attention, as
+    transformers expands it), layers of several shapes (Gemma 4) and layers that reuse an earlier layer's keys and
+    values (Gemma 3n and 4: each such layer gets them in every forward and holds its own copy) are computed."""
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
     naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
@@ -214,10 +215,6 @@ def check_family(model) -> None:
                          "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
                          f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
     cfg = text_config(body)
-    shared = getattr(cfg, "num_kv_shared_layers", None)
-    if shared:
-        raise ValueError(f"model: {name} reuses earlier layers' keys and values in its last {shared} layers "
-                         f"(num_kv_shared_layers), which ivg's paged attention does not implement{naive}")
     for key in ("layer_types", "block_types", "layers_block_type"):
         types = getattr(cfg, key, None)
         other = sorted(set(types) - _ATTENTION_LAYERS) if isinstance(types, (list, tuple)) else []
@@ -529,7 +526,9 @@ class PagedModel:
 
     def model_forward(self, input_ids, position_ids, keep, batch: PagedBatch) -> torch.Tensor:
         """transformers' forward over ``batch`` (ids and positions ``[1, T]``; ``keep``: transformers'
-        ``logits_to_keep``), checked to have attended through the paged cache at every layer; logits ``[T', V]``."""
+        ``logits_to_keep``, 0 or a tensor of positions, never a positive int: with one, Gemma 3n and 4 would pass
+        their KV-sharing layers only the last queries), checked to have attended through the paged cache at every
+        layer; logits ``[T', V]``."""
         batch.attended = 0
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep,
                          ivg_batch=batch)
