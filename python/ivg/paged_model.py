@@ -12,7 +12,7 @@ RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemm
 GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Granite SWA (attention sinks);
 DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded); Gemma 4 (layers of
 several head sizes and KV head counts, held padded and repeated to the widest); Gemma 3n and 4 with layers that
-reuse an earlier layer's keys and values.
+reuse an earlier layer's keys and values; MiMo-V2 (sliding-window layers with more KV heads than its config states).
 :func:`check_family` refuses, with the reason, models it cannot serve exactly.
 """
 from __future__ import annotations
@@ -251,14 +251,29 @@ def _layer_kv_shape(text) -> tuple[int, int]:
 
 def local_kv_shape(model) -> tuple[int, int, int]:
     """:func:`kv_shape` of the KV heads this process holds: under transformers' tensor parallelism
-    (``model.tp_size`` ranks) each rank's attention sees ``num_kv_heads / tp_size`` heads."""
+    (``model.tp_size`` ranks) each rank's attention sees ``num_kv_heads / tp_size`` heads. A model whose key
+    projections hold more KV heads than its config states for some layers (MiMo-V2's sliding-window layers hold
+    twice as many) gets a cache of the most (:func:`paged_attention_forward` repeats the others' heads)."""
     layers, kv_heads, head_dim = kv_shape(model.config)
     tp = getattr(model, "tp_size", None) or 1
     if tp > 1:
         if kv_heads % tp:
             raise ValueError(f"tp_size={tp}: {kv_heads} KV heads do not split evenly over the ranks")
-        kv_heads //= tp
-    return layers, kv_heads, head_dim
+        return layers, kv_heads // tp, head_dim
+    return layers, max(kv_heads, _module_kv_heads(model)), head_dim
+
+
+def _module_kv_heads(model) -> int:
+    """The most KV heads a decoder layer's attention module holds (``k_proj.out_features // head_dim``), or 0. The
+    modules counted are causal and numbered (``layer_idx``), as those that attend through the paged cache are: not
+    a multimodal model's vision tower, whose heads are not the cache's."""
+    most = 0
+    for m in model.modules():
+        k, d = getattr(m, "k_proj", None), getattr(m, "head_dim", None)
+        if (isinstance(k, torch.nn.Linear) and isinstance(d, int) and d > 0 and k.out_features % d == 0
+                and isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", True) is not False):
+            most = max(most, k.out_features // d)
+    return most
 
 
 def model_from_config(config, **kwargs):
