@@ -77,13 +77,19 @@ def _model(family, kw, seed=0):
     cfg = AutoConfig.for_model(family, pad_token_id=0, bos_token_id=0, eos_token_id=0, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():  # scores and sinks large enough that soft-capping and sinks change the logits
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(40)
-            elif name.endswith(".sinks"):
-                p.normal_(0.0, 2.0)
+    sharpen(model, 40)  # scores and sinks large enough that soft-capping and sinks change the logits
     return model.to(DEVICE)
+
+
+@torch.no_grad()
+def sharpen(model, factor, generator=None):
+    """Queries and keys scaled by ``factor`` (scores by its square), sinks drawn with a spread of 2 (from
+    ``generator``, on the CPU, else torch's default one)."""
+    for name, p in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            p.mul_(factor)
+        elif name.endswith(".sinks"):
+            p.copy_(torch.randn(p.shape, generator=generator) * 2.0) if generator is not None else p.normal_(0.0, 2.0)
 
 
 @pytest.mark.parametrize("family", list(SERVED))

@@ -16,6 +16,7 @@ from transformers import GPT2Config, Gemma2Config, GptOssConfig, LlamaConfig, Mi
 
 from ivg.paged_model import PagedModel  # noqa: E402
 
+from .test_model_families import sharpen  # noqa: E402
 from .test_paged_models import _pair, _scratch  # noqa: E402
 
 V = 97
@@ -69,17 +70,6 @@ def _config(rng):
                        max_window_layers=rng.randint(0, 3), **kw)
 
 
-@torch.no_grad()
-def _sharpen(model, factor):
-    """Queries and keys scaled by ``factor`` (scores by its square), sinks drawn with a spread of 2."""
-    gen = torch.Generator().manual_seed(int(factor))
-    for name, p in model.named_parameters():
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            p.mul_(factor)
-        elif name.endswith(".sinks"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
-
-
 def test_paged_models_of_random_configurations_match_transformers():
     rng = random.Random(SEED)
     for case in range(CASES):
@@ -94,7 +84,7 @@ def test_paged_models_of_random_configurations_match_transformers():
                  f"sharpened x{sharp}")
         oracle, model = (m.to(dtype) for m in _pair(cfg, seed=case))
         if capped:  # scores a cap bites on; sinks of a spread that matters
-            _sharpen(oracle, sharp)
+            sharpen(oracle, sharp, torch.Generator().manual_seed(int(sharp)))
             model.load_state_dict(oracle.state_dict())
         pm = PagedModel(model, num_blocks=512, block_size=block_size, backend="reference", lean=lean)
         assert (pm.lean is not None) == lean, where
