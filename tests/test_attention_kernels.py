@@ -6,6 +6,8 @@ import torch
 from ivg_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
 from ivg_kernels.block_manager import BlockManager
 
+from ivg_kernels.reference.attention import _decode_rows as _DECODE_ROWS
+
 from .helpers import DEVICE, assert_close, requires_triton
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -156,6 +158,38 @@ def test_decode_reference_with_and_without_a_mask_matches_dense_attention(window
         start += n
         want = _dense_causal(q[b:b + 1], kb, vb, torch.tensor([n - 1]), 0.3, window)[0] if n else torch.zeros(h, d)
         assert torch.allclose(dec[b], want.double(), atol=1e-12), f"row {b} (length {n})"
+
+
+@pytest.mark.parametrize("budget", [1, 1300, 3400])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("softcap,with_sinks", [(None, False), (2.0, True)])
+@pytest.mark.parametrize("lens", [[13] * 7, [5, 13, 5, 13, 0, 9, 1]], ids=["one-length", "mixed"])
+def test_decode_reference_in_slices_of_rows_is_exact(monkeypatch, budget, window, softcap, with_sinks, lens):
+    """On the CPU the decode reference gathers and attends the rows in slices of at most ``CPU_GATHER_BYTES``
+    (one row per call at 1 byte; rows of 13 keys take 1,664 bytes here, rows of 5 keys 640): every slicing gives the output of one
+    call bit for bit, and dense attention (GQA, windows, soft-capping, sinks, rows of mixed lengths, an empty
+    row)."""
+    from ivg_kernels.reference import attention as ref
+
+    h, h_kv, d, bs = 4, 2, 8, 4
+    bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, torch.float32, seed=7)
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    q = 3 * torch.randn(len(lens), h, d, generator=torch.Generator().manual_seed(2))
+    sinks = torch.linspace(-3, 3, h) if with_sinks else None
+    kw = dict(scale=d ** -0.5, sliding_window=window, softcap=softcap, sinks=sinks)
+    whole = ref.paged_decode_attention_ref(q, kc, vc, bt, sl, **kw)
+    monkeypatch.setattr(ref, "CPU_GATHER_BYTES", budget)
+    calls = []
+    monkeypatch.setattr(ref, "_decode_rows", lambda q, *a: calls.append(len(q)) or _DECODE_ROWS(q, *a))
+    sliced = ref.paged_decode_attention_ref(q, kc, vc, bt, sl, **kw)
+    assert len(calls) > 1 and sum(calls) == len(lens), calls  # the rows went in several slices
+    assert torch.equal(sliced, whole)
+    start = 0
+    for b, n in enumerate(lens):
+        want = (_dense_capped(q[b:b + 1], k[start:start + n], v[start:start + n], torch.tensor([n - 1]), d ** -0.5,
+                              window, softcap, sinks)[0] if n else torch.zeros(h, d))
+        start += n
+        assert_close(sliced[b], want.float(), torch.float32, f"row {b} (length {n})")
 
 
 def test_write_kv_skips_negative_slots():
