@@ -68,6 +68,29 @@ def test_shared_prefix_attention_matches_naive(models, mode, monkeypatch):
         IVGDecoder(models, shared_prefix="yes")
 
 
+@pytest.mark.parametrize("mode", ["ivg", "eft"])
+def test_decode_attention_in_slices_of_rows_changes_nothing(models, mode, monkeypatch):
+    """The CPU decode attention taking its rows a few at a time (``CPU_GATHER_BYTES`` of 1 byte: one row per
+    call; 4 to 64 KiB: a few) gives the tokens and values of one call per layer, bit for bit, and the naive
+    baseline's."""
+    from ivg_kernels.reference import attention as ref
+
+    whole = IVGDecoder(models, backend="reference").generate(PROMPTS, _opts(mode))
+    real_rows, real_call, calls = ref._decode_rows, ref.paged_decode_attention_ref, []  # per call: its slices' rows
+    monkeypatch.setattr(ref, "paged_decode_attention_ref", lambda q, *a, **k: calls.append([]) or real_call(q, *a, **k))
+    monkeypatch.setattr(ref, "_decode_rows", lambda q, *a: calls[-1].append(len(q)) or real_rows(q, *a))
+    several = False  # some layer's rows went in several slices, one of them of several rows
+    for budget in (1, 1 << 12, 1 << 13, 1 << 14, 3 << 13, 1 << 15, 1 << 16):
+        monkeypatch.setattr(ref, "CPU_GATHER_BYTES", budget)
+        sliced = IVGDecoder(models, backend="reference").generate(PROMPTS, _opts(mode))
+        _same(sliced, whole, tol=0.0)
+        assert calls and (budget > 1 or all(p == [1] * len(p) for p in calls)), (budget, calls)
+        several |= any(len(p) > 1 and max(p) > 1 for p in calls)
+        calls.clear()
+    assert several
+    _same(whole, NaiveDecoder(models).generate(PROMPTS, _opts(mode)))
+
+
 def test_guidance_changes_the_output(models):
     plain = IVGDecoder(models).generate(PROMPTS, _opts("plain"))
     eft = IVGDecoder(models).generate(PROMPTS, _opts("eft"))
