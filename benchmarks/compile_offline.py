@@ -184,7 +184,8 @@ def _speculative_cases():
 
 
 def _attention_cases():
-    """Decode (one split and several), prefill, shared-prefix decode and KV writes: GQA 32/8, D=128, block 16."""
+    """Decode (one split and several), prefill, shared-prefix decode and KV writes: GQA 32/8, D=128, block 16;
+    and each attention kernel with soft-capping, sinks (float32 and the cache's dtype) and a window."""
     import torch
 
     from ivg_kernels._triton import attention_kernels as ak
@@ -212,6 +213,21 @@ def _attention_cases():
         yield (f"shared_prefix_decode_attention {name}", lambda kc=kc, vc=vc: ak.launch_shared_prefix_decode_attention(
             torch.empty(16, h, d, dtype=kc.dtype), kc, vc, table(16, 136), torch.full((16,), 2112, dtype=torch.int32),
             torch.tensor([0, 16], dtype=torch.int32), torch.tensor([2048], dtype=torch.int32), 16, d ** -0.5, 0, 0))
+        # Gemma 2's logit soft-capping and gpt-oss's sinks (the SOFTCAP/SINKS variants), with a sliding window
+        for cap, sinks in ((30.0, None), (0.0, torch.zeros(h, dtype=torch.float32)), (50.0, torch.zeros(h))):
+            what = f"{name} softcap={cap:g} sinks={'yes' if sinks is not None else 'no'} window=512"
+            yield (f"paged_decode_attention {what} N=1 L=16384", lambda kc=kc, vc=vc, cap=cap, sinks=sinks:
+                   ak.launch_paged_decode_attention(torch.empty(1, h, d, dtype=kc.dtype), kc, vc, table(1, 1024),
+                                                    torch.ones(1, dtype=torch.int32), d ** -0.5, 512, 0, cap, sinks))
+            yield (f"paged_prefill_attention {what}", lambda kc=kc, vc=vc, cap=cap, sinks=sinks:
+                   ak.launch_paged_prefill_attention(
+                       torch.empty(64, h, d, dtype=kc.dtype), kc, vc, table(2, 8), torch.full((2,), 64, dtype=torch.int32),
+                       torch.tensor([0, 32, 64], dtype=torch.int32), 32, d ** -0.5, 512, cap, sinks))
+            yield (f"shared_prefix_decode_attention {what}", lambda kc=kc, vc=vc, cap=cap, sinks=sinks:
+                   ak.launch_shared_prefix_decode_attention(
+                       torch.empty(16, h, d, dtype=kc.dtype), kc, vc, table(16, 136),
+                       torch.full((16,), 2112, dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32),
+                       torch.tensor([2048], dtype=torch.int32), 16, d ** -0.5, 512, 0, cap, sinks))
 
 
 def cases():
