@@ -172,3 +172,34 @@ def test_scalar_parameters_give_what_per_row_tensors_of_them_give(dtype, tempera
                                               filters.get("top_p", 1.0), filters.get("min_p", 0.0), 0, 0, None))
         assert torch.equal(p1.nan_to_num(7.0), p2.nan_to_num(7.0))
         assert torch.equal(draft_draw_ref(logits, **a), draft_draw_ref(logits, **b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("budget", [1, 300, 800])
+def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, dtype, budget):
+    """On the CPU the reference draws its rows in slices of at most ``CPU_SAMPLE_BYTES`` of ``[rows, V]`` (one row at
+    1 byte, a few at the others): every field of the result is the one call's, bit for bit, with per-row tensors
+    for every parameter and guide weight, greedy rows, filters, a tie and bad rows among them."""
+    from ivg_kernels.reference import sampling as ref
+
+    gen = torch.Generator().manual_seed(5)
+    n, v = 9, 37
+    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype)
+    guide = (torch.randn(n, v, generator=gen) * 4).to(dtype)
+    logits[1, 3], guide[3, 5], logits[5] = math.nan, math.inf, -math.inf  # bad rows
+    logits[4, :3] = logits[4, 3]  # a tie
+    kw = dict(temperature=torch.tensor([0.7, 1.0, 0.0, 0.5, 1e-3, 1.0, 0.0, 2.0, 0.9], dtype=torch.float64),
+              top_k=torch.tensor([0, 3, 0, 5, 0, 0, 2, 0, 40]), top_p=torch.tensor([1.0, 0.8, 1.0, 0.5, 0.9, 1, 1, 0.95, 1]),
+              min_p=torch.tensor([0.0, 0, 0.1, 0, 0, 0.05, 0, 0, 0.2]), seed=torch.arange(n) + 3, offset=torch.arange(n) * 7)
+    guides = [(guide, torch.linspace(-1.0, 1.0, n, dtype=torch.float64))]
+    whole = ref.guided_sample_ref(logits, guides, **kw)
+    monkeypatch.setattr(ref, "CPU_SAMPLE_BYTES", budget)
+    calls, real = [], ref._sample_rows
+    monkeypatch.setattr(ref, "_sample_rows", lambda a: calls.append(a.num_rows) or real(a))
+    sliced = ref.guided_sample_ref(logits, guides, **kw)
+    assert sum(calls) == n and len(calls) > 1 and (budget > 1 or set(calls) == {1}), calls
+    for name in whole._fields:
+        x, y = getattr(whole, name), getattr(sliced, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert torch.equal(x, y) if not x.is_floating_point() else torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
+    assert whole.ok.tolist() == [True, False, True, False, True, False, True, True, True]

@@ -44,6 +44,7 @@ operations (:mod:`.portable`), so the kernels draw the same token for the same k
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -227,7 +228,36 @@ def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return (x - m).exp_().sum(dim=1).log_().add_(m.squeeze(1))
 
 
+# The CPU reference draws its rows in slices whose float32 (float64 for float64 logits) ``[rows, V]`` temporaries
+# take at most this many bytes each, so that the dozen passes of the draw over them stay in the core's L2 cache.
+# With two guides, one CPU thread, medians of 20 interleaved: 16 rows of 151,936 tokens 36.7 against 72.9 ms in
+# one call, 64 of 50,257 46.8 against 103.5 ms, 64 of 32,000 29.3 against 60.0 ms (256 rows of 596: one call).
+# Every row is drawn on its own either way, so the slices change no bit of the result.
+CPU_SAMPLE_BYTES = 1 << 21
+
+
 def _guided_sample_ref(a) -> SampleOutput:
+    """:func:`guided_sample_ref` of checked arguments: on the CPU in slices of rows (``CPU_SAMPLE_BYTES``)."""
+    n = a.num_rows
+    if a.logits.device.type != "cpu":
+        return _sample_rows(a)
+    step = max(1, CPU_SAMPLE_BYTES // (a.vocab_size * (8 if a.logits.dtype == torch.float64 else 4)))
+    if step >= n:
+        return _sample_rows(a)
+    parts = [_sample_rows(_row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
+    return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
+
+
+def _row_slice(a, i: int, j: int):
+    """The arguments ``a`` of rows ``i:j`` (per-row tensors cut, scalars kept)."""
+    cut = lambda v: v[i:j] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return dataclasses.replace(a, logits=a.logits[i:j], guides=[g[i:j] for g in a.guides],
+                               weights=[cut(w) for w in a.weights], temperature=cut(a.temperature),
+                               top_k=cut(a.top_k), top_p=cut(a.top_p), min_p=cut(a.min_p), seed=cut(a.seed),
+                               offset=cut(a.offset))
+
+
+def _sample_rows(a) -> SampleOutput:
     x, x_max, kept, greedy, filtered, ok, inputs = _warp(a)
     n, dev = a.num_rows, a.logits.device
     seed, offset = row_tensor(a.seed, n, torch.int64, dev), row_tensor(a.offset, n, torch.int64, dev)
