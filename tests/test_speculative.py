@@ -116,3 +116,37 @@ def test_a_bad_row_is_flagged_and_the_others_are_not():
     quiet = speculative_verify_ref(base, [(tune, 1.0), (ref, -1.0)], tune, drafts, torch.tensor([2, 0]),
                                    seed=seed, offset=offset)
     assert quiet.ok.tolist() == [True, True], "a NaN at a position the row does not read is no error"
+
+
+@pytest.mark.parametrize("budget", [1, 200, 500])
+def test_rows_verified_in_slices_give_one_call_bit_for_bit(monkeypatch, budget):
+    """On the CPU the verification takes its rows in slices of at most ``CPU_SAMPLE_BYTES`` of float64
+    probabilities (one row per slice at 1 byte, a few at the others): every output is the one call's, bit for bit,
+    with per-row temperatures, filters, guide weights and seeds, unequal draft counts, greedy and bad rows; a
+    per-row tensor of the wrong length is still refused by name."""
+    from ivg_kernels.reference import sampling, speculative as spec
+
+    gen = torch.Generator().manual_seed(9)
+    r = 7
+    base, tune, ref = (torch.randn(r, S, V, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    base[2, 1, 3] = float("nan")  # a bad row (it reads position 1)
+    kw = dict(temperature=torch.tensor([0.7, 1.0, 0.5, 0.0, 1.3, 0.9, 1.0], dtype=torch.float64),
+              top_k=torch.tensor([0, 3, 0, 0, 4, 0, 2]), top_p=torch.tensor([1.0, 1, 0.8, 1, 0.9, 1, 1]),
+              min_p=torch.tensor([0.0, 0, 0, 0.1, 0, 0.2, 0]), seed=torch.arange(r) * 31 + 1)
+    offset = torch.arange(r * S).view(r, S) * 4
+    guides = [(tune, torch.linspace(0.5, 1.5, r, dtype=torch.float64)), (ref, -1.0)]
+    drafts = torch.stack([spec.draft_draw_ref(tune[:, k], offset=offset[:, k], **kw) for k in range(S - 1)], 1)
+    num = torch.tensor([2, 1, 2, 0, 2, 1, 2])
+    whole = spec.speculative_verify_ref(base, guides, tune, drafts.clamp(min=0), num, offset=offset, **kw)
+    monkeypatch.setattr(sampling, "CPU_SAMPLE_BYTES", budget)
+    calls, real = [], spec._verify_rows
+    monkeypatch.setattr(spec, "_verify_rows", lambda logits, *a: calls.append(len(logits)) or real(logits, *a))
+    sliced = spec.speculative_verify_ref(base, guides, tune, drafts.clamp(min=0), num, offset=offset, **kw)
+    assert sum(calls) == r and len(calls) > 1 and (budget > 1 or set(calls) == {1}), calls
+    for name in ("num_accepted", "tokens", "logprob", "input_logprobs", "input_logits", "ok"):
+        x, y = getattr(whole, name), getattr(sliced, name)
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)) if x.is_floating_point() else torch.equal(x, y), name
+    assert whole.ok.tolist() == [True, True, False, True, True, True, True]
+    with pytest.raises(ValueError, match="temperature"):
+        spec.speculative_verify_ref(base, guides, tune, drafts.clamp(min=0), num, offset=offset,
+                                    **{**kw, "temperature": torch.ones(r + 1, dtype=torch.float64)})

@@ -232,23 +232,30 @@ def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
 # take at most this many bytes each, so that the dozen passes of the draw over them stay in the core's L2 cache.
 # With two guides, one CPU thread, medians of 20 interleaved: 16 rows of 151,936 tokens 36.7 against 72.9 ms in
 # one call, 64 of 50,257 46.8 against 103.5 ms, 64 of 32,000 29.3 against 60.0 ms (256 rows of 596: one call).
-# Every row is drawn on its own either way, so the slices change no bit of the result.
+# Every row is drawn on its own either way, so the slices change no bit of the result. The speculative
+# verification slices its rows by the same budget (``speculative.speculative_verify_ref``).
 CPU_SAMPLE_BYTES = 1 << 21
 
 
 def _guided_sample_ref(a) -> SampleOutput:
     """:func:`guided_sample_ref` of checked arguments: on the CPU in slices of rows (``CPU_SAMPLE_BYTES``)."""
     n = a.num_rows
-    if a.logits.device.type != "cpu":
-        return _sample_rows(a)
-    step = max(1, CPU_SAMPLE_BYTES // (a.vocab_size * (8 if a.logits.dtype == torch.float64 else 4)))
+    step = rows_per_slice(a.logits, a.vocab_size, 8 if a.logits.dtype == torch.float64 else 4)
     if step >= n:
         return _sample_rows(a)
-    parts = [_sample_rows(_row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
+    parts = [_sample_rows(row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
     return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
 
 
-def _row_slice(a, i: int, j: int):
+def rows_per_slice(like: torch.Tensor, row_elements: int, itemsize: int = 8) -> int:
+    """Rows the CPU reference takes per slice when each row's widest temporary holds ``row_elements`` values of
+    ``itemsize`` bytes (``CPU_SAMPLE_BYTES`` a slice, at least one row); off the CPU every row at once."""
+    if like.device.type != "cpu":
+        return like.shape[0]
+    return max(1, CPU_SAMPLE_BYTES // (row_elements * itemsize))
+
+
+def row_slice(a, i: int, j: int):
     """The arguments ``a`` of rows ``i:j`` (per-row tensors cut, scalars kept)."""
     cut = lambda v: v[i:j] if isinstance(v, torch.Tensor) else v  # noqa: E731
     return dataclasses.replace(a, logits=a.logits[i:j], guides=[g[i:j] for g in a.guides],
