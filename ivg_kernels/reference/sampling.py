@@ -243,7 +243,7 @@ def _guided_sample_ref(a) -> SampleOutput:
     step = rows_per_slice(a.logits, a.vocab_size, 8 if a.logits.dtype == torch.float64 else 4)
     if step >= n:
         return _sample_rows(a)
-    parts = [_sample_rows(row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
+    parts = [_sample_rows(_row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
     return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
 
 
@@ -255,7 +255,7 @@ def rows_per_slice(like: torch.Tensor, row_elements: int, itemsize: int = 8) -> 
     return max(1, CPU_SAMPLE_BYTES // (row_elements * itemsize))
 
 
-def row_slice(a, i: int, j: int):
+def _row_slice(a, i: int, j: int):
     """The arguments ``a`` of rows ``i:j`` (per-row tensors cut, scalars kept)."""
     cut = lambda v: v[i:j] if isinstance(v, torch.Tensor) else v  # noqa: E731
     return dataclasses.replace(a, logits=a.logits[i:j], guides=[g[i:j] for g in a.guides],
