@@ -135,3 +135,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """torch's CPU ops on one intra-op thread for the test (restored after). With several, torch's CPU attention and
+    reductions may split one row's work between threads depending on how many rows a call holds, so a row's floats
+    can differ in the last place between calls of different sizes; the row-slicing tests compare bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

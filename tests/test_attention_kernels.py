@@ -164,7 +164,8 @@ def test_decode_reference_with_and_without_a_mask_matches_dense_attention(window
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("softcap,with_sinks", [(None, False), (2.0, True)])
 @pytest.mark.parametrize("lens", [[13] * 7, [5, 13, 5, 13, 0, 9, 1]], ids=["one-length", "mixed"])
-def test_decode_reference_in_slices_of_rows_is_exact(monkeypatch, budget, window, softcap, with_sinks, lens):
+def test_decode_reference_in_slices_of_rows_is_exact(monkeypatch, one_thread, budget, window, softcap, with_sinks,
+                                                     lens):
     """On the CPU the decode reference gathers and attends the rows in slices of at most ``CPU_GATHER_BYTES``
     (one row per call at 1 byte; rows of 13 keys take 1,664 bytes here, rows of 5 keys 640): every slicing gives the output of one
     call bit for bit, and dense attention (GQA, windows, soft-capping, sinks, rows of mixed lengths, an empty

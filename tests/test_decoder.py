@@ -69,7 +69,7 @@ def test_shared_prefix_attention_matches_naive(models, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["ivg", "eft"])
-def test_decode_attention_in_slices_of_rows_changes_nothing(models, mode, monkeypatch):
+def test_decode_attention_in_slices_of_rows_changes_nothing(models, mode, monkeypatch, one_thread):
     """The CPU decode attention taking its rows a few at a time (``CPU_GATHER_BYTES`` of 1 byte: one row per
     call; 4 to 64 KiB: a few) gives the tokens and values of one call per layer, bit for bit, and the naive
     baseline's."""

@@ -176,7 +176,7 @@ def test_scalar_parameters_give_what_per_row_tensors_of_them_give(dtype, tempera
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("budget", [1, 300, 800])
-def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, dtype, budget):
+def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, one_thread, dtype, budget):
     """On the CPU the reference draws its rows in slices of at most ``CPU_SAMPLE_BYTES`` of ``[rows, V]`` (one row at
     1 byte, a few at the others): every field of the result is the one call's, bit for bit, with per-row tensors
     for every parameter and guide weight, greedy rows, filters, a tie and bad rows among them."""

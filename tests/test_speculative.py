@@ -119,7 +119,7 @@ def test_a_bad_row_is_flagged_and_the_others_are_not():
 
 
 @pytest.mark.parametrize("budget", [1, 200, 500])
-def test_rows_verified_in_slices_give_one_call_bit_for_bit(monkeypatch, budget):
+def test_rows_verified_in_slices_give_one_call_bit_for_bit(monkeypatch, one_thread, budget):
     """On the CPU the verification takes its rows in slices of at most ``CPU_SAMPLE_BYTES`` of float64
     probabilities (one row per slice at 1 byte, a few at the others): every output is the one call's, bit for bit,
     with per-row temperatures, filters, guide weights and seeds, unequal draft counts, greedy and bad rows; a

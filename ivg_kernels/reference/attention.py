@@ -141,8 +141,9 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
 # 2 * L * H_kv * D * itemsize), so that they are still in the core's L2 cache when the attention reads them:
 # in the batched IVG run of ``bench_published.py`` (256 rows of up to 45 keys, 4 KV heads of 32, float32: up to
 # 11.8 MB per layer at once, 22 rows per 1 MiB) the gathers and the attention took 2.2x less time in slices than in
-# one call (SDPA 316 -> 110 ms, gathers 157 -> 105 ms under the profiler). Each row's output is computed on its
-# own in either case, so the slices change no bit of it.
+# one call (SDPA 316 -> 110 ms, gathers 157 -> 105 ms under the profiler). On one intra-op thread each row's output
+# is the same bit for bit in slices or not; with several, torch's CPU attention shares a call's work between the
+# threads by the call's size, so a row may round differently in the last place, as between batches of other sizes.
 CPU_GATHER_BYTES = 1 << 20
 
 

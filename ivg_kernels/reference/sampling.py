@@ -232,7 +232,9 @@ def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
 # take at most this many bytes each, so that the dozen passes of the draw over them stay in the core's L2 cache.
 # With two guides, one CPU thread, medians of 20 interleaved: 16 rows of 151,936 tokens 36.7 against 72.9 ms in
 # one call, 64 of 50,257 46.8 against 103.5 ms, 64 of 32,000 29.3 against 60.0 ms (256 rows of 596: one call).
-# Every row is drawn on its own either way, so the slices change no bit of the result. The speculative
+# The tokens do not depend on the slices (the draw sums integer masses); on one intra-op thread no other bit does
+# either, while with several torch may split a row's float reductions between threads by the call's size (the
+# log-sum-exps and log-probs may then differ in the last place, as between batches of other sizes). The speculative
 # verification slices its rows by the same budget (``speculative.speculative_verify_ref``).
 CPU_SAMPLE_BYTES = 1 << 21
 

@@ -130,9 +130,11 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     uniforms : float64 ``[R, S, 3]``, :func:`spec_uniforms` of those keys if the caller has them already
 
     On the CPU the rows go in slices whose float64 ``[rows, S, V]`` probabilities take at most
-    ``sampling.CPU_SAMPLE_BYTES`` (each row on its own either way: the same bits): with two guides and ``S = 5``,
-    16 rows of 151,936 tokens took 280 against 848 ms in one call, 64 rows of 32,000 246 against 705 ms, 16 of
-    50,257 88 against 160 ms (one CPU thread, medians of 10 interleaved).
+    ``sampling.CPU_SAMPLE_BYTES``: with two guides and ``S = 5``, 16 rows of 151,936 tokens took 280 against 848
+    ms in one call, 64 rows of 32,000 246 against 705 ms, 16 of 50,257 88 against 160 ms (one CPU thread, medians
+    of 10 interleaved). On one intra-op thread the result is the same bit for bit; with several, torch may split a
+    row's float64 sums between threads by the call's size, so ``p`` may differ in the last place (as between
+    batches of other sizes), which decides a test only where ``u * q`` and ``p`` agree to that place.
     """
     r, s = logits.shape[:2]
     target, draft = _verify_args(logits, guides, draft_logits, temperature, top_k, top_p, min_p, seed, offset,
