@@ -137,12 +137,13 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
     return out
 
 
-# The CPU decode attention gathers the keys and values of at most this many bytes at a time (a row's are
-# 2 * L * H_kv * D * itemsize), so that they are still in the core's L2 cache when the attention reads them:
-# in the batched IVG run of ``bench_published.py`` (256 rows of up to 45 keys, 4 KV heads of 32, float32: up to
-# 11.8 MB per layer at once, 22 rows per 1 MiB) the gathers and the attention took 2.2x less time in slices than in
-# one call (SDPA 316 -> 110 ms, gathers 157 -> 105 ms under the profiler). On one intra-op thread each row's output
-# is the same bit for bit in slices or not; with several, torch's CPU attention shares a call's work between the
+# The CPU decode attention gathers the keys and values of at most this many bytes per intra-op thread at a time (a
+# row's are 2 * L * H_kv * D * itemsize), so that they are still in the cores' L2 caches when the attention reads
+# them. In the batched IVG run of ``bench_published.py`` (256 rows of up to 45 keys, 4 KV heads of 32, float32: up
+# to 11.8 MB per layer at once, 22 rows per 1 MiB) the gathers and the attention took 2.2x less time in slices than
+# in one call on one thread (SDPA 316 -> 110 ms, gathers 157 -> 105 ms under the profiler); on two threads the run
+# took 0.89 s with 2 MiB a call, 0.95 s with 1 MiB, 0.98 s in one call. On one intra-op thread each row's output is
+# the same bit for bit in slices or not; with several, torch's CPU attention shares a call's work between the
 # threads by the call's size, so a row may round differently in the last place, as between batches of other sizes.
 CPU_GATHER_BYTES = 1 << 20
 
@@ -151,7 +152,7 @@ def _rows_per_call(device, row_bytes: int, n: int) -> int:
     """Rows of ``row_bytes`` gathered bytes each that the CPU decode attention takes per call (``n``: one call)."""
     if device.type != "cpu":
         return n
-    return max(1, CPU_GATHER_BYTES // max(1, row_bytes))
+    return max(1, CPU_GATHER_BYTES * torch.get_num_threads() // max(1, row_bytes))
 
 
 def _decode_rows(q, k_cache, v_cache, slots, allowed, scale, softcap, sinks):
