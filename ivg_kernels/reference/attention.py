@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .slices import rows_per_slice
+
 
 def write_kv_ref(k_cache, v_cache, key, value, slot_mapping) -> None:
     """Store ``key``/``value`` ``[T, H_kv, D]`` at ``slot_mapping`` ``[T]`` (slots < 0 are skipped)."""
@@ -126,7 +128,8 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
         if plan is None:
             return torch.zeros_like(q)
     n, length = q.shape[0], plan.length
-    step = _rows_per_call(q.device, 2 * length * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size(), n)
+    row_bytes = 2 * length * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()  # its keys and values
+    step = rows_per_slice(q.device, n, row_bytes, CPU_GATHER_BYTES)
     if step >= n:
         return _decode_rows(q, k_cache, v_cache, plan.slots, plan.allowed, scale, softcap, sinks)
     out = torch.empty_like(q)
@@ -146,13 +149,6 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, *, sc
 # the same bit for bit in slices or not; with several, torch's CPU attention shares a call's work between the
 # threads by the call's size, so a row may round differently in the last place, as between batches of other sizes.
 CPU_GATHER_BYTES = 1 << 20
-
-
-def _rows_per_call(device, row_bytes: int, n: int) -> int:
-    """Rows of ``row_bytes`` gathered bytes each that the CPU decode attention takes per call (``n``: one call)."""
-    if device.type != "cpu":
-        return n
-    return max(1, CPU_GATHER_BYTES * torch.get_num_threads() // max(1, row_bytes))
 
 
 def _decode_rows(q, k_cache, v_cache, slots, allowed, scale, softcap, sinks):

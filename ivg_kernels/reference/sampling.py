@@ -54,6 +54,7 @@ from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
 from .philox import gumbel_noise, philox_call
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
+from .slices import rows_per_slice
 
 
 GRANULE = 256  # tokens per granule of the unfiltered draw: part of the definition, whatever a kernel's tiles
@@ -243,23 +244,15 @@ CPU_SAMPLE_BYTES = 1 << 21
 def _guided_sample_ref(a) -> SampleOutput:
     """:func:`guided_sample_ref` of checked arguments: on the CPU in slices of rows (``CPU_SAMPLE_BYTES``)."""
     n = a.num_rows
-    step = rows_per_slice(a.logits, a.vocab_size, 8 if a.logits.dtype == torch.float64 else 4)
+    itemsize = 8 if a.logits.dtype == torch.float64 else 4
+    step = rows_per_slice(a.logits.device, n, a.vocab_size * itemsize, CPU_SAMPLE_BYTES)
     if step >= n:
         return _sample_rows(a)
-    parts = [_sample_rows(_row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
+    parts = [_sample_rows(row_slice(a, i, min(n, i + step))) for i in range(0, n, step)]
     return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
 
 
-def rows_per_slice(like: torch.Tensor, row_elements: int, itemsize: int = 8) -> int:
-    """Rows the CPU reference takes per slice when each row's widest temporary holds ``row_elements`` values of
-    ``itemsize`` bytes (``CPU_SAMPLE_BYTES`` per intra-op thread a slice, at least one row); off the CPU every row
-    at once."""
-    if like.device.type != "cpu":
-        return like.shape[0]
-    return max(1, CPU_SAMPLE_BYTES * torch.get_num_threads() // (row_elements * itemsize))
-
-
-def _row_slice(a, i: int, j: int):
+def row_slice(a, i: int, j: int):
     """The arguments ``a`` of rows ``i:j`` (per-row tensors cut, scalars kept)."""
     cut = lambda v: v[i:j] if isinstance(v, torch.Tensor) else v  # noqa: E731
     return dataclasses.replace(a, logits=a.logits[i:j], guides=[g[i:j] for g in a.guides],

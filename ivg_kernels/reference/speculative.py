@@ -39,7 +39,9 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .philox import philox_call, word_uniform
-from .sampling import rows_per_slice, warped_probs, warped_probs_ok
+from . import sampling
+from .sampling import row_slice, warped_probs, warped_probs_ok
+from .slices import rows_per_slice
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
 DRAFT, ACCEPT, RESIDUAL = 0, 1, 2
@@ -137,38 +139,27 @@ def speculative_verify_ref(logits, guides, draft_logits, draft_tokens, num_draft
     batches of other sizes), which decides a test only where ``u * q`` and ``p`` agree to that place.
     """
     r, s = logits.shape[:2]
-    target, draft = _verify_args(logits, guides, draft_logits, temperature, top_k, top_p, min_p, seed, offset,
-                                 vocab_size)  # (every argument checked for all rows, before any slice)
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    params = [_expand(x, s) for x in (temperature, top_k, top_p, min_p, seed)]  # each row's, for its S positions
+    target = prepare_sample_args(flat(logits), [(flat(g), _expand(w, s)) for g, w in guides], *params,
+                                 offset.reshape(-1), vocab_size)
+    draft = prepare_sample_args(flat(draft_logits), [], *params, offset.reshape(-1), target.vocab_size)
     if uniforms is None:
         uniforms = spec_uniforms(row_tensor(seed, r, torch.int64, logits.device), offset.to(torch.int64))
-    step = rows_per_slice(logits, s * target.vocab_size)
+    step = rows_per_slice(logits.device, r, s * target.vocab_size * 8, sampling.CPU_SAMPLE_BYTES)  # float64 p, q
     if step >= r:
         return _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, uniforms)
-    cut = lambda x, i: x[i:i + step] if isinstance(x, torch.Tensor) else x  # noqa: E731
-    parts = []
-    for i in range(0, r, step):
-        rows = [cut(x, i) for x in (temperature, top_k, top_p, min_p, seed)]
-        g = [(cut(x, i), cut(w, i)) for x, w in guides]
-        t, d = _verify_args(logits[i:i + step], g, draft_logits[i:i + step], *rows, offset[i:i + step], vocab_size)
-        parts.append(_verify_rows(logits[i:i + step], g, draft_tokens[i:i + step], num_draft[i:i + step], t, d,
-                                  uniforms[i:i + step]))
+    # (the weights are in target's arguments; the values read only the guides' tensors)
+    parts = [_verify_rows(logits[i:i + step], [(g[i:i + step], None) for g, _ in guides], draft_tokens[i:i + step],
+                          num_draft[i:i + step], row_slice(target, i * s, (i + step) * s),
+                          row_slice(draft, i * s, (i + step) * s), uniforms[i:i + step]) for i in range(0, r, step)]
     return SpeculativeOutput(*(torch.cat([getattr(o, f.name) for o in parts]) for f in dataclasses.fields(parts[0])))
 
 
-def _verify_args(logits, guides, draft_logits, temperature, top_k, top_p, min_p, seed, offset, vocab_size):
-    """The checked arguments of the target's and the draft's warped distributions at every position: each row's
-    parameters repeated for its ``S`` positions."""
-    s = logits.shape[1]
-    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-    params = [_expand(x, s) for x in (temperature, top_k, top_p, min_p, seed)]
-    target = prepare_sample_args(flat(logits), [(flat(g), _expand(w, s)) for g, w in guides], *params,
-                                 offset.reshape(-1), vocab_size)
-    return target, prepare_sample_args(flat(draft_logits), [], *params, offset.reshape(-1), target.vocab_size)
-
-
 def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> SpeculativeOutput:
-    """:func:`speculative_verify_ref` of rows whose arguments are checked (``target``, ``draft``: see
-    :func:`_verify_args`; ``u``: their uniforms)."""
+    """:func:`speculative_verify_ref` of rows ``[R', S]`` whose arguments are checked: ``target`` and ``draft`` the
+    warped distributions' arguments at their ``R' * S`` positions, ``u`` their uniforms (``guides``: the raw
+    tensors, for the values)."""
     r, s = logits.shape[:2]
     dev = logits.device
     v = target.vocab_size
