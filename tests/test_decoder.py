@@ -91,6 +91,47 @@ def test_decode_attention_in_slices_of_rows_changes_nothing(models, mode, monkey
     _same(whole, NaiveDecoder(models).generate(PROMPTS, _opts(mode)))
 
 
+@pytest.mark.parametrize("mode,kw", [("ivg", {}), ("cbs", {}), ("bon", {}),
+                                     ("ivg", dict(tokenwise=("tokenrm", "eft"))),  # the token RM read every step
+                                     ("ivg", dict(eos_token_ids=(EOS,)))])  # rows that finish
+def test_twin_rows_computed_once_change_nothing(models, mode, kw):
+    """Candidates of a prompt with the same response so far are computed once (``ivg.twins``; at temperature 0.5
+    the test models draw many): the tokens, values and scores of computing every row (values up to the rounding
+    that any other batch gives: the CPU's matrix products round a row by the batch's size) and the naive
+    baseline's; no block left in use."""
+    opts = _opts(mode, temperature=0.5, **kw)
+    merged = IVGDecoder(models, backend="reference")
+    once = merged.generate(PROMPTS, opts)
+    assert merged.last_stats.twin_rows > 0, "no twins: the test shows nothing"
+    every = IVGDecoder(models, backend="reference", merge_twins=False)
+    _same(once, every.generate(PROMPTS, opts))
+    assert every.last_stats.twin_rows == 0
+    assert every.last_stats.forwards == merged.last_stats.forwards  # (as many forwards, fewer rows in them)
+    _same(once, NaiveDecoder(models).generate(PROMPTS, opts))
+    assert set(merged.kv_blocks_in_use().values()) == {0}
+    with pytest.raises(ValueError, match="merge_twins=None: expected True or False"):
+        IVGDecoder(models, merge_twins=None)
+
+
+def test_twin_classes_split_by_the_token_read():
+    """``Twins.split``: rows are twins only within one class and reading one token; a class splits by token."""
+    from ivg.search import Beam
+    from ivg.twins import Twins
+
+    tw = Twins()
+    p, q = tw.new_class(), tw.new_class()  # two prompts' candidates
+    rows = [Beam(0, [5], twin=p), Beam(1, [6], twin=p), Beam(2, [5], twin=p), Beam(0, [5], twin=q),
+            Beam(3, [6], twin=p)]
+    first, pick = tw.split(rows)
+    assert first == [0, 1, 3] and pick == [0, 1, 0, 2, 1]
+    assert rows[0].twin == rows[2].twin and rows[1].twin == rows[4].twin
+    assert len({rows[0].twin, rows[1].twin, rows[3].twin, p, q}) == 5
+    kid = rows[0].child(7)  # a child keeps its parent's class
+    for b, t in ((rows[0], 8), (kid, 8), (rows[2], 9), (rows[3], 8)):
+        b.tokens.append(t)
+    assert tw.split([rows[0], kid, rows[2], rows[3]]) == ([0, 2, 3], [0, 0, 1, 2])
+
+
 def test_guidance_changes_the_output(models):
     plain = IVGDecoder(models).generate(PROMPTS, _opts("plain"))
     eft = IVGDecoder(models).generate(PROMPTS, _opts("eft"))

@@ -557,3 +557,44 @@ def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
     assert pm.blocks.seq_len(s) == 90
     pm.blocks.check_invariants()
     assert pm([s], [[3] * 6]).shape[0] == 1  # up to the limit itself
+
+
+@pytest.mark.parametrize("lean", [None, False])
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_twins_get_the_keys_and_values_of_the_row_they_read_with(family, lean):
+    """``twins=``: sequences holding the same tokens as a computed one, reading the same new token, get its
+    keys and values (and no logits): every later forward of a twin gives the logits of a from-scratch forward
+    and of a twin that was computed itself. Bad twins are refused by name, leaving every sequence as it was."""
+    ref, hf = _pair(CONFIGS[family])
+    pm = PagedModel(hf, num_blocks=64, block_size=4, lean=lean)
+    a, b, t1, t2, t3 = pm.blocks.new_sequences(5)
+    pm([a, b, t1, t2, t3], [[1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3]])
+    # t1 and t3 read 9 with a, t2 reads 10 with b: only a and b are computed
+    out = pm([a, b], [[9], [10]], twins=([t1, t2, t3], [0, 1, 0]))
+    assert out.shape[0] == 2
+    _close(out[0], _scratch(ref, [1, 2, 3, 9]), "a")
+    _close(out[1], _scratch(ref, [4, 5, 6, 7, 8, 10]), "b")
+    assert [pm.blocks.seq_len(s) for s in (a, b, t1, t2, t3)] == [4, 6, 4, 6, 4]
+    # the twins part: each reads on from its own keys and values
+    nxt = pm([t1, t2, t3, a], [[11], [12], [13], [14]])
+    for row, toks in zip(nxt, ([1, 2, 3, 9, 11], [4, 5, 6, 7, 8, 10, 12], [1, 2, 3, 9, 13], [1, 2, 3, 9, 14])):
+        _close(row, _scratch(ref, toks), f"twin {toks}")
+    kv = pm.cache.pool.kv
+    for twin, of in ((t1, a), (t3, a)):  # the keys and values at the twins' shared token: the same bits
+        (blk_t, blk_a), pos = (pm.blocks.blocks_of(s)[3 // 4] for s in (twin, of)), 3 % 4
+        assert torch.equal(kv[:, :, blk_t, pos], kv[:, :, blk_a, pos])
+
+    lens = [pm.blocks.seq_len(s) for s in (a, b, t1, t2, t3)]
+    free = pm.blocks.num_free_blocks
+    with pytest.raises(ValueError, match="twins: a twin sequence holds another number of tokens"):
+        pm([a, b], [[1], [2]], twins=([t2], [0]))  # t2 is longer than a
+    with pytest.raises(ValueError, match="twins: only for a decode step"):
+        pm([a, b], [[1, 2], [2]], twins=([t1], [0]))
+    with pytest.raises(ValueError, match="twins: only for a decode step"):
+        pm([a, b], [[1], [2]], twins=([t1], [0]), every_position=True)
+    with pytest.raises(ValueError, match=r"twins: expected \(twin_ids, of\) of one length with each of in \[0, 2\)"):
+        pm([a, b], [[1], [2]], twins=([t1], [2]))
+    with pytest.raises(ValueError, match=r"twins: expected \(twin_ids, of\)"):
+        pm([a, b], [[1], [2]], twins=[t1])
+    assert [pm.blocks.seq_len(s) for s in (a, b, t1, t2, t3)] == lens and pm.blocks.num_free_blocks == free
+    pm.blocks.check_invariants()

@@ -40,6 +40,7 @@ from ivg_kernels.block_manager import KVCacheExhausted
 
 from .draw import StepDraw
 from .search import OFFSET_STRIDE, Beam, chunk_scores, chunk_scores_many, expand, rank, row_offset
+from .twins import Twins
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -66,6 +67,8 @@ class DecodeLoop:
     # whether admissions may wait for the active prompts' chunk boundary (``admit``); a loop that reads the
     # device at every step or round gains no read by it
     aligns_admissions = True
+    # whether a step may compute one row of each set of twins (ivg.twins): rows that read one token per step
+    merges_twins = True
 
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         m = decoder.models
@@ -98,6 +101,9 @@ class DecodeLoop:
         self._slots = None  # the rows' KV sequences, for feed_drawn; None when the rows changed
         self._next = None  # the next step's record [rows, 6], drawn in the replay of a whole step (feed_drawn)
         self._free_later: list = []  # KV sequences pruned or finished at a read, freed once the next forwards are out
+        # twin rows (ivg.twins): one of each set is fed, where the host knows every step's tokens before the forwards
+        self.twins = (Twins() if self.merges_twins and decoder.merge_twins and self.read_every == 1
+                      and self.step_graphs is None and opts.width * opts.successors > 1 else None)
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
@@ -126,7 +132,8 @@ class DecodeLoop:
         kids = self.group.fork_many(roots, self.opts.width * self.opts.successors, replace=True)
         pick = []
         for k, req in enumerate(new):
-            req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k]) for j in range(len(kids[k]))]
+            twin = self.twins.new_class() if self.twins is not None else -1  # its candidates: one class
+            req.cands = [Beam(j, slot=kids[k][j], rm_read=rm_read[k], twin=twin) for j in range(len(kids[k]))]
             self.rows += [(req, b) for b in req.cands]
             pick += [k] * len(req.cands)
         self._rows_changed()
@@ -322,7 +329,31 @@ class DecodeLoop:
             if self._next is not None:
                 self.cur = {}  # not read before the next draw, which the replay made
                 return
-        self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
+        split = self._split_twins(self.rows)
+        if split is None:
+            self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
+            return
+        first, pick = split  # one row of each set of twins is computed; the others get its keys, values and logits
+        slots, twins = self._twin_args(self._slots, first, pick)
+        tokens = self.drawn.index_select(0, to_device(torch.tensor(first), self.device))
+        sel = to_device(torch.tensor(pick), self.device)
+        self.cur = {name: self.paged[name](slots, tokens, twins=twins).index_select(0, sel)
+                    for name in self.step_names}
+
+    def _split_twins(self, rows):
+        """``(first, pick)`` of :meth:`ivg.twins.Twins.split` for ``rows``, about to read their last tokens, or None
+        where twins are not merged or ``rows`` has none (their classes move on either way)."""
+        if self.twins is None:
+            return None
+        first, pick = self.twins.split([b for _, b in rows])
+        return None if len(first) == len(rows) else (first, pick)
+
+    def _twin_args(self, slots, first, pick) -> tuple:
+        """``(the sequences computed, twins=)`` for :meth:`ivg.PagedModel.forward`: the first of each set of
+        twins, and the others with the place of their first among those."""
+        twins = [(s, j) for i, (s, j) in enumerate(zip(slots, pick)) if first[j] != i]
+        self.stats.twin_rows += len(twins)
+        return [slots[i] for i in first], ([s for s, _ in twins], [j for _, j in twins])
 
     # -- schedule: chunk boundaries --------------------------------------------------------------
     def prune(self) -> tuple[dict, list]:
@@ -420,30 +451,40 @@ class DecodeLoop:
             self.free_pruned()
             self.rows, self.cur = [], {}
             return
-        out = self._forward_last(feed)
+        out, twin_of = self._forward_last(feed)
         self.free_pruned()  # beside the forwards just launched
         self.rows, pick = self.fork(feed, plans)
+        if twin_of is not None:  # a twin's logits are in the row of its set's first
+            pick = [twin_of[i] for i in pick]
         sel = to_device(torch.tensor(pick), self.device)
         self.cur = {name: out[name].index_select(0, sel) for name in self.step_names}
 
-    def _forward_last(self, rows) -> dict:
-        """One forward per model over each row's last token; its logits per model. Should a pool run short
-        before the pruned rows' blocks are freed, the models that read go back, the blocks are freed and
-        every model reads again (the decoder sizes its pools so that this does not happen)."""
-        slots, tokens = [b.slot for _, b in rows], [[b.tokens[-1]] for _, b in rows]
+    def _forward_last(self, rows) -> tuple:
+        """One forward per model over each row's last token, computed for one row of each set of twins (the
+        others get its keys and values); ``(logits per model, None)``, or with twins ``(logits of the rows
+        computed, for each of rows its place there)``. Should a pool run short before the pruned rows' blocks are
+        freed, the models that read go back, the blocks are freed and every model reads again (the decoder sizes
+        its pools so that this does not happen)."""
+        slots, twins, pick = [b.slot for _, b in rows], None, None
+        split = self._split_twins(rows)
+        if split is not None:
+            (slots, twins), pick = self._twin_args(slots, *split), split[1]
+            rows = [rows[i] for i in split[0]]
+        tokens = [[b.tokens[-1]] for _, b in rows]
         out = {}
         try:
             for name in self.step_names:
-                out[name] = self.paged[name](slots, tokens)
+                out[name] = self.paged[name](slots, tokens, twins=twins)
         except KVCacheExhausted:
             if not self._free_later:
                 raise
+            every = slots + (twins[0] if twins is not None else [])
             for name in out:
-                self.paged[name].cache.truncate_appended(slots, 1)
+                self.paged[name].cache.truncate_appended(every, 1)
             self.free_pruned()
-            out = {name: self.paged[name](slots, tokens) for name in self.step_names}
+            out = {name: self.paged[name](slots, tokens, twins=twins) for name in self.step_names}
         self.stats.forwards += len(self.step_names)
-        return out
+        return out, pick
 
     def continuing(self, plans: dict) -> list:
         """The rows that go on: unfinished, unpruned, and at a chunk boundary only the kept parents."""

@@ -80,6 +80,7 @@ class RunStats:
     forward_s: float = 0.0
     graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly
     step_replays: int = 0  # decode steps replayed whole, every forward and the draw in one graph (ivg.step_graphs)
+    twin_rows: int = 0  # rows not fed in a step: each took a twin's KV sequence and logits (ivg.twins)
 
     @property
     def outside_forwards(self) -> float:
@@ -182,11 +183,14 @@ class IVGDecoder:
         speculative round without filters is one graph too (:mod:`ivg.round_graphs`). Default ``None``: on
         unless the environment sets ``IVG_STEP_GRAPHS=0``; the same tokens either way. Beam-group attention
         (``shared_prefix``) keeps per-model graphs
+    merge_twins : where the host reads every step's tokens (``read_every`` 1, no step graphs: the CPU by
+        default), candidates of one prompt with the same response so far are fed as one row: the others take
+        a fork of its KV sequence and its logits (:mod:`ivg.twins`). The same results; ``False`` feeds every row
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",
                  max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None,
-                 read_every: int | None = None, step_graphs: bool | None = None):
+                 read_every: int | None = None, step_graphs: bool | None = None, merge_twins: bool = True):
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
@@ -209,6 +213,9 @@ class IVGDecoder:
         if step_graphs not in (None, True, False):
             raise ValueError(f"step_graphs={step_graphs!r}: expected None, True or False")
         self.step_graphs = os.environ.get(STEP_GRAPHS_ENV, "1") != "0" if step_graphs is None else step_graphs
+        if merge_twins not in (True, False):
+            raise ValueError(f"merge_twins={merge_twins!r}: expected True or False")
+        self.merge_twins = merge_twins
         self._steps = None  # the StepGraphs of the paged models in _paged (kept with them)
         self.last_stats = RunStats()
         self._group = None

@@ -58,6 +58,9 @@ class PagedBatch:
     backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
     groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
     plans: dict = field(default_factory=dict)  # sliding window -> the reference's plan of this batch (_reference_plan)
+    # twins (PagedModel.forward): for each slot of slot_mapping, the new token whose keys and values go there
+    # (int64 [T + twins]); None: the T tokens' own
+    write_rows: torch.Tensor | None = None
     attended: int = 0  # layers that attended through paged_attention_forward in this forward (check_attended)
 
 
@@ -71,6 +74,8 @@ def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window,
     batch is built by ``PagedModel`` for its own cache, and checking it on every layer cost about a
     tenth of a one-row forward on the CPU."""
     k_cache, v_cache = b.cache.pool.layer(layer_idx)
+    if b.write_rows is not None:  # twins get the keys and values of the token they share
+        k, v = k.index_select(0, b.write_rows), v.index_select(0, b.write_rows)
     run_write_kv(b.backend, k_cache, v_cache, k, v, b.slot_mapping)
     plan = None
     if b.backend == "reference":
@@ -427,7 +432,7 @@ class PagedModel:
             self.model.set_attn_implementation(self._previous_attn)
 
     def forward(self, seq_ids: Sequence[int], tokens, *, counts: Sequence[int] | None = None,
-                every_position: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                every_position: bool = False, logits_at: torch.Tensor | None = None, twins=None) -> torch.Tensor:
         """Feed each sequence its new tokens; return the logits after each one's last new token, ``[B, V]``
         (``every_position``: after every new token, ``[T, V]`` in the order of ``tokens``; ``logits_at``: after
         the new tokens at these places of that order, an int64 tensor on the model's device, ``[len, V]``).
@@ -437,8 +442,15 @@ class PagedModel:
         fed straight from a sampler's output, read back by nothing, so the ids are not range-checked (the
         sampler's are in range by construction).
 
+        ``twins``: ``(twin_ids, of)``, sequences that read the same one new token as ``seq_ids[of[i]]`` after the
+        same tokens as it (a decode step of candidates with the same response so far, :mod:`ivg.twins`): each
+        gets the keys and values computed for that token, and no logits of its own (they would be the same).
+        Their lengths are checked; their tokens, which the cache does not hold, are the caller's to match.
+
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
+        if twins is not None:
+            twins = self._check_twins(twins, seq_ids, tokens, counts, every_position, logits_at)
         if logits_at is not None:
             if every_position:
                 raise ValueError("logits_at: give it or every_position=True, not both")
@@ -446,12 +458,28 @@ class PagedModel:
                     or logits_at.device != self.device):
                 raise ValueError(f"logits_at: expected a 1-D int64 tensor on {self.device}")
         if self.timer is None:
-            return self._forward(seq_ids, tokens, counts, every_position, logits_at)
+            return self._forward(seq_ids, tokens, counts, every_position, logits_at, twins)
         token = self.timer.begin(self.device)
         try:
-            return self._forward(seq_ids, tokens, counts, every_position, logits_at)
+            return self._forward(seq_ids, tokens, counts, every_position, logits_at, twins)
         finally:
             self.timer.end(self.device, token)
+
+    @staticmethod
+    def _check_twins(twins, seq_ids, tokens, counts, every_position, logits_at) -> tuple:
+        """``twins`` as ``(twin ids, int64 places in seq_ids)``, checked, or None when there are none."""
+        try:
+            twin_ids, of = twins
+            twin_ids, of = [int(s) for s in twin_ids], [int(j) for j in of]
+        except (TypeError, ValueError):
+            raise ValueError("twins: expected (twin_ids, of): two lists of ints of one length") from None
+        if len(twin_ids) != len(of) or not all(0 <= j < len(seq_ids) for j in of):
+            raise ValueError(f"twins: expected (twin_ids, of) of one length with each of in [0, {len(seq_ids)})")
+        one_each = (counts is None or all(int(c) == 1 for c in counts)) and (
+            isinstance(tokens, torch.Tensor) or all(len(t) == 1 for t in tokens))
+        if not one_each or every_position or logits_at is not None:
+            raise ValueError("twins: only for a decode step (one new token per sequence, its logits only)")
+        return (twin_ids, torch.tensor(of)) if twin_ids else None
 
     def _flat_tokens(self, seq_ids, tokens, counts):
         """``(flat ids [T], new tokens per sequence)``, checked."""
@@ -481,16 +509,19 @@ class PagedModel:
         return torch.tensor(ids, dtype=torch.long), counts
 
     @torch.inference_mode()
-    def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None):
+    def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None, twins=None):
         seq_ids = list(seq_ids)
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         q = counts[0]
         uniform = all(c == q for c in counts)
+        twin_ids, of = twins if twins is not None else ([], None)
         # one count for all as an int: the block manager skips checking a list per row (an error leaves the
         # cache as it was)
-        slots = self.cache.append(seq_ids, q if uniform else counts)
+        slots = self.cache.append(seq_ids + twin_ids, q if uniform else counts)
         try:
             table, lens = self.blocks.tables(seq_ids)
+            if twin_ids and not torch.equal(self.blocks.seq_lens(twin_ids), lens.index_select(0, of)):
+                raise ValueError("twins: a twin sequence holds another number of tokens than the one it reads with")
             if self.positions is not None and int(lens.max()) > self.positions:
                 i = int(lens.argmax())
                 raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
@@ -507,7 +538,7 @@ class PagedModel:
                 positions = (lens - n_new - cu[:-1]).repeat_interleave(n_new) + torch.arange(len(flat))
             groups = self._group_lists(table, lens) if decode and self.shared_prefix else None
             # graphs replay decode steps, and extends of q tokens per row with logits at every position
-            if self.graphs is not None and logits_at is None and (decode or every_position) and uniform:
+            if self.graphs is not None and logits_at is None and (decode or every_position) and uniform and not twin_ids:
                 self.attach()  # (a no-op when attached)
                 logits = self.graphs.run(flat, positions, slots, table, lens, groups, q=q)
                 if logits is not None:
@@ -522,6 +553,8 @@ class PagedModel:
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
                 max_seqlen_q=max(counts), is_decode=decode, backend=attention_backend(self.backend, self.cache.pool.kv),
                 groups=None if groups is None else self._groups_on_device(groups),
+                write_rows=None if of is None else to_device_many([torch.cat([torch.arange(len(seq_ids)), of])],
+                                                                  self.device)[0],
             )
             # the logits after each sequence's last new token: every token's for a decode step (no gather)
             keep = logits_at if logits_at is not None else None if every_position or decode else (cu_d[1:] - 1).long()
@@ -530,7 +563,7 @@ class PagedModel:
             with self.row_rope.rows(moved[-1]):  # longrope rows on both sides of the switch
                 return self._run(ids, pos, keep, batch)
         except BaseException:
-            self.cache.truncate_appended(seq_ids, counts)
+            self.cache.truncate_appended(seq_ids + twin_ids, counts + [1] * len(twin_ids))
             raise
 
     def _run(self, ids, pos, keep, batch):

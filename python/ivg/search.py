@@ -48,10 +48,11 @@ class Beam:
     finished: bool = False
     slot: Optional[int] = None  # the decoder's handle: a KV sequence id or a cache row
     rm_read: int = 0  # tokens (prompt, then response) a lazily fed token RM has read into its cache
+    twin: int = -1  # the decoder's class of candidates of its prompt with the same response so far (ivg.twins)
 
     def child(self, cand: int, slot=None) -> "Beam":
         return Beam(cand, list(self.tokens), self.implicit, self.explicit, self.logprob, self.finished, slot,
-                    self.rm_read)
+                    self.rm_read, self.twin)
 
 
 def rank(beams: Sequence[Beam], scores: Sequence[float], keep: str) -> list[int]:

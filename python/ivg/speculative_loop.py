@@ -54,6 +54,7 @@ class SpeculativeLoop(DecodeLoop):
     """:class:`DecodeLoop` with speculative rounds in place of single-token steps (module docstring)."""
 
     aligns_admissions = False  # every round reads the device: prompts admitted mid-chunk add no read
+    merges_twins = False  # a round's rows read several tokens each (twins are a step's: DecodeLoop)
 
     def __init__(self, decoder, opts, roles, group, paged, stopper, stats):
         super().__init__(decoder, opts, roles, group, paged, stopper, stats)
