@@ -588,13 +588,20 @@ def test_twins_get_the_keys_and_values_of_the_row_they_read_with(family, lean):
     free = pm.blocks.num_free_blocks
     with pytest.raises(ValueError, match="twins: a twin sequence holds another number of tokens"):
         pm([a, b], [[1], [2]], twins=([t2], [0]))  # t2 is longer than a
-    with pytest.raises(ValueError, match="twins: only for a decode step"):
-        pm([a, b], [[1, 2], [2]], twins=([t1], [0]))
-    with pytest.raises(ValueError, match="twins: only for a decode step"):
-        pm([a, b], [[1], [2]], twins=([t1], [0]), every_position=True)
     with pytest.raises(ValueError, match=r"twins: expected \(twin_ids, of\) of one length with each of in \[0, 2\)"):
         pm([a, b], [[1], [2]], twins=([t1], [2]))
     with pytest.raises(ValueError, match=r"twins: expected \(twin_ids, of\)"):
         pm([a, b], [[1], [2]], twins=[t1])
     assert [pm.blocks.seq_len(s) for s in (a, b, t1, t2, t3)] == lens and pm.blocks.num_free_blocks == free
     pm.blocks.check_invariants()
+
+    # several new tokens each (a token RM reading a chunk): tb reads c's 3, u1 and u2 u's 2
+    c, tb, u, u1, u2 = pm.blocks.new_sequences(5)
+    pm([c, tb, u, u1, u2], [[4, 5], [4, 5], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    out = pm([c, u], [[21, 22, 23], [24, 25]], twins=([tb, u1, u2], [0, 1, 1]), every_position=True)
+    assert out.shape[0] == 5
+    _close(out[2], _scratch(ref, [4, 5, 21, 22, 23]), "c's last")
+    _close(out[4], _scratch(ref, [1, 2, 3, 24, 25]), "u's last")
+    nxt = pm([tb, u1, u2], [[31], [32], [33]])
+    for row, toks in zip(nxt, ([4, 5, 21, 22, 23, 31], [1, 2, 3, 24, 25, 32], [1, 2, 3, 24, 25, 33])):
+        _close(row, _scratch(ref, toks), f"twin {toks}")

@@ -40,7 +40,7 @@ from ivg_kernels.block_manager import KVCacheExhausted
 
 from .draw import StepDraw
 from .search import OFFSET_STRIDE, Beam, chunk_scores, chunk_scores_many, expand, rank, row_offset
-from .twins import Twins
+from .twins import Twins, first_of
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -274,14 +274,20 @@ class DecodeLoop:
         the host reads the steps, so that one read brings their tokens and values together: each row
         feeds the tokens the RM has not read, those the host knows and then the unread draws straight
         from the device, all but the last, in one ragged forward whose head runs only where a draw is
-        predicted; the RM's Q at every unread draw goes into that step's record. (Rows that finish by EOS elsewhere are scored after the read, by
-        ``score_lazy_rm``.)"""
+        predicted; the RM's Q at every unread draw goes into that step's record. Twins (``ivg.twins``) whose RM has
+        read as much read the same tokens: one of each set is computed. (Rows that finish by EOS elsewhere are
+        scored after the read, by ``score_lazy_rm``.)"""
         now = {id(req) for req in self.active if self._at_boundary(req)}
-        rows = [(i, req, b) for i, (req, b) in enumerate(self.rows) if id(req) in now]
-        if not rows:
+        every = [(i, req, b) for i, (req, b) in enumerate(self.rows) if id(req) in now]
+        if not every:
             return
         steps = len(self.pending)
         drawn = torch.stack([p[:, 1] for p in self.pending], dim=1).clamp(min=0).long()  # [rows, S] on the device
+        # (twins are known where the host reads every step: no draw is read from the device below)
+        split = first_of([(b.twin, b.rm_read) for _, _, b in every]) if self.twins is not None and steps == 1 else None
+        if split is not None and len(split[0]) == len(every):
+            split = None
+        rows = every if split is None else [every[i] for i in split[0]]  # the rows computed
         # What the RM reads, gathered from ``src`` = (every row's unread draws [R * steps], the known tokens):
         # row j reads its n_j known tokens the RM has not read (at least one), then its first steps - 1 draws.
         host, unread = [], []
@@ -300,16 +306,27 @@ class DecodeLoop:
         where = starts.unsqueeze(1) + n.unsqueeze(1) - 1 + torch.arange(steps)  # the output that predicts draw p
         counts = counts.tolist()
         sel, gather_d, where_d, host_d = to_device_many(
-            [torch.tensor([i for i, _, _ in rows]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)],
+            [torch.tensor([i for i, _, _ in every]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)],
             self.device)
-        mine = drawn.index_select(0, sel)  # [R, S]
-        src = torch.cat([mine.flatten(), host_d])
-        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d)
+        mine = drawn.index_select(0, sel)  # [every row, S]
+        twins = None
+        if split is not None:  # the others, with the place of their first among the rows computed
+            others = [(every[i][2].slot, j) for i, j in enumerate(split[1]) if split[0][j] != i]
+            twins = ([s for s, _ in others], [j for _, j in others])
+            counts_all = [counts[j] for j in split[1]]
+        else:
+            counts_all = counts
+        mine_c = mine if split is None else mine.index_select(0, to_device(torch.tensor(split[0]), self.device))
+        src = torch.cat([mine_c.flatten(), host_d])
+        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d,
+                             twins=twins)
         self.stats.forwards += 1
-        values = q.gather(1, mine.view(-1, 1)).double().view(len(rows), steps)  # Q at each unread draw
+        if split is not None:  # each row's Q at its draw from its first's logits (steps == 1)
+            q = q.index_select(0, to_device(torch.tensor(split[1]), self.device))
+        values = q.gather(1, mine.view(-1, 1)).double().view(len(every), steps)  # Q at each unread draw
         for p, record in enumerate(self.pending):
             record[sel, 4] = values[:, p]
-        for (_, req, b), n in zip(rows, counts):
+        for (_, req, b), n in zip(every, counts_all):
             b.rm_read += n
 
     def feed_drawn(self) -> None:

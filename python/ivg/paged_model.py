@@ -442,15 +442,15 @@ class PagedModel:
         fed straight from a sampler's output, read back by nothing, so the ids are not range-checked (the
         sampler's are in range by construction).
 
-        ``twins``: ``(twin_ids, of)``, sequences that read the same one new token as ``seq_ids[of[i]]`` after the
-        same tokens as it (a decode step of candidates with the same response so far, :mod:`ivg.twins`): each
-        gets the keys and values computed for that token, and no logits of its own (they would be the same).
-        Their lengths are checked; their tokens, which the cache does not hold, are the caller's to match.
+        ``twins``: ``(twin_ids, of)``, sequences that read the same new tokens as ``seq_ids[of[i]]`` after the
+        same tokens as it (candidates with the same response so far, :mod:`ivg.twins`): each gets the keys and
+        values computed for those tokens, and no logits of its own (they would be the same). Their lengths are
+        checked; their tokens, which the cache does not hold, are the caller's to match.
 
         On any error the sequences keep their previous lengths (nothing half-appended, no leaked blocks).
         """
         if twins is not None:
-            twins = self._check_twins(twins, seq_ids, tokens, counts, every_position, logits_at)
+            twins = self._check_twins(twins, seq_ids)
         if logits_at is not None:
             if every_position:
                 raise ValueError("logits_at: give it or every_position=True, not both")
@@ -466,8 +466,8 @@ class PagedModel:
             self.timer.end(self.device, token)
 
     @staticmethod
-    def _check_twins(twins, seq_ids, tokens, counts, every_position, logits_at) -> tuple:
-        """``twins`` as ``(twin ids, int64 places in seq_ids)``, checked, or None when there are none."""
+    def _check_twins(twins, seq_ids) -> tuple:
+        """``twins`` as ``(twin ids, places in seq_ids)``, checked, or None when there are none."""
         try:
             twin_ids, of = twins
             twin_ids, of = [int(s) for s in twin_ids], [int(j) for j in of]
@@ -475,11 +475,7 @@ class PagedModel:
             raise ValueError("twins: expected (twin_ids, of): two lists of ints of one length") from None
         if len(twin_ids) != len(of) or not all(0 <= j < len(seq_ids) for j in of):
             raise ValueError(f"twins: expected (twin_ids, of) of one length with each of in [0, {len(seq_ids)})")
-        one_each = (counts is None or all(int(c) == 1 for c in counts)) and (
-            isinstance(tokens, torch.Tensor) or all(len(t) == 1 for t in tokens))
-        if not one_each or every_position or logits_at is not None:
-            raise ValueError("twins: only for a decode step (one new token per sequence, its logits only)")
-        return (twin_ids, torch.tensor(of)) if twin_ids else None
+        return (twin_ids, of) if twin_ids else None
 
     def _flat_tokens(self, seq_ids, tokens, counts):
         """``(flat ids [T], new tokens per sequence)``, checked."""
@@ -514,13 +510,14 @@ class PagedModel:
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         q = counts[0]
         uniform = all(c == q for c in counts)
-        twin_ids, of = twins if twins is not None else ([], None)
+        twin_ids, of = twins if twins is not None else ([], [])
+        every = counts + [counts[j] for j in of]  # new tokens per sequence, twins last
         # one count for all as an int: the block manager skips checking a list per row (an error leaves the
         # cache as it was)
-        slots = self.cache.append(seq_ids + twin_ids, q if uniform else counts)
+        slots = self.cache.append(seq_ids + twin_ids, q if uniform else every)
         try:
             table, lens = self.blocks.tables(seq_ids)
-            if twin_ids and not torch.equal(self.blocks.seq_lens(twin_ids), lens.index_select(0, of)):
+            if twin_ids and not torch.equal(self.blocks.seq_lens(twin_ids), lens[of]):
                 raise ValueError("twins: a twin sequence holds another number of tokens than the one it reads with")
             if self.positions is not None and int(lens.max()) > self.positions:
                 i = int(lens.argmax())
@@ -553,8 +550,7 @@ class PagedModel:
                 cache=self.cache, slot_mapping=slots, block_table=table_d, seq_lens=lens_d, cu_seqlens_q=cu_d,
                 max_seqlen_q=max(counts), is_decode=decode, backend=attention_backend(self.backend, self.cache.pool.kv),
                 groups=None if groups is None else self._groups_on_device(groups),
-                write_rows=None if of is None else to_device_many([torch.cat([torch.arange(len(seq_ids)), of])],
-                                                                  self.device)[0],
+                write_rows=self._twin_rows(cu, of) if twin_ids else None,
             )
             # the logits after each sequence's last new token: every token's for a decode step (no gather)
             keep = logits_at if logits_at is not None else None if every_position or decode else (cu_d[1:] - 1).long()
@@ -563,8 +559,16 @@ class PagedModel:
             with self.row_rope.rows(moved[-1]):  # longrope rows on both sides of the switch
                 return self._run(ids, pos, keep, batch)
         except BaseException:
-            self.cache.truncate_appended(seq_ids + twin_ids, counts + [1] * len(twin_ids))
+            self.cache.truncate_appended(seq_ids + twin_ids, every)
             raise
+
+    def _twin_rows(self, cu, of) -> torch.Tensor:
+        """``PagedBatch.write_rows`` on the device: the new tokens in order, then each twin's source's."""
+        cu = cu.long()
+        start, n = cu[of], cu[1:][of] - cu[of]
+        # twin token g (of the twins' tokens, in order) is token g - o of its source's, o the twin's first g
+        src = torch.repeat_interleave(start - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
+        return to_device_many([torch.cat([torch.arange(int(cu[-1])), src])], self.device)[0]
 
     def _run(self, ids, pos, keep, batch):
         """The model's forward over the packed tokens ``ids`` at ``pos`` (lean where it can)."""

@@ -28,19 +28,23 @@ class Twins:
         return next(self._ids)
 
     def split(self, beams) -> tuple[list[int], list[int]]:
-        """For ``beams`` about to read their last token: ``(first, pick)``, the index of the first row of each
-        set of twins, in order, and for every row the place in ``first`` of its set's first row. Each beam's
-        class becomes that of its response with the token."""
-        seen: dict = {}
-        first, pick = [], []
-        for i, b in enumerate(beams):
-            key = (b.twin, b.tokens[-1])
-            j = seen.get(key)
-            if j is None:
-                j = seen[key] = len(first)
-                first.append(i)
-                b.twin = next(self._ids)
-            else:
-                b.twin = beams[first[j]].twin
-            pick.append(j)
+        """For ``beams`` about to read their last token: :func:`first_of` their twins (same class, same token).
+        Each beam's class becomes that of its response with the token."""
+        first, pick = first_of([(b.twin, b.tokens[-1]) for b in beams])
+        ids = [next(self._ids) for _ in first]
+        for b, j in zip(beams, pick):
+            b.twin = ids[j]
         return first, pick
+
+
+def first_of(keys) -> tuple[list[int], list[int]]:
+    """``(first, pick)``: the index of the first of each distinct key, in order, and for every key the place in
+    ``first`` of its first."""
+    seen: dict = {}
+    first, pick = [], []
+    for i, key in enumerate(keys):
+        j = seen.setdefault(key, len(first))
+        if j == len(first):
+            first.append(i)
+        pick.append(j)
+    return first, pick
