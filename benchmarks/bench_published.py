@@ -24,6 +24,9 @@ Reported: seconds per run (median of ``--repeats``), response tokens per second 
 tokens / s), the ratio, and greedy-EFT token parity (the published
 code has no greedy path: one beam, one candidate, temperature 1e-9). ``--latency N`` also times this
 project one prompt at a time over N prompts (the published code always decodes one prompt at a time).
+On the CPU this project computes one row of each set of twins (candidates of a prompt with the same
+response so far, ``ivg.twins``; the row's ``twin_rows=`` counts the rows not computed in the last timed
+run); ``--no-merge-twins`` computes every row (the same results, more work).
 ``--published-prompts M`` lets the published side decode only the first M prompts: one prompt at a time,
 its tokens/s over M prompts is its rate over all of them, so a GPU lease can time this project's batch of
 64 beside the published code's first 8 (each side's tokens/s over its own prompts; the rows say M).
@@ -129,8 +132,8 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
                  "guide": cfg["templates"]["guide"].replace("{raw_prompt}", "{prompt}"), "token_rm": "{prompt}"}
     dec, _ = make_decoder(base=m["base"], tuned=[m["tuned"]], ref=[m["ref"]], beta=[cfg["beta"]], token_rm=m["rm"],
                           token_rm_weight=cfg.get("rm_weight", 1.0), dtype=cfg.get("dtype", "float32"), device=device,
-                          templates=templates,
-                          decoder=cfg.get("decoder", "paged"))
+                          templates=templates, decoder=cfg.get("decoder", "paged"),
+                          **({} if cfg.get("merge_twins", True) else {"merge_twins": False}))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
     wait_turn(cfg, "greedy")
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],
@@ -155,7 +158,8 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
             times.append(time.perf_counter() - t0)
             progress(f"{mode}: {len(cfg['prompts'])} prompts in {times[-1]:.2f} s")
         run = dict(tokens=[r.beams[0].tokens for r in res], seconds=times,
-                   outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")))
+                   outside_forwards=getattr(dec.last_stats, "outside_forwards", float("nan")),
+                   twin_rows=getattr(dec.last_stats, "twin_rows", 0))
         if cfg.get("latency"):  # one prompt at a time: mean seconds per response
             wait_turn(cfg, f"{mode} one prompt at a time")
             if device.startswith("cuda"):  # the one-prompt batch's graphs, captured before the timing
@@ -264,6 +268,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decoder", default="paged", choices=["paged", "naive"], help="this project's decoder")
+    ap.add_argument("--no-merge-twins", action="store_true",
+                    help="compute every row, twins too (IVGDecoder(merge_twins=False)): the same results, more work")
     ap.add_argument("--work", help="folder for converted models and outputs (default: a temporary one)")
     ap.add_argument("--record", action="store_true", help="append to results.csv and render RESULTS.md")
     ap.add_argument("--ours-run", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
@@ -299,7 +305,8 @@ def main(argv=None):
         _Side(args.python, [str(HERE / "published_driver.py")], dict(cfg, prompts=prompts[:pub_n],
               published=str(Path(args.published).resolve()), **models["published"]), work, "published", args.threads),
         _Side(sys.executable, [str(Path(__file__).resolve()), "--ours-run"],
-              dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency), work, "ours",
+              dict(cfg, models=models["ours"], decoder=args.decoder, latency=args.latency,
+                   merge_twins=not args.no_merge_twins), work, "ours",
               args.threads)])
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
@@ -333,7 +340,7 @@ def _mode_rows(args, mode, theirs, ours, pub_n, device, dtype) -> list:
         shape += f",published_prompts={pub_n}"
     rate = {"published": pub_n * args.max_new_tokens, "ours": args.prompts * args.max_new_tokens}  # tokens per run
     logging_s = statistics.median(theirs.get("logging_seconds") or [0.0])
-    ours_name = f"ivg-kernels-{args.decoder}"
+    ours_name = f"ivg-kernels-{args.decoder}" + ("-every-row" if args.no_merge_twins else "")
     pub_rate = rate["published"] / t_pub
     rows = []
     for name, side, t, runs in (("published", "published", t_pub, theirs["seconds"]),
@@ -343,6 +350,8 @@ def _mode_rows(args, mode, theirs, ours, pub_n, device, dtype) -> list:
               f"{tps / pub_rate:12.2f}x")
         extra = (f",outside_forwards={ours['outside_forwards']:.1%}" if name != "published" and args.device != "cpu"
                  else f",gpu_logging_s={logging_s:.2f}" if name == "published" and logging_s else "")
+        if name != "published" and ours.get("twin_rows"):  # rows not computed in the last timed run (ivg.twins)
+            extra += f",twin_rows={ours['twin_rows']}"
         rows.append(dict(date=harness.now(), commit=harness.commit(), device=device, benchmark="published-ivg",
                          provider=name, shape=shape + extra, dtype=dtype, median_us=f"{t * 1e6:.0f}", gbps="",
                          speedup=f"{tps / pub_rate:.2f}"))

@@ -117,7 +117,7 @@ def import_scorer(spec: str):
 def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
                  device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
                  chat_template=False, cuda_graphs=None, base_tp_plan=None, max_batch_prompts=64, read_every=None,
-                 step_graphs=None, **options):
+                 step_graphs=None, merge_twins=True, **options):
     """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s.
     Everything that can be checked without the models is checked before they load."""
     known = {f.name for f in dataclasses.fields(DecodeOptions)}
@@ -137,7 +137,8 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
                          base_tp_plan=base_tp_plan, chat_template=chat_template)
     if decoder == "paged":
         dec = IVGDecoder(models, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs,
-                         max_batch_prompts=max_batch_prompts, read_every=read_every, step_graphs=step_graphs)
+                         max_batch_prompts=max_batch_prompts, read_every=read_every, step_graphs=step_graphs,
+                         merge_twins=merge_twins)
     else:
         dec = NaiveDecoder(models, backend="reference" if backend == "auto" else backend)
     return dec, opts
@@ -146,14 +147,14 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
 # make_decoder's own arguments besides the DecodeOptions fields (for the suggestion after a typo)
 _LOAD_ARGS = ("base", "tuned", "ref", "beta", "token_rm", "token_rm_weight", "tokenizer", "device", "dtype", "backend",
               "block_size", "decoder", "templates", "chat_template", "cuda_graphs", "base_tp_plan", "max_batch_prompts",
-              "read_every", "step_graphs")
+              "read_every", "step_graphs", "merge_twins")
 
 
 def generate(prompts, *, progress=False, **kwargs):
     """Decode ``prompts`` (strings or token id lists). ``kwargs``: the models (``base``, ``tuned``, ``ref``,
     ``beta``, ``token_rm``, ``token_rm_weight``, ``tokenizer``, ``templates``, ``chat_template``), where they
     run (``device``, ``dtype``, ``backend``, ``block_size``, ``decoder``, ``cuda_graphs``, ``step_graphs``,
-    ``max_batch_prompts``, ``read_every``) and :class:`DecodeOptions` fields (``eos_token_ids=()`` never stops at EOS).
+    ``max_batch_prompts``, ``read_every``, ``merge_twins``) and :class:`DecodeOptions` fields (``eos_token_ids=()`` never stops at EOS).
 
     Returns one :class:`ivg.decoder.GenerationResult` per prompt, best beam first. Under ``torchrun``, see
     :func:`ivg.distributed.generate_sharded`.
