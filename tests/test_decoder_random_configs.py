@@ -2,7 +2,8 @@
 the same result for a prompt decoded alone, greedy speculative decoding equal to plain decoding, and no
 block held after a call. The matrix tests cover each option; these cover their combinations (beam widths
 and chunk lengths of 1, stop strings inside beam search, filters with guidance, small batches with
-continuous batching, several read intervals), with CUDA graphs' padded buffers or without."""
+continuous batching, several read intervals, twin rows computed once or not), with CUDA graphs' padded buffers
+or without."""
 import random
 
 import pytest
@@ -34,7 +35,8 @@ def _config(rng: random.Random):
               stop=rng.choice([(), (), ("e",), (" a",)]))
     searches = mode in ("cbs", "ivg", "bon", "won")
     kw["num_return"] = min(kw["width"], kw["n"]) if searches else 1  # every kept beam: the most to compare
-    decoder = dict(read_every=rng.choice([None, 1, 3]), max_batch_prompts=rng.choice([1, 2, 64]))
+    decoder = dict(read_every=rng.choice([None, 1, 3]), max_batch_prompts=rng.choice([1, 2, 64]),
+                   merge_twins=rng.random() < 0.8)  # twin rows computed once (where the host reads every step)
     return rng.choice(["gpt2", "llama"]), kw, decoder, rng.sample(POOL, rng.randint(1, 4)), rng.randint(1, 4)
 
 
