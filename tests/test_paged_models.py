@@ -592,6 +592,12 @@ def test_twins_get_the_keys_and_values_of_the_row_they_read_with(family, lean):
         pm([a, b], [[1], [2]], twins=([t1], [2]))
     with pytest.raises(ValueError, match=r"twins: expected \(twin_ids, of\)"):
         pm([a, b], [[1], [2]], twins=[t1])
+    with pytest.raises(ValueError, match="twins: expected each twin once, and none of them in seq_ids"):
+        pm([a, b], [[1], [2]], twins=([b], [0]))
+    with pytest.raises(ValueError, match="twins: expected each twin once"):
+        pm([a, b], [[1], [2]], twins=([t1, t1], [0, 0]))
+    with pytest.raises(ValueError, match="twins: seq_ids: 999 is not a live sequence"):
+        pm([a, b], [[1], [2]], twins=([999], [0]))
     assert [pm.blocks.seq_len(s) for s in (a, b, t1, t2, t3)] == lens and pm.blocks.num_free_blocks == free
     pm.blocks.check_invariants()
 

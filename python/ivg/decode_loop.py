@@ -22,6 +22,10 @@ sampler's output (``feed_drawn``); the host replays the steps it has not read in
 drew EOS between reads keeps drawing until the read, and what it drew after EOS is dropped: its random
 key depends on nothing else, so the results are those of reading every step.
 
+Where the host reads every step's tokens (the CPU), candidates of a prompt with the same response so far
+(twins, ``ivg.twins``) are computed once per step: one row of each set reads its token, the others get its
+keys and values in their own KV sequences and its logits; a lazy token RM reads them once as well.
+
 Rows of different prompts share every sampler call and forward, and a prompt that finishes makes
 room for the next waiting one (continuous batching; where the host reads every few steps, a search
 admits at the active prompts' chunk boundary: ``admit``). A candidate's random key depends only on its
@@ -101,7 +105,8 @@ class DecodeLoop:
         self._slots = None  # the rows' KV sequences, for feed_drawn; None when the rows changed
         self._next = None  # the next step's record [rows, 6], drawn in the replay of a whole step (feed_drawn)
         self._free_later: list = []  # KV sequences pruned or finished at a read, freed once the next forwards are out
-        # twin rows (ivg.twins): one of each set is fed, where the host knows every step's tokens before the forwards
+        # twin rows (ivg.twins): one of each set is computed, where the host knows every step's tokens before the
+        # forwards
         self.twins = (Twins() if self.merges_twins and decoder.merge_twins and self.read_every == 1
                       and self.step_graphs is None and opts.width * opts.successors > 1 else None)
 

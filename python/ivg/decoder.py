@@ -80,7 +80,7 @@ class RunStats:
     forward_s: float = 0.0
     graph_replays: int = 0  # forwards replayed from CUDA graphs (ivg.cuda_graphs); the others ran eagerly
     step_replays: int = 0  # decode steps replayed whole, every forward and the draw in one graph (ivg.step_graphs)
-    twin_rows: int = 0  # rows not fed in a step: each took a twin's KV sequence and logits (ivg.twins)
+    twin_rows: int = 0  # rows not computed in a step: each got a twin's keys, values and logits (ivg.twins)
 
     @property
     def outside_forwards(self) -> float:
@@ -184,8 +184,9 @@ class IVGDecoder:
         unless the environment sets ``IVG_STEP_GRAPHS=0``; the same tokens either way. Beam-group attention
         (``shared_prefix``) keeps per-model graphs
     merge_twins : where the host reads every step's tokens (``read_every`` 1, no step graphs: the CPU by
-        default), candidates of one prompt with the same response so far are fed as one row: the others take
-        a fork of its KV sequence and its logits (:mod:`ivg.twins`). The same results; ``False`` feeds every row
+        default), candidates of one prompt with the same response so far (twins) are computed as one row: the
+        others get its keys and values, written into their own KV sequences, and its logits (:mod:`ivg.twins`).
+        The same tokens, and values up to the rounding any other batch gives; ``False`` computes every row
     """
 
     def __init__(self, models: IVGModels, *, block_size: int = 16, backend: str = "auto",

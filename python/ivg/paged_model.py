@@ -475,6 +475,8 @@ class PagedModel:
             raise ValueError("twins: expected (twin_ids, of): two lists of ints of one length") from None
         if len(twin_ids) != len(of) or not all(0 <= j < len(seq_ids) for j in of):
             raise ValueError(f"twins: expected (twin_ids, of) of one length with each of in [0, {len(seq_ids)})")
+        if len(set(twin_ids)) != len(twin_ids) or not set(twin_ids).isdisjoint(seq_ids):
+            raise ValueError("twins: expected each twin once, and none of them in seq_ids")
         return (twin_ids, of) if twin_ids else None
 
     def _flat_tokens(self, seq_ids, tokens, counts):
@@ -511,14 +513,19 @@ class PagedModel:
         q = counts[0]
         uniform = all(c == q for c in counts)
         twin_ids, of = twins if twins is not None else ([], [])
+        if twin_ids:  # (before any change)
+            try:
+                twin_lens = self.blocks.seq_lens(twin_ids)
+            except ValueError as e:
+                raise ValueError(f"twins: {e}") from None
+            if not torch.equal(twin_lens, self.blocks.seq_lens(seq_ids)[of]):
+                raise ValueError("twins: a twin sequence holds another number of tokens than the one it reads with")
         every = counts + [counts[j] for j in of]  # new tokens per sequence, twins last
         # one count for all as an int: the block manager skips checking a list per row (an error leaves the
         # cache as it was)
         slots = self.cache.append(seq_ids + twin_ids, q if uniform else every)
         try:
             table, lens = self.blocks.tables(seq_ids)
-            if twin_ids and not torch.equal(self.blocks.seq_lens(twin_ids), lens[of]):
-                raise ValueError("twins: a twin sequence holds another number of tokens than the one it reads with")
             if self.positions is not None and int(lens.max()) > self.positions:
                 i = int(lens.argmax())
                 raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
