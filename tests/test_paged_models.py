@@ -559,14 +559,15 @@ def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
     assert pm([s], [[3] * 6]).shape[0] == 1  # up to the limit itself
 
 
-@pytest.mark.parametrize("lean", [None, False])
-@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
-def test_twins_get_the_keys_and_values_of_the_row_they_read_with(family, lean):
+@pytest.mark.parametrize("family,lean,backend", [("gpt2", None, "reference"), ("gpt2", False, "reference"),
+                                                 ("llama-gqa", None, "reference"), ("llama-gqa", False, "reference")]
+                         + [("llama-gqa", None, b) for b in BACKENDS if b != "reference"])
+def test_twins_get_the_keys_and_values_of_the_row_they_read_with(family, lean, backend):
     """``twins=``: sequences holding the same tokens as a computed one, reading the same new token, get its
     keys and values (and no logits): every later forward of a twin gives the logits of a from-scratch forward
     and of a twin that was computed itself. Bad twins are refused by name, leaving every sequence as it was."""
     ref, hf = _pair(CONFIGS[family])
-    pm = PagedModel(hf, num_blocks=64, block_size=4, lean=lean)
+    pm = PagedModel(hf, num_blocks=64, block_size=4, lean=lean, backend=backend)
     a, b, t1, t2, t3 = pm.blocks.new_sequences(5)
     pm([a, b, t1, t2, t3], [[1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3]])
     # t1 and t3 read 9 with a, t2 reads 10 with b: only a and b are computed
