@@ -133,7 +133,7 @@ def _run_ours(cfg_path: str, out_path: str) -> None:
     dec, _ = make_decoder(base=m["base"], tuned=[m["tuned"]], ref=[m["ref"]], beta=[cfg["beta"]], token_rm=m["rm"],
                           token_rm_weight=cfg.get("rm_weight", 1.0), dtype=cfg.get("dtype", "float32"), device=device,
                           templates=templates, decoder=cfg.get("decoder", "paged"),
-                          **({} if cfg.get("merge_twins", True) else {"merge_twins": False}))
+                          merge_twins=cfg.get("merge_twins", True))
     common = dict(max_new_tokens=cfg["max_new_tokens"], eos_token_ids=(), seed=cfg["seed"])
     wait_turn(cfg, "greedy")
     greedy = dec.generate(cfg["prompts"][:cfg["greedy_prompts"]],

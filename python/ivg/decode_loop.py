@@ -44,7 +44,7 @@ from ivg_kernels.block_manager import KVCacheExhausted
 
 from .draw import StepDraw
 from .search import OFFSET_STRIDE, Beam, chunk_scores, chunk_scores_many, expand, rank, row_offset
-from .twins import Twins, first_of
+from .twins import Twins, first_of, twin_args
 
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
@@ -314,13 +314,8 @@ class DecodeLoop:
             [torch.tensor([i for i, _, _ in every]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)],
             self.device)
         mine = drawn.index_select(0, sel)  # [every row, S]
-        twins = None
-        if split is not None:  # the others, with the place of their first among the rows computed
-            others = [(every[i][2].slot, j) for i, j in enumerate(split[1]) if split[0][j] != i]
-            twins = ([s for s, _ in others], [j for _, j in others])
-            counts_all = [counts[j] for j in split[1]]
-        else:
-            counts_all = counts
+        twins = None if split is None else twin_args([b.slot for _, _, b in every], *split)[1]
+        counts_all = counts if split is None else [counts[j] for j in split[1]]
         mine_c = mine if split is None else mine.index_select(0, to_device(torch.tensor(split[0]), self.device))
         src = torch.cat([mine_c.flatten(), host_d])
         q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d,
@@ -356,7 +351,7 @@ class DecodeLoop:
             self.cur = {name: self.paged[name](self._slots, self.drawn) for name in self.step_names}
             return
         first, pick = split  # one row of each set of twins is computed; the others get its keys, values and logits
-        slots, twins = self._twin_args(self._slots, first, pick)
+        slots, twins = twin_args(self._slots, first, pick)
         tokens = self.drawn.index_select(0, to_device(torch.tensor(first), self.device))
         sel = to_device(torch.tensor(pick), self.device)
         self.cur = {name: self.paged[name](slots, tokens, twins=twins).index_select(0, sel)
@@ -368,14 +363,8 @@ class DecodeLoop:
         if self.twins is None:
             return None
         first, pick = self.twins.split([b for _, b in rows])
+        self.stats.twin_rows += len(rows) - len(first)
         return None if len(first) == len(rows) else (first, pick)
-
-    def _twin_args(self, slots, first, pick) -> tuple:
-        """``(the sequences computed, twins=)`` for :meth:`ivg.PagedModel.forward`: the first of each set of
-        twins, and the others with the place of their first among those."""
-        twins = [(s, j) for i, (s, j) in enumerate(zip(slots, pick)) if first[j] != i]
-        self.stats.twin_rows += len(twins)
-        return [slots[i] for i in first], ([s for s, _ in twins], [j for _, j in twins])
 
     # -- schedule: chunk boundaries --------------------------------------------------------------
     def prune(self) -> tuple[dict, list]:
@@ -490,7 +479,7 @@ class DecodeLoop:
         slots, twins, pick = [b.slot for _, b in rows], None, None
         split = self._split_twins(rows)
         if split is not None:
-            (slots, twins), pick = self._twin_args(slots, *split), split[1]
+            (slots, twins), pick = twin_args(slots, *split), split[1]
             rows = [rows[i] for i in split[0]]
         tokens = [[b.tokens[-1]] for _, b in rows]
         out = {}

@@ -28,7 +28,7 @@ import torch
 
 from ivg_kernels.attention import (attention_backend, run_decode, run_prefill, run_shared_decode,
                                   run_write_kv)
-from ivg_kernels._transfer import to_device_many
+from ivg_kernels._transfer import to_device, to_device_many
 from ivg_kernels.reference.attention import decode_plan, prefill_plan, shared_decode_plan
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
@@ -578,7 +578,7 @@ class PagedModel:
         at, m = start[of], n[of]
         # twin token g (of the twins' tokens, in order) is token g - o of its source's, o the twin's first g
         src = np.repeat(at - (np.cumsum(m) - m), m) + np.arange(int(m.sum()))
-        return to_device_many([torch.from_numpy(np.concatenate([np.arange(int(n.sum())), src]))], self.device)[0]
+        return to_device(torch.from_numpy(np.concatenate([np.arange(int(n.sum())), src])), self.device)
 
     def _run(self, ids, pos, keep, batch):
         """The model's forward over the packed tokens ``ids`` at ``pos`` (lean where it can)."""

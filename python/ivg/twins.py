@@ -37,6 +37,14 @@ class Twins:
         return first, pick
 
 
+def twin_args(slots, first, pick) -> tuple:
+    """``(the sequences computed, twins=)`` for :meth:`ivg.PagedModel.forward` from :func:`first_of`'s ``(first,
+    pick)`` of rows holding ``slots``: the first of each set, and the others with the place of their first among
+    those."""
+    others = [(s, j) for i, (s, j) in enumerate(zip(slots, pick)) if first[j] != i]
+    return [slots[i] for i in first], ([s for s, _ in others], [j for _, j in others])
+
+
 def first_of(keys) -> tuple[list[int], list[int]]:
     """``(first, pick)``: the index of the first of each distinct key, in order, and for every key the place in
     ``first`` of its first."""
