@@ -310,19 +310,21 @@ class DecodeLoop:
         gather = torch.where(k < n[row], known_at, row * steps + k - n[row])
         where = starts.unsqueeze(1) + n.unsqueeze(1) - 1 + torch.arange(steps)  # the output that predicts draw p
         counts = counts.tolist()
-        sel, gather_d, where_d, host_d = to_device_many(
-            [torch.tensor([i for i, _, _ in every]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)],
-            self.device)
+        moved = to_device_many(
+            [torch.tensor([i for i, _, _ in every]), gather, where.flatten(), torch.tensor(host, dtype=torch.long)]
+            + ([] if split is None else [torch.tensor(split[0]), torch.tensor(split[1])]), self.device)
+        sel, gather_d, where_d, host_d = moved[:4]
         mine = drawn.index_select(0, sel)  # [every row, S]
-        twins = None if split is None else twin_args([b.slot for _, _, b in every], *split)[1]
-        counts_all = counts if split is None else [counts[j] for j in split[1]]
-        mine_c = mine if split is None else mine.index_select(0, to_device(torch.tensor(split[0]), self.device))
+        slots, twins = [b.slot for _, _, b in every], None
+        counts_all, mine_c = counts, mine
+        if split is not None:  # the rows computed read their own draws; the twins theirs (steps == 1)
+            slots, twins = twin_args(slots, *split)
+            counts_all, mine_c = [counts[j] for j in split[1]], mine.index_select(0, moved[4])
         src = torch.cat([mine_c.flatten(), host_d])
-        q = self.paged["rm"]([b.slot for _, _, b in rows], src[gather_d], counts=counts, logits_at=where_d,
-                             twins=twins)
+        q = self.paged["rm"](slots, src[gather_d], counts=counts, logits_at=where_d, twins=twins)
         self.stats.forwards += 1
-        if split is not None:  # each row's Q at its draw from its first's logits (steps == 1)
-            q = q.index_select(0, to_device(torch.tensor(split[1]), self.device))
+        if split is not None:  # each row's Q at its draw from its first's logits
+            q = q.index_select(0, moved[5])
         values = q.gather(1, mine.view(-1, 1)).double().view(len(every), steps)  # Q at each unread draw
         for p, record in enumerate(self.pending):
             record[sel, 4] = values[:, p]
@@ -352,8 +354,8 @@ class DecodeLoop:
             return
         first, pick = split  # one row of each set of twins is computed; the others get its keys, values and logits
         slots, twins = twin_args(self._slots, first, pick)
-        tokens = self.drawn.index_select(0, to_device(torch.tensor(first), self.device))
-        sel = to_device(torch.tensor(pick), self.device)
+        first_d, sel = to_device_many([torch.tensor(first), torch.tensor(pick)], self.device)
+        tokens = self.drawn.index_select(0, first_d)
         self.cur = {name: self.paged[name](slots, tokens, twins=twins).index_select(0, sel)
                     for name in self.step_names}
 
