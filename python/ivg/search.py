@@ -108,7 +108,16 @@ def chunk_scores_many(groups, opts, stopper) -> list[list[float]]:
 
 
 class StopChecker:
-    """EOS ids and stop strings; a stop string may span tokens. Decodes only a short tail per step."""
+    """EOS ids and stop strings; a stop string may span tokens. Decodes only a short tail per step.
+
+    A response finishes at the first token after which its text (``text``'s decode, special tokens
+    skipped) holds a stop string. Checked every token, so a new occurrence ends in the last token's
+    bytes: it lies in the last ``b`` tokens that have text, ``b`` its UTF-8 bytes (a token holds at least
+    one byte: with byte-level vocabularies a character can take several tokens), and special tokens
+    (no text) widen the tail by one each. Two more tokens of slack absorb a leading space that
+    SentencePiece drops from a decoded tail; a tail that starts inside a character (its text starts with
+    U+FFFD) takes up to three more tokens, back to the character's first byte (a byte-fallback decoder
+    replaces a whole run of byte tokens when one of them is cut off)."""
 
     def __init__(self, tokenizer, stop: Sequence[str], eos_token_ids: Sequence[int]):
         self.tokenizer = tokenizer
@@ -116,15 +125,32 @@ class StopChecker:
         if self.stop and tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer to decode the responses")
         self.eos = set(int(e) for e in eos_token_ids)
-        self.tail = max((len(s) for s in self.stop), default=0) + 2  # tokens: at least a char each, plus slack
+        self.tail = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 2  # tokens (class docstring)
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or ())
 
     def finished(self, tokens: Sequence[int]) -> bool:
         if tokens and tokens[-1] in self.eos:
             return True
         if self.stop:
-            text = self.tokenizer.decode(tokens[-self.tail:], skip_special_tokens=True)
+            text = self._tail_text(tokens)
             return any(s in text for s in self.stop)
         return False
+
+    def _tail_text(self, tokens: Sequence[int]) -> str:
+        """The text of the response's last tokens (class docstring)."""
+        n = self.tail
+        while True:  # the last ``tail`` tokens with text, and the special tokens among them
+            wanted = self.tail + sum(1 for t in tokens[-n:] if t in self.special)
+            if wanted <= n or n >= len(tokens):
+                break
+            n = wanted
+        text = self.tokenizer.decode(tokens[-n:], skip_special_tokens=True)
+        back = 0
+        while text.startswith("\ufffd") and n < len(tokens) and back < 3:  # back to the character's first byte
+            n += 1
+            back += tokens[-n] not in self.special
+            text = self.tokenizer.decode(tokens[-n:], skip_special_tokens=True)
+        return text
 
     def text(self, tokens: Sequence[int]) -> str:
         """The response text, cut before the first stop string."""
