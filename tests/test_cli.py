@@ -59,6 +59,19 @@ def test_python_m_ivg_is_the_same_entry_point(model_dirs, tmp_path):
     assert row["prompt"] == "hello there" and "beams" not in row
 
 
+def test_a_prompts_file_is_utf8_whatever_the_locale_without_its_byte_order_mark(model_dirs, tmp_path, capsys):
+    """Read in the locale's encoding, a UTF-8 file with a byte-order mark (as some editors write) gave
+    its first prompt a leading U+FEFF; a file in another encoding now gets one line naming it."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffcafé au lait\r\nthe end\r\n".encode("utf-8"))
+    out = tmp_path / "o.jsonl"
+    assert main(_args(model_dirs, out, "--mode", "eft", "--prompts", str(prompts))) == 0
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["café au lait", "the end"]
+    prompts.write_bytes("café\n".encode("latin-1"))
+    assert main(_args(model_dirs, out, "--mode", "eft", "--prompts", str(prompts), "--overwrite")) == 2
+    assert f"--prompts {prompts}: not UTF-8 text (byte 3: invalid continuation byte)" in capsys.readouterr().err
+
+
 def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert main(["generate", "--base", model_dirs["base"], "--tuned", model_dirs["tuned"], "--prompt", "a",

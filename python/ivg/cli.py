@@ -62,7 +62,11 @@ def _read_prompts(args) -> list:
         path = Path(args.prompts)
         if not path.exists():
             raise ValueError(f"--prompts {path}: no such file")
-        lines = [(i + 1, ln) for i, ln in enumerate(path.read_text().splitlines()) if ln.strip()]  # (number, text)
+        try:  # UTF-8 whatever the locale; a byte-order mark (as some editors write) is not part of the first prompt
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]  # (number, text)
         if path.suffix == ".jsonl":
             for n, ln in lines:
                 try:
