@@ -109,6 +109,25 @@ def test_python_api_names_a_misspelt_argument_before_loading_any_model(model_dir
         api.generate(["a"], base=model_dirs["base"], mode="cbs", token_rm=model_dirs["rm"], width=0)
     with pytest.raises(ValueError, match=r"mode='eft': needs at least one \(tuned, ref\) guide pair"):
         api.generate(["a"], base=model_dirs["base"], mode="eft")
+    # a decoder's sampler and attention have no CUDA kernel: "cuda" failed at the first draw, mid-run
+    with pytest.raises(ValueError, match=r"backend='cuda': a decoder's sampler and attention have no CUDA kernel"):
+        api.generate(["a"], base=model_dirs["base"], backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='fast': expected 'auto', 'reference' or 'triton'"):
+        api.generate(["a"], base=model_dirs["base"], backend="fast", decoder="naive")
+
+
+def test_decoders_refuse_a_backend_their_ops_lack_when_made():
+    from ivg.decoder import IVGDecoder
+    from ivg.naive import NaiveDecoder
+
+    from .decoder_fixtures import ivg_models
+
+    models = ivg_models()
+    for make in (IVGDecoder, NaiveDecoder):
+        with pytest.raises(ValueError, match=r"backend='cuda': a decoder's sampler and attention have no CUDA kernel"):
+            make(models, backend="cuda")
+        with pytest.raises(ValueError, match=r"backend=None: expected 'auto', 'reference' or 'triton'"):
+            make(models, backend=None)
 
 
 def test_info_reports_backends_and_the_cuda_build(capsys):

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .decoder import IVGDecoder
+from .draw import decoder_backend
 from .models import GuidePair, IVGModels, _finite, check_model_paths, check_templates, load_causal_lm
 from .naive import NaiveDecoder
 from .options import DecodeOptions
@@ -127,6 +128,7 @@ def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_wei
             raise ValueError(f"{name}: not an argument of generate()" + (f"; did you mean {near[0]}?" if near else ""))
     if decoder not in ("paged", "naive"):
         raise ValueError(f"decoder={decoder!r}: expected 'paged' or 'naive'")
+    decoder_backend(backend)
     scorer = options.get("scorer")
     if isinstance(scorer, str) and scorer not in ("explicit", "implicit"):
         options["scorer"] = import_scorer(scorer)

@@ -302,7 +302,7 @@ def _add_generate(sub):
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"],
                    help="the models' dtype (default: what transformers' from_pretrained gives without one)")
-    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"],
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
                    help="the kernels: reference is plain torch (the CPU path); auto runs Triton on CUDA and the "
                         "reference elsewhere, unless IVG_BACKEND says otherwise (default auto)")
     g.add_argument("--no-cuda-graphs", action="store_true",

@@ -28,6 +28,7 @@ import torch
 from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 
 from .decode_loop import DecodeLoop, Request
+from .draw import decoder_backend
 from .speculative_loop import SpeculativeLoop
 from .models import IVGModels, model_positions
 from .options import DecodeOptions
@@ -159,7 +160,8 @@ class IVGDecoder:
     ----------
     models : IVGModels
     block_size : tokens per KV block
-    backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``)
+    backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``; neither has
+        a CUDA kernel: ``ivg.draw.decoder_backend``)
     max_batch_prompts : prompts decoded at once (the KV pools are sized for that many); when one
         finishes, the next waiting prompt takes its rows (continuous batching). Results do not depend on it
     cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`), captured
@@ -196,7 +198,7 @@ class IVGDecoder:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         self.models = models
         self.block_size = block_size
-        self.backend = backend
+        self.backend = decoder_backend(backend)
         self.max_batch_prompts = max_batch_prompts
         if cuda_graphs is None:  # on where the kernels that run are the graph-safe Triton ones
             param = next(models.base.parameters())

@@ -16,6 +16,22 @@ import ivg_kernels
 from .search import sampler_guides
 
 
+DECODER_BACKENDS = ("auto", "reference", "triton")
+
+
+def decoder_backend(backend) -> str:
+    """A decoder's ``backend``, checked before anything runs: its sampler and attention take ``"auto"``,
+    ``"reference"`` or ``"triton"`` (neither has a CUDA kernel: ``csrc/`` holds the copy-on-write block
+    copy, which runs where the measured table says it wins, whatever the decoder's backend)."""
+    if backend == "cuda":
+        raise ValueError("backend='cuda': a decoder's sampler and attention have no CUDA kernel (csrc/ holds the "
+                         "block copy, which runs where the measured table says it wins); expected 'auto', "
+                         "'reference' or 'triton'")
+    if not isinstance(backend, str) or backend not in DECODER_BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'reference' or 'triton'")
+    return backend
+
+
 @dataclass(frozen=True)
 class StepDraw:
     """The sampler's settings for one decoding run; hashable (a key of the step graphs)."""

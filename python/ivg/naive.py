@@ -21,6 +21,7 @@ import torch
 import ivg_kernels
 
 from .decoder import GenerationResult, RunStats, check_prompts, default_eos, make_result
+from .draw import decoder_backend
 from .models import IVGModels, cache_kwargs
 from .options import DecodeOptions
 from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, row_offset, sampler_guides
@@ -29,7 +30,7 @@ from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, 
 class NaiveDecoder:
     def __init__(self, models: IVGModels, *, backend: str = "reference"):
         self.models = models
-        self.backend = backend
+        self.backend = decoder_backend(backend)
         self.last_stats = RunStats()
         models.check()
 

@@ -333,7 +333,7 @@ class PagedModel:
         model's layers, KV heads and head size, dtype and device (checked). A forward that would take a
         sequence past the model's positions (``max_position_embeddings``) is refused, as every bad input is,
         with the sequences left as they were
-    backend : kernel backend, ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
+    backend : kernel backend of the attention ops and ``write_kv``: ``"auto"``, ``"reference"`` or ``"triton"``
     cuda_graphs : replay decode steps (one new token per sequence), and extends of the same number of
         tokens per sequence that keep the logits at every position (a speculative round's verification),
         from CUDA graphs captured per batch-size bucket (:mod:`ivg.cuda_graphs`); ignored off CUDA, where
