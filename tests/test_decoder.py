@@ -161,6 +161,11 @@ def test_external_scorer_and_wrong_count(models):
     for decoder in (IVGDecoder(models), NaiveDecoder(models)):
         with pytest.raises(ValueError, match=rf"scorer: returned NaN for the response .* \(candidate 2\) of the prompt {PROMPTS[0]!r}"):
             decoder.generate(PROMPTS, _opts("cbs", scorer=nan_for_the_third))
+        # not numbers, or nothing: named (a bare "could not convert string to float" or "not iterable" before)
+        with pytest.raises(ValueError, match=rf"scorer: returned 'good' for the response .* \(candidate 0\) of the prompt {PROMPTS[0]!r}; expected a number"):
+            decoder.generate(PROMPTS, _opts("cbs", scorer=lambda p, r: ["good"] * len(r)))
+        with pytest.raises(ValueError, match=r"scorer: returned NoneType; expected a sequence of \d+ numbers, one per response"):
+            decoder.generate(PROMPTS, _opts("cbs", scorer=lambda p, r: None))
 
 
 def test_an_external_scorer_is_called_once_per_chunk_boundary(models):

@@ -92,19 +92,33 @@ def chunk_scores_many(groups, opts, stopper) -> list[list[float]]:
             texts += [stopper.text(b.tokens) for b in beams]
         if not texts:
             return [[] for _ in groups]
-        scores = list(opts.scorer(prompts, texts))
+        returned = opts.scorer(prompts, texts)
+        try:
+            scores = list(returned)
+        except TypeError:
+            raise ValueError(f"scorer: returned {type(returned).__name__}; expected a sequence of {len(texts)} "
+                             "numbers, one per response") from None
         if len(scores) != len(texts):
             raise ValueError(f"scorer: returned {len(scores)} scores for {len(texts)} candidates")
         out, start = [], 0
         for prompt, beams in groups:
-            out.append([float(x) for x in scores[start:start + len(beams)]])
-            j = next((j for j, x in enumerate(out[-1]) if math.isnan(x)), None)
-            if j is not None:  # (NaN has no rank: the order would be arbitrary)
-                raise ValueError(f"scorer: returned NaN for the response {texts[start + j]!r} (candidate {j}) of "
-                                 f"the prompt {prompt!r}; expected a number to rank it by")
+            out.append([_score(x, texts[start + j], j, prompt) for j, x in enumerate(scores[start:start + len(beams)])])
             start += len(beams)
         return out
     return [[b.logprob for b in beams] for _, beams in groups]
+
+
+def _score(x, text: str, j: int, prompt) -> float:
+    """An external scorer's score of candidate ``j`` (response ``text``) as a float to rank by, or the
+    ValueError that names it: not a number, or NaN (which has no rank: the order would be arbitrary)."""
+    try:
+        score = float(x)
+    except (TypeError, ValueError):
+        score = None
+    if score is None or math.isnan(score):
+        raise ValueError(f"scorer: returned {'NaN' if score is not None else repr(x)} for the response {text!r} "
+                         f"(candidate {j}) of the prompt {prompt!r}; expected a number to rank it by")
+    return score
 
 
 class StopChecker:
