@@ -72,6 +72,29 @@ def test_sampling_adds_the_log_ratio():
     torch.testing.assert_close(got2, scores + g.beta * (t - r) + 0.5 * q, rtol=1e-5, atol=1e-5)
 
 
+def test_only_the_left_padding_is_masked():
+    """``pad_token_id`` marks a left-padded batch's leading pads; the same id inside a prompt (an EOS that
+    doubles as the pad, between chat turns) or drawn later is a token the base attends to, so the guides
+    attend to it too (every occurrence was masked before). Each row against its own unpadded forwards."""
+    m = _models()
+    g = m.guides[0]
+    pad = 5
+    rows = [[3, 4, 6], [3, pad, 4, 6], [7, pad]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    scores = torch.randn(len(rows), m.base.config.vocab_size)
+    proc = IVGLogitsProcessor([(g.tuned, g.ref, g.beta)], token_rm=m.token_rm, token_rm_weight=0.5, pad_token_id=pad)
+    got = proc(ids, scores.clone())
+    step = torch.tensor([[8], [pad], [9]])  # one incremental step, a drawn pad id among them
+    got2 = proc(torch.cat([ids, step], 1), scores.clone())
+    for i, r in enumerate(rows):
+        for out, toks in ((got, r), (got2, r + step[i].tolist())):
+            alone = _FromScratch(g.tuned, g.ref, g.beta)(torch.tensor([toks]), scores[i:i + 1].clone())
+            with torch.no_grad():
+                q = m.token_rm(input_ids=torch.tensor([toks])).logits[:, -1].float()
+            torch.testing.assert_close(out[i:i + 1], alone + 0.5 * q, rtol=1e-5, atol=1e-5)
+
+
 def test_processor_needs_a_guide():
     import pytest
 

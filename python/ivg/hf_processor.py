@@ -21,7 +21,9 @@ class IVGLogitsProcessor:
     ----------
     guides : sequence of ``(tuned_model, ref_model, beta)``
     token_rm : optional token reward model (its logits are ``Q``), with ``token_rm_weight``
-    pad_token_id : the padding id of left-padded batches (rows are masked where it appears)
+    pad_token_id : the padding id of left-padded batches (each row's leading pads are masked, as
+        ``generate``'s attention mask masks them; the id later in a row is a token like any other, but a
+        prompt that starts with it reads as padded: the processor does not see the attention mask)
     vocab_size : columns shared by all models (default: the narrowest); base columns past it get -inf
     """
 
@@ -51,9 +53,11 @@ class IVGLogitsProcessor:
         self._last: list = []
 
     def _mask(self, ids):
+        """The attention mask of a left-padded batch: 0 on each row's leading pads only (the pad id later in a
+        row, in its prompt or drawn, is a token the base attends to)."""
         if self.pad_token_id is None:
             return torch.ones_like(ids)
-        return (ids != self.pad_token_id).long()
+        return (ids != self.pad_token_id).long().cummax(dim=-1).values
 
     @torch.no_grad()
     def _run(self, ids: torch.Tensor):
