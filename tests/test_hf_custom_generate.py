@@ -42,6 +42,28 @@ def test_greedy_eft_through_custom_generate(models):
     assert out[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
 
 
+def test_without_a_seed_each_call_draws_anew_and_manual_seed_repeats_it(models):
+    """As transformers' own sampling: the key came from seed 0 at every call, so a user sampling
+    several times got the same responses each time."""
+    kw = dict(seed=None, temperature=3.0, max_new_tokens=12)
+    torch.manual_seed(7)
+    _, first = _call(models, **kw)
+    _, second = _call(models, **kw)
+    assert not torch.equal(first, second)
+    torch.manual_seed(7)
+    _, again = _call(models, **kw)
+    assert torch.equal(first, again)
+    _, greedy = _call(models, seed=None, do_sample=False)  # greedy draws no key (the global stream stays put)
+    state = torch.random.get_rng_state()
+    _, greedy2 = _call(models, seed=None, do_sample=False)
+    assert torch.equal(greedy, greedy2) and torch.equal(state, torch.random.get_rng_state())
+    _, whole = _call(models, chunk_len=None)  # one chunk, the whole response: DecodeOptions' meaning of None
+    expect = IVGDecoder(models).generate(
+        [[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=None, max_new_tokens=6,
+                                                    temperature=0.9, seed=4, eos_token_ids=()))
+    assert whole[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
+
+
 def test_unsupported_arguments_are_named(models):
     with pytest.raises(ValueError, match="logits_processor: not supported"):
         _call(models, logits_processor=[lambda ids, scores: scores])

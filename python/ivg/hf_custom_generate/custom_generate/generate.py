@@ -4,8 +4,10 @@
 The model ``generate`` is called on is the base. Extra keyword arguments: ``guides`` (a list of
 ``(tuned, ref, beta)``), ``token_rm`` and ``token_rm_weight``, ``mode`` (default ``"ivg"`` with a token
 RM and guides, ``"eft"`` with guides only, ``"tokenrm"`` with a token RM only), ``width``,
-``successors``, ``chunk_len``, ``n``, ``scorer``, ``seed``; and from the usual ones ``max_new_tokens``
-(or ``max_length``, prompt width included, when no ``max_new_tokens`` is set), ``temperature``
+``successors``, ``chunk_len``, ``n``, ``scorer``, ``seed`` (by default, when sampling, drawn from torch's
+global generator, so that as with transformers' own sampling each call draws anew and ``torch.manual_seed``
+repeats a call; the output depends only on the prompts, the options and the seed); and from the usual ones
+``max_new_tokens`` (or ``max_length``, prompt width included, when no ``max_new_tokens`` is set), ``temperature``
 (``do_sample=False`` means greedy), ``top_k``, ``top_p``, ``min_p``, ``eos_token_id``, ``pad_token_id`` and
 ``num_return_sequences`` (the best k beams of each prompt, at most ``width`` for a chunk search and ``n``
 for best-of-N; 1 for the token-wise modes). Returns a LongTensor ``[B * k, prompt + new]``: each row's
@@ -52,8 +54,9 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     pad = option("pad_token_id", eos[0] if eos else 0)
     do_sample = option("do_sample", True)
     temperature = float(option("temperature", 1.0))
-    search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
-              if kwargs.get(k) is not None}
+    search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep") if k in kwargs}
+    # None: the default, as for transformers' own arguments (but chunk_len=None is infinity, as in DecodeOptions)
+    search = {k: v for k, v in search.items() if v is not None or k == "chunk_len"}
     beams = kwargs.pop("num_beams", None)
     if beams is not None and beams != 1:
         raise ValueError(f"num_beams={beams!r}: transformers' beam search does not apply to the IVG method, whose "
@@ -69,6 +72,8 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         if new_tokens < 1:
             raise ValueError(f"max_length={longest!r}: expected more than the prompts' {input_ids.shape[1]} "
                              "positions (it counts the prompt and the new tokens)")
+    if do_sample and "seed" not in search:  # a fresh key per call, as transformers' sampling draws anew
+        search["seed"] = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
                          top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
                          min_p=float(option("min_p", 0.0)), max_new_tokens=int(20 if new_tokens is None else new_tokens),
