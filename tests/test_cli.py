@@ -72,6 +72,23 @@ def test_a_prompts_file_is_utf8_whatever_the_locale_without_its_byte_order_mark(
     assert f"--prompts {prompts}: not UTF-8 text (byte 3: invalid continuation byte)" in capsys.readouterr().err
 
 
+def test_a_base_saved_without_a_tokenizer_is_named(model_dirs, tmp_path, capsys):
+    """transformers builds a tokenizer with no ordinary token for a folder that holds only the model, which
+    made every text prompt "empty (after the base template)"; token id prompts need no tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(model_dirs["base"]).save_pretrained(bare)
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--base", str(bare), "--prompt", "abc", "--max-new-tokens", "3", "--out", str(out)]) == 2
+    assert "prompts: text prompts need a tokenizer, and the base model came without one" in capsys.readouterr().err
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt": [3, 4, 5]}\n')
+    assert main(["generate", "--base", str(bare), "--prompts", str(ids), "--max-new-tokens", "3", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert len(json.loads(out.read_text())["tokens"]) == 3
+
+
 def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert main(["generate", "--base", model_dirs["base"], "--tuned", model_dirs["tuned"], "--prompt", "a",

@@ -26,12 +26,16 @@ def _dtype(name):
 
 
 def _tokenizer(path):
+    """The tokenizer saved with the model at ``path``, or None where there is none (transformers then builds
+    one with no ordinary token from the model's config alone, which tokenized every prompt to nothing)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+    special = set(tok.all_special_tokens)
+    return tok if any(t not in special for t in tok.get_vocab()) else None
 
 
 def check_device(device, arg: str = "device") -> torch.device:

@@ -287,7 +287,8 @@ class IVGModels:
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
         if self.tokenizer is None:
-            raise ValueError("prompts: text prompts need a tokenizer (or pass token id lists)")
+            raise ValueError("prompts: text prompts need a tokenizer, and the base model came without one (save one "
+                             "in its folder, give the prompts as token id lists, or pass tokenizer= to ivg.generate)")
         text = self.templates.get(role, "{prompt}").format(prompt=prompt)
         tok = self.tokenizer
         if self.chat_template:
