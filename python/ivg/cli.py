@@ -274,7 +274,8 @@ def _add_generate(sub):
                    help="the draft model with --speculate: the first tuned guide, its reference, or auto (the "
                         "default): the tuned guide with EFT guidance, else the reference")
     g.add_argument("--max-new-tokens", type=int, default=64, help="response length limit in tokens (default 64)")
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stop", action="append",
+                   help="stop string, taken as written (repeatable; a newline in bash: --stop $'\\n')")
     g.add_argument("--ignore-eos", action="store_true",
                    help="never stop at an end-of-sequence token (responses run to --max-new-tokens or a --stop)")
     g.add_argument("--template", action="append", metavar="ROLE=FORMAT",
