@@ -89,6 +89,25 @@ def test_a_base_saved_without_a_tokenizer_is_named(model_dirs, tmp_path, capsys)
     assert len(json.loads(out.read_text())["tokens"]) == 3
 
 
+def test_a_run_resumes_with_other_speed_settings_and_refuses_other_options(model_dirs, tmp_path, capsys):
+    """Prompts decoded together, the host's reads and the step graphs change the speed, not the output: a
+    killed run resumes with other values (fewer prompts at once after running out of memory); a run with
+    another seed is refused. Both had been refused before."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {c}\n" for c in "abcdef"))
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    base = ["--mode", "ivg", "--prompts", str(prompts), "--max-new-tokens", "6"]
+    assert main(_args(model_dirs, full, *base, "--batch-prompts", "4")) == 0
+    part.write_text("".join(full.read_text().splitlines(keepends=True)[:2]))  # a run killed after two prompts
+    capsys.readouterr()
+    assert main(_args(model_dirs, part, *base, "--batch-prompts", "1", "--read-every", "3", "--no-step-graphs",
+                      "--backend", "reference")) == 0
+    assert "resuming, 2 of 6 prompts already in" in capsys.readouterr().err
+    assert part.read_text() == full.read_text()
+    assert main(_args(model_dirs, part, *base, "--seed", "4")) == 2
+    assert "was written with other models or options" in capsys.readouterr().err
+
+
 def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert main(["generate", "--base", model_dirs["base"], "--tuned", model_dirs["tuned"], "--prompt", "a",

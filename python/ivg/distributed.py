@@ -79,9 +79,17 @@ def _prompt_key(p) -> str:
     return json.dumps(p)
 
 
+# make_decoder's arguments that change how fast a run goes, not what it writes (the decoder's documented
+# guarantees: the same tokens whatever the prompts decoded together, the host's reads, the CUDA graphs, the
+# backend or merged twins), so a killed run resumes with other values (fewer prompts at once after running
+# out of memory, say). Like ``device``, which is not among the fingerprinted arguments either.
+SPEED_ONLY = ("backend", "cuda_graphs", "step_graphs", "max_batch_prompts", "read_every", "merge_twins")
+
+
 def run_id(config: dict) -> str:
-    """A short fingerprint of what decides the outputs (models, options, seed), stored on every line so that
-    a rerun with other settings does not resume a file it did not write."""
+    """A short fingerprint of what decides the outputs (models, options, seed; not the arguments of
+    ``SPEED_ONLY``), stored on every line so that a rerun with other settings does not resume a file it did
+    not write."""
     import hashlib
 
     def name(x):  # a callable by its import path: its repr holds a per-process address
@@ -89,6 +97,7 @@ def run_id(config: dict) -> str:
             return f"{getattr(x, '__module__', '?')}:{x.__qualname__}"
         return repr(x)
 
+    config = {k: v for k, v in config.items() if k not in SPEED_ONLY}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=name).encode()).hexdigest()[:12]
 
 
