@@ -332,3 +332,14 @@ def test_counts_that_are_not_ints_are_named():
             bm.append(s, bad)
     assert bm.num_free_blocks == 8
     assert bm.append(s, np.array([1, 2])).tolist() == [0, 4, 5]  # numpy ints are ints
+
+
+def test_a_kv_pool_names_a_bad_shape_or_dtype():
+    """The attention ops take float caches only: an integer one was made, then failed at the first forward."""
+    from ivg_kernels.kv_pool import KVCache, KVPool
+
+    with pytest.raises(ValueError, match=r"dtype=torch.int32: expected one of torch.float32, torch.bfloat16"):
+        KVCache(2, 2, 8, num_blocks=4, block_size=4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"head_dim=0: expected a positive int"):
+        KVPool(2, 4, 4, 2, 0)
+    assert KVPool(1, 2, 4, 1, 8, dtype=torch.bfloat16).kv.dtype == torch.bfloat16
