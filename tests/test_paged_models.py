@@ -548,6 +548,8 @@ def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
     with pytest.raises(ValueError, match=r"backend='cudnn': expected one of"):
         PagedModel(model, num_blocks=8, backend="cudnn")
     pm = PagedModel(model, num_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match=r"num_blocks=64: give the pool size or cache=, not both"):  # (was ignored)
+        PagedModel(model, num_blocks=64, cache=pm.cache)
     (s,) = pm.blocks.new_sequences(1)
     with pytest.raises(ValueError, match=r"tokens: expected one list of ids per sequence"):
         pm([s], [3])

@@ -328,7 +328,7 @@ class PagedModel:
     ----------
     model : a transformers causal LM. It is switched to the ``"ivg_paged"`` attention when transformers'
         forward runs it (no lean forward, or CUDA graphs); a lean forward leaves the model as it is.
-    num_blocks, block_size : pool size
+    num_blocks, block_size : pool size of a new cache (without ``cache``)
     cache : an existing KVCache (for example a member of a ``KVCacheGroup``) instead of a new one: the
         model's layers, KV heads and head size, dtype and device (checked). A forward that would take a
         sequence past the model's positions (``max_position_embeddings``) is refused, as every bad input is,
@@ -363,6 +363,8 @@ class PagedModel:
             cache = KVCache(layers, kv_heads, head_dim, num_blocks=num_blocks, block_size=block_size,
                             dtype=param.dtype, device=param.device)
         else:
+            if num_blocks:  # (the cache's own pool size is the one that counts)
+                raise ValueError(f"num_blocks={num_blocks!r}: give the pool size or cache=, not both")
             kv = cache.pool.kv  # [layers, 2, blocks, block_size, kv_heads, head_dim]
             if (kv.shape[0], kv.shape[4], kv.shape[5]) != (layers, kv_heads, head_dim) or kv.dtype != param.dtype \
                     or kv.device != param.device:
