@@ -54,7 +54,8 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     pad = option("pad_token_id", eos[0] if eos else 0)
     do_sample = option("do_sample", True)
     temperature = float(option("temperature", 1.0))
-    search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep") if k in kwargs}
+    search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
+              if k in kwargs}
     # None: the default, as for transformers' own arguments (but chunk_len=None is infinity, as in DecodeOptions)
     search = {k: v for k, v in search.items() if v is not None or k == "chunk_len"}
     beams = kwargs.pop("num_beams", None)
