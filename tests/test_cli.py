@@ -108,6 +108,16 @@ def test_a_run_resumes_with_other_speed_settings_and_refuses_other_options(model
     assert "was written with other models or options" in capsys.readouterr().err
 
 
+def test_out_may_not_be_the_prompts_file(model_dirs, tmp_path, capsys):
+    """The results would have replaced the prompts (with --overwrite, or at the end of a run over a file of
+    other lines)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the movie was"}\n')
+    assert main(_args(model_dirs, f"{tmp_path}/./p.jsonl", "--prompts", str(prompts), "--overwrite")) == 2
+    assert f"--out {tmp_path}/./p.jsonl: the --prompts file itself" in capsys.readouterr().err
+    assert prompts.read_text() == '{"prompt": "the movie was"}\n'
+
+
 def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert main(["generate", "--base", model_dirs["base"], "--tuned", model_dirs["tuned"], "--prompt", "a",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _info(args) -> int:
@@ -42,7 +43,6 @@ BENCHMARKS = ["sampling", "kv", "host", "decode", "loop_host", "speculative", "p
 
 def _bench(args) -> int:
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / f"bench_{args.op}.py"
     if not script.exists():
@@ -54,9 +54,6 @@ def _bench(args) -> int:
 
 
 def _read_prompts(args) -> list:
-    import json
-    from pathlib import Path
-
     prompts = list(args.prompt or [])
     if args.prompts:
         path = Path(args.prompts)
@@ -147,6 +144,8 @@ def _generate(args) -> int:
 
     check_device(args.device, "--device")
     templates = _templates(args.template)
+    if args.prompts and args.out and Path(args.out).resolve() == Path(args.prompts).resolve():
+        raise ValueError(f"--out {args.out}: the --prompts file itself (the results would replace the prompts)")
     prompts = _read_prompts(args)
     chunk = _chunk_len(args.chunk_len)
     options = dict(mode=args.mode, width=args.width, successors=args.successors, chunk_len=chunk, n=args.N,
@@ -213,8 +212,6 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from pathlib import Path
-
     from .api import check_device
     from .demo.run import METHODS, run_demo
 
