@@ -118,6 +118,25 @@ def test_out_may_not_be_the_prompts_file(model_dirs, tmp_path, capsys):
     assert prompts.read_text() == '{"prompt": "the movie was"}\n'
 
 
+def test_model_paths_may_start_at_the_home_folder(model_dirs, tmp_path, monkeypatch, capsys):
+    """``~/models/base`` (quoted on a command line, or from Python): "no such directory" before."""
+    import shutil
+
+    from ivg.api import generate
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(model_dirs["base"], tmp_path / "models" / "base")
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--base", "~/models/base", "--prompt", "abc", "--max-new-tokens", "3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert len(json.loads(out.read_text())["tokens"]) == 3
+    assert len(generate(["abc"], base="~/models/base", max_new_tokens=3)[0].beams[0].tokens) == 3
+    (tmp_path / "p.txt").write_text("abc\n")  # the prompts and the results too
+    assert main(["generate", "--base", "~/models/base", "--prompts", "~/p.txt", "--max-new-tokens", "3",
+                 "--out", "~/o2.jsonl"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o2.jsonl").read_text())["prompt"] == "abc"
+
+
 def test_bad_flags_give_one_clear_line(model_dirs, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     assert main(["generate", "--base", model_dirs["base"], "--tuned", model_dirs["tuned"], "--prompt", "a",

@@ -56,7 +56,7 @@ def _bench(args) -> int:
 def _read_prompts(args) -> list:
     prompts = list(args.prompt or [])
     if args.prompts:
-        path = Path(args.prompts)
+        path = Path(args.prompts).expanduser()
         if not path.exists():
             raise ValueError(f"--prompts {path}: no such file")
         try:  # UTF-8 whatever the locale; a byte-order mark (as some editors write) is not part of the first prompt
@@ -144,7 +144,7 @@ def _generate(args) -> int:
 
     check_device(args.device, "--device")
     templates = _templates(args.template)
-    if args.prompts and args.out and Path(args.out).resolve() == Path(args.prompts).resolve():
+    if args.prompts and args.out and Path(args.out).expanduser().resolve() == Path(args.prompts).expanduser().resolve():
         raise ValueError(f"--out {args.out}: the --prompts file itself (the results would replace the prompts)")
     prompts = _read_prompts(args)
     chunk = _chunk_len(args.chunk_len)

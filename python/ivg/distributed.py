@@ -154,7 +154,7 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
 
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
-    path = Path(out) if out else None
+    path = Path(out).expanduser() if out else None
     if path is not None and (path.is_dir() or not path.parent.is_dir()):
         where = "a directory" if path.is_dir() else f"no such directory {str(path.parent)!r}"
         raise ValueError(f"out={str(out)!r}: {where}; expected a file in an existing directory")

@@ -128,8 +128,9 @@ def is_token_rm_dir(path) -> bool:
 
 
 def model_path_problem(path) -> Optional[str]:
-    """Why ``path`` cannot name a model (a local folder or a hub id ``name`` / ``org/name``), or None."""
-    p = str(path)
+    """Why ``path`` cannot name a model (a local folder, ``~`` for the home folder, or a hub id ``name`` /
+    ``org/name``), or None."""
+    p = os.path.expanduser(str(path))
     if os.path.isdir(p):
         return None
     if os.path.exists(p):
