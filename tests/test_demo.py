@@ -47,6 +47,12 @@ def test_reduced_demo_writes_outputs_table_and_plot(tmp_path):
         run_demo(None, methods=["nope"], cfg=REDUCED, build_root=tmp_path / "cache")
 
 
+def test_the_demo_names_its_flags(capsys):
+    """``--prompts 1`` was reported as ``num_prompts=1``, the Python argument's name."""
+    assert main(["demo", "--prompts", "1"]) == 2
+    assert "ivg demo: error: --prompts 1: expected at least 2 (standard errors need two)" in capsys.readouterr().err
+
+
 def test_full_demo_guided_methods_beat_base_sampling(tmp_path, capsys):
     """The benchmark-style check on the full build (cached under ~/.cache/ivg after the first run)."""
     assert main(["demo", "--out", str(tmp_path)]) == 0

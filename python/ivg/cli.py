@@ -216,8 +216,10 @@ def _demo(args) -> int:
     from .demo.run import METHODS, run_demo
 
     check_device(args.device, "--device")
+    if args.prompts < 2:  # (in the flag's name: run_demo names its own argument)
+        raise ValueError(f"--prompts {args.prompts}: expected at least 2 (standard errors need two)")
     methods = args.methods or list(METHODS)
-    report = run_demo(Path(args.out) if args.out else None, methods=methods, num_prompts=args.prompts,
+    report = run_demo(Path(args.out).expanduser() if args.out else None, methods=methods, num_prompts=args.prompts,
                       device=args.device, seed=args.seed, progress=True)
     print(report.table())
     print(f"\nbuild (or cache) {report.build_s:.1f} s, whole demo {report.wall_s:.1f} s; "
