@@ -181,6 +181,21 @@ def test_python_api_names_a_misspelt_argument_before_loading_any_model(model_dir
         api.generate(["a"], base=model_dirs["base"], backend="fast", decoder="naive")
 
 
+def test_python_api_takes_a_tokenizer_by_path(model_dirs, tmp_path):
+    """tokenizer= took only a loaded tokenizer: a path (as the models take) failed at the first prompt with
+    "'str' object is not callable"."""
+    from ivg.api import generate
+
+    by_path = generate(["abc"], base=model_dirs["base"], tokenizer=model_dirs["base"], max_new_tokens=4, seed=2)
+    default = generate(["abc"], base=model_dirs["base"], max_new_tokens=4, seed=2)
+    assert by_path[0].beams[0].tokens == default[0].beams[0].tokens and by_path[0].beams[0].text
+    with pytest.raises(ValueError, match=r"tokenizer='.*empty': no tokenizer there"):
+        (tmp_path / "empty").mkdir()
+        generate(["abc"], base=model_dirs["base"], tokenizer=str(tmp_path / "empty"), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"tokenizer: expected a path, a hub id or a loaded tokenizer, got int"):
+        generate(["abc"], base=model_dirs["base"], tokenizer=5, max_new_tokens=4)
+
+
 def test_decoders_refuse_a_backend_their_ops_lack_when_made():
     from ivg.decoder import IVGDecoder
     from ivg.naive import NaiveDecoder

@@ -61,7 +61,8 @@ def check_device(device, arg: str = "device") -> torch.device:
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,
                 token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None,
                 base_tp_plan=None, chat_template: bool = False) -> IVGModels:
-    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map.
+    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map. ``tokenizer``
+    (default: the base model's) is a path, a hub id or a loaded tokenizer.
 
     ``base_tp_plan="auto"`` shards the base model over the process group's ranks (tensor parallel);
     the guides and the token reward model stay whole on ``device``. ``templates`` and ``chat_template``:
@@ -84,6 +85,14 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
     args += [(f"ref[{i}]", r) for i, r in enumerate(ref)] + ([("token_rm", token_rm)] if token_rm is not None else [])
     check_model_paths([(f"{arg}={str(x)!r}", x) for arg, x in args])
+    if isinstance(tokenizer, (str, os.PathLike)):  # a path or hub id, as the models take (before they load)
+        path = home(os.fspath(tokenizer))
+        tokenizer = _tokenizer(path)
+        if tokenizer is None:
+            raise ValueError(f"tokenizer={path!r}: no tokenizer there; expected a folder or hub id holding one, or a "
+                             "loaded tokenizer")
+    elif tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+        raise ValueError(f"tokenizer: expected a path, a hub id or a loaded tokenizer, got {type(tokenizer).__name__}")
     tokenizers = {}
 
     def load(x, name, arg, tp_plan=None):
