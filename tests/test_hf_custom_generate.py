@@ -64,6 +64,37 @@ def test_without_a_seed_each_call_draws_anew_and_manual_seed_repeats_it(models):
     assert whole[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
 
 
+def test_stop_strings_with_a_tokenizer_are_the_decoders_stop_strings(models):
+    """``stop_strings`` (with ``tokenizer=``, as transformers' generate wants) were refused as not understood."""
+    from ivg.models import IVGModels
+
+    _, free = _call(models, max_new_tokens=12)
+    stop = models.tokenizer.decode(free[1, 4 + 3:4 + 5].tolist())  # two tokens the second prompt's best beam drew
+    _, out = _call(models, max_new_tokens=12, stop_strings=stop, tokenizer=models.tokenizer)
+    expect = IVGDecoder(IVGModels(models.base, models.guides, models.token_rm, models.token_rm_weight,
+                                  models.tokenizer)).generate(
+        [[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=12,
+                                                    temperature=0.9, seed=4, eos_token_ids=(), stop=(stop,)))
+    assert [row[4:4 + len(r.beams[0].tokens)].tolist() for row, r in zip(out, expect)] == \
+        [r.beams[0].tokens for r in expect]
+    assert len(expect[1].beams[0].tokens) < 12, "the stop string ended the second prompt's response"
+    with pytest.raises(ValueError, match=r"stop_strings: needs tokenizer="):
+        _call(models, stop_strings=stop)
+
+
+def test_a_generation_configs_processors_are_named_as_not_applied(models):
+    """A model's generation_config.json may set a repetition penalty, say, which this method does not apply:
+    it was ignored in silence."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=3, typical_p=1.0)
+    with pytest.warns(UserWarning, match=r"generation config: repetition_penalty=1.3, no_repeat_ngram_size=3 not "
+                                         r"applied by the IVG custom generation method"):
+        _, out = _call(models, generation_config=cfg)
+    _, plain = _call(models)
+    assert torch.equal(out, plain)
+
+
 def test_unsupported_arguments_are_named(models):
     with pytest.raises(ValueError, match="logits_processor: not supported"):
         _call(models, logits_processor=[lambda ids, scores: scores])

@@ -14,10 +14,22 @@ for best-of-N; 1 for the token-wise modes). Returns a LongTensor ``[B * k, promp
 (left-padded) prompt followed by one of its best beams' tokens, best first, prompt after prompt as
 transformers orders them, right-padded with ``pad_token_id``. Limits: no transformers beam search
 (``num_beams`` > 1 is refused: the search here is ``width``/``successors``/``chunk_len``), no streamer, no
-logits processors or stopping criteria of transformers (use ``mode``/``stop`` semantics of the IVG
-decoder instead), no assistant model.
+logits processors or stopping criteria of transformers (``stop_strings`` with ``tokenizer=`` are the IVG
+decoder's stop strings), no assistant model; those a generation config sets (``repetition_penalty`` in a model's
+``generation_config.json``, say) are not applied, with a warning naming them.
 """
+import warnings
+
 import torch
+
+# Logits processors and criteria of transformers that a generation config may set (a model's
+# generation_config.json often does) and this method does not apply, with each one's neutral value.
+_NOT_APPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                "encoder_no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None, "suppress_tokens": None,
+                "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                "exponential_decay_length_penalty": None, "sequence_bias": None, "guidance_scale": 1.0,
+                "watermarking_config": None}
 
 _UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
                 "negative_prompt_ids", "negative_prompt_attention_mask")
@@ -73,19 +85,29 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         if new_tokens < 1:
             raise ValueError(f"max_length={longest!r}: expected more than the prompts' {input_ids.shape[1]} "
                              "positions (it counts the prompt and the new tokens)")
+    tokenizer = kwargs.pop("tokenizer", None)
+    stop = option("stop_strings")
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if stop and tokenizer is None:
+        raise ValueError("stop_strings: needs tokenizer= (the tokenizer that decodes the responses), as transformers' "
+                         "generate does")
     if do_sample and "seed" not in search:  # a fresh key per call, as transformers' sampling draws anew
         search["seed"] = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
                          top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
                          min_p=float(option("min_p", 0.0)), max_new_tokens=int(20 if new_tokens is None else new_tokens),
-                         eos_token_ids=eos, num_return=k, **search)
-    for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits", "tokenizer",
-                 "trust_remote_code"):
+                         eos_token_ids=eos, stop=stop, num_return=k, **search)
+    for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits", "trust_remote_code"):
         kwargs.pop(name, None)  # handled by the method itself or meaningless here
     if kwargs:
         raise ValueError(f"{', '.join(sorted(kwargs))}: not understood by the IVG custom generation method")
+    ignored = [f"{k}={getattr(cfg, k)!r}" for k, neutral in _NOT_APPLIED.items()
+               if getattr(cfg, k, None) not in (None, neutral, [], ())]
+    if ignored:  # (given as arguments they are refused above, as not understood)
+        warnings.warn(f"generation config: {', '.join(ignored)} not applied by the IVG custom generation method "
+                      "(its warpers: temperature, top_k, top_p, min_p)", stacklevel=2)
     prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
-    models = IVGModels(model, guides, token_rm, rm_weight)
+    models = IVGModels(model, guides, token_rm, rm_weight, tokenizer)
     try:
         opts.resolved(have_guides=bool(guides), have_token_rm=token_rm is not None)  # the decoder's own check
     except ValueError as e:
