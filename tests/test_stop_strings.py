@@ -111,3 +111,23 @@ def test_finishes_where_the_whole_text_first_holds_a_stop_string(which):
         checked += 1
         hits += want is not None
     assert hits > checked // 2  # the stop strings were mostly there to find
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_response_there():
+    """"<eos>" (a chat model's "<|im_end|>", say) is decoded to nothing, so as a stop string it never matched and
+    the responses ran on to the length limit; it now ends a response at that token, as the token's id in
+    eos_token_ids does, in both decoders."""
+    from ivg.decoder import IVGDecoder
+    from ivg.naive import NaiveDecoder
+    from ivg.options import DecodeOptions
+
+    from .decoder_fixtures import EOS, ivg_models
+
+    models = ivg_models()
+    prompts = ["the movie was", "a", "bad acting and", "so, what?"]
+    kw = dict(mode="ivg", width=2, successors=2, chunk_len=3, temperature=1.5, max_new_tokens=30, seed=3)
+    by_id = IVGDecoder(models).generate(prompts, DecodeOptions(**kw, eos_token_ids=(EOS,)))
+    for dec in (IVGDecoder(models), NaiveDecoder(models)):
+        by_stop = dec.generate(prompts, DecodeOptions(**kw, eos_token_ids=(), stop=("<eos>",)))
+        assert [[b.tokens for b in r.beams] for r in by_stop] == [[b.tokens for b in r.beams] for r in by_id]
+    assert any(r.beams[0].tokens[-1] == EOS and len(r.beams[0].tokens) < 30 for r in by_id), "no response drew it"

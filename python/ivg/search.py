@@ -121,6 +121,15 @@ def _score(x, text: str, j: int, prompt) -> float:
     return score
 
 
+def _skipped_token(tokenizer, text: str) -> Optional[int]:
+    """The id of the token spelt ``text`` if it is one that decoding without special tokens skips, else None."""
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    tid = convert(text) if convert is not None else None
+    if not isinstance(tid, int) or tokenizer.convert_ids_to_tokens(tid) != text:
+        return None
+    return tid if tokenizer.decode([tid], skip_special_tokens=True) == "" else None
+
+
 class StopChecker:
     """EOS ids and stop strings; a stop string may span tokens. Decodes only a short tail per step.
 
@@ -131,7 +140,8 @@ class StopChecker:
     (no text) widen the tail by one each. Two more tokens of slack absorb a leading space that
     SentencePiece drops from a decoded tail; a tail that starts inside a character (its text starts with
     U+FFFD) takes up to three more tokens, back to the character's first byte (a byte-fallback decoder
-    replaces a whole run of byte tokens when one of them is cut off)."""
+    replaces a whole run of byte tokens when one of them is cut off). A stop string that is one special token
+    (``"<|im_end|>"``), which the text never shows, ends a response at that token as an EOS id does."""
 
     def __init__(self, tokenizer, stop: Sequence[str], eos_token_ids: Sequence[int]):
         self.tokenizer = tokenizer
@@ -139,6 +149,11 @@ class StopChecker:
         if self.stop and tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer to decode the responses")
         self.eos = set(int(e) for e in eos_token_ids)
+        # a stop string that is one special token ("<|im_end|>") never shows in the text, decoded without special
+        # tokens: it ends a response at that token, as an EOS id does
+        for s in [s for s in self.stop if _skipped_token(tokenizer, s) is not None]:
+            self.eos.add(_skipped_token(tokenizer, s))
+            self.stop.remove(s)
         self.tail = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 2  # tokens (class docstring)
         self.special = set(getattr(tokenizer, "all_special_ids", None) or ())
 
