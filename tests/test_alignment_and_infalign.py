@@ -68,3 +68,19 @@ def test_a_nan_reward_is_named_not_counted_as_a_loss():
         calibrated_reward(nan, [0.1])
     with pytest.raises(ValueError, match=r"reference_rewards\[0\]='x': expected a number"):
         calibrated_reward(0.3, ["x"])
+
+
+def test_win_rate_takes_arrays_of_rewards():
+    """A NumPy or torch matrix [prompts, samples] (the natural shape of a reward table) raised "the truth value
+    of an array is ambiguous"."""
+    import numpy as np
+
+    from ivg.infalign import win_rate
+
+    pol, ref = [[0.1, 0.5], [0.3, 0.2]], [[0.2, 0.5], [0.1, 0.4]]
+    expect = (1.5 / 4 + 2 / 4) / 2  # prompt 0: 0.5 beats 0.2 and ties 0.5; prompt 1: 0.3 and 0.2 beat 0.1
+    assert win_rate(pol, ref) == pytest.approx(expect)
+    assert win_rate(np.array(pol), np.array(ref)) == pytest.approx(expect)
+    assert win_rate(torch.tensor(pol), torch.tensor(ref)) == pytest.approx(expect)
+    with pytest.raises(ValueError, match="the same non-zero number of prompts"):
+        win_rate(np.zeros((0, 2)), np.zeros((0, 2)))

@@ -41,14 +41,15 @@ def calibrated_reward(reward: float, reference_rewards: Sequence[float]) -> floa
 def win_rate(policy_rewards: Sequence[Sequence[float]], reference_rewards: Sequence[Sequence[float]]) -> float:
     """Mean over prompts of P[policy beats reference], ties counting one half.
 
-    Both arguments hold, per prompt, the rewards of that prompt's samples.
+    Both arguments hold, per prompt, the rewards of that prompt's samples (lists, or NumPy or torch arrays
+    ``[prompts, samples]``).
     """
-    if len(policy_rewards) != len(reference_rewards) or not policy_rewards:
+    if len(policy_rewards) != len(reference_rewards) or len(policy_rewards) == 0:  # (arrays have no truth value)
         raise ValueError(f"policy_rewards/reference_rewards: expected the same non-zero number of prompts, got "
                          f"{len(policy_rewards)} and {len(reference_rewards)}")
     total = 0.0
     for i, (pol, ref) in enumerate(zip(policy_rewards, reference_rewards)):
-        if not pol or not ref:
+        if len(pol) == 0 or len(ref) == 0:
             raise ValueError(f"prompt {i}: expected at least one policy and one reference reward")
         pol, ref = _numbers(f"policy_rewards[{i}]", pol), _numbers(f"reference_rewards[{i}]", ref)
         wins = sum((a > b) + 0.5 * (a == b) for a in pol for b in ref)
