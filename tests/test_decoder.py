@@ -658,6 +658,22 @@ def test_one_stop_string_and_one_eos_id_need_no_tuple(models):
     assert cut.tokens == free.tokens[:free.tokens.index(eos) + 1]
 
 
+def test_options_given_as_numpy_numbers_decode_as_python_ones(models):
+    """A NumPy integer width passed the options' checks, then the KV pool refused the sizes it made
+    ("num_blocks=np.int64(17): expected a positive int"); an array of EOS ids was refused."""
+    import numpy as np
+
+    dec = IVGDecoder(models)
+    plain = dict(mode="ivg", width=2, successors=3, chunk_len=2, max_new_tokens=7, seed=4, temperature=0.9,
+                 top_k=5, eos_token_ids=(5, 7), num_return=2)
+    numpy = dict(plain, width=np.int64(2), successors=np.int32(3), chunk_len=np.int64(2), max_new_tokens=np.int64(7),
+                 seed=np.int64(4), temperature=np.float64(0.9), top_k=np.int64(5), eos_token_ids=np.array([5, 7]),
+                 num_return=np.int64(2))
+    resolved = DecodeOptions(**numpy).resolved(have_guides=True, have_token_rm=True)
+    assert all(type(getattr(resolved, k)) is int for k in ("width", "successors", "chunk_len", "max_new_tokens", "seed"))
+    _same(dec.generate(PROMPTS, DecodeOptions(**numpy)), dec.generate(PROMPTS, DecodeOptions(**plain)))
+
+
 def test_ivg_models_checks_its_arguments_as_given(models):
     """Errors name the argument when IVGModels is built, not deep in the first step; a (tuned, ref, beta)
     triple (as IVGLogitsProcessor takes) is a GuidePair."""

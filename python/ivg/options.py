@@ -128,18 +128,22 @@ class DecodeOptions:
         most = k if mode in ("bon", "won") else w  # best-of-N ranks all N; chunk search keeps W
         if self.num_return > most:
             raise ValueError(f"num_return={self.num_return}: expected at most {most} for mode {mode!r}")
-        # the sampler's own checks, now rather than at the first draw (after the models have loaded)
-        for name, integer in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False),
-                              ("seed", True)):
-            check_scalar_param(name, getattr(self, name), integer)
+        # the sampler's own checks, now rather than at the first draw (after the models have loaded); values as
+        # Python ints and floats (a NumPy integer W went on into the KV pool's sizes, which refused it)
+        warpers = {name: check_scalar_param(name, getattr(self, name), integer)
+                   for name, integer in (("temperature", False), ("top_k", True), ("top_p", False),
+                                         ("min_p", False), ("seed", True))}
         if not -(1 << 63) <= self.seed < 1 << 63:
             raise ValueError(f"seed={self.seed}: expected an int64 (-2**63 <= seed < 2**63)")
         if w * k > OFFSET_STRIDE:  # candidate j's key is (seed, t * OFFSET_STRIDE + j): past it, keys repeat
             shape = f"n={k}" if mode in ("bon", "won") else f"width * successors = {w * k}"
             raise ValueError(f"{shape}: expected at most {OFFSET_STRIDE} candidates per prompt (each draws with its "
                              "own random key)")
-        return replace(self, tokenwise=tokenwise, scorer=scorer, width=w, successors=k, chunk_len=chunk, keep=keep,
-                       stop=_stop_strings(self.stop), eos_token_ids=_eos_ids(self.eos_token_ids))
+        return replace(self, tokenwise=tokenwise, scorer=scorer, width=int(w), successors=int(k),
+                       chunk_len=None if chunk is None else int(chunk), keep=keep, n=int(self.n),
+                       max_new_tokens=int(self.max_new_tokens), num_return=int(self.num_return),
+                       speculate=int(self.speculate), stop=_stop_strings(self.stop),
+                       eos_token_ids=_eos_ids(self.eos_token_ids), **warpers)
 
     @property
     def uses_guides(self) -> bool:
@@ -172,6 +176,8 @@ def _eos_ids(eos) -> Optional[tuple]:
     """``eos_token_ids`` as a tuple of ints (one int is one id); None stays None (the tokenizer's)."""
     if eos is None:
         return None
+    if hasattr(eos, "tolist") and not isinstance(eos, numbers.Integral):  # a NumPy or torch array of ids
+        eos = eos.tolist()
     if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
         eos = (eos,)
     if (isinstance(eos, str) or not isinstance(eos, Sequence)
