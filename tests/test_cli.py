@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ivg.cli import main
 
@@ -194,6 +195,19 @@ def test_python_api_takes_a_tokenizer_by_path(model_dirs, tmp_path):
         generate(["abc"], base=model_dirs["base"], tokenizer=str(tmp_path / "empty"), max_new_tokens=4)
     with pytest.raises(ValueError, match=r"tokenizer: expected a path, a hub id or a loaded tokenizer, got int"):
         generate(["abc"], base=model_dirs["base"], tokenizer=5, max_new_tokens=4)
+
+
+def test_beta_may_be_one_number_or_an_array(model_dirs):
+    """A NumPy or torch array of betas raised "the truth value of an array is ambiguous", one number "not
+    iterable"."""
+    import numpy as np
+
+    from ivg.api import load_models
+
+    pairs = dict(tuned=[model_dirs["tuned"]] * 2, ref=[model_dirs["ref"]] * 2)
+    for beta, expect in ((np.array([1.0, 2.0]), [1.0, 2.0]), (torch.tensor([0.5, 2.0]), [0.5, 2.0]),
+                         (np.float64(1.5), [1.5, 1.5]), (3.0, [3.0, 3.0]), ((), [1.0, 1.0])):
+        assert [g.beta for g in load_models(model_dirs["base"], beta=beta, **pairs).guides] == expect
 
 
 def test_decoders_refuse_a_backend_their_ops_lack_when_made():

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import numbers
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -61,15 +62,19 @@ def check_device(device, arg: str = "device") -> torch.device:
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,
                 token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None,
                 base_tp_plan=None, chat_template: bool = False) -> IVGModels:
-    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map. ``tokenizer``
-    (default: the base model's) is a path, a hub id or a loaded tokenizer.
+    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map. ``beta``: one
+    per guide pair (a sequence or array), or one number for all (default 1). ``tokenizer`` (default: the base
+    model's) is a path, a hub id or a loaded tokenizer.
 
     ``base_tp_plan="auto"`` shards the base model over the process group's ranks (tensor parallel);
     the guides and the token reward model stay whole on ``device``. ``templates`` and ``chat_template``:
     see :class:`ivg.models.IVGModels`."""
     if len(tuned) != len(ref):
         raise ValueError(f"tuned/ref: expected pairs, got {len(tuned)} tuned and {len(ref)} ref models")
-    betas = list(beta) if beta else [1.0] * len(tuned)
+    if hasattr(beta, "tolist"):  # a NumPy or torch array (or number): their truth value is ambiguous
+        beta = beta.tolist()
+    betas = [beta] if isinstance(beta, numbers.Real) else list(beta) if beta is not None else []
+    betas = betas or [1.0] * len(tuned)
     if len(betas) == 1 and len(tuned) > 1:
         betas = betas * len(tuned)
     if len(betas) != len(tuned):
