@@ -14,6 +14,7 @@ NOTE (invariants, checked by ``check_invariants`` and the hypothesis test):
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -468,9 +469,13 @@ class BlockManager:
     def _check_seq(self, seq_id, name: str = "seq_id") -> int:
         if type(seq_id) is int and seq_id in self._row:  # the fast path of the decode loop
             return seq_id
-        if isinstance(seq_id, bool) or not isinstance(seq_id, numbers.Integral) or seq_id not in self._row:
+        try:  # any integer: a NumPy one, or a torch tensor's element (which a dict lookup would not find)
+            sid = None if isinstance(seq_id, bool) else operator.index(seq_id)
+        except TypeError:
+            sid = None
+        if sid is None or sid not in self._row:
             raise ValueError(f"{name}: {seq_id!r} is not a live sequence")
-        return int(seq_id)
+        return sid
 
     # ------------------------------------------------------------------ rows
     def _rows(self, seq_ids, name: str = "seq_ids") -> tuple[list[int], np.ndarray]:

@@ -343,3 +343,18 @@ def test_a_kv_pool_names_a_bad_shape_or_dtype():
     with pytest.raises(ValueError, match=r"head_dim=0: expected a positive int"):
         KVPool(2, 4, 4, 2, 0)
     assert KVPool(1, 2, 4, 1, 8, dtype=torch.bfloat16).kv.dtype == torch.bfloat16
+
+
+def test_sequence_ids_may_be_numpy_or_torch_integers():
+    """Ids taken from a tensor (a drawn row's index, say) were "not a live sequence": a 0-d tensor is no dict
+    key for its value. Bools and floats are still refused."""
+    bm = BlockManager(8, 4)
+    (a,) = bm.new_sequences(1)
+    assert bm.append(torch.tensor([a]), 3).tolist() == bm.block_table([a])[0, :1].mul(4).add(torch.arange(3)).tolist()
+    kids = bm.fork(torch.tensor(a), np.int64(2))
+    assert bm.seq_lens(np.array(kids)).tolist() == [3, 3] and bm.seq_lens(torch.tensor(kids)).tolist() == [3, 3]
+    for bad in (True, 0.0, torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="is not a live sequence"):
+            bm.append([bad], 1)
+    bm.free_many(torch.tensor(kids + [a]))
+    assert bm.num_used_blocks == 0
