@@ -85,7 +85,7 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     check_device(device)
     dt = _dtype(dtype)
     templates = check_templates(templates)
-    home = lambda x: os.path.expanduser(x) if isinstance(x, str) and x.startswith("~") else x  # noqa: E731
+    home = lambda x: os.path.expanduser(x) if isinstance(x, str) else x  # noqa: E731  ("~/models/base")
     base, tuned, ref, token_rm = home(base), [home(t) for t in tuned], [home(r) for r in ref], home(token_rm)
     args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
     args += [(f"ref[{i}]", r) for i, r in enumerate(ref)] + ([("token_rm", token_rm)] if token_rm is not None else [])

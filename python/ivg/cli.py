@@ -144,7 +144,8 @@ def _generate(args) -> int:
 
     check_device(args.device, "--device")
     templates = _templates(args.template)
-    if args.prompts and args.out and Path(args.out).expanduser().resolve() == Path(args.prompts).expanduser().resolve():
+    where = [Path(p).expanduser().resolve() for p in (args.prompts, args.out) if p]
+    if len(where) == 2 and where[0] == where[1]:
         raise ValueError(f"--out {args.out}: the --prompts file itself (the results would replace the prompts)")
     prompts = _read_prompts(args)
     chunk = _chunk_len(args.chunk_len)
@@ -216,11 +217,12 @@ def _demo(args) -> int:
     from .demo.run import METHODS, run_demo
 
     check_device(args.device, "--device")
-    if args.prompts < 2:  # (in the flag's name: run_demo names its own argument)
-        raise ValueError(f"--prompts {args.prompts}: expected at least 2 (standard errors need two)")
     methods = args.methods or list(METHODS)
-    report = run_demo(Path(args.out).expanduser() if args.out else None, methods=methods, num_prompts=args.prompts,
-                      device=args.device, seed=args.seed, progress=True)
+    try:
+        report = run_demo(Path(args.out).expanduser() if args.out else None, methods=methods,
+                          num_prompts=args.prompts, device=args.device, seed=args.seed, progress=True)
+    except ValueError as e:  # named by the flag, as the user wrote it
+        raise ValueError(str(e).replace(f"num_prompts={args.prompts}", f"--prompts {args.prompts}", 1)) from None
     print(report.table())
     print(f"\nbuild (or cache) {report.build_s:.1f} s, whole demo {report.wall_s:.1f} s; "
           f"gold reward: VADER compound of prompt + response; win rate and calibrated reward against "

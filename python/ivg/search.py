@@ -151,9 +151,9 @@ class StopChecker:
         self.eos = set(int(e) for e in eos_token_ids)
         # a stop string that is one special token ("<|im_end|>") never shows in the text, decoded without special
         # tokens: it ends a response at that token, as an EOS id does
-        for s in [s for s in self.stop if _skipped_token(tokenizer, s) is not None]:
-            self.eos.add(_skipped_token(tokenizer, s))
-            self.stop.remove(s)
+        skipped = {s: _skipped_token(tokenizer, s) for s in self.stop}
+        self.eos.update(t for t in skipped.values() if t is not None)
+        self.stop = [s for s in self.stop if skipped[s] is None]
         self.tail = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 2  # tokens (class docstring)
         self.special = set(getattr(tokenizer, "all_special_ids", None) or ())
 
