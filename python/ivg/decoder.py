@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -162,8 +163,9 @@ class IVGDecoder:
     block_size : tokens per KV block
     backend : kernel backend for sampling and attention (``"auto"``, ``"reference"``, ``"triton"``; neither has
         a CUDA kernel: ``ivg.draw.decoder_backend``)
-    max_batch_prompts : prompts decoded at once (the KV pools are sized for that many); when one
-        finishes, the next waiting prompt takes its rows (continuous batching). Results do not depend on it
+    max_batch_prompts : prompts decoded at once (the KV pools are sized for that many, or for fewer, with a
+        warning, where the device's memory cannot hold them); when one finishes, the next waiting prompt takes
+        its rows (continuous batching). Results do not depend on it
     cuda_graphs : replay every model's decode steps from CUDA graphs (:mod:`ivg.cuda_graphs`), captured
         once per batch-size bucket and block-table width, and kept from call to call while the KV pools
         are (see ``_paged_models``). Default: on for models on CUDA (13x faster
@@ -231,6 +233,32 @@ class IVGDecoder:
             return {}
         return {name: c.blocks.num_used_blocks for name, c in self._group.caches.items()}
 
+    def _pools(self, roles, ids, opts, capacity: int) -> tuple:
+        """``(group, paged models, capacity)``: KV pools for ``capacity`` prompts at once, or, where the
+        device's memory cannot hold pools that large, for as many as it can (halving; a warning says so):
+        results do not depend on how many prompts decode together. When one prompt's pools do not fit,
+        ``torch.OutOfMemoryError`` says how large they were."""
+        asked = capacity
+        while True:
+            blocks = self._pool_blocks(ids, opts, capacity)
+            try:
+                group, paged = self._paged_models(roles, blocks)
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                if capacity == 1:
+                    raise torch.OutOfMemoryError(
+                        f"the KV caches of one prompt do not fit in memory: {blocks} blocks of {self.block_size} "
+                        f"tokens per model ({len(roles)} models), for {opts.width * opts.successors} candidates of up "
+                        f"to {opts.max_new_tokens} new tokens after the longest prompt; lower max_new_tokens, the "
+                        f"candidates per prompt or the prompt's length ({str(e).splitlines()[0]})") from e
+                capacity //= 2
+        if capacity < asked:
+            warnings.warn(f"max_batch_prompts: the KV caches of {asked} prompts at once do not fit in memory; "
+                          f"decoding {capacity} at a time (the same results)", stacklevel=4)
+        return group, paged, capacity
+
     def _paged_models(self, roles, num_blocks):
         """One KV cache per model and the paged models over them. The previous call's caches are kept
         (they stay allocated anyway, see ``kv_blocks_in_use``) and reused when every model's is large
@@ -274,8 +302,8 @@ class IVGDecoder:
             self._steps = None
             try:
                 caches = self._new_caches(shapes, grown)
-            except torch.OutOfMemoryError:
-                if grown == num_blocks:
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if grown == num_blocks or not out_of_memory(e):
                     raise
                 caches = self._new_caches(shapes, num_blocks)  # the headroom does not fit: what this call needs
         paged = {}
@@ -329,8 +357,7 @@ class IVGDecoder:
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
         stats = RunStats(prompts=len(ids))
         start = time.perf_counter()
-        capacity = min(len(ids), self.max_batch_prompts)
-        group, paged = self._paged_models(roles, self._pool_blocks(ids, opts, capacity))
+        group, paged, capacity = self._pools(roles, ids, opts, min(len(ids), self.max_batch_prompts))
         self._group = group
         timer = ForwardTimer()
         for pm in paged.values():
@@ -384,18 +411,38 @@ class IVGDecoder:
         return self._steps
 
     def _pool_blocks(self, ids, opts, capacity: int) -> int:
-        """KV blocks per model for any ``capacity`` prompts at once: a prompt needs its W*K rows at full
-        length, one block more per row for copy-on-write and one for the prompt itself; the pool holds
-        the ``capacity`` largest needs (speculating N, a row may read N tokens past its last one in a
-        round padded to equal widths: ``ivg.speculative_loop``)."""
-        bs = self.block_size
+        """KV blocks per model for any ``capacity`` prompts at once; the pool holds the ``capacity`` largest
+        needs (:func:`prompt_blocks`)."""
         rows = opts.width * opts.successors
         most = opts.max_new_tokens + opts.speculate
-        needs = sorted((rows * (-(-(max(len(x) for x in d.values()) + most) // bs) + 1) + 1 for d in ids), reverse=True)
+        needs = sorted((max(prompt_blocks(len(x), rows, most, self.block_size) for x in d.values()) for d in ids),
+                       reverse=True)
         return sum(needs[:capacity])
 
     def _result(self, prompt, beams, scores, opts, stopper) -> GenerationResult:
         return make_result(prompt, beams, scores, opts, stopper, self.models)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed for lack of memory: CUDA's ``OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError``."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def prompt_blocks(prompt_len: int, rows: int, most: int, block_size: int) -> int:
+    """The most KV blocks one prompt of ``prompt_len`` tokens holds in a model's pool while its ``rows``
+    candidates draw up to ``most`` tokens each.
+
+    The rows are forks of the prompt's sequence, so they share its blocks by reference; a row copies a block
+    only when it writes into a shared, partly filled last block (copy-on-write), and beams fork by reference
+    again at every chunk boundary. The full blocks before the one that holds the prompt's last token (which a
+    speculative round reads in each row) are therefore held once, and from that block on each row holds at
+    most the blocks of its own positions, up to ``prompt_len + most``; one block more per row and one per
+    prompt are headroom. (Counting the whole prompt once per row, as this did before, sized a 2,048-token
+    prompt with W*K = 16 rows at 12 times its need.)"""
+    shared = (prompt_len - 1) // block_size
+    own = -(-(prompt_len + most) // block_size) - shared
+    return shared + rows * (own + 1) + 1
 
 
 def make_result(prompt, beams, scores, opts, stopper, models) -> GenerationResult:
