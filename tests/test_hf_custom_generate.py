@@ -129,3 +129,37 @@ def test_num_beams_is_refused_and_max_length_counts_the_prompt(models):
     assert torch.equal(both, plain)
     with pytest.raises(ValueError, match=r"max_length=4: expected more than the prompts' 4 positions"):
         _call(models, max_new_tokens=None, max_length=4)
+
+
+def test_the_decoder_is_kept_on_the_base_model_between_calls(models):
+    """A loop of generate calls makes the decoder (its KV pools; on a GPU its CUDA graphs) once, as transformers
+    keeps a static cache on the model: a second call with the same guides reuses the first call's decoder and
+    pools and gives what a fresh decoder gives; another beta makes a new one; a copy or a pickle of the model
+    holds none (one is made on first use), and ``del model._ivg_decoder`` lets it go."""
+    import copy
+    import pickle
+
+    _call(models)
+    held = models.base._ivg_decoder
+    pools = held.decoder._group.caches["base"].pool.kv
+    _, out = _call(models, seed=5)
+    assert models.base._ivg_decoder is held and held.decoder._group.caches["base"].pool.kv is pools
+    expect = IVGDecoder(models).generate(
+        [[5, 6, 7], [8, 9, 10, 11]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=6,
+                                                    temperature=0.9, seed=5, eos_token_ids=()))
+    assert out[:, 4:].tolist() == [r.beams[0].tokens for r in expect]
+    g = models.guides[0]
+    _call(models, guides=[(g.tuned, g.ref, 2.0)])
+    assert models.base._ivg_decoder is not held and models.base._ivg_decoder.decoder.models.guides[0].beta == 2.0
+    for other in (copy.deepcopy(models.base), pickle.loads(pickle.dumps(models.base))):
+        assert other._ivg_decoder.decoder is None
+        ids = torch.tensor([[5, 6, 7]])
+        got = other.generate(ids, custom_generate=ivg.CUSTOM_GENERATE, trust_remote_code=True,
+                             guides=[(g.tuned, g.ref, g.beta)], token_rm=models.token_rm, width=2, successors=2,
+                             chunk_len=3, max_new_tokens=6, temperature=0.9, do_sample=True, seed=4, eos_token_id=None)
+        assert got[0, 3:].tolist() == [r.beams[0].tokens for r in IVGDecoder(models).generate(
+            [[5, 6, 7]], DecodeOptions(mode="ivg", width=2, successors=2, chunk_len=3, max_new_tokens=6,
+                                       temperature=0.9, seed=4, eos_token_ids=()))][0]
+        assert other._ivg_decoder.decoder is not None
+    del models.base._ivg_decoder
+    assert not hasattr(models.base, "_ivg_decoder")

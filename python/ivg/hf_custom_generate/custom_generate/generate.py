@@ -17,6 +17,10 @@ transformers orders them, right-padded with ``pad_token_id``. Limits: no transfo
 logits processors or stopping criteria of transformers (``stop_strings`` with ``tokenizer=`` are the IVG
 decoder's stop strings), no assistant model; those a generation config sets (``repetition_penalty`` in a model's
 ``generation_config.json``, say) are not applied, with a warning naming them.
+
+The decoder (its KV pools, and on a GPU its CUDA graphs) is kept on the base model from one call to the next
+while the guides, the token RM and the tokenizer stay the same (``ivg.hf_custom_generate.HeldDecoder``), as
+transformers keeps a static cache there; ``del model._ivg_decoder`` frees it.
 """
 import warnings
 
@@ -36,7 +40,6 @@ _UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_
 
 
 def generate(model, inputs=None, generation_config=None, **kwargs):
-    from ivg.decoder import IVGDecoder
     from ivg.models import GuidePair, IVGModels
     from ivg.options import DecodeOptions
 
@@ -114,7 +117,7 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         if str(e).startswith("num_return="):  # in the name this method's caller gave it
             raise ValueError(f"num_return_sequences={k}: {str(e).split(': ', 1)[1]}") from None
         raise
-    results = IVGDecoder(models).generate(prompts, opts)
+    results = _decoder(model, models).generate(prompts, opts)
     new = [b.tokens for r in results for b in r.beams]  # each prompt's k best, prompt after prompt
     assert len(new) == k * len(results), "a prompt returned fewer beams than num_return_sequences"
     width = max(len(t) for t in new)
@@ -122,3 +125,21 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     for i, t in enumerate(new):
         tail[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
     return torch.cat([input_ids.repeat_interleave(k, dim=0), tail], dim=1)
+
+
+def _decoder(model, models):
+    """The decoder of ``models``, kept on the base model from one call to the next while the call's guides, token
+    RM, tokenizer and the base's device and dtype stay the same (``ivg.hf_custom_generate.HeldDecoder``)."""
+    from ivg.decoder import IVGDecoder
+    from ivg.hf_custom_generate import HeldDecoder
+
+    param = next(model.parameters())
+    key = (tuple((id(g.tuned), id(g.ref), g.beta) for g in models.guides), id(models.token_rm),
+           models.token_rm_weight, id(models.tokenizer), param.device, param.dtype)  # (the decoder holds each one)
+    held = model.__dict__.get("_ivg_decoder")
+    if isinstance(held, HeldDecoder) and held.key == key:
+        return held.decoder
+    model.__dict__["_ivg_decoder"] = HeldDecoder()  # the previous decoder's pools go before new ones are made
+    decoder = IVGDecoder(models)
+    model.__dict__["_ivg_decoder"] = HeldDecoder(key, decoder)
+    return decoder
