@@ -249,6 +249,27 @@ def test_decoder_keeps_its_cuda_graphs_from_call_to_call():
     assert [r.beams[0].tokens for r in again] == [r.beams[0].tokens for r in first]
 
 
+def test_custom_generate_keeps_its_cuda_graphs_from_call_to_call():
+    """A loop of ``model.generate(custom_generate=ivg.CUSTOM_GENERATE)`` calls captures the decoder's graphs in
+    the first call only (the decoder stays on the base model) and draws the same tokens for the same seed."""
+    import ivg
+
+    models = _cuda_models(torch.float32)
+    g = models.guides[0]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device="cuda")
+    kw = dict(custom_generate=ivg.CUSTOM_GENERATE, trust_remote_code=True, guides=[(g.tuned, g.ref, g.beta)],
+              token_rm=models.token_rm, width=2, successors=2, chunk_len=3, max_new_tokens=8, do_sample=True,
+              temperature=1.0, seed=1, eos_token_id=None, pad_token_id=0)
+    first = models.base.generate(ids, **kw)
+    dec = models.base._ivg_decoder.decoder
+    captures = {n: pm.graphs.captures for n, pm in dec._paged.items() if pm.graphs is not None}
+    assert any(captures.values()), captures
+    again = models.base.generate(ids, **kw)
+    assert models.base._ivg_decoder.decoder is dec
+    assert {n: pm.graphs.captures for n, pm in dec._paged.items() if pm.graphs is not None} == captures
+    assert torch.equal(first, again)
+
+
 def test_decoder_reading_every_few_steps_matches_reading_every_step():
     """On a GPU the host reads the drawn tokens every 8 steps by default (and at chunk boundaries):
     rows that drew EOS run on between reads, from graph replays fed with the device's tokens."""
