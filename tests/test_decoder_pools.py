@@ -103,6 +103,11 @@ def test_pools_that_do_not_fit_decode_fewer_prompts_at_once(models, monkeypatch,
     _same(got, want)
     assert len(sizes) >= 3 and sizes[-1] < sizes[0], sizes
     assert set(dec.kv_blocks_in_use().values()) == {0}
+    # a second call tries no size that failed: it keeps the pools that fit (and on a GPU their CUDA graphs)
+    pools, tried = dec._group.caches["base"].pool.kv, len(sizes)
+    with pytest.warns(UserWarning, match="decoding 2 at a time"):
+        _same(dec.generate(prompts, opts), want)
+    assert len(sizes) == tried and dec._group.caches["base"].pool.kv is pools
 
 
 def test_one_prompt_whose_pools_do_not_fit_is_an_error_that_says_how_large(models, monkeypatch):

@@ -225,6 +225,7 @@ class IVGDecoder:
         self.last_stats = RunStats()
         self._group = None
         self._paged: dict = {}  # model name -> the PagedModel over its cache in _group (kept from call to call)
+        self._no_fit: dict = {}  # the models' names -> the fewest blocks per model whose pools failed to allocate
         models.check()
 
     def kv_blocks_in_use(self) -> dict:
@@ -237,16 +238,22 @@ class IVGDecoder:
         """``(group, paged models, capacity)``: KV pools for ``capacity`` prompts at once, or, where the
         device's memory cannot hold pools that large, for as many as it can (halving; a warning says so):
         results do not depend on how many prompts decode together. When one prompt's pools do not fit,
-        ``torch.OutOfMemoryError`` says how large they were."""
-        asked = capacity
+        ``torch.OutOfMemoryError`` says how large they were. Pools of a size that failed for these models are
+        not tried again in later calls (they would fail again, and the pools that fit, with their CUDA graphs,
+        would be let go to try them)."""
+        asked, names = capacity, tuple(name for name, _, _ in roles)
         while True:
             blocks = self._pool_blocks(ids, opts, capacity)
+            if capacity > 1 and blocks >= self._no_fit.get(names, blocks + 1):
+                capacity //= 2
+                continue
             try:
                 group, paged = self._paged_models(roles, blocks)
                 break
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not out_of_memory(e):
                     raise
+                self._no_fit[names] = min(blocks, self._no_fit.get(names, blocks))
                 if capacity == 1:
                     raise torch.OutOfMemoryError(
                         f"the KV caches of one prompt do not fit in memory: {blocks} blocks of {self.block_size} "
