@@ -446,7 +446,7 @@ def prompt_blocks(prompt_len: int, rows: int, most: int, block_size: int) -> int
     speculative round reads in each row) are therefore held once, and from that block on each row holds at
     most the blocks of its own positions, up to ``prompt_len + most``; one block more per row and one per
     prompt are headroom. (Counting the whole prompt once per row, as this did before, sized a 2,048-token
-    prompt with W*K = 16 rows at 12 times its need.)"""
+    prompt with W*K = 16 rows and 32 new tokens at 11 times its need.)"""
     shared = (prompt_len - 1) // block_size
     own = -(-(prompt_len + most) // block_size) - shared
     return shared + rows * (own + 1) + 1
