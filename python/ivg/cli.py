@@ -285,7 +285,8 @@ def _add_generate(sub):
     g.add_argument("--chat-template", action="store_true",
                    help="wrap each (templated) prompt as a user message in each model's own chat template")
     g.add_argument("--batch-prompts", type=int, default=64,
-                   help="prompts decoded together by the paged decoder (KV pools are sized for one batch; default 64)")
+                   help="prompts decoded together by the paged decoder (its KV pools are sized for that many, or "
+                        "for fewer, with a warning, where memory cannot hold them; default 64)")
     g.add_argument("--read-every", type=int, default=None, metavar="N",
                    help="the most decode steps between two reads of the drawn tokens by the host when EOS may end "
                         "rows (default 8 on a GPU, 1 on the CPU; results do not depend on it)")
