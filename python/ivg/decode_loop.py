@@ -49,6 +49,31 @@ from .twins import Twins, first_of, twin_args
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
 READ_EVERY_ON_DEVICE = 8
+# Tokens one forward reads at most when prompts are read (admission): bounds the activations of admitting many
+# long prompts at once (64 prompts of 2,048 tokens: 8 forwards of 16,384 tokens, not one of 131,072, whose MLP
+# activations alone would take gigabytes on a large model); a prompt that does not fit in what is left of a forward
+# goes on in the next one, as an extend of what its sequence holds. Results do not depend on it.
+PREFILL_TOKENS = 16384
+
+
+def prefill_pieces(lengths, budget: int) -> list:
+    """Forwards of at most ``budget`` tokens that read lists of ``lengths`` tokens (each >= 1) in order: each
+    forward a list of ``(list index, start, stop)``; a list longer than the room left goes on in the next
+    forward (its pieces in order, at most one per forward)."""
+    forwards, cur, room = [], [], budget
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            if room == 0:
+                forwards.append(cur)
+                cur, room = [], budget
+            stop = min(n, start + room)
+            cur.append((i, start, stop))
+            room -= stop - start
+            start = stop
+    if cur:
+        forwards.append(cur)
+    return forwards
 
 
 @dataclass
@@ -112,8 +137,8 @@ class DecodeLoop:
 
     # -- schedule --------------------------------------------------------------------------------
     def admit(self, waiting, capacity: int) -> None:
-        """Prefill waiting prompts (one ragged forward per model) while fewer than ``capacity`` are active,
-        and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw).
+        """Prefill waiting prompts (ragged forwards per model: ``read_prompts``) while fewer than ``capacity``
+        are active, and fork each into W*K rows sharing its prompt blocks (after a read, before the next draw).
 
         Where the host reads the device every few steps (``align``), a search admits only when every
         active prompt is at a chunk boundary (or none is active): a prompt admitted mid-chunk would have
@@ -149,17 +174,27 @@ class DecodeLoop:
         self.active += new
 
     def read_all_but_last(self, name, roots, new) -> None:
-        """Model ``name`` reads each new prompt but its last token (one ragged forward; none for prompts
-        of one token)."""
+        """Model ``name`` reads each new prompt but its last token (ragged forwards; none for prompts of one
+        token)."""
         todo = [(s, r.ids[name][:-1]) for s, r in zip(roots, new) if len(r.ids[name]) > 1]
         if todo:
-            self.paged[name]([s for s, _ in todo], [t for _, t in todo])
-            self.stats.forwards += 1
+            self.read_prompts(name, [s for s, _ in todo], [t for _, t in todo])
 
     def prefill(self, roots, new) -> dict:
-        """One ragged forward per model over the new prompts; each model's logits after them."""
-        self.stats.forwards += len(self.step_names)
-        return {name: self.paged[name](roots, [r.ids[name] for r in new]) for name in self.step_names}
+        """Every model reads the new prompts (ragged forwards); each model's logits after them."""
+        return {name: self.read_prompts(name, roots, [r.ids[name] for r in new]) for name in self.step_names}
+
+    def read_prompts(self, name, seqs, lists) -> torch.Tensor:
+        """Model ``name`` reads each list of tokens into its sequence, in forwards of at most ``PREFILL_TOKENS``
+        tokens (one, as a rule); its logits after each list's last token, ``[len(seqs), V]``."""
+        outs, last = [], {}  # each forward's logits; list index -> (forward, row) of its last piece
+        for part in prefill_pieces([len(t) for t in lists], PREFILL_TOKENS):
+            outs.append(self.paged[name]([seqs[i] for i, _, _ in part], [lists[i][a:b] for i, a, b in part]))
+            self.stats.forwards += 1
+            last.update((i, (len(outs) - 1, r)) for r, (i, _, b) in enumerate(part) if b == len(lists[i]))
+        if len(outs) == 1:
+            return outs[0]
+        return torch.stack([outs[f][r] for f, r in (last[i] for i in range(len(lists)))])
 
     def _rows_changed(self) -> None:
         """Forget what was derived from the rows (their keys and slots): they were added, replaced or forked."""

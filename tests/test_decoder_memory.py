@@ -1,11 +1,13 @@
-"""How large the decoder's KV pools are: each prompt's blocks held once (its candidates are forks that share
-them), each candidate's own blocks past them, and fewer prompts at once where memory cannot hold the pools."""
+"""What bounds the decoder's memory: KV pools that hold each prompt's blocks once (its candidates are forks that
+share them) and each candidate's own blocks past them, fewer prompts at once where memory cannot hold the pools,
+and prompts read in forwards of a bounded number of tokens."""
 import random
 import warnings
 
 import pytest
 import torch
 
+import ivg.decode_loop as decode_loop
 import ivg.decoder as decoder_module
 from ivg.decoder import IVGDecoder
 from ivg.naive import NaiveDecoder
@@ -126,3 +128,38 @@ def test_one_prompt_whose_pools_do_not_fit_is_an_error_that_says_how_large(model
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _same(dec.generate(["a"], opts), IVGDecoder(models).generate(["a"], opts))
+
+
+def test_prefill_pieces_cover_every_token_once_in_order_within_the_budget():
+    rng = random.Random(7)
+    for _ in range(300):
+        lengths, budget = [rng.randint(1, 40) for _ in range(rng.randint(1, 6))], rng.randint(1, 50)
+        forwards = decode_loop.prefill_pieces(lengths, budget)
+        assert all(sum(b - a for _, a, b in f) <= budget for f in forwards)
+        assert all(len({i for i, _, _ in f}) == len(f) for f in forwards), "a list twice in one forward"
+        read = {i: [] for i in range(len(lengths))}
+        for f in forwards:
+            for i, a, b in f:
+                read[i].append((a, b))
+        for i, n in enumerate(lengths):  # contiguous pieces from 0 to n, in order
+            assert [a for a, _ in read[i]] == [0] + [b for _, b in read[i][:-1]] and read[i][-1][1] == n
+        assert len(forwards) == -(-sum(lengths) // budget)  # no forward left part empty but the last
+    assert decode_loop.prefill_pieces([3, 4], 16) == [[(0, 0, 3), (1, 0, 4)]]  # one forward, as a rule
+
+
+@pytest.mark.parametrize("kw", [dict(mode="ivg", width=2, successors=3, chunk_len=3),
+                                dict(mode="eft", temperature=0.0, speculate=3), dict(mode="bon", n=4)])
+def test_prompts_read_in_pieces_decode_what_one_forward_gives(models, monkeypatch, kw):
+    """Forwards of at most 7 tokens (prompts of 1 to 66 tokens split across them, as extends): the naive
+    baseline's tokens and values, more forwards than with the default, every prompt's result the same."""
+    prompts = ["the movie was", "a", LONG, "it is a truly wonderful day, and"]
+    opts = DecodeOptions(max_new_tokens=6, eos_token_ids=(), **kw)
+    whole = IVGDecoder(models, block_size=4)
+    want = whole.generate(prompts, opts)
+    monkeypatch.setattr(decode_loop, "PREFILL_TOKENS", 7)
+    dec = IVGDecoder(models, block_size=4)
+    got = dec.generate(prompts, opts)
+    assert dec.last_stats.forwards > whole.last_stats.forwards
+    _same(got, want, tol=1e-9)
+    _same(got, NaiveDecoder(models).generate(prompts, DecodeOptions(**{**opts.__dict__, "speculate": 0})))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
