@@ -157,6 +157,7 @@ def test_prompts_read_in_pieces_decode_what_one_forward_gives(models, monkeypatc
     whole = IVGDecoder(models, block_size=4)
     want = whole.generate(prompts, opts)
     monkeypatch.setattr(decode_loop, "PREFILL_TOKENS", 7)
+    monkeypatch.setattr(decode_loop, "CPU_PREFILL_TOKENS", 7)
     dec = IVGDecoder(models, block_size=4)
     got = dec.generate(prompts, opts)
     assert dec.last_stats.forwards > whole.last_stats.forwards
