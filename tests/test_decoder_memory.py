@@ -130,28 +130,26 @@ def test_one_prompt_whose_pools_do_not_fit_is_an_error_that_says_how_large(model
         _same(dec.generate(["a"], opts), IVGDecoder(models).generate(["a"], opts))
 
 
-def test_prefill_pieces_cover_every_token_once_in_order_within_the_budget():
+def test_prefill_groups_hold_whole_prompts_in_order_within_the_budget():
     rng = random.Random(7)
     for _ in range(300):
         lengths, budget = [rng.randint(1, 40) for _ in range(rng.randint(1, 6))], rng.randint(1, 50)
-        forwards = decode_loop.prefill_pieces(lengths, budget)
-        assert all(sum(b - a for _, a, b in f) <= budget for f in forwards)
-        assert all(len({i for i, _, _ in f}) == len(f) for f in forwards), "a list twice in one forward"
-        read = {i: [] for i in range(len(lengths))}
-        for f in forwards:
-            for i, a, b in f:
-                read[i].append((a, b))
-        for i, n in enumerate(lengths):  # contiguous pieces from 0 to n, in order
-            assert [a for a, _ in read[i]] == [0] + [b for _, b in read[i][:-1]] and read[i][-1][1] == n
-        assert len(forwards) == -(-sum(lengths) // budget)  # no forward left part empty but the last
-    assert decode_loop.prefill_pieces([3, 4], 16) == [[(0, 0, 3), (1, 0, 4)]]  # one forward, as a rule
+        groups = decode_loop.prefill_groups(lengths, budget)
+        assert [i for g in groups for i in g] == list(range(len(lengths)))
+        for g, after in zip(groups, groups[1:] + [None]):
+            total = sum(lengths[i] for i in g)
+            assert total <= budget or len(g) == 1, (lengths, budget, groups)  # a longer prompt alone
+            if after is not None:  # greedy: the next prompt did not fit
+                assert total + lengths[after[0]] > budget
+    assert decode_loop.prefill_groups([3, 4], 16) == [[0, 1]]  # one forward, as a rule
+    assert decode_loop.prefill_groups([20, 3, 4, 30], 16) == [[0], [1, 2], [3]]
 
 
 @pytest.mark.parametrize("kw", [dict(mode="ivg", width=2, successors=3, chunk_len=3),
                                 dict(mode="eft", temperature=0.0, speculate=3), dict(mode="bon", n=4)])
-def test_prompts_read_in_pieces_decode_what_one_forward_gives(models, monkeypatch, kw):
-    """Forwards of at most 7 tokens (prompts of 1 to 66 tokens split across them, as extends): the naive
-    baseline's tokens and values, more forwards than with the default, every prompt's result the same."""
+def test_prompts_read_in_bounded_forwards_decode_what_one_forward_gives(models, monkeypatch, kw):
+    """Forwards of at most 7 tokens (prompts of 1 to 66 tokens: most alone): the naive baseline's tokens and
+    values, more forwards than with the default, every prompt's result the same."""
     prompts = ["the movie was", "a", LONG, "it is a truly wonderful day, and"]
     opts = DecodeOptions(max_new_tokens=6, eos_token_ids=(), **kw)
     whole = IVGDecoder(models, block_size=4)

@@ -178,8 +178,14 @@ def test_the_decoder_stays_batch_invariant(monkeypatch, graphs):
     opts = DecodeOptions(mode="ivg", width=2, successors=3, chunk_len=4, max_new_tokens=14, seed=11,
                          temperature=1.0, num_return=2, eos_token_ids=())
     together = IVGDecoder(models).generate(prompts, opts)
+    import ivg.decode_loop as decode_loop
+
+    with monkeypatch.context() as m:  # prompts read in forwards of at most 10 tokens: the 27 alone, read whole
+        m.setattr(decode_loop, "PREFILL_TOKENS", 10)
+        m.setattr(decode_loop, "CPU_PREFILL_TOKENS", 10)
+        bounded = IVGDecoder(models).generate(prompts, opts)
     for decoded in ([IVGDecoder(models).generate([p], opts)[0] for p in prompts],
-                    IVGDecoder(models, max_batch_prompts=2).generate(prompts, opts)):
+                    IVGDecoder(models, max_batch_prompts=2).generate(prompts, opts), bounded):
         for x, y in zip(together, decoded):
             assert [b.tokens for b in x.beams] == [b.tokens for b in y.beams], x.prompt
             for bx, by in zip(x.beams, y.beams):

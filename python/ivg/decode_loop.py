@@ -49,35 +49,31 @@ from .twins import Twins, first_of, twin_args
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
 READ_EVERY_ON_DEVICE = 8
-# Tokens one forward reads at most when prompts are read (admission): bounds the activations of admitting many
-# long prompts at once (64 prompts of 2,048 tokens: 8 forwards of 16,384 tokens, not one of 131,072, whose MLP
-# activations alone would take gigabytes on a large model); a prompt that does not fit in what is left of a forward
-# goes on in the next one, as an extend of what its sequence holds. Results do not depend on it. On the CPU, 16
+# Tokens one forward reads at most when prompts are read (admission), unless one prompt holds more: bounds the
+# activations of admitting many long prompts at once (64 prompts of 2,048 tokens: 8 forwards of 16,384 tokens, not
+# one of 131,072, whose MLP activations alone would take gigabytes on a large model). Each prompt is read whole, in
+# one forward (a model whose rotary frequencies depend on the length a sequence reaches in a forward, as longrope's
+# do, rotates a prompt's keys as transformers does reading it at once). Results do not depend on it. On the CPU, 16
 # prompts of 2,048 tokens through a 4-layer, 768-wide GPT-2 (one thread) took 69 s in one forward (3.1 GB more peak
-# memory), 61 s in forwards of 16,384 tokens (2.0 GB) and 46-55 s in forwards of 4,096 (1.2 GB; 2,048 and 1,024 no
+# memory), 61 s in forwards of 16,384 tokens (2.0 GB) and 46-55 s in forwards of 4,096 (1.2 GB; of 2,048, no
 # faster): the CPU takes CPU_PREFILL_TOKENS.
 PREFILL_TOKENS = 16384
 CPU_PREFILL_TOKENS = 4096
 
 
-def prefill_pieces(lengths, budget: int) -> list:
-    """Forwards of at most ``budget`` tokens that read lists of ``lengths`` tokens (each >= 1) in order: each
-    forward a list of ``(list index, start, stop)``; a list longer than the room left goes on in the next
-    forward (its pieces in order, at most one per forward)."""
-    forwards, cur, room = [], [], budget
+def prefill_groups(lengths, budget: int) -> list:
+    """The lists of ``lengths`` tokens in consecutive groups of at most ``budget`` tokens, each read in one forward
+    (a list longer than ``budget`` alone): lists of indices, in order."""
+    groups, cur, room = [], [], budget
     for i, n in enumerate(lengths):
-        start = 0
-        while start < n:
-            if room == 0:
-                forwards.append(cur)
-                cur, room = [], budget
-            stop = min(n, start + room)
-            cur.append((i, start, stop))
-            room -= stop - start
-            start = stop
+        if cur and n > room:
+            groups.append(cur)
+            cur, room = [], budget
+        cur.append(i)
+        room -= n
     if cur:
-        forwards.append(cur)
-    return forwards
+        groups.append(cur)
+    return groups
 
 
 @dataclass
@@ -190,17 +186,14 @@ class DecodeLoop:
 
     def read_prompts(self, name, seqs, lists) -> torch.Tensor:
         """Model ``name`` reads each list of tokens into its sequence, in forwards of at most ``PREFILL_TOKENS``
-        tokens (``CPU_PREFILL_TOKENS`` on the CPU; one forward, as a rule); its logits after each list's last token,
-        ``[len(seqs), V]``."""
+        tokens (``CPU_PREFILL_TOKENS`` on the CPU) unless one list holds more (one forward, as a rule); its logits
+        after each list's last token, ``[len(seqs), V]``."""
         budget = CPU_PREFILL_TOKENS if self.device.type == "cpu" else PREFILL_TOKENS
-        outs, last = [], {}  # each forward's logits; list index -> (forward, row) of its last piece
-        for part in prefill_pieces([len(t) for t in lists], budget):
-            outs.append(self.paged[name]([seqs[i] for i, _, _ in part], [lists[i][a:b] for i, a, b in part]))
+        outs = []
+        for group in prefill_groups([len(t) for t in lists], budget):
+            outs.append(self.paged[name]([seqs[i] for i in group], [lists[i] for i in group]))
             self.stats.forwards += 1
-            last.update((i, (len(outs) - 1, r)) for r, (i, _, b) in enumerate(part) if b == len(lists[i]))
-        if len(outs) == 1:
-            return outs[0]
-        return torch.stack([outs[f][r] for f, r in (last[i] for i in range(len(lists)))])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _rows_changed(self) -> None:
         """Forget what was derived from the rows (their keys and slots): they were added, replaced or forked."""
