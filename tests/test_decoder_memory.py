@@ -148,17 +148,33 @@ def test_prefill_groups_hold_whole_prompts_in_order_within_the_budget():
 @pytest.mark.parametrize("kw", [dict(mode="ivg", width=2, successors=3, chunk_len=3),
                                 dict(mode="eft", temperature=0.0, speculate=3), dict(mode="bon", n=4)])
 def test_prompts_read_in_bounded_forwards_decode_what_one_forward_gives(models, monkeypatch, kw):
-    """Forwards of at most 7 tokens (prompts of 1 to 66 tokens: most alone): the naive baseline's tokens and
-    values, more forwards than with the default, every prompt's result the same."""
+    """Forwards of at most 7 tokens (prompts of 1 to 66 tokens: most alone; the lazy token RM's catch-up reads
+    at chunk boundaries and at best-of-N's length limit in groups of rows): the naive baseline's tokens and values,
+    more forwards than with the default, every prompt's result the same, and no forward of the token RM over
+    several sequences reading more than 7 tokens."""
+    from ivg.paged_model import PagedModel
+
     prompts = ["the movie was", "a", LONG, "it is a truly wonderful day, and"]
     opts = DecodeOptions(max_new_tokens=6, eos_token_ids=(), **kw)
     whole = IVGDecoder(models, block_size=4)
     want = whole.generate(prompts, opts)
     monkeypatch.setattr(decode_loop, "PREFILL_TOKENS", 7)
     monkeypatch.setattr(decode_loop, "CPU_PREFILL_TOKENS", 7)
+    reads, call = [], PagedModel.__call__
+
+    def counted(pm, seq_ids, tokens, **kwargs):
+        if pm.model is models.token_rm:
+            counts = kwargs.get("counts")
+            reads.append((len(seq_ids), sum(counts) if counts is not None else sum(map(len, tokens))
+                          if isinstance(tokens, list) else len(tokens)))
+        return call(pm, seq_ids, tokens, **kwargs)
+
+    monkeypatch.setattr(PagedModel, "__call__", counted)
     dec = IVGDecoder(models, block_size=4)
     got = dec.generate(prompts, opts)
     assert dec.last_stats.forwards > whole.last_stats.forwards
+    if kw["mode"] != "eft":  # the token RM scores lazily
+        assert reads and all(n == 1 or t <= 7 for n, t in reads), reads
     _same(got, want, tol=1e-9)
     _same(got, NaiveDecoder(models).generate(prompts, DecodeOptions(**{**opts.__dict__, "speculate": 0})))
     assert set(dec.kv_blocks_in_use().values()) == {0}

@@ -49,7 +49,8 @@ from .twins import Twins, first_of, twin_args
 # Steps between host reads when an EOS token may end rows and the device is not the host: a row that
 # drew EOS runs on (wasted work) until the next read.
 READ_EVERY_ON_DEVICE = 8
-# Tokens one forward reads at most when prompts are read (admission), unless one prompt holds more: bounds the
+# Tokens one forward reads at most when prompts are read (admission), and when a lazy token RM catches up with many
+# candidates (best-of-N's whole responses at its length limit), unless one sequence reads more: bounds the
 # activations of admitting many long prompts at once (64 prompts of 2,048 tokens: 8 forwards of 16,384 tokens, not
 # one of 131,072, whose MLP activations alone would take gigabytes on a large model). Each prompt is read whole, in
 # one forward (a model whose rotary frequencies depend on the length a sequence reaches in a forward, as longrope's
@@ -188,12 +189,15 @@ class DecodeLoop:
         """Model ``name`` reads each list of tokens into its sequence, in forwards of at most ``PREFILL_TOKENS``
         tokens (``CPU_PREFILL_TOKENS`` on the CPU) unless one list holds more (one forward, as a rule); its logits
         after each list's last token, ``[len(seqs), V]``."""
-        budget = CPU_PREFILL_TOKENS if self.device.type == "cpu" else PREFILL_TOKENS
         outs = []
-        for group in prefill_groups([len(t) for t in lists], budget):
+        for group in prefill_groups([len(t) for t in lists], self._read_budget()):
             outs.append(self.paged[name]([seqs[i] for i in group], [lists[i] for i in group]))
             self.stats.forwards += 1
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _read_budget(self) -> int:
+        """Tokens one forward reads at most when sequences read many (``PREFILL_TOKENS``)."""
+        return CPU_PREFILL_TOKENS if self.device.type == "cpu" else PREFILL_TOKENS
 
     def _rows_changed(self) -> None:
         """Forget what was derived from the rows (their keys and slots): they were added, replaced or forked."""
@@ -315,13 +319,21 @@ class DecodeLoop:
         from the device, all but the last, in one ragged forward whose head runs only where a draw is
         predicted; the RM's Q at every unread draw goes into that step's record. Twins (``ivg.twins``) whose RM has
         read as much read the same tokens: one of each set is computed. (Rows that finish by EOS elsewhere are
-        scored after the read, by ``score_lazy_rm``.)"""
+        scored after the read, by ``score_lazy_rm``.) Rows whose tokens to read exceed ``PREFILL_TOKENS``
+        together (best-of-N at its length limit: every candidate's whole response) are scored in groups of rows
+        within it, each row whole in one forward."""
         now = {id(req) for req in self.active if self._at_boundary(req)}
         every = [(i, req, b) for i, (req, b) in enumerate(self.rows) if id(req) in now]
         if not every:
             return
         steps = len(self.pending)
         drawn = torch.stack([p[:, 1] for p in self.pending], dim=1).clamp(min=0).long()  # [rows, S] on the device
+        reads = [len(req.ids["rm"]) + len(b.tokens) - b.rm_read + steps - 1 for _, req, b in every]
+        for group in prefill_groups(reads, self._read_budget()):
+            self._score_before_read([every[j] for j in group], steps, drawn)
+
+    def _score_before_read(self, every, steps, drawn) -> None:
+        """``score_rm_before_read`` for rows ``every`` (``(row index, request, beam)``) in one forward."""
         # (twins are known where the host reads every step: no draw is read from the device below)
         split = first_of([(b.twin, b.rm_read) for _, _, b in every]) if self.twins is not None and steps == 1 else None
         if split is not None and len(split[0]) == len(every):
@@ -464,7 +476,8 @@ class DecodeLoop:
     def score_lazy_rm(self, pairs) -> None:
         """Bring the lazy token RM up to date for ``(request, beam)`` pairs: each beam holding blocks feeds
         the tokens it has not read up to its second-to-last, and its explicit value becomes Q at its last
-        token. One ragged forward for all of them; a beam already up to date is left as it is."""
+        token. One ragged forward for all of them (as a rule: ``read_prompts``); a beam already up to date is left
+        as it is."""
         todo = {}
         for req, b in pairs:
             prompt = req.ids["rm"]
@@ -473,8 +486,7 @@ class DecodeLoop:
         if not todo:
             return
         beams = [b for b, _ in todo.values()]
-        q = self.paged["rm"]([b.slot for b in beams], [new for _, new in todo.values()])
-        self.stats.forwards += 1
+        q = self.read_prompts("rm", [b.slot for b in beams], [new for _, new in todo.values()])
         last = to_device(torch.tensor([b.tokens[-1] for b in beams]), q.device)
         values = q.gather(1, last.unsqueeze(1)).squeeze(1).double().tolist()
         self.stats.host_reads += 1
