@@ -30,7 +30,7 @@ def _pool(dec):
 
 def test_a_long_prompt_is_held_once_not_once_per_candidate(models):
     """16 candidates of a 66-token prompt in blocks of 4: the pool holds fewer blocks than the prompt takes
-    16 times over (it was sized so, 289 blocks where 81 do), and the results are the naive baseline's."""
+    16 times over (it was sized so: 305 blocks where 65 do), and the results are the naive baseline's."""
     opts = DecodeOptions(mode="ivg", width=4, successors=4, chunk_len=3, max_new_tokens=6, eos_token_ids=())
     dec = IVGDecoder(models, block_size=4)
     got = dec.generate([LONG], opts)
