@@ -16,7 +16,8 @@ import torch
 from ._backend import resolve_backend
 from .reference import attention as ref
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: reference backend only
+# the caches' (and so the KV pools') dtypes; float64: reference backend only
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -36,7 +37,7 @@ def _check_cache(k_cache, v_cache):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
             _fail(name, c, "a 4-D tensor [num_blocks, block_size, num_kv_heads, head_dim]")
-        if c.dtype not in _DTYPES:
+        if c.dtype not in CACHE_DTYPES:
             _fail(name, c, "dtype float32, bfloat16, float16 or float64")
         if not c.is_contiguous():
             _fail(name, c, "a contiguous tensor")

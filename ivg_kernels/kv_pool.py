@@ -19,10 +19,8 @@ import torch
 
 from ._backend import resolve_backend
 from ._transfer import to_device
+from .attention import CACHE_DTYPES
 from .block_manager import BlockManager, KVCacheExhausted
-
-
-KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: the reference backend only
 
 
 class KVPool:
@@ -34,8 +32,8 @@ class KVPool:
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
-        if dtype not in KV_DTYPES:  # (the attention ops take these; another failed at the first forward)
-            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(str(d) for d in KV_DTYPES)}")
+        if dtype not in CACHE_DTYPES:  # (the attention ops take these; another failed at the first forward)
+            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(str(d) for d in CACHE_DTYPES)}")
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)  # (L, 2, B, S, Hkv, D)
         self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]  # views, made once
