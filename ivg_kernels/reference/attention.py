@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .dtypes import as_dtype
 from .slices import rows_per_slice
 
 
@@ -29,8 +30,8 @@ def write_kv_ref(k_cache, v_cache, key, value, slot_mapping) -> None:
         keep = slots >= 0
         slots, key, value = slots[keep], key[keep], value[keep]
     h, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, h, d).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, h, d).index_copy_(0, slots, value.to(v_cache.dtype))
+    k_cache.view(-1, h, d).index_copy_(0, slots, as_dtype(key, k_cache.dtype))
+    v_cache.view(-1, h, d).index_copy_(0, slots, as_dtype(value, v_cache.dtype))
 
 
 def _slots(block_table, start: int, stop: int, block_size: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def _attend(q, k, v, allowed, scale, clear=True, softcap=None, sinks=None):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2),  # (N, H, M|L, D)
+        *(as_dtype(t, acc).transpose(1, 2) for t in (q, k, v)),  # (N, H, M|L, D)
         attn_mask=None if allowed is None else allowed.unsqueeze(1), scale=scale, enable_gqa=True,
     ).transpose(1, 2)
     return out if allowed is None or not clear else out.nan_to_num(0.0)  # (N, M, H, D); no allowed key: 0
@@ -157,7 +158,7 @@ def _decode_rows(q, k_cache, v_cache, slots, allowed, scale, softcap, sinks):
     length = slots.shape[0] // n
     k = _gather_slots(k_cache, slots, n, length)
     v = _gather_slots(v_cache, slots, n, length)
-    return _attend(q.unsqueeze(1), k, v, allowed, scale, softcap=softcap, sinks=sinks).squeeze(1).to(q.dtype)
+    return as_dtype(_attend(q.unsqueeze(1), k, v, allowed, scale, softcap=softcap, sinks=sinks).squeeze(1), q.dtype)
 
 
 PREFILL_BATCH_ELEMENTS = 1 << 22  # padded query x key positions attended per batched call
@@ -258,10 +259,10 @@ def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale, softcap=None, si
     if g.rows is None:  # no padding: the group's rows of q, in order
         qp = q[g.first:g.last].reshape(n, m_max, q.shape[1], q.shape[2])
         out = _attend(qp, k, v, g.allowed, scale, g.clear, softcap, sinks)
-        return out.reshape(-1, q.shape[1], q.shape[2]).to(q.dtype)
+        return as_dtype(out.reshape(-1, q.shape[1], q.shape[2]), q.dtype)
     qp = q.new_zeros(n, m_max, q.shape[1], q.shape[2])
     qp[g.valid] = q.index_select(0, g.rows)
-    return _attend(qp, k, v, g.allowed, scale, softcap=softcap, sinks=sinks)[g.valid].to(q.dtype)
+    return as_dtype(_attend(qp, k, v, g.allowed, scale, softcap=softcap, sinks=sinks)[g.valid], q.dtype)
 
 
 def _attend_lse(q, k, v, allowed, scale, softcap=None):

@@ -54,6 +54,7 @@ from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
 from .philox import gumbel_noise, philox_call
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
+from .dtypes import as_dtype
 from .slices import rows_per_slice
 
 
@@ -122,7 +123,7 @@ def _warp(a):
     rows with a filter active, the rows without NaN/inf or bad parameters, and the inputs cut to V."""
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
-    inputs = [a.logits[:, :v].to(cdt)] + [g[:, :v].to(cdt) for g in a.guides]  # (1+G) x [N, V]
+    inputs = [as_dtype(x[:, :v], cdt) for x in [a.logits, *a.guides]]  # (1+G) x [N, V]
     z = inputs[0]
     for x_i, w in zip(inputs[1:], a.weights):
         # a scalar weight multiplies as its value rounded to cdt, exactly as a [N, 1] tensor of it would
@@ -139,9 +140,12 @@ def _warp(a):
         x = z * (1.0 if a.temperature == 0 else _reciprocal(a.temperature, cdt))
     x_max = x.amax(dim=1)  # [N]
     # A row is bad if an input's max or x's is NaN (max propagates it) or +inf (it holds +inf), or x is all
-    # -inf: ``m < inf`` is False exactly for NaN and +inf.
-    maxes = torch.stack([x_i.amax(dim=1) for x_i in inputs] + [x_max])  # [2+G, N]
-    ok = (maxes < math.inf).all(dim=0) & (x_max > -math.inf)
+    # -inf. With x = z * (1 / T) for T > 0 (or x = z), x's max is finite only if z holds no NaN and no +inf,
+    # and the base's NaN or +inf (any weight) or a guide's NaN (or +inf at weight 0) reaches z as NaN or +inf:
+    # so a finite x_max leaves only a guide's +inf that a non-zero weight made -inf in z to test: the guides'.
+    ok = torch.isfinite(x_max)
+    if inputs[1:]:
+        ok &= (torch.stack([x_i.amax(dim=1) for x_i in inputs[1:]]) < math.inf).all(dim=0)
     if any(isinstance(v, torch.Tensor) for v in (a.temperature, a.top_p, a.min_p)):  # scalars are checked already
         t, p, m = (row_tensor(x, n, cdt, dev) for x in (a.temperature, a.top_p, a.min_p))
         ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
@@ -173,7 +177,7 @@ def _warp(a):
         tau = torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
         kept = x >= torch.where(greedy, neg_inf, tau).unsqueeze(1)  # [N, V]
     else:
-        kept = x >= -math.inf  # every token but NaN ones
+        kept = None  # every token of an ok row (a NaN one flags its row)
     return x, x_max, kept, greedy, filtered, ok, inputs
 
 
@@ -216,6 +220,11 @@ def _gumbel_max(x, kept, x_max, seed, offset):
     on_top = s == s.max(dim=1, keepdim=True).values
     err = torch.where(on_top, err, -math.inf)
     return (on_top & (err == err.max(dim=1, keepdim=True).values)).to(torch.int8).argmax(dim=1)  # the first
+
+
+def _all_unfiltered_draws(a) -> bool:
+    """Every row draws without filters, known without reading a tensor: one temperature > 0, no filter possible."""
+    return not isinstance(a.temperature, torch.Tensor) and a.temperature > 0 and not a.any_filter_possible
 
 
 def _granule_tokens(x, kept, x_max, seed, offset):
@@ -266,21 +275,29 @@ def _sample_rows(a) -> SampleOutput:
     n, dev = a.num_rows, a.logits.device
     seed, offset = row_tensor(a.seed, n, torch.int64, dev), row_tensor(a.offset, n, torch.int64, dev)
     cdt = x.dtype
-    tokens = x.argmax(dim=1)  # greedy rows: the first max
-    sampled = ~greedy
-    draws = [(sampled & ~filtered, _granule_tokens)] + ([(filtered, _gumbel_max)] if a.any_filter_possible else [])
-    for rows_mask, draw in draws:
-        # On the CPU only the rows that need a draw compute it; elsewhere every row does (no host read).
-        rows = rows_mask.nonzero().squeeze(1) if dev.type == "cpu" else None
-        if rows is None or rows.numel() == n:
-            tokens = torch.where(rows_mask, draw(x, kept, x_max, seed, offset), tokens)
-        elif rows.numel():
-            tokens[rows] = draw(x[rows], kept[rows], x_max[rows], seed[rows], offset[rows])
+    if _all_unfiltered_draws(a):  # every row draws without filters (its tokens where it is ok)
+        tokens = granule_draw(x, x_max, seed, offset)[0]
+    else:
+        tokens = x.argmax(dim=1)  # greedy rows: the first max
+        sampled = ~greedy
+        draws = [(sampled & ~filtered, _granule_tokens)] + ([(filtered, _gumbel_max)] if a.any_filter_possible else [])
+        for rows_mask, draw in draws:
+            # On the CPU only the rows that need a draw compute it; elsewhere every row does (no host read).
+            rows = rows_mask.nonzero().squeeze(1) if dev.type == "cpu" else None
+            if rows is None or rows.numel() == n:
+                tokens = torch.where(rows_mask, draw(x, kept, x_max, seed, offset), tokens)
+            elif rows.numel():
+                tokens[rows] = draw(x[rows], None if kept is None else kept[rows], x_max[rows], seed[rows],
+                                    offset[rows])
     x_tok = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
     # Relative to max x, so that a huge x (tiny temperature) loses no precision: -log(3) for three ties. The
     # max token is always kept, so this is logsumexp with its max (0) known: the same operations, one pass fewer.
-    lse_kept = torch.where(kept, x - x_max.unsqueeze(1), -math.inf).exp_().sum(dim=1).log_()
-    logprob = torch.where(greedy, torch.zeros_like(x_tok), (x_tok - x_max) - lse_kept)
+    # (Without filters every token of an ok row is kept; a row that is not ok gets NaN below.)
+    shifted = x - x_max.unsqueeze(1)
+    lse_kept = (shifted if kept is None else torch.where(kept, shifted, -math.inf)).exp_().sum(dim=1).log_()
+    logprob = (x_tok - x_max) - lse_kept
+    if not _all_unfiltered_draws(a):
+        logprob = torch.where(greedy, torch.zeros_like(x_tok), logprob)
 
     lse = torch.stack([_row_logsumexp(x_i) for x_i in inputs], dim=1)  # [N, 1+G]
     input_logits = torch.stack([x_i.gather(1, tokens.unsqueeze(1)).squeeze(1) for x_i in inputs], dim=1)

@@ -40,7 +40,8 @@ import torch
 from .._args import prepare_sample_args, row_tensor
 from .philox import philox_call, word_uniform
 from . import sampling
-from .sampling import row_slice, warped_probs, warped_probs_ok
+from .sampling import row_slice, warped_probs_ok
+from .dtypes import as_dtype
 from .slices import rows_per_slice
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
@@ -163,16 +164,19 @@ def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> S
     r, s = logits.shape[:2]
     dev = logits.device
     v = target.vocab_size
-    p = warped_probs(target).view(r, s, v)
-    q = warped_probs(draft).view(r, s, v)
+    # (a position that is not ok holds anything in p or q: the row is flagged, and nothing of it is read)
+    p, ok_p = warped_probs_ok(target)
+    q, ok_q = warped_probs_ok(draft)
+    p, q = p.view(r, s, v), q.view(r, s, v)
     nd = num_draft.to(dev).to(torch.int64)
-    used = torch.arange(s, device=dev) <= nd.unsqueeze(1)  # positions a row reads
-    ok = ~((torch.isnan(p[:, :, 0]) | torch.isnan(q[:, :, 0])) & used).any(dim=1)
+    pos = torch.arange(s, device=dev)
+    used = pos <= nd.unsqueeze(1)  # positions a row reads
+    ok = ~(~(ok_p & ok_q).view(r, s) & used).any(dim=1)
     d = draft_tokens.to(torch.int64).clamp(0, v - 1)
     if s > 1:
-        p_d = p[:, :-1].gather(2, d.unsqueeze(2)).squeeze(2)
-        q_d = q[:, :-1].gather(2, d.unsqueeze(2)).squeeze(2)
-        accept = (u[:, :-1, ACCEPT] * q_d < p_d) & (torch.arange(s - 1, device=dev) < nd.unsqueeze(1))
+        at = d.unsqueeze(2)
+        p_d, q_d = p[:, :-1].gather(2, at).squeeze(2), q[:, :-1].gather(2, at).squeeze(2)
+        accept = (u[:, :-1, ACCEPT] * q_d < p_d) & used[:, 1:]  # (drafts 0 .. nd - 1)
         n = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)  # leading accepts
     else:
         n = torch.zeros(r, dtype=torch.int64, device=dev)
@@ -183,7 +187,6 @@ def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> S
     extra = inverse_cdf(q_n, u_n[:, DRAFT])
     took = (n == nd) & (u_n[:, ACCEPT] * q_n.gather(1, extra[:, None])[:, 0] < p_n.gather(1, extra[:, None])[:, 0])
     y = torch.where(took, extra, inverse_cdf(residual(p_n, q_n), u_n[:, RESIDUAL]))
-    pos = torch.arange(s, device=dev)
     tokens = torch.full((r, s), -1, dtype=torch.int64, device=dev)
     if s > 1:
         tokens[:, :-1] = torch.where(pos[:-1] < n.unsqueeze(1), d, -1)
@@ -202,7 +205,7 @@ def input_values(logits, guides, v: int, tokens: torch.Tensor, live: torch.Tenso
     values are, on every backend."""
     r, s = tokens.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    inputs = torch.stack([x[..., :v].to(cdt) for x in [logits] + [g for g, _ in guides]], dim=2)  # [R, S, 1+G, V]
+    inputs = torch.stack([as_dtype(x[..., :v], cdt) for x in [logits, *(g for g, _ in guides)]], dim=2)  # [R, S, 1+G, V]
     tok = tokens.clamp(min=0)[:, :, None, None].expand(r, s, inputs.shape[2], 1)
     raw = inputs.gather(3, tok).squeeze(3)  # [R, S, 1+G]
     lse = inputs.logsumexp(dim=3)
