@@ -75,7 +75,7 @@ def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     ``SPEC_COLUMN >> 2``)."""
     rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset).reshape(-1)  # each position: its row's seed
     flat = offset.reshape(-1).to(torch.int64)
-    words = philox_call(rows, flat, torch.full_like(flat, SPEC_COLUMN >> 2))[:3]
+    words = philox_call(rows, flat, SPEC_COLUMN >> 2)[:3]
     return word_uniform(torch.stack(words, dim=-1)).double().view(*offset.shape, 3)
 
 
@@ -171,7 +171,7 @@ def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> S
     nd = num_draft.to(dev).to(torch.int64)
     pos = torch.arange(s, device=dev)
     used = pos <= nd.unsqueeze(1)  # positions a row reads
-    ok = ~(~(ok_p & ok_q).view(r, s) & used).any(dim=1)
+    ok = ((ok_p & ok_q).view(r, s) | ~used).all(dim=1)
     d = draft_tokens.to(torch.int64).clamp(0, v - 1)
     if s > 1:
         at = d.unsqueeze(2)
@@ -182,14 +182,14 @@ def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> S
         n = torch.zeros(r, dtype=torch.int64, device=dev)
     # The last position is decided as if it had been drafted too: a draw from q (draft uniform), the
     # acceptance test, else the residual. So a token never depends on how many drafts a round made.
+    # (a row that is not ok may draw anything here: its tokens and values are masked below)
     rows = torch.arange(r, device=dev)
-    p_n, q_n, u_n = p[rows, n].nan_to_num(1.0), q[rows, n].nan_to_num(1.0), u[rows, n]
+    p_n, q_n, u_n = p[rows, n], q[rows, n], u[rows, n]
     extra = inverse_cdf(q_n, u_n[:, DRAFT])
-    took = (n == nd) & (u_n[:, ACCEPT] * q_n.gather(1, extra[:, None])[:, 0] < p_n.gather(1, extra[:, None])[:, 0])
+    at = extra.unsqueeze(1)
+    took = (n == nd) & (u_n[:, ACCEPT] * q_n.gather(1, at)[:, 0] < p_n.gather(1, at)[:, 0])
     y = torch.where(took, extra, inverse_cdf(residual(p_n, q_n), u_n[:, RESIDUAL]))
-    tokens = torch.full((r, s), -1, dtype=torch.int64, device=dev)
-    if s > 1:
-        tokens[:, :-1] = torch.where(pos[:-1] < n.unsqueeze(1), d, -1)
+    tokens = torch.cat([d, d.new_zeros(r, 1)], dim=1)  # the kept drafts before position n, y at n, -1 after
     tokens[rows, n] = y
     live = (pos <= n.unsqueeze(1)) & ok.unsqueeze(1)  # [R, S]
     tokens = torch.where(live, tokens, -1)
