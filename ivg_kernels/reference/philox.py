@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .dtypes import as_dtype
 from .portable import gumbel_from_uniform
 
 PHILOX_ROUND_A = 0xD2511F53
@@ -161,15 +162,27 @@ def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tens
 def philox_call(seed: torch.Tensor, offset: torch.Tensor, c0) -> tuple:
     """The four words (int64 tensors) of the Philox call at counter ``(c0, offset mod 2**32,
     (offset >> 32) mod 2**32, 0)`` with key ``seed``, all three broadcast together: every draw's stream."""
+    host = philox_calls_on_host(seed, offset, c0)
+    if host is not None:
+        return _words(*host)
     seed, offset = seed.to(torch.int64), offset.to(torch.int64)
-    on_cpu = seed.device.type == "cpu" and offset.device.type == "cpu"
-    if on_cpu and not (isinstance(c0, torch.Tensor) and c0.device.type != "cpu"):  # a few calls: Python integers
-        calls = torch.broadcast_tensors(seed, offset, torch.as_tensor(c0, dtype=torch.int64))
-        if calls[0].numel() <= _FEW:
-            keys = torch.stack(calls).reshape(3, -1).tolist()
-            return _words([_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
-                           for k, o, c in zip(*keys)], calls[0].shape)
     return philox4x32(c0, offset & _MASK32, (offset >> 32) & _MASK32, 0, seed & _MASK32, (seed >> 32) & _MASK32)
+
+
+def philox_calls_on_host(seed: torch.Tensor, offset: torch.Tensor, c0):
+    """:func:`philox_call` for a few calls on CPU tensors, as Python integers: ``(calls, shape)``, each call's
+    four words (a list of 4-tuples in the broadcast arguments' order) and that shape; None for more calls
+    or tensors elsewhere. For the few rows of a step this beats any tensor path (which costs per operation)."""
+    if seed.device.type != "cpu" or offset.device.type != "cpu" or (isinstance(c0, torch.Tensor)
+                                                                    and c0.device.type != "cpu"):
+        return None
+    calls = torch.broadcast_tensors(as_dtype(seed, torch.int64), as_dtype(offset, torch.int64),
+                                    torch.as_tensor(c0, dtype=torch.int64))
+    if calls[0].numel() > _FEW:
+        return None
+    keys = torch.stack(calls).reshape(3, -1).tolist()  # (int64 values, as Python integers)
+    return ([_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
+             for k, o, c in zip(*keys)], calls[0].shape)
 
 
 def word_uniform(words: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
-from .philox import gumbel_noise, philox_call
+from .philox import gumbel_noise, philox_call, philox_calls_on_host
 from .portable import FLT_MIN, mass_int, nucleus_target, plog
 from .dtypes import as_dtype
 from .slices import rows_per_slice
@@ -66,6 +66,11 @@ def draw_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
     """The two uniforms of a row's inverse-CDF draw, float64 ``[N]`` in ``[0, 1)`` with 53 random bits each:
     one Philox call at counter ``(DRAW_COUNTER, offset lo, offset hi, 0)``, words ``(w0, w1)`` and
     ``(w2, w3)`` as ``(w0 * 2**21 + (w1 >> 11)) * 2**-53``."""
+    host = philox_calls_on_host(seed, offset, DRAW_COUNTER)
+    if host is not None:  # the same values in Python (53-bit integers times 2**-53: exact), in one tensor
+        u = torch.tensor([[((w0 << 21) | (w1 >> 11)) * 2.0 ** -53, ((w2 << 21) | (w3 >> 11)) * 2.0 ** -53]
+                          for w0, w1, w2, w3 in host[0]], dtype=torch.float64).view(*host[1], 2)
+        return u[..., 0], u[..., 1]
     w0, w1, w2, w3 = philox_call(seed, offset, DRAW_COUNTER)
     return ((w0 << 21) | (w1 >> 11)).double() * 2.0 ** -53, ((w2 << 21) | (w3 >> 11)).double() * 2.0 ** -53
 
@@ -120,7 +125,9 @@ def guided_sample_ref(
 def _warp(a):
     """Steps 1-3 for every row: ``(x, x_max, kept, greedy, filtered, ok, inputs)``: the scaled scores ``x``
     [N, V] (``z`` for greedy rows), their row max, the tokens the filters keep, the greedy rows, the sampled
-    rows with a filter active, the rows without NaN/inf or bad parameters, and the inputs cut to V."""
+    rows with a filter active, the rows without NaN/inf or bad parameters, and the inputs cut to V. Where no
+    filter can be active ``kept`` is None (every token of an ok row), and where moreover one temperature > 0
+    holds for all rows (:func:`_all_unfiltered_draws`) so are ``greedy`` and ``filtered``."""
     n, v, dev = a.num_rows, a.vocab_size, a.logits.device
     cdt = torch.float64 if a.logits.dtype == torch.float64 else torch.float32
     inputs = [as_dtype(x[:, :v], cdt) for x in [a.logits, *a.guides]]  # (1+G) x [N, V]
@@ -136,7 +143,9 @@ def _warp(a):
         greedy = t == 0
         x = z * (1.0 / torch.where(greedy, torch.ones_like(t), t)).unsqueeze(1)  # [N, V]
     else:  # one temperature: its reciprocal in cdt on the host, the same rounding as the row tensor's
-        greedy = torch.full((n,), a.temperature == 0, dtype=torch.bool, device=dev)
+        # (no greedy or filtered masks where every row draws without filters: nothing reads them)
+        greedy = None if _all_unfiltered_draws(a) else torch.full((n,), a.temperature == 0, dtype=torch.bool,
+                                                                   device=dev)
         x = z * (1.0 if a.temperature == 0 else _reciprocal(a.temperature, cdt))
     x_max = x.amax(dim=1)  # [N]
     # A row is bad if an input's max or x's is NaN (max propagates it) or +inf (it holds +inf), or x is all
@@ -150,7 +159,7 @@ def _warp(a):
         t, p, m = (row_tensor(x, n, cdt, dev) for x in (a.temperature, a.top_p, a.min_p))
         ok &= ~(torch.isnan(t) | (t < 0) | torch.isnan(p) | (p <= 0) | (p > 1) | torch.isnan(m) | (m < 0) | (m > 1))
 
-    filtered = torch.zeros_like(greedy)
+    filtered = None if greedy is None else torch.zeros_like(greedy)
     if a.any_filter_possible:
         k = row_tensor(a.top_k, n, torch.int64, dev)
         p = row_tensor(a.top_p, n, cdt, dev)

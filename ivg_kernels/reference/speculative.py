@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .._args import prepare_sample_args, row_tensor
-from .philox import philox_call, word_uniform
+from .philox import philox_call, philox_calls_on_host, word_uniform
 from . import sampling
 from .sampling import row_slice, warped_probs_ok
 from .dtypes import as_dtype
@@ -75,6 +75,10 @@ def spec_uniforms(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     ``SPEC_COLUMN >> 2``)."""
     rows = seed.reshape(-1, *[1] * (offset.dim() - 1)).expand_as(offset).reshape(-1)  # each position: its row's seed
     flat = offset.reshape(-1).to(torch.int64)
+    host = philox_calls_on_host(rows, flat, SPEC_COLUMN >> 2)
+    if host is not None:  # word_uniform's exact values (each a 24-bit odd integer times 2**-24), in Python
+        return torch.tensor([[((w >> 9) * 2 + 1) * 2.0 ** -24 for w in call[:3]] for call in host[0]],
+                            dtype=torch.float64).view(*offset.shape, 3)
     words = philox_call(rows, flat, SPEC_COLUMN >> 2)[:3]
     return word_uniform(torch.stack(words, dim=-1)).double().view(*offset.shape, 3)
 
