@@ -101,6 +101,33 @@ def test_philox_call_splits_signed_keys_and_offsets_like_the_oracle(rows):
     assert all(w.shape == () for w in one) and tuple(int(w) for w in one) == _philox_python((3, 9, 0, 0), (5, 0))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_draw_and_speculative_uniforms_equal_their_words_formulas(rows):
+    """The sampler's two draw uniforms and speculative decoding's three per position, made in Python from the
+    words of up to 8 calls on the CPU and from tensors beyond: each equals its formula applied to the words of
+    the tensor rounds (``philox4x32``), over the whole int64 range of seeds and offsets."""
+    from ivg_kernels.reference import philox
+    from ivg_kernels.reference.sampling import DRAW_COUNTER, draw_uniforms
+    from ivg_kernels.reference.speculative import SPEC_COLUMN, spec_uniforms
+
+    gen = torch.Generator().manual_seed(100 + rows)
+    seed = torch.randint(-(1 << 63), (1 << 63) - 1, (rows,), generator=gen)
+    offset = torch.randint(-(1 << 63), (1 << 63) - 1, (rows,), generator=gen)
+    m = philox._MASK32
+
+    def tensor_words(c0, s, o):
+        return philox.philox4x32(c0, o & m, (o >> 32) & m, 0, s & m, (s >> 32) & m)
+
+    w0, w1, w2, w3 = tensor_words(DRAW_COUNTER, seed, offset)
+    u1, u2 = draw_uniforms(seed, offset)
+    assert torch.equal(u1, ((w0 << 21) | (w1 >> 11)).double() * 2.0 ** -53)
+    assert torch.equal(u2, ((w2 << 21) | (w3 >> 11)).double() * 2.0 ** -53)
+    positions = offset[:1].unsqueeze(1) + torch.arange(rows)  # one row's positions: [1, rows]
+    words = tensor_words(SPEC_COLUMN >> 2, seed[:1].expand(rows), positions[0])[:3]
+    want = philox.word_uniform(torch.stack(words, dim=-1)).double().view(1, rows, 3)
+    assert torch.equal(spec_uniforms(seed[:1], positions), want)
+
+
 def test_a_vocabulary_range_and_scattered_ids_give_the_same_words():
     """The one-call-per-4-tokens path (a range from a multiple of 4, on the CPU) and the per-token path
     (any ids; the only one on a GPU) read the same words."""

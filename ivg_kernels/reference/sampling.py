@@ -152,6 +152,7 @@ def _warp(a):
     # -inf. With x = z * (1 / T) for T > 0 (or x = z), x's max is finite only if z holds no NaN and no +inf,
     # and the base's NaN or +inf (any weight) or a guide's NaN (or +inf at weight 0) reaches z as NaN or +inf:
     # so a finite x_max leaves only a guide's +inf that a non-zero weight made -inf in z to test: the guides'.
+    # (A tensor temperature's greedy rows have x = z; its negative or NaN ones are flagged by the check below.)
     ok = x_max.abs() < math.inf  # (torch.isfinite takes four operations on the CPU)
     if inputs[1:]:
         ok &= (torch.stack([x_i.amax(dim=1) for x_i in inputs[1:]]) < math.inf).all(dim=0)

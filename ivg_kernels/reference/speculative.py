@@ -209,7 +209,7 @@ def input_values(logits, guides, v: int, tokens: torch.Tensor, live: torch.Tenso
     values are, on every backend."""
     r, s = tokens.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    inputs = torch.stack([as_dtype(x[..., :v], cdt) for x in [logits, *(g for g, _ in guides)]], dim=2)  # [R, S, 1+G, V]
+    inputs = torch.stack([as_dtype(x[..., :v], cdt) for x in [logits, *(g for g, _ in guides)]], dim=2)  # [R,S,1+G,V]
     tok = tokens.clamp(min=0)[:, :, None, None].expand(r, s, inputs.shape[2], 1)
     raw = inputs.gather(3, tok).squeeze(3)  # [R, S, 1+G]
     lse = inputs.logsumexp(dim=3)
