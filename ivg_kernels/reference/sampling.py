@@ -285,7 +285,7 @@ def _sample_rows(a) -> SampleOutput:
     n, dev = a.num_rows, a.logits.device
     seed, offset = row_tensor(a.seed, n, torch.int64, dev), row_tensor(a.offset, n, torch.int64, dev)
     cdt = x.dtype
-    if _all_unfiltered_draws(a):  # every row draws without filters (its tokens where it is ok)
+    if greedy is None:  # every row draws without filters (_all_unfiltered_draws; its tokens where it is ok)
         tokens = granule_draw(x, x_max, seed, offset)[0]
     else:
         tokens = x.argmax(dim=1)  # greedy rows: the first max
@@ -306,7 +306,7 @@ def _sample_rows(a) -> SampleOutput:
     shifted = x - x_max.unsqueeze(1)
     lse_kept = (shifted if kept is None else torch.where(kept, shifted, -math.inf)).exp_().sum(dim=1).log_()
     logprob = (x_tok - x_max) - lse_kept
-    if not _all_unfiltered_draws(a):
+    if greedy is not None:
         logprob = torch.where(greedy, torch.zeros_like(x_tok), logprob)
 
     lse = torch.stack([_row_logsumexp(x_i) for x_i in inputs], dim=1)  # [N, 1+G]
