@@ -1,7 +1,7 @@
-"""The CPU reference's shortcuts for filtered rows give what the whole-row computation gives, bit for bit: the
+"""The CPU reference's shortcuts give what the plain computation gives, bit for bit: for filtered rows the
 ranking thresholds from each row's largest scores (``topk``) instead of the sorted row, and the Gumbel noise of
-the kept tokens only. The whole-row versions are the module's own definition (step 3 on the sorted rows, the
-noise of every token), run here by turning both shortcuts off."""
+the kept tokens only (the whole-row versions are the module's own definition, step 3 on the sorted rows and the
+noise of every token, run here by turning both shortcuts off); for small unfiltered calls the draw in numpy."""
 import math
 import random
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ivg_kernels._args import prepare_sample_args
-from ivg_kernels.reference import sampling
+from ivg_kernels.reference import portable, sampling
 from ivg_kernels.reference.sampling import _guided_sample_ref
 
 
@@ -159,3 +159,54 @@ def test_a_top_k_set_whose_ties_spill_past_the_top_scores_is_measured_whole(monk
     _whole_rows(monkeypatch)
     want = _guided_sample_ref(prepare_sample_args(x, (), 1.0, 120, 0.15, 0.0, 3, torch.arange(1), None))
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logprob, want.logprob)
+
+
+def test_mass_int_in_numpy_gives_torchs_bits():
+    """Every 37th float32 from -0.0 down to about -70 (where masses reach 0), and the values outside the domain
+    a bad row can bring (NaN, +-inf, positives, subnormals)."""
+    neg = torch.arange(0x80000000, 0xC28C0000 + 1, 37, dtype=torch.int64)
+    d = (neg - (1 << 32)).to(torch.int32).view(torch.float32)
+    d = torch.cat([d, torch.tensor([0.0, -0.0, -math.inf, math.nan, math.inf, 1e-45, -1e-45, -1e-38, 3.0, -200.0])])
+    want = portable.mass_int(d)
+    got = torch.from_numpy(portable.mass_int_numpy(d.numpy()))
+    assert torch.equal(got, want), (d[got != want][:5], got[got != want][:5], want[got != want][:5])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_numpy_draw_gives_the_torch_draw(monkeypatch, seed):
+    """The unfiltered draw of small CPU calls (numpy) against the same draw in torch: the same tokens and totals
+    for every row that is ok (the others' tokens are dropped), many shapes, granule edges, NaN/inf rows."""
+    rng = random.Random(seed)
+    for case in range(300):
+        n, v = rng.choice([1, 2, 5, 9, 16]), rng.choice([1, 3, 255, 256, 257, 596, 1000, 3000])
+        x = torch.randn(n, v, dtype=rng.choice([torch.float32, torch.float64])) * rng.choice([0.1, 1, 30, 1e4])
+        for r in range(n):
+            k = rng.random()
+            if k < 0.1:
+                x[r, rng.randrange(v)] = rng.choice([math.nan, math.inf])
+            elif k < 0.15:
+                x[r] = -math.inf
+            elif k < 0.25:
+                x[r, : v // 2] = -math.inf
+            elif k < 0.35:
+                x[r, :3] = x[r].max() + 1  # ties at the top
+        x_max = x.amax(dim=1)
+        keys = [torch.tensor([rng.randrange(-2 ** 63, 2 ** 63) for _ in range(n)]) for _ in range(2)]
+        got = sampling.granule_draw(x, x_max, *keys)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "CPU_NUMPY_DRAW", -1)
+            want = sampling.granule_draw(x, x_max, *keys)
+        ok = x_max.abs() < math.inf
+        for a, b in zip(got, want):
+            assert torch.equal(a[ok], b[ok]), (seed, case, n, v)
+
+
+def test_the_numpy_index_draw_gives_the_torch_one_on_exact_hits():
+    """Uniforms that land exactly on a running sum (``floor(u * total)`` equal to one: the first index past it is
+    drawn), on its neighbours, at 0 and just below 1, and totals near 2**53."""
+    cum = torch.tensor([[1, 2, 3, 4], [0, 0, 5, 5], [2 ** 52, 2 ** 52 + 1, 2 ** 53 - 2, 2 ** 53 - 1]])
+    for u in [0.0, 0.25, 0.5, 0.5 + 2 ** -50, 0.75, 1 - 2 ** -53, 0.4, 0.6]:
+        uu = torch.full((3,), u, dtype=torch.float64)
+        want = sampling._index_draw(cum, cum[:, -1], uu)
+        got = sampling._index_draw_numpy(cum.numpy(), cum[:, -1].numpy(), uu.numpy())
+        assert torch.equal(torch.from_numpy(got), want), (u, got, want)

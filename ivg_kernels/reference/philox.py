@@ -115,20 +115,21 @@ def _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds):
 
 
 def _philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds):
-    """The same rounds in numpy's uint64 on CPU tensors (wrapping products, logical shifts): the same
-    words with a fraction of torch's per-operation cost, which dominates for the few words of a step."""
+    """The same rounds in numpy's uint64 on CPU tensors (wrapping products, logical shifts), both products of a
+    round in one multiply as in :func:`_philox4x32_torch`: the same words with a fraction of torch's
+    per-operation cost, which dominates for the few words of a step."""
     c0, c1, c2, c3, k0, k1 = (t.numpy().astype(np.uint64) for t in (c0, c1, c2, c3, k0, k1))
-    m32 = np.uint64(_MASK32)
-    sh = np.uint64(32)
-    ra, rb = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B)
-    ka, kb = np.uint64(PHILOX_KEY_A), np.uint64(PHILOX_KEY_B)
+    m32, sh = np.uint64(_MASK32), np.uint64(32)
+    mult = np.array([PHILOX_ROUND_B, PHILOX_ROUND_A], dtype=np.uint64).reshape((2,) + (1,) * c0.ndim)
+    step = np.array([PHILOX_KEY_A, PHILOX_KEY_B], dtype=np.uint64).reshape((2,) + (1,) * c0.ndim)
+    keys = np.stack([k0, k1])
+    x = np.stack([c2, c0])  # the words multiplied
+    y = np.stack([c1, c3])  # the words xored in
     for _ in range(rounds):
-        pb = c2 * rb  # < 2**64: exact
-        pa = c0 * ra
-        c0, c1, c2, c3 = ((pb >> sh) ^ c1 ^ k0), pb & m32, ((pa >> sh) ^ c3 ^ k1), pa & m32
-        k0 = (k0 + ka) & m32
-        k1 = (k1 + kb) & m32
-    return tuple(torch.from_numpy(w.astype(np.int64)) for w in (c0, c1, c2, c3))
+        p = x * mult  # < 2**64: exact
+        y, x = p & m32, ((p >> sh) ^ y ^ keys)[::-1]  # (lo_b, lo_a) = (c1, c3); (c2, c0) from the new (c0, c2)
+        keys = (keys + step) & m32
+    return tuple(torch.from_numpy(np.ascontiguousarray(w).astype(np.int64)) for w in (x[1], y[0], x[0], y[1]))
 
 
 def philox_words(seed: torch.Tensor, offset: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -180,9 +181,14 @@ def philox_calls_on_host(seed: torch.Tensor, offset: torch.Tensor, c0):
                                     torch.as_tensor(c0, dtype=torch.int64))
     if calls[0].numel() > _FEW:
         return None
-    keys = torch.stack(calls).reshape(3, -1).tolist()  # (int64 values, as Python integers)
-    return ([_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
-             for k, o, c in zip(*keys)], calls[0].shape)
+    return philox_on_host(*torch.stack(calls).reshape(3, -1).tolist()), calls[0].shape  # (int64s as Python ints)
+
+
+def philox_on_host(seeds: list, offsets: list, c0s: list) -> list:
+    """:func:`philox_call`'s words, one 4-tuple per call, of the int64 ``seeds``, ``offsets`` and counter words
+    ``c0s`` (lists of Python integers), in Python: for a few calls."""
+    return [_rounds(c, o & _MASK32, (o >> 32) & _MASK32, 0, k & _MASK32, (k >> 32) & _MASK32)
+            for k, o, c in zip(seeds, offsets, c0s)]
 
 
 def word_uniform(words: torch.Tensor) -> torch.Tensor:
