@@ -174,9 +174,10 @@ def test_scalar_parameters_give_what_per_row_tensors_of_them_give(dtype, tempera
         assert torch.equal(draft_draw_ref(logits, **a), draft_draw_ref(logits, **b))
 
 
+@pytest.mark.parametrize("filters", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("budget", [1, 300, 800])
-def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, one_thread, dtype, budget):
+def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, one_thread, dtype, budget, filters):
     """On the CPU the reference draws its rows in slices of at most ``CPU_SAMPLE_BYTES`` of ``[rows, V]`` (one row at
     1 byte, a few at the others): every field of the result is the one call's, bit for bit, with per-row tensors
     for every parameter and guide weight, greedy rows, filters, a tie and bad rows among them."""
@@ -192,6 +193,9 @@ def test_rows_drawn_in_slices_give_one_call_bit_for_bit(monkeypatch, one_thread,
               top_k=torch.tensor([0, 3, 0, 5, 0, 0, 2, 0, 40]), top_p=torch.tensor([1.0, 0.8, 1.0, 0.5, 0.9, 1, 1, 0.95, 1]),
               min_p=torch.tensor([0.0, 0, 0.1, 0, 0, 0.05, 0, 0, 0.2]), seed=torch.arange(n) + 3, offset=torch.arange(n) * 7)
     guides = [(guide, torch.linspace(-1.0, 1.0, n, dtype=torch.float64))]
+    if not filters:  # (unfiltered calls take half the budget)
+        kw = dict(kw, top_k=0, top_p=1.0, min_p=0.0)
+        budget *= 2
     whole = ref.guided_sample_ref(logits, guides, **kw)
     monkeypatch.setattr(ref, "CPU_SAMPLE_BYTES", budget)
     calls, real = [], ref._sample_rows
