@@ -210,3 +210,18 @@ def test_the_numpy_index_draw_gives_the_torch_one_on_exact_hits():
         want = sampling._index_draw(cum, cum[:, -1], uu)
         got = sampling._index_draw_numpy(cum.numpy(), cum[:, -1].numpy(), uu.numpy())
         assert torch.equal(torch.from_numpy(got), want), (u, got, want)
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}])
+def test_inputs_that_require_grad_draw_as_detached_ones(filters):
+    """Logits straight from a model outside ``no_grad`` (a user's own loop): every CPU path draws from them, the
+    same tokens as from their detached values."""
+    logits = torch.randn(3, 596, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    guide = torch.randn(3, 600, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    got = _guided_sample_ref(prepare_sample_args(logits, [(guide, 0.5)], 0.7, filters.get("top_k", 0),
+                                                 filters.get("top_p", 1.0), filters.get("min_p", 0.0), 4,
+                                                 torch.arange(3), None))
+    want = _guided_sample_ref(prepare_sample_args(logits.detach(), [(guide.detach(), 0.5)], 0.7,
+                                                  filters.get("top_k", 0), filters.get("top_p", 1.0),
+                                                  filters.get("min_p", 0.0), 4, torch.arange(3), None))
+    assert torch.equal(got.tokens, want.tokens) and got.ok.all()

@@ -128,12 +128,13 @@ def _granule_draw_numpy(x, x_max, seed, offset):
     """:func:`granule_draw` on CPU tensors, its every operation in numpy: the same tokens and totals."""
     n, v = x.shape
     ng = -(-v // GRANULE)
-    xg = np.full((n, ng * GRANULE), -np.inf, dtype=x.numpy().dtype)
-    xg[:, :v] = x.numpy()
+    x, x_max = x.detach().numpy(), x_max.detach().numpy()  # (the draw is not differentiable: inputs may be)
+    xg = np.full((n, ng * GRANULE), -np.inf, dtype=x.dtype)
+    xg[:, :v] = x
     xg = xg.reshape(n, ng, GRANULE)
     with np.errstate(invalid="ignore"):  # (a granule of -inf gives NaN: mass 0, as in torch)
         a = xg.max(axis=2)  # [N, G]
-        d = np.concatenate([(xg - a[:, :, None]).reshape(n, ng * GRANULE), a - x_max.numpy()[:, None]], axis=1)
+        d = np.concatenate([(xg - a[:, :, None]).reshape(n, ng * GRANULE), a - x_max[:, None]], axis=1)
     masses = mass_int_numpy(d)
     m, e = masses[:, :ng * GRANULE].reshape(n, ng, GRANULE), masses[:, ng * GRANULE:]
     s = m.sum(axis=2)
