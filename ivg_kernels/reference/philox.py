@@ -52,7 +52,7 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     """
     c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*_on_one_device(c0, c1, c2, c3, k0, k1))
     if c0.device.type == "cpu":
-        if c0.numel() <= _FEW:
+        if c0.numel() <= HOST_CALLS:
             return _philox4x32_ints(c0, c1, c2, c3, k0, k1, rounds)
         return _philox4x32_numpy(c0, c1, c2, c3, k0, k1, rounds)
     return _philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds)
@@ -72,7 +72,7 @@ def _on_one_device(*args) -> list:
     return out
 
 
-_FEW = 8  # calls per tensor up to which Python's integers beat numpy's per-operation cost (a row's draw: 1)
+HOST_CALLS = 8  # calls per tensor up to which Python's integers beat numpy's per-operation cost (a row's draw: 1)
 
 
 def _philox4x32_ints(c0, c1, c2, c3, k0, k1, rounds):
@@ -179,7 +179,7 @@ def philox_calls_on_host(seed: torch.Tensor, offset: torch.Tensor, c0):
         return None
     calls = torch.broadcast_tensors(as_dtype(seed, torch.int64), as_dtype(offset, torch.int64),
                                     torch.as_tensor(c0, dtype=torch.int64))
-    if calls[0].numel() > _FEW:
+    if calls[0].numel() > HOST_CALLS:
         return None
     return philox_on_host(*torch.stack(calls).reshape(3, -1).tolist()), calls[0].shape  # (int64s as Python ints)
 

@@ -52,7 +52,7 @@ import torch
 
 from .._args import prepare_sample_args, row_tensor
 from .._types import SampleOutput
-from .philox import gumbel_noise, philox_call, philox_calls_on_host, philox_on_host
+from .philox import HOST_CALLS, gumbel_noise, philox_call, philox_calls_on_host, philox_on_host
 from .portable import FLT_MIN, mass_int, mass_int_numpy, nucleus_target, plog
 from .dtypes import as_dtype
 from .slices import rows_per_slice
@@ -155,7 +155,7 @@ def _index_draw_numpy(cum, total, u):
 def _draw_uniforms_numpy(seed: torch.Tensor, offset: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """:func:`draw_uniforms` of CPU ``seed``, ``offset`` ``[N]`` as numpy arrays (a few rows: from the Philox
     words in Python, with no tensor made)."""
-    if len(seed) > 8:
+    if len(seed) > HOST_CALLS:
         return tuple(u.numpy() for u in draw_uniforms(seed, offset))
     words = philox_on_host(seed.tolist(), offset.tolist(), [DRAW_COUNTER] * len(seed))
     u = np.array(_uniform_pairs(words), dtype=np.float64).reshape(len(words), 2)
@@ -251,23 +251,27 @@ def _rank_thresholds(x, x_max, k, k_on, p, neg_inf):
             return torch.where(k_on, _kth_largest(x.topk(k_most, dim=1).values, k), neg_inf), neg_inf
         width = max(CPU_TOP_CANDIDATES, 2 * k_most)  # a nucleus: its top-k set and the mass down to its target
         if width < v:
+            # the granules' totals once, for the top columns and for the rows sorted after them
+            wide = granule_weights(x, x_max)[2].sum(dim=1) if bool((p_on & ~k_on).any()) else None
             top = x.topk(width, dim=1).values  # [N, width], descending: the sorted rows' first columns
-            tau_k, tau_p, reach_all, covered = _thresholds(top, x, x_max, k, k_on, p, neg_inf)
+            tau_k, tau_p, reach_all, covered = _thresholds(top, x, x_max, k, k_on, p, neg_inf, wide)
             # Decided by the top columns where a nucleus is reached within them, and, with top-k too, every
             # token of the top-k set (ties at the k-th score included) lies among them (the nucleus's total);
             # the other rows are sorted whole.
             rows = (p_on & ~(reach_all & (covered | ~k_on))).nonzero().squeeze(1)
             if len(rows):
                 tau_k[rows], tau_p[rows] = _thresholds(x[rows].sort(dim=1, descending=True).values, x[rows],
-                                                       x_max[rows], k[rows], k_on[rows], p[rows], neg_inf[rows])[:2]
+                                                       x_max[rows], k[rows], k_on[rows], p[rows], neg_inf[rows],
+                                                       None if wide is None else wide[rows])[:2]
             return tau_k, tau_p
     return _thresholds(x.sort(dim=1, descending=True).values, x, x_max, k, k_on, p, neg_inf)[:2]
 
 
-def _thresholds(x_sorted, x, x_max, k, k_on, p, neg_inf):
+def _thresholds(x_sorted, x, x_max, k, k_on, p, neg_inf, wide=None):
     """``(tau_k, tau_p, reached, covered)`` from the first columns ``x_sorted`` of the rows sorted in descending
     order (all of them, or a prefix: ``reached``, whether each row's nucleus target is reached within them, and
-    ``covered``, whether its top-k set ends within them, say where the thresholds are decided)."""
+    ``covered``, whether its top-k set ends within them, say where the thresholds are decided). ``wide``: the
+    rows' granule totals (below) if the caller has them."""
     tau_k = torch.where(k_on, _kth_largest(x_sorted, k), neg_inf)
     kept_k = x_sorted >= tau_k.unsqueeze(1)
     mass = torch.where(kept_k, mass_int((x_sorted - x_max.unsqueeze(1)).float()), 0)  # int64 [N, V]
@@ -276,8 +280,10 @@ def _thresholds(x_sorted, x, x_max, k, k_on, p, neg_inf):
     # kernel has from its one read of the row; it differs from the sum of the masses by their float32
     # rounding). Should the tokens' masses not reach the target, every token is kept.
     total = cum[:, -1]
-    if x.device.type != "cpu" or bool(((p < 1) & ~k_on).any()):  # (no host read on a device)
-        total = torch.where(k_on, total, granule_weights(x, x_max)[2].sum(dim=1))
+    if wide is None and (x.device.type != "cpu" or bool(((p < 1) & ~k_on).any())):  # (no host read on a device)
+        wide = granule_weights(x, x_max)[2].sum(dim=1)
+    if wide is not None:
+        total = torch.where(k_on, total, wide)
     target = nucleus_target(p, total)
     reach = cum >= target.unsqueeze(1)
     first = reach.to(torch.int8).argmax(dim=1)  # first index reaching the target
