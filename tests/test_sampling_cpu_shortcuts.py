@@ -128,6 +128,45 @@ def test_thresholds_from_the_top_scores_equal_the_sorted_rows_where_they_are_use
             assert torch.equal(a, b), (k, p, a, b)
 
 
+def test_numpy_sorts_rows_as_torch_does():
+    """The fallback rows' sort (numpy's) gives torch's sorted values: float32 and float64 rows with ties, zeros of
+    both signs, -inf tails and huge values (NaN rows are flagged and never read: not compared)."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        n, v = 1 + trial % 5, [1, 2, 15, 16, 17, 600, 5000][trial % 7]
+        x = torch.randn(n, v, generator=g, dtype=torch.float64) * 10 ** (trial % 4)
+        x[torch.rand(n, v, generator=g) < 0.2] = 0.0
+        x[torch.rand(n, v, generator=g) < 0.2] = -0.0
+        x[torch.rand(n, v, generator=g) < 0.1] = -math.inf
+        x[torch.rand(n, v, generator=g) < 0.1] = 2.5  # ties
+        x = x.to(torch.float64 if trial % 2 else torch.float32)
+        got = sampling._sorted_descending(x)
+        want = x.sort(dim=1, descending=True).values
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (x, got, want)
+
+
+def test_tied_zeros_of_both_signs_at_a_nucleus_edge_keep_the_sorted_rows_tokens(monkeypatch):
+    """A flat row (its nucleus reaches past the top scores, so it is sorted whole) whose top-p edge falls among
+    zeros of both signs: numpy's sort may order their signs otherwise than torch's, and the thresholds, the kept
+    tokens and every draw are still the sorted rows' (``-0.0 == 0.0``, with the same mass)."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        v = 2000
+        x = (torch.rand(4, v, generator=g) * 0.01).float()
+        x[:, :1000] = torch.where(torch.rand(4, 1000, generator=g) < 0.5, 0.0, -0.0)  # half the row tied at zero
+        x[:, 1000:] = -x[:, 1000:] - 0.5
+        args = (x, (), 1.0, 0, [0.3, 0.5, 0.52, 0.9][trial % 4], 0.0, 100 + trial, torch.arange(4) * 3, None)
+        seen = _count_paths(monkeypatch)
+        got = _guided_sample_ref(prepare_sample_args(*args))
+        assert seen["fallback"] == 4
+        with monkeypatch.context() as m:
+            _whole_rows(m)
+            want = _guided_sample_ref(prepare_sample_args(*args))
+        monkeypatch.undo()
+        for name, a, b in zip(got._fields, got, want):
+            assert torch.equal(a, b), (trial, name, a, b)
+
+
 def test_sparse_noise_draws_the_dense_token():
     """The Gumbel-max over each row's kept tokens, with only their noise, picks the dense draw's token, ties in
     ``x`` included (first id among exact ties of ``x + g``), and rows that keep nothing get token 0 either way."""
