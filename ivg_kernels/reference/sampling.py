@@ -260,18 +260,22 @@ def _rank_thresholds(x, x_max, k, k_on, p, neg_inf):
             # the other rows are sorted whole.
             rows = (p_on & ~(reach_all & (covered | ~k_on))).nonzero().squeeze(1)
             if len(rows):
-                tau_k[rows], tau_p[rows] = _thresholds(_sorted_descending(x[rows]), x[rows],
+                tau_k[rows], tau_p[rows] = _thresholds(_sorted_descending(x[rows], torch.get_num_threads()), x[rows],
                                                        x_max[rows], k[rows], k_on[rows], p[rows], neg_inf[rows],
                                                        None if wide is None else wide[rows])[:2]
             return tau_k, tau_p
     return _thresholds(x.sort(dim=1, descending=True).values, x, x_max, k, k_on, p, neg_inf)[:2]
 
 
-def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
-    """``x.sort(dim=1, descending=True).values`` of CPU rows, sorted by numpy, whose vectorised sort took a third of
-    torch's time (one thread, 151,936 float32 scores: 4.4 against 12.8 ms). The same values in the same order, but
-    that tied zeros may come in another order of signs, which no threshold tells apart (``-0.0 == 0.0``, and both
-    have the same mass); a row with NaN, sorted elsewhere by either, is flagged and never read."""
+def _sorted_descending(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``x.sort(dim=1, descending=True).values`` of CPU rows, by numpy where that is faster: its vectorised sort took
+    a third of torch's time per row (one thread, 151,936 float32 scores: 4.4 against 12.8 ms), but it sorts the rows
+    one after another where torch sorts ``threads`` at once, so numpy takes them where its rows cost less than
+    torch's rounds (always on one or two threads). The same values in the same order, but that tied zeros may come
+    in another order of signs, which no threshold tells apart (``-0.0 == 0.0``, and both have the same mass); a
+    row with NaN, sorted elsewhere by either, is flagged and never read."""
+    if len(x) >= 3 * -(-len(x) // threads):  # torch's rounds of ``threads`` rows each: numpy's rows cost a third
+        return x.sort(dim=1, descending=True).values
     return torch.from_numpy(np.sort(x.detach().numpy(), axis=1)[:, ::-1].copy())  # (a copy: positive strides)
 
 
