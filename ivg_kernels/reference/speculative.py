@@ -43,6 +43,7 @@ from . import sampling
 from .sampling import row_slice, warped_probs_ok
 from .dtypes import as_dtype
 from .slices import rows_per_slice
+from .speculative_cpu import lean_applies, verify_rows_cpu
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
 DRAFT, ACCEPT, RESIDUAL = 0, 1, 2
@@ -165,6 +166,8 @@ def _verify_rows(logits, guides, draft_tokens, num_draft, target, draft, u) -> S
     """:func:`speculative_verify_ref` of rows ``[R', S]`` whose arguments are checked: ``target`` and ``draft`` the
     warped distributions' arguments at their ``R' * S`` positions, ``u`` their uniforms (``guides``: the raw
     tensors, for the values)."""
+    if lean_applies(target, draft):
+        return verify_rows_cpu(logits, guides, draft_tokens, num_draft, target, draft, u)
     r, s = logits.shape[:2]
     dev = logits.device
     v = target.vocab_size
