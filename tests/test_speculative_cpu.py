@@ -1,7 +1,8 @@
 """The speculative verification's CPU shortcut (``ivg_kernels.reference.speculative_cpu``: unfiltered rows at one
 temperature > 0, the rest in numpy) gives the reference's own computation bit for bit: tokens, accepted counts,
 log-probs, values and flags, on random rows with ties, -inf tails, NaN and +inf, drafts drawn from ``q`` (kept
-and rejected) and arbitrary ones."""
+and rejected) and arbitrary ones. On one intra-op thread (``one_thread``): with several, torch may split a row's
+sums between threads by a call's size, and the shortcut makes p and q in one call where the reference makes two."""
 import math
 import random
 
@@ -70,7 +71,7 @@ def _case(rng, seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_the_cpu_shortcut_gives_the_references_bits(monkeypatch, seed):
+def test_the_cpu_shortcut_gives_the_references_bits(monkeypatch, seed, one_thread):
     rng = random.Random(seed)
     taken, real = [], speculative_cpu.verify_rows_cpu
     monkeypatch.setattr(ref, "verify_rows_cpu", lambda *a: taken.append(1) or real(*a))
@@ -88,7 +89,7 @@ def test_the_cpu_shortcut_gives_the_references_bits(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("weight", [-1.0, -0.25, 0.0, 1.0])
-def test_a_guides_plus_inf_flags_its_row_at_any_weight(monkeypatch, weight):
+def test_a_guides_plus_inf_flags_its_row_at_any_weight(monkeypatch, weight, one_thread):
     """A guide's +inf (which a negative weight turns into -inf in the scores, leaving their max finite) flags
     its row on both paths; the other rows decide as usual."""
     g = torch.Generator().manual_seed(3)
@@ -114,7 +115,7 @@ def test_logits_that_require_grad_verify_as_detached_ones():
     assert torch.equal(got.logprob.nan_to_num(), want.logprob.nan_to_num())
 
 
-def test_a_draft_outside_both_supports_is_replaced_by_a_draw_from_p(monkeypatch):
+def test_a_draft_outside_both_supports_is_replaced_by_a_draw_from_p(monkeypatch, one_thread):
     """``p`` equal to ``q`` (the draft is the base, no guides) and drafts where both are 0: each is rejected, the
     residual ``max(p - q, 0)`` has no mass, and the replacement comes from ``p`` on both paths (never the last
     token, which an empty residual's inverse CDF would give)."""

@@ -9,7 +9,9 @@ roundings depend on how torch vectorises them), both distributions in one call, 
 numpy: the gathers, the acceptance test, the cumulative sums of the inverse-CDF draws (a sequential sum in
 both) and their searches, and the residual's ``max(p - q, 0)`` (correctly rounded in both). Every decision
 reads the same float64 values as the reference, so the tokens, log-probs and values are the reference's
-(``tests/test_speculative_cpu.py``: random rows with ties, ``-inf`` tails, NaN and +inf). One thread, two
+(``tests/test_speculative_cpu.py``: random rows with ties, ``-inf`` tails, NaN and +inf), on one intra-op thread;
+with several, torch may split a row's sums between threads by a call's size (the reference's own caveat), and
+here p and q are one call where the reference makes two. One thread, two
 guides, 5 positions of 596 tokens, the public ``speculative_verify``, interleaved medians: one row 0.98
 against 0.72 ms (1.53 against 1.19 in a slower hour of the machine), 4 rows 1.89 against 1.49, 16 rows 3.02
 against 2.72.
