@@ -25,8 +25,6 @@ import torch
 
 from .dtypes import as_dtype
 
-_ACCEPT, _DRAFT, _RESIDUAL = 1, 0, 2  # the lanes of the round's uniforms (reference.speculative's)
-
 
 def lean_applies(target, draft) -> bool:
     """Whether :func:`verify_rows_cpu` takes the call: CPU rows, one temperature > 0 and scalar weights, and no
@@ -64,10 +62,11 @@ def probs_ok(args: list) -> list:
         w = (x - x_max).double().exp_()
         probs.append((w / w.sum(dim=1, keepdim=True)).numpy())
         x_maxes.append(x_max.squeeze(1).double())
+    prob = probs[0] if len(probs) == 1 else np.concatenate(probs)  # every distribution's rows, in order
     maxes = torch.cat(x_maxes + [m.double() for ms in guide_maxes for m in ms]).numpy()  # (one read)
-    out, row, at = [], 0, sum(len(x) for x in xs)  # ``at``: where the guides' maxes start
-    for i, (x, ms) in enumerate(zip(xs, guide_maxes)):
-        p = probs[0][row: row + len(x)] if len(groups) == 1 else probs[i]
+    out, row, at = [], 0, len(prob)  # ``at``: where the guides' maxes start
+    for x, ms in zip(xs, guide_maxes):
+        p = prob[row: row + len(x)]
         ok = np.abs(maxes[row: row + len(x)]) < math.inf  # x's max finite
         for _ in ms:
             ok &= maxes[at: at + len(x)] < math.inf
@@ -88,7 +87,7 @@ def inverse_cdf_np(dist: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def verify_rows_cpu(logits, guides, draft_tokens, num_draft, target, draft, u):
     """``reference.speculative._verify_rows`` where :func:`lean_applies`: the same ``SpeculativeOutput``."""
-    from .speculative import SpeculativeOutput, input_values
+    from .speculative import ACCEPT, DRAFT, RESIDUAL, SpeculativeOutput, input_values  # (it imports this module)
 
     r, s = logits.shape[:2]
     v = target.vocab_size
@@ -103,16 +102,16 @@ def verify_rows_cpu(logits, guides, draft_tokens, num_draft, target, draft, u):
     if s > 1:
         k = np.arange(s - 1)
         p_d, q_d = p[rows[:, None], k, d], q[rows[:, None], k, d]
-        accept = (un[:, :-1, _ACCEPT] * q_d < p_d) & used[:, 1:]
+        accept = (un[:, :-1, ACCEPT] * q_d < p_d) & used[:, 1:]
         n = np.cumprod(accept, axis=1).sum(axis=1)
     else:
         n = np.zeros(r, dtype=np.int64)
     p_n, q_n, u_n = p[rows, n], q[rows, n], un[rows, n]
-    extra = inverse_cdf_np(q_n, u_n[:, _DRAFT])
-    took = (n == nd) & (u_n[:, _ACCEPT] * q_n[rows, extra] < p_n[rows, extra])
+    extra = inverse_cdf_np(q_n, u_n[:, DRAFT])
+    took = (n == nd) & (u_n[:, ACCEPT] * q_n[rows, extra] < p_n[rows, extra])
     res = np.maximum(p_n - q_n, 0.0)
     res = np.where(res.sum(axis=1, keepdims=True) > 0, res, p_n)  # (a sum of non-negatives: > 0 in any order)
-    y = np.where(took, extra, inverse_cdf_np(res, u_n[:, _RESIDUAL]))
+    y = np.where(took, extra, inverse_cdf_np(res, u_n[:, RESIDUAL]))
     tokens = np.concatenate([d, np.zeros((r, 1), dtype=np.int64)], axis=1)
     tokens[rows, n] = y
     live = (pos <= n[:, None]) & ok[:, None]
