@@ -244,6 +244,31 @@ def test_lean_forward_gives_the_transformers_logits_bit_for_bit(family, dtype):
         assert torch.equal(lean(kids[lean], tok.to(DEVICE)), full(kids[full], tok.to(DEVICE))), step
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_lean_gpt2_activation_is_transformers_gelu_new_bit_for_bit(dtype):
+    """The lean GPT-2 forward's in-place ``gelu_new`` against transformers' ``NewGELUActivation``: the same bits on
+    random and special values; any other activation, or one whose forward was replaced, is called as it is."""
+    from transformers.activations import ACT2FN
+
+    from ivg.lean_models import _activation, _new_gelu
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.cat([torch.randn(3000, generator=gen) * 4, torch.randn(1000, generator=gen) * 1e-3,
+                   torch.tensor([0.0, -0.0, 1e30, -1e30, 20.0, -20.0, float("inf"), float("-inf"), float("nan")])])
+    x = x.to(dtype).view(-1, 1)[: len(x) // 7 * 7].view(-1, 7)
+    act = ACT2FN["gelu_new"]
+    assert _activation(act) is _new_gelu
+    before = x.clone()
+    want, got = act(x), _new_gelu(x)
+    assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0, 1.0, -1.0), want.nan_to_num(0.0, 1.0, -1.0))
+    assert torch.equal(x.nan_to_num(0.0), before.nan_to_num(0.0))  # the input is not written
+    other = ACT2FN["gelu"]
+    assert _activation(other) == other.forward
+    act.forward = lambda t: t  # (as a hub kernel or a patch would replace it): the module's own forward
+    assert _activation(act) is act.forward
+
+
 def test_lean_forward_is_refused_or_skipped_for_unsupported_settings():
     cfg = copy.deepcopy(CONFIGS["gpt2"])
     cfg.scale_attn_by_inverse_layer_idx = True  # a GPT-2 variant the lean forward does not cover

@@ -30,6 +30,7 @@ a ``TokenRewardModel``. Anything else runs through transformers (``lean_forward`
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +157,37 @@ def _head_call(head):
 
 
 def _norm(m):
-    """A ``LayerNorm``'s arguments to ``F.layer_norm`` after the input."""
-    return m.normalized_shape, m.weight, m.bias, m.eps
+    """A ``LayerNorm``'s arguments to ``torch.layer_norm`` after the input: those ``F.layer_norm`` passes it, whose
+    last (cuDNN's switch) aten's layer norm takes but ignores. Called directly, without ``F.layer_norm``'s Python
+    wrapper, a one-row norm takes about a third less time."""
+    return m.normalized_shape, m.weight, m.bias, m.eps, True
+
+
+# transformers' ``NewGELUActivation`` (GPT-2's ``gelu_new``) computes
+# ``0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))`` in seven operations, each into a new tensor.
+# ``_new_gelu`` runs the same operations on the same values, in place where a temporary would be dropped: each
+# elementwise operation rounds alike either way (a product or sum of two values is commutative), so the result is
+# the same bit for bit (tested); on a one-row step it takes about 25 us instead of 35.
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _new_gelu(x):
+    t = torch.pow(x, 3.0)
+    t.mul_(0.044715).add_(x).mul_(_SQRT_2_OVER_PI).tanh_().add_(1.0)
+    return t.mul_(0.5 * x)
+
+
+def _activation(act):
+    """The forward to call for the activation module ``act``: ``_new_gelu`` for transformers' own
+    ``NewGELUActivation`` (its forward not replaced, as a hub kernel would), else the module's forward."""
+    fwd = act.forward
+    own = getattr(fwd, "__func__", None)
+    if (type(act).__name__ == "NewGELUActivation" and type(act).__module__ == "transformers.activations"
+            and "forward" not in vars(act) and own is not None
+            and getattr(own, "__qualname__", None) == "NewGELUActivation.forward"
+            and getattr(own, "__module__", None) == "transformers.activations"):
+        return _new_gelu
+    return fwd
 
 
 class _GPT2:
@@ -170,7 +200,7 @@ class _GPT2:
         self.wte, self.wpe, self.ln_f = body.wte.weight, body.wpe.weight, _norm(body.ln_f)
         self.layers = [(_norm(b.ln_1), b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.split_size, b.attn.head_dim,
                         b.attn.scaling, b.attn.c_proj.weight, b.attn.c_proj.bias, _norm(b.ln_2),
-                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.act.forward, b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, _activation(b.mlp.act), b.mlp.c_proj.weight, b.mlp.c_proj.bias)
                        for b in body.h]
         self.kv_shapes = {(b.attn.split_size // b.attn.head_dim, b.attn.head_dim) for b in body.h}  # (heads, dim)
 
@@ -179,16 +209,17 @@ class _GPT2:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         for i, (ln_1, w_qkv, b_qkv, split, head_dim, scaling, w_o, b_o, ln_2, w_fc, b_fc, act, w_p, b_p) in enumerate(
                 self.layers):
-            h = F.layer_norm(x, *ln_1)
-            q, k, v = torch.addmm(b_qkv, h, w_qkv).split(split, dim=-1)  # transformers' Conv1D: x @ W + b
+            h = torch.layer_norm(x, *ln_1)
+            # transformers' Conv1D: x @ W + b; split as ``Tensor.split(split, dim=-1)`` (without its Python wrapper)
+            q, k, v = torch.addmm(b_qkv, h, w_qkv).split_with_sizes((split, split, split), dim=-1)
             t = q.shape[0]
             out = self.attend(batch, i, q.view(t, -1, head_dim), k.view(t, -1, head_dim), v.view(t, -1, head_dim),
                               scaling, None)
             x = torch.addmm(b_o, out.reshape(t, -1), w_o) + x
-            h = F.layer_norm(x, *ln_2)
+            h = torch.layer_norm(x, *ln_2)
             x = x + torch.addmm(b_p, act(torch.addmm(b_fc, h, w_fc)), w_p)
         x = x if keep is None else x.index_select(0, keep)
-        return self.head(F.layer_norm(x, *self.ln_f))
+        return self.head(torch.layer_norm(x, *self.ln_f))
 
 
 class _Llama:
