@@ -68,6 +68,23 @@ def test_shared_prefix_attention_matches_naive(models, mode, monkeypatch):
         IVGDecoder(models, shared_prefix="yes")
 
 
+def test_block_size_by_default_and_any_block_size_gives_the_same_results(models):
+    """``block_size=None``: ``CPU_BLOCK_SIZE`` for models on the CPU, 16 elsewhere; every block size gives the same
+    tokens and values (the one of the other device's default too); a bad one is refused by name."""
+    from ivg.decoder import CPU_BLOCK_SIZE
+
+    dec = IVGDecoder(models)
+    assert dec.block_size == (CPU_BLOCK_SIZE if next(models.base.parameters()).device.type == "cpu" else 16)
+    opts = _opts("ivg")
+    want = dec.generate(PROMPTS, opts)
+    assert {c.pool.kv.shape[3] for c in dec._group.caches.values()} == {dec.block_size}
+    for size in (16, CPU_BLOCK_SIZE, 3):
+        _same(IVGDecoder(models, block_size=size).generate(PROMPTS, opts), want)
+    for bad in (0, -4, 2.0, True, "8"):
+        with pytest.raises(ValueError, match=rf"block_size={bad!r}: expected None or an int >= 1"):
+            IVGDecoder(models, block_size=bad)
+
+
 @pytest.mark.parametrize("mode", ["ivg", "eft"])
 def test_decode_attention_in_slices_of_rows_changes_nothing(models, mode, monkeypatch, one_thread):
     """The CPU decode attention taking its rows a few at a time (``CPU_GATHER_BYTES`` of 1 byte: one row per

@@ -118,8 +118,8 @@ def test_one_prompt_whose_pools_do_not_fit_is_an_error_that_says_how_large(model
     opts = DecodeOptions(mode="ivg", max_new_tokens=8, eos_token_ids=())
     _tight(monkeypatch, fits=10)
     dec = IVGDecoder(models)
-    with pytest.raises(torch.OutOfMemoryError, match=r"KV caches of one prompt do not fit in memory: \d+ blocks of 16 "
-                                                      r"tokens per model \(4 models\), for 16 candidates"):
+    with pytest.raises(torch.OutOfMemoryError, match=rf"KV caches of one prompt do not fit in memory: \d+ blocks of "
+                                                      rf"{dec.block_size} tokens per model \(4 models\), for 16 candidates"):
         dec.generate(["the movie was", "a"], opts)
     _tight(monkeypatch, fits=0, error=RuntimeError("expected a CUDA device"))
     with pytest.raises(RuntimeError, match="expected a CUDA device"):

@@ -137,7 +137,7 @@ def import_scorer(spec: str):
 
 
 def make_decoder(*, base, tuned=(), ref=(), beta=(), token_rm=None, token_rm_weight=1.0, tokenizer=None,
-                 device="cpu", dtype=None, backend="auto", block_size=16, decoder="paged", templates=None,
+                 device="cpu", dtype=None, backend="auto", block_size=None, decoder="paged", templates=None,
                  chat_template=False, cuda_graphs=None, base_tp_plan=None, max_batch_prompts=64, read_every=None,
                  step_graphs=None, merge_twins=True, **options):
     """Load the models once and build ``(decoder, DecodeOptions)``; the arguments are :func:`generate`'s.
