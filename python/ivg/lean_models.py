@@ -192,8 +192,9 @@ def _activation(act):
 
 class _GPT2:
     """GPT-2's forward. The parameters each layer reads are looked up once, here (a module attribute
-    lookup costs about as much as a small product on a one-row step); activation and norms are called
-    through their forwards, as the module calls would."""
+    lookup costs about as much as a small product on a one-row step). The norms are ``torch.layer_norm`` with the
+    arguments ``nn.LayerNorm`` passes it, the activation its module's forward or, for ``gelu_new``, the same
+    operations in place (``_new_gelu``): the module calls' bits."""
 
     def __init__(self, body, head, attend):
         self.attend, self.head = attend, _head_call(head)
