@@ -181,9 +181,8 @@ def _activation(act):
     """The forward to call for the activation module ``act``: ``_new_gelu`` for transformers' own
     ``NewGELUActivation`` (its forward not replaced, as a hub kernel would), else the module's forward."""
     fwd = act.forward
-    own = getattr(fwd, "__func__", None)
-    if (type(act).__name__ == "NewGELUActivation" and type(act).__module__ == "transformers.activations"
-            and "forward" not in vars(act) and own is not None
+    own = getattr(fwd, "__func__", None)  # (None where the instance's forward was replaced)
+    if (_exactly(act, "NewGELUActivation", "transformers.activations")
             and getattr(own, "__qualname__", None) == "NewGELUActivation.forward"
             and getattr(own, "__module__", None) == "transformers.activations"):
         return _new_gelu
