@@ -165,6 +165,38 @@ def test_whole_steps_with_and_without_the_side_stream(monkeypatch):
         assert got[True] == got[False], speculate
 
 
+def test_a_forward_that_cannot_be_captured_leaves_the_other_captures_working():
+    """A tuned guide whose forward raises inside a capture (as transformers' expert loops do at ``nonzero``; it runs
+    on the side stream): the whole steps fall back, warned, with the eager decoder's tokens, and the other models'
+    graphs still capture and replay. Before the side stream was joined on errors, the unjoined capture could not
+    end, its pool stayed recording, and every later capture failed ("already recording to mempool_id")."""
+    from ivg.decoder import IVGDecoder
+    from ivg.options import DecodeOptions
+
+    models = _cuda_models(torch.float32)
+    opts = DecodeOptions(mode="eft", max_new_tokens=12, seed=3, temperature=1.0, eos_token_ids=())
+    prompts = ["the movie was", "a", "it is a truly wonderful day, and"]
+    want = [r.beams[0].tokens for r in IVGDecoder(models, cuda_graphs=False).generate(prompts, opts)]
+
+    def refuse(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a data-dependent forward")
+
+    hook = models.guides[0].tuned.transformer.h[0].register_forward_pre_hook(refuse)
+    try:
+        with pytest.warns(UserWarning, match="capture"):
+            dec = IVGDecoder(models, cuda_graphs=True, read_every=64)
+            got = [r.beams[0].tokens for r in dec.generate(prompts, opts)]
+        assert got == want
+        st = dec.last_stats
+        assert st.step_replays == 0 and st.graph_replays > 0, st  # the base's and the reference's graphs
+    finally:
+        hook.remove()
+    dec = IVGDecoder(models, cuda_graphs=True, read_every=64)
+    assert [r.beams[0].tokens for r in dec.generate(prompts, opts)] == want
+    assert dec.last_stats.step_replays > 0
+
+
 @pytest.mark.parametrize("mode", ["eft", "ivg"])
 def test_speculative_verifications_replay_from_cuda_graphs(mode):
     """Speculating 3, the draft steps and every full-width verification (4 tokens per row, logits at every

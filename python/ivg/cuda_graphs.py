@@ -317,15 +317,19 @@ def side_stream(device, models: int):
 def side_by_side(device, first, others: dict, side) -> dict:
     """``{name: fn()}`` for ``first`` (a ``(name, fn)`` pair, on the current stream) and ``others`` (on the
     CUDA stream ``side``, beside it, joined back before returning); with ``side`` None one after another.
-    Inside a capture the two streams become parallel branches of the graph."""
+    Inside a capture the two streams become parallel branches of the graph. The side stream is joined back also
+    when a forward raises (a model whose forward cannot be captured, say): a capture left with an unjoined branch
+    cannot end, and then leaves its memory pool recording, so that every later capture fails."""
     if side is None:
         return {first[0]: first[1](), **{name: fn() for name, fn in others.items()}}
     main = torch.cuda.current_stream(device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        out = {name: fn() for name, fn in others.items()}
-    out[first[0]] = first[1]()
-    main.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            out = {name: fn() for name, fn in others.items()}
+        out[first[0]] = first[1]()
+    finally:
+        main.wait_stream(side)
     if not torch.cuda.is_current_stream_capturing():  # eager (warm-up) runs: keep them until main is done
         for x in out.values():
             x.record_stream(main)
