@@ -253,7 +253,7 @@ run_targets() {
         timed "eager profile" "${T_PROFILE_TIMEOUT:-60}" targets_profile.log "$PY" benchmarks/profile_eager.py
     fi
     local pub_limit
-    pub_limit=$(left_for "${T_PUBLISHED_TIMEOUT:-240}")
+    pub_limit=$(left_for "${T_PUBLISHED_TIMEOUT:-270}")
     if ! wanted published; then
         :
     elif [ "$pub_limit" -lt 20 ]; then

@@ -10,6 +10,7 @@ Usage: ``python published_driver.py CONFIG.json OUT.json``. CONFIG holds ``publi
 ``base``, ``tuned``, ``ref``, ``rm`` (folders), ``prompts``, ``templates`` (``base``/``guide`` with
 ``{raw_prompt}``), ``beta``, ``W``, ``K``, ``L``, ``temperature``, ``max_new_tokens``, ``seed``, ``threads``,
 ``repeats``, ``greedy_prompts`` (how many prompts also decode greedy EFT, for token parity), ``dtype``,
+``greedy_dtype`` (the models' dtype for those; the timed runs then load them again in ``dtype``),
 ``device``, ``modes`` (default ``["ivg"]``) and ``N``. Every mode runs through the published chunk-level
 beam search, ``bon_beam_sample``, as the published IMDB script runs IVG: plain sampling and EFT as one
 beam with one candidate over the whole response, best-of-N as N candidates of one chunk, CBS and IVG
@@ -89,17 +90,26 @@ def main(cfg_path, out_path):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def lm(path):
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval().to(device)
-
     tok = AutoTokenizer.from_pretrained(cfg["base"])
     tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    base, tuned, ref = lm(cfg["base"]), lm(cfg["tuned"]), lm(cfg["ref"])
-    base.generation_config.eos_token_id = None  # as the IMDB script: responses never stop at EOS
-    rm = GPT2ModelForTokenScore.from_pretrained(cfg["rm"], torch_dtype=dtype).eval().to(device)
-    scorer = ExplicitRewardScorer(token_reward_model=rm, tokenizer=tok, beta=1.0)
     empty = tok("", return_tensors="pt", add_special_tokens=False).to(device)
+    base = tuned = ref = rm = scorer = None
+
+    def load(dt):
+        """The four models in ``dt`` (the greedy check's, then the timed runs'), and the scorer over the RM."""
+        nonlocal base, tuned, ref, rm, scorer
+        base = tuned = ref = rm = scorer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        def lm(path):
+            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dt).eval().to(device)
+
+        base, tuned, ref = lm(cfg["base"]), lm(cfg["tuned"]), lm(cfg["ref"])
+        base.generation_config.eos_token_id = None  # as the IMDB script: responses never stop at EOS
+        rm = GPT2ModelForTokenScore.from_pretrained(cfg["rm"], torch_dtype=dt).eval().to(device)
+        scorer = ExplicitRewardScorer(token_reward_model=rm, tokenizer=tok, beta=1.0)
 
     def model_for(mode, prompt):
         """The published model a mode decodes with: the base alone (plain, cbs, bon), with the token RM's
@@ -135,12 +145,16 @@ def main(cfg_path, out_path):
         return out[0].tolist()
 
     result = {"transformers": transformers.__version__, "torch": torch.__version__, "runs": {}}
+    greedy_dtype = getattr(torch, cfg.get("greedy_dtype", cfg.get("dtype", "float32")))
+    load(greedy_dtype)
     # No greedy path in the published code: one beam, one candidate, temperature 1e-9 (argmax).
     wait_turn(cfg, "greedy")
     t0 = time.perf_counter()
     result["greedy_tokens"] = [decode(p, cfg.get("greedy_mode", "eft"), 1e-9)
                                for p in cfg["prompts"][:cfg.get("greedy_prompts", len(cfg["prompts"]))]]
-    progress(f"greedy {len(result['greedy_tokens'])} prompts in {time.perf_counter() - t0:.1f} s")
+    progress(f"greedy {len(result['greedy_tokens'])} prompts in {time.perf_counter() - t0:.1f} s ({greedy_dtype})")
+    if greedy_dtype != dtype:
+        load(dtype)
     for mode in cfg.get("modes", ["ivg"]):
         wait_turn(cfg, f"{mode} warm-up")
         torch.manual_seed(cfg["seed"])
