@@ -13,11 +13,11 @@
 #             lesser of its own limit and what is left of the budget (a part cut by its limit records
 #             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
-#             .whl/flashinfer/ came along), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
+#             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on gpt2-xl-sized weights, one prompt's decoding profiled
-#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler kv profile published
+#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler diagnose kv profile published
 #             speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
@@ -243,6 +243,11 @@ run_targets() {
             "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked ranked \
             --configs imdb alpaca top-p-0.9 min-p-0.05 \
             --providers triton triton-graph torch-composition empty-op $fi_providers --record
+    fi
+    if wanted diagnose; then
+        note "targets: which rows cost top-p its time at N=256 (issue 11)"
+        timed "top-p diagnosis" "${T_DIAG_TIMEOUT:-45}" targets_diagnose_top_p.log \
+            "$PY" benchmarks/diagnose_top_p.py --n 256 --v 151936 --rows peaked --pool-max 4194304
     fi
     if wanted kv; then
         note "targets: paged attention (issue 13)"
