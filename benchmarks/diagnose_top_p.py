@@ -3,9 +3,12 @@
     python benchmarks/diagnose_top_p.py [--n 256] [--v 151936] [--rows peaked] [--top-p 0.9] [--pool-max 262144 4194304]
 
 On the H200 (2026-12-04, 563f26c) top-p 0.9 at N=256, V=151936 took 3,346 us in a graph against 138 us without a
-filter and 247 us with top-k 50, while at N=1 it took 32.7 us; ``candidate_coverage.py`` predicts that only 5 of
-the 256 peaked rows need the exact fallback (each with under a thousand tokens between its bounds, which the
-fallback's pool holds). This splits the batch to say which rows cost the time:
+filter and 247 us with top-k 50, while at N=1 it took 32.7 us. ``candidate_coverage.py`` predicts that only 4 to
+8 of the 256 peaked rows need the exact fallback, but in most of them the candidates hold under 90% of the mass
+(a wide nucleus), so their range was the whole row below the cut (about 151,500 tokens): the first filled most of
+the pool (262,144 entries then) and the others took a dozen full-row passes in one program each. Since then the
+range starts at a bound from the row's total mass (``_nucleus_floor``: about 50,000 tokens on these rows) and
+the pool holds 2**20 entries. This splits the batch to say which rows cost the time:
 
 * ``all``: the whole batch; ``proven``: only the rows the candidates prove (no fallback); ``fallback``: only the
   rows that fall back; ``one fallback row``: the first of those alone;

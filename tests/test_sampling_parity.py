@@ -186,6 +186,58 @@ def test_fallback_paths_agree_bit_for_bit_and_share_the_pool(f, pool_entries):
             assert counters["_fallback_threshold"].calls, "precondition: some row overflowed the pool"
 
 
+def _pool_entries_taken(a, block):
+    """(the Triton sampler's output, the fallback pool entries its call took) for arguments ``a``."""
+    from ivg_kernels._triton import sampling_kernels as sk
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    seen, empty = [], torch.empty
+
+    def spy(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        if kwargs.get("dtype") is torch.uint8:  # the stages' one scratch allocation
+            seen.append(x)
+        return x
+
+    sk.torch.empty = spy
+    try:
+        out = _guided_sample_triton(a, block)
+    finally:
+        sk.torch.empty = empty
+    offsets = sk._plan(a.num_rows, a.vocab_size, block, 1 + len(a.guides), True)[6]
+    return out, int(seen[0][offsets[-1]:offsets[-1] + 8].view(torch.int64).item())
+
+
+@pytest.mark.parametrize("path", ["pool", "passes"])
+@pytest.mark.parametrize("top_p,bounded", [(0.95, True), (0.97, True), (0.9995, False)])
+def test_a_wide_nucleus_falls_back_over_the_tokens_above_its_mass_bound(top_p, bounded, path, pool_entries):
+    """Rows whose nucleus reaches deep into a spread-out tail (a head of 8 tokens with about 70% of the mass,
+    6,000 tokens of N(0, 2.5^2) beside it, as the benchmark's peaked rows): the candidates (16 of each 512) hold
+    about 92% of the mass and cannot reach the target, so the fallback's range starts at a bound from the total
+    mass (below it every token holds less than a quarter of ``1 - p`` over ``V`` of the mass) instead of at the
+    row's lowest key. The pool then takes under 65% of the rows' tokens (all of them for ``p`` within 1e-3 of 1,
+    where there is no bound); with no pool the full-row passes start their search there; either way the
+    tokens, log-probs and values are the reference's."""
+    resize, counters = pool_entries
+    n, v = 3, 6000
+    resize(n * v if path == "pool" else 0)  # pool: room for every token, so the entries taken are the ranges
+    gen = torch.Generator().manual_seed(41)
+    logits = torch.randn(n, v, generator=gen) * 2.5
+    head = torch.randint(0, v, (n, 8), generator=gen)
+    logits.scatter_(1, head, 10.6)
+    a = args_to(prepare_sample_args(logits, (), 1.0, 0, top_p, 0.0, 5, torch.arange(n), None))
+    ref = _guided_sample_ref(a)
+    tri, taken = _pool_entries_taken(a, 512)
+    assert torch.equal(ref.tokens, tri.tokens) and torch.equal(ref.ok, tri.ok), (ref.tokens, tri.tokens)
+    for name in ("logprob", "logsumexp", "input_logprobs", "input_logits"):
+        assert_close(getattr(tri, name), getattr(ref, name), a.logits.dtype, name, scale=10.0)
+    if counters:
+        took = counters["_pool_draw" if path == "pool" else "_fallback_threshold"].calls
+        assert took == n, f"precondition: every row falls back ({path}: {took} rows)"
+    if path == "pool":
+        assert (taken < 0.65 * n * v) if bounded else (taken > 0.9 * n * v), taken
+
+
 def test_per_row_filters_and_greedy_rows_match_reference():
     gen = torch.Generator().manual_seed(5)
     n, v = 6, 700

@@ -21,8 +21,9 @@ levels (a granule from the granule masses, then a token of that granule, whose m
 from the inputs). A row with filters finds the thresholds by bisection on the float's ordered
 integer key over the candidates (top-p against the granules' total from stage 1, or with top-k the
 top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
-bound) or falls back: each threshold lies between the candidates' own and the cut, so one pass counts
-the row's tokens with keys in that range, a second copies them into a pool the call's rows share, and
+bound) or falls back: each threshold lies between the candidates' own and the cut (a top-p threshold
+without top-k also above a bound from the row's total mass, for rows whose candidates cannot reach the
+target: ``_nucleus_floor``), so one pass counts the row's tokens with keys in that range, a second copies them into a pool the call's rows share, and
 the thresholds (8 pivots per pass over the pool: the range narrows 9-fold) and the draw run over the
 pool and the candidates above the cut; a row whose range does not fit takes the same narrowing in
 passes over its full row. Then it draws by Gumbel-max among the kept tokens and gathers the per-input
@@ -145,6 +146,23 @@ def _nucleus_target(p, total):
     """ceil(p * total * (1 - 2**-20)) in float64, at least 1 (reference/portable.py: nucleus_target)."""
     want = (p.to(tl.float64) * total.to(tl.float64)) * 0.99999904632568359375
     return tl.maximum(tl.ceil(want).to(tl.int64), 1)
+
+
+_TAIL_SHARE = tl.constexpr(0.25)  # of the mass outside a nucleus that the tokens below the tail bound may hold
+
+
+@triton.jit
+def _nucleus_floor(p, total, mx, V):
+    """A key no larger than a top-p threshold without top-k (the largest key whose tokens reach the nucleus
+    target in integer mass): below it each of the row's ``V`` tokens has less than ``(1 - p) * total / (4 V)``
+    of mass, so together they hold under a quarter of the mass outside the nucleus and every token above it
+    holds the target. INT32_MIN (no bound) for ``p`` within 1e-3 of 1 or a bound below the smallest mass.
+    ``total`` is the granules' total, within 1e-5 of the tokens' own (two roundings of 24-bit masses), which the
+    margin between a quarter and the whole of ``1 - p`` covers many times over."""
+    share = (1.0 - p.to(tl.float64)) * _TAIL_SHARE / V
+    m = total.to(tl.float64) * share  # integer-mass units
+    x = mx + tl.log((m * _TWO_M40).to(tl.float32))
+    return tl.where((1.0 - p.to(tl.float64) >= 1e-3) & (m >= 1.0), _float_key(x).to(tl.int64) - 16, INT32_MIN)
 
 
 @triton.jit
@@ -662,10 +680,15 @@ def _stage2_kernel(
                 # counts those, a second copies them (key, id) into the pool, and the thresholds and the draw
                 # run over the pool. Rows whose range does not fit the pool take full-row passes instead.
                 low = tau_m
+                floor_p = tl.full([], INT32_MIN, tl.int64)  # a bound below a top-p threshold without top-k
                 if k_on:
                     low = tau_k
                 elif p_on:
-                    low = tau_p  # the candidates' threshold for the same target (no top-k: the total known)
+                    # the candidates' threshold for the same target (no top-k: the total known), or, where the
+                    # candidates do not reach the target (a wide nucleus), a bound from the total mass: without
+                    # it such a row's range was the whole row below the cut, and a few rows overflowed the pool
+                    floor_p = _nucleus_floor(p, w_total, mx, V)
+                    low = tl.maximum(tau_p, floor_p)
                 n_low = tl.zeros([], tl.int32)
                 for v0 in range(0, V, BLOCK):
                     cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR,
@@ -693,8 +716,9 @@ def _stage2_kernel(
                             total = _pool_mass(pool, start, n_low, ckey, above, tau_k, mx)
                         target = _nucleus_target(p, total)
                         tau_c = _bisect_mass(ckey, _candidate_masses(ckey, cmask, cx, mx, tau_k), target)
-                        # at least tau_k (>= low): the top-k set alone reaches any target
-                        tau_c = tl.maximum(tau_c, tau_k)
+                        # at least tau_k (>= low): the top-k set alone reaches any target; and at least the
+                        # mass bound (= low without top-k)
+                        tau_c = tl.maximum(tl.maximum(tau_c, tau_k), floor_p)
                         tau_p = _pool_threshold(pool, start, n_low, ckey, above, tau_c,
                                                 tl.where(tau_c > cut, tau_c, cut), mx, target, True)
                     tau = tl.maximum(tl.maximum(tau_k, tau_p), tau_m)
@@ -712,6 +736,7 @@ def _stage2_kernel(
                                 total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
                         target = _nucleus_target(p, total)
                         tau_c = _bisect_mass(ckey, _candidate_masses(ckey, cmask, cx, mx, tau_k), target)
+                        tau_c = tl.maximum(tau_c, floor_p)
                         tau_p = _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, tau_k, mx,
                                                     target, tau_c, tl.where(tau_c > cut, tau_c, cut), True, NIN,
                                                     W_TENSOR)
@@ -773,7 +798,9 @@ def slice_width(block: int, v: int) -> int:
 
 
 POOL_PER_ROW = 1 << 14  # the fallback pool holds this many entries per row, shared by the rows, at most POOL_MAX
-POOL_MAX = 1 << 18
+# 8 MiB: a wide nucleus's range on the benchmark's peaked rows (V = 151,936) is about 50,000 tokens even above
+# the mass bound (_nucleus_floor), and up to 8 of 256 such rows fall back (candidate_coverage.py); 2**18 held 5
+POOL_MAX = 1 << 20
 
 
 def pool_entries(n: int, v: int, filters: bool) -> int:
