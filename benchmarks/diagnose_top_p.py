@@ -37,12 +37,13 @@ from benchmarks.bench_sampling import CONFIGS, ROW_KINDS, make_rows  # noqa: E40
 from benchmarks.candidate_coverage import proven  # noqa: E402
 
 
-def pool_taken(sk, rows, cfg, block) -> tuple[int, int]:
-    """(entries the fallback pool took, its size) for one eager call of the launcher on ``rows``."""
-    base, tune, ref = rows
-    n, v = base.shape
-    seen = []
-    empty = torch.empty
+def pool_entries_taken(run, n: int, v: int, block: int, inputs: int):
+    """``(run(), the entries the fallback pool took)`` for ``run`` making one filtered call of the Triton sampler
+    with ``n`` rows of ``v`` tokens, ``inputs`` inputs and slices of ``block``: the stages' one scratch allocation
+    is caught as it is made, and the pool's count read from it afterwards (the launcher returns no workspace)."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    seen, empty = [], torch.empty
 
     def spy(*a, **k):
         x = empty(*a, **k)
@@ -52,14 +53,11 @@ def pool_taken(sk, rows, cfg, block) -> tuple[int, int]:
 
     sk.torch.empty = spy
     try:
-        sk.launch_guided_sample(base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"],
-                                None, cfg["top_p"], None, cfg.get("min_p", 0.0), torch.arange(n, device=base.device),
-                                0, None, 0, v, True, block)
+        out = run()
     finally:
         sk.torch.empty = empty
-    _, _, _, _, _, pool, offsets, _ = sk._plan(n, v, block, 3, True)
-    ws = seen[0]
-    return int(ws[offsets[-1]:offsets[-1] + 8].view(torch.int64).item()), pool
+    at = sk._plan(n, v, block, inputs, True)[6][-1]  # the pool's byte offset: its int64 count first
+    return out, int(seen[0][at:at + 8].view(torch.int64).item())
 
 
 def main(argv=None) -> int:
@@ -102,15 +100,16 @@ def main(argv=None) -> int:
                     continue
                 sel = torch.tensor(idx, device=dev)
                 sub = [r.index_select(0, sel).contiguous() for r in rows]
-                taken, size = pool_taken(sk, sub, cfg, block)
                 m = len(idx)
                 seed, off = torch.arange(m, device=dev), torch.zeros(m, dtype=torch.int64, device=dev)
 
-                def call(sub=sub, seed=seed, off=off, m=m):
+                def call(sub=sub, seed=seed, off=off):
                     return sk.launch_guided_sample(sub[0], sub[1:], [1.0, -1.0], None, None, cfg["temperature"], None,
                                                    0, None, cfg["top_p"], None, 0.0, seed, 0, off, 0, args.v, True,
                                                    block)
 
+                taken = pool_entries_taken(call, m, args.v, block, 3)[1]
+                size = sk.pool_entries(m, args.v, True)
                 us = harness.time_us(call, dev, graph=True) if cuda else float("nan")
                 print(f"{name:<18} {m:>4} {size:>9} {taken:>11} {us:>9.1f}", flush=True)
     finally:

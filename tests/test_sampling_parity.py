@@ -186,6 +186,60 @@ def test_fallback_paths_agree_bit_for_bit_and_share_the_pool(f, pool_entries):
             assert counters["_fallback_threshold"].calls, "precondition: some row overflowed the pool"
 
 
+@pytest.mark.parametrize("path", ["pool", "passes"])
+@pytest.mark.parametrize("f", [dict(top_p=0.9), dict(top_k=2000, top_p=0.7)], ids=["top_p=0.9", "top_k=2000,top_p=0.7"])
+def test_fallback_over_several_tiles_matches_reference(f, path, pool_entries):
+    """A row whose kept set the candidates cannot prove takes the exact fallback: its tokens with keys in
+    the range the candidates leave copied into the pool and searched there, or, when the pool is too small,
+    full-row passes over the row in tiles of ``_FB_TILE`` tokens. 5,000 tied integer logits span three
+    tiles (the last one partial); either path (counted, so the test fails if the candidates prove the set
+    or the other path runs) keeps what the reference keeps."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    resize, counters = pool_entries
+    if path == "passes":
+        resize(0)
+    gen = torch.Generator().manual_seed(23)
+    n, v = 2, 5000
+    assert v > 2 * int(sk._FB_TILE) and v % int(sk._FB_TILE)
+    logits = torch.randint(-3, 4, (n, v), generator=gen).float()
+    a = prepare_sample_args(logits, (), 1.0, f.get("top_k", 0), f.get("top_p", 1.0), 0.0, 9, torch.arange(n), None)
+    _compare(a, block=512)
+    if counters:
+        took = counters["_pool_draw" if path == "pool" else "_fallback_threshold"].calls
+        other = counters["_fallback_threshold" if path == "pool" else "_pool_draw"].calls
+        assert took and not other, f"precondition: {path} ran {took} times, the other path {other}"
+
+
+@pytest.mark.parametrize("f", [dict(top_p=0.95), dict(top_k=300, top_p=0.9, min_p=0.001), dict(min_p=0.002)],
+                         ids=["top_p=0.95", "top_k=300,top_p=0.9,min_p=0.001", "min_p=0.002"])
+def test_fallback_paths_agree_bit_for_bit_and_share_the_pool(f, pool_entries):
+    """Whether a row's fallback fits the pool depends on the other rows of the call (they share it), so both
+    paths must give the same bits: the same tokens and, from the kept set's integer mass, the same log-probs.
+    One call with a pool that holds only some of the rows mixes the paths and matches the reference."""
+    resize, counters = pool_entries
+    gen = torch.Generator().manual_seed(29)
+    n, v = 4, 3000
+    logits, guides = _inputs(n, v, 2, torch.float32, gen)
+    a = prepare_sample_args(logits, [(guides[0], 0.7), (guides[1], -0.7)], 4.0, f.get("top_k", 0),
+                            f.get("top_p", 1.0), f.get("min_p", 0.0), 31, torch.arange(n), None)
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    pooled = _guided_sample_triton(args_to(a), 256)
+    resize(0)
+    passes = _guided_sample_triton(args_to(a), 256)
+    assert torch.equal(pooled.tokens, passes.tokens)
+    assert torch.equal(pooled.logprob, passes.logprob), (pooled.logprob, passes.logprob)
+    resize(2 * v)  # about two rows' ranges: the first rows take the pool, the others overflow it
+    if counters:
+        counters.reset()
+    _compare(a, block=256)
+    if counters:
+        assert counters["_pool_draw"].calls and counters["_pool_draw"].calls < n, counters["_pool_draw"].calls
+        if f.get("top_p", 1.0) < 1.0:
+            assert counters["_fallback_threshold"].calls, "precondition: some row overflowed the pool"
+
+
 def _pool_entries_taken(a, block):
     """(the Triton sampler's output, the fallback pool entries its call took) for arguments ``a``."""
     from ivg_kernels._triton import sampling_kernels as sk
@@ -227,7 +281,10 @@ def test_a_wide_nucleus_falls_back_over_the_tokens_above_its_mass_bound(top_p, b
     logits.scatter_(1, head, 10.6)
     a = args_to(prepare_sample_args(logits, (), 1.0, 0, top_p, 0.0, 5, torch.arange(n), None))
     ref = _guided_sample_ref(a)
-    tri, taken = _pool_entries_taken(a, 512)
+    from benchmarks.diagnose_top_p import pool_entries_taken
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    tri, taken = pool_entries_taken(lambda: _guided_sample_triton(a, 512), n, v, 512, 1)
     assert torch.equal(ref.tokens, tri.tokens) and torch.equal(ref.ok, tri.ok), (ref.tokens, tri.tokens)
     for name in ("logprob", "logsumexp", "input_logprobs", "input_logits"):
         assert_close(getattr(tri, name), getattr(ref, name), a.logits.dtype, name, scale=10.0)
