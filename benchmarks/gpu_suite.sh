@@ -16,9 +16,11 @@
 #             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
-#             which decodes one prompt at a time, on the first 8), speculative eft and ivg on gpt2-xl-sized weights, one prompt's decoding profiled
+#             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
+#             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
+#             first) and on gpt2-xl-sized weights, one prompt's decoding profiled
 #             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler diagnose kv profile published
-#             speculative decode)
+#             spec-demo speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -48,6 +50,10 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 STATUS=0
+# The demo's trained models, carried (benchmarks/pack_demo_models.sh), instead of training them here first
+if [ -z "${IVG_CACHE:-}" ] && ls -d .whl/ivg-demo/demo-* >/dev/null 2>&1; then
+    export IVG_CACHE="$PWD/.whl/ivg-demo"
+fi
 
 note() { echo "== gpu_suite: $* ($(date -u +%H:%M:%S))"; }
 
@@ -269,6 +275,11 @@ run_targets() {
             PUBLISHED_TIMEOUT="$pub_limit" run_published
     else
         echo "targets: .published/ or .whl/published/ not carried: the comparison with the published code (issue 12) skipped"
+    fi
+    if wanted spec-demo; then
+        note "targets: speculative decoding on the demo's trained models (issue 14)"
+        timed "speculative, demo models" "${T_SPEC_DEMO_TIMEOUT:-90}" targets_speculative_demo.log \
+            "$PY" benchmarks/bench_speculative.py --device cuda --prompts 16 --gammas 4 --record
     fi
     if wanted speculative; then
         note "targets: speculative decoding on gpt2-xl-sized random weights (issue 14)"

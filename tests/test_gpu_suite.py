@@ -84,3 +84,12 @@ def test_every_test_file_the_suite_names_exists():
     root = SUITE.parent.parent
     assert len(named) >= 10
     assert [n for n in sorted(named) if not (root / n).exists()] == []
+
+
+def test_every_part_of_targets_can_be_skipped_by_the_name_the_header_gives():
+    """``TARGETS_SKIP`` takes the names the header lists; each part the targets stage runs is one of them."""
+    text = SUITE.read_text()
+    header = text.split("set -uo pipefail")[0]
+    listed = re.search(r"TARGETS_SKIP names parts to leave out \(([^)]*)\)", re.sub(r"\n#\s+", " ", header)).group(1)
+    parts = re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1])
+    assert parts and sorted(parts) == sorted(listed.split())
