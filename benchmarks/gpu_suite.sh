@@ -13,14 +13,16 @@
 #             lesser of its own limit and what is left of the budget (a part cut by its limit records
 #             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
-#             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows),
+#             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), stage 1's
+#             warps on slices of 4,096, 8 against 4 (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the
+#             beam-group rows),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
 #             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
 #             first) and on gpt2-xl-sized weights, one prompt's decoding profiled
-#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler diagnose kv profile published
-#             spec-demo speculative decode)
+#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler diagnose tune kv profile
+#             published spec-demo speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -254,6 +256,11 @@ run_targets() {
         note "targets: which rows cost top-p its time at N=256 (issue 11)"
         timed "top-p diagnosis" "${T_DIAG_TIMEOUT:-45}" targets_diagnose_top_p.log \
             "$PY" benchmarks/diagnose_top_p.py --n 256 --v 151936 --rows peaked --pool-max 4194304
+    fi
+    if wanted tune; then
+        note "targets: stage 1 of the sampler with 8 or 4 warps per slice of 4,096 (issue 11)"
+        timed "stage-1 warps" "${T_TUNE_TIMEOUT:-60}" targets_tune_stage1.log \
+            "$PY" benchmarks/tune_stage1.py --rounds 2
     fi
     if wanted kv; then
         note "targets: paged attention (issue 13)"

@@ -2,6 +2,7 @@
 
     python benchmarks/sass_count.py                # sm_90 (H100/H200), 3 bf16 inputs, slices of 4096
     python benchmarks/sass_count.py --arch 80 --inputs 1 --block 1024
+    python benchmarks/sass_count.py --warps 8 4    # stage 1's warps on slices of 4,096 (tune_stage1.py times them)
 
 Compiles ``_stage1_kernel`` for the chosen architecture through the sampler's own launcher
 (``compile_offline.offline_target``: no driver needed, Triton ships ptxas and nvdisasm), so with the
@@ -26,18 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str | None = None) -> dict:
+def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str | None = None,
+          warps: int | None = None) -> dict:
+    """``warps``: stage 1's warps on slices of 4,096 (``sampling_kernels.STAGE1_WARPS_WIDE``; None: the launcher's)."""
     import torch
 
     from compile_offline import offline_target, on_cubin, resources
+    from ivg_kernels._triton import sampling_kernels as sk
     from ivg_kernels._triton.sampling_kernels import launch_guided_sample
 
     # The launcher itself, on CPU tensors, with the kernels compiled for ``arch`` and nothing launched: the
     # argument alignment, constexprs and launch options are those a GPU call gets.
     x = [torch.empty(1, vocab, dtype=torch.bfloat16) for _ in range(nin)]
-    with offline_target(arch) as compiled:
-        launch_guided_sample(x[0], x[1:], [1.0] * (nin - 1), None, None, 0.7, None, 50 if filters else 0, None,
-                             0.9 if filters else 1.0, None, 0.0, None, 1, None, 3, vocab, filters, block)
+    own = sk.STAGE1_WARPS_WIDE
+    sk.STAGE1_WARPS_WIDE = own if warps is None else warps
+    try:
+        with offline_target(arch) as compiled:
+            launch_guided_sample(x[0], x[1:], [1.0] * (nin - 1), None, None, 0.7, None, 50 if filters else 0, None,
+                                 0.9 if filters else 1.0, None, 0.0, None, 1, None, 3, vocab, filters, block)
+    finally:
+        sk.STAGE1_WARPS_WIDE = own
     kernel = next(k for name, k in compiled if name == "_stage1_kernel")
     sass = on_cubin("nvdisasm", kernel, "-c")
     if dump:
@@ -50,6 +59,7 @@ def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str 
     total = sum(ops.values())
     threads = kernel.metadata.num_warps * 32
     return {"arch": arch, "inputs": nin, "block": block, "filters": filters, "vocab": vocab, "instructions": total,
+            "warps": kernel.metadata.num_warps,
             "per_token": total / (block // threads), "registers": resources(kernel)["registers"],
             "top": ops.most_common(8)}
 
@@ -61,15 +71,19 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=4096, help="slice width (default 4096, what N >= 8 gets at V=151936)")
     ap.add_argument("--vocab", type=int, default=151936, help="V: a multiple of 16 is specialised, and lets loads "
                     "be vectorised (default 151936)")
+    ap.add_argument("--warps", type=int, nargs="*", default=[None],
+                    help="stage 1's warps on slices of 4,096 to compare (default: the launcher's, STAGE1_WARPS_WIDE)")
     ap.add_argument("--dump", metavar="DIR", help="also write each kernel's SASS to DIR/stage1_filters-*.sass")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    for filters in (False, True):
-        r = count(args.arch, args.inputs, args.block, filters, args.vocab,
-                  args.dump and str(Path(args.dump) / f"stage1_filters-{filters}.sass"))
-        print(f"stage 1 sm_{r['arch']} inputs={r['inputs']} V={r['vocab']} block={r['block']} filters={r['filters']}: "
-              f"{r['instructions']} instructions, {r['per_token']:.0f} per token, {r['registers']} registers; "
-              + ", ".join(f"{k} {v}" for k, v in r["top"]))
+    for warps in args.warps:
+        for filters in (False, True):
+            r = count(args.arch, args.inputs, args.block, filters, args.vocab,
+                      args.dump and str(Path(args.dump) / f"stage1_filters-{filters}.sass"), warps)
+            print(f"stage 1 sm_{r['arch']} inputs={r['inputs']} V={r['vocab']} block={r['block']} "
+                  f"filters={r['filters']} warps={r['warps']}: {r['instructions']} instructions, "
+                  f"{r['per_token']:.0f} per token, {r['registers']} registers; "
+                  + ", ".join(f"{k} {v}" for k, v in r["top"]))
     return 0
 
 

@@ -211,3 +211,36 @@ def test_launch_keys_stand_for_one_specialisation_each(tmp_path):
     """, tmp_path)
     assert "keys: 16 7 4 3 2 6" in out, out
     assert "keyed launches as Triton's: True 38" in out, out
+
+
+def test_stage1_warps_setting_reaches_the_compiled_kernel_of_a_keyed_launch(tmp_path):
+    """``STAGE1_WARPS_WIDE`` (the warps of a stage-1 program over a slice of 4,096 tokens, which
+    benchmarks/tune_stage1.py varies on a GPU) is part of the launch key: a call after it changed gets a kernel
+    compiled with the new count, not the one an equal call got before (checked against the binder too)."""
+    out = _run("""
+        from ivg_kernels._triton import sampling_kernels as sk
+
+        v = 4096
+        x = [torch.zeros(2, v, dtype=torch.bfloat16) for _ in range(3)]
+
+        def sample():  # slices of 4,096 (the launcher's own choice at this N would be narrower)
+            return sk.launch_guided_sample(x[0], x[1:], [1.0, -1.0], None, None, 0.7, None, 0, None, 1.0, None, 0.0,
+                                           None, 1, None, 3, v, False, 4096)
+
+        own, warps = sk.STAGE1_WARPS_WIDE, []
+        with co.offline_target(90, []) as compiled:
+            for check in (True, False):
+                launch.CHECK_KEYS = check
+                try:
+                    for w in (8, 4, 8):
+                        sk.STAGE1_WARPS_WIDE = w
+                        sample()
+                        stage1 = launch.direct(sk._stage1_kernel)
+                        warps.append(next(k for (dev, key), (k, names) in stage1.by_key.items()
+                                          if key[3] == w).metadata.num_warps)
+                finally:
+                    launch.CHECK_KEYS = False
+                    sk.STAGE1_WARPS_WIDE = own
+        print("stage-1 warps:", warps, "default:", own)
+    """, tmp_path)
+    assert "stage-1 warps: [8, 4, 8, 8, 4, 8] default: 8" in out, out

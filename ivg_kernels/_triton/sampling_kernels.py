@@ -789,6 +789,12 @@ def pick_block(n: int, v: int) -> int:
 
 
 MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate keys
+# Warps of a stage-1 program over a slice of MAX_BLOCK tokens (narrower slices: 4). With 8, each thread holds 16
+# tokens; with 4, 32, and the slice's reductions (each input's max and sum-exp, the granules') cost each token half
+# as much: `benchmarks/sass_count.py --warps` reads 82 -> 72 instructions per token without filters and 128 -> 116
+# with (sm_90, 3 bf16 inputs), at 99 and 128 registers instead of 61 and 59, so fewer programs fit an SM at once.
+# Which is faster is a GPU measurement (`benchmarks/tune_stage1.py`, owed); 8 is what every GPU row so far ran.
+STAGE1_WARPS_WIDE = 8
 
 
 def slice_width(block: int, v: int) -> int:
@@ -899,11 +905,12 @@ def launch_guided_sample(
 
     w_ten = weight_rows is not None
     # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and
-    # options (from nin, the parameters' kinds, filters, block), the integers' values or classes, the
-    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
-    # an absent weight or row-parameter tensor: None).
-    key = (n, v, block, filters, strides, w_stride, tensor_key(*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr,
-                                                              of_ptr),
+    # options (from nin, the parameters' kinds, filters, block, stage 1's warps), the integers' values or
+    # classes, the pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations:
+    # aligned; an absent weight or row-parameter tensor: None).
+    warps1 = STAGE1_WARPS_WIDE if block >= MAX_BLOCK else 4
+    key = (n, v, block, warps1, filters, strides, w_stride,
+           tensor_key(*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr),
            type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val),
            int_class(pool))
     direct(_stage1_kernel).key(key)[(n * s,)](
@@ -911,7 +918,7 @@ def launch_guided_sample(
         ws, *offsets,
         v, s, ng,
         NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten,
-        FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False,
+        FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=warps1, enable_fp_fusion=False,
     )
     direct(_stage2_kernel).key(key)[(n,)](
         inputs, strides, w_vals, w_ptr, w_stride,

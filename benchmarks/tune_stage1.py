@@ -1,0 +1,84 @@
+"""Stage 1 of the Triton sampler with 8 or 4 warps per slice of 4,096 tokens, side by side (GPU).
+
+    python benchmarks/tune_stage1.py [--n 64 256] [--v 151936] [--warps 8 4] [--configs imdb alpaca top-p-0.9]
+
+``ivg_kernels._triton.sampling_kernels.STAGE1_WARPS_WIDE`` sets the warps of a stage-1 program over a slice of
+4,096 tokens (N >= 8 at V=151936). With 8 each thread holds 16 tokens; with 4, 32, so the slice's reductions cost
+each token half as much (``benchmarks/sass_count.py --warps``: 82 -> 72 instructions per token without filters,
+128 -> 116 with, on sm_90), but the program needs 99 to 128 registers instead of about 60, so fewer programs share
+an SM. Only the device can say which is faster: this times the whole sampler (both stages, CUDA-graph medians,
+peaked rows as ``bench_sampling.py`` makes them, 3 bf16 inputs) at each setting in one run, the settings taking
+turns, and prints each time with its share of the measured copy bandwidth (the bytes stage 1 must read). The
+tokens are the same at every setting (checked here, and by the interpreter tests: warps change no arithmetic).
+Nothing is recorded: the setting that wins becomes the default, and ``bench_sampling.py --record`` then measures it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_sampling import CONFIGS, make_rows  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="*", default=[64, 256])
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--warps", type=int, nargs="*", default=[8, 4])
+    ap.add_argument("--configs", nargs="*", default=["imdb", "alpaca", "top-p-0.9"], choices=sorted(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=3, help="times each setting is timed, taking turns (median)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_stage1: needs a CUDA device (the interpreter times nothing)", file=sys.stderr)
+        return 2
+    import ivg_kernels
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    dev = torch.device("cuda")
+    copy = harness.copy_bandwidth_gbps(dev)
+    print(f"# tune_stage1 on {harness.device_name(dev)}, commit {harness.commit()}: peaked rows, V={args.v}, "
+          f"3 bf16 inputs; copy {copy:.0f} GB/s; CUDA-graph medians of {args.rounds} rounds")
+    print(f"{'config':<11} {'N':>4} {'slice':>6} " + " ".join(f"{f'{w} warps us':>12} {'copy':>5}" for w in args.warps))
+    own = sk.STAGE1_WARPS_WIDE
+    try:
+        for n in args.n:
+            rows = make_rows("peaked", n, args.v, dev, torch.Generator(device=dev).manual_seed(n * args.v))
+            block = sk.slice_width(sk.pick_block(n, args.v), args.v)
+            seed, offset = torch.arange(n, device=dev), torch.zeros(n, dtype=torch.int64, device=dev)
+            for name in args.configs:
+                cfg = CONFIGS[name]
+
+                def call(rows=rows, seed=seed, offset=offset, cfg=cfg):
+                    return ivg_kernels.guided_sample(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], seed=seed,
+                                                     offset=offset, backend="triton", **cfg)
+
+                times, tokens = {w: [] for w in args.warps}, {}
+                for _ in range(args.rounds):
+                    for w in args.warps:
+                        sk.STAGE1_WARPS_WIDE = w
+                        tokens[w] = call().tokens
+                        times[w].append(harness.time_us(call, dev, graph=True))
+                first = tokens[args.warps[0]]
+                same = all(torch.equal(first, t) for t in tokens.values())
+                bytes_read = 3 * n * args.v * 2
+                cells = []
+                for w in args.warps:
+                    us = sorted(times[w])[len(times[w]) // 2]
+                    cells.append(f"{us:>12.1f} {100 * bytes_read / (us * 1e-6) / (copy * 1e9):>4.0f}%")
+                print(f"{name:<11} {n:>4} {block:>6} " + " ".join(cells) + ("" if same else "  TOKENS DIFFER"),
+                      flush=True)
+                if not same:
+                    return 1
+    finally:
+        sk.STAGE1_WARPS_WIDE = own
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
