@@ -270,11 +270,11 @@ def _top_keys(keys, C: tl.constexpr):
     ``m`` wrap past every key below it), so each extraction is a subtraction and an unsigned min per key
     (a bitonic ``tl.topk`` cost about 125 more instructions per token)."""
     j = tl.arange(0, C)
-    m = tl.max(tl.max(keys, 1), 0)
+    m = tl.max(keys)
     top = tl.where(j == 0, m, 0)
     for i in tl.static_range(1, C):
         d = ((m - 1) - keys).to(tl.uint32, bitcast=True)
-        m = (m - 1) - tl.min(tl.min(d, 1), 0).to(tl.int32, bitcast=True)
+        m = (m - 1) - tl.min(d).to(tl.int32, bitcast=True)
         top = tl.where(j == i, m, top)
     return top
 
@@ -311,10 +311,10 @@ def _stage1_kernel(
     z = tl.zeros([NGB, GR], tl.float32)
     for i in tl.static_range(NIN):
         v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        m = tl.reduce(tl.reduce(v, 1, _max_nan), 0, _max_nan)
+        m = tl.reduce(v, None, _max_nan)
         m_safe = tl.where(m == NEG_INF, 0.0, m)
         tl.store(part_f + part * WF + i, m)
-        tl.store(part_f + part * WF + NIN + i, tl.sum(tl.sum(tl.math.exp2(tl.fma(v, LOG2E, -m_safe * LOG2E)), 1), 0))
+        tl.store(part_f + part * WF + NIN + i, tl.sum(tl.math.exp2(tl.fma(v, LOG2E, -m_safe * LOG2E))))
         if i == 0:
             z = v
         else:
@@ -332,7 +332,7 @@ def _stage1_kernel(
         mass = _mass_int(x - a[:, None])  # a granule of -inf gives NaN here, and mass_int(NaN) = 0
         tl.store(part_m + row * NG + g_idx, tl.sum(mass, 1), mask=g_mask)
     else:
-        tl.store(part_i + part * 2, tl.min(tl.min(tl.where(x == amax, cols, INT32_MAX), 1), 0))
+        tl.store(part_i + part * 2, tl.min(tl.where(x == amax, cols, INT32_MAX)))
 
     if FILTER:
         if pid == 0:
@@ -791,8 +791,8 @@ def pick_block(n: int, v: int) -> int:
 MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate keys
 # Warps of a stage-1 program over a slice of MAX_BLOCK tokens (narrower slices: 4). With 8, each thread holds 16
 # tokens; with 4, 32, and the slice's reductions (each input's max and sum-exp, the granules') cost each token half
-# as much: `benchmarks/sass_count.py --warps` reads 82 -> 72 instructions per token without filters and 128 -> 116
-# with (sm_90, 3 bf16 inputs), at 99 and 128 registers instead of 61 and 59, so fewer programs fit an SM at once.
+# as much: `benchmarks/sass_count.py --warps 8 4` reads 78 -> 66 instructions per token without filters and 124 -> 105
+# with (sm_90, 3 bf16 inputs), at 104 registers instead of 58 and 60, so fewer programs fit an SM at once.
 # Which is faster is a GPU measurement (`benchmarks/tune_stage1.py`, owed); 8 is what every GPU row so far ran.
 STAGE1_WARPS_WIDE = 8
 
