@@ -13,7 +13,7 @@ PY="${PYTHON:-python3}"
 src=$("$PY" -c 'import sys; sys.path.insert(0, "python")
 from ivg.demo.build import build, cache_root
 build(progress=False)
-print(cache_root())')
+print(cache_root())' | tail -n 1)
 rm -rf .whl/ivg-demo && mkdir -p .whl/ivg-demo
 for d in "$src"/demo-*/; do
     [ -f "$d/DONE" ] && cp -r "$d" .whl/ivg-demo/

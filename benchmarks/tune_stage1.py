@@ -4,9 +4,9 @@
 
 ``ivg_kernels._triton.sampling_kernels.STAGE1_WARPS_WIDE`` sets the warps of a stage-1 program over a slice of
 4,096 tokens (N >= 8 at V=151936). With 8 each thread holds 16 tokens; with 4, 32, so the slice's reductions cost
-each token half as much (``benchmarks/sass_count.py --warps``: 82 -> 72 instructions per token without filters,
-128 -> 116 with, on sm_90), but the program needs 99 to 128 registers instead of about 60, so fewer programs share
-an SM. Only the device can say which is faster: this times the whole sampler (both stages, CUDA-graph medians,
+each token half as much (``benchmarks/sass_count.py --warps 8 4``: 78 -> 66 instructions per token without
+filters, 124 -> 105 with, on sm_90), but the program needs 104 registers instead of about 60, so fewer programs
+share an SM. Only the device can say which is faster: this times the whole sampler (both stages, CUDA-graph medians,
 peaked rows as ``bench_sampling.py`` makes them, 3 bf16 inputs) at each setting in one run, the settings taking
 turns, and prints each time with its share of the measured copy bandwidth (the bytes stage 1 must read). The
 tokens are the same at every setting (checked here, and by the interpreter tests: warps change no arithmetic).
