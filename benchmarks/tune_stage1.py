@@ -15,6 +15,7 @@ Nothing is recorded: the setting that wins becomes the default, and ``bench_samp
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                 bytes_read = 3 * n * args.v * 2
                 cells = []
                 for w in args.warps:
-                    us = sorted(times[w])[len(times[w]) // 2]
+                    us = statistics.median(times[w])
                     cells.append(f"{us:>12.1f} {100 * bytes_read / (us * 1e-6) / (copy * 1e9):>4.0f}%")
                 print(f"{name:<11} {n:>4} {block:>6} " + " ".join(cells) + ("" if same else "  TOKENS DIFFER"),
                       flush=True)

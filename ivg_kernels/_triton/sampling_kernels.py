@@ -23,10 +23,10 @@ integer key over the candidates (top-p against the granules' total from stage 1,
 top-k set's mass), proves the kept set lies in the candidates (every threshold above every slice's
 bound) or falls back: each threshold lies between the candidates' own and the cut (a top-p threshold
 without top-k also above a bound from the row's total mass, for rows whose candidates cannot reach the
-target: ``_nucleus_floor``), so one pass counts the row's tokens with keys in that range, a second copies them into a pool the call's rows share, and
-the thresholds (8 pivots per pass over the pool: the range narrows 9-fold) and the draw run over the
-pool and the candidates above the cut; a row whose range does not fit takes the same narrowing in
-passes over its full row. Then it draws by Gumbel-max among the kept tokens and gathers the per-input
+target: ``_nucleus_floor``), so one pass counts the row's tokens with keys in that range, a second copies
+them into a pool the call's rows share, and the thresholds (8 pivots per pass over the pool: the range
+narrows 9-fold) and the draw run over the pool and the candidates above the cut; a row whose range does
+not fit takes the same narrowing in passes over its full row. Then it draws by Gumbel-max among the kept tokens and gathers the per-input
 values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
