@@ -26,8 +26,8 @@ without top-k also above a bound from the row's total mass, for rows whose candi
 target: ``_nucleus_floor``), so one pass counts the row's tokens with keys in that range, a second copies
 them into a pool the call's rows share, and the thresholds (8 pivots per pass over the pool: the range
 narrows 9-fold) and the draw run over the pool and the candidates above the cut; a row whose range does
-not fit takes the same narrowing in passes over its full row. Then it draws by Gumbel-max among the kept tokens and gathers the per-input
-values at the token.
+not fit takes the same narrowing in passes over its full row. Then it draws by Gumbel-max among the kept
+tokens and gathers the per-input values at the token.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
