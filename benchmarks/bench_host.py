@@ -112,11 +112,21 @@ def main(argv=None) -> int:
     print(f"empty torch op (CPU): {empty:.1f} us per call")
     rows.append(dict(date=stamp, commit=rev, device=device, benchmark="host-eager", provider="empty-torch-op",
                      shape="torch.empty(1).add_(1)", dtype="float32", median_us=f"{empty:.1f}", speedup="1.00"))
+    from ivg_kernels import _eager_sample
+
     for bench, shape, fn, modules in cases():
         launches = []
         with co.offline_target(90, launches), _public_calls_on_cpu():
             fn()  # compile (or load from Triton's cache)
             direct = _per_call_us(fn, launches)
+            measured = [("direct-launch", direct)]
+            if bench == "guided_sample":  # the same calls, every one checked and planned (no memoised signature)
+                _eager_sample.ENABLED = False
+                try:
+                    checked = _per_call_us(fn, launches)
+                finally:
+                    _eager_sample.ENABLED = True
+                measured.append(("checked-direct-launch", checked))
             for m in modules:
                 m.direct = co.via_triton
             try:
@@ -125,9 +135,11 @@ def main(argv=None) -> int:
             finally:
                 for m in modules:
                     m.direct = launch.direct
-        print(f"{bench:<24} {shape:<60} direct {direct:6.1f} us, kernel[grid] {triton_path:6.1f} us "
+            measured.append(("triton-kernel[grid]", triton_path))
+        also = f", every call checked {checked:6.1f} us" if bench == "guided_sample" else ""
+        print(f"{bench:<24} {shape:<60} direct {direct:6.1f} us{also}, kernel[grid] {triton_path:6.1f} us "
               f"({triton_path / direct:.2f}x), {direct / empty:.1f}x an empty torch op")
-        for provider, us in (("direct-launch", direct), ("triton-kernel[grid]", triton_path)):
+        for provider, us in measured:
             rows.append(dict(date=stamp, commit=rev, device=device, benchmark=f"host-eager-{bench}", provider=provider,
                              shape=shape, dtype="bfloat16", median_us=f"{us:.1f}", speedup=f"{triton_path / us:.2f}"))
     if args.record:

@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from . import _eager_sample as _eager
 from ._args import SampleArgs, prepare_sample_args
 from ._backend import resolve_backend
 from ._types import SampleOutput
@@ -71,11 +72,20 @@ def guided_sample(
     ValueError
         On a wrong shape, dtype, device or out-of-range scalar, naming the argument.
     """
+    sig = _eager.signature(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size, backend)
+    if sig is not None:  # a call of a kind already checked and launched: launch at once (ivg_kernels/_eager_sample.py)
+        out = _eager.call(sig, logits, guides, temperature, top_k, top_p, min_p, seed, offset)
+        if out is not None:
+            return SampleOutput(*out)
     a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
     which = resolve_backend(backend, a.logits, triton_dtypes=TRITON_DTYPES, op="guided_sample")
     if which == "reference":
         return _guided_sample_ref(a)
-    return _guided_sample_triton(a)
+    if sig is None:
+        return _guided_sample_triton(a)
+    run, args = _sampling_kernels().bind_guided_sample(*_launcher_args(a))
+    _eager.remember(sig, run, args, (temperature, top_k, top_p, min_p, seed, offset))
+    return SampleOutput(*run(*args))
 
 
 @functools.cache
@@ -104,15 +114,19 @@ def _kernel_args(a: SampleArgs):
     return weight_rows, weight_scalars, params
 
 
+def _launcher_args(a: SampleArgs, block: int = 0) -> tuple:
+    """The Triton launcher's (and its op's) arguments for checked arguments ``a``."""
+    weight_rows, weight_scalars, params = _kernel_args(a)
+    return (a.logits, a.guides, weight_scalars, weight_rows, *params, a.vocab_size, a.any_filter_possible, block)
+
+
 def _guided_sample_triton(a: SampleArgs, block: int = 0) -> SampleOutput:
     """Eager calls launch the kernels directly (two launches, no op dispatch); under torch.compile
     the call goes through the registered op, which the compiler keeps as one opaque node."""
-    weight_rows, weight_scalars, params = _kernel_args(a)
     if torch.compiler.is_compiling():
         from ._triton import sampling_kernels  # noqa: F401 - registers the op
 
         launch = torch.ops.ivg_kernels.guided_sample
     else:
         launch = _sampling_kernels().launch_guided_sample
-    out = launch(a.logits, a.guides, weight_scalars, weight_rows, *params, a.vocab_size, a.any_filter_possible, block)
-    return SampleOutput(*out)
+    return SampleOutput(*launch(*_launcher_args(a, block)))

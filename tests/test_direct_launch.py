@@ -244,3 +244,44 @@ def test_stage1_warps_setting_reaches_the_compiled_kernel_of_a_keyed_launch(tmp_
         print("stage-1 warps:", warps, "default:", own)
     """, tmp_path)
     assert "stage-1 warps: [8, 4, 8, 8, 4, 8] default: 8" in out, out
+
+
+def test_memoised_public_calls_launch_as_triton_would(tmp_path):
+    """``ivg_kernels.guided_sample`` called again with arguments of the same kind skips the checks and launches the
+    kept compiled kernels (ivg_kernels/_eager_sample.py, SampleLaunch.bound): the grids and arguments equal those of
+    Triton's own ``kernel[grid]`` for the same call, for scalar and tensor row parameters, with and without
+    filters; and the calls after the first were not checked again."""
+    out = _run("""
+        import os
+        import ivg_kernels
+        from ivg_kernels import sampling, _eager_sample
+        from ivg_kernels._triton import sampling_kernels  # noqa: F401 - its kernels decorated as compiled ones
+
+        v = 4096
+        x = [torch.zeros(4, v, dtype=torch.bfloat16) for _ in range(3)]
+        temps = torch.full((4,), 0.7)
+        KNOWN.update(t.data_ptr() for t in [*x, temps])
+        checks, real = [], sampling.prepare_sample_args
+        sampling.prepare_sample_args = lambda *a: checks.append(1) or real(*a)
+
+        def call(offset, **kw):
+            return lambda: ivg_kernels.guided_sample(x[0], [(x[1], 1.0), (x[2], -1.0)], seed=3, offset=offset,
+                                                     backend="triton", **kw)
+
+        for name, kw in (("plain", dict(temperature=0.7)), ("filters", dict(temperature=0.7, top_k=50, top_p=0.9)),
+                         ("tensor", dict(temperature=temps, min_p=0.1))):
+            launches = []
+            del checks[:]
+            with co.offline_target(90, launches):
+                # the public function takes CPU tensors on the Triton path only so; its kernels, decorated at import
+                # without it, stay compiled ones
+                os.environ["TRITON_INTERPRET"] = "1"
+                for offset in (2, 3, 5):  # one signature; the first call compiles and is checked
+                    call(offset, **kw)()
+                memoised = norm(launches[-2:])
+                via_triton = triton_launches(call(5, **kw), launches)
+                del os.environ["TRITON_INTERPRET"]
+            print(name, "same:", memoised == via_triton, "checks:", len(checks))
+    """, tmp_path)
+    for name in ("plain", "filters", "tensor"):
+        assert f"{name} same: True checks: 1" in out, out

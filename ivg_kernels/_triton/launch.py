@@ -51,7 +51,7 @@ class DirectLaunch:
         return _Keyed(self, key) if isinstance(self.fn, JITFunction) else self.fn  # the interpreter's: fn[grid]
 
     def run(self, grid, args, kwargs, key=None):
-        device = driver.active.get_current_device()
+        device = current_device()
         hit = self.by_key.get((device, key)) if key is not None else None
         if hit is not None and not CHECK_KEYS:
             kernel, names = hit
@@ -84,6 +84,11 @@ class DirectLaunch:
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter,
                    knobs.runtime.launch_exit_hook, *values)
         return kernel
+
+
+def current_device():
+    """The device Triton launches on (the current CUDA device)."""
+    return driver.active.get_current_device()
 
 
 class _Keyed:

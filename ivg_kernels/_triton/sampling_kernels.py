@@ -42,10 +42,12 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from . import launch
+from .launch import DirectLaunch, cdiv, current_device, direct, int_class, next_power_of_2, packed, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -842,6 +844,109 @@ def _param(t, scalar, dtype):
     return None, scalar, False
 
 
+class SampleLaunch:
+    """Everything of a launch of the two stages that its launch key decides (slices, workspace layout, grids,
+    constexprs, warps), made once per key (:func:`sample_launch`) and then called with a call's tensors and
+    values. Holds no tensor: a call's inputs live only as long as the call."""
+
+    __slots__ = ("key", "n", "nin", "strides", "w_stride", "offsets", "size", "grid1", "grid2", "rest1", "rest2",
+                 "const1", "const2", "bound", "settings")
+
+    def __init__(self, key, n, v, nin, block, filters, strides, w_stride, kinds):
+        w_ten, t_ten, k_ten, p_ten, m_ten, sd_ten, of_ten = kinds
+        block, gr, c, s, ng, pool, offsets, size = _plan(n, v, block, nin, filters)
+        self.key, self.n, self.nin, self.strides, self.w_stride = key, n, nin, strides, w_stride
+        self.bound = {}  # device -> (stage 1's compiled kernel, its constexprs, stage 2's, its constexprs)
+        self.settings = _settings()
+        self.offsets, self.size = offsets, size
+        self.grid1, self.grid2 = (n * s,), (n,)
+        self.rest1 = (*offsets, v, s, ng)  # stage 1's arguments after the workspace
+        self.rest2 = (*offsets, pool)  # stage 2's after the workspace, before the outputs
+        warps1 = STAGE1_WARPS_WIDE if block >= MAX_BLOCK else 4
+        self.const1 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
+                           num_warps=warps1, enable_fp_fusion=False)
+        self.const2 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten, MP_TENSOR=m_ten,
+                           SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
+                           S_PAD=next_power_of_2(s), G_PAD=next_power_of_2(ng),
+                           num_warps=_STAGE2_WARPS_FILTER if filters else 4, enable_fp_fusion=False)
+
+    def current(self) -> bool:
+        """Whether the module's settings this launch was planned with (pool size, stage 1's warps) still hold."""
+        return self.settings == _settings()
+
+    def __call__(self, inputs, w_vals, w_ptr, t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, m_ptr, m_val,
+                 sd_ptr, sd_val, of_ptr, of_val):
+        """Allocate the outputs and the scratch, launch both stages; absent tensors are passed as ``inputs[0]``
+        (never read). Returns the six outputs of :func:`launch_guided_sample`."""
+        n, nin, dev = self.n, self.nin, inputs[0].device
+        f32 = torch.float32
+        ws = torch.empty((self.size,), dtype=torch.uint8, device=dev)  # the stages' scratch, one allocation
+        tokens = torch.empty((n,), dtype=torch.int64, device=dev)
+        logprob = torch.empty((n,), dtype=f32, device=dev)
+        lse = torch.empty((n, nin), dtype=f32, device=dev)
+        in_logprobs = torch.empty((n, nin), dtype=f32, device=dev)
+        in_logits = torch.empty((n, nin), dtype=f32, device=dev)
+        ok = torch.empty((n,), dtype=torch.bool, device=dev)
+        if n == 0:
+            return tokens, logprob, lse, in_logprobs, in_logits, ok
+        strides, w_stride = self.strides, self.w_stride
+        args1 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, ws, *self.rest1)
+        args2 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, m_ptr, m_val,
+                 sd_ptr, sd_val, of_ptr, of_val, ws, *self.rest2, tokens, logprob, lse, in_logprobs, in_logits, ok,
+                 *self.rest1[-3:])
+        compiled = isinstance(_stage1_kernel, JITFunction)  # (the interpreter's kernels are called as they are)
+        device = current_device() if compiled else None
+        bound = self.bound.get(device)
+        # this key's kernels, as DirectLaunch.key's hit launches them (unless a test or benchmark swapped ``direct``
+        # for Triton's own path, or checks every keyed launch against Triton's binder)
+        if bound is not None and direct is launch.direct and not launch.CHECK_KEYS:
+            k1, tail1, k2, tail2 = bound
+            DirectLaunch._launch(k1, self.grid1, device, args1 + tail1)
+            DirectLaunch._launch(k2, self.grid2, device, args2 + tail2)
+            return tokens, logprob, lse, in_logprobs, in_logits, ok
+        direct(_stage1_kernel).key(self.key)[self.grid1](*args1, **self.const1)
+        direct(_stage2_kernel).key(self.key)[self.grid2](*args2, **self.const2)
+        if compiled and direct is launch.direct:
+            self._bind(device)
+        return tokens, logprob, lse, in_logprobs, in_logits, ok
+
+    def _bind(self, device) -> None:
+        """Keep the compiled kernels this key launched on ``device`` and their constexpr arguments in the order the
+        launcher takes them."""
+        hits = [launch.direct(k).by_key.get((device, self.key)) for k in (_stage1_kernel, _stage2_kernel)]
+        if None not in hits:
+            (k1, names1), (k2, names2) = hits
+            self.bound[device] = (k1, tuple(self.const1[n] for n in names1), k2, tuple(self.const2[n] for n in names2))
+
+
+_LAUNCHES: dict = {}  # launch key -> SampleLaunch
+
+
+def _settings() -> tuple:
+    """The module-level settings a launch's plan reads (tests and tune_stage1.py change them)."""
+    return POOL_PER_ROW, POOL_MAX, STAGE1_WARPS_WIDE
+
+
+def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, k_val, p_val, m_val, sd_val,
+                  of_val) -> SampleLaunch:
+    """The :class:`SampleLaunch` of a call: ``tensors`` are the inputs, then the weight rows and the six row
+    parameters' tensors (None where absent: a scalar); the values are the scalars' (0 for a tensor's)."""
+    # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and options
+    # (from nin, the parameters' kinds, filters, block, stage 1's warps), the integers' values or classes, the
+    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned; an
+    # absent weight or row-parameter tensor: None).
+    key = (n, v, block, STAGE1_WARPS_WIDE, _plan(n, v, block, nin, filters), filters, strides, w_stride,
+           tensor_key(*tensors), type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val),
+           int_class(of_val))
+    made = _LAUNCHES.get(key)
+    if made is None or not made.current():
+        if len(_LAUNCHES) >= 4096:  # (a bound: a process that samples at ever new shapes)
+            _LAUNCHES.clear()
+        kinds = tuple(t is not None for t in tensors[nin:])
+        made = _LAUNCHES[key] = SampleLaunch(key, n, v, nin, block, filters, strides, w_stride, kinds)
+    return made
+
+
 def launch_guided_sample(
     logits: torch.Tensor,
     guides: list[torch.Tensor],
@@ -873,66 +978,35 @@ def launch_guided_sample(
     path would cost about a millisecond per eager call and keep every call's arguments alive in
     its side table. Eager calls come here without the op's dispatch (``sampling.py``).
     """
-    n, dev = logits.shape[0], logits.device
+    run, args = bind_guided_sample(logits, guides, weight_scalars, weight_rows, temperature, temperature_s, top_k,
+                                   top_k_s, top_p, top_p_s, min_p, min_p_s, seed, seed_s, offset, offset_s, vocab_size,
+                                   filters, block)
+    return run(*args)
+
+
+def bind_guided_sample(logits, guides, weight_scalars, weight_rows, temperature, temperature_s, top_k, top_k_s, top_p,
+                       top_p_s, min_p, min_p_s, seed, seed_s, offset, offset_s, vocab_size, filters, block):
+    """``(SampleLaunch, its call's arguments)`` for :func:`launch_guided_sample`'s arguments."""
     inputs = (logits, *guides)
     nin = len(inputs)
     strides = tuple(x.stride(0) for x in inputs)
-    v = vocab_size
-    block, gr, c, s, ng, pool, offsets, size = _plan(n, v, block, nin, filters)
     w_vals = (*map(float, weight_scalars), *([0.0] * (6 - len(weight_scalars))))  # fp32 arguments
-    dummy = logits
-    w_ptr, w_stride = (weight_rows, weight_rows.stride(0)) if weight_rows is not None else (dummy, 0)
-    t_ptr, t_val, t_ten = _param(temperature, temperature_s, torch.float32)
-    k_ptr, k_val, k_ten = _param(top_k, top_k_s, torch.int64)
-    p_ptr, p_val, p_ten = _param(top_p, top_p_s, torch.float32)
-    m_ptr, m_val, m_ten = _param(min_p, min_p_s, torch.float32)
-    sd_ptr, sd_val, sd_ten = _param(seed, seed_s, torch.int64)
-    of_ptr, of_val, of_ten = _param(offset, offset_s, torch.int64)
-
-    ws = torch.empty((size,), dtype=torch.uint8, device=dev)  # the stages' scratch, one allocation
-    f32 = torch.float32
-    tokens = torch.empty((n,), dtype=torch.int64, device=dev)
-    logprob = torch.empty((n,), dtype=f32, device=dev)
-    lse = torch.empty((n, nin), dtype=f32, device=dev)
-    in_logprobs = torch.empty((n, nin), dtype=f32, device=dev)
-    in_logits = torch.empty((n, nin), dtype=f32, device=dev)
-    ok = torch.empty((n,), dtype=torch.bool, device=dev)
-    if n == 0:
-        return tokens, logprob, lse, in_logprobs, in_logits, ok
+    w_stride = weight_rows.stride(0) if weight_rows is not None else 0
+    t_ptr, t_val, _ = _param(temperature, temperature_s, torch.float32)
+    k_ptr, k_val, _ = _param(top_k, top_k_s, torch.int64)
+    p_ptr, p_val, _ = _param(top_p, top_p_s, torch.float32)
+    m_ptr, m_val, _ = _param(min_p, min_p_s, torch.float32)
+    sd_ptr, sd_val, _ = _param(seed, seed_s, torch.int64)
+    of_ptr, of_val, _ = _param(offset, offset_s, torch.int64)
+    run = sample_launch(logits.shape[0], vocab_size, block, nin, filters, strides, w_stride,
+                        (*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr),
+                        t_val, k_val, p_val, m_val, sd_val, of_val)
 
     def ptr(x):
-        return dummy if x is None else x
+        return logits if x is None else x
 
-    w_ten = weight_rows is not None
-    # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and
-    # options (from nin, the parameters' kinds, filters, block, stage 1's warps), the integers' values or
-    # classes, the pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations:
-    # aligned; an absent weight or row-parameter tensor: None).
-    warps1 = STAGE1_WARPS_WIDE if block >= MAX_BLOCK else 4
-    key = (n, v, block, warps1, filters, strides, w_stride,
-           tensor_key(*inputs, weight_rows, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr),
-           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val),
-           int_class(pool))
-    direct(_stage1_kernel).key(key)[(n * s,)](
-        inputs, strides, w_vals, w_ptr, w_stride, ptr(t_ptr), t_val,
-        ws, *offsets,
-        v, s, ng,
-        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten,
-        FILTER=filters, C=c, BLOCK=block, GR=gr, num_warps=warps1, enable_fp_fusion=False,
-    )
-    direct(_stage2_kernel).key(key)[(n,)](
-        inputs, strides, w_vals, w_ptr, w_stride,
-        ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val, ptr(m_ptr), m_val,
-        ptr(sd_ptr), sd_val, ptr(of_ptr), of_val,
-        ws, *offsets, pool,
-        tokens, logprob, lse, in_logprobs, in_logits, ok,
-        v, s, ng,
-        NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten,
-        MP_TENSOR=m_ten, SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten,
-        FILTER=filters, C=c, BLOCK=block, GR=gr, S_PAD=next_power_of_2(s),
-        G_PAD=next_power_of_2(ng), num_warps=_STAGE2_WARPS_FILTER if filters else 4, enable_fp_fusion=False,
-    )
-    return tokens, logprob, lse, in_logprobs, in_logits, ok
+    return run, (inputs, w_vals, ptr(weight_rows), ptr(t_ptr), t_val, ptr(k_ptr), k_val, ptr(p_ptr), p_val,
+                 ptr(m_ptr), m_val, ptr(sd_ptr), sd_val, ptr(of_ptr), of_val)
 
 
 # An opaque custom op for torch.compile(fullgraph=True): one node with the fake below (inductor cannot
