@@ -13,6 +13,7 @@ import numbers
 
 import torch
 
+from . import _eager
 from ._backend import resolve_backend
 from .reference import attention as ref
 
@@ -192,6 +193,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     -------
     ``[N, num_heads, head_dim]`` in q's dtype
     """
+    sig = _decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, num_splits, backend,
+                            plan, softcap, sinks)
+    known = DECODE_CALLS.get(sig)
+    if known is not None:  # a kind of call already checked and launched (ivg_kernels/_eager.py)
+        return known(q, k_cache, v_cache, block_table, seq_lens, sinks)
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
     _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
@@ -203,8 +209,32 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
     which = attention_backend(backend, q)
     if which == "reference" and q.device.type == "cpu":  # (on a GPU: trusted, no device read)
         _check_table_values(block_table, seq_lens, k_cache)
+    if which == "triton" and sig is not None:
+        known = _triton_kernels().decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale,
+                                                int(sliding_window or 0), int(num_splits), softcap, sinks)
+        DECODE_CALLS.put(sig, known)
+        return known(q, k_cache, v_cache, block_table, seq_lens, sinks)
     return run_decode(which, q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, int(num_splits),
                       plan=plan, softcap=softcap, sinks=sinks)
+
+
+DECODE_CALLS = _eager.Calls()  # paged_decode_attention's signatures -> their DecodeLaunch
+
+
+def _decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, num_splits, backend, plan,
+                      softcap, sinks):
+    """What :func:`paged_decode_attention`'s checks, backend choice and launch plan read of a call
+    (:mod:`ivg_kernels._eager`), or None for a call that always takes the full path (a plan, arguments of other
+    kinds, a ``torch.compile`` trace)."""
+    if (not DECODE_CALLS.enabled or plan is not None or type(q) is not torch.Tensor or type(backend) is not str
+            or _eager.compiling()):
+        return None
+    num = _eager.number
+    sig = (backend, _eager.environment(backend, q.device), _eager.tensor(q), _eager.tensor(k_cache),
+           _eager.tensor(v_cache), _eager.tensor(block_table), _eager.tensor(seq_lens), _eager.optional_tensor(sinks),
+           num(scale, float, int), num(sliding_window, int, type(None)), num(num_splits, int),
+           num(softcap, float, int, type(None)))
+    return None if None in sig else sig
 
 
 def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, *,

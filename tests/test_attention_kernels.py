@@ -255,19 +255,14 @@ def test_decode_tiles_of_64_keys_match_reference(case, dtype, monkeypatch):
     from ivg_kernels._triton import attention_kernels as ak
 
     monkeypatch.setattr(ak, "_LONG_KEYS", 0)
-    ak._decode_plan.cache_clear()
-    try:
-        lens, h, h_kv, d, bs, window, splits = case
-        bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=len(lens) + 3)
-        q = torch.randn(len(lens), h, d).to(dtype)
-        args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
-        assert ak._decode_plan(len(lens), h, d, h_kv, bs, args[3].shape[1], splits, False, False)[4]["BLOCK_N"] == 64
-        want = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, backend="reference")
-        got = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, num_splits=splits,
-                                     backend="triton")
-        torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
-    finally:
-        ak._decode_plan.cache_clear()
+    lens, h, h_kv, d, bs, window, splits = case
+    bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=len(lens) + 3)
+    q = torch.randn(len(lens), h, d).to(dtype)
+    args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
+    assert ak._decode_plan(len(lens), h, d, h_kv, bs, args[3].shape[1], splits, False, False)[4]["BLOCK_N"] == 64
+    want = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, backend="reference")
+    got = paged_decode_attention(*args, scale=d ** -0.5, sliding_window=window, num_splits=splits, backend="triton")
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
 
 
 PREFILL_CASES = [

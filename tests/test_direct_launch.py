@@ -285,3 +285,44 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
     """, tmp_path)
     for name in ("plain", "filters", "tensor"):
         assert f"{name} same: True checks: 1" in out, out
+
+
+def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
+    """``ivg_kernels.paged_decode_attention`` called again with arguments of the same kind skips the checks and
+    launches the kept compiled kernels (attention.DECODE_CALLS, DecodeLaunch.bound): the grids and arguments equal
+    those of Triton's own ``kernel[grid]`` for the same call, with one split and with the reduce kernel, with and
+    without sinks; and the calls after the first were not checked again."""
+    out = _run("""
+        import os
+        import ivg_kernels
+        from ivg_kernels import attention
+        from ivg_kernels._triton import attention_kernels  # noqa: F401 - its kernels decorated as compiled ones
+
+        kc = torch.zeros(64, 16, 2, 64, dtype=torch.bfloat16)
+        table, lens = torch.zeros(4, 4, dtype=torch.int32), torch.full((4,), 60, dtype=torch.int32)
+        sinks = torch.zeros(8)
+        KNOWN.update(t.data_ptr() for t in [kc, table, lens, sinks])
+        queries = []  # (kept: a freed query's memory could come back as an output, which norm() tells apart)
+        checks, real = [], attention._check_cache
+        attention._check_cache = lambda *a: checks.append(1) or real(*a)
+
+        for name, kw in (("one split", dict(num_splits=1)), ("splits", dict(num_splits=2)),
+                         ("sinks", dict(num_splits=2, sinks=sinks, softcap=5.0))):
+            launches = []
+            del checks[:]
+            with co.offline_target(90, launches):
+                os.environ["TRITON_INTERPRET"] = "1"  # (CPU tensors on the Triton path; the kernels stay compiled)
+                for i in range(3):  # one signature; the first call compiles and is checked
+                    q = torch.full((4, 8, 64), float(i), dtype=torch.bfloat16)
+                    queries.append(q)
+                    KNOWN.add(q.data_ptr())
+                    del launches[:]
+                    ivg_kernels.paged_decode_attention(q, kc, kc, table, lens, scale=0.125, backend="triton", **kw)
+                memoised = norm(launches)
+                via_triton = triton_launches(lambda: ivg_kernels.paged_decode_attention(
+                    q, kc, kc, table, lens, scale=0.125, backend="triton", **kw), launches)
+                del os.environ["TRITON_INTERPRET"]
+            print(name, "kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+    """, tmp_path)
+    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2)):
+        assert f"{name} kernels: {kernels} same: True checks: 1" in out, out

@@ -108,73 +108,69 @@ def test_paged_attention_on_random_configurations(monkeypatch):
 
     rng = random.Random(ATTENTION_SEED)
     long_keys = ak._LONG_KEYS
-    try:
-        for case in range(ATTENTION_CASES):
-            dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-            h_kv, group = rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 4])
-            h, d, bs = h_kv * group, rng.choice([8, 16, 24, 32, 64]), rng.choice([1, 2, 4, 8, 16, 32])
-            window = rng.choice([None, None, 1, 2, 5, 17, 64])
-            monkeypatch.setattr(ak, "_LONG_KEYS", rng.choice([long_keys, 0]))  # 0: 16-bit rows read 64-key tiles
-            ak._decode_plan.cache_clear()
-            kind, seed = rng.choice(["decode", "prefill", "shared"]), 1000 + case
-            scale = d ** -0.5 * rng.choice([1.0, 1.0, 8.0])  # x8: scores large enough for a cap of 1 to bite
-            softcap = rng.choice([None, None, 0.3, 1.0, 30.0])
-            sinks = torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 3 if rng.random() < 0.4 else None
-            extra = dict(softcap=softcap, sinks=None if sinks is None else sinks.to(DEVICE))
-            where = (f"case {case}: {kind} {dtype} h={h} h_kv={h_kv} d={d} bs={bs} window={window} scale={scale:.3g} "
-                     f"softcap={softcap} sinks={sinks is not None}")
-            if kind == "decode":
-                lens = [rng.choice([1, 2, bs, bs + 1, rng.randint(1, 150)]) for _ in range(rng.randint(1, 5))]
-                splits = rng.choice([0, 0, 1, 2, 3, 7])
-                bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, dtype, seed=seed)
-                q = torch.randn(len(lens), h, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
-                args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
-                want = paged_decode_attention(*args, scale=scale, sliding_window=window, backend="reference", **extra)
-                got = paged_decode_attention(*args, scale=scale, sliding_window=window, num_splits=splits,
-                                             backend="triton", **extra)
-                new, q_pos = [1] * len(lens), [torch.tensor([n - 1]) for n in lens]
-                where += f" lens={lens} splits={splits}"
-            elif kind == "prefill":
-                new = [rng.choice([0, 1, 2, 5, rng.randint(1, 40)]) for _ in range(rng.randint(1, 4))]
-                lens = [max(nw + rng.choice([0, 0, 1, 7, rng.randint(0, 60)]), 1) for nw in new]
-                bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, dtype, seed=seed)
-                cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-                q = torch.randn(sum(new), h, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
-                args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), cu)]
-                most = max(max(new), 1)
-                want = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
-                                               backend="reference", **extra)
-                got = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
-                                              backend="triton", **extra)
-                q_pos = [torch.arange(n - nw, n) for n, nw in zip(lens, new)]
-                where += f" lens={lens} new={new}"
-            else:
-                prompts = [rng.choice([1, 3, bs, 2 * bs + 1, rng.randint(1, 120)]) for _ in range(rng.randint(1, 3))]
-                splits = rng.choice([0, 0, 1, 2, 5])
-                cache, rows = _fork_history(prompts, h_kv, d, bs, dtype, seed, frees=rng.random() < 0.5)
-                inputs = _group_inputs(cache, rows, h, seed)
-                args, most = [x.to(DEVICE) for x in inputs[:7]], inputs[7]
-                want = paged_decode_attention(*args[:5], scale=scale, sliding_window=window, backend="reference",
-                                              **extra)
-                shared = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale,
-                                                        sliding_window=window, backend="reference", **extra)
-                torch.testing.assert_close(shared.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
-                got = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale, sliding_window=window,
-                                                     num_splits=splits, backend="triton", **extra)
-                q_pos = None
-                where += f" prompts={prompts} splits={splits}"
-            torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
-            if q_pos is not None:  # the reference against dense attention, row by row
-                q, at_k, at_q = args[0].cpu(), 0, 0
-                for n, nw, pos in zip(lens, new, q_pos):
-                    if nw:
-                        dense = _dense_capped(q[at_q:at_q + nw], k[at_k:at_k + n], v[at_k:at_k + n], pos, scale,
-                                              window, softcap, sinks)
-                        torch.testing.assert_close(want[at_q:at_q + nw].cpu().double(), dense.to(dtype).double(),
-                                                   atol=2 * ATOL[dtype], rtol=0, msg=where)
-                    at_k, at_q = at_k + n, at_q + nw
-    finally:
-        ak._decode_plan.cache_clear()
+    for case in range(ATTENTION_CASES):
+        dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        h_kv, group = rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 4])
+        h, d, bs = h_kv * group, rng.choice([8, 16, 24, 32, 64]), rng.choice([1, 2, 4, 8, 16, 32])
+        window = rng.choice([None, None, 1, 2, 5, 17, 64])
+        monkeypatch.setattr(ak, "_LONG_KEYS", rng.choice([long_keys, 0]))  # 0: 16-bit rows read 64-key tiles
+        kind, seed = rng.choice(["decode", "prefill", "shared"]), 1000 + case
+        scale = d ** -0.5 * rng.choice([1.0, 1.0, 8.0])  # x8: scores large enough for a cap of 1 to bite
+        softcap = rng.choice([None, None, 0.3, 1.0, 30.0])
+        sinks = torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 3 if rng.random() < 0.4 else None
+        extra = dict(softcap=softcap, sinks=None if sinks is None else sinks.to(DEVICE))
+        where = (f"case {case}: {kind} {dtype} h={h} h_kv={h_kv} d={d} bs={bs} window={window} scale={scale:.3g} "
+                 f"softcap={softcap} sinks={sinks is not None}")
+        if kind == "decode":
+            lens = [rng.choice([1, 2, bs, bs + 1, rng.randint(1, 150)]) for _ in range(rng.randint(1, 5))]
+            splits = rng.choice([0, 0, 1, 2, 3, 7])
+            bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, dtype, seed=seed)
+            q = torch.randn(len(lens), h, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+            args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs))]
+            want = paged_decode_attention(*args, scale=scale, sliding_window=window, backend="reference", **extra)
+            got = paged_decode_attention(*args, scale=scale, sliding_window=window, num_splits=splits,
+                                         backend="triton", **extra)
+            new, q_pos = [1] * len(lens), [torch.tensor([n - 1]) for n in lens]
+            where += f" lens={lens} splits={splits}"
+        elif kind == "prefill":
+            new = [rng.choice([0, 1, 2, 5, rng.randint(1, 40)]) for _ in range(rng.randint(1, 4))]
+            lens = [max(nw + rng.choice([0, 0, 1, 7, rng.randint(0, 60)]), 1) for nw in new]
+            bm, seqs, kc, vc, k, v = _setup(lens, h_kv, d, bs, dtype, seed=seed)
+            cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.randn(sum(new), h, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+            args = [x.to(DEVICE) for x in (q, kc, vc, bm.block_table(seqs), bm.seq_lens(seqs), cu)]
+            most = max(max(new), 1)
+            want = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
+                                           backend="reference", **extra)
+            got = paged_prefill_attention(*args, max_seqlen_q=most, scale=scale, sliding_window=window,
+                                          backend="triton", **extra)
+            q_pos = [torch.arange(n - nw, n) for n, nw in zip(lens, new)]
+            where += f" lens={lens} new={new}"
+        else:
+            prompts = [rng.choice([1, 3, bs, 2 * bs + 1, rng.randint(1, 120)]) for _ in range(rng.randint(1, 3))]
+            splits = rng.choice([0, 0, 1, 2, 5])
+            cache, rows = _fork_history(prompts, h_kv, d, bs, dtype, seed, frees=rng.random() < 0.5)
+            inputs = _group_inputs(cache, rows, h, seed)
+            args, most = [x.to(DEVICE) for x in inputs[:7]], inputs[7]
+            want = paged_decode_attention(*args[:5], scale=scale, sliding_window=window, backend="reference",
+                                          **extra)
+            shared = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale,
+                                                    sliding_window=window, backend="reference", **extra)
+            torch.testing.assert_close(shared.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
+            got = shared_prefix_decode_attention(*args, max_group_rows=most, scale=scale, sliding_window=window,
+                                                 num_splits=splits, backend="triton", **extra)
+            q_pos = None
+            where += f" prompts={prompts} splits={splits}"
+        torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ULP[dtype], msg=where)
+        if q_pos is not None:  # the reference against dense attention, row by row
+            q, at_k, at_q = args[0].cpu(), 0, 0
+            for n, nw, pos in zip(lens, new, q_pos):
+                if nw:
+                    dense = _dense_capped(q[at_q:at_q + nw], k[at_k:at_k + n], v[at_k:at_k + n], pos, scale,
+                                          window, softcap, sinks)
+                    torch.testing.assert_close(want[at_q:at_q + nw].cpu().double(), dense.to(dtype).double(),
+                                               atol=2 * ATOL[dtype], rtol=0, msg=where)
+                at_k, at_q = at_k + n, at_q + nw
 
 
 def test_speculative_verification_on_random_configurations():

@@ -11,7 +11,6 @@ References: ivg_kernels/reference/attention.py.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -19,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from .launch import cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import KeyedKernels, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 
 @triton.jit
@@ -377,7 +376,6 @@ def _prefix_splits(tiles: int, h_kv: int, max_len: int, block_n: int, block_m: i
     return max(1, min(fill, max_len * elem // (8 * block_m)))
 
 
-@functools.lru_cache(maxsize=512)
 def _decode_plan(n: int, h: int, d: int, h_kv: int, bs: int, width: int, num_splits: int, ieee: bool, f32: bool):
     """What a decode launch derives from its shapes: ``(splits, chunk, parts, the partial buffers' float
     offsets and total, the split kernel's constexprs, the reduce kernel's)``. The three partial buffers share
@@ -405,39 +403,108 @@ def _extras(q, softcap: float, sinks):
     return softcap, (q if sinks is None else sinks), dict(SOFTCAP=softcap > 0, SINKS=sinks is not None)
 
 
+class DecodeLaunch(KeyedKernels):
+    """A decode launch for one kind of call (shapes, strides, dtypes, alignment, scalars): its plan, grids, scalar
+    arguments and constexprs, made once (:func:`decode_launch`), then called with a call's tensors. Holds no
+    tensor: a call's arguments live only as long as the call."""
+
+    __slots__ = ("n", "d", "splits", "parts", "m_at", "l_at", "size", "grid1", "grid2", "scalars1", "scalars2",
+                 "settings")
+
+    def __init__(self, key, q, h_kv, bs, width, num_splits, bt_stride, scale, window, softcap, sinks):
+        n, h, d = q.shape
+        splits, chunk, parts, (m_at, l_at, size), split_c, reduce_c = _decode_plan(
+            n, h, d, h_kv, bs, width, num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
+        softcap, _, extra_c = _extras(q, softcap, sinks)
+        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        self.n, self.d, self.splits, self.parts, self.m_at, self.l_at, self.size = n, d, splits, parts, m_at, l_at, size
+        self.grid1, self.grid2 = (n, h_kv, splits), (n * h,)
+        self.scalars1 = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, chunk, splits, softcap)
+        self.scalars2 = (*out_stride, h, splits)
+        self.settings = _settings()
+        consts = [dict(split_c, **extra_c, **_FUSED), dict(reduce_c, SINKS=extra_c["SINKS"], **_FUSED)]
+        fns = [_decode_split_kernel, _decode_reduce_kernel]
+        super().__init__(key, fns[:1 if splits == 1 else 2], consts[:1 if splits == 1 else 2])
+
+    def current(self) -> bool:
+        """Whether the module's settings this launch was planned with still hold."""
+        return self.settings == _settings()
+
+    def __call__(self, q, k_cache, v_cache, block_table, seq_lens, sinks) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if self.n == 0:
+            return out
+        # the three float32 partial buffers in one allocation (with one split the kernel writes the output
+        # itself and never touches them: the one buffer stands for all three)
+        buf = torch.empty((self.size,), dtype=torch.float32, device=q.device)
+        sinks_arg = q if sinks is None else sinks  # (no sinks: never read)
+        if self.splits == 1:
+            self.launch(direct, (
+                (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, buf, buf, buf, out, sinks_arg,
+                              *self.scalars1)),))
+            return out
+        part_m, part_l = buf[self.m_at:], buf[self.l_at:]
+        self.launch(direct, (
+            (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, buf, part_m, part_l, out, sinks_arg,
+                          *self.scalars1)),
+            (self.grid2, (buf, part_m, part_l, out, sinks_arg, *self.scalars2))))
+        return out
+
+
+_DECODE_LAUNCHES: dict = {}  # key -> DecodeLaunch
+
+
+def _settings() -> tuple:
+    """The module-level settings a decode plan reads (tests change them)."""
+    return _LONG_KEYS, _TARGET_PROGRAMS
+
+
+def decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, softcap, sinks):
+    """The :class:`DecodeLaunch` of an eager call with these arguments."""
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    # what the kernels' specialisations and the plan depend on (launch.DirectLaunch.key): the shapes and strides,
+    # the scalars (passed as the launch's constants), the pointers' dtypes and alignment (the partial buffers
+    # and the output are fresh allocations), the interpreter and the module's settings
+    key = (q.shape, q.stride(), h_kv, bs, block_table.shape[1], block_table.stride(0), num_splits,
+           type(scale), scale, window, type(softcap), softcap, _interpreted_bf16(q), _settings(),
+           tensor_key(q, k_cache, v_cache, block_table, seq_lens, sinks))
+    made = _DECODE_LAUNCHES.get(key)
+    if made is None:
+        if len(_DECODE_LAUNCHES) >= 4096:  # (a bound: a process that attends at ever new shapes)
+            _DECODE_LAUNCHES.clear()
+        made = _DECODE_LAUNCHES[key] = DecodeLaunch(key, q, h_kv, bs, block_table.shape[1], num_splits,
+                                                    block_table.stride(0), scale, window, softcap, sinks)
+    return made
+
+
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
                                   num_splits: int, softcap: float = 0.0, sinks=None, wrap=None) -> torch.Tensor:
     """Decode attention: the split kernel, then (with more than one split) the reduce kernel. ``softcap``
-    (0.0: none) and ``sinks`` (None or ``[num_heads]``): see the module's docstring."""
-    launch = wrap or direct
+    (0.0: none) and ``sinks`` (None or ``[num_heads]``): see the module's docstring. Eager calls
+    (``wrap`` None) run their :class:`DecodeLaunch`; the torch op (``wrap_triton``) launches through it."""
+    if wrap is None:
+        return decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, softcap,
+                             sinks)(q, k_cache, v_cache, block_table, seq_lens, sinks)
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
     if n == 0:
         return out
-    plan = _decode_plan if wrap is None else _decode_plan.__wrapped__  # (the op may be traced with symbolic sizes)
-    splits, chunk, parts, (m_at, l_at, size), split_c, reduce_c = plan(
+    # (separate outputs, as the compiler expects)
+    splits, chunk, parts, _, split_c, reduce_c = _decode_plan(
         n, h, d, h_kv, bs, block_table.shape[1], num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
-    if wrap is None:  # eager: one allocation for the three partial buffers, and the launch key (what the two
-        # kernels' specialisations depend on: launch.DirectLaunch.key)
-        buf = torch.empty((size,), dtype=torch.float32, device=q.device)
-        part_o, part_m, part_l = buf[:parts * d].view(parts, d), buf[m_at:m_at + parts], buf[l_at:l_at + parts]
-        key = (n, h, d, h_kv, bs, splits, chunk, q.stride(), out.stride(), block_table.stride(0), int_class(window),
-               type(scale), type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens, sinks))
-        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
-    else:  # (the torch op: separate outputs, as the compiler expects)
-        part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
-        part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((parts, d), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((parts,), dtype=torch.float32, device=q.device)
     softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
-    launch(_decode_split_kernel)[(n, h_kv, splits)](
+    wrap(_decode_split_kernel)[(n, h_kv, splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out, sinks_arg,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, chunk, splits,
         softcap, **split_c, **extra_c, **_FUSED,
     )
     if splits == 1:
         return out
-    launch(_decode_reduce_kernel)[(n * h,)](
+    wrap(_decode_reduce_kernel)[(n * h,)](
         part_o, part_m, part_l, out, sinks_arg, out.stride(0), out.stride(1), h, splits, **reduce_c,
         SINKS=extra_c["SINKS"], **_FUSED,
     )

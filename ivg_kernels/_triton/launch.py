@@ -86,6 +86,38 @@ class DirectLaunch:
         return kernel
 
 
+class KeyedKernels:
+    """The kernels one launcher runs for one launch key (:meth:`DirectLaunch.key`), with their constexprs and
+    options, bound once launched: after a first call through ``DirectLaunch.key`` (the binder, compiling if
+    need be), later calls go straight to the compiled kernels' launchers with the constexprs' values in the
+    order those take them. Subclasses (a launcher's plan for one kind of call) hold no tensor."""
+
+    __slots__ = ("key", "fns", "consts", "bound")
+
+    def __init__(self, key, fns, consts):
+        self.key, self.fns, self.consts = key, tuple(fns), tuple(consts)
+        self.bound = {}  # device -> ((compiled kernel, constexpr values), ...) per kernel
+
+    def launch(self, via, launches) -> None:
+        """Launch ``launches``, one ``(grid, args)`` per kernel in ``fns``' order. ``via``: the caller module's
+        ``direct`` at call time (a test or benchmark may swap it for Triton's own path; then, and with
+        ``CHECK_KEYS``, every call goes through it)."""
+        compiled = isinstance(self.fns[0], JITFunction)  # (the interpreter's kernels are called as they are)
+        device = current_device() if compiled else None
+        bound = self.bound.get(device)
+        if bound is not None and via is direct and not CHECK_KEYS:
+            for (kernel, tail), (grid, args) in zip(bound, launches):
+                DirectLaunch._launch(kernel, grid, device, args + tail)
+            return
+        for fn, consts, (grid, args) in zip(self.fns, self.consts, launches):
+            via(fn).key(self.key)[grid](*args, **consts)
+        if compiled and via is direct:
+            hits = [direct(fn).by_key.get((device, self.key)) for fn in self.fns]
+            if None not in hits:
+                self.bound[device] = tuple((kernel, tuple(consts[name] for name in names))
+                                           for (kernel, names), consts in zip(hits, self.consts))
+
+
 def current_device():
     """The device Triton launches on (the current CUDA device)."""
     return driver.active.get_current_device()

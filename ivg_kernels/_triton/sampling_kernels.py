@@ -42,12 +42,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from . import launch
-from .launch import DirectLaunch, cdiv, current_device, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import KeyedKernels, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -844,31 +842,31 @@ def _param(t, scalar, dtype):
     return None, scalar, False
 
 
-class SampleLaunch:
+class SampleLaunch(KeyedKernels):
     """Everything of a launch of the two stages that its launch key decides (slices, workspace layout, grids,
     constexprs, warps), made once per key (:func:`sample_launch`) and then called with a call's tensors and
     values. Holds no tensor: a call's inputs live only as long as the call."""
 
-    __slots__ = ("key", "n", "nin", "strides", "w_stride", "offsets", "size", "grid1", "grid2", "rest1", "rest2",
-                 "const1", "const2", "bound", "settings")
+    __slots__ = ("n", "nin", "strides", "w_stride", "offsets", "size", "grid1", "grid2", "rest1", "rest2",
+                 "settings")
 
     def __init__(self, key, n, v, nin, block, filters, strides, w_stride, kinds):
         w_ten, t_ten, k_ten, p_ten, m_ten, sd_ten, of_ten = kinds
         block, gr, c, s, ng, pool, offsets, size = _plan(n, v, block, nin, filters)
-        self.key, self.n, self.nin, self.strides, self.w_stride = key, n, nin, strides, w_stride
-        self.bound = {}  # device -> (stage 1's compiled kernel, its constexprs, stage 2's, its constexprs)
+        self.n, self.nin, self.strides, self.w_stride = n, nin, strides, w_stride
         self.settings = _settings()
         self.offsets, self.size = offsets, size
         self.grid1, self.grid2 = (n * s,), (n,)
         self.rest1 = (*offsets, v, s, ng)  # stage 1's arguments after the workspace
         self.rest2 = (*offsets, pool)  # stage 2's after the workspace, before the outputs
         warps1 = STAGE1_WARPS_WIDE if block >= MAX_BLOCK else 4
-        self.const1 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
-                           num_warps=warps1, enable_fp_fusion=False)
-        self.const2 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten, MP_TENSOR=m_ten,
-                           SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
-                           S_PAD=next_power_of_2(s), G_PAD=next_power_of_2(ng),
-                           num_warps=_STAGE2_WARPS_FILTER if filters else 4, enable_fp_fusion=False)
+        const1 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
+                      num_warps=warps1, enable_fp_fusion=False)
+        const2 = dict(NIN=nin, W_TENSOR=w_ten, T_TENSOR=t_ten, K_TENSOR=k_ten, P_TENSOR=p_ten, MP_TENSOR=m_ten,
+                      SEED_TENSOR=sd_ten, OFF_TENSOR=of_ten, FILTER=filters, C=c, BLOCK=block, GR=gr,
+                      S_PAD=next_power_of_2(s), G_PAD=next_power_of_2(ng),
+                      num_warps=_STAGE2_WARPS_FILTER if filters else 4, enable_fp_fusion=False)
+        super().__init__(key, (_stage1_kernel, _stage2_kernel), (const1, const2))
 
     def current(self) -> bool:
         """Whether the module's settings this launch was planned with (pool size, stage 1's warps) still hold."""
@@ -894,29 +892,8 @@ class SampleLaunch:
         args2 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, m_ptr, m_val,
                  sd_ptr, sd_val, of_ptr, of_val, ws, *self.rest2, tokens, logprob, lse, in_logprobs, in_logits, ok,
                  *self.rest1[-3:])
-        compiled = isinstance(_stage1_kernel, JITFunction)  # (the interpreter's kernels are called as they are)
-        device = current_device() if compiled else None
-        bound = self.bound.get(device)
-        # this key's kernels, as DirectLaunch.key's hit launches them (unless a test or benchmark swapped ``direct``
-        # for Triton's own path, or checks every keyed launch against Triton's binder)
-        if bound is not None and direct is launch.direct and not launch.CHECK_KEYS:
-            k1, tail1, k2, tail2 = bound
-            DirectLaunch._launch(k1, self.grid1, device, args1 + tail1)
-            DirectLaunch._launch(k2, self.grid2, device, args2 + tail2)
-            return tokens, logprob, lse, in_logprobs, in_logits, ok
-        direct(_stage1_kernel).key(self.key)[self.grid1](*args1, **self.const1)
-        direct(_stage2_kernel).key(self.key)[self.grid2](*args2, **self.const2)
-        if compiled and direct is launch.direct:
-            self._bind(device)
+        self.launch(direct, ((self.grid1, args1), (self.grid2, args2)))
         return tokens, logprob, lse, in_logprobs, in_logits, ok
-
-    def _bind(self, device) -> None:
-        """Keep the compiled kernels this key launched on ``device`` and their constexpr arguments in the order the
-        launcher takes them."""
-        hits = [launch.direct(k).by_key.get((device, self.key)) for k in (_stage1_kernel, _stage2_kernel)]
-        if None not in hits:
-            (k1, names1), (k2, names2) = hits
-            self.bound[device] = (k1, tuple(self.const1[n] for n in names1), k2, tuple(self.const2[n] for n in names2))
 
 
 _LAUNCHES: dict = {}  # launch key -> SampleLaunch

@@ -1,0 +1,173 @@
+"""Repeated eager calls of paged_decode_attention (ivg_kernels/_eager.py, attention.DECODE_CALLS): a call of a kind
+already checked and launched skips the checks and the planning, and must still attend exactly as the reference
+does over its own arguments, raise on bad ones, and keep no argument alive."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from ivg_kernels import attention
+from ivg_kernels.reference.attention import paged_decode_attention_ref
+
+from .helpers import DEVICE, requires_triton
+
+pytestmark = requires_triton
+
+H, H_KV, D, BS, BLOCKS = 4, 2, 16, 4, 24
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the full path's checks (``_check_cache``) and starts from no remembered call."""
+    calls = []
+    real = attention._check_cache
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "_check_cache", spy)
+    monkeypatch.setattr(attention.DECODE_CALLS, "table", {})
+    return calls
+
+
+def _case(n=3, seed=0, dtype=torch.float32, width=5):
+    """Random caches, a random block table (distinct blocks per row), lengths and queries."""
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(BLOCKS, BS, H_KV, D, generator=g).to(dtype)
+    vc = torch.randn(BLOCKS, BS, H_KV, D, generator=g).to(dtype)
+    table = torch.stack([torch.randperm(BLOCKS, generator=g)[:width] for _ in range(n)]).int()
+    lens = torch.randint(1, width * BS + 1, (n,), generator=g)
+    q = torch.randn(n, H, D, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (q, kc, vc, table, lens)]
+
+
+def _same(args, **kw):
+    """The Triton path against the reference, for the same arguments."""
+    tri = attention.paged_decode_attention(*args, backend="triton", **kw)
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw.pop("num_splits", None)
+    ref = paged_decode_attention_ref(*[t.cpu() for t in args], **kw)
+    tol = 2e-5 if ref.dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(tri.cpu().float(), ref.float(), rtol=tol, atol=tol)
+    assert ref.abs().sum() > 0
+    return tri
+
+
+CONFIGS = [
+    dict(scale=0.25),
+    dict(scale=0.25, num_splits=2),  # the reduce kernel too
+    dict(scale=0.5, sliding_window=3, softcap=2.0),
+    dict(scale=0.25, sinks="sinks", num_splits=3),
+]
+
+
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+def test_memoised_calls_attend_as_the_reference_does(counted, cfg):
+    """The first call of a kind is checked, the next ones of that kind are not (the spy counts one check), and
+    every call attends over its own tensors."""
+    kw = dict(CONFIGS[cfg])
+    if kw.get("sinks") == "sinks":
+        kw["sinks"] = torch.randn(H, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    for seed in range(4):
+        _same(_case(seed=seed), **kw)
+    assert len(counted) == 1, "calls after the first were checked again"
+
+
+def test_a_call_of_another_kind_is_checked_and_attends_over_its_own_arguments(counted, monkeypatch):
+    """Every part of a signature that the launch takes as a constant (scale, window, softcap, splits) or that
+    decides the checks, the plan and the backend (shapes, dtypes, strides, sinks) makes a new signature."""
+    args = _case()
+    base = dict(scale=0.25)
+    _same(args, **base)
+    sinks = torch.zeros(H, device=DEVICE)
+    changes = [dict(scale=0.3), dict(scale=1), dict(sliding_window=2), dict(softcap=3.0), dict(num_splits=2),
+               dict(sinks=sinks)]
+    for i, change in enumerate(changes):
+        _same(args, **{**base, **change})
+        assert len(counted) == 2 + i, change
+    n = len(counted)
+    _same(_case(n=2), **base)  # fewer rows
+    _same(_case(width=6), **base)  # a wider table
+    _same(_case(dtype=torch.float16), **base)
+    q, *rest = args
+    wide = torch.cat([q, q], dim=2)[:, :, :D]  # another row stride of q
+    _same([wide, *rest], **base)
+    assert len(counted) == n + 4
+    monkeypatch.setenv("IVG_BACKEND", "reference")
+    auto = attention.paged_decode_attention(*args, **base)
+    assert len(counted) == n + 5
+    torch.testing.assert_close(auto.cpu(), paged_decode_attention_ref(*[t.cpu() for t in args], **base))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(scale=-1.0), "scale"),
+    (dict(scale=True), "scale"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(softcap=float("inf")), "softcap"),
+    ("table64", "block_table"),
+    ("short lens", "seq_lens"),
+    ("q dtype", "q="),
+    ("sinks", "sinks"),
+])
+def test_bad_arguments_after_memoised_calls_still_raise(counted, bad, message):
+    args = _case()
+    for _ in range(2):
+        attention.paged_decode_attention(*args, scale=0.25, backend="triton")
+    q, kc, vc, table, lens = args
+    kw = dict(scale=0.25)
+    if bad == "table64":
+        table = table.long()
+    elif bad == "short lens":
+        lens = lens[:2]
+    elif bad == "q dtype":
+        q = q.double()
+    elif bad == "sinks":
+        kw["sinks"] = torch.zeros(H + 1, device=DEVICE)
+    else:
+        kw.update(bad)
+    with pytest.raises(ValueError, match=message):
+        attention.paged_decode_attention(q, kc, vc, table, lens, backend="triton", **kw)
+
+
+def _holds_tensor(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list, dict)):
+        return any(_holds_tensor(y) for y in (x.values() if isinstance(x, dict) else x))
+    return False
+
+
+def test_memoised_calls_keep_no_argument_alive(counted):
+    refs = []
+    for seed in range(3):
+        args = _case(seed=seed)
+        sinks = torch.zeros(H, device=DEVICE)
+        refs += [weakref.ref(t) for t in args] + [weakref.ref(sinks)]
+        out = attention.paged_decode_attention(*args, scale=0.25, sinks=sinks, num_splits=2, backend="triton")
+        assert out.isfinite().all()
+        del args, sinks, out
+    gc.collect()
+    assert len(counted) == 1
+    assert not any(r() is not None for r in refs)
+    table = attention.DECODE_CALLS.table
+    assert table and not any(_holds_tensor(k) for k in table)
+    for launch in table.values():
+        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))
+
+
+def test_a_changed_module_setting_replans_a_remembered_call(counted, monkeypatch):
+    """A remembered launch was planned with the module's settings of the time (the tile rule's threshold): after
+    one changes, the next call of that kind is checked and planned again, and takes the new plan."""
+    from ivg_kernels._triton import attention_kernels as ak
+
+    args = _case(dtype=torch.float16)
+    _same(args, scale=0.25)
+    _same(args, scale=0.25)
+    assert len(counted) == 1
+    monkeypatch.setattr(ak, "_LONG_KEYS", 0)  # 16-bit rows read tiles of 64 keys
+    _same(args, scale=0.25)
+    assert len(counted) == 2
+    (launch,) = [v for v in attention.DECODE_CALLS.table.values() if v.settings[0] == 0]
+    assert launch.consts[0]["BLOCK_N"] == 64
