@@ -112,20 +112,25 @@ def main(argv=None) -> int:
     print(f"empty torch op (CPU): {empty:.1f} us per call")
     rows.append(dict(date=stamp, commit=rev, device=device, benchmark="host-eager", provider="empty-torch-op",
                      shape="torch.empty(1).add_(1)", dtype="float32", median_us=f"{empty:.1f}", speedup="1.00"))
-    from ivg_kernels import _eager_sample
+    from ivg_kernels import _eager_sample, attention
 
+    # the functions that remember the calls they have checked (ivg_kernels/_eager.py), and how to turn it off
+    remembering = {"guided_sample": (_eager_sample, "ENABLED"),
+                   "paged_decode_attention": (attention.DECODE_CALLS, "enabled"),
+                   "write_kv": (attention.WRITE_CALLS, "enabled")}
     for bench, shape, fn, modules in cases():
         launches = []
         with co.offline_target(90, launches), _public_calls_on_cpu():
             fn()  # compile (or load from Triton's cache)
             direct = _per_call_us(fn, launches)
             measured = [("direct-launch", direct)]
-            if bench == "guided_sample":  # the same calls, every one checked and planned (no memoised signature)
-                _eager_sample.ENABLED = False
+            if bench in remembering:  # the same calls, every one checked and planned (no remembered signature)
+                owner, flag = remembering[bench]
+                setattr(owner, flag, False)
                 try:
                     checked = _per_call_us(fn, launches)
                 finally:
-                    _eager_sample.ENABLED = True
+                    setattr(owner, flag, True)
                 measured.append(("checked-direct-launch", checked))
             for m in modules:
                 m.direct = co.via_triton
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
                 for m in modules:
                     m.direct = launch.direct
             measured.append(("triton-kernel[grid]", triton_path))
-        also = f", every call checked {checked:6.1f} us" if bench == "guided_sample" else ""
+        also = f", every call checked {checked:6.1f} us" if bench in remembering else ""
         print(f"{bench:<24} {shape:<60} direct {direct:6.1f} us{also}, kernel[grid] {triton_path:6.1f} us "
               f"({triton_path / direct:.2f}x), {direct / empty:.1f}x an empty torch op")
         for provider, us in measured:

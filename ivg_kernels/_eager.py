@@ -38,12 +38,12 @@ def number(x, *kinds):
     return (kind, x) if kind in kinds else None
 
 
-def environment(backend: str, device: torch.device) -> tuple:
-    """What the backend's choice reads from the environment: ``IVG_BACKEND`` when ``backend`` is ``"auto"``,
-    and for tensors off CUDA ``TRITON_INTERPRET`` (the interpreter runs them on the Triton path)."""
+def environment(backend: str, x: torch.Tensor) -> tuple:
+    """What the backend's choice reads from the environment for tensors like ``x``: ``IVG_BACKEND`` when
+    ``backend`` is ``"auto"``, and off CUDA ``TRITON_INTERPRET`` (the interpreter runs such tensors on the Triton
+    path)."""
     get = os.environ.get
-    return (get("IVG_BACKEND") if backend == "auto" else None,
-            None if device.type == "cuda" else get("TRITON_INTERPRET"))
+    return get("IVG_BACKEND") if backend == "auto" else None, None if x.is_cuda else get("TRITON_INTERPRET")
 
 
 class Calls:

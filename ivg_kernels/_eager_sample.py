@@ -46,7 +46,7 @@ def signature(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vo
     if (not ENABLED or type(logits) is not _TENSOR or type(guides) not in (list, tuple) or type(backend) is not str
             or _eager.compiling()):
         return None
-    parts = [backend, _eager.environment(backend, logits.device), _eager.tensor(logits),
+    parts = [backend, _eager.environment(backend, logits), _eager.tensor(logits),
              vocab_size if vocab_size is None or type(vocab_size) is int else None]
     for pair in guides:
         if type(pair) not in (tuple, list) or len(pair) != 2:

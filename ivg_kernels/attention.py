@@ -142,6 +142,10 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
     key, value : ``[T, num_kv_heads, head_dim]`` (any strides with unit stride on head_dim)
     slot_mapping : int ``[T]``; slot ``block * block_size + offset``; negative slots are skipped
     """
+    sig = _write_signature(k_cache, v_cache, key, value, slot_mapping, backend)
+    known = WRITE_CALLS.get(sig)
+    if known is not None:  # a kind of call already checked and launched (ivg_kernels/_eager.py)
+        return known(k_cache, v_cache, key, value, slot_mapping)
     _check_cache(k_cache, v_cache)
     shape = (k_cache.shape[2], k_cache.shape[3])
     for name, x in (("key", key), ("value", value)):
@@ -162,7 +166,24 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
                                                 f"to skip; got {int(slots.max())}")
         if len(torch.unique(slots)) != len(slots):
             _fail("slot_mapping", slot_mapping, "each slot once (two tokens written to one slot)")
+    if which == "triton" and sig is not None:
+        known = _triton_kernels().write_launch(k_cache, v_cache, key, value, slot_mapping)
+        WRITE_CALLS.put(sig, known)
+        return known(k_cache, v_cache, key, value, slot_mapping)
     run_write_kv(which, k_cache, v_cache, key, value, slot_mapping)
+
+
+WRITE_CALLS = _eager.Calls()  # write_kv's signatures -> their WriteLaunch
+
+
+def _write_signature(k_cache, v_cache, key, value, slot_mapping, backend):
+    """What :func:`write_kv`'s checks, backend choice and launch read of a call (:mod:`ivg_kernels._eager`), or
+    None for a call that always takes the full path."""
+    if not WRITE_CALLS.enabled or type(k_cache) is not torch.Tensor or type(backend) is not str or _eager.compiling():
+        return None
+    sig = (backend, _eager.environment(backend, k_cache), _eager.tensor(k_cache), _eager.tensor(v_cache),
+           _eager.tensor(key), _eager.tensor(value), _eager.tensor(slot_mapping))
+    return None if None in sig else sig
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale, sliding_window=None,
@@ -230,7 +251,7 @@ def _decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding
             or _eager.compiling()):
         return None
     num = _eager.number
-    sig = (backend, _eager.environment(backend, q.device), _eager.tensor(q), _eager.tensor(k_cache),
+    sig = (backend, _eager.environment(backend, q), _eager.tensor(q), _eager.tensor(k_cache),
            _eager.tensor(v_cache), _eager.tensor(block_table), _eager.tensor(seq_lens), _eager.optional_tensor(sinks),
            num(scale, float, int), num(sliding_window, int, type(None)), num(num_splits, int),
            num(softcap, float, int, type(None)))

@@ -288,10 +288,10 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
 
 
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
-    """``ivg_kernels.paged_decode_attention`` called again with arguments of the same kind skips the checks and
-    launches the kept compiled kernels (attention.DECODE_CALLS, DecodeLaunch.bound): the grids and arguments equal
-    those of Triton's own ``kernel[grid]`` for the same call, with one split and with the reduce kernel, with and
-    without sinks; and the calls after the first were not checked again."""
+    """``ivg_kernels.paged_decode_attention`` and ``write_kv`` called again with arguments of the same kind skip the
+    checks and launch the kept compiled kernels (attention.DECODE_CALLS and WRITE_CALLS, KeyedKernels.bound): the
+    grids and arguments equal those of Triton's own ``kernel[grid]`` for the same call, with one split and with the
+    reduce kernel, with and without sinks; and the calls after the first were not checked again."""
     out = _run("""
         import os
         import ivg_kernels
@@ -323,6 +323,21 @@ def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
                     q, kc, kc, table, lens, scale=0.125, backend="triton", **kw), launches)
                 del os.environ["TRITON_INTERPRET"]
             print(name, "kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+
+        key, slots = torch.zeros(5, 2, 64, dtype=torch.bfloat16), torch.arange(5)
+        KNOWN.update(t.data_ptr() for t in [key, slots])
+        launches = []
+        del checks[:]
+        with co.offline_target(90, launches):
+            os.environ["TRITON_INTERPRET"] = "1"
+            for i in range(3):
+                del launches[:]
+                ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton")
+            memoised = norm(launches)
+            via_triton = triton_launches(lambda: ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton"),
+                                         launches)
+            del os.environ["TRITON_INTERPRET"]
+        print("write kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
     """, tmp_path)
-    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2)):
+    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1)):
         assert f"{name} kernels: {kernels} same: True checks: 1" in out, out

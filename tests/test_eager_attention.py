@@ -17,19 +17,19 @@ pytestmark = requires_triton
 H, H_KV, D, BS, BLOCKS = 4, 2, 16, 4, 24
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts the full path's checks (``_check_cache``) and starts from no remembered call."""
+def _count_checks(monkeypatch, remembered):
+    """Counts the full path's checks (``_check_cache``, which every checked call runs first) and starts
+    ``remembered`` (an ``_eager.Calls``) from no remembered call."""
     calls = []
     real = attention._check_cache
-
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(attention, "_check_cache", spy)
-    monkeypatch.setattr(attention.DECODE_CALLS, "table", {})
+    monkeypatch.setattr(attention, "_check_cache", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(remembered, "table", {})
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    return _count_checks(monkeypatch, attention.DECODE_CALLS)
 
 
 def _case(n=3, seed=0, dtype=torch.float32, width=5):
@@ -171,3 +171,73 @@ def test_a_changed_module_setting_replans_a_remembered_call(counted, monkeypatch
     assert len(counted) == 2
     (launch,) = [v for v in attention.DECODE_CALLS.table.values() if v.settings[0] == 0]
     assert launch.consts[0]["BLOCK_N"] == 64
+
+
+@pytest.fixture
+def counted_writes(monkeypatch):
+    return _count_checks(monkeypatch, attention.WRITE_CALLS)
+
+
+def _write_case(t, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    key, value = (torch.randn(t, H_KV, D, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    slots = torch.randperm(BLOCKS * BS, generator=g)[:t].to(DEVICE)
+    slots[0] = -1  # skipped
+    return key, value, slots
+
+
+def _write_both(key, value, slots, dtype=torch.float32):
+    """write_kv on the Triton path and the reference's write, into fresh caches; both caches compared."""
+    caches = [torch.zeros(BLOCKS, BS, H_KV, D, dtype=dtype, device=DEVICE) for _ in range(4)]
+    attention.write_kv(caches[0], caches[1], key, value, slots, backend="triton")
+    from ivg_kernels.reference.attention import write_kv_ref
+
+    write_kv_ref(caches[2], caches[3], key, value, slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].abs().sum() > 0
+
+
+def test_memoised_writes_write_what_the_reference_writes(counted_writes):
+    for seed in range(4):  # one kind of call: checked once
+        _write_both(*_write_case(6, seed))
+    assert len(counted_writes) == 1
+    _write_both(*_write_case(7, 0))  # another token count, dtype, key stride: each checked once
+    _write_both(*_write_case(6, 0, torch.float16), dtype=torch.float16)
+    key, value, slots = _write_case(6, 1)
+    _write_both(torch.cat([key, key], dim=1)[:, :H_KV], value, slots)
+    assert len(counted_writes) == 4
+
+
+@pytest.mark.parametrize("bad, message", [("slots int32 on two rows", "slot_mapping"), ("value tokens", "value"),
+                                          ("key heads", "key"), ("v_cache dtype", "v_cache")])
+def test_bad_writes_after_memoised_calls_still_raise(counted_writes, bad, message):
+    key, value, slots = _write_case(6, 0)
+    kc, vc = (torch.zeros(BLOCKS, BS, H_KV, D, device=DEVICE) for _ in range(2))
+    for _ in range(2):
+        attention.write_kv(kc, vc, key, value, slots, backend="triton")
+    if bad.startswith("slots"):
+        slots = slots[:2].int()
+    elif bad == "value tokens":
+        value = value[:5]
+    elif bad == "key heads":
+        key = key[:, :1]
+    else:
+        vc = vc.double()
+    with pytest.raises(ValueError, match=message):
+        attention.write_kv(kc, vc, key, value, slots, backend="triton")
+
+
+def test_memoised_writes_keep_no_argument_alive(counted_writes):
+    refs = []
+    for seed in range(3):
+        args = [*(torch.zeros(BLOCKS, BS, H_KV, D, device=DEVICE) for _ in range(2)), *_write_case(6, seed)]
+        refs += [weakref.ref(t) for t in args]
+        attention.write_kv(*args, backend="triton")
+        del args
+    gc.collect()
+    assert len(counted_writes) == 1
+    assert not any(r() is not None for r in refs)
+    table = attention.WRITE_CALLS.table
+    assert table and not any(_holds_tensor(k) for k in table)
+    for launch in table.values():
+        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))

@@ -329,16 +329,48 @@ def _interpreted_bf16(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and triton_interpreted()
 
 
+class WriteLaunch(KeyedKernels):
+    """A KV write for one kind of call (heads, dims, strides, dtypes, alignment), made once (:func:`write_launch`),
+    then called with a call's tensors (any number of tokens). Holds no tensor."""
+
+    __slots__ = ("scalars",)
+
+    def __init__(self, launch_key, key, value):
+        _, h, d = key.shape
+        self.scalars = (key.stride(0), key.stride(1), value.stride(0), value.stride(1))
+        super().__init__(launch_key, (_write_kv_kernel,), (dict(H=h, D=d, BLOCK=next_power_of_2(h * d), **_FUSED),))
+
+    def __call__(self, k_cache, v_cache, key, value, slot_mapping) -> None:
+        t = key.shape[0]
+        if t:
+            self.launch(direct, (((t,), (key, value, k_cache, v_cache, slot_mapping, *self.scalars)),))
+
+
+_WRITE_LAUNCHES: dict = {}  # launch key -> WriteLaunch
+
+
+def write_launch(k_cache, v_cache, key, value, slot_mapping) -> WriteLaunch:
+    """The :class:`WriteLaunch` of an eager call with these arguments."""
+    # what the kernel's specialisation depends on (launch.DirectLaunch.key)
+    launch_key = (key.shape[1:], key.stride(), value.stride(), tensor_key(key, value, k_cache, v_cache, slot_mapping))
+    made = _WRITE_LAUNCHES.get(launch_key)
+    if made is None:
+        if len(_WRITE_LAUNCHES) >= 4096:  # (a bound)
+            _WRITE_LAUNCHES.clear()
+        made = _WRITE_LAUNCHES[launch_key] = WriteLaunch(launch_key, key, value)
+    return made
+
+
 def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     slot_mapping: torch.Tensor, wrap=None) -> None:
     """Store new keys/values: one program per token. ``wrap``: ``wrap_triton`` inside the torch op
-    (for torch.compile); eager calls launch the kernel directly (no op dispatch: ``attention.py``)."""
+    (for torch.compile); eager calls run their :class:`WriteLaunch` (no op dispatch: ``attention.py``)."""
+    if wrap is None:
+        return write_launch(k_cache, v_cache, key, value, slot_mapping)(k_cache, v_cache, key, value, slot_mapping)
     t, h, d = key.shape
     if t == 0:
         return
-    launch = wrap or (lambda kernel: direct(kernel).key(  # eager: what the specialisation depends on
-        (h, d, key.stride(), value.stride(), tensor_key(key, value, k_cache, v_cache, slot_mapping))))
-    launch(_write_kv_kernel)[(t,)](
+    wrap(_write_kv_kernel)[(t,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         H=h, D=d, BLOCK=next_power_of_2(h * d), **_FUSED,
     )

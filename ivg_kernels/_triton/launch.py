@@ -98,6 +98,10 @@ class KeyedKernels:
         self.key, self.fns, self.consts = key, tuple(fns), tuple(consts)
         self.bound = {}  # device -> ((compiled kernel, constexpr values), ...) per kernel
 
+    def current(self) -> bool:
+        """Whether the module settings this launch was planned with still hold (subclasses whose plan reads some)."""
+        return True
+
     def launch(self, via, launches) -> None:
         """Launch ``launches``, one ``(grid, args)`` per kernel in ``fns``' order. ``via``: the caller module's
         ``direct`` at call time (a test or benchmark may swap it for Triton's own path; then, and with
