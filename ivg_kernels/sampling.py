@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from . import _eager_sample as _eager
+from . import _eager_sample
 from ._args import SampleArgs, prepare_sample_args
 from ._backend import resolve_backend
 from ._types import SampleOutput
@@ -72,9 +72,9 @@ def guided_sample(
     ValueError
         On a wrong shape, dtype, device or out-of-range scalar, naming the argument.
     """
-    sig = _eager.signature(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size, backend)
+    sig = _eager_sample.signature(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size, backend)
     if sig is not None:  # a call of a kind already checked and launched: launch at once (ivg_kernels/_eager_sample.py)
-        out = _eager.call(sig, logits, guides, temperature, top_k, top_p, min_p, seed, offset)
+        out = _eager_sample.call(sig, logits, guides, temperature, top_k, top_p, min_p, seed, offset)
         if out is not None:
             return SampleOutput(*out)
     a = prepare_sample_args(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size)
@@ -84,7 +84,7 @@ def guided_sample(
     if sig is None:
         return _guided_sample_triton(a)
     run, args = _sampling_kernels().bind_guided_sample(*_launcher_args(a))
-    _eager.remember(sig, run, args, (temperature, top_k, top_p, min_p, seed, offset))
+    _eager_sample.remember(sig, run, args, (temperature, top_k, top_p, min_p, seed, offset))
     return SampleOutput(*run(*args))
 
 
