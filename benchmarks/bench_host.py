@@ -82,6 +82,12 @@ def cases():
         yield ("paged_decode_attention", f"N={n},L=1024,heads={h}/{h_kv},D={d},block={bs}",
                lambda q=q, table=table, lens=lens: ivg_kernels.paged_decode_attention(
                    q, kc, kc, table, lens, scale=d ** -0.5, backend="triton"), (ak,))
+    q = torch.zeros(16, h, d, dtype=torch.bfloat16)  # one prompt's 16 beams over a shared 2,048-token prefix
+    table, lens = torch.zeros(16, 132, dtype=torch.int32), torch.full((16,), 2112, dtype=torch.int32)
+    starts, shared = torch.tensor([0, 16], dtype=torch.int32), torch.tensor([2048], dtype=torch.int32)
+    yield ("shared_prefix_decode_attention", f"N=16,groups=1,shared=2048,L=2112,heads={h}/{h_kv},D={d},block={bs}",
+           lambda: ivg_kernels.shared_prefix_decode_attention(q, kc, kc, table, lens, starts, shared, max_group_rows=16,
+                                                              scale=d ** -0.5, backend="triton"), (ak,))
     key = torch.zeros(16, h_kv, d, dtype=torch.bfloat16)
     slots = torch.arange(16)
     yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}",
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
     # the functions that remember the calls they have checked (ivg_kernels/_eager.py), and how to turn it off
     remembering = {"guided_sample": (_eager_sample, "ENABLED"),
                    "paged_decode_attention": (attention.DECODE_CALLS, "enabled"),
+                   "shared_prefix_decode_attention": (attention.SHARED_CALLS, "enabled"),
                    "write_kv": (attention.WRITE_CALLS, "enabled")}
     for bench, shape, fn, modules in cases():
         launches = []
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
                     m.direct = launch.direct
             measured.append(("triton-kernel[grid]", triton_path))
         also = f", every call checked {checked:6.1f} us" if bench in remembering else ""
-        print(f"{bench:<24} {shape:<60} direct {direct:6.1f} us{also}, kernel[grid] {triton_path:6.1f} us "
+        print(f"{bench:<30} {shape:<60} direct {direct:6.1f} us{also}, kernel[grid] {triton_path:6.1f} us "
               f"({triton_path / direct:.2f}x), {direct / empty:.1f}x an empty torch op")
         for provider, us in measured:
             rows.append(dict(date=stamp, commit=rev, device=device, benchmark=f"host-eager-{bench}", provider=provider,

@@ -243,11 +243,11 @@ DECODE_CALLS = _eager.Calls()  # paged_decode_attention's signatures -> their De
 
 
 def _decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, num_splits, backend, plan,
-                      softcap, sinks):
+                      softcap, sinks, calls=DECODE_CALLS):
     """What :func:`paged_decode_attention`'s checks, backend choice and launch plan read of a call
     (:mod:`ivg_kernels._eager`), or None for a call that always takes the full path (a plan, arguments of other
-    kinds, a ``torch.compile`` trace)."""
-    if (not DECODE_CALLS.enabled or plan is not None or type(q) is not torch.Tensor or type(backend) is not str
+    kinds, a ``torch.compile`` trace, ``calls`` turned off)."""
+    if (not calls.enabled or plan is not None or type(q) is not torch.Tensor or type(backend) is not str
             or _eager.compiling()):
         return None
     num = _eager.number
@@ -283,6 +283,11 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     the claimed tokens in its group's blocks; the Triton backend trusts it (no device read), and a wrong
     claim gives a wrong result there.
     """
+    sig = _shared_signature(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, max_group_rows,
+                            scale, sliding_window, num_splits, backend, softcap, sinks)
+    known = SHARED_CALLS.get(sig)
+    if known is not None:  # a kind of call already checked and launched (ivg_kernels/_eager.py)
+        return known(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks)
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
     n = q.shape[0]
@@ -303,9 +308,28 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
         most = max((b - a for a, b in zip(starts, starts[1:])), default=0)
         if most > max_group_rows:
             _fail("max_group_rows", max_group_rows, f"at least {most}, the largest group")
+    if which == "triton" and sig is not None:
+        known = _triton_kernels().shared_launch(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
+                                                int(max_group_rows), scale, int(sliding_window or 0), int(num_splits),
+                                                softcap, sinks)
+        SHARED_CALLS.put(sig, known)
+        return known(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks)
     return run_shared_decode(which, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
                              int(max_group_rows), scale, sliding_window, int(num_splits), softcap=softcap,
                              sinks=sinks)
+
+
+SHARED_CALLS = _eager.Calls()  # shared_prefix_decode_attention's signatures -> their SharedLaunch
+
+
+def _shared_signature(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, max_group_rows, scale,
+                      sliding_window, num_splits, backend, softcap, sinks):
+    """What :func:`shared_prefix_decode_attention`'s checks, backend choice and launch plan read of a call, as
+    :func:`_decode_signature`."""
+    sig = (_decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, num_splits, backend,
+                             None, softcap, sinks, SHARED_CALLS),
+           _eager.tensor(group_starts), _eager.tensor(shared_lens), _eager.number(max_group_rows, int))
+    return None if None in sig else sig
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, scale,

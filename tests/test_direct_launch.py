@@ -288,8 +288,9 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
 
 
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
-    """``ivg_kernels.paged_decode_attention`` and ``write_kv`` called again with arguments of the same kind skip the
-    checks and launch the kept compiled kernels (attention.DECODE_CALLS and WRITE_CALLS, KeyedKernels.bound): the
+    """``ivg_kernels.paged_decode_attention``, ``write_kv`` and ``shared_prefix_decode_attention`` called again with
+    arguments of the same kind skip the checks and launch the kept compiled kernels (attention.DECODE_CALLS,
+    WRITE_CALLS and SHARED_CALLS, KeyedKernels.bound): the
     grids and arguments equal those of Triton's own ``kernel[grid]`` for the same call, with one split and with the
     reduce kernel, with and without sinks; and the calls after the first were not checked again."""
     out = _run("""
@@ -338,6 +339,22 @@ def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
                                          launches)
             del os.environ["TRITON_INTERPRET"]
         print("write kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+
+        starts, shared = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 16], dtype=torch.int32)
+        KNOWN.update(t.data_ptr() for t in [starts, shared])
+        launches = []
+        del checks[:]
+        shared_call = lambda: ivg_kernels.shared_prefix_decode_attention(  # noqa: E731
+            queries[0], kc, kc, table, lens, starts, shared, max_group_rows=2, scale=0.125, backend="triton")
+        with co.offline_target(90, launches):
+            os.environ["TRITON_INTERPRET"] = "1"
+            for i in range(3):
+                del launches[:]
+                shared_call()
+            memoised = norm(launches)
+            via_triton = triton_launches(shared_call, launches)
+            del os.environ["TRITON_INTERPRET"]
+        print("shared kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
     """, tmp_path)
-    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1)):
+    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1), ("shared", 2)):
         assert f"{name} kernels: {kernels} same: True checks: 1" in out, out

@@ -241,3 +241,61 @@ def test_memoised_writes_keep_no_argument_alive(counted_writes):
     assert table and not any(_holds_tensor(k) for k in table)
     for launch in table.values():
         assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))
+
+
+@pytest.fixture
+def counted_shared(monkeypatch):
+    return _count_checks(monkeypatch, attention.SHARED_CALLS)
+
+
+def _shared_case(seed, dtype=torch.float32):
+    """Three rows in two groups: rows 0 and 1 share their first two blocks (8 tokens), row 2 is alone."""
+    q, kc, vc, table, _ = _case(n=3, seed=seed, dtype=dtype)
+    table[1, :2] = table[0, :2]
+    lens = torch.tensor([13, 17, 9], device=DEVICE)
+    starts = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEVICE)
+    shared = torch.tensor([8, 4], dtype=torch.int32, device=DEVICE)
+    return q, kc, vc, table, lens, starts, shared
+
+
+def _shared_same(case, **kw):
+    """The Triton path against per-row attention of the reference (which the groups must not change)."""
+    q, kc, vc, table, lens, starts, shared = case
+    tri = attention.shared_prefix_decode_attention(*case, max_group_rows=2, backend="triton", **kw)
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw.pop("num_splits", None)
+    ref = paged_decode_attention_ref(*[t.cpu() for t in (q, kc, vc, table, lens)], **kw)
+    tol = 2e-5 if ref.dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(tri.cpu().float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_memoised_shared_prefix_calls_attend_as_the_reference_does(counted_shared):
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    for kw in (dict(scale=0.25), dict(scale=0.25, num_splits=2, sinks=sinks, softcap=3.0)):
+        for seed in range(3):
+            _shared_same(_shared_case(seed), **kw)
+    assert len(counted_shared) == 2, "calls after the first of each kind were checked again"
+    _shared_same(_shared_case(0, torch.float16), scale=0.25)  # another dtype: checked
+    q, kc, vc, table, lens, starts, shared = _shared_case(1)
+    _shared_same((q, kc, vc, table, lens, starts, torch.tensor([4, 4], dtype=torch.int32, device=DEVICE)),
+                 scale=0.25)  # other shared lengths, same kind: not checked, and still right
+    assert len(counted_shared) == 3
+    with pytest.raises(ValueError, match="max_group_rows"):
+        attention.shared_prefix_decode_attention(q, kc, vc, table, lens, starts, shared, max_group_rows=-1,
+                                                 scale=0.25, backend="triton")
+
+
+def test_memoised_shared_prefix_calls_keep_no_argument_alive(counted_shared):
+    refs = []
+    for seed in range(3):
+        case = _shared_case(seed)
+        refs += [weakref.ref(t) for t in case]
+        attention.shared_prefix_decode_attention(*case, max_group_rows=2, scale=0.25, backend="triton")
+        del case
+    gc.collect()
+    assert len(counted_shared) == 1
+    assert not any(r() is not None for r in refs)
+    table = attention.SHARED_CALLS.table
+    assert table and not any(_holds_tensor(k) for k in table)
+    for launch in table.values():
+        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))

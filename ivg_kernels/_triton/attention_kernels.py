@@ -592,49 +592,120 @@ def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                           scale, window, softcap, sinks, wrap=wrap_triton)
 
 
+def _shared_plan(n, h, d, h_kv, bs, width, groups, max_group_rows, num_splits, ieee, f32, elem):
+    """What a shared-prefix launch derives from its shapes: ``(block_m, query tiles, splits, chunk, the two
+    kernels' shared constexprs)``."""
+    group = h // h_kv
+    block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
+    max_len = width * bs
+    block_n = _tile_keys(bs, ieee, max_len, _LONG_KEYS // 2)  # the prefix: a tile of queries per tile of keys
+    m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
+    splits = num_splits if num_splits > 0 else _prefix_splits(groups * m_tiles, h_kv, max_len, block_n, block_m, elem)
+    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
+    both = dict(H_KV=h_kv, GROUP=group, D=d, DP=max(16, next_power_of_2(d)), BS=bs, BLOCK_N=block_n, IEEE=ieee,
+                F32=f32)
+    return block_m, m_tiles, splits, chunk, both
+
+
+class SharedLaunch(KeyedKernels):
+    """A shared-prefix decode launch for one kind of call (shapes, groups, strides, dtypes, alignment, scalars),
+    made once (:func:`shared_launch`), then called with a call's tensors. Holds no tensor."""
+
+    __slots__ = ("n", "groups", "grid1", "grid2", "offsets", "size", "scalars1", "scalars2", "settings")
+
+    def __init__(self, key, q, h_kv, bs, width, groups, max_group_rows, num_splits, bt_stride, scale, window,
+                 softcap, sinks, elem):
+        n, h, d = q.shape
+        ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
+        block_m, m_tiles, splits, chunk, both = _shared_plan(n, h, d, h_kv, bs, width, groups, max_group_rows,
+                                                             num_splits, ieee, f32, elem)
+        softcap, _, extra_c = _extras(q, softcap, sinks)
+        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        parts = n * h * splits
+        (_, m_at, l_at), size = packed((parts * d * 4, parts * 4, parts * 4))  # float32 part_o, part_m, part_l
+        self.n, self.offsets, self.size, self.settings = n, (m_at // 4, l_at // 4), size // 4, _settings()
+        self.grid1, self.grid2 = (groups, h_kv * m_tiles, splits), (n, h_kv)
+        self.scalars1 = (q.stride(0), q.stride(1), bt_stride, scale, window, chunk, splits, softcap)
+        self.scalars2 = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, splits, softcap)
+        const1 = dict(both, BLOCK_M=block_m, SOFTCAP=extra_c["SOFTCAP"], num_warps=8 if both["BLOCK_N"] >= 64 else 4,
+                      **_FUSED)
+        const2 = dict(both, GP=max(16, next_power_of_2(h // h_kv)), GS=max(16, next_power_of_2(groups)), **extra_c,
+                      **_FUSED)
+        self.groups = groups
+        super().__init__(key, (_shared_prefix_kernel, _shared_suffix_kernel), (const1, const2))
+
+    def current(self) -> bool:
+        """Whether the module's settings this launch was planned with still hold."""
+        return self.settings == _settings()
+
+    def __call__(self, q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if self.n == 0:
+            return out
+        buf = torch.empty((self.size,), dtype=torch.float32, device=q.device)  # the three partial buffers
+        part_m, part_l = buf[self.offsets[0]:], buf[self.offsets[1]:]
+        tables = (q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens)
+        self.launch(direct, (
+            (self.grid1, (*tables, buf, part_m, part_l, *self.scalars1)),
+            (self.grid2, (*tables, self.groups, buf, part_m, part_l, out, q if sinks is None else sinks,
+                          *self.scalars2))))
+        return out
+
+
+_SHARED_LAUNCHES: dict = {}  # key -> SharedLaunch
+
+
+def shared_launch(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, max_group_rows, scale,
+                  window, num_splits, softcap, sinks) -> SharedLaunch:
+    """The :class:`SharedLaunch` of an eager call with these arguments."""
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    # what the kernels' specialisations and the plan depend on (launch.DirectLaunch.key), as decode_launch's
+    key = (q.shape, q.stride(), h_kv, bs, block_table.shape[1], block_table.stride(0), shared_lens.shape[0],
+           max_group_rows, num_splits, type(scale), scale, window, type(softcap), softcap, _interpreted_bf16(q),
+           _settings(), tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks))
+    made = _SHARED_LAUNCHES.get(key)
+    if made is None:
+        if len(_SHARED_LAUNCHES) >= 4096:  # (a bound)
+            _SHARED_LAUNCHES.clear()
+        made = _SHARED_LAUNCHES[key] = SharedLaunch(
+            key, q, h_kv, bs, block_table.shape[1], shared_lens.shape[0], max_group_rows, num_splits,
+            block_table.stride(0), scale, window, softcap, sinks, k_cache.element_size())
+    return made
+
+
 def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,
                                           max_group_rows: int, scale: float, window: int, num_splits: int,
                                           softcap: float = 0.0, sinks=None, wrap=None) -> torch.Tensor:
     """Shared-prefix decode attention: the prefix kernel per (group, KV head x query tile, split), then
-    the suffix kernel per (row, KV head), which merges the prefix partials."""
-    launch = wrap or direct
+    the suffix kernel per (row, KV head), which merges the prefix partials. Eager calls (``wrap`` None) run
+    their :class:`SharedLaunch`; the torch op (``wrap_triton``) launches through it."""
+    if wrap is None:
+        return shared_launch(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, max_group_rows,
+                             scale, window, num_splits, softcap, sinks)(
+            q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks)
     n, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
     groups = shared_lens.shape[0]
     if n == 0:
         return out
-    group = h // h_kv
-    block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
-    max_len = block_table.shape[1] * bs
-    ieee, f32 = q.dtype == torch.float32, _interpreted_bf16(q)
-    block_n = _tile_keys(bs, ieee, max_len, _LONG_KEYS // 2)  # the prefix: a tile of queries per tile of keys
-    m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
-    splits = num_splits if num_splits > 0 else _prefix_splits(groups * m_tiles, h_kv, max_len, block_n, block_m,
-                                                              k_cache.element_size())
-    chunk = cdiv(cdiv(max(max_len, 1), splits), block_n) * block_n
+    block_m, m_tiles, splits, chunk, both = _shared_plan(
+        n, h, d, h_kv, bs, block_table.shape[1], groups, max_group_rows, num_splits, q.dtype == torch.float32,
+        _interpreted_bf16(q), k_cache.element_size())
     part_o = torch.empty((n * h * splits, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
     part_l = torch.empty((n * h * splits,), dtype=torch.float32, device=q.device)
-    dp = max(16, next_power_of_2(d))
-    gs = max(16, next_power_of_2(groups))
-    if wrap is None:  # eager: what the two kernels' specialisations depend on (launch.DirectLaunch.key)
-        key = (n, h, d, h_kv, bs, block_m, splits, chunk, gs, int_class(groups), q.stride(), out.stride(),
-               block_table.stride(0), int_class(window), type(scale), type(softcap), softcap > 0,
-               tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks))
-        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
     softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
-    launch(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
+    wrap(_shared_prefix_kernel)[(groups, h_kv * m_tiles, splits)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, part_o, part_m, part_l,
         q.stride(0), q.stride(1), block_table.stride(0), scale, window, chunk, splits, softcap,
-        H_KV=h_kv, GROUP=group, D=d, DP=dp, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, F32=f32,
-        SOFTCAP=extra_c["SOFTCAP"], num_warps=8 if block_n >= 64 else 4, **_FUSED,
+        **both, BLOCK_M=block_m, SOFTCAP=extra_c["SOFTCAP"], num_warps=8 if both["BLOCK_N"] >= 64 else 4, **_FUSED,
     )
-    launch(_shared_suffix_kernel)[(n, h_kv)](
+    wrap(_shared_suffix_kernel)[(n, h_kv)](
         q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, groups, part_o, part_m, part_l, out,
         sinks_arg, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window,
-        splits, softcap, H_KV=h_kv, GROUP=group, GP=max(16, next_power_of_2(group)), D=d, DP=dp, BS=bs,
-        BLOCK_N=block_n, IEEE=ieee, F32=f32, GS=gs, **extra_c, **_FUSED,
+        splits, softcap, **both, GP=max(16, next_power_of_2(h // h_kv)), GS=max(16, next_power_of_2(groups)),
+        **extra_c, **_FUSED,
     )
     return out
 
