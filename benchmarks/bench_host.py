@@ -121,10 +121,8 @@ def main(argv=None) -> int:
     from ivg_kernels import _eager_sample, attention
 
     # the functions that remember the calls they have checked (ivg_kernels/_eager.py), and how to turn it off
-    remembering = {"guided_sample": (_eager_sample, "ENABLED"),
-                   "paged_decode_attention": (attention.DECODE_CALLS, "enabled"),
-                   "shared_prefix_decode_attention": (attention.SHARED_CALLS, "enabled"),
-                   "write_kv": (attention.WRITE_CALLS, "enabled")}
+    remembering = {"guided_sample": _eager_sample.CALLS, "paged_decode_attention": attention.DECODE_CALLS,
+                   "shared_prefix_decode_attention": attention.SHARED_CALLS, "write_kv": attention.WRITE_CALLS}
     for bench, shape, fn, modules in cases():
         launches = []
         with co.offline_target(90, launches), _public_calls_on_cpu():
@@ -132,12 +130,11 @@ def main(argv=None) -> int:
             direct = _per_call_us(fn, launches)
             measured = [("direct-launch", direct)]
             if bench in remembering:  # the same calls, every one checked and planned (no remembered signature)
-                owner, flag = remembering[bench]
-                setattr(owner, flag, False)
+                remembering[bench].enabled = False
                 try:
                     checked = _per_call_us(fn, launches)
                 finally:
-                    setattr(owner, flag, True)
+                    remembering[bench].enabled = True
                 measured.append(("checked-direct-launch", checked))
             for m in modules:
                 m.direct = co.via_triton

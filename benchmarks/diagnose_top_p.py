@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     try:
         for pool_max in [own, *args.pool_max]:
             sk.POOL_MAX = pool_max
-            sk._plan.cache_clear()
             for name, idx in subsets.items():
                 if not idx:
                     print(f"{name:<18} {0:>4}  (none)")
@@ -114,7 +113,6 @@ def main(argv=None) -> int:
                 print(f"{name:<18} {m:>4} {size:>9} {taken:>11} {us:>9.1f}", flush=True)
     finally:
         sk.POOL_MAX = own
-        sk._plan.cache_clear()
     return 0
 
 

@@ -13,14 +13,21 @@ import torch
 from . import _eager
 from ._args import _to_int64
 
-_CALLS: dict = {}  # signature -> (SampleLaunch, weight values, temperature, top_k, top_p, min_p values)
-MAX_SIGNATURES = 1024  # (a bound: a process that samples at ever new shapes starts over)
 _TENSOR = torch.Tensor
 # a tensor row parameter's dtype in the launch (another dtype is converted there: no signature)
 _PARAM_DTYPES = (torch.float32, torch.int64, torch.float32, torch.float32, torch.int64, torch.int64)
 
 
-ENABLED = True  # False: every call takes the full path (benchmarks compare the two)
+class _Known(tuple):
+    """A remembered call: ``(SampleLaunch, weight values, temperature, top_k, top_p, min_p values)``."""
+
+    __slots__ = ()
+
+    def current(self) -> bool:  # (a launch planned before a module setting changed: re-plan)
+        return self[0].current()
+
+
+CALLS = _eager.Calls()  # signature -> _Known
 
 
 def _param(x, integer: bool):
@@ -43,7 +50,7 @@ def _key_class(x):
 
 def signature(logits, guides, temperature, top_k, top_p, min_p, seed, offset, vocab_size, backend):
     """The call's signature (module docstring), or None for a call that always takes the full path."""
-    if (not ENABLED or type(logits) is not _TENSOR or type(guides) not in (list, tuple) or type(backend) is not str
+    if (not CALLS.enabled or type(logits) is not _TENSOR or type(guides) not in (list, tuple) or type(backend) is not str
             or _eager.compiling()):
         return None
     parts = [backend, _eager.environment(backend, logits), _eager.tensor(logits),
@@ -69,16 +76,14 @@ def remember(sig, run, args, row_params) -> None:
     for x, dtype in zip(row_params, _PARAM_DTYPES):
         if type(x) is _TENSOR and (x.dtype != dtype or not x.is_contiguous()):
             return  # the launch would take a converted copy: not this call's tensor
-    if len(_CALLS) >= MAX_SIGNATURES:
-        _CALLS.clear()
     _, w_vals, _, _, t_val, _, k_val, _, p_val, _, m_val, _, _, _, _ = args
-    _CALLS[sig] = (run, w_vals, t_val, k_val, p_val, m_val)
+    CALLS.put(sig, _Known((run, w_vals, t_val, k_val, p_val, m_val)))
 
 
 def call(sig, logits, guides, temperature, top_k, top_p, min_p, seed, offset):
     """The six outputs of a call of a remembered signature, or None when ``sig`` is new."""
-    known = _CALLS.get(sig)
-    if known is None or not known[0].current():  # (a launch planned before a module setting changed: re-plan)
+    known = CALLS.get(sig)
+    if known is None:
         return None
     run, w_vals, t_val, k_val, p_val, m_val = known
     inputs = (logits, *[g for g, _ in guides])

@@ -139,6 +139,16 @@ def _holds_tensor(x) -> bool:
     return False
 
 
+def _assert_nothing_kept(refs, remembered):
+    """The calls' arguments (``refs``: weak references) are gone, and ``remembered`` holds launches but no tensor."""
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+    table = remembered.table
+    assert table and not any(_holds_tensor(k) for k in table)
+    for launch in table.values():
+        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))
+
+
 def test_memoised_calls_keep_no_argument_alive(counted):
     refs = []
     for seed in range(3):
@@ -148,13 +158,8 @@ def test_memoised_calls_keep_no_argument_alive(counted):
         out = attention.paged_decode_attention(*args, scale=0.25, sinks=sinks, num_splits=2, backend="triton")
         assert out.isfinite().all()
         del args, sinks, out
-    gc.collect()
+    _assert_nothing_kept(refs, attention.DECODE_CALLS)
     assert len(counted) == 1
-    assert not any(r() is not None for r in refs)
-    table = attention.DECODE_CALLS.table
-    assert table and not any(_holds_tensor(k) for k in table)
-    for launch in table.values():
-        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))
 
 
 def test_a_changed_module_setting_replans_a_remembered_call(counted, monkeypatch):
@@ -234,13 +239,8 @@ def test_memoised_writes_keep_no_argument_alive(counted_writes):
         refs += [weakref.ref(t) for t in args]
         attention.write_kv(*args, backend="triton")
         del args
-    gc.collect()
+    _assert_nothing_kept(refs, attention.WRITE_CALLS)
     assert len(counted_writes) == 1
-    assert not any(r() is not None for r in refs)
-    table = attention.WRITE_CALLS.table
-    assert table and not any(_holds_tensor(k) for k in table)
-    for launch in table.values():
-        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))
 
 
 @pytest.fixture
@@ -292,10 +292,5 @@ def test_memoised_shared_prefix_calls_keep_no_argument_alive(counted_shared):
         refs += [weakref.ref(t) for t in case]
         attention.shared_prefix_decode_attention(*case, max_group_rows=2, scale=0.25, backend="triton")
         del case
-    gc.collect()
+    _assert_nothing_kept(refs, attention.SHARED_CALLS)
     assert len(counted_shared) == 1
-    assert not any(r() is not None for r in refs)
-    table = attention.SHARED_CALLS.table
-    assert table and not any(_holds_tensor(k) for k in table)
-    for launch in table.values():
-        assert not any(_holds_tensor(getattr(launch, name)) for name in launch.__slots__ + ("key", "consts", "bound"))

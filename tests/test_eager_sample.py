@@ -29,7 +29,7 @@ def counted(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(sampling, "prepare_sample_args", spy)
-    monkeypatch.setattr(_eager_sample, "_CALLS", {})
+    monkeypatch.setattr(_eager_sample.CALLS, "table", {})
     return calls
 
 
@@ -152,8 +152,8 @@ def test_memoised_calls_keep_no_argument_alive(counted):
     gc.collect()
     assert len(counted) == 1
     assert not any(r() is not None for r in refs)
-    assert _eager_sample._CALLS and not any(_holds_tensor(k) or _holds_tensor(v[1:])
-                                            for k, v in _eager_sample._CALLS.items())
+    assert _eager_sample.CALLS.table and not any(_holds_tensor(k) or _holds_tensor(v[1:])
+                                                 for k, v in _eager_sample.CALLS.table.items())
 
 
 def test_a_changed_module_setting_replans_a_remembered_call(counted, monkeypatch):

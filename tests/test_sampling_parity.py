@@ -125,11 +125,9 @@ def pool_entries(monkeypatch):
     counters = count_fallbacks(monkeypatch) if counting else {}
 
     def resize(entries):
-        monkeypatch.setattr(sk, "POOL_MAX", entries)
-        sk._plan.cache_clear()  # plans hold the pool's size
+        monkeypatch.setattr(sk, "POOL_MAX", entries)  # (launches are planned per setting: sample_launch)
 
     yield resize, (counters if counting else None)
-    sk._plan.cache_clear()
 
 
 @pytest.mark.parametrize("path", ["pool", "passes"])

@@ -440,16 +440,15 @@ class DecodeLaunch(KeyedKernels):
     arguments and constexprs, made once (:func:`decode_launch`), then called with a call's tensors. Holds no
     tensor: a call's arguments live only as long as the call."""
 
-    __slots__ = ("n", "d", "splits", "parts", "m_at", "l_at", "size", "grid1", "grid2", "scalars1", "scalars2",
-                 "settings")
+    __slots__ = ("n", "splits", "m_at", "l_at", "size", "grid1", "grid2", "scalars1", "scalars2", "settings")
 
     def __init__(self, key, q, h_kv, bs, width, num_splits, bt_stride, scale, window, softcap, sinks):
         n, h, d = q.shape
-        splits, chunk, parts, (m_at, l_at, size), split_c, reduce_c = _decode_plan(
+        splits, chunk, _, (m_at, l_at, size), split_c, reduce_c = _decode_plan(
             n, h, d, h_kv, bs, width, num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
         softcap, _, extra_c = _extras(q, softcap, sinks)
         out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
-        self.n, self.d, self.splits, self.parts, self.m_at, self.l_at, self.size = n, d, splits, parts, m_at, l_at, size
+        self.n, self.splits, self.m_at, self.l_at, self.size = n, splits, m_at, l_at, size
         self.grid1, self.grid2 = (n, h_kv, splits), (n * h,)
         self.scalars1 = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, chunk, splits, softcap)
         self.scalars2 = (*out_stride, h, splits)

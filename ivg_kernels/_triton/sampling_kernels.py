@@ -37,7 +37,6 @@ stream ivg_kernels/reference/philox.py.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -825,7 +824,6 @@ def workspace_layout(n: int, s: int, ng: int, nin: int, c: int,
     return tuple(offsets[1:]), size
 
 
-@functools.lru_cache(maxsize=1024)
 def _plan(n: int, v: int, block: int, nin: int, filters: bool) -> tuple:
     """``(block, granule, candidates per slice, slices per row, granules per row, pool entries, workspace
     offsets, workspace bytes)`` of a launch (``block`` 0: picked from the shape)."""
@@ -847,15 +845,14 @@ class SampleLaunch(KeyedKernels):
     constexprs, warps), made once per key (:func:`sample_launch`) and then called with a call's tensors and
     values. Holds no tensor: a call's inputs live only as long as the call."""
 
-    __slots__ = ("n", "nin", "strides", "w_stride", "offsets", "size", "grid1", "grid2", "rest1", "rest2",
-                 "settings")
+    __slots__ = ("n", "nin", "strides", "w_stride", "size", "grid1", "grid2", "rest1", "rest2", "settings")
 
     def __init__(self, key, n, v, nin, block, filters, strides, w_stride, kinds):
         w_ten, t_ten, k_ten, p_ten, m_ten, sd_ten, of_ten = kinds
         block, gr, c, s, ng, pool, offsets, size = _plan(n, v, block, nin, filters)
         self.n, self.nin, self.strides, self.w_stride = n, nin, strides, w_stride
         self.settings = _settings()
-        self.offsets, self.size = offsets, size
+        self.size = size
         self.grid1, self.grid2 = (n * s,), (n,)
         self.rest1 = (*offsets, v, s, ng)  # stage 1's arguments after the workspace
         self.rest2 = (*offsets, pool)  # stage 2's after the workspace, before the outputs
@@ -900,7 +897,8 @@ _LAUNCHES: dict = {}  # launch key -> SampleLaunch
 
 
 def _settings() -> tuple:
-    """The module-level settings a launch's plan reads (tests and tune_stage1.py change them)."""
+    """The module-level settings a launch's plan reads (tests and tune_stage1.py change them; sample_launch's key
+    holds them too)."""
     return POOL_PER_ROW, POOL_MAX, STAGE1_WARPS_WIDE
 
 
@@ -908,15 +906,14 @@ def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, 
                   of_val) -> SampleLaunch:
     """The :class:`SampleLaunch` of a call: ``tensors`` are the inputs, then the weight rows and the six row
     parameters' tensors (None where absent: a scalar); the values are the scalars' (0 for a tensor's)."""
-    # What the two kernels' specialisations depend on (launch.DirectLaunch.key): the constexprs and options
-    # (from nin, the parameters' kinds, filters, block, stage 1's warps), the integers' values or classes, the
-    # pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned; an
-    # absent weight or row-parameter tensor: None).
-    key = (n, v, block, STAGE1_WARPS_WIDE, _plan(n, v, block, nin, filters), filters, strides, w_stride,
-           tensor_key(*tensors), type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val),
-           int_class(of_val))
+    # What the two kernels' specialisations and the plan depend on (launch.DirectLaunch.key): the constexprs and
+    # options (from nin, the parameters' kinds, filters, block, the module's settings), the integers' values or
+    # classes, the pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
+    # an absent weight or row-parameter tensor: None).
+    key = (n, v, block, STAGE1_WARPS_WIDE, POOL_PER_ROW, POOL_MAX, filters, strides, w_stride, tensor_key(*tensors),
+           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
     made = _LAUNCHES.get(key)
-    if made is None or not made.current():
+    if made is None:
         if len(_LAUNCHES) >= 4096:  # (a bound: a process that samples at ever new shapes)
             _LAUNCHES.clear()
         kinds = tuple(t is not None for t in tensors[nin:])
