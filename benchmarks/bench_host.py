@@ -118,11 +118,12 @@ def main(argv=None) -> int:
     print(f"empty torch op (CPU): {empty:.1f} us per call")
     rows.append(dict(date=stamp, commit=rev, device=device, benchmark="host-eager", provider="empty-torch-op",
                      shape="torch.empty(1).add_(1)", dtype="float32", median_us=f"{empty:.1f}", speedup="1.00"))
-    from ivg_kernels import _eager_sample, attention
+    from ivg_kernels import _eager_sample, attention, speculative
 
     # the functions that remember the calls they have checked (ivg_kernels/_eager.py), and how to turn it off
     remembering = {"guided_sample": _eager_sample.CALLS, "paged_decode_attention": attention.DECODE_CALLS,
-                   "shared_prefix_decode_attention": attention.SHARED_CALLS, "write_kv": attention.WRITE_CALLS}
+                   "shared_prefix_decode_attention": attention.SHARED_CALLS, "write_kv": attention.WRITE_CALLS,
+                   "draft_sample": speculative.DRAFT_CALLS}
     for bench, shape, fn, modules in cases():
         launches = []
         with co.offline_target(90, launches), _public_calls_on_cpu():

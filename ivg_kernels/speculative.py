@@ -11,7 +11,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._args import _fail, prepare_sample_args, row_tensor
+from . import _eager
+from ._args import _fail, _to_int64, prepare_sample_args
 from ._backend import resolve_backend
 from .reference import speculative as ref
 from .reference.dtypes import as_dtype
@@ -34,7 +35,13 @@ def draft_sample(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     :func:`ivg_kernels.guided_sample`) with the draft uniform of the key ``(seed, offset)``; -1 for rows
     with NaN/inf logits. One inverse-CDF draw per row: plain torch, or on CUDA where it applies (no
     filter, a scalar temperature, ``uniforms`` not given) one fused Triton kernel (``backend``: ``"auto"``,
-    ``"reference"`` or ``"triton"``), with the same tokens."""
+    ``"reference"`` or ``"triton"``), with the same tokens. An eager call of a kind already checked and
+    launched on the Triton path launches at once (:mod:`ivg_kernels._eager`)."""
+    sig = _draft_signature(draft_logits, temperature, top_k, top_p, min_p, seed, offset, vocab_size, uniforms, backend)
+    known = DRAFT_CALLS.get(sig)
+    if known is not None:
+        r, dev = draft_logits.shape[0], draft_logits.device
+        return known(draft_logits, _key_rows(seed, r, dev), _key_rows(offset, r, dev))
     which = resolve_backend(backend, draft_logits, triton_dtypes=_TRITON_DTYPES) if isinstance(
         draft_logits, torch.Tensor) else "reference"  # (the reference names a bad argument)
     if which == "triton" and not (fused_verification_applies([], temperature, top_k, top_p, min_p) and uniforms is None):
@@ -49,12 +56,45 @@ def draft_sample(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
             _fail("uniforms", uniforms, f"None or a float64 tensor [{rows}, 3] (spec_uniforms of the keys)")
         return ref.draft_draw_ref(draft_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   seed=seed, offset=offset, vocab_size=vocab_size, uniforms=uniforms)
-    from ._triton.speculative_kernels import launch_draft_sample
+    from ._triton.speculative_kernels import draft_launch
 
     a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
     r, dev = a.num_rows, a.logits.device
-    return launch_draft_sample(a.logits, float(a.temperature), row_tensor(a.seed, r, torch.int64, dev).contiguous(),
-                               row_tensor(a.offset, r, torch.int64, dev).contiguous(), a.vocab_size)
+    seed_rows, offset_rows = _key_rows(a.seed, r, dev), _key_rows(a.offset, r, dev)
+    launch = draft_launch(a.logits, float(a.temperature), seed_rows, offset_rows, a.vocab_size)
+    if sig is not None:
+        DRAFT_CALLS.put(sig, launch)
+    return launch(a.logits, seed_rows, offset_rows)
+
+
+DRAFT_CALLS = _eager.Calls()  # draft_sample's signatures -> their DraftLaunch
+
+
+def _key_rows(key, r: int, device) -> torch.Tensor:
+    """A key (``seed`` or ``offset``: an int or an integer tensor ``[R]``) as the draft kernel takes it: int64
+    ``[R]``, contiguous (an int as ``prepare_sample_args`` reads it, modulo 2**64)."""
+    if isinstance(key, torch.Tensor):
+        return key.to(torch.int64).contiguous()
+    return torch.full((r,), _to_int64(key), dtype=torch.int64, device=device)
+
+
+def _key_part(key):
+    """A key's part of a signature: a tensor's metadata, or ``int`` for any int (every int is a valid key, and its
+    value reaches the kernel in a tensor: no specialisation); None for anything else."""
+    return _eager.tensor(key) if type(key) is torch.Tensor else (int if type(key) is int else None)
+
+
+def _draft_signature(draft_logits, temperature, top_k, top_p, min_p, seed, offset, vocab_size, uniforms, backend):
+    """What :func:`draft_sample`'s checks, backend choice and launch read of a call (:mod:`ivg_kernels._eager`), or
+    None for a call that always takes the full path (uniforms given, arguments of other kinds, a trace)."""
+    if (not DRAFT_CALLS.enabled or uniforms is not None or type(draft_logits) is not torch.Tensor
+            or type(backend) is not str or _eager.compiling()):
+        return None
+    num = _eager.number
+    sig = (backend, _eager.environment(backend, draft_logits), _eager.tensor(draft_logits),
+           num(temperature, float, int), num(top_k, int), num(top_p, float, int), num(min_p, float, int),
+           _key_part(seed), _key_part(offset), vocab_size if vocab_size is None or type(vocab_size) is int else None)
+    return None if None in sig[:-1] or (vocab_size is not None and sig[-1] is None) else sig
 
 
 def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *, temperature=1.0, top_k=0, top_p=1.0,

@@ -124,3 +124,14 @@ def count_fallbacks(monkeypatch) -> FallbackCounters:
 
 interpreter_only = pytest.mark.skipif(DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") != "1",
                                       reason="counts calls inside the kernel: interpreter only")
+
+
+def count_checks(monkeypatch, module, check: str, remembered) -> list:
+    """Counts the calls of ``module.check`` (a function the full path of a public function runs on every checked
+    call) and starts ``remembered`` (an ``ivg_kernels._eager.Calls``) from no remembered call: the tests of
+    remembered eager calls count how many calls were checked."""
+    calls = []
+    real = getattr(module, check)
+    monkeypatch.setattr(module, check, lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(remembered, "table", {})
+    return calls

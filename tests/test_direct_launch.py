@@ -25,13 +25,13 @@ def norm(x):
     return x
 
 def triton_launches(fn, launches):  # what fn launches through Triton's own kernel[grid], normalised
-    from ivg_kernels._triton import sampling_kernels as sk, attention_kernels as ak
-    sk.direct = ak.direct = co.via_triton
+    from ivg_kernels._triton import sampling_kernels as sk, attention_kernels as ak, speculative_kernels as spk
+    sk.direct = ak.direct = spk.direct = co.via_triton
     try:
         del launches[:]
         fn()
     finally:
-        sk.direct = ak.direct = launch.direct
+        sk.direct = ak.direct = spk.direct = launch.direct
     return norm(launches)
 """
 
@@ -250,12 +250,14 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
     """``ivg_kernels.guided_sample`` called again with arguments of the same kind skips the checks and launches the
     kept compiled kernels (ivg_kernels/_eager_sample.py, SampleLaunch.bound): the grids and arguments equal those of
     Triton's own ``kernel[grid]`` for the same call, for scalar and tensor row parameters, with and without
-    filters; and the calls after the first were not checked again."""
+    filters; and the calls after the first were not checked again. The same for ``ivg_kernels.draft_sample``
+    (speculative.DRAFT_CALLS, DraftLaunch), with int and tensor keys."""
     out = _run("""
         import os
         import ivg_kernels
         from ivg_kernels import sampling, _eager_sample
-        from ivg_kernels._triton import sampling_kernels  # noqa: F401 - its kernels decorated as compiled ones
+        # their kernels decorated as compiled ones
+        from ivg_kernels._triton import sampling_kernels, speculative_kernels  # noqa: F401
 
         v = 4096
         x = [torch.zeros(4, v, dtype=torch.bfloat16) for _ in range(3)]
@@ -282,9 +284,29 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
                 via_triton = triton_launches(call(5, **kw), launches)
                 del os.environ["TRITON_INTERPRET"]
             print(name, "same:", memoised == via_triton, "checks:", len(checks))
+
+        from ivg_kernels import speculative
+        speculative.prepare_sample_args = sampling.prepare_sample_args  # (the spy)
+        offsets = torch.arange(16).view(4, 4)  # (columns 0 and 2 start on 16 bytes)
+        KNOWN.add(offsets.data_ptr())
+        launches = []
+        with co.offline_target(90, launches):  # (one context: both cases share one DraftLaunch, bound in it)
+            for name, seed in (("draft", 3), ("draft keys", offsets[:, 0])):
+                del checks[:]
+                os.environ["TRITON_INTERPRET"] = "1"
+                for col in (0, 2, 0):  # one signature (a strided column of offsets, copied for the kernel)
+                    del launches[:]
+                    ivg_kernels.draft_sample(x[0], temperature=0.7, seed=seed, offset=offsets[:, col], backend="triton")
+                memoised = norm(launches)
+                via_triton = triton_launches(lambda: ivg_kernels.draft_sample(
+                    x[0], temperature=0.7, seed=seed, offset=offsets[:, 0], backend="triton"), launches)
+                del os.environ["TRITON_INTERPRET"]
+                print(name, "kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
     """, tmp_path)
     for name in ("plain", "filters", "tensor"):
         assert f"{name} same: True checks: 1" in out, out
+    for name in ("draft", "draft keys"):
+        assert f"{name} kernels: 1 same: True checks: 1" in out, out
 
 
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):

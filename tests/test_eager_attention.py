@@ -10,26 +10,16 @@ import torch
 from ivg_kernels import attention
 from ivg_kernels.reference.attention import paged_decode_attention_ref
 
-from .helpers import DEVICE, requires_triton
+from .helpers import DEVICE, count_checks, requires_triton
 
 pytestmark = requires_triton
 
 H, H_KV, D, BS, BLOCKS = 4, 2, 16, 4, 24
 
 
-def _count_checks(monkeypatch, remembered):
-    """Counts the full path's checks (``_check_cache``, which every checked call runs first) and starts
-    ``remembered`` (an ``_eager.Calls``) from no remembered call."""
-    calls = []
-    real = attention._check_cache
-    monkeypatch.setattr(attention, "_check_cache", lambda *args: calls.append(1) or real(*args))
-    monkeypatch.setattr(remembered, "table", {})
-    return calls
-
-
 @pytest.fixture
 def counted(monkeypatch):
-    return _count_checks(monkeypatch, attention.DECODE_CALLS)
+    return count_checks(monkeypatch, attention, "_check_cache", attention.DECODE_CALLS)
 
 
 def _case(n=3, seed=0, dtype=torch.float32, width=5):
@@ -180,7 +170,7 @@ def test_a_changed_module_setting_replans_a_remembered_call(counted, monkeypatch
 
 @pytest.fixture
 def counted_writes(monkeypatch):
-    return _count_checks(monkeypatch, attention.WRITE_CALLS)
+    return count_checks(monkeypatch, attention, "_check_cache", attention.WRITE_CALLS)
 
 
 def _write_case(t, seed, dtype=torch.float32):
@@ -245,7 +235,7 @@ def test_memoised_writes_keep_no_argument_alive(counted_writes):
 
 @pytest.fixture
 def counted_shared(monkeypatch):
-    return _count_checks(monkeypatch, attention.SHARED_CALLS)
+    return count_checks(monkeypatch, attention, "_check_cache", attention.SHARED_CALLS)
 
 
 def _shared_case(seed, dtype=torch.float32):

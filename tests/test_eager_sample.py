@@ -11,7 +11,7 @@ import ivg_kernels
 from ivg_kernels import _eager_sample, sampling
 from ivg_kernels.reference.sampling import guided_sample_ref
 
-from .helpers import DEVICE, requires_triton
+from .helpers import DEVICE, count_checks, requires_triton
 
 pytestmark = requires_triton
 
@@ -21,16 +21,7 @@ V = 64
 @pytest.fixture
 def counted(monkeypatch):
     """Counts the full path's argument checks (``prepare_sample_args``) and starts from no remembered call."""
-    calls = []
-    real = sampling.prepare_sample_args
-
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(sampling, "prepare_sample_args", spy)
-    monkeypatch.setattr(_eager_sample.CALLS, "table", {})
-    return calls
+    return count_checks(monkeypatch, sampling, "prepare_sample_args", _eager_sample.CALLS)
 
 
 def _inputs(n=3, v=V, seed=0, dtype=torch.float32):

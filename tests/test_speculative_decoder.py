@@ -281,8 +281,8 @@ def test_fused_draft_draws_give_the_reference_tokens(monkeypatch):
     from ivg_kernels._triton import speculative_kernels
 
     models = ivg_models("gpt2", dtype=torch.float32)
-    calls, real = [], speculative_kernels.launch_draft_sample
-    monkeypatch.setattr(speculative_kernels, "launch_draft_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], speculative_kernels.DraftLaunch.__call__  # (every launch of the draft kernel, remembered or not)
+    monkeypatch.setattr(speculative_kernels.DraftLaunch, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     opts = _opts("eft", temperature=0.9, max_new_tokens=6, speculate=3)
     want = IVGDecoder(models, backend="reference").generate(PROMPTS[:2], opts)
     got = IVGDecoder(models, backend="triton").generate(PROMPTS[:2], opts)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import direct, int_class, next_power_of_2, tensor_key
+from .launch import KeyedKernels, direct, next_power_of_2, tensor_key
 from .sampling_kernels import _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
@@ -218,25 +218,52 @@ def _draft_kernel(draft, d_strides, d_w, seed, offset, t, V, out_tok,
     tl.store(out_tok + r, tl.where(bad == 0, tok, -1))
 
 
+class DraftLaunch(KeyedKernels):
+    """A draft draw for one kind of call (rows, row stride, dtypes, alignment, temperature, vocabulary), made once
+    (:func:`draft_launch`), then called with a call's logits and int64 ``[R]`` keys. Holds no tensor."""
+
+    __slots__ = ("r", "scalars", "stride")
+
+    def __init__(self, key, r, stride, temperature, vocab_size, block):
+        greedy = temperature == 0
+        self.r = r
+        self.scalars = (float(temperature) if not greedy else 1.0, vocab_size)
+        self.stride = ((stride,), (0.0,))
+        super().__init__(key, (_draft_kernel,), (dict(GREEDY=greedy, BLOCK=block, enable_fp_fusion=False),))
+
+    def __call__(self, draft_logits, seed, offset) -> torch.Tensor:
+        out = torch.empty(self.r, dtype=torch.int64, device=draft_logits.device)
+        if self.r:
+            strides, weights = self.stride
+            self.launch(direct, (((self.r,), ((draft_logits,), strides, weights, seed, offset, *self.scalars, out)),))
+        return out
+
+
+_DRAFT_LAUNCHES: dict = {}  # launch key -> DraftLaunch
+
+
+def draft_launch(draft_logits: torch.Tensor, temperature: float, seed: torch.Tensor, offset: torch.Tensor,
+                 vocab_size: int, block: int = 1024) -> DraftLaunch:
+    """The :class:`DraftLaunch` of an eager call with these arguments."""
+    block = min(block, next_power_of_2(vocab_size))
+    # What the specialisation depends on (launch.DirectLaunch.key): the integers' classes, the pointers' dtypes
+    # and alignment (``out`` is a fresh allocation: aligned), the constexprs; the plan: rows and the scalars.
+    stride = draft_logits.stride(0)
+    key = (draft_logits.shape[0], stride, float(temperature), vocab_size, block,
+           tensor_key(draft_logits, seed, offset))
+    made = _DRAFT_LAUNCHES.get(key)
+    if made is None:
+        if len(_DRAFT_LAUNCHES) >= 4096:  # (a bound)
+            _DRAFT_LAUNCHES.clear()
+        made = _DRAFT_LAUNCHES[key] = DraftLaunch(key, draft_logits.shape[0], stride, temperature, vocab_size, block)
+    return made
+
+
 def launch_draft_sample(draft_logits: torch.Tensor, temperature: float, seed: torch.Tensor, offset: torch.Tensor,
                         vocab_size: int, block: int = 1024) -> torch.Tensor:
     """Draft tokens ``[R]`` of ``draft_draw_ref`` for rows without filters (scalar temperature; ``seed`` and
-    ``offset`` int64 ``[R]``). One program per row; the kernel is launched directly."""
-    r = draft_logits.shape[0]
-    out = torch.empty(r, dtype=torch.int64, device=draft_logits.device)
-    if r == 0:
-        return out
-    greedy = temperature == 0
-    block = min(block, next_power_of_2(vocab_size))
-    # What the specialisation depends on (launch.DirectLaunch.key): the integers' classes, the pointers' dtypes
-    # and alignment (``out`` is a fresh allocation: aligned), the constexprs.
-    key = (int_class(vocab_size), int_class(draft_logits.stride(0)), greedy, block,
-           tensor_key(draft_logits, seed, offset))
-    direct(_draft_kernel).key(key)[(r,)](
-        (draft_logits,), (draft_logits.stride(0),), (0.0,), seed, offset, float(temperature) if not greedy else 1.0,
-        vocab_size, out, GREEDY=greedy, BLOCK=block, enable_fp_fusion=False,
-    )
-    return out
+    ``offset`` int64 ``[R]``). One program per row, launched directly (:class:`DraftLaunch`)."""
+    return draft_launch(draft_logits, temperature, seed, offset, vocab_size, block)(draft_logits, seed, offset)
 
 
 def launch_speculative_verify(logits: torch.Tensor, guides: list, weights: list, draft_logits: torch.Tensor,
