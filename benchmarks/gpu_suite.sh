@@ -33,9 +33,11 @@
 #             weights (bf16; fixed and adapting drafts), one prompt at a time (about 3 minutes; not part of "all")
 #   flashinfer  FlashInfer beside this project's sampler and paged attention: bench_sampling (the
 #             flashinfer providers at N 1, 16, 256 and V 151936, every warper setting) and bench_kv (its
-#             flashinfer, flashinfer-per-beam and flashinfer-cascade rows); FlashInfer compiles its
-#             kernels on first use (minutes). Needs .whl/flashinfer/ from benchmarks/fetch_flashinfer.sh,
-#             carried to the machine (not part of "all": its first-use builds would eat the bench timeouts)
+#             flashinfer, flashinfer-per-beam and flashinfer-cascade rows). Needs .whl/flashinfer/ from
+#             benchmarks/fetch_flashinfer.sh, carried to the machine; with the modules it built ahead of time
+#             (where it had nvcc: benchmarks/flashinfer_aot.py) nothing compiles here, else FlashInfer
+#             compiles its kernels on first use (minutes; not part of "all": those builds would eat the
+#             bench timeouts)
 #   published the published IVG code beside this decoder (bench_published --models gpt2-xl --device cuda,
 #             64 prompts, bf16, modes ivg eft tokenrm cbs bon plain (PUBLISHED_MODES): several minutes, the
 #             published side one prompt at a time over the first PUBLISHED_SIDE_PROMPTS, default 8): needs .published/ and .whl/published/ from
@@ -112,11 +114,14 @@ flashinfer_env() {
             || { echo "flashinfer: could not unpack .whl/flashinfer/"; return 1; }
     fi
     case ":${PYTHONPATH:-}:" in *":$dir:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$dir" ;; esac
-    "$PY" -c 'import flashinfer.sampling, flashinfer.decode, flashinfer.cascade; print("flashinfer", flashinfer.__version__)'
+    # (the modules benchmarks/flashinfer_aot.py built ahead of time, which FlashInfer loads instead of compiling)
+    "$PY" -c 'import flashinfer.sampling, flashinfer.decode, flashinfer.cascade; from flashinfer.jit import env
+aot = sorted(p.name for p in env.FLASHINFER_AOT_DIR.glob("*/*.so"))
+print("flashinfer", flashinfer.__version__, "prebuilt modules:", len(aot), *aot)'
 }
 
 run_flashinfer() {
-    note "FlashInfer beside this project (its kernels compile on first use)"
+    note "FlashInfer beside this project (its kernels prebuilt, or compiled on first use)"
     if ! flashinfer_env; then
         echo "flashinfer: .whl/flashinfer/ missing or unusable: run benchmarks/fetch_flashinfer.sh where there is" \
              "network and carry .whl"

@@ -3,6 +3,7 @@ machine, where a broken script would cost a whole lease)."""
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def test_gpu_suite_parses():
     res = subprocess.run(["bash", "-n", str(SUITE)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_flashinfer_scripts_parse():
+    """fetch_flashinfer.sh and the ahead-of-time build it runs (they need network and nvcc: not run here)."""
+    bench = SUITE.parent
+    res = subprocess.run(["bash", "-n", str(bench / "fetch_flashinfer.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, str(bench / "flashinfer_aot.py"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "TREE" in res.stdout.upper(), res.stderr
 
 
 def test_every_stage_in_the_usage_has_a_branch_and_a_description():
