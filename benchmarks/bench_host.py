@@ -88,6 +88,12 @@ def cases():
     yield ("shared_prefix_decode_attention", f"N=16,groups=1,shared=2048,L=2112,heads={h}/{h_kv},D={d},block={bs}",
            lambda: ivg_kernels.shared_prefix_decode_attention(q, kc, kc, table, lens, starts, shared, max_group_rows=16,
                                                               scale=d ** -0.5, backend="triton"), (ak,))
+    q = torch.zeros(4 * 64, h, d, dtype=torch.bfloat16)  # an extend: 4 sequences read 64 new tokens each
+    table, lens = torch.zeros(4, 64, dtype=torch.int32), torch.full((4,), 1024, dtype=torch.int32)
+    cu = torch.arange(0, 4 * 64 + 1, 64, dtype=torch.int32)
+    yield ("paged_prefill_attention", f"B=4,new=64,L=1024,heads={h}/{h_kv},D={d},block={bs}",
+           lambda: ivg_kernels.paged_prefill_attention(q, kc, kc, table, lens, cu, max_seqlen_q=64, scale=d ** -0.5,
+                                                       backend="triton"), (ak,))
     key = torch.zeros(16, h_kv, d, dtype=torch.bfloat16)
     slots = torch.arange(16)
     yield ("write_kv", f"T=16,kv_heads={h_kv},D={d}",
@@ -123,6 +129,7 @@ def main(argv=None) -> int:
     # the functions that remember the calls they have checked (ivg_kernels/_eager.py), and how to turn it off
     remembering = {"guided_sample": _eager_sample.CALLS, "paged_decode_attention": attention.DECODE_CALLS,
                    "shared_prefix_decode_attention": attention.SHARED_CALLS, "write_kv": attention.WRITE_CALLS,
+                   "paged_prefill_attention": attention.PREFILL_CALLS,
                    "draft_sample": speculative.DRAFT_CALLS}
     for bench, shape, fn, modules in cases():
         launches = []

@@ -352,6 +352,11 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
         made once and passed to every layer of a forward (the masks and gather indices depend on the
         tables only). A plan of other tables gives wrong results; other backends ignore it
     """
+    sig = _prefill_signature(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale,
+                             sliding_window, backend, plan, softcap, sinks)
+    known = PREFILL_CALLS.get(sig)
+    if known is not None:  # a kind of call already checked and launched (ivg_kernels/_eager.py)
+        return known(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks)
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
     b = block_table.shape[0] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else None
@@ -378,8 +383,27 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
                                                 f"{int(runs[b])} of {int(lens[b])}")
         if len(runs) and int(runs.max()) > max_seqlen_q:
             _fail("max_seqlen_q", max_seqlen_q, f"at least {int(runs.max())}, the longest query run")
+    if which == "triton" and sig is not None:
+        known = _triton_kernels().prefill_launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                                 int(max_seqlen_q), scale, int(sliding_window or 0), softcap, sinks)
+        PREFILL_CALLS.put(sig, known)
+        return known(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks)
     return run_prefill(which, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, int(max_seqlen_q), scale,
                        sliding_window, plan, softcap=softcap, sinks=sinks)
+
+
+PREFILL_CALLS = _eager.Calls()  # paged_prefill_attention's signatures -> their PrefillLaunch
+
+
+def _prefill_signature(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, sliding_window,
+                       backend, plan, softcap, sinks):
+    """What :func:`paged_prefill_attention`'s checks, backend choice and launch read of a call, as
+    :func:`_decode_signature` (the tables' and ``q``'s shapes among it: a call with another number of tokens or
+    sequences is a new kind)."""
+    sig = (_decode_signature(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, 0, backend, plan,
+                             softcap, sinks, PREFILL_CALLS),
+           _eager.tensor(cu_seqlens_q), _eager.number(max_seqlen_q, int))
+    return None if None in sig else sig
 
 
 # The ops after their checks, on a backend already resolved (``attention_backend``): what the public

@@ -310,9 +310,9 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
 
 
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
-    """``ivg_kernels.paged_decode_attention``, ``write_kv`` and ``shared_prefix_decode_attention`` called again with
-    arguments of the same kind skip the checks and launch the kept compiled kernels (attention.DECODE_CALLS,
-    WRITE_CALLS and SHARED_CALLS, KeyedKernels.bound): the
+    """``ivg_kernels.paged_decode_attention``, ``write_kv``, ``shared_prefix_decode_attention`` and
+    ``paged_prefill_attention`` called again with arguments of the same kind skip the checks and launch the kept
+    compiled kernels (attention.DECODE_CALLS, WRITE_CALLS, SHARED_CALLS and PREFILL_CALLS, KeyedKernels.bound): the
     grids and arguments equal those of Triton's own ``kernel[grid]`` for the same call, with one split and with the
     reduce kernel, with and without sinks; and the calls after the first were not checked again."""
     out = _run("""
@@ -377,6 +377,23 @@ def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
             via_triton = triton_launches(shared_call, launches)
             del os.environ["TRITON_INTERPRET"]
         print("shared kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+
+        cu = torch.tensor([0, 3, 4, 9, 9], dtype=torch.int32)  # ragged runs (one empty) of 9 new tokens
+        qp = torch.zeros(9, 8, 64, dtype=torch.bfloat16)
+        KNOWN.update(t.data_ptr() for t in [cu, qp])
+        launches = []
+        del checks[:]
+        prefill_call = lambda: ivg_kernels.paged_prefill_attention(  # noqa: E731
+            qp, kc, kc, table, lens, cu, max_seqlen_q=5, scale=0.125, sinks=sinks, backend="triton")
+        with co.offline_target(90, launches):
+            os.environ["TRITON_INTERPRET"] = "1"
+            for i in range(3):
+                del launches[:]
+                prefill_call()
+            memoised = norm(launches)
+            via_triton = triton_launches(prefill_call, launches)
+            del os.environ["TRITON_INTERPRET"]
+        print("prefill kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
     """, tmp_path)
-    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1), ("shared", 2)):
+    for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1), ("shared", 2), ("prefill", 1)):
         assert f"{name} kernels: {kernels} same: True checks: 1" in out, out

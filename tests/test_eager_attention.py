@@ -284,3 +284,81 @@ def test_memoised_shared_prefix_calls_keep_no_argument_alive(counted_shared):
         del case
     _assert_nothing_kept(refs, attention.SHARED_CALLS)
     assert len(counted_shared) == 1
+
+
+@pytest.fixture
+def counted_prefill(monkeypatch):
+    return count_checks(monkeypatch, attention, "_check_cache", attention.PREFILL_CALLS)
+
+
+def _prefill_case(seed, dtype=torch.float32, news=(3, 1, 5), lens=(9, 4, 17)):
+    """Ragged new tokens (``news``) at the end of sequences of ``lens`` tokens: queries, caches, tables, lengths,
+    offsets and the longest run."""
+    q, kc, vc, table, _ = _case(n=len(news), seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(sum(news), H, D, generator=g).to(dtype).to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(news).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return q, kc, vc, table, torch.tensor(lens, device=DEVICE), cu, max(news)
+
+
+def _prefill_same(case, **kw):
+    """The Triton path against the reference, for the same arguments."""
+    from ivg_kernels.reference.attention import paged_prefill_attention_ref
+
+    *tensors, most = case
+    tri = attention.paged_prefill_attention(*tensors, max_seqlen_q=most, backend="triton", **kw)
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref = paged_prefill_attention_ref(*[t.cpu() for t in tensors], **kw)
+    tol = 2e-5 if ref.dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(tri.cpu().float(), ref.float(), rtol=tol, atol=tol)
+    assert ref.abs().sum() > 0
+
+
+def test_memoised_prefills_attend_as_the_reference_does(counted_prefill):
+    """Calls of one kind (token count, sequences, longest run, scalars) are checked once and attend over their own
+    tensors; another token count, longest run, window, soft-cap or sinks is a new kind, checked once itself."""
+    for seed in range(3):
+        _prefill_same(_prefill_case(seed), scale=0.25)
+    assert len(counted_prefill) == 1
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    for seed in range(2):
+        _prefill_same(_prefill_case(seed, news=(2, 2, 4), lens=(6, 3, 11)), scale=0.25)  # another token count
+        _prefill_same(_prefill_case(seed, news=(4, 1, 4), lens=(9, 4, 17)), scale=0.25)  # the same count, longest 4
+        _prefill_same(_prefill_case(seed, news=(2, 2, 5), lens=(6, 3, 11)), scale=0.25)  # the first kind, other runs
+        _prefill_same(_prefill_case(seed), scale=0.5)
+        _prefill_same(_prefill_case(seed), scale=0.5, sliding_window=3, softcap=2.0, sinks=sinks)
+        _prefill_same(_prefill_case(seed, dtype=torch.float16), scale=0.25)
+    assert len(counted_prefill) == 6
+
+
+@pytest.mark.parametrize("bad, message", [("cu int64 rows", "cu_seqlens_q"), ("max_seqlen_q", "max_seqlen_q"),
+                                          ("scale", "scale"), ("q heads", "q=")])
+def test_bad_prefills_after_memoised_calls_still_raise(counted_prefill, bad, message):
+    q, kc, vc, table, lens, cu, most = _prefill_case(0)
+    for _ in range(2):
+        attention.paged_prefill_attention(q, kc, vc, table, lens, cu, max_seqlen_q=most, scale=0.25, backend="triton")
+    kw = dict(max_seqlen_q=most, scale=0.25)
+    if bad == "cu int64 rows":
+        cu = cu[:3]
+    elif bad == "max_seqlen_q":
+        kw["max_seqlen_q"] = -1
+    elif bad == "scale":
+        kw["scale"] = 0.0
+    else:
+        q = q[:, :3]
+    with pytest.raises(ValueError, match=message):
+        attention.paged_prefill_attention(q, kc, vc, table, lens, cu, backend="triton", **kw)
+
+
+def test_memoised_prefills_keep_no_argument_alive(counted_prefill):
+    refs = []
+    for seed in range(3):
+        *tensors, most = _prefill_case(seed)
+        sinks = torch.zeros(H, device=DEVICE)
+        refs += [weakref.ref(t) for t in tensors] + [weakref.ref(sinks)]
+        out = attention.paged_prefill_attention(*tensors, max_seqlen_q=most, scale=0.25, sinks=sinks,
+                                                backend="triton")
+        assert out.isfinite().all()
+        del tensors, sinks, out
+    _assert_nothing_kept(refs, attention.PREFILL_CALLS)
+    assert len(counted_prefill) == 1

@@ -553,29 +553,80 @@ def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                                          softcap, sinks, wrap=wrap_triton)
 
 
+def _prefill_consts(q, h_kv, bs, softcap, sinks) -> dict:
+    """The prefill kernel's constexprs and options for a call like this one."""
+    t, h, d = q.shape
+    return dict(H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, next_power_of_2(d)), BS=bs, BLOCK_M=_PREFILL_BLOCK_M,
+                BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
+                **_extras(q, softcap, sinks)[2], **_FUSED)
+
+
+_PREFILL_BLOCK_M = 16  # query rows per program
+
+
+class PrefillLaunch(KeyedKernels):
+    """A prefill launch for one kind of call (shapes, strides, dtypes, alignment, scalars): its grid, scalar
+    arguments and constexprs, made once (:func:`prefill_launch`), then called with a call's tensors. Holds no
+    tensor."""
+
+    __slots__ = ("grid", "scalars", "empty")
+
+    def __init__(self, key, q, h_kv, bs, b, max_seqlen_q, bt_stride, scale, window, softcap, sinks):
+        t, h, _ = q.shape
+        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        self.empty = t == 0 or b == 0
+        self.grid = (b, h, cdiv(max(max_seqlen_q, 1), _PREFILL_BLOCK_M))
+        self.scalars = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, softcap)
+        super().__init__(key, (_prefill_kernel,), (_prefill_consts(q, h_kv, bs, softcap, sinks),))
+
+    def __call__(self, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if not self.empty:
+            self.launch(direct, ((self.grid, (q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out,
+                                              q if sinks is None else sinks, *self.scalars)),))
+        return out
+
+
+_PREFILL_LAUNCHES: dict = {}  # launch key -> PrefillLaunch
+
+
+def prefill_launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int, scale: float,
+                   window: int, softcap: float = 0.0, sinks=None) -> PrefillLaunch:
+    """The :class:`PrefillLaunch` of an eager call with these arguments."""
+    # What the kernel's specialisation depends on (launch.DirectLaunch.key: calls of any token count share it), and
+    # what the grid and the scalar arguments add (one PrefillLaunch each).
+    h, d = q.shape[1:]
+    spec = (h, d, k_cache.shape[2], k_cache.shape[1], q.stride(), block_table.stride(0), int_class(window),
+            type(scale), type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens,
+                                                                 cu_seqlens_q, sinks))
+    key = (spec, q.shape[0], block_table.shape[0], max_seqlen_q, scale, window, softcap)
+    made = _PREFILL_LAUNCHES.get(key)
+    if made is None:
+        if len(_PREFILL_LAUNCHES) >= 4096:  # (a bound)
+            _PREFILL_LAUNCHES.clear()
+        made = _PREFILL_LAUNCHES[key] = PrefillLaunch(spec, q, k_cache.shape[2], k_cache.shape[1],
+                                                      block_table.shape[0], max_seqlen_q, block_table.stride(0),
+                                                      scale, window, softcap, sinks)
+    return made
+
+
 def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
                                    scale: float, window: int, softcap: float = 0.0, sinks=None,
                                    wrap=None) -> torch.Tensor:
-    """Ragged prefill/extend attention: one program per (sequence, head, query tile)."""
-    launch = wrap or direct
-    t, h, d = q.shape
-    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    """Ragged prefill/extend attention: one program per (sequence, head, query tile). ``wrap``: ``wrap_triton``
+    inside the torch op (for torch.compile); eager calls run their :class:`PrefillLaunch`."""
+    if wrap is None:
+        return prefill_launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, window,
+                              softcap, sinks)(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks)
+    t, h, _ = q.shape
     out = torch.empty_like(q)
     b = block_table.shape[0]
     if t == 0 or b == 0:
         return out
-    block_m = 16
-    if wrap is None:  # eager: what the kernel's specialisation depends on (launch.DirectLaunch.key)
-        key = (h, d, h_kv, bs, q.stride(), out.stride(), block_table.stride(0), int_class(window), type(scale),
-               type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sinks))
-        launch = lambda kernel: direct(kernel).key(key)  # noqa: E731
-    softcap, sinks_arg, extra_c = _extras(q, softcap, sinks)
-    launch(_prefill_kernel)[(b, h, cdiv(max(max_seqlen_q, 1), block_m))](
-        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, sinks_arg,
+    wrap(_prefill_kernel)[(b, h, cdiv(max(max_seqlen_q, 1), _PREFILL_BLOCK_M))](
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out, q if sinks is None else sinks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), scale, window, softcap,
-        H_KV=h_kv, GROUP=h // h_kv, D=d, DP=max(16, next_power_of_2(d)), BS=bs,
-        BLOCK_M=block_m, BLOCK_N=32 if bs < 32 else min(64, bs), IEEE=q.dtype == torch.float32, F32=_interpreted_bf16(q),
-        **extra_c, **_FUSED,
+        **_prefill_consts(q, k_cache.shape[2], k_cache.shape[1], softcap, sinks),
     )
     return out
 
