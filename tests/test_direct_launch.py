@@ -347,53 +347,29 @@ def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
                 del os.environ["TRITON_INTERPRET"]
             print(name, "kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
 
+        def compare(name, call):  # three calls of one kind (the first checked), the last against Triton's path
+            launches = []
+            del checks[:]
+            with co.offline_target(90, launches):
+                os.environ["TRITON_INTERPRET"] = "1"
+                for i in range(3):
+                    del launches[:]
+                    call()
+                memoised = norm(launches)
+                via_triton = triton_launches(call, launches)
+                del os.environ["TRITON_INTERPRET"]
+            print(name, "kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+
         key, slots = torch.zeros(5, 2, 64, dtype=torch.bfloat16), torch.arange(5)
-        KNOWN.update(t.data_ptr() for t in [key, slots])
-        launches = []
-        del checks[:]
-        with co.offline_target(90, launches):
-            os.environ["TRITON_INTERPRET"] = "1"
-            for i in range(3):
-                del launches[:]
-                ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton")
-            memoised = norm(launches)
-            via_triton = triton_launches(lambda: ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton"),
-                                         launches)
-            del os.environ["TRITON_INTERPRET"]
-        print("write kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
-
         starts, shared = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 16], dtype=torch.int32)
-        KNOWN.update(t.data_ptr() for t in [starts, shared])
-        launches = []
-        del checks[:]
-        shared_call = lambda: ivg_kernels.shared_prefix_decode_attention(  # noqa: E731
-            queries[0], kc, kc, table, lens, starts, shared, max_group_rows=2, scale=0.125, backend="triton")
-        with co.offline_target(90, launches):
-            os.environ["TRITON_INTERPRET"] = "1"
-            for i in range(3):
-                del launches[:]
-                shared_call()
-            memoised = norm(launches)
-            via_triton = triton_launches(shared_call, launches)
-            del os.environ["TRITON_INTERPRET"]
-        print("shared kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
-
         cu = torch.tensor([0, 3, 4, 9, 9], dtype=torch.int32)  # ragged runs (one empty) of 9 new tokens
         qp = torch.zeros(9, 8, 64, dtype=torch.bfloat16)
-        KNOWN.update(t.data_ptr() for t in [cu, qp])
-        launches = []
-        del checks[:]
-        prefill_call = lambda: ivg_kernels.paged_prefill_attention(  # noqa: E731
-            qp, kc, kc, table, lens, cu, max_seqlen_q=5, scale=0.125, sinks=sinks, backend="triton")
-        with co.offline_target(90, launches):
-            os.environ["TRITON_INTERPRET"] = "1"
-            for i in range(3):
-                del launches[:]
-                prefill_call()
-            memoised = norm(launches)
-            via_triton = triton_launches(prefill_call, launches)
-            del os.environ["TRITON_INTERPRET"]
-        print("prefill kernels:", len(memoised), "same:", memoised == via_triton, "checks:", len(checks))
+        KNOWN.update(t.data_ptr() for t in [key, slots, starts, shared, cu, qp])
+        compare("write", lambda: ivg_kernels.write_kv(kc, kc, key, key, slots, backend="triton"))
+        compare("shared", lambda: ivg_kernels.shared_prefix_decode_attention(
+            queries[0], kc, kc, table, lens, starts, shared, max_group_rows=2, scale=0.125, backend="triton"))
+        compare("prefill", lambda: ivg_kernels.paged_prefill_attention(
+            qp, kc, kc, table, lens, cu, max_seqlen_q=5, scale=0.125, sinks=sinks, backend="triton"))
     """, tmp_path)
     for name, kernels in (("one split", 1), ("splits", 2), ("sinks", 2), ("write", 1), ("shared", 2), ("prefill", 1)):
         assert f"{name} kernels: {kernels} same: True checks: 1" in out, out
