@@ -447,7 +447,7 @@ class DecodeLaunch(KeyedKernels):
         splits, chunk, _, (m_at, l_at, size), split_c, reduce_c = _decode_plan(
             n, h, d, h_kv, bs, width, num_splits, q.dtype == torch.float32, _interpreted_bf16(q))
         softcap, _, extra_c = _extras(q, softcap, sinks)
-        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        out_stride = torch.empty_like(q, device="meta").stride()[:2]  # (every call's output's: q's shape and strides)
         self.n, self.splits, self.m_at, self.l_at, self.size = n, splits, m_at, l_at, size
         self.grid1, self.grid2 = (n, h_kv, splits), (n * h,)
         self.scalars1 = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, chunk, splits, softcap)
@@ -573,7 +573,7 @@ class PrefillLaunch(KeyedKernels):
 
     def __init__(self, key, q, h_kv, bs, b, max_seqlen_q, bt_stride, scale, window, softcap, sinks):
         t, h, _ = q.shape
-        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        out_stride = torch.empty_like(q, device="meta").stride()[:2]  # (every call's output's: q's shape and strides)
         self.empty = t == 0 or b == 0
         self.grid = (b, h, cdiv(max(max_seqlen_q, 1), _PREFILL_BLOCK_M))
         self.scalars = (q.stride(0), q.stride(1), *out_stride, bt_stride, scale, window, softcap)
@@ -670,7 +670,7 @@ class SharedLaunch(KeyedKernels):
         block_m, m_tiles, splits, chunk, both = _shared_plan(n, h, d, h_kv, bs, width, groups, max_group_rows,
                                                              num_splits, ieee, f32, elem)
         softcap, _, extra_c = _extras(q, softcap, sinks)
-        out_stride = torch.empty_like(q).stride()[:2]  # (every call's output's: it follows q's shape and strides)
+        out_stride = torch.empty_like(q, device="meta").stride()[:2]  # (every call's output's: q's shape and strides)
         parts = n * h * splits
         (_, m_at, l_at), size = packed((parts * d * 4, parts * 4, parts * 4))  # float32 part_o, part_m, part_l
         self.n, self.offsets, self.size, self.settings = n, (m_at // 4, l_at // 4), size // 4, _settings()
