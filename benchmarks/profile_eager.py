@@ -1,10 +1,11 @@
-"""Where an eager call of the sampler or the paged decode attention spends its host time (GPU only).
+"""Where an eager call of the sampler or the paged attention ops spends its host time (GPU only).
 
     python benchmarks/profile_eager.py [--top 25]
 
 For the sampler (3 bf16 inputs, N=1, V=151936, T=0.7) and the paged decode attention (N=1, L=1024, GQA
 32/8, D=128, bf16, block 16), each called through the public function, through its launcher (no argument
-checks) and, for the attention, as a CUDA-graph replay:
+checks) and, for the attention, as a CUDA-graph replay; then the public shared-prefix decode (16 beams), prefill
+(64 new tokens), KV write and draft draw (16 rows), which remember their eager calls too:
 * host microseconds per call: 500 calls back to back, timed on the host before one synchronisation (the
   kernels are far shorter, so the host's time is what is measured);
 * whether a call synchronises with the device (``torch.cuda.set_sync_debug_mode("warn")`` over three calls:
@@ -96,6 +97,22 @@ def cases(device):
         q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton"))
     yield ("decode attention N=1 L=1024 launcher", lambda: launch_paged_decode_attention(
         q, kc, vc, bt, sl, d ** -0.5, 0, 0))
+    # the other eager ops that remember their calls: 16 beams over one shared 1,024-token prefix, an extend of 64
+    # new tokens (the last 64 of the row), a KV write of 16 tokens, 16 draft draws
+    q16, bt16, sl16 = q.expand(16, h, d).contiguous(), bt.expand(16, -1).contiguous(), sl.expand(16).contiguous()
+    starts = torch.tensor([0, 16], dtype=torch.int32, device=device)
+    shared = torch.tensor([length - length % bs], dtype=torch.int32, device=device)
+    yield ("shared-prefix attention 16 beams public", lambda: ivg_kernels.shared_prefix_decode_attention(
+        q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton"))
+    q64, cu = torch.randn(64, h, d, dtype=torch.bfloat16, device=device), torch.tensor([0, 64], dtype=torch.int32,
+                                                                                       device=device)
+    yield ("prefill attention 64 new public", lambda: ivg_kernels.paged_prefill_attention(
+        q64, kc, vc, bt, sl, cu, max_seqlen_q=64, scale=d ** -0.5, backend="triton"))
+    key, slots = torch.randn(16, h_kv, d, dtype=torch.bfloat16, device=device), torch.arange(16, device=device)
+    yield ("write_kv 16 tokens public", lambda: ivg_kernels.write_kv(kc, vc, key, key, slots, backend="triton"))
+    keys = torch.arange(16, device=device)
+    yield ("draft draw R=16 V=151936 public", lambda: ivg_kernels.draft_sample(
+        x[0].expand(16, v), temperature=0.7, seed=keys, offset=keys, backend="triton"))
     one = torch.zeros(1, device=device)
     yield ("empty op (x.add_(1))", lambda: one.add_(1))
 
