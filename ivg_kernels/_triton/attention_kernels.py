@@ -467,7 +467,7 @@ class DecodeLaunch(KeyedKernels):
             return out
         # the three float32 partial buffers in one allocation (with one split the kernel writes the output
         # itself and never touches them: the one buffer stands for all three)
-        buf = torch.empty((self.size,), dtype=torch.float32, device=q.device)
+        buf = torch.empty(self.size, dtype=torch.float32, device=q.device)
         sinks_arg = q if sinks is None else sinks  # (no sinks: never read)
         if self.splits == 1:
             self.launch(direct, (
@@ -692,7 +692,7 @@ class SharedLaunch(KeyedKernels):
         out = torch.empty_like(q)
         if self.n == 0:
             return out
-        buf = torch.empty((self.size,), dtype=torch.float32, device=q.device)  # the three partial buffers
+        buf = torch.empty(self.size, dtype=torch.float32, device=q.device)  # the three partial buffers
         part_m, part_l = buf[self.offsets[0]:], buf[self.offsets[1]:]
         tables = (q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens)
         self.launch(direct, (
