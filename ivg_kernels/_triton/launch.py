@@ -75,8 +75,9 @@ class DirectLaunch:
         return kernel
 
     @staticmethod
-    def _launch(kernel, grid, device, values):
-        stream = driver.active.get_current_stream(device)
+    def _launch(kernel, grid, device, values, stream=None):
+        if stream is None:
+            stream = driver.active.get_current_stream(device)
         grid = tuple(grid) + (1, 1)
         enter = knobs.runtime.launch_enter_hook  # None (Triton 3.6) or a chain of hooks, often empty (3.9)
         metadata = (kernel.launch_metadata(grid[:3], stream, *values)
@@ -110,8 +111,9 @@ class KeyedKernels:
         device = current_device() if compiled else None
         bound = self.bound.get(device)
         if bound is not None and via is direct and not CHECK_KEYS:
+            stream = driver.active.get_current_stream(device)  # (once for the launches: they share it)
             for (kernel, tail), (grid, args) in zip(bound, launches):
-                DirectLaunch._launch(kernel, grid, device, args + tail)
+                DirectLaunch._launch(kernel, grid, device, args + tail, stream)
             return
         for fn, consts, (grid, args) in zip(self.fns, self.consts, launches):
             via(fn).key(self.key)[grid](*args, **consts)
