@@ -222,19 +222,19 @@ class DraftLaunch(KeyedKernels):
     """A draft draw for one kind of call (rows, row stride, dtypes, alignment, temperature, vocabulary), made once
     (:func:`draft_launch`), then called with a call's logits and int64 ``[R]`` keys. Holds no tensor."""
 
-    __slots__ = ("r", "scalars", "stride")
+    __slots__ = ("r", "scalars", "tuples")
 
     def __init__(self, key, r, stride, temperature, vocab_size, block):
         greedy = temperature == 0
         self.r = r
         self.scalars = (float(temperature) if not greedy else 1.0, vocab_size)
-        self.stride = ((stride,), (0.0,))
+        self.tuples = ((stride,), (0.0,))  # the kernel's per-input tuples: the one input's row stride and weight
         super().__init__(key, (_draft_kernel,), (dict(GREEDY=greedy, BLOCK=block, enable_fp_fusion=False),))
 
     def __call__(self, draft_logits, seed, offset) -> torch.Tensor:
         out = torch.empty(self.r, dtype=torch.int64, device=draft_logits.device)
         if self.r:
-            strides, weights = self.stride
+            strides, weights = self.tuples
             self.launch(direct, (((self.r,), ((draft_logits,), strides, weights, seed, offset, *self.scalars, out)),))
         return out
 
