@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from .launch import KeyedKernels, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 
 @triton.jit
@@ -346,19 +346,14 @@ class WriteLaunch(KeyedKernels):
             self.launch(direct, (((t,), (key, value, k_cache, v_cache, slot_mapping, *self.scalars)),))
 
 
-_WRITE_LAUNCHES: dict = {}  # launch key -> WriteLaunch
+_WRITE_LAUNCHES = Plans()  # launch key -> WriteLaunch
 
 
 def write_launch(k_cache, v_cache, key, value, slot_mapping) -> WriteLaunch:
     """The :class:`WriteLaunch` of an eager call with these arguments."""
     # what the kernel's specialisation depends on (launch.DirectLaunch.key)
     launch_key = (key.shape[1:], key.stride(), value.stride(), tensor_key(key, value, k_cache, v_cache, slot_mapping))
-    made = _WRITE_LAUNCHES.get(launch_key)
-    if made is None:
-        if len(_WRITE_LAUNCHES) >= 4096:  # (a bound)
-            _WRITE_LAUNCHES.clear()
-        made = _WRITE_LAUNCHES[launch_key] = WriteLaunch(launch_key, key, value)
-    return made
+    return _WRITE_LAUNCHES.get(launch_key, lambda: WriteLaunch(launch_key, key, value))
 
 
 def launch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -482,7 +477,7 @@ class DecodeLaunch(KeyedKernels):
         return out
 
 
-_DECODE_LAUNCHES: dict = {}  # key -> DecodeLaunch
+_DECODE_LAUNCHES = Plans()  # key -> DecodeLaunch
 
 
 def _settings() -> tuple:
@@ -499,13 +494,8 @@ def decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, window, num
     key = (q.shape, q.stride(), h_kv, bs, block_table.shape[1], block_table.stride(0), num_splits,
            type(scale), scale, window, type(softcap), softcap, _interpreted_bf16(q), _settings(),
            tensor_key(q, k_cache, v_cache, block_table, seq_lens, sinks))
-    made = _DECODE_LAUNCHES.get(key)
-    if made is None:
-        if len(_DECODE_LAUNCHES) >= 4096:  # (a bound: a process that attends at ever new shapes)
-            _DECODE_LAUNCHES.clear()
-        made = _DECODE_LAUNCHES[key] = DecodeLaunch(key, q, h_kv, bs, block_table.shape[1], num_splits,
-                                                    block_table.stride(0), scale, window, softcap, sinks)
-    return made
+    return _DECODE_LAUNCHES.get(key, lambda: DecodeLaunch(key, q, h_kv, bs, block_table.shape[1], num_splits,
+                                                          block_table.stride(0), scale, window, softcap, sinks))
 
 
 def launch_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale: float, window: int,
@@ -587,7 +577,7 @@ class PrefillLaunch(KeyedKernels):
         return out
 
 
-_PREFILL_LAUNCHES: dict = {}  # launch key -> PrefillLaunch
+_PREFILL_LAUNCHES = Plans()  # launch key -> PrefillLaunch
 
 
 def prefill_launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int, scale: float,
@@ -600,14 +590,9 @@ def prefill_launch(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max
             type(scale), type(softcap), softcap > 0, tensor_key(q, k_cache, v_cache, block_table, seq_lens,
                                                                  cu_seqlens_q, sinks))
     key = (spec, q.shape[0], block_table.shape[0], max_seqlen_q, scale, window, softcap)
-    made = _PREFILL_LAUNCHES.get(key)
-    if made is None:
-        if len(_PREFILL_LAUNCHES) >= 4096:  # (a bound)
-            _PREFILL_LAUNCHES.clear()
-        made = _PREFILL_LAUNCHES[key] = PrefillLaunch(spec, q, k_cache.shape[2], k_cache.shape[1],
-                                                      block_table.shape[0], max_seqlen_q, block_table.stride(0),
-                                                      scale, window, softcap, sinks)
-    return made
+    return _PREFILL_LAUNCHES.get(key, lambda: PrefillLaunch(spec, q, k_cache.shape[2], k_cache.shape[1],
+                                                            block_table.shape[0], max_seqlen_q, block_table.stride(0),
+                                                            scale, window, softcap, sinks))
 
 
 def launch_paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
@@ -702,7 +687,7 @@ class SharedLaunch(KeyedKernels):
         return out
 
 
-_SHARED_LAUNCHES: dict = {}  # key -> SharedLaunch
+_SHARED_LAUNCHES = Plans()  # key -> SharedLaunch
 
 
 def shared_launch(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, max_group_rows, scale,
@@ -713,14 +698,9 @@ def shared_launch(q, k_cache, v_cache, block_table, seq_lens, group_starts, shar
     key = (q.shape, q.stride(), h_kv, bs, block_table.shape[1], block_table.stride(0), shared_lens.shape[0],
            max_group_rows, num_splits, type(scale), scale, window, type(softcap), softcap, _interpreted_bf16(q),
            _settings(), tensor_key(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens, sinks))
-    made = _SHARED_LAUNCHES.get(key)
-    if made is None:
-        if len(_SHARED_LAUNCHES) >= 4096:  # (a bound)
-            _SHARED_LAUNCHES.clear()
-        made = _SHARED_LAUNCHES[key] = SharedLaunch(
-            key, q, h_kv, bs, block_table.shape[1], shared_lens.shape[0], max_group_rows, num_splits,
-            block_table.stride(0), scale, window, softcap, sinks, k_cache.element_size())
-    return made
+    return _SHARED_LAUNCHES.get(key, lambda: SharedLaunch(
+        key, q, h_kv, bs, block_table.shape[1], shared_lens.shape[0], max_group_rows, num_splits,
+        block_table.stride(0), scale, window, softcap, sinks, k_cache.element_size()))
 
 
 def launch_shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens,

@@ -124,6 +124,25 @@ class KeyedKernels:
                                            for (kernel, names), consts in zip(hits, self.consts))
 
 
+class Plans:
+    """Launch key -> a launcher's plan for that kind of call (its :class:`KeyedKernels`), made on first use, bounded:
+    a process that launches at ever new shapes starts over."""
+
+    __slots__ = ("table", "limit")
+
+    def __init__(self, limit: int = 4096):
+        self.table, self.limit = {}, limit
+
+    def get(self, key, make):
+        """The plan of ``key``, made by ``make()`` the first time."""
+        made = self.table.get(key)
+        if made is None:
+            if len(self.table) >= self.limit:
+                self.table.clear()
+            made = self.table[key] = make()
+        return made
+
+
 def current_device():
     """The device Triton launches on (the current CUDA device)."""
     return driver.active.get_current_device()

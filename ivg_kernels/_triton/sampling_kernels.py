@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import KeyedKernels, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -894,7 +894,7 @@ class SampleLaunch(KeyedKernels):
         return tokens, logprob, lse, in_logprobs, in_logits, ok
 
 
-_LAUNCHES: dict = {}  # launch key -> SampleLaunch
+_LAUNCHES = Plans()  # launch key -> SampleLaunch
 
 
 def _settings() -> tuple:
@@ -913,13 +913,8 @@ def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, 
     # an absent weight or row-parameter tensor: None).
     key = (n, v, block, STAGE1_WARPS_WIDE, POOL_PER_ROW, POOL_MAX, filters, strides, w_stride, tensor_key(*tensors),
            type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
-    made = _LAUNCHES.get(key)
-    if made is None:
-        if len(_LAUNCHES) >= 4096:  # (a bound: a process that samples at ever new shapes)
-            _LAUNCHES.clear()
-        kinds = tuple(t is not None for t in tensors[nin:])
-        made = _LAUNCHES[key] = SampleLaunch(key, n, v, nin, block, filters, strides, w_stride, kinds)
-    return made
+    return _LAUNCHES.get(key, lambda: SampleLaunch(key, n, v, nin, block, filters, strides, w_stride,
+                                                   tuple(t is not None for t in tensors[nin:])))
 
 
 def launch_guided_sample(

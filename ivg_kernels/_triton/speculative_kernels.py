@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KeyedKernels, direct, next_power_of_2, tensor_key
+from .launch import KeyedKernels, Plans, direct, next_power_of_2, tensor_key
 from .sampling_kernels import _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
@@ -239,7 +239,7 @@ class DraftLaunch(KeyedKernels):
         return out
 
 
-_DRAFT_LAUNCHES: dict = {}  # launch key -> DraftLaunch
+_DRAFT_LAUNCHES = Plans()  # launch key -> DraftLaunch
 
 
 def draft_launch(draft_logits: torch.Tensor, temperature: float, seed: torch.Tensor, offset: torch.Tensor,
@@ -251,12 +251,8 @@ def draft_launch(draft_logits: torch.Tensor, temperature: float, seed: torch.Ten
     stride = draft_logits.stride(0)
     key = (draft_logits.shape[0], stride, float(temperature), vocab_size, block,
            tensor_key(draft_logits, seed, offset))
-    made = _DRAFT_LAUNCHES.get(key)
-    if made is None:
-        if len(_DRAFT_LAUNCHES) >= 4096:  # (a bound)
-            _DRAFT_LAUNCHES.clear()
-        made = _DRAFT_LAUNCHES[key] = DraftLaunch(key, draft_logits.shape[0], stride, temperature, vocab_size, block)
-    return made
+    return _DRAFT_LAUNCHES.get(key, lambda: DraftLaunch(key, draft_logits.shape[0], stride, temperature, vocab_size,
+                                                        block))
 
 
 def launch_draft_sample(draft_logits: torch.Tensor, temperature: float, seed: torch.Tensor, offset: torch.Tensor,
