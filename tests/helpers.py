@@ -135,3 +135,14 @@ def count_checks(monkeypatch, module, check: str, remembered) -> list:
     monkeypatch.setattr(module, check, lambda *args: calls.append(1) or real(*args))
     monkeypatch.setattr(remembered, "table", {})
     return calls
+
+
+def holds_tensor(x) -> bool:
+    """Whether ``x`` holds a tensor: itself, inside tuples, lists and dicts, or in an object's ``__slots__`` (the
+    remembered launches): the tests of remembered eager calls check that nothing remembered keeps one alive."""
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list, dict)):
+        return any(holds_tensor(y) for y in (x.values() if isinstance(x, dict) else x))
+    slots = [name for cls in type(x).__mro__ for name in getattr(cls, "__slots__", ())]
+    return any(holds_tensor(getattr(x, name, None)) for name in slots)

@@ -11,7 +11,7 @@ import ivg_kernels
 from ivg_kernels import speculative
 from ivg_kernels.reference.speculative import draft_draw_ref
 
-from .helpers import DEVICE, count_checks, requires_triton
+from .helpers import DEVICE, count_checks, holds_tensor, requires_triton
 
 pytestmark = requires_triton
 
@@ -103,15 +103,6 @@ def test_bad_arguments_after_memoised_calls_still_raise(counted, bad, message):
         ivg_kernels.draft_sample(x, backend="triton", **kw)
 
 
-def _holds_tensor(x) -> bool:
-    if isinstance(x, torch.Tensor):
-        return True
-    if isinstance(x, (tuple, list, dict)):
-        return any(_holds_tensor(y) for y in (x.values() if isinstance(x, dict) else x))
-    slots = [name for cls in type(x).__mro__ for name in getattr(cls, "__slots__", ())]
-    return any(_holds_tensor(getattr(x, name, None)) for name in slots)
-
-
 def test_memoised_calls_keep_no_argument_alive(counted):
     refs = []
     for offset in (2, 3, 5):
@@ -124,4 +115,4 @@ def test_memoised_calls_keep_no_argument_alive(counted):
     assert len(counted) == 1
     assert not any(r() is not None for r in refs)
     table = speculative.DRAFT_CALLS.table
-    assert table and not any(_holds_tensor(k) or _holds_tensor(v) for k, v in table.items())
+    assert table and not any(holds_tensor(k) or holds_tensor(v) for k, v in table.items())

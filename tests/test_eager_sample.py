@@ -11,7 +11,7 @@ import ivg_kernels
 from ivg_kernels import _eager_sample, sampling
 from ivg_kernels.reference.sampling import guided_sample_ref
 
-from .helpers import DEVICE, count_checks, requires_triton
+from .helpers import DEVICE, count_checks, holds_tensor, requires_triton
 
 pytestmark = requires_triton
 
@@ -122,14 +122,6 @@ def test_bad_arguments_after_memoised_calls_still_raise(counted, bad, message):
         ivg_kernels.guided_sample(x[0], guides, backend="triton", **kw)
 
 
-def _holds_tensor(x) -> bool:
-    if isinstance(x, torch.Tensor):
-        return True
-    if isinstance(x, (tuple, list)):
-        return any(_holds_tensor(y) for y in x)
-    return False
-
-
 def test_memoised_calls_keep_no_argument_alive(counted):
     refs = []
     for offset in (2, 3, 5):
@@ -143,7 +135,7 @@ def test_memoised_calls_keep_no_argument_alive(counted):
     gc.collect()
     assert len(counted) == 1
     assert not any(r() is not None for r in refs)
-    assert _eager_sample.CALLS.table and not any(_holds_tensor(k) or _holds_tensor(v[1:])
+    assert _eager_sample.CALLS.table and not any(holds_tensor(k) or holds_tensor(v[1:])
                                                  for k, v in _eager_sample.CALLS.table.items())
 
 
