@@ -93,11 +93,12 @@ class KeyedKernels:
     need be), later calls go straight to the compiled kernels' launchers with the constexprs' values in the
     order those take them. Subclasses (a launcher's plan for one kind of call) hold no tensor."""
 
-    __slots__ = ("key", "fns", "consts", "bound")
+    __slots__ = ("key", "fns", "consts", "bound", "compiled")
 
     def __init__(self, key, fns, consts):
         self.key, self.fns, self.consts = key, tuple(fns), tuple(consts)
         self.bound = {}  # device -> ((compiled kernel, constexpr values), ...) per kernel
+        self.compiled = isinstance(self.fns[0], JITFunction)  # (the interpreter's kernels are called as they are)
 
     def current(self) -> bool:
         """Whether the module settings this launch was planned with still hold (subclasses whose plan reads some)."""
@@ -107,7 +108,7 @@ class KeyedKernels:
         """Launch ``launches``, one ``(grid, args)`` per kernel in ``fns``' order. ``via``: the caller module's
         ``direct`` at call time (a test or benchmark may swap it for Triton's own path; then, and with
         ``CHECK_KEYS``, every call goes through it)."""
-        compiled = isinstance(self.fns[0], JITFunction)  # (the interpreter's kernels are called as they are)
+        compiled = self.compiled
         device = current_device() if compiled else None
         bound = self.bound.get(device)
         if bound is not None and via is direct and not CHECK_KEYS:
