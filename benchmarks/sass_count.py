@@ -58,6 +58,7 @@ def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str 
             ops[m.group(1)] += 1
     total = sum(ops.values())
     threads = kernel.metadata.num_warps * 32
+    block = sk.slice_width(block, vocab)  # the slice the launcher compiled (at most MAX_BLOCK), not the one asked for
     return {"arch": arch, "inputs": nin, "block": block, "filters": filters, "vocab": vocab, "instructions": total,
             "warps": kernel.metadata.num_warps,
             "per_token": total / (block // threads), "registers": resources(kernel)["registers"],
@@ -73,13 +74,17 @@ def main(argv=None) -> int:
                     "be vectorised (default 151936)")
     ap.add_argument("--warps", type=int, nargs="*", default=[None],
                     help="stage 1's warps on slices of 4,096 to compare (default: the launcher's, STAGE1_WARPS_WIDE)")
-    ap.add_argument("--dump", metavar="DIR", help="also write each kernel's SASS to DIR/stage1_filters-*.sass")
+    ap.add_argument("--dump", metavar="DIR", help="also write each kernel's SASS to DIR/stage1_filters-*_warps-*.sass "
+                    "(DIR is made if missing)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
+    if args.dump:
+        Path(args.dump).mkdir(parents=True, exist_ok=True)
     for warps in args.warps:
         for filters in (False, True):
             r = count(args.arch, args.inputs, args.block, filters, args.vocab,
-                      args.dump and str(Path(args.dump) / f"stage1_filters-{filters}.sass"), warps)
+                      args.dump and str(Path(args.dump) / f"stage1_filters-{filters}_warps-{warps or 'default'}.sass"),
+                      warps)
             print(f"stage 1 sm_{r['arch']} inputs={r['inputs']} V={r['vocab']} block={r['block']} "
                   f"filters={r['filters']} warps={r['warps']}: {r['instructions']} instructions, "
                   f"{r['per_token']:.0f} per token, {r['registers']} registers; "

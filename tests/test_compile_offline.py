@@ -73,3 +73,25 @@ def test_offline_compile_reports_what_only_the_compiler_rejects(tmp_path):
     assert "rejected: CompilationError" in res.stdout, res.stdout
     assert "driver restored: True" in res.stdout
     assert "constexpr: ['fill_constexpr'] True" in res.stdout
+
+
+@requires_ptxas
+def test_sass_count_reports_the_slice_it_compiled_and_dumps_into_a_new_folder(tmp_path):
+    """``sass_count.py`` divides by the tokens of the slice the launcher compiled: asked for 8,192 it gets
+    MAX_BLOCK (4,096), and its per-token count must be that slice's, not half of it. ``--dump`` makes its folder
+    and names each file by filter and warps."""
+    dump = tmp_path / "new" / "sass"
+    res = run_compiled(f"""
+        import sass_count
+        sass_count.main(["--block", "8192", "--warps", "8", "--dump", {str(dump)!r}])
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("stage 1")]
+    assert len(rows) == 2, res.stdout
+    for line in rows:
+        assert "block=4096" in line and "warps=8" in line, line
+        total = int(line.split(": ")[1].split(" instructions")[0])
+        per_token = int(line.split("instructions, ")[1].split(" per token")[0])
+        assert per_token == round(total / 16), line  # 4,096 tokens over 256 threads
+    assert sorted(p.name for p in dump.iterdir()) == ["stage1_filters-False_warps-8.sass",
+                                                      "stage1_filters-True_warps-8.sass"]
