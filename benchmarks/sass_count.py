@@ -58,7 +58,7 @@ def count(arch: int, nin: int, block: int, filters: bool, vocab: int, dump: str 
             ops[m.group(1)] += 1
     total = sum(ops.values())
     threads = kernel.metadata.num_warps * 32
-    block = sk.slice_width(block, vocab)  # the slice the launcher compiled (at most MAX_BLOCK), not the one asked for
+    block = sk._plan(1, vocab, block, nin, filters)[0]  # the slice the launcher compiled (its own choice), not the one asked for
     return {"arch": arch, "inputs": nin, "block": block, "filters": filters, "vocab": vocab, "instructions": total,
             "warps": kernel.metadata.num_warps,
             "per_token": total / (block // threads), "registers": resources(kernel)["registers"],
