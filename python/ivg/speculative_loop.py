@@ -44,6 +44,7 @@ from ivg_kernels.speculative import draft_sample
 
 from .decode_loop import DecodeLoop
 from .models import model_positions
+from .planned_steps import PlannedSteps, plans_steps
 from .round_graphs import fused_applies, round_record, verify_round
 from .search import row_offset
 
@@ -155,9 +156,15 @@ class SpeculativeLoop(DecodeLoop):
         drafts = torch.zeros(r, width - 1, dtype=torch.int64, device=self.device)
         logits = None
         feed = list(range(r))
+        pm = self.paged[self.draft]
+        # eager forwards: every step's slots and batch planned at once (the same logits as one forward per step)
+        steps = PlannedSteps(pm, [b.slot for _, b in rows], [g + 1 for g in gam]) if plans_steps(pm) else None
         tokens = [[t] for t in pending[self.draft]]
         for k in range(width):
-            out = self.paged[self.draft]([rows[i][1].slot for i in feed], tokens)
+            if steps is None:
+                out = pm([rows[i][1].slot for i in feed], tokens)
+            else:
+                out = steps(k, tokens if k else to_device(torch.tensor(pending[self.draft]), self.device))
             self.stats.forwards += 1
             if logits is None:
                 logits = out.new_zeros(r, width, out.shape[1])
