@@ -84,7 +84,7 @@ def test_planned_steps_are_one_forward_per_step(family, backend, shared, lean):
         assert pm.blocks.num_free_blocks == pm.blocks.num_blocks
 
 
-def test_planning_errors_leave_the_cache_as_it_was():
+def test_planning_errors_leave_the_cache_as_it_was_and_steps_run_in_order():
     pm = PagedModel(_model("gpt2"), num_blocks=128, block_size=4)
     seqs = _rows(pm, torch.Generator().manual_seed(1))
     lens = pm.blocks.seq_lens(seqs).tolist()
@@ -98,6 +98,15 @@ def test_planning_errors_leave_the_cache_as_it_was():
     # error in forward), nothing leaked
     assert pm.blocks.seq_lens(seqs).tolist() == lens
     pm.blocks.check_invariants()
+    steps = PlannedSteps(pm, seqs, [2, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"k=1: expected step 0 of 2 \(steps run in order, each once\)"):
+        steps(1, torch.zeros(1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"ids: expected 5 tokens \(the rows of step 0\), got \[4\]"):
+        steps(0, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    steps(0, torch.zeros(5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="k=0: expected step 1 of 2"):
+        steps(0, torch.zeros(5, dtype=torch.long, device=DEVICE))
+    pm.blocks.truncate_many(seqs, lens)
     pm.blocks.free_many(seqs)
     assert pm.blocks.num_free_blocks == pm.blocks.num_blocks
 

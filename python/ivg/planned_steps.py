@@ -44,7 +44,7 @@ class PlannedSteps:
     ``counts[i] > k`` (:meth:`rows`). Appends every step's slot on construction (an error there leaves the cache
     as it was; after a step's error the caller cuts it back)."""
 
-    __slots__ = ("pm", "batches")
+    __slots__ = ("pm", "batches", "done")
 
     def __init__(self, pm: PagedModel, seq_ids: Sequence[int], counts: Sequence[int]):
         seq_ids, counts = list(seq_ids), [int(c) for c in counts]
@@ -52,7 +52,7 @@ class PlannedSteps:
             raise ValueError("seq_ids: expected at least one sequence")
         if len(counts) != len(seq_ids) or min(counts) < 1:
             raise ValueError(f"counts: expected {len(seq_ids)} counts >= 1, got {counts}")
-        self.pm = pm
+        self.pm, self.done = pm, 0
         slots = pm.cache.append(seq_ids, counts)  # every step's, row by row
         try:
             self.batches = self._plan(seq_ids, counts, slots)
@@ -105,8 +105,14 @@ class PlannedSteps:
 
     @torch.inference_mode()
     def __call__(self, k: int, ids: torch.Tensor) -> torch.Tensor:
-        """Step ``k``: its rows read ``ids`` (int64 ``[rows]`` on the model's device); their logits ``[rows, V]``."""
+        """Step ``k``: its rows read ``ids`` (int64 ``[rows]`` on the model's device); their logits ``[rows, V]``.
+        Steps run in order, each once (a step reads the keys and values the steps before it wrote)."""
+        if k != self.done or k >= len(self.batches):
+            raise ValueError(f"k={k}: expected step {self.done} of {len(self.batches)} (steps run in order, each once)")
         _, pos, batch = self.batches[k]
+        if ids.shape != pos.shape:
+            raise ValueError(f"ids: expected {pos.shape[0]} tokens (the rows of step {k}), got {list(ids.shape)}")
+        self.done += 1
         pm = self.pm
         if pm.timer is None:
             return pm._run(ids, pos, None, batch)
