@@ -384,13 +384,9 @@ class DecodeLoop:
             self._slots = [b.slot for _, b in self.rows]
         self.stats.forwards += len(self.step_names)
         if self.step_graphs is not None:  # the forwards and the next draw in one replay, where a graph applies
-            timer = self.paged["base"].timer
-            token = timer.begin(self.device) if timer is not None else None
-            try:
-                self._next = self.step_graphs.run(self.draw, self._slots, self.drawn, *self._step_keys())
-            finally:
-                if timer is not None:
-                    timer.end(self.device, token)
+            # (timed as the base model's forward)
+            self._next = self.paged["base"].timed(self.step_graphs.run, self.draw, self._slots, self.drawn,
+                                                  *self._step_keys())
             if self._next is not None:
                 self.cur = {}  # not read before the next draw, which the replay made
                 return

@@ -460,13 +460,24 @@ class PagedModel:
             if (not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 1 or logits_at.dtype != torch.long
                     or logits_at.device != self.device):
                 raise ValueError(f"logits_at: expected a 1-D int64 tensor on {self.device}")
+        return self.timed(self._forward, seq_ids, tokens, counts, every_position, logits_at, twins)
+
+    def timed(self, fn, *args):
+        """``fn(*args)``, measured by the decoder's :class:`ForwardTimer` when it set one (``timer``)."""
         if self.timer is None:
-            return self._forward(seq_ids, tokens, counts, every_position, logits_at, twins)
+            return fn(*args)
         token = self.timer.begin(self.device)
         try:
-            return self._forward(seq_ids, tokens, counts, every_position, logits_at, twins)
+            return fn(*args)
         finally:
             self.timer.end(self.device, token)
+
+    def check_positions(self, seq_ids, lens) -> None:
+        """ValueError when a sequence would hold more tokens than the model's positions (``lens``: host lengths)."""
+        if self.positions is not None and int(lens.max()) > self.positions:
+            i = int(lens.argmax())
+            raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
+                             f"{type(self.model).__name__}'s {self.positions} positions")
 
     @staticmethod
     def _check_twins(twins, seq_ids) -> tuple:
@@ -529,10 +540,7 @@ class PagedModel:
         slots = self.cache.append(seq_ids + twin_ids, q if uniform else every)
         try:
             table, lens = self.blocks.tables(seq_ids)
-            if self.positions is not None and int(lens.max()) > self.positions:
-                i = int(lens.argmax())
-                raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
-                                 f"{type(self.model).__name__}'s {self.positions} positions")
+            self.check_positions(seq_ids, lens)
             decode = uniform and q == 1  # one new token per sequence
             if uniform:  # q new tokens per sequence, the j-th at its new length - q + j
                 cu = torch.arange(0, q * len(counts) + 1, q, dtype=torch.int32)

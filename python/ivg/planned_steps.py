@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ivg_kernels.attention import attention_backend
-from ivg_kernels._transfer import to_device, to_device_many
+from ivg_kernels._transfer import to_device_many
 
 from .paged_model import PagedBatch, PagedModel
 
@@ -64,10 +64,7 @@ class PlannedSteps:
         """Per step: ``(its rows, or None for every row; the positions it reads at; its PagedBatch)``."""
         pm = self.pm
         table, lens = pm.blocks.tables(seq_ids)  # the lengths after the last step
-        if pm.positions is not None and int(lens.max()) > pm.positions:
-            i = int(lens.argmax())
-            raise ValueError(f"tokens: sequence {seq_ids[i]} would hold {int(lens[i])} tokens, past "
-                             f"{type(pm.model).__name__}'s {pm.positions} positions")
+        pm.check_positions(seq_ids, lens)
         n = np.asarray(counts, dtype=np.int64)
         first = np.cumsum(n) - n  # each row's first slot in ``slots``
         before = lens.numpy().astype(np.int64) - n  # each row's length before the first step
@@ -80,19 +77,21 @@ class PlannedSteps:
         table = table.numpy()
         tables = np.where(np.arange(table.shape[1]) < held[:, None], table[row], 0).astype(np.int32)
         lens_all = torch.from_numpy(step_lens.astype(np.int32))
-        lens_d, pos_d, cu_d, where_d = to_device_many(
+        tables_h = torch.from_numpy(tables)
+        lens_d, pos_d, cu_d, where_d, tables_d = to_device_many(  # (one copy to a GPU for every step)
             [lens_all, torch.from_numpy(step_lens - 1), torch.arange(max(per) + 1, dtype=torch.int32),
-             torch.from_numpy(first[row] + step)], pm.device)
+             torch.from_numpy(first[row] + step), tables_h], pm.device)
         # (split_with_sizes: Tensor.split's Python wrapper costs more than the split)
         slot_steps = slots.index_select(0, where_d).split_with_sizes(per)
         lens_h, lens_steps, pos_steps = (x.split_with_sizes(per) for x in (lens_all, lens_d, pos_d))
         backend = attention_backend(pm.backend, pm.cache.pool.kv)
         batches, at = [], 0
         for k, m in enumerate(per):
-            step_table = torch.from_numpy(tables[at: at + m, :held[at: at + m].max()])
+            width = int(held[at: at + m].max())
             # (a row alone shares no block with another: no groups, as forward finds)
-            groups = pm._group_lists(step_table, lens_h[k]) if pm.shared_prefix and m > 1 else None
-            batch = PagedBatch(cache=pm.cache, slot_mapping=slot_steps[k], block_table=to_device(step_table, pm.device),
+            groups = (pm._group_lists(tables_h[at: at + m, :width], lens_h[k]) if pm.shared_prefix and m > 1
+                      else None)
+            batch = PagedBatch(cache=pm.cache, slot_mapping=slot_steps[k], block_table=tables_d[at: at + m, :width],
                                seq_lens=lens_steps[k], cu_seqlens_q=cu_d[:m + 1], max_seqlen_q=1, is_decode=True,
                                backend=backend, groups=None if groups is None else pm._groups_on_device(groups))
             batches.append((None if m == len(n) else row[at: at + m].tolist(), pos_steps[k], batch))
@@ -113,11 +112,4 @@ class PlannedSteps:
         if ids.shape != pos.shape:
             raise ValueError(f"ids: expected {pos.shape[0]} tokens (the rows of step {k}), got {list(ids.shape)}")
         self.done += 1
-        pm = self.pm
-        if pm.timer is None:
-            return pm._run(ids, pos, None, batch)
-        token = pm.timer.begin(pm.device)
-        try:
-            return pm._run(ids, pos, None, batch)
-        finally:
-            pm.timer.end(pm.device, token)
+        return self.pm.timed(self.pm._run, ids, pos, None, batch)
