@@ -8,7 +8,7 @@ CUSTOM_GENERATE = __import__("os").path.join(__import__("os").path.dirname(__fil
 
 # Hugging Face integration (needs transformers): imported on first use, so `import ivg` stays light.
 _LAZY = {
-    "PagedModel": "paged_model", "model_from_config": "paged_model", "register_attention": "paged_model",
+    "PagedModel": "paged_model", "model_from_config": "model_families", "register_attention": "paged_attention",
     "IVGDecoder": "decoder", "GenerationResult": "decoder", "NaiveDecoder": "naive",
     "IVGModels": "models", "GuidePair": "models", "TokenRewardModel": "models",
     "DecodeOptions": "options", "IVGLogitsProcessor": "hf_processor",

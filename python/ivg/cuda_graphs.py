@@ -84,10 +84,10 @@ def static_forward(pm, input_ids, positions, slots, block_table, seq_lens, cu, k
     """``(run, batch)``: a forward of ``pm`` over static buffers (``input_ids`` and ``positions`` ``[1, T]``,
     ``slots [T]``, ``block_table [B, width]``, ``seq_lens [B]``, ``cu [B + 1]``, ``q`` new tokens per row,
     ``keep``: the positions whose logits it returns; ``groups``: beam-group buffers ``(group_starts, shared_lens, most)`` or None), and the
-    :class:`~ivg.paged_model.PagedBatch` it reads (off CUDA, clear its ``plans`` before each run: the
+    :class:`~ivg.paged_attention.PagedBatch` it reads (off CUDA, clear its ``plans`` before each run: the
     reference attention's masks are made from the tables of that run). The buffers must live as long as
     the graph that replays ``run``."""
-    from .paged_model import PagedBatch
+    from .paged_attention import PagedBatch
 
     batch = PagedBatch(cache=pm.cache, slot_mapping=slots, block_table=block_table, seq_lens=seq_lens,
                        cu_seqlens_q=cu, max_seqlen_q=q, is_decode=q == 1,

@@ -33,7 +33,8 @@ from .draw import decoder_backend
 from .speculative_loop import SpeculativeLoop
 from .models import IVGModels, model_positions
 from .options import DecodeOptions
-from .paged_model import ForwardTimer, PagedModel, check_family, local_kv_shape
+from .model_families import check_family, local_kv_shape
+from .paged_model import ForwardTimer, PagedModel
 from .progress import progress_bar
 from .search import StopChecker, prompt_seed
 

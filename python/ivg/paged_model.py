@@ -1,11 +1,11 @@
 """Hugging Face causal LMs on the paged KV cache: one forward over a ragged batch of sequences.
 
-The attention implementation ``"ivg_paged"`` is registered with transformers' ``AttentionInterface``.
-It writes each layer's new keys and values into the pages of ``module.layer_idx`` and attends through
-``ivg_kernels.paged_decode_attention`` (one new token per sequence) or
-``ivg_kernels.paged_prefill_attention`` (prompts and multi-token chunks). Batches are packed as one
-row of ``T`` tokens with explicit ``position_ids``; transformers builds no mask for an attention
-implementation it does not know, and none is needed.
+:class:`PagedModel` appends each sequence's new tokens to its blocks, builds the one :class:`PagedBatch` every
+layer shares (slots, block tables, lengths, beam groups) and runs the model through the paged attention
+(:mod:`ivg.paged_attention`): its lean forward where one exists (:mod:`ivg.lean_models`), else transformers' own
+with the ``"ivg_paged"`` attention. Batches are packed as one row of ``T`` tokens with explicit
+``position_ids``; transformers builds no mask for an attention implementation it does not know, and none is
+needed. Decode steps (and extends) replay CUDA graphs on a GPU (:mod:`ivg.cuda_graphs`).
 
 Tested families: GPT-2, Llama (grouped-query attention), Mistral (sliding window), Qwen2; Phi-3 with longrope
 RoPE scaling, whose frequencies `ivg.row_rope` chooses per sequence; Qwen3, Gemma 3, GPT-NeoX, OPT, GPT-J,
@@ -13,282 +13,41 @@ GPTBigCode and Mixtral; Gemma 2 (attention logit soft-capping), gpt-oss and Gran
 DeepSeek V2/V3 and MiniCPM3 (latent attention: values narrower than keys, held zero-padded); Gemma 4 (layers of
 several head sizes and KV head counts, held padded and repeated to the widest); Gemma 3n and 4 with layers that
 reuse an earlier layer's keys and values; MiMo-V2 (sliding-window layers with more KV heads than its config states).
-:func:`check_family` refuses, with the reason, models it cannot serve exactly.
+:func:`check_family` (:mod:`ivg.model_families`) refuses, with the reason, models it cannot serve exactly.
+
+The attention function and the family checks live in their own modules; their public names are importable from
+here as before (``PagedBatch``, ``paged_attention_forward``, ``ATTN_IMPLEMENTATION``, ``check_family``,
+``kv_shape``, ``local_kv_shape``, ``model_from_config``, ``register_attention``).
 """
 from __future__ import annotations
 
-import copy
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ivg_kernels.attention import (attention_backend, run_decode, run_prefill, run_shared_decode,
-                                  run_write_kv)
+from ivg_kernels.attention import attention_backend
 from ivg_kernels._transfer import to_device, to_device_many
-from ivg_kernels.reference.attention import decode_plan, prefill_plan, shared_decode_plan
 from ivg_kernels.block_manager import prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
-from .models import batch_dependent_rope, model_positions, text_config
+from .model_families import check_family, kv_shape, local_kv_shape, model_from_config
+from .models import batch_dependent_rope, model_positions
+from .paged_attention import (ATTN_IMPLEMENTATION, PagedBatch, attend, check_attended, paged_attention_forward,
+                              register_attention)
 from .row_rope import row_rope
 
-ATTN_IMPLEMENTATION = "ivg_paged"
+__all__ = ["PagedModel", "ForwardTimer", "SHARED_PREFIX_MIN_TOKENS", "PagedBatch", "paged_attention_forward",
+           "ATTN_IMPLEMENTATION", "register_attention", "check_family", "kv_shape", "local_kv_shape", "model_from_config"]
+
 # Shared tokens per row from which the plain-torch shared-prefix attention beats per-row attention in
 # the decoder (CPU, one thread; benchmarks/results_notes.md, 2026-12-02: IVG W=K=4, 4 prompts, 32 new tokens,
 # both paths planned once per forward: prompts of 80 and 112 tokens 19% and 9% slower shared, 144 to 224 tokens
 # 2% to 18% faster): below it the per-row SDPA path wins.
 SHARED_PREFIX_MIN_TOKENS = 128
-
-
-@dataclass
-class PagedBatch:
-    """What every attention layer needs for one forward (built once per step, shared by all layers)."""
-
-    cache: KVCache
-    slot_mapping: torch.Tensor  # int64 [T]
-    block_table: torch.Tensor  # int32 [B, max_blocks]
-    seq_lens: torch.Tensor  # int32 [B], lengths after this step
-    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
-    max_seqlen_q: int
-    is_decode: bool  # one new token per sequence
-    backend: str  # the attention ops' backend, resolved: "reference" or "triton" (attention_backend)
-    groups: tuple | None = None  # decode over beam groups: (group_starts, shared_lens, max_group_rows)
-    plans: dict = field(default_factory=dict)  # sliding window -> the reference's plan of this batch (_reference_plan)
-    # twins (PagedModel.forward): for each slot of slot_mapping, the new token whose keys and values go there
-    # (int64 [T + twins]); None: the T tokens' own
-    write_rows: torch.Tensor | None = None
-    attended: int = 0  # layers that attended through paged_attention_forward in this forward (check_attended)
-
-
-def attend(b: PagedBatch, layer_idx: int, q, k, v, scale: float, sliding_window, softcap: float = 0.0,
-           sinks=None) -> torch.Tensor:
-    """One layer's paged attention for the batch ``b``: write the new keys/values ``[T, H_kv, D]`` into
-    their slots, then attend ``q`` ``[T, H, D]`` (decode, shared-prefix decode, or ragged prefill), with the
-    layer's logit soft-capping (``softcap``, 0.0 for none) and attention sinks (``[H]`` or None).
-
-    The ops run without the public functions' argument checks (``ivg_kernels.attention.run_*``): the
-    batch is built by ``PagedModel`` for its own cache, and checking it on every layer cost about a
-    tenth of a one-row forward on the CPU."""
-    k_cache, v_cache = b.cache.pool.layer(layer_idx)
-    if b.write_rows is not None:  # twins get the keys and values of the token they share
-        k, v = k.index_select(0, b.write_rows), v.index_select(0, b.write_rows)
-    run_write_kv(b.backend, k_cache, v_cache, k, v, b.slot_mapping)
-    plan = None
-    if b.backend == "reference":
-        plan = _reference_plan(b, sliding_window, k_cache.shape[1])
-        if plan is None:  # a decode step with no key to attend (or no row)
-            return torch.zeros_like(q)
-    if b.is_decode and b.groups is not None:
-        starts, shared, most = b.groups
-        return run_shared_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, starts, shared, most,
-                                 scale, sliding_window, plan=plan, softcap=softcap, sinks=sinks)
-    if b.is_decode:
-        return run_decode(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, scale, sliding_window, plan=plan,
-                          softcap=softcap, sinks=sinks)
-    return run_prefill(b.backend, q, k_cache, v_cache, b.block_table, b.seq_lens, b.cu_seqlens_q, b.max_seqlen_q,
-                       scale, sliding_window, plan, softcap=softcap, sinks=sinks)
-
-
-def _reference_plan(b: PagedBatch, sliding_window, block_size: int):
-    """The plain-torch attention's plan of the batch ``b`` for ``sliding_window`` (its masks, gather indices and
-    beam groups: what every layer shares), made by its first layer: a shared-prefix, decode or prefill plan."""
-    if sliding_window not in b.plans:
-        if b.is_decode and b.groups is not None:
-            starts, shared, _ = b.groups
-            plan = shared_decode_plan(b.block_table, b.seq_lens, starts, shared, block_size, sliding_window)
-        elif b.is_decode:
-            plan = decode_plan(b.block_table, b.seq_lens, block_size, sliding_window)
-        else:
-            plan = prefill_plan(b.block_table, b.seq_lens, b.cu_seqlens_q, block_size, sliding_window)
-        b.plans[sliding_window] = plan
-    return b.plans[sliding_window]
-
-
-# Arguments some families pass to their attention function that change its result, and what they are: the
-# paged attention computes causal softmax attention (scaled, optionally windowed, soft-capped and with sinks),
-# so it refuses them.
-_UNSUPPORTED = {"position_bias": "an additive position bias"}
-
-
-def _sinks(module, query, kwargs):
-    """The attention sinks a layer passes (``s_aux=``, as gpt-oss, or ``sinks=``): None, or one logit per query
-    head (a ``[H]`` tensor); any other form is refused."""
-    sinks = kwargs.get("s_aux")
-    if sinks is None:
-        sinks = kwargs.get("sinks")
-    if sinks is None:
-        return None
-    if not isinstance(sinks, torch.Tensor) or sinks.shape != (query.shape[1],):
-        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
-        raise ValueError(f"{type(module).__name__} passes attention sinks of shape {shape}; ivg's paged attention "
-                         f"takes one sink logit per query head ({query.shape[1]})")
-    return sinks
-
-
-def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            sliding_window=None, ivg_batch: PagedBatch | None = None, **kwargs):
-    """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` -> ``[1, T, H, D]``."""
-    if ivg_batch is None:
-        raise ValueError(
-            "ivg_batch=None: a model loaded with attn_implementation='ivg_paged' runs through ivg.PagedModel "
-            f"(and {type(module).__name__} must pass its forward's keyword arguments on to its attention)"
-        )
-    for name, what in _UNSUPPORTED.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{type(module).__name__} passes {name}= ({what}) to its attention, which ivg's paged "
-                             "attention does not implement: this model cannot run on the paged cache")
-    if attention_mask is not None:
-        raise ValueError(f"{type(module).__name__} passes an attention mask ({type(attention_mask).__name__}), which "
-                         "ivg's paged attention does not read (it masks causally, and by sliding window, from the cache)")
-    if kwargs.get("is_causal") is False:
-        raise ValueError(f"{type(module).__name__} asks for non-causal attention (is_causal=False); ivg's paged "
-                         "attention is causal")
-    if query.shape[0] != 1:
-        raise ValueError(f"query batch {query.shape[0]}: expected 1 (ragged batches are packed into one row)")
-    sinks = _sinks(module, query, kwargs)
-    softcap = kwargs.get("softcap")
-    if softcap is not None and not 0 < softcap < float("inf"):
-        raise ValueError(f"{type(module).__name__} soft-caps its attention logits at {softcap!r}: expected a positive "
-                         "finite float")
-    kv_heads, head_dim = ivg_batch.cache.pool.kv.shape[4:]
-    heads, k_heads, k_dim, v_dim = query.shape[1], key.shape[1], key.shape[-1], value.shape[-1]
-    if (value.shape[1] != k_heads or kv_heads % k_heads or heads % kv_heads or max(k_dim, v_dim) > head_dim
-            or query.shape[-1] != k_dim):
-        raise ValueError(f"{type(module).__name__} attends with {heads} query heads of {query.shape[-1]}, keys of "
-                         f"{k_heads} heads of {k_dim} and values of {value.shape[1]} heads of {v_dim}; the paged "
-                         f"cache holds {kv_heads} heads of {head_dim} (a layer's KV heads must divide it and it the "
-                         "query heads; its keys and values may be narrower), as its config states")
-    ivg_batch.attended += 1
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    # A layer narrower than the cache (latent attention's values; Gemma 4's sliding layers, or its full ones with
-    # fewer KV heads) is held padded to it, exactly: zero columns add nothing to q.k and give output columns that
-    # are cut off; each KV head repeated r times is read by the same query heads as before (h // (H / H_kv)).
-    if k_dim < head_dim:
-        q, k = (torch.nn.functional.pad(x, (0, head_dim - k_dim)) for x in (q, k))
-    if v_dim < head_dim:
-        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
-    if k_heads < kv_heads:
-        k, v = (x.repeat_interleave(kv_heads // k_heads, dim=1) for x in (k, v))
-    out = attend(ivg_batch, module.layer_idx, q, k, v, scale, sliding_window, float(softcap or 0.0), sinks)
-    return (out if v_dim == head_dim else out[..., :v_dim]).unsqueeze(0), None  # (1, T, H, D_v)
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-
-
-def check_attended(pm, batch: PagedBatch) -> None:
-    """After a transformers forward of ``pm`` over ``batch``: every layer attended through the paged cache. A
-    layer that did not (recurrent, convolution or linear-attention layers of a hybrid model; attention code of
-    its own) kept no state per sequence and took the packed batch for one sequence."""
-    layers = pm.cache.pool.kv.shape[0]
-    if batch.attended > layers:
-        raise ValueError(f"model: {type(pm.model).__name__}'s {layers} layers attended {batch.attended} times through "
-                         "the paged cache in one forward; a layer that attends more than once (differential "
-                         "attention, for one) would write its keys over its own, so it cannot run paged")
-    if batch.attended != layers:
-        raise ValueError(f"model: {batch.attended} of {type(pm.model).__name__}'s {layers} layers attended through "
-                         "the paged cache; the others (recurrent, convolution or linear-attention layers, or "
-                         "attention code of their own) keep no per-sequence state there, so it cannot run paged")
-
-
-# Layer types (config.layer_types and the like) whose layers attend as the paged attention does.
-_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "attention"}
-
-
-def check_family(model) -> None:
-    """Refuse, naming why, a model whose attention the paged cache cannot serve exactly: one that runs its own
-    attention code rather than transformers' ``AttentionInterface`` (Falcon, BLOOM, MPT, GPT-Neo, StableLM in
-    transformers 5: its forward would take the packed batch for one sequence and write no cache), or one whose
-    layers or attention the paged kernels do not compute (recurrent or convolutional layers). The attention
-    function refuses what it cannot compute (an additive position bias, a mask), for a family this check does not
-    know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss), values narrower than keys (latent attention, as
-    transformers expands it), layers of several shapes (Gemma 4) and layers that reuse an earlier layer's keys and
-    values (Gemma 3n and 4: each such layer gets them in every forward and holds its own copy) are computed."""
-    body = getattr(model, "body", model)  # a TokenRewardModel's transformer
-    name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
-    naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"
-    if getattr(type(body), "_supports_attention_backend", True) is False:
-        raise ValueError(f"model: {name} runs its own attention code, not transformers' AttentionInterface, so "
-                         "ivg.PagedModel cannot give it the paged cache (families that use the interface work: "
-                         f"GPT-2, Llama, Mistral, Qwen2, Phi-3, Gemma, ...){naive}")
-    cfg = text_config(body)
-    for key in ("layer_types", "block_types", "layers_block_type"):
-        types = getattr(cfg, key, None)
-        other = sorted(set(types) - _ATTENTION_LAYERS) if isinstance(types, (list, tuple)) else []
-        if other:
-            raise ValueError(f"model: {name} has layers of type {', '.join(map(str, other))} ({key}), which "
-                             f"ivg's paged attention does not implement{naive}")
-
-
-def kv_shape(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of the paged cache for a transformers config (GPT-2 or Llama-style
-    names): the keys' heads, which every layer's fit. Multi-head latent attention, as DeepSeek V2/V3 and MiniCPM3
-    expand it, has keys of ``qk_nope_head_dim + qk_rope_head_dim`` and values of ``v_head_dim``; a heterogeneous
-    config (Gemma 4: ``config.per_layer_config``) has layers of several head sizes and KV head counts, and the
-    cache takes the largest of each (:func:`paged_attention_forward` pads and repeats the others to them)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
-    if getattr(text, "per_layer_attributes", None):  # each layer's own settings
-        shapes = [_layer_kv_shape(text.per_layer_config[i]) for i in range(layers)]
-        return layers, max(h for h, _ in shapes), max(d for _, d in shapes)
-    return (layers, *_layer_kv_shape(text))
-
-
-def _layer_kv_shape(text) -> tuple[int, int]:
-    """(KV heads, key head dim) of one layer's config."""
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    k_dim = getattr(text, "head_dim", None) or hidden // heads
-    nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
-    if nope is not None and rope is not None:  # latent attention (its config's head_dim is the rotary part's)
-        k_dim = nope + rope
-    return kv_heads, k_dim
-
-
-def local_kv_shape(model) -> tuple[int, int, int]:
-    """:func:`kv_shape` of the KV heads this process holds: under transformers' tensor parallelism
-    (``model.tp_size`` ranks) each rank's attention sees ``num_kv_heads / tp_size`` heads. A model whose key
-    projections hold more KV heads than its config states for some layers (MiMo-V2's sliding-window layers hold
-    twice as many) gets a cache of the most (:func:`paged_attention_forward` repeats the others' heads)."""
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    tp = getattr(model, "tp_size", None) or 1
-    if tp > 1:
-        if kv_heads % tp:
-            raise ValueError(f"tp_size={tp}: {kv_heads} KV heads do not split evenly over the ranks")
-        return layers, kv_heads // tp, head_dim
-    return layers, max(kv_heads, _module_kv_heads(model)), head_dim
-
-
-def _module_kv_heads(model) -> int:
-    """The most KV heads a decoder layer's attention module holds (``k_proj.out_features // head_dim``), or 0. The
-    modules counted are causal and numbered (``layer_idx``), as those that attend through the paged cache are: not
-    a multimodal model's vision tower, whose heads are not the cache's."""
-    most = 0
-    for m in model.modules():
-        k, d = getattr(m, "k_proj", None), getattr(m, "head_dim", None)
-        if (isinstance(k, torch.nn.Linear) and isinstance(d, int) and d > 0 and k.out_features % d == 0
-                and isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", True) is not False):
-            most = max(most, k.out_features // d)
-    return most
-
-
-def model_from_config(config, **kwargs):
-    """``AutoModelForCausalLM.from_config`` on the paged attention, leaving ``config`` untouched
-    (transformers' ``from_config(cfg, attn_implementation=...)`` edits ``cfg`` in place)."""
-    from transformers import AutoModelForCausalLM
-
-    register_attention()
-    return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
 
 
 class ForwardTimer:

@@ -27,7 +27,8 @@ import torch
 from ivg_kernels.attention import attention_backend
 from ivg_kernels._transfer import to_device_many
 
-from .paged_model import PagedBatch, PagedModel
+from .paged_attention import PagedBatch
+from .paged_model import PagedModel
 
 
 PLAN = True  # False: every draft forward through PagedModel.forward (the tests compare the two)
