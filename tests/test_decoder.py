@@ -205,6 +205,20 @@ def test_an_external_scorer_is_called_once_per_chunk_boundary(models):
         assert Counter(p for p, _ in call) == {p: 6 for p in PROMPTS}  # W*K = 6 candidates of every prompt
 
 
+def test_ties_go_to_the_lower_candidate_index(models):
+    """Candidates with equal scores rank by their index, lowest first (``ivg.search``'s rule). Best-of-N with a
+    scorer that ties every response therefore returns candidates 0 and 1 in that order, and candidate 0 draws
+    with the keys plain sampling draws with (``(prompt seed, t * 2**16 + 0)``): the same tokens. Both decoders."""
+    flat = _opts("bon", scorer=lambda prompts, responses: [1.0] * len(responses))
+    plain = IVGDecoder(models).generate(PROMPTS, _opts("plain"))
+    for dec in (IVGDecoder(models), NaiveDecoder(models)):
+        out = dec.generate(PROMPTS, flat)
+        for got, want in zip(out, plain):
+            assert got.beams[0].tokens == want.beams[0].tokens
+            assert [b.score for b in got.beams] == [1.0, 1.0]
+        assert any(r.beams[0].tokens != r.beams[1].tokens for r in out)  # two candidates, not one twice
+
+
 @pytest.mark.parametrize("mode", ["ivg", "bon"])
 def test_batch_invariance(models, mode):
     opts = _opts(mode)

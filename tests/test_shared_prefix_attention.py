@@ -75,6 +75,16 @@ def test_groups_follow_the_forks():
     assert bm.shared_prefix_groups([kids_a[0], *alone, kids_a[1]]) == ([0, 1, 2, 3], [11, 6, 15])
 
 
+def test_empty_rows_are_groups_of_their_own():
+    """A row that holds no block shares nothing, not even with a neighbour as empty as itself: each is a group
+    of one (their first blocks would otherwise compare equal as padding)."""
+    bm = BlockManager(16, 4)
+    a, b, c, d = bm.new_sequences(4)
+    bm.append([c], 5)
+    (e,) = bm.fork_many([c], 1)[0]
+    assert bm.shared_prefix_groups([a, b, c, e, d]) == ([0, 1, 2, 4, 5], [0, 0, 5, 0])
+
+
 def test_groups_equal_a_brute_force_over_random_histories():
     for seed in range(6):
         cache, rows = _fork_history([9, 30, 17, 4], 1, 4, 4, torch.float32, seed)

@@ -113,6 +113,16 @@ def test_finishes_where_the_whole_text_first_holds_a_stop_string(which):
     assert hits > checked // 2  # the stop strings were mostly there to find
 
 
+def test_the_text_is_cut_before_the_first_stop_string_it_holds():
+    """``StopChecker.text``: the response's text up to the earliest place any stop string starts, whichever of
+    them it is and wherever it stands in the list."""
+    tok = char_tokenizer()
+    tokens = tok("ab, bc. ca", add_special_tokens=False)["input_ids"]
+    assert StopChecker(tok, ["ca", "bc"], []).text(tokens) == "ab, "
+    assert StopChecker(tok, ["c. c", "b, b"], []).text(tokens) == "a"
+    assert StopChecker(tok, ["!"], []).text(tokens) == "ab, bc. ca"
+
+
 def test_a_stop_string_that_is_a_special_token_ends_the_response_there():
     """"<eos>" (a chat model's "<|im_end|>", say) is decoded to nothing, so as a stop string it never matched and
     the responses ran on to the length limit; it now ends a response at that token, as the token's id in
