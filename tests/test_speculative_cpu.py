@@ -128,3 +128,15 @@ def test_a_draft_outside_both_supports_is_replaced_by_a_draw_from_p(monkeypatch,
     got = _verify(True, monkeypatch, *args, **kwargs)
     _same(got, _verify(False, monkeypatch, *args, **kwargs), "empty residual")
     assert got.ok.all() and (got.num_accepted == 0).all() and (got.tokens[:, 0] < 20).all()
+
+
+def test_an_inverse_cdf_draw_takes_the_first_token_whose_mass_exceeds_the_target():
+    """"Exceeds", strictly: where ``u`` times the total equals a cumulative mass exactly, the draw is the token
+    after it (a uniform is an odd multiple of 2**-24: ``3 * 2**-24`` of a total of ``2**24`` is 3, the first
+    token's mass), and never a zero-mass token. Both CPU implementations."""
+    u = torch.tensor([3 * 2.0 ** -24, 3 * 2.0 ** -24, 5 * 2.0 ** -24], dtype=torch.float64)
+    dist = torch.tensor([[3.0, 2.0 ** 24 - 3, 0.0], [3.0, 0.0, 2.0 ** 24 - 3], [3.0, 0.0, 2.0 ** 24 - 3]],
+                        dtype=torch.float64)
+    want = [1, 2, 2]
+    assert ref.inverse_cdf(dist, u).tolist() == want
+    assert speculative_cpu.inverse_cdf_np(dist.numpy(), u.numpy()).tolist() == want

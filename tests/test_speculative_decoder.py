@@ -223,6 +223,25 @@ def test_a_flagged_draft_is_reported_never_fed_and_leaks_nothing(models, monkeyp
     assert st.host_reads == st.steps, "one read of the device per round"
 
 
+def test_the_accepted_count_is_the_drafts_the_responses_took(models):
+    """``RunStats.accepted`` counts the drafts a response took: a round takes its kept drafts and one token more,
+    unless the response finishes (here at EOS) on a kept draft, and the drafts kept after that are not taken. For
+    one prompt's one row (eft) every round but the last thus gives exactly one token that is not a draft, and the
+    last one or none: ``new_tokens - accepted`` is ``steps`` or ``steps - 1``. A third of the vocabulary as EOS
+    ends responses inside their rounds."""
+    vocab = models.base.config.vocab_size
+    eos = tuple(range(0, vocab, 3))
+    inside = 0
+    for seed in range(6):
+        for prompt in PROMPTS:
+            dec = IVGDecoder(models)
+            dec.generate([prompt], _opts("eft", speculate=4, eos_token_ids=eos, seed=seed))
+            s = dec.last_stats
+            assert s.accepted <= s.drafted and s.steps - 1 <= s.new_tokens - s.accepted <= s.steps, (seed, prompt)
+            inside += s.new_tokens - s.accepted == s.steps - 1
+    assert inside  # some response finished on a kept draft
+
+
 def test_bad_speculate_values_are_named():
     models = ivg_models("gpt2")
     for bad, match in ((-1, "speculate=-1"), (1.5, "speculate=1.5"), (True, "speculate=True")):
