@@ -72,6 +72,47 @@ def test_kernel_keeps_the_same_nucleus_at_the_boundary():
     _same_as_reference(BOUNDARY, 32, block=4, top_p=0.8)
 
 
+# The nucleus reaches its target exactly at its first token: that token's integer mass, 2**40 (it is the max), equals
+# nucleus_target(p, total) for the row's total 2**40 + 1,114,113 (the second token's mass) at p = 1 - 2**-24.
+EXACT_REACH = torch.tensor([[0.0, -13.80231761932373]])
+TOP_P_EXACT = 1 - 2 ** -24  # a float32 value
+
+
+def test_a_nucleus_ends_at_the_first_token_that_reaches_its_target_exactly():
+    """The top-p set is the top tokens up to the first whose cumulative integer mass reaches (>=, not >) the
+    target: the second token is dropped, so every draw is token 0 with log-prob 0 exactly."""
+    masses = portable.mass_int(EXACT_REACH[0] - EXACT_REACH[0].max())
+    assert masses.tolist() == [2 ** 40, 1_114_113]  # the construction
+    assert portable.nucleus_target(torch.tensor([TOP_P_EXACT]), masses.sum().view(1)).item() == 2 ** 40
+    tokens, logprob = _draw(EXACT_REACH, 64, top_p=TOP_P_EXACT)
+    assert (tokens == 0).all() and (logprob == 0).all(), (tokens.tolist(), logprob.tolist())
+
+
+@requires_triton
+def test_kernel_ends_the_nucleus_where_the_reference_does():
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    a = prepare_sample_args(EXACT_REACH.expand(8, -1), (), 1.0, 0, TOP_P_EXACT, 0.0, 11, torch.arange(8), None)
+    tri = _guided_sample_triton(args_to(a), block=4)
+    assert (tri.tokens.cpu() == 0).all() and (tri.logprob.cpu() == 0).all(), tri.logprob.tolist()
+
+
+def test_the_gumbel_winner_is_decided_on_the_exact_sum(monkeypatch):
+    """A filtered row draws the kept token with the largest ``x + g`` summed exactly, not as rounded: here both
+    float32 sums round to 1 + 2**-23, and the exact ones are 1 + 2**-24 + 2**-30 and 1 + 2**-23 (noise injected),
+    so the second token wins, whichever column it stands in."""
+    from ivg_kernels.reference import sampling
+
+    for order in ([0, 1], [1, 0]):
+        x = torch.tensor([[1.0, 1.0 + 2 ** -23]])[:, order]
+        g = torch.tensor([[2 ** -24 + 2 ** -30, 0.0]])[:, order]
+        assert (x + g)[0, 0] == (x + g)[0, 1]  # a tie once rounded
+        monkeypatch.setattr(sampling, "gumbel_noise", lambda seed, offset, ids, g=g: g)
+        won = sampling._gumbel_argmax(x, torch.ones_like(x, dtype=torch.bool), torch.tensor([1]), torch.tensor([0]),
+                                      torch.arange(2))
+        assert won.tolist() == [order.index(1)]
+
+
 def _boundary_rows(gen, n, v):
     """Rows of dyadic probabilities, so that partial sums land exactly on round top-p and min-p values."""
     weights = torch.randint(1, 9, (n, v), generator=gen).double()
