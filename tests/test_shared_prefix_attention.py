@@ -136,6 +136,30 @@ def test_empty_groups_pad_the_structure():
     assert_close(got, want, torch.float64, "padded groups")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_empty_rows_attend_to_nothing(backend):
+    """Rows that hold no token (padding rows of a batch: their own groups, sharing 0) get output 0, as per-beam
+    attention gives them, beside a group that shares a prefix; not the NaN of a softmax over no key."""
+    bm = BlockManager(16, 4)
+    root, e1, e2 = bm.new_sequences(3)
+    bm.append([root], 6)
+    kids = bm.fork_many([root], 2)[0]
+    bm.append(kids, [2, 3])
+    rows = [e1, *kids, e2]
+    gen = torch.Generator().manual_seed(3)
+    kc, vc = (torch.randn(16, 4, 2, 8, generator=gen).to(DEVICE) for _ in range(2))
+    q = torch.randn(len(rows), 4, 8, generator=gen).to(DEVICE)
+    starts, shared = bm.shared_prefix_groups(rows)
+    assert starts == [0, 1, 3, 4] and shared == [0, 4, 0]
+    bt, sl = bm.block_table(rows).to(DEVICE), bm.seq_lens(rows).to(DEVICE)
+    got = shared_prefix_decode_attention(q, kc, vc, bt, sl, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+                                         torch.tensor(shared, dtype=torch.int32, device=DEVICE), max_group_rows=2,
+                                         scale=0.3, backend=backend)
+    want = paged_decode_attention(q, kc, vc, bt, sl, scale=0.3, backend="reference")
+    assert (got[[0, 3]] == 0).all() and (want[[0, 3]] == 0).all()
+    assert_close(got, want, torch.float32, backend)
+
+
 def test_a_window_inside_the_shared_part_and_rows_of_their_own():
     """Windows that end inside the shared prefix, exclude it, or take all of it; groups of one row."""
     cache, rows = _fork_history([30, 3], 2, 8, 4, torch.float64, 5)
