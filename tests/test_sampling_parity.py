@@ -217,6 +217,19 @@ def test_a_wide_nucleus_falls_back_over_the_tokens_above_its_mass_bound(top_p, b
         assert (taken < 0.65 * n * v) if bounded else (taken > 0.9 * n * v), taken
 
 
+def test_the_mass_bound_stays_below_a_nucleus_that_ends_in_a_flat_tail():
+    """The top-p fallback's floor is valid near its limit: one token holds 87% of the mass and 5,999 nearly equal
+    tokens the rest, so at top_p 0.9 the nucleus ends inside the tail, whose tokens each hold about 1.3 times
+    ``(1 - p) / V`` of the mass, 5.2 times the bound's per-token mass ``(1 - p) / (4 V)`` (a bound at 1.5 times
+    ``(1 - p) / V`` cuts the nucleus here: tested). The same tokens and values as the reference."""
+    n, v = 2, 6000
+    gen = torch.Generator().manual_seed(7)
+    tail = math.log(0.13 / (v - 1))
+    logits = tail + 0.01 * torch.randn(n, v, generator=gen)
+    logits[:, 17] = math.log(0.87)
+    _compare(prepare_sample_args(logits, (), 1.0, 0, 0.9, 0.0, 5, torch.arange(n), None), block=512)
+
+
 def test_per_row_filters_and_greedy_rows_match_reference():
     gen = torch.Generator().manual_seed(5)
     n, v = 6, 700
