@@ -200,6 +200,27 @@ def test_no_block_leaks_after_an_error_in_a_round(models, monkeypatch):
     _same(dec.generate(PROMPTS, _opts("ivg", speculate=3)), IVGDecoder(models).generate(PROMPTS, _opts("ivg", speculate=3)))
 
 
+def test_a_row_past_its_chunk_boundary_is_an_error_not_a_hang(models, monkeypatch):
+    """A row that held more tokens than its chunk allows would never reach the boundary its prompt waits at (a
+    drafting bug did that: the run looped forever). It is refused with an error, and the caches are left empty."""
+    from ivg.speculative_loop import SpeculativeLoop
+
+    real = SpeculativeLoop._update
+
+    def one_too_many(self, rows, gam, record):
+        kept = real(self, rows, gam, record)
+        req, b = rows[0]
+        if not b.finished:  # the first row takes one more token than the round gave it
+            b.tokens.append(b.tokens[-1])
+        return kept
+
+    monkeypatch.setattr(SpeculativeLoop, "_update", one_too_many)
+    dec = IVGDecoder(models)
+    with pytest.raises(RuntimeError, match="past its chunk boundary"):
+        dec.generate(PROMPTS, _opts("ivg", speculate=3, eos_token_ids=()))
+    assert set(dec.kv_blocks_in_use().values()) == {0}
+
+
 def test_a_flagged_draft_is_reported_never_fed_and_leaks_nothing(models, monkeypatch):
     """Drafts stay on the device within a round: a draft the draft model could not draw (-1, NaN logits)
     feeds the next draft forward as 0 and is reported by the round's one read of the device."""

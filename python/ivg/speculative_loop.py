@@ -78,7 +78,11 @@ class SpeculativeLoop(DecodeLoop):
         end = self.opts.max_new_tokens
         if self.search and self.opts.chunk_len is not None:
             end = min(end, req.chunk_start + self.opts.chunk_len)
-        return end - len(b.tokens)
+        room = end - len(b.tokens)
+        if room < 0:  # a row past its boundary would never reach it, and the loop would wait for it forever
+            raise RuntimeError(f"internal error: candidate {b.cand} of prompt {req.index} holds {len(b.tokens)} "
+                               f"tokens, past its chunk boundary or max_new_tokens ({end})")
+        return room
 
     def _ranks_now(self, req) -> bool:
         if all(b.finished for b in req.cands):
