@@ -72,7 +72,8 @@ GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_sampling_gpu.py tests/test_
            tests/test_shared_prefix_attention.py tests/test_speculative.py tests/test_speculative_kernels.py
            tests/test_paged_models.py tests/test_philox.py tests/test_sampling_errors.py tests/test_sampling_reference.py
            tests/test_cuda_build_dispatch.py tests/test_kernel_random_configs.py tests/test_model_families.py
-           tests/test_model_random_configs.py tests/test_row_rope.py tests/test_planned_steps.py}"
+           tests/test_model_random_configs.py tests/test_row_rope.py tests/test_planned_steps.py
+           tests/test_eager_sample.py tests/test_eager_draft.py tests/test_eager_attention.py tests/test_sampling_exactness.py}"
 
 run_build() {
     note "build csrc/"
