@@ -96,6 +96,20 @@ def test_a_call_of_another_kind_is_checked_and_attends_over_its_own_arguments(co
     torch.testing.assert_close(auto.cpu(), paged_decode_attention_ref(*[t.cpu() for t in args], **base))
 
 
+def test_the_backend_setting_is_part_of_a_decode_signature(counted, monkeypatch):
+    """``backend="auto"`` reads ``IVG_BACKEND``: after it changes, a call like a remembered one is checked and
+    attends on the backend now chosen."""
+    args, base = _case(), dict(scale=0.25)
+    monkeypatch.setenv("IVG_BACKEND", "triton")
+    for _ in range(2):
+        _close(attention.paged_decode_attention(*args, **base), paged_decode_attention_ref(*[t.cpu() for t in args],
+                                                                                            **base))
+    assert len(counted) == 1
+    monkeypatch.setenv("IVG_BACKEND", "reference")
+    attention.paged_decode_attention(*args, **base)
+    assert len(counted) == 2
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(scale=-1.0), "scale"),
     (dict(scale=True), "scale"),
@@ -186,6 +200,18 @@ def _write_both(key, value, slots, dtype=torch.float32):
     write_kv_ref(caches[2], caches[3], key, value, slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert caches[0].abs().sum() > 0
+
+
+def test_the_backend_setting_is_part_of_a_write_signature(counted_writes, monkeypatch):
+    key, value, slots = _write_case(6, 0)
+    caches = [torch.zeros(BLOCKS, BS, H_KV, D, device=DEVICE) for _ in range(2)]
+    monkeypatch.setenv("IVG_BACKEND", "triton")
+    for _ in range(2):
+        attention.write_kv(*caches, key, value, slots)
+    assert len(counted_writes) == 1
+    monkeypatch.setenv("IVG_BACKEND", "reference")
+    attention.write_kv(*caches, key, value, slots)
+    assert len(counted_writes) == 2
 
 
 def test_memoised_writes_write_what_the_reference_writes(counted_writes):

@@ -78,6 +78,24 @@ def test_a_call_of_another_kind_is_checked_and_draws_for_its_own_arguments(count
     assert len(speculative.DRAFT_CALLS.table) == n  # the reference's call remembered nothing
 
 
+def test_the_backend_setting_is_part_of_a_signature(counted, monkeypatch):
+    """``backend="auto"`` reads ``IVG_BACKEND``: after it changes, a call like a remembered one is not launched as
+    remembered but draws on the backend now chosen (the reference remembers nothing)."""
+    x = _logits()
+    monkeypatch.setenv("IVG_BACKEND", "triton")
+    want = draft_draw_ref(x.cpu(), seed=7, offset=2, temperature=0.7)
+    for _ in range(2):
+        assert torch.equal(ivg_kernels.draft_sample(x, seed=7, offset=2, temperature=0.7).cpu(), want)
+    assert len(counted) == 1 and len(speculative.DRAFT_CALLS.table) == 1
+    from ivg_kernels import _eager
+
+    found, real_get = [], _eager.Calls.get
+    monkeypatch.setattr(_eager.Calls, "get", lambda self, sig: found.append(real_get(self, sig)) or found[-1])
+    monkeypatch.setenv("IVG_BACKEND", "reference")
+    assert torch.equal(ivg_kernels.draft_sample(x, seed=7, offset=2, temperature=0.7).cpu(), want)
+    assert found == [None]  # looked up, and nothing remembered for this setting
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),

@@ -97,6 +97,32 @@ def test_a_call_of_another_kind_is_checked_and_draws_for_its_own_arguments(count
         x[0].cpu(), [(x[1].cpu(), 0.5), (x[2].cpu(), -0.5)], offset=2, **base).tokens)
 
 
+def test_the_logits_alone_or_the_backend_setting_make_a_new_signature(counted, monkeypatch):
+    """The logits' own dtype, shape and strides are in a call's signature (not only the guides'), and so is the
+    environment that ``backend="auto"`` reads: a call that differs from a remembered one only there is checked and
+    launched for itself."""
+    x = _inputs()
+    base = dict(temperature=0.7, top_k=5, seed=5)
+    _same(base, x, 2)
+    n = len(counted)
+    for i, logits in enumerate([torch.cat([x[0], x[0]], dim=1)[:, :V],  # another row stride
+                                torch.cat([x[0], x[0][:, :9]], dim=1),  # wider than the guides (V is theirs)
+                                x[0].half()]):
+        _same(base, [logits, x[1], x[2]], 2)
+        assert len(counted) == n + 1 + i, i
+    n = len(counted)
+    monkeypatch.setenv("IVG_BACKEND", "triton")
+    args = (x[0], [(x[1], 0.5), (x[2], -0.5)])
+    want = guided_sample_ref(*[t.cpu() if isinstance(t, torch.Tensor) else [(g.cpu(), w) for g, w in t] for t in args],
+                             offset=2, **base).tokens
+    for _ in range(2):
+        assert torch.equal(ivg_kernels.guided_sample(*args, offset=2, **base).tokens.cpu(), want)
+    assert len(counted) == n + 1
+    monkeypatch.setenv("IVG_BACKEND", "reference")
+    assert torch.equal(ivg_kernels.guided_sample(*args, offset=2, **base).tokens.cpu(), want)
+    assert len(counted) == n + 2  # checked again: the environment chose another backend
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=1.5), "top_p"),
