@@ -138,6 +138,41 @@ def test_exhaustion_names_the_numbers_and_changes_nothing():
     bm.check_invariants()
 
 
+def test_a_group_append_may_take_every_free_block_and_not_one_more():
+    """``KVCacheGroup.append`` checks every model's free blocks before changing any: exactly enough is enough (the
+    pools end full), one block short in one model is ``KVCacheExhausted`` with every model as it was."""
+    from ivg_kernels.kv_pool import KVCache, KVCacheGroup
+
+    group = KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=n, block_size=4) for name, n in (("a", 4), ("b", 5))})
+    s, t = group.new_sequences(2)
+    group.append([s, t], {"a": [6, 8], "b": [6, 12]})  # a: 2 + 2 blocks of 4, b: 2 + 3 of 5
+    assert [c.blocks.num_free_blocks for c in group.caches.values()] == [0, 0]
+    group.free_many([t])
+    with pytest.raises(KVCacheExhausted, match="model 'b' exhausted: 4 blocks needed, 3 free of 5"):
+        group.append([s], {"a": 2, "b": 18})  # a: fits in its last block; b: 6 + 18 tokens -> 6 blocks
+    assert [c.blocks.seq_len(s) for c in group.caches.values()] == [6, 6]
+    group.append([s], {"a": 2, "b": 14})  # b: 20 tokens, exactly its 3 free blocks more
+    assert [c.blocks.num_free_blocks for c in group.caches.values()] == [2, 0]
+    for c in group.caches.values():
+        c.blocks.check_invariants()
+
+
+def test_a_group_checks_ids_in_every_model_before_freeing_in_any():
+    """``KVCacheGroup.free_many`` and a replacing ``fork_many`` (which frees) check the ids in every model first: an
+    id dead in the last model (as a failed operation can leave it) is a ValueError, and the first model keeps
+    every sequence it had."""
+    from ivg_kernels.kv_pool import KVCache, KVCacheGroup
+
+    group = KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=8, block_size=4) for name in ("a", "b")})
+    s, t = group.new_sequences(2)
+    group.append([s, t], 5)
+    group["b"].blocks.free_many([t])
+    for call in (lambda: group.free_many([s, t]), lambda: group.fork_many([s, t], 0, replace=True)):
+        with pytest.raises(ValueError, match=f"{t} is not a live sequence"):
+            call()
+        assert group["a"].blocks.live_sequences == [s, t] and group["b"].blocks.live_sequences == [s]
+
+
 def test_fork_then_append_copies_at_most_one_block_per_child():
     bm = BlockManager(64, 16)
     parent = bm.new_sequence()
@@ -343,6 +378,20 @@ def test_a_kv_pool_names_a_bad_shape_or_dtype():
     with pytest.raises(ValueError, match=r"head_dim=0: expected a positive int"):
         KVPool(2, 4, 4, 2, 0)
     assert KVPool(1, 2, 4, 1, 8, dtype=torch.bfloat16).kv.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("pair", [(4, 0), (0, 4), (-1, 2), (2, -1)])
+def test_a_block_copy_out_of_range_is_named_and_copies_nothing(pair):
+    from ivg_kernels.kv_pool import KVPool
+
+    pool = KVPool(2, 4, 2, 1, 3)
+    pool.kv.copy_(torch.arange(pool.kv.numel(), dtype=pool.kv.dtype).view_as(pool.kv))
+    before = pool.kv.clone()
+    with pytest.raises(ValueError, match=rf"copies: block pair \({pair[0]}, {pair[1]}\) out of range \[0, 4\)"):
+        pool.copy_blocks([(1, 3), pair], backend="reference")
+    assert torch.equal(pool.kv, before) and pool.bytes_copied == 0
+    pool.copy_blocks([(1, 3)], backend="reference")
+    assert torch.equal(pool.kv[:, :, 3], before[:, :, 1]) and pool.bytes_copied == pool.bytes_per_block
 
 
 def test_sequence_ids_may_be_numpy_or_torch_integers():
