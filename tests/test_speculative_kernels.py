@@ -65,6 +65,24 @@ def test_fused_verification_flags_the_rows_the_reference_flags():
 
 
 @requires_triton
+def test_a_position_with_no_finite_score_flags_its_row_wherever_it_is_read():
+    """A position whose scores are all -inf (no token to draw) flags its row on both backends when the row reads
+    it: a drafted position of the base or of the draft, or position num_draft; not past it. (The fused kernel did
+    not flag position num_draft when a draft before it was rejected.)"""
+    base, guides, draft, drafts, num, seeds, offset = _case(4, 3, 33, 2, 5, 1.0)
+    num[:] = torch.tensor([2, 2, 2, 1])
+    base[0, 0] = float("-inf")  # a drafted position, before the last
+    draft[1, 1] = float("-inf")
+    base[2, 2] = float("-inf")  # position num_draft, read even where an earlier draft is rejected (as here)
+    base[3, 2] = float("-inf")  # past the final position of a row with one draft: not read
+    base, draft, drafts, num, seeds, offset, gd = _on_device(base, guides, draft, drafts, num, seeds, offset)
+    want = speculative_verify_ref(base, gd, draft, drafts, num, seed=seeds, offset=offset)
+    got = speculative_verify(base, gd, draft, drafts, num, seed=seeds, offset=offset, backend="triton")
+    assert want.ok.tolist() == [False, False, False, True]
+    assert torch.equal(got.ok, want.ok) and torch.equal(got.tokens, want.tokens)
+
+
+@requires_triton
 @pytest.mark.parametrize("temperature", [1e-6, 1e-30])
 def test_fused_verification_log_probs_of_ties_at_tiny_temperatures(temperature):
     """Tied tokens at a tiny temperature: the fused path's log-probs are the reference's (-log of the number of

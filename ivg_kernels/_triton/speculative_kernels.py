@@ -126,10 +126,11 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
     mq, lq, bq, badq = _row_stats(draft, d_strides, d_w, qrow, t, V, GREEDY, 1, BLOCK)
     bad = tl.maximum(bad, tl.maximum(badp, badq))
     bad = tl.maximum(bad, ((mp == float("-inf")) | (mq == float("-inf"))).to(tl.int32))
-    if n < nd:  # position nd is read too (it is a used position of the row)
-        _, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V, GREEDY, NIN, BLOCK)
-        _, _, _, b3 = _row_stats(draft, d_strides, d_w, r * SQ + nd, t, V, GREEDY, 1, BLOCK)
+    if n < nd:  # position nd is read too (it is a used position of the row): NaN, +inf or no finite score flag it
+        m2, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V, GREEDY, NIN, BLOCK)
+        m3, _, _, b3 = _row_stats(draft, d_strides, d_w, r * SQ + nd, t, V, GREEDY, 1, BLOCK)
         bad = tl.maximum(bad, tl.maximum(b2, b3))
+        bad = tl.maximum(bad, ((m2 == float("-inf")) | (m3 == float("-inf"))).to(tl.int32))
     if GREEDY:
         tok = bp
     else:
