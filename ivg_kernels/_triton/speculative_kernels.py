@@ -57,7 +57,8 @@ def _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY: tl.constexpr, N
 @triton.jit
 def _row_stats(inputs, strides, w_vals, row, t, V, GREEDY: tl.constexpr,
                NIN: tl.constexpr, BLOCK: tl.constexpr):
-    """(max, float64 sum of exp(x - max), first argmax, bad) of one position's scores over the vocabulary."""
+    """(max, float64 sum of exp(x - max), first argmax, bad) of one position's scores over the vocabulary; bad: an
+    input NaN or +inf there, or no finite score (every score -inf), which flags the row wherever it reads it."""
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float64)
     best = tl.zeros([1], tl.int64)
@@ -74,7 +75,8 @@ def _row_stats(inputs, strides, w_vals, row, t, V, GREEDY: tl.constexpr,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         total = total * tl.exp((m - m_safe).to(tl.float64)) + tl.sum(tl.exp((x - m_safe).to(tl.float64)), 0)
         m = m_new
-    return tl.max(m, 0), tl.sum(total, 0), tl.max(best, 0), tl.max(bad, 0)
+    mx = tl.max(m, 0)
+    return mx, tl.sum(total, 0), tl.max(best, 0), tl.maximum(tl.max(bad, 0), (mx == float("-inf")).to(tl.int32))
 
 
 @triton.jit
@@ -107,7 +109,6 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
         mq, lq, bq, badq = _row_stats(draft, d_strides, d_w, qrow, t, V,
                                       GREEDY, 1, BLOCK)
         bad = tl.maximum(bad, tl.maximum(badp, badq))
-        bad = tl.maximum(bad, ((mp == float("-inf")) | (mq == float("-inf"))).to(tl.int32))
         d = tl.load(drafts + r * d_stride + k).to(tl.int64)
         if GREEDY:
             acc = d == bp
@@ -125,12 +126,10 @@ def _verify_kernel(inputs, strides, w_vals, draft, d_strides, d_w,
     mp, lp, bp, badp = _row_stats(inputs, strides, w_vals, prow, t, V, GREEDY, NIN, BLOCK)
     mq, lq, bq, badq = _row_stats(draft, d_strides, d_w, qrow, t, V, GREEDY, 1, BLOCK)
     bad = tl.maximum(bad, tl.maximum(badp, badq))
-    bad = tl.maximum(bad, ((mp == float("-inf")) | (mq == float("-inf"))).to(tl.int32))
-    if n < nd:  # position nd is read too (it is a used position of the row): NaN, +inf or no finite score flag it
-        m2, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V, GREEDY, NIN, BLOCK)
-        m3, _, _, b3 = _row_stats(draft, d_strides, d_w, r * SQ + nd, t, V, GREEDY, 1, BLOCK)
+    if n < nd:  # position nd is read too (it is a used position of the row)
+        _, _, _, b2 = _row_stats(inputs, strides, w_vals, r * S + nd, t, V, GREEDY, NIN, BLOCK)
+        _, _, _, b3 = _row_stats(draft, d_strides, d_w, r * SQ + nd, t, V, GREEDY, 1, BLOCK)
         bad = tl.maximum(bad, tl.maximum(b2, b3))
-        bad = tl.maximum(bad, ((m2 == float("-inf")) | (m3 == float("-inf"))).to(tl.int32))
     if GREEDY:
         tok = bp
     else:
@@ -209,7 +208,6 @@ def _draft_kernel(draft, d_strides, d_w, seed, offset, t, V, out_tok,
     with the draft uniform of its key, as ``draft_draw_ref``; -1 for a row with NaN/+inf or no finite score."""
     r = tl.program_id(0).to(tl.int64)
     m, total, best, bad = _row_stats(draft, d_strides, d_w, r, t, V, GREEDY, 1, BLOCK)
-    bad = tl.maximum(bad, (m == float("-inf")).to(tl.int32))
     if GREEDY:
         tok = best
     else:
