@@ -113,8 +113,7 @@ def test_the_logits_alone_or_the_backend_setting_make_a_new_signature(counted, m
     n = len(counted)
     monkeypatch.setenv("IVG_BACKEND", "triton")
     args = (x[0], [(x[1], 0.5), (x[2], -0.5)])
-    want = guided_sample_ref(*[t.cpu() if isinstance(t, torch.Tensor) else [(g.cpu(), w) for g, w in t] for t in args],
-                             offset=2, **base).tokens
+    want = guided_sample_ref(x[0].cpu(), [(x[1].cpu(), 0.5), (x[2].cpu(), -0.5)], offset=2, **base).tokens
     for _ in range(2):
         assert torch.equal(ivg_kernels.guided_sample(*args, offset=2, **base).tokens.cpu(), want)
     assert len(counted) == n + 1
