@@ -249,6 +249,38 @@ def test_continuous_batching_admits_waiting_prompts_without_changing_results(mod
     assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+def test_the_lazy_token_rm_scores_prompts_at_other_phases_in_one_forward(models, monkeypatch):
+    """Prompts admitted as others finish by EOS take other chunk phases, and with a length limit that is not a
+    multiple of the chunk length a prompt at its limit (its last chunk shorter) and another at a chunk boundary
+    are scored by the lazy token RM in one forward, their rows reading different numbers of tokens, the twins
+    among them computed once (the prompt at its limit first, as it was admitted first). Each row's count of tokens
+    read is its own, and what a row that goes on has read decides its later values: every result equals decoding
+    it alone."""
+    from ivg import decode_loop
+
+    prompts = ["a", "the movie was", "it is", "so", "what a day"]
+    mixed, real = [], decode_loop.DecodeLoop._score_before_read
+
+    def spy(self, every, steps, drawn):
+        reads = [len(req.ids["rm"]) + len(b.tokens) - b.rm_read for _, req, b in every]
+        twins = len({(b.twin, b.rm_read) for _, _, b in every}) < len(every)
+        # rows that go on (their prompt not at its limit) reading another number of tokens than the first row
+        other = any(n != reads[0] for n, (_, req, _) in zip(reads, every) if req.t < self.opts.max_new_tokens)
+        mixed.append(twins and other)
+        return real(self, every, steps, drawn)
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "_score_before_read", spy)
+    for temperature, eos in ((0.7, (3, 7)), (1.0, (9,)), (1.0, (5, 9))):  # (found by trying, for both families)
+        opts = _opts("ivg", max_new_tokens=23, eos_token_ids=eos, temperature=temperature, chunk_len=3)
+        mixed.clear()
+        got = IVGDecoder(models, max_batch_prompts=2).generate(prompts, opts)
+        if any(mixed):
+            break
+    else:
+        pytest.fail("precondition: no setting scores rows reading different numbers of tokens, with twins, together")
+    _same(got, [IVGDecoder(models).generate([p], opts)[0] for p in prompts], tol=1e-12)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_reading_the_device_less_often_changes_nothing(models, mode):
     """The host reads the drawn tokens every ``read_every`` steps (and at chunk boundaries and the length
@@ -333,15 +365,17 @@ def test_the_host_reads_once_per_chunk_without_eos(models):
         IVGDecoder(models, read_every=0)
 
 
-def test_a_nan_row_between_reads_raises_and_frees_every_block(models, monkeypatch):
-    """Flagged rows are reported when the host reads them; the tokens they stand for (-1) are never fed."""
+@pytest.mark.parametrize("bad_step", [3, 14])
+def test_a_nan_row_between_reads_raises_and_frees_every_block(models, monkeypatch, bad_step):
+    """Flagged rows are reported when the host reads them; the tokens they stand for (-1) are never fed. Also
+    when the flagged step is the last one the read takes (14, the length limit: a flag there is not a finish)."""
     import ivg_kernels
 
     calls, real = [], ivg_kernels.guided_sample
 
     def poisoned(logits, *a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == bad_step:
             logits = logits.clone()
             logits[1] = torch.nan
         return real(logits, *a, **k)
