@@ -582,6 +582,12 @@ def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
     with pytest.raises(ValueError, match=r"tokens: sequence 0 would hold 100 tokens, past GPT2LMHeadModel's 96"):
         pm([s], [[3] * 10])
     assert pm.blocks.seq_len(s) == 90
+    (t,) = pm.blocks.new_sequences(1)
+    pm([t], [[3] * 90])
+    free = pm.blocks.num_free_blocks
+    with pytest.raises(ValueError, match=r"tokens: sequence 0 would hold 100 tokens"):
+        pm([s], [[3] * 10], twins=([t], [0]))  # the twin's slots, appended with the row's, go back too
+    assert [pm.blocks.seq_len(x) for x in (s, t)] == [90, 90] and pm.blocks.num_free_blocks == free
     pm.blocks.check_invariants()
     assert pm([s], [[3] * 6]).shape[0] == 1  # up to the limit itself
 
