@@ -578,6 +578,15 @@ def test_a_paged_model_names_a_wrong_cache_backend_tokens_and_length():
     (s,) = pm.blocks.new_sequences(1)
     with pytest.raises(ValueError, match=r"tokens: expected one list of ids per sequence"):
         pm([s], [3])
+    v = pm.config_vocab
+    for bad in (v, -1):  # the first id past the vocabulary, and a negative one
+        with pytest.raises(ValueError, match=rf"tokens: ids must lie in \[0, {v}\)"):
+            pm([s], [[3, bad]])
+    (e,) = pm.blocks.new_sequences(1)
+    with pytest.raises(ValueError, match=r"tokens: expected at least one new token per sequence"):
+        pm([s, e], [[3], []])
+    assert pm.blocks.seq_len(s) == pm.blocks.seq_len(e) == 0 and pm.blocks.num_used_blocks == 0
+    pm.blocks.free(e)
     pm([s], [[3] * 90])
     with pytest.raises(ValueError, match=r"tokens: sequence 0 would hold 100 tokens, past GPT2LMHeadModel's 96"):
         pm([s], [[3] * 10])
