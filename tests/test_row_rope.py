@@ -147,10 +147,14 @@ def test_paged_models_over_one_model_share_its_wrapper():
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
-def test_the_decoder_stays_batch_invariant(monkeypatch, graphs):
+@pytest.mark.parametrize("graphs,speculate", [(False, 0), (True, 0), (False, 3)],
+                         ids=["eager", "graph-buffers", "speculative"])
+def test_the_decoder_stays_batch_invariant(monkeypatch, graphs, speculate):
     """IVG over a longrope base whose switch the prompts cross at different steps: decoding them together, in
-    pairs or one at a time gives the same beams."""
+    pairs or one at a time gives the same beams. Also with speculative rounds, whose draft model (the tuned
+    guide, longrope too) runs its one-token forwards for rows on both sides of the switch: its logits are the
+    tuned guide's in the draw and in the implicit value, which shows frequencies chosen by the longest row (the
+    tokens and the explicit score did not)."""
     from ivg.decoder import IVGDecoder
     from ivg.models import GuidePair, IVGModels, TokenRewardModel
     from ivg.options import DecodeOptions
@@ -176,8 +180,10 @@ def test_the_decoder_stays_batch_invariant(monkeypatch, graphs):
                        tokenizer=char_tokenizer())
     prompts = ["a", "the movie", "it is a truly wonderful day"]  # 1, 9 and 27 tokens: the switch is 12
     opts = DecodeOptions(mode="ivg", width=2, successors=3, chunk_len=4, max_new_tokens=14, seed=11,
-                         temperature=1.0, num_return=2, eos_token_ids=())
-    together = IVGDecoder(models).generate(prompts, opts)
+                         temperature=1.0, num_return=2, eos_token_ids=(), speculate=speculate)
+    dec = IVGDecoder(models)
+    together = dec.generate(prompts, opts)
+    assert (dec.last_stats.drafted > 0) == bool(speculate)
     import ivg.decode_loop as decode_loop
 
     with monkeypatch.context() as m:  # prompts read in forwards of at most 10 tokens: the 27 alone, read whole
@@ -188,8 +194,9 @@ def test_the_decoder_stays_batch_invariant(monkeypatch, graphs):
                     IVGDecoder(models, max_batch_prompts=2).generate(prompts, opts), bounded):
         for x, y in zip(together, decoded):
             assert [b.tokens for b in x.beams] == [b.tokens for b in y.beams], x.prompt
-            for bx, by in zip(x.beams, y.beams):
-                assert abs(bx.score - by.score) <= 1e-12 * max(1.0, abs(by.score)), x.prompt
+            for bx, by in zip(x.beams, y.beams):  # the explicit value (the score) and the implicit one
+                for u, v in ((bx.score, by.score), (bx.implicit_value, by.implicit_value)):
+                    assert abs(u - v) <= 1e-12 * max(1.0, abs(v)), x.prompt
 
 
 @pytest.mark.filterwarnings("ignore:.*original_max_position_embeddings.*")
