@@ -632,6 +632,38 @@ def test_sampler_options_are_checked_with_the_others(kw, match):
         DecodeOptions(mode="ivg", **kw).resolved(have_guides=True, have_token_rm=True)
 
 
+@pytest.mark.parametrize("kw,models_have,match", [
+    (dict(mode="plain", num_return=2), {}, r"num_return=2: expected at most 1 for mode 'plain'"),  # W is 4 here
+    (dict(mode="bon", n=2, num_return=3), {}, r"num_return=3: expected at most 2 for mode 'bon'"),
+    (dict(mode="plain", eos_token_ids=(True,)), {}, r"eos_token_ids=\(True,\): expected token ids"),
+    (dict(mode="cbs", scorer="implicit"), dict(have_guides=False),
+     r"mode='cbs': needs at least one \(tuned, ref\) guide pair"),
+    (dict(mode="cbs", scorer="explicit"), dict(have_token_rm=False), r"mode='cbs': needs a token reward model"),
+])
+def test_options_that_the_mode_or_the_models_cannot_serve(kw, models_have, match):
+    """The checks that depend on the mode (a token-wise mode returns one response, whatever W says) or on the
+    models (a scorer needs its model), when the options are resolved."""
+    have = dict(dict(have_guides=True, have_token_rm=True), **models_have)
+    with pytest.raises(ValueError, match=match):
+        DecodeOptions(**kw).resolved(**have)
+
+
+def test_candidates_per_prompt_may_reach_the_key_stride_and_no_more():
+    """Candidate j of a prompt draws at step t with the offset ``t * OFFSET_STRIDE + j``: up to ``OFFSET_STRIDE``
+    candidates have keys of their own, and one more would share its keys with candidate 0 of the next step."""
+    from ivg.search import OFFSET_STRIDE
+
+    side = int(OFFSET_STRIDE ** 0.5)
+    assert side * side == OFFSET_STRIDE
+    resolve = dict(have_guides=True, have_token_rm=True)
+    assert DecodeOptions(mode="bon", n=OFFSET_STRIDE).resolved(**resolve).successors == OFFSET_STRIDE
+    assert DecodeOptions(mode="cbs", width=side, successors=side).resolved(**resolve).width == side
+    with pytest.raises(ValueError, match=rf"n={OFFSET_STRIDE + 1}: expected at most {OFFSET_STRIDE} candidates"):
+        DecodeOptions(mode="bon", n=OFFSET_STRIDE + 1).resolved(**resolve)
+    with pytest.raises(ValueError, match=rf"width \* successors = {side * (side + 1)}: expected at most"):
+        DecodeOptions(mode="cbs", width=side, successors=side + 1).resolved(**resolve)
+
+
 def test_bad_prompts(models):
     dec = IVGDecoder(models)
     with pytest.raises(ValueError, match=r"prompts\[1\]: empty"):
