@@ -1,5 +1,6 @@
 """IVGLogitsProcessor inside transformers' generate(): greedy matches the IVG decoder's EFT; beam search
 matches a processor that recomputes the guides from scratch at every step."""
+import pytest
 import torch
 
 from ivg.decoder import IVGDecoder
@@ -72,11 +73,13 @@ def test_sampling_adds_the_log_ratio():
     torch.testing.assert_close(got2, scores + g.beta * (t - r) + 0.5 * q, rtol=1e-5, atol=1e-5)
 
 
-def test_only_the_left_padding_is_masked():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_only_the_left_padding_is_masked(family):
     """``pad_token_id`` marks a left-padded batch's leading pads; the same id inside a prompt (an EOS that
     doubles as the pad, between chat turns) or drawn later is a token the base attends to, so the guides
-    attend to it too (every occurrence was masked before). Each row against its own unpadded forwards."""
-    m = _models()
+    attend to it too (every occurrence was masked before). Each row against its own unpadded forwards. (GPT-2
+    looks its positions up in a table: the pads' positions must be valid ones too.)"""
+    m = ivg_models(family, dtype=torch.float32)
     g = m.guides[0]
     pad = 5
     rows = [[3, 4, 6], [3, pad, 4, 6], [7, pad]]
@@ -96,8 +99,6 @@ def test_only_the_left_padding_is_masked():
 
 
 def test_processor_needs_a_guide():
-    import pytest
-
     with pytest.raises(ValueError, match="guides: expected at least one"):
         IVGLogitsProcessor([])
 
@@ -105,8 +106,6 @@ def test_processor_needs_a_guide():
 def test_bad_arguments_are_named():
     """A NaN beta or weight made every score NaN, and a vocab_size past the logits a shape error inside
     generate(); each is named now."""
-    import pytest
-
     m = _models()
     g = m.guides[0]
     with pytest.raises(ValueError, match=r"guides\[0\] beta=nan: expected a finite number"):
@@ -120,3 +119,33 @@ def test_bad_arguments_are_named():
     proc = IVGLogitsProcessor([(g.tuned, g.ref, 1.0)], vocab_size=m.base.config.vocab_size + 1)
     with pytest.raises(ValueError, match=rf"vocab_size={m.base.config.vocab_size + 1}: expected at most"):
         proc(torch.tensor([[3, 4]]), torch.zeros(1, m.base.config.vocab_size))
+
+
+def test_a_batch_that_does_not_continue_the_last_one_starts_afresh():
+    """Rows one token longer than the last call's, of which one continues no row of it (the next ``generate``
+    call, say, with prompts one token longer): the caches are built again from scratch, not reordered."""
+    m = _models()
+    g = m.guides[0]
+    proc = IVGLogitsProcessor([(g.tuned, g.ref, g.beta)])
+    scores = torch.randn(2, m.base.config.vocab_size)
+    proc(torch.tensor([[3, 4, 5], [6, 7, 8]]), scores.clone())
+    ids = torch.tensor([[6, 7, 8, 9], [11, 12, 13, 14]])  # row 0 continues the old row 1; row 1 continues none
+    got = proc(ids, scores.clone())
+    torch.testing.assert_close(got, _FromScratch(g.tuned, g.ref, g.beta)(ids, scores.clone()), rtol=1e-5, atol=1e-5)
+    assert proc.reorders == 0
+
+
+def test_columns_past_vocab_size_are_ruled_out_and_the_full_width_is_allowed():
+    """``vocab_size`` below the scores' width: the base's columns past it get -inf (tokens no guide scores);
+    ``vocab_size`` equal to the narrowest width is allowed and changes nothing."""
+    m = _models()
+    g = m.guides[0]
+    v = m.base.config.vocab_size
+    ids, scores = torch.tensor([[3, 4, 5]]), torch.randn(1, v)
+    full = IVGLogitsProcessor([(g.tuned, g.ref, g.beta)])(ids, scores.clone())
+    assert torch.equal(IVGLogitsProcessor([(g.tuned, g.ref, g.beta)], vocab_size=v)(ids, scores.clone()), full)
+    cut = IVGLogitsProcessor([(g.tuned, g.ref, g.beta)], vocab_size=v - 3)(ids, scores.clone())
+    assert torch.isneginf(cut[:, v - 3:]).all()
+    add = torch.log_softmax(g.tuned(ids).logits[:, -1, :v - 3].float(), -1) - torch.log_softmax(
+        g.ref(ids).logits[:, -1, :v - 3].float(), -1)
+    torch.testing.assert_close(cut[:, :v - 3], scores[:, :v - 3] + g.beta * add.detach(), rtol=1e-5, atol=1e-5)
