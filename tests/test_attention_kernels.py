@@ -230,6 +230,7 @@ DECODE_CASES = [
     ([300, 17], 8, 1, 64, 16, None, 0),
     ([64, 100, 9], 4, 2, 32, 8, 16, 0),
     ([257], 2, 2, 8, 32, 100, 4),
+    ([0, 50, 111], 4, 2, 16, 16, None, 3),  # an empty row across splits: every split's partial empty, output 0
 ]
 
 
