@@ -60,23 +60,37 @@ def test_step_graphs_are_kept_from_call_to_call(models, monkeypatch):
     assert dec._steps is not steps
 
 
-def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch):
-    """A step graph that cannot be captured warns once per key, and those steps run per model with the
-    same results."""
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-step", "per-model"])
+def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch, whole):
+    """A step graph (or, without whole steps, a model's decode graph) that cannot be captured is tried once per
+    key: it warns once, and those steps run per model (eagerly) with the same results, in a second call too."""
+    import warnings
+
+    from ivg.cuda_graphs import _Captured
+
     opts = _opts("ivg", max_new_tokens=10)
     want = _decoder(models).generate(PROMPTS, opts)
     with_graph_buffers(monkeypatch)
+    tries = []
 
     def fail(self, *args):
+        tries.append(args)
         raise RuntimeError("no capture here")
 
-    monkeypatch.setattr(_StepGraph, "__init__", fail)
-    dec = _decoder(models)
-    with pytest.warns(UserWarning, match="whole step .* failed .*no capture here"):
-        got = dec.generate(PROMPTS, opts)
-    _same(got, want, tol=1e-6)
-    assert dec.last_stats.step_replays == 0 and dec._steps._failed
-    assert sum(dec.kv_blocks_in_use().values()) == 0
+    monkeypatch.setattr(_StepGraph if whole else _Captured, "__init__", fail)
+    dec = _decoder(models, step_graphs=whole)
+    for call in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # (every warning recorded: none hidden as a repeat)
+            _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
+        warned = [w for w in caught if "no capture here" in str(w.message)]
+        # the keys that failed: the step graphs', or each model's own
+        failed = len(dec._steps._failed) if whole else sum(len(pm.graphs._failed) for pm in dec._paged.values())
+        assert failed and len(tries) == failed, (len(tries), failed)  # each key tried once, in the first call
+        assert len(warned) == (failed if call == 0 else 0), [str(w.message) for w in warned]
+        # no step replayed whole; without whole steps, no model's step either
+        assert dec.last_stats.step_replays == 0 and (whole or dec.last_stats.graph_replays == 0)
+        assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
 @pytest.mark.parametrize("mode", ["eft", "tokenrm", "ivg"])
