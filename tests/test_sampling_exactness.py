@@ -58,6 +58,19 @@ def test_kernel_draws_ties_like_the_reference(temperature):
 BOUNDARY = torch.tensor([[0.3, 0.1, 0.1, 0.5]]).log()
 
 
+@requires_triton
+@pytest.mark.parametrize("ties", [[300, 262, 258, 700], [900, 300], [9, 12]],
+                         ids=["within-and-across", "across", "within"])
+def test_greedy_ties_take_the_lowest_id_within_and_across_slices(ties):
+    """Temperature 0 draws the first index of the maximum, as the reference does, also where the tied maxima lie
+    in one slice of the row (its own first index) or in several (the lowest of the slices' firsts)."""
+    row = torch.zeros(1, 1000)
+    row[0, ties] = 2.0
+    out = ivg_kernels.guided_sample(row, temperature=0.0, seed=0, offset=0, backend="reference")
+    assert out.tokens.tolist() == [min(ties)]
+    _same_as_reference(row, 2, block=256, temperature=0.0)  # slices of one granule, 256 tokens: 0-255, 256-511, ...
+
+
 def test_top_p_mass_exactly_at_p_keeps_the_nucleus_only():
     """log([0.3, 0.1, 0.1, 0.5]) with top_p=0.8: the nucleus is {0, 3}, as Hugging Face's warper keeps."""
     tokens, _ = _draw(BOUNDARY, 4000, top_p=0.8)
