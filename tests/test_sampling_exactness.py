@@ -192,6 +192,29 @@ def test_kernel_candidates_among_values_closer_than_their_sort_key(setting):
     torch.testing.assert_close(tri.logprob.cpu(), ref.logprob, rtol=1e-5, atol=1e-5)
 
 
+@requires_triton
+def test_a_top_k_threshold_equal_to_the_cut_keeps_the_ties_left_out_of_the_candidates():
+    """17 tokens tied at the top of one slice, top-k 16: stage 1 keeps 16 of them (the lowest ids) as candidates,
+    and the cut, the bound on every other token's key, is the float's high bits with its 12 low bits set. For a
+    value whose key ends in 12 set bits, the k-th key equals the cut, so a tied token outside the candidates may
+    hold it: the exact path over the candidates would drop it. Top-k keeps every tie at the k-th value (the
+    reference), and the kernel's exact path needs a threshold above the cut: it falls back and draws all 17, each
+    as the reference does. (Two checks keep such a row from the exact path, the top-k set's and the threshold's
+    against the cut; either is enough, and with both loosened to ``>=`` the 17th tie is never drawn.)"""
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    tie = torch.tensor([0x3F800FFF], dtype=torch.int32).view(torch.float32).item()  # 1.000488..., key low bits 0xFFF
+    n, v = 48, 64
+    logits = torch.full((n, v), -4.0)
+    logits[:, 3:20] = tie  # ids 3 .. 19
+    a = prepare_sample_args(logits, (), 1.0, 16, 1.0, 0.0, 5, torch.arange(n), None)
+    ref = _guided_sample_ref(a)
+    assert set(ref.tokens.tolist()) == set(range(3, 20)), "precondition: the reference draws every tie, 19 too"
+    tri = _guided_sample_triton(args_to(a), block=256)
+    assert torch.equal(ref.tokens, tri.tokens.cpu())
+    torch.testing.assert_close(tri.logprob.cpu(), ref.logprob, rtol=1e-5, atol=1e-6)
+
+
 # --- the unfiltered draw: inverse CDF over 256-token granules -----------------------------------
 
 def _granule_rows(gen, n, v):
