@@ -48,6 +48,8 @@ BAD = [
     (dict(top_k=torch.ones(2)), "top_k", "integer"),
     (dict(seed=1.5), "seed", "int"),
     (dict(seed=torch.zeros(2)), "seed", "integer"),
+    (dict(top_k=torch.ones(2, dtype=torch.bool)), "top_k", "integer"),  # a bool is not a count
+    (dict(offset=torch.ones(2, dtype=torch.bool)), "offset", "integer"),
     (dict(offset=torch.zeros(5, dtype=torch.int64)), "offset", "2 rows"),
     (dict(backend="cuda-magic"), "backend", "one of"),
 ]
@@ -58,6 +60,28 @@ def test_bad_input_names_the_argument(kw, name, expected):
     with pytest.raises(ValueError, match=rf"^{name}=.*expected.*{expected}") as info:
         call(**kw)
     assert re.search(expected, str(info.value))
+
+
+def test_the_limits_themselves_are_allowed():
+    """Six guides, and vocab_size equal to the narrowest input, are within the limits (one more is refused
+    above): the draw is that of the same call within them by other means."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(-4, 5, (2, 10), generator=gen).float()  # small integers: every sum below is exact
+    g = torch.randint(-4, 5, (2, 10), generator=gen).float()
+    six = call(logits=logits, guides=[(g, 0.5)] * 6)
+    one = call(logits=logits, guides=[(g, 3.0)])
+    assert torch.equal(six.tokens, one.tokens) and six.input_logprobs.shape == (2, 7)
+    assert torch.equal(call(logits=logits, vocab_size=10).tokens, call(logits=logits).tokens)
+
+
+def test_seeds_and_offsets_are_read_modulo_2_to_the_64():
+    """An int seed or offset is its value modulo 2**64 read as a signed int64: 2**63 is -2**63, the first int
+    past int64's range (one less stays as it is)."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(4))
+    for big, same in ((1 << 63, -(1 << 63)), ((1 << 64) + 5, 5), ((1 << 63) - 1, (1 << 63) - 1 - (1 << 64))):
+        for name in ("seed", "offset"):
+            a, b = call(logits=logits, **{name: big}), call(logits=logits, **{name: same})
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprob, b.logprob), (name, big)
 
 
 def test_seed_and_offset_are_required():
