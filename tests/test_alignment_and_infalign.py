@@ -18,6 +18,22 @@ def test_lambda_zero_is_the_base_and_one_is_the_aligned_model():
         if v.is_floating_point():
             torch.testing.assert_close(moved.state_dict()[k], v, rtol=0, atol=1e-12)
     assert not torch.equal(base.state_dict()["lm_head.weight"], moved.state_dict()["lm_head.weight"])
+    # not in place: a new model; the one given is as it was
+    assert moved is not ref and same is not base
+    for k, v in lm("gpt2", 1).state_dict().items():
+        assert torch.equal(ref.state_dict()[k], v), k
+
+
+def test_a_16_bit_model_is_rounded_once():
+    """``theta + sum lambda_j (aligned_j - base_j)`` is summed in float64 and rounded to the model's dtype once
+    (adding a bfloat16-rounded sum to bfloat16 weights rounds twice, several ulps away on some weights)."""
+    base, a1, a2 = (lm("gpt2", s, dtype=torch.bfloat16) for s in (1, 2, 3))
+    out = apply_alignment_vectors(base, [(a1, base, 0.3), (a2, base, -0.7)])
+    for k, v in base.state_dict().items():
+        if v.is_floating_point():
+            want = (v.double() + 0.3 * (a1.state_dict()[k].double() - v.double())
+                    - 0.7 * (a2.state_dict()[k].double() - v.double())).to(torch.bfloat16)
+            assert torch.equal(out.state_dict()[k], want), k
 
 
 def test_several_vectors_add_and_inplace():
@@ -38,8 +54,9 @@ def test_mismatched_architectures_are_named():
     state["lm_head.weight"] = state["lm_head.weight"][:, :8]
     with pytest.raises(ValueError, match="lm_head.weight has shape"):
         apply_alignment_vectors(gpt, [(state, gpt, 1.0)])
-    with pytest.raises(ValueError, match="lambda"):
-        apply_alignment_vectors(gpt, [(gpt, gpt, "x")])
+    for bad in ("x", True):  # (a bool is an int in Python, not a lambda)
+        with pytest.raises(ValueError, match=r"vectors\[0\]\[2\]=.*: expected a finite float lambda"):
+            apply_alignment_vectors(gpt, [(gpt, gpt, bad)])
     for bad in (float("nan"), float("inf")):  # would turn every weight into NaN or inf without a word
         with pytest.raises(ValueError, match=r"vectors\[0\]\[2\]=(nan|inf): expected a finite float lambda"):
             apply_alignment_vectors(gpt, [(gpt, gpt, bad)])
