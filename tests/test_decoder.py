@@ -277,7 +277,8 @@ def test_the_lazy_token_rm_scores_prompts_at_other_phases_in_one_forward(models,
         if any(mixed):
             break
     else:
-        pytest.fail("precondition: no setting scores rows reading different numbers of tokens, with twins, together")
+        pytest.fail("precondition: no setting scores, in one forward with twins, a row that goes on reading another "
+                    "number of tokens than the first row")
     _same(got, [IVGDecoder(models).generate([p], opts)[0] for p in prompts], tol=1e-12)
 
 

@@ -84,6 +84,8 @@ def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch, who
             warnings.simplefilter("always")  # (every warning recorded: none hidden as a repeat)
             _same(dec.generate(PROMPTS, opts), want, tol=1e-6)
         warned = [w for w in caught if "no capture here" in str(w.message)]
+        said = "CUDA graph capture of a whole step" if whole else "CUDA graph capture failed for batch"
+        assert all(said in str(w.message) for w in warned), [str(w.message) for w in warned]
         # the keys that failed: the step graphs', or each model's own
         failed = len(dec._steps._failed) if whole else sum(len(pm.graphs._failed) for pm in dec._paged.values())
         assert failed and len(tries) == failed, (len(tries), failed)  # each key tried once, in the first call
