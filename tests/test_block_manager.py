@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ivg_kernels.block_manager import BlockManager, KVCacheExhausted
+from ivg_kernels.kv_pool import KVCache, KVCacheGroup, KVPool
 
 NUM_BLOCKS, BLOCK_SIZE = 24, 4
 
@@ -141,8 +142,6 @@ def test_exhaustion_names_the_numbers_and_changes_nothing():
 def test_a_group_append_may_take_every_free_block_and_not_one_more():
     """``KVCacheGroup.append`` checks every model's free blocks before changing any: exactly enough is enough (the
     pools end full), one block short in one model is ``KVCacheExhausted`` with every model as it was."""
-    from ivg_kernels.kv_pool import KVCache, KVCacheGroup
-
     group = KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=n, block_size=4) for name, n in (("a", 4), ("b", 5))})
     s, t = group.new_sequences(2)
     group.append([s, t], {"a": [6, 8], "b": [6, 12]})  # a: 2 + 2 blocks of 4, b: 2 + 3 of 5
@@ -161,8 +160,6 @@ def test_a_group_checks_ids_in_every_model_before_freeing_in_any():
     """``KVCacheGroup.free_many`` and a replacing ``fork_many`` (which frees) check the ids in every model first: an
     id dead in the last model (as a failed operation can leave it) is a ValueError, and the first model keeps
     every sequence it had."""
-    from ivg_kernels.kv_pool import KVCache, KVCacheGroup
-
     group = KVCacheGroup({name: KVCache(1, 1, 2, num_blocks=8, block_size=4) for name in ("a", "b")})
     s, t = group.new_sequences(2)
     group.append([s, t], 5)
@@ -371,8 +368,6 @@ def test_counts_that_are_not_ints_are_named():
 
 def test_a_kv_pool_names_a_bad_shape_or_dtype():
     """The attention ops take float caches only: an integer one was made, then failed at the first forward."""
-    from ivg_kernels.kv_pool import KVCache, KVPool
-
     with pytest.raises(ValueError, match=r"dtype=torch.int32: expected one of torch.float32, torch.bfloat16"):
         KVCache(2, 2, 8, num_blocks=4, block_size=4, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"head_dim=0: expected a positive int"):
@@ -382,8 +377,6 @@ def test_a_kv_pool_names_a_bad_shape_or_dtype():
 
 @pytest.mark.parametrize("pair", [(4, 0), (0, 4), (-1, 2), (2, -1)])
 def test_a_block_copy_out_of_range_is_named_and_copies_nothing(pair):
-    from ivg_kernels.kv_pool import KVPool
-
     pool = KVPool(2, 4, 2, 1, 3)
     pool.kv.copy_(torch.arange(pool.kv.numel(), dtype=pool.kv.dtype).view_as(pool.kv))
     before = pool.kv.clone()

@@ -3,8 +3,11 @@
 Off CUDA nothing is captured: a replay runs the same step eagerly over the graph's static, padded
 buffers (``with_graph_buffers``), which is what these tests check against the per-model path and the
 decoder without graphs. The capture itself is checked on a GPU (tests/test_gpu.py)."""
+import warnings
+
 import pytest
 
+from ivg.cuda_graphs import _Captured
 from ivg.decoder import IVGDecoder
 from ivg.round_graphs import _RoundGraph
 from ivg.step_graphs import StepGraphs, _StepGraph
@@ -64,10 +67,6 @@ def test_step_graphs_are_kept_from_call_to_call(models, monkeypatch):
 def test_a_failed_capture_falls_back_to_per_model_steps(models, monkeypatch, whole):
     """A step graph (or, without whole steps, a model's decode graph) that cannot be captured is tried once per
     key: it warns once, and those steps run per model (eagerly) with the same results, in a second call too."""
-    import warnings
-
-    from ivg.cuda_graphs import _Captured
-
     opts = _opts("ivg", max_new_tokens=10)
     want = _decoder(models).generate(PROMPTS, opts)
     with_graph_buffers(monkeypatch)
