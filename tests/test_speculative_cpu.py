@@ -140,3 +140,43 @@ def test_an_inverse_cdf_draw_takes_the_first_token_whose_mass_exceeds_the_target
     want = [1, 2, 2]
     assert ref.inverse_cdf(dist, u).tolist() == want
     assert speculative_cpu.inverse_cdf_np(dist.numpy(), u.numpy()).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_cpu_draft_shortcut_draws_the_references_tokens(monkeypatch, seed, one_thread):
+    """``draft_draw_ref``'s shortcut (``speculative_cpu.draft_rows_cpu``) draws the general path's tokens on random rows
+    (ties, -inf tails, NaN and +inf, three dtypes, vocabularies cut by ``vocab_size``, tiny and large temperatures),
+    with the uniforms given or made from the keys, and -1 for the same bad rows."""
+    rng = random.Random(seed)
+    taken, real = [], speculative_cpu.draft_rows_cpu
+    monkeypatch.setattr(ref, "draft_rows_cpu", lambda *a: taken.append(1) or real(*a))
+    bad = drawn = 0
+    for case in range(60):
+        g = torch.Generator().manual_seed(seed * 1000 + case)
+        r, v = rng.choice([1, 2, 5, 16]), rng.choice([2, 7, 64, 596])
+        x = _rows(rng, g, r, 1, v, rng.choice([torch.float32, torch.float64, torch.bfloat16]))[:, 0]
+        seeds = torch.tensor([rng.randrange(1 << 40) for _ in range(r)])
+        offset = torch.tensor([rng.randrange(1 << 30) for _ in range(r)])
+        kwargs = dict(temperature=rng.choice([0.7, 1.0, 1.3, 1e-3, 4.0]), seed=seeds, offset=offset,
+                      vocab_size=rng.choice([None, v, max(1, v - 1)]),
+                      uniforms=spec_uniforms(seeds, offset) if rng.random() < 0.7 else None)
+        got = ref.draft_draw_ref(x, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(ref, "lean_applies", lambda *a: False)
+            want = ref.draft_draw_ref(x, **kwargs)
+        assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want), (seed, case, got, want)
+        bad, drawn = bad + int((want < 0).sum()), drawn + int((want >= 0).sum())
+    assert len(taken) == 60 and bad >= 3 and drawn >= 100, (len(taken), bad, drawn)
+
+
+def test_the_draft_shortcut_is_not_taken_with_a_filter_or_at_temperature_0(monkeypatch):
+    """Top-k, top-p, min-p and greedy rows take the general path (the shortcut draws from unfiltered rows at one
+    temperature > 0 only)."""
+    taken = []
+    monkeypatch.setattr(ref, "draft_rows_cpu", lambda *a: taken.append(1))
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
+    for kw in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(temperature=0.0),
+               dict(temperature=torch.tensor([0.5, 0.7, 1.0]))):
+        out = ref.draft_draw_ref(x, seed=1, offset=torch.arange(3), **kw)
+        assert out.shape == (3,) and (out >= 0).all(), kw
+    assert not taken

@@ -43,7 +43,7 @@ from . import sampling
 from .sampling import row_slice, warped_probs_ok
 from .dtypes import as_dtype
 from .slices import rows_per_slice
-from .speculative_cpu import lean_applies, verify_rows_cpu
+from .speculative_cpu import draft_rows_cpu, lean_applies, verify_rows_cpu
 
 SPEC_COLUMN = 1 << 33  # Philox counter c0 = 2**31: far above any token id
 DRAFT, ACCEPT, RESIDUAL = 0, 1, 2
@@ -115,10 +115,12 @@ def draft_draw_ref(draft_logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     at one position per row, drawn with the draft uniform of ``(seed, offset)`` (``uniforms``: those
     of :func:`spec_uniforms`, if the caller has them already); greedy rows take the first argmax."""
     a = prepare_sample_args(draft_logits, [], temperature, top_k, top_p, min_p, seed, offset, vocab_size)
-    q, ok = warped_probs_ok(a)
     if uniforms is None:
-        uniforms = spec_uniforms(row_tensor(a.seed, len(q), torch.int64, q.device),
-                                 row_tensor(a.offset, len(q), torch.int64, q.device))
+        n, dev = a.num_rows, a.logits.device
+        uniforms = spec_uniforms(row_tensor(a.seed, n, torch.int64, dev), row_tensor(a.offset, n, torch.int64, dev))
+    if lean_applies(a, a):  # the common CPU case in fewer operations, the same tokens (speculative_cpu)
+        return draft_rows_cpu(a, uniforms[:, DRAFT])
+    q, ok = warped_probs_ok(a)
     return torch.where(ok, inverse_cdf(q, uniforms[:, DRAFT]), -1)  # (a bad row's q may hold NaN: its draw is dropped)
 
 
