@@ -9,6 +9,7 @@ in :mod:`ivg_kernels.reference.attention`; the Triton kernels in
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import torch
@@ -90,13 +91,17 @@ def _check_table_values(block_table, seq_lens, k_cache):
                                           f"with 0); row {r}, column {c} holds {int(table[r, c])}")
 
 
+MAX_WINDOW = 2 ** 31 - 1  # lengths are int32: a window this wide already holds every key
+
+
 def _check_scale_window(scale, sliding_window):
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-        _fail("scale", scale, "a positive float")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+        _fail("scale", scale, "a finite positive float")
     if sliding_window is not None and (
-        isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window < 1
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral)
+        or not 1 <= sliding_window <= MAX_WINDOW
     ):
-        _fail("sliding_window", sliding_window, "None or a positive int")
+        _fail("sliding_window", sliding_window, f"None or an int from 1 to {MAX_WINDOW} (2**31 - 1)")
     return float(scale), int(sliding_window or 0)
 
 

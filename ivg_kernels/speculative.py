@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import _eager
-from ._args import _fail, _to_int64, prepare_sample_args
+from ._args import _fail, _to_int64, check_scalar_param, prepare_sample_args
 from ._backend import resolve_backend
 from .reference import speculative as ref
 from .reference.dtypes import as_dtype
@@ -118,12 +118,14 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         _fail("logits", logits, "a 3-D tensor [R, S, V]")
     r, s, _ = logits.shape
+    if not isinstance(guides, (list, tuple)):
+        _fail("guides", type(guides).__name__, f"a list of (tensor [{r}, {s}, V_i], weight) pairs")
     for i, pair in enumerate(guides):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], torch.Tensor) \
                 or pair[0].dim() != 3 or tuple(pair[0].shape[:2]) != (r, s):
-            _fail(f"guides[{i}]", pair, f"a (tensor [{r}, {s}, V_i], weight) pair")
+            _fail(f"guides[{i}]", _kinds(pair), f"a (tensor [{r}, {s}, V_i], weight) pair (logits' rows and positions)")
     if not isinstance(draft_logits, torch.Tensor) or draft_logits.dim() != 3 or tuple(draft_logits.shape[:2]) != (r, s):
-        _fail("draft_logits", draft_logits, f"a tensor [{r}, {s}, V_d]")
+        _fail("draft_logits", draft_logits, f"a tensor [{r}, {s}, V_d] (logits' rows and positions)")
     for name, t, shape in (("draft_tokens", draft_tokens, (r, s - 1)), ("num_draft", num_draft, (r,)),
                            ("offset", offset, (r, s))):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype.is_floating_point:
@@ -134,8 +136,10 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
         _fail("seed", seed, f"an int or an integer tensor [{r}]")
     if not isinstance(seed, torch.Tensor) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         _fail("seed", seed, f"an int or an integer tensor [{r}]")
-    if not isinstance(temperature, torch.Tensor) and not (temperature >= 0 and math.isfinite(temperature)):
-        _fail("temperature", temperature, "a finite temperature >= 0 (0 is greedy)")
+    for name, value, integer in (("temperature", temperature, False), ("top_k", top_k, True), ("top_p", top_p, False),
+                                 ("min_p", min_p, False)):
+        if not isinstance(value, torch.Tensor):  # (a scalar's type and range, before any comparison reads it)
+            check_scalar_param(name, value, integer)
     which = resolve_backend(backend, logits, triton_dtypes=_TRITON_DTYPES)
     fits = fused_verification_applies(guides, temperature, top_k, top_p, min_p) and uniforms is None
     if which == "triton" and not fits:
@@ -150,6 +154,14 @@ def speculative_verify(logits, guides, draft_logits, draft_tokens, num_draft, *,
                                           top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset,
                                           vocab_size=vocab_size, uniforms=uniforms)
     return _verify_triton(logits, guides, draft_logits, draft_tokens, num_draft, temperature, seed, offset, vocab_size)
+
+
+def _kinds(pair) -> str:
+    """What a guide pair holds, for an error message: its items' kinds and a tensor's shape, never a tensor's values."""
+    if not isinstance(pair, (tuple, list)):
+        return type(pair).__name__
+    items = [f"tensor{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in pair]
+    return f"({', '.join(items)})"
 
 
 def _narrowest(logits, guides, draft_logits) -> int:

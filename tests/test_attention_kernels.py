@@ -1,5 +1,7 @@
 """Paged attention and KV writes: Triton (interpreter on CPU, CUDA on a GPU) against the references,
 and the references against dense causal attention."""
+import math
+
 import pytest
 import torch
 
@@ -308,6 +310,14 @@ def test_bad_inputs_name_the_argument():
         paged_decode_attention(q, kc, kc, bt, sl, scale=0.0)
     with pytest.raises(ValueError, match="sliding_window="):
         paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sliding_window=0)
+    # an infinite scale made NaN outputs, and a window past int64 an OverflowError deep in the reference
+    with pytest.raises(ValueError, match="scale=inf: expected a finite positive float"):
+        paged_decode_attention(q, kc, kc, bt, sl, scale=math.inf)
+    with pytest.raises(ValueError, match=r"sliding_window=2147483648: expected None or an int from 1 to 2147483647"):
+        paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sliding_window=2 ** 31)
+    with pytest.raises(ValueError, match="sliding_window="):
+        paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sliding_window=2 ** 70)
+    assert paged_decode_attention(q, kc, kc, bt, sl, scale=1.0, sliding_window=2 ** 31 - 1).shape == q.shape
     with pytest.raises(ValueError, match="v_cache="):
         paged_decode_attention(q, kc, torch.zeros(4, 4, 2, 4), bt, sl, scale=1.0)
     with pytest.raises(ValueError, match="k_cache="):

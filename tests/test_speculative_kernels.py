@@ -1,6 +1,8 @@
 """The fused speculative verification and draft draw (Triton; the interpreter on CPU) against the
 plain-torch reference: same accepted counts and tokens, the same values, the same flagged rows; and the
 dispatch rules of ``ivg_kernels.speculative_verify`` and ``ivg_kernels.draft_sample``."""
+import math
+
 import pytest
 import torch
 
@@ -226,6 +228,25 @@ def test_reference_ops_keep_every_tensor_on_the_inputs_device(filters):
                                                   offset=off, backend="reference", **filters))
     tensors = [t for o in outs for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)]
     assert len(tensors) > 20 and all(t.device == meta for t in tensors)
+
+
+def test_guides_and_scalar_parameters_of_the_wrong_kind_are_named():
+    """A guide list that is not a list, and a temperature, top-k, top-p or min-p of the wrong type, failed with
+    Python's own TypeError (a comparison or an iteration) that named no argument; each is named now, and a
+    guide pair's message shows its items' kinds and shapes, not a tensor's values."""
+    r, s, v = 2, 3, 10
+    logits, draft = torch.randn(r, s, v), torch.randn(r, s, v)
+    args = (torch.randint(0, v, (r, s - 1)), torch.tensor([2, 1]))
+    kw = dict(seed=1, offset=torch.zeros(r, s, dtype=torch.long), backend="reference")
+    for guides in (None, 1.5, draft):
+        with pytest.raises(ValueError, match=r"guides=.*: expected a list of \(tensor \[2, 3, V_i\], weight\) pairs"):
+            speculative_verify(logits, guides, draft, *args, **kw)
+    with pytest.raises(ValueError, match=r"guides\[0\]='\(tensor\[2, 10\], float\)': expected a \(tensor \[2, 3, V_i\]"):
+        speculative_verify(logits, [(draft[:, 0], 1.0)], draft, *args, **kw)
+    for name, value in (("temperature", None), ("temperature", "0.7"), ("temperature", math.inf), ("top_k", 2.5),
+                        ("top_p", [0.9]), ("min_p", "0"), ("top_p", 1.5)):
+        with pytest.raises(ValueError, match=f"^{name}="):
+            speculative_verify(logits, [], draft, *args, **kw, **{name: value})
 
 
 def test_draft_counts_tokens_and_uniforms_are_checked_on_the_reference_path():
