@@ -47,9 +47,10 @@ def _check_cache(k_cache, v_cache):
         _fail("v_cache", v_cache, f"the shape, dtype and device of k_cache {tuple(k_cache.shape)}")
 
 
-def _check_rows(name, t, n, device, dtypes=(torch.int32, torch.int64), dim=1):
+def _check_rows(name, t, n, device, dtypes=(torch.int32, torch.int64), dim=1, of: str = ""):
+    """An integer tensor of ``dim`` dimensions with ``n`` rows (None: any), ``of`` saying where ``n`` comes from."""
     if not isinstance(t, torch.Tensor) or t.dim() != dim or (n is not None and t.shape[0] != n):
-        _fail(name, t, f"a {dim}-D integer tensor with {n} rows")
+        _fail(name, t, f"a {dim}-D integer tensor" + ("" if n is None else f" with {n} rows{of}"))
     if t.dtype not in dtypes:
         _fail(name, t, "dtype " + " or ".join(map(str, dtypes)) + (" (call .int())" if dtypes == (torch.int32,) else ""))
     if t.device != device:
@@ -160,7 +161,7 @@ def write_kv(k_cache, v_cache, key, value, slot_mapping, *, backend="auto") -> N
             _fail(name, x, f"a tensor on {k_cache.device} with unit stride on head_dim")
     if value.shape[0] != key.shape[0]:
         _fail("value", value, f"{key.shape[0]} tokens, like key")
-    _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device)
+    _check_rows("slot_mapping", slot_mapping, key.shape[0], k_cache.device, of=" (one per row of key)")
     which = attention_backend(backend, k_cache)
     if which == "reference" and k_cache.device.type == "cpu":  # (the values, on the host; trusted on a GPU)
         slots = slot_mapping.long().cpu()
@@ -226,8 +227,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale,
         return known(q, k_cache, v_cache, block_table, seq_lens, sinks)
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
-    _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2)
-    _check_rows("seq_lens", seq_lens, q.shape[0], q.device)
+    _check_rows("block_table", block_table, q.shape[0], q.device, dtypes=(torch.int32,), dim=2,
+                of=" (one per row of q)")
+    _check_rows("seq_lens", seq_lens, q.shape[0], q.device, of=" (one per row of q)")
     scale, _ = _check_scale_window(scale, sliding_window)
     softcap, sinks = _check_softcap_sinks(softcap, sinks, q)
     if plan is not None and not isinstance(plan, ref.DecodePlan):
@@ -296,11 +298,12 @@ def shared_prefix_decode_attention(q, k_cache, v_cache, block_table, seq_lens, g
     _check_cache(k_cache, v_cache)
     _check_q(q, k_cache, 3)
     n = q.shape[0]
-    _check_rows("block_table", block_table, n, q.device, dtypes=(torch.int32,), dim=2)
-    _check_rows("seq_lens", seq_lens, n, q.device)
+    _check_rows("block_table", block_table, n, q.device, dtypes=(torch.int32,), dim=2, of=" (one per row of q)")
+    _check_rows("seq_lens", seq_lens, n, q.device, of=" (one per row of q)")
     g = shared_lens.shape[0] if isinstance(shared_lens, torch.Tensor) and shared_lens.dim() == 1 else None
     _check_rows("shared_lens", shared_lens, g, q.device)
-    _check_rows("group_starts", group_starts, None if g is None else g + 1, q.device)
+    _check_rows("group_starts", group_starts, None if g is None else g + 1, q.device,
+                of=f" (shared_lens' length {g}, plus one)")
     if isinstance(max_group_rows, bool) or not isinstance(max_group_rows, numbers.Integral) or max_group_rows < 0:
         _fail("max_group_rows", max_group_rows, "a non-negative int")
     scale, _ = _check_scale_window(scale, sliding_window)
@@ -366,8 +369,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     _check_q(q, k_cache, 3)
     b = block_table.shape[0] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else None
     _check_rows("block_table", block_table, b, q.device, dtypes=(torch.int32,), dim=2)
-    _check_rows("seq_lens", seq_lens, b, q.device)
-    _check_rows("cu_seqlens_q", cu_seqlens_q, b + 1, q.device)
+    _check_rows("seq_lens", seq_lens, b, q.device, of=" (one per row of block_table)")
+    _check_rows("cu_seqlens_q", cu_seqlens_q, b + 1, q.device, of=" (one more than block_table's rows)")
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, numbers.Integral) or max_seqlen_q < 0:
         _fail("max_seqlen_q", max_seqlen_q, "a non-negative int")
     scale, _ = _check_scale_window(scale, sliding_window)

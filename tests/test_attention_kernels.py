@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ivg_kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv
+from ivg_kernels.attention import (paged_decode_attention, paged_prefill_attention, shared_prefix_decode_attention,
+                                   write_kv)
 from ivg_kernels.block_manager import BlockManager
 
 from ivg_kernels.reference.attention import _decode_rows as _DECODE_ROWS
@@ -304,8 +305,14 @@ def test_bad_inputs_name_the_argument():
         paged_decode_attention(torch.zeros(1, 4, 6), kc, kc, bt, sl, scale=1.0)
     with pytest.raises(ValueError, match=r"block_table=.*: expected dtype torch.int32 \(call .int\(\)\)"):
         paged_decode_attention(q, kc, kc, bt.long(), sl, scale=1.0)
-    with pytest.raises(ValueError, match="seq_lens=.*1 rows"):
+    with pytest.raises(ValueError, match=r"seq_lens=.*1 rows \(one per row of q\)"):
         paged_decode_attention(q, kc, kc, bt, torch.ones(2, dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match=r"block_table=.*: expected a 2-D integer tensor$"):
+        paged_prefill_attention(q, kc, kc, bt[0], sl, torch.zeros(2, dtype=torch.int32), max_seqlen_q=1, scale=1.0)
+    # a wrong shared_lens is told apart from a wrong group_starts: the offsets are one more than the groups
+    with pytest.raises(ValueError, match=r"group_starts=.*with 3 rows \(shared_lens' length 2, plus one\)"):
+        shared_prefix_decode_attention(q, kc, kc, bt, sl, torch.tensor([0, 1], dtype=torch.int32),
+                                       torch.tensor([0, 0], dtype=torch.int32), max_group_rows=1, scale=1.0)
     with pytest.raises(ValueError, match="scale="):
         paged_decode_attention(q, kc, kc, bt, sl, scale=0.0)
     with pytest.raises(ValueError, match="sliding_window="):
@@ -340,8 +347,6 @@ def test_eager_calls_launch_directly_and_the_ops_agree(extras):
     """Eager calls of every Triton attention op skip the torch op's dispatch (no ``ivg_kernels::`` event
     in the profiler: one plain launch per kernel), and the registered ops, which torch.compile uses,
     give the same results (with soft-capping and sinks too: the ops' optional arguments)."""
-    from ivg_kernels.attention import shared_prefix_decode_attention
-
     bm, seqs, kc, vc, _, _ = _setup([5, 9, 14], 2, 16, 4, torch.float32, seed=4)
     q = torch.randn(3, 4, 16)
     bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)

@@ -241,7 +241,7 @@ def test_guides_and_scalar_parameters_of_the_wrong_kind_are_named():
     for guides in (None, 1.5, draft):
         with pytest.raises(ValueError, match=r"guides=.*: expected a list of \(tensor \[2, 3, V_i\], weight\) pairs"):
             speculative_verify(logits, guides, draft, *args, **kw)
-    with pytest.raises(ValueError, match=r"guides\[0\]='\(tensor\[2, 10\], float\)': expected a \(tensor \[2, 3, V_i\]"):
+    with pytest.raises(ValueError, match=r"guides\[0\]='\(tensor\[2, 10\], float\)': expected a \(tensor \[2, 3, V"):
         speculative_verify(logits, [(draft[:, 0], 1.0)], draft, *args, **kw)
     for name, value in (("temperature", None), ("temperature", "0.7"), ("temperature", math.inf), ("top_k", 2.5),
                         ("top_p", [0.9]), ("min_p", "0"), ("top_p", 1.5)):
