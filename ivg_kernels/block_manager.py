@@ -38,9 +38,21 @@ class KVCacheExhausted(RuntimeError):
     """Not enough free blocks; the block manager's state is unchanged."""
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
+MAX_COUNT = 2 ** 31 - 1  # children per parent in one fork, tokens per sequence in one append (memory runs out first)
+
+
+def _as_list(name: str, values, expected: str) -> list:
+    """``list(values)``, or a ValueError naming the argument where ``values`` cannot be iterated (an int, None, a
+    0-d tensor)."""
+    try:
+        return list(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r}: expected {expected}") from None
+
+
+def _positive_int(name, value, most=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (most and value > most):
+        raise ValueError(f"{name}={value!r}: expected a positive int" + (f" up to {most}" if most else ""))
     return int(value)
 
 
@@ -79,8 +91,8 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int):
-        self._num_blocks = _positive_int("num_blocks", num_blocks)
-        self._block_size = _positive_int("block_size", block_size)
+        self._num_blocks = _positive_int("num_blocks", num_blocks, MAX_COUNT)  # (block ids are int32)
+        self._block_size = _positive_int("block_size", block_size, MAX_COUNT)
         self._ref = np.zeros(self._num_blocks, dtype=np.int32)
         self._free: list[int] = list(range(self._num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._row: dict[int, int] = {}  # live sequence id -> its row, in creation order
@@ -156,16 +168,16 @@ class BlockManager:
         no child is freed (a beam search's chunk boundary)."""
         ids, rows = self._rows(seq_ids)
         if isinstance(n, numbers.Integral) and not isinstance(n, bool):  # one count for every parent: checked once
-            if n < 0:
-                raise ValueError(f"n={n!r}: expected counts >= 0")
+            if not 0 <= n <= MAX_COUNT:
+                raise ValueError(f"n={n!r}: expected counts from 0 to {MAX_COUNT}")
             counts = [int(n)] * len(rows)
         else:
-            counts = list(n)
+            counts = _as_list("n", n, "an int or one count per parent")
             if len(counts) != len(rows):
                 raise ValueError(f"n={n!r}: expected an int or one count per parent ({len(rows)})")
             for c in counts:
-                if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0:
-                    raise ValueError(f"n={n!r}: expected counts >= 0")
+                if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c <= MAX_COUNT:
+                    raise ValueError(f"n={n!r}: expected counts from 0 to {MAX_COUNT}")
         if replace:
             _no_repeats(ids)
         elif not any(counts):
@@ -197,7 +209,7 @@ class BlockManager:
         self.free_many([seq_id])
 
     def free_many(self, seq_ids: Iterable[int]) -> None:
-        ids, rows = self._rows(list(seq_ids))
+        ids, rows = self._rows(seq_ids)
         _no_repeats(ids)
         self._drop(ids, rows)
 
@@ -224,10 +236,12 @@ class BlockManager:
             cnt = int(num_tokens)
             bad = cnt < 0
         else:
-            if isinstance(num_tokens, (bool, str, numbers.Number)) or not isinstance(num_tokens, Iterable) or any(
-                    isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in num_tokens):
-                raise ValueError(f"num_tokens={num_tokens!r}: expected an int or a sequence of ints")
-            counts = [int(c) for c in num_tokens]
+            values = None if isinstance(num_tokens, (bool, str, numbers.Number)) else _as_list("num_tokens", num_tokens,
+                                                                                                "an int or a sequence of ints")
+            if values is None or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c > MAX_COUNT
+                                     for c in values):
+                raise ValueError(f"num_tokens={num_tokens!r}: expected an int or a sequence of ints up to {MAX_COUNT}")
+            counts = [int(c) for c in values]
             if len(counts) != len(rows):
                 raise ValueError(f"num_tokens: expected an int or {len(rows)} counts, got {len(counts)}")
             if counts and counts.count(counts[0]) == len(counts):  # one count for all: as if given as an int
@@ -385,7 +399,7 @@ class BlockManager:
         """Shorten sequences to ``lengths`` (undoing appends), releasing blocks no longer needed."""
         ids, rows = self._rows(seq_ids)
         _no_repeats(ids)
-        lengths = list(lengths)
+        lengths = _as_list("lengths", lengths, "one length per sequence")
         if len(lengths) != len(ids):
             raise ValueError(f"lengths: expected {len(ids)} lengths, got {len(lengths)}")
         whole = set(map(type, lengths)) <= {int}
@@ -408,6 +422,8 @@ class BlockManager:
     # ------------------------------------------------------------------ views
     def block_table(self, seq_ids: Sequence[int], *, width: int | None = None) -> torch.Tensor:
         """int32 ``[len(seq_ids), max_blocks]`` (``width`` columns if given), padded with 0."""
+        if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral)):
+            raise ValueError(f"width={width!r}: expected None or an int")
         return self._table(self._rows(seq_ids)[1], width)
 
     def tables(self, seq_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +461,9 @@ class BlockManager:
         return self._tab[row, : self._nb[row]].tolist()
 
     def ref_count(self, block: int) -> int:
+        """How many sequences hold physical block ``block`` (0 for a free one)."""
+        if isinstance(block, bool) or not isinstance(block, numbers.Integral) or not 0 <= block < self._num_blocks:
+            raise ValueError(f"block={block!r}: expected a block id from 0 to {self._num_blocks - 1}")
         return int(self._ref[block])
 
     # ----------------------------------------------------------------- checks
@@ -484,9 +503,10 @@ class BlockManager:
         The last list looked up is remembered until a sequence is freed: a decode loop passes the same rows
         step after step (append, then tables, in every model), and comparing two lists costs about a
         fiftieth of looking 1,024 ids up."""
-        ids = seq_ids if type(seq_ids) is list else list(seq_ids)
+        ids = seq_ids if type(seq_ids) is list else _as_list(name, seq_ids, "a sequence of sequence ids")
         memo = self._memo
-        if memo is not None and memo[0] == ids and set(map(type, ids)) <= _INT:  # (True == 1: types checked)
+        # (types first: True == 1, and a tensor's == is elementwise)
+        if memo is not None and set(map(type, ids)) <= _INT and memo[0] == ids:
             return memo[0], memo[1]
         row = self._row
         try:

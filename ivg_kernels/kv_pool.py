@@ -13,6 +13,7 @@ model (copy-on-write of a shared, partly filled last block).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -21,6 +22,9 @@ from ._backend import resolve_backend
 from ._transfer import to_device
 from .attention import CACHE_DTYPES
 from .block_manager import BlockManager, KVCacheExhausted
+
+
+MAX_DIM = 2 ** 31 - 1  # any one size of a pool
 
 
 class KVPool:
@@ -32,8 +36,14 @@ class KVPool:
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
+            if v > MAX_DIM:  # (torch's own error for a size past int64 names no argument)
+                raise ValueError(f"{name}={v!r}: expected at most {MAX_DIM}")
         if dtype not in CACHE_DTYPES:  # (the attention ops take these; another failed at the first forward)
             raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(str(d) for d in CACHE_DTYPES)}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device={device!r}: expected a torch device or its name ({e})") from None
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)  # (L, 2, B, S, Hkv, D)
         self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]  # views, made once
@@ -49,6 +59,10 @@ class KVPool:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        if type(i) is not int or not 0 <= i < len(self._layers):  # (a negative index would be another layer's)
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(self._layers):
+                raise ValueError(f"i={i!r}: expected a layer index from 0 to {len(self._layers) - 1}")
+            i = int(i)
         return self._layers[i]
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]], backend: str = "auto") -> None:
@@ -59,14 +73,19 @@ class KVPool:
         """
         if backend == "triton":
             raise ValueError("backend='triton': copy_blocks has no Triton kernel; expected 'auto', 'reference' or 'cuda'")
+        try:
+            copies = [(s, d) for s, d in copies]
+        except (TypeError, ValueError):
+            raise ValueError(f"copies={copies!r}: expected a sequence of (src, dst) block pairs") from None
         if not copies:
             return
         which = resolve_backend(backend, self.kv, triton_dtypes=None, cuda_dtypes=(self.kv.dtype,), op="copy_blocks",
                                 size=(len(copies), self.bytes_per_block))
         num_blocks = self.kv.shape[2]
         for s, d in copies:
-            if not (0 <= s < num_blocks and 0 <= d < num_blocks):
-                raise ValueError(f"copies: block pair ({s}, {d}) out of range [0, {num_blocks})")
+            if not all(type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
+                       for x in (s, d)) or not (0 <= s < num_blocks and 0 <= d < num_blocks):
+                raise ValueError(f"copies: block pair ({s!r}, {d!r}) out of range [0, {num_blocks}) (block ids are ints)")
         pairs = to_device(torch.tensor(copies, dtype=torch.int64), self.kv.device)
         if which == "cuda":
             from .build import load
@@ -112,8 +131,10 @@ class KVCacheGroup:
     """Several models' caches that fork, grow and prune the same logical sequences together."""
 
     def __init__(self, caches: Mapping[str, KVCache]):
-        if not caches:
-            raise ValueError("caches: expected at least one model's KVCache")
+        if not isinstance(caches, Mapping) or not caches or not all(
+                isinstance(name, str) and isinstance(c, KVCache) for name, c in caches.items()):
+            what = type(caches).__name__ if not isinstance(caches, Mapping) else caches
+            raise ValueError(f"caches={what!r}: expected a mapping of model names to KVCache (at least one)")
         self.caches = dict(caches)
 
     def __getitem__(self, name: str) -> KVCache:

@@ -400,3 +400,64 @@ def test_sequence_ids_may_be_numpy_or_torch_integers():
             bm.append([bad], 1)
     bm.free_many(torch.tensor(kids + [a]))
     assert bm.num_used_blocks == 0
+
+
+def test_arguments_of_the_wrong_kind_are_named_and_change_nothing():
+    """Found by a fuzz of the public methods: an id list given as an int, None or a 0-d tensor failed with Python's
+    "object is not iterable"; a tensor among the ids met the remembered id list's ``==`` (elementwise: "Boolean value
+    of Tensor ... is ambiguous"); a fork count past int64, a width given as a tensor and a block id out of range
+    (``ref_count(-1)`` read the last block's count) failed inside numpy, or not at all. Each is named now, and the
+    manager is left as it was."""
+    bm = BlockManager(8, 4)
+    (a,) = bm.new_sequences(1)
+    bm.append([a], 6)
+    bm.tables([a])  # (the remembered look-up, which a tensor id met first)
+    before = (bm.num_free_blocks, bm.seq_lens([a]).tolist(), bm.block_table([a]).tolist())
+    for call, match in [
+        (lambda: bm.append(a, 1), "seq_ids=0: expected a sequence of sequence ids"),
+        (lambda: bm.free_many(None), "seq_ids=None: expected a sequence of sequence ids"),
+        (lambda: bm.seq_lens(torch.tensor(0)), r"seq_ids=tensor\(0\): expected a sequence of sequence ids"),
+        (lambda: bm.tables([torch.tensor([])]), r"seq_ids: tensor\(\[\]\) is not a live sequence"),
+        (lambda: bm.fork(torch.tensor([]), 1), r"seq_ids: tensor\(\[\]\) is not a live sequence"),
+        (lambda: bm.fork(a, 2 ** 70), r"n=\d+: expected counts from 0 to 2147483647"),
+        (lambda: bm.fork_many([a], None), "n=None: expected an int or one count per parent"),
+        (lambda: bm.truncate_many([a], 3), "lengths=3: expected one length per sequence"),
+        (lambda: bm.append([a], torch.tensor(1)), r"num_tokens=tensor\(1\): expected an int or a sequence of ints"),
+        (lambda: bm.append([a, bm.new_sequence()], [1, 2 ** 70]), "num_tokens=.*up to 2147483647"),
+        (lambda: bm.block_table([a], width=torch.tensor([])), r"width=tensor\(\[\]\): expected None or an int"),
+        (lambda: bm.ref_count(-1), "block=-1: expected a block id from 0 to 7"),
+        (lambda: bm.ref_count(8), "block=8: expected a block id from 0 to 7"),
+        (lambda: bm.ref_count(1.0), "block=1.0: expected a block id"),
+        (lambda: BlockManager(2 ** 31, 4), "num_blocks=2147483648: expected a positive int up to 2147483647"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+        bm.check_invariants()
+        assert (bm.num_free_blocks, bm.seq_lens([a]).tolist(), bm.block_table([a]).tolist()) == before, match
+    assert bm.ref_count(bm.blocks_of(a)[0]) == 1 and bm.ref_count(7) == 0
+
+
+def test_a_pool_and_a_group_name_arguments_of_the_wrong_kind():
+    """``layer(-1)`` returned the last layer's views (a Python index); copies that are not (src, dst) pairs, a
+    device name torch cannot read, a size past int32 and a group of other things than caches failed with
+    Python's or torch's own errors, which named no argument."""
+    pool = KVPool(2, 4, 2, 1, 3)
+    assert pool.layer(1)[0].shape == (4, 2, 1, 3) and pool.layer(np.int64(0))[1].shape == (4, 2, 1, 3)
+    for i in (-1, 2, 1.0, True):
+        with pytest.raises(ValueError, match=rf"i={i!r}: expected a layer index from 0 to 1"):
+            pool.layer(i)
+    for copies in ("x", 3, [1, 2], [(0, 1, 2)], torch.tensor(1)):
+        with pytest.raises(ValueError, match="copies=.*: expected a sequence of \\(src, dst\\) block pairs"):
+            pool.copy_blocks(copies, backend="reference")
+    with pytest.raises(ValueError, match=r"copies: block pair \('a', 1\) out of range \[0, 4\)"):
+        pool.copy_blocks([("a", 1)], backend="reference")
+    assert pool.bytes_copied == 0
+    with pytest.raises(ValueError, match="device='x': expected a torch device"):
+        KVPool(1, 2, 4, 1, 8, device="x")
+    with pytest.raises(ValueError, match="num_kv_heads=2147483648: expected at most 2147483647"):
+        KVPool(1, 2, 4, 2 ** 31, 8)
+    cache = KVCache(1, 1, 8, num_blocks=2, block_size=4)
+    for caches in (None, [cache], {"base": 1}, {1: cache}, {}):
+        with pytest.raises(ValueError, match="caches=.*: expected a mapping of model names to KVCache"):
+            KVCacheGroup(caches)
+    assert KVCacheGroup({"base": cache})["base"] is cache
