@@ -607,12 +607,25 @@ def test_run_stats_split_the_wall_time_at_the_forwards(models):
     (dict(mode="cbs", width=300, successors=300), r"width \* successors = 90000: expected at most 65536 candidates"),
     (dict(mode="bon", n=1 << 17), r"n=131072: expected at most 65536 candidates"),
     (dict(mode="plain", eos_token_ids="1"), r"eos_token_ids='1': expected token ids"),
-    (dict(mode="plain", eos_token_ids=(1, -2)), r"eos_token_ids=\(1, -2\): expected token ids \(ints >= 0\)"),
+    (dict(mode="plain", eos_token_ids=(1, -2)),
+     r"eos_token_ids=\(1, -2\): expected token ids \(ints >= 0 below 2\*\*63\)"),
+    (dict(mode="plain", eos_token_ids=2 ** 70), r"eos_token_ids=\(1180591620717411303424,\): expected token ids"),
+    (dict(mode="eft", tokenwise=1.5), r"tokenwise=1.5: expected a subset of \('eft', 'tokenrm'\)"),
+    (dict(mode="eft", tokenwise=(1,)), r"tokenwise=\(1,\): expected a subset"),
     (dict(mode="plain", stop=("ab", 3)), r"stop=\('ab', 3\): expected a string or a sequence of strings"),
 ])
 def test_bad_options(models, kw, match):
     with pytest.raises(ValueError, match=match):
         IVGDecoder(models).generate(PROMPTS, DecodeOptions(**kw))
+
+
+@pytest.mark.parametrize("options", [None, {"mode": "ivg"}, "ivg"])
+def test_options_that_are_not_decode_options_are_named(models, options):
+    """A dict or a mode name where ``DecodeOptions`` belongs failed with an AttributeError ('dict' object has no
+    attribute 'resolved'), in both decoders."""
+    for dec in (IVGDecoder(models), NaiveDecoder(models)):
+        with pytest.raises(ValueError, match=r"options=.*: expected an ivg.DecodeOptions"):
+            dec.generate(PROMPTS, options)
 
 
 @pytest.mark.parametrize("kw,match", [

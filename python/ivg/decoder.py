@@ -32,7 +32,7 @@ from .decode_loop import DecodeLoop, Request
 from .draw import decoder_backend
 from .speculative_loop import SpeculativeLoop
 from .models import IVGModels, model_positions
-from .options import DecodeOptions
+from .options import DecodeOptions, resolve
 from .model_families import check_family, local_kv_shape
 from .paged_model import ForwardTimer, PagedModel
 from .progress import progress_bar
@@ -360,7 +360,7 @@ class IVGDecoder:
     def _plan(self, prompts, options: DecodeOptions) -> tuple:
         """``(resolved options, the models that run as (name, module, role), each prompt's ids per model)``."""
         m = self.models
-        opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
+        opts = resolve(options, have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)
                  or (r[0] == "rm" and opts.uses_token_rm) or (r[0] == opts.draft_model and opts.speculate)]
         for name, model, _ in roles:  # a model the paged cache cannot serve: before anything is allocated
@@ -438,7 +438,8 @@ class IVGDecoder:
         """KV blocks per model for any ``capacity`` prompts at once; the pool holds the ``capacity`` largest
         needs (:func:`prompt_blocks`)."""
         rows = opts.width * opts.successors
-        most = opts.max_new_tokens + opts.speculate
+        # (a round drafts at most the tokens left: a speculate past max_new_tokens reads no further)
+        most = opts.max_new_tokens + min(opts.speculate, opts.max_new_tokens)
         needs = sorted((max(prompt_blocks(len(x), rows, most, self.block_size) for x in d.values()) for d in ids),
                        reverse=True)
         return sum(needs[:capacity])

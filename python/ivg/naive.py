@@ -23,7 +23,7 @@ import ivg_kernels
 from .decoder import GenerationResult, RunStats, check_prompts, default_eos, make_result
 from .draw import decoder_backend
 from .models import IVGModels, cache_kwargs
-from .options import DecodeOptions
+from .options import DecodeOptions, resolve
 from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, row_offset, sampler_guides
 
 
@@ -40,7 +40,7 @@ class NaiveDecoder:
 
     def _plan(self, prompts, options: DecodeOptions) -> tuple:
         m = self.models
-        opts = options.resolved(have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
+        opts = resolve(options, have_guides=bool(m.guides), have_token_rm=m.token_rm is not None)
         if opts.speculate:
             raise ValueError(f"speculate={opts.speculate}: the naive baseline does not speculate (use the paged decoder)")
         roles = [r for r in m.roles() if r[0] == "base" or (r[0].startswith(("tune", "ref")) and opts.uses_guides)

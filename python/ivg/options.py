@@ -103,9 +103,12 @@ class DecodeOptions:
         mode, w, k, chunk, keep, scorer = self.mode, self.width, self.successors, self.chunk_len, self.keep, self.scorer
         default_tokenwise = {"plain": (), "eft": ("eft",), "tokenrm": ("tokenrm",), "cbs": (), "ivg": ("eft",),
                              "bon": (), "won": ()}[mode]
-        tokenwise = tuple(self.tokenwise) if self.tokenwise is not None else default_tokenwise
+        try:
+            tokenwise = tuple(self.tokenwise) if self.tokenwise is not None else default_tokenwise
+        except TypeError:  # (not iterable)
+            tokenwise = (self.tokenwise,)
         for tw in tokenwise:
-            if tw not in ("eft", "tokenrm"):
+            if not isinstance(tw, str) or tw not in ("eft", "tokenrm"):
                 raise ValueError(f"tokenwise={self.tokenwise!r}: expected a subset of ('eft', 'tokenrm')")
         if mode in ("plain", "eft", "tokenrm"):
             w = k = 1
@@ -161,6 +164,14 @@ class DecodeOptions:
         return "tokenrm" in self.tokenwise or self.scorer == "explicit"
 
 
+def resolve(options, *, have_guides: bool, have_token_rm: bool) -> DecodeOptions:
+    """``options.resolved(...)`` of a decoder's ``options`` argument, which must be a :class:`DecodeOptions` (a dict or
+    None named here, not by an AttributeError)."""
+    if not isinstance(options, DecodeOptions):
+        raise ValueError(f"options={options!r}: expected an ivg.DecodeOptions")
+    return options.resolved(have_guides=have_guides, have_token_rm=have_token_rm)
+
+
 def _stop_strings(stop) -> tuple:
     """``stop`` as a tuple of strings: None is none, one string is one stop string (not its characters)."""
     if stop is None:
@@ -181,7 +192,7 @@ def _eos_ids(eos) -> Optional[tuple]:
     if isinstance(eos, numbers.Integral) and not isinstance(eos, bool):
         eos = (eos,)
     if (isinstance(eos, str) or not isinstance(eos, Sequence)
-            or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 0 for e in eos)):
-        raise ValueError(f"eos_token_ids={eos!r}: expected token ids (ints >= 0), one or a sequence, or None for "
-                         "the tokenizer's")
+            or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < 1 << 63 for e in eos)):
+        raise ValueError(f"eos_token_ids={eos!r}: expected token ids (ints >= 0 below 2**63), one or a sequence, "
+                         "or None for the tokenizer's")
     return tuple(int(e) for e in eos)
