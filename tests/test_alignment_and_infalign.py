@@ -87,6 +87,17 @@ def test_a_nan_reward_is_named_not_counted_as_a_loss():
         calibrated_reward(0.3, ["x"])
 
 
+def test_rewards_that_are_no_sequence_are_named():
+    """A number or None where a sequence of rewards belongs failed with "object of type 'float' has no len()"."""
+    for call, match in [(lambda: calibrated_reward(0.3, 0.5), r"reference_rewards=0.5: expected a sequence of rewards"),
+                        (lambda: win_rate(None, [[0.1]]), r"policy_rewards=None: expected a sequence of rewards"),
+                        (lambda: win_rate([[0.1]], 0.2), r"reference_rewards=0.2: expected a sequence of rewards"),
+                        (lambda: win_rate([0.5, 0.6], [[0.1], [0.2]]),
+                         r"policy_rewards\[0\]=0.5: expected a sequence of rewards")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_win_rate_takes_arrays_of_rewards():
     """A NumPy or torch matrix [prompts, samples] (the natural shape of a reward table) raised "the truth value
     of an array is ambiguous"."""

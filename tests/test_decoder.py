@@ -619,6 +619,14 @@ def test_bad_options(models, kw, match):
         IVGDecoder(models).generate(PROMPTS, DecodeOptions(**kw))
 
 
+@pytest.mark.parametrize("models_arg", [None, {"base": 1}, "gpt2"])
+def test_models_that_are_not_ivg_models_are_named(models_arg):
+    """A dict or a path where ``IVGModels`` belongs failed with an AttributeError at its first use."""
+    for decoder in (IVGDecoder, NaiveDecoder):
+        with pytest.raises(ValueError, match=r"models=\w+: expected an ivg.IVGModels \(ivg.api.load_models makes"):
+            decoder(models_arg)
+
+
 @pytest.mark.parametrize("options", [None, {"mode": "ivg"}, "ivg"])
 def test_options_that_are_not_decode_options_are_named(models, options):
     """A dict or a mode name where ``DecodeOptions`` belongs failed with an AttributeError ('dict' object has no

@@ -119,6 +119,19 @@ def test_bad_arguments_are_named():
     proc = IVGLogitsProcessor([(g.tuned, g.ref, 1.0)], vocab_size=m.base.config.vocab_size + 1)
     with pytest.raises(ValueError, match=rf"vocab_size={m.base.config.vocab_size + 1}: expected at most"):
         proc(torch.tensor([[3, 4]]), torch.zeros(1, m.base.config.vocab_size))
+    # a guide list that is not a list, and call arguments that are not [batch, ...] tensors of one batch, failed with
+    # Python's or torch's own errors ("'NoneType' object is not iterable", "tuple index out of range")
+    for guides in (None, 1.5, g.tuned):
+        with pytest.raises(ValueError, match=r"guides=\w+: expected a list of \(tuned, ref, beta\) triples"):
+            IVGLogitsProcessor(guides)
+    proc, v = IVGLogitsProcessor([(g.tuned, g.ref, 1.0)]), m.base.config.vocab_size
+    for ids in (None, torch.tensor(3), torch.tensor([3, 4]), torch.tensor([[3.0, 4.0]])):
+        with pytest.raises(ValueError, match=r"input_ids: expected an integer tensor \[batch, length\]"):
+            proc(ids, torch.zeros(1, v))
+    for scores in (None, torch.zeros(v), torch.zeros(2, v), torch.zeros(1, v, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"scores: expected a float tensor \[1, vocab\] \(input_ids' rows\)"):
+            proc(torch.tensor([[3, 4]]), scores)
+    assert proc(torch.tensor([[3, 4]]), torch.zeros(1, v)).shape == (1, v)
 
 
 def test_a_batch_that_does_not_continue_the_last_one_starts_afresh():

@@ -31,7 +31,7 @@ from ivg_kernels.kv_pool import KVCache, KVCacheGroup
 from .decode_loop import DecodeLoop, Request
 from .draw import decoder_backend
 from .speculative_loop import SpeculativeLoop
-from .models import IVGModels, model_positions
+from .models import IVGModels, model_positions, require_models
 from .options import DecodeOptions, resolve
 from .model_families import check_family, local_kv_shape
 from .paged_model import ForwardTimer, PagedModel
@@ -208,6 +208,7 @@ class IVGDecoder:
     def __init__(self, models: IVGModels, *, block_size: int | None = None, backend: str = "auto",
                  max_batch_prompts: int = 64, cuda_graphs: bool | None = None, shared_prefix: bool | None = None,
                  read_every: int | None = None, step_graphs: bool | None = None, merge_twins: bool = True):
+        require_models(models)
         if isinstance(max_batch_prompts, bool) or not isinstance(max_batch_prompts, int) or max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts={max_batch_prompts!r}: expected an int >= 1")
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)

@@ -29,6 +29,8 @@ class IVGLogitsProcessor:
 
     def __init__(self, guides: Sequence = (), token_rm=None, token_rm_weight: float = 1.0,
                  pad_token_id: Optional[int] = None, vocab_size: Optional[int] = None):
+        if not isinstance(guides, (list, tuple)):
+            raise ValueError(f"guides={type(guides).__name__}: expected a list of (tuned, ref, beta) triples")
         self.pairs = []
         for i, g in enumerate(guides):
             if not isinstance(g, (tuple, list)) or len(g) != 3:
@@ -88,6 +90,12 @@ class IVGLogitsProcessor:
         return self._last
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids: expected an integer tensor [batch, length], got {_kind(input_ids)}")
+        if (not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.dtype.is_floating_point
+                or scores.shape[0] != input_ids.shape[0]):
+            raise ValueError(f"scores: expected a float tensor [{input_ids.shape[0]}, vocab] (input_ids' rows), got "
+                             f"{_kind(scores)}")
         outs = self._run(input_ids)
         widest = min([scores.shape[-1]] + [o.shape[-1] for o in outs])
         if self.vocab_size is not None and self.vocab_size > widest:
@@ -103,3 +111,8 @@ class IVGLogitsProcessor:
         out = torch.full_like(scores, float("-inf"))
         out[:, :v] = scores[:, :v] + add.to(scores.dtype)
         return out
+
+
+def _kind(x) -> str:
+    """A tensor's dtype and shape, or another value's type, for an error message."""
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

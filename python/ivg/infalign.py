@@ -26,9 +26,17 @@ def _numbers(name: str, values) -> list:
     return out
 
 
+def _length(name: str, values) -> int:
+    """``len(values)``, or an error naming ``name`` where ``values`` is no sequence (a number, None)."""
+    try:
+        return len(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r}: expected a sequence of rewards") from None
+
+
 def calibrated_reward(reward: float, reference_rewards: Sequence[float]) -> float:
     """Fraction of the reference samples' rewards at or below ``reward``."""
-    if len(reference_rewards) == 0:
+    if _length("reference_rewards", reference_rewards) == 0:
         raise ValueError("reference_rewards: expected at least one reward of a reference sample")
     try:
         (reward,) = _numbers("reward", [reward])
@@ -44,12 +52,13 @@ def win_rate(policy_rewards: Sequence[Sequence[float]], reference_rewards: Seque
     Both arguments hold, per prompt, the rewards of that prompt's samples (lists, or NumPy or torch arrays
     ``[prompts, samples]``).
     """
-    if len(policy_rewards) != len(reference_rewards) or len(policy_rewards) == 0:  # (arrays have no truth value)
+    n, m = _length("policy_rewards", policy_rewards), _length("reference_rewards", reference_rewards)
+    if n != m or n == 0:  # (arrays have no truth value)
         raise ValueError(f"policy_rewards/reference_rewards: expected the same non-zero number of prompts, got "
-                         f"{len(policy_rewards)} and {len(reference_rewards)}")
+                         f"{n} and {m}")
     total = 0.0
     for i, (pol, ref) in enumerate(zip(policy_rewards, reference_rewards)):
-        if len(pol) == 0 or len(ref) == 0:
+        if _length(f"policy_rewards[{i}]", pol) == 0 or _length(f"reference_rewards[{i}]", ref) == 0:
             raise ValueError(f"prompt {i}: expected at least one policy and one reference reward")
         pol, ref = _numbers(f"policy_rewards[{i}]", pol), _numbers(f"reference_rewards[{i}]", ref)
         wins = sum((a > b) + 0.5 * (a == b) for a in pol for b in ref)

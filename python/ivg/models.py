@@ -301,6 +301,14 @@ class IVGModels:
         return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def require_models(models) -> IVGModels:
+    """A decoder's ``models`` argument, which must be an :class:`IVGModels` (anything else is named here, not by an
+    AttributeError at its first use)."""
+    if not isinstance(models, IVGModels):
+        raise ValueError(f"models={type(models).__name__}: expected an ivg.IVGModels (ivg.api.load_models makes one)")
+    return models
+
+
 def check_tokenizers(base_tok, other_tok, name: str) -> None:
     """Same token-to-id map over the shared id range (sizes may differ: padded vocabularies are fine).
 

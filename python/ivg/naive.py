@@ -22,14 +22,14 @@ import ivg_kernels
 
 from .decoder import GenerationResult, RunStats, check_prompts, default_eos, make_result
 from .draw import decoder_backend
-from .models import IVGModels, cache_kwargs
+from .models import IVGModels, cache_kwargs, require_models
 from .options import DecodeOptions, resolve
 from .search import Beam, StopChecker, chunk_scores, expand, prompt_seed, rank, row_offset, sampler_guides
 
 
 class NaiveDecoder:
     def __init__(self, models: IVGModels, *, backend: str = "reference"):
-        self.models = models
+        self.models = require_models(models)
         self.backend = decoder_backend(backend)
         self.last_stats = RunStats()
         models.check()
