@@ -210,6 +210,31 @@ def test_beta_may_be_one_number_or_an_array(model_dirs):
         assert [g.beta for g in load_models(model_dirs["base"], beta=beta, **pairs).guides] == expect
 
 
+def test_one_guide_pair_may_be_given_without_lists_and_other_kinds_are_named(model_dirs):
+    """``tuned="path"`` was read as its characters (one model each: "expected pairs, got 14 tuned and 12 ref"); one
+    path or loaded model is now a list of one. A number as a path was passed to ``os.stat`` (an int as a file
+    descriptor: ``base=0`` read standard input's status), a dtype as beta, a list as dtype and a string as templates
+    failed with Python's own errors; each is named."""
+    from ivg.api import load_models
+
+    one = load_models(model_dirs["base"], tuned=model_dirs["tuned"], ref=Path(model_dirs["ref"]), beta=0.5)
+    listed = load_models(model_dirs["base"], tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]], beta=[0.5])
+    assert len(one.guides) == 1 and one.guides[0].beta == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(one.guides[0].ref.state_dict().values(),
+                                                 listed.guides[0].ref.state_dict().values()))
+    base = model_dirs["base"]
+    for kw, match in [(dict(base=1.5), "base=1.5: expected a model folder, a hub id or a loaded model, got float"),
+                      (dict(base=0), "base=0: expected a model folder"),
+                      (dict(base=base, token_rm=2 ** 70), "token_rm=.*: expected a model folder"),
+                      (dict(base=base, tuned=None, ref=[model_dirs["ref"]]), "tuned=None: expected a list of model"),
+                      (dict(base=base, tuned=[model_dirs["tuned"]], ref=[model_dirs["ref"]], beta=torch.int64),
+                       "beta=torch.int64: expected a number or one per guide pair"),
+                      (dict(base=base, dtype=["float32"]), r"dtype=\['float32'\]: expected one of"),
+                      (dict(base=base, templates="{prompt}"), "templates='{prompt}': expected a mapping of roles")]:
+        with pytest.raises(ValueError, match=match):
+            load_models(**kw)
+
+
 def test_decoders_refuse_a_backend_their_ops_lack_when_made():
     from ivg.decoder import IVGDecoder
     from ivg.naive import NaiveDecoder

@@ -181,6 +181,15 @@ def test_exhaustion_and_bad_tokens_leave_the_cache_unchanged():
         pm([a, b], torch.tensor([[1], [2]]))
     with pytest.raises(ValueError, match="seq_ids: expected at least one sequence"):
         pm([], [])
+    # arguments of the wrong kind failed with Python's own TypeError ("object is not iterable", "has no len()")
+    with pytest.raises(ValueError, match="seq_ids=None: expected a sequence of the cache's sequence ids"):
+        pm(None, [[1]])
+    with pytest.raises(ValueError, match="tokens=float: expected one list of ids per sequence"):
+        pm([a], 1.5)
+    with pytest.raises(ValueError, match=r"counts=\[1.5, 1\]: expected 2 ints >= 1"):
+        pm([a, b], torch.tensor([1, 2]), counts=[1.5, 1])
+    with pytest.raises(ValueError, match="model=NoneType: expected a loaded transformers model"):
+        PagedModel(None, num_blocks=3)
     assert (pm.blocks.num_free_blocks, pm.blocks.seq_len(a), pm.blocks.seq_len(b)) == snapshot
     pm.blocks.check_invariants()
     _close(pm([a], [[7]])[0], _scratch(ref, [1, 2, 3, 4, 5, 6, 7]), "after the errors")

@@ -19,10 +19,20 @@ from .options import DecodeOptions
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _model_list(name: str, models) -> list:
+    """``tuned`` or ``ref`` as a list: one path, hub id or loaded model is a list of one (a string was read as its
+    characters, one model each)."""
+    if isinstance(models, (str, os.PathLike, torch.nn.Module)):
+        return [models]
+    if not isinstance(models, (list, tuple)):
+        raise ValueError(f"{name}={models!r}: expected a list of model paths, hub ids or loaded models")
+    return list(models)
+
+
 def _dtype(name):
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
@@ -62,18 +72,23 @@ def check_device(device, arg: str = "device") -> torch.device:
 def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequence[float] = (), token_rm=None,
                 token_rm_weight: float = 1.0, tokenizer=None, device="cpu", dtype=None, templates=None,
                 base_tp_plan=None, chat_template: bool = False) -> IVGModels:
-    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map. ``beta``: one
-    per guide pair (a sequence or array), or one number for all (default 1). ``tokenizer`` (default: the base
+    """Models by local path or hub id (or already loaded), checked for a shared token-to-id map. ``tuned`` and ``ref``:
+    lists of one model per guide pair, or one model each for one pair. ``beta``: one per guide pair (a sequence or
+    array), or one number for all (default 1). ``tokenizer`` (default: the base
     model's) is a path, a hub id or a loaded tokenizer.
 
     ``base_tp_plan="auto"`` shards the base model over the process group's ranks (tensor parallel);
     the guides and the token reward model stay whole on ``device``. ``templates`` and ``chat_template``:
     see :class:`ivg.models.IVGModels`."""
+    tuned, ref = _model_list("tuned", tuned), _model_list("ref", ref)
     if len(tuned) != len(ref):
         raise ValueError(f"tuned/ref: expected pairs, got {len(tuned)} tuned and {len(ref)} ref models")
     if hasattr(beta, "tolist"):  # a NumPy or torch array (or number): their truth value is ambiguous
         beta = beta.tolist()
-    betas = [beta] if isinstance(beta, numbers.Real) else list(beta) if beta is not None else []
+    try:
+        betas = [beta] if isinstance(beta, numbers.Real) else list(beta) if beta is not None else []
+    except TypeError:
+        raise ValueError(f"beta={beta!r}: expected a number or one per guide pair") from None
     betas = betas or [1.0] * len(tuned)
     if len(betas) == 1 and len(tuned) > 1:
         betas = betas * len(tuned)
@@ -89,7 +104,7 @@ def load_models(base, *, tuned: Sequence = (), ref: Sequence = (), beta: Sequenc
     base, tuned, ref, token_rm = home(base), [home(t) for t in tuned], [home(r) for r in ref], home(token_rm)
     args = [("base", base)] + [(f"tuned[{i}]", t) for i, t in enumerate(tuned)]
     args += [(f"ref[{i}]", r) for i, r in enumerate(ref)] + ([("token_rm", token_rm)] if token_rm is not None else [])
-    check_model_paths([(f"{arg}={str(x)!r}", x) for arg, x in args])
+    check_model_paths([(f"{arg}={str(x) if isinstance(x, os.PathLike) else x!r}", x) for arg, x in args])
     if isinstance(tokenizer, (str, os.PathLike)):  # a path or hub id, as the models take (before they load)
         path = home(os.fspath(tokenizer))
         tokenizer = _tokenizer(path)

@@ -27,6 +27,9 @@ def check_family(model) -> None:
     know. Logit soft-capping (Gemma 2), attention sinks (gpt-oss), values narrower than keys (latent attention, as
     transformers expands it), layers of several shapes (Gemma 4) and layers that reuse an earlier layer's keys and
     values (Gemma 3n and 4: each such layer gets them in every forward and holds its own copy) are computed."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ValueError(f"model={type(model).__name__}: expected a loaded transformers model (a torch.nn.Module with "
+                         "a config)")
     body = getattr(model, "body", model)  # a TokenRewardModel's transformer
     name = type(model).__name__ + ("" if body is model else f" ({type(body).__name__})")
     naive = " (the naive decoder, `--decoder naive` or ivg.NaiveDecoder, runs it on transformers' own cache)"

@@ -11,7 +11,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -144,7 +144,11 @@ def check_model_paths(named) -> None:
     """Raise ``ValueError("LABEL: why")`` for the first ``(label, path)`` that cannot name a model
     (loaded modules pass): a typo fails at once, before anything loads."""
     for label, path in named:
-        problem = None if isinstance(path, torch.nn.Module) else model_path_problem(path)
+        if isinstance(path, torch.nn.Module):
+            continue
+        if not isinstance(path, (str, os.PathLike)):  # (an int would be read as a file descriptor)
+            raise ValueError(f"{label}: expected a model folder, a hub id or a loaded model, got {type(path).__name__}")
+        problem = model_path_problem(path)
         if problem:
             raise ValueError(f"{label}: {problem}")
 
@@ -192,6 +196,9 @@ TEMPLATE_ROLES = ("base", "guide", "token_rm")
 
 def check_templates(templates) -> dict:
     """``{role: format}`` with roles from TEMPLATE_ROLES, each format holding ``{prompt}`` once."""
+    if templates is not None and not isinstance(templates, Mapping):
+        raise ValueError(f"templates={templates!r}: expected a mapping of roles ({', '.join(TEMPLATE_ROLES)}) to "
+                         "format strings, or None")
     out = dict(templates or {})
     for role, fmt in out.items():
         if role not in TEMPLATE_ROLES:

@@ -21,6 +21,7 @@ here as before (``PagedBatch``, ``paged_attention_forward``, ``ATTN_IMPLEMENTATI
 """
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from typing import Sequence
@@ -257,7 +258,10 @@ class PagedModel:
         if not seq_ids:
             raise ValueError("seq_ids: expected at least one sequence")
         if isinstance(tokens, torch.Tensor):
-            counts = [1] * len(seq_ids) if counts is None else [int(c) for c in counts]
+            try:
+                counts = [1] * len(seq_ids) if counts is None else [operator.index(c) for c in counts]
+            except TypeError:
+                raise ValueError(f"counts={counts!r}: expected {len(seq_ids)} ints >= 1") from None
             if len(counts) != len(seq_ids) or min(counts, default=1) < 1:
                 raise ValueError(f"counts: expected {len(seq_ids)} counts >= 1, got {counts}")
             if tokens.dim() != 1 or tokens.shape[0] != sum(counts) or tokens.dtype != torch.long:
@@ -266,6 +270,9 @@ class PagedModel:
             return tokens, counts
         if counts is not None:
             raise ValueError("counts: only with a tensor of tokens (lists carry their own lengths)")
+        if not isinstance(tokens, (list, tuple)):
+            raise ValueError(f"tokens={type(tokens).__name__}: expected one list of ids per sequence, or an int64 tensor "
+                             "with counts")
         if len(tokens) != len(seq_ids):
             raise ValueError(f"tokens: expected one token list per sequence ({len(seq_ids)}), got {len(tokens)}")
         try:  # (no check per row up front: a boundary feeds a thousand rows' lists on the decode path)
@@ -281,7 +288,10 @@ class PagedModel:
 
     @torch.inference_mode()
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None, twins=None):
-        seq_ids = list(seq_ids)
+        try:
+            seq_ids = list(seq_ids)
+        except TypeError:
+            raise ValueError(f"seq_ids={seq_ids!r}: expected a sequence of the cache's sequence ids") from None
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         q = counts[0]
         uniform = all(c == q for c in counts)
