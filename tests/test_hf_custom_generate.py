@@ -102,6 +102,29 @@ def test_unsupported_arguments_are_named(models):
         _call(models, widht=3)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(guides=1.5), r"guides=float: expected a list of \(tuned, ref, beta\) triples"),
+    (dict(guides=[1, 2]), r"guides\[0\]: expected a \(tuned, ref, beta\) triple"),
+    (dict(token_rm_weight="x"), "token_rm_weight='x': expected a finite number"),
+    (dict(temperature=[]), r"temperature=\[\]: expected a finite number"),
+    (dict(top_k=float("inf")), "top_k=inf: expected an int"),
+    (dict(top_p="x"), "top_p='x': expected a finite number"),
+    (dict(max_new_tokens="x"), "max_new_tokens='x': expected an int"),
+    (dict(max_new_tokens=None, max_length=float("nan")), "max_length=nan: expected an int"),
+    (dict(pad_token_id=2 ** 70), r"pad_token_id=\d+: expected a token id"),
+    (dict(eos_token_id=1.5), "eos_token_id=1.5: expected a token id"),
+    (dict(eos_token_id=-1), "eos_token_id=-1: expected a token id"),
+    (dict(stop_strings=0, tokenizer=None), "stop_strings=0: expected a string or a list of strings"),
+    (dict(tokenizer="gpt2"), "tokenizer=str: expected a loaded tokenizer"),
+    (dict(attention_mask=[[1, 1, 1, 1]]), r"attention_mask: expected a tensor of input_ids' shape \[2, 4\], got list"),
+])
+def test_arguments_of_the_wrong_kind_are_named(models, kw, match):
+    """Found by a fuzz of the method's arguments: each of these failed with Python's or torch's own error (a float()
+    or int() of a string, "not iterable", an overflow, "'str' object has no attribute 'decode'")."""
+    with pytest.raises(ValueError, match=match):
+        _call(models, **kw)
+
+
 def test_num_return_sequences_gives_each_prompts_best_beams_in_transformers_order(models):
     ids, out = _call(models, num_return_sequences=2)
     expect = IVGDecoder(models).generate(

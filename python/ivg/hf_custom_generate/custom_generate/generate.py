@@ -22,6 +22,8 @@ The decoder (its KV pools, and on a GPU its CUDA graphs) is kept on the base mod
 while the guides, the token RM and the tokenizer stay the same (``ivg.hf_custom_generate.HeldDecoder``), as
 transformers keeps a static cache there; ``del model._ivg_decoder`` frees it.
 """
+import math
+import numbers
 import warnings
 
 import torch
@@ -52,6 +54,9 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         raise ValueError("input_ids: expected a LongTensor [batch, prompt length]")
     mask = kwargs.pop("attention_mask", None)
     mask = torch.ones_like(input_ids) if mask is None else mask
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected a tensor of input_ids' shape {list(input_ids.shape)}, got "
+                         f"{list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     cfg = generation_config if generation_config is not None else model.generation_config
 
     def option(name, default=None):
@@ -59,16 +64,18 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         return value if value is not None else getattr(cfg, name, None) if getattr(cfg, name, None) is not None \
             else default
 
-    guides = [GuidePair(t, r, float(b)) for t, r, b in kwargs.pop("guides", ())]
+    guides = _guides(kwargs.pop("guides", ()), GuidePair)
     token_rm = kwargs.pop("token_rm", None)
-    rm_weight = float(kwargs.pop("token_rm_weight", 1.0))
+    rm_weight = _number("token_rm_weight", kwargs.pop("token_rm_weight", 1.0))
     mode = kwargs.pop("mode", None) or ("ivg" if guides and token_rm is not None else "eft" if guides else
                                         "tokenrm" if token_rm is not None else "plain")
     eos = kwargs.pop("eos_token_id") if "eos_token_id" in kwargs else cfg.eos_token_id  # an explicit None: no EOS
-    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    pad = option("pad_token_id", eos[0] if eos else 0)
+    eos = _ids("eos_token_id", eos)
+    pad = _number("pad_token_id", option("pad_token_id", eos[0] if eos else 0), integer=True)
+    if not 0 <= pad < 1 << 63:
+        raise ValueError(f"pad_token_id={pad}: expected a token id (an int >= 0 below 2**63)")
     do_sample = option("do_sample", True)
-    temperature = float(option("temperature", 1.0))
+    temperature = _number("temperature", option("temperature", 1.0))
     search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
               if k in kwargs}
     # None: the default, as for transformers' own arguments (but chunk_len=None is infinity, as in DecodeOptions)
@@ -82,23 +89,29 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_return_sequences={k!r}: expected an int >= 1")
     new_tokens = option("max_new_tokens")
+    new_tokens = None if new_tokens is None else _number("max_new_tokens", new_tokens, integer=True)
     longest = kwargs.pop("max_length", None)
     if new_tokens is None and longest is not None:  # (an explicit max_new_tokens wins, as in transformers)
-        new_tokens = int(longest) - input_ids.shape[1]
+        new_tokens = _number("max_length", longest, integer=True) - input_ids.shape[1]
         if new_tokens < 1:
             raise ValueError(f"max_length={longest!r}: expected more than the prompts' {input_ids.shape[1]} "
                              "positions (it counts the prompt and the new tokens)")
     tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"tokenizer={type(tokenizer).__name__}: expected a loaded tokenizer (with decode)")
     stop = option("stop_strings")
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+        raise ValueError(f"stop_strings={stop!r}: expected a string or a list of strings")
     if stop and tokenizer is None:
         raise ValueError("stop_strings: needs tokenizer= (the tokenizer that decodes the responses), as transformers' "
                          "generate does")
     if do_sample and "seed" not in search:  # a fresh key per call, as transformers' sampling draws anew
         search["seed"] = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
-                         top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
-                         min_p=float(option("min_p", 0.0)), max_new_tokens=int(20 if new_tokens is None else new_tokens),
+                         top_k=_number("top_k", option("top_k", 0), integer=True),
+                         top_p=_number("top_p", option("top_p", 1.0)), min_p=_number("min_p", option("min_p", 0.0)),
+                         max_new_tokens=20 if new_tokens is None else new_tokens,
                          eos_token_ids=eos, stop=stop, num_return=k, **search)
     for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits", "trust_remote_code"):
         kwargs.pop(name, None)  # handled by the method itself or meaningless here
@@ -125,6 +138,42 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     for i, t in enumerate(new):
         tail[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
     return torch.cat([input_ids.repeat_interleave(k, dim=0), tail], dim=1)
+
+
+def _number(name: str, value, integer: bool = False):
+    """An argument as an int or a finite float (a one-element tensor as its value), or a ValueError naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: expected {'an int' if integer else 'a finite number'}")
+    return int(value) if integer else float(value)
+
+
+def _ids(name: str, ids) -> tuple:
+    """Token ids given as None (none), one int, or a sequence or tensor of ints, as a tuple of ints."""
+    if ids is None:
+        return ()
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    one = isinstance(ids, numbers.Integral) and not isinstance(ids, bool)
+    out = [ids] if one else ids
+    if not isinstance(out, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                                                  or not 0 <= i < 1 << 63 for i in out):
+        raise ValueError(f"{name}={ids!r}: expected a token id (an int >= 0 below 2**63) or a list of them")
+    return tuple(int(i) for i in out)
+
+
+def _guides(guides, pair) -> list:
+    """``guides``, a list of ``(tuned, ref, beta)`` triples, as ``pair`` objects (``ivg.models.GuidePair``)."""
+    if not isinstance(guides, (list, tuple)):
+        raise ValueError(f"guides={type(guides).__name__}: expected a list of (tuned, ref, beta) triples")
+    out = []
+    for i, g in enumerate(guides):
+        if not isinstance(g, (list, tuple)) or len(g) != 3:
+            raise ValueError(f"guides[{i}]: expected a (tuned, ref, beta) triple")
+        out.append(pair(g[0], g[1], _number(f"guides[{i}] beta", g[2])))
+    return out
 
 
 def _decoder(model, models):
