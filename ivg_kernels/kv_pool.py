@@ -13,7 +13,7 @@ model (copy-on-write of a shared, partly filled last block).
 """
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -60,9 +60,10 @@ class KVPool:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
         if type(i) is not int or not 0 <= i < len(self._layers):  # (a negative index would be another layer's)
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(self._layers):
+            k = _index(i)
+            if k is None or not 0 <= k < len(self._layers):
                 raise ValueError(f"i={i!r}: expected a layer index from 0 to {len(self._layers) - 1}")
-            i = int(i)
+            i = k
         return self._layers[i]
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]], backend: str = "auto") -> None:
@@ -82,10 +83,11 @@ class KVPool:
         which = resolve_backend(backend, self.kv, triton_dtypes=None, cuda_dtypes=(self.kv.dtype,), op="copy_blocks",
                                 size=(len(copies), self.bytes_per_block))
         num_blocks = self.kv.shape[2]
-        for s, d in copies:
-            if not all(type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
-                       for x in (s, d)) or not (0 <= s < num_blocks and 0 <= d < num_blocks):
+        ids = [(_index(s), _index(d)) for s, d in copies]
+        for (s, d), (i, j) in zip(copies, ids):
+            if i is None or j is None or not (0 <= i < num_blocks and 0 <= j < num_blocks):
                 raise ValueError(f"copies: block pair ({s!r}, {d!r}) out of range [0, {num_blocks}) (block ids are ints)")
+        copies = ids
         pairs = to_device(torch.tensor(copies, dtype=torch.int64), self.kv.device)
         if which == "cuda":
             from .build import load
@@ -95,6 +97,18 @@ class KVPool:
             per_layer = self.kv.view(2 * self.kv.shape[0], num_blocks, -1)  # (L * 2, B, block bytes)
             per_layer.index_copy_(1, pairs[:, 1], per_layer.index_select(1, pairs[:, 0]))
         self.bytes_copied += len(copies) * self.bytes_per_block
+
+
+def _index(x):
+    """``x`` as an int index (an int, a NumPy integer, an integer tensor's element), or None (a bool, a float)."""
+    if type(x) is int:
+        return x
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 class KVCache:

@@ -449,9 +449,13 @@ def test_a_pool_and_a_group_name_arguments_of_the_wrong_kind():
     for copies in ("x", 3, [1, 2], [(0, 1, 2)], torch.tensor(1)):
         with pytest.raises(ValueError, match="copies=.*: expected a sequence of \\(src, dst\\) block pairs"):
             pool.copy_blocks(copies, backend="reference")
-    with pytest.raises(ValueError, match=r"copies: block pair \('a', 1\) out of range \[0, 4\)"):
-        pool.copy_blocks([("a", 1)], backend="reference")
+    for pair in (("a", 1), (True, 1), (1.0, 2)):
+        with pytest.raises(ValueError, match=rf"copies: block pair \({pair[0]!r}, {pair[1]!r}\) out of range \[0, 4\)"):
+            pool.copy_blocks([pair], backend="reference")
     assert pool.bytes_copied == 0
+    pool.copy_blocks(torch.tensor([[1, 3]]), backend="reference")  # integer tensors' and NumPy's elements are ids
+    pool.copy_blocks([(np.int64(0), 2)], backend="reference")
+    assert pool.bytes_copied == 2 * pool.bytes_per_block
     with pytest.raises(ValueError, match="device='x': expected a torch device"):
         KVPool(1, 2, 4, 1, 8, device="x")
     with pytest.raises(ValueError, match="num_kv_heads=2147483648: expected at most 2147483647"):

@@ -270,7 +270,7 @@ class PagedModel:
             return tokens, counts
         if counts is not None:
             raise ValueError("counts: only with a tensor of tokens (lists carry their own lengths)")
-        if not isinstance(tokens, (list, tuple)):
+        if not hasattr(tokens, "__len__") or isinstance(tokens, (str, bytes)):
             raise ValueError(f"tokens={type(tokens).__name__}: expected one list of ids per sequence, or an int64 tensor "
                              "with counts")
         if len(tokens) != len(seq_ids):
