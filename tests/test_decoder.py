@@ -612,6 +612,7 @@ def test_run_stats_split_the_wall_time_at_the_forwards(models):
     (dict(mode="plain", eos_token_ids=2 ** 70), r"eos_token_ids=\(1180591620717411303424,\): expected token ids"),
     (dict(mode="eft", tokenwise=1.5), r"tokenwise=1.5: expected a subset of \('eft', 'tokenrm'\)"),
     (dict(mode="eft", tokenwise=(1,)), r"tokenwise=\(1,\): expected a subset"),
+    (dict(mode="eft", tokenwise="nope"), r"tokenwise='nope': expected a subset"),
     (dict(mode="plain", stop=("ab", 3)), r"stop=\('ab', 3\): expected a string or a sequence of strings"),
 ])
 def test_bad_options(models, kw, match):
@@ -775,6 +776,14 @@ def test_one_stop_string_and_one_eos_id_need_no_tuple(models):
     eos = free.tokens[5]
     cut = dec.generate(PROMPTS[:1], _opts("plain", max_new_tokens=20, eos_token_ids=eos))[0].beams[0]
     assert cut.tokens == free.tokens[:free.tokens.index(eos) + 1]
+
+
+def test_one_tokenwise_kind_may_be_a_string():
+    """``tokenwise="eft"`` was read as its characters ('e', 'f', 't') and refused; one kind is a string, as one stop
+    string is."""
+    have = dict(have_guides=True, have_token_rm=True)
+    assert DecodeOptions(mode="cbs", tokenwise="eft").resolved(**have).tokenwise == ("eft",)
+    assert DecodeOptions(mode="cbs", tokenwise=["eft", "tokenrm"]).resolved(**have).tokenwise == ("eft", "tokenrm")
 
 
 def test_options_given_as_numpy_numbers_decode_as_python_ones(models):

@@ -103,10 +103,15 @@ class DecodeOptions:
         mode, w, k, chunk, keep, scorer = self.mode, self.width, self.successors, self.chunk_len, self.keep, self.scorer
         default_tokenwise = {"plain": (), "eft": ("eft",), "tokenrm": ("tokenrm",), "cbs": (), "ivg": ("eft",),
                              "bon": (), "won": ()}[mode]
-        try:
-            tokenwise = tuple(self.tokenwise) if self.tokenwise is not None else default_tokenwise
-        except TypeError:  # (not iterable)
+        if self.tokenwise is None:
+            tokenwise = default_tokenwise
+        elif isinstance(self.tokenwise, str):  # one kind, as one stop string is one (not its characters)
             tokenwise = (self.tokenwise,)
+        else:
+            try:
+                tokenwise = tuple(self.tokenwise)
+            except TypeError:  # (not iterable)
+                tokenwise = (self.tokenwise,)
         for tw in tokenwise:
             if not isinstance(tw, str) or tw not in ("eft", "tokenrm"):
                 raise ValueError(f"tokenwise={self.tokenwise!r}: expected a subset of ('eft', 'tokenrm')")
