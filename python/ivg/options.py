@@ -25,7 +25,8 @@ class DecodeOptions:
     Attributes
     ----------
     mode : one of ``plain, eft, tokenrm, cbs, ivg, bon, won`` (a preset; see :meth:`resolved`)
-    tokenwise : guidance added token by token, a subset of ``("eft", "tokenrm")``; None: from the mode
+    tokenwise : guidance added token by token, a subset of ``("eft", "tokenrm")`` (one kind may be given as a string);
+        None: from the mode
     scorer : ``"explicit"``, ``"implicit"``, a callable ``(prompts, responses) -> scores`` (numbers; a NaN is an
         error: it has no rank), or None
     width, successors, chunk_len : W, K, L of chunk-level beam search (``chunk_len=None``: infinity)
