@@ -50,6 +50,15 @@ def _as_list(name: str, values, expected: str) -> list:
         raise ValueError(f"{name}={values!r}: expected {expected}") from None
 
 
+def _same_list(a: list, b: list) -> bool:
+    """``a == b`` for id lists, False where an element's ``==`` has no single truth value (a tensor of several ids
+    among them; such a list is looked up, and named, the slow way)."""
+    try:
+        return a == b
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
 def _positive_int(name, value, most=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (most and value > most):
         raise ValueError(f"{name}={value!r}: expected a positive int" + (f" up to {most}" if most else ""))
@@ -505,8 +514,7 @@ class BlockManager:
         fiftieth of looking 1,024 ids up."""
         ids = seq_ids if type(seq_ids) is list else _as_list(name, seq_ids, "a sequence of sequence ids")
         memo = self._memo
-        # (types first: True == 1, and a tensor's == is elementwise)
-        if memo is not None and set(map(type, ids)) <= _INT and memo[0] == ids:
+        if memo is not None and _same_list(memo[0], ids) and set(map(type, ids)) <= _INT:  # (True == 1: types checked)
             return memo[0], memo[1]
         row = self._row
         try:

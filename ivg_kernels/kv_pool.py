@@ -83,11 +83,11 @@ class KVPool:
         which = resolve_backend(backend, self.kv, triton_dtypes=None, cuda_dtypes=(self.kv.dtype,), op="copy_blocks",
                                 size=(len(copies), self.bytes_per_block))
         num_blocks = self.kv.shape[2]
-        ids = [(_index(s), _index(d)) for s, d in copies]
-        for (s, d), (i, j) in zip(copies, ids):
+        for k, (s, d) in enumerate(copies):
+            i, j = (s, d) if type(s) is int and type(d) is int else (_index(s), _index(d))  # (ints: the common case)
             if i is None or j is None or not (0 <= i < num_blocks and 0 <= j < num_blocks):
                 raise ValueError(f"copies: block pair ({s!r}, {d!r}) out of range [0, {num_blocks}) (block ids are ints)")
-        copies = ids
+            copies[k] = (i, j)
         pairs = to_device(torch.tensor(copies, dtype=torch.int64), self.kv.device)
         if which == "cuda":
             from .build import load
@@ -101,8 +101,6 @@ class KVPool:
 
 def _index(x):
     """``x`` as an int index (an int, a NumPy integer, an integer tensor's element), or None (a bool, a float)."""
-    if type(x) is int:
-        return x
     if isinstance(x, bool):
         return None
     try:
