@@ -48,6 +48,16 @@ def test_generate_writes_one_json_line_per_prompt(model_dirs, tmp_path, capsys):
     assert [json.loads(x)["tokens"] for x in naive.read_text().splitlines()] == [r["tokens"] for r in rows]
 
 
+def test_out_dash_is_standard_output(model_dirs, tmp_path, capsys, monkeypatch):
+    """``--out -`` wrote a file called "-" in the working folder; it is standard output, as with no ``--out``."""
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--base", model_dirs["base"], "--prompt", "the", "--max-new-tokens", "2", "--out", "-"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["prompt"] == "the"
+    assert not (tmp_path / "-").exists()
+
+
 def test_python_m_ivg_is_the_same_entry_point(model_dirs, tmp_path):
     out = tmp_path / "out.jsonl"
     txt = tmp_path / "p.txt"

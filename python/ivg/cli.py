@@ -143,6 +143,8 @@ def _generate(args) -> int:
     from .api import check_device, import_scorer
 
     check_device(args.device, "--device")
+    if args.out == "-":  # the usual name of standard output (it wrote a file called "-")
+        args.out = None
     templates = _templates(args.template)
     where = [Path(p).expanduser().resolve() for p in (args.prompts, args.out) if p]
     if len(where) == 2 and where[0] == where[1]:
@@ -293,7 +295,7 @@ def _add_generate(sub):
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl with a \"prompt\" field (text, or a "
                    "list of token ids)")
-    g.add_argument("--out", help="write JSON lines here instead of stdout")
+    g.add_argument("--out", help="write JSON lines here instead of stdout (- for stdout)")
     g.add_argument("--num-return", type=int, default=1, help="beams per prompt in the output, best first (default 1)")
     g.add_argument("--save-every", type=int, default=64,
                    help="prompts per rank between appends to --out (a killed run loses at most this many; default 64)")
