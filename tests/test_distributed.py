@@ -175,6 +175,31 @@ def test_tensor_parallel_refuses_a_base_without_a_plan(model_dirs, tmp_path, pro
     assert "GPT2LMHeadModel" in r.stderr and "tp_plan" in r.stderr
 
 
+def test_prompts_of_every_kind_the_decoder_takes_and_other_kinds_named(model_dirs, tmp_path):  # noqa: F811
+    """In one process (outside torchrun): a tensor or array of token ids failed to be written ("Object of type Tensor
+    is not JSON serializable"), a string alone was split into one prompt per character, and a number or a
+    non-path ``out`` failed with Python's own errors; token ids of every kind are written as lists now, the same line
+    as a list gives, and the rest is named."""
+    import numpy as np
+    import torch
+
+    from ivg.distributed import generate_sharded
+
+    kw = dict(base=model_dirs["base"], max_new_tokens=2, progress=False, seed=3)
+    lines, _ = generate_sharded(["the", [5, 6, 7], torch.tensor([5, 6, 7]), np.array([5, 6, 7])], **kw)
+    rows = [json.loads(x) for x in lines]
+    assert [r["prompt"] for r in rows] == ["the", [5, 6, 7], [5, 6, 7], [5, 6, 7]]
+    assert rows[1]["tokens"] == rows[2]["tokens"] == rows[3]["tokens"]
+    for prompts, match in [("the movie", "prompts: expected a list of strings or token id lists, got str"),
+                           (3, "got int"), (["a", 1.5], r"prompts\[1\]: expected a string or a list of token ids"),
+                           ([torch.tensor([[1, 2]])], r"prompts\[0\]: expected a 1-D integer tensor")]:
+        with pytest.raises(ValueError, match=match):
+            generate_sharded(prompts, **kw)
+    with pytest.raises(ValueError, match="out=1.5: expected a file path or None"):
+        generate_sharded(["the"], out=1.5, **kw)
+    assert not list(tmp_path.iterdir())
+
+
 def test_run_id_names_callables_by_import_path():
     def make():
         def scorer(prompts, responses):

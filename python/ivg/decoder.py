@@ -111,7 +111,7 @@ def default_eos(models: IVGModels) -> tuple:
     return tuple(sorted(ids))
 
 
-def _token_ids(prompt, i: int) -> list:
+def token_ids(prompt, i: int) -> list:
     """A prompt given as token ids (a sequence of ints or a 1-D integer tensor) as a list of ints."""
     if isinstance(prompt, (torch.Tensor, np.ndarray)):
         not_ints = prompt.dtype.is_floating_point or prompt.dtype == torch.bool if isinstance(prompt, torch.Tensor) \
@@ -135,7 +135,7 @@ def check_prompts(models: IVGModels, prompts, options: DecodeOptions, roles) -> 
     out = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            p = _token_ids(p, i)
+            p = token_ids(p, i)
         ids = {name: models.prompt_ids(p, role, name) for name, _, role in roles}
         for name, model, _ in roles:
             n = len(ids[name])

@@ -134,6 +134,17 @@ def _append(path: Path, lines: Sequence[str]) -> None:
         os.fsync(f.fileno())
 
 
+def _prompt_list(prompts) -> list:
+    """The prompts as the decoder takes them and the output lines hold them: strings, and token ids (a sequence, or a 1-D
+    integer tensor or array) as lists of ints; a ValueError naming the first bad one. A string alone, a number or a
+    tensor prompt failed with "has no len()" or "not JSON serializable"."""
+    from .decoder import token_ids
+
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts: expected a list of strings or token id lists, got {type(prompts).__name__}")
+    return [p if isinstance(p, str) else token_ids(p, i) for i, p in enumerate(prompts)]
+
+
 def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return: int = 1, save_every: int = 64,
                      overwrite: bool = False, progress: bool = True, device: str = "cpu", tensor_parallel: bool = False,
                      **kwargs):
@@ -154,6 +165,9 @@ def generate_sharded(prompts: Sequence, *, out: Optional[str] = None, num_return
 
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every={save_every!r}: expected an int >= 1")
+    prompts = _prompt_list(prompts)  # (before their lengths shard them; the decoder checks the tokens)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"out={out!r}: expected a file path or None")
     path = Path(out).expanduser() if out else None
     if path is not None and (path.is_dir() or not path.parent.is_dir()):
         where = "a directory" if path.is_dir() else f"no such directory {str(path.parent)!r}"
