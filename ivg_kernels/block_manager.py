@@ -41,7 +41,7 @@ class KVCacheExhausted(RuntimeError):
 MAX_COUNT = 2 ** 31 - 1  # children per parent in one fork, tokens per sequence in one append (memory runs out first)
 
 
-def _as_list(name: str, values, expected: str) -> list:
+def as_list(name: str, values, expected: str) -> list:
     """``list(values)``, or a ValueError naming the argument where ``values`` cannot be iterated (an int, None, a
     0-d tensor)."""
     try:
@@ -181,7 +181,7 @@ class BlockManager:
                 raise ValueError(f"n={n!r}: expected counts from 0 to {MAX_COUNT}")
             counts = [int(n)] * len(rows)
         else:
-            counts = _as_list("n", n, "an int or one count per parent")
+            counts = as_list("n", n, "an int or one count per parent")
             if len(counts) != len(rows):
                 raise ValueError(f"n={n!r}: expected an int or one count per parent ({len(rows)})")
             for c in counts:
@@ -245,7 +245,7 @@ class BlockManager:
             cnt = int(num_tokens)
             bad = cnt < 0
         else:
-            values = None if isinstance(num_tokens, (bool, str, numbers.Number)) else _as_list("num_tokens", num_tokens,
+            values = None if isinstance(num_tokens, (bool, str, numbers.Number)) else as_list("num_tokens", num_tokens,
                                                                                                 "an int or a sequence of ints")
             if values is None or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c > MAX_COUNT
                                      for c in values):
@@ -408,7 +408,7 @@ class BlockManager:
         """Shorten sequences to ``lengths`` (undoing appends), releasing blocks no longer needed."""
         ids, rows = self._rows(seq_ids)
         _no_repeats(ids)
-        lengths = _as_list("lengths", lengths, "one length per sequence")
+        lengths = as_list("lengths", lengths, "one length per sequence")
         if len(lengths) != len(ids):
             raise ValueError(f"lengths: expected {len(ids)} lengths, got {len(lengths)}")
         whole = set(map(type, lengths)) <= {int}
@@ -512,7 +512,7 @@ class BlockManager:
         The last list looked up is remembered until a sequence is freed: a decode loop passes the same rows
         step after step (append, then tables, in every model), and comparing two lists costs about a
         fiftieth of looking 1,024 ids up."""
-        ids = seq_ids if type(seq_ids) is list else _as_list(name, seq_ids, "a sequence of sequence ids")
+        ids = seq_ids if type(seq_ids) is list else as_list(name, seq_ids, "a sequence of sequence ids")
         memo = self._memo
         if memo is not None and _same_list(memo[0], ids) and set(map(type, ids)) <= _INT:  # (True == 1: types checked)
             return memo[0], memo[1]

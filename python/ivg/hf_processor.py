@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .models import _finite, cache_kwargs
+from .models import _finite, cache_kwargs, guide_triples
 
 
 class IVGLogitsProcessor:
@@ -29,13 +29,7 @@ class IVGLogitsProcessor:
 
     def __init__(self, guides: Sequence = (), token_rm=None, token_rm_weight: float = 1.0,
                  pad_token_id: Optional[int] = None, vocab_size: Optional[int] = None):
-        if not isinstance(guides, (list, tuple)):
-            raise ValueError(f"guides={type(guides).__name__}: expected a list of (tuned, ref, beta) triples")
-        self.pairs = []
-        for i, g in enumerate(guides):
-            if not isinstance(g, (tuple, list)) or len(g) != 3:
-                raise ValueError(f"guides[{i}]: expected a (tuned, ref, beta) triple")
-            self.pairs.append((g[0], g[1], _finite(f"guides[{i}] beta", g[2])))
+        self.pairs = guide_triples(guides)
         if not self.pairs and token_rm is None:
             raise ValueError("guides: expected at least one (tuned, ref, beta) pair or a token_rm")
         self.token_rm = token_rm

@@ -191,6 +191,19 @@ def _finite(name: str, value) -> float:
     return x
 
 
+def guide_triples(guides) -> list:
+    """``guides`` given as ``(tuned, ref, beta)`` triples (a list or tuple of them), checked: ``[(tuned, ref, beta)]``
+    with each beta a finite float (the logits processor's and the custom generation method's argument)."""
+    if not isinstance(guides, (list, tuple)):
+        raise ValueError(f"guides={type(guides).__name__}: expected a list of (tuned, ref, beta) triples")
+    out = []
+    for i, g in enumerate(guides):
+        if not isinstance(g, (tuple, list)) or len(g) != 3:
+            raise ValueError(f"guides[{i}]: expected a (tuned, ref, beta) triple")
+        out.append((g[0], g[1], _finite(f"guides[{i}] beta", g[2])))
+    return out
+
+
 TEMPLATE_ROLES = ("base", "guide", "token_rm")
 
 

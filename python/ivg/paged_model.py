@@ -31,7 +31,7 @@ import torch
 
 from ivg_kernels.attention import attention_backend
 from ivg_kernels._transfer import to_device, to_device_many
-from ivg_kernels.block_manager import prefix_groups
+from ivg_kernels.block_manager import as_list, prefix_groups
 from ivg_kernels.kv_pool import KVCache
 
 from .lean_models import lean_forward
@@ -288,10 +288,7 @@ class PagedModel:
 
     @torch.inference_mode()
     def _forward(self, seq_ids, tokens, counts, every_position, logits_at=None, twins=None):
-        try:
-            seq_ids = list(seq_ids)
-        except TypeError:
-            raise ValueError(f"seq_ids={seq_ids!r}: expected a sequence of the cache's sequence ids") from None
+        seq_ids = as_list("seq_ids", seq_ids, "a sequence of the cache's sequence ids")
         flat, counts = self._flat_tokens(seq_ids, tokens, counts)
         q = counts[0]
         uniform = all(c == q for c in counts)

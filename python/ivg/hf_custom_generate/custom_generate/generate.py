@@ -22,8 +22,6 @@ The decoder (its KV pools, and on a GPU its CUDA graphs) is kept on the base mod
 while the guides, the token RM and the tokenizer stay the same (``ivg.hf_custom_generate.HeldDecoder``), as
 transformers keeps a static cache there; ``del model._ivg_decoder`` frees it.
 """
-import math
-import numbers
 import warnings
 
 import torch
@@ -42,7 +40,7 @@ _UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_
 
 
 def generate(model, inputs=None, generation_config=None, **kwargs):
-    from ivg.models import GuidePair, IVGModels
+    from ivg.models import GuidePair, IVGModels, _finite, guide_triples
     from ivg.options import DecodeOptions
 
     for name in _UNSUPPORTED:
@@ -64,18 +62,18 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
         return value if value is not None else getattr(cfg, name, None) if getattr(cfg, name, None) is not None \
             else default
 
-    guides = _guides(kwargs.pop("guides", ()), GuidePair)
+    guides = [GuidePair(t, r, b) for t, r, b in guide_triples(kwargs.pop("guides", ()))]
     token_rm = kwargs.pop("token_rm", None)
-    rm_weight = _number("token_rm_weight", kwargs.pop("token_rm_weight", 1.0))
+    rm_weight = _finite("token_rm_weight", kwargs.pop("token_rm_weight", 1.0))
     mode = kwargs.pop("mode", None) or ("ivg" if guides and token_rm is not None else "eft" if guides else
                                         "tokenrm" if token_rm is not None else "plain")
     eos = kwargs.pop("eos_token_id") if "eos_token_id" in kwargs else cfg.eos_token_id  # an explicit None: no EOS
     eos = _ids("eos_token_id", eos)
-    pad = _number("pad_token_id", option("pad_token_id", eos[0] if eos else 0), integer=True)
+    pad = _int("pad_token_id", option("pad_token_id", eos[0] if eos else 0))
     if not 0 <= pad < 1 << 63:
         raise ValueError(f"pad_token_id={pad}: expected a token id (an int >= 0 below 2**63)")
     do_sample = option("do_sample", True)
-    temperature = _number("temperature", option("temperature", 1.0))
+    temperature = _finite("temperature", option("temperature", 1.0))
     search = {k: kwargs.pop(k) for k in ("width", "successors", "chunk_len", "n", "scorer", "seed", "keep")
               if k in kwargs}
     # None: the default, as for transformers' own arguments (but chunk_len=None is infinity, as in DecodeOptions)
@@ -89,10 +87,10 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_return_sequences={k!r}: expected an int >= 1")
     new_tokens = option("max_new_tokens")
-    new_tokens = None if new_tokens is None else _number("max_new_tokens", new_tokens, integer=True)
+    new_tokens = None if new_tokens is None else _int("max_new_tokens", new_tokens)
     longest = kwargs.pop("max_length", None)
     if new_tokens is None and longest is not None:  # (an explicit max_new_tokens wins, as in transformers)
-        new_tokens = _number("max_length", longest, integer=True) - input_ids.shape[1]
+        new_tokens = _int("max_length", longest) - input_ids.shape[1]
         if new_tokens < 1:
             raise ValueError(f"max_length={longest!r}: expected more than the prompts' {input_ids.shape[1]} "
                              "positions (it counts the prompt and the new tokens)")
@@ -109,8 +107,8 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     if do_sample and "seed" not in search:  # a fresh key per call, as transformers' sampling draws anew
         search["seed"] = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     opts = DecodeOptions(mode=mode, temperature=temperature if do_sample else 0.0,
-                         top_k=_number("top_k", option("top_k", 0), integer=True),
-                         top_p=_number("top_p", option("top_p", 1.0)), min_p=_number("min_p", option("min_p", 0.0)),
+                         top_k=_int("top_k", option("top_k", 0)),
+                         top_p=_finite("top_p", option("top_p", 1.0)), min_p=_finite("min_p", option("min_p", 0.0)),
                          max_new_tokens=20 if new_tokens is None else new_tokens,
                          eos_token_ids=eos, stop=stop, num_return=k, **search)
     for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits", "trust_remote_code"):
@@ -140,40 +138,25 @@ def generate(model, inputs=None, generation_config=None, **kwargs):
     return torch.cat([input_ids.repeat_interleave(k, dim=0), tail], dim=1)
 
 
-def _number(name: str, value, integer: bool = False):
-    """An argument as an int or a finite float (a one-element tensor as its value), or a ValueError naming it."""
+def _int(name: str, value) -> int:
+    """An int argument (a one-element tensor as its value), or the sampler's ValueError naming it."""
+    from ivg_kernels._args import _scalar
+
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: expected {'an int' if integer else 'a finite number'}")
-    return int(value) if integer else float(value)
+    return _scalar(name, value, integer=True)
 
 
 def _ids(name: str, ids) -> tuple:
-    """Token ids given as None (none), one int, or a sequence or tensor of ints, as a tuple of ints."""
-    if ids is None:
-        return ()
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist()
-    one = isinstance(ids, numbers.Integral) and not isinstance(ids, bool)
-    out = [ids] if one else ids
-    if not isinstance(out, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, numbers.Integral)
-                                                  or not 0 <= i < 1 << 63 for i in out):
-        raise ValueError(f"{name}={ids!r}: expected a token id (an int >= 0 below 2**63) or a list of them")
-    return tuple(int(i) for i in out)
+    """Token ids given as None (none), one int, or a sequence or tensor of ints, as a tuple of ints (the decoder's own
+    conversion, ``ivg.options``), or a ValueError naming ``name``."""
+    from ivg.options import _eos_ids
 
-
-def _guides(guides, pair) -> list:
-    """``guides``, a list of ``(tuned, ref, beta)`` triples, as ``pair`` objects (``ivg.models.GuidePair``)."""
-    if not isinstance(guides, (list, tuple)):
-        raise ValueError(f"guides={type(guides).__name__}: expected a list of (tuned, ref, beta) triples")
-    out = []
-    for i, g in enumerate(guides):
-        if not isinstance(g, (list, tuple)) or len(g) != 3:
-            raise ValueError(f"guides[{i}]: expected a (tuned, ref, beta) triple")
-        out.append(pair(g[0], g[1], _number(f"guides[{i}] beta", g[2])))
-    return out
+    try:
+        out = _eos_ids(ids)
+    except ValueError:
+        raise ValueError(f"{name}={ids!r}: expected a token id (an int >= 0 below 2**63) or a list of them") from None
+    return () if out is None else out
 
 
 def _decoder(model, models):
