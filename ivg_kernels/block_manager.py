@@ -59,6 +59,17 @@ def _same_list(a: list, b: list) -> bool:
         return False
 
 
+def int_index(x):
+    """``x`` as an int (an int, a NumPy integer, an integer tensor's element), or None (a bool, a float, anything
+    else): a sequence id, a block id or a layer index given in any integer type."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def _positive_int(name, value, most=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (most and value > most):
         raise ValueError(f"{name}={value!r}: expected a positive int" + (f" up to {most}" if most else ""))
@@ -497,10 +508,7 @@ class BlockManager:
     def _check_seq(self, seq_id, name: str = "seq_id") -> int:
         if type(seq_id) is int and seq_id in self._row:  # the fast path of the decode loop
             return seq_id
-        try:  # any integer: a NumPy one, or a torch tensor's element (which a dict lookup would not find)
-            sid = None if isinstance(seq_id, bool) else operator.index(seq_id)
-        except TypeError:
-            sid = None
+        sid = int_index(seq_id)  # any integer: a NumPy one, or a torch tensor's element (no dict key for its value)
         if sid is None or sid not in self._row:
             raise ValueError(f"{name}: {seq_id!r} is not a live sequence")
         return sid

@@ -13,7 +13,6 @@ model (copy-on-write of a shared, partly filled last block).
 """
 from __future__ import annotations
 
-import operator
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from ._backend import resolve_backend
 from ._transfer import to_device
 from .attention import CACHE_DTYPES
-from .block_manager import BlockManager, KVCacheExhausted
+from .block_manager import BlockManager, KVCacheExhausted, int_index
 
 
 MAX_DIM = 2 ** 31 - 1  # any one size of a pool
@@ -60,7 +59,7 @@ class KVPool:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of layer ``i``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
         if type(i) is not int or not 0 <= i < len(self._layers):  # (a negative index would be another layer's)
-            k = _index(i)
+            k = int_index(i)
             if k is None or not 0 <= k < len(self._layers):
                 raise ValueError(f"i={i!r}: expected a layer index from 0 to {len(self._layers) - 1}")
             i = k
@@ -84,7 +83,7 @@ class KVPool:
                                 size=(len(copies), self.bytes_per_block))
         num_blocks = self.kv.shape[2]
         for k, (s, d) in enumerate(copies):
-            i, j = (s, d) if type(s) is int and type(d) is int else (_index(s), _index(d))  # (ints: the common case)
+            i, j = (s, d) if type(s) is int and type(d) is int else (int_index(s), int_index(d))  # (ints: the common case)
             if i is None or j is None or not (0 <= i < num_blocks and 0 <= j < num_blocks):
                 raise ValueError(f"copies: block pair ({s!r}, {d!r}) out of range [0, {num_blocks}) (block ids are ints)")
             copies[k] = (i, j)
@@ -97,16 +96,6 @@ class KVPool:
             per_layer = self.kv.view(2 * self.kv.shape[0], num_blocks, -1)  # (L * 2, B, block bytes)
             per_layer.index_copy_(1, pairs[:, 1], per_layer.index_select(1, pairs[:, 0]))
         self.bytes_copied += len(copies) * self.bytes_per_block
-
-
-def _index(x):
-    """``x`` as an int index (an int, a NumPy integer, an integer tensor's element), or None (a bool, a float)."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
 
 
 class KVCache:
