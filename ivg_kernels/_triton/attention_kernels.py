@@ -285,12 +285,13 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
     heads = kvh * GROUP + g
     ph = (n * (H_KV * GROUP) + heads) * SPLITS  # [GP]
     m_i = tl.full([GP], float("-inf"), tl.float32)
-    for sp in range(SPLITS):
+    # Unrolled by 8 so the splits' partials are loaded together, not one global round trip per split.
+    for sp in tl.range(0, SPLITS, loop_unroll_factor=8):
         m_i = tl.maximum(m_i, tl.load(part_m + ph + sp, mask=gmask, other=float("-inf")))
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    for sp in range(SPLITS):
+    for sp in tl.range(0, SPLITS, loop_unroll_factor=8):
         w = tl.exp(tl.load(part_m + ph + sp, mask=gmask, other=float("-inf")) - m_safe)
         l_i += w * tl.load(part_l + ph + sp, mask=gmask, other=0.0)
         acc += w[:, None] * tl.load(part_o + (ph + sp)[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :],
