@@ -419,10 +419,11 @@ def _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
 
 
 _PIVOTS = tl.constexpr(8)  # thresholds tried per pass of the fallback: the range shrinks 9-fold
-# Software-pipelining depth of the full-row passes below (tl.range's num_stages: loads of tile i+1 issued as
-# cp.async while tile i is reduced). The launch's num_stages pipelines only loads that feed dots, so without it
-# these loops had no cp.async on sm_90 and each tile waited on DRAM inside one program per row. 3 stages spilled.
-_FB_STAGES = tl.constexpr(2)
+# Software-pipelining depth of a loop in which one program streams a whole row (tl.range's num_stages: loads of
+# tile i+1 issued as cp.async while tile i is reduced): the fallback's passes below and the speculative kernels'.
+# The launch's num_stages pipelines only loads that feed dots, so without it these loops had no cp.async on sm_90
+# and each tile waited on DRAM. 3 stages spilled in stage 2.
+ROW_STAGES = tl.constexpr(2)
 _FB_TILE = tl.constexpr(2048)  # tokens per tile of the full-row passes (a [tile, pivots] comparison in registers)
 # Stage 2 with filters runs 16 warps: a row's exact fallback is one program's passes over the row (on the H200
 # at bc7a757, 6 of 256 peaked rows at top-p 0.9 fell back to a dozen full-row passes and took the whole call
@@ -461,7 +462,7 @@ def _fallback_threshold(inputs, strides, w_vals, w_ptr, w_stride, row, t, V, flo
     while lo < hi:
         piv = _pivots(lo, hi)
         acc = tl.zeros([_PIVOTS], tl.int64)
-        for v0 in tl.range(0, V, _FB_TILE, num_stages=_FB_STAGES):
+        for v0 in tl.range(0, V, _FB_TILE, num_stages=ROW_STAGES):
             cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR, _FB_TILE)
             key = _float_key(x).to(tl.int64)
             counted = mask & (key >= floor_key)
@@ -693,7 +694,7 @@ def _stage2_kernel(
                     floor_p = _nucleus_floor(p, w_total, mx, V)
                     low = tl.maximum(tau_p, floor_p)
                 n_low = tl.zeros([], tl.int32)
-                for v0 in tl.range(0, V, BLOCK, num_stages=_FB_STAGES):
+                for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
                     cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN, W_TENSOR,
                                             BLOCK)
                     key = _float_key(x)
@@ -702,7 +703,7 @@ def _stage2_kernel(
                 above = cmask & (ckey > cut)
                 if start + n_low <= pool_cap:
                     at = start
-                    for v0 in tl.range(0, V, BLOCK, num_stages=_FB_STAGES):
+                    for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
                         cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V, NIN,
                                                 W_TENSOR, BLOCK)
                         key = _float_key(x)
@@ -733,7 +734,7 @@ def _stage2_kernel(
                     if p_on:
                         total = w_total
                         if k_on:
-                            for v0 in tl.range(0, V, BLOCK, num_stages=_FB_STAGES):
+                            for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
                                 cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                                         NIN, W_TENSOR, BLOCK)
                                 total += tl.sum(tl.where(_float_key(x) >= tau_k, _mass_int(x - mx), 0), 0)
@@ -748,7 +749,7 @@ def _stage2_kernel(
                     run_err = tl.zeros([], tl.float32)
                     run_tok = tl.full([], INT32_MAX, tl.int64)
                     kept_mass = tl.zeros([], tl.int64)
-                    for v0 in tl.range(0, V, BLOCK, num_stages=_FB_STAGES):
+                    for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
                         cols, mask, x = _x_tile(inputs, strides, w_vals, w_ptr, w_stride, row, v0, t, V,
                                                 NIN, W_TENSOR, BLOCK)
                         kept = mask & (_float_key(x) >= tau)

@@ -24,14 +24,9 @@ import triton
 import triton.language as tl
 
 from .launch import KeyedKernels, Plans, direct, next_power_of_2, tensor_key
-from .sampling_kernels import _philox_words
+from .sampling_kernels import ROW_STAGES, _philox_words
 
 SPEC_C0 = tl.constexpr(1 << 31)  # reference/speculative.py: SPEC_COLUMN >> 2
-
-
-# Software-pipelining depth of the full-row passes (tl.range's num_stages: tile i+1's loads issued as cp.async
-# while tile i is reduced). One program reads a whole row, so without it each tile waits on DRAM.
-_STAGES = tl.constexpr(2)
 
 
 @triton.jit
@@ -68,7 +63,7 @@ def _row_stats(inputs, strides, w_vals, row, t, V, GREEDY: tl.constexpr,
     total = tl.zeros([1], tl.float64)
     best = tl.zeros([1], tl.int64)
     bad = tl.zeros([1], tl.int32)
-    for v0 in tl.range(0, V, BLOCK, num_stages=_STAGES):
+    for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
         cols = v0 + tl.arange(0, BLOCK)
         mask = cols < V
         x, b = _scores(inputs, strides, w_vals, row, cols, mask, t, GREEDY, NIN)
@@ -171,7 +166,7 @@ def _total(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp,
            RESIDUAL: tl.constexpr, NIN: tl.constexpr, BLOCK: tl.constexpr):
     """The row's whole mass (float64) in ``q`` or ``max(p - qs * q, 0)``: one pass over the vocabulary."""
     total = tl.full([], 0.0, tl.float64)
-    for v0 in tl.range(0, V, BLOCK, num_stages=_STAGES):
+    for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
         cols = v0 + tl.arange(0, BLOCK)
         total += tl.sum(_mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, cols < V, t,
                               mp, lp, mq, lq, qs, RESIDUAL, NIN), 0)
@@ -194,7 +189,7 @@ def _draw(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, t, V, mp, 
     target = u * total
     cum = tl.full([], 0.0, tl.float64)
     tok = tl.full([], -1, tl.int64)
-    for v0 in tl.range(0, V, BLOCK, num_stages=_STAGES):
+    for v0 in tl.range(0, V, BLOCK, num_stages=ROW_STAGES):
         cols = v0 + tl.arange(0, BLOCK)
         mask = cols < V
         m = _mass(inputs, strides, w_vals, prow, draft, d_strides, d_w, qrow, cols, mask, t, mp, lp, mq, lq, qs,
