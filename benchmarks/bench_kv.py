@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
+from ivg_kernels.block_manager import BlockManager  # noqa: E402
 from ivg_kernels.kv_pool import KVCache  # noqa: E402
 
 
@@ -156,7 +157,6 @@ def bench_decode(device, ns, lengths):
     """Paged decode attention against SDPA on a contiguous cache: eager, and the kernels' own time as
     CUDA-graph replays (``paged-triton-graph``)."""
     from ivg_kernels.attention import paged_decode_attention
-    from ivg_kernels.block_manager import BlockManager
 
     h, h_kv, d, bs, dtype = 32, 8, 128, 16, torch.bfloat16
     rows = []
@@ -192,12 +192,11 @@ def bench_decode(device, ns, lengths):
     return rows
 
 
-def bench_beam_group(device, beams=16, prompt=2048, own=64):
-    from ivg_kernels import BlockManager, paged_decode_attention, shared_prefix_decode_attention
-
-    h, h_kv, d, bs = 32, 8, 128, 16
+def beam_group_case(device, beams=16, prompt=2048, own=64, h=32, h_kv=8, d=128, bs=16):
+    """Issue 13's beam-group shape on ``device``: ``beams`` sequences forked from one prompt of ``prompt`` tokens,
+    each with ``own`` tokens of its own, on scattered pages (bf16 on the GPU, float32 on the CPU). Returns a dict of
+    the attention's arguments: q, kc, vc, bt, sl, starts and shared (the block manager's beam groups), scale."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = "triton" if device.type == "cuda" else "reference"
     nb = -(-prompt // bs) + beams * (-(-own // bs) + 1) + 1
     bm = BlockManager(nb, bs)
     bm._free = torch.randperm(nb).tolist()  # scattered pages
@@ -208,11 +207,21 @@ def bench_beam_group(device, beams=16, prompt=2048, own=64):
     bm.append(rows_, own)
     kc = torch.randn(nb, bs, h_kv, d, device=device).to(dtype)
     vc = torch.randn_like(kc)
-    q = torch.randn(beams, h, d, device=device).to(dtype)
-    bt, sl = bm.block_table(rows_).to(device), bm.seq_lens(rows_).to(device)
     starts, shared = bm.shared_prefix_groups(rows_)
-    st, sh = torch.tensor(starts, dtype=torch.int32, device=device), torch.tensor(shared, dtype=torch.int32,
-                                                                                   device=device)
+    return dict(q=torch.randn(beams, h, d, device=device).to(dtype), kc=kc, vc=vc,
+                bt=bm.block_table(rows_).to(device), sl=bm.seq_lens(rows_).to(device),
+                starts=torch.tensor(starts, dtype=torch.int32, device=device),
+                shared=torch.tensor(shared, dtype=torch.int32, device=device), scale=d ** -0.5)
+
+
+def bench_beam_group(device, beams=16, prompt=2048, own=64):
+    from ivg_kernels import paged_decode_attention, shared_prefix_decode_attention
+
+    h, h_kv, d, bs = 32, 8, 128, 16
+    backend = "triton" if device.type == "cuda" else "reference"
+    c = beam_group_case(device, beams, prompt, own, h, h_kv, d, bs)
+    q, kc, vc, bt, sl, st, sh = (c[k] for k in ("q", "kc", "vc", "bt", "sl", "starts", "shared"))
+    dtype = kc.dtype
     per_beam = lambda: paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend=backend)  # noqa: E731
     grouped = lambda: shared_prefix_decode_attention(q, kc, vc, bt, sl, st, sh, max_group_rows=beams,  # noqa: E731
                                                      scale=d ** -0.5, backend=backend)

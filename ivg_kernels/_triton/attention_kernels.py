@@ -320,6 +320,9 @@ def _shared_suffix_kernel(q, k_cache, v_cache, block_table, seq_lens, group_star
 # ----------------------------------------------------------------------------------------------
 _TARGET_PROGRAMS = 264  # two waves of a 132-SM H100
 _LONG_KEYS = 4096  # decode rows of at least this many keys (the table's width) read 16-bit caches in tiles of 64
+# The shared-prefix kernel's largest tile of (row, query head) pairs: one program reads the prefix's keys once for
+# this many queries (``benchmarks/diagnose_beam_group.py`` times smaller tiles, which make more programs)
+_PREFIX_TILE_M = 64
 # Every launch here asks for FMA contraction (Triton's default up to 3.9, which warns when it is left unset; 3.10
 # turns it off by default), so the attention's rounding stays the same across Triton versions. The sampler and the
 # speculative kernels launch without it: their draws must match the reference bit for bit.
@@ -482,8 +485,8 @@ _DECODE_LAUNCHES = Plans()  # key -> DecodeLaunch
 
 
 def _settings() -> tuple:
-    """The module-level settings a decode plan reads (tests change them)."""
-    return _LONG_KEYS, _TARGET_PROGRAMS
+    """The module-level settings a decode or shared-prefix plan reads (tests and diagnostics change them)."""
+    return _LONG_KEYS, _TARGET_PROGRAMS, _PREFIX_TILE_M
 
 
 def decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, window, num_splits, softcap, sinks):
@@ -632,7 +635,7 @@ def _shared_plan(n, h, d, h_kv, bs, width, groups, max_group_rows, num_splits, i
     """What a shared-prefix launch derives from its shapes: ``(block_m, query tiles, splits, chunk, the two
     kernels' shared constexprs)``."""
     group = h // h_kv
-    block_m = min(64, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
+    block_m = min(_PREFIX_TILE_M, max(16, next_power_of_2(max(max_group_rows, 1) * group)))
     max_len = width * bs
     block_n = _tile_keys(bs, ieee, max_len, _LONG_KEYS // 2)  # the prefix: a tile of queries per tile of keys
     m_tiles = cdiv(max(max_group_rows, 1) * group, block_m)
