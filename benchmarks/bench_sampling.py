@@ -25,6 +25,10 @@ hold most of the mass) with the head at random ids; "ranked" ones put that head 
 so a model's likely next tokens crowd a few thousand low ids. Bytes counted: the three bf16 input rows [N, V] read once. GB/s is
 compared with a measured device copy (read + write). On a GPU each shape also prints the host
 overhead of the eager Triton call: its median minus the CUDA-graph median.
+
+On a GPU each shape is first drawn by the Triton sampler and by the reference on the same rows, keys and
+settings (``reference_mismatches``): where a row's token differs, the Triton rows of that shape are printed
+but not recorded, and the run exits 1 (a kernel changed offline may meet the GPU here before its tests do).
 """
 from __future__ import annotations
 
@@ -152,6 +156,22 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
     raise ValueError(kind)
 
 
+def reference_mismatches(base, tune, ref, cfg, device) -> int:
+    """Rows whose token or ``ok`` flag from the Triton sampler differs from the reference's, on the benchmark's own
+    inputs, keys and settings. The reference is the specification (the same token for the same key on every
+    backend), and a kernel that draws other tokens is not one to time: its rows are not recorded (a first GPU run
+    of a kernel changed offline measures it before, or without, its GPU tests)."""
+    import ivg_kernels
+
+    n = base.shape[0]
+    seed, offset = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
+    guides = [(tune, 1.0), (ref, -1.0)]
+    got = ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
+    want = _guided_sample_ref(prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                                                  cfg.get("min_p", 0.0), seed, offset, None))
+    return int(((got.tokens != want.tokens) | (got.ok != want.ok)).sum())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N in {1, 16}, V in {32000, 50257}, imdb only")
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
     print(f"# bench_sampling on {dev_name}, torch {torch.__version__}, commit {sha}; "
           f"measured copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
 
-    rows = []
+    rows, differ = [], []
     for cfg_name in cfgs:
         cfg = CONFIGS[cfg_name]
         filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
@@ -188,6 +208,13 @@ def main(argv=None) -> int:
             nbytes = 3 * n * v * base.element_size()
             shape = f"{cfg_name},{rows_kind},N={n},V={v},inputs=3"
             base_us, group = {}, []
+            wrong = 0
+            if device.type == "cuda" and any(k in ("triton", "op") for k in provs.values()):
+                wrong = reference_mismatches(base, tune, ref, cfg, device)
+                if wrong:
+                    differ.append(shape)
+                    print(f"{shape}: the Triton sampler's tokens differ from the reference's in {wrong} of {n} rows: "
+                          f"its rows are printed, not recorded", file=sys.stderr)
             for name, kind in provs.items():
                 graph = name.endswith("-graph")
                 try:
@@ -213,11 +240,15 @@ def main(argv=None) -> int:
                       + (f" = {host / empty:.1f}x an empty op's eager launch ({empty:.1f} us)" if empty else ""))
                 group.append(dict(group[0], provider="triton-host-overhead", median_us=f"{host:.1f}", gbps="",
                                   speedup=f"{empty / host:.2f}" if empty and host > 0 else ""))
-            rows += group
+            rows += [r for r in group if not (wrong and r["provider"].startswith("triton"))]
     if args.record:
         copy_row = dict(date=date, commit=sha, device=dev_name, benchmark="sampling", provider="device-copy",
                         shape="copy", dtype="u8", median_us="", gbps=f"{copy_gbps:.1f}", speedup="")
         harness.append_results([copy_row] + rows)
+    if differ:
+        print(f"error: the Triton sampler drew other tokens than the reference at {len(differ)} shapes: "
+              + "; ".join(differ), file=sys.stderr)
+        return 1
     return 0
 
 
