@@ -103,3 +103,38 @@ def test_every_part_of_targets_can_be_skipped_by_the_name_the_header_gives():
     listed = re.search(r"TARGETS_SKIP names parts to leave out \(([^)]*)\)", re.sub(r"\n#\s+", " ", header)).group(1)
     parts = re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1])
     assert parts and sorted(parts) == sorted(listed.split())
+
+
+PLAN = SUITE.parent / "lease_plan.sh"
+
+
+def _plan_dry_run(call: str) -> str:
+    res = subprocess.run(["bash", str(PLAN), call], capture_output=True, text=True,
+                         env={"LEASE_DRY_RUN": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
+    """benchmarks/lease_plan.sh (the owed GPU work as one lease's calls): it parses, its list of parts is the suite's,
+    each call runs the suite with parts and test files that exist, and an unknown call is refused."""
+    assert subprocess.run(["bash", "-n", str(PLAN)], capture_output=True).returncode == 0
+    text = SUITE.read_text()
+    suite_parts = sorted(re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1]))
+    plan_parts = re.search(r'^PARTS="([^"]*)"', PLAN.read_text(), flags=re.M).group(1).split()
+    assert sorted(plan_parts) == suite_parts
+    root = SUITE.parent.parent
+    ran = set()
+    for call in ("1", "2", "3"):
+        out = _plan_dry_run(call)
+        assert "bash benchmarks/gpu_suite.sh" in out
+        skipped = re.search(r"^TARGETS_SKIP=(.*)$", out, flags=re.M).group(1).split()
+        assert set(skipped) <= set(suite_parts)
+        ran |= set(suite_parts) - set(skipped)
+        files = re.findall(r"tests/test_[a-z_]+\.py", out)
+        assert [f for f in files if not (root / f).exists()] == []
+    # every part runs in some call but the gpt2-xl-sized runs already measured (speculative, decode) and bench_kv
+    # (kv), which the third call's flashinfer stage runs with --record
+    assert ran == set(suite_parts) - {"speculative", "decode", "kv"}
+    assert "gpu_suite.sh flashinfer" in _plan_dry_run("3")
+    assert subprocess.run(["bash", str(PLAN), "4"], capture_output=True).returncode == 2
