@@ -28,9 +28,7 @@ the ``max diff`` column means anything.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -44,23 +42,6 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.bench_kv import beam_group_case  # noqa: E402
 
 PREFIX, SUFFIX = "_shared_prefix_kernel", "_shared_suffix_kernel"
-
-
-def kernel_us(fn, calls: int = 20) -> dict:
-    """Median GPU microseconds of each kernel ``fn()`` launches, by kernel name, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = collections.defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            times[e.name].append(e.device_time)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def plan_of(c, beams: int):
@@ -108,7 +89,7 @@ def main(argv=None) -> int:
            f"{'max diff':>9}"
     print(head)
     if cuda:
-        ks = kernel_us(per_beam)
+        ks = harness.kernel_us(per_beam)
         print(f"{'per-beam':<26} {'':>8} {harness.time_us(per_beam, dev, graph=True):>9.1f}  kernels: "
               + ", ".join(f"{k} {v:.1f} us" for k, v in ks.items()) + f"  (max diff {worst:.1e})")
     own_tile = ak._PREFIX_TILE_M
@@ -130,7 +111,7 @@ def main(argv=None) -> int:
                 programs = grid[0] * grid[1] * grid[2]
                 if cuda:
                     graph = harness.time_us(grouped, dev, graph=True)
-                    ks = kernel_us(grouped)
+                    ks = harness.kernel_us(grouped)
                     pre, suf = ks.get(PREFIX, float("nan")), ks.get(SUFFIX, float("nan"))
                     pre_bytes = kv(args.prompt) + used * partials
                     suf_bytes = kv(args.own) * args.beams + used * partials + args.beams * args.heads * args.dim * elem

@@ -66,6 +66,26 @@ def time_us(fn, device: torch.device, *, min_time_s: float = 0.2, max_reps: int 
     return 1e6 * statistics.median(times)
 
 
+def kernel_us(fn, calls: int = 20) -> dict:
+    """Median GPU microseconds of each kernel ``fn()`` launches, by kernel name, from the profiler (CUDA): each
+    kernel's own time, without the launch gaps between kernels that a graph replay's time includes."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = collections.defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name].append(e.device_time)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def copy_bandwidth_gbps(device: torch.device) -> float:
     """Measured device-to-device copy: bytes read + written per second, in GB/s."""
     nbytes = (1 << 30) if device.type == "cuda" else (1 << 27)

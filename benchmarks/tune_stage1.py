@@ -8,7 +8,8 @@ each token half as much (``benchmarks/sass_count.py --warps 8 4``: 78 -> 66 inst
 filters, 124 -> 105 with, on sm_90), but the program needs 104 registers instead of about 60, so fewer programs
 share an SM. Only the device can say which is faster: this times the whole sampler (both stages, CUDA-graph medians,
 peaked rows as ``bench_sampling.py`` makes them, 3 bf16 inputs) at each setting in one run, the settings taking
-turns, and prints each time with its share of the measured copy bandwidth (the bytes stage 1 must read). The
+turns, and prints each time with its share of the measured copy bandwidth (the bytes stage 1 must read), then each
+stage's own time from the profiler (which of the two a filter's extra time is in). The
 tokens are the same at every setting (checked here, and by the interpreter tests: warps change no arithmetic).
 Nothing is recorded: the setting that wins becomes the default, and ``bench_sampling.py --record`` then measures it.
 """
@@ -59,12 +60,16 @@ def main(argv=None) -> int:
                     return ivg_kernels.guided_sample(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], seed=seed,
                                                      offset=offset, backend="triton", **cfg)
 
-                times, tokens = {w: [] for w in args.warps}, {}
+                times, tokens, stages = {w: [] for w in args.warps}, {}, {}
                 for _ in range(args.rounds):
                     for w in args.warps:
                         sk.STAGE1_WARPS_WIDE = w
                         tokens[w] = call().tokens
                         times[w].append(harness.time_us(call, dev, graph=True))
+                for w in args.warps:  # each stage's own time (profiler), to say which one a filter's cost is in
+                    sk.STAGE1_WARPS_WIDE = w
+                    ks = harness.kernel_us(call)
+                    stages[w] = (ks.get("_stage1_kernel", float("nan")), ks.get("_stage2_kernel", float("nan")))
                 first = tokens[args.warps[0]]
                 same = all(torch.equal(first, t) for t in tokens.values())
                 bytes_read = 3 * n * args.v * 2
@@ -74,6 +79,8 @@ def main(argv=None) -> int:
                     cells.append(f"{us:>12.1f} {100 * bytes_read / (us * 1e-6) / (copy * 1e9):>4.0f}%")
                 print(f"{name:<11} {n:>4} {block:>6} " + " ".join(cells) + ("" if same else "  TOKENS DIFFER"),
                       flush=True)
+                print(f"{'':<11} {'':>4} {'':>6} stages 1 / 2 (profiler): "
+                      + ", ".join(f"{w} warps {a:.1f} / {b:.1f} us" for w, (a, b) in stages.items()), flush=True)
                 if not same:
                     return 1
     finally:
