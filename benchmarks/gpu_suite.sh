@@ -21,7 +21,7 @@
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
 #             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
 #             first) and on gpt2-xl-sized weights, one prompt's decoding profiled
-#             (profile_decode.py). TARGETS_SKIP names parts to leave out (smoke sampler diagnose tune kv beamgroup
+#             (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names parts to leave out (smoke sampler diagnose tune kv beamgroup
 #             profile published spec-demo speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
@@ -306,9 +306,14 @@ run_targets() {
             --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
     fi
     if wanted decode; then
-        note "targets: one prompt's decoding profiled, gpt2-xl-sized random weights (issue 12)"
-        timed "decode profile" "${T_DECODE_PROFILE_TIMEOUT:-90}" targets_decode_profile.log \
-            "$PY" benchmarks/profile_decode.py --models gpt2-xl --device cuda --work /tmp/pubwork --top 25
+        # PROFILE_MODES: the decoding modes profiled one after another (issue 12's time outside the forwards, per mode)
+        local mode
+        for mode in ${PROFILE_MODES:-eft}; do
+            note "targets: one prompt's decoding profiled, mode $mode, gpt2-xl-sized random weights (issue 12)"
+            timed "decode profile ($mode)" "${T_DECODE_PROFILE_TIMEOUT:-90}" "targets_decode_profile_$mode.log" \
+                "$PY" benchmarks/profile_decode.py --models gpt2-xl --device cuda --work /tmp/pubwork --top 25 \
+                --mode "$mode"
+        done
     fi
     cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
 }

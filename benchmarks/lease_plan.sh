@@ -12,6 +12,9 @@
 #                                                                # plans (item 6), the eager calls' host time (item 5),
 #                                                                # the rest of item 0, FlashInfer beside the sampler
 #                                                                # and bench_kv --record (item 2)
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 4     # timeout 600: one prompt's decoding profiled in
+#                                                                # every mode but eft (item 7: the time outside the
+#                                                                # forwards, per mode)
 #
 # Carry `.published` and `.whl` (benchmarks/fetch_published_wheels.sh, fetch_flashinfer.sh, pack_demo_models.sh).
 # Call 1 records the sampler's rows only where its tokens are the reference's (bench_sampling checks them), since
@@ -62,8 +65,12 @@ tests/test_sampling_parity.py tests/test_planned_steps.py tests/test_speculative
         run FI_SAMPLING_TIMEOUT=120 FI_KV_TIMEOUT=90 -- bash benchmarks/gpu_suite.sh flashinfer || exit $?
         exit "$first"
         ;;
+    4)
+        run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but decode)" PROFILE_MODES="ivg cbs-explicit bon tokenrm base" \
+            T_DECODE_PROFILE_TIMEOUT=120 -- bash benchmarks/gpu_suite.sh targets
+        ;;
     *)
-        echo "usage: $0 1|2|3 (the calls of one lease, in order)" >&2
+        echo "usage: $0 1|2|3|4 (the calls of one lease, in order)" >&2
         exit 2
         ;;
 esac

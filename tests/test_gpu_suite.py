@@ -49,7 +49,7 @@ def _benchmark_commands(text: str) -> list[list[str]]:
     """Every ``"$PY" benchmarks/NAME.py ARGS`` command line of the suite, its continuation lines joined,
     ``${VAR:-default}`` read as the default and the suite's own variables as what they hold on a GPU."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    local = {"fi_providers": "flashinfer flashinfer-graph", "gpus": "2"}  # set by the script itself
+    local = {"fi_providers": "flashinfer flashinfer-graph", "gpus": "2", "mode": "ivg"}  # set by the script itself
     out = []
     for m in re.finditer(r'"\$PY" (benchmarks/\w+\.py)([^|\n]*)', joined):
         args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", m.group(2).split("2>&1")[0].split("||")[0])
@@ -125,7 +125,7 @@ def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
     assert sorted(plan_parts) == suite_parts
     root = SUITE.parent.parent
     ran = set()
-    for call in ("1", "2", "3"):
+    for call in ("1", "2", "3", "4"):
         out = _plan_dry_run(call)
         assert "bash benchmarks/gpu_suite.sh" in out
         skipped = re.search(r"^TARGETS_SKIP=(.*)$", out, flags=re.M).group(1).split()
@@ -133,8 +133,16 @@ def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
         ran |= set(suite_parts) - set(skipped)
         files = re.findall(r"tests/test_[a-z_]+\.py", out)
         assert [f for f in files if not (root / f).exists()] == []
-    # every part runs in some call but the gpt2-xl-sized runs already measured (speculative, decode) and bench_kv
-    # (kv), which the third call's flashinfer stage runs with --record
-    assert ran == set(suite_parts) - {"speculative", "decode", "kv"}
+    # every part runs in some call but the gpt2-xl-sized speculative rows, already measured, and bench_kv (kv), which
+    # the third call's flashinfer stage runs with --record
+    assert ran == set(suite_parts) - {"speculative", "kv"}
     assert "gpu_suite.sh flashinfer" in _plan_dry_run("3")
-    assert subprocess.run(["bash", str(PLAN), "4"], capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(PLAN), "5"], capture_output=True).returncode == 2
+
+
+def test_the_lease_plans_profiled_modes_are_decoding_modes():
+    """The fourth call profiles one prompt's decoding per mode: each name is one profile_decode.py accepts."""
+    from ivg.demo.run import METHODS
+
+    modes = re.search(r"^PROFILE_MODES=(.*)$", _plan_dry_run("4"), flags=re.M).group(1).split()
+    assert modes and set(modes) <= set(METHODS) and "eft" not in modes
