@@ -83,8 +83,9 @@ run_build() {
 
 run_tests() {
     note "tests"
+    # -v: each test's outcome is logged as it ends, so a run cut by its time limit still says which passed and failed
     # shellcheck disable=SC2086
-    timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -n "${TEST_WORKERS:-12}" --dist loadfile -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
+    timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -v -n "${TEST_WORKERS:-12}" --dist loadfile -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
         2>&1 | tee "$OUT/tests.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
@@ -236,7 +237,7 @@ run_targets() {
         note "targets: GPU tests: the eager launch paths, the decoder, and the kernels against the reference"
         # shellcheck disable=SC2086
         timed "GPU tests" "${SMOKE_TIMEOUT:-180}" targets_smoke.log \
-            "$PY" -m pytest -q -n "${TEST_WORKERS:-12}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
+            "$PY" -m pytest -v -n "${TEST_WORKERS:-12}" --dist loadfile -p no:cacheprovider --timeout 100 -rfEs \
             tests/test_sampling_gpu.py tests/test_gpu.py ${T_KERNEL_TESTS:-tests/test_attention_kernels.py
             tests/test_shared_prefix_attention.py tests/test_speculative_kernels.py tests/test_sampling_parity.py
             tests/test_paged_models.py tests/test_model_families.py} \
