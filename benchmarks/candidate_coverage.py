@@ -81,7 +81,9 @@ def proven(x: torch.Tensor, x_max: torch.Tensor, cfg: dict, block: int, layout: 
     tau_k = torch.full((n,), INT32_MIN)
     valid_k = torch.ones(n, dtype=torch.bool)
     if 0 < k < v:
-        tau_k = ckey.sort(dim=1, descending=True).values[:, k - 1]  # the k-th largest candidate key
+        # the k-th largest candidate key; with fewer candidates than k, INT32_MIN (the kernel's bisection finds none)
+        if k <= ckey.shape[1]:
+            tau_k = ckey.sort(dim=1, descending=True).values[:, k - 1]
         valid_k = tau_k > cut
     mass = torch.where(cvalid & (ckey >= tau_k.unsqueeze(1)), mass_int((cx - x_max.unsqueeze(1)).float()), 0)
     valid_p = torch.ones(n, dtype=torch.bool)

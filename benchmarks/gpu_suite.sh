@@ -14,7 +14,7 @@
 #             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
 #             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), stage 1's
-#             warps on slices of 4,096, 8 against 4 (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the
+#             warps on slices of 4,096, 8 against 4, and the filters' candidates per slice, 16 against 8 (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the
 #             beam-group rows), the beam-group kernels' own times over several plans (diagnose_beam_group.py),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
@@ -265,9 +265,9 @@ run_targets() {
             "$PY" benchmarks/diagnose_top_p.py --n 256 --v 151936 --rows peaked --pool-max 4194304
     fi
     if wanted tune; then
-        note "targets: stage 1 of the sampler with 8 or 4 warps per slice of 4,096 (issue 11)"
+        note "targets: stage 1 of the sampler with 8 or 4 warps per slice of 4,096, 16 or 8 candidates (issue 11)"
         timed "stage-1 warps" "${T_TUNE_TIMEOUT:-60}" targets_tune_stage1.log \
-            "$PY" benchmarks/tune_stage1.py --rounds 2
+            "$PY" benchmarks/tune_stage1.py --rounds 2 --candidates ${TUNE_CANDIDATES:-16 8}
     fi
     if wanted kv; then
         note "targets: paged attention (issue 13)"

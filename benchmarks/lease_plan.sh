@@ -47,7 +47,7 @@ run() {  # run VAR=VALUE... -- COMMAND...
 case "${1:-}" in
     1)
         run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but sampler diagnose tune published)" \
-            T_SAMPLING_TIMEOUT=130 PUBLISHED_MODES="tokenrm cbs bon plain" T_PUBLISHED_TIMEOUT=285 \
+            T_SAMPLING_TIMEOUT=130 T_TUNE_TIMEOUT=90 PUBLISHED_MODES="tokenrm cbs bon plain" T_PUBLISHED_TIMEOUT=285 \
             -- bash benchmarks/gpu_suite.sh targets
         ;;
     2)

@@ -247,6 +247,7 @@ def test_top_p_rows_take_the_fallback_only_when_the_nucleus_outgrows_the_candida
     from ivg_kernels.sampling import _guided_sample_triton
 
     counters = count_fallbacks(monkeypatch)
+    monkeypatch.setattr(sk, "MAX_CANDIDATES", 16)  # the coverage expected below (the default; tune_stage1 varies it)
     gen = torch.Generator().manual_seed(3)
     n, v = 3, 4096
     rows = [_peaked_rows(n, v, gen) if kind == "peaked" else torch.randn(n, v, generator=gen) for _ in range(3)]
@@ -267,6 +268,7 @@ def test_likely_tokens_at_low_ids_stay_among_the_candidates(monkeypatch, setting
     from ivg_kernels.sampling import _guided_sample_triton
 
     counters = count_fallbacks(monkeypatch)
+    monkeypatch.setattr(sk, "MAX_CANDIDATES", 16)  # the coverage expected below (the default; tune_stage1 varies it)
     gen = torch.Generator().manual_seed(8)
     n, v = 3, 8192
     logits = torch.randn(n, v, generator=gen)

@@ -780,6 +780,10 @@ def _stage2_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher and torch.library registration
 # ----------------------------------------------------------------------------------------------
+# Candidates per slice that stage 1 keeps for the filters (its top keys). At 8 instead of 16, stage 1 with filters
+# issues 107 instead of 124 instructions per token (sm_90, 3 bf16 inputs, `benchmarks/sass_count.py`), and
+# `benchmarks/candidate_coverage.py` predicts 1 to 5 more of 256 benchmark rows taking the exact fallback; which is
+# faster is a GPU measurement (`benchmarks/tune_stage1.py --candidates 16 8`, owed).
 MAX_CANDIDATES = 16
 _MIN_PROGRAMS = 264  # two waves of a 132-SM H100: keep N=1 from running on a few SMs
 
@@ -871,7 +875,8 @@ class SampleLaunch(KeyedKernels):
         super().__init__(key, (_stage1_kernel, _stage2_kernel), (const1, const2))
 
     def current(self) -> bool:
-        """Whether the module's settings this launch was planned with (pool size, stage 1's warps) still hold."""
+        """Whether the module's settings this launch was planned with (pool size, stage 1's warps, candidates) still
+        hold."""
         return self.settings == _settings()
 
     def __call__(self, inputs, w_vals, w_ptr, t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, m_ptr, m_val,
@@ -905,7 +910,7 @@ _LAUNCHES = Plans()  # launch key -> SampleLaunch
 def _settings() -> tuple:
     """The module-level settings a launch's plan reads (tests and tune_stage1.py change them; sample_launch's key
     holds them too)."""
-    return POOL_PER_ROW, POOL_MAX, STAGE1_WARPS_WIDE
+    return POOL_PER_ROW, POOL_MAX, STAGE1_WARPS_WIDE, MAX_CANDIDATES
 
 
 def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, k_val, p_val, m_val, sd_val,
@@ -916,8 +921,9 @@ def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, 
     # options (from nin, the parameters' kinds, filters, block, the module's settings), the integers' values or
     # classes, the pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
     # an absent weight or row-parameter tensor: None).
-    key = (n, v, block, STAGE1_WARPS_WIDE, POOL_PER_ROW, POOL_MAX, filters, strides, w_stride, tensor_key(*tensors),
-           type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
+    key = (n, v, block, STAGE1_WARPS_WIDE, MAX_CANDIDATES, POOL_PER_ROW, POOL_MAX, filters, strides, w_stride,
+           tensor_key(*tensors), type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val),
+           int_class(of_val))
     return _LAUNCHES.get(key, lambda: SampleLaunch(key, n, v, nin, block, filters, strides, w_stride,
                                                    tuple(t is not None for t in tensors[nin:])))
 
