@@ -14,15 +14,16 @@
 #             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
 #             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), stage 1's
-#             warps on slices of 4,096, 8 against 4, and the filters' candidates per slice, 16 against 8 (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the
-#             beam-group rows), the beam-group kernels' own times over several plans (diagnose_beam_group.py),
+#             warps on slices of 4,096, 8 against 4, and the filters' candidates per slice, 16 against 8
+#             (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows), the beam-group
+#             kernels' own times over several plans (diagnose_beam_group.py),
 #             the eager calls' host time profiled (profile_eager.py), the published code in modes ivg and
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
 #             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
 #             first) and on gpt2-xl-sized weights, one prompt's decoding profiled
-#             (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names parts to leave out (smoke sampler diagnose tune kv beamgroup
-#             profile published spec-demo speculative decode)
+#             (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names parts to leave
+#             out (smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
