@@ -161,14 +161,8 @@ def reference_mismatches(base, tune, ref, cfg, device) -> int:
     inputs, keys and settings. The reference is the specification (the same token for the same key on every
     backend), and a kernel that draws other tokens is not one to time: its rows are not recorded (a first GPU run
     of a kernel changed offline measures it before, or without, its GPU tests)."""
-    import ivg_kernels
-
-    n = base.shape[0]
-    seed, offset = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
-    guides = [(tune, 1.0), (ref, -1.0)]
-    got = ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
-    want = _guided_sample_ref(prepare_sample_args(base, guides, cfg["temperature"], cfg["top_k"], cfg["top_p"],
-                                                  cfg.get("min_p", 0.0), seed, offset, None))
+    got = make_fn("triton", base, tune, ref, cfg, device)()
+    want = make_fn("reference", base, tune, ref, cfg, device)()
     return int(((got.tokens != want.tokens) | (got.ok != want.ok)).sum())
 
 

@@ -39,18 +39,18 @@ if not torch.cuda.is_available():  # before the kernels are decorated (at their 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.bench_kv import beam_group_case  # noqa: E402
+from benchmarks.bench_kv import attention_tolerance, beam_group_case  # noqa: E402
 
 PREFIX, SUFFIX = "_shared_prefix_kernel", "_shared_suffix_kernel"
 
 
-def plan_of(c, beams: int):
-    """``(splits, prefix grid)`` of the shared-prefix launch the arguments ``c`` get now."""
+def prefix_grid(c, beams: int, splits: int) -> tuple:
+    """The prefix kernel's grid (groups, KV heads x query tiles, splits) of the shared-prefix launch that the
+    arguments ``c`` with ``splits`` get now."""
     from ivg_kernels._triton.attention_kernels import shared_launch
 
-    launch = shared_launch(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], c["starts"], c["shared"], beams, c["scale"], 0,
-                           c["splits"], 0.0, None)
-    return launch.grid1[2], launch.grid1
+    return shared_launch(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], c["starts"], c["shared"], beams, c["scale"], 0,
+                         splits, 0.0, None).grid1
 
 
 def main(argv=None) -> int:
@@ -97,7 +97,6 @@ def main(argv=None) -> int:
         for tile_m in args.tile_m:
             ak._PREFIX_TILE_M = tile_m
             for splits in args.splits:
-                c["splits"] = splits
 
                 def grouped(splits=splits):
                     return shared_prefix_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], c["starts"],
@@ -106,7 +105,8 @@ def main(argv=None) -> int:
 
                 diff = (grouped().float() - want.float()).abs().max().item()
                 worst = max(worst, diff)
-                used, grid = plan_of(c, args.beams)
+                grid = prefix_grid(c, args.beams, splits)
+                used = grid[2]
                 name = f"tile {tile_m}, splits {used}" + (" (auto)" if splits == 0 else "")
                 programs = grid[0] * grid[1] * grid[2]
                 if cuda:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                     print(f"{name:<26} {programs:>8} {'':>9} {'':>10} {'':>7} {'':>10} {'':>7} {diff:>9.1e}", flush=True)
     finally:
         ak._PREFIX_TILE_M = own_tile
-    tol = 2e-2 if c["kc"].dtype == torch.bfloat16 else 1e-4
+    tol = attention_tolerance(c["kc"].dtype)
     if worst > tol:
         print(f"error: a plan's output differs from per-beam attention by {worst:.1e} (tolerance {tol:.0e})")
         return 1

@@ -910,7 +910,7 @@ _LAUNCHES = Plans()  # launch key -> SampleLaunch
 def _settings() -> tuple:
     """The module-level settings a launch's plan reads (tests and tune_stage1.py change them; sample_launch's key
     holds them too)."""
-    return POOL_PER_ROW, POOL_MAX, STAGE1_WARPS_WIDE, MAX_CANDIDATES
+    return STAGE1_WARPS_WIDE, MAX_CANDIDATES, POOL_PER_ROW, POOL_MAX
 
 
 def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, k_val, p_val, m_val, sd_val,
@@ -921,9 +921,8 @@ def sample_launch(n, v, block, nin, filters, strides, w_stride, tensors, t_val, 
     # options (from nin, the parameters' kinds, filters, block, the module's settings), the integers' values or
     # classes, the pointers' dtypes and 16-byte alignment (the workspace and outputs are fresh allocations: aligned;
     # an absent weight or row-parameter tensor: None).
-    key = (n, v, block, STAGE1_WARPS_WIDE, MAX_CANDIDATES, POOL_PER_ROW, POOL_MAX, filters, strides, w_stride,
-           tensor_key(*tensors), type(t_val), type(p_val), type(m_val), int_class(k_val), int_class(sd_val),
-           int_class(of_val))
+    key = (n, v, block, *_settings(), filters, strides, w_stride, tensor_key(*tensors), type(t_val), type(p_val),
+           type(m_val), int_class(k_val), int_class(sd_val), int_class(of_val))
     return _LAUNCHES.get(key, lambda: SampleLaunch(key, n, v, nin, block, filters, strides, w_stride,
                                                    tuple(t is not None for t in tensors[nin:])))
 
