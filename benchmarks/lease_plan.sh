@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# The owed GPU work (benchmarks/results_notes.md, "Owed on a GPU") as the calls of one short lease: 15 minutes of
-# device time with the machine's start, 10 minutes a command. Run from the repository root on the GPU machine:
+# The owed GPU work (benchmarks/results_notes.md, "Owed on a GPU") as the calls of short leases: 15 minutes of
+# device time a lease, the machine's start (a minute or more) and the transfers included, 10 minutes a command.
+# Calls 1 and 2 are one lease (their timeouts and a two-minute start fit in 15 minutes: tests/test_gpu_suite.py
+# checks it); calls 3, 4 and 5 are the next lease's, in that order. Run from the repository root on the GPU machine:
 #
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 1     # timeout 600: the sampler's rows (item 3), stage 1's
-#                                                                # warps (item 4), the published code in the modes
-#                                                                # not yet compared (item 1)
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 2     # timeout 240: the GPU tests of every kernel and
-#                                                                # launch path changed offline since the last lease
-#                                                                # (item 0), then the demo models' speculative rows
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 3     # optional, about 8 minutes: the beam-group kernels'
-#                                                                # plans (item 6), the eager calls' host time (item 5),
-#                                                                # the rest of item 0, FlashInfer beside the sampler
-#                                                                # and bench_kv --record (item 2)
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 4     # timeout 600: one prompt's decoding profiled in
-#                                                                # every mode but eft (item 7: the time outside the
-#                                                                # forwards, per mode)
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 1   # the GPU tests of every kernel and launch path changed
+#                                                              # offline since the last lease (item 0), the sampler's
+#                                                              # rows (item 3), which rows cost top-p its time, stage
+#                                                              # 1's warps and candidates (item 4), the beam-group
+#                                                              # kernels' plans (item 6), the eager calls' host time
+#                                                              # (item 5); carry nothing
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 2   # the demo models' speculative rows (item 2, issue
+#                                                              # 14); carry .whl/ivg-demo
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 3   # the published code in the modes not yet compared
+#                                                              # (item 1), then FlashInfer beside the sampler and
+#                                                              # bench_kv --record (item 2); carry .published, .whl
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 4   # one prompt's decoding profiled in every mode but eft
+#                                                              # (item 7: the time outside the forwards, per mode)
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 5   # the kernels' and models' random configurations
+#                                                              # (the rest of item 0)
 #
-# Carry `.published` and `.whl` (benchmarks/fetch_published_wheels.sh, fetch_flashinfer.sh, pack_demo_models.sh).
-# Call 1 records the sampler's rows only where its tokens are the reference's (bench_sampling checks them), since
-# its GPU tests run in call 2. LEASE_DRY_RUN=1 prints each call's environment and command instead of running it.
+# Each call's line "timeout_s=N" (printed first) is the device tool's timeout for it. The parts' own limits add up
+# to under the call's TARGETS_BUDGET, and a part cut by what is left of the budget records nothing. The sampler's
+# rows are recorded only where its tokens are the reference's (bench_sampling checks them in the same run).
+# LEASE_DRY_RUN=1 prints each call's timeout, environment and command instead of running it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,33 +49,46 @@ run() {  # run VAR=VALUE... -- COMMAND...
     env "${envs[@]}" "$@"
 }
 
+timeout_s() {  # the device tool's timeout for this call (printed, so the one who runs it reads it here)
+    echo "timeout_s=$1"
+}
+
 case "${1:-}" in
     1)
-        run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but sampler diagnose tune published)" \
-            T_SAMPLING_TIMEOUT=130 T_TUNE_TIMEOUT=90 PUBLISHED_MODES="tokenrm cbs bon plain" T_PUBLISHED_TIMEOUT=285 \
-            -- bash benchmarks/gpu_suite.sh targets
-        ;;
-    2)
-        run TARGETS_BUDGET=230 TARGETS_SKIP="$(skip_all_but smoke spec-demo)" SMOKE_TIMEOUT=150 \
+        timeout_s 560
+        run TARGETS_BUDGET=525 TARGETS_SKIP="$(skip_all_but smoke sampler diagnose tune beamgroup profile)" \
+            SMOKE_TIMEOUT=150 T_SAMPLING_TIMEOUT=130 T_DIAG_TIMEOUT=40 T_TUNE_TIMEOUT=80 T_BEAM_TIMEOUT=50 \
+            T_PROFILE_TIMEOUT=60 \
             T_KERNEL_TESTS="tests/test_sampling_exactness.py tests/test_eager_sample.py tests/test_eager_draft.py
 tests/test_eager_attention.py tests/test_speculative_kernels.py tests/test_shared_prefix_attention.py
 tests/test_sampling_parity.py tests/test_planned_steps.py tests/test_speculative.py" \
             -- bash benchmarks/gpu_suite.sh targets
         ;;
+    2)
+        timeout_s 170
+        run TARGETS_BUDGET=150 TARGETS_SKIP="$(skip_all_but spec-demo)" T_SPEC_DEMO_TIMEOUT=140 \
+            -- bash benchmarks/gpu_suite.sh targets
+        ;;
     3)
-        run TARGETS_BUDGET=110 TARGETS_SKIP="$(skip_all_but beamgroup profile)" \
-            GPU_TESTS="tests/test_kernel_random_configs.py tests/test_model_random_configs.py tests/test_row_rope.py" \
-            TESTS_TIMEOUT=150 -- bash benchmarks/gpu_suite.sh targets tests
+        timeout_s 560
+        run TARGETS_BUDGET=300 TARGETS_SKIP="$(skip_all_but published)" PUBLISHED_MODES="tokenrm cbs bon plain" \
+            T_PUBLISHED_TIMEOUT=285 -- bash benchmarks/gpu_suite.sh targets
         first=$?
         run FI_SAMPLING_TIMEOUT=120 FI_KV_TIMEOUT=90 -- bash benchmarks/gpu_suite.sh flashinfer || exit $?
         exit "$first"
         ;;
     4)
+        timeout_s 600
         run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but decode)" PROFILE_MODES="ivg cbs-explicit bon tokenrm base" \
-            T_DECODE_PROFILE_TIMEOUT=120 -- bash benchmarks/gpu_suite.sh targets
+            T_DECODE_PROFILE_TIMEOUT=110 -- bash benchmarks/gpu_suite.sh targets
+        ;;
+    5)
+        timeout_s 200
+        run GPU_TESTS="tests/test_kernel_random_configs.py tests/test_model_random_configs.py tests/test_row_rope.py" \
+            TESTS_TIMEOUT=170 -- bash benchmarks/gpu_suite.sh tests
         ;;
     *)
-        echo "usage: $0 1|2|3|4 (the calls of one lease, in order)" >&2
+        echo "usage: $0 1|2|3|4|5 (calls 1-2: one lease; 3-5: the next)" >&2
         exit 2
         ;;
 esac

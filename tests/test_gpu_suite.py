@@ -115,8 +115,11 @@ def _plan_dry_run(call: str) -> str:
     return res.stdout
 
 
+CALLS = ("1", "2", "3", "4", "5")
+
+
 def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
-    """benchmarks/lease_plan.sh (the owed GPU work as one lease's calls): it parses, its list of parts is the suite's,
+    """benchmarks/lease_plan.sh (the owed GPU work as short leases' calls): it parses, its list of parts is the suite's,
     each call runs the suite with parts and test files that exist, and an unknown call is refused."""
     assert subprocess.run(["bash", "-n", str(PLAN)], capture_output=True).returncode == 0
     text = SUITE.read_text()
@@ -125,19 +128,65 @@ def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
     assert sorted(plan_parts) == suite_parts
     root = SUITE.parent.parent
     ran = set()
-    for call in ("1", "2", "3", "4"):
+    for call in CALLS:
         out = _plan_dry_run(call)
         assert "bash benchmarks/gpu_suite.sh" in out
-        skipped = re.search(r"^TARGETS_SKIP=(.*)$", out, flags=re.M).group(1).split()
-        assert set(skipped) <= set(suite_parts)
-        ran |= set(suite_parts) - set(skipped)
+        skipped = re.search(r"^TARGETS_SKIP=(.*)$", out, flags=re.M)
+        if skipped:
+            assert set(skipped.group(1).split()) <= set(suite_parts)
+            ran |= set(suite_parts) - set(skipped.group(1).split())
         files = re.findall(r"tests/test_[a-z_]+\.py", out)
         assert [f for f in files if not (root / f).exists()] == []
     # every part runs in some call but the gpt2-xl-sized speculative rows, already measured, and bench_kv (kv), which
     # the third call's flashinfer stage runs with --record
     assert ran == set(suite_parts) - {"speculative", "kv"}
     assert "gpu_suite.sh flashinfer" in _plan_dry_run("3")
-    assert subprocess.run(["bash", str(PLAN), "5"], capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(PLAN), "6"], capture_output=True).returncode == 2
+
+
+# each part of `gpu_suite.sh targets` -> the variable that caps it (its default is read from the suite)
+PART_LIMITS = {"smoke": "SMOKE_TIMEOUT", "sampler": "T_SAMPLING_TIMEOUT", "diagnose": "T_DIAG_TIMEOUT",
+               "tune": "T_TUNE_TIMEOUT", "kv": "T_KV_TIMEOUT", "beamgroup": "T_BEAM_TIMEOUT",
+               "profile": "T_PROFILE_TIMEOUT", "published": "T_PUBLISHED_TIMEOUT",
+               "spec-demo": "T_SPEC_DEMO_TIMEOUT", "speculative": "T_SPEC_TIMEOUT",
+               "decode": "T_DECODE_PROFILE_TIMEOUT"}
+LEASE_S, START_S = 900, 120  # device time a lease; what a machine's start and the transfers may take
+
+
+def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
+    """Each call's parts, at their limits, fit its TARGETS_BUDGET, the budget and the other stages fit the call's
+    timeout, and calls 1 and 2 (one lease) fit 15 minutes with a two-minute start: a plan that overruns loses its
+    last part's rows, or the second call."""
+    text = SUITE.read_text()
+    assert sorted(PART_LIMITS) == sorted(re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1]))
+
+    def setting(out, name):
+        found = re.search(rf"^{name}=(.*)$", out, flags=re.M)
+        if found:
+            return found.group(1)
+        return re.search(rf"\$\{{{name}:-(\d+)\}}", text).group(1)  # the suite's default
+
+    timeouts = {}
+    for call in CALLS:
+        out = _plan_dry_run(call)
+        timeouts[call] = int(re.match(r"timeout_s=(\d+)\n", out).group(1))
+        assert timeouts[call] <= 600
+        used = 0
+        if "gpu_suite.sh targets" in out:
+            skipped = setting(out, "TARGETS_SKIP").split()
+            budget = int(setting(out, "TARGETS_BUDGET"))
+            caps = {p: int(setting(out, v)) for p, v in PART_LIMITS.items() if p not in skipped}
+            if "decode" in caps:
+                caps["decode"] *= len(setting(out, "PROFILE_MODES").split()) if "PROFILE_MODES=" in out else 1
+            assert sum(caps.values()) <= budget, (call, caps, budget)
+            used += budget
+        if "gpu_suite.sh flashinfer" in out:
+            used += int(setting(out, "FI_SAMPLING_TIMEOUT")) + int(setting(out, "FI_KV_TIMEOUT"))
+        if "gpu_suite.sh tests" in out:
+            used += int(setting(out, "TESTS_TIMEOUT"))
+        assert 0 < used <= timeouts[call] - 20, (call, used, timeouts[call])
+    assert START_S + timeouts["1"] + timeouts["2"] <= LEASE_S
+    assert START_S + timeouts["3"] <= LEASE_S and START_S + timeouts["4"] <= LEASE_S
 
 
 def test_the_lease_plans_profiled_modes_are_decoding_modes():
