@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The owed GPU work (benchmarks/results_notes.md, "Owed on a GPU") as the calls of short leases: 15 minutes of
 # device time a lease, the machine's start (a minute or more) and the transfers included, 10 minutes a command.
-# Calls 1 and 2 are one lease (their timeouts and a two-minute start fit in 15 minutes: tests/test_gpu_suite.py
-# checks it); calls 3, 4 and 5 are the next lease's, in that order. Run from the repository root on the GPU machine:
+# Calls 1 and 2 are one lease, calls 3 and 4 the next, call 5 the one after (the timeouts of a lease's calls and a
+# two-minute start fit in 15 minutes, and every GPU test file of gpu_suite.sh runs in some call:
+# tests/test_gpu_suite.py checks both). Run from the repository root on the GPU machine:
 #
 #     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 1   # the GPU tests of every kernel and launch path changed
 #                                                              # offline since the last lease (item 0), the sampler's
@@ -15,10 +16,11 @@
 #     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 3   # the published code in the modes not yet compared
 #                                                              # (item 1), then FlashInfer beside the sampler and
 #                                                              # bench_kv --record (item 2); carry .published, .whl
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 4   # one prompt's decoding profiled in every mode but eft
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 4   # the rest of item 0: the kernels' and models' random
+#                                                              # configurations, the CUDA block copy (built here)
+#                                                              # and the sampler's reference and errors on CUDA
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 5   # one prompt's decoding profiled in every mode but eft
 #                                                              # (item 7: the time outside the forwards, per mode)
-#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 5   # the kernels' and models' random configurations
-#                                                              # (the rest of item 0)
 #
 # Each call's line "timeout_s=N" (printed first) is the device tool's timeout for it. The parts' own limits add up
 # to under the call's TARGETS_BUDGET, and a part cut by what is left of the budget records nothing. The sampler's
@@ -61,7 +63,8 @@ case "${1:-}" in
             T_PROFILE_TIMEOUT=60 \
             T_KERNEL_TESTS="tests/test_sampling_exactness.py tests/test_eager_sample.py tests/test_eager_draft.py
 tests/test_eager_attention.py tests/test_speculative_kernels.py tests/test_shared_prefix_attention.py
-tests/test_sampling_parity.py tests/test_planned_steps.py tests/test_speculative.py" \
+tests/test_sampling_parity.py tests/test_planned_steps.py tests/test_speculative.py tests/test_attention_kernels.py
+tests/test_paged_models.py tests/test_model_families.py" \
             -- bash benchmarks/gpu_suite.sh targets
         ;;
     2)
@@ -78,17 +81,18 @@ tests/test_sampling_parity.py tests/test_planned_steps.py tests/test_speculative
         exit "$first"
         ;;
     4)
+        timeout_s 200
+        run GPU_TESTS="tests/test_kernel_random_configs.py tests/test_model_random_configs.py tests/test_row_rope.py
+tests/test_cuda_kernels.py tests/test_cuda_build_dispatch.py tests/test_philox.py tests/test_sampling_errors.py
+tests/test_sampling_reference.py" TESTS_TIMEOUT=170 -- bash benchmarks/gpu_suite.sh tests
+        ;;
+    5)
         timeout_s 600
         run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but decode)" PROFILE_MODES="ivg cbs-explicit bon tokenrm base" \
             T_DECODE_PROFILE_TIMEOUT=110 -- bash benchmarks/gpu_suite.sh targets
         ;;
-    5)
-        timeout_s 200
-        run GPU_TESTS="tests/test_kernel_random_configs.py tests/test_model_random_configs.py tests/test_row_rope.py" \
-            TESTS_TIMEOUT=170 -- bash benchmarks/gpu_suite.sh tests
-        ;;
     *)
-        echo "usage: $0 1|2|3|4|5 (calls 1-2: one lease; 3-5: the next)" >&2
+        echo "usage: $0 1|2|3|4|5 (calls 1-2: one lease; 3-4: the next; 5: the one after)" >&2
         exit 2
         ;;
 esac

@@ -185,13 +185,34 @@ def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
         if "gpu_suite.sh tests" in out:
             used += int(setting(out, "TESTS_TIMEOUT"))
         assert 0 < used <= timeouts[call] - 20, (call, used, timeouts[call])
-    assert START_S + timeouts["1"] + timeouts["2"] <= LEASE_S
-    assert START_S + timeouts["3"] <= LEASE_S and START_S + timeouts["4"] <= LEASE_S
+    for lease in (("1", "2"), ("3", "4"), ("5",)):  # the calls of one lease
+        assert START_S + sum(timeouts[c] for c in lease) <= LEASE_S, lease
+
+
+def test_every_gpu_test_file_runs_in_some_call_of_the_lease_plan():
+    """A call that names its test files (T_KERNEL_TESTS for part smoke, GPU_TESTS for stage tests) replaces the
+    suite's lists: every file of those lists must still run in some call, or a kernel's GPU tests are dropped."""
+    text = SUITE.read_text()
+    suite_files = set(re.findall(r"tests/test_[a-z_]+\.py", text.split('GPU_TESTS="${GPU_TESTS:-')[1].split('}"')[0]))
+    smoke = text.split('timed "GPU tests"')[1].split("|| echo")[0]
+    smoke_always = set(re.findall(r"tests/test_[a-z_]+\.py", smoke.split("${T_KERNEL_TESTS:-")[0]))
+    run = set()
+    for call in CALLS:
+        out = _plan_dry_run(call)
+        named = re.search(r"^T_KERNEL_TESTS=(.*?)\n[A-Z_]+=|^T_KERNEL_TESTS=(.*?)\nbash", out, flags=re.M | re.S)
+        skipped = re.search(r"^TARGETS_SKIP=(.*)$", out, flags=re.M)
+        if "gpu_suite.sh targets" in out and not (skipped and "smoke" in skipped.group(1).split()):
+            run |= smoke_always | set(re.findall(r"tests/test_[a-z_]+\.py", (named.group(1) or named.group(2))
+                                                   if named else smoke))
+        if "gpu_suite.sh tests" in out:
+            gpu_tests = re.search(r"^GPU_TESTS=(.*?)\n[A-Z_]+=", out, flags=re.M | re.S)
+            run |= set(re.findall(r"tests/test_[a-z_]+\.py", gpu_tests.group(1))) if gpu_tests else suite_files
+    assert sorted(suite_files - run) == []
 
 
 def test_the_lease_plans_profiled_modes_are_decoding_modes():
-    """The fourth call profiles one prompt's decoding per mode: each name is one profile_decode.py accepts."""
+    """The fifth call profiles one prompt's decoding per mode: each name is one profile_decode.py accepts."""
     from ivg.demo.run import METHODS
 
-    modes = re.search(r"^PROFILE_MODES=(.*)$", _plan_dry_run("4"), flags=re.M).group(1).split()
+    modes = re.search(r"^PROFILE_MODES=(.*)$", _plan_dry_run("5"), flags=re.M).group(1).split()
     assert modes and set(modes) <= set(METHODS) and "eft" not in modes
