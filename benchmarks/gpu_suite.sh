@@ -11,7 +11,7 @@
 #             models, the model families; the kernels' random configurations run in `check`: the sampler's compiles
 #             about 40 variants, over 2 minutes on the H200), then, pass or fail, one measurement per open issue's headline target, each under the
 #             lesser of its own limit and what is left of the budget (a part cut by its limit records
-#             nothing, but its log in $OUT keeps the rows it printed): the sampler at N 1 and 256, V 151936
+#             nothing, but its log keeps the rows it printed): the sampler at N 1 and 256, V 151936
 #             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
 #             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), stage 1's
 #             warps on slices of 4,096, 8 against 4, and the filters' candidates per slice, 16 against 8
@@ -45,12 +45,20 @@
 #             benchmarks/fetch_published_wheels.sh, carried to the machine (not part of "all")
 # The test files that run only CPU code (decoder contracts, CLI, demo, block manager) are CI's job.
 #
-# Logs and a copy of results.csv/RESULTS.md go to $OUT (default: ./gpu_suite_out). The tree may travel
+# What comes back goes to $OUT (default: ./gpu_suite_out), in at most four files, since the device tool returns eight
+# at most: logs.tar.gz (every log; also unpacked in $LOGS, default /tmp/ivg_gpu_suite_logs), results.csv,
+# RESULTS.md and results.png. They are refreshed after each part and stage, so a command stopped at its time limit
+# still returns the logs and rows of the parts that ended. The tree may travel
 # without .git: set IVG_BENCH_COMMIT to the commit the rows should name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_suite_out}"
 mkdir -p "$OUT"
+LOGS="${SUITE_LOGS:-/tmp/ivg_gpu_suite_logs}"
+# A new device command starts with an empty $OUT: its logs start afresh; a second run of the suite in the same
+# command (lease_plan.sh's third call) adds to them.
+[ -f "$OUT/logs.tar.gz" ] || rm -rf "$LOGS"
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -61,6 +69,18 @@ if [ -z "${IVG_CACHE:-}" ] && ls -d .whl/ivg-demo/demo-* >/dev/null 2>&1; then
 fi
 
 note() { echo "== gpu_suite: $* ($(date -u +%H:%M:%S))"; }
+
+deliver() {  # the logs as one archive and the results, into $OUT (each replaced whole: never half-written)
+    local tmp="$OUT/.logs.$BASHPID.tmp"
+    tar -C "$LOGS" -czf "$tmp" . 2>/dev/null && mv -f "$tmp" "$OUT/logs.tar.gz"
+    rm -f "$tmp"
+    local f
+    for f in benchmarks/results.csv benchmarks/RESULTS.md benchmarks/results.png; do
+        [ -f "$f" ] && cp "$f" "$OUT/.${f##*/}.tmp" && mv -f "$OUT/.${f##*/}.tmp" "$OUT/${f##*/}"
+    done
+    return 0
+}
+trap deliver EXIT
 
 env_report() {
     note "environment"
@@ -78,7 +98,7 @@ GPU_TESTS="${GPU_TESTS:-tests/test_gpu.py tests/test_sampling_gpu.py tests/test_
 
 run_build() {
     note "build csrc/"
-    timeout "${BUILD_TIMEOUT:-180}" "$PY" -m ivg_kernels.build 2>&1 | tee "$OUT/build.log" | tail -15
+    timeout "${BUILD_TIMEOUT:-180}" "$PY" -m ivg_kernels.build 2>&1 | tee "$LOGS/build.log" | tail -15
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
 
@@ -87,7 +107,7 @@ run_tests() {
     # -v: each test's outcome is logged as it ends, so a run cut by its time limit still says which passed and failed
     # shellcheck disable=SC2086
     timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -v -n "${TEST_WORKERS:-12}" --dist loadfile -p no:cacheprovider --timeout 240 -rfEs $GPU_TESTS \
-        2>&1 | tee "$OUT/tests.log" | tail -40
+        2>&1 | tee "$LOGS/tests.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
 }
 
@@ -96,9 +116,9 @@ run_sanitize() {
     if [ -f tests/sanitize_cuda.py ] && command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
             timeout "${SANITIZE_TIMEOUT:-100}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-                "$PY" tests/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1
+                "$PY" tests/sanitize_cuda.py > "$LOGS/sanitize_$tool.log" 2>&1
             local rc=$?
-            tail -3 "$OUT/sanitize_$tool.log"
+            tail -3 "$LOGS/sanitize_$tool.log"
             echo "compute-sanitizer $tool exit $rc"
             [ "$rc" -eq 0 ] || STATUS=1
         done
@@ -133,51 +153,50 @@ run_flashinfer() {
     fi
     timeout "${FI_SAMPLING_TIMEOUT:-300}" "$PY" benchmarks/bench_sampling.py --n 1 16 256 --v 151936 \
         --rows flat peaked ranked --providers triton triton-graph flashinfer flashinfer-graph torch-composition empty-op \
-        --record 2>&1 | tee "$OUT/bench_flashinfer_sampling.log" | tail -40
+        --record 2>&1 | tee "$LOGS/bench_flashinfer_sampling.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    timeout "${FI_KV_TIMEOUT:-240}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/bench_flashinfer_kv.log" \
+    timeout "${FI_KV_TIMEOUT:-240}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$LOGS/bench_flashinfer_kv.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+    deliver
 }
 
 run_bench() {
     note "bench_sampling"
-    timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record ${SAMPLING_ARGS:-} 2>&1 | tee "$OUT/bench_sampling.log" | tail -40 || STATUS=1
+    timeout "${SAMPLING_TIMEOUT:-200}" "$PY" benchmarks/bench_sampling.py --record ${SAMPLING_ARGS:-} 2>&1 | tee "$LOGS/bench_sampling.log" | tail -40 || STATUS=1
     note "bench_kv"
-    timeout "${KV_TIMEOUT:-120}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$OUT/bench_kv.log" | tail -30 || STATUS=1
+    timeout "${KV_TIMEOUT:-120}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$LOGS/bench_kv.log" | tail -30 || STATUS=1
     note "bench_decode"
-    timeout "${DECODE_TIMEOUT:-300}" "$PY" benchmarks/bench_decode.py --record 2>&1 | tee "$OUT/bench_decode.log" \
+    timeout "${DECODE_TIMEOUT:-300}" "$PY" benchmarks/bench_decode.py --record 2>&1 | tee "$LOGS/bench_decode.log" \
         | tail -20 || STATUS=1
     note "bench_loop_host: the decode loop's host work per chunk boundary at 1,024 rows, on this machine's CPU"
     OMP_NUM_THREADS=1 timeout "${LOOP_HOST_TIMEOUT:-60}" "$PY" benchmarks/bench_loop_host.py --record 2>&1 \
-        | tee "$OUT/bench_loop_host.log" | tail -7 || STATUS=1
+        | tee "$LOGS/bench_loop_host.log" | tail -7 || STATUS=1
     note "bench_decode: beam groups with a 2,048-token prompt (per-beam against shared-prefix attention)"
     timeout "${LONG_TIMEOUT:-240}" "$PY" benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg \
-        --skip-naive --record 2>&1 | tee "$OUT/bench_decode_long.log" | tail -8 || STATUS=1
+        --skip-naive --record 2>&1 | tee "$LOGS/bench_decode_long.log" | tail -8 || STATUS=1
     local gpus
     gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
     if [ "$gpus" -gt 1 ]; then
         note "bench_distributed on $gpus GPUs"
         timeout "${DIST_TIMEOUT:-240}" "$PY" benchmarks/bench_distributed.py --device cuda --ranks "$gpus" --repeats 1 \
-            --record 2>&1 | tee "$OUT/bench_distributed.log" | tail -8 || STATUS=1
+            --record 2>&1 | tee "$LOGS/bench_distributed.log" | tail -8 || STATUS=1
     else
         echo "bench_distributed: one GPU here, the multi-GPU scaling check was not run"
     fi
     "$PY" benchmarks/plot_results.py || STATUS=1
-    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
-    [ -f benchmarks/results.png ] && cp benchmarks/results.png "$OUT"/
+    deliver
 }
 
 run_speculative() {
     note "bench_speculative: the demo's trained models"
     timeout "${SPEC_TIMEOUT:-150}" "$PY" benchmarks/bench_speculative.py --device cuda --prompts 16 --record 2>&1 \
-        | tee "$OUT/bench_speculative.log" | tail -10 || STATUS=1
+        | tee "$LOGS/bench_speculative.log" | tail -10 || STATUS=1
     note "bench_speculative: gpt2-xl-sized random weights"
     timeout "${SPEC_XL_TIMEOUT:-240}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
-        --prompts 8 --gammas 2 4 --adapt --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_speculative_xl.log" \
+        --prompts 8 --gammas 2 4 --adapt --work /tmp/pubwork --record 2>&1 | tee "$LOGS/bench_speculative_xl.log" \
         | tail -8 || STATUS=1
-    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+    deliver
 }
 
 run_published() {
@@ -199,10 +218,10 @@ run_published() {
         --python /tmp/pubpython --models "${PUBLISHED_MODELS:-gpt2-xl}" --device cuda \
         --modes ${PUBLISHED_MODES:-ivg eft tokenrm cbs bon plain} --prompts "${PUBLISHED_PROMPTS:-64}" \
         --published-prompts "${PUBLISHED_SIDE_PROMPTS:-8}" --greedy-prompts 4 \
-        --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$OUT/bench_published.log" \
+        --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$LOGS/bench_published.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+    deliver
 }
 
 # The targets stage shares one deadline (TARGETS_BUDGET seconds, default 530): each part gets the lesser of its
@@ -213,7 +232,7 @@ left_for() {
     echo "$cap"
 }
 
-timed() {  # timed NAME CAP LOG CMD...: run CMD under min(CAP, what is left), its output to $OUT/LOG
+timed() {  # timed NAME CAP LOG CMD...: run CMD under min(CAP, what is left), its output to $LOGS/LOG
     local name=$1 cap limit log=$3
     limit=$(left_for "$2")
     shift 3
@@ -222,8 +241,9 @@ timed() {  # timed NAME CAP LOG CMD...: run CMD under min(CAP, what is left), it
         STATUS=1
         return 1
     fi
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$log" | tail -30
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$log" | tail -30
     local rc=${PIPESTATUS[0]}
+    deliver
     [ "$rc" -eq 0 ] || { echo "targets: $name exit $rc (limit ${limit}s)"; STATUS=1; }
     return "$rc"
 }
@@ -242,10 +262,10 @@ run_targets() {
             tests/test_sampling_gpu.py tests/test_gpu.py ${T_KERNEL_TESTS:-tests/test_attention_kernels.py
             tests/test_shared_prefix_attention.py tests/test_speculative_kernels.py tests/test_sampling_parity.py
             tests/test_paged_models.py tests/test_model_families.py} \
-            || echo "targets: GPU tests failed (log in $OUT/targets_smoke.log); measuring anyway (rows not to be quoted)"
+            || echo "targets: GPU tests failed (log targets_smoke.log); measuring anyway (rows not to be quoted)"
         # whole-step graphs (ivg.step_graphs, ivg.round_graphs) first captured on a GPU here: if their tests
         # failed, the decoder benchmarks below measure the per-model steps the earlier runs measured
-        if grep -qE "FAILED .*test_gpu.py::test_(whole_steps|speculative_verifications)" "$OUT/targets_smoke.log"; then
+        if grep -qE "FAILED .*test_gpu.py::test_(whole_steps|speculative_verifications)" "$LOGS/targets_smoke.log"; then
             export IVG_STEP_GRAPHS=0
             echo "targets: whole-step graph tests failed: IVG_STEP_GRAPHS=0 for the decoder benchmarks"
         fi
@@ -317,10 +337,10 @@ run_targets() {
                 --mode "$mode"
         done
     fi
-    cp benchmarks/results.csv benchmarks/RESULTS.md "$OUT"/ 2>/dev/null
+    deliver
 }
 
-env_report 2>&1 | tee "$OUT/env.log"
+env_report 2>&1 | tee "$LOGS/env.log"
 [ $# -eq 0 ] && set -- all
 for STAGE in "$@"; do
     case "$STAGE" in
@@ -336,6 +356,7 @@ for STAGE in "$@"; do
         all) run_build; run_tests; run_sanitize; run_bench ;;
         *) echo "usage: $0 [targets|build|tests|sanitize|check|bench|speculative|published|flashinfer|all]..." >&2; exit 2 ;;
     esac
+    deliver
 done
 note "done, status $STATUS"
 exit $STATUS

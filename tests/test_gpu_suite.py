@@ -45,6 +45,43 @@ def test_an_unknown_stage_prints_the_usage_and_fails(tmp_path):
     assert "usage:" in res.stderr and "targets" in res.stderr
 
 
+def _suite(out, logs, stub, *stages, **env):
+    return subprocess.run(["bash", str(SUITE), *stages], capture_output=True, text=True, timeout=120,
+                          env={"OUT": str(out), "SUITE_LOGS": str(logs), "PATH": "/usr/bin:/bin", "PYTHON": str(stub),
+                               **env})
+
+
+def test_the_suite_returns_its_logs_as_one_archive_beside_the_results(tmp_path):
+    """The device tool returns at most eight files from $OUT: the suite leaves four there (the logs as one archive,
+    the results), a second run in the same command adds its logs to the archive, and a new command's (an empty
+    $OUT) starts afresh."""
+    import tarfile
+
+    stub = tmp_path / "py"
+    stub.write_text('#!/bin/sh\necho "stub $*"\n')
+    stub.chmod(0o755)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    skip = "smoke tune kv beamgroup profile published spec-demo speculative decode"
+    res = _suite(out, logs, stub, "targets", TARGETS_SKIP=skip)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def archived():
+        with tarfile.open(out / "logs.tar.gz") as tar:
+            return {m.name.removeprefix("./"): tar.extractfile(m).read().decode() for m in tar if m.isfile()}
+
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "logs.tar.gz", "results.csv", "results.png"]
+    first = archived()
+    assert {"env.log", "targets_sampling.log", "targets_diagnose_top_p.log"} <= set(first)
+    assert "stub benchmarks/bench_sampling.py" in first["targets_sampling.log"]
+    res = _suite(out, logs, stub, "tests", GPU_TESTS="tests/test_philox.py")  # the same command: $OUT kept
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert {"targets_sampling.log", "tests.log"} <= set(archived())
+    assert len(list(out.iterdir())) == 4
+    (out / "logs.tar.gz").unlink()  # a new command's $OUT is empty
+    res = _suite(out, logs, stub, "tests", GPU_TESTS="tests/test_philox.py")
+    assert "targets_sampling.log" not in archived() and "tests.log" in archived()
+
+
 def _benchmark_commands(text: str) -> list[list[str]]:
     """Every ``"$PY" benchmarks/NAME.py ARGS`` command line of the suite, its continuation lines joined,
     ``${VAR:-default}`` read as the default and the suite's own variables as what they hold on a GPU."""
