@@ -21,9 +21,10 @@
 #             eft (when .published/ came along: this decoder on the issue's 64 prompts, the published code,
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
 #             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
-#             first) and on gpt2-xl-sized weights, one prompt's decoding profiled
+#             first) and on gpt2-xl-sized weights, IVG with a 2,048-token prompt per-beam against shared-prefix
+#             attention (bench_decode.py --prompt-len 2048), one prompt's decoding profiled
 #             (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names parts to leave
-#             out (smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative decode)
+#             out (smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative long decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -326,6 +327,11 @@ run_targets() {
         timed "speculative" "${T_SPEC_TIMEOUT:-90}" targets_speculative.log \
             "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
             --modes eft ivg --prompts 4 --gammas 4 --work /tmp/pubwork --record
+    fi
+    if wanted long; then
+        note "targets: IVG with a 2,048-token prompt, per-beam against shared-prefix attention, end to end (issue 13)"
+        timed "beam groups end to end" "${T_LONG_TIMEOUT:-150}" targets_decode_long.log \
+            "$PY" benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg --skip-naive --record
     fi
     if wanted decode; then
         # PROFILE_MODES: the decoding modes profiled one after another (issue 12's time outside the forwards, per mode)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The owed GPU work (benchmarks/results_notes.md, "Owed on a GPU") as the calls of short leases: 15 minutes of
 # device time a lease, the machine's start (a minute or more) and the transfers included, 10 minutes a command.
-# Calls 1 and 2 are one lease, calls 3 and 4 the next, call 5 the one after (the timeouts of a lease's calls and a
+# Calls 1 and 2 are one lease, calls 3 and 4 the next, calls 5 and 6 the one after (the timeouts of a lease's calls and a
 # two-minute start fit in 15 minutes, and every GPU test file of gpu_suite.sh runs in some call:
 # tests/test_gpu_suite.py checks both). Run from the repository root on the GPU machine:
 #
@@ -21,6 +21,9 @@
 #                                                              # and the sampler's reference and errors on CUDA
 #     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 5   # one prompt's decoding profiled in every mode but eft
 #                                                              # (item 7: the time outside the forwards, per mode)
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 6   # IVG with a 2,048-token prompt, per-beam against
+#                                                              # shared-prefix attention, end to end (item 2, issue
+#                                                              # 13's 2x)
 #
 # Each call's line "timeout_s=N" (printed first) is the device tool's timeout for it. The parts' own limits add up
 # to under the call's TARGETS_BUDGET, and a part cut by what is left of the budget records nothing. The sampler's
@@ -30,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # Every part of `gpu_suite.sh targets` (its header lists them): each call skips the ones it does not run.
-PARTS="smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative decode"
+PARTS="smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative long decode"
 
 skip_all_but() {  # skip_all_but PART...: the TARGETS_SKIP that leaves only these parts
     local out="" p
@@ -91,8 +94,13 @@ tests/test_sampling_reference.py" TESTS_TIMEOUT=170 -- bash benchmarks/gpu_suite
         run TARGETS_BUDGET=560 TARGETS_SKIP="$(skip_all_but decode)" PROFILE_MODES="ivg cbs-explicit bon tokenrm base" \
             T_DECODE_PROFILE_TIMEOUT=110 -- bash benchmarks/gpu_suite.sh targets
         ;;
+    6)
+        timeout_s 170
+        run TARGETS_BUDGET=150 TARGETS_SKIP="$(skip_all_but long)" T_LONG_TIMEOUT=145 \
+            -- bash benchmarks/gpu_suite.sh targets
+        ;;
     *)
-        echo "usage: $0 1|2|3|4|5 (calls 1-2: one lease; 3-4: the next; 5: the one after)" >&2
+        echo "usage: $0 1|2|3|4|5|6 (calls 1-2: one lease; 3-4: the next; 5-6: the one after)" >&2
         exit 2
         ;;
 esac

@@ -61,7 +61,7 @@ def test_the_suite_returns_its_logs_as_one_archive_beside_the_results(tmp_path):
     stub.write_text('#!/bin/sh\necho "stub $*"\n')
     stub.chmod(0o755)
     out, logs = tmp_path / "out", tmp_path / "logs"
-    skip = "smoke tune kv beamgroup profile published spec-demo speculative decode"
+    skip = "smoke tune kv beamgroup profile published spec-demo speculative long decode"
     res = _suite(out, logs, stub, "targets", TARGETS_SKIP=skip)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -152,7 +152,7 @@ def _plan_dry_run(call: str) -> str:
     return res.stdout
 
 
-CALLS = ("1", "2", "3", "4", "5")
+CALLS = ("1", "2", "3", "4", "5", "6")
 
 
 def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
@@ -178,14 +178,14 @@ def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
     # the third call's flashinfer stage runs with --record
     assert ran == set(suite_parts) - {"speculative", "kv"}
     assert "gpu_suite.sh flashinfer" in _plan_dry_run("3")
-    assert subprocess.run(["bash", str(PLAN), "6"], capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(PLAN), "7"], capture_output=True).returncode == 2
 
 
 # each part of `gpu_suite.sh targets` -> the variable that caps it (its default is read from the suite)
 PART_LIMITS = {"smoke": "SMOKE_TIMEOUT", "sampler": "T_SAMPLING_TIMEOUT", "diagnose": "T_DIAG_TIMEOUT",
                "tune": "T_TUNE_TIMEOUT", "kv": "T_KV_TIMEOUT", "beamgroup": "T_BEAM_TIMEOUT",
                "profile": "T_PROFILE_TIMEOUT", "published": "T_PUBLISHED_TIMEOUT",
-               "spec-demo": "T_SPEC_DEMO_TIMEOUT", "speculative": "T_SPEC_TIMEOUT",
+               "spec-demo": "T_SPEC_DEMO_TIMEOUT", "speculative": "T_SPEC_TIMEOUT", "long": "T_LONG_TIMEOUT",
                "decode": "T_DECODE_PROFILE_TIMEOUT"}
 LEASE_S, START_S = 900, 120  # device time a lease; what a machine's start and the transfers may take
 
@@ -222,7 +222,7 @@ def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
         if "gpu_suite.sh tests" in out:
             used += int(setting(out, "TESTS_TIMEOUT"))
         assert 0 < used <= timeouts[call] - 20, (call, used, timeouts[call])
-    for lease in (("1", "2"), ("3", "4"), ("5",)):  # the calls of one lease
+    for lease in (("1", "2"), ("3", "4"), ("5", "6")):  # the calls of one lease
         assert START_S + sum(timeouts[c] for c in lease) <= LEASE_S, lease
 
 
