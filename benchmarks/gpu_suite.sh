@@ -12,7 +12,7 @@
 #             about 40 variants, over 2 minutes on the H200), then, pass or fail, one measurement per open issue's headline target, each under the
 #             lesser of its own limit and what is left of the budget (a part cut by its limit records
 #             nothing, but its log keeps the rows it printed): the sampler at N 1 and 256, V 151936
-#             (no filter, top-k 50, top-p 0.9, min-p 0.05; eager and graph; FlashInfer beside it when
+#             (no filter, top-k 50, top-p 0.9 and 0.95, min-p 0.05; eager and graph; FlashInfer beside it when
 #             .whl/flashinfer/ came along), which rows cost top-p its time at N=256 (diagnose_top_p.py), stage 1's
 #             warps on slices of 4,096, 8 against 4, and the filters' candidates per slice, 16 against 8
 #             (tune_stage1.py), bench_kv (eager N=1 against SDPA, bandwidth, the beam-group rows), the beam-group
@@ -278,7 +278,7 @@ run_targets() {
         # shellcheck disable=SC2086
         timed "sampler" "${T_SAMPLING_TIMEOUT:-150}" targets_sampling.log \
             "$PY" benchmarks/bench_sampling.py --n 1 256 --v 151936 --rows peaked ranked \
-            --configs imdb alpaca top-p-0.9 min-p-0.05 \
+            --configs imdb alpaca top-p-0.9 top-p-0.95 min-p-0.05 \
             --providers triton triton-graph torch-composition empty-op $fi_providers --record
     fi
     if wanted diagnose; then

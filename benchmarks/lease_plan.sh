@@ -62,7 +62,7 @@ case "${1:-}" in
     1)
         timeout_s 560
         run TARGETS_BUDGET=525 TARGETS_SKIP="$(skip_all_but smoke sampler diagnose tune beamgroup profile)" \
-            SMOKE_TIMEOUT=150 T_SAMPLING_TIMEOUT=130 T_DIAG_TIMEOUT=40 T_TUNE_TIMEOUT=80 T_BEAM_TIMEOUT=50 \
+            SMOKE_TIMEOUT=150 T_SAMPLING_TIMEOUT=145 T_DIAG_TIMEOUT=40 T_TUNE_TIMEOUT=80 T_BEAM_TIMEOUT=50 \
             T_PROFILE_TIMEOUT=60 \
             T_KERNEL_TESTS="tests/test_sampling_exactness.py tests/test_eager_sample.py tests/test_eager_draft.py
 tests/test_eager_attention.py tests/test_speculative_kernels.py tests/test_shared_prefix_attention.py
