@@ -192,8 +192,8 @@ LEASE_S, START_S = 900, 120  # device time a lease; what a machine's start and t
 
 def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
     """Each call's parts, at their limits, fit its TARGETS_BUDGET, the budget and the other stages fit the call's
-    timeout, and calls 1 and 2 (one lease) fit 15 minutes with a two-minute start: a plan that overruns loses its
-    last part's rows, or the second call."""
+    timeout, and the calls of each lease (1-2, 3-4, 5-6) fit 15 minutes with a two-minute start: a plan that
+    overruns loses its last part's rows, or the lease's second call."""
     text = SUITE.read_text()
     assert sorted(PART_LIMITS) == sorted(re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1]))
 
