@@ -6,7 +6,7 @@ import torch
 from benchmarks import bench_sampling as bs
 
 
-@pytest.mark.parametrize("cfg_name", ["imdb", "alpaca", "top-p-0.9", "min-p-0.05"])
+@pytest.mark.parametrize("cfg_name", ["imdb", "alpaca", "top-p-0.9", "top-p-0.95", "min-p-0.05"])
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ranked"])
 def test_the_triton_sampler_draws_the_reference_tokens_on_the_benchmark_rows(cfg_name, kind):
     n, v = 3, 700
