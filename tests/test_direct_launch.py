@@ -309,6 +309,72 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
         assert f"{name} kernels: 1 same: True checks: 1" in out, out
 
 
+def test_remembered_sampler_calls_can_pass_their_pointers_as_ints(tmp_path):
+    """With ``sampling_kernels.POINTERS_AS_INTS`` a remembered ``guided_sample`` call that launches straight to the
+    compiled kernels passes each tensor's address where it passed the tensor (Triton's launchers take an int as the
+    pointer itself, and skip the driver's pointer query): its launches are Triton's own for the same call with every
+    tensor read as its address, and the outputs it returns are the tensors whose addresses the kernels got. The call
+    that binds the kernels still passes tensors (Triton's binder specialises on them)."""
+    out = _run("""
+        import os
+        import ivg_kernels
+        from ivg_kernels._triton import sampling_kernels as sk
+
+        v = 4096
+        x = [torch.zeros(4, v, dtype=torch.bfloat16) for _ in range(3)]
+        temps = torch.full((4,), 0.7)
+        KNOWN.update(t.data_ptr() for t in [*x, temps])
+
+        def as_addresses(triton, ints, role):  # Triton's launch args against the int path's, position by position
+            if isinstance(triton, torch.Tensor):  # the caller's tensor's address, or the same output's of the call
+                if type(ints) is not int or ints % 16:
+                    return False
+                at = triton.data_ptr()
+                return ints == (at if at in KNOWN else role.get(at, ints))  # (the scratch: any aligned address)
+            if isinstance(triton, (tuple, list)):
+                return (isinstance(ints, (tuple, list)) and len(ints) == len(triton)
+                        and all(as_addresses(a, b, role) for a, b in zip(triton, ints)))
+            return not isinstance(ints, torch.Tensor) and ints == triton
+
+        def outputs(r):
+            return (r.tokens, r.logprob, r.logsumexp, r.input_logprobs, r.input_logits, r.ok)
+
+        def tensors(launches):
+            return sum(isinstance(a, torch.Tensor) for _, _, args in launches for a in args)
+
+        sk.POINTERS_AS_INTS = True
+        for name, kw in (("plain", dict(temperature=0.7)), ("filters", dict(temperature=0.7, top_k=50, top_p=0.9)),
+                         ("tensor", dict(temperature=temps, min_p=0.1))):
+            call = lambda: ivg_kernels.guided_sample(x[0], [(x[1], 1.0), (x[2], -1.0)], seed=3, offset=5,
+                                                     backend="triton", **kw)
+            launches = []
+            with co.offline_target(90, launches):
+                os.environ["TRITON_INTERPRET"] = "1"  # (the public function's CPU tensors on the Triton path)
+                call()
+                binding = tensors(launches)
+                del launches[:]
+                result = call()
+                ints = list(launches)
+                via_triton = []
+                sk.direct = co.via_triton
+                try:
+                    launches[:] = []
+                    theirs = call()
+                    via_triton = list(launches)
+                finally:
+                    sk.direct = launch.direct
+                del os.environ["TRITON_INTERPRET"]
+            # each output of Triton's call -> the same output's address in the int path's call
+            role = {a.data_ptr(): b.data_ptr() for a, b in zip(outputs(theirs), outputs(result))}
+            same = (len(ints) == len(via_triton) == 2 and tensors(ints) == 0
+                    and all(a[:2] == b[:2] and as_addresses(b[2], a[2], role) for a, b in zip(ints, via_triton)))
+            print(name, "binding passes tensors:", binding > 0, "same:", same)
+        sk.POINTERS_AS_INTS = False
+    """, tmp_path)
+    for name in ("plain", "filters", "tensor"):
+        assert f"{name} binding passes tensors: True same: True" in out, out
+
+
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):
     """``ivg_kernels.paged_decode_attention``, ``write_kv``, ``shared_prefix_decode_attention`` and
     ``paged_prefill_attention`` called again with arguments of the same kind skip the checks and launch the kept

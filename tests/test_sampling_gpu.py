@@ -114,6 +114,44 @@ def test_triton_sampler_frequencies_follow_the_softmax():
     assert ((freq - p).abs() <= 5 * sd + 1e-9).all(), (freq.tolist(), p.tolist())
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(top_k=50, top_p=0.9), dict(min_p=0.05)], ids=["plain", "filters", "min-p"])
+def test_remembered_calls_with_pointers_as_ints_draw_the_reference_tokens(cfg, monkeypatch):
+    """``sampling_kernels.POINTERS_AS_INTS``: remembered calls launch with their tensors' addresses (as Triton's
+    launchers take them, without the driver's pointer query), and draw the reference's tokens and values, for
+    scalar and tensor temperatures, on a second stream too; memory stays flat over 200 calls."""
+    from ivg_kernels._triton import sampling_kernels as sk
+
+    monkeypatch.setattr(sk, "POINTERS_AS_INTS", True)
+    base, tune, ref = _rows(8, 32000, torch.bfloat16, 17)
+    seed = torch.arange(8, device="cuda")
+    for temperature in (0.7, torch.full((8,), 0.7, device="cuda")):
+        a = prepare_sample_args(base, [(tune, 1.0), (ref, -1.0)], temperature, cfg.get("top_k", 0),
+                                cfg.get("top_p", 1.0), cfg.get("min_p", 0.0), seed, 4, None)
+        want = _guided_sample_ref(a)
+
+        def call():
+            return ivg_kernels.guided_sample(base, [(tune, 1.0), (ref, -1.0)], temperature=temperature, seed=seed,
+                                             offset=4, backend="triton", **cfg)
+
+        call()  # binds the kernels (tensors through Triton's binder); the calls below pass ints
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(200):
+            got = call()
+        torch.cuda.synchronize()
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.ok, want.ok)
+        for name in ("logprob", "logsumexp", "input_logprobs", "input_logits"):
+            assert_close(getattr(got, name), getattr(want, name), torch.float32, name, scale=10.0)
+        del got
+        assert torch.cuda.memory_allocated() == before
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = call()
+        torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(got.tokens, want.tokens)
+
+
 def test_eager_calls_leave_device_memory_flat():
     """1,000 eager calls (direct launches after the first) allocate nothing that outlives them, and the
     direct path draws what the first call, through Triton's own launch, drew."""

@@ -104,18 +104,31 @@ class KeyedKernels:
         """Whether the module settings this launch was planned with still hold (subclasses whose plan reads some)."""
         return True
 
-    def launch(self, via, launches) -> None:
+    def ready(self, via):
+        """``(device, bound kernels)`` when a call now goes straight to the compiled kernels' launchers (its kernels
+        bound on the current device by an earlier call through ``direct``, and ``CHECK_KEYS`` off), else None. Only
+        such a call may pass its pointer arguments as ints (Triton's binder, which the other calls go through,
+        specialises on the tensors)."""
+        if not self.compiled or via is not direct or CHECK_KEYS:
+            return None
+        device = current_device()
+        bound = self.bound.get(device)
+        return None if bound is None else (device, bound)
+
+    def launch(self, via, launches, ready=None) -> None:
         """Launch ``launches``, one ``(grid, args)`` per kernel in ``fns``' order. ``via``: the caller module's
         ``direct`` at call time (a test or benchmark may swap it for Triton's own path; then, and with
-        ``CHECK_KEYS``, every call goes through it)."""
-        compiled = self.compiled
-        device = current_device() if compiled else None
-        bound = self.bound.get(device)
-        if bound is not None and via is direct and not CHECK_KEYS:
+        ``CHECK_KEYS``, every call goes through it). ``ready``: what :meth:`ready` returned for this call, where the
+        caller asked (None: asked here)."""
+        ready = ready or self.ready(via)
+        if ready is not None:
+            device, bound = ready
             stream = driver.active.get_current_stream(device)  # (once for the launches: they share it)
             for (kernel, tail), (grid, args) in zip(bound, launches):
                 DirectLaunch._launch(kernel, grid, device, args + tail, stream)
             return
+        compiled = self.compiled
+        device = current_device() if compiled else None
         for fn, consts, (grid, args) in zip(self.fns, self.consts, launches):
             via(fn).key(self.key)[grid](*args, **consts)
         if compiled and via is direct:

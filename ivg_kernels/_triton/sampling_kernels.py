@@ -811,6 +811,13 @@ def slice_width(block: int, v: int) -> int:
     return min(max(block, min(GRANULE, next_power_of_2(v)), 16), MAX_BLOCK)
 
 
+# Whether a remembered eager call that launches straight to the compiled kernels passes its 23 pointers as ints.
+# Triton's launchers (3.6's generated one and 3.9's) call a tensor's data_ptr() and then the driver's
+# cuPointerGetAttribute for every tensor argument of every launch, and take an int as the pointer itself, so ints
+# skip 23 driver queries a call, for 17 data_ptr() calls in Python (about 2 us a call on the 2-core CPU with the
+# launches stubbed). Which costs less on a GPU's host is owed to a GPU (`benchmarks/profile_eager.py` times the
+# public call both ways); off until then. The tokens are the same.
+POINTERS_AS_INTS = False
 POOL_PER_ROW = 1 << 14  # the fallback pool holds this many entries per row, shared by the rows, at most POOL_MAX
 # 8 MiB: a wide nucleus's range on the benchmark's peaked rows (V = 151,936) is about 50,000 tokens even above
 # the mass bound (_nucleus_floor), and up to 8 of 256 such rows fall back (candidate_coverage.py); 2**18 held 5
@@ -895,16 +902,25 @@ class SampleLaunch(KeyedKernels):
         ok = torch.empty(n, dtype=torch.bool, device=dev)
         if n == 0:
             return tokens, logprob, lse, in_logprobs, in_logits, ok
+        outs = (tokens, logprob, lse, in_logprobs, in_logits, ok)
+        ready = self.ready(direct) if POINTERS_AS_INTS else None
+        if ready is not None:  # (the same launches, each tensor by its address)
+            ptr = _DATA_PTR
+            inputs, outs = tuple(map(ptr, inputs)), tuple(map(ptr, outs))
+            w_ptr, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr, ws_arg = map(
+                ptr, (w_ptr, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr, ws))
+        else:
+            ws_arg = ws
         strides, w_stride = self.strides, self.w_stride
-        args1 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, ws, *self.rest1)
+        args1 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, ws_arg, *self.rest1)
         args2 = (inputs, strides, w_vals, w_ptr, w_stride, t_ptr, t_val, k_ptr, k_val, p_ptr, p_val, m_ptr, m_val,
-                 sd_ptr, sd_val, of_ptr, of_val, ws, *self.rest2, tokens, logprob, lse, in_logprobs, in_logits, ok,
-                 *self.rest1[-3:])
-        self.launch(direct, ((self.grid1, args1), (self.grid2, args2)))
+                 sd_ptr, sd_val, of_ptr, of_val, ws_arg, *self.rest2, *outs, *self.rest1[-3:])
+        self.launch(direct, ((self.grid1, args1), (self.grid2, args2)), ready)
         return tokens, logprob, lse, in_logprobs, in_logits, ok
 
 
 _LAUNCHES = Plans()  # launch key -> SampleLaunch
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _settings() -> tuple:
