@@ -4,8 +4,8 @@
 
 For the sampler (3 bf16 inputs, N=1, V=151936, T=0.7) and the paged decode attention (N=1, L=1024, GQA
 32/8, D=128, bf16, block 16), each called through the public function, through its launcher (no argument
-checks) and, for the attention, as a CUDA-graph replay (the sampler's public call also with its remembered
-launches' pointers passed as ints, ``sampling_kernels.POINTERS_AS_INTS``); then the public shared-prefix decode (16 beams), prefill
+checks) and, for the attention, as a CUDA-graph replay (both public calls also with their remembered launches'
+pointers passed as ints, ``launch.POINTERS_AS_INTS``); then the public shared-prefix decode (16 beams), prefill
 (64 new tokens), KV write and draft draw (16 rows), which remember their eager calls too:
 * host microseconds per call: 500 calls back to back, timed on the host before one synchronisation (the
   kernels are far shorter, so the host's time is what is measured);
@@ -83,15 +83,15 @@ def cases(device):
     seed, offset = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
     yield ("sampler N=1 V=151936 public", lambda: ivg_kernels.guided_sample(
         x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7, seed=seed, offset=offset, backend="triton"))
-    # the same public call with the remembered launches' pointers passed as ints (sampling_kernels.POINTERS_AS_INTS:
+    # the same public call with the remembered launches' pointers passed as ints (launch.POINTERS_AS_INTS:
     # Triton's launchers then skip the driver's pointer query, 23 a call); each case is used up before the next
-    from ivg_kernels._triton import sampling_kernels
-    sampling_kernels.POINTERS_AS_INTS = True
+    from ivg_kernels._triton import launch
+    launch.POINTERS_AS_INTS = True
     try:
         yield ("sampler N=1 V=151936 public, int ptrs", lambda: ivg_kernels.guided_sample(
             x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7, seed=seed, offset=offset, backend="triton"))
     finally:
-        sampling_kernels.POINTERS_AS_INTS = False
+        launch.POINTERS_AS_INTS = False
     yield ("sampler N=1 V=151936 launcher", lambda: launch_guided_sample(
         x[0], x[1:], [1.0, -1.0], None, None, 0.7, None, 0, None, 1.0, None, 0.0, seed, 0, offset, 0, v, False, 0))
     h, h_kv, d, bs, length = 32, 8, 128, 16, 1024
@@ -105,6 +105,12 @@ def cases(device):
     q = torch.randn(1, h, d, dtype=torch.bfloat16, device=device)
     yield ("decode attention N=1 L=1024 public", lambda: ivg_kernels.paged_decode_attention(
         q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton"))
+    launch.POINTERS_AS_INTS = True  # (as the sampler's above)
+    try:
+        yield ("decode attention N=1 L=1024 public, int ptrs", lambda: ivg_kernels.paged_decode_attention(
+            q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton"))
+    finally:
+        launch.POINTERS_AS_INTS = False
     yield ("decode attention N=1 L=1024 launcher", lambda: launch_paged_decode_attention(
         q, kc, vc, bt, sl, d ** -0.5, 0, 0))
     # the other eager ops that remember their calls: 16 beams over one shared 1,024-token prefix, an extend of 64
@@ -146,9 +152,9 @@ def main(argv=None) -> int:
             print(f"    sync: {line}")
         if name.endswith("public"):
             print(profile(fn, args.top))
-    print("case                                      host us  syncs/3 calls")
+    print(f"{'case':46s} {'host us':>8s}  syncs/3 calls")
     for name, us, n in rows:
-        print(f"{name:40s} {us:8.1f}  {n}")
+        print(f"{name:46s} {us:8.1f}  {n}")
     return 0
 
 

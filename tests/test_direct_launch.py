@@ -309,70 +309,91 @@ def test_memoised_public_calls_launch_as_triton_would(tmp_path):
         assert f"{name} kernels: 1 same: True checks: 1" in out, out
 
 
-def test_remembered_sampler_calls_can_pass_their_pointers_as_ints(tmp_path):
-    """With ``sampling_kernels.POINTERS_AS_INTS`` a remembered ``guided_sample`` call that launches straight to the
-    compiled kernels passes each tensor's address where it passed the tensor (Triton's launchers take an int as the
-    pointer itself, and skip the driver's pointer query): its launches are Triton's own for the same call with every
-    tensor read as its address, and the outputs it returns are the tensors whose addresses the kernels got. The call
-    that binds the kernels still passes tensors (Triton's binder specialises on them)."""
-    out = _run("""
-        import os
+BY_ADDRESS = """
+import os
+
+def by_address(call, outputs):
+    '''With launch.POINTERS_AS_INTS: call() once (binding its kernels), again (launching by address), then through
+    Triton's own kernel[grid]; whether the binding call passed tensors and the second's launches are Triton's
+    with each tensor read as its address: a caller's tensor's own, an output's that of the same output of that
+    call (outputs(result) lists them), the scratch's at one offset from Triton's call's scratch for all.'''
+    from ivg_kernels._triton import sampling_kernels as sk, attention_kernels as ak
+    launches = []
+    launch.POINTERS_AS_INTS = True
+    try:
+        with co.offline_target(90, launches):
+            os.environ["TRITON_INTERPRET"] = "1"  # (CPU tensors on the Triton path; the kernels stay compiled)
+            call()
+            binding = sum(isinstance(a, torch.Tensor) for _, _, args in launches for a in args)
+            del launches[:]
+            ours = outputs(call())
+            ints = list(launches)
+            sk.direct = ak.direct = co.via_triton
+            try:
+                del launches[:]
+                theirs = outputs(call())
+                via_triton = list(launches)
+            finally:
+                sk.direct = ak.direct = launch.direct
+                del os.environ["TRITON_INTERPRET"]
+    finally:
+        launch.POINTERS_AS_INTS = False
+    role = {a.data_ptr(): b.data_ptr() for a, b in zip(theirs, ours)}
+    scratch = set()
+
+    def same(triton, mine):
+        if isinstance(triton, torch.Tensor):
+            if type(mine) is not int or mine % 16:
+                return False
+            at = triton.data_ptr()
+            if at in KNOWN:
+                return mine == at
+            if at in role:
+                return mine == role[at]
+            scratch.add(mine - at)
+            return True
+        if isinstance(triton, (tuple, list)):
+            return (isinstance(mine, (tuple, list)) and len(mine) == len(triton)
+                    and all(same(a, b) for a, b in zip(triton, mine)))
+        return not isinstance(mine, torch.Tensor) and mine == triton
+
+    ok = (len(ints) == len(via_triton) > 0
+          and all(a[:2] == b[:2] and same(b[2], a[2]) for a, b in zip(ints, via_triton)) and len(scratch) <= 1)
+    return binding > 0, ok
+"""
+
+
+def test_remembered_calls_can_pass_their_pointers_as_ints(tmp_path):
+    """With ``launch.POINTERS_AS_INTS`` a remembered ``guided_sample`` or ``paged_decode_attention`` call that
+    launches straight to the compiled kernels passes each tensor's address where it passed the tensor (Triton's
+    launchers take an int as the pointer itself, and skip the driver's pointer query): its launches are Triton's
+    own for the same call with every tensor read as its address, each output at its place and the scratch (the
+    decode's partial buffers at their offsets) at one. The call that binds the kernels still passes tensors
+    (Triton's binder specialises on them)."""
+    out = _run(BY_ADDRESS + textwrap.dedent("""
         import ivg_kernels
-        from ivg_kernels._triton import sampling_kernels as sk
 
         v = 4096
         x = [torch.zeros(4, v, dtype=torch.bfloat16) for _ in range(3)]
         temps = torch.full((4,), 0.7)
         KNOWN.update(t.data_ptr() for t in [*x, temps])
-
-        def as_addresses(triton, ints, role):  # Triton's launch args against the int path's, position by position
-            if isinstance(triton, torch.Tensor):  # the caller's tensor's address, or the same output's of the call
-                if type(ints) is not int or ints % 16:
-                    return False
-                at = triton.data_ptr()
-                return ints == (at if at in KNOWN else role.get(at, ints))  # (the scratch: any aligned address)
-            if isinstance(triton, (tuple, list)):
-                return (isinstance(ints, (tuple, list)) and len(ints) == len(triton)
-                        and all(as_addresses(a, b, role) for a, b in zip(triton, ints)))
-            return not isinstance(ints, torch.Tensor) and ints == triton
-
-        def outputs(r):
-            return (r.tokens, r.logprob, r.logsumexp, r.input_logprobs, r.input_logits, r.ok)
-
-        def tensors(launches):
-            return sum(isinstance(a, torch.Tensor) for _, _, args in launches for a in args)
-
-        sk.POINTERS_AS_INTS = True
+        sample_outputs = lambda r: (r.tokens, r.logprob, r.logsumexp, r.input_logprobs, r.input_logits, r.ok)
         for name, kw in (("plain", dict(temperature=0.7)), ("filters", dict(temperature=0.7, top_k=50, top_p=0.9)),
                          ("tensor", dict(temperature=temps, min_p=0.1))):
-            call = lambda: ivg_kernels.guided_sample(x[0], [(x[1], 1.0), (x[2], -1.0)], seed=3, offset=5,
-                                                     backend="triton", **kw)
-            launches = []
-            with co.offline_target(90, launches):
-                os.environ["TRITON_INTERPRET"] = "1"  # (the public function's CPU tensors on the Triton path)
-                call()
-                binding = tensors(launches)
-                del launches[:]
-                result = call()
-                ints = list(launches)
-                via_triton = []
-                sk.direct = co.via_triton
-                try:
-                    launches[:] = []
-                    theirs = call()
-                    via_triton = list(launches)
-                finally:
-                    sk.direct = launch.direct
-                del os.environ["TRITON_INTERPRET"]
-            # each output of Triton's call -> the same output's address in the int path's call
-            role = {a.data_ptr(): b.data_ptr() for a, b in zip(outputs(theirs), outputs(result))}
-            same = (len(ints) == len(via_triton) == 2 and tensors(ints) == 0
-                    and all(a[:2] == b[:2] and as_addresses(b[2], a[2], role) for a, b in zip(ints, via_triton)))
-            print(name, "binding passes tensors:", binding > 0, "same:", same)
-        sk.POINTERS_AS_INTS = False
-    """, tmp_path)
-    for name in ("plain", "filters", "tensor"):
-        assert f"{name} binding passes tensors: True same: True" in out, out
+            print(name, "binding passes tensors, same:", *by_address(lambda: ivg_kernels.guided_sample(
+                x[0], [(x[1], 1.0), (x[2], -1.0)], seed=3, offset=5, backend="triton", **kw), sample_outputs))
+
+        kc = torch.zeros(64, 16, 2, 64, dtype=torch.bfloat16)
+        table, lens = torch.zeros(4, 4, dtype=torch.int32), torch.full((4,), 60, dtype=torch.int32)
+        q, sinks = torch.ones(4, 8, 64, dtype=torch.bfloat16), torch.zeros(8)
+        KNOWN.update(t.data_ptr() for t in [kc, table, lens, q, sinks])
+        for name, kw in (("one split", dict(num_splits=1)), ("splits", dict(num_splits=2)),
+                         ("sinks", dict(num_splits=2, sinks=sinks, softcap=5.0))):
+            print(name, "binding passes tensors, same:", *by_address(lambda: ivg_kernels.paged_decode_attention(
+                q, kc, kc, table, lens, scale=0.125, backend="triton", **kw), lambda out: (out,)))
+    """), tmp_path)
+    for name in ("plain", "filters", "tensor", "one split", "splits", "sinks"):
+        assert f"{name} binding passes tensors, same: True True" in out, out
 
 
 def test_memoised_public_attention_calls_launch_as_triton_would(tmp_path):

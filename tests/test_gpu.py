@@ -397,6 +397,36 @@ def test_attention_ops_compile_fullgraph_and_match_eager():
         torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_remembered_decode_calls_by_address_match_the_reference(num_splits, monkeypatch):
+    """``launch.POINTERS_AS_INTS``: remembered ``paged_decode_attention`` calls pass their tensors' addresses (and
+    the partial buffers' at their offsets) and give the reference's output, with one split and with the reduce
+    kernel, with sinks; device memory stays flat over 200 calls."""
+    from ivg_kernels import BlockManager, paged_decode_attention
+    from ivg_kernels._triton import launch
+
+    monkeypatch.setattr(launch, "POINTERS_AS_INTS", True)
+    bm = BlockManager(64, 16)
+    rows = bm.new_sequences(4)
+    bm.append(rows, [100, 37, 16, 250])
+    kc = torch.randn(64, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    sinks = torch.randn(8, device="cuda")
+    bt, sl = bm.block_table(rows).cuda(), bm.seq_lens(rows).cuda()
+    kw = dict(scale=0.125, num_splits=num_splits, sinks=sinks)
+    want = paged_decode_attention(q, kc, vc, bt, sl, backend="reference", **kw)
+    paged_decode_attention(q, kc, vc, bt, sl, backend="triton", **kw)  # binds the kernels (tensors)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(200):
+        got = paged_decode_attention(q, kc, vc, bt, sl, backend="triton", **kw)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+    del got
+    assert torch.cuda.memory_allocated() == before
+
+
 def test_several_host_tensors_reach_the_device_in_one_copy():
     from ivg_kernels._transfer import to_device_many
 

@@ -116,12 +116,12 @@ def test_triton_sampler_frequencies_follow_the_softmax():
 
 @pytest.mark.parametrize("cfg", [dict(), dict(top_k=50, top_p=0.9), dict(min_p=0.05)], ids=["plain", "filters", "min-p"])
 def test_remembered_calls_with_pointers_as_ints_draw_the_reference_tokens(cfg, monkeypatch):
-    """``sampling_kernels.POINTERS_AS_INTS``: remembered calls launch with their tensors' addresses (as Triton's
+    """``launch.POINTERS_AS_INTS``: remembered calls launch with their tensors' addresses (as Triton's
     launchers take them, without the driver's pointer query), and draw the reference's tokens and values, for
     scalar and tensor temperatures, on a second stream too; memory stays flat over 200 calls."""
-    from ivg_kernels._triton import sampling_kernels as sk
+    from ivg_kernels._triton import launch
 
-    monkeypatch.setattr(sk, "POINTERS_AS_INTS", True)
+    monkeypatch.setattr(launch, "POINTERS_AS_INTS", True)
     base, tune, ref = _rows(8, 32000, torch.bfloat16, 17)
     seed = torch.arange(8, device="cuda")
     for temperature in (0.7, torch.full((8,), 0.7, device="cuda")):

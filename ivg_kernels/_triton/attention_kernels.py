@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from .launch import KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import DATA_PTR, KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 
 @triton.jit
@@ -468,16 +468,25 @@ class DecodeLaunch(KeyedKernels):
         # itself and never touches them: the one buffer stands for all three)
         buf = torch.empty(self.size, dtype=torch.float32, device=q.device)
         sinks_arg = q if sinks is None else sinks  # (no sinks: never read)
+        ready = self.by_address(direct)
+        if ready is not None:  # (the same launches, each tensor by its address: launch.POINTERS_AS_INTS)
+            ptr = DATA_PTR
+            at = ptr(buf)
+            part_o, part_m, part_l = (at, at, at) if self.splits == 1 else (at, at + 4 * self.m_at, at + 4 * self.l_at)
+            q, k_cache, v_cache, block_table, seq_lens, out_arg, sinks_arg = map(
+                ptr, (q, k_cache, v_cache, block_table, seq_lens, out, sinks_arg))
+        elif self.splits == 1:  # (one split: the kernel writes the output itself; one buffer stands for the three)
+            part_o = part_m = part_l = buf
+            out_arg = out
+        else:
+            part_o, part_m, part_l, out_arg = buf, buf[self.m_at:], buf[self.l_at:], out
+        split = (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out_arg, sinks_arg,
+                              *self.scalars1))
         if self.splits == 1:
-            self.launch(direct, (
-                (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, buf, buf, buf, out, sinks_arg,
-                              *self.scalars1)),))
-            return out
-        part_m, part_l = buf[self.m_at:], buf[self.l_at:]
-        self.launch(direct, (
-            (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, buf, part_m, part_l, out, sinks_arg,
-                          *self.scalars1)),
-            (self.grid2, (buf, part_m, part_l, out, sinks_arg, *self.scalars2))))
+            self.launch(direct, (split,), ready)
+        else:
+            self.launch(direct, (split, (self.grid2, (part_o, part_m, part_l, out_arg, sinks_arg, *self.scalars2))),
+                        ready)
         return out
 
 

@@ -21,12 +21,22 @@ keeps those of its first launch.
 """
 from __future__ import annotations
 
+import torch
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 
 CHECK_KEYS = False  # check every keyed launch against Triton's binder (tests)
+# Whether remembered eager calls that launch straight to their bound kernels (KeyedKernels.by_address: the sampler's
+# and the paged decode attention's) pass their tensors' addresses instead of the tensors. Triton's launchers (3.6's
+# generated one and 3.9's) call each tensor argument's data_ptr() and then the driver's cuPointerGetAttribute, on
+# every launch, and take an int as the pointer itself: a sampler call passes 23 tensors, a decode call of two
+# kernels 15 (whose two partial buffers, by address, need no views either). The ints cost Python data_ptr() calls
+# instead (the sampler: about 2 us a call on the 2-core CPU with the launches stubbed). Which costs less on a GPU's
+# host is owed to a GPU (`benchmarks/profile_eager.py` times both ways); off until then. The results are the same.
+POINTERS_AS_INTS = False
+DATA_PTR = torch.Tensor.data_ptr  # (an argument's address, for the calls that pass addresses)
 
 
 class DirectLaunch:
@@ -114,6 +124,10 @@ class KeyedKernels:
         device = current_device()
         bound = self.bound.get(device)
         return None if bound is None else (device, bound)
+
+    def by_address(self, via):
+        """:meth:`ready`'s answer where ``POINTERS_AS_INTS`` is set (the call may then pass addresses), else None."""
+        return self.ready(via) if POINTERS_AS_INTS else None
 
     def launch(self, via, launches, ready=None) -> None:
         """Launch ``launches``, one ``(grid, args)`` per kernel in ``fns``' order. ``via``: the caller module's

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..reference import portable as _p
 from ..reference.sampling import DRAW_COUNTER, GRANULE
-from .launch import KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
+from .launch import DATA_PTR, KeyedKernels, Plans, cdiv, direct, int_class, next_power_of_2, packed, tensor_key
 
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -811,13 +811,6 @@ def slice_width(block: int, v: int) -> int:
     return min(max(block, min(GRANULE, next_power_of_2(v)), 16), MAX_BLOCK)
 
 
-# Whether a remembered eager call that launches straight to the compiled kernels passes its 23 pointers as ints.
-# Triton's launchers (3.6's generated one and 3.9's) call a tensor's data_ptr() and then the driver's
-# cuPointerGetAttribute for every tensor argument of every launch, and take an int as the pointer itself, so ints
-# skip 23 driver queries a call, for 17 data_ptr() calls in Python (about 2 us a call on the 2-core CPU with the
-# launches stubbed). Which costs less on a GPU's host is owed to a GPU (`benchmarks/profile_eager.py` times the
-# public call both ways); off until then. The tokens are the same.
-POINTERS_AS_INTS = False
 POOL_PER_ROW = 1 << 14  # the fallback pool holds this many entries per row, shared by the rows, at most POOL_MAX
 # 8 MiB: a wide nucleus's range on the benchmark's peaked rows (V = 151,936) is about 50,000 tokens even above
 # the mass bound (_nucleus_floor), and up to 8 of 256 such rows fall back (candidate_coverage.py); 2**18 held 5
@@ -903,9 +896,9 @@ class SampleLaunch(KeyedKernels):
         if n == 0:
             return tokens, logprob, lse, in_logprobs, in_logits, ok
         outs = (tokens, logprob, lse, in_logprobs, in_logits, ok)
-        ready = self.ready(direct) if POINTERS_AS_INTS else None
-        if ready is not None:  # (the same launches, each tensor by its address)
-            ptr = _DATA_PTR
+        ready = self.by_address(direct)
+        if ready is not None:  # (the same launches, each tensor by its address: launch.POINTERS_AS_INTS)
+            ptr = DATA_PTR
             inputs, outs = tuple(map(ptr, inputs)), tuple(map(ptr, outs))
             w_ptr, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr, ws_arg = map(
                 ptr, (w_ptr, t_ptr, k_ptr, p_ptr, m_ptr, sd_ptr, of_ptr, ws))
@@ -920,7 +913,6 @@ class SampleLaunch(KeyedKernels):
 
 
 _LAUNCHES = Plans()  # launch key -> SampleLaunch
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _settings() -> tuple:
