@@ -5,8 +5,8 @@
 For the sampler (3 bf16 inputs, N=1, V=151936, T=0.7) and the paged decode attention (N=1, L=1024, GQA
 32/8, D=128, bf16, block 16), each called through the public function, through its launcher (no argument
 checks) and, for the attention, as a CUDA-graph replay (both public calls also with their remembered launches'
-pointers passed as ints, ``launch.POINTERS_AS_INTS``); then the public shared-prefix decode (16 beams), prefill
-(64 new tokens), KV write and draft draw (16 rows), which remember their eager calls too:
+pointers passed as ints, ``launch.POINTERS_AS_INTS``); then the public shared-prefix decode (16 beams; also by
+address), prefill (64 new tokens), KV write and draft draw (16 rows), which remember their eager calls too:
 * host microseconds per call: 500 calls back to back, timed on the host before one synchronisation (the
   kernels are far shorter, so the host's time is what is measured);
 * whether a call synchronises with the device (``torch.cuda.set_sync_debug_mode("warn")`` over three calls:
@@ -120,6 +120,12 @@ def cases(device):
     shared = torch.tensor([length - length % bs], dtype=torch.int32, device=device)
     yield ("shared-prefix attention 16 beams public", lambda: ivg_kernels.shared_prefix_decode_attention(
         q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton"))
+    launch.POINTERS_AS_INTS = True
+    try:
+        yield ("shared-prefix attention 16 beams, int ptrs", lambda: ivg_kernels.shared_prefix_decode_attention(
+            q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton"))
+    finally:
+        launch.POINTERS_AS_INTS = False
     q64, cu = torch.randn(64, h, d, dtype=torch.bfloat16, device=device), torch.tensor([0, 64], dtype=torch.int32,
                                                                                        device=device)
     yield ("prefill attention 64 new public", lambda: ivg_kernels.paged_prefill_attention(

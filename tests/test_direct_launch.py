@@ -364,11 +364,11 @@ def by_address(call, outputs):
 
 
 def test_remembered_calls_can_pass_their_pointers_as_ints(tmp_path):
-    """With ``launch.POINTERS_AS_INTS`` a remembered ``guided_sample`` or ``paged_decode_attention`` call that
-    launches straight to the compiled kernels passes each tensor's address where it passed the tensor (Triton's
+    """With ``launch.POINTERS_AS_INTS`` a remembered ``guided_sample``, ``paged_decode_attention`` or
+    ``shared_prefix_decode_attention`` call that launches straight to the compiled kernels passes each tensor's address where it passed the tensor (Triton's
     launchers take an int as the pointer itself, and skip the driver's pointer query): its launches are Triton's
     own for the same call with every tensor read as its address, each output at its place and the scratch (the
-    decode's partial buffers at their offsets) at one. The call that binds the kernels still passes tensors
+    attention's partial buffers at their offsets) at one. The call that binds the kernels still passes tensors
     (Triton's binder specialises on them)."""
     out = _run(BY_ADDRESS + textwrap.dedent("""
         import ivg_kernels
@@ -391,8 +391,14 @@ def test_remembered_calls_can_pass_their_pointers_as_ints(tmp_path):
                          ("sinks", dict(num_splits=2, sinks=sinks, softcap=5.0))):
             print(name, "binding passes tensors, same:", *by_address(lambda: ivg_kernels.paged_decode_attention(
                 q, kc, kc, table, lens, scale=0.125, backend="triton", **kw), lambda out: (out,)))
+        starts, shared = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 16], dtype=torch.int32)
+        KNOWN.update(t.data_ptr() for t in [starts, shared])
+        for name, kw in (("shared", dict()), ("shared sinks", dict(sinks=sinks, softcap=5.0))):
+            print(name, "binding passes tensors, same:", *by_address(lambda: ivg_kernels.shared_prefix_decode_attention(
+                q, kc, kc, table, lens, starts, shared, max_group_rows=2, scale=0.125, backend="triton", **kw),
+                lambda out: (out,)))
     """), tmp_path)
-    for name in ("plain", "filters", "tensor", "one split", "splits", "sinks"):
+    for name in ("plain", "filters", "tensor", "one split", "splits", "sinks", "shared", "shared sinks"):
         assert f"{name} binding passes tensors, same: True True" in out, out
 
 

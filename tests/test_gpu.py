@@ -398,33 +398,43 @@ def test_attention_ops_compile_fullgraph_and_match_eager():
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_remembered_decode_calls_by_address_match_the_reference(num_splits, monkeypatch):
-    """``launch.POINTERS_AS_INTS``: remembered ``paged_decode_attention`` calls pass their tensors' addresses (and
-    the partial buffers' at their offsets) and give the reference's output, with one split and with the reduce
-    kernel, with sinks; device memory stays flat over 200 calls."""
-    from ivg_kernels import BlockManager, paged_decode_attention
+def test_remembered_attention_calls_by_address_match_the_reference(num_splits, monkeypatch):
+    """``launch.POINTERS_AS_INTS``: remembered ``paged_decode_attention`` and ``shared_prefix_decode_attention`` calls
+    pass their tensors' addresses (and the partial buffers' at their offsets) and give the reference's output, with
+    one split and with several, with sinks; device memory stays flat over 200 calls."""
+    from ivg_kernels import BlockManager, paged_decode_attention, shared_prefix_decode_attention
     from ivg_kernels._triton import launch
 
     monkeypatch.setattr(launch, "POINTERS_AS_INTS", True)
     bm = BlockManager(64, 16)
-    rows = bm.new_sequences(4)
-    bm.append(rows, [100, 37, 16, 250])
+    (root,) = bm.new_sequences(1)
+    bm.append([root], 100)
+    rows = bm.fork(root, 4)  # one beam group over a shared 96-token prefix, own suffixes
+    bm.free(root)
+    bm.append(rows, [1, 37, 16, 150])
     kc = torch.randn(64, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
     sinks = torch.randn(8, device="cuda")
     bt, sl = bm.block_table(rows).cuda(), bm.seq_lens(rows).cuda()
+    starts, shared = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in bm.shared_prefix_groups(rows))
     kw = dict(scale=0.125, num_splits=num_splits, sinks=sinks)
-    want = paged_decode_attention(q, kc, vc, bt, sl, backend="reference", **kw)
-    paged_decode_attention(q, kc, vc, bt, sl, backend="triton", **kw)  # binds the kernels (tensors)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    for _ in range(200):
-        got = paged_decode_attention(q, kc, vc, bt, sl, backend="triton", **kw)
-    torch.cuda.synchronize()
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
-    del got
-    assert torch.cuda.memory_allocated() == before
+    calls = {
+        "decode": lambda backend: paged_decode_attention(q, kc, vc, bt, sl, backend=backend, **kw),
+        "shared": lambda backend: shared_prefix_decode_attention(q, kc, vc, bt, sl, starts, shared, max_group_rows=4,
+                                                                 backend=backend, **kw),
+    }
+    for name, call in calls.items():
+        want = paged_decode_attention(q, kc, vc, bt, sl, backend="reference", **kw)
+        call("triton")  # binds the kernels (tensors)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(200):
+            got = call("triton")
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0, msg=name)
+        del got
+        assert torch.cuda.memory_allocated() == before, name
 
 
 def test_several_host_tensors_reach_the_device_in_one_copy():

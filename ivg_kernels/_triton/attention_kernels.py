@@ -434,6 +434,15 @@ def _extras(q, softcap: float, sinks):
     return softcap, (q if sinks is None else sinks), dict(SOFTCAP=softcap > 0, SINKS=sinks is not None)
 
 
+def _partials(buf, m_at: int, l_at: int, by_address: bool) -> tuple:
+    """The three float32 partial buffers (output, max, sum) that share ``buf``, the last two at float offsets
+    ``m_at`` and ``l_at``: views of it, or, for a launch by address (``launch.POINTERS_AS_INTS``), addresses."""
+    if by_address:
+        at = DATA_PTR(buf)
+        return at, at + 4 * m_at, at + 4 * l_at
+    return buf, (buf[m_at:] if m_at else buf), (buf[l_at:] if l_at else buf)
+
+
 class DecodeLaunch(KeyedKernels):
     """A decode launch for one kind of call (shapes, strides, dtypes, alignment, scalars): its plan, grids, scalar
     arguments and constexprs, made once (:func:`decode_launch`), then called with a call's tensors. Holds no
@@ -470,16 +479,13 @@ class DecodeLaunch(KeyedKernels):
         sinks_arg = q if sinks is None else sinks  # (no sinks: never read)
         ready = self.by_address(direct)
         if ready is not None:  # (the same launches, each tensor by its address: launch.POINTERS_AS_INTS)
-            ptr = DATA_PTR
-            at = ptr(buf)
-            part_o, part_m, part_l = (at, at, at) if self.splits == 1 else (at, at + 4 * self.m_at, at + 4 * self.l_at)
             q, k_cache, v_cache, block_table, seq_lens, out_arg, sinks_arg = map(
-                ptr, (q, k_cache, v_cache, block_table, seq_lens, out, sinks_arg))
-        elif self.splits == 1:  # (one split: the kernel writes the output itself; one buffer stands for the three)
-            part_o = part_m = part_l = buf
-            out_arg = out
+                DATA_PTR, (q, k_cache, v_cache, block_table, seq_lens, out, sinks_arg))
         else:
-            part_o, part_m, part_l, out_arg = buf, buf[self.m_at:], buf[self.l_at:], out
+            out_arg = out
+        # (one split: the kernel writes the output itself and never reads the partials; one buffer stands for all)
+        part_o, part_m, part_l = _partials(buf, *((0, 0) if self.splits == 1 else (self.m_at, self.l_at)),
+                                           ready is not None)
         split = (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out_arg, sinks_arg,
                               *self.scalars1))
         if self.splits == 1:
@@ -691,12 +697,17 @@ class SharedLaunch(KeyedKernels):
         if self.n == 0:
             return out
         buf = torch.empty(self.size, dtype=torch.float32, device=q.device)  # the three partial buffers
-        part_m, part_l = buf[self.offsets[0]:], buf[self.offsets[1]:]
+        sinks_arg = q if sinks is None else sinks  # (no sinks: never read)
         tables = (q, k_cache, v_cache, block_table, seq_lens, group_starts, shared_lens)
+        ready = self.by_address(direct)
+        if ready is not None:  # (the same launches, each tensor by its address: launch.POINTERS_AS_INTS)
+            tables, (out_arg, sinks_arg) = tuple(map(DATA_PTR, tables)), map(DATA_PTR, (out, sinks_arg))
+        else:
+            out_arg = out
+        part_o, part_m, part_l = _partials(buf, *self.offsets, ready is not None)
         self.launch(direct, (
-            (self.grid1, (*tables, buf, part_m, part_l, *self.scalars1)),
-            (self.grid2, (*tables, self.groups, buf, part_m, part_l, out, q if sinks is None else sinks,
-                          *self.scalars2))))
+            (self.grid1, (*tables, part_o, part_m, part_l, *self.scalars1)),
+            (self.grid2, (*tables, self.groups, part_o, part_m, part_l, out_arg, sinks_arg, *self.scalars2))), ready)
         return out
 
 
