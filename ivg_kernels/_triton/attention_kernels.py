@@ -483,7 +483,6 @@ class DecodeLaunch(KeyedKernels):
                 DATA_PTR, (q, k_cache, v_cache, block_table, seq_lens, out, sinks_arg))
         else:
             out_arg = out
-        # (one split: the kernel writes the output itself and never reads the partials; one buffer stands for all)
         part_o, part_m, part_l = _partials(buf, *((0, 0) if self.splits == 1 else (self.m_at, self.l_at)),
                                            ready is not None)
         split = (self.grid1, (q, k_cache, v_cache, block_table, seq_lens, part_o, part_m, part_l, out_arg, sinks_arg,

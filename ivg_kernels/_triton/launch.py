@@ -33,9 +33,9 @@ CHECK_KEYS = False  # check every keyed launch against Triton's binder (tests)
 # tensors. Triton's launchers (3.6's generated one and 3.9's) call each tensor argument's data_ptr() and then the
 # driver's cuPointerGetAttribute, on every launch, and take an int as the pointer itself: a sampler call passes 23
 # tensors, a decode call of two kernels 15, a shared-prefix call 22 (the attention's two partial buffers, by
-# address, need no views either). The ints cost Python data_ptr() calls
-# instead (the sampler: about 2 us a call on the 2-core CPU with the launches stubbed). Which costs less on a GPU's
-# host is owed to a GPU (`benchmarks/profile_eager.py` times both ways); off until then. The results are the same.
+# address, need no views either). The ints cost Python data_ptr() calls instead (the sampler: about 2 us a call on
+# the 2-core CPU with the launches stubbed). Which costs less on a GPU's host is owed to a GPU
+# (`benchmarks/profile_eager.py` times both ways); off until then. The results are the same.
 POINTERS_AS_INTS = False
 DATA_PTR = torch.Tensor.data_ptr  # (an argument's address, for the calls that pass addresses)
 
