@@ -136,7 +136,7 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
 
         return lambda: ivg_kernels.guided_sample(base, guides, seed=seed, offset=offset, backend="triton", **cfg)
     if kind == "op":
-        filters = cfg["top_k"] > 0 or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
+        filters = has_filters(cfg)
         args = (base, [tune, ref], [1.0, -1.0], None, None, cfg["temperature"], None, cfg["top_k"], None,
                 cfg["top_p"], None, cfg.get("min_p", 0.0), seed, 0, offset, 0, base.shape[1], filters, 0)
         return lambda: torch.ops.ivg_kernels.guided_sample(*args)
@@ -154,6 +154,11 @@ def make_fn(kind, base, tune, ref, cfg, device, graph=False):
         one = torch.zeros(1, device=device)
         return lambda: one.add_(1)
     raise ValueError(kind)
+
+
+def has_filters(cfg) -> bool:
+    """Whether the warper settings ``cfg`` filter the row (top-k, top-p or min-p): the sampler's filtered path."""
+    return bool(cfg["top_k"]) or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
 
 
 def reference_mismatches(base, tune, ref, cfg, device) -> int:
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
     rows, differ = [], []
     for cfg_name in cfgs:
         cfg = CONFIGS[cfg_name]
-        filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
+        filtered = has_filters(cfg)
         kinds = args.rows or (ROW_KINDS if filtered else ["flat"])
         if not filtered and len(kinds) > 1:  # without filters where the head lies changes no work: ranked = peaked
             kinds = [r for r in kinds if r != "ranked"]

@@ -159,7 +159,6 @@ run_flashinfer() {
     timeout "${FI_KV_TIMEOUT:-240}" "$PY" benchmarks/bench_kv.py --record 2>&1 | tee "$LOGS/bench_flashinfer_kv.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    deliver
 }
 
 run_bench() {
@@ -186,7 +185,6 @@ run_bench() {
         echo "bench_distributed: one GPU here, the multi-GPU scaling check was not run"
     fi
     "$PY" benchmarks/plot_results.py || STATUS=1
-    deliver
 }
 
 run_speculative() {
@@ -197,7 +195,6 @@ run_speculative() {
     timeout "${SPEC_XL_TIMEOUT:-240}" "$PY" benchmarks/bench_speculative.py --device cuda --models gpt2-xl \
         --prompts 8 --gammas 2 4 --adapt --work /tmp/pubwork --record 2>&1 | tee "$LOGS/bench_speculative_xl.log" \
         | tail -8 || STATUS=1
-    deliver
 }
 
 run_published() {
@@ -222,7 +219,6 @@ run_published() {
         --latency 4 --repeats 1 --threads 4 --work /tmp/pubwork --record 2>&1 | tee "$LOGS/bench_published.log" \
         | tail -30
     [ "${PIPESTATUS[0]}" -eq 0 ] || STATUS=1
-    deliver
 }
 
 # The targets stage shares one deadline (TARGETS_BUDGET seconds, default 530): each part gets the lesser of its
@@ -343,7 +339,6 @@ run_targets() {
                 --mode "$mode"
         done
     fi
-    deliver
 }
 
 env_report 2>&1 | tee "$LOGS/env.log"

@@ -72,6 +72,19 @@ def profile(fn, top: int, calls: int = 300) -> str:
     return out.getvalue()
 
 
+def by_address(name, fn):
+    """The case ``(name, fn)`` with ``launch.POINTERS_AS_INTS`` set while it is used (the caller uses each case up
+    before asking for the next): the remembered launches pass their tensors' addresses, which Triton's launchers
+    take without a driver query per tensor."""
+    from ivg_kernels._triton import launch
+
+    launch.POINTERS_AS_INTS = True
+    try:
+        yield name, fn
+    finally:
+        launch.POINTERS_AS_INTS = False
+
+
 def cases(device):
     import ivg_kernels
     from ivg_kernels._triton.attention_kernels import launch_paged_decode_attention
@@ -81,17 +94,10 @@ def cases(device):
     n, v = 1, 151936
     x = [torch.randn(n, v, device=device).to(torch.bfloat16) for _ in range(3)]
     seed, offset = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
-    yield ("sampler N=1 V=151936 public", lambda: ivg_kernels.guided_sample(
-        x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7, seed=seed, offset=offset, backend="triton"))
-    # the same public call with the remembered launches' pointers passed as ints (launch.POINTERS_AS_INTS:
-    # Triton's launchers then skip the driver's pointer query, 23 a call); each case is used up before the next
-    from ivg_kernels._triton import launch
-    launch.POINTERS_AS_INTS = True
-    try:
-        yield ("sampler N=1 V=151936 public, int ptrs", lambda: ivg_kernels.guided_sample(
-            x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7, seed=seed, offset=offset, backend="triton"))
-    finally:
-        launch.POINTERS_AS_INTS = False
+    sample = lambda: ivg_kernels.guided_sample(  # noqa: E731
+        x[0], [(x[1], 1.0), (x[2], -1.0)], temperature=0.7, seed=seed, offset=offset, backend="triton")
+    yield ("sampler N=1 V=151936 public", sample)
+    yield from by_address("sampler N=1 V=151936 public, int ptrs", sample)
     yield ("sampler N=1 V=151936 launcher", lambda: launch_guided_sample(
         x[0], x[1:], [1.0, -1.0], None, None, 0.7, None, 0, None, 1.0, None, 0.0, seed, 0, offset, 0, v, False, 0))
     h, h_kv, d, bs, length = 32, 8, 128, 16, 1024
@@ -103,14 +109,9 @@ def cases(device):
     bm.append(seqs, length)
     bt, sl = bm.block_table(seqs).to(device), bm.seq_lens(seqs).to(device)
     q = torch.randn(1, h, d, dtype=torch.bfloat16, device=device)
-    yield ("decode attention N=1 L=1024 public", lambda: ivg_kernels.paged_decode_attention(
-        q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton"))
-    launch.POINTERS_AS_INTS = True  # (as the sampler's above)
-    try:
-        yield ("decode attention N=1 L=1024 public, int ptrs", lambda: ivg_kernels.paged_decode_attention(
-            q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton"))
-    finally:
-        launch.POINTERS_AS_INTS = False
+    decode = lambda: ivg_kernels.paged_decode_attention(q, kc, vc, bt, sl, scale=d ** -0.5, backend="triton")  # noqa: E731
+    yield ("decode attention N=1 L=1024 public", decode)
+    yield from by_address("decode attention N=1 L=1024 public, int ptrs", decode)
     yield ("decode attention N=1 L=1024 launcher", lambda: launch_paged_decode_attention(
         q, kc, vc, bt, sl, d ** -0.5, 0, 0))
     # the other eager ops that remember their calls: 16 beams over one shared 1,024-token prefix, an extend of 64
@@ -118,14 +119,10 @@ def cases(device):
     q16, bt16, sl16 = q.expand(16, h, d).contiguous(), bt.expand(16, -1).contiguous(), sl.expand(16).contiguous()
     starts = torch.tensor([0, 16], dtype=torch.int32, device=device)
     shared = torch.tensor([length - length % bs], dtype=torch.int32, device=device)
-    yield ("shared-prefix attention 16 beams public", lambda: ivg_kernels.shared_prefix_decode_attention(
-        q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton"))
-    launch.POINTERS_AS_INTS = True
-    try:
-        yield ("shared-prefix attention 16 beams, int ptrs", lambda: ivg_kernels.shared_prefix_decode_attention(
-            q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton"))
-    finally:
-        launch.POINTERS_AS_INTS = False
+    grouped = lambda: ivg_kernels.shared_prefix_decode_attention(  # noqa: E731
+        q16, kc, vc, bt16, sl16, starts, shared, max_group_rows=16, scale=d ** -0.5, backend="triton")
+    yield ("shared-prefix attention 16 beams public", grouped)
+    yield from by_address("shared-prefix attention 16 beams, int ptrs", grouped)
     q64, cu = torch.randn(64, h, d, dtype=torch.bfloat16, device=device), torch.tensor([0, 64], dtype=torch.int32,
                                                                                        device=device)
     yield ("prefill attention 64 new public", lambda: ivg_kernels.paged_prefill_attention(

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.bench_sampling import CONFIGS, make_rows  # noqa: E402
+from benchmarks.bench_sampling import CONFIGS, has_filters, make_rows  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
                     return ivg_kernels.guided_sample(rows[0], [(rows[1], 1.0), (rows[2], -1.0)], seed=seed,
                                                      offset=offset, backend="triton", **cfg)
 
-                filtered = cfg["top_k"] or cfg["top_p"] < 1 or cfg.get("min_p", 0) > 0
-                settings = [(w, c) for w in args.warps for c in (args.candidates if filtered else [own_c])]
+                settings = [(w, c) for w in args.warps for c in (args.candidates if has_filters(cfg) else [own_c])]
                 times, tokens, stages = {st: [] for st in settings}, {}, {}
                 for _ in range(args.rounds):
                     for st in settings:
