@@ -297,13 +297,13 @@ def main(argv=None):
         ap.error(f"--python={args.python!r}: expected the published environment's interpreter")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
-    from ivg.demo.corpus import make_prompts
+    from ivg.demo.corpus import held_out_prompts
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ivg-published-"))
     print(f"models ({args.models}, {dtype}) ...", flush=True)
     models = _prepare_models(work, args.models, dtype)
     if args.models == "demo":
-        prompts, template = make_prompts(args.prompts, 999), "Here is a movie review: {raw_prompt}"
+        prompts, template = held_out_prompts(args.prompts, 999), "Here is a movie review: {raw_prompt}"
     else:
         prompts, template = random_models.prompts(args.prompts, args.models, 999), "w1 w2 w3 {raw_prompt}"
     pub_n = args.prompts if args.published_prompts is None else args.published_prompts

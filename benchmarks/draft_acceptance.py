@@ -83,7 +83,7 @@ def acceptance(models, prompts, results, opts) -> dict:
 def main(argv=None) -> int:
     from ivg.decoder import IVGDecoder
     from ivg.demo.build import build
-    from ivg.demo.corpus import make_prompts
+    from ivg.demo.corpus import held_out_prompts
     from ivg.demo.run import load_demo_models, method_options
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = build(progress=False)
     models = load_demo_models(path)
-    prompts = make_prompts(args.prompts, 4242)
+    prompts = held_out_prompts(args.prompts, 4242)
     dec = IVGDecoder(models)
     device = torch.device("cpu")
     dev_name, date, sha = harness.device_name(device), harness.now(), harness.commit()

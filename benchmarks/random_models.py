@@ -97,11 +97,11 @@ def latency_set(name: str, n: int, device: str, dtype: str | None = None, work: 
     import tempfile
 
     from ivg.demo.build import build as build_demo
-    from ivg.demo.corpus import make_prompts
+    from ivg.demo.corpus import held_out_prompts
     from ivg.demo.run import load_demo_models
 
     if name == "demo":
-        paths, texts = build_demo(progress=False), make_prompts(n, seed)
+        paths, texts = build_demo(progress=False), held_out_prompts(n, seed)
     else:
         dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
         folder = Path(work) if work else Path(tempfile.mkdtemp(prefix=f"ivg-{name}-"))

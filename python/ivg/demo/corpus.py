@@ -52,15 +52,36 @@ def make_corpus(n: int, seed: int) -> list[str]:
     return [review(rng) for _ in range(n)]
 
 
+STARTS = ["the {s} was", "i thought the {s} was", "honestly , the {s}", "overall it was a", "the {s} and the {s2}"]
+
+
+def _opening(rng: random.Random) -> str:
+    return rng.choice(STARTS).format(s=rng.choice(SUBJECTS), s2=rng.choice(SUBJECTS))
+
+
 def make_prompts(n: int, seed: int) -> list[str]:
-    """Held-out openings: neutral starts that a model must finish."""
+    """``n`` openings drawn independently (repeats included: a fifth of them is "overall it was a"), neutral
+    starts that a model must finish; the DPO stage's prompts. Evaluations take :func:`held_out_prompts`."""
     rng = random.Random(seed)
-    starts = ["the {s} was", "i thought the {s} was", "honestly , the {s}", "overall it was a", "the {s} and the {s2}"]
-    out = []
-    while len(out) < n:
-        p = rng.choice(starts).format(s=rng.choice(SUBJECTS), s2=rng.choice(SUBJECTS))
-        out.append(p)
-    return out
+    return [_opening(rng) for _ in range(n)]
+
+
+OPENINGS = len({s.format(s=a, s2=b) for s in STARTS for a in SUBJECTS for b in SUBJECTS})  # distinct openings: 271
+
+
+def held_out_prompts(n: int, seed: int) -> list[str]:
+    """``n`` distinct openings, in the order :func:`make_prompts`' draws first give them (each repeat skipped).
+
+    The decoder's output depends only on prompt, options and seed, so a prompt that comes twice gives the same
+    response twice: in a mean over prompts it counts twice as one sample, and its standard error understates the
+    spread. The demo's 64 prompts were ``make_prompts(64, 999)`` until 2026-12-07: 34 distinct openings, "overall it
+    was a" 16 times."""
+    if type(n) is not int or not 1 <= n <= OPENINGS:
+        raise ValueError(f"n={n!r}: expected 1 to {OPENINGS} (the distinct openings)")
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        seen.setdefault(_opening(rng), None)
+    return list(seen)
 
 
 class GoldReward:

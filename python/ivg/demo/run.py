@@ -22,7 +22,7 @@ from ..infalign import calibrated_reward, win_rate
 from ..models import IVGModels
 from ..options import DecodeOptions
 from .build import BuildConfig, build
-from .corpus import GoldReward, make_prompts
+from .corpus import OPENINGS, GoldReward, held_out_prompts
 
 METHODS = ("base", "bon", "eft", "tokenrm", "cbs-explicit", "cbs-implicit", "ivg")
 # Published IMDB settings where they fit: W=K=4, L=5, temperature 0.7, no top-k.
@@ -110,13 +110,15 @@ def run_demo(out_dir: Optional[Path] = None, *, methods: Sequence[str] = METHODS
     t0 = time.perf_counter()
     if num_prompts < 2:
         raise ValueError(f"num_prompts={num_prompts}: expected at least 2 (standard errors need two)")
+    if num_prompts > OPENINGS:
+        raise ValueError(f"num_prompts={num_prompts}: expected at most {OPENINGS} (the distinct openings the corpus has)")
     for m in methods:
         method_options(m, seed, 1)  # validates the names before the build
     path = build(cfg, root=build_root, progress=progress)
     build_s = time.perf_counter() - t0
     models = load_demo_models(path, device=device)
     gold = GoldReward()
-    prompts = make_prompts(num_prompts, cfg.seed + 999)
+    prompts = held_out_prompts(num_prompts, cfg.seed + 999)  # distinct: a repeat would repeat its response
     report = DemoReport(prompts=prompts, build_s=build_s)
     dec = IVGDecoder(models)
 
