@@ -1,6 +1,7 @@
-"""Speculative IVG in the paged decoder: greedy output equals plain decoding in every mode, the first
-tokens at temperature > 0 follow the exact warped distribution, values equal a recomputation for the
-tokens drawn (tests/test_decoder.py), and no block leaks after rejections, an error or a finished run."""
+"""Speculative IVG in the paged decoder: greedy output equals plain decoding in every mode, tokens at
+temperature > 0 follow the exact warped distribution (the first, and each later one given those before it),
+values equal a recomputation for the tokens drawn (tests/test_decoder.py), and no block leaks after
+rejections, an error or a finished run."""
 import pytest
 import torch
 from scipy import stats
@@ -97,6 +98,67 @@ def test_first_tokens_follow_the_warped_distribution(filt, draft, guidance):
     # some drafts rejected, and (with EFT) some kept: under token-RM guidance and top-k 5 the reference's
     # five tokens can all lie outside the target's, and then every first token is a residual draw
     assert dec.last_stats.accepted < dec.last_stats.drafted and (guidance == "tokenrm" or dec.last_stats.accepted > 0)
+
+
+def _pit(p, q, tokens, gen):
+    """Randomised probability-integral transforms of ``tokens`` [n] under the rows of ``p`` [n, V], each row's
+    tokens ordered by ``q / p`` (the draft's favourites last): uniform on (0, 1) exactly when each token was
+    drawn from its row of ``p``; a lean towards the draft ``q`` moves them up."""
+    order = torch.argsort(q / p, dim=1)
+    cdf = p.gather(1, order).cumsum(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p.shape[1]).expand_as(order))
+    at = p.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    below = cdf.gather(1, rank.gather(1, tokens.unsqueeze(1))).squeeze(1) - at
+    return below + torch.rand(len(tokens), generator=gen, dtype=p.dtype) * at
+
+
+def _surprise_z(p, tokens):
+    """z-score of the summed ``log p(token)`` against its law when each token comes from its row of ``p``
+    (mean ``-H(p_i)``, variance ``Var_{p_i}(log p)`` per row): a sample from any other distribution tends to
+    pick tokens that ``p`` finds less likely, and the score falls."""
+    logp = torch.where(p > 0, p.log(), 0.0)
+    mean = (p * logp).sum(dim=1)
+    var = (p * logp ** 2).sum(dim=1) - mean ** 2
+    return float((logp.gather(1, tokens.unsqueeze(1)).squeeze(1) - mean).sum() / var.sum().sqrt())
+
+
+@pytest.mark.parametrize("filt", [dict(), dict(top_p=0.8, min_p=0.02)], ids=["none", "top_p+min_p"])
+@pytest.mark.parametrize("guidance", ["eft", "tokenrm"])
+def test_later_tokens_follow_the_warped_distribution_given_the_earlier_ones(filt, guidance):
+    """2,000 best-of-N candidates of one prompt, four tokens each, speculating 3 with the tuned guide
+    drafting: each candidate's tokens at positions 1 to 3 (kept drafts, the round's last draws, residuals, each
+    in its own context) against the exact warped distribution given the tokens before it. The first-token test
+    above cannot see a draft model that read a wrong context (under EFT its logits are part of ``p``) or a
+    draft tested against another position's distribution; these statistics can: the probability-integral
+    transforms (Kolmogorov-Smirnov against uniform) and the summed log-likelihood (a z-score)."""
+    models = ivg_models("gpt2")
+    n, new = 2000, 4
+    scorer = "implicit" if guidance == "eft" else "explicit"
+    opts = DecodeOptions(mode="bon", n=n, num_return=n, scorer=scorer, tokenwise=(guidance,), temperature=1.3,
+                         max_new_tokens=new, seed=11, eos_token_ids=(), speculate=3, draft="tune", **filt)
+    dec = IVGDecoder(models)
+    res = dec.generate(PROMPTS[:1], opts)[0]
+    assert 0 < dec.last_stats.accepted < dec.last_stats.drafted
+    tokens = torch.tensor([b.tokens for b in res.beams])  # [n, new]
+    ids = torch.tensor(models.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    x = torch.cat([ids.expand(n, -1), tokens], dim=1)
+    g = models.guides[0]
+    with torch.no_grad():  # each model's logits before response tokens 0 .. new-1: [n, new, V]
+        base, tune, ref, rm = (m(x).logits[:, len(ids) - 1:-1] for m in (models.base, g.tuned, g.ref, models.token_rm))
+    warp = dict(temperature=1.3, top_k=0, top_p=filt.get("top_p", 1.0), min_p=filt.get("min_p", 0.0), seed=0,
+                offset=0, vocab_size=None)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(1, new):
+        guides = ([(tune[:, k], g.beta), (ref[:, k], -g.beta)] if guidance == "eft"
+                  else [(rm[:, k], models.token_rm_weight)])
+        p = warped_probs(prepare_sample_args(base[:, k], guides, **warp))
+        q = warped_probs(prepare_sample_args(tune[:, k], [], **warp))
+        assert (p.gather(1, tokens[:, k:k + 1]) > 0).all(), f"position {k}: a token outside the filtered support"
+        u = _pit(p, q, tokens[:, k], gen)
+        pv = stats.kstest(u.numpy(), "uniform").pvalue
+        z = _surprise_z(p, tokens[:, k])
+        assert pv > 1e-4, f"position {k}: KS p = {pv:.2e}, mean transform {u.mean():.3f}"
+        assert abs(z) < 4.5, f"position {k}: log-likelihood z = {z:.2f}"
 
 
 @pytest.mark.parametrize("mode", ["eft", "tokenrm", "ivg"])
