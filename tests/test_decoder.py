@@ -1,6 +1,8 @@
 """The paged IVG decoder against the naive baseline (float64, same seeds), and its contracts."""
 from collections import Counter
 
+import warnings
+
 import pytest
 import torch
 
@@ -303,6 +305,7 @@ def test_reading_the_device_less_often_changes_nothing(models, mode):
         assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
+@pytest.mark.filterwarnings("ignore:prompts.*repeat an earlier prompt")  # (the same prompts on purpose)
 @pytest.mark.parametrize("mode", ["ivg", "cbs"])
 def test_prompts_admitted_between_reads_share_one_chunk_phase(models, monkeypatch, mode):
     """Reading every few steps, a search admits a waiting prompt only where every active prompt is at a
@@ -751,6 +754,19 @@ def test_models_with_different_prompt_templates():
     _same(paged, NaiveDecoder(m).generate(PROMPTS, opts))
     plain_templates = IVGDecoder(ivg_models("gpt2")).generate(PROMPTS, opts)
     assert any(a.beams[0].tokens != b.beams[0].tokens for a, b in zip(paged, plain_templates))
+
+
+def test_repeated_prompts_are_warned_of_and_get_the_same_response(models):
+    """A result depends only on prompt, options and seed, so a prompt given twice gets one response twice; the
+    project's own demo and benchmarks once averaged over such repeats as if they were samples. Said once per call;
+    distinct prompts say nothing."""
+    opts = _opts("eft", max_new_tokens=4, temperature=0.9)
+    with pytest.warns(UserWarning, match=r"prompts: 2 of 4 repeat an earlier prompt.*num_return"):
+        res = IVGDecoder(models).generate([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]], opts)
+    assert res[0].beams[0].tokens == res[2].beams[0].tokens == res[3].beams[0].tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IVGDecoder(models).generate(PROMPTS[:2], opts)
 
 
 def test_progress_is_a_tqdm_bar_over_prompts(models, capsys):

@@ -54,6 +54,18 @@ class BeamResult:
                     explicit_value=self.explicit_value)
 
 
+def warn_repeats(ids: list) -> None:
+    """Warn (once per call) when prompts repeat: a result depends only on prompt, options and seed, so a repeat
+    gets the very response of its first occurrence. Repeats are no error (an evaluation file may hold them), but a
+    caller who meant them as several samples of a prompt, or a mean over prompts that counts them, is misled."""
+    seen = {tuple(d["base"]) for d in ids}
+    if len(seen) < len(ids):
+        warnings.warn(f"prompts: {len(ids) - len(seen)} of {len(ids)} repeat an earlier prompt, and each repeat gets "
+                      f"the same response (a result depends only on prompt, options and seed); for several samples "
+                      f"of a prompt use num_return or other seeds", UserWarning,
+                      stacklevel=4)  # (warn_repeats, generate, its inference_mode wrapper, the caller)
+
+
 @dataclass
 class GenerationResult:
     prompt: object
@@ -378,6 +390,7 @@ class IVGDecoder:
         prompt is prefilled into the rows it freed (continuous batching)."""
         m = self.models
         opts, roles, ids = self._plan(prompts, options)
+        warn_repeats(ids)
         eos = opts.eos_token_ids if opts.eos_token_ids is not None else default_eos(m)
         stopper = StopChecker(m.tokenizer, opts.stop, eos)
         stats = RunStats(prompts=len(ids))

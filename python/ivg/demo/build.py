@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,11 +136,15 @@ def _dpo(ref, tokenizer, gold, cfg, bar):
     from ..models import IVGModels
     from ..options import DecodeOptions
 
+    # Independent draws, repeats included (a repeat's pair is its first occurrence's, so it weighs that pair
+    # more): the recipe the cached models were built by, kept as it is
     prompts = make_prompts(cfg.dpo_prompts, cfg.seed + 101)
     dec = IVGDecoder(IVGModels(ref, tokenizer=tokenizer))
-    res = dec.generate(prompts, DecodeOptions(mode="bon", n=cfg.dpo_samples, num_return=cfg.dpo_samples,
-                                              scorer=gold.scorer, temperature=1.0, seed=cfg.seed,
-                                              max_new_tokens=cfg.max_new_tokens))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "prompts.*repeat an earlier prompt", UserWarning)
+        res = dec.generate(prompts, DecodeOptions(mode="bon", n=cfg.dpo_samples, num_return=cfg.dpo_samples,
+                                                  scorer=gold.scorer, temperature=1.0, seed=cfg.seed,
+                                                  max_new_tokens=cfg.max_new_tokens))
     bar.step("dpo: sampling pairs", 1)
     pairs = []
     for p, r in zip(prompts, res):
