@@ -305,7 +305,7 @@ def test_reading_the_device_less_often_changes_nothing(models, mode):
         assert sum(dec.kv_blocks_in_use().values()) == 0
 
 
-@pytest.mark.filterwarnings("ignore:prompts.*repeat an earlier prompt")  # (the same prompts on purpose)
+@pytest.mark.filterwarnings("ignore::ivg.decoder.RepeatedPromptsWarning")  # (the same prompts on purpose)
 @pytest.mark.parametrize("mode", ["ivg", "cbs"])
 def test_prompts_admitted_between_reads_share_one_chunk_phase(models, monkeypatch, mode):
     """Reading every few steps, a search admits a waiting prompt only where every active prompt is at a

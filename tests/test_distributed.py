@@ -175,7 +175,7 @@ def test_tensor_parallel_refuses_a_base_without_a_plan(model_dirs, tmp_path, pro
     assert "GPT2LMHeadModel" in r.stderr and "tp_plan" in r.stderr
 
 
-@pytest.mark.filterwarnings("ignore:prompts.*repeat an earlier prompt")  # (one prompt in several forms)
+@pytest.mark.filterwarnings("ignore::ivg.decoder.RepeatedPromptsWarning")  # (one prompt in several forms)
 def test_prompts_of_every_kind_the_decoder_takes_and_other_kinds_named(model_dirs, tmp_path):  # noqa: F811
     """In one process (outside torchrun): a tensor or array of token ids failed to be written ("Object of type Tensor
     is not JSON serializable"), a string alone was split into one prompt per character, and a number or a

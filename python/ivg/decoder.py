@@ -54,6 +54,11 @@ class BeamResult:
                     explicit_value=self.explicit_value)
 
 
+class RepeatedPromptsWarning(UserWarning):
+    """Prompts of one ``generate`` call repeat (:func:`warn_repeats`); a caller that repeats them on purpose
+    filters this category."""
+
+
 def warn_repeats(ids: list) -> None:
     """Warn (once per call) when prompts repeat: a result depends only on prompt, options and seed, so a repeat
     gets the very response of its first occurrence. Repeats are no error (an evaluation file may hold them), but a
@@ -62,7 +67,7 @@ def warn_repeats(ids: list) -> None:
     if len(seen) < len(ids):
         warnings.warn(f"prompts: {len(ids) - len(seen)} of {len(ids)} repeat an earlier prompt, and each repeat gets "
                       f"the same response (a result depends only on prompt, options and seed); for several samples "
-                      f"of a prompt use num_return or other seeds", UserWarning,
+                      f"of a prompt use num_return or other seeds", RepeatedPromptsWarning,
                       stacklevel=4)  # (warn_repeats, generate, its inference_mode wrapper, the caller)
 
 

@@ -132,7 +132,7 @@ def _pad(seqs, pad):
 
 def _dpo(ref, tokenizer, gold, cfg, bar):
     """Tune a copy of ``ref`` with DPO on pairs of its own samples ranked by the gold reward."""
-    from ..decoder import IVGDecoder
+    from ..decoder import IVGDecoder, RepeatedPromptsWarning
     from ..models import IVGModels
     from ..options import DecodeOptions
 
@@ -141,7 +141,7 @@ def _dpo(ref, tokenizer, gold, cfg, bar):
     prompts = make_prompts(cfg.dpo_prompts, cfg.seed + 101)
     dec = IVGDecoder(IVGModels(ref, tokenizer=tokenizer))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "prompts.*repeat an earlier prompt", UserWarning)
+        warnings.simplefilter("ignore", RepeatedPromptsWarning)
         res = dec.generate(prompts, DecodeOptions(mode="bon", n=cfg.dpo_samples, num_return=cfg.dpo_samples,
                                                   scorer=gold.scorer, temperature=1.0, seed=cfg.seed,
                                                   max_new_tokens=cfg.max_new_tokens))
