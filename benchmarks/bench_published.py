@@ -325,7 +325,7 @@ def main(argv=None):
               args.threads)])
 
     equal = sum(a == b for a, b in zip(ours["greedy_tokens"], theirs["greedy_tokens"]))
-    device = harness.device_name(torch.device(args.device))
+    device = harness.device_name(torch.device(args.device), threads=args.threads)  # each side's threads
     print(f"\n{'mode':<6} {'provider':<22} {'s per run (runs)':<28} {'tokens/s':>9} {'vs published':>13}")
     rows = []
     for mode in args.modes:
