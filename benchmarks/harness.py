@@ -26,13 +26,14 @@ COLUMNS = ["date", "commit", "device", "benchmark", "provider", "shape", "dtype"
 
 def device_name(device: torch.device, threads: int | None = None) -> str:
     """The device column of ``results.csv``: the GPU's name, or on the CPU the machine, its cores and the threads
-    the timed work ran with (``threads``; torch's own by default). Rows before 2026-12-07 03:xx read
-    ``cpu (x86_64, 2 threads)`` where 2 was the core count, not the threads used (``results_notes.md``)."""
+    the timed work ran with (``threads``; torch's own by default; 0 where each row's provider names its own). Rows
+    before 2026-12-07 03:xx read ``cpu (x86_64, 2 threads)`` where 2 was the core count, not the threads used
+    (``results_notes.md``)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads() if threads is None else threads
-    return (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{threads} thread{'' if threads == 1 else 's'})")
+    used = f", {threads} thread{'' if threads == 1 else 's'}" if threads else ""
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores{used})"
 
 
 def commit() -> str:

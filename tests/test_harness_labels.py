@@ -14,5 +14,6 @@ def test_the_cpu_label_names_cores_and_the_threads_used():
         label = harness.device_name(torch.device("cpu"))
         assert label.endswith(f", {os.cpu_count()} cores, 1 thread)"), label
         assert harness.device_name(torch.device("cpu"), threads=3).endswith(f"{os.cpu_count()} cores, 3 threads)")
+        assert harness.device_name(torch.device("cpu"), threads=0).endswith(f", {os.cpu_count()} cores)")  # per row
     finally:
         torch.set_num_threads(before)
