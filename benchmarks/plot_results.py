@@ -1,10 +1,11 @@
 """benchmarks/results.png: the newest GPU run of the sampler (achieved GB/s per provider and shape,
-CUDA-graph timings) and of the decode modes (tokens/s per decoder).
+CUDA-graph timings) and the newest GPU run of the decode modes (tokens/s per decoder), each titled with its run.
 
     python benchmarks/plot_results.py
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -12,7 +13,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> int:
+def newest_run(gpu: list, benchmark: str) -> tuple[list, str]:
+    """The rows of ``benchmark`` from its newest run among the GPU rows ``gpu`` (a suite's rows share the hour), and
+    a label of that run: device, date, commit."""
+    mine = [r for r in gpu if r["benchmark"] == benchmark]
+    if not mine:
+        return [], "no rows"
+    newest = max(r["date"] for r in mine)
+    run = [r for r in mine if r["date"][:13] == newest[:13]]
+    last = next(r for r in mine if r["date"] == newest)
+    return run, f"{last['device']}, {newest[:10]}, {last['commit']}"
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # (--help; no options)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,10 +37,10 @@ def main() -> int:
     if not gpu:
         print("no GPU rows in results.csv; nothing to plot", file=sys.stderr)
         return 1
-    newest = max(r["date"] for r in gpu)
-    run = [r for r in gpu if r["date"][:13] == newest[:13]]  # the suite's rows share the hour
+
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    samp = [r for r in run if r["benchmark"] == "sampling" and r["provider"].endswith("-graph") and r["gbps"]]
+    samp_run, samp_label = newest_run(gpu, "sampling")
+    samp = [r for r in samp_run if r["provider"].endswith("-graph") and r["gbps"]]
     shapes = sorted({r["shape"] for r in samp}, key=lambda s: (s.split(",")[0], int(s.split("V=")[1].split(",")[0]),
                                                                  int(s.split("N=")[1].split(",")[0])))
     provs = sorted({r["provider"] for r in samp})
@@ -37,9 +51,9 @@ def main() -> int:
     axes[0].set_xticks([j + 0.4 for j in range(len(shapes))])
     axes[0].set_xticklabels([s.replace(",inputs=3", "") for s in shapes], rotation=90, fontsize=6)
     axes[0].set_ylabel("GB/s of input read (CUDA-graph replay)")
-    axes[0].set_title("guided sampling")
+    axes[0].set_title(f"guided sampling ({samp_label})", fontsize=9)
     axes[0].legend(fontsize=7)
-    dec = [r for r in run if r["benchmark"] == "decode"]
+    dec, dec_label = newest_run(gpu, "decode")
     modes = list(dict.fromkeys(r["shape"].split(",")[0] for r in dec))
     dprovs = list(dict.fromkeys(r["provider"] for r in dec))
     width = 0.8 / max(len(dprovs), 1)
@@ -50,9 +64,10 @@ def main() -> int:
     axes[1].set_xticklabels(modes)
     axes[1].set_ylabel("new tokens / s")
     axes[1].set_yscale("log")
-    axes[1].set_title("decoding (gpt2-xl base, gpt2 guides)")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{run[0]['device']}, {newest}, commit {run[0]['commit']}")
+    models = sorted({r["shape"].split(",")[1] for r in dec if "," in r["shape"]})
+    axes[1].set_title(f"decoding, models {'/'.join(models) or '?'} ({dec_label})", fontsize=9)
+    if dprovs:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "results.png", dpi=110)
     print(f"wrote {HERE / 'results.png'}")
