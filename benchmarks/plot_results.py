@@ -37,7 +37,6 @@ def main(argv=None) -> int:
     if not gpu:
         print("no GPU rows in results.csv; nothing to plot", file=sys.stderr)
         return 1
-
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     samp_run, samp_label = newest_run(gpu, "sampling")
     samp = [r for r in samp_run if r["provider"].endswith("-graph") and r["gbps"]]
@@ -52,7 +51,8 @@ def main(argv=None) -> int:
     axes[0].set_xticklabels([s.replace(",inputs=3", "") for s in shapes], rotation=90, fontsize=6)
     axes[0].set_ylabel("GB/s of input read (CUDA-graph replay)")
     axes[0].set_title(f"guided sampling ({samp_label})", fontsize=9)
-    axes[0].legend(fontsize=7)
+    if provs:
+        axes[0].legend(fontsize=7)
     dec, dec_label = newest_run(gpu, "decode")
     modes = list(dict.fromkeys(r["shape"].split(",")[0] for r in dec))
     dprovs = list(dict.fromkeys(r["provider"] for r in dec))
