@@ -38,7 +38,7 @@ class RowRope:
             long, _ = ROPE_INIT_FUNCTIONS["longrope"](rotary.config, short.device, seq_len=switch + 1)
         # transformers copies its choice into ``inv_freq``, so it is rounded to that buffer's dtype
         long = long.to(device=short.device, dtype=rotary.inv_freq.dtype)
-        self._inner = type(rotary).forward.__wrapped__  # the family's forward without transformers' choice
+        self._inner = _without_choice(type(rotary).forward)  # the family's forward without transformers' choice
         # views, not the module: nothing here refers to it, so a deep copy of the model copies this consistently
         self._views = (_with_inv_freq(rotary, short), _with_inv_freq(rotary, long))
         rotary.forward = self.forward
@@ -63,6 +63,23 @@ class RowRope:
             self.token_lens = None
 
 
+def _without_choice(forward):
+    """``forward`` (a rotary module's) without transformers' ``dynamic_rope_update``, the wrapper that picks the
+    frequencies by the longest sequence; None where no such wrapper is found. Up to transformers 5.2x
+    ``torch.no_grad()`` wrapped it in turn, so ``forward.__wrapped__`` still made transformers' choice: the
+    chain is followed to the wrapper whose code is ``dynamic_rope_update``'s (``functools.wraps`` copies the
+    names, not the code; the rotary tables need no gradient, so the outer wrappers may go)."""
+    from transformers.modeling_rope_utils import dynamic_rope_update
+
+    choice = dynamic_rope_update(lambda self, x, position_ids: None).__code__
+    f = forward
+    while hasattr(f, "__wrapped__"):
+        if getattr(f, "__code__", None) is choice:
+            return f.__wrapped__
+        f = f.__wrapped__
+    return None
+
+
 def _with_inv_freq(rotary, inv_freq):
     """A view of ``rotary`` (same attributes, no copy of its parameters) whose ``inv_freq`` is ``inv_freq``."""
     view = object.__new__(type(rotary))
@@ -78,7 +95,7 @@ def row_rope(model, switch: int) -> Optional[RowRope]:
     its forward wrapped by ``dynamic_rope_update``)."""
     found = [m for m in model.modules() if getattr(m, "rope_type", None) == "longrope"
              and isinstance(getattr(m, "original_inv_freq", None), torch.Tensor)
-             and hasattr(type(m).forward, "__wrapped__")]
+             and _without_choice(type(m).forward) is not None]
     if len(found) != 1:
         return None
     rotary = found[0]
