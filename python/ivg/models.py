@@ -153,6 +153,28 @@ def check_model_paths(named) -> None:
             raise ValueError(f"{label}: {problem}")
 
 
+# The oldest transformers whose tensor parallelism this decoder is tested with: up to 5.20 it refuses a vocabulary
+# that the ranks do not divide, and up to 5.22 it shards GPT-2 although GPT-2 has no plan (under 5.20 its
+# attention kept every head, which the paged cache refused).
+TENSOR_PARALLEL_TRANSFORMERS = (5, 23)
+
+
+def check_tensor_parallel_transformers(version: str | None = None) -> None:
+    """``ValueError`` where the installed transformers (or ``version``) is older than
+    :data:`TENSOR_PARALLEL_TRANSFORMERS`."""
+    import re
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < TENSOR_PARALLEL_TRANSFORMERS:
+        need = ".".join(map(str, TENSOR_PARALLEL_TRANSFORMERS))
+        raise ValueError(f"tp_plan: tensor parallelism needs transformers >= {need} (installed: {version}); "
+                         f"pip install 'transformers>={need},<6', or shard the prompts instead of the base model")
+
+
 def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
     """A causal LM (or a token reward model directory) by local path or hub id.
 
@@ -165,6 +187,7 @@ def load_causal_lm(path, *, dtype=None, device="cpu", tp_plan=None):
     if tp_plan is not None:
         if is_token_rm_dir(path):
             raise ValueError("tp_plan: token reward models are not sharded (they stay on one device)")
+        check_tensor_parallel_transformers()
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan=tp_plan, **kwargs)
         if getattr(model, "tp_size", 1) in (None, 1) and tp_plan is not None:
             import torch.distributed as dist
