@@ -383,7 +383,7 @@ def test_eager_calls_launch_directly_and_the_ops_agree(extras):
             want = getattr(torch.ops.ivg_kernels, name)(*op_args)
         except RuntimeError as e:  # torch 2.11's wrap_triton takes no interpreted kernel (2.13's does)
             if DEVICE.type == "cpu" and "wrap_triton only works" in str(e):
-                unrun = f"torch {torch.__version__} runs no triton_op under the Triton interpreter (eager calls checked)"
+                unrun = f"torch {torch.__version__} runs no triton_op in the Triton interpreter (eager calls checked)"
                 continue
             raise
         if name == "write_kv":

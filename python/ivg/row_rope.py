@@ -65,7 +65,7 @@ class RowRope:
 
 def _without_choice(forward):
     """``forward`` (a rotary module's) without transformers' ``dynamic_rope_update``, the wrapper that picks the
-    frequencies by the longest sequence; None where no such wrapper is found. Up to transformers 5.2x
+    frequencies by the longest sequence; None where no such wrapper is found. In transformers 5.0 to 5.23
     ``torch.no_grad()`` wrapped it in turn, so ``forward.__wrapped__`` still made transformers' choice: the
     chain is followed to the wrapper whose code is ``dynamic_rope_update``'s (``functools.wraps`` copies the
     names, not the code; the rotary tables need no gradient, so the outer wrappers may go)."""
