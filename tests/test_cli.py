@@ -266,6 +266,40 @@ def test_info_reports_backends_and_the_cuda_build(capsys):
     assert "CUDA kernels (csrc/)" in out and "'auto' picks" in out
 
 
+def test_info_names_the_releases_a_bug_report_needs(monkeypatch, capsys):
+    """Python's and Triton's and transformers' releases (``ivg info`` named only torch's), read from the installed
+    packages' metadata, and whether tensor parallelism is available with that transformers."""
+    import platform
+    from importlib import metadata
+
+    from ivg.cli import _versions
+
+    assert main(["info"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith(f"python {platform.python_version()}  triton {metadata.version('triton')}  "
+                           f"transformers {metadata.version('transformers')}  (tensor parallelism: ")
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda n: "5.20.2" if n == "transformers" else real(n))
+    assert _versions().endswith("transformers 5.20.2  (tensor parallelism: needs transformers >= 5.23)")
+
+    def missing(n):
+        raise metadata.PackageNotFoundError(n)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert _versions().endswith("triton not installed  transformers not installed  (tensor parallelism: no "
+                                "transformers)")
+
+
+def test_a_reader_that_closes_early_gets_no_traceback():
+    """``ivg info | head -1`` (or ``ivg generate ... | head``) printed a BrokenPipeError traceback; now the command
+    stops quietly with status 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "ivg", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has imported torch, so its first line meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_info_says_where_auto_picks_the_cuda_kernels():
     from ivg.cli import _cuda_picks
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ def _info(args) -> int:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"ivg-kernels {ivg_kernels.__version__}  torch {torch.__version__}  device {dev}")
+    print(_versions())
     print(f"triton importable: {triton_available()}")
     print(f"guided_sample backend for {dev} tensors: {resolve_backend('auto', torch.empty(0, device=dev))}")
     from ivg_kernels import build
@@ -25,6 +27,31 @@ def _info(args) -> int:
           f"sources {'at ' + str(build.CSRC) if build.CSRC.is_dir() else 'missing'}; "
           f"{_cuda_picks(CUDA_WINS)}; build with: python -m ivg_kernels.build")
     return 0
+
+
+def _versions() -> str:
+    """Python's and the installed releases of Triton and transformers (what a bug report needs beside torch's), and
+    whether transformers is recent enough for tensor parallelism."""
+    import platform
+    from importlib import metadata
+
+    from .models import TENSOR_PARALLEL_TRANSFORMERS, check_tensor_parallel_transformers
+
+    found = {}
+    for name in ("triton", "transformers"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    tp = "no transformers"
+    if found["transformers"] != "not installed":
+        try:
+            check_tensor_parallel_transformers(found["transformers"])
+            tp = "available"
+        except ValueError:
+            tp = f"needs transformers >= {'.'.join(map(str, TENSOR_PARALLEL_TRANSFORMERS))}"
+    return (f"python {platform.python_version()}  triton {found['triton']}  transformers {found['transformers']}"
+            f"  (tensor parallelism: {tp})")
 
 
 def _cuda_picks(wins: dict) -> str:
@@ -363,6 +390,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input: one clear line, not a traceback
         print(f"ivg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader closed stdout early (``ivg generate ... | head``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 1
 
 
 if __name__ == "__main__":
