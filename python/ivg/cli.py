@@ -35,21 +35,21 @@ def _versions() -> str:
     import platform
     from importlib import metadata
 
-    from .models import TENSOR_PARALLEL_TRANSFORMERS, check_tensor_parallel_transformers
+    from .models import TENSOR_PARALLEL_TRANSFORMERS, tensor_parallel_supported
 
     found = {}
     for name in ("triton", "transformers"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    tp = "no transformers"
-    if found["transformers"] != "not installed":
-        try:
-            check_tensor_parallel_transformers(found["transformers"])
-            tp = "available"
-        except ValueError:
-            tp = f"needs transformers >= {'.'.join(map(str, TENSOR_PARALLEL_TRANSFORMERS))}"
+            found[name] = None
+    if found["transformers"] is None:
+        tp = "no transformers"
+    elif tensor_parallel_supported(found["transformers"]):
+        tp = "available"
+    else:
+        tp = f"needs transformers >= {TENSOR_PARALLEL_TRANSFORMERS}"
+    found = {k: v or "not installed" for k, v in found.items()}
     return (f"python {platform.python_version()}  triton {found['triton']}  transformers {found['transformers']}"
             f"  (tensor parallelism: {tp})")
 

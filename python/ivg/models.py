@@ -156,21 +156,28 @@ def check_model_paths(named) -> None:
 # The oldest transformers whose tensor parallelism this decoder is tested with: up to 5.20 it refuses a vocabulary
 # that the ranks do not divide, and up to 5.22 it shards GPT-2 although GPT-2 has no plan (under 5.20 its
 # attention kept every head, which the paged cache refused).
-TENSOR_PARALLEL_TRANSFORMERS = (5, 23)
+TENSOR_PARALLEL_TRANSFORMERS = "5.23"
+
+
+def tensor_parallel_supported(version: str) -> bool:
+    """Whether transformers ``version`` is at least :data:`TENSOR_PARALLEL_TRANSFORMERS` (major and minor)."""
+    import re
+
+    def release(v):
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+    return release(version) >= release(TENSOR_PARALLEL_TRANSFORMERS)
 
 
 def check_tensor_parallel_transformers(version: str | None = None) -> None:
     """``ValueError`` where the installed transformers (or ``version``) is older than
     :data:`TENSOR_PARALLEL_TRANSFORMERS`."""
-    import re
-
     if version is None:
         import transformers
 
         version = transformers.__version__
-    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-    if found < TENSOR_PARALLEL_TRANSFORMERS:
-        need = ".".join(map(str, TENSOR_PARALLEL_TRANSFORMERS))
+    if not tensor_parallel_supported(version):
+        need = TENSOR_PARALLEL_TRANSFORMERS
         raise ValueError(f"tp_plan: tensor parallelism needs transformers >= {need} (installed: {version}); "
                          f"pip install 'transformers>={need},<6', or shard the prompts instead of the base model")
 
