@@ -22,9 +22,11 @@
 #             which decodes one prompt at a time, on the first 8), speculative eft and ivg on the demo's trained
 #             models (16 prompts; carried in .whl/ivg-demo/ by benchmarks/pack_demo_models.sh, else trained here
 #             first) and on gpt2-xl-sized weights, IVG with a 2,048-token prompt per-beam against shared-prefix
-#             attention (bench_decode.py --prompt-len 2048), one prompt's decoding profiled
-#             (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names parts to leave
-#             out (smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative long decode)
+#             attention (bench_decode.py --prompt-len 2048), 16 prompts decoded together against each alone in bf16
+#             and float32 (batch_invariance.py: whether a prompt's tokens depend on its batch), one prompt's
+#             decoding profiled (profile_decode.py; PROFILE_MODES names the modes, default eft). TARGETS_SKIP names
+#             parts to leave out (smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative
+#             long invariance decode)
 #   check     build csrc/ (JIT, ninja), then the GPU tests: the Triton kernels and the CUDA block copy against
 #             the reference, CUDA-graph replay against eager, torch.compile, the decoder on CUDA against
 #             the CPU result, paged models; then compute-sanitizer memcheck and racecheck (tests/sanitize_cuda.py)
@@ -328,6 +330,15 @@ run_targets() {
         note "targets: IVG with a 2,048-token prompt, per-beam against shared-prefix attention, end to end (issue 13)"
         timed "beam groups end to end" "${T_LONG_TIMEOUT:-150}" targets_decode_long.log \
             "$PY" benchmarks/bench_decode.py --prompt-len 2048 --prompts 1 --modes ivg --skip-naive --record
+    fi
+    if wanted invariance; then
+        note "targets: prompts decoded together against each alone, bf16 and float32, gpt2-xl-sized random weights"
+        local dt
+        for dt in bfloat16 float32; do
+            timed "batch invariance ($dt)" "${T_INVARIANCE_TIMEOUT:-150}" "targets_invariance_$dt.log" \
+                "$PY" benchmarks/batch_invariance.py --models gpt2-xl --device cuda --dtype "$dt" --prompts 16 \
+                --modes eft ivg --work /tmp/pubwork --record
+        done
     fi
     if wanted decode; then
         # PROFILE_MODES: the decoding modes profiled one after another (issue 12's time outside the forwards, per mode)

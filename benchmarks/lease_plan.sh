@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The owed GPU work (benchmarks/results_notes.md, "Owed on a GPU") as the calls of short leases: 15 minutes of
 # device time a lease, the machine's start (a minute or more) and the transfers included, 10 minutes a command.
-# Calls 1 and 2 are one lease, calls 3 and 4 the next, calls 5 and 6 the one after (the timeouts of a lease's calls and a
+# Calls 1 and 2 are one lease, calls 3 and 4 the next, calls 5 and 6 the one after, call 7 a fourth (the timeouts of a lease's calls and a
 # two-minute start fit in 15 minutes, and every GPU test file of gpu_suite.sh runs in some call:
 # tests/test_gpu_suite.py checks both). Run from the repository root on the GPU machine:
 #
@@ -24,6 +24,10 @@
 #     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 6   # IVG with a 2,048-token prompt, per-beam against
 #                                                              # shared-prefix attention, end to end (item 2, issue
 #                                                              # 13's 2x)
+#     IVG_BENCH_COMMIT=<sha> bash benchmarks/lease_plan.sh 7   # 16 prompts decoded together against each alone,
+#                                                              # bf16 and float32 (item 8: whether a prompt's tokens
+#                                                              # depend on its batch on a GPU); a fourth lease, or one
+#                                                              # with 6 minutes left
 #
 # Each call's line "timeout_s=N" (printed first) is the device tool's timeout for it. The parts' own limits add up
 # to under the call's TARGETS_BUDGET, and a part cut by what is left of the budget records nothing. The sampler's
@@ -33,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # Every part of `gpu_suite.sh targets` (its header lists them): each call skips the ones it does not run.
-PARTS="smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative long decode"
+PARTS="smoke sampler diagnose tune kv beamgroup profile published spec-demo speculative long invariance decode"
 
 skip_all_but() {  # skip_all_but PART...: the TARGETS_SKIP that leaves only these parts
     local out="" p
@@ -99,8 +103,13 @@ tests/test_sampling_reference.py" TESTS_TIMEOUT=170 -- bash benchmarks/gpu_suite
         run TARGETS_BUDGET=150 TARGETS_SKIP="$(skip_all_but long)" T_LONG_TIMEOUT=145 \
             -- bash benchmarks/gpu_suite.sh targets
         ;;
+    7)
+        timeout_s 340
+        run TARGETS_BUDGET=315 TARGETS_SKIP="$(skip_all_but invariance)" T_INVARIANCE_TIMEOUT=150 \
+            -- bash benchmarks/gpu_suite.sh targets
+        ;;
     *)
-        echo "usage: $0 1|2|3|4|5|6 (calls 1-2: one lease; 3-4: the next; 5-6: the one after)" >&2
+        echo "usage: $0 1|2|3|4|5|6|7 (calls 1-2: one lease; 3-4: the next; 5-6: the one after; 7: a fourth)" >&2
         exit 2
         ;;
 esac

@@ -516,3 +516,35 @@ def test_softcap_and_sinks_errors_name_the_argument():
     with pytest.raises(ValueError, match="sinks=.*floating-point"):
         paged_prefill_attention(q, kc, kc, bt, sl, torch.tensor([0, 1], dtype=torch.int32), max_seqlen_q=1, scale=1.0,
                                 sinks=torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_references_give_a_row_the_same_bits_in_any_batch(one_thread, dtype):
+    """A call pads its rows to the longest one's keys, and torch's CPU attention sums a row's keys in an order that
+    depends on that padded length. The references compute 16-bit inputs in float64
+    (``reference.attention.accumulation_dtype``), so a row's 16-bit output is the same bits alone as in a batch of
+    rows of other lengths, in decode and prefill: which the decoder's batch invariance needs in 16 bits (in float32
+    about 1 row in 140 of this test's differed once rounded to bfloat16, and tokens with it)."""
+    from ivg_kernels.reference.attention import paged_decode_attention_ref, paged_prefill_attention_ref
+
+    h, h_kv, d, bs = 8, 4, 32, 8
+    lens = [1, 37, 5, 64, 23, 8, 50, 17, 3, 44, 29, 12, 61, 2, 33, 19]
+    bm, seqs, kc, vc, _, _ = _setup(lens, h_kv, d, bs, dtype, seed=11)
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        q = (3 * torch.randn(len(lens), h, d, generator=gen)).to(dtype)
+        bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+        batch = paged_decode_attention_ref(q, kc, vc, bt, sl, scale=d ** -0.5)
+        for b in range(len(lens)):
+            alone = paged_decode_attention_ref(q[b:b + 1], kc, vc, bt[b:b + 1], sl[b:b + 1], scale=d ** -0.5)
+            assert torch.equal(alone[0], batch[b]), f"decode, trial {trial}, row {b} (length {lens[b]})"
+    new = [1, 6, 3, 9, 2, 7, 4, 5, 1, 8, 3, 6, 2, 9, 5, 4]  # each sequence's last tokens as an extend's queries
+    cu = torch.tensor([0] + new).cumsum(0).to(torch.int32)
+    q = (3 * torch.randn(int(cu[-1]), h, d, generator=gen)).to(dtype)
+    bt, sl = bm.block_table(seqs), bm.seq_lens(seqs)
+    batch = paged_prefill_attention_ref(q, kc, vc, bt, sl, cu, scale=d ** -0.5)
+    for b in range(len(lens)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        alone = paged_prefill_attention_ref(q[rows], kc, vc, bt[b:b + 1], sl[b:b + 1],
+                                            torch.tensor([0, new[b]], dtype=torch.int32), scale=d ** -0.5)
+        assert torch.equal(alone, batch[rows]), f"prefill, sequence {b} (length {lens[b]})"

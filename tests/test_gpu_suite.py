@@ -86,7 +86,7 @@ def _benchmark_commands(text: str) -> list[list[str]]:
     """Every ``"$PY" benchmarks/NAME.py ARGS`` command line of the suite, its continuation lines joined,
     ``${VAR:-default}`` read as the default and the suite's own variables as what they hold on a GPU."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    local = {"fi_providers": "flashinfer flashinfer-graph", "gpus": "2", "mode": "ivg"}  # set by the script itself
+    local = {"fi_providers": "flashinfer flashinfer-graph", "gpus": "2", "mode": "ivg", "dt": "bfloat16"}  # set by the script itself
     out = []
     for m in re.finditer(r'"\$PY" (benchmarks/\w+\.py)([^|\n]*)', joined):
         args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", m.group(2).split("2>&1")[0].split("||")[0])
@@ -152,7 +152,7 @@ def _plan_dry_run(call: str) -> str:
     return res.stdout
 
 
-CALLS = ("1", "2", "3", "4", "5", "6")
+CALLS = ("1", "2", "3", "4", "5", "6", "7")
 
 
 def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
@@ -178,7 +178,7 @@ def test_the_lease_plan_names_the_suites_parts_and_existing_test_files():
     # the third call's flashinfer stage runs with --record
     assert ran == set(suite_parts) - {"speculative", "kv"}
     assert "gpu_suite.sh flashinfer" in _plan_dry_run("3")
-    assert subprocess.run(["bash", str(PLAN), "7"], capture_output=True).returncode == 2
+    assert subprocess.run(["bash", str(PLAN), "8"], capture_output=True).returncode == 2
 
 
 # each part of `gpu_suite.sh targets` -> the variable that caps it (its default is read from the suite)
@@ -186,13 +186,13 @@ PART_LIMITS = {"smoke": "SMOKE_TIMEOUT", "sampler": "T_SAMPLING_TIMEOUT", "diagn
                "tune": "T_TUNE_TIMEOUT", "kv": "T_KV_TIMEOUT", "beamgroup": "T_BEAM_TIMEOUT",
                "profile": "T_PROFILE_TIMEOUT", "published": "T_PUBLISHED_TIMEOUT",
                "spec-demo": "T_SPEC_DEMO_TIMEOUT", "speculative": "T_SPEC_TIMEOUT", "long": "T_LONG_TIMEOUT",
-               "decode": "T_DECODE_PROFILE_TIMEOUT"}
+               "invariance": "T_INVARIANCE_TIMEOUT", "decode": "T_DECODE_PROFILE_TIMEOUT"}
 LEASE_S, START_S = 900, 120  # device time a lease; what a machine's start and the transfers may take
 
 
 def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
     """Each call's parts, at their limits, fit its TARGETS_BUDGET, the budget and the other stages fit the call's
-    timeout, and the calls of each lease (1-2, 3-4, 5-6) fit 15 minutes with a two-minute start: a plan that
+    timeout, and the calls of each lease (1-2, 3-4, 5-6, 7) fit 15 minutes with a two-minute start: a plan that
     overruns loses its last part's rows, or the lease's second call."""
     text = SUITE.read_text()
     assert sorted(PART_LIMITS) == sorted(re.findall(r"wanted ([a-z-]+)", text.split("run_targets() {")[1]))
@@ -215,6 +215,8 @@ def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
             caps = {p: int(setting(out, v)) for p, v in PART_LIMITS.items() if p not in skipped}
             if "decode" in caps:
                 caps["decode"] *= len(setting(out, "PROFILE_MODES").split()) if "PROFILE_MODES=" in out else 1
+            if "invariance" in caps:
+                caps["invariance"] *= 2  # bf16, then float32
             assert sum(caps.values()) <= budget, (call, caps, budget)
             used += budget
         if "gpu_suite.sh flashinfer" in out:
@@ -222,7 +224,7 @@ def test_the_lease_plans_calls_fit_their_budgets_and_one_lease():
         if "gpu_suite.sh tests" in out:
             used += int(setting(out, "TESTS_TIMEOUT"))
         assert 0 < used <= timeouts[call] - 20, (call, used, timeouts[call])
-    for lease in (("1", "2"), ("3", "4"), ("5", "6")):  # the calls of one lease
+    for lease in (("1", "2"), ("3", "4"), ("5", "6"), ("7",)):  # the calls of one lease
         assert START_S + sum(timeouts[c] for c in lease) <= LEASE_S, lease
 
 

@@ -53,16 +53,32 @@ def _gather_slots(cache, slots, rows: int, length: int):
     return cache.flatten(0, 1).index_select(0, slots).view(rows, length, cache.shape[2], cache.shape[3])
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the attention computes in for inputs of ``dtype``: float32 for float32, float64 for the rest.
+
+    16-bit inputs take float64 so that a row's result, once rounded back to 16 bits, does not depend on the other
+    rows of its call. A call pads its rows to the longest one's keys (masked), and torch's CPU attention sums a
+    row's keys in an order that depends on that padded length: in float32 a row attended in a batch of mixed
+    lengths rounded differently from the row alone in 2,837 of 3,200 rows, and still in 23 of 3,200 once rounded
+    to bfloat16, enough for a bfloat16 model's tokens to depend on the batch (6 of 64 IVG prompts decoded
+    together differed from each decoded alone, ``benchmarks/batch_invariance.py`` on random-weight models). In
+    float64 the two results round to the same 16-bit value unless they lie within about 2**-45 of a rounding
+    boundary: none of those rows and prompts differed, at a cost of 0-17% of a bfloat16 decode on the CPU.
+    float32 inputs stay in float32 (float32 products and attention round a row's last place by the batch too,
+    which has not changed a token in those runs: results_notes.md)."""
+    return torch.float32 if dtype == torch.float32 else torch.float64
+
+
 def _attend(q, k, v, allowed, scale, clear=True, softcap=None, sinks=None):
-    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in float32
-    (float64 for float64). ``clear=False``: the caller knows every query allows a key (no 0/0 to set to 0).
+    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] (None: every key) -> [N, M, H, D] in
+    :func:`accumulation_dtype`. ``clear=False``: the caller knows every query allows a key (no 0/0 to set to 0).
     ``softcap``/``sinks``: see the module's docstring (then the scores are formed here, not by SDPA)."""
     if softcap is not None or sinks is not None:
         if allowed is None:
             allowed = torch.ones(q.shape[0], q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
         out, lse = _attend_lse(q, k, v, allowed, scale, softcap)
         return _sink(out, lse, sinks)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     # softmax(q k^T * scale, over allowed keys) v, query head h reading KV head h // (H / H_kv)
     out = torch.nn.functional.scaled_dot_product_attention(
         *(as_dtype(t, acc).transpose(1, 2) for t in (q, k, v)),  # (N, H, M|L, D)
@@ -266,10 +282,10 @@ def _prefill_group(q, k_cache, v_cache, g: PrefillGroup, scale, softcap=None, si
 
 
 def _attend_lse(q, k, v, allowed, scale, softcap=None):
-    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> (out [N, M, H, D], lse [N, M, H]) in float32
-    (float64 for float64): the normalised attention and the log-sum-exp of the scaled (and, with ``softcap``,
+    """q [N, M, H, D], k/v [N, L, Hkv, D], allowed [N, M, L] -> (out [N, M, H, D], lse [N, M, H]) in
+    :func:`accumulation_dtype`: the normalised attention and the log-sum-exp of the scaled (and, with ``softcap``,
     capped) scores over the allowed keys (out 0 and lse -inf where none is allowed)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     n, m, h, d = q.shape
     hkv = k.shape[2]
     qg = q.to(acc).reshape(n, m, hkv, h // hkv, d)
@@ -386,7 +402,7 @@ def shared_prefix_decode_attention_ref(q, k_cache, v_cache, block_table, seq_len
         plan = shared_decode_plan(block_table, seq_lens, group_starts, shared_lens, k_cache.shape[1], sliding_window)
         if plan is None:
             return torch.zeros_like(q)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     o_p = torch.zeros(n, q.shape[1], q.shape[2], dtype=acc, device=q.device)
     lse_p = torch.full(q.shape[:2], -torch.inf, dtype=acc, device=q.device)
     if plan.prefix_len > 0:
