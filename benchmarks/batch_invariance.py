@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks import harness, random_models  # noqa: E402
 
-MODES = ("eft", "ivg", "bon", "plain")
+MODES = ("eft", "ivg", "bon", "plain", "tokenrm", "cbs-explicit")
 
 
 def compare(together: list, alone: list) -> dict:
@@ -50,16 +50,21 @@ def compare(together: list, alone: list) -> dict:
     return dict(differ=differ, first=first, score_gap=gap)
 
 
-def measure(models, prompts: list, modes, max_new_tokens: int, seed: int = 1, on_mode=None) -> dict:
-    """Mode -> :func:`compare` of ``prompts`` decoded together and each alone (the demo's W=K=4, L=5, T=0.7),
-    with ``models`` (an ``IVGModels``), one decoder for every call (its pools and graphs are reused)."""
+def measure(models, prompts: list, modes, max_new_tokens: int, seed: int = 1, speculate: int = 0,
+            on_mode=None) -> dict:
+    """Mode -> :func:`compare` of ``prompts`` decoded together and each alone (the demo's W=K=4, L=5, T=0.7;
+    ``speculate`` drafts per round, 0: none), with ``models`` (an ``IVGModels``), one decoder for every call (its
+    pools and graphs are reused)."""
+    import dataclasses
+
     from ivg.decoder import IVGDecoder
     from ivg.demo.run import method_options
 
     dec = IVGDecoder(models)
     out = {}
     for mode in modes:
-        opts = method_options(mode if mode != "plain" else "base", seed, max_new_tokens)
+        opts = dataclasses.replace(method_options(mode if mode != "plain" else "base", seed, max_new_tokens),
+                                   speculate=speculate)
         together = dec.generate(prompts, opts)
         alone = [dec.generate([p], opts)[0] for p in prompts]
         out[mode] = compare(together, alone)
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--modes", nargs="+", default=["eft", "ivg"], choices=MODES)
+    ap.add_argument("--speculate", type=int, default=0, metavar="N",
+                    help="speculative decoding with up to N drafts a round (default 0: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (CPU)")
     ap.add_argument("--work", help="where random-weight models are built (default a temporary folder)")
     ap.add_argument("--record", action="store_true", help="append one row per mode to benchmarks/results.csv")
@@ -86,6 +93,8 @@ def main(argv=None) -> int:
         ap.error(f"--prompts={args.prompts}: expected at least 2 (a batch against one prompt at a time)")
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens={args.max_new_tokens}: expected at least 1")
+    if args.speculate < 0:
+        ap.error(f"--speculate={args.speculate}: expected 0 or more")
     if args.threads < 1:
         ap.error(f"--threads={args.threads}: expected at least 1")
     torch.set_num_threads(args.threads)
@@ -101,15 +110,17 @@ def main(argv=None) -> int:
               f"score gap on the same tokens {r['score_gap']:.3g}", flush=True)
 
     print(f"{len(prompts)} prompts together, then each alone ({args.models}, {dtype}, {args.device}, "
-          f"{args.threads} thread(s), {args.max_new_tokens} new tokens, W=K=4, L=5, T=0.7)", flush=True)
-    results = measure(models, prompts, args.modes, args.max_new_tokens, on_mode=show)
+          f"{args.threads} thread(s), {args.max_new_tokens} new tokens, W=K=4, L=5, T=0.7, speculate {args.speculate})",
+          flush=True)
+    results = measure(models, prompts, args.modes, args.max_new_tokens, speculate=args.speculate, on_mode=show)
     if args.record:
         device = harness.device_name(torch.device(args.device), threads=args.threads)
         stamp, rev = harness.now(), harness.commit()
         harness.append_results([dict(
             date=stamp, commit=rev, device=device, benchmark="batch-invariance", provider=mode, dtype=dtype,
             shape=(f"prompts={len(prompts)},new={args.max_new_tokens},W=4,K=4,L=5,T=0.7,models={args.models},"
-                   f"differ={r['differ']}/{len(prompts)},first={r['first']},score_gap={r['score_gap']:.3g}"),
+                   f"speculate={args.speculate},differ={r['differ']}/{len(prompts)},first={r['first']},"
+                   f"score_gap={r['score_gap']:.3g}"),
             median_us="", speedup="") for mode, r in results.items()])
     return 1 if any(r["differ"] for r in results.values()) else 0
 
