@@ -293,7 +293,8 @@ def _add_generate(sub):
     g.add_argument("--min-p", type=float, default=0.0,
                    help="keep tokens with probability >= min_p * the largest (0: off, the default)")
     g.add_argument("--seed", type=int, default=0,
-                   help="a prompt's output depends only on it, the prompt and the options (default 0)")
+                   help="a prompt's output depends only on it, the prompt and the options, up to the model "
+                        "forwards' last-place rounding in batches of other sizes (default 0)")
     g.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="speculative decoding: the draft model drafts N tokens per round and every model "
                         "verifies them at once; the output keeps the same distribution (0: off, the default)")
