@@ -5,14 +5,14 @@
 
 ``ivg_kernels._triton.sampling_kernels.STAGE1_WARPS_WIDE`` sets the warps of a stage-1 program over a slice of
 4,096 tokens (N >= 8 at V=151936). With 8 each thread holds 16 tokens; with 4, 32, so the slice's reductions cost
-each token half as much (``benchmarks/sass_count.py --warps 8 4``: 78 -> 66 instructions per token without
-filters, 124 -> 105 with, on sm_90), but the program needs 104 registers instead of about 60, so fewer programs
+each token less (``benchmarks/sass_count.py --warps 8 4``: 82 -> 72 instructions per token without
+filters, 127 -> 110 with, on sm_90), but the program needs 128 registers instead of about 60, so fewer programs
 share an SM. Only the device can say which is faster: this times the whole sampler (both stages, CUDA-graph medians,
 peaked rows as ``bench_sampling.py`` makes them, 3 bf16 inputs) at each setting in one run, the settings taking
 turns, and prints each time with its share of the measured copy bandwidth (the bytes stage 1 must read), then each
 stage's own time from the profiler (which of the two a filter's extra time is in). ``--candidates`` also varies,
-for the filtered configs, the candidates per slice stage 1 keeps (``MAX_CANDIDATES``: at 8 instead of 16, 107
-instead of 124 instructions per token with filters, and a few more rows taking the exact fallback). The
+for the filtered configs, the candidates per slice stage 1 keeps (``MAX_CANDIDATES``: at 8 instead of 16, 110
+instead of 127 instructions per token with filters, and a few more rows taking the exact fallback). The
 tokens are the same at every setting (checked here, and by the interpreter tests: neither setting changes the draw).
 Nothing is recorded: the setting that wins becomes the default, and ``bench_sampling.py --record`` then measures it.
 """

@@ -312,3 +312,38 @@ def test_scalar_seeds_and_offsets_of_every_integer_width():
         for top_k in (0, 3):
             a = prepare_sample_args(logits, [], 1.0, top_k, 1.0, 0.0, seed, offset, None)
             _compare(a)
+
+
+_NO_FILTER = dict()
+_WIDTH_CASES = [_NO_FILTER, dict(top_k=50), dict(top_k=300), dict(top_p=0.5), dict(min_p=0.05),
+                dict(top_k=40, top_p=0.9, min_p=0.01)]
+
+
+@pytest.mark.parametrize("f", _WIDTH_CASES, ids=[",".join(f"{k}={v}" for k, v in f.items()) or "none"
+                                                 for f in _WIDTH_CASES])
+def test_a_row_gives_the_same_bits_in_slices_of_any_width(f, pool_entries):
+    """The slice width follows the call's row count (``pick_block``: 1,024 tokens for one row of 151,936, 4,096
+    from eight rows), so a row's result must not depend on it. Every output bit for bit in slices of 256, 1,024
+    and 4,096 (each input's log-sum-exp from per-granule sums merged in one order); and the tokens and
+    log-probs also in slices of 16 (every token a candidate: each kept set proven from the candidates, where
+    wider slices' 16 candidates make wide kept sets fall back), the kept set's log-prob from its exact integer
+    mass on every path. (Before: the log-sum-exps were merged from per-slice sums, 1 to 5 of 8 rows differing
+    in the last place between widths, and a proven kept set's log-prob was a float sum over the candidates in
+    an order the slices set.)"""
+    resize, counters = pool_entries
+    gen = torch.Generator().manual_seed(41)
+    n, v = 4, 2048  # (slices of 4,096: the whole row in one)
+    logits, guides = _inputs(n, v, 2, torch.bfloat16, gen)
+    a = args_to(prepare_sample_args(logits, [(guides[0], 0.7), (guides[1], -0.7)], 0.9, f.get("top_k", 0),
+                                    f.get("top_p", 1.0), f.get("min_p", 0.0), 77, torch.arange(n), None))
+    from ivg_kernels.sampling import _guided_sample_triton
+
+    first = _guided_sample_triton(a, 256)
+    for block in (1024, 4096, 16):
+        other = _guided_sample_triton(a, block)
+        names = ("tokens", "logprob") if block < 256 else first._fields
+        for name in names:
+            assert torch.equal(getattr(first, name), getattr(other, name)), (block, name, getattr(first, name),
+                                                                            getattr(other, name))
+    if counters and f.get("top_k") == 300:  # the wide top-k set: proven in slices of 16, a fallback in wider ones
+        assert counters["_pool_draw"].calls, "precondition: some row fell back"

@@ -9,9 +9,11 @@ exact fallback: two passes over the row and a pool, or, when the pool is full, m
 Stage 1, grid ``N * S`` (``S = ceil(V / BLOCK)`` slices of whole granules per row, so N=1 still
 fills the GPU; slice ``s`` holds granules ``s, s + S, s + 2S, ...``, since byte-level BPE vocabularies
 number their frequent tokens first and a contiguous slice of the low ids would hold most of a row's
-likely tokens beside C candidate places): per slice, each input's max and sum-exp, the combined score
-``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and first argmax, each granule's max ``a_g`` and
-integer mass ``sum mass_int(x - a_g)`` (no random numbers), and (when filters may be active) the
+likely tokens beside C candidate places): per granule, each input's max and sum-exp (a fixed partition of
+the row, merged by stage 2 in one order: each input's log-sum-exp is the same bits however wide the slices,
+which follow the call's row count); the combined score ``x = (x_0 + sum w_i x_i) * (1 / T)``, its max and
+first argmax, each granule's max ``a_g`` and integer mass ``sum mass_int(x - a_g)`` (no random numbers),
+and (when filters may be active) the
 slice's top-C candidates (C extractions of the next largest 32-bit key, stored with their exact keys)
 and a bound on every other token's key (the cut). Maxima propagate NaN, so bad rows need no per-element
 checks.
@@ -27,7 +29,9 @@ target: ``_nucleus_floor``), so one pass counts the row's tokens with keys in th
 them into a pool the call's rows share, and the thresholds (8 pivots per pass over the pool: the range
 narrows 9-fold) and the draw run over the pool and the candidates above the cut; a row whose range does
 not fit takes the same narrowing in passes over its full row. Then it draws by Gumbel-max among the kept
-tokens and gathers the per-input values at the token.
+tokens and gathers the per-input values at the token. The log-prob of a filtered row's token comes from the
+kept set's exact integer mass on every path (proven or either fallback), so it too is the same bits however
+the row went.
 
 Every operation a token depends on is the reference's, bit for bit: products and sums rounded
 separately (both stages launch with ``enable_fp_fusion=False``), ``div_rn`` for ``1 / T``, the
@@ -288,10 +292,14 @@ def _stage1_kernel(
 ):
     """One slice of one row, read once: per-input stats, the granules' max and integer mass, top-C candidates.
 
-    ``part_f[part]`` = (max_0..max_G, sumexp_0..sumexp_G, max x); ``part_i[part]`` = (first index of
-    max x, written for greedy rows; the cut, a bound on the key of every token not among the
-    candidates); ``part_g``/``part_m[row * NG + granule]`` = the granule's max x and, for sampled
-    rows, its sum of ``mass_int(x - max)``. Maxima propagate NaN, so stage 2 finds bad rows from them."""
+    ``part_f[part]`` = max x; ``part_i[part]`` = (first index of max x, written for greedy rows; the cut, a
+    bound on the key of every token not among the candidates); ``part_g[row, 0, granule]``
+    = the granule's max x, ``part_g[row, 1 + i, granule]`` and ``part_g[row, 1 + NIN + i, granule]`` = input
+    i's max over the granule and its sum of exp(x_i - that max), and ``part_m[row * NG + granule]``, for
+    sampled rows, the granule's sum of ``mass_int(x - max)``. The inputs' sums are per granule, a fixed
+    partition of the row, and stage 2 merges them in one fixed order, so each input's log-sum-exp is the same
+    bits however wide the slices (which follow the call's row count). Maxima propagate NaN, so stage 2 finds
+    bad rows from them."""
     part_f, part_i, part_g, part_m, part_cand, pool_n, pool = _workspace(ws, off_i, off_g, off_m, off_cand, off_pool)
     pid = tl.program_id(0)
     row = (pid // S).to(tl.int64)
@@ -302,18 +310,21 @@ def _stage1_kernel(
     cols = g_idx[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR] token ids, in the order of ``local``
     mask = cols < V
     part = row * S + sl
-    WF: tl.constexpr = 2 * NIN + 1
+    GW: tl.constexpr = 2 * NIN + 1
     NEG_INF: tl.constexpr = float("-inf")
     LOG2E: tl.constexpr = 1.4426950408889634
+    g_mask = g_idx < NG
+    g_row = part_g + row * (GW * NG)
 
     # The only read of the inputs: per-input stats and the combined score from the same registers.
     z = tl.zeros([NGB, GR], tl.float32)
     for i in tl.static_range(NIN):
         v = tl.load(inputs[i] + row * strides[i] + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        m = tl.reduce(v, None, _max_nan)
+        m = tl.reduce(v, 1, _max_nan)  # [NGB] each granule's max
         m_safe = tl.where(m == NEG_INF, 0.0, m)
-        tl.store(part_f + part * WF + i, m)
-        tl.store(part_f + part * WF + NIN + i, tl.sum(tl.math.exp2(tl.fma(v, LOG2E, -m_safe * LOG2E))))
+        tl.store(g_row + (1 + i) * NG + g_idx, m, mask=g_mask)
+        tl.store(g_row + (1 + NIN + i) * NG + g_idx,
+                 tl.sum(tl.math.exp2(tl.fma(v, LOG2E, -m_safe[:, None] * LOG2E)), 1), mask=g_mask)
         if i == 0:
             z = v
         else:
@@ -324,9 +335,8 @@ def _stage1_kernel(
     x = tl.where(mask, _scaled(z, t, sampling), NEG_INF)
     a = tl.reduce(x, 1, _max_nan)  # [NGB] the granules' max
     amax = tl.reduce(a, 0, _max_nan)
-    tl.store(part_f + part * WF + 2 * NIN, amax)
-    g_mask = g_idx < NG
-    tl.store(part_g + row * NG + g_idx, a, mask=g_mask)
+    tl.store(part_f + part, amax)
+    tl.store(g_row + g_idx, a, mask=g_mask)
     if sampling:
         mass = _mass_int(x - a[:, None])  # a granule of -inf gives NaN here, and mass_int(NaN) = 0
         tl.store(part_m + row * NG + g_idx, tl.sum(mass, 1), mask=g_mask)
@@ -356,12 +366,15 @@ def _stage1_kernel(
 
 
 @triton.jit
-def _merged_lse(part_f, base, s, smask, j, NIN: tl.constexpr):
-    """(max, sum of exp(v - max), logsumexp) of input j's stats, merged over a row's slices."""
-    WF: tl.constexpr = 2 * NIN + 1
-    m = tl.load(part_f + (base + s) * WF + j, mask=smask, other=float("-inf"))
-    sm = tl.load(part_f + (base + s) * WF + NIN + j, mask=smask, other=0.0)
-    mmax = tl.max(m, 0)
+def _merged_lse(part_g, row, NG, j, NIN: tl.constexpr, G_PAD: tl.constexpr):
+    """(max, sum of exp(v - max), logsumexp) of input j, merged over the row's granules in one order, whatever the
+    slices (stage 1); the max propagates NaN."""
+    gs = tl.arange(0, G_PAD)
+    gmask = gs < NG
+    at = part_g + row * ((2 * NIN + 1) * NG)
+    m = tl.load(at + (1 + j) * NG + gs, mask=gmask, other=float("-inf"))
+    sm = tl.load(at + (1 + NIN + j) * NG + gs, mask=gmask, other=0.0)
+    mmax = tl.reduce(m, 0, _max_nan)
     m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
     tot = tl.sum(sm * tl.exp(m - m_safe), 0)
     return mmax, tot, m_safe + tl.log(tot)
@@ -560,12 +573,12 @@ def _pool_draw(pool, start, n, ckey, cx, cidx, above, tau, mx, seed, offset):
 
 
 @triton.jit
-def _granule_weights(part_g, part_m, row, mx, NG, G_PAD: tl.constexpr):
+def _granule_weights(part_g, part_m, row, mx, NG, NIN: tl.constexpr, G_PAD: tl.constexpr):
     """The granules of a row from stage 1 (reference/sampling.py: granule_weights): ``(ids, mask, max x,
     mass sum S, weight W)``, each [G_PAD]."""
     gs = tl.arange(0, G_PAD)
     gmask = gs < NG
-    a = tl.load(part_g + row * NG + gs, mask=gmask, other=float("-inf"))
+    a = tl.load(part_g + row * ((2 * NIN + 1) * NG) + gs, mask=gmask, other=float("-inf"))
     sg = tl.load(part_m + row * NG + gs, mask=gmask, other=0)
     e = _mass_int(tl.where(a > float("-inf"), a - mx, float("-inf")))
     return gs, gmask, a, sg, tl.floor(sg.to(tl.float64) * e.to(tl.float64) * _TWO_M40).to(tl.int64)
@@ -575,7 +588,7 @@ def _granule_weights(part_g, part_m, row, mx, NG, G_PAD: tl.constexpr):
 def _granule_draw(inputs, strides, w_vals, w_ptr, w_stride, part_g, part_m, row, t, mx, seed, offset, V, NG,
                   NIN: tl.constexpr, W_TENSOR: tl.constexpr, GR: tl.constexpr, G_PAD: tl.constexpr):
     """Step 4 of a row without filters (reference/sampling.py: granule_draw): (token, log of the total mass)."""
-    gs, gmask, a, sg, w = _granule_weights(part_g, part_m, row, mx, NG, G_PAD)
+    gs, gmask, a, sg, w = _granule_weights(part_g, part_m, row, mx, NG, NIN, G_PAD)
     total = tl.sum(w, 0)
     u1, u2 = _draw_uniforms(seed, offset)
     g = _index_draw(tl.cumsum(w, 0), total, u1, gmask)
@@ -605,17 +618,18 @@ def _stage2_kernel(
     s = tl.arange(0, S_PAD)
     smask = s < S
     base = row.to(tl.int64) * S
-    WF: tl.constexpr = 2 * NIN + 1
     NEG_INF: tl.constexpr = float("-inf")
     POS_INF: tl.constexpr = float("inf")
 
-    # Bad rows from the reduced values: a NaN or +inf anywhere makes its slice's max NaN or +inf.
-    sx = tl.load(part_f + (base + s) * WF + 2 * NIN, mask=smask, other=NEG_INF)
+    # Bad rows from the reduced values: a NaN or +inf anywhere makes its slice's (its granule's) max NaN or +inf.
+    sx = tl.load(part_f + base + s, mask=smask, other=NEG_INF)
     mx = tl.reduce(sx, 0, _max_nan)
     bad = (mx != mx) | (mx == POS_INF)
     for i in tl.static_range(NIN):
-        mi = tl.reduce(tl.load(part_f + (base + s) * WF + i, mask=smask, other=NEG_INF), 0, _max_nan)
+        # each input's log-sum-exp now (its granules read once), stored as it is, masked below once ``ok`` is known
+        mi, toti, lse_i = _merged_lse(part_g, row, NG, i, NIN, G_PAD)
         bad = bad | (mi != mi) | (mi == POS_INF)
+        tl.store(out_lse + row * NIN + i, lse_i)
 
     t = _row_param(t_ptr, t_val, row, T_TENSOR, tl.float32)
     p = _row_param(p_ptr, p_val, row, P_TENSOR, tl.float32)
@@ -661,7 +675,7 @@ def _stage2_kernel(
             total_known = tl.where(k_on, valid_k | tail_zero, True)
             w_total = tl.zeros([], tl.int64)
             if p_on & ~k_on:
-                w_total = tl.sum(_granule_weights(part_g, part_m, row, mx, NG, G_PAD)[4], 0)
+                w_total = tl.sum(_granule_weights(part_g, part_m, row, mx, NG, NIN, G_PAD)[4], 0)
             tau_p = tl.full([], INT32_MIN, tl.int64)
             if p_on & total_known:
                 tau_p = _bisect_mass(ckey, mass, _nucleus_target(p, tl.where(k_on, tl.sum(mass, 0), w_total)))
@@ -675,7 +689,7 @@ def _stage2_kernel(
                 kept = cmask & (ckey >= tau)
                 y, err = _noisy(cx, _gumbel_at(seed, offset, cidx), kept)
                 best, best_e, tok = _argmax_exact(y, err, cidx, kept)
-                log_kept = tl.log(tl.sum(tl.where(kept, tl.exp(cx - mx), 0.0), 0))
+                kept_mass = tl.sum(tl.where(kept, _mass_int(cx - mx), 0), 0)
             else:
                 # Exact fallback. The candidates bound each threshold: it is at least what they alone give for
                 # the same target and floor (the row's tokens reach a target wherever the candidates do) and at
@@ -758,8 +772,9 @@ def _stage2_kernel(
                         run_best, run_err, run_tok = _take(run_best, run_err, run_tok, yb, eb, yi.to(tl.int64))
                         kept_mass += tl.sum(tl.where(kept, _mass_int(x - mx), 0), 0)
                     tok = run_tok
-                # the kept mass as an exact integer sum: the same bits whichever way the row went
-                log_kept = tl.log(kept_mass.to(tl.float64) * _TWO_M40).to(tl.float32)
+            # The kept set's exact integer mass, whichever way the row went (proven from the candidates, the
+            # pool, full-row passes) and however wide its slices (which follow the call's row count): the same bits.
+            log_kept = tl.log(kept_mass.to(tl.float64) * _TWO_M40).to(tl.float32)
 
     tok_safe = tl.where(ok, tok, 0)
     z = _combined(inputs, strides, w_vals, w_ptr, w_stride, row, tok_safe, True, NIN, W_TENSOR)
@@ -769,8 +784,9 @@ def _stage2_kernel(
     tl.store(out_tokens + row, tl.where(ok, tok, -1))
     tl.store(out_logprob + row, tl.where(ok, logprob, NAN))
     tl.store(out_ok + row, ok)
+    tl.debug_barrier()  # (the log-sum-exps stored above, read back by every thread)
     for i in tl.static_range(NIN):
-        mi, toti, lse_i = _merged_lse(part_f, base, s, smask, i, NIN)
+        lse_i = tl.load(out_lse + row * NIN + i)
         v = tl.load(inputs[i] + row * strides[i] + tok_safe).to(tl.float32)
         tl.store(out_lse + row * NIN + i, tl.where(ok, lse_i, NAN))
         tl.store(out_in_logits + row * NIN + i, tl.where(ok, v, NAN))
@@ -781,7 +797,7 @@ def _stage2_kernel(
 # Launcher and torch.library registration
 # ----------------------------------------------------------------------------------------------
 # Candidates per slice that stage 1 keeps for the filters (its top keys). At 8 instead of 16, stage 1 with filters
-# issues 107 instead of 124 instructions per token (sm_90, 3 bf16 inputs, `benchmarks/sass_count.py`), and
+# issues 110 instead of 127 instructions per token (sm_90, 3 bf16 inputs, `benchmarks/sass_count.py`), and
 # `benchmarks/candidate_coverage.py` predicts 1 to 5 more of 256 benchmark rows taking the exact fallback; which is
 # faster is a GPU measurement (`benchmarks/tune_stage1.py --candidates 16 8`, owed).
 MAX_CANDIDATES = 16
@@ -798,9 +814,9 @@ def pick_block(n: int, v: int) -> int:
 
 MAX_BLOCK = 4096  # a slice position fits the 12 low bits of stage 1's candidate keys
 # Warps of a stage-1 program over a slice of MAX_BLOCK tokens (narrower slices: 4). With 8, each thread holds 16
-# tokens; with 4, 32, and the slice's reductions (each input's max and sum-exp, the granules') cost each token half
-# as much: `benchmarks/sass_count.py --warps 8 4` reads 78 -> 66 instructions per token without filters and 124 -> 105
-# with (sm_90, 3 bf16 inputs), at 104 registers instead of 58 and 60, so fewer programs fit an SM at once.
+# tokens; with 4, 32, and the granules' reductions (each input's max and sum-exp, x's max) cost each token less:
+# `benchmarks/sass_count.py --warps 8 4` reads 82 -> 72 instructions per token without filters and 127 -> 110 with
+# (sm_90, 3 bf16 inputs), at 128 registers instead of 64 and 60, so fewer programs fit an SM at once.
 # Which is faster is a GPU measurement (`benchmarks/tune_stage1.py`, owed); 8 is what every GPU row so far ran.
 STAGE1_WARPS_WIDE = 8
 
@@ -825,11 +841,12 @@ def pool_entries(n: int, v: int, filters: bool) -> int:
 def workspace_layout(n: int, s: int, ng: int, nin: int, c: int,
                      pool: int = 0) -> tuple[tuple[int, int, int, int, int], int]:
     """Byte offsets of part_i, part_g, part_m, part_cand and the pool in the scratch allocation (part_f at 0),
-    and its size: per slice the per-input stats and max x (float32 ``2 * nin + 1``) and two int32, per granule
-    a float32 max and an int64 mass, per slice ``c`` int64 candidates (``c`` 0: none, one unused entry), and
-    the fallback's pool: a 16-byte header (its int64 count) and ``pool`` int64 entries."""
-    offsets, size = packed((n * s * (2 * nin + 1) * 4, n * s * 2 * 4, n * ng * 4, n * ng * 8, max(n * s * c, 1) * 8,
-                            16 + pool * 8))
+    and its size: per slice the max x (float32) and two int32, per granule a
+    float32 max of x and each input's max and sum-exp (float32 ``2 * nin + 1`` in all) and an int64 mass, per
+    slice ``c`` int64 candidates (``c`` 0: none, one unused entry), and the fallback's pool: a 16-byte header
+    (its int64 count) and ``pool`` int64 entries."""
+    offsets, size = packed((n * s * 4, n * s * 2 * 4, n * ng * (2 * nin + 1) * 4, n * ng * 8,
+                            max(n * s * c, 1) * 8, 16 + pool * 8))
     return tuple(offsets[1:]), size
 
 
