@@ -314,8 +314,7 @@ def test_scalar_seeds_and_offsets_of_every_integer_width():
             _compare(a)
 
 
-_NO_FILTER = dict()
-_WIDTH_CASES = [_NO_FILTER, dict(top_k=50), dict(top_k=300), dict(top_p=0.5), dict(min_p=0.05),
+_WIDTH_CASES = [{}, dict(top_k=50), dict(top_k=300), dict(top_p=0.5), dict(min_p=0.05),
                 dict(top_k=40, top_p=0.9, min_p=0.01)]
 
 

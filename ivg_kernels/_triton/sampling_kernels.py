@@ -310,11 +310,10 @@ def _stage1_kernel(
     cols = g_idx[:, None] * GR + tl.arange(0, GR)[None, :]  # [NGB, GR] token ids, in the order of ``local``
     mask = cols < V
     part = row * S + sl
-    GW: tl.constexpr = 2 * NIN + 1
     NEG_INF: tl.constexpr = float("-inf")
     LOG2E: tl.constexpr = 1.4426950408889634
     g_mask = g_idx < NG
-    g_row = part_g + row * (GW * NG)
+    g_row = _granule_row(part_g, row, NG, NIN)
 
     # The only read of the inputs: per-input stats and the combined score from the same registers.
     z = tl.zeros([NGB, GR], tl.float32)
@@ -366,18 +365,23 @@ def _stage1_kernel(
 
 
 @triton.jit
+def _granule_row(part_g, row, NG, NIN: tl.constexpr):
+    """A row's granule records in ``part_g`` (stage 1): x's maxima, then each input's maxima, then its sum-exps."""
+    return part_g + row * ((2 * NIN + 1) * NG)
+
+
+@triton.jit
 def _merged_lse(part_g, row, NG, j, NIN: tl.constexpr, G_PAD: tl.constexpr):
-    """(max, sum of exp(v - max), logsumexp) of input j, merged over the row's granules in one order, whatever the
-    slices (stage 1); the max propagates NaN."""
+    """(max, logsumexp) of input j, merged over the row's granules in one order, whatever the slices (stage 1);
+    the max propagates NaN."""
     gs = tl.arange(0, G_PAD)
     gmask = gs < NG
-    at = part_g + row * ((2 * NIN + 1) * NG)
+    at = _granule_row(part_g, row, NG, NIN)
     m = tl.load(at + (1 + j) * NG + gs, mask=gmask, other=float("-inf"))
     sm = tl.load(at + (1 + NIN + j) * NG + gs, mask=gmask, other=0.0)
     mmax = tl.reduce(m, 0, _max_nan)
     m_safe = tl.where(mmax == float("-inf"), 0.0, mmax)
-    tot = tl.sum(sm * tl.exp(m - m_safe), 0)
-    return mmax, tot, m_safe + tl.log(tot)
+    return mmax, m_safe + tl.log(tl.sum(sm * tl.exp(m - m_safe), 0))
 
 
 @triton.jit
@@ -578,7 +582,7 @@ def _granule_weights(part_g, part_m, row, mx, NG, NIN: tl.constexpr, G_PAD: tl.c
     mass sum S, weight W)``, each [G_PAD]."""
     gs = tl.arange(0, G_PAD)
     gmask = gs < NG
-    a = tl.load(part_g + row * ((2 * NIN + 1) * NG) + gs, mask=gmask, other=float("-inf"))
+    a = tl.load(_granule_row(part_g, row, NG, NIN) + gs, mask=gmask, other=float("-inf"))
     sg = tl.load(part_m + row * NG + gs, mask=gmask, other=0)
     e = _mass_int(tl.where(a > float("-inf"), a - mx, float("-inf")))
     return gs, gmask, a, sg, tl.floor(sg.to(tl.float64) * e.to(tl.float64) * _TWO_M40).to(tl.int64)
@@ -627,7 +631,7 @@ def _stage2_kernel(
     bad = (mx != mx) | (mx == POS_INF)
     for i in tl.static_range(NIN):
         # each input's log-sum-exp now (its granules read once), stored as it is, masked below once ``ok`` is known
-        mi, toti, lse_i = _merged_lse(part_g, row, NG, i, NIN, G_PAD)
+        mi, lse_i = _merged_lse(part_g, row, NG, i, NIN, G_PAD)
         bad = bad | (mi != mi) | (mi == POS_INF)
         tl.store(out_lse + row * NIN + i, lse_i)
 
@@ -689,7 +693,7 @@ def _stage2_kernel(
                 kept = cmask & (ckey >= tau)
                 y, err = _noisy(cx, _gumbel_at(seed, offset, cidx), kept)
                 best, best_e, tok = _argmax_exact(y, err, cidx, kept)
-                kept_mass = tl.sum(tl.where(kept, _mass_int(cx - mx), 0), 0)
+                kept_mass = tl.sum(_measure(ckey, kept, mx, True), 0)
             else:
                 # Exact fallback. The candidates bound each threshold: it is at least what they alone give for
                 # the same target and floor (the row's tokens reach a target wherever the candidates do) and at
